@@ -1,0 +1,3 @@
+from multimodal_rwkv.cli import main
+
+raise SystemExit(main())

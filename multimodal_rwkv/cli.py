@@ -1,0 +1,76 @@
+"""`mmrwkv` command line. The only place that configures logging.
+
+Each domain module contributes its subcommands through a ``register(subparsers)`` function
+that adds parsers with ``set_defaults(func=handler)``; handlers take the parsed ``args`` and
+return an exit code (or None for 0). Heavy imports happen inside handlers, so ``--help`` is fast.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the file/record and
+the reason), 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from multimodal_rwkv.errors import MMRWKVError
+
+# Modules that register subcommands, in help order.
+_COMMAND_MODULES = (
+    "multimodal_rwkv.model.commands",
+    "multimodal_rwkv.training.commands",
+    "multimodal_rwkv.vision.commands",
+    "multimodal_rwkv.music.commands",
+    "multimodal_rwkv.demo",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own convention too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mmrwkv",
+        description="multimodal_rwkv: RWKV-6/RWKV-5 language models with vision (VisualRWKV) and music (MIDI/ABC).",
+        epilog="Example: mmrwkv demo    |    mmrwkv generate --model RWKV-x060-World-1B6.pth --prompt 'Hello'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # a part not built yet must not break the others
+            if e.name != name:
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except MMRWKVError as e:
+        print(f"mmrwkv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
