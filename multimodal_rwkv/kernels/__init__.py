@@ -25,7 +25,12 @@ def wkv6(r, k, v, w, u, initial_state=None, output_final_state=False, backend="a
 
     Returns:
         ``(o, final_state)``; ``o`` ``[B, T, H, V]`` in the dtype of ``r``; ``final_state``
-        ``[B, H, K, V]`` float32, or None unless ``output_final_state``.
+        ``[B, H, K, V]`` float32 (float64 when the inputs are float64), or None unless
+        ``output_final_state``. The inputs (and ``initial_state``) are never modified.
+
+    Raises:
+        KernelError: bad shapes/dtypes/devices, an unknown backend, or a backend named explicitly
+        that cannot run here (e.g. ``"triton"`` on CPU tensors outside the Triton interpreter).
     """
     from multimodal_rwkv.kernels.dispatch import dispatch
 

@@ -1,20 +1,100 @@
 """Backend selection and input validation for :func:`multimodal_rwkv.kernels.wkv6`."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from multimodal_rwkv.errors import KernelError
-from multimodal_rwkv.kernels.reference import wkv6_reference
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+# On CPU the plain step loop beats the chunked form for short inputs (decode, tiny prefill).
+CPU_STEP_LOOP_MAX_T = 16
+# On CUDA the recurrent decode kernel is used for inference with T at most this.
+CUDA_DECODE_MAX_T = 16
+
+
+def _validate(r, k, v, w, u, initial_state):
+    for name, x in (("r", r), ("k", k), ("v", v), ("w", w), ("u", u)):
+        if not isinstance(x, torch.Tensor):
+            raise KernelError(f"wkv6: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise KernelError(f"wkv6: {name} must be floating point, got {x.dtype}")
+    if r.dim() != 4:
+        raise KernelError(f"wkv6: r must be [B,T,H,K], got shape {tuple(r.shape)}")
+    B, T, H, K = r.shape
+    if k.shape != r.shape or w.shape != r.shape:
+        raise KernelError(
+            f"wkv6: r, k, w must share shape [B,T,H,K]; got r {tuple(r.shape)}, k {tuple(k.shape)}, w {tuple(w.shape)}")
+    if v.dim() != 4 or v.shape[:3] != r.shape[:3]:
+        raise KernelError(f"wkv6: v must be [B,T,H,V] with B,T,H of r {tuple(r.shape[:3])}; got {tuple(v.shape)}")
+    if u.shape != (H, K):
+        raise KernelError(f"wkv6: u must be [H,K] = {(H, K)}; got {tuple(u.shape)}")
+    V = v.shape[-1]
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or not initial_state.is_floating_point():
+            raise KernelError("wkv6: initial_state must be a floating-point torch.Tensor")
+        if initial_state.shape != (B, H, K, V):
+            raise KernelError(
+                f"wkv6: initial_state must be [B,H,K,V] = {(B, H, K, V)} (key-major); got {tuple(initial_state.shape)}")
+    devs = {x.device for x in (r, k, v, w, u) + ((initial_state,) if initial_state is not None else ())}
+    if len(devs) > 1:
+        raise KernelError(f"wkv6: all inputs must be on one device; got {sorted(str(d) for d in devs)}")
+
+
+def _needs_grad(*xs):
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _run_torch(r, k, v, w, u, s0, out_final):
+    from multimodal_rwkv.kernels.torch_chunked import wkv6_chunked, wkv6_recurrent
+
+    if r.shape[1] <= CPU_STEP_LOOP_MAX_T:
+        return wkv6_recurrent(r, k, v, w, u, s0, out_final)
+    return wkv6_chunked(r, k, v, w, u, s0, out_final)
+
+
+def _run_triton(r, k, v, w, u, s0, out_final, allow_decode):
+    try:
+        from multimodal_rwkv.kernels import triton_chunk, triton_decode
+    except ImportError as exc:  # triton missing
+        raise KernelError(f"wkv6: backend 'triton' needs the triton package ({exc})") from exc
+    interp = triton_chunk.kernels_interpreted()
+    if r.device.type == "cuda":
+        if interp:
+            raise KernelError("wkv6: backend 'triton' kernels were defined under TRITON_INTERPRET=1 "
+                              "and cannot run on CUDA tensors in this process")
+    elif not interp:
+        raise KernelError(
+            f"wkv6: backend 'triton' needs CUDA tensors (got {r.device.type}); on CPU it runs only under "
+            "the Triton interpreter, with TRITON_INTERPRET=1 set before the kernels were first imported")
+    if r.dtype == torch.float64 or v.dtype == torch.float64:
+        raise KernelError("wkv6: backend 'triton' supports float32/bfloat16/float16 inputs, not float64")
+    triton_chunk.check_head_sizes(r.shape[-1], v.shape[-1])
+    if allow_decode and r.shape[1] <= CUDA_DECODE_MAX_T and not _needs_grad(r, k, v, w, u, s0):
+        return triton_decode.wkv6_decode(r, k, v, w, u, s0, out_final)
+    return triton_chunk.wkv6_triton(r, k, v, w, u, s0, out_final)
 
 
 def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
     if backend not in BACKENDS:
-        raise KernelError(f"wkv6: unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend in ("auto", "torch", "reference"):
-        o, s = wkv6_reference(r, k, v, w, u, initial_state, output_final_state)
-        if s is not None:
+        raise KernelError(f"wkv6: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    _validate(r, k, v, w, u, initial_state)
+    out_final = bool(output_final_state)
+    if backend == "reference":
+        from multimodal_rwkv.kernels.reference import wkv6_reference
+
+        o, s = wkv6_reference(r, k, v, w, u, initial_state, out_final)
+        if s is not None and s.dtype != torch.float64:
             s = s.float()
         return o, s
-    raise KernelError("wkv6: backend 'triton' is not implemented yet")
+    if backend == "torch":
+        return _run_torch(r, k, v, w, u, initial_state, out_final)
+    if backend == "triton":
+        return _run_triton(r, k, v, w, u, initial_state, out_final, allow_decode=True)
+    # auto
+    if r.device.type == "cuda" and r.dtype != torch.float64:
+        return _run_triton(r, k, v, w, u, initial_state, out_final, allow_decode=True)
+    return _run_torch(r, k, v, w, u, initial_state, out_final)

@@ -1,0 +1,138 @@
+"""Pure-PyTorch WKV-6: a chunked, numerically stable form (prefill, training) and a step loop (decode).
+
+Chunked form (chunk length ``L``, sub-chunks of length ``C``; ``c`` = inclusive cumulative log-decay
+inside a chunk, ``e = c - w`` the exclusive one, ``c_L`` its last row)::
+
+    o_t  = (r_t * exp(e_t)) @ S_n                                    # state entering the chunk
+         + sum_{s<t in chunk} (sum_j r_tj k_sj exp(e_tj - c_sj)) v_s   # intra-chunk
+         + (r_t . (u * k_t)) v_t                                       # bonus
+    S_{n+1} = exp(c_L) * S_n + (k * exp(c_L - c))^T @ v
+
+Every exponent is <= 0, so nothing overflows even for log-decay -20 per step. The intra-chunk
+matrix is factorised per row sub-chunk ``a`` around the reference point ``m_a = c[a*C - 1]``
+(the last row before the sub-chunk): ``(r_t exp(e_t - m_a)) . (k_s exp(m_a - c_s))``, both
+factors <= 1 for ``s < a*C <= t``. Only the diagonal ``C x C`` sub-blocks use the exact pairwise
+exponent ``e_t - c_s``. This is the scheme of flash-linear-attention's ``chunk_rwkv6`` intra kernel.
+
+Gradients come from autograd through this formulation (every op is stable, no custom backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(*xs):
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
+    """Step loop vectorised over batch and heads; best for small T (decode).
+
+    Shapes as :func:`multimodal_rwkv.kernels.wkv6`. Computes in float32 (float64 for float64
+    inputs). Returns ``(o [B,T,H,V] in r.dtype, final_state [B,H,K,V] or None)``.
+    """
+    cd = _compute_dtype(r, k, v, w, initial_state)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    r_, k_, v_, w_ = (x.to(cd) for x in (r, k, v, w))
+    uk = u.to(cd).unsqueeze(-1)  # [H,K,1]
+    S = torch.zeros(B, H, K, V, dtype=cd, device=r.device) if initial_state is None else initial_state.to(cd)
+    dec = torch.exp(w_).unsqueeze(-1)  # [B,T,H,K,1]
+    outs = []
+    for t in range(T):
+        kv = k_[:, t].unsqueeze(-1) * v_[:, t].unsqueeze(-2)  # [B,H,K,V]
+        o = torch.matmul(r_[:, t].unsqueeze(-2), torch.addcmul(S, uk, kv)).squeeze(-2)  # [B,H,V]
+        outs.append(o)
+        S = torch.addcmul(kv, dec[:, t], S)
+    o = outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
+    final = S.to(torch.float32) if (output_final_state and cd != torch.float64) else (S if output_final_state else None)
+    return o.to(r.dtype), final
+
+
+def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, chunk_size=64, sub_chunk=16):
+    """Chunked, stable WKV-6 in pure PyTorch (differentiable with autograd).
+
+    Args: as :func:`multimodal_rwkv.kernels.wkv6`; ``chunk_size`` ``L`` must be a multiple of
+    ``sub_chunk`` ``C``. Any T (padded internally with zero keys and zero log-decay, which leave the
+    state unchanged). Computes in float32 (float64 for float64 inputs).
+
+    Returns ``(o [B,T,H,V] in r.dtype, final_state [B,H,K,V] float32 (float64 for float64) or None)``.
+    """
+    if chunk_size % sub_chunk:
+        raise ValueError(f"chunk_size {chunk_size} must be a multiple of sub_chunk {sub_chunk}")
+    cd = _compute_dtype(r, k, v, w, initial_state)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    L, C = chunk_size, sub_chunk
+    if T == 0:
+        final = None
+        if output_final_state:
+            final = (torch.zeros(B, H, K, V, dtype=cd, device=r.device) if initial_state is None
+                     else initial_state.to(cd))
+            final = final if cd == torch.float64 else final.float()
+        return r.new_zeros(B, 0, H, V), final
+    if T < L:  # shrink the chunk for short inputs (keep it a multiple of the sub-chunk)
+        L = max(C, -(-T // C) * C)
+    N = -(-T // L)
+    Tp = N * L
+    P = L // C
+
+    def prep(x):
+        x = x.to(cd)
+        if Tp != T:
+            x = F.pad(x, (0, 0, 0, 0, 0, Tp - T))
+        D = x.shape[-1]
+        return x.view(B, N, L, H, D).permute(0, 3, 1, 2, 4)  # [B,H,N,L,D]
+
+    r_, k_, v_, w_ = prep(r), prep(k), prep(v), prep(w)
+    u_ = u.to(cd).view(1, H, 1, 1, K)
+
+    c = torch.cumsum(w_, dim=3)  # inclusive, [B,H,N,L,K]
+    e = F.pad(c[:, :, :, :-1], (0, 0, 1, 0))  # exclusive (a shift, so e_t == c_{t-1} exactly)
+    cL = c[:, :, :, -1:, :]  # [B,H,N,1,K]
+
+    # ---- inter-chunk: states entering each chunk ----
+    kd = k_ * torch.exp(cL - c)
+    U = torch.matmul(kd.transpose(-1, -2), v_)  # [B,H,N,K,V]
+    dec = torch.exp(cL).transpose(-1, -2)  # [B,H,N,K,1]
+    S = torch.zeros(B, H, K, V, dtype=cd, device=r.device) if initial_state is None else initial_state.to(cd)
+    states = []
+    for n in range(N):
+        states.append(S)
+        S = torch.addcmul(U[:, :, n], dec[:, :, n], S)
+    Sn = torch.stack(states, dim=2)  # [B,H,N,K,V]
+    o = torch.matmul(r_ * torch.exp(e), Sn)  # [B,H,N,L,V]
+
+    # ---- intra-chunk, off-diagonal sub-blocks (factorised around m_a) ----
+    rs = r_.reshape(B, H, N, P, C, K)
+    es = e.reshape(B, H, N, P, C, K)
+    cs = c.reshape(B, H, N, P, C, K)
+    ks = k_.reshape(B, H, N, P, C, K)
+    vs = v_.reshape(B, H, N, P, C, V)
+    if P > 1:
+        m = torch.cat([torch.zeros_like(cs[:, :, :, :1, -1]), cs[:, :, :, :-1, -1]], dim=3)  # [B,H,N,P,K]
+        q = rs * torch.exp(es - m.unsqueeze(-2))  # [B,H,N,P,C,K], exponents <= 0
+        kx = k_.unsqueeze(3) * torch.exp(torch.clamp_max(m.unsqueeze(-2) - c.unsqueeze(3), 0.0))  # [B,H,N,P,L,K]
+        A = torch.matmul(q, kx.transpose(-1, -2))  # [B,H,N,P,C,L]
+        pos = torch.arange(L, device=r.device)
+        mask = (pos.view(1, L) < (torch.arange(P, device=r.device) * C).view(P, 1)).to(cd)  # [P,L]
+        A = A * mask.unsqueeze(1)
+        o_intra = torch.matmul(A, v_.unsqueeze(3))  # [B,H,N,P,C,V]
+    else:
+        o_intra = 0
+    # ---- diagonal sub-blocks: exact pairwise exponent ----
+    tri = torch.ones(C, C, dtype=torch.bool, device=r.device).tril(-1)  # t > s
+    Dx = es.unsqueeze(-2) - cs.unsqueeze(-3)  # [B,H,N,P,C(t),C(s),K]
+    Dx = torch.where(tri.unsqueeze(-1), Dx, torch.tensor(float("-inf"), dtype=cd, device=r.device))
+    Ad = (rs.unsqueeze(-2) * ks.unsqueeze(-3) * torch.exp(Dx)).sum(-1)  # [B,H,N,P,C,C]
+    bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [B,H,N,P,C]
+    Ad = Ad + torch.diag_embed(bonus)
+    o_intra = o_intra + torch.matmul(Ad, vs)
+    o = o + o_intra.reshape(B, H, N, L, V)
+
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, Tp, H, V)[:, :T]
+    final = None
+    if output_final_state:
+        final = S if cd == torch.float64 else S.float()
+    return o.to(r.dtype), final
