@@ -1,0 +1,285 @@
+"""Checkpoint I/O: BlinkDL ``.pth`` files, Hugging Face-layout folders, and our own folders.
+
+Every size is inferred from tensor shapes (the LoRA ranks of 7B/14B differ from 1B6/3B).
+``.pth`` files are read with ``torch.load(weights_only=True)`` only (memory-mapped where the
+file format allows), so a file with pickled code is refused, never executed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from multimodal_rwkv.errors import CheckpointError
+from multimodal_rwkv.model.config import RWKVConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """Accept torch dtypes and the usual strings ("bf16", "float16", ...); None keeps the file's."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
+    try:
+        return _DTYPES[str(dtype).lower().replace("torch.", "")]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+
+
+# ---- reading raw state dicts ------------------------------------------------------------------
+def read_pth(path: Path) -> dict[str, torch.Tensor]:
+    """Read a ``.pth`` state dict safely; every failure becomes a CheckpointError naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) format cannot be memory-mapped
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types; classify the message
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg or "unsupported" in msg.lower() and "global" in msg.lower():
+            raise CheckpointError(
+                f"{path}: contains pickled code or objects, refused (only plain tensors are loaded, weights_only=True)"
+            ) from None
+        if "failed finding central directory" in msg or "PytorchStreamReader" in msg or "unexpected EOF" in msg.lower() \
+                or "Ran out of input" in msg or "truncated" in msg.lower():
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg.splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({msg.splitlines()[0][:120]})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    if not sd:
+        raise CheckpointError(f"{path}: empty state dict")
+    return sd
+
+
+def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Weights of a folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            sd = {}
+            for s in shards:
+                sd.update(load_file(str(folder / s)))
+            return sd
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{folder}: unreadable safetensors weights ({str(e).splitlines()[0][:120]})") from None
+    for name in ("pytorch_model.bin", "model.pth"):
+        if (folder / name).is_file():
+            return read_pth(folder / name)
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+# ---- layout detection and conversion ----------------------------------------------------------
+def detect_version(sd: dict[str, torch.Tensor], src) -> str:
+    """Which RWKV generation the (BlinkDL-layout) state dict holds; unsupported ones raise."""
+    keys = sd.keys()
+    has = lambda suffix: any(k.endswith(suffix) for k in keys)  # noqa: E731
+    if has("att.time_maa_x") or has("att.time_maa_w1"):
+        return "x060"
+    if has("att.x_r") or has("att.w0") or has("att.k_k") or has("att.a0"):
+        raise CheckpointError(f"{src}: RWKV-7 checkpoint detected (att.w0/att.a0/att.k_k); only RWKV-6 (x060) and RWKV-5.2 (x052) are supported")
+    if has("att.time_mix_k") and has("att.time_first") and not has("att.ln_x.weight"):
+        raise CheckpointError(f"{src}: RWKV-4 checkpoint detected (time_first, no ln_x); only RWKV-6 (x060) and RWKV-5.2 (x052) are supported")
+    if has("att.ln_x.weight"):
+        decay = next((v for k, v in sd.items() if k.endswith("att.time_decay")), None)
+        if has("att.gate.weight") and decay is not None and decay.dim() == 2 and decay.shape[1] > 1:
+            if not has("att.time_faaaa"):
+                raise CheckpointError(f"{src}: RWKV-5.2 checkpoint with time_first instead of time_faaaa is not supported")
+            return "x052"
+        raise CheckpointError(f"{src}: RWKV-5.0/5.1 checkpoint detected (no gate or per-channel decay); only x052 and x060 are supported")
+    raise CheckpointError(f"{src}: not an RWKV checkpoint (no emb/blocks.N.att keys of a known RWKV version)")
+
+
+_HF_RENAMES = [
+    (re.compile(r"^rwkv\.embeddings\."), "emb."),
+    (re.compile(r"^rwkv\.blocks\.0\.pre_ln\."), "blocks.0.ln0."),
+    (re.compile(r"^rwkv\."), ""),
+    (re.compile(r"\.attention\."), ".att."),
+    (re.compile(r"\.feed_forward\."), ".ffn."),
+]
+
+
+def hf_to_blink(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face RWKV-6 key names (``rwkv.blocks.N.attention...``) → BlinkDL names."""
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _HF_RENAMES:
+            k = pat.sub(rep, k)
+        out[k] = v
+    return out
+
+
+def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
+    """Build the config from BlinkDL-layout tensor shapes alone."""
+    try:
+        version = detect_version(sd, src)
+        V, C = sd["emb.weight"].shape
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+        n_layer = max(layers) + 1
+        dim_att = sd["blocks.0.att.key.weight"].shape[0]
+        dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
+        H, N = sd["blocks.0.att.time_faaaa"].shape
+        kw = {}
+        if version == "x060":
+            kw["d_mix_lora"] = sd["blocks.0.att.time_maa_w2"].shape[1]
+            kw["d_decay_lora"] = sd["blocks.0.att.time_decay_w1"].shape[1]
+    except KeyError as e:
+        raise CheckpointError(f"{src}: missing key {e.args[0]} needed to infer the model size") from None
+    except (ValueError, IndexError) as e:
+        raise CheckpointError(f"{src}: unexpected tensor shape while inferring the model size ({e})") from None
+    if H * N != dim_att:
+        raise CheckpointError(f"{src}: time_faaaa {H}x{N} does not match dim_att {dim_att}")
+    has_state = "blocks.0.att.time_state" in sd
+    return RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C, head_size=N, dim_att=dim_att, dim_ffn=dim_ffn,
+                      version=version, has_initial_state=has_state, **kw)
+
+
+def blink_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BlinkDL key names → this package's module names (``rwkv.`` prefix, ``head`` on top)."""
+    return {(k if k == "head.weight" else "rwkv." + k): v for k, v in sd.items()}
+
+
+def ours_to_blink(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {(k[len("rwkv."):] if k.startswith("rwkv.") else k): v for k, v in sd.items()}
+
+
+def _summarise(names, limit=8) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_state_into(model, sd: dict[str, torch.Tensor], src) -> None:
+    """Strict load that reports missing, unexpected and mis-shaped keys by name."""
+    own = model.state_dict()
+    missing = set(own) - set(sd)
+    unexpected = set(sd) - set(own)
+    misshaped = [f"{k} {tuple(sd[k].shape)}!={tuple(own[k].shape)}" for k in set(own) & set(sd)
+                 if tuple(sd[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys: {_summarise(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{src}: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(sd[k].reshape(p.shape))
+
+
+def load_raw(src) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:
+    """Config and our-layout state dict from any supported source (no model built)."""
+    path = Path(src)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{path}: folder has no config.json")
+        try:
+            cfg_dict = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
+        sd = read_folder_weights(path)
+        if cfg_dict.get("model_type") == RWKVConfig.model_type:
+            cfg_dict = {k: v for k, v in cfg_dict.items() if k not in ("model_type", "transformers_version", "architectures")}
+            try:
+                cfg = RWKVConfig(**cfg_dict)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{cfg_file}: invalid config ({e})") from None
+            return cfg, sd
+        # A Hugging Face-layout RWKV-6 (or BlinkDL keys saved in a folder): infer from shapes.
+        blink = hf_to_blink(sd)
+        cfg = infer_config(blink, path)
+        return cfg, blink_to_ours(blink)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    blink = read_pth(path)
+    cfg = infer_config(blink, path)
+    return cfg, blink_to_ours(blink)
+
+
+def load_model(cls, src, dtype=None, device=None):
+    """Build ``cls`` from ``src`` (see :meth:`RWKVForCausalLM.from_pretrained`)."""
+    cfg, sd = load_raw(src)
+    dtype = resolve_dtype(dtype)
+    if dtype is None:
+        floats = [v.dtype for v in sd.values() if v.is_floating_point()]
+        dtype = floats[0] if floats else torch.float32
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device=device or "cpu").to(dtype)
+    load_state_into(model, sd, src)
+    model.eval()
+    return model
+
+
+def save_model(model, out_dir) -> None:
+    """config.json + model.safetensors, each written to a temp file, fsynced and renamed."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        _fsync(tmp)
+        os.replace(tmp, out / "model.safetensors")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    cfg = model.config.to_dict()
+    cfg["architectures"] = [type(model).__name__]
+    _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_blink_pth(model, path) -> None:
+    """Write the model as an official BlinkDL ``.pth`` (flat state dict, official key names)."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in ours_to_blink(model.state_dict()).items()}
+    tmp = str(path) + ".tmp"
+    torch.save(sd, tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,109 @@
+"""Model configuration shared by RWKV-6 "Finch" (x060) and RWKV-5 "Eagle" (x052)."""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from multimodal_rwkv.errors import ConfigError
+
+VERSIONS = ("x060", "x052")
+
+
+class RWKVConfig(PretrainedConfig):
+    """Sizes of an RWKV-6/RWKV-5 model.
+
+    Args:
+        vocab_size: V (65536 for the World vocabulary).
+        n_layer: number of blocks L.
+        n_embd: model width C.
+        head_size: N, channels per head (64 in every released model).
+        dim_att: attention width (defaults to n_embd); n_head = dim_att // head_size.
+        dim_ffn: channel-mix width (defaults to int(3.5 * n_embd) // 32 * 32, as RWKV-LM).
+        version: "x060" (Finch: data-dependent decay and ddlerp) or "x052" (Eagle: static).
+        d_mix_lora / d_decay_lora: x060 LoRA ranks (defaults 32/64, 64/128 from C=4096 on);
+            checkpoints loaded from disk always take them from the tensor shapes.
+        head_size_divisor: 8; sets the GroupNorm eps of x060 (1e-5 * 8**2 = 64e-5) and the
+            y/8 scaling of x052.
+        has_initial_state: the model carries a trainable initial wkv state per layer
+            (state tuning; official key ``blocks.L.att.time_state``).
+    """
+
+    model_type = "mmrwkv"
+    keys_to_ignore_at_inference = ["state"]
+
+    def __init__(
+        self,
+        vocab_size: int = 65536,
+        n_layer: int = 12,
+        n_embd: int = 768,
+        head_size: int = 64,
+        dim_att: int | None = None,
+        dim_ffn: int | None = None,
+        version: str = "x060",
+        d_mix_lora: int | None = None,
+        d_decay_lora: int | None = None,
+        head_size_divisor: int = 8,
+        layer_norm_eps: float = 1e-5,
+        has_initial_state: bool = False,
+        wkv_backend: str = "auto",
+        bos_token_id: int = 0,
+        eos_token_id: int = 0,
+        pad_token_id: int = 0,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        self.vocab_size = int(vocab_size)
+        self.n_layer = int(n_layer)
+        self.n_embd = int(n_embd)
+        self.head_size = int(head_size)
+        self.dim_att = int(dim_att) if dim_att else self.n_embd
+        self.dim_ffn = int(dim_ffn) if dim_ffn else int(self.n_embd * 3.5) // 32 * 32
+        self.version = version
+        big = self.n_embd >= 4096
+        self.d_mix_lora = int(d_mix_lora) if d_mix_lora else (64 if big else 32)
+        self.d_decay_lora = int(d_decay_lora) if d_decay_lora else (128 if big else 64)
+        self.head_size_divisor = int(head_size_divisor)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.has_initial_state = bool(has_initial_state)
+        self.wkv_backend = wkv_backend
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_sizes()
+
+    def validate_sizes(self) -> None:
+        if self.version not in VERSIONS:
+            raise ConfigError(f"version {self.version!r} is not supported (expected one of {VERSIONS})")
+        for name in ("vocab_size", "n_layer", "n_embd", "head_size", "dim_att", "dim_ffn"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim_att % self.head_size:
+            raise ConfigError(f"dim_att {self.dim_att} is not a multiple of head_size {self.head_size}")
+        if self.wkv_backend not in ("auto", "reference", "torch", "triton"):
+            raise ConfigError(f"wkv_backend {self.wkv_backend!r} is not one of auto/reference/torch/triton")
+
+    @property
+    def n_head(self) -> int:
+        return self.dim_att // self.head_size
+
+    @property
+    def hidden_size(self) -> int:  # transformers' name, used by generic tooling
+        return self.n_embd
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    def num_parameters_estimate(self) -> int:
+        """Parameter count from the sizes alone (paper eq. 27 for x060 with dim_att == n_embd)."""
+        C, A, F, L, V = self.n_embd, self.dim_att, self.dim_ffn, self.n_layer, self.vocab_size
+        if self.version == "x060":
+            att = 4 * C * A + A * C + 6 * C + C * 5 * self.d_mix_lora + 5 * self.d_mix_lora * C
+            att += A + C * self.d_decay_lora + self.d_decay_lora * A + A + 2 * A
+        else:
+            att = 4 * C * A + A * C + 4 * C + 2 * A + 2 * A
+        ffn = 2 * C + F * C + C * C + C * F
+        return L * (att + ffn + 4 * C) + 2 * C + 2 * C + 2 * C * V

@@ -1,0 +1,65 @@
+"""Generation helpers on top of transformers' GenerationMixin: RWKV-style penalties, stop strings,
+and a text-level convenience wrapper."""
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+
+class RWKVPenaltyProcessor(LogitsProcessor):
+    """ChatRWKV's repetition penalty: ``logit[t] -= presence + count[t] * frequency`` for every
+    token t generated so far, with counts multiplied by ``decay`` each step (old tokens fade)."""
+
+    def __init__(self, presence: float, frequency: float, decay: float = 0.996, prompt_len: int = 0):
+        self.presence, self.frequency, self.decay, self.prompt_len = presence, frequency, decay, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        gen = input_ids[:, self.prompt_len:]
+        if gen.shape[1] == 0:
+            return scores
+        n = gen.shape[1]
+        weights = self.decay ** torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.float32)
+        counts = torch.zeros_like(scores, dtype=torch.float32)
+        counts.scatter_add_(1, gen, weights.expand(gen.shape[0], -1).contiguous())
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, gen, True)
+        return scores - (seen.to(scores.dtype) * self.presence + counts.to(scores.dtype) * self.frequency)
+
+
+class StopStringsCriteria(StoppingCriteria):
+    """Stop a row once its generated text contains one of ``stops`` (e.g. ``"\\n\\n"``)."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
+        self.window = max((len(s.encode("utf-8")) for s in self.stops), default=1) + 8
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, row in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            text = self.tokenizer.decode(row[-self.window:])
+            done[i] = any(s in text for s in self.stops)
+        return done
+
+
+def trim_at_stop(text: str, stops) -> str:
+    """Cut ``text`` at the first stop string (the stop itself removed)."""
+    if not stops:
+        return text
+    cut = min((i for s in ([stops] if isinstance(stops, str) else stops) if s and (i := text.find(s)) >= 0),
+              default=len(text))
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, stop=None, streamer=None,
+                  **gen_kwargs) -> str:
+    """Prompt in, completion text out (stop string removed). ``gen_kwargs`` go to ``model.generate``."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        ids = [0]
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    out = model.generate(x, max_new_tokens=max_new_tokens, stop=stop, tokenizer=tokenizer, streamer=streamer,
+                         **gen_kwargs)
+    new = out[0, len(ids):].tolist()
+    if model.config.eos_token_id in new:
+        new = new[: new.index(model.config.eos_token_id)]
+    return trim_at_stop(tokenizer.decode(new), stop)

@@ -1,0 +1,495 @@
+"""RWKV-6 "Finch" (x060) and RWKV-5 "Eagle" (x052) language models, one readable file.
+
+Parameter names and shapes follow the official BlinkDL checkpoints, prefixed with ``rwkv.``
+(``head.weight`` stays at the top), so loading an official ``.pth`` is a rename, not a reshape.
+
+The parallel form (a whole sequence at once) and the recurrent form (token by token) are the
+same code: every block takes the recurrent state in and gives it out, and the WKV recurrence is
+:func:`multimodal_rwkv.kernels.wkv6`, whose backends are tested against a step-by-step reference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from multimodal_rwkv.kernels import wkv6
+from multimodal_rwkv.model.config import RWKVConfig
+from multimodal_rwkv.model.state import RWKVState
+
+
+@dataclass
+class RWKVOutput(ModelOutput):
+    """``loss`` (if labels given), ``logits`` ``[B, T', V]`` and ``state`` after the last token."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    state: RWKVState | None = None
+
+
+def _shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """``x_{t-1}`` for every t: ``[B,T,C]`` with ``prev`` ``[B,C]`` as the token before t=0."""
+    if x.shape[1] == 1:
+        return prev.unsqueeze(1)
+    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
+
+
+def _apply_pad_mask(x: torch.Tensor, prev: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Left padding: a pad position looks like "no token yet", i.e. it carries ``prev`` forward."""
+    if mask is None:
+        return x
+    return torch.where(mask.unsqueeze(-1), x, prev.unsqueeze(1).to(x.dtype))
+
+
+class TimeMix(nn.Module):
+    """RWKV-6 time mixing (x060: ddlerp + data-dependent decay) or RWKV-5 (x052: static)."""
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        self.config = config
+        self.layer_id = layer_id
+        self.v6 = config.version == "x060"
+        C, A, H, N = config.n_embd, config.dim_att, config.n_head, config.head_size
+        self.n_head, self.head_size = H, N
+        if self.v6:
+            R, D = config.d_mix_lora, config.d_decay_lora
+            for name in ("x", "w", "k", "v", "r", "g"):
+                setattr(self, f"time_maa_{name}", nn.Parameter(torch.zeros(1, 1, C)))
+            self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * R))
+            self.time_maa_w2 = nn.Parameter(torch.zeros(5, R, C))
+            self.time_decay = nn.Parameter(torch.zeros(1, 1, A))
+            self.time_decay_w1 = nn.Parameter(torch.zeros(C, D))
+            self.time_decay_w2 = nn.Parameter(torch.zeros(D, A))
+            self.gn_eps = 1e-5 * config.head_size_divisor**2
+        else:
+            for name in ("k", "v", "r", "g"):
+                setattr(self, f"time_mix_{name}", nn.Parameter(torch.zeros(1, 1, C)))
+            self.time_decay = nn.Parameter(torch.zeros(H, N))
+            self.gn_eps = 1e-5
+        self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        if config.has_initial_state:
+            # official layout: value-major [H, V, K] (see reference notes §1.3)
+            self.time_state = nn.Parameter(torch.zeros(H, N, N))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.gate = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, A, eps=self.gn_eps)
+
+    def initial_wkv(self, batch_size: int) -> torch.Tensor | None:
+        """The trained initial state (state tuning) as key-major ``[B,H,K,V]`` fp32, or None."""
+        if not self.config.has_initial_state:
+            return None
+        return self.time_state.transpose(1, 2).float().unsqueeze(0).expand(batch_size, -1, -1, -1)
+
+    def forward(self, x, shift, wkv_state, mask=None):
+        """x: ``[B,T,C]`` ln1 output; shift ``[B,C]``; wkv_state ``[B,H,K,V]`` fp32 or None.
+
+        Returns ``(out [B,T,C], new_shift [B,C], new_wkv [B,H,K,V])``.
+        """
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        x = _apply_pad_mask(x, shift, mask)
+        prev = _shift(x, shift.to(x.dtype))
+        if self.v6:
+            xx = prev - x
+            xxx = x + xx * self.time_maa_x
+            m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
+            m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)
+            mw, mk, mv, mr, mg = m.unbind(0)
+            xw = x + xx * (self.time_maa_w + mw)
+            xk = x + xx * (self.time_maa_k + mk)
+            xv = x + xx * (self.time_maa_v + mv)
+            xr = x + xx * (self.time_maa_r + mr)
+            xg = x + xx * (self.time_maa_g + mg)
+            wraw = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+            logw = -torch.exp(wraw.float()).view(B, T, H, N)
+        else:
+            xk = x * self.time_mix_k + prev * (1 - self.time_mix_k)
+            xv = x * self.time_mix_v + prev * (1 - self.time_mix_v)
+            xr = x * self.time_mix_r + prev * (1 - self.time_mix_r)
+            xg = x * self.time_mix_g + prev * (1 - self.time_mix_g)
+            logw = (-torch.exp(self.time_decay.float())).view(1, 1, H, N).expand(B, T, H, N)
+        r = self.receptance(xr).view(B, T, H, N)
+        k = self.key(xk).view(B, T, H, N)
+        v = self.value(xv).view(B, T, H, N)
+        g = F.silu(self.gate(xg))
+        if mask is not None:  # pads add nothing to the state and do not decay it
+            m4 = mask.view(B, T, 1, 1)
+            k = k * m4.to(k.dtype)
+            logw = logw * m4.to(logw.dtype)
+        if wkv_state is None:
+            wkv_state = self.initial_wkv(B)
+        y, new_wkv = wkv6(
+            r, k, v, logw.to(r.dtype) if r.dtype == torch.float64 else logw.float(), self.time_faaaa.to(r.dtype),
+            initial_state=wkv_state, output_final_state=True, backend=self.config.wkv_backend,
+        )
+        y = y.reshape(B * T, H * N)
+        if self.v6:
+            y = F.group_norm(y, H, self.ln_x.weight, self.ln_x.bias, self.gn_eps)
+        else:
+            y = F.group_norm(y / self.config.head_size_divisor, H, self.ln_x.weight, self.ln_x.bias, self.gn_eps)
+        out = self.output(y.view(B, T, -1).to(g.dtype) * g)
+        return out, x[:, -1], new_wkv
+
+
+class ChannelMix(nn.Module):
+    """RWKV channel mixing: ``sigmoid(r) * value(relu(key(x_k))^2)`` with token shift."""
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        self.v6 = config.version == "x060"
+        C, F_ = config.n_embd, config.dim_ffn
+        if self.v6:
+            self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
+            self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
+        else:
+            self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+            self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x, shift, mask=None):
+        x = _apply_pad_mask(x, shift, mask)
+        prev = _shift(x, shift.to(x.dtype))
+        if self.v6:
+            xx = prev - x
+            xk = x + xx * self.time_maa_k
+            xr = x + xx * self.time_maa_r
+        else:
+            xk = x * self.time_mix_k + prev * (1 - self.time_mix_k)
+            xr = x * self.time_mix_r + prev * (1 - self.time_mix_r)
+        k = torch.relu(self.key(xk)).square()
+        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        C, eps = config.n_embd, config.layer_norm_eps
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C, eps=eps)
+        self.ln1 = nn.LayerNorm(C, eps=eps)
+        self.ln2 = nn.LayerNorm(C, eps=eps)
+        self.att = TimeMix(config, layer_id)
+        self.ffn = ChannelMix(config, layer_id)
+
+    def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None):
+        a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
+        x = x + a
+        f, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
+        return x + f, att_shift, wkv_state, ffn_shift
+
+
+class RWKVPreTrainedModel(PreTrainedModel):
+    config_class = RWKVConfig
+    base_model_prefix = "rwkv"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+    _no_split_modules = ["Block"]
+
+    def _init_weights(self, module):  # RWKV's own initialisation is done in RWKVModel.reset_parameters
+        pass
+
+
+class RWKVModel(RWKVPreTrainedModel):
+    """Embedding + blocks + final LayerNorm; returns hidden states ``[B,T,C]`` and the state."""
+
+    def __init__(self, config: RWKVConfig):
+        super().__init__(config)
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_out = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def set_input_embeddings(self, value):
+        self.emb = value
+
+    def empty_state(self, batch_size: int, device=None, dtype=None) -> RWKVState:
+        """The state before any token: zeros, or the trained initial state if the model has one."""
+        p = self.emb.weight
+        st = RWKVState.zeros(self.config, batch_size, device or p.device, dtype or p.dtype)
+        if self.config.has_initial_state:
+            st.wkv = [b.att.initial_wkv(batch_size).to(st.wkv[0].device) for b in self.blocks]
+        return st
+
+    def forward(self, input_ids=None, inputs_embeds=None, state=None, attention_mask=None, scan_order=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.emb(input_ids) if inputs_embeds is None else inputs_embeds.to(self.emb.weight.dtype)
+        B, T, C = x.shape
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(device=x.device, dtype=torch.bool)
+            if bool(mask.all()):
+                mask = None
+        in_state = state
+        if in_state is None:
+            att_s = [None] * self.config.n_layer
+            wkv_s = [None] * self.config.n_layer
+            ffn_s = [None] * self.config.n_layer
+            zero = x.new_zeros(B, C)
+        else:
+            if in_state.n_layer != self.config.n_layer or in_state.batch_size != B:
+                raise ValueError(
+                    f"state has {in_state.n_layer} layers x batch {in_state.batch_size}; "
+                    f"model has {self.config.n_layer} layers and the input batch is {B}"
+                )
+            att_s, wkv_s, ffn_s = in_state.att_shift, in_state.wkv, in_state.ffn_shift
+        new_att, new_wkv, new_ffn = [], [], []
+        if scan_order is not None:
+            perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
+            perm_mask = None if mask is None else mask.gather(1, scan_order.long())
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            a_s = att_s[i] if att_s[i] is not None else zero
+            f_s = ffn_s[i] if ffn_s[i] is not None else zero
+            reorder = scan_order is not None and i % 2 == 1
+            xin, m = (x.gather(1, perm), perm_mask) if reorder else (x, mask)
+            if self.gradient_checkpointing and self.training:
+                out = torch.utils.checkpoint.checkpoint(block, xin, a_s, wkv_s[i], f_s, m, use_reentrant=False)
+            else:
+                out = block(xin, a_s, wkv_s[i], f_s, m)
+            xo, a_s, w_s, f_s = out
+            if reorder:
+                x = torch.empty_like(xo).scatter_(1, perm, xo)
+            else:
+                x = xo
+            new_att.append(a_s)
+            new_wkv.append(w_s)
+            new_ffn.append(f_s)
+        return self.ln_out(x), RWKVState(new_att, new_wkv, new_ffn)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """RWKV-LM's published initialisation (README "Initializing RWKV 5/6 Models")."""
+        cfg = self.config
+        L, C = cfg.n_layer, cfg.n_embd
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        for lid, block in enumerate(self.blocks):
+            for ln in (getattr(block, "ln0", None), block.ln1, block.ln2):
+                if ln is not None:
+                    nn.init.ones_(ln.weight)
+                    nn.init.zeros_(ln.bias)
+            att, ffn = block.att, block.ffn
+            r0 = lid / (L - 1) if L > 1 else 0.0  # 0 to 1
+            r1 = 1.0 - lid / L  # 1 to ~0
+            ddd = torch.arange(C, dtype=torch.float32) / C
+            A = cfg.dim_att
+            n = torch.arange(A, dtype=torch.float32)
+            if att.v6:
+                att.time_maa_x.copy_(1.0 - ddd.pow(r1).view(1, 1, C))
+                att.time_maa_w.copy_(1.0 - ddd.pow(r1).view(1, 1, C))
+                att.time_maa_k.copy_(1.0 - ddd.pow(r1).view(1, 1, C))
+                att.time_maa_v.copy_(1.0 - (ddd.pow(r1) + 0.3 * r0).view(1, 1, C))
+                att.time_maa_r.copy_(1.0 - ddd.pow(0.5 * r1).view(1, 1, C))
+                att.time_maa_g.copy_(1.0 - ddd.pow(0.5 * r1).view(1, 1, C))
+                nn.init.zeros_(att.time_maa_w1)
+                nn.init.uniform_(att.time_maa_w2, -0.01, 0.01)
+                decay = -6 + 5 * (n / max(A - 1, 1)).pow(0.7 + 1.3 * r0)
+                att.time_decay.copy_(decay.view(1, 1, A))
+                nn.init.zeros_(att.time_decay_w1)
+                nn.init.uniform_(att.time_decay_w2, -0.01, 0.01)
+            else:
+                att.time_mix_k.copy_(ddd.pow(r1).view(1, 1, C))
+                att.time_mix_v.copy_((ddd.pow(r1) + 0.3 * r0).view(1, 1, C))
+                att.time_mix_r.copy_(ddd.pow(0.5 * r1).view(1, 1, C))
+                att.time_mix_g.copy_(ddd.pow(0.5 * r1).view(1, 1, C))
+                decay = -6 + 5 * (n / max(A - 1, 1)).pow(0.7 + 1.3 * r0)
+                att.time_decay.copy_(decay.view(att.n_head, att.head_size))
+            zigzag = ((n + 1) % 3 - 1) * 0.1
+            att.time_faaaa.copy_((r0 * (1 - n / max(A - 1, 1)) + zigzag).view(att.n_head, att.head_size))
+            if cfg.has_initial_state:
+                nn.init.zeros_(att.time_state)
+            for lin in (att.receptance, att.value):
+                nn.init.uniform_(lin.weight, -0.5 / math.sqrt(C), 0.5 / math.sqrt(C))
+            nn.init.orthogonal_(att.key.weight, gain=0.1)
+            nn.init.orthogonal_(att.gate.weight, gain=0.1)
+            nn.init.zeros_(att.output.weight)
+            nn.init.ones_(att.ln_x.weight)
+            att.ln_x.weight.mul_(((1 + lid) / L) ** 0.7)
+            nn.init.zeros_(att.ln_x.bias)
+            if ffn.v6:
+                ffn.time_maa_k.copy_(1.0 - ddd.pow(r1).view(1, 1, C))
+                ffn.time_maa_r.copy_(1.0 - ddd.pow(r1).view(1, 1, C))
+            else:
+                ffn.time_mix_k.copy_(ddd.pow(r1).view(1, 1, C))
+                ffn.time_mix_r.copy_(ddd.pow(r1).view(1, 1, C))
+            nn.init.orthogonal_(ffn.key.weight, gain=1.0)
+            nn.init.zeros_(ffn.receptance.weight)
+            nn.init.zeros_(ffn.value.weight)
+        nn.init.ones_(self.ln_out.weight)
+        nn.init.zeros_(self.ln_out.bias)
+
+
+class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
+    """RWKV language model: :class:`RWKVModel` + an untied head.
+
+    ``out = model(input_ids, state=None)`` gives ``out.logits`` ``[B,T,V]`` and ``out.state``;
+    feeding ``ids[:, :k]`` then ``ids[:, k:]`` with the state equals feeding ``ids`` at once.
+    """
+
+    def __init__(self, config: RWKVConfig):
+        super().__init__(config)
+        self.rwkv = RWKVModel(config)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if self.head.weight.device.type != "meta":  # from_pretrained builds on meta, then loads
+            self.rwkv.reset_parameters()
+            V, C = config.vocab_size, config.n_embd
+            nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+        self.post_init()
+
+    # ---- transformers plumbing ----------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.rwkv.emb
+
+    def set_input_embeddings(self, value):
+        self.rwkv.emb = value
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, value):
+        self.head = value
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        self.rwkv.gradient_checkpointing = enable
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.rwkv.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.rwkv.gradient_checkpointing = False
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:  # the RNN state is the cache
+        return False
+
+    def empty_state(self, batch_size: int = 1, device=None, dtype=None) -> RWKVState:
+        return self.rwkv.empty_state(batch_size, device, dtype)
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        state: RWKVState | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        scan_order: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> RWKVOutput:
+        """Run the model on ``[B,T]`` ids (or ``[B,T,C]`` embeddings taken before ``ln0``).
+
+        Args:
+            state: the state after the tokens before these (None: start of text).
+            labels: ``[B,T]``; the loss is the mean cross-entropy of ``logits[:, :-1]`` against
+                ``labels[:, 1:]`` over positions that are not -100 (transformers' convention).
+            logits_to_keep: 0 for all positions, k>0 for only the last k (a long prefill then
+                does not pay for a ``[T, V]`` head it does not use).
+            attention_mask: ``[B,T]`` 1 for tokens, 0 for **left** padding; padded positions
+                leave the state exactly as it was (batched prompts of different lengths).
+            scan_order: ``[B,T]`` permutation; odd-numbered blocks see ``x`` in this order
+                (VisualRWKV's bidirectional image scan).
+        """
+        kwargs.pop("cache", None)
+        hidden, new_state = self.rwkv(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, state=state,
+            attention_mask=attention_mask, scan_order=scan_order,
+        )
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        return RWKVOutput(loss=loss, logits=logits, state=new_state)
+
+    # ---- generation ---------------------------------------------------------------------
+    def prepare_inputs_for_generation(
+        self, input_ids, state=None, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+    ):
+        if is_first_iteration or state is None and kwargs.get("_rwkv_first", True):
+            if inputs_embeds is not None and is_first_iteration:
+                return {"inputs_embeds": inputs_embeds, "state": state, "attention_mask": attention_mask,
+                        "logits_to_keep": 1}
+            return {"input_ids": input_ids, "state": state, "attention_mask": attention_mask, "logits_to_keep": 1}
+        return {"input_ids": input_ids[:, -1:], "state": state, "logits_to_keep": 1}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs["state"] = outputs.state
+        model_kwargs["_rwkv_first"] = False
+        if model_kwargs.get("attention_mask") is not None:
+            am = model_kwargs["attention_mask"]
+            model_kwargs["attention_mask"] = torch.cat([am, am.new_ones((am.shape[0], num_new_tokens))], dim=-1)
+        return model_kwargs
+
+    def generate(self, input_ids=None, *, stop=None, tokenizer=None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, penalty_decay: float = 0.996, seed: int | None = None,
+                 state: RWKVState | None = None, **kwargs):
+        """Generate with transformers' GenerationMixin (stock logits processors, stopping criteria,
+        streamers), the RNN state serving as the cache. Returns ids ``[B, T + new]``.
+
+        Extra arguments on top of transformers':
+            stop: a string or list of strings (e.g. ``"\\n\\n"``) that ends a row; needs ``tokenizer``.
+            presence_penalty / frequency_penalty / penalty_decay: RWKV-style repetition penalties
+                (ChatRWKV: ``logit -= presence + count * frequency``, counts decayed each step).
+            seed: seeds torch's RNG first, for reproducible sampling.
+            state: continue from this state (prefix reuse); ``input_ids`` are then the new tokens only.
+        """
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from multimodal_rwkv.model.generation import RWKVPenaltyProcessor, StopStringsCriteria
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        processors = kwargs.pop("logits_processor", None) or LogitsProcessorList()
+        criteria = kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
+        if presence_penalty or frequency_penalty:
+            processors.append(RWKVPenaltyProcessor(presence_penalty, frequency_penalty, penalty_decay,
+                                                   prompt_len=input_ids.shape[1]))
+        if stop:
+            if tokenizer is None:
+                raise ValueError("stop strings need tokenizer=")
+            criteria.append(StopStringsCriteria(tokenizer, [stop] if isinstance(stop, str) else list(stop),
+                                                prompt_len=input_ids.shape[1]))
+        kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        kwargs.setdefault("use_cache", True)
+        if kwargs.get("do_sample") is None:
+            kwargs["do_sample"] = False
+        return super().generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
+                                state=state, **kwargs)
+
+    # ---- I/O ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, src, *args, dtype=None, torch_dtype=None, device=None, **kwargs) -> "RWKVForCausalLM":
+        """Load a BlinkDL ``.pth``, a Hugging Face-layout RWKV-6 folder, or a folder saved by
+        :meth:`save_pretrained`. Sizes are inferred from tensor shapes. Raises CheckpointError."""
+        from multimodal_rwkv.model.checkpoint import load_model
+
+        return load_model(cls, src, dtype=dtype if dtype is not None else torch_dtype, device=device)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (atomically) into ``save_directory``."""
+        from multimodal_rwkv.model.checkpoint import save_model
+
+        save_model(self, save_directory)

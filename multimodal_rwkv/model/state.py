@@ -1,0 +1,137 @@
+"""The recurrent state of an RWKV model: what a transformer's KV cache is, but of fixed size."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from multimodal_rwkv.errors import CheckpointError
+
+
+@dataclass
+class RWKVState:
+    """Recurrent state after the last token seen, per layer ``l``:
+
+    - ``att_shift[l]``: ``[B, C]``, the previous token's ln1 output (time-mix token shift);
+    - ``wkv[l]``: ``[B, H, K, V]`` float32, key-major (``S[key j, value i]``), the WKV matrix state;
+    - ``ffn_shift[l]``: ``[B, C]``, the previous token's ln2 output (channel-mix token shift).
+
+    Its size does not depend on the context length: ``L * (2*C + H*K*V)`` numbers per stream.
+    Methods return new states; a forward pass never modifies the state it is given.
+    """
+
+    att_shift: list[torch.Tensor]
+    wkv: list[torch.Tensor]
+    ffn_shift: list[torch.Tensor]
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def zeros(cls, config, batch_size: int, device=None, dtype=torch.float32) -> "RWKVState":
+        """All-zero state for ``batch_size`` streams; shift states in ``dtype``, wkv in fp32."""
+        C, H, N = config.n_embd, config.n_head, config.head_size
+        L = config.n_layer
+        return cls(
+            att_shift=[torch.zeros(batch_size, C, device=device, dtype=dtype) for _ in range(L)],
+            wkv=[torch.zeros(batch_size, H, N, N, device=device, dtype=torch.float32) for _ in range(L)],
+            ffn_shift=[torch.zeros(batch_size, C, device=device, dtype=dtype) for _ in range(L)],
+        )
+
+    # ---- shape --------------------------------------------------------------------------
+    @property
+    def n_layer(self) -> int:
+        return len(self.wkv)
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv[0].shape[0]
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def nbytes_per_stream(self) -> int:
+        """Bytes of state one stream carries (independent of context length)."""
+        total = sum(t[0].numel() * t.element_size() for t in self._tensors())
+        return total
+
+    def _tensors(self):
+        return [*self.att_shift, *self.wkv, *self.ffn_shift]
+
+    def _map(self, fn) -> "RWKVState":
+        return RWKVState([fn(t) for t in self.att_shift], [fn(t) for t in self.wkv], [fn(t) for t in self.ffn_shift])
+
+    # ---- operations ---------------------------------------------------------------------
+    def clone(self) -> "RWKVState":
+        return self._map(lambda t: t.clone())
+
+    def detach(self) -> "RWKVState":
+        """Cut the autograd graph (truncated BPTT)."""
+        return self._map(lambda t: t.detach())
+
+    def to(self, device=None, dtype=None) -> "RWKVState":
+        """Move to ``device``; ``dtype`` applies to the shift states only (wkv stays fp32)."""
+        return RWKVState(
+            [t.to(device=device, dtype=dtype) for t in self.att_shift],
+            [t.to(device=device) for t in self.wkv],
+            [t.to(device=device, dtype=dtype) for t in self.ffn_shift],
+        )
+
+    def __getitem__(self, idx) -> "RWKVState":
+        """Rows of the batch: ``state[i]`` keeps a batch dimension of 1; slices and index tensors work."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
+        return self._map(lambda t: t[idx])
+
+    def expand(self, n: int) -> "RWKVState":
+        """Repeat a batch-1 state ``n`` times (prefix reuse: one prefill, many continuations)."""
+        if self.batch_size != 1:
+            raise ValueError(f"expand needs a batch-1 state, got batch {self.batch_size}")
+        return self._map(lambda t: t.expand(n, *t.shape[1:]).clone())
+
+    @staticmethod
+    def cat(states: list["RWKVState"]) -> "RWKVState":
+        """Concatenate states along the batch dimension."""
+        if not states:
+            raise ValueError("cat needs at least one state")
+        L = states[0].n_layer
+        return RWKVState(
+            [torch.cat([s.att_shift[i] for s in states]) for i in range(L)],
+            [torch.cat([s.wkv[i] for s in states]) for i in range(L)],
+            [torch.cat([s.ffn_shift[i] for s in states]) for i in range(L)],
+        )
+
+    def equal(self, other: "RWKVState") -> bool:
+        return all(torch.equal(a, b) for a, b in zip(self._tensors(), other._tensors()))
+
+    # ---- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i in range(self.n_layer):
+            out[f"{i}.att_shift"] = self.att_shift[i]
+            out[f"{i}.wkv"] = self.wkv[i]
+            out[f"{i}.ffn_shift"] = self.ffn_shift[i]
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write the state as safetensors (``{l}.att_shift``, ``{l}.wkv``, ``{l}.ffn_shift``)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, device=None) -> "RWKVState":
+        from safetensors.torch import load_file
+
+        try:
+            d = load_file(str(path), device=str(device or "cpu"))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise CheckpointError(f"{path}: not a saved RWKV state ({e})") from None
+        n = 1 + max((int(k.split(".")[0]) for k in d), default=-1)
+        try:
+            return cls(
+                [d[f"{i}.att_shift"] for i in range(n)],
+                [d[f"{i}.wkv"] for i in range(n)],
+                [d[f"{i}.ffn_shift"] for i in range(n)],
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{path}: state file is missing {e.args[0]}") from None
