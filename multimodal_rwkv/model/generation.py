@@ -63,3 +63,50 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, stop
     if model.config.eos_token_id in new:
         new = new[: new.index(model.config.eos_token_id)]
     return trim_at_stop(tokenizer.decode(new), stop)
+
+
+class StopAwareStreamer:
+    """A transformers-compatible streamer (``put``/``end``) that prints decoded text as it comes,
+    holding back incomplete UTF-8 and anything that could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stops=None, prompt_len: int = 0, file=None):
+        import sys
+
+        self.tokenizer, self.stops = tokenizer, [s for s in (stops or []) if s]
+        self.file = file or sys.stdout
+        self.skip_prompt = True
+        self.ids: list[int] = []
+        self.printed = 0
+        self.stopped = False
+
+    def put(self, value) -> None:
+        if self.skip_prompt:  # the first call carries the prompt
+            self.skip_prompt = False
+            return
+        if self.stopped:
+            return
+        ids = value.reshape(-1).tolist()
+        if 0 in ids:
+            ids = ids[: ids.index(0)]
+            self.stopped = True
+        self.ids.extend(ids)
+        self._flush(final=self.stopped)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids)
+        cut = trim_at_stop(text, self.stops)
+        if len(cut) < len(text):
+            self.stopped, final, text = True, True, cut
+        if not final:
+            if text.endswith("\ufffd"):  # incomplete UTF-8 sequence so far
+                text = text.rstrip("\ufffd")
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            text = text[: max(self.printed, len(text) - hold)]
+        if len(text) > self.printed:
+            self.file.write(text[self.printed:])
+            self.file.flush()
+            self.printed = len(text)
+
+    def end(self) -> None:
+        if not self.stopped:
+            self._flush(final=True)

@@ -493,3 +493,14 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         from multimodal_rwkv.model.checkpoint import save_model
 
         save_model(self, save_directory)
+
+
+def _register_auto_classes() -> None:
+    """``AutoConfig`` / ``AutoModelForCausalLM`` know model_type "mmrwkv" once this module is imported."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(RWKVConfig.model_type, RWKVConfig, exist_ok=True)
+    AutoModelForCausalLM.register(RWKVConfig, RWKVForCausalLM, exist_ok=True)
+
+
+_register_auto_classes()
