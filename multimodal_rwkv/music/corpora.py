@@ -1,0 +1,313 @@
+"""Offline music corpora -> tokenised ``.npy`` shards in the training engine's "tokens" format.
+
+Sources: music21's bundled corpus (``bach-chorales`` converted to MIDI, ``oneill-abc`` and
+``essen-abc`` tunes as ABC text; music21 is the optional extra ``music``) or the user's own
+MIDI folder (``midi_dir``).
+
+Output layout (``out``)::
+
+    train/shard_00000.npy ...   1-D uint16 (int32 for vocabularies >= 65536) token ids:
+    valid/shard_00000.npy       0 doc 0 doc 0 ... (0 = document separator)
+    test/shard_00000.npy
+    midi_tokenizer.json | abc_tokenizer.json
+    meta.json                   counts per split (pieces, tokens, notes or bytes), files, settings
+    failed.txt                  files that could not be read, with the reason
+    midi/                       (bach-chorales only) the converted MIDI files, reused on reruns
+
+The split is a pure function of the piece's content: ``sha256(content) mod 1000`` below
+``test_permille`` goes to test, the next ``valid_permille`` to valid, the rest to train, so it
+does not depend on file order, ``limit`` or the machine. Identical contents are kept once.
+Transposition augmentation (MIDI only, train split only) adds copies shifted by
+``-transpose..+transpose`` semitones (drums untouched; copies that leave the pitch range skipped).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from multimodal_rwkv.errors import DataError, MidiError
+
+log = logging.getLogger(__name__)
+
+CORPORA = ("bach-chorales", "oneill-abc", "essen-abc")
+_ABC_DIRS = {"oneill-abc": "oneills1850", "essen-abc": "essenFolksong"}
+
+
+def _music21():
+    try:
+        import music21
+    except ImportError:
+        raise DataError("music21 is not installed (needed for the bundled corpora): pip install 'multimodal-rwkv[music]'") from None
+    return music21
+
+
+def split_of(content: bytes, valid_permille: int = 100, test_permille: int = 100) -> str:
+    """Deterministic split of one piece from its content hash: 'train' | 'valid' | 'test'."""
+    h = int.from_bytes(hashlib.sha256(content).digest()[:8], "big") % 1000
+    if h < test_permille:
+        return "test"
+    if h < test_permille + valid_permille:
+        return "valid"
+    return "train"
+
+
+def _convert_chorale(args) -> tuple[str, str | None, str | None]:
+    """Worker: music21 chorale -> MIDI file. Returns (name, midi_path | None, error | None)."""
+    name, out_path = args
+    try:
+        from music21 import corpus
+
+        if not os.path.exists(out_path):
+            tmp = out_path + ".tmp"
+            corpus.parse(name).write("midi", fp=tmp)
+            os.replace(tmp, out_path)
+        return name, out_path, None
+    except Exception as e:  # noqa: BLE001 - music21 raises many types (e.g. badly formed repeats)
+        return name, None, f"{type(e).__name__}: {e}"
+
+
+def chorale_midis(out_dir: str | os.PathLike, limit: int | None = None, workers: int = 1) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Convert music21's Bach chorales to MIDI in ``out_dir`` (cached: existing files are reused).
+
+    Returns ``(midi_paths, failures)``; order is music21's chorale order, duplicates removed.
+    About 0.2 s per chorale on one core.
+    """
+    _music21()
+    from music21 import corpus
+
+    names = []
+    seen = set()
+    for fn in corpus.chorales.Iterator(returnType="filename"):
+        if fn not in seen:
+            seen.add(fn)
+            names.append(fn)
+    if limit is not None:
+        names = names[:limit]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(n, str(out / (n.replace("/", "_") + ".mid"))) for n in names]
+    if workers > 1 and len(jobs) > 4:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as ex:
+            results = list(ex.map(_convert_chorale, jobs, chunksize=4))
+    else:
+        results = [_convert_chorale(j) for j in jobs]
+    paths, failed = [], []
+    for name, p, err in results:
+        if p is None:
+            log.warning("chorale %s: %s", name, err)
+            failed.append((name, err))
+        else:
+            paths.append(Path(p))
+    return paths, failed
+
+
+def abc_corpus_tunes(corpus_name: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(name, abc_text)`` for every tune of a bundled ABC collection ('oneill-abc' | 'essen-abc')."""
+    from multimodal_rwkv.music.abc import split_tunes
+
+    if corpus_name not in _ABC_DIRS:
+        raise DataError(f"{corpus_name}: not an ABC corpus (choose from {sorted(_ABC_DIRS)})")
+    m21 = _music21()
+    root = Path(m21.__file__).parent / "corpus" / _ABC_DIRS[corpus_name]
+    files = sorted(root.glob("*.abc"))
+    if not files:
+        raise DataError(f"{root}: no .abc files (music21 installed without its corpus?)")
+    tunes = []
+    for f in files:
+        text = f.read_text(encoding="latin-1")
+        for k, t in enumerate(split_tunes(text)):
+            tunes.append((f"{f.stem}#{k}", t))
+            if limit is not None and len(tunes) >= limit:
+                return tunes
+    return tunes
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare` wrote."""
+
+    out: Path
+    kind: str                                  # 'midi' | 'abc'
+    counts: dict = field(default_factory=dict)  # split -> {pieces, tokens, notes|bytes}
+    failed: list = field(default_factory=list)  # (name, reason)
+    duplicates: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{s}: {c['pieces']} pieces, {c['tokens']} tokens" for s, c in self.counts.items()]
+        return f"{self.out}: " + "; ".join(parts) + f"; {len(self.failed)} failed, {self.duplicates} duplicates"
+
+
+def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_size: int, shard_tokens: int) -> int:
+    import numpy as np
+
+    d = out / split
+    d.mkdir(parents=True, exist_ok=True)
+    for old in d.glob("shard_*.npy"):
+        old.unlink()
+    dtype = np.uint16 if vocab_size <= 65535 else np.int32
+    buf: list[int] = [0]
+    k = 0
+    total = 0
+
+    def flush():
+        nonlocal buf, k, total
+        arr = np.asarray(buf, dtype=dtype)
+        np.save(d / f"shard_{k:05d}.npy", arr)
+        total += len(arr)
+        k += 1
+        buf = [0]
+
+    for doc in docs:
+        buf.extend(doc)
+        buf.append(0)
+        if len(buf) >= shard_tokens:
+            flush()
+    if len(buf) > 1 or k == 0:
+        flush()
+    return total
+
+
+def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | os.PathLike | None = None,
+            limit: int | None = None, transpose: int = 0, valid_permille: int = 100, test_permille: int = 100,
+            tokenizer_config=None, shard_tokens: int = 50_000_000, workers: int = 1, seed: int = 0) -> PrepareReport:
+    """Build a tokenised dataset (see the module docstring). Exactly one of ``corpus`` /
+    ``midi_dir``. ``limit`` caps the number of source pieces (for tests). Returns a report."""
+    from multimodal_rwkv.music.abc import AbcTokenizer
+    from multimodal_rwkv.music.midi_tokenizer import MidiTokenizer
+
+    if (corpus is None) == (midi_dir is None):
+        raise DataError("prepare: give exactly one of corpus or midi_dir")
+    if corpus is not None and corpus not in CORPORA:
+        raise DataError(f"{corpus}: unknown corpus (choose from {', '.join(CORPORA)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = "abc" if corpus in _ABC_DIRS else "midi"
+    if kind == "abc" and transpose:
+        raise DataError(f"{corpus}: transposition augmentation is only implemented for MIDI corpora")
+    report = PrepareReport(out=out, kind=kind)
+    docs: dict[str, list[list[int]]] = {"train": [], "valid": [], "test": []}
+    units: dict[str, int] = {"train": 0, "valid": 0, "test": 0}
+    files = []
+    seen: set[str] = set()
+
+    if kind == "abc":
+        tok = AbcTokenizer()
+        for name, text in abc_corpus_tunes(corpus, limit):
+            content = text.encode("utf-8")
+            h = hashlib.sha256(content).hexdigest()
+            if h in seen:
+                report.duplicates += 1
+                continue
+            seen.add(h)
+            s = split_of(content, valid_permille, test_permille)
+            ids = tok.encode(text)
+            docs[s].append(ids)
+            units[s] += len(ids)
+            files.append({"name": name, "split": s, "sha256": h[:16]})
+        tok.save_pretrained(out)
+        vocab_size = tok.vocab_size
+    else:
+        tok = MidiTokenizer(tokenizer_config)
+        if corpus == "bach-chorales":
+            paths, failed = chorale_midis(out / "midi", limit=limit, workers=workers)
+            report.failed.extend(failed)
+        else:
+            root = Path(midi_dir)
+            if not root.is_dir():
+                raise DataError(f"{root}: not a directory")
+            paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".mid", ".midi"))
+            if limit is not None:
+                paths = paths[:limit]
+            if not paths:
+                raise DataError(f"{root}: no .mid/.midi files")
+        for p in paths:
+            try:
+                content = p.read_bytes()
+            except OSError as e:
+                report.failed.append((str(p), str(e)))
+                continue
+            h = hashlib.sha256(content).hexdigest()
+            if h in seen:
+                report.duplicates += 1
+                continue
+            seen.add(h)
+            try:
+                ids = tok.encode(p)
+            except MidiError as e:
+                report.failed.append((str(p), str(e)))
+                continue
+            s = split_of(content, valid_permille, test_permille)
+            versions = [ids]
+            if s == "train" and transpose:
+                for k in range(-transpose, transpose + 1):
+                    if k:
+                        t = tok.transpose(ids, k)
+                        if t is not None:
+                            versions.append(t)
+            for v in versions:
+                docs[s].append(v)
+                units[s] += tok.count_notes(v)
+            files.append({"name": p.name, "split": s, "sha256": h[:16], "out_of_range": tok.last_stats.out_of_range})
+        tok.save_pretrained(out)
+        vocab_size = tok.vocab_size
+
+    if not any(docs.values()):
+        raise DataError(f"{corpus or midi_dir}: no usable pieces ({len(report.failed)} failed)")
+    random.Random(seed).shuffle(docs["train"])  # transposed copies of one piece apart
+    unit_name = "bytes" if kind == "abc" else "notes"
+    for s in ("train", "valid", "test"):
+        n_tok = _write_split(out, s, docs[s], vocab_size, shard_tokens)
+        report.counts[s] = {"pieces": len(docs[s]), "tokens": n_tok, unit_name: units[s]}
+    (out / "failed.txt").write_text("".join(f"{n}\t{r}\n" for n, r in report.failed))
+    meta = {
+        "kind": kind, "corpus": corpus, "midi_dir": str(midi_dir) if midi_dir else None, "limit": limit,
+        "transpose": transpose, "valid_permille": valid_permille, "test_permille": test_permille,
+        "vocab_size": vocab_size, "counts": report.counts, "failed": len(report.failed),
+        "duplicates": report.duplicates, "files": files,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    log.info("%s", report.summary())
+    return report
+
+
+def load_tokens(path: str | os.PathLike):
+    """Concatenated ids of a ``.npy`` file or a folder of shards (sorted), as an int64 numpy array."""
+    import numpy as np
+
+    p = Path(path)
+    files = sorted(p.glob("*.npy")) if p.is_dir() else [p]
+    if not files:
+        raise DataError(f"{p}: no .npy shards")
+    arrs = []
+    for f in files:
+        try:
+            a = np.load(f, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{f}: cannot read token shard ({e})") from None
+        if a.ndim != 1 or a.dtype.kind not in "iu":
+            raise DataError(f"{f}: expected a 1-D integer array, got {a.dtype} {a.shape}")
+        arrs.append(a.astype(np.int64))
+    return np.concatenate(arrs)
+
+
+def split_documents(ids: Iterable[int]) -> list[list[int]]:
+    """Cut a 0-separated id stream into documents (empty ones dropped)."""
+    docs, cur = [], []
+    for i in map(int, ids):
+        if i == 0:
+            if cur:
+                docs.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    if cur:
+        docs.append(cur)
+    return docs

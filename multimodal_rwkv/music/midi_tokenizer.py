@@ -1,0 +1,827 @@
+"""MIDI <-> token ids on ``mido``: a small "register machine" event vocabulary.
+
+Design (why it looks like this)
+-------------------------------
+A piece is a stream of tokens read left to right by a tiny machine with a clock and three
+registers (instrument group, velocity bin, duration):
+
+=============  ==============================================================================
+``<pad>``      id 0: document separator / padding (the training engine packs documents with 0)
+``<bos>``      begin of piece                 ``<eos>``  end of piece
+``<bar>``      optional bar line marker (informational; decoding ignores it for timing)
+``shift_k``    advance the clock by k grid steps (k = 1..max_shift); consecutive shifts add
+``tempo_B``    optional: the tempo becomes B beats per minute (log-spaced bins)
+``inst_g``     instrument-group register := g (General MIDI program // group_size; ``inst_drums``
+               for every note on MIDI channel 10)
+``vel_b``      velocity-bin register := b
+``dur_k``      duration register := k steps; a run of consecutive ``dur`` tokens sets the SUM
+               (so any length is exact: 60 steps = ``dur_48 dur_12``)
+``pitch_p``    play MIDI pitch p now, with the current instrument, velocity and duration
+=============  ==============================================================================
+
+*Durations, not note-offs.* A note is complete the moment it is written, so a decoder can never
+leave a dangling note-on (a truncated or garbage sequence still decodes into a valid file), a
+note-off never needs to repeat the instrument, and time shifts are only spent on onsets.
+*Registers, not combined tokens.* MIDI-LLM-tokenizer spends one 20k-entry vocabulary on
+instrument x pitch x velocity; here the instrument, velocity and duration are only written when
+they change, which is rare inside a chord (4-part chorales: one ``dur`` per chord, one
+``vel`` per piece). The vocabulary stays at a few hundred ids, which is what a small model (a few
+MB) can afford, and the stream is shorter: see ``bench``/README for tokens per note on the
+Bach chorales (MIDI-LLM-tokenizer 2.36, miditok REMI 4.5, TSD 4.0).
+
+*Time.* The grid is musical: ``steps_per_beat`` steps per quarter note, taken from the file's
+ticks per beat, so tempo changes never move notes off the grid; real time is kept by the
+optional tempo tokens. Every onset and offset is quantised from its ABSOLUTE tick
+(``round(tick * steps_per_beat / ticks_per_beat)``), never from accumulated deltas, so rounding
+errors cannot accumulate. A note shorter than one step is lengthened to one step (counted).
+
+*Parsing rules.* All tracks of a type 0/1 file are merged on absolute ticks; running status is
+handled by mido's reader; ``note_on`` with velocity 0 is a note-off; the program of a channel is
+its latest ``program_change`` (default 0); channel 10 is drums. Repeated note-ons of the same
+(channel, pitch) stack and note-offs close them first-in-first-out, like a synthesiser voice
+queue. Sustain pedal (CC64 >= 64, ``sustain=True``): a note released while the pedal is down
+keeps sounding until the pedal goes up, or until the same pitch is struck again on that channel;
+the pedal itself is not tokenised, only its effect on durations. CC120/CC123 (all sound/notes
+off) end every note of the channel. Notes still open at the end end at the last event (counted).
+
+*Canonical form.* After quantisation, same-pitch notes of one instrument group are re-paired
+first-in-first-out (sorted onsets with sorted offsets; the multiset of onsets and offsets is
+unchanged), and notes at one onset are ordered by (group, duration, velocity, pitch). Decoding
+writes each group on its own channel with note-offs before note-ons at equal ticks, so
+``encode(decode(encode(x))) == encode(x)``: every note in range comes back with the same
+pitch, group, velocity bin and on-grid onset/offset.
+
+*Out of range.* Notes whose pitch lies outside ``pitch_range`` (``drum_pitch_range`` for drums)
+are not encoded; they are counted in :attr:`MidiTokenizer.last_stats` and logged.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from multimodal_rwkv.errors import ConfigError, MidiError
+
+log = logging.getLogger(__name__)
+
+PAD_ID = 0  # document separator in every tokenizer of this project
+GM_GROUP_NAMES = (
+    "piano", "chromatic_percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass",
+    "reed", "pipe", "synth_lead", "synth_pad", "synth_effects", "ethnic", "percussive",
+    "sound_effects",
+)
+TOKENIZER_FILENAME = "midi_tokenizer.json"
+
+
+@dataclass
+class MidiTokenizerConfig:
+    """Everything that defines the vocabulary; saved as JSON next to a model.
+
+    Units: ``steps_per_beat`` grid steps per quarter note; ``max_shift``/``max_duration`` in
+    steps (longer gaps/durations use several tokens); pitches are MIDI numbers, ranges inclusive;
+    tempos in BPM.
+    """
+
+    steps_per_beat: int = 12
+    max_shift: int = 48
+    max_duration: int = 48
+    velocity_bins: int = 8
+    pitch_range: tuple[int, int] = (21, 108)
+    drum_pitch_range: tuple[int, int] = (27, 87)
+    group_size: int = 8  # GM programs per instrument group: 8 -> the 16 GM families, 1 -> exact
+    drums: bool = True
+    use_tempo: bool = True
+    tempo_bins: int = 31  # with (30, 240): 10 bins per octave, 30/60/120/240 BPM exact
+    tempo_range: tuple[float, float] = (30.0, 240.0)
+    use_bars: bool = False
+    sustain: bool = True
+    # bad-input limits ("absurd sizes")
+    max_file_bytes: int = 16_000_000
+    max_notes: int = 200_000
+    max_beats: int = 50_000
+    max_tracks: int = 1024
+
+    def __post_init__(self):
+        self.pitch_range = tuple(int(x) for x in self.pitch_range)
+        self.drum_pitch_range = tuple(int(x) for x in self.drum_pitch_range)
+        self.tempo_range = tuple(float(x) for x in self.tempo_range)
+        for name in ("steps_per_beat", "max_shift", "max_duration", "velocity_bins", "tempo_bins"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"MidiTokenizerConfig.{name}: must be a positive int, got {v!r}")
+        if self.velocity_bins > 127:
+            raise ConfigError("MidiTokenizerConfig.velocity_bins: at most 127")
+        for name in ("pitch_range", "drum_pitch_range"):
+            lo, hi = getattr(self, name)
+            if not (0 <= lo <= hi <= 127):
+                raise ConfigError(f"MidiTokenizerConfig.{name}: need 0 <= lo <= hi <= 127, got {(lo, hi)}")
+        if self.group_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ConfigError(f"MidiTokenizerConfig.group_size: must divide 128 (power of 2), got {self.group_size}")
+        lo, hi = self.tempo_range
+        if not (0 < lo < hi):
+            raise ConfigError(f"MidiTokenizerConfig.tempo_range: need 0 < lo < hi, got {self.tempo_range}")
+        if self.use_tempo:
+            bpms = [round(b) for b in self.tempo_bpms()]
+            if len(set(bpms)) != len(bpms):
+                raise ConfigError("MidiTokenizerConfig: tempo bins round to equal BPM; use fewer tempo_bins or a wider tempo_range")
+
+    def tempo_bpms(self) -> list[float]:
+        """Centre BPM of each tempo bin (log-spaced over tempo_range)."""
+        lo, hi = self.tempo_range
+        n = self.tempo_bins
+        if n == 1:
+            return [math.sqrt(lo * hi)]
+        return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return {"tokenizer": "midi", **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MidiTokenizerConfig":
+        d = dict(d)
+        kind = d.pop("tokenizer", "midi")
+        if kind != "midi":
+            raise ConfigError(f"MidiTokenizerConfig: tokenizer kind {kind!r} is not 'midi'")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"MidiTokenizerConfig: unknown keys {unknown}")
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON; a directory gets ``midi_tokenizer.json`` inside it. Returns the file path."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / TOKENIZER_FILENAME
+        p.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MidiTokenizerConfig":
+        p = Path(path)
+        if p.is_dir():
+            p = p / TOKENIZER_FILENAME
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{p}: cannot read MIDI tokenizer config: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: MIDI tokenizer config must be a JSON object")
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:
+            raise ConfigError(f"{p}: {e}") from None
+
+
+class Note(NamedTuple):
+    """One note on the grid. ``onset``/``duration`` in grid steps (duration >= 1); ``group`` is the
+    instrument group index (``n_groups - 1`` = drums when drums are on); ``velocity`` a bin index."""
+
+    onset: int
+    duration: int
+    group: int
+    pitch: int
+    velocity: int
+
+    @property
+    def offset(self) -> int:
+        return self.onset + self.duration
+
+
+@dataclass
+class EncodeStats:
+    """What happened while encoding one file (``MidiTokenizer.last_stats``)."""
+
+    source: str = "<MidiFile>"
+    notes_in: int = 0            # note-on/note-off pairs found in the file
+    notes_encoded: int = 0
+    out_of_range: int = 0        # pitch outside pitch_range / drum_pitch_range: not encoded
+    lengthened: int = 0          # shorter than one grid step after quantisation
+    unterminated: int = 0        # still sounding at the end of the file
+    sustained: int = 0           # note-offs deferred by the sustain pedal
+    clipped: bool = False        # data bytes > 127 were clamped while reading
+    tokens: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.source}: {self.notes_encoded}/{self.notes_in} notes, {self.tokens} tokens, "
+                f"{self.out_of_range} out of range, {self.lengthened} lengthened, "
+                f"{self.unterminated} unterminated")
+
+
+@dataclass
+class DecodeStats:
+    """Repairs the decoder made; ``clean`` is True when the sequence was well formed."""
+
+    unknown_ids: int = 0         # ids outside the vocabulary (skipped)
+    defaults_used: int = 0       # a note came before its instrument/velocity/duration was set
+    misplaced_specials: int = 0  # <bos> after notes, text after <eos>, ...
+    missing_eos: bool = False
+    notes: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not (self.unknown_ids or self.defaults_used or self.misplaced_specials or self.missing_eos)
+
+
+def _velocity_bin(v: int, n: int) -> int:
+    """Velocity 1..127 -> bin 0..n-1 (equal-width bins)."""
+    return min(n - 1, (max(1, min(127, v)) - 1) * n // 127)
+
+
+def _bin_velocity(b: int, n: int) -> int:
+    """Representative velocity of a bin: the middle of the velocities that map to it."""
+    members = [v for v in range(1, 128) if _velocity_bin(v, n) == b]
+    return members[len(members) // 2]
+
+
+class MidiTokenizer:
+    """MIDI <-> ids. ``encode(path | mido.MidiFile) -> list[int]``, ``decode(ids) -> mido.MidiFile``.
+
+    See the module docstring for the vocabulary and the design. ``last_stats`` holds the
+    :class:`EncodeStats` of the latest ``encode`` and ``last_decode_stats`` the :class:`DecodeStats`
+    of the latest ``decode``.
+    """
+
+    def __init__(self, config: MidiTokenizerConfig | None = None):
+        self.config = config or MidiTokenizerConfig()
+        c = self.config
+        self.n_melodic_groups = 128 // c.group_size
+        self.n_groups = self.n_melodic_groups + (1 if c.drums else 0)
+        self.drum_group = self.n_melodic_groups if c.drums else None
+        self.pitch_lo = min(c.pitch_range[0], c.drum_pitch_range[0]) if c.drums else c.pitch_range[0]
+        self.pitch_hi = max(c.pitch_range[1], c.drum_pitch_range[1]) if c.drums else c.pitch_range[1]
+        self._tempo_bpms = c.tempo_bpms() if c.use_tempo else []
+        self._vel_repr = [_bin_velocity(b, c.velocity_bins) for b in range(c.velocity_bins)]
+
+        names = ["<pad>", "<bos>", "<eos>", "<bar>"]
+        self.pad_id, self.bos_id, self.eos_id, self.bar_id = 0, 1, 2, 3
+
+        def block(prefix, labels):
+            start = len(names)
+            names.extend(f"{prefix}_{x}" for x in labels)
+            return start
+
+        self.shift_start = block("shift", range(1, c.max_shift + 1))
+        self.dur_start = block("dur", range(1, c.max_duration + 1))
+        self.vel_start = block("vel", range(c.velocity_bins))
+        self.inst_start = block("inst", [str(g) for g in range(self.n_melodic_groups)] + (["drums"] if c.drums else []))
+        self.tempo_start = block("tempo", [round(b) for b in self._tempo_bpms])
+        self.pitch_start = block("pitch", range(self.pitch_lo, self.pitch_hi + 1))
+        self.vocab = names
+        self.token_to_id = {t: i for i, t in enumerate(names)}
+        self.last_stats = EncodeStats()
+        self.last_decode_stats = DecodeStats()
+
+    # ------------------------------------------------------------------ vocabulary helpers
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def group_name(self, g: int) -> str:
+        """Human name of an instrument group."""
+        if g == self.drum_group:
+            return "drums"
+        if self.config.group_size == 8:
+            return GM_GROUP_NAMES[g]
+        return f"programs_{g * self.config.group_size}-{(g + 1) * self.config.group_size - 1}"
+
+    def group_of(self, channel: int, program: int) -> int:
+        if self.config.drums and channel == 9:
+            return self.drum_group
+        return program // self.config.group_size
+
+    def is_note(self, i: int) -> bool:
+        return self.pitch_start <= i < self.pitch_start + (self.pitch_hi - self.pitch_lo + 1)
+
+    def count_notes(self, ids: Sequence[int]) -> int:
+        """Number of note tokens in ``ids`` (the denominator of bits per note)."""
+        lo, hi = self.pitch_start, self.pitch_start + (self.pitch_hi - self.pitch_lo + 1)
+        return sum(1 for i in ids if lo <= int(i) < hi)
+
+    def tokens_to_text(self, ids: Sequence[int]) -> str:
+        """Space-separated token names (for debugging); unknown ids become ``<unk:ID>``."""
+        n = len(self.vocab)
+        return " ".join(self.vocab[i] if 0 <= i < n else f"<unk:{i}>" for i in map(int, ids))
+
+    def text_to_tokens(self, text: str) -> list[int]:
+        """Inverse of :meth:`tokens_to_text`; an unknown token name raises ``MidiError``."""
+        out = []
+        for tok in text.split():
+            if tok in self.token_to_id:
+                out.append(self.token_to_id[tok])
+            elif tok.startswith("<unk:") and tok.endswith(">"):
+                out.append(int(tok[5:-1]))
+            else:
+                raise MidiError(f"<text>: unknown token {tok!r}")
+        return out
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``midi_tokenizer.json`` into ``directory``."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return self.config.save(Path(directory) / TOKENIZER_FILENAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "MidiTokenizer":
+        """Load from a ``midi_tokenizer.json`` file or a folder holding one."""
+        return cls(MidiTokenizerConfig.load(path))
+
+    def velocity_bin(self, velocity: int) -> int:
+        return _velocity_bin(velocity, self.config.velocity_bins)
+
+    def bin_velocity(self, b: int) -> int:
+        return self._vel_repr[b]
+
+    def tempo_bin(self, bpm: float) -> int:
+        """Nearest tempo bin in log space."""
+        lb = math.log(bpm)
+        return min(range(len(self._tempo_bpms)), key=lambda i: abs(math.log(self._tempo_bpms[i]) - lb))
+
+    # ------------------------------------------------------------------ reading MIDI
+    def load_midi(self, src) -> "mido.MidiFile":  # noqa: F821
+        """Open ``src`` (path, bytes or ``mido.MidiFile``) with every failure turned into MidiError."""
+        import mido
+
+        if isinstance(src, mido.MidiFile):
+            name = getattr(src, "filename", None) or "<MidiFile>"
+            mid = src
+        else:
+            if isinstance(src, (bytes, bytearray)):
+                name, data = "<bytes>", bytes(src)
+            else:
+                name = str(src)
+                try:
+                    size = os.path.getsize(src)
+                except OSError as e:
+                    raise MidiError(f"{name}: cannot read file ({e.strerror or e})") from None
+                if size > self.config.max_file_bytes:
+                    raise MidiError(f"{name}: file is {size} bytes, above the limit of {self.config.max_file_bytes}")
+                try:
+                    with open(src, "rb") as f:
+                        data = f.read()
+                except OSError as e:
+                    raise MidiError(f"{name}: cannot read file ({e.strerror or e})") from None
+            if len(data) > self.config.max_file_bytes:
+                raise MidiError(f"{name}: file is {len(data)} bytes, above the limit of {self.config.max_file_bytes}")
+            if len(data) == 0:
+                raise MidiError(f"{name}: empty file")
+            if data[:4] != b"MThd":
+                raise MidiError(f"{name}: not a MIDI file (no MThd header)")
+            self._clipped = False
+            mid = None
+            for clip in (False, True):
+                try:
+                    mid = mido.MidiFile(file=io.BytesIO(data), clip=clip)
+                    self._clipped = clip
+                    break
+                except EOFError:
+                    raise MidiError(f"{name}: truncated MIDI file (unexpected end of data)") from None
+                except Exception as e:  # noqa: BLE001 - mido raises OSError/ValueError/KeyError/KeySignatureError...
+                    msg = str(e) or type(e).__name__
+                    if not clip and "data byte must be in range" in msg:
+                        log.warning("%s: data bytes above 127; reading again with clipping", name)
+                        continue
+                    raise MidiError(f"{name}: malformed MIDI ({msg})") from None
+            mid.filename = name
+        self._check_header(mid, name)
+        return mid
+
+    def _check_header(self, mid, name: str) -> None:
+        if mid.ticks_per_beat <= 0:
+            raise MidiError(f"{name}: SMPTE time division is not supported (only ticks per beat)")
+        if mid.type == 2:
+            raise MidiError(f"{name}: type 2 (asynchronous multi-song) MIDI files are not supported")
+        if len(mid.tracks) > self.config.max_tracks:
+            raise MidiError(f"{name}: {len(mid.tracks)} tracks, above the limit of {self.config.max_tracks}")
+
+    def extract_notes(self, src) -> tuple[list[Note], list[tuple[int, float]], list[tuple[int, int, int]], EncodeStats]:
+        """Parse a file into canonical grid notes.
+
+        Returns ``(notes, tempos, time_signatures, stats)``: notes sorted in token order; tempos
+        as ``(step, bpm)`` (first at step 0, 120 BPM if the file has none); time signatures as
+        ``(step, numerator, denominator)``.
+        """
+        mid = self.load_midi(src)
+        name = getattr(mid, "filename", None) or "<MidiFile>"
+        stats = EncodeStats(source=name, clipped=getattr(self, "_clipped", False))
+        c = self.config
+        tpb = mid.ticks_per_beat
+        spb = c.steps_per_beat
+
+        def q(tick: int) -> int:  # absolute tick -> nearest grid step (half up), integer arithmetic
+            return (2 * tick * spb + tpb) // (2 * tpb)
+
+        # merge all tracks by absolute tick, stable (track order breaks ties)
+        events = []
+        for ti, track in enumerate(mid.tracks):
+            t = 0
+            for k, msg in enumerate(track):
+                t += msg.time
+                events.append((t, ti, k, msg))
+        events.sort(key=lambda e: (e[0], e[1], e[2]))
+        max_tick = events[-1][0] if events else 0
+        if max_tick / tpb > c.max_beats:
+            raise MidiError(f"{name}: {max_tick / tpb:.0f} beats long, above the limit of {c.max_beats}")
+
+        program = [0] * 16
+        pedal = [False] * 16
+        open_notes: dict[tuple[int, int], list[list]] = {}  # (ch, pitch) -> FIFO of [on_tick, vel, group, sustained]
+        raw: list[tuple[int, int, int, int, int]] = []       # (on_tick, off_tick, group, pitch, vel)
+        tempos: list[tuple[int, float]] = []
+        timesigs: list[tuple[int, int, int]] = []
+
+        def close(key, entry, tick):
+            raw.append((entry[0], tick, entry[2], key[1], entry[1]))
+
+        for tick, _, _, msg in events:
+            typ = msg.type
+            if typ == "note_on" and msg.velocity > 0:
+                key = (msg.channel, msg.note)
+                fifo = open_notes.setdefault(key, [])
+                # a re-strike ends notes of that pitch that only sound because of the pedal
+                keep = []
+                for e in fifo:
+                    if e[3]:
+                        close(key, e, tick)
+                    else:
+                        keep.append(e)
+                fifo[:] = keep
+                fifo.append([tick, msg.velocity, self.group_of(msg.channel, program[msg.channel]), False])
+                stats.notes_in += 1
+                if stats.notes_in > c.max_notes:
+                    raise MidiError(f"{name}: more than {c.max_notes} notes")
+            elif typ == "note_off" or typ == "note_on":
+                key = (msg.channel, msg.note)
+                fifo = open_notes.get(key)
+                if not fifo:
+                    continue  # stray note-off: nothing to end
+                for i, e in enumerate(fifo):
+                    if not e[3]:
+                        break
+                else:
+                    continue  # all sounding ones are already released under the pedal
+                if c.sustain and pedal[msg.channel]:
+                    e[3] = True
+                    stats.sustained += 1
+                else:
+                    del fifo[i]
+                    close(key, e, tick)
+            elif typ == "program_change":
+                program[msg.channel] = msg.program
+            elif typ == "control_change":
+                if msg.control == 64 and c.sustain:
+                    down = msg.value >= 64
+                    if pedal[msg.channel] and not down:
+                        for key, fifo in open_notes.items():
+                            if key[0] != msg.channel:
+                                continue
+                            keep = []
+                            for e in fifo:
+                                if e[3]:
+                                    close(key, e, tick)
+                                else:
+                                    keep.append(e)
+                            fifo[:] = keep
+                    pedal[msg.channel] = down
+                elif msg.control in (120, 123):
+                    for key, fifo in open_notes.items():
+                        if key[0] == msg.channel:
+                            for e in fifo:
+                                close(key, e, tick)
+                            fifo.clear()
+            elif typ == "set_tempo":
+                tempos.append((tick, 60_000_000 / msg.tempo))
+            elif typ == "time_signature":
+                timesigs.append((tick, msg.numerator, msg.denominator))
+        for key, fifo in open_notes.items():
+            for e in fifo:
+                stats.unterminated += 1
+                close(key, e, max_tick)
+
+        if stats.notes_in == 0:
+            raise MidiError(f"{name}: no notes")
+
+        # quantise, range-check
+        by_key: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for on, off, g, p, v in raw:
+            lo, hi = c.drum_pitch_range if g == self.drum_group else c.pitch_range
+            if not lo <= p <= hi:
+                stats.out_of_range += 1
+                continue
+            qon, qoff = q(on), q(off)
+            if qoff <= qon:
+                qoff = qon + 1
+                stats.lengthened += 1
+            by_key.setdefault((g, p), []).append((qon, qoff, self.velocity_bin(v)))
+        if stats.out_of_range:
+            log.info("%s: %d notes outside the pitch ranges were not encoded", name, stats.out_of_range)
+        notes: list[Note] = []
+        for (g, p), lst in by_key.items():
+            lst.sort()  # by (onset, offset, velocity)
+            offs = sorted(x[1] for x in lst)
+            for (qon, _, vb), qoff in zip(lst, offs):  # FIFO re-pairing (see module docstring)
+                notes.append(Note(qon, qoff - qon, g, p, vb))
+        notes.sort(key=lambda n: (n.onset, n.group, n.duration, n.velocity, n.pitch))
+        stats.notes_encoded = len(notes)
+
+        # tempo map on the grid (the last tempo at a step wins), always starting at step 0
+        qt: dict[int, float] = {}
+        for tick, bpm in tempos:
+            qt[q(tick)] = bpm
+        qt.setdefault(0, 120.0)  # MIDI's tempo before the first set_tempo
+        tempo_steps = sorted(qt.items())
+        qs: dict[int, tuple[int, int]] = {}
+        for tick, nn, dd in timesigs:
+            qs[q(tick)] = (nn, dd)
+        ts_steps = [(s, nn, dd) for s, (nn, dd) in sorted(qs.items())]
+        return notes, tempo_steps, ts_steps, stats
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, src) -> list[int]:
+        """MIDI (path, bytes or ``mido.MidiFile``) -> ids ``[<bos>, ..., <eos>]`` (no separator 0).
+
+        Raises :class:`MidiError` naming the file and reason on unreadable input. Per-file
+        counts (out-of-range notes, ...) are in ``self.last_stats``.
+        """
+        notes, tempos, timesigs, stats = self.extract_notes(src)
+        ids = self.encode_notes(notes, tempos=tempos, time_signatures=timesigs)
+        stats.tokens = len(ids)
+        self.last_stats = stats
+        return ids
+
+    def encode_notes(self, notes: Sequence[Note], tempos: Sequence[tuple[int, float]] = (),
+                     time_signatures: Sequence[tuple[int, int, int]] = ()) -> list[int]:
+        """Grid notes -> ids. ``tempos``: ``(step, bpm)``; ``time_signatures``: ``(step, num, den)``
+        (only used for ``<bar>`` tokens; 4/4 when empty)."""
+        c = self.config
+        notes = sorted(notes, key=lambda n: (n.onset, n.group, n.duration, n.velocity, n.pitch))
+        out = [self.bos_id]
+        # timeline of "things at a step": tempo changes, bar lines, note onsets
+        tempo_at: dict[int, int] = {}
+        if c.use_tempo:
+            last = None
+            for step, bpm in sorted(tempos):
+                b = self.tempo_bin(bpm)
+                if b != last:
+                    tempo_at[step] = b
+                    last = b
+            if 0 not in tempo_at:
+                tempo_at[0] = self.tempo_bin(120.0)
+        end = max((n.onset for n in notes), default=0)
+        bars: list[int] = []
+        if c.use_bars:
+            ts = sorted(time_signatures) or [(0, 4, 4)]
+            if ts[0][0] > 0:
+                ts = [(0, 4, 4)] + ts
+            step = 0
+            k = 0
+            while step <= end:
+                while k + 1 < len(ts) and ts[k + 1][0] <= step:
+                    k += 1
+                bars.append(step)
+                num, den = ts[k][1], ts[k][2]
+                bar_len = max(1, round(num * 4 * c.steps_per_beat / den))
+                nxt = step + bar_len
+                if k + 1 < len(ts) and ts[k + 1][0] < nxt:
+                    nxt = ts[k + 1][0]  # a new time signature restarts the bar
+                step = nxt
+        marks = sorted(set(tempo_at) | set(bars) | {n.onset for n in notes})
+        bar_set = set(bars)
+        by_onset: dict[int, list[Note]] = {}
+        for n in notes:
+            by_onset.setdefault(n.onset, []).append(n)
+        now = 0
+        reg_g = reg_v = reg_d = None
+        for step in marks:
+            gap = step - now
+            while gap > 0:
+                k = min(gap, c.max_shift)
+                out.append(self.shift_start + k - 1)
+                gap -= k
+            now = step
+            if step in bar_set:
+                out.append(self.bar_id)
+            if step in tempo_at:
+                out.append(self.tempo_start + tempo_at[step])
+            for n in by_onset.get(step, ()):
+                if n.group != reg_g:
+                    out.append(self.inst_start + n.group)
+                    reg_g = n.group
+                if n.velocity != reg_v:
+                    out.append(self.vel_start + n.velocity)
+                    reg_v = n.velocity
+                if n.duration != reg_d:
+                    d = n.duration
+                    while d > 0:
+                        k = min(d, c.max_duration)
+                        out.append(self.dur_start + k - 1)
+                        d -= k
+                    reg_d = n.duration
+                out.append(self.pitch_start + n.pitch - self.pitch_lo)
+        out.append(self.eos_id)
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def decode_notes(self, ids: Sequence[int]) -> tuple[list[Note], list[tuple[int, float]], DecodeStats]:
+        """ids -> ``(notes, tempos, stats)``; never raises on garbage (repairs are counted).
+
+        Reading stops at ``<eos>`` or at a separator 0 that follows content; a leading
+        ``0``/``<bos>`` is skipped. Before the registers are set, a note uses instrument group 0,
+        the middle velocity bin and a one-beat duration (counted in ``defaults_used``).
+        """
+        c = self.config
+        st = DecodeStats()
+        notes: list[Note] = []
+        tempos: list[tuple[int, float]] = [(0, 120.0)]
+        now = 0
+        reg = {"g": None, "v": None, "d": None}
+        dur_run = None  # running sum of consecutive dur tokens
+        started = False
+        ended = False
+        V = self.vocab_size
+        for raw_i in ids:
+            i = int(raw_i)
+            if i < 0 or i >= V:
+                st.unknown_ids += 1
+                dur_run = None
+                continue
+            if i == self.eos_id:
+                ended = True
+                break
+            if i == self.pad_id:
+                if started:
+                    ended = True  # separator after content: the piece is over, but <eos> was missing
+                    st.missing_eos = True
+                    break
+                continue
+            if i == self.bos_id:
+                if started:
+                    st.misplaced_specials += 1
+                started = True
+                continue
+            started = True
+            if self.dur_start <= i < self.dur_start + c.max_duration:
+                k = i - self.dur_start + 1
+                dur_run = (dur_run or 0) + k
+                reg["d"] = dur_run
+                continue
+            dur_run = None
+            if i == self.bar_id:
+                continue
+            if self.shift_start <= i < self.shift_start + c.max_shift:
+                now += i - self.shift_start + 1
+            elif self.vel_start <= i < self.vel_start + c.velocity_bins:
+                reg["v"] = i - self.vel_start
+            elif self.inst_start <= i < self.inst_start + self.n_groups:
+                reg["g"] = i - self.inst_start
+            elif c.use_tempo and self.tempo_start <= i < self.tempo_start + c.tempo_bins:
+                bpm = self._tempo_bpms[i - self.tempo_start]
+                if tempos[-1][0] == now:
+                    tempos[-1] = (now, bpm)
+                else:
+                    tempos.append((now, bpm))
+            elif self.is_note(i):
+                if None in reg.values():
+                    st.defaults_used += 1
+                g = reg["g"] if reg["g"] is not None else 0
+                v = reg["v"] if reg["v"] is not None else c.velocity_bins // 2
+                d = reg["d"] if reg["d"] is not None else c.steps_per_beat
+                notes.append(Note(now, d, g, i - self.pitch_start + self.pitch_lo, v))
+        if not ended:
+            st.missing_eos = True
+        st.notes = len(notes)
+        return notes, tempos, st
+
+    def decode(self, ids: Sequence[int]) -> "mido.MidiFile":  # noqa: F821
+        """ids -> a valid type-1 ``mido.MidiFile`` (always; even from garbage).
+
+        One track for tempo, one per instrument group used (own channel, drums on channel 10).
+        ``ticks_per_beat`` is a multiple of ``steps_per_beat``. Repairs are counted in
+        ``self.last_decode_stats``.
+        """
+        notes, tempos, st = self.decode_notes(ids)
+        self.last_decode_stats = st
+        return self.notes_to_midi(notes, tempos)
+
+    def ticks_per_beat_out(self) -> int:
+        spb = self.config.steps_per_beat
+        return spb * max(1, 480 // spb)
+
+    def notes_to_midi(self, notes: Sequence[Note], tempos: Sequence[tuple[int, float]] = ((0, 120.0),)) -> "mido.MidiFile":  # noqa: F821
+        """Grid notes -> ``mido.MidiFile`` (see :meth:`decode`)."""
+        import mido
+
+        tpb = self.ticks_per_beat_out()
+        k = tpb // self.config.steps_per_beat
+        mid = mido.MidiFile(type=1, ticks_per_beat=tpb)
+        meta = mido.MidiTrack()
+        meta.append(mido.MetaMessage("track_name", name="multimodal_rwkv", time=0))
+        last = 0
+        for step, bpm in sorted(tempos):
+            tick = step * k
+            meta.append(mido.MetaMessage("set_tempo", tempo=max(1, min(16_777_215, round(60_000_000 / bpm))), time=tick - last))
+            last = tick
+        mid.tracks.append(meta)
+        groups = sorted({n.group for n in notes})
+        melodic_channels = [ch for ch in range(16) if ch != 9]
+        chan: dict[int, int] = {}
+        shared = []
+        for g in groups:
+            if g == self.drum_group:
+                chan[g] = 9
+            elif melodic_channels:
+                chan[g] = melodic_channels.pop(0)
+            else:  # more than 15 melodic groups: share the last channel, program change per note
+                chan[g] = 15
+                shared.append(g)
+        shared_set = set(shared)
+        if shared:
+            shared_set.add(next(g for g in groups if chan[g] == 15 and g not in shared))
+        for g in groups:
+            ch = chan[g]
+            tr = mido.MidiTrack()
+            tr.append(mido.MetaMessage("track_name", name=self.group_name(g), time=0))
+            program = min(127, g * self.config.group_size) if g != self.drum_group else 0
+            evs = []  # (tick, order, seq, msg): note-offs (order 0) before program changes (1) before note-ons (2)
+            if g != self.drum_group:
+                evs.append((0, 1, -1, mido.Message("program_change", channel=ch, program=program)))
+            for seq, n in enumerate(x for x in notes if x.group == g):
+                if g in shared_set:
+                    evs.append((n.onset * k, 1, seq, mido.Message("program_change", channel=ch, program=program)))
+                evs.append((n.onset * k, 2, seq, mido.Message("note_on", channel=ch, note=n.pitch, velocity=self._vel_repr[n.velocity])))
+                evs.append((n.offset * k, 0, seq, mido.Message("note_off", channel=ch, note=n.pitch, velocity=0)))
+            evs.sort(key=lambda e: (e[0], e[1], e[2]))
+            t = 0
+            for tick, _, _, msg in evs:
+                tr.append(msg.copy(time=tick - t))
+                t = tick
+            mid.tracks.append(tr)
+        return mid
+
+    # ------------------------------------------------------------------ utilities on ids
+    def transpose(self, ids: Sequence[int], semitones: int) -> list[int] | None:
+        """Shift every melodic pitch by ``semitones`` (drums untouched). ``None`` if a pitch
+        would leave ``pitch_range`` (the caller skips that transposition)."""
+        out = []
+        g = None
+        lo, hi = self.config.pitch_range
+        for i in map(int, ids):
+            if self.inst_start <= i < self.inst_start + self.n_groups:
+                g = i - self.inst_start
+            elif self.is_note(i) and g != self.drum_group:
+                p = i - self.pitch_start + self.pitch_lo + semitones
+                if not lo <= p <= hi:
+                    return None
+                i = self.pitch_start + p - self.pitch_lo
+            out.append(i)
+        return out
+
+    def seconds_tracker(self) -> "TimeTracker":
+        """A :class:`TimeTracker` for stopping generation after N seconds."""
+        return TimeTracker(self)
+
+
+class TimeTracker:
+    """Feeds ids one by one and keeps the elapsed time in seconds (tempo tokens applied)."""
+
+    def __init__(self, tok: MidiTokenizer):
+        self.tok = tok
+        self.seconds = 0.0
+        self.bpm = 120.0
+
+    def feed(self, i: int) -> float:
+        t = self.tok
+        c = t.config
+        i = int(i)
+        if t.shift_start <= i < t.shift_start + c.max_shift:
+            self.seconds += (i - t.shift_start + 1) / c.steps_per_beat * 60.0 / self.bpm
+        elif c.use_tempo and t.tempo_start <= i < t.tempo_start + c.tempo_bins:
+            self.bpm = t._tempo_bpms[i - t.tempo_start]
+        return self.seconds
+
+
+def notes_to_seconds(notes: Sequence[Note], tempos: Sequence[tuple[int, float]], steps_per_beat: int) -> list[tuple[float, float]]:
+    """Onset/offset of each note in seconds, under a ``(step, bpm)`` tempo map."""
+    tempos = sorted(tempos) or [(0, 120.0)]
+    if tempos[0][0] != 0:
+        tempos = [(0, 120.0)] + list(tempos)
+    starts = [s for s, _ in tempos]
+    acc = [0.0]
+    for (s0, b0), (s1, _) in zip(tempos, tempos[1:]):
+        acc.append(acc[-1] + (s1 - s0) / steps_per_beat * 60.0 / b0)
+
+    def sec(step):
+        j = bisect.bisect_right(starts, step) - 1
+        return acc[j] + (step - starts[j]) / steps_per_beat * 60.0 / tempos[j][1]
+
+    return [(sec(n.onset), sec(n.offset)) for n in notes]
