@@ -1,0 +1,22 @@
+"""Shared test setup: 2 threads, deterministic seeds, small official-layout checkpoints."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_pth(tmp_path):
+    """Factory: write a random BlinkDL-layout checkpoint and return its path."""
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    def make(name="tiny.pth", **kw):
+        kw.setdefault("n_layer", 2)
+        kw.setdefault("n_embd", 128)
+        kw.setdefault("head_size", 64)
+        kw.setdefault("vocab_size", 256)
+        return make_blink_checkpoint(tmp_path / name, **kw)
+
+    return make
