@@ -1,0 +1,318 @@
+"""Typed training recipes: nested dataclasses that round-trip through YAML.
+
+A recipe is a :class:`TrainConfig`. Loading is strict: unknown keys and wrongly typed values
+raise :class:`~multimodal_rwkv.errors.ConfigError` naming the key (``optim.lr``) and the reason.
+``--set a.b=value`` overrides parse ``value`` as YAML and go through the same type check.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from multimodal_rwkv.errors import ConfigError
+
+__all__ = [
+    "ModelSection", "DataSection", "OptimSection", "TrainSection", "PeftSection", "ExportSection",
+    "TrainConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict", "save_config",
+]
+
+DEFAULT_LORA_TARGETS = [
+    "att.receptance", "att.key", "att.value", "att.gate", "att.output",
+    "ffn.key", "ffn.receptance", "ffn.value",
+]
+
+
+@dataclass
+class ModelSection:
+    """Where the model comes from: a checkpoint (``from_pretrained``) or a fresh ``config``."""
+
+    from_pretrained: Optional[str] = None
+    config: dict = field(default_factory=dict)  # RWKVConfig kwargs for a fresh model
+    options: dict = field(default_factory=dict)  # task-specific, validated by the task
+
+
+@dataclass
+class DataSection:
+    """Training data. ``format: auto`` picks by file suffix (.txt, .jsonl, .bin/.idx, .npy, dir of .npy)."""
+
+    train_file: Optional[str] = None
+    valid_file: Optional[str] = None
+    format: Literal["auto", "txt", "jsonl", "binidx", "tokens", "llava"] = "auto"
+    ctx_len: int = 512
+    image_folder: Optional[str] = None
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    tokenizer: Literal["world", "bytes"] = "world"  # bytes: id = byte + 1 (the World tokenizer's byte ids)
+    cache_dir: Optional[str] = None  # token cache; default <output_dir>/token_cache
+    shuffle: bool = True
+    num_workers: int = 0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimSection:
+    """AdamW with RWKV-LM's parameter groups and a warmup + decay schedule (lr per optimiser step)."""
+
+    lr: float = 6e-4
+    lr_final: float = 6e-5
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.001
+    grad_clip: float = 1.0  # 0 disables clipping
+    decay_lr_scale: float = 2.0  # RWKV-LM's "2x" group for time_decay
+
+
+@dataclass
+class TrainSection:
+    """Batching, precision and memory knobs."""
+
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_checkpointing: bool = False
+    l2wrap: bool = False
+    bptt_chunk: Optional[int] = None  # truncated BPTT: chunks of this many tokens, state carried
+
+
+@dataclass
+class PeftSection:
+    """LoRA (``lora_r > 0``), state tuning (``train_state``) and freezing by name patterns (fnmatch)."""
+
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    train_state: bool = False
+    freeze: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
+    merge_lora: bool = True  # export merged plain weights
+
+
+@dataclass
+class ExportSection:
+    include_files: list[str] = field(default_factory=list)
+    pth: bool = False  # also write a BlinkDL-layout model.pth (official `rwkv` package) in final/
+
+
+@dataclass
+class TrainConfig:
+    """A complete recipe. ``max_steps`` counts optimiser steps."""
+
+    task: str = "lm"
+    output_dir: str = "runs/lm"
+    seed: int = 1234
+    max_steps: int = 200
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end (when data.valid_file is set)
+    eval_batches: int = 0  # 0: the whole validation set
+    log_every: int = 1
+    log_with: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    progress_bar: bool = True
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    peft: PeftSection = field(default_factory=PeftSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    def validate(self) -> "TrainConfig":
+        """Check value ranges (types are checked on load). Returns self."""
+        def need(cond, key, msg):
+            if not cond:
+                raise ConfigError(f"{key}: {msg}")
+        need(self.max_steps >= 0, "max_steps", "must be >= 0")
+        need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)")
+        need(self.keep_last >= 1, "keep_last", "must be >= 1")
+        need(self.data.ctx_len >= 1, "data.ctx_len", "must be >= 1")
+        need(self.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        need(self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        need(self.train.bptt_chunk is None or self.train.bptt_chunk >= 1, "train.bptt_chunk", "must be >= 1 or null")
+        need(self.optim.lr >= 0, "optim.lr", "must be >= 0")
+        need(len(self.optim.betas) == 2, "optim.betas", "must have two values")
+        need(self.peft.lora_r >= 0, "peft.lora_r", "must be >= 0")
+        return self
+
+
+# ----------------------------------------------------------------------------- typed (de)serialisation
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the (lightly converted) value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "6e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _from_dict(cls, data: Any, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; known keys here: {sorted(names)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a nested dict; unknown keys / bad types -> ConfigError."""
+    return _from_dict(TrainConfig, data).validate()
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain nested dict (YAML/JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _yaml():
+    import yaml
+
+    return yaml
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe and apply ``overrides`` (``["optim.lr=1e-3", ...]``)."""
+    yaml = _yaml()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
+    try:
+        cfg = _from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return apply_overrides(cfg, overrides or [])
+
+
+def _parse_value(text: str):
+    yaml = _yaml()
+    try:
+        return yaml.safe_load(text) if text.strip() != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``key.path=value`` overrides (value parsed as YAML, then type-checked). Returns a new config."""
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        parts = key.split(".")
+        node, cls = data, TrainConfig
+        for i, part in enumerate(parts):
+            sub = ".".join(parts[: i + 1])
+            if cls is None or not dataclasses.is_dataclass(cls):
+                if isinstance(node, dict) and i == len(parts) - 1:  # free-form dict (options/config)
+                    node[part] = _parse_value(text)
+                    break
+                if isinstance(node, dict):
+                    node = node.setdefault(part, {})
+                    if not isinstance(node, dict):
+                        raise ConfigError(f"override {key!r}: {sub!r} is not a mapping")
+                    continue
+                raise ConfigError(f"unknown config key {key!r}")
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in names:
+                raise ConfigError(f"unknown config key {key!r}; known keys in {'.'.join(parts[:i]) or 'recipe'}: {sorted(names)}")
+            tp = _hints(cls)[part]
+            if i == len(parts) - 1:
+                node[part] = _coerce(_parse_value(text), tp, key)
+            else:
+                nxt = node[part]
+                if not isinstance(nxt, dict):
+                    raise ConfigError(f"unknown config key {key!r}: {sub!r} is a value, not a section")
+                node = nxt
+                cls = tp if dataclasses.is_dataclass(tp) else None
+    return config_from_dict(data)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (the same format :func:`load_config` reads)."""
+    yaml = _yaml()
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

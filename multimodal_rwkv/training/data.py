@@ -1,0 +1,591 @@
+"""Text and token data for LM training: readers, an on-disk token cache, and ctx_len packing.
+
+Sources (``data.format``; ``auto`` picks by suffix):
+
+- ``txt``: each file is one document.
+- ``jsonl``: one JSON object per line: ``{"text": ...}`` (all tokens trained) or a chat record
+  ``{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}`` /
+  ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` where only the assistant's
+  tokens are targets (every other position gets label -100).
+- ``binidx``: RWKV-LM / Megatron ``MMIDIDX`` token files (``X.bin`` + ``X.idx``), read as one stream.
+- ``tokens``: a ``.npy`` 1-D integer array (documents separated by id 0) or a folder of them.
+
+Documents are concatenated with separator id 0 after each document and cut into windows of
+``ctx_len + 1`` tokens with stride ``ctx_len`` (input = window[:-1], target = window[1:]).
+Tokenized text is cached on disk (raw ``uint32``/``uint8`` files opened with ``np.memmap``), keyed by
+the file's content hash and the tokenizer, so restarting a run does not re-tokenize.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from multimodal_rwkv.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SEPARATOR = 0
+CACHE_VERSION = 1
+
+# --------------------------------------------------------------------------------------- tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ``id = byte + 1`` (the World tokenizer's single-byte ids); vocab 257."""
+
+    name = "bytes"
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i - 1 for i in ids if 1 <= i <= 256).decode("utf-8", errors="replace")
+
+
+def get_tokenizer(name: str):
+    """``"world"`` -> the World tokenizer (vocab 65536), ``"bytes"`` -> :class:`ByteTokenizer`."""
+    if name == "bytes":
+        return ByteTokenizer()
+    if name == "world":
+        from multimodal_rwkv.model.tokenizer import WorldTokenizer
+
+        return WorldTokenizer()
+    raise DataError(f"unknown tokenizer {name!r}; expected 'world' or 'bytes'")
+
+
+def tokenizer_key(tok) -> str:
+    """A short fingerprint of a tokenizer (class + its output on a probe string)."""
+    probe = "Hello world 1234567 \n\nUser: hi\n\nAssistant: 你好，世界 éß\t\t"
+    h = hashlib.sha256()
+    h.update(f"{type(tok).__module__}.{type(tok).__qualname__}".encode())
+    h.update(json.dumps(list(tok.encode(probe))).encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class BadRecords:
+    """Counts records skipped under ``on_bad_record: skip`` (and keeps the first few reasons)."""
+
+    count: int = 0
+    examples: list = None
+
+    def add(self, msg: str):
+        self.count += 1
+        if self.examples is None:
+            self.examples = []
+        if len(self.examples) < 5:
+            self.examples.append(msg)
+        logger.warning("skipping bad record: %s", msg)
+
+
+def _handle_bad(msg: str, on_bad: str, bad: BadRecords):
+    if on_bad == "skip":
+        bad.add(msg)
+    else:
+        raise DataError(msg + " (set data.on_bad_record=skip to skip bad records)")
+
+
+_ROLE = {"user": "User", "human": "User", "assistant": "Assistant", "gpt": "Assistant", "bot": "Assistant",
+         "system": "System"}
+
+
+def chat_segments(turns, where: str) -> list[tuple[str, bool]]:
+    """Render chat turns in RWKV's World chat format -> [(text, is_target)].
+
+    ``User: ...\\n\\nAssistant: ...\\n\\n``. The role prefix is never a target; the assistant's
+    `` <content>\\n\\n`` is.
+    """
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: chat record needs a non-empty list of turns")
+    segs = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise DataError(f"{where}: turn {j} is not an object")
+        role = t.get("role", t.get("from"))
+        content = t.get("content", t.get("value"))
+        if role not in _ROLE:
+            raise DataError(f"{where}: turn {j} has unknown role {role!r}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: turn {j} has no string content")
+        name = _ROLE[role]
+        content = content.strip().replace("\r\n", "\n")
+        while "\n\n" in content:  # "\n\n" ends a turn in the World chat format
+            content = content.replace("\n\n", "\n")
+        segs.append((f"{name}:", False))
+        segs.append((f" {content}\n\n", name == "Assistant"))
+    if not any(t for _, t in segs):
+        raise DataError(f"{where}: chat record has no assistant turn")
+    return segs
+
+
+def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> Iterator[list[tuple[str, bool]]]:
+    """Yield documents as [(text, is_target)] segments from a .txt or .jsonl file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        _handle_bad(f"{path}: cannot read ({e.strerror or e})", on_bad, bad)
+        return
+    if fmt == "txt":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            _handle_bad(f"{path}:{line}: not valid UTF-8 ({e.reason})", on_bad, bad)
+            return
+        if not text.strip():
+            _handle_bad(f"{path}: empty file", on_bad, bad)
+            return
+        yield [(text, True)]
+        return
+    # jsonl
+    n_good = 0
+    any_line = False
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        any_line = True
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            _handle_bad(f"{where}: not valid UTF-8 ({e.reason})", on_bad, bad)
+            continue
+        except json.JSONDecodeError as e:
+            _handle_bad(f"{where}: invalid JSON ({e.msg} at column {e.colno})", on_bad, bad)
+            continue
+        try:
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            if "text" in rec:
+                if not isinstance(rec["text"], str) or not rec["text"]:
+                    raise DataError(f"{where}: 'text' must be a non-empty string")
+                doc = [(rec["text"], True)]
+            elif "messages" in rec or "conversations" in rec:
+                doc = chat_segments(rec.get("messages", rec.get("conversations")), where)
+            else:
+                raise DataError(f"{where}: expected a 'text', 'messages' or 'conversations' key, got {sorted(rec)}")
+        except DataError as e:
+            _handle_bad(str(e), on_bad, bad)
+            continue
+        n_good += 1
+        yield doc
+    if not any_line:
+        _handle_bad(f"{path}: empty file", on_bad, bad)
+
+
+# --------------------------------------------------------------------------------------- token streams
+
+
+class TokenStream:
+    """A flat token stream ``ids`` (1-D ints) with an optional ``target`` mask (1 = train on
+    predicting this token; None = all). ``source`` names the files (for messages)."""
+
+    def __init__(self, ids: np.ndarray, target: Optional[np.ndarray], source: str, skipped: int = 0):
+        if ids.ndim != 1:
+            raise DataError(f"{source}: token array must be 1-D, got shape {ids.shape}")
+        self.ids, self.target, self.source, self.skipped = ids, target, source, skipped
+
+    def __len__(self):
+        return int(self.ids.shape[0])
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _open_cache(d: Path) -> Optional[tuple[np.ndarray, Optional[np.ndarray], dict]]:
+    meta_p = d / "meta.json"
+    if not meta_p.is_file():
+        return None
+    try:
+        meta = json.loads(meta_p.read_text())
+        n = int(meta["n_tokens"])
+        ids = np.memmap(d / "tokens.u32", dtype=np.uint32, mode="r", shape=(n,)) if n else np.zeros(0, np.uint32)
+        tgt = None
+        if meta.get("has_mask"):
+            tgt = np.memmap(d / "target.u8", dtype=np.uint8, mode="r", shape=(n,))
+        return ids, tgt, meta
+    except (OSError, ValueError, KeyError) as e:
+        logger.warning("ignoring broken token cache %s (%s)", d, e)
+        return None
+
+
+def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, on_bad: str) -> TokenStream:
+    """Tokenize .txt/.jsonl ``files`` once into ``cache_dir/<key>/`` and return a memmapped stream.
+
+    The key hashes every file's content, the format, the tokenizer fingerprint and ``on_bad``.
+    A finished cache entry is a folder renamed into place, so a killed run never leaves a partial one.
+    """
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}|{fmt}|{tokenizer_key(tokenizer)}|{on_bad}".encode())
+    for f in files:
+        try:
+            h.update(_file_sha(f).encode())
+        except OSError as e:
+            if on_bad == "skip":
+                h.update(f"unreadable:{f}".encode())
+            else:
+                raise DataError(f"{f}: cannot read ({e.strerror or e})") from None
+    key = h.hexdigest()[:24]
+    final = Path(cache_dir) / key
+    source = ", ".join(str(f) for f in files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+    hit = _open_cache(final)
+    if hit is not None:
+        ids, tgt, meta = hit
+        logger.info("token cache hit %s (%d tokens)", final, len(ids))
+        return TokenStream(ids, tgt, source, int(meta.get("skipped", 0)))
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    bad = BadRecords()
+    n_tokens = 0
+    n_docs = 0
+    any_masked = False
+    with open(tmp / "tokens.u32", "wb") as ft, open(tmp / "target.u8", "wb") as fm:
+        for f in files:
+            for doc in iter_text_documents(f, fmt, on_bad, bad):
+                ids: list[int] = []
+                tg: list[int] = []
+                for text, is_target in doc:
+                    piece = list(tokenizer.encode(text))
+                    ids.extend(piece)
+                    tg.extend([int(is_target)] * len(piece))
+                    any_masked |= not is_target
+                # the separator after a document is a target when the document's last segment is
+                ids.append(SEPARATOR)
+                tg.append(int(doc[-1][1]))
+                arr = np.asarray(ids, dtype=np.int64)
+                if arr.min() < 0 or arr.max() >= 2**32:
+                    raise DataError(f"{f}: tokenizer produced ids outside uint32")
+                arr.astype(np.uint32).tofile(ft)
+                np.asarray(tg, dtype=np.uint8).tofile(fm)
+                n_tokens += len(ids)
+                n_docs += 1
+        for fh in (ft, fm):
+            fh.flush()
+            os.fsync(fh.fileno())
+    if n_docs == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{source}: no usable documents ({bad.count} bad records skipped)")
+    if not any_masked:
+        os.remove(tmp / "target.u8")
+    meta = {"n_tokens": n_tokens, "n_docs": n_docs, "skipped": bad.count, "has_mask": any_masked,
+            "files": [str(f) for f in files], "format": fmt, "version": CACHE_VERSION}
+    with open(tmp / "meta.json", "w") as fh:
+        json.dump(meta, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(cache_dir)
+    hit = _open_cache(final)
+    if hit is None:
+        raise DataError(f"{final}: token cache could not be written")
+    ids, tgt, meta = hit
+    logger.info("tokenized %s: %d documents, %d tokens, %d bad records skipped", source, n_docs, n_tokens, bad.count)
+    return TokenStream(ids, tgt, source, int(meta.get("skipped", 0)))
+
+
+# --------------------------------------------------------------------------------------- binidx
+
+_MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
+_MMIDIDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+                   7: np.float32, 8: np.uint16}
+
+
+def binidx_prefix(path: str | Path) -> Path:
+    """``X``, ``X.bin`` or ``X.idx`` -> the prefix ``X``."""
+    p = Path(path)
+    return p.with_suffix("") if p.suffix in (".bin", ".idx") else p
+
+
+def read_binidx(path: str | Path) -> TokenStream:
+    """Read a Megatron ``MMIDIDX`` pair (RWKV-LM's binidx): validate the ``.idx`` header and the
+    pointers against the ``.bin`` size; return the whole ``.bin`` as one memmapped token stream.
+
+    ``.idx`` layout (little-endian): magic ``MMIDIDX\\0\\0`` (9 bytes), version u64 (=1), dtype code
+    u8, n_sequences u64, n_docs u64, sizes int32[n_sequences], pointers int64[n_sequences]
+    (byte offsets into ``.bin``), doc_idx int64[n_docs].
+    """
+    prefix = binidx_prefix(path)
+    idx_p, bin_p = Path(str(prefix) + ".idx"), Path(str(prefix) + ".bin")
+    for p in (idx_p, bin_p):
+        if not p.is_file():
+            raise DataError(f"{p}: binidx file not found (need both {prefix}.bin and {prefix}.idx)")
+    try:
+        with open(idx_p, "rb") as f:
+            head = f.read(9 + 8 + 1 + 8 + 8)
+    except OSError as e:
+        raise DataError(f"{idx_p}: cannot read ({e.strerror or e})") from None
+    if len(head) < 34 or head[:9] != _MMIDIDX_MAGIC:
+        raise DataError(f"{idx_p}: not an MMIDIDX index (bad magic header)")
+    (version,) = struct.unpack("<Q", head[9:17])
+    (code,) = struct.unpack("<B", head[17:18])
+    n_seq, n_doc = struct.unpack("<QQ", head[18:34])
+    if version != 1:
+        raise DataError(f"{idx_p}: unsupported MMIDIDX version {version} (expected 1)")
+    if code not in _MMIDIDX_DTYPES or code in (6, 7):
+        raise DataError(f"{idx_p}: unsupported token dtype code {code}")
+    dtype = np.dtype(_MMIDIDX_DTYPES[code])
+    idx_size = idx_p.stat().st_size
+    need = 34 + 4 * n_seq + 8 * n_seq + 8 * n_doc
+    if idx_size < need:
+        raise DataError(f"{idx_p}: truncated index ({idx_size} bytes, header promises {need})")
+    sizes = np.memmap(idx_p, dtype=np.int32, mode="r", offset=34, shape=(n_seq,)) if n_seq else np.zeros(0, np.int32)
+    pointers = (np.memmap(idx_p, dtype=np.int64, mode="r", offset=34 + 4 * n_seq, shape=(n_seq,))
+                if n_seq else np.zeros(0, np.int64))
+    bin_size = bin_p.stat().st_size
+    if bin_size % dtype.itemsize:
+        raise DataError(f"{bin_p}: size {bin_size} is not a multiple of the token size {dtype.itemsize}")
+    if n_seq == 0 or bin_size == 0:
+        raise DataError(f"{prefix}: empty binidx dataset")
+    if (sizes < 0).any():
+        raise DataError(f"{idx_p}: negative sequence size")
+    expect = np.concatenate([[0], np.cumsum(sizes.astype(np.int64) * dtype.itemsize)[:-1]])
+    if not np.array_equal(np.asarray(pointers), expect):
+        bad = int(np.nonzero(np.asarray(pointers) != expect)[0][0])
+        raise DataError(f"{idx_p}: sequence {bad} pointer {int(pointers[bad])} does not follow the sizes (expected {int(expect[bad])})")
+    total = int(sizes.astype(np.int64).sum())
+    if total * dtype.itemsize != bin_size:
+        raise DataError(f"{bin_p}: holds {bin_size // dtype.itemsize} tokens but the index describes {total}")
+    ids = np.memmap(bin_p, dtype=dtype, mode="r", shape=(total,))
+    return TokenStream(ids, None, str(bin_p))
+
+
+def write_binidx(prefix: str | Path, docs: Iterable[Iterable[int]], dtype=np.uint16) -> None:
+    """Write documents as an MMIDIDX pair ``prefix.bin``/``prefix.idx`` (one sequence per document)."""
+    code = {np.dtype(v): k for k, v in _MMIDIDX_DTYPES.items()}[np.dtype(dtype)]
+    sizes, chunks = [], []
+    for d in docs:
+        a = np.asarray(list(d), dtype=dtype)
+        sizes.append(len(a))
+        chunks.append(a)
+    sizes_a = np.asarray(sizes, dtype=np.int32)
+    ptr = np.concatenate([[0], np.cumsum(sizes_a.astype(np.int64) * np.dtype(dtype).itemsize)[:-1]]).astype(np.int64)
+    doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
+    with open(str(prefix) + ".bin", "wb") as f:
+        for a in chunks:
+            f.write(a.tobytes())
+    with open(str(prefix) + ".idx", "wb") as f:
+        f.write(_MMIDIDX_MAGIC)
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", code))
+        f.write(struct.pack("<QQ", len(sizes), len(doc_idx)))
+        f.write(sizes_a.tobytes())
+        f.write(ptr.tobytes())
+        f.write(doc_idx.tobytes())
+
+
+# --------------------------------------------------------------------------------------- .npy tokens
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read token array ({e})") from None
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{path}: expected a 1-D integer token array, got {a.dtype} with shape {a.shape}")
+    if a.shape[0] == 0:
+        raise DataError(f"{path}: empty token array")
+    return a
+
+
+def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
+    """A ``.npy`` token file (memmapped as is) or a folder of them (concatenated once into the cache,
+    with a separator 0 added after any file that does not end with one)."""
+    p = Path(path)
+    if p.is_file():
+        a = _load_npy(p)
+        if int(a.min()) < 0:
+            raise DataError(f"{p}: negative token id {int(a.min())}")
+        return TokenStream(a, None, str(p))
+    if not p.is_dir():
+        raise DataError(f"{p}: no such file or folder")
+    files = sorted(x for x in p.iterdir() if x.suffix == ".npy")
+    if not files:
+        raise DataError(f"{p}: folder holds no .npy token files")
+    bad = BadRecords()
+    h = hashlib.sha256(f"tokens-v{CACHE_VERSION}|{on_bad}".encode())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(_file_sha(f).encode())
+    final = Path(cache_dir) / h.hexdigest()[:24]
+    hit = _open_cache(final)
+    if hit is not None:
+        ids, _, meta = hit
+        return TokenStream(ids, None, str(p), int(meta.get("skipped", 0)))
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(cache_dir) / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    n = 0
+    with open(tmp / "tokens.u32", "wb") as ft:
+        for f in files:
+            try:
+                a = _load_npy(f)
+                if int(a.min()) < 0 or int(a.max()) >= 2**32:
+                    raise DataError(f"{f}: token ids outside [0, 2**32)")
+            except DataError as e:
+                _handle_bad(str(e), on_bad, bad)
+                continue
+            a = np.asarray(a, dtype=np.uint32)
+            a.tofile(ft)
+            n += len(a)
+            if a[-1] != SEPARATOR:
+                np.asarray([SEPARATOR], np.uint32).tofile(ft)
+                n += 1
+        ft.flush()
+        os.fsync(ft.fileno())
+    if n == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{p}: no usable token files ({bad.count} skipped)")
+    with open(tmp / "meta.json", "w") as fh:
+        json.dump({"n_tokens": n, "skipped": bad.count, "has_mask": False, "version": CACHE_VERSION}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ids, _, meta = _open_cache(final)
+    return TokenStream(ids, None, str(p), int(meta.get("skipped", 0)))
+
+
+# --------------------------------------------------------------------------------------- dispatch
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess ``txt | jsonl | binidx | tokens`` from a path's suffix (a folder: from its files)."""
+    p = Path(path)
+    if p.suffix in (".bin", ".idx") or (Path(str(p) + ".idx").is_file() and Path(str(p) + ".bin").is_file()):
+        return "binidx"
+    if p.is_dir():
+        sufs = {x.suffix for x in p.iterdir() if x.is_file()}
+        for suf, fmt in ((".npy", "tokens"), (".jsonl", "jsonl"), (".txt", "txt")):
+            if suf in sufs:
+                return fmt
+        raise DataError(f"{p}: cannot tell the data format from the files in this folder; set data.format")
+    if p.suffix == ".npy":
+        return "tokens"
+    if p.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if p.suffix in (".txt", ".md", ".text", ""):
+        return "txt"
+    raise DataError(f"{p}: cannot tell the data format from the suffix {p.suffix!r}; set data.format")
+
+
+def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path, on_bad: str,
+                tokenizer=None) -> TokenStream:
+    """Open any supported source as a :class:`TokenStream` (tokenizing text through the cache)."""
+    p = Path(path)
+    if fmt == "auto":
+        fmt = detect_format(p)
+    if fmt == "binidx":
+        return read_binidx(p)
+    if fmt == "tokens":
+        return read_tokens(p, cache_dir, on_bad)
+    if fmt in ("txt", "jsonl"):
+        if p.is_dir():
+            suffixes = (".txt", ".md", ".text") if fmt == "txt" else (".jsonl", ".json")
+            files = sorted(x for x in p.rglob("*") if x.is_file() and x.suffix in suffixes)
+            if not files:
+                raise DataError(f"{p}: folder holds no {fmt} files")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise DataError(f"{p}: no such file or folder")
+        tok = tokenizer if tokenizer is not None else get_tokenizer(tokenizer_name)
+        return tokenize_to_cache(files, fmt, tok, cache_dir, on_bad)
+    raise DataError(f"{p}: format {fmt!r} is not a text/token format (the lm task reads txt, jsonl, binidx, tokens)")
+
+
+# --------------------------------------------------------------------------------------- packing
+
+
+class PackedDataset:
+    """Windows of ``ctx_len + 1`` tokens with stride ``ctx_len`` over a :class:`TokenStream`.
+
+    Item ``i`` -> ``{"input_ids": LongTensor[ctx_len], "targets": LongTensor[ctx_len]}`` where
+    ``targets[t]`` is the token after ``input_ids[t]`` or -100 (masked / padding). The last
+    window is padded (input 0, target -100) so no token is dropped.
+    """
+
+    def __init__(self, stream: TokenStream, ctx_len: int):
+        self.stream, self.ctx_len = stream, int(ctx_len)
+        n = len(stream)
+        if n < 2:
+            raise DataError(f"{stream.source}: needs at least 2 tokens, has {n}")
+        self.n = -(-(n - 1) // self.ctx_len)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, targets)`` as int64 numpy arrays of length ``ctx_len``."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        L = self.ctx_len
+        s = i * L
+        w = np.asarray(self.stream.ids[s: s + L + 1], dtype=np.int64)
+        tg = w[1:].copy()
+        if self.stream.target is not None:
+            m = np.asarray(self.stream.target[s + 1: s + L + 1])
+            tg[m == 0] = IGNORE_INDEX
+        x = w[:-1]
+        if len(x) < L:
+            pad = L - len(x)
+            x = np.concatenate([x, np.zeros(pad, np.int64)])
+            tg = np.concatenate([tg, np.full(pad, IGNORE_INDEX, np.int64)])
+        return x, tg
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        x, tg = self.window(int(i))
+        return {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(tg)}
+
+
+def collate_lm(items: list[dict]) -> dict:
+    """Stack ``PackedDataset`` items -> ``{"input_ids": [B,L], "targets": [B,L]}``."""
+    import torch
+
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

@@ -1,0 +1,182 @@
+"""The ``lm`` task: an RWKV language model on text (txt/jsonl), binidx or token files.
+
+Loss: mean cross-entropy (nats/token) over target positions; targets are pre-shifted by the data
+(``targets[t]`` is the token after ``input_ids[t]`` or -100), so truncated BPTT can cut the
+sequence anywhere: with ``train.bptt_chunk = c`` a ``[B, T]`` batch runs as ``ceil(T/c)`` chunks,
+each chunk starting from the previous chunk's final state (detached) and backpropagated at once,
+so memory is bounded by ``c`` rather than ``T``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from multimodal_rwkv.errors import ConfigError, DataError
+from multimodal_rwkv.training.data import IGNORE_INDEX, PackedDataset, collate_lm, load_stream
+from multimodal_rwkv.training.task import StepContext, Task
+
+logger = logging.getLogger(__name__)
+
+
+class L2Wrap:
+    """RWKV-LM's L2Wrap: the forward returns ``loss`` unchanged; the backward adds
+    ``factor * max_logit`` to the gradient of each position's largest logit (discourages logit
+    drift). ``factor`` is 1e-4 per unit of upstream gradient, i.e. RWKV-LM's ``1e-4 / (B*T)`` for a
+    mean loss."""
+
+    @staticmethod
+    def apply(loss, logits, factor: float = 1e-4):
+        import torch
+
+        class _F(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, loss_, y):
+                ctx.save_for_backward(y)
+                return loss_
+
+            @staticmethod
+            def backward(ctx, grad_output):
+                (y,) = ctx.saved_tensors
+                maxx, ids = torch.max(y, -1, keepdim=True)
+                gy = torch.zeros_like(y)
+                gy.scatter_(-1, ids, maxx * (factor * grad_output).to(y.dtype))
+                return grad_output, gy
+
+        return _F.apply(loss, logits)
+
+
+def _rwkv_config_keys() -> set[str]:
+    from multimodal_rwkv.model.config import RWKVConfig
+
+    return {n for n in inspect.signature(RWKVConfig.__init__).parameters if n not in ("self", "kwargs")}
+
+
+class LMTask(Task):
+    """Causal LM training of :class:`~multimodal_rwkv.RWKVForCausalLM`."""
+
+    name = "lm"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.model.options:
+            raise ConfigError(f"model.options: the lm task takes no options, got {sorted(cfg.model.options)}")
+        if cfg.data.options:
+            raise ConfigError(f"data.options: the lm task takes no options, got {sorted(cfg.data.options)}")
+        if cfg.data.format == "llava":
+            raise ConfigError("data.format: 'llava' data needs task: visualrwkv")
+
+    # ------------------------------------------------------------------ model
+    def build_model(self):
+        import torch
+
+        from multimodal_rwkv.model.config import RWKVConfig
+        from multimodal_rwkv.model.modeling import RWKVForCausalLM
+
+        m = self.cfg.model
+        if m.from_pretrained:
+            if m.config:
+                raise ConfigError("model.config: give either model.from_pretrained or model.config, not both")
+            return RWKVForCausalLM.from_pretrained(m.from_pretrained, dtype=torch.float32)
+        kwargs = dict(m.config)
+        allowed = _rwkv_config_keys()
+        for k in kwargs:
+            if k not in allowed:
+                raise ConfigError(f"unknown config key 'model.config.{k}'; RWKVConfig takes {sorted(allowed)}")
+        if "vocab_size" not in kwargs and self.cfg.data.tokenizer == "bytes":
+            kwargs["vocab_size"] = 257
+        return RWKVForCausalLM(RWKVConfig(**kwargs))
+
+    # ------------------------------------------------------------------ data
+    def _cache_dir(self) -> Path:
+        d = self.cfg.data.cache_dir
+        return Path(d) if d else Path(self.cfg.output_dir) / "token_cache"
+
+    def _dataset(self, path, vocab_size: int) -> PackedDataset:
+        d = self.cfg.data
+        stream = load_stream(path, d.format, d.tokenizer, self._cache_dir(), d.on_bad_record)
+        if len(stream):
+            mx = int(np.max(stream.ids))
+            if mx >= vocab_size:
+                raise DataError(f"{stream.source}: token id {mx} is outside the model's vocabulary (vocab_size {vocab_size})")
+        self.skipped += stream.skipped
+        return PackedDataset(stream, d.ctx_len)
+
+    def build_datasets(self, model):
+        d = self.cfg.data
+        if not d.train_file:
+            raise ConfigError("data.train_file is not set (e.g. --set data.train_file=corpus.txt)")
+        V = int(model.config.vocab_size)
+        train = self._dataset(d.train_file, V)
+        valid = self._dataset(d.valid_file, V) if d.valid_file else None
+        logger.info("train: %d windows of %d tokens from %s", len(train), d.ctx_len, train.stream.source)
+        return train, valid, collate_lm
+
+    # ------------------------------------------------------------------ steps
+    def count_targets(self, batch) -> int:
+        return int((batch["targets"] != IGNORE_INDEX).sum())
+
+    def count_tokens(self, batch) -> int:
+        return int(batch["input_ids"].numel())
+
+    def _chunks(self, T: int):
+        c = self.cfg.train.bptt_chunk or T
+        return [(s, min(s + c, T)) for s in range(0, T, c)]
+
+    def _chunk_loss(self, model, ids, tgt, state):
+        import torch.nn.functional as F
+
+        out = model(input_ids=ids, state=state)
+        logits = out.logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, logits, out.state
+
+    def training_step(self, model, batch, ctx: StepContext):
+        """Forward + backward over ``ceil(T / bptt_chunk)`` chunks with the state carried
+        (detached). Returns ``(loss_sum, n_targets)``."""
+        import torch
+
+        ids, tgt = batch["input_ids"], batch["targets"]
+        chunks = self._chunks(ids.shape[1])
+        state = None
+        total = torch.zeros((), dtype=torch.float64, device=ids.device)
+        for k, (s, e) in enumerate(chunks):
+            last = k == len(chunks) - 1
+            with (ctx.no_sync() if not last else _null()):
+                loss, logits, new_state = self._chunk_loss(model, ids[:, s:e], tgt[:, s:e], state)
+                total += loss.detach().double()
+                if self.cfg.train.l2wrap:
+                    loss = L2Wrap.apply(loss, logits)
+                ctx.backward(loss * ctx.scale)
+            if not last:
+                state = new_state.detach()
+        return total, self.count_targets(batch)
+
+    def eval_step(self, model, batch):
+        import torch
+
+        ids, tgt = batch["input_ids"], batch["targets"]
+        state = None
+        total = torch.zeros((), dtype=torch.float64, device=ids.device)
+        with torch.no_grad():
+            for s, e in self._chunks(ids.shape[1]):
+                loss, _, state = self._chunk_loss(model, ids[:, s:e], tgt[:, s:e], state)
+                total += loss.double()
+        return total, self.count_targets(batch)
+
+    # ------------------------------------------------------------------ export
+    def save_pretrained(self, model, out_dir):
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir)
+        info = {"task": "lm", "tokenizer": self.cfg.data.tokenizer, "ctx_len": self.cfg.data.ctx_len}
+        (out_dir / "training_info.json").write_text(json.dumps(info, indent=1))
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()

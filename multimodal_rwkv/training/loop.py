@@ -1,0 +1,684 @@
+"""The training loop: one function for CPU, one GPU, DDP, FSDP and DeepSpeed (via ``accelerate``).
+
+Layout of ``output_dir``::
+
+    recipe.yaml         the resolved recipe of the latest (re)start
+    metrics.jsonl       one JSON object per optimiser step (step, loss, lr, tokens_per_s, ...)
+    checkpoints/step_XXXXXXXX/   accelerate save_state + trainer_state.json (renamed into place)
+    final/              the exported model folder (from_pretrained / --model)
+    loss.png            loss curve
+
+Data order is a pure function of (seed, position): sample ``q`` of the global stream is
+``perm_{q // N}[q % N]`` with ``perm_e`` a seeded permutation per epoch. Optimiser step ``s`` consumes
+``G = world_size * grad_accum * micro_batch`` consecutive positions; process ``r`` takes micro-batch
+``a`` from positions ``a*W + r``. So one process with batch 2B sees exactly what two processes with
+batch B see, and resuming needs only the number of samples consumed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from multimodal_rwkv.errors import ConfigError, MMRWKVError
+from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
+
+logger = logging.getLogger(__name__)
+
+CKPT_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class TrainingError(MMRWKVError):
+    """Training cannot go on (non-finite loss, ...); the message says what to do."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: a checkpoint was saved; rerun the same command to resume."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------------------- optimiser
+
+
+def param_groups(model, optim) -> list[dict]:
+    """RWKV-LM's AdamW groups over trainable parameters.
+
+    - ``time_decay`` (not its LoRA ``_w1``/``_w2``): lr x ``optim.decay_lr_scale`` (2), no decay;
+    - other ``time_*`` params, norms, biases, LoRA factors, states and every tensor with < 2 dims: no decay;
+    - remaining 2-D+ ``.weight`` tensors (linears, embedding, head): ``optim.weight_decay``.
+    Each group carries ``lr_scale`` (applied to the scheduled lr) and ``names``.
+    """
+    decay, no_decay, fast = [], [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = n.rsplit(".", 1)[-1]
+        if "time_decay" in leaf and not (leaf.endswith("_w1") or leaf.endswith("_w2")):
+            fast.append((n, p))
+        elif leaf.startswith("time_") or "_w1" in leaf or "_w2" in leaf:
+            no_decay.append((n, p))
+        elif p.ndim >= 2 and leaf == "weight" and not re.search(r"(^|\.)(ln|norm|ln_\w+|\w*norm\w*)(\.|$)", n):
+            decay.append((n, p))
+        else:
+            no_decay.append((n, p))
+    groups = []
+    for items, wd, scale in ((decay, optim.weight_decay, 1.0), (no_decay, 0.0, 1.0), (fast, 0.0, optim.decay_lr_scale)):
+        if items:
+            groups.append({"params": [p for _, p in items], "names": [n for n, _ in items],
+                           "weight_decay": wd, "lr_scale": scale})
+    return groups
+
+
+def lr_at(step: int, optim, max_steps: int) -> float:
+    """Learning rate for optimiser step ``step`` (0-based): linear warmup from 1% over
+    ``warmup_steps``, then cosine/linear decay from ``lr`` to ``lr_final`` at ``max_steps``."""
+    lr, lr_final, warm = optim.lr, optim.lr_final, optim.warmup_steps
+    if warm > 0 and step < warm:
+        return lr * (0.01 + 0.99 * step / warm)
+    if optim.schedule == "constant":
+        return lr
+    span = max(max_steps - warm, 1)
+    prog = min(max((step - warm) / span, 0.0), 1.0)
+    if optim.schedule == "linear":
+        return lr + (lr_final - lr) * prog
+    return lr_final + 0.5 * (lr - lr_final) * (1.0 + math.cos(math.pi * prog))
+
+
+# --------------------------------------------------------------------------------------- data order
+
+
+class GlobalOrderSampler:
+    """Infinite index stream for one process (see the module docstring). Yields dataset indices."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, start: int, micro: int, accum: int, world: int, rank: int):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.start, self.B, self.A, self.W, self.r = start, micro, accum, world, rank
+        self._perms: dict[int, object] = {}
+
+    def index(self, q: int) -> int:
+        """Dataset index at global position ``q``."""
+        e, i = divmod(q, self.n)
+        if not self.shuffle:
+            return i
+        if e not in self._perms:
+            import torch
+
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            self._perms = {e: torch.randperm(self.n, generator=g)}
+        return int(self._perms[e][i])
+
+    def __iter__(self):
+        q0 = self.start
+        G = self.W * self.A * self.B
+        while True:
+            for a in range(self.A):
+                base = q0 + (a * self.W + self.r) * self.B
+                for j in range(self.B):
+                    yield self.index(base + j)
+            q0 += G
+
+
+# --------------------------------------------------------------------------------------- files
+
+
+def _fsync_path(p: Path):
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path):
+    """fsync every file and folder under ``root`` (and ``root`` itself)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(Path(dirpath) / f)
+        _fsync_path(Path(dirpath))
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``[(step, path)]`` sorted by step (temp folders are never listed)."""
+    out = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            m = CKPT_RE.match(p.name)
+            if m and p.is_dir() and (p / "trainer_state.json").is_file():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Parse ``metrics.jsonl``; a torn last line (killed mid-write) is ignored."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+# --------------------------------------------------------------------------------------- loss plot
+
+
+def plot_losses(metrics_path: Path, png_path: Path, width: int = 800, height: int = 480) -> bool:
+    """Draw train (and valid) loss vs step into a PNG with Pillow. Returns False if no data."""
+    from PIL import Image, ImageDraw
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r.get("loss", float("nan")))]
+    valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
+    if not train:
+        return False
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    L, R, T, B = 70, 20, 30, 50
+    xs = [s for s, _ in train + valid]
+    ys = [v for _, v in train + valid]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+
+    def px(s, v):
+        return (L + (s - x0) / (x1 - x0) * (width - L - R), T + (y1 - v) / (y1 - y0) * (height - T - B))
+
+    d.rectangle([L, T, width - R, height - B], outline="black")
+    for k in range(5):
+        v = y0 + (y1 - y0) * k / 4
+        _, yy = px(x0, v)
+        d.line([L - 4, yy, L, yy], fill="black")
+        d.text((4, yy - 6), f"{v:.3f}", fill="black")
+        s = x0 + (x1 - x0) * k / 4
+        xx, _ = px(s, y0)
+        d.line([xx, height - B, xx, height - B + 4], fill="black")
+        d.text((xx - 10, height - B + 8), f"{int(round(s))}", fill="black")
+    d.text((width // 2 - 20, height - 20), "step", fill="black")
+    d.text((L, 8), "loss (nats/token): train" + (" / valid" if valid else ""), fill="black")
+    if len(train) > 1:
+        d.line([px(s, v) for s, v in train], fill=(31, 119, 180), width=2)
+    else:
+        x, y = px(*train[0])
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+    for s, v in valid:
+        x, y = px(s, v)
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(214, 39, 40))
+    if len(valid) > 1:
+        d.line([px(s, v) for s, v in valid], fill=(214, 39, 40), width=1)
+    tmp = png_path.with_name(f".tmp-{png_path.name}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, png_path)
+    return True
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _to_device(batch, device):
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v if v is not None else "null"
+        else:
+            out[key] = str(v)
+    return out
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag the loop checks after each optimiser step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("received %s: saving a checkpoint after this step, then stopping",
+                       signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+# --------------------------------------------------------------------------------------- train
+
+
+def _resolve_config(recipe, overrides) -> TrainConfig:
+    if isinstance(recipe, TrainConfig):
+        cfg = apply_overrides(recipe, list(overrides or []))
+    else:
+        cfg = load_config(recipe, overrides)
+    return cfg.validate()
+
+
+def train(recipe, overrides: Optional[list[str]] = None) -> Path:
+    """Train from a recipe (path or :class:`TrainConfig`) with ``--set`` style ``overrides``.
+
+    Resumes from the newest complete checkpoint in ``output_dir``. Returns the exported model
+    folder ``output_dir/final``. Raises :class:`TrainingInterrupted` after saving on SIGINT/SIGTERM,
+    :class:`TrainingError` on a non-finite loss, ConfigError/DataError on bad input.
+    """
+    cfg = _resolve_config(recipe, overrides)
+    return Trainer(cfg).run()
+
+
+class Trainer:
+    """Holds the pieces of one run; :meth:`run` does the work (see :func:`train`)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    # ----------------------------------------------------------------- setup
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = self.cfg
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+        log_with = list(cfg.log_with) or None
+        for t in cfg.log_with:
+            if t == "tensorboard":
+                try:
+                    import tensorboard  # noqa: F401
+                except ImportError:
+                    try:
+                        import tensorboardX  # noqa: F401
+                    except ImportError:
+                        raise ConfigError("log_with: tensorboard needs the 'tensorboard' package (pip install tensorboard)") from None
+        try:
+            acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
+                              log_with=log_with,
+                              project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                                  logging_dir=str(self.out / "logs")))
+        except ValueError as e:
+            raise ConfigError(f"train.precision={cfg.train.precision}: {e}") from None
+        return acc
+
+    def _build_model(self, task):
+        from multimodal_rwkv.training import peft as P
+
+        cfg = self.cfg
+        model = task.build_model()
+        if cfg.peft.train_state:
+            P.enable_state_tuning(model)
+        if cfg.peft.lora_r > 0:
+            P.apply_lora(model, cfg.peft.lora_r, cfg.peft.lora_alpha, cfg.peft.lora_targets, cfg.peft.lora_dropout)
+        P.select_trainable(model, cfg.peft, task.trainable_filter)
+        if cfg.train.grad_checkpointing:
+            fn = getattr(model, "gradient_checkpointing_enable", None)
+            if fn is None or not getattr(model, "supports_gradient_checkpointing", True):
+                raise ConfigError("train.grad_checkpointing: this model does not support gradient checkpointing")
+            try:
+                fn(gradient_checkpointing_kwargs={"use_reentrant": False})
+            except TypeError:
+                fn()
+            except ValueError as e:
+                raise ConfigError(f"train.grad_checkpointing: {e}") from None
+        model.train()
+        return model
+
+    # ----------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, acc, step: int, samples: int, extra: dict):
+        """Write ``checkpoints/step_N`` atomically: temp folder, fsync, rename; keep the last K."""
+        final = self.ckpt_dir / f"step_{step:08d}"
+        tmp = self.ckpt_dir / f".tmp-step_{step:08d}"
+        if acc.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": step, "samples_consumed": samples, "complete": True,
+                     "world_size": acc.num_processes, "time": time.time(), **extra}
+            with open(tmp / "trainer_state.json", "w") as f:
+                json.dump(state, f, indent=1)
+            fsync_tree(tmp)
+            if final.exists():  # a checkpoint of the same step (e.g. a re-run): replace it
+                old = self.ckpt_dir / f".old-step_{step:08d}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, final)
+            _fsync_path(self.ckpt_dir)
+            if self.metrics_path.exists():
+                _fsync_path(self.metrics_path)
+            for s, p in list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(p, ignore_errors=True)
+            logger.info("saved checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _cleanup_temp(self):
+        if self.ckpt_dir.is_dir():
+            for p in self.ckpt_dir.iterdir():
+                if p.name.startswith(".tmp-") or p.name.startswith(".old-"):
+                    shutil.rmtree(p, ignore_errors=True)
+        for p in self.out.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- eval
+    def _evaluate(self, acc, task, model, valid_ds, collate) -> Optional[float]:
+        import torch
+
+        cfg = self.cfg
+        n = len(valid_ds)
+        B = cfg.train.micro_batch_size
+        n_batches = -(-n // B)
+        if cfg.eval_batches > 0:
+            n_batches = min(n_batches, cfg.eval_batches)
+        tot = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        model.eval()
+        for b in range(acc.process_index, n_batches, acc.num_processes):
+            items = [valid_ds[i] for i in range(b * B, min((b + 1) * B, n))]
+            batch = _to_device(collate(items), acc.device)
+            with acc.autocast():
+                ls, k = task.eval_step(model, batch)
+            tot[0] += float(ls)
+            tot[1] += k
+        model.train()
+        if acc.num_processes > 1:
+            tot = acc.reduce(tot, reduction="sum")
+        return float(tot[0] / tot[1]) if tot[1] > 0 else None
+
+    # ----------------------------------------------------------------- export
+    def _export(self, acc, task, model) -> Path:
+        import copy
+
+        from multimodal_rwkv.training import peft as P
+
+        cfg = self.cfg
+        final = self.out / "final"
+        unwrapped = acc.unwrap_model(model)
+        from accelerate.utils import DistributedType
+
+        if acc.distributed_type == DistributedType.FSDP:
+            sd = acc.get_state_dict(model)
+            if acc.is_main_process:
+                unwrapped = self._build_model(task)
+                unwrapped.load_state_dict(sd)
+        if acc.is_main_process:
+            tmp = self.out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            export_model = unwrapped
+            if cfg.peft.lora_r > 0 and cfg.peft.merge_lora:
+                export_model = copy.deepcopy(unwrapped)
+                n = P.merge_lora(export_model)
+                logger.info("merged %d LoRA layers into plain weights for export", n)
+            export_model.eval()
+            task.save_pretrained(export_model, tmp)
+            if cfg.peft.train_state:
+                P.export_time_state(export_model, tmp / "time_state.pth")
+            if cfg.export.pth:
+                P.export_blinkdl_pth(export_model, tmp / "model.pth")
+            for f in cfg.export.include_files:
+                src = Path(f)
+                if not src.is_file():
+                    raise ConfigError(f"export.include_files: {src} is not a file")
+                shutil.copy2(src, tmp / src.name)
+            fsync_tree(tmp)
+            if final.exists():
+                old = self.out / ".old-final"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, final)
+            _fsync_path(self.out)
+            logger.info("exported model to %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> Path:
+        import torch
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        acc = self._accelerator()
+        main = acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._cleanup_temp()
+        acc.wait_for_everyone()
+
+        ckpts = list_checkpoints(self.ckpt_dir)
+        resume = ckpts[-1] if ckpts else None
+        final_dir = self.out / "final"
+        if resume is not None:
+            st = json.loads((resume[1] / "trainer_state.json").read_text())
+            if st["step"] >= cfg.max_steps and final_dir.is_dir() and (final_dir / "config.json").exists():
+                logger.info("run in %s already finished at step %d (max_steps=%d); raise max_steps to extend it",
+                            self.out, st["step"], cfg.max_steps)
+                return final_dir
+
+        set_seed(cfg.seed)
+        from multimodal_rwkv.training.task import get_task
+
+        task = get_task(cfg)
+        model = self._build_model(task)
+        with acc.main_process_first():
+            train_ds, valid_ds, collate = task.build_datasets(model)
+        skipped = int(getattr(task, "skipped", 0))
+        if skipped:
+            logger.warning("skipped %d bad records (data.on_bad_record=skip)", skipped)
+        if len(train_ds) == 0:
+            raise ConfigError("data.train_file: the training set is empty")
+
+        groups = param_groups(model, cfg.optim)
+        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.optim.lr,
+                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        model, opt = acc.prepare(model, opt)
+
+        step, samples, tokens_seen, t_elapsed = 0, 0, 0, 0.0
+        if resume is not None:
+            acc.load_state(str(resume[1]))
+            st = json.loads((resume[1] / "trainer_state.json").read_text())
+            step, samples = int(st["step"]), int(st["samples_consumed"])
+            tokens_seen, t_elapsed = int(st.get("tokens_seen", 0)), float(st.get("elapsed_s", 0.0))
+            logger.info("resumed from %s (step %d)", resume[1], step)
+            if main:  # drop metrics logged after the checkpoint (they will be recomputed identically)
+                rows = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
+                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        elif main and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        if main:
+            save_config(cfg, self.out / "recipe.yaml")
+        acc.wait_for_everyone()
+
+        if cfg.log_with:
+            acc.init_trackers("mmrwkv", config=_flat(config_to_dict(cfg)))
+
+        W, A, B = acc.num_processes, cfg.train.grad_accum, cfg.train.micro_batch_size
+        sampler = GlobalOrderSampler(len(train_ds), cfg.seed, cfg.data.shuffle, samples, B, A, W, acc.process_index)
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(train_ds, batch_size=B, sampler=sampler, collate_fn=collate,
+                            num_workers=cfg.data.num_workers, drop_last=False,
+                            persistent_workers=cfg.data.num_workers > 0)
+        it = iter(loader)
+
+        from multimodal_rwkv.training.task import StepContext
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        last_ckpt = resume[1] if resume else None
+        last_saved_step = step if resume else -1
+        bar = None
+        if main and cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
+        metrics_f = open(self.metrics_path, "a", encoding="utf-8") if main else None
+
+        def log_row(row):
+            if main:
+                metrics_f.write(json.dumps(row) + "\n")
+                metrics_f.flush()
+            if cfg.log_with:
+                acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+
+        try:
+            with _SignalFlag() as sig:
+                while step < cfg.max_steps:
+                    t0 = time.perf_counter()
+                    batches = [_to_device(next(it), acc.device) for _ in range(A)]
+                    counts = torch.tensor([sum(task.count_targets(b) for b in batches),
+                                           sum(task.count_tokens(b) for b in batches)],
+                                          dtype=torch.float64, device=acc.device)
+                    if W > 1:
+                        counts = acc.reduce(counts, reduction="sum")
+                    n_targets, n_tokens = float(counts[0]), int(counts[1])
+                    scale = (W * A / n_targets) if n_targets > 0 else 0.0
+                    lr = lr_at(step, cfg.optim, cfg.max_steps)
+                    for g in opt.param_groups:
+                        g["lr"] = lr * g.get("lr_scale", 1.0)
+                    acc.step = 0  # keep accelerate's accumulate() aligned with our optimiser steps
+                    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+                    grad_norm = None
+                    for a, batch in enumerate(batches):
+                        with acc.accumulate(model):
+                            ctx = StepContext(acc.backward, lambda: acc.no_sync(model), scale)
+                            with acc.autocast():
+                                ls, _ = task.training_step(model, batch, ctx)
+                            loss_sum += ls.double()
+                            if acc.sync_gradients:
+                                tot = acc.reduce(loss_sum.clone(), reduction="sum") if W > 1 else loss_sum
+                                loss = float(tot) / n_targets if n_targets > 0 else float("nan")
+                                if not math.isfinite(loss):
+                                    raise TrainingError(
+                                        f"non-finite loss ({loss}) at step {step + 1}: stopped before the update; "
+                                        f"last good checkpoint: {last_ckpt or 'none'}; rerunning resumes from it "
+                                        f"(try a lower optim.lr, precision fp32, or check the data)")
+                                gn = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                                grad_norm = float(gn) if gn is not None else None
+                                if grad_norm is not None and not math.isfinite(grad_norm):
+                                    raise TrainingError(
+                                        f"non-finite gradient norm at step {step + 1}: stopped before the update; "
+                                        f"last good checkpoint: {last_ckpt or 'none'}")
+                                opt.step()
+                                opt.zero_grad(set_to_none=True)
+                    step += 1
+                    samples += W * A * B
+                    tokens_seen += n_tokens
+                    dt = time.perf_counter() - t0
+                    t_elapsed += dt
+                    row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": n_tokens / max(dt, 1e-9),
+                           "tokens": tokens_seen, "grad_norm": grad_norm, "elapsed_s": round(t_elapsed, 3)}
+                    if skipped:
+                        row["skipped_records"] = skipped
+                    if valid_ds is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                        row["valid_loss"] = self._evaluate(acc, task, model, valid_ds, collate)
+                    if step % max(cfg.log_every, 1) == 0 or step == cfg.max_steps or "valid_loss" in row:
+                        log_row(row)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
+                    stop = sig.signum
+                    if W > 1:
+                        flag = acc.reduce(torch.tensor([float(stop or 0)], device=acc.device), reduction="sum")
+                        stop = int(flag.item()) if float(flag) > 0 else None
+                    extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, "skipped_records": skipped}
+                    if stop or step == cfg.max_steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+                        if metrics_f is not None:
+                            metrics_f.flush()
+                            os.fsync(metrics_f.fileno())
+                        last_ckpt = self._save_checkpoint(acc, step, samples, extra)
+                        last_saved_step = step
+                    if stop:
+                        name = signal.Signals(sig.signum).name if sig.signum else "signal"
+                        raise TrainingInterrupted(
+                            f"stopped by {name} at step {step}; checkpoint saved to {last_ckpt}; "
+                            f"rerun the same command to resume", sig.signum or signal.SIGTERM)
+                if last_saved_step != step:
+                    extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, "skipped_records": skipped}
+                    last_ckpt = self._save_checkpoint(acc, step, samples, extra)
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics_f is not None:
+                metrics_f.close()
+
+        if valid_ds is not None:
+            vl = self._evaluate(acc, task, model, valid_ds, collate)
+            if main and vl is not None:
+                rows = read_metrics(self.metrics_path)
+                if rows and rows[-1].get("step") == step:
+                    rows[-1]["valid_loss"] = vl
+                else:
+                    rows.append({"step": step, "valid_loss": vl})
+                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+                logger.info("validation loss at step %d: %.4f nats/token", step, vl)
+            if cfg.log_with and vl is not None:
+                acc.log({"valid_loss": vl}, step=step)
+        final = self._export(acc, task, model)
+        if main:
+            try:
+                plot_losses(self.metrics_path, self.out / "loss.png")
+            except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
+                logger.warning("could not draw loss.png: %s", e)
+        if cfg.log_with:
+            acc.end_training()
+        return final

@@ -1,0 +1,119 @@
+"""Task plugins: what a recipe trains (model, data, export). The loop is task-agnostic.
+
+A task subclasses :class:`Task` and is registered in :data:`TASKS` (``name -> "module:Class"``).
+The minimum is ``build_model``, ``build_datasets`` and ``save_pretrained``; the default
+:meth:`Task.training_step` calls ``model(**batch)`` and uses ``out.loss`` (a mean over the
+positions whose ``labels`` are not -100, HF shift convention).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Any, Callable
+
+from multimodal_rwkv.errors import ConfigError
+
+TASKS: dict[str, str] = {
+    "lm": "multimodal_rwkv.training.lm:LMTask",
+    "visualrwkv": "multimodal_rwkv.vision.training:VisualRWKVTask",
+}
+
+
+class StepContext:
+    """Handed to :meth:`Task.training_step` by the loop.
+
+    ``backward(loss)``: backpropagate (through accelerate: mixed precision, DDP, DeepSpeed).
+    ``no_sync()``: a context for extra forward/backward passes that must not all-reduce yet
+    (e.g. all but the last truncated-BPTT chunk); harmless on one process.
+    ``scale``: multiply a loss *sum* over target positions by this before ``backward`` so that the
+    optimiser step sees the mean over all target positions of all micro-batches and processes.
+    """
+
+    def __init__(self, backward: Callable, no_sync: Callable | None = None, scale: float = 1.0):
+        self.backward = backward
+        self._no_sync = no_sync
+        self.scale = scale
+
+    def no_sync(self):
+        return self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
+
+
+class Task:
+    """Base class. ``cfg`` is the full :class:`~multimodal_rwkv.training.config.TrainConfig`."""
+
+    name = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.skipped = 0  # bad records skipped while building datasets
+
+    # --- required -------------------------------------------------------------------------
+    def build_model(self):
+        """Return a ``torch.nn.Module``; ``model(**batch)`` -> object with ``.loss``."""
+        raise NotImplementedError
+
+    def build_datasets(self, model) -> tuple[Any, Any, Callable]:
+        """Return ``(train_dataset, valid_dataset_or_None, collate_fn)`` (map-style datasets)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, model, out_dir) -> None:
+        """Export the trained model as a folder its ``from_pretrained`` accepts."""
+        model.save_pretrained(out_dir)
+
+    # --- optional -------------------------------------------------------------------------
+    def trainable_filter(self, name: str, param) -> bool | None:
+        """True/False forces a parameter trainable/frozen; None leaves it to the PEFT settings."""
+        return None
+
+    def count_targets(self, batch: dict) -> int:
+        """Number of loss positions in a micro-batch (used to normalise across micro-batches/ranks)."""
+        labels = batch.get("labels")
+        if labels is None:
+            ids = batch.get("input_ids")
+            return int(ids.shape[0] * max(ids.shape[1] - 1, 0)) if ids is not None else 1
+        return int((labels[..., 1:] != -100).sum())
+
+    def count_tokens(self, batch: dict) -> int:
+        """Tokens processed (for tokens/s)."""
+        for k in ("input_ids", "inputs_embeds", "labels", "targets"):
+            v = batch.get(k)
+            if v is not None:
+                return int(v.shape[0] * v.shape[1])
+        return 0
+
+    def training_step(self, model, batch: dict, ctx: StepContext):
+        """Forward + backward one micro-batch. Returns ``(loss_sum, n_targets)``: the summed
+        per-position loss (a detached 0-d tensor) and the number of positions."""
+        out = model(**batch)
+        n = self.count_targets(batch)
+        loss_sum = out.loss * n
+        ctx.backward(loss_sum * ctx.scale)
+        return loss_sum.detach(), n
+
+    @staticmethod
+    def _no_grad():
+        import torch
+
+        return torch.no_grad()
+
+    def eval_step(self, model, batch: dict):
+        """Like :meth:`training_step` without backward: ``(loss_sum, n_targets)``."""
+        with self._no_grad():
+            out = model(**batch)
+            n = self.count_targets(batch)
+            return (out.loss * n).detach(), n
+
+
+def get_task(cfg) -> Task:
+    """Instantiate the task named by ``cfg.task`` (ConfigError if unknown or not installed)."""
+    spec = TASKS.get(cfg.task)
+    if spec is None:
+        raise ConfigError(f"task: unknown task {cfg.task!r}; known: {sorted(TASKS)}")
+    mod_name, cls_name = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and mod_name.startswith(e.name):
+            raise ConfigError(f"task: {cfg.task!r} is not available ({mod_name} is not installed)") from None
+        raise
+    return getattr(mod, cls_name)(cfg)
