@@ -13,6 +13,9 @@ matrix is factorised per row sub-chunk ``a`` around the reference point ``m_a = 
 (the last row before the sub-chunk): ``(r_t exp(e_t - m_a)) . (k_s exp(m_a - c_s))``, both
 factors <= 1 for ``s < a*C <= t``. Only the diagonal ``C x C`` sub-blocks use the exact pairwise
 exponent ``e_t - c_s``. This is the scheme of flash-linear-attention's ``chunk_rwkv6`` intra kernel.
+Each exponent is computed as a direct segment sum of ``w`` (local cumsums, and 0/1 "strictly
+between" masks), not as a difference of two chunk-level cumsums, so that fp32 ``dw`` stays accurate
+under strong decay (a difference sends +g and -g into the same ``w`` and they cancel).
 
 Gradients come from autograd through this formulation (every op is stable, no custom backward).
 """
@@ -24,6 +27,33 @@ import torch.nn.functional as F
 
 def _compute_dtype(*xs):
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _excl_cumsum(x, dim):
+    """sum_{z < t} x_z along ``dim`` (a shifted cumsum, so row 0 is exactly 0)."""
+    c = torch.cumsum(x, dim=dim)
+    c = c.narrow(dim, 0, x.shape[dim] - 1)
+    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [1, 0]
+    return F.pad(c, pad)
+
+
+def _rev_excl_cumsum(x, dim):
+    """sum_{z > t} x_z along ``dim`` (the last row is exactly 0)."""
+    return _excl_cumsum(x.flip(dim), dim).flip(dim)
+
+
+_BETWEEN_CACHE: dict = {}
+
+
+def _strictly_between(n, dtype, device):
+    """0/1 tensor M[t, s, z] = 1 iff s < z < t, shape [n, n, n]."""
+    key = (n, dtype, str(device))
+    m = _BETWEEN_CACHE.get(key)
+    if m is None:
+        i = torch.arange(n, device=device)
+        m = ((i.view(1, n, 1) < i.view(1, 1, n)) & (i.view(1, 1, n) < i.view(n, 1, 1))).to(dtype)
+        _BETWEEN_CACHE[key] = m
+    return m
 
 
 def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
@@ -50,7 +80,7 @@ def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
     return o.to(r.dtype), final
 
 
-def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, chunk_size=64, sub_chunk=16):
+def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, chunk_size=32, sub_chunk=8):
     """Chunked, stable WKV-6 in pure PyTorch (differentiable with autograd).
 
     Args: as :func:`multimodal_rwkv.kernels.wkv6`; ``chunk_size`` ``L`` must be a multiple of
@@ -88,14 +118,16 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     r_, k_, v_, w_ = prep(r), prep(k), prep(v), prep(w)
     u_ = u.to(cd).view(1, H, 1, 1, K)
 
-    c = torch.cumsum(w_, dim=3)  # inclusive, [B,H,N,L,K]
-    e = F.pad(c[:, :, :, :-1], (0, 0, 1, 0))  # exclusive (a shift, so e_t == c_{t-1} exactly)
-    cL = c[:, :, :, -1:, :]  # [B,H,N,1,K]
+    # Every exponent is built as a direct (segment) sum of w, never as a difference of two large
+    # cumulative sums: the value is then accurate, and so is its gradient (a difference would send
+    # +g and -g into the same w and cancel in float32, ruining dw when the decay is strong).
+    e = _excl_cumsum(w_, dim=3)  # sum_{z<t} w_z within the chunk, [B,H,N,L,K]
+    rc = _rev_excl_cumsum(w_, dim=3)  # sum_{z>s} w_z within the chunk
+    tot = w_.sum(dim=3)  # [B,H,N,K]
 
     # ---- inter-chunk: states entering each chunk ----
-    kd = k_ * torch.exp(cL - c)
-    U = torch.matmul(kd.transpose(-1, -2), v_)  # [B,H,N,K,V]
-    dec = torch.exp(cL).transpose(-1, -2)  # [B,H,N,K,1]
+    U = torch.matmul((k_ * torch.exp(rc)).transpose(-1, -2), v_)  # [B,H,N,K,V]
+    dec = torch.exp(tot).unsqueeze(-1)  # [B,H,N,K,1]
     S = torch.zeros(B, H, K, V, dtype=cd, device=r.device) if initial_state is None else initial_state.to(cd)
     states = []
     for n in range(N):
@@ -104,26 +136,33 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     Sn = torch.stack(states, dim=2)  # [B,H,N,K,V]
     o = torch.matmul(r_ * torch.exp(e), Sn)  # [B,H,N,L,V]
 
-    # ---- intra-chunk, off-diagonal sub-blocks (factorised around m_a) ----
     rs = r_.reshape(B, H, N, P, C, K)
-    es = e.reshape(B, H, N, P, C, K)
-    cs = c.reshape(B, H, N, P, C, K)
     ks = k_.reshape(B, H, N, P, C, K)
     vs = v_.reshape(B, H, N, P, C, V)
+    ws = w_.reshape(B, H, N, P, C, K)
+    # ---- intra-chunk, off-diagonal sub-blocks, factorised around m_a = c[a*C - 1] ----
+    # row factor r_t exp(sum_{aC <= z < t} w_z); column factor k_s exp(sum_{s < z < aC} w_z); both <= 1
     if P > 1:
-        m = torch.cat([torch.zeros_like(cs[:, :, :, :1, -1]), cs[:, :, :, :-1, -1]], dim=3)  # [B,H,N,P,K]
-        q = rs * torch.exp(es - m.unsqueeze(-2))  # [B,H,N,P,C,K], exponents <= 0
-        kx = k_.unsqueeze(3) * torch.exp(torch.clamp_max(m.unsqueeze(-2) - c.unsqueeze(3), 0.0))  # [B,H,N,P,L,K]
+        el = _excl_cumsum(ws, dim=4)  # [B,H,N,P,C,K]
+        rl = _rev_excl_cumsum(ws, dim=4)  # sum_{s<z<=end of its sub-chunk}
+        gsub = ws.sum(dim=4)  # [B,H,N,P,K] sub-chunk totals
+        between = _strictly_between(P, cd, r.device)  # [P(a),P(b),P(b')]: b < b' < a
+        mid = torch.einsum("abx,nhmxk->nhmabk", between, gsub)  # [B,H,N,P(a),P(b),K]
+        y = rl.unsqueeze(3) + mid.unsqueeze(-2)  # [B,H,N,P(a),P(b),C,K] = sum_{s<z<aC} w_z (b<a)
+        below = torch.arange(P, device=r.device).view(P, 1) > torch.arange(P, device=r.device).view(1, P)
+        y = torch.where(below.view(P, P, 1, 1), y, torch.zeros((), dtype=cd, device=r.device))
+        kx = (ks.unsqueeze(3) * torch.exp(y)).reshape(B, H, N, P, L, K)
+        q = rs * torch.exp(el)
         A = torch.matmul(q, kx.transpose(-1, -2))  # [B,H,N,P,C,L]
-        pos = torch.arange(L, device=r.device)
-        mask = (pos.view(1, L) < (torch.arange(P, device=r.device) * C).view(P, 1)).to(cd)  # [P,L]
+        mask = below.repeat_interleave(C, dim=1).to(cd)  # [P, L]: s's sub-chunk < a
         A = A * mask.unsqueeze(1)
         o_intra = torch.matmul(A, v_.unsqueeze(3))  # [B,H,N,P,C,V]
     else:
         o_intra = 0
-    # ---- diagonal sub-blocks: exact pairwise exponent ----
+    # ---- diagonal sub-blocks: exact pairwise exponent sum_{s<z<t} w_z ----
+    seg = _strictly_between(C, cd, r.device)  # [C(t),C(s),C(z)]: s < z < t
+    Dx = torch.einsum("tsz,nhmpzk->nhmptsk", seg, ws)  # [B,H,N,P,C,C,K]
     tri = torch.ones(C, C, dtype=torch.bool, device=r.device).tril(-1)  # t > s
-    Dx = es.unsqueeze(-2) - cs.unsqueeze(-3)  # [B,H,N,P,C(t),C(s),K]
     Dx = torch.where(tri.unsqueeze(-1), Dx, torch.tensor(float("-inf"), dtype=cd, device=r.device))
     Ad = (rs.unsqueeze(-2) * ks.unsqueeze(-3) * torch.exp(Dx)).sum(-1)  # [B,H,N,P,C,C]
     bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [B,H,N,P,C]
