@@ -1,0 +1,270 @@
+"""Training engine without a model: recipes, overrides, data readers, token cache, packing, data order."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from multimodal_rwkv.errors import ConfigError, DataError
+from multimodal_rwkv.training.config import TrainConfig, apply_overrides, load_config, save_config
+from multimodal_rwkv.training.data import (
+    IGNORE_INDEX, ByteTokenizer, PackedDataset, TokenStream, load_stream, read_binidx, write_binidx,
+)
+from multimodal_rwkv.training.loop import GlobalOrderSampler, lr_at, plot_losses
+
+
+# ----------------------------------------------------------------------------------------- config
+
+def test_recipe_yaml_round_trip(tmp_path):
+    cfg = apply_overrides(TrainConfig(), ["optim.lr=3e-4", "max_steps=7", "model.config.n_layer=2",
+                                          "data.on_bad_record=skip", "optim.betas=[0.8, 0.95]",
+                                          "train.bptt_chunk=16", "peft.freeze=['blocks.0.*']"])
+    assert cfg.optim.lr == 3e-4 and cfg.max_steps == 7 and cfg.model.config == {"n_layer": 2}
+    assert cfg.optim.betas == [0.8, 0.95] and cfg.train.bptt_chunk == 16 and cfg.peft.freeze == ["blocks.0.*"]
+    p = tmp_path / "r.yaml"
+    save_config(cfg, p)
+    assert load_config(p) == cfg
+    assert load_config(p, ["train.bptt_chunk=null"]).train.bptt_chunk is None
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("nonsense=1", "nonsense"),
+    ("optim.lr.x=1", "optim.lr.x"),
+    ("max_steps=abc", "max_steps"),
+    ("max_steps=1.5", "max_steps"),
+    ("train.l2wrap=3", "train.l2wrap"),
+    ("data.format=foo", "data.format"),
+    ("optim.lr=fast", "optim.lr"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("no_equals_sign", "KEY=VALUE"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        apply_overrides(TrainConfig(), [override])
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("max_steps: 3\noptim:\n  lr: 1e-3\n  wd: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "optim.wd" in str(e.value) and str(p) in str(e.value)
+    p.write_text("max_steps: [1\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optim:\n  lr: 6e-4\n  eps: 1e-18\n")  # YAML 1.1 reads these as strings
+    cfg = load_config(p)
+    assert cfg.optim.lr == 6e-4 and cfg.optim.eps == 1e-18
+
+
+def test_shipped_recipe_loads():
+    cfg = load_config("recipes/lm_tiny.yaml", ["data.train_file=x.txt"])
+    assert cfg.task == "lm" and cfg.model.config["n_layer"] >= 1
+
+
+def test_lr_schedule_shape():
+    cfg = TrainConfig().optim
+    cfg.lr, cfg.lr_final, cfg.warmup_steps = 1.0, 0.1, 10
+    lrs = [lr_at(s, cfg, 110) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))          # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))          # then decays monotonically
+    assert lrs[110] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.55)  # cosine midpoint
+    cfg.schedule = "linear"
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55) and lr_at(35, cfg, 110) == pytest.approx(1 - 0.9 * 0.25)
+
+
+# ----------------------------------------------------------------------------------------- binidx
+
+def _write_mmidx_by_hand(prefix, docs, code=8, np_dtype=np.uint16):
+    """An independent MMIDIDX writer (struct by struct, as in Megatron's indexed_dataset)."""
+    sizes = [len(d) for d in docs]
+    ptrs, off = [], 0
+    for s in sizes:
+        ptrs.append(off)
+        off += s * np.dtype(np_dtype).itemsize
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code))
+        f.write(struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(sizes) + 1))
+        f.write(struct.pack(f"<{len(sizes)}i", *sizes))
+        f.write(struct.pack(f"<{len(sizes)}q", *ptrs))
+        f.write(struct.pack(f"<{len(sizes) + 1}q", *range(len(sizes) + 1)))
+    with open(f"{prefix}.bin", "wb") as f:
+        for d in docs:
+            f.write(np.asarray(d, np_dtype).tobytes())
+
+
+def test_binidx_reader_matches_hand_written_file(tmp_path):
+    rng = np.random.default_rng(1)
+    docs = [list(rng.integers(1, 60000, size=n)) + [0] for n in (5, 1, 17, 3)]
+    _write_mmidx_by_hand(tmp_path / "d", docs)
+    for given in ("d", "d.bin", "d.idx"):
+        s = read_binidx(tmp_path / given)
+        assert np.array_equal(np.asarray(s.ids), np.concatenate(docs))
+    # our writer produces byte-identical files
+    write_binidx(tmp_path / "e", docs)
+    for suf in (".bin", ".idx"):
+        assert (tmp_path / f"e{suf}").read_bytes() == (tmp_path / f"d{suf}").read_bytes()
+
+
+def test_binidx_validation(tmp_path):
+    docs = [[1, 2, 3, 0], [4, 5, 0]]
+    _write_mmidx_by_hand(tmp_path / "a", docs)
+    raw = (tmp_path / "a.idx").read_bytes()
+    (tmp_path / "b.idx").write_bytes(b"NOTMAGIC!" + raw[9:])
+    (tmp_path / "b.bin").write_bytes((tmp_path / "a.bin").read_bytes())
+    with pytest.raises(DataError, match=r"b\.idx.*magic"):
+        read_binidx(tmp_path / "b")
+    (tmp_path / "c.idx").write_bytes(raw)
+    (tmp_path / "c.bin").write_bytes((tmp_path / "a.bin").read_bytes()[:-2])  # one token short
+    with pytest.raises(DataError, match=r"c\.bin"):
+        read_binidx(tmp_path / "c")
+    (tmp_path / "d.idx").write_bytes(raw[:40])
+    (tmp_path / "d.bin").write_bytes((tmp_path / "a.bin").read_bytes())
+    with pytest.raises(DataError, match="truncated"):
+        read_binidx(tmp_path / "d")
+    with pytest.raises(DataError, match="not found"):
+        read_binidx(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------- text
+
+class CountingTokenizer(ByteTokenizer):
+    texts = []
+
+    def encode(self, text):
+        CountingTokenizer.texts.append(text)
+        return super().encode(text)
+
+
+def _stream(path, tmp_path, fmt="auto", on_bad="fail", tok=None):
+    return load_stream(path, fmt, "bytes", tmp_path / "cache", on_bad, tokenizer=tok)
+
+
+def test_txt_tokenized_once_and_cached(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("héllo world\n" * 3, encoding="utf-8")
+    tok = CountingTokenizer()
+    CountingTokenizer.texts = []
+    s1 = _stream(p, tmp_path, tok=tok)
+    assert CountingTokenizer.texts.count("héllo world\n" * 3) == 1
+    s2 = _stream(p, tmp_path, tok=tok)
+    assert CountingTokenizer.texts.count("héllo world\n" * 3) == 1  # cache hit: no re-tokenization
+    assert isinstance(s2.ids, np.memmap)
+    expect = [b + 1 for b in ("héllo world\n" * 3).encode("utf-8")] + [0]
+    assert np.asarray(s1.ids).tolist() == expect == np.asarray(s2.ids).tolist()
+    p.write_text("changed", encoding="utf-8")  # new content -> new key
+    assert np.asarray(_stream(p, tmp_path, tok=tok).ids).tolist() == [b + 1 for b in b"changed"] + [0]
+
+
+def test_chat_jsonl_masks_everything_but_the_assistant(tmp_path):
+    p = tmp_path / "chat.jsonl"
+    recs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo!"},
+                          {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            {"text": "plain"}]
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    s = _stream(p, tmp_path)
+    ids, tgt = np.asarray(s.ids).astype(np.int64), np.asarray(s.target)
+    text = bytes(int(i) - 1 if i else ord("|") for i in ids).decode()
+    assert text == ("User: hi\n\nAssistant: yo!\n\nUser: more\n\nAssistant: ok\n\n|"
+                    "User: q\n\nAssistant: a\n\n|plain|")
+    trained = "".join(ch if t else "." for ch, t in zip(text, tgt))
+    expect = ("." * len("User: hi\n\nAssistant:") + " yo!\n\n" + "." * len("User: more\n\nAssistant:") + " ok\n\n|"
+              + "." * len("User: q\n\nAssistant:") + " a\n\n|" + "plain|")
+    assert trained == expect
+    ds = PackedDataset(s, 8)
+    x, y = ds.window(0)
+    assert np.array_equal(x, ids[:8])
+    assert np.array_equal(y, np.where(tgt[1:9] == 1, ids[1:9], IGNORE_INDEX))
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n\n{"text": "a"\n{"foo": 1}\n{"text": "fine"}\n')
+    with pytest.raises(DataError) as e:
+        _stream(p, tmp_path)
+    assert f"{p}:3" in str(e.value) and "invalid JSON" in str(e.value)
+    s = _stream(p, tmp_path, on_bad="skip")
+    assert s.skipped == 2
+    assert bytes(int(i) - 1 for i in np.asarray(s.ids) if i).decode() == "okfine"
+
+
+def test_empty_and_unreadable_files(tmp_path):
+    e1 = tmp_path / "empty.txt"
+    e1.write_text("  \n")
+    with pytest.raises(DataError, match=r"empty\.txt: empty file"):
+        _stream(e1, tmp_path)
+    e2 = tmp_path / "empty.jsonl"
+    e2.write_text("")
+    with pytest.raises(DataError, match=r"empty\.jsonl: empty file"):
+        _stream(e2, tmp_path)
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes(b"line one\nline \xff two\n")
+    with pytest.raises(DataError, match=r"latin\.txt:2: not valid UTF-8"):
+        _stream(bad, tmp_path)
+    with pytest.raises(DataError, match="no such file"):
+        _stream(tmp_path / "nope.txt", tmp_path)
+    np.save(tmp_path / "f.npy", np.zeros((2, 3), np.int32))
+    with pytest.raises(DataError, match=r"f\.npy: expected a 1-D integer"):
+        _stream(tmp_path / "f.npy", tmp_path)
+
+
+def test_token_folder_concatenates_with_separators(tmp_path):
+    d = tmp_path / "toks"
+    d.mkdir()
+    np.save(d / "a.npy", np.array([5, 6, 0, 7], np.int16))
+    np.save(d / "b.npy", np.array([8, 9, 0], np.int64))
+    s = _stream(d, tmp_path)
+    assert np.asarray(s.ids).tolist() == [5, 6, 0, 7, 0, 8, 9, 0]
+
+
+@pytest.mark.parametrize("n, L", [(2, 4), (9, 4), (10, 3), (101, 7), (5, 1)])
+def test_packing_covers_every_next_token_once(n, L):
+    rng = np.random.default_rng(n)
+    ids = rng.integers(0, 50, size=n)
+    ds = PackedDataset(TokenStream(ids, None, "mem"), L)
+    pairs = []
+    for i in range(len(ds)):
+        x, y = ds.window(i)
+        assert len(x) == len(y) == L
+        pairs += [(int(a), int(b)) for a, b in zip(x, y) if b != IGNORE_INDEX]
+    assert pairs == [(int(ids[t]), int(ids[t + 1])) for t in range(n - 1)]
+
+
+def test_global_order_is_independent_of_process_count_and_restarts():
+    n, B = 37, 3
+
+    def take(sampler, k):
+        it = iter(sampler)
+        return [next(it) for _ in range(k)]
+
+    one = take(GlobalOrderSampler(n, 5, True, 0, 2 * B, 1, 1, 0), 2 * B * 10)
+    r0 = take(GlobalOrderSampler(n, 5, True, 0, B, 1, 2, 0), B * 10)
+    r1 = take(GlobalOrderSampler(n, 5, True, 0, B, 1, 2, 1), B * 10)
+    two = []
+    for s in range(10):
+        two += r0[s * B:(s + 1) * B] + r1[s * B:(s + 1) * B]
+    assert one == two
+    # each epoch is a permutation
+    assert sorted(one[:n]) == list(range(n))
+    # grad accumulation 2 x B on one process == batch 2B
+    assert take(GlobalOrderSampler(n, 5, True, 0, B, 2, 1, 0), 2 * B * 10) == one
+    # a restart at a position continues the same stream
+    assert take(GlobalOrderSampler(n, 5, True, 4 * 2 * B, 2 * B, 1, 1, 0), 2 * B * 6) == one[4 * 2 * B:]
+
+
+def test_loss_png(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps({"step": i, "loss": 3.0 / i}) + "\n" for i in range(1, 20)) + '{"step": 20, "lo')
+    assert plot_losses(m, tmp_path / "loss.png")
+    from PIL import Image
+
+    im = Image.open(tmp_path / "loss.png")
+    assert im.format == "PNG" and im.size == (800, 480)
+    assert len(im.getcolors(maxcolors=100000)) > 2  # axes and a curve were drawn
