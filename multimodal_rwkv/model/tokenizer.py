@@ -1,0 +1,570 @@
+"""RWKV World tokenizer: greedy longest match over UTF-8 bytes.
+
+The vocabulary is ``rwkv_vocab_v20230424.txt`` (65,529 entries, ids 1..65529; id 0 is end of text and
+is not in the file; the embedding/head size is 65,536). Each line is ``<id> <python literal> <byte
+length>``, the literal being a ``str`` (stored as its UTF-8 bytes) or a ``bytes`` literal. We parse
+literals with :mod:`ast` (never ``eval``) and check the byte-length column.
+
+Encoding takes, at each position, the longest vocabulary entry that is a prefix of the remaining
+bytes; every single byte is a token, so this always progresses. It is the algorithm of the official
+``rwkv.rwkv_tokenizer.TRIE_TOKENIZER`` and gives the same ids.
+
+Why it is fast: the vocabulary trie is compiled into one regular expression whose alternations
+branch on the next byte (``a(?:b(?:c|)|d)``: a terminal node tries its children first and falls
+back to stopping there). Python's ``re`` engine then does the greedy longest match per token in C,
+and ``findall`` returns the matched byte strings, which a dict maps to ids. Children are ordered by
+subtree size so frequent continuations are tried first (order never changes the result: siblings
+start with distinct bytes, so at most one can match). The regex is built directly as the parse tree
+``re`` would produce (skipping the slow pure-Python pattern parser); if those internals are missing
+or fail a self-check, the same pattern is compiled from its text form instead.
+:func:`greedy_reference` is the slow, obviously-correct twin that tests compare against.
+"""
+from __future__ import annotations
+
+import ast
+import codecs
+import gc
+import importlib.util
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from typing import Iterable, Sequence
+
+from multimodal_rwkv.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+VOCAB_FILENAME = "rwkv_vocab_v20230424.txt"
+EOS_TOKEN_ID = 0
+
+__all__ = ["WorldTokenizer", "StreamDecoder", "greedy_reference", "default_vocab_file", "VOCAB_FILENAME"]
+
+
+# --------------------------------------------------------------------------------------------
+# Locating and parsing the vocabulary file
+# --------------------------------------------------------------------------------------------
+
+
+def default_vocab_file() -> str:
+    """Path of ``rwkv_vocab_v20230424.txt`` inside the installed official ``rwkv`` package.
+
+    Uses :func:`importlib.util.find_spec`, which locates the package without importing it (so no
+    ``RWKV_*`` environment variable is read). Raises :class:`DataError` if the package or file is
+    missing.
+    """
+    try:
+        spec = importlib.util.find_spec("rwkv")
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = os.path.join(loc, VOCAB_FILENAME)
+        if os.path.isfile(path):
+            return path
+    if not locations:
+        raise DataError(
+            f"World vocabulary: no vocab_file given and the official 'rwkv' package is not installed "
+            f"(pip install rwkv, or pass the path of {VOCAB_FILENAME})"
+        )
+    raise DataError(
+        f"World vocabulary: {VOCAB_FILENAME} not found in the installed 'rwkv' package at "
+        f"{locations[0]} (pass vocab_file explicitly)"
+    )
+
+
+def _split_line(path: str, lineno: int, line: str) -> tuple[int, str, int]:
+    first = line.find(" ")
+    last = line.rfind(" ")
+    if first <= 0 or last <= first + 1:
+        raise DataError(f"{path}:{lineno}: expected '<id> <python literal> <byte length>', got {line[:80]!r}")
+    try:
+        idx = int(line[:first])
+        nbytes = int(line[last + 1:])
+    except ValueError:
+        raise DataError(
+            f"{path}:{lineno}: id and byte length must be integers in '<id> <literal> <length>', "
+            f"got {line[:80]!r}"
+        ) from None
+    return idx, line[first + 1:last], nbytes
+
+
+def _literals_bulk(literals: list[str]) -> list | None:
+    """Parse all literals with one ``ast.parse`` call (fast); ``None`` if anything looks off.
+
+    Each literal sits on its own line of a list display, so checking that element ``i`` is a
+    str/bytes constant starting and ending on line ``i + 2`` proves line-to-element alignment
+    (a line cannot contribute zero or two elements without failing these checks).
+    """
+    src = "[\n" + ",\n".join(literals) + "\n]"
+    try:
+        tree = ast.parse(src, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    body = tree.body
+    if not isinstance(body, ast.List) or len(body.elts) != len(literals):
+        return None
+    out = []
+    for i, node in enumerate(body.elts):
+        if (
+            not isinstance(node, ast.Constant)
+            or not isinstance(node.value, (str, bytes))
+            or node.lineno != i + 2
+            or node.end_lineno != i + 2
+        ):
+            return None
+        out.append(node.value)
+    return out
+
+
+def _literal_one(path: str, lineno: int, lit: str):
+    try:
+        value = ast.literal_eval(lit)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as e:
+        raise DataError(f"{path}:{lineno}: token is not a Python str/bytes literal ({type(e).__name__}): {lit[:80]!r}") from None
+    if not isinstance(value, (str, bytes)):
+        raise DataError(f"{path}:{lineno}: token literal is a {type(value).__name__}, expected str or bytes: {lit[:80]!r}")
+    return value
+
+
+def parse_vocab_file(path: str) -> dict[int, bytes]:
+    """Read a World vocabulary file into ``{id: token bytes}``.
+
+    Checks: the line format, the byte-length column, ids are unique and >= 1 (0 is end of text),
+    byte strings are unique and non-empty, and all 256 single bytes are present (so greedy
+    matching always progresses). Blank lines are ignored; CRLF endings are accepted. Any problem
+    raises :class:`DataError` naming the file and line.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read World vocabulary ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{lineno}: World vocabulary is not valid UTF-8 ({e.reason})") from None
+
+    linenos: list[int] = []
+    ids: list[int] = []
+    literals: list[str] = []
+    lengths: list[int] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.endswith("\r"):
+            line = line[:-1]
+        if not line.strip():
+            continue
+        idx, lit, nbytes = _split_line(path, lineno, line)
+        linenos.append(lineno)
+        ids.append(idx)
+        literals.append(lit)
+        lengths.append(nbytes)
+    if not ids:
+        raise DataError(f"{path}: World vocabulary file has no entries")
+
+    values = _literals_bulk(literals)
+    if values is None:  # find the offending line (and its reason) the slow way
+        values = [_literal_one(path, ln, lit) for ln, lit in zip(linenos, literals)]
+
+    table: dict[int, bytes] = {}
+    seen: dict[bytes, int] = {}
+    for lineno, idx, value, nbytes in zip(linenos, ids, values, lengths):
+        tok = value.encode("utf-8") if isinstance(value, str) else value
+        if len(tok) != nbytes:
+            raise DataError(f"{path}:{lineno}: byte length column says {nbytes} but the token has {len(tok)} bytes")
+        if not tok:
+            raise DataError(f"{path}:{lineno}: empty token")
+        if idx < 1:
+            raise DataError(f"{path}:{lineno}: id {idx} is invalid (ids start at 1; 0 is end of text)")
+        if idx in table:
+            raise DataError(f"{path}:{lineno}: duplicate id {idx}")
+        if tok in seen:
+            raise DataError(f"{path}:{lineno}: token {tok!r} duplicates id {seen[tok]}")
+        table[idx] = tok
+        seen[tok] = idx
+    missing = [b for b in range(256) if bytes([b]) not in seen]
+    if missing:
+        raise DataError(
+            f"{path}: World vocabulary lacks single-byte tokens for {len(missing)} byte values "
+            f"(first: 0x{missing[0]:02x}); greedy byte matching needs all 256"
+        )
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# The greedy matcher: a trie compiled into one regular expression
+# --------------------------------------------------------------------------------------------
+
+_TERM = -1  # trie-node key marking "the path to here is a token"
+_SIZE = -2  # trie-node key holding the number of tokens in the subtree
+
+
+def _build_trie(tokens: Iterable[bytes]) -> dict:
+    """Nested dicts keyed by byte; ``node[_TERM]`` marks a token end, ``node[_SIZE]`` counts the
+    tokens below (and at) the node."""
+    root: dict = {_SIZE: 0}
+    for tok in tokens:
+        node = root
+        for c in tok:
+            nxt = node.get(c)
+            if nxt is None:
+                nxt = node[c] = {_SIZE: 1}
+            else:
+                nxt[_SIZE] += 1
+            node = nxt
+        node[_TERM] = True
+    return root
+
+
+def _children(node: dict) -> list:
+    kids = [(c, child) for c, child in node.items() if c >= 0]
+    kids.sort(key=lambda kc: (-kc[1][_SIZE], kc[0]))
+    return kids
+
+
+def _pattern_text(root: dict) -> bytes:
+    """The trie as regex source (the portable fallback and the documented form)."""
+
+    def alts(node: dict) -> bytes:
+        parts = []
+        for c, child in _children(node):
+            lit = re.escape(bytes([c]))
+            has_kids = len(child) > 2 or _TERM not in child
+            if not has_kids:
+                parts.append(lit)
+            elif _TERM in child:
+                parts.append(lit + b"(?:" + alts(child) + b"|)")
+            else:
+                parts.append(lit + alts(child))
+        return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"
+
+    return alts(root)
+
+
+def _re_internals():
+    if sys.version_info >= (3, 11):
+        from re import _compiler, _constants, _parser  # type: ignore[attr-defined]
+    else:  # pragma: no cover - Python 3.10
+        import sre_compile as _compiler
+        import sre_constants as _constants
+        import sre_parse as _parser
+    return _parser, _compiler, _constants
+
+
+def _compile_direct(root: dict):
+    """Build the parse tree ``re`` would build for :func:`_pattern_text` and compile it."""
+    _parser, _compiler, _constants = _re_internals()
+    state = _parser.State()
+    SubPattern = _parser.SubPattern
+    LITERAL, BRANCH = _constants.LITERAL, _constants.BRANCH
+
+    def items(node: dict) -> list:
+        alternatives = []
+        for c, child in _children(node):
+            seq = [(LITERAL, c)]
+            has_kids = len(child) > 2 or _TERM not in child
+            if has_kids:
+                sub = items(child)
+                if _TERM in child:
+                    seq.append((BRANCH, (None, [SubPattern(state, sub), SubPattern(state, [])])))
+                else:
+                    seq.extend(sub)
+            alternatives.append(seq)
+        if len(alternatives) == 1:
+            return alternatives[0]
+        return [(BRANCH, (None, [SubPattern(state, a) for a in alternatives]))]
+
+    return _compiler.compile(SubPattern(state, items(root)), 0)
+
+
+def greedy_reference(data: bytes, token_to_id: dict[bytes, int], max_len: int) -> list[int]:
+    """Slow, obviously-correct greedy longest match: at each position try every length, longest
+    first. ``data``: UTF-8 bytes; returns ids. O(len(data) * max_len) dict look-ups."""
+    out = []
+    i, n = 0, len(data)
+    while i < n:
+        for length in range(min(max_len, n - i), 0, -1):
+            tid = token_to_id.get(data[i:i + length])
+            if tid is not None:
+                out.append(tid)
+                i += length
+                break
+        else:
+            raise ValueError(f"byte 0x{data[i]:02x} at offset {i} has no token")
+    return out
+
+
+class _Vocab:
+    """Parsed vocabulary + compiled matcher, shared by all tokenizers of one file."""
+
+    def __init__(self, path: str, table: dict[int, bytes], force_text_regex: bool = False):
+        self.path = path
+        self.max_id = max(table)
+        self.id_to_bytes: list[bytes] = [b""] * (self.max_id + 1)
+        for idx, tok in table.items():
+            self.id_to_bytes[idx] = tok
+        self.token_to_id: dict[bytes, int] = {tok: idx for idx, tok in table.items()}
+        self.max_len = max(len(t) for t in self.token_to_id)
+        root = _build_trie(self.token_to_id)
+        self.regex = None
+        self.regex_kind = "text"
+        if not force_text_regex:
+            try:
+                rx = _compile_direct(root)
+                if self._self_check(rx):
+                    self.regex, self.regex_kind = rx, "direct"
+                else:
+                    logger.warning("World tokenizer: direct regex build failed its self-check; using text pattern")
+            except Exception as e:  # internals of `re` differ on this Python: use the public API
+                logger.info("World tokenizer: direct regex build unavailable (%s); using text pattern", e)
+        if self.regex is None:
+            self.regex = self._compile_text(root)
+
+    @staticmethod
+    def _compile_text(root: dict):
+        pattern = _pattern_text(root)
+        old = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(old, 20000))  # the parser recurses per nesting level (up to 128 bytes deep)
+        try:
+            return re.compile(pattern)
+        finally:
+            sys.setrecursionlimit(old)
+
+    def _self_check(self, rx) -> bool:
+        probe = bytes(range(256)) + "The Eiffel tower, 今天是美好的一天。\n\n  x 🙂".encode() + b" " * 200
+        got = [self.token_to_id[m] for m in rx.findall(probe)]
+        return got == greedy_reference(probe, self.token_to_id, self.max_len)
+
+
+_CACHE: dict[tuple, _Vocab] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _load_vocab(path: str) -> _Vocab:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read World vocabulary ({e.strerror or e})") from None
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    with _CACHE_LOCK:
+        vocab = _CACHE.get(key)
+        if vocab is None:
+            t0 = time.perf_counter()
+            gc_was_enabled = gc.isenabled()
+            gc.disable()  # ~1e6 small containers: generational GC passes would triple the load time
+            try:
+                vocab = _Vocab(path, parse_vocab_file(path))
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+            _CACHE[key] = vocab
+            logger.debug("loaded World vocabulary %s (%d tokens) in %.2fs", path, len(vocab.token_to_id),
+                         time.perf_counter() - t0)
+        return vocab
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+class WorldTokenizer:
+    """The RWKV World tokenizer (greedy longest match over UTF-8 bytes).
+
+    Args:
+        vocab_file: path of a World vocabulary file; default: ``rwkv_vocab_v20230424.txt`` from the
+            installed official ``rwkv`` package (:class:`DataError` if neither).
+        vocab_size: embedding size the ids index into; default: largest id + 1 rounded up to a
+            multiple of 64 (65,536 for the official file). Ids in ``[largest id + 1, vocab_size)``
+            are reserved and decode to nothing.
+
+    Id 0 (:attr:`eos_token_id`) is end of text / document separator: it is never produced by
+    :meth:`encode` and decodes to ``""``. Parsed vocabularies are cached per file (path, mtime,
+    size) in this process, so a second tokenizer costs nothing.
+    """
+
+    def __init__(self, vocab_file: str | os.PathLike | None = None, vocab_size: int | None = None):
+        path = os.fspath(vocab_file) if vocab_file is not None else default_vocab_file()
+        self._vocab = _load_vocab(path)
+        self.vocab_file = path
+        min_size = self._vocab.max_id + 1
+        if vocab_size is None:
+            vocab_size = -(-min_size // 64) * 64
+        elif vocab_size < min_size:
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the largest id + 1 ({min_size}) in {path}")
+        self._vocab_size = int(vocab_size)
+        # id -> bytes for every valid id (reserved ones map to b"")
+        self._decode_table: list[bytes] = self._vocab.id_to_bytes + [b""] * (self._vocab_size - min_size)
+        self._findall = self._vocab.regex.findall
+        self._lookup = self._vocab.token_to_id.__getitem__
+
+    # -- sizes and special ids ----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (embedding rows): 65,536 for the official vocabulary."""
+        return self._vocab_size
+
+    @property
+    def eos_token_id(self) -> int:
+        """End of text / document separator (0)."""
+        return EOS_TOKEN_ID
+
+    def __len__(self) -> int:
+        return self._vocab_size
+
+    def __repr__(self) -> str:
+        return f"WorldTokenizer(vocab_file={self.vocab_file!r}, vocab_size={self._vocab_size})"
+
+    # -- encoding -------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (``str``; lone surrogates raise ``UnicodeEncodeError``).
+
+        Returns a list of ints in ``[1, largest id]``; no end-of-text id is added.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes str, got {type(text).__name__} (use encode_bytes for bytes)")
+        return self.encode_bytes(text.encode("utf-8"))
+
+    _BLOCK = 1 << 20
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Token ids of raw bytes (any bytes, not necessarily valid UTF-8)."""
+        data = bytes(data)
+        n = len(data)
+        findall, lookup = self._findall, self._lookup
+        max_len = self._vocab.max_len
+        block = max(self._BLOCK, 4 * max_len)
+        if n <= block:
+            return list(map(lookup, findall(data)))
+        # Long inputs in blocks (bounded memory for the list of matched byte strings). The token
+        # starting at offset i depends only on data[i:i+max_len], so every match that starts at
+        # least max_len bytes before the block end is final; the rest are redone with the next block.
+        out: list[int] = []
+        pos = 0
+        while pos < n:
+            end = min(n, pos + block)
+            matches = findall(data, pos, end)
+            if end < n:
+                cur = end
+                while matches:
+                    start = cur - len(matches[-1])
+                    if start + max_len <= end:
+                        break
+                    matches.pop()
+                    cur = start
+                pos = cur
+            else:
+                pos = n
+            out.extend(map(lookup, matches))
+        return out
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` for each text."""
+        return [self.encode(t) for t in texts]
+
+    # -- decoding -------------------------------------------------------------------------------
+    def _check_ids(self, ids) -> list:
+        if hasattr(ids, "tolist"):  # torch / numpy
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            raise TypeError("decode() takes a sequence of ids, not a single int (wrap it in a list)")
+        ids = list(ids)
+        if ids:
+            lo, hi = min(ids), max(ids)
+            if lo < 0 or hi >= self._vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range [0, {self._vocab_size})")
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Concatenated bytes of ``ids`` (id 0 and reserved ids contribute nothing).
+
+        Raises ``ValueError`` naming the id if one is outside ``[0, vocab_size)``.
+        """
+        table = self._decode_table
+        return b"".join(map(table.__getitem__, self._check_ids(ids)))
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Text of ``ids``.
+
+        ``errors="replace"`` (default): each byte run that is not valid UTF-8 becomes U+FFFD where
+        it occurs; the rest of the text is intact. ``errors="strict"`` raises ``UnicodeDecodeError``.
+        Any other Python codec error handler name also works. Id 0 (end of text) decodes to ``""``.
+        """
+        _check_errors(errors)
+        return self.decode_bytes(ids).decode("utf-8", errors)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], errors: str = "replace") -> list[str]:
+        """:meth:`decode` for each row."""
+        return [self.decode(ids, errors) for ids in batch]
+
+    def stream_decoder(self, errors: str = "replace") -> "StreamDecoder":
+        """A :class:`StreamDecoder` for incremental decoding during generation."""
+        return StreamDecoder(self, errors)
+
+    # -- single tokens ----------------------------------------------------------------------------
+    def id_to_bytes(self, token_id: int) -> bytes:
+        """Bytes of one id (``b""`` for 0 and reserved ids); ``ValueError`` if out of range."""
+        if not 0 <= token_id < self._vocab_size:
+            raise ValueError(f"token id {token_id} is out of range [0, {self._vocab_size})")
+        return self._decode_table[token_id]
+
+    def token_to_id(self, token: str | bytes) -> int:
+        """Id of one vocabulary entry (``str`` is taken as its UTF-8 bytes); ``KeyError`` if absent."""
+        key = token.encode("utf-8") if isinstance(token, str) else bytes(token)
+        try:
+            return self._vocab.token_to_id[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not a token of {self.vocab_file}") from None
+
+    def get_vocab(self) -> dict[bytes, int]:
+        """A copy of the ``{token bytes: id}`` mapping."""
+        return dict(self._vocab.token_to_id)
+
+
+def _check_errors(errors: str) -> None:
+    try:
+        codecs.lookup_error(errors)
+    except LookupError:
+        raise ValueError(f"unknown decode error handler {errors!r} (use 'replace' or 'strict')") from None
+
+
+class StreamDecoder:
+    """Incremental decoding for streaming generation.
+
+    ``push(id)`` returns the text that became complete with this token; a UTF-8 sequence split
+    across tokens is held back until its last byte arrives. ``flush()`` returns what is left (with
+    ``errors="replace"`` an incomplete tail becomes U+FFFD; with ``"strict"`` it raises). For any id
+    sequence, ``"".join(push(i) for i in ids) + flush()`` equals ``tokenizer.decode(ids, errors)``.
+    """
+
+    def __init__(self, tokenizer: WorldTokenizer, errors: str = "replace"):
+        _check_errors(errors)
+        self._tok = tokenizer
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; returns the newly completed text (possibly ``""``)."""
+        return self._dec.decode(self._tok.id_to_bytes(int(token_id)))
+
+    def push_many(self, ids: Iterable[int]) -> str:
+        """Add several ids; returns the newly completed text."""
+        return self._dec.decode(self._tok.decode_bytes(ids))
+
+    @property
+    def pending_bytes(self) -> bytes:
+        """Bytes held back because they may start a multi-byte character."""
+        return self._dec.getstate()[0]
+
+    def flush(self) -> str:
+        """End of stream: returns the held-back tail (U+FFFD under ``errors="replace"``) and resets."""
+        out = self._dec.decode(b"", final=True)
+        self._dec.reset()
+        return out
+
+    def reset(self) -> None:
+        """Drop held-back bytes and start over."""
+        self._dec.reset()

@@ -1,0 +1,351 @@
+"""World tokenizer: published test vectors, agreement with the official TRIE_TOKENIZER and with the
+slow greedy twin on random data, decoding/streaming semantics, and every vocabulary-file error."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+
+import pytest
+
+from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.model import tokenizer as tkmod
+from multimodal_rwkv.model.tokenizer import StreamDecoder, WorldTokenizer, greedy_reference
+
+# From the reference notes (computed with the official pip TRIE_TOKENIZER; the first two also match
+# rwkv_v6_demo.py and the rwkv-tokenizer README).
+VECTORS = {
+    "The Eiffel tower is in the city of": [6699, 304, 25740, 109, 39990, 4600, 4596, 22590, 30449, 4706],
+    "Today is a beautiful day. 今天是美好的一天。": [
+        33520, 4600, 332, 59219, 21509, 47, 33, 10381, 11639, 13091, 15597, 11685, 14734, 10250, 11639, 10080,
+    ],
+    "Hello world": [33155, 40213],
+    "\n\nUser: hi\n\nAssistant:": [261, 24281, 59, 4571, 261, 5585, 41693, 59],
+    "你好，世界": [10464, 11685, 19137, 10267, 14610],
+    "1234567 + 89 = ?": [632, 654, 676, 56, 278, 3562, 296, 298],
+}
+
+HAVE_RWKV = importlib.util.find_spec("rwkv") is not None
+needs_rwkv = pytest.mark.skipif(not HAVE_RWKV, reason="official rwkv package not installed")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if not HAVE_RWKV:
+        pytest.skip("official rwkv package not installed")
+    return WorldTokenizer()
+
+
+@pytest.fixture(scope="module")
+def official(tok):
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER  # does not import rwkv.model
+
+    return TRIE_TOKENIZER(tok.vocab_file)
+
+
+# ---------------------------------------------------------------- random text generators
+
+_RANGES = [
+    (0x20, 0x7E),  # printable ASCII
+    (0x00, 0x1F),  # control characters
+    (0x80, 0x24F),  # Latin-1 supplement, Latin extended
+    (0x370, 0x4FF),  # Greek, Cyrillic
+    (0x3000, 0x303F),  # CJK punctuation
+    (0x4E00, 0x9FFF),  # CJK ideographs
+    (0xAC00, 0xD7A3),  # Hangul
+    (0xFF00, 0xFFEF),  # full-width forms
+    (0x1F300, 0x1FAFF),  # emoji
+    (0x10000, 0x10FFFF),  # anything astral
+]
+_WORDS = ["the", " the", "of", " and", "Hello", " world", "\n\n", "User:", " Assistant:", "今天", "一天",
+          "是", "的", "，", "。", "  ", "\t", "http://", "1234567", " = ", "😀", "\r\n"]
+
+
+def random_text(rng: random.Random, max_len: int = 120) -> str:
+    parts = []
+    for _ in range(rng.randint(0, max_len)):
+        r = rng.random()
+        if r < 0.35:
+            parts.append(rng.choice(_WORDS))
+        elif r < 0.45:
+            parts.append(" " * rng.randint(1, 140))  # runs around the 128-space token
+        else:
+            lo, hi = rng.choice(_RANGES)
+            cp = rng.randint(lo, hi)
+            if 0xD800 <= cp <= 0xDFFF:  # lone surrogates cannot be UTF-8 encoded
+                cp = 0xFFFD
+            parts.append(chr(cp))
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------- exact ids
+
+
+@needs_rwkv
+@pytest.mark.parametrize("text", list(VECTORS))
+def test_published_vectors(tok, text):
+    assert tok.encode(text) == VECTORS[text]
+    assert tok.decode(VECTORS[text]) == text
+
+
+@needs_rwkv
+def test_vectors_hold_for_the_official_tokenizer_too(official):
+    # guards the vectors themselves: they must be what the official package produces
+    for text, ids in VECTORS.items():
+        assert official.encode(text) == ids
+
+
+@needs_rwkv
+def test_random_unicode_matches_official_and_round_trips(tok, official):
+    rng = random.Random(1234)
+    texts = [random_text(rng) for _ in range(400)] + ["", " ", "\x00", " " * 129, "a" * 1000]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == official.encode(text), repr(text)
+        assert tok.decode(ids) == text
+        assert tok.decode(ids, errors="strict") == text
+
+
+@needs_rwkv
+def test_random_bytes_match_slow_twin(tok):
+    rng = random.Random(99)
+    vocab = tok._vocab
+    for n in [0, 1, 2, 3, 7, 64, 129, 500]:
+        for _ in range(6):
+            data = bytes(rng.randrange(256) for _ in range(n))
+            assert tok.encode_bytes(data) == greedy_reference(data, vocab.token_to_id, vocab.max_len)
+            assert tok.decode_bytes(tok.encode_bytes(data)) == data
+    text = "".join(random_text(rng) for _ in range(30)).encode()
+    assert tok.encode_bytes(text) == greedy_reference(text, vocab.token_to_id, vocab.max_len)
+
+
+@needs_rwkv
+def test_block_seams_do_not_change_ids(tok, monkeypatch):
+    rng = random.Random(5)
+    text = "".join(random_text(rng, 300) for _ in range(40))
+    whole = tok.encode(text)
+    monkeypatch.setattr(tok, "_BLOCK", 1)  # blocks of 4 * 128 bytes: many seams, inside space runs too
+    assert len(text.encode()) > 20 * 4 * tok._vocab.max_len
+    assert tok.encode(text) == whole
+    assert tok.decode(whole) == text
+
+
+@needs_rwkv
+def test_direct_regex_is_used_and_batch(tok):
+    assert tok._vocab.regex_kind == "direct"  # the fast build did not silently fall back
+    texts = ["Hello world", "", "你好，世界"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.decode_batch(tok.encode_batch(texts)) == texts
+
+
+# ---------------------------------------------------------------- synthetic vocabularies
+
+
+def write_vocab(path, tokens, start=1, crlf=False):
+    nl = "\r\n" if crlf else "\n"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        for i, t in enumerate(tokens, start):
+            lit = repr(t.decode("utf-8")) if _is_utf8(t) else repr(t)
+            f.write(f"{i} {lit} {len(t)}{nl}")
+    return str(path)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def synthetic_tokens(rng: random.Random, n_extra: int = 600) -> list[bytes]:
+    """All single bytes plus random tokens over a small alphabet: deep chains, shared prefixes and
+    prefixes that are not tokens, so the matcher must backtrack."""
+    toks = [bytes([b]) for b in range(256)]
+    seen = set(toks)
+    alphabet = b"ab \xe4\xb8\x80"
+    while len(toks) < 256 + n_extra:
+        t = bytes(rng.choice(alphabet) for _ in range(rng.randint(2, 12)))
+        if t not in seen:
+            seen.add(t)
+            toks.append(t)
+    toks.sort(key=len)
+    return toks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_direct_and_text_regex_match_slow_twin_on_synthetic_vocab(tmp_path, seed):
+    rng = random.Random(seed)
+    path = write_vocab(tmp_path / "v.txt", synthetic_tokens(rng))
+    table = tkmod.parse_vocab_file(path)
+    direct = tkmod._Vocab(path, table)
+    text_rx = tkmod._Vocab(path, table, force_text_regex=True)
+    assert direct.regex_kind == "direct" and text_rx.regex_kind == "text"
+    alphabet = b"ab \xe4\xb8\x80\xffz"
+    for n in [0, 1, 2, 5, 13, 100, 777]:
+        data = bytes(rng.choice(alphabet) for _ in range(n))
+        want = greedy_reference(data, table_inv(table), direct.max_len)
+        for v in (direct, text_rx):
+            assert [v.token_to_id[m] for m in v.regex.findall(data)] == want
+
+
+def table_inv(table):
+    return {t: i for i, t in table.items()}
+
+
+def test_synthetic_vocab_tokenizer_api(tmp_path):
+    toks = synthetic_tokens(random.Random(3), 100)
+    path = write_vocab(tmp_path / "v.txt", toks, crlf=True)  # CRLF like the RWKV-LM copy
+    tok = WorldTokenizer(path)
+    assert tok.vocab_size == 384 and len(tok) == 384  # 356 + 1 rounded up to 64
+    assert tok.eos_token_id == 0
+    assert tok.id_to_bytes(0) == b"" and tok.id_to_bytes(383) == b""  # eos, reserved
+    assert tok.id_to_bytes(1) == b"\x00" and tok.token_to_id(b"\x00") == 1
+    assert tok.token_to_id(toks[-1]) == len(toks)
+    with pytest.raises(KeyError):
+        tok.token_to_id(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+    assert WorldTokenizer(path, vocab_size=1000).vocab_size == 1000
+    with pytest.raises(ValueError):
+        WorldTokenizer(path, vocab_size=10)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@needs_rwkv
+def test_decode_replaces_invalid_bytes_locally(tok):
+    a, ff, b = tok.token_to_id("a"), tok.token_to_id(b"\xff"), tok.token_to_id("b")
+    assert tok.decode([a, ff, b]) == "a\ufffdb"
+    half = tok.encode("中")  # one token; split its bytes into single-byte tokens instead
+    bytes_ids = [tok.token_to_id(bytes([x])) for x in "中".encode()]
+    assert half != bytes_ids and tok.decode(bytes_ids) == "中"
+    assert tok.decode([a] + bytes_ids[:2] + [b]) == "a\ufffdb"
+    with pytest.raises(UnicodeDecodeError):
+        tok.decode([a, ff, b], errors="strict")
+    assert tok.decode([a, ff, b], errors="ignore") == "ab"
+    with pytest.raises(ValueError, match="nonsense"):
+        tok.decode([a], errors="nonsense")
+
+
+@needs_rwkv
+def test_decode_special_and_out_of_range_ids(tok):
+    hello = tok.encode("Hello world")
+    assert tok.decode([0] + hello + [0]) == "Hello world"
+    assert tok.decode([]) == ""
+    assert tok.decode([65535]) == ""  # reserved
+    for bad in (65536, -1, 10**9):
+        with pytest.raises(ValueError, match=str(bad)):
+            tok.decode(hello + [bad])
+        with pytest.raises(ValueError, match=str(bad)):
+            tok.id_to_bytes(bad)
+    np = pytest.importorskip("numpy")
+    assert tok.decode(np.array(hello)) == "Hello world"
+
+
+@needs_rwkv
+def test_stream_decoder_equals_decode(tok):
+    rng = random.Random(7)
+    partial = [tok.token_to_id(bytes([x])) for x in range(0x80, 0x100)]
+    for _ in range(200):
+        ids = tok.encode(random_text(rng, 40))
+        if rng.random() < 0.5:  # sprinkle in single bytes that are not valid UTF-8 on their own
+            for _ in range(rng.randint(1, 4)):
+                ids.insert(rng.randint(0, len(ids)), rng.choice(partial))
+        for errors in ("replace", "ignore"):
+            dec = tok.stream_decoder(errors)
+            out = "".join(dec.push(i) for i in ids) + dec.flush()
+            assert out == tok.decode(ids, errors=errors)
+
+
+@needs_rwkv
+def test_stream_decoder_holds_back_split_characters(tok):
+    ids = [tok.token_to_id(bytes([x])) for x in "中a".encode()]
+    dec = StreamDecoder(tok)
+    assert dec.push(ids[0]) == "" and dec.push(ids[1]) == ""
+    assert dec.pending_bytes == "中".encode()[:2]
+    assert dec.push(ids[2]) == "中"
+    assert dec.push(ids[3]) == "a"
+    assert dec.push(ids[0]) == ""
+    assert dec.flush() == "\ufffd"  # a dangling lead byte at the end
+    assert dec.push_many(tok.encode("你好")) == "你好"
+    strict = StreamDecoder(tok, errors="strict")
+    strict.push(ids[0])
+    with pytest.raises(UnicodeDecodeError):
+        strict.flush()
+
+
+# ---------------------------------------------------------------- vocabulary file errors
+
+GOOD = [f"{b + 1} {repr(bytes([b]).decode('latin-1')) if b < 128 else repr(bytes([b]))} 1" for b in range(256)]
+
+
+def _write_lines(tmp_path, lines, name="vocab.txt"):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("257 'ab' 3", "byte length column says 3"),
+        ("257 'ab'", "expected '<id> <python literal> <byte length>'"),
+        ("257 __import__('os').system('echo pwned') 5", "not a Python str/bytes literal"),
+        ("257 ['a'] 1", "is a list"),
+        ("257 'a', 'b' 2", "is a tuple"),
+        ("x 'ab' 2", "must be integers"),
+        ("256 'ab' 2", "duplicate id 256"),
+        ("258 'a' 1", "duplicates id 98"),
+        ("0 'ab' 2", "id 0 is invalid"),
+        ("257 '' 0", "empty token"),
+        ("257 'ab 2", "not a Python str/bytes literal"),
+    ],
+)
+def test_bad_vocab_lines_raise_data_error_naming_file_and_line(tmp_path, extra, message):
+    path = _write_lines(tmp_path, GOOD + ["257 'xy' 2", extra])
+    with pytest.raises(DataError) as ei:
+        tkmod.parse_vocab_file(path)
+    msg = str(ei.value)
+    assert f"{path}:258:" in msg and message in msg, msg
+
+
+def test_vocab_lacking_single_bytes_is_rejected(tmp_path):
+    path = _write_lines(tmp_path, GOOD[:100] + GOOD[101:])
+    with pytest.raises(DataError, match="0x64"):
+        WorldTokenizer(path)
+
+
+def test_vocab_file_unreadable_or_empty(tmp_path):
+    with pytest.raises(DataError, match="cannot read"):
+        WorldTokenizer(tmp_path / "missing.txt")
+    empty = _write_lines(tmp_path, [""], "empty.txt")
+    with pytest.raises(DataError, match="no entries"):
+        tkmod.parse_vocab_file(empty)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"1 '\xe9' 1\n")
+    with pytest.raises(DataError, match=r"latin1.txt:1: .*not valid UTF-8"):
+        tkmod.parse_vocab_file(str(bad))
+
+
+def test_bulk_parse_cannot_be_misaligned(tmp_path):
+    # a literal split over two lines must not be accepted by the one-shot parser
+    lines = GOOD + ["257 ('a' 1", "258 'b') 1"]
+    with pytest.raises(DataError, match=":257:"):
+        tkmod.parse_vocab_file(_write_lines(tmp_path, lines))
+
+
+def test_missing_official_package_gives_clear_error(monkeypatch):
+    monkeypatch.setattr(tkmod.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install rwkv"):
+        WorldTokenizer()
+
+
+def test_vocab_cache_reuses_and_notices_changes(tmp_path):
+    path = _write_lines(tmp_path, GOOD + ["257 'ab' 2"])
+    a, b = WorldTokenizer(path), WorldTokenizer(path)
+    assert a._vocab is b._vocab
+    assert a.encode("ab") == [257]
+    _write_lines(tmp_path, GOOD + ["257 'abc' 3"])
+    os.utime(path, ns=(1, 1))  # make sure the mtime changes even on coarse clocks
+    c = WorldTokenizer(path)
+    assert c._vocab is not a._vocab and c.encode("abc") == [257]
