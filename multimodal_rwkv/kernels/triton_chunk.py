@@ -39,7 +39,7 @@ BC = 16  # sub-chunk length
 
 def kernels_interpreted() -> bool:
     """True if this module's kernels were defined under the Triton interpreter (TRITON_INTERPRET=1)."""
-    return type(_fwd_h).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 def check_head_sizes(K: int, V: int) -> None:
@@ -257,6 +257,10 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, T, NT,
     tl.store(dr + p_k, b_dr)
     tl.store(dk + p_k, b_dk)
     tl.store(dv + p_v, b_dv)
+
+
+# Whether @triton.jit produced interpreter functions (TRITON_INTERPRET=1 when this module was imported).
+_INTERPRETED = type(_fwd_h).__name__ == "InterpretedFunction"
 
 
 def _prec(dtype):
