@@ -107,6 +107,27 @@ def test_random_unicode_matches_official_and_round_trips(tok, official):
 
 
 @needs_rwkv
+def test_cjk_run_path_matches_byte_matcher(tok, monkeypatch):
+    # encode() maps runs of CJK characters one by one; encode_bytes() is the byte matcher alone
+    assert tok._vocab.run_regex is not None and "中" in tok._vocab.char_to_id
+    rng = random.Random(11)
+    monkeypatch.setattr(tok, "_PIECE_CACHE_MAX_ENTRIES", 8)  # exercise cache eviction too
+    pool = ["中", "国", "，", "。", " ", "a", "\n", "😀", "é", "Ω", "ק", "\u0250", "\ue000", "\U00050000", "“"]
+    for _ in range(300):
+        parts = []
+        for _ in range(rng.randint(0, 60)):
+            r = rng.random()
+            if r < 0.5:
+                parts.append(chr(rng.randint(0x4000, 0x9FFF)))  # many are not tokens: byte fallback
+            else:
+                parts.append(rng.choice(pool + _WORDS))
+        text = "".join(parts)
+        ids = tok.encode(text)
+        assert ids == tok.encode_bytes(text.encode()), repr(text)
+        assert tok.decode(ids) == text
+
+
+@needs_rwkv
 def test_random_bytes_match_slow_twin(tok):
     rng = random.Random(99)
     vocab = tok._vocab
@@ -191,6 +212,25 @@ def test_direct_and_text_regex_match_slow_twin_on_synthetic_vocab(tmp_path, seed
 
 def table_inv(table):
     return {t: i for i, t in table.items()}
+
+
+def test_char_runs_on_synthetic_vocab(tmp_path):
+    # lead bytes 0xE4/0xE5/0xC3 never occur inside a token here, so they are boundary bytes;
+    # 国 is a token that "国x" extends (not a leaf), 文 is not a token, é is a 2-byte leaf
+    extra = ["中", "国", "国x", "é", "ab", "a b"]
+    toks = [bytes([b]) for b in range(256)] + [t.encode() for t in dict.fromkeys(extra) if len(t.encode()) > 1]
+    path = write_vocab(tmp_path / "v.txt", toks)
+    tok = WorldTokenizer(path)
+    assert tok._vocab.run_regex is not None
+    assert set(tok._vocab.char_to_id) == {"中", "é"}
+    vocab = tok._vocab
+    rng = random.Random(4)
+    alphabet = ["中", "国", "x", "a", "b", " ", "文", "é", "国x", "中国"]
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
+        want = greedy_reference(text.encode(), vocab.token_to_id, vocab.max_len)
+        assert tok.encode(text) == want, repr(text)
+    assert tok.encode("中国x") == [tok.token_to_id("中"), tok.token_to_id("国x")]
 
 
 def test_synthetic_vocab_tokenizer_api(tmp_path):

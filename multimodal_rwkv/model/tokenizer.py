@@ -219,23 +219,41 @@ def _build_trie(tokens: Iterable[bytes]) -> dict:
     return root
 
 
-def _children(node: dict) -> list:
-    kids = [(c, child) for c, child in node.items() if c >= 0]
-    kids.sort(key=lambda kc: (-kc[1][_SIZE], kc[0]))
-    return kids
+def _children(node: dict) -> tuple[list[int], list]:
+    """``(leaves, branches)``: the child bytes that end a token with nothing below them, and the
+    other children as ``(byte, node)`` sorted by subtree size, largest first."""
+    leaves, branches = [], []
+    for c, child in node.items():
+        if c < 0:
+            continue
+        if len(child) == 2 and _TERM in child:  # {_SIZE, _TERM}: a leaf
+            leaves.append(c)
+        else:
+            branches.append((c, child))
+    leaves.sort()
+    branches.sort(key=lambda kc: (-kc[1][_SIZE], kc[0]))
+    return leaves, branches
+
+
+# Siblings start with distinct bytes, so at most one alternative can match and their order never
+# changes the result; it only sets how many are tried. Leaf children collapse into one byte class
+# (what `re` itself does for `a|b|c`), tried first since it is a single bitmap test; the others
+# follow, most populous subtree first.
 
 
 def _pattern_text(root: dict) -> bytes:
     """The trie as regex source (the portable fallback and the documented form)."""
 
     def alts(node: dict) -> bytes:
+        leaves, branches = _children(node)
         parts = []
-        for c, child in _children(node):
+        if len(leaves) == 1:
+            parts.append(re.escape(bytes(leaves)))
+        elif leaves:
+            parts.append(b"[" + b"".join(re.escape(bytes([c])) for c in leaves) + b"]")
+        for c, child in branches:
             lit = re.escape(bytes([c]))
-            has_kids = len(child) > 2 or _TERM not in child
-            if not has_kids:
-                parts.append(lit)
-            elif _TERM in child:
+            if _TERM in child:
                 parts.append(lit + b"(?:" + alts(child) + b"|)")
             else:
                 parts.append(lit + alts(child))
@@ -259,19 +277,22 @@ def _compile_direct(root: dict):
     _parser, _compiler, _constants = _re_internals()
     state = _parser.State()
     SubPattern = _parser.SubPattern
-    LITERAL, BRANCH = _constants.LITERAL, _constants.BRANCH
+    LITERAL, BRANCH, IN = _constants.LITERAL, _constants.BRANCH, _constants.IN
 
     def items(node: dict) -> list:
+        leaves, branches = _children(node)
         alternatives = []
-        for c, child in _children(node):
+        if len(leaves) == 1:
+            alternatives.append([(LITERAL, leaves[0])])
+        elif leaves:
+            alternatives.append([(IN, [(LITERAL, c) for c in leaves])])
+        for c, child in branches:
             seq = [(LITERAL, c)]
-            has_kids = len(child) > 2 or _TERM not in child
-            if has_kids:
-                sub = items(child)
-                if _TERM in child:
-                    seq.append((BRANCH, (None, [SubPattern(state, sub), SubPattern(state, [])])))
-                else:
-                    seq.extend(sub)
+            sub = items(child)
+            if _TERM in child:
+                seq.append((BRANCH, (None, [SubPattern(state, sub), SubPattern(state, [])])))
+            else:
+                seq.extend(sub)
             alternatives.append(seq)
         if len(alternatives) == 1:
             return alternatives[0]
@@ -322,6 +343,63 @@ class _Vocab:
                 logger.info("World tokenizer: direct regex build unavailable (%s); using text pattern", e)
         if self.regex is None:
             self.regex = self._compile_text(root)
+        self.char_to_id, self.run_regex = self._single_char_runs(root)
+        # ids of short text pieces that lie between token boundaries (exact: their tokenization
+        # does not depend on the surrounding text); cleared when full
+        self.piece_cache: dict[str, tuple[int, ...]] = {}
+
+    def _single_char_runs(self, root: dict):
+        """The characters whose boundaries are always token boundaries, and the leaf tokens among them.
+
+        Call a byte a *boundary byte* if it never occurs after the first position of any token: no
+        token can cross the position just before it, so greedy matching always starts a token
+        there, and the text on either side of that position is tokenized independently. For the
+        World vocabulary the UTF-8 lead bytes 0xE4-0xE9 (U+4000-U+9FFF: CJK ideographs) are
+        boundary bytes, and every CJK ideograph in the vocabulary is a token that no longer token
+        extends. So in a run of characters with boundary lead bytes, each character is tokenized on
+        its own: by a dict look-up if it is a token, by the byte matcher otherwise. Only the last
+        character of a run needs care: unless it is a *leaf* token (nothing longer starts with it)
+        a token could continue past it, so it goes to the byte matcher with the text that follows.
+
+        Returns ``(leaf_char_to_id, run_regex)``; ``run_regex`` (over ``str``) matches maximal runs of
+        characters whose UTF-8 lead byte is a boundary byte, or is ``None`` if there are none.
+        """
+        inner = set()
+        for tok in self.token_to_id:
+            inner.update(tok[1:])
+        boundary = [b for b in range(0xC2, 0xF5) if b not in inner]  # multi-byte lead bytes only
+        if not boundary:
+            return {}, None
+        spans = []
+        for lead in boundary:  # code points whose UTF-8 starts with `lead`
+            if lead < 0xE0:
+                lo, hi = (lead & 0x1F) << 6, ((lead & 0x1F) << 6) | 0x3F
+            elif lead < 0xF0:
+                lo, hi = max((lead & 0x0F) << 12, 0x800), ((lead & 0x0F) << 12) | 0xFFF
+            else:
+                lo, hi = max((lead & 0x07) << 18, 0x10000), min(((lead & 0x07) << 18) | 0x3FFFF, 0x10FFFF)
+            if spans and spans[-1][1] + 1 == lo:
+                spans[-1][1] = hi
+            else:
+                spans.append([lo, hi])
+        charset = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in spans)
+        run_regex = re.compile(f"[{charset}]+")
+        leaf_char_to_id: dict[str, int] = {}
+        for tok, idx in self.token_to_id.items():
+            if tok[0] in inner or not 2 <= len(tok) <= 4:
+                continue
+            try:
+                ch = tok.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if len(ch) != 1:
+                continue
+            node = root
+            for c in tok:
+                node = node[c]
+            if len(node) == 2:  # {_SIZE, _TERM}: nothing longer starts with it
+                leaf_char_to_id[ch] = idx
+        return leaf_char_to_id, run_regex
 
     @staticmethod
     def _compile_text(root: dict):
@@ -426,12 +504,62 @@ class WorldTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes str, got {type(text).__name__} (use encode_bytes for bytes)")
-        return self.encode_bytes(text.encode("utf-8"))
+        vocab = self._vocab
+        if vocab.run_regex is None or text.isascii():
+            return self.encode_bytes(text.encode("utf-8"))
+        # Runs of characters with boundary lead bytes (CJK; see _Vocab._single_char_runs) are
+        # tokenized character by character; the pieces between them by the byte matcher.
+        out: list[int] = []
+        char_ids = vocab.char_to_id
+        char_id = char_ids.__getitem__
+        piece = self._encode_piece
+        pos = 0
+        for m in vocab.run_regex.finditer(text):
+            start, end = m.span()
+            run = m.group()
+            if run[-1] not in char_ids:  # a token might continue past it: leave it to what follows
+                end -= 1
+                run = run[:-1]
+                if not run:
+                    continue
+            if start > pos:
+                out += piece(text[pos:start])
+            n0 = len(out)
+            try:
+                out += map(char_id, run)
+            except KeyError:  # a character that is not a leaf token: its own bytes, matched alone
+                del out[n0:]
+                for ch in run:
+                    tid = char_ids.get(ch)
+                    if tid is None:
+                        out += piece(ch)
+                    else:
+                        out.append(tid)
+            pos = end
+        if pos < len(text):
+            out += piece(text[pos:])
+        return out
+
+    _PIECE_CACHE_MAX_CHARS = 16
+    _PIECE_CACHE_MAX_ENTRIES = 1 << 16
+
+    def _encode_piece(self, piece: str):
+        """Ids of a piece of text that starts and ends at token boundaries (cached if short)."""
+        if len(piece) > self._PIECE_CACHE_MAX_CHARS:
+            return self.encode_bytes(piece.encode("utf-8"))
+        cache = self._vocab.piece_cache
+        ids = cache.get(piece)
+        if ids is None:
+            ids = tuple(self.encode_bytes(piece.encode("utf-8")))
+            if len(cache) >= self._PIECE_CACHE_MAX_ENTRIES:
+                cache.clear()
+            cache[piece] = ids
+        return ids
 
     _BLOCK = 1 << 20
 
     def encode_bytes(self, data: bytes) -> list[int]:
-        """Token ids of raw bytes (any bytes, not necessarily valid UTF-8)."""
+        """Token ids of raw bytes (any bytes, not necessarily valid UTF-8); the byte matcher only."""
         data = bytes(data)
         n = len(data)
         findall, lookup = self._findall, self._lookup
