@@ -1,0 +1,313 @@
+"""Training engine end to end on CPU with tiny RWKV-6 models (n_layer=2, n_embd=64, head_size=32)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multimodal_rwkv.errors import ConfigError
+from multimodal_rwkv.training import TrainConfig, TrainingError, train
+from multimodal_rwkv.training.config import save_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "model.config={n_layer: 2, n_embd: 64, head_size: 32, vocab_size: 64}"
+
+
+def make_corpus(path: Path, n_docs=150, seed=0):
+    """Learnable token documents: arithmetic runs of ids in [1, 47], separated by 0."""
+    rng = np.random.default_rng(seed)
+    toks = []
+    for _ in range(n_docs):
+        a = int(rng.integers(1, 40))
+        step = int(rng.integers(1, 3))
+        toks += [(a + step * j) % 47 + 1 for j in range(int(rng.integers(5, 30)))] + [0]
+    np.save(path, np.asarray(toks, np.int32))
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return make_corpus(tmp_path / "tok.npy")
+
+
+def base_overrides(corpus, out, **kw):
+    o = {"output_dir": str(out), "data.train_file": str(corpus), "data.ctx_len": 16, "train.micro_batch_size": 4,
+         "optim.lr": 5e-3, "optim.warmup_steps": 2, "progress_bar": False, "max_steps": 8, "checkpoint_every": 4,
+         "seed": 7}
+    o.update(kw)
+    return [TINY] + [f"{k}={v}" for k, v in o.items()]
+
+
+def losses(out):
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def fresh_base(path, vocab=64, **kw):
+    from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
+
+    torch.manual_seed(3)
+    m = RWKVForCausalLM(RWKVConfig(vocab_size=vocab, n_layer=2, n_embd=64, head_size=32, **kw))
+    with torch.no_grad():  # RWKV's init zeroes output projections; make every layer matter
+        for n, p in m.named_parameters():
+            if p.ndim == 2 and float(p.abs().max()) == 0:
+                p.normal_(0, 0.05)
+    m.save_pretrained(path)
+    return m
+
+
+def test_loss_goes_down_and_run_folder(tmp_path, corpus):
+    valid = make_corpus(tmp_path / "valid.npy", n_docs=20, seed=1)
+    out = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=16, **{"data.valid_file": valid}))
+    L = losses(tmp_path / "run")
+    assert len(L) == 16
+    assert np.mean(L[-3:]) < 0.7 * np.mean(L[:3])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for k in ("step", "loss", "lr", "tokens_per_s", "grad_norm"):
+        assert k in rows[0]
+    assert rows[-1]["valid_loss"] < L[0]
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    ck = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ck == ["step_00000012", "step_00000016"]  # keep_last = 2
+    from multimodal_rwkv import RWKVForCausalLM
+
+    m = RWKVForCausalLM.from_pretrained(out)
+    ids = torch.randint(1, 48, (2, 9))
+    assert m(input_ids=ids).logits.shape == (2, 9, 64)
+    assert (out / "training_info.json").is_file() and (tmp_path / "run" / "recipe.yaml").is_file()
+    # a finished run is not re-run; raising max_steps extends it from the last checkpoint
+    assert train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=16)) == out
+    train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=18))
+    assert len(losses(tmp_path / "run")) == 18
+
+
+def test_grad_accum_and_bptt_equal_plain_big_batch(tmp_path, corpus):
+    ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "a", max_steps=4, **{
+        "train.micro_batch_size": 4})).parent)
+    acc = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "b", max_steps=4, **{
+        "train.micro_batch_size": 2, "train.grad_accum": 2})).parent)
+    np.testing.assert_allclose(acc, ref, rtol=0, atol=1e-5)
+    # truncated BPTT: the forward (loss) is the same as the full sequence; only gradients are cut
+    bp = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "c", max_steps=2, **{
+        "train.bptt_chunk": 5})).parent)
+    assert abs(bp[0] - ref[0]) < 1e-5
+    assert abs(bp[1] - ref[1]) > 1e-7  # different (truncated) gradient -> different update
+
+
+def _run_cli(recipe, overrides, **kw):
+    cmd = [sys.executable, "-m", "multimodal_rwkv", "train", str(recipe)] + sum((["--set", o] for o in overrides), [])
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_step(out, step, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        m = Path(out) / "metrics.jsonl"
+        if m.exists() and len(losses(out)) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
+    torch.set_num_threads(1)  # same thread count as the subprocesses: identical float reductions
+    try:
+        ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "ref", max_steps=10)).parent)
+    finally:
+        torch.set_num_threads(2)
+    recipe = tmp_path / "r.yaml"
+    save_config(TrainConfig(), recipe)
+    out = tmp_path / "run"
+    ov = base_overrides(corpus, out, max_steps=10, checkpoint_every=1)
+    # 1) SIGTERM: saves a checkpoint at the current step and exits with 128+15
+    p = _run_cli(recipe, ov)
+    _wait_for_step(out, 2, p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "rerun the same command to resume" in err
+    n = len(losses(out))
+    assert (out / "checkpoints" / f"step_{n:08d}" / "trainer_state.json").is_file()
+    # 2) SIGKILL at a random moment (checkpoint_every=1: often in the middle of writing one)
+    p = _run_cli(recipe, ov)
+    _wait_for_step(out, n + 1, p)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))
+    p.kill()
+    p.communicate()
+    # 3) resume to the end
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(), ov)
+    finally:
+        torch.set_num_threads(2)
+    got = losses(out)
+    assert len(got) == 10
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_half_written_checkpoint_is_never_loaded(tmp_path, corpus):
+    out = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=4, checkpoint_every=2))
+    # simulate a kill during the save of step 6: a temp folder, and a folder without trainer_state.json
+    ck = out / "checkpoints"
+    (ck / ".tmp-step_00000006").mkdir()
+    (ck / ".tmp-step_00000006" / "model.safetensors").write_bytes(b"garbage")
+    (ck / "step_00000008").mkdir()
+    (ck / "step_00000008" / "model.safetensors").write_bytes(b"garbage")
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=6, checkpoint_every=2))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert not (ck / ".tmp-step_00000006").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    from multimodal_rwkv.training import lm
+
+    orig = lm.LMTask._chunk_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        loss, logits, st = orig(self, *a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 6 else loss), logits, st
+
+    monkeypatch.setattr(lm.LMTask, "_chunk_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as e:
+        train(TrainConfig(), base_overrides(corpus, out, max_steps=10, checkpoint_every=2))
+    msg = str(e.value)
+    assert "non-finite loss" in msg and "step 6" in msg and "step_00000004" in msg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert not (out / "final").exists()
+
+
+def test_lora_trains_only_lora_and_merge_reproduces_outputs(tmp_path, corpus):
+    from safetensors.torch import load_file
+
+    from multimodal_rwkv import RWKVForCausalLM
+    from multimodal_rwkv.training.peft import LoRALinear, apply_lora
+
+    base = fresh_base(tmp_path / "base")
+    out = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, **{
+        "model.config": "{}", "model.from_pretrained": tmp_path / "base", "peft.lora_r": 4, "optim.lr": 1e-2,
+        "peft.lora_targets": "[att.key, att.value, att.output, ffn.key, ffn.value]"}))
+    sd = load_file(out.parent / "checkpoints" / "step_00000006" / "model.safetensors")
+    base_sd = base.state_dict()
+    lora_keys = [k for k in sd if k.endswith("lora_A") or k.endswith("lora_B")]
+    assert len(lora_keys) == 2 * 2 * 5
+    for k, v in sd.items():
+        if k in lora_keys:
+            continue
+        assert torch.equal(v, base_sd[k]), f"{k} changed but only LoRA weights should train"
+    assert all(float(sd[k].abs().max()) > 0 for k in lora_keys if k.endswith("lora_B"))
+    # the LoRA model rebuilt from the checkpoint == the merged export
+    lora_model = RWKVForCausalLM.from_pretrained(tmp_path / "base")
+    apply_lora(lora_model, 4, 16.0, ["att.key", "att.value", "att.output", "ffn.key", "ffn.value"])
+    lora_model.load_state_dict(sd)
+    merged = RWKVForCausalLM.from_pretrained(out)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert not any("lora" in k for k in load_file(out / "model.safetensors"))
+    ids = torch.randint(1, 48, (2, 37))
+    with torch.no_grad():
+        a, b, c = lora_model(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert (a - c).abs().max() > 1e-3  # the adapters did change the model
+
+
+def _official_logits(pth, ids):
+    os.environ["RWKV_JIT_ON"] = "0"
+    os.environ["RWKV_CUDA_ON"] = "0"
+    from rwkv.model import RWKV
+
+    m = RWKV(model=str(pth), strategy="cpu fp32", verbose=False)
+    out, _ = m.forward(ids, None, full_output=True)
+    return out
+
+
+def test_state_tuning_trains_only_state_and_official_package_agrees(tmp_path, corpus):
+    from safetensors.torch import load_file
+
+    from multimodal_rwkv import RWKVForCausalLM
+
+    base = fresh_base(tmp_path / "base")
+    out = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, **{
+        "model.config": "{}", "model.from_pretrained": tmp_path / "base", "peft.train_state": "true",
+        "optim.lr": 0.05, "optim.warmup_steps": 0, "export.pth": "true"}))
+    sd = load_file(out.parent / "checkpoints" / "step_00000006" / "model.safetensors")
+    base_sd = base.state_dict()
+    states = [k for k in sd if k.endswith("time_state")]
+    assert states == [] or len(states) == 2
+    for k, v in sd.items():
+        if k.endswith("time_state"):
+            assert float(v.abs().max()) > 0
+        else:
+            assert torch.equal(v, base_sd[k]), f"{k} changed but only the state should train"
+    tuned = RWKVForCausalLM.from_pretrained(out)
+    assert tuned.config.has_initial_state
+    ids = [int(i) for i in torch.randint(1, 48, (23,))]
+    with torch.no_grad():
+        ours = tuned(input_ids=torch.tensor([ids])).logits[0]
+        plain = base(input_ids=torch.tensor([ids])).logits[0]
+    assert (ours - plain).abs().max() > 1e-3  # the state matters
+    # the official package loads the exported file (time_state value-major) and agrees
+    official = _official_logits(out / "model.pth", ids)
+    torch.testing.assert_close(official.float(), ours, rtol=1e-4, atol=1e-4)
+    ts = torch.load(out / "time_state.pth", weights_only=True)
+    assert sorted(ts) == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
+    full = torch.load(out / "model.pth", weights_only=True)
+    for k, v in ts.items():
+        assert torch.equal(v, full[k].float())
+
+
+def test_unknown_keys_and_bad_data_through_the_cli(tmp_path, corpus, capsys):
+    from multimodal_rwkv.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: lm\nmax_steps: 2\noptim: {lr: 1e-3, momentum: 0.9}\n")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.momentum" in err and len(err.splitlines()) == 1
+    recipe.write_text("task: lm\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    rc = main(["train", str(recipe), "--set", f"output_dir={tmp_path / 'o'}", "--set", "data.tokenizer=bytes",
+               "--set", f"data.train_file={bad}", "--set", "model.config={n_layer: 1, n_embd: 64, head_size: 32}",
+               "--set", "progress_bar=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and f"{bad}:2" in err[-1] and "invalid JSON" in err[-1]
+    with pytest.raises(ConfigError, match="model.config.n_layers"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'p'}", f"data.train_file={corpus}", "model.config={n_layers: 2}"])
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
+    """gloo on CPU: torchrun starts 2 ranks, accelerate sees MULTI_CPU (ACCELERATE_USE_CPU=1)."""
+    torch.set_num_threads(1)
+    try:
+        ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "one", max_steps=5, **{
+            "train.micro_batch_size": 4})).parent)
+    finally:
+        torch.set_num_threads(2)
+    recipe = tmp_path / "r.yaml"
+    save_config(TrainConfig(), recipe)
+    ov = base_overrides(corpus, tmp_path / "two", max_steps=5, **{"train.micro_batch_size": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), "-m", "multimodal_rwkv", "train", str(recipe)]
+    cmd += sum((["--set", o] for o in ov), [])
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = losses(tmp_path / "two")
+    assert len(got) == 5
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
