@@ -532,6 +532,15 @@ class Trainer:
         opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.optim.lr,
                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         model, opt = acc.prepare(model, opt)
+        from accelerate.utils import DistributedType
+
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            if acc.gradient_accumulation_steps != cfg.train.grad_accum:
+                raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but the DeepSpeed config has "
+                                  f"gradient_accumulation_steps={acc.gradient_accumulation_steps}; make them equal")
+            if cfg.train.bptt_chunk:
+                raise ConfigError("train.bptt_chunk: truncated BPTT needs several backward passes per micro-batch, "
+                                  "which DeepSpeed does not support; use DDP or FSDP")
 
         step, samples, tokens_seen, t_elapsed = 0, 0, 0, 0.0
         if resume is not None:
