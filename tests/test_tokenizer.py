@@ -152,6 +152,15 @@ def test_block_seams_do_not_change_ids(tok, monkeypatch):
 
 
 @needs_rwkv
+def test_pickle_round_trip(tok):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.vocab_file == tok.vocab_file and clone.vocab_size == tok.vocab_size
+    assert clone.encode("你好，世界") == VECTORS["你好，世界"]
+
+
+@needs_rwkv
 def test_direct_regex_is_used_and_batch(tok):
     assert tok._vocab.regex_kind == "direct"  # the fast build did not silently fall back
     texts = ["Hello world", "", "你好，世界"]

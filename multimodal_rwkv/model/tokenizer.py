@@ -496,6 +496,11 @@ class WorldTokenizer:
     def __repr__(self) -> str:
         return f"WorldTokenizer(vocab_file={self.vocab_file!r}, vocab_size={self._vocab_size})"
 
+    def __reduce__(self):
+        # pickles as (path, vocab_size): a worker process re-reads the file (its compiled matcher
+        # cannot be pickled)
+        return (type(self), (self.vocab_file, self._vocab_size))
+
     # -- encoding -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (``str``; lone surrogates raise ``UnicodeEncodeError``).
@@ -595,11 +600,12 @@ class WorldTokenizer:
 
     # -- decoding -------------------------------------------------------------------------------
     def _check_ids(self, ids) -> list:
-        if hasattr(ids, "tolist"):  # torch / numpy
-            ids = ids.tolist()
-        if isinstance(ids, int):
-            raise TypeError("decode() takes a sequence of ids, not a single int (wrap it in a list)")
-        ids = list(ids)
+        if type(ids) is not list:
+            if hasattr(ids, "tolist"):  # torch / numpy
+                ids = ids.tolist()
+            if isinstance(ids, int):
+                raise TypeError("decode() takes a sequence of ids, not a single int (wrap it in a list)")
+            ids = list(ids)
         if ids:
             lo, hi = min(ids), max(ids)
             if lo < 0 or hi >= self._vocab_size:
