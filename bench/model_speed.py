@@ -1,0 +1,196 @@
+"""Core model speed and memory, side by side with the official `rwkv` package (same process).
+
+Same random checkpoint in the official layout (default L12 / C768 / V65536, fp32), 2 threads:
+prefill of 512 tokens, single-stream decode, batched decode of 8 streams; then the recurrent
+state's bytes per stream and peak memory while generating at 8k context, beside a transformers
+LlamaForCausalLM of equal parameter count with its KV cache.
+
+    python bench/model_speed.py [--layers 12 --embd 768 --prefill 512 --decode 32 --ctx 8192]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RWKV_JIT_ON", "0")
+os.environ.setdefault("RWKV_CUDA_ON", "0")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section  # noqa: E402
+
+
+def best(fn, reps=3):
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--embd", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=8192, help="context for the memory comparison")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-worker", choices=["rwkv", "llama"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_worker:
+        return memory_worker(args.memory_worker, args)
+    torch.set_num_threads(args.threads)
+
+    from rwkv.model import RWKV
+
+    from multimodal_rwkv import RWKVForCausalLM
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    tmp = Path(tempfile.mkdtemp())
+    pth = make_blink_checkpoint(tmp / "bench.pth", n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab)
+    official = RWKV(model=str(pth)[:-4], strategy="cpu fp32", verbose=False)
+    ours = RWKVForCausalLM.from_pretrained(pth)
+    n_params = sum(p.numel() for p in ours.parameters())
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, args.vocab, (args.prefill,), generator=g).tolist()
+
+    rows = []
+    with torch.no_grad():
+        # prefill: the state and last-token logits after the prompt
+        t_off = best(lambda: official.forward(prompt, None), reps=2)
+        t_our = best(lambda: ours(torch.tensor([prompt]), logits_to_keep=1), reps=2)
+        rows.append(("prefill 512 tok/s", args.prefill / t_off, args.prefill / t_our))
+
+        # single-stream decode: one token at a time from a prefilled state
+        _, st_off = official.forward(prompt[:16], None)
+        st_our = ours(torch.tensor([prompt[:16]])).state
+        toks = prompt[16:16 + args.decode]
+
+        def dec_off():
+            s = [x.clone() for x in st_off]
+            for t in toks:
+                _, s = official.forward([t], s)
+
+        def dec_our():
+            s = st_our
+            for t in toks:
+                s = ours(torch.tensor([[t]]), state=s).state
+
+        t_off = best(dec_off)
+        t_our = best(dec_our)
+        rows.append(("decode 1 stream tok/s", len(toks) / t_off, len(toks) / t_our))
+        single = len(toks) / t_our
+
+        st8 = st_our.expand(8)
+
+        def dec_our8():
+            s = st8
+            for t in toks:
+                s = ours(torch.tensor([[t]] * 8), state=s).state
+
+        t8 = best(dec_our8)
+        rows.append(("decode 8 streams tok/s (aggregate)", float("nan"), 8 * len(toks) / t8))
+
+    lines = [
+        f"Random official-layout checkpoint L{args.layers} C{args.embd} V{args.vocab} ({n_params / 1e6:.0f}M params), "
+        f"fp32, {args.threads} threads, best of 2-3. Command: `python bench/model_speed.py`",
+        "",
+        "| measure | official rwkv | multimodal_rwkv | ratio |",
+        "|---|---|---|---|",
+    ]
+    for name, a, b in rows:
+        ratio = "" if a != a else f"{b / a:.2f}x"
+        lines.append(f"| {name} | {'-' if a != a else f'{a:.1f}'} | {b:.1f} | {ratio} |")
+    lines.append(f"| batched-8 aggregate / single stream (ours) | | | {rows[2][2] / single:.2f}x |")
+
+    if not args.skip_memory:
+        lines += ["", *memory_table(args)]
+    text = "\n".join(lines)
+    print(text)
+    write_section("Core model speed and memory (CPU)", text)
+
+
+def memory_worker(kind, args):
+    """Run in a fresh process: build the model, prefill ``ctx`` tokens in chunks of 1024, decode 8
+    more, then print the process's peak RSS and the per-stream cache/state bytes."""
+    torch.set_num_threads(args.threads)
+    from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
+
+    cfg = RWKVConfig(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd)
+    ids = torch.randint(1, args.vocab, (1, args.ctx + 8))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if kind == "rwkv":
+            model = RWKVForCausalLM(cfg).eval()
+            st = None
+            for i in range(0, args.ctx, 1024):
+                st = model(ids[:, i:i + 1024], state=st, logits_to_keep=1).state
+            for i in range(args.ctx, args.ctx + 8):
+                st = model(ids[:, i:i + 1], state=st).state
+            cache = st.nbytes_per_stream()
+        else:
+            from transformers import LlamaForCausalLM
+
+            model = LlamaForCausalLM(llama_config(cfg, args)).eval()
+            out = model(ids[:, :1024], use_cache=True, logits_to_keep=1)
+            for i in range(1024, args.ctx, 1024):
+                out = model(ids[:, i:i + 1024], cache=out.cache, use_cache=True, logits_to_keep=1)
+            for i in range(args.ctx, args.ctx + 8):
+                out = model(ids[:, i:i + 1], cache=out.cache, use_cache=True)
+            cache = sum(t.numel() * t.element_size() for layer in out.cache.layers
+                        for t in (layer.keys, layer.values))
+    n = sum(p.numel() for p in model.parameters())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"RESULT {n} {cache} {rss} {time.perf_counter() - t0:.2f}")
+
+
+def llama_config(cfg, args):
+    """A transformers Llama with (about) the RWKV model's parameter count: same width and vocab."""
+    from transformers import LlamaConfig
+
+    inter = int(cfg.n_embd * 8 / 3) // 64 * 64
+    rwkv_params = cfg.num_parameters_estimate()
+    per_layer = 4 * cfg.n_embd * cfg.n_embd + 3 * cfg.n_embd * inter
+    n_layers = max(1, round((rwkv_params - 2 * cfg.vocab_size * cfg.n_embd) / per_layer))
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=inter,
+                       num_hidden_layers=n_layers, num_attention_heads=cfg.n_embd // 64,
+                       num_key_value_heads=cfg.n_embd // 64, max_position_embeddings=args.ctx + 64,
+                       tie_word_embeddings=False, attn_implementation="sdpa")
+
+
+def memory_table(args):
+    import subprocess
+
+    res = {}
+    for kind in ("rwkv", "llama"):
+        cmd = [sys.executable, __file__, "--memory-worker", kind, "--ctx", str(args.ctx), "--layers", str(args.layers),
+               "--embd", str(args.embd), "--vocab", str(args.vocab), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+        n, cache, rss, secs = line.split()[1:]
+        res[kind] = (int(n), int(cache), int(rss), float(secs))
+    r, q = res["rwkv"], res["llama"]
+    mib = 2 ** 20
+    return [
+        f"Memory while generating at {args.ctx} tokens of context (fp32, each model in its own process, peak RSS):",
+        "",
+        "| model | params | per-stream state / KV cache | grows with context | peak RSS | time |",
+        "|---|---|---|---|---|---|",
+        f"| RWKV-6 (ours) | {r[0] / 1e6:.0f}M | {r[1] / mib:.2f} MiB (state) | no | {r[2] / mib:.0f} MiB | {r[3]:.0f} s |",
+        f"| Llama (transformers, SDPA) | {q[0] / 1e6:.0f}M | {q[1] / mib:.1f} MiB (KV cache) | yes | {q[2] / mib:.0f} MiB | {q[3]:.0f} s |",
+        f"| ratio Llama / RWKV | | {q[1] / r[1]:.1f}x | | {q[2] / r[2]:.2f}x | |",
+    ]
+
+
+if __name__ == "__main__":
+    main()
