@@ -242,9 +242,11 @@ def _children(node: dict) -> tuple[list[int], list]:
 
 
 def _pattern_text(root: dict) -> bytes:
-    """The trie as regex source (the portable fallback and the documented form)."""
+    """The trie as regex source (the portable fallback and the documented form):
+    ``[leaf bytes]|x(?:...)|y(?:...|)|...``, where ``|)`` ends the alternatives of a node that is
+    itself a token (stop there if no longer token matches)."""
 
-    def alts(node: dict) -> bytes:
+    def alts(node: dict, optional: bool) -> bytes:
         leaves, branches = _children(node)
         parts = []
         if len(leaves) == 1:
@@ -252,14 +254,12 @@ def _pattern_text(root: dict) -> bytes:
         elif leaves:
             parts.append(b"[" + b"".join(re.escape(bytes([c])) for c in leaves) + b"]")
         for c, child in branches:
-            lit = re.escape(bytes([c]))
-            if _TERM in child:
-                parts.append(lit + b"(?:" + alts(child) + b"|)")
-            else:
-                parts.append(lit + alts(child))
+            parts.append(re.escape(bytes([c])) + alts(child, _TERM in child))
+        if optional:
+            parts.append(b"")
         return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"
 
-    return alts(root)
+    return alts(root, False)
 
 
 def _re_internals():
@@ -279,7 +279,8 @@ def _compile_direct(root: dict):
     SubPattern = _parser.SubPattern
     LITERAL, BRANCH, IN = _constants.LITERAL, _constants.BRANCH, _constants.IN
 
-    def items(node: dict) -> list:
+    def items(node: dict, optional: bool = False) -> list:
+        # optional: the node is itself a token, so "stop here" (an empty alternative, tried last)
         leaves, branches = _children(node)
         alternatives = []
         if len(leaves) == 1:
@@ -287,13 +288,9 @@ def _compile_direct(root: dict):
         elif leaves:
             alternatives.append([(IN, [(LITERAL, c) for c in leaves])])
         for c, child in branches:
-            seq = [(LITERAL, c)]
-            sub = items(child)
-            if _TERM in child:
-                seq.append((BRANCH, (None, [SubPattern(state, sub), SubPattern(state, [])])))
-            else:
-                seq.extend(sub)
-            alternatives.append(seq)
+            alternatives.append([(LITERAL, c)] + items(child, _TERM in child))
+        if optional:
+            alternatives.append([])
         if len(alternatives) == 1:
             return alternatives[0]
         return [(BRANCH, (None, [SubPattern(state, a) for a in alternatives]))]
