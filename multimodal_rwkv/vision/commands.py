@@ -1,0 +1,158 @@
+"""`mmrwkv vqa`, `mmrwkv eval-vqa` and `mmrwkv vision-synth` subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from multimodal_rwkv.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "vqa", help="answer a question about an image with a VisualRWKV model",
+        description="Answer one question about one image (greedy by default) and print the answer.\n\n"
+                    "Example:\n  mmrwkv vqa --model runs/visualrwkv_synthetic/final --image scene.png "
+                    "--question 'How many shapes are there?'",
+        formatter_class=_RAW)
+    p.add_argument("--model", required=True, help="VisualRWKV folder (save_pretrained) or VisualRWKV-v060 .pth")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", required=True, help="the question (an <image> placeholder is added if absent)")
+    p.add_argument("--vision-tower", default=None, help="CLIP hub id/folder for a v060 .pth (config + processor)")
+    _gen_args(p)
+    p.set_defaults(func=_vqa)
+
+    p = sub.add_parser(
+        "eval-vqa", help="answer a VQA questions file and score it",
+        description="Read JSONL lines {\"question_id\", \"image\", \"question\", \"answers\"?, \"choices\"?},\n"
+                    "write {\"question_id\", \"answer\"} lines, and print VQAv2 soft accuracy (standard answer\n"
+                    "normalisation; exact letter match when \"choices\" is given) if answers are present.\n"
+                    "Bad lines are reported (file:line: reason) and skipped.\n\n"
+                    "Example:\n  mmrwkv eval-vqa --model runs/visualrwkv_synthetic/final "
+                    "--questions data/synth/test_questions.jsonl \\\n"
+                    "      --image-folder data/synth/images --output answers.jsonl",
+        formatter_class=_RAW)
+    p.add_argument("--model", required=True, help="VisualRWKV folder or VisualRWKV-v060 .pth")
+    p.add_argument("--questions", required=True, help="questions .jsonl")
+    p.add_argument("--image-folder", default=None, help="root of relative image paths (default: the file's folder)")
+    p.add_argument("--output", required=True, help="answers .jsonl to write")
+    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together (default 16)")
+    p.add_argument("--limit", type=int, default=0, help="answer only the first N questions (0: all)")
+    p.add_argument("--vision-tower", default=None, help="CLIP hub id/folder for a v060 .pth")
+    _gen_args(p)
+    p.set_defaults(func=_eval_vqa)
+
+    p = sub.add_parser(
+        "vision-synth", help="generate the synthetic shapes/colours/counts VQA dataset",
+        description="Write a synthetic visual QA dataset in LLaVA format: images/, train.json, test.json and\n"
+                    "test_questions.jsonl (held-out scenes) for eval-vqa.\n\n"
+                    "Example:\n  mmrwkv vision-synth --out data/synth --n-train 4000 --n-test 300\n"
+                    "  mmrwkv train recipes/visualrwkv_synthetic.yaml --set data.train_file=data/synth/train.json "
+                    "data.image_folder=data/synth/images output_dir=runs/visualrwkv_synthetic",
+        formatter_class=_RAW)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n-train", type=int, default=4000, help="training images (default 4000)")
+    p.add_argument("--n-test", type=int, default=300, help="held-out test images (default 300)")
+    p.add_argument("--questions-per-image", type=int, default=3, help="questions per image (default 3)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+
+
+def _gen_args(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
+
+
+def _gen_kwargs(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+
+
+def _load(args):
+    import torch
+
+    from multimodal_rwkv.vision.modeling import VisualRWKV
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    return VisualRWKV.from_pretrained(args.model, dtype=dtype, device=device, vision_tower=args.vision_tower)
+
+
+def _vqa(args) -> int:
+    if not os.path.isfile(args.image):
+        raise DataError(f"{args.image}: image file not found")
+    model = _load(args)
+    print(model.answer(args.image, args.question, **_gen_kwargs(args)))
+    return 0
+
+
+def _eval_vqa(args) -> int:
+    from multimodal_rwkv.vision.evaluate import read_questions
+
+    qf = read_questions(args.questions, args.image_folder)
+    for b in qf.bad_lines:
+        print(f"mmrwkv eval-vqa: skipped {b}", file=sys.stderr)
+    questions = qf.questions[: args.limit] if args.limit else qf.questions
+    if not questions:
+        raise DataError(f"{args.questions}: no usable question lines")
+    model = _load(args)
+    gen = _gen_kwargs(args)
+    scores, by_type = [], {}
+    n_bad_images = 0
+    t0 = time.perf_counter()
+    tmp = args.output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for s in range(0, len(questions), max(args.batch_size, 1)):
+            chunk = questions[s:s + args.batch_size]
+            try:
+                answers = model.answer_batch([q.image for q in chunk], [q.prompt for q in chunk], **gen)
+            except DataError:  # a bad image: answer the chunk one by one to isolate it
+                answers = []
+                for q in chunk:
+                    try:
+                        answers.append(model.answer(q.image, q.prompt, **gen))
+                    except DataError as e:
+                        print(f"mmrwkv eval-vqa: skipped {q.where}: {e}", file=sys.stderr)
+                        n_bad_images += 1
+                        answers.append(None)
+            for q, a in zip(chunk, answers):
+                if a is None:
+                    continue
+                f.write(json.dumps({"question_id": q.question_id, "answer": a}) + "\n")
+                sc = q.score(a)
+                if sc is not None:
+                    scores.append(sc)
+    os.replace(tmp, args.output)
+    dt = time.perf_counter() - t0
+    n_done = len(questions) - n_bad_images
+    print(f"answered {n_done} questions in {dt:.1f} s -> {args.output}"
+          + (f" ({len(qf.bad_lines) + n_bad_images} bad lines skipped)" if qf.bad_lines or n_bad_images else ""))
+    if scores:
+        print(f"accuracy: {100.0 * sum(scores) / len(scores):.2f}% over {len(scores)} questions with answers")
+    del by_type
+    return 0
+
+
+def _synth(args) -> int:
+    from multimodal_rwkv.vision.synthetic import generate_dataset
+
+    if args.n_train < 1 or args.n_test < 0 or args.size < 16:
+        raise DataError("vision-synth: need --n-train >= 1, --n-test >= 0, --size >= 16")
+    info = generate_dataset(args.out, n_train=args.n_train, n_test=args.n_test,
+                            questions_per_image=args.questions_per_image, size=args.size, seed=args.seed)
+    print(json.dumps(info, indent=1))
+    return 0

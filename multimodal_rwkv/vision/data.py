@@ -1,0 +1,237 @@
+"""LLaVA-format visual instruction data: JSON (a list) or JSONL (one record per line).
+
+A record: ``{"id": str, "image": "rel/path.jpg" | [paths] (optional), "conversations":
+[{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; images are
+resolved against ``image_folder`` (default: the data file's folder).
+
+Bad input is expected input. At construction every record is checked (structure, speakers,
+``<image>`` count vs. images, image files present, non-empty, a recognised image format within the
+pixel limit); a bad record raises DataError naming the file, line/index and record id, or with
+``on_bad_record="skip"`` it is skipped, counted in ``skipped`` and listed in ``bad_records``.
+Tokenisation and full image decoding happen in ``__getitem__``; a record that only then turns out
+bad (a truncated image, no answer token within ``ctx_len``) raises, or in skip mode is logged,
+counted and replaced by the next good record (``verify_images=True`` decodes every image up front).
+
+Items: ``input_ids`` / ``labels`` (LongTensor [T], IMAGE_TOKEN_ID placeholders expanded, labels
+IGNORE_INDEX outside the assistant's answers) and ``pixel_values`` [n_images,3,H,W].
+:func:`collate` right-pads a batch (ids 0, labels IGNORE_INDEX) and concatenates the images.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from multimodal_rwkv.errors import ConfigError, DataError
+from multimodal_rwkv.vision.processor import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    VisualRWKVProcessor,
+    check_conversations,
+    load_image,
+)
+
+logger = logging.getLogger(__name__)
+
+BAD_RECORD_MODES = ("fail", "skip")
+
+
+@dataclass
+class Record:
+    rid: str          # record id as written in the file (or file:line when it has none)
+    where: str        # "file:line" (JSONL) or "file[index]" (JSON list)
+    images: list[str]
+    conversations: list
+
+    @property
+    def name(self) -> str:
+        return f"{self.where} (id {self.rid!r})"
+
+
+def read_llava_records(path) -> tuple[list[tuple[str, object]], list[str]]:
+    """Raw records of a LLaVA .json (list) or .jsonl file -> ([(where, record)], [bad line messages]).
+
+    An unparsable JSONL line is a bad line ("file:line: invalid JSON"); an unparsable .json file
+    raises DataError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read data file ({e})") from None
+    stripped = text.lstrip()
+    if path.suffix.lower() != ".jsonl" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+        return [(f"{path}[{i}]", r) for i, r in enumerate(data)], []
+    out, bad = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            bad.append(f"{path}:{n}: invalid JSON ({e.msg})")
+    if not out and not bad:
+        raise DataError(f"{path}: no records")
+    return out, bad
+
+
+def check_image_header(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Cheap check (no pixel decoding): exists, non-empty, a recognised format, within max_pixels."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        raise DataError(f"{path}: image file not found") from None
+    if size == 0:
+        raise DataError(f"{path}: empty image file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: decompression bomb ({' '.join(str(e).split())[:160]})") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a recognised image file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: corrupt image ({' '.join(str(e).split())[:160]})") from None
+    if max_pixels is not None and w * h > max_pixels:
+        raise DataError(f"{path}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                        "(decompression bomb?)")
+
+
+class LlavaDataset(Dataset):
+    """LLaVA JSON/JSONL dataset for VisualRWKV (see the module doc)."""
+
+    def __init__(self, path, processor: VisualRWKVProcessor, image_folder=None, ctx_len: int = 2048,
+                 on_bad_record: str = "fail", verify_images: bool = False,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+        if on_bad_record not in BAD_RECORD_MODES:
+            raise ConfigError(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
+        self.path = Path(path)
+        self.processor = processor
+        self.image_folder = Path(image_folder) if image_folder else self.path.parent
+        self.ctx_len = int(ctx_len)
+        self.on_bad_record = on_bad_record
+        self.max_image_pixels = max_image_pixels
+        self.bad_records: list[str] = []
+        self.skipped_at_load = 0
+        raw, bad_lines = read_llava_records(self.path)
+        for msg in bad_lines:
+            self._bad(msg)
+        self.records: list[Record] = []
+        for where, r in raw:
+            try:
+                rec = self._parse(where, r)
+                for p in rec.images:
+                    if verify_images:
+                        load_image(p, max_image_pixels)
+                    else:
+                        check_image_header(p, max_image_pixels)
+            except DataError as e:
+                self._bad(f"{where}: {e}" if not str(e).startswith(where) else str(e))
+                continue
+            self.records.append(rec)
+        if not self.records:
+            raise DataError(f"{self.path}: no usable records ({self.skipped} skipped)")
+        if self.skipped:
+            logger.warning("%s: skipped %d bad record(s); first: %s", self.path, self.skipped, self.bad_records[0])
+
+    @property
+    def skipped(self) -> int:
+        """Records skipped so far (at construction and while loading images)."""
+        return len(self.bad_records)
+
+    def _bad(self, msg: str) -> None:
+        if self.on_bad_record == "fail":
+            raise DataError(msg)
+        self.bad_records.append(msg)
+
+    def _parse(self, where: str, r) -> Record:
+        if not isinstance(r, dict):
+            raise DataError("record is not a JSON object")
+        rid = str(r.get("id", where))
+        name = f"record {rid!r}"
+        img = r.get("image")
+        if img is None or img == []:
+            images = []
+        elif isinstance(img, str):
+            images = [img]
+        elif isinstance(img, list) and all(isinstance(i, str) and i for i in img):
+            images = list(img)
+        else:
+            raise DataError(f"{name}: 'image' must be a file name or a list of file names")
+        paths = []
+        for i in images:
+            p = Path(i)
+            p = p if p.is_absolute() else self.image_folder / p
+            if not p.is_file():
+                raise DataError(f"{name}: image file not found: {p}")
+            paths.append(str(p))
+        check_conversations(r.get("conversations"), len(paths), name)
+        return Record(rid, where, paths, r["conversations"])
+
+    def _encode(self, rec: Record) -> tuple[list[int], list[int], int]:
+        """(ids, labels, number of images kept) after truncation to ctx_len."""
+        ids, labels = self.processor.encode_conversation(rec.conversations, len(rec.images), f"record {rec.rid!r}")
+        n_img = len(rec.images)
+        if len(ids) > self.ctx_len:
+            cut = self.ctx_len
+            # never cut through an image: move the cut back to the start of that image
+            n_tok = self.processor.num_image_tokens
+            img_pos = [i for i, t in enumerate(ids[:cut]) if t == IMAGE_TOKEN_ID]
+            n_full = len(img_pos) // n_tok
+            if len(img_pos) % n_tok:
+                cut = img_pos[n_full * n_tok]
+            ids, labels, n_img = ids[:cut], labels[:cut], n_full
+            if all(x == IGNORE_INDEX for x in labels[1:]):
+                raise DataError(f"record {rec.rid!r}: no answer tokens within ctx_len={self.ctx_len}")
+        return ids, labels, n_img
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        for attempt in range(len(self.records)):
+            rec = self.records[(i + attempt) % len(self.records)]
+            try:
+                return self._item(rec)
+            except DataError as e:
+                if self.on_bad_record == "fail":
+                    raise DataError(f"{rec.name}: {e}") from None
+                self.skipped_at_load += 1
+                self.bad_records.append(f"{rec.name}: {e}")
+                logger.warning("skipping %s: %s", rec.name, e)
+        raise DataError(f"{self.path}: every record failed to load")
+
+    def _item(self, rec: Record) -> dict:
+        ids, labels, n_img = self._encode(rec)
+        pv = self.processor.preprocess_images(rec.images[:n_img])
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+                "pixel_values": pv}
+
+
+def collate(batch: list[dict], pad_id: int = 0) -> dict:
+    """Right-pad ids (``pad_id``) and labels (IGNORE_INDEX) to the longest item; concatenate images
+    in order. -> {"input_ids" [B,T], "labels" [B,T], "pixel_values" [N,3,H,W] or None}."""
+    T = max(b["input_ids"].numel() for b in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = b["input_ids"].numel()
+        ids[i, :n] = b["input_ids"]
+        labels[i, :n] = b["labels"]
+    pvs = [b["pixel_values"] for b in batch if b["pixel_values"].shape[0]]
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(pvs) if pvs else None}

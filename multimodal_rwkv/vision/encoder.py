@@ -1,0 +1,189 @@
+"""Vision tower: a `transformers` CLIP or SigLIP vision model plus the feature-selection options.
+
+VisualRWKV v6.0 takes CLIP's ``last_hidden_state`` (the last encoder layer, before
+``post_layernorm``) and keeps the CLS token, moved to the *end* of the sequence (577 tokens for
+CLIP-L/14-336). LLaVA-1.5 takes the penultimate layer (``feature_layer=-2``) and drops CLS (576).
+SigLIP has no CLS token; its ``last_hidden_state`` is post-LayerNorm'd (that is what VisualRWKV
+v6.10 uses), any other layer is the raw encoder output.
+
+The wrapper keeps the `transformers` model as ``self.model`` so that the encoder can be saved as a
+normal `transformers` folder (``save_pretrained``) and referenced by hub id or path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from multimodal_rwkv.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+CLS_POSITIONS = ("end", "drop", "start")
+_CLIP_TYPES = ("clip", "clip_vision_model")
+_SIGLIP_TYPES = ("siglip", "siglip_vision_model")
+
+
+@dataclass
+class EncoderOptions:
+    """How features are read off the tower.
+
+    feature_layer: -1 = ``last_hidden_state`` (VisualRWKV); any other int indexes
+        ``hidden_states`` (embeddings output is index 0; LLaVA uses -2).
+    cls: "end" (VisualRWKV v6.0: CLS moved after the patches), "drop" (LLaVA), "start"
+        (the tower's own order). Ignored for towers without a CLS token (SigLIP).
+    """
+
+    feature_layer: int = -1
+    cls: str = "end"
+
+    def __post_init__(self):
+        if not isinstance(self.feature_layer, int) or isinstance(self.feature_layer, bool):
+            raise ConfigError(f"vision feature_layer must be an int, got {self.feature_layer!r}")
+        if self.cls not in CLS_POSITIONS:
+            raise ConfigError(f"vision cls must be one of {CLS_POSITIONS}, got {self.cls!r}")
+
+
+def vision_model_class(model_type: str):
+    """The `transformers` vision-tower class for a config ``model_type`` (CLIP or SigLIP)."""
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    if model_type in _CLIP_TYPES:
+        return CLIPVisionModel
+    if model_type in _SIGLIP_TYPES:
+        return SiglipVisionModel
+    raise ConfigError(f"unsupported vision encoder type {model_type!r} (supported: CLIP, SigLIP)")
+
+
+def vision_config_from_dict(d: dict):
+    """Build a CLIPVisionConfig / SiglipVisionConfig from a dict with a ``model_type`` key."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    d = dict(d)
+    mt = d.pop("model_type", None)
+    if mt in _CLIP_TYPES:
+        return CLIPVisionConfig(**d)
+    if mt in _SIGLIP_TYPES:
+        return SiglipVisionConfig(**d)
+    raise ConfigError(f"vision config needs model_type clip_vision_model or siglip_vision_model, got {mt!r}")
+
+
+def _vision_sub_config(cfg):
+    """A full CLIPConfig/SiglipConfig (hub checkpoints) -> its vision part; vision configs pass through."""
+    if getattr(cfg, "model_type", None) in ("clip", "siglip"):
+        return cfg.vision_config
+    return cfg
+
+
+class VisionEncoder(nn.Module):
+    """A frozen-by-default CLIP/SigLIP tower that returns selected patch (and CLS) features.
+
+    forward(pixel_values [N,3,H,W] float) -> features [N, num_tokens, hidden_size].
+    """
+
+    def __init__(self, model: nn.Module, options: EncoderOptions | None = None):
+        super().__init__()
+        self.model = model
+        self.options = options or EncoderOptions()
+        mt = model.config.model_type
+        if mt not in _CLIP_TYPES + _SIGLIP_TYPES:
+            raise ConfigError(f"unsupported vision encoder type {mt!r} (supported: CLIP, SigLIP)")
+        self.has_cls = mt in _CLIP_TYPES
+        n_layers = model.config.num_hidden_layers
+        fl = self.options.feature_layer
+        if not (-(n_layers + 1) <= fl <= n_layers):
+            raise ConfigError(f"vision feature_layer {fl} out of range for a {n_layers}-layer encoder")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, options: EncoderOptions | None = None) -> "VisionEncoder":
+        """A randomly initialised tower from a transformers vision config (or a dict with model_type)."""
+        if isinstance(config, dict):
+            config = vision_config_from_dict(config)
+        config = _vision_sub_config(config)
+        model = vision_model_class(config.model_type)(config)
+        return cls(model, options)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, options: EncoderOptions | None = None,
+                        dtype: torch.dtype | None = None, local_files_only: bool | None = None) -> "VisionEncoder":
+        """Load a CLIP/SigLIP tower by hub id or local folder (a full CLIP/SigLIP checkpoint is fine:
+        only its vision part is loaded)."""
+        from transformers import AutoConfig
+
+        if local_files_only is None:
+            local_files_only = os.path.isdir(str(name_or_path))
+        try:
+            cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{name_or_path}: cannot load a vision encoder config ({_one_line(e)})") from e
+        vcfg = _vision_sub_config(cfg)
+        klass = vision_model_class(vcfg.model_type)
+        kw = {"dtype": dtype} if dtype is not None else {}
+        try:
+            model = klass.from_pretrained(name_or_path, local_files_only=local_files_only, **kw)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{name_or_path}: cannot load vision encoder weights ({_one_line(e)})") from e
+        return cls(model, options)
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        c = self.model.config
+        return (c.image_size // c.patch_size) ** 2
+
+    @property
+    def num_patches_per_side(self) -> int:
+        c = self.model.config
+        return c.image_size // c.patch_size
+
+    @property
+    def cls_position(self) -> str | None:
+        """Where CLS sits in the output: "end", "start", or None (dropped / no CLS)."""
+        if not self.has_cls or self.options.cls == "drop":
+            return None
+        return self.options.cls
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens per image fed to the language model (patches + CLS if kept)."""
+        return self.num_patches + (1 if self.cls_position is not None else 0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N,3,H,W] (normalised by the tower's image processor) -> [N, num_image_tokens, D]."""
+        fl = self.options.feature_layer
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        out = self.model(pixel_values=pixel_values, output_hidden_states=(fl != -1))
+        feats = out.last_hidden_state if fl == -1 else out.hidden_states[fl]
+        if self.has_cls:
+            cls_tok, patches = feats[:, :1], feats[:, 1:]
+            pos = self.cls_position
+            if pos == "end":
+                feats = torch.cat([patches, cls_tok], dim=1)
+            elif pos is None:
+                feats = patches
+        return feats
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]

@@ -1,0 +1,176 @@
+"""Synthetic visual question answering in LLaVA format: shapes, colours, counts, positions.
+
+A scene is a white square canvas split into a 2x2 grid; each cell holds at most one object (a
+circle, square or triangle in red, green, blue or yellow, with random size and jitter). Questions
+(answers are one or two words, so exact match after VQA normalisation is the natural score):
+
+- count:        "How many shapes are there?"                 -> "3"
+- count colour: "How many red shapes are there?"             -> "0" .. "4"
+- colour:       "What color is the circle?"  (unique shape)  -> "red"
+- shape:        "What shape is the blue one?" (unique colour) -> "triangle"
+- position:     "Where is the green square?" (unique object) -> "top left"
+- exists:       "Is there a yellow circle?"                   -> "yes" / "no" (balanced)
+- cell:         "What is in the bottom right?"                -> "red square" / "nothing"
+
+:func:`generate_dataset` writes ``images/``, ``train.json`` (LLaVA list), ``test.json`` and
+``test_questions.jsonl`` (the ``mmrwkv eval-vqa`` format). The test split uses images drawn from a
+different random stream (held-out scenes, never seen in training); every (image, question) pair
+is unique. Everything is deterministic given the seed.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+QUESTION_TYPES = ("count", "count_color", "color", "shape", "position", "exists", "cell")
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    color: str
+    cell: int  # index into POSITIONS
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+
+def draw_scene(seed_or_rng=0, size: int = 64, n_objects: int | None = None,
+               objects: list[SceneObject] | None = None) -> tuple[Image.Image, list[SceneObject]]:
+    """Draw one scene -> (RGB PIL image of ``size`` x ``size`` pixels, its objects).
+
+    ``seed_or_rng``: an int seed or a ``random.Random``. ``n_objects`` (1-4) defaults to random;
+    ``objects`` fixes the content (shapes, colours and cells), only sizes and jitter are random.
+    """
+    rng = seed_or_rng if isinstance(seed_or_rng, random.Random) else random.Random(seed_or_rng)
+    if objects is None:
+        n = n_objects if n_objects is not None else rng.randint(1, 4)
+        if not 1 <= n <= 4:
+            raise ValueError(f"n_objects must be 1..4, got {n}")
+        cells = rng.sample(range(4), n)
+        objects = [SceneObject(rng.choice(SHAPES), rng.choice(list(COLORS)), c) for c in cells]
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    half = size / 2
+    for o in objects:
+        cx0, cy0 = (o.cell % 2) * half, (o.cell // 2) * half
+        s = rng.uniform(0.55, 0.85) * half
+        x0 = cx0 + rng.uniform(0.05 * half, half - s - 0.05 * half)
+        y0 = cy0 + rng.uniform(0.05 * half, half - s - 0.05 * half)
+        box = [x0, y0, x0 + s, y0 + s]
+        col = COLORS[o.color]
+        if o.shape == "circle":
+            d.ellipse(box, fill=col)
+        elif o.shape == "square":
+            d.rectangle(box, fill=col)
+        else:
+            d.polygon([(x0 + s / 2, y0), (x0 + s, y0 + s), (x0, y0 + s)], fill=col)
+    return img, list(objects)
+
+
+def questions_for(objects: list[SceneObject], rng: random.Random) -> list[tuple[str, str, str]]:
+    """All askable (type, question, answer) triples for a scene; exists/cell questions are sampled
+    so that yes/no and object/nothing are balanced."""
+    qs = []
+    n = len(objects)
+    qs.append(("count", "How many shapes are there?", str(n)))
+    c = rng.choice(list(COLORS))
+    qs.append(("count_color", f"How many {c} shapes are there?", str(sum(o.color == c for o in objects))))
+    for s in SHAPES:
+        m = [o for o in objects if o.shape == s]
+        if len(m) == 1:
+            qs.append(("color", f"What color is the {s}?", m[0].color))
+    for col in COLORS:
+        m = [o for o in objects if o.color == col]
+        if len(m) == 1:
+            qs.append(("shape", f"What shape is the {col} one?", m[0].shape))
+    for o in objects:
+        if sum(p.shape == o.shape and p.color == o.color for p in objects) == 1:
+            qs.append(("position", f"Where is the {o.color} {o.shape}?", o.position))
+    present = {(o.color, o.shape) for o in objects}
+    if rng.random() < 0.5:
+        col, s = rng.choice(sorted(present))
+        qs.append(("exists", f"Is there a {col} {s}?", "yes"))
+    else:
+        absent = [(col, s) for col in COLORS for s in SHAPES if (col, s) not in present]
+        col, s = rng.choice(absent)
+        qs.append(("exists", f"Is there a {col} {s}?", "no"))
+    by_cell = {o.cell: o for o in objects}
+    empty = [i for i in range(4) if i not in by_cell]
+    if empty and rng.random() < 0.3:
+        cell = rng.choice(empty)
+        qs.append(("cell", f"What is in the {POSITIONS[cell]}?", "nothing"))
+    else:
+        o = rng.choice(objects)
+        qs.append(("cell", f"What is in the {o.position}?", f"{o.color} {o.shape}"))
+    return qs
+
+
+def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_per_image: int = 3,
+                     size: int = 64, seed: int = 0) -> dict:
+    """Write a synthetic VQA dataset (see module doc) -> summary dict (counts and file paths).
+
+    ``n_train`` / ``n_test``: number of images; each image gets ``questions_per_image`` distinct
+    questions of different types (fewer if the scene allows fewer)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n_img, split_seed in (("train", n_train, seed * 2 + 1), ("test", n_test, seed * 2 + 2)):
+        rng = random.Random(split_seed)
+        records = []
+        for i in range(n_img):
+            img, objs = draw_scene(rng, size=size)
+            name = f"{split}_{i:06d}.png"
+            img.save(out / "images" / name)
+            qs = questions_for(objs, rng)
+            by_type: dict[str, list] = {}
+            for t, q, a in qs:
+                by_type.setdefault(t, []).append((q, a))
+            types = rng.sample(sorted(by_type), min(questions_per_image, len(by_type)))
+            for j, t in enumerate(types):
+                q, a = rng.choice(by_type[t])
+                records.append({"id": f"{split}_{i:06d}_{j}", "image": name, "type": t,
+                                "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                                  {"from": "gpt", "value": a}]})
+        splits[split] = records
+    _write_json(out / "train.json", splits["train"])
+    _write_json(out / "test.json", splits["test"])
+    with open(out / "test_questions.jsonl", "w", encoding="utf-8") as f:
+        for r in splits["test"]:
+            q = r["conversations"][0]["value"].replace("<image>\n", "")
+            f.write(json.dumps({"question_id": r["id"], "image": r["image"], "question": q,
+                                "answers": [r["conversations"][1]["value"]], "type": r["type"]}) + "\n")
+    return {"train_records": len(splits["train"]), "test_questions": len(splits["test"]),
+            "train_file": str(out / "train.json"), "test_file": str(out / "test.json"),
+            "questions_file": str(out / "test_questions.jsonl"), "image_folder": str(out / "images")}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=0), encoding="utf-8")
+    tmp.replace(path)
+
+
+def vocabulary_texts() -> list[str]:
+    """Every question and answer string the generator can produce (to build a vocab subset that
+    covers the synthetic task whatever scenes are drawn)."""
+    texts = ["How many shapes are there?"] + [str(i) for i in range(5)] + ["yes", "no", "nothing"]
+    for c in COLORS:
+        texts.append(f"How many {c} shapes are there?")
+        texts.append(f"What shape is the {c} one?")
+        texts.append(c)
+        for s in SHAPES:
+            texts += [f"Where is the {c} {s}?", f"Is there a {c} {s}?", f"{c} {s}"]
+    for s in SHAPES:
+        texts += [f"What color is the {s}?", s]
+    for p in POSITIONS:
+        texts += [f"What is in the {p}?", p]
+    return texts

@@ -1,0 +1,228 @@
+"""The ``visualrwkv`` task for the shared training engine (``mmrwkv train RECIPE.yaml``).
+
+Recipe keys this task reads (everything else is the engine's):
+
+``model.from_pretrained``
+    a VisualRWKV folder (ours) or a released VisualRWKV-v060 ``.pth``: the whole model is loaded
+    (stage 2 starts from the stage-1 output); any other source (a BlinkDL RWKV ``.pth``, an HF RWKV
+    folder, an LM saved by this package) is the *language model*, and the tower and projector are
+    built from ``model.options`` (stage 1).
+``model.config``
+    RWKVConfig kwargs for a fresh language model (instead of from_pretrained).
+``model.options`` (validated here; unknown keys are errors)
+    vision_tower (hub id or folder) or vision_config (a transformers CLIP/SigLIP vision config dict,
+    random init); bundle_encoder, feature_layer, cls_token, projector, image_aspect_ratio,
+    prompt_template, bidirectional_scan, loss_reduction (see VisualRWKVConfig);
+    vocab_subset: null | "auto" | [ids] ("auto": the World ids used by the training data);
+    stage: 1 (projector only) | 2 (LM + projector; default); train_encoder (stage 2, default false);
+    freeze_embeddings (default true in stage 2, as VisualRWKV); train_projector (default true);
+    export_dtype: null | bf16 | fp16 (weights on disk in final/).
+``data``: train_file / valid_file (LLaVA .json/.jsonl), image_folder, ctx_len, on_bad_record;
+    ``data.options``: verify_images (decode every image up front).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from multimodal_rwkv.errors import ConfigError
+from multimodal_rwkv.training.task import Task
+
+logger = logging.getLogger(__name__)
+
+_ARCH_KEYS = ("vision_tower", "vision_config", "bundle_encoder", "feature_layer", "cls_token", "projector",
+              "vocab_subset")
+_RUNTIME_KEYS = ("image_aspect_ratio", "prompt_template", "bidirectional_scan", "loss_reduction")
+_TASK_KEYS = ("stage", "train_encoder", "freeze_embeddings", "train_projector", "export_dtype")
+_DATA_KEYS = ("verify_images",)
+
+
+class VisualRWKVTask(Task):
+    """VisualRWKV stage 1 / stage 2 training on LLaVA-format data."""
+
+    name = "visualrwkv"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        o = dict(cfg.model.options)
+        unknown = sorted(set(o) - set(_ARCH_KEYS + _RUNTIME_KEYS + _TASK_KEYS))
+        if unknown:
+            raise ConfigError(f"model.options: unknown keys {unknown} for task visualrwkv; "
+                              f"known: {sorted(_ARCH_KEYS + _RUNTIME_KEYS + _TASK_KEYS)}")
+        unknown = sorted(set(cfg.data.options) - set(_DATA_KEYS))
+        if unknown:
+            raise ConfigError(f"data.options: unknown keys {unknown} for task visualrwkv; known: {list(_DATA_KEYS)}")
+        if cfg.data.format not in ("auto", "llava"):
+            raise ConfigError(f"data.format: task visualrwkv reads LLaVA json/jsonl (format auto or llava), "
+                              f"got {cfg.data.format!r}")
+        if cfg.data.tokenizer != "world":
+            raise ConfigError("data.tokenizer: VisualRWKV uses the World tokenizer")
+        self.opts = o
+        self.stage = int(o.get("stage", 2))
+        if self.stage not in (1, 2):
+            raise ConfigError(f"model.options.stage must be 1 or 2, got {self.stage}")
+        self.train_encoder = bool(o.get("train_encoder", False))
+        self.freeze_embeddings = bool(o.get("freeze_embeddings", True))
+        self.train_projector = bool(o.get("train_projector", True))
+        if self.stage == 1 and not self.train_projector:
+            raise ConfigError("model.options: stage 1 trains only the projector; train_projector cannot be false")
+
+    # ------------------------------------------------------------------ model
+    def build_model(self):
+        from multimodal_rwkv.vision.modeling import VisualRWKV, VisualRWKVConfig
+
+        m, o = self.cfg.model, self.opts
+        src = m.from_pretrained
+        if src and _is_visualrwkv_source(src):
+            if m.config:
+                raise ConfigError("model.config: a VisualRWKV checkpoint fixes the LM size; remove model.config")
+            given = [k for k in _ARCH_KEYS if k in o]
+            if given:
+                raise ConfigError(f"model.options {given}: fixed by the checkpoint {src}; only "
+                                  f"{list(_RUNTIME_KEYS)} can change")
+            model = VisualRWKV.from_pretrained(src)
+            for k in _RUNTIME_KEYS:
+                if k in o:
+                    setattr(model.config, k, o[k])
+            model.config.__post_init__()
+            model._processor = None
+        else:
+            if not (o.get("vision_tower") or o.get("vision_config")):
+                raise ConfigError("model.options: set vision_tower (hub id or folder) or vision_config")
+            kw = {k: o[k] for k in _ARCH_KEYS + _RUNTIME_KEYS if k in o and k != "vocab_subset"}
+            subset = o.get("vocab_subset")
+            if subset == "auto":
+                subset = self._auto_vocab_subset()
+            elif subset is not None and not isinstance(subset, list):
+                raise ConfigError("model.options.vocab_subset must be null, 'auto' or a list of World ids")
+            if src:
+                if m.config:
+                    raise ConfigError("model: give either model.from_pretrained or model.config, not both")
+                if subset is not None:
+                    raise ConfigError("model.options.vocab_subset needs a fresh language model (model.config)")
+                from multimodal_rwkv import RWKVForCausalLM
+
+                from multimodal_rwkv.vision.modeling import _text_config_dict
+
+                lm = RWKVForCausalLM.from_pretrained(src, dtype="fp32")
+                cfg = VisualRWKVConfig(text_config=_text_config_dict(lm.config), **kw)
+                model = VisualRWKV.from_config(cfg, language_model=lm)
+            else:
+                text = dict(m.config)
+                if subset is not None:
+                    text["vocab_size"] = len(subset) + 1
+                try:
+                    cfg = VisualRWKVConfig(text_config=text, vocab_subset=subset, **kw)
+                except TypeError as e:
+                    raise ConfigError(f"model.options: {e}") from None
+                try:
+                    model = VisualRWKV.from_config(cfg)
+                except TypeError as e:
+                    raise ConfigError(f"model.config: {e}") from None
+        model.l2wrap = bool(self.cfg.train.l2wrap)
+        return model
+
+    def _auto_vocab_subset(self) -> list[int]:
+        """World ids used by the train/valid conversations (as templated) plus the template's own."""
+        from multimodal_rwkv import WorldTokenizer
+        from multimodal_rwkv.vision.data import read_llava_records
+        from multimodal_rwkv.vision.processor import (
+            IMAGE_TOKEN,
+            STOP,
+            VisualRWKVProcessor,
+            _ROLES,
+            apply_template,
+        )
+
+        d = self.cfg.data
+        if not d.train_file:
+            raise ConfigError("data.train_file is not set (needed for model.options.vocab_subset: auto)")
+        tok = WorldTokenizer()
+        proc = VisualRWKVProcessor(tok, None, 1, self.opts.get("prompt_template", "sandwich"))
+        ids = {0}
+        for s in ("User: ", "Assistant:", STOP, " ", "\n"):
+            ids.update(tok.encode(s))
+        for f in [d.train_file] + ([d.valid_file] if d.valid_file else []):
+            recs, _ = read_llava_records(f)
+            for _, r in recs:
+                conv = r.get("conversations") if isinstance(r, dict) else None
+                if not isinstance(conv, list):
+                    continue
+                turns = [(_ROLES.get(str(t.get("from", "")).lower(), "human"), str(t.get("value", "")))
+                         for t in conv if isinstance(t, dict)]
+                n_img = sum(v.count(IMAGE_TOKEN) for _, v in turns)
+                try:
+                    t_ids, _ = proc.encode_turns(apply_template(turns, proc.template))
+                except Exception:  # noqa: BLE001 - malformed records are reported by the dataset
+                    continue
+                ids.update(i for i in t_ids if i >= 0)
+                del n_img
+        subset = sorted(ids)
+        logger.info("vocab_subset auto: %d World ids from %s", len(subset), d.train_file)
+        return subset
+
+    def trainable_filter(self, name: str, param):
+        if self.stage == 1:
+            return name.startswith("projector.")
+        if name.startswith("vision_tower."):
+            return self.train_encoder
+        if name.startswith("projector."):
+            return self.train_projector
+        if name == "language_model.rwkv.emb.weight" and self.freeze_embeddings:
+            return False
+        return None
+
+    # ------------------------------------------------------------------ data
+    def build_datasets(self, model):
+        from multimodal_rwkv.vision.data import LlavaDataset, collate
+
+        d = self.cfg.data
+        if not d.train_file:
+            raise ConfigError("data.train_file is not set (e.g. --set data.train_file=train.json)")
+        verify = bool(d.options.get("verify_images", False))
+
+        def make(path):
+            return LlavaDataset(path, model.processor, image_folder=d.image_folder, ctx_len=d.ctx_len,
+                                on_bad_record=d.on_bad_record, verify_images=verify)
+
+        train = make(d.train_file)
+        valid = make(d.valid_file) if d.valid_file else None
+        self._datasets = [x for x in (train, valid) if x is not None]
+        self.skipped = sum(x.skipped for x in self._datasets)
+        logger.info("train: %d records from %s (%d skipped)", len(train), d.train_file, train.skipped)
+        return train, valid, collate
+
+    # ------------------------------------------------------------------ steps
+    def count_targets(self, batch) -> int:
+        sel = batch["labels"][:, 1:] != -100
+        if self.opts.get("loss_reduction", "token") == "sample":
+            return int(sel.any(1).sum())
+        return int(sel.sum())
+
+    def count_tokens(self, batch) -> int:
+        return int(batch["input_ids"].numel())
+
+    # ------------------------------------------------------------------ export
+    def save_pretrained(self, model, out_dir):
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir, dtype=self.opts.get("export_dtype"))
+        skipped = sum(x.skipped for x in getattr(self, "_datasets", []))
+        info = {"task": "visualrwkv", "stage": self.stage, "ctx_len": self.cfg.data.ctx_len,
+                "train_file": self.cfg.data.train_file, "skipped_records": skipped}
+        (out_dir / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _is_visualrwkv_source(src) -> bool:
+    p = Path(src)
+    if p.is_dir():
+        try:
+            return json.loads((p / "config.json").read_text()).get("model_type") == "visualrwkv"
+        except (OSError, json.JSONDecodeError):
+            return False
+    if p.is_file():
+        from multimodal_rwkv.model.checkpoint import read_pth
+
+        sd = read_pth(p)
+        return any(k.startswith("proj.") for k in sd) and any(k.startswith("rwkv.") for k in sd)
+    return False
