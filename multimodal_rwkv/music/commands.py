@@ -1,0 +1,242 @@
+"""``mmrwkv music ...`` subcommands: tokenize, prepare, generate, eval, roll, abc2midi."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+from multimodal_rwkv.errors import DataError, MidiError
+
+log = logging.getLogger(__name__)
+
+
+def _tokenizer(args):
+    from multimodal_rwkv.music.midi_tokenizer import MidiTokenizer, MidiTokenizerConfig
+
+    if getattr(args, "tokenizer_config", None):
+        return MidiTokenizer(MidiTokenizerConfig.load(args.tokenizer_config))
+    return MidiTokenizer()
+
+
+def cmd_tokenize(args) -> int:
+    import numpy as np
+
+    tok = _tokenizer(args)
+    files: list[Path] = []
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            files.extend(sorted(x for x in p.rglob("*") if x.is_file() and x.suffix.lower() in (".mid", ".midi")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or directory")
+    ok = bad = tokens = notes = oor = 0
+    stream = [0]
+    for f in files:
+        try:
+            ids = tok.encode(f)
+        except MidiError as e:
+            bad += 1
+            print(f"skipped: {e}", file=sys.stderr)
+            continue
+        ok += 1
+        s = tok.last_stats
+        tokens += len(ids)
+        notes += s.notes_encoded
+        oor += s.out_of_range
+        if args.text:
+            print(f"{f}: {tok.tokens_to_text(ids)}")
+        if args.out:
+            stream.extend(ids)
+            stream.append(0)
+    if args.out:
+        np.save(args.out, np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32))
+    tpn = tokens / notes if notes else float("nan")
+    print(f"tokenized {ok} files, skipped {bad} unreadable; {notes} notes, {tokens} tokens "
+          f"({tpn:.3f} tokens/note), {oor} notes out of range; vocab {tok.vocab_size}"
+          + (f"; wrote {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from multimodal_rwkv.music.corpora import prepare
+    from multimodal_rwkv.music.midi_tokenizer import MidiTokenizerConfig
+
+    cfg = MidiTokenizerConfig.load(args.tokenizer_config) if args.tokenizer_config else None
+    rep = prepare(args.out, corpus=args.corpus, midi_dir=args.midi_dir, limit=args.limit, transpose=args.transpose,
+                  valid_permille=args.valid_permille, test_permille=args.test_permille, tokenizer_config=cfg,
+                  workers=args.workers)
+    print(rep.summary())
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from multimodal_rwkv.music.abc import AbcTokenizer, abc_to_midi
+    from multimodal_rwkv.music.generate import generate_abc, generate_music, load_music_model
+
+    model, tok = load_music_model(args.model)
+    out = Path(args.out)
+    if isinstance(tok, AbcTokenizer):
+        prompt = Path(args.prompt).read_text() if args.prompt else "X:1\n"
+        text = generate_abc(prompt=prompt, max_bytes=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, model=model)
+        if out.suffix.lower() in (".mid", ".midi"):
+            mid = abc_to_midi(text, out, name=str(out))
+            if args.png:
+                from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
+
+                pianoroll_from_midi(mid, args.png)
+        else:
+            out.write_text(text)
+        print(text)
+        print(f"wrote {out}")
+        return 0
+    res = generate_music(model, tok, args.prompt, seconds=args.seconds, max_new_tokens=args.max_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    res.midi.save(str(out))
+    if args.png:
+        from multimodal_rwkv.music.pianoroll import render_pianoroll
+
+        render_pianoroll(res.notes, args.png, steps_per_beat=tok.config.steps_per_beat,
+                         prompt_end=res.prompt_end or None, tokenizer=tok)
+    st = res.decode_stats
+    print(f"wrote {out}: {len(res.notes)} notes, {res.seconds:.1f} s generated, {len(res.ids) - res.prompt_len} new tokens"
+          + ("" if st.clean else " (decoder repaired the sequence)") + (f"; piano roll {args.png}" if args.png else ""))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from multimodal_rwkv.music.abc import AbcTokenizer
+    from multimodal_rwkv.music.corpora import load_tokens
+    from multimodal_rwkv.music.generate import load_music_model
+    from multimodal_rwkv.music.metrics import bits_per_unit, windowed_nll
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tok = load_music_model(args.model)
+    ids = load_tokens(args.data)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    total, n = windowed_nll(model, ids, args.ctx_len)
+    if n == 0:
+        raise DataError(f"{args.data}: fewer than 2 tokens")
+    nats = total / n
+    targets = ids[1:]
+    if isinstance(tok, AbcTokenizer):
+        units, name = tok.count_bytes(targets), "bits/byte"
+    else:
+        units, name = tok.count_notes(targets), "bits/note"
+    print(f"{args.data}: {n} tokens, {nats:.4f} nats/token, {nats / math.log(2):.4f} bits/token, "
+          f"{bits_per_unit(nats, n, units):.4f} {name} ({units} {'bytes' if name == 'bits/byte' else 'notes'})")
+    return 0
+
+
+def cmd_roll(args) -> int:
+    from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
+
+    pianoroll_from_midi(args.midi, args.out, tokenizer=_tokenizer(args))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_abc2midi(args) -> int:
+    from multimodal_rwkv.music.abc import abc_to_midi, split_tunes
+
+    p = Path(args.abc)
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+    tunes = split_tunes(text) or [text]
+    if not 0 <= args.index < len(tunes):
+        raise DataError(f"{p}: has {len(tunes)} tunes, no index {args.index}")
+    abc_to_midi(tunes[args.index], args.out, name=str(p))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    music = subparsers.add_parser(
+        "music", help="MIDI/ABC tokenizers, corpora, generation and evaluation",
+        description="Music on the RWKV core: tokenize MIDI, prepare corpora, generate MIDI/ABC, evaluate.",
+        epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/bach && "
+               "mmrwkv train recipes/music_bach_midi.yaml && "
+               "mmrwkv music generate --model runs/music_bach/final --out song.mid --png roll.png",
+        formatter_class=fmt)
+    sub = music.add_subparsers(dest="music_command", metavar="SUBCOMMAND", parser_class=type(music))
+
+    p = sub.add_parser("tokenize", help="tokenize MIDI files or folders; unreadable files are skipped and counted",
+                       description="Tokenize MIDI files (folders are searched recursively for .mid/.midi). Unreadable "
+                                   "files are reported on stderr and skipped; prints tokens per note.",
+                       epilog="Example: mmrwkv music tokenize my_midis/ --out tokens.npy", formatter_class=fmt)
+    p.add_argument("paths", nargs="+", help="MIDI files or folders")
+    p.add_argument("--out", help="write the 0-separated token stream to this .npy")
+    p.add_argument("--text", action="store_true", help="print each file's tokens as text")
+    p.add_argument("--tokenizer-config", help="midi_tokenizer.json (default settings otherwise)")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("prepare", help="build a tokenised dataset (train/valid/test .npy shards)",
+                       description="Build a dataset from music21's bundled corpora or your own MIDI folder: "
+                                   "deterministic split by content hash, .npy shards in the 'tokens' format.",
+                       epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/bach --transpose 3",
+                       formatter_class=fmt)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", choices=["bach-chorales", "oneill-abc", "essen-abc"])
+    src.add_argument("--midi-dir", help="a folder of .mid/.midi files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--limit", type=int, help="use only the first N pieces (quick tests)")
+    p.add_argument("--transpose", type=int, default=0, help="train-split augmentation: add copies at -N..+N semitones (MIDI)")
+    p.add_argument("--valid-permille", type=int, default=100, help="share of pieces in valid, per mille (default 100)")
+    p.add_argument("--test-permille", type=int, default=100, help="share of pieces in test, per mille (default 100)")
+    p.add_argument("--tokenizer-config", help="midi_tokenizer.json to use instead of the defaults")
+    p.add_argument("--workers", type=int, default=2, help="processes for the chorale conversion (default 2)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("generate", help="generate MIDI (or ABC) with a trained music model",
+                       description="Generate music with a model folder (config.json, model.safetensors and "
+                                   "midi_tokenizer.json or abc_tokenizer.json), from scratch or continuing --prompt.",
+                       epilog="Example: mmrwkv music generate --model multimodal_rwkv/assets/music_bach --out song.mid "
+                              "--seconds 20 --png roll.png --seed 1", formatter_class=fmt)
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--out", required=True, help="output .mid (ABC models: .abc, or .mid via music21)")
+    p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start)")
+    p.add_argument("--seconds", type=float, default=30.0, help="seconds of new music (MIDI; default 30)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="cap on new tokens (default 4096)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", help="also draw a piano roll here")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="held-out loss in nats/token and bits per note (MIDI) or per byte (ABC)",
+                       description="Evaluate a music model on a prepared split: nats/token, bits/note or bits/byte.",
+                       epilog="Example: mmrwkv music eval --model runs/music_bach/final --data data/bach/test",
+                       formatter_class=fmt)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help=".npy file or folder of shards")
+    p.add_argument("--ctx-len", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("roll", help="draw a piano roll of a MIDI file",
+                       description="Draw a MIDI file as a piano roll PNG (time x pitch, a colour per instrument group).",
+                       epilog="Example: mmrwkv music roll song.mid --out roll.png", formatter_class=fmt)
+    p.add_argument("midi")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer-config")
+    p.set_defaults(func=cmd_roll)
+
+    p = sub.add_parser("abc2midi", help="convert an ABC tune to MIDI (needs music21)",
+                       description="Convert one tune of an ABC file to MIDI with music21.",
+                       epilog="Example: mmrwkv music abc2midi tune.abc --out tune.mid", formatter_class=fmt)
+    p.add_argument("abc")
+    p.add_argument("--out", required=True)
+    p.add_argument("--index", type=int, default=0, help="which tune of a multi-tune file (default 0)")
+    p.set_defaults(func=cmd_abc2midi)
+
+    music.set_defaults(func=lambda a: (music.print_help(), 2)[1])

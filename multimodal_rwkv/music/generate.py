@@ -1,0 +1,210 @@
+"""Generate music from a trained model folder (MIDI or ABC, found from the tokenizer file in it).
+
+The folder is what the recipes export: ``config.json`` + ``model.safetensors`` + either
+``midi_tokenizer.json`` or ``abc_tokenizer.json``. Sampling runs token by token on the RNN state
+(RWKV) or the KV cache (any ``transformers`` causal LM, used by the benchmark), so stopping after
+``seconds`` of music costs nothing extra.
+
+Python API::
+
+    from multimodal_rwkv.music import generate_midi
+    mid = generate_midi("runs/music_bach/final", seconds=20, seed=1)        # -> mido.MidiFile
+    mid = generate_midi(model_dir, prompt="start.mid", seconds=10, top_p=0.9)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from multimodal_rwkv.errors import CheckpointError, MidiError
+from multimodal_rwkv.music.abc import TOKENIZER_FILENAME as ABC_FILE
+from multimodal_rwkv.music.abc import AbcTokenizer
+from multimodal_rwkv.music.midi_tokenizer import TOKENIZER_FILENAME as MIDI_FILE
+from multimodal_rwkv.music.midi_tokenizer import DecodeStats, MidiTokenizer, Note
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The tokenizer saved in a model folder: :class:`MidiTokenizer` or :class:`AbcTokenizer`."""
+    d = Path(model_dir)
+    if (d / MIDI_FILE).is_file():
+        return MidiTokenizer.from_pretrained(d / MIDI_FILE)
+    if (d / ABC_FILE).is_file():
+        return AbcTokenizer.from_pretrained(d / ABC_FILE)
+    raise CheckpointError(f"{d}: no {MIDI_FILE} or {ABC_FILE} (not a music model folder)")
+
+
+def load_music_model(model_dir: str | os.PathLike, device: str = "cpu"):
+    """``(model, tokenizer)`` from a music model folder; the model in eval mode, fp32."""
+    import torch
+
+    from multimodal_rwkv.model.modeling import RWKVForCausalLM
+
+    tok = load_tokenizer(model_dir)
+    model = RWKVForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device=device)
+    if model.config.vocab_size < tok.vocab_size:
+        raise CheckpointError(f"{model_dir}: model vocab {model.config.vocab_size} < tokenizer vocab {tok.vocab_size}")
+    model.eval()
+    return model, tok
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
+                allowed: int | None = None) -> int:
+    """One id from ``logits [V]``: temperature, then top-k, then nucleus (top-p). ``temperature``
+    <= 0 is greedy. Ids >= ``allowed`` (padding beyond the tokenizer's vocabulary) are never drawn."""
+    import torch
+
+    x = logits.float().clone()
+    if allowed is not None and allowed < x.numel():
+        x[allowed:] = float("-inf")
+    if temperature <= 0:
+        return int(torch.argmax(x))
+    x = x / temperature
+    if top_k and top_k < x.numel():
+        kth = torch.topk(x, top_k).values[-1]
+        x[x < kth] = float("-inf")
+    probs = torch.softmax(x, dim=-1)
+    if 0 < top_p < 1:
+        sp, si = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sp, dim=-1)
+        drop = cum - sp > top_p  # keep the smallest prefix whose mass reaches top_p
+        sp[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (0,), vocab_size: int | None = None,
+                  on_token=None) -> list[int]:
+    """Sample up to ``max_new_tokens`` ids after ``prompt`` (non-empty). Stops after a token in
+    ``stop_ids`` (kept in the output) or when ``on_token(id)`` returns True. Works with RWKV
+    (recurrent state) and with ``transformers`` causal LMs (KV cache). Returns the new ids."""
+    import torch
+
+    if not prompt:
+        raise ValueError("prompt must hold at least one id (e.g. the separator 0)")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = next(model.parameters()).device
+    x = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    rwkv = hasattr(model, "empty_state")
+    new: list[int] = []
+    stops = set(int(s) for s in stop_ids)
+    with torch.no_grad():
+        if rwkv:
+            out = model(input_ids=x, logits_to_keep=1)
+            cache = out.state
+        else:
+            out = model(input_ids=x, use_cache=True)
+            cache = out.past_key_values
+        for _ in range(max_new_tokens):
+            i = sample_next(out.logits[0, -1].cpu(), temperature, top_k, top_p, gen, vocab_size)
+            new.append(i)
+            if i in stops or (on_token is not None and on_token(i)):
+                break
+            x = torch.tensor([[i]], dtype=torch.long, device=device)
+            if rwkv:
+                out = model(input_ids=x, state=cache)
+                cache = out.state
+            else:
+                out = model(input_ids=x, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+    return new
+
+
+@dataclass
+class MusicGeneration:
+    """Result of :func:`generate_music`: ``ids`` (prompt + new, without the leading separator),
+    ``prompt_len`` (ids of those from the prompt), ``midi`` (``mido.MidiFile``), ``notes`` and
+    ``prompt_end`` (grid step where the prompt stops), ``decode_stats``, ``seconds`` generated."""
+
+    ids: list[int]
+    prompt_len: int
+    midi: object
+    notes: list[Note] = field(default_factory=list)
+    prompt_end: int = 0
+    decode_stats: DecodeStats | None = None
+    seconds: float = 0.0
+
+
+def midi_prompt_ids(tok: MidiTokenizer, prompt) -> list[int]:
+    """Prompt ids for a MIDI prompt (path, ``mido.MidiFile`` or ids): its tokens without ``<eos>``."""
+    if prompt is None:
+        return [tok.bos_id]
+    if isinstance(prompt, (list, tuple)):
+        ids = [int(i) for i in prompt]
+    else:
+        ids = tok.encode(prompt)
+    while ids and ids[-1] in (tok.eos_id, tok.pad_id):
+        ids = ids[:-1]
+    while ids and ids[0] == tok.pad_id:
+        ids = ids[1:]
+    return ids or [tok.bos_id]
+
+
+def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0, max_new_tokens: int = 8192,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 0.95, seed: int | None = 0) -> MusicGeneration:
+    """Continue ``prompt`` (None: from scratch) with about ``seconds`` of new music.
+
+    Generation stops at ``<eos>``/separator, after ``seconds`` of new time shifts, or after
+    ``max_new_tokens``. The result always decodes into a valid MIDI file.
+    """
+    p = midi_prompt_ids(tok, prompt)
+    tracker = tok.seconds_tracker()
+    for i in p:
+        tracker.feed(i)
+    start = tracker.seconds
+
+    def stop(i):
+        return tracker.feed(i) - start >= seconds
+
+    new = sample_tokens(model, [tok.pad_id] + p, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_ids=(tok.pad_id, tok.eos_id), vocab_size=tok.vocab_size, on_token=stop)
+    ids = p + new
+    if not ids or ids[-1] != tok.eos_id:
+        ids = [i for i in ids if i != tok.pad_id] + [tok.eos_id]  # ended by length: close the piece
+    notes, tempos, st = tok.decode_notes(ids)
+    midi = tok.notes_to_midi(notes, tempos)
+    prompt_end = sum(i - tok.shift_start + 1 for i in p if tok.shift_start <= i < tok.shift_start + tok.config.max_shift)
+    return MusicGeneration(ids=ids, prompt_len=len(p), midi=midi, notes=notes,
+                           prompt_end=prompt_end if prompt is not None else 0, decode_stats=st,
+                           seconds=tracker.seconds - start)
+
+
+def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30.0, *, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 0.95, seed: int | None = 0, max_new_tokens: int = 8192,
+                  out: str | os.PathLike | None = None, png: str | os.PathLike | None = None, device: str = "cpu"):
+    """Generate a MIDI file with the model in ``model_dir``; returns a ``mido.MidiFile``.
+
+    ``prompt``: a MIDI path / ``mido.MidiFile`` to continue, or None. ``seconds``: length of the
+    new part. ``out``: also save the ``.mid``; ``png``: also draw a piano roll (prompt shaded).
+    """
+    model, tok = load_music_model(model_dir, device)
+    if not isinstance(tok, MidiTokenizer):
+        raise MidiError(f"{model_dir}: an ABC model; use generate_abc")
+    res = generate_music(model, tok, prompt, seconds, max_new_tokens, temperature, top_k, top_p, seed)
+    if out is not None:
+        res.midi.save(str(out))
+    if png is not None:
+        from multimodal_rwkv.music.pianoroll import render_pianoroll
+
+        render_pianoroll(res.notes, png, steps_per_beat=tok.config.steps_per_beat, prompt_end=res.prompt_end or None, tokenizer=tok)
+    return res.midi
+
+
+def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\n", max_bytes: int = 1024, *,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 0.95, seed: int | None = 0,
+                 model=None, device: str = "cpu") -> str:
+    """Generate one ABC tune (text, prompt included) with an ABC model (folder or ``model=``)."""
+    tok = AbcTokenizer()
+    if model is None:
+        model, tok2 = load_music_model(model_dir, device)
+        if not isinstance(tok2, AbcTokenizer):
+            raise MidiError(f"{model_dir}: a MIDI model; use generate_midi")
+    new = sample_tokens(model, [0] + tok.encode(prompt), max_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_ids=(0,), vocab_size=tok.vocab_size)
+    return prompt + tok.decode([i for i in new if i != 0])
