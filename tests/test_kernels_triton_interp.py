@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["chunk_T1_state_mixed", "chunk_T17_state_strong", "chunk_T130_state_mixed", "chunk_T40_final_only",
         "decode_T1_state", "decode_T5_nostate"]
 SLOW = ["chunk_T64_nostate_weak", "chunk_T130_state_strong", "chunk_T17_bf16", "chunk_T70_K32_V16"]
-GRADS = ["dr", "dk", "dv", "du", "ds0"]
+GRADS = ["dr", "dk", "dv", "dw", "du", "ds0"]
 
 
 def _run(cases):
@@ -35,7 +35,7 @@ def fast_results():
     return _run(FAST)
 
 
-def _check_chunk(res, tol_fwd=1e-5, tol_grad=1e-4, tol_dw=1e-4):
+def _check_chunk(res, tol_fwd=1e-5, tol_grad=1e-4):
     assert res["finite"]
     assert res["o_dtype"] == "torch.float32" or tol_fwd > 1e-5
     assert res["s_dtype"] == "torch.float32"
@@ -43,8 +43,6 @@ def _check_chunk(res, tol_fwd=1e-5, tol_grad=1e-4, tol_dw=1e-4):
     for g in GRADS:
         if g in res:
             assert res[g] <= tol_grad, (g, res[g])
-    # dw: relative to the size of the r*dr / k*dk terms it is assembled from (see triton_chunk)
-    assert res["dw_abs_scaled"] <= tol_dw
 
 
 def test_triton_really_ran_under_interpreter(fast_results):
@@ -58,8 +56,7 @@ def test_triton_really_ran_under_interpreter(fast_results):
 def test_triton_chunk_vs_reference(fast_results, case):
     res = fast_results[case]
     _check_chunk(res)
-    if "strong" not in case:  # under strong decay dw itself is tiny; see dw_abs_scaled above
-        assert res.get("dw", 0.0) <= 1e-4
+    assert "dw" in res and "dk" in res  # the gradients were really compared
 
 
 def test_triton_gradient_through_final_state_only(fast_results):
@@ -83,9 +80,7 @@ def test_triton_interp_slow_cases():
     res = _run(SLOW)
     assert res["interpreted"] is True
     _check_chunk(res["chunk_T64_nostate_weak"])
-    assert res["chunk_T64_nostate_weak"]["dw"] <= 1e-4
     _check_chunk(res["chunk_T130_state_strong"])
     _check_chunk(res["chunk_T70_K32_V16"])
-    assert res["chunk_T70_K32_V16"]["dw"] <= 1e-4
-    # bf16 inputs (fp32 tiles inside the kernels): output rounding to bf16 dominates
-    _check_chunk(res["chunk_T17_bf16"], tol_fwd=1e-2, tol_grad=1e-2, tol_dw=2e-2)
+    # bf16 inputs (fp32 tiles inside the kernels): rounding of o and the grads to bf16 dominates
+    _check_chunk(res["chunk_T17_bf16"], tol_fwd=1e-2, tol_grad=1e-2)

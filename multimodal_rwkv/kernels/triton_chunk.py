@@ -17,9 +17,10 @@ shifted by one row so that ``e_t - c_{t-1}`` is exactly 0):
   exponent ``e_t - c_s`` column by column.
 * ``_bwd_dh``: reverse loop over chunks for the state gradient ``dh[n]`` (w.r.t. the state leaving
   chunk ``n``), seeded with the gradient of the final state; also yields ``d initial_state``.
-* ``_bwd_main``: per sub-chunk, ``dr``, ``dk``, ``dv`` (same factorisation, same stable exponents).
-* In PyTorch: ``du = sum r k (v . do)`` and the log-decay gradient
-  ``dw_z = sum_{t>z} (r dr - k dk)_t - k_z dk_z + u r_z k_z (v_z . do_z) + rowsum(S_T * dS_T)``.
+* ``_bwd_main``: per sub-chunk, ``dr``, ``dk``, ``dv`` (same factorisation, same stable exponents)
+  and ``dw_z = sum_{s < z < t} P_ts`` over all token pairs, built from direct sums of pair terms
+  (no "total minus prefix" telescoping, whose cancellation ruins fp32 ``dw`` under strong decay).
+* In PyTorch: ``du = sum r k (v . do)``.
 
 All accumulation is fp32; inputs may be fp32, bf16 or fp16. ``tl.dot`` uses IEEE fp32 for fp32
 inputs and TF32 for 16-bit inputs (at least as precise as the inputs). Head sizes: powers of two
@@ -169,9 +170,13 @@ def _bwd_dh(r, c, do, dsT, dh, ds0, T, NT,
 
 
 @triton.jit
-def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, T, NT,
+def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, dw, T, NT,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
               PREC: tl.constexpr):
+    # dw_z = sum over all (t, s) pairs with s < z < t of P_ts = r_t k_s exp(sum_{s<y<t} w_y) (do_t . v_s)
+    # (s = -1: initial state, t = T: final state). It is assembled from direct sums of pair terms
+    # (triangular 0/1 matrices instead of "total minus prefix"), so nothing cancels: fp32 dw stays
+    # accurate even when it is tiny (strong decay).
     i_ti = tl.program_id(0)
     i_bh = tl.program_id(1)
     NC: tl.constexpr = BT // BC
@@ -182,6 +187,8 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, T, NT,
     o_c = tl.arange(0, BC)
     o_k = tl.arange(0, K)
     o_v = tl.arange(0, V)
+    m_up = tl.where(o_c[None, :] > o_c[:, None], 1.0, 0.0)  # [z, t]: t > z
+    m_lo = tl.where(o_c[None, :] < o_c[:, None], 1.0, 0.0)  # [z, s]: s < z
     base_k = (i_b * T * H + i_h) * K
     base_v = (i_b * T * H + i_h) * V
     t0 = i_n * BT + i_i * BC
@@ -200,12 +207,14 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, T, NT,
     hv = (i_bh * NT + i_n) * K * V + o_k[:, None] * V + o_v[None, :]
     b_h = tl.load(h + hv)
     b_dh = tl.load(dh + hv)
-    # inter-chunk terms
+    # inter-chunk terms: pairs with s before the chunk (via h) or t after it (via dh)
     b_kd = tl.exp(b_cl[None, :] - b_c)  # [BC,K]
     b_dr = tl.exp(b_e) * tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
     b_dk = b_kd * tl.dot(b_v, tl.trans(b_dh), input_precision=PREC)
     b_dv = tl.dot(b_k * b_kd, b_dh, input_precision=PREC)
-    # rows of this sub-chunk against earlier sub-chunks j < i  -> dr
+    b_dw = tl.dot(m_up, b_r * b_dr, input_precision=PREC) + tl.dot(m_lo, b_k * b_dk, input_precision=PREC)
+    b_dw += (tl.sum(b_h * b_dh, axis=1) * tl.exp(b_cl))[None, :]  # pairs spanning the whole chunk
+    # earlier sub-chunks j < i: dr (rows here, columns in j); dw from out-going pairs of j
     if i_i > 0:
         b_m = tl.load(c + base_k + (t0 - 1) * (H * K) + o_k)
         b_gq = tl.exp(b_e - b_m[None, :])
@@ -218,8 +227,13 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, T, NT,
             b_vj = tl.load(v + base_v + rows_j[:, None] * (H * V) + o_v[None, :]).to(tl.float32)
             b_da = tl.dot(b_do, tl.trans(b_vj), input_precision=PREC)  # [BC(t), BC(s)]
             acc += tl.dot(b_da, b_kj * tl.exp(b_m[None, :] - b_cj), input_precision=PREC)
-        b_dr += b_gq * acc
-    # later sub-chunks j > i (within the chunk) against the columns of this one -> dk, dv
+            b_out = b_kj * tl.exp(b_cl[None, :] - b_cj) * tl.dot(b_vj, tl.trans(b_dh), input_precision=PREC)
+            b_dw += tl.sum(b_out, axis=0)[None, :]
+        b_drx = b_gq * acc
+        b_dr += b_drx
+        b_dw += tl.dot(m_up, b_r * b_drx, input_precision=PREC)
+    # later sub-chunks j > i: dk, dv (columns here, rows in j); dw from in-coming pairs of j
+    b_dkx = tl.zeros([BC, K], dtype=tl.float32)
     for j in range(i_i + 1, NC):
         rows_j = i_n * BT + j * BC + o_c
         p_rj = base_k + rows_j[:, None] * (H * K) + o_k[None, :]
@@ -230,9 +244,27 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, T, NT,
         b_qj = b_rj * tl.exp(b_ej - b_mj[None, :])  # [BC,K]
         b_gk = tl.exp(b_mj[None, :] - b_c)  # [BC,K]
         b_da = tl.dot(b_doj, tl.trans(b_v), input_precision=PREC)  # [BC(t in j), BC(s in i)]
-        b_dk += b_gk * tl.dot(tl.trans(b_da), b_qj, input_precision=PREC)
+        b_dkx += b_gk * tl.dot(tl.trans(b_da), b_qj, input_precision=PREC)
         b_a = tl.dot(b_qj, tl.trans(b_k * b_gk), input_precision=PREC)  # [BC(t), BC(s)]
         b_dv += tl.dot(tl.trans(b_a), b_doj, input_precision=PREC)
+        b_in = b_rj * tl.exp(b_ej) * tl.dot(b_doj, tl.trans(b_h), input_precision=PREC)
+        b_dw += tl.sum(b_in, axis=0)[None, :]
+    b_dk += b_dkx
+    b_dw += tl.dot(m_lo, b_k * b_dkx, input_precision=PREC)
+    # pairs (t in sub-chunk a > i, s in sub-chunk b < i) span this whole sub-chunk
+    for a in range(i_i + 1, NC):
+        rows_a = i_n * BT + a * BC + o_c
+        p_ra = base_k + rows_a[:, None] * (H * K) + o_k[None, :]
+        b_ma = tl.load(c + base_k + (i_n * BT + a * BC - 1) * (H * K) + o_k)
+        b_qa = tl.load(r + p_ra).to(tl.float32) * tl.exp(tl.load(c + p_ra - H * K) - b_ma[None, :])
+        b_doa = tl.load(do + base_v + rows_a[:, None] * (H * V) + o_v[None, :]).to(tl.float32)
+        for bb in range(0, i_i):
+            rows_b = i_n * BT + bb * BC + o_c
+            p_kb = base_k + rows_b[:, None] * (H * K) + o_k[None, :]
+            b_kb = tl.load(k + p_kb).to(tl.float32) * tl.exp(b_ma[None, :] - tl.load(c + p_kb))
+            b_vb = tl.load(v + base_v + rows_b[:, None] * (H * V) + o_v[None, :]).to(tl.float32)
+            b_da = tl.dot(b_doa, tl.trans(b_vb), input_precision=PREC)
+            b_dw += tl.sum(b_qa * tl.dot(b_da, b_kb, input_precision=PREC), axis=0)[None, :]
     # diagonal block, column by column
     for s in range(0, BC):
         p_s = base_k + (t0 + s) * (H * K) + o_k
@@ -243,12 +275,14 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, T, NT,
         b_g = tl.where(below[:, None], tl.exp(tl.where(below[:, None], b_e - b_cs[None, :], 0.0)), 0.0)
         b_dac = tl.sum(b_do * b_vs[None, :], axis=1)  # dA[t, s]
         b_dr += b_dac[:, None] * b_ks[None, :] * b_g
-        dk_s = tl.sum(b_dac[:, None] * b_r * b_g, axis=0)  # [K]
+        b_p = b_dac[:, None] * b_r * b_g  # pair terms P_ts / k_s, rows t
+        dk_s = tl.sum(b_p, axis=0)  # [K]
         b_ac = tl.sum(b_r * b_ks[None, :] * b_g, axis=1)  # A[t, s]
         dv_s = tl.sum(b_ac[:, None] * b_do, axis=0)  # [V]
         is_s = o_c == s
         b_dk += tl.where(is_s[:, None], dk_s[None, :], 0.0)
         b_dv += tl.where(is_s[:, None], dv_s[None, :], 0.0)
+        b_dw += tl.where(below[:, None], tl.dot(m_up, b_p, input_precision=PREC), 0.0) * b_ks[None, :]
     # bonus
     b_dd = tl.sum(b_do * b_v, axis=1)
     b_dr += b_dd[:, None] * b_u[None, :] * b_k
@@ -257,6 +291,7 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, T, NT,
     tl.store(dr + p_k, b_dr)
     tl.store(dk + p_k, b_dk)
     tl.store(dv + p_v, b_dv)
+    tl.store(dw + p_k, b_dw)
 
 
 # Whether @triton.jit produced interpreter functions (TRITON_INTERPRET=1 when this module was imported).
@@ -307,13 +342,13 @@ class _WKV6Chunk(torch.autograd.Function):
         uc = u.contiguous()
         _fwd_o[(NT * (BT // BC), B * H)](rp, kp, vp, c, uc, h, o, Tp, NT, H=H, K=K, V=V, BT=BT, BC=BC,
                                           PREC=prec, num_warps=4)
-        ctx.save_for_backward(rp, kp, vp, c, uc, s0c, sT)
+        ctx.save_for_backward(rp, kp, vp, c, uc, s0c)
         ctx.meta = (T, Tp, NT, s0 is not None, prec, w.dtype, u.dtype, None if s0 is None else s0.dtype)
         return (o if Tp == T else o[:, :T].contiguous()), sT
 
     @staticmethod
     def backward(ctx, do, dsT):
-        rp, kp, vp, c, uc, s0c, sT = ctx.saved_tensors
+        rp, kp, vp, c, uc, s0c = ctx.saved_tensors
         T, Tp, NT, has_s0, prec, w_dtype, u_dtype, s0_dtype = ctx.meta
         B, _, H, K = rp.shape
         V = vp.shape[-1]
@@ -332,17 +367,11 @@ class _WKV6Chunk(torch.autograd.Function):
         dr = torch.empty(B, Tp, H, K, device=rp.device, dtype=torch.float32)
         dk = torch.empty_like(dr)
         dv = torch.empty(B, Tp, H, V, device=rp.device, dtype=torch.float32)
-        _bwd_main[(NT * (BT // BC), B * H)](rp, kp, vp, c, uc, h, dh, dop, dr, dk, dv, Tp, NT, H=H, K=K, V=V,
+        dw = torch.empty_like(dr)
+        _bwd_main[(NT * (BT // BC), B * H)](rp, kp, vp, c, uc, h, dh, dop, dr, dk, dv, dw, Tp, NT, H=H, K=K, V=V,
                                              BT=BT, BC=BC, PREC=prec, num_warps=4)
-        r32, k32 = rp.float(), kp.float()
         dd = (dop.float() * vp.float()).sum(-1, keepdim=True)  # [B,Tp,H,1]
-        rk_dd = r32 * k32 * dd
-        du = rk_dd.sum((0, 1))
-        x = r32 * dr - k32 * dk
-        dw = torch.flip(torch.cumsum(torch.flip(x, [1]), 1), [1]) - x  # sum_{t>z} x_t
-        dw = dw - k32 * dk + uc.float() * rk_dd
-        if use_dst and sT is not None:
-            dw = dw + (sT * dst).sum(-1).unsqueeze(1)
+        du = (rp.float() * kp.float() * dd).sum((0, 1))
         return (dr[:, :T].to(rp.dtype), dk[:, :T].to(kp.dtype), dv[:, :T].to(vp.dtype), dw[:, :T].to(w_dtype),
                 du.to(u_dtype), None if ds0 is None else ds0.to(s0_dtype), None)
 

@@ -1,0 +1,146 @@
+"""CPU benchmark of the WKV-6 kernels: B=1, H=4, T=1024, K=V=64, fp32, 2 threads.
+
+Run:  python bench/cpu_kernels.py            (prints the table and writes it to BENCHMARKS.md,
+                                              section "## WKV kernels (CPU)")
+      python bench/cpu_kernels.py --no-write  (print only)
+
+Rows: forward (no grad) and forward+backward (loss = sum(o * g) + sum(S_T * gs)), best of N runs,
+ms and speed-up against the reference step recurrence with autograd, plus each backend's error
+against a float64 reference run. Also the T=1 decode step (B=1, H=32, K=64, with state).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from multimodal_rwkv.kernels import wkv6_reference  # noqa: E402
+from multimodal_rwkv.kernels.torch_chunked import wkv6_chunked, wkv6_recurrent  # noqa: E402
+
+SECTION = "## WKV kernels (CPU)"
+
+
+def make(B, T, H, K, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, H, K, generator=g, dtype=torch.float64) * 0.5
+    v = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
+    w = -torch.exp(torch.rand(B, T, H, K, generator=g, dtype=torch.float64) * 9.5 - 8.0)  # log-decay, mixed
+    u = torch.randn(H, K, generator=g, dtype=torch.float64) * 0.5
+    s0 = torch.randn(B, H, K, K, generator=g, dtype=torch.float64)
+    return [x.to(dtype) for x in (r, k, v, w, u, s0)]
+
+
+def best_ms(fn, reps):
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts) * 1e3
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
+def write_section(path, text):
+    """Replace (or append) the SECTION block of a markdown file; other sections are left as they are."""
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = SECTION + "\n\n" + text.strip() + "\n"
+    pat = re.compile(r"^" + re.escape(SECTION) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+    if pat.search(old):
+        new = pat.sub(lambda m: block + "\n", old, count=1)
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(new.rstrip("\n") + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    B, T, H, K = 1, args.T, 4, 64
+    x32 = make(B, T, H, K)
+    x64 = [x.double() for x in x32]
+    o64, s64 = wkv6_reference(*x64, output_final_state=True)
+    g = torch.Generator().manual_seed(1)
+    go = torch.randn(o64.shape, generator=g)
+    gs = torch.randn(s64.shape, generator=g)
+
+    backends = {
+        "reference (step loop)": lambda *a: wkv6_reference(*a, output_final_state=True),
+        "torch step loop (wkv6_recurrent)": lambda *a: wkv6_recurrent(*a, output_final_state=True),
+        "torch chunked (wkv6_chunked)": lambda *a: wkv6_chunked(*a, output_final_state=True),
+    }
+    rows = []
+    for name, fn in backends.items():
+        with torch.no_grad():
+            o, s = fn(*x32)
+        err = max(rel_rms(o, o64), rel_rms(s, s64))
+
+        def fwd():
+            with torch.no_grad():
+                fn(*x32)
+
+        def fwd_bwd():
+            xs = [x.clone().requires_grad_() for x in x32]
+            o, s = fn(*xs)
+            ((o * go).sum() + (s * gs).sum()).backward()
+
+        reps_ref = max(1, args.reps // 2) if name.startswith("reference") else args.reps
+        rows.append((name, best_ms(fwd, reps_ref), best_ms(fwd_bwd, reps_ref), err))
+    ref_f, ref_fb = rows[0][1], rows[0][2]
+
+    # decode: one token, B=1, H=32, K=64, with state (the model's per-layer decode call)
+    xd = make(1, 1, 32, 64, seed=2)
+    dec = {
+        "reference": lambda: wkv6_reference(*xd, output_final_state=True),
+        "torch step loop": lambda: wkv6_recurrent(*xd, output_final_state=True),
+    }
+    dec_us = {}
+    for name, fn in dec.items():
+        with torch.no_grad():
+            dec_us[name] = best_ms(fn, 200) * 1e3
+
+    lines = [
+        f"B={B}, T={T}, H={H}, K=V=64, fp32, torch.set_num_threads({args.threads}), best of {args.reps}; "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
+        "ratio = reference fwd+bwd time / this time; err = max rel. RMS of (o, S_T) vs a float64 reference.",
+        "",
+        "| backend | fwd ms | fwd+bwd ms | fwd speed-up vs ref | fwd+bwd speed-up vs ref (autograd) | err fp32 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, f, fb, err in rows:
+        lines.append(f"| {name} | {f:.1f} | {fb:.1f} | {ref_f / f:.1f}x | {ref_fb / fb:.1f}x | {err:.1e} |")
+    lines += ["", "Decode step (T=1, B=1, H=32, K=V=64, with state, no grad), best of 200:", "",
+              "| backend | us/step | speed-up |", "|---|---:|---:|"]
+    for name, us in dec_us.items():
+        lines.append(f"| {name} | {us:.0f} | {dec_us['reference'] / us:.1f}x |")
+    text = "\n".join(lines)
+    print(SECTION)
+    print()
+    print(text)
+    if not args.no_write:
+        write_section(os.path.join(ROOT, "BENCHMARKS.md"), text)
+        print(f"\nwrote {os.path.join(ROOT, 'BENCHMARKS.md')} ({SECTION})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
