@@ -144,11 +144,30 @@ def test_random_bytes_match_slow_twin(tok):
 def test_block_seams_do_not_change_ids(tok, monkeypatch):
     rng = random.Random(5)
     text = "".join(random_text(rng, 300) for _ in range(40))
-    whole = tok.encode(text)
+    data = text.encode()
+    whole = tok._encode_matcher(data)
+    assert whole == greedy_reference(data, tok._vocab.token_to_id, tok._vocab.max_len)
     monkeypatch.setattr(tok, "_BLOCK", 1)  # blocks of 4 * 128 bytes: many seams, inside space runs too
-    assert len(text.encode()) > 20 * 4 * tok._vocab.max_len
+    assert len(data) > 20 * 4 * tok._vocab.max_len
+    assert tok._encode_matcher(data) == whole  # matcher seams (max_len look-ahead rule)
+    assert tok.encode_bytes(data) == whole  # cuts at always-boundary spaces
     assert tok.encode(text) == whole
-    assert tok.decode(whole) == text
+    no_spaces = data.replace(b" ", b"_")  # no space to cut at: one long chunk through the matcher
+    assert tok.encode_bytes(no_spaces) == greedy_reference(no_spaces, tok._vocab.token_to_id, tok._vocab.max_len)
+
+
+@needs_rwkv
+def test_space_chunks_and_cache_match_matcher(tok, monkeypatch):
+    assert tok._vocab.chunk_regex is not None
+    monkeypatch.setattr(tok, "_CHUNK_CACHE_MAX_ENTRIES", 16)  # exercise eviction
+    rng = random.Random(8)
+    pieces = [" ", "  ", "\t", "\n", "\n\n", "a", "the", " the", "Hello", ".", "中", "é", "x" * 40, "\r"]
+    for _ in range(400):
+        data = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 50))).encode()
+        assert tok.encode_bytes(data) == tok._encode_matcher(data), data
+    for _ in range(50):
+        data = bytes(rng.choice(b" \t\nab\xe4\xb8\xad.") for _ in range(rng.randint(0, 300)))
+        assert tok.encode_bytes(data) == greedy_reference(data, tok._vocab.token_to_id, tok._vocab.max_len)
 
 
 @needs_rwkv
@@ -240,6 +259,28 @@ def test_char_runs_on_synthetic_vocab(tmp_path):
         want = greedy_reference(text.encode(), vocab.token_to_id, vocab.max_len)
         assert tok.encode(text) == want, repr(text)
     assert tok.encode("中国x") == [tok.token_to_id("中"), tok.token_to_id("国x")]
+
+
+@pytest.mark.parametrize(
+    "inner_space_tokens",
+    [
+        [],
+        [b"a b", b"b  ", b"\n "],
+        [b"x" + bytes([c]) + b" " for c in range(32, 127)],
+        [bytes([c]) + b" " for c in range(256)],  # any byte may precede a space: no cutting at all
+    ],
+)
+def test_space_chunks_on_synthetic_vocab(tmp_path, inner_space_tokens):
+    # which bytes may precede a space inside a token decides where pieces can be cut
+    extra = [b"ab", b" a", b" b", b"  ", b" ab", b"ba "] + inner_space_tokens
+    toks = [bytes([b]) for b in range(256)] + list(dict.fromkeys(extra))
+    tok = WorldTokenizer(write_vocab(tmp_path / "v.txt", toks))
+    vocab = tok._vocab
+    assert (vocab.chunk_regex is None) == (len(inner_space_tokens) == 256)
+    rng = random.Random(len(inner_space_tokens))
+    for _ in range(400):
+        data = bytes(rng.choice(b"ab x\n\t") for _ in range(rng.randint(0, 120)))
+        assert tok.encode_bytes(data) == greedy_reference(data, vocab.token_to_id, vocab.max_len), data
 
 
 def test_synthetic_vocab_tokenizer_api(tmp_path):

@@ -9,15 +9,24 @@ Encoding takes, at each position, the longest vocabulary entry that is a prefix 
 bytes; every single byte is a token, so this always progresses. It is the algorithm of the official
 ``rwkv.rwkv_tokenizer.TRIE_TOKENIZER`` and gives the same ids.
 
-Why it is fast: the vocabulary trie is compiled into one regular expression whose alternations
-branch on the next byte (``a(?:b(?:c|)|d)``: a terminal node tries its children first and falls
-back to stopping there). Python's ``re`` engine then does the greedy longest match per token in C,
-and ``findall`` returns the matched byte strings, which a dict maps to ids. Children are ordered by
-subtree size so frequent continuations are tried first (order never changes the result: siblings
-start with distinct bytes, so at most one can match). The regex is built directly as the parse tree
-``re`` would produce (skipping the slow pure-Python pattern parser); if those internals are missing
-or fail a self-check, the same pattern is compiled from its text form instead.
-:func:`greedy_reference` is the slow, obviously-correct twin that tests compare against.
+Why it is fast (pure Python, no extension module):
+
+1. The byte matcher. The vocabulary trie is compiled into one regular expression whose
+   alternations branch on the next byte (``a(?:b(?:c|)|d)``: the alternatives of a node that is
+   itself a token end with an empty one, "stop here"). Python's ``re`` engine then does the greedy
+   longest match per token in C, and ``findall`` returns the matched byte strings, which a dict maps
+   to ids. The regex is built directly as the parse tree ``re`` would produce (skipping its slow
+   pure-Python pattern parser); if those internals are missing or fail a self-check, the same
+   pattern is compiled from its text form instead.
+2. Boundaries proven from the vocabulary. Where no token can cross a position, greedy matching
+   starts a token there and both sides are tokenized independently. Two such cases are derived
+   from the file at load time: before a byte that never occurs inside a token (the CJK lead bytes
+   0xE4-0xE9 for the World vocabulary: runs of ideographs map character by character through a
+   dict), and before a space whose preceding byte never precedes a space inside a token
+   (English " word" pieces, whose ids are cached).
+
+:func:`greedy_reference` is the slow, obviously-correct twin that tests compare against, together
+with the official package's ``TRIE_TOKENIZER``.
 """
 from __future__ import annotations
 
@@ -344,6 +353,33 @@ class _Vocab:
         # ids of short text pieces that lie between token boundaries (exact: their tokenization
         # does not depend on the surrounding text); cleared when full
         self.piece_cache: dict[str, tuple[int, ...]] = {}
+        self.chunk_regex, self.split_regex = self._space_chunks()
+        self.chunk_cache: dict[bytes, tuple[int, ...]] = {}
+
+    def _space_chunks(self):
+        """Regexes that cut bytes at spaces that are always token boundaries.
+
+        Let P be the bytes that some token has directly before a space (for the World vocabulary:
+        tab, newline and space). A space preceded by a byte outside P cannot be inside any token,
+        so greedy matching starts a token there and the text on both sides is tokenized
+        independently. ``chunk_regex`` finds the pieces between such spaces (" word", "\n\n  Hi",
+        ...), which repeat a lot in prose, so their ids are cached. ``split_regex`` finds one such
+        space (the cut is after the match's first byte), to cut long inputs into blocks.
+        Returns ``(None, None)`` if every byte can precede a space inside a token.
+        """
+        before_space = set()
+        for tok in self.token_to_id:
+            i = tok.find(b" ", 1)
+            while i != -1:
+                before_space.add(tok[i - 1])
+                i = tok.find(b" ", i + 1)
+        if len(before_space) == 256:
+            return None, None
+        if not before_space:
+            return re.compile(rb"(?s:.[^ ]*+)"), re.compile(rb"(?s:.) ")
+        cls = b"".join(re.escape(bytes([c])) for c in sorted(before_space))
+        chunk = re.compile(rb"(?s:.[^ ]*+(?:(?<=[" + cls + rb"]) +[^ ]*+)*+)")
+        return chunk, re.compile(rb"[^" + cls + rb"] ")
 
     def _single_char_runs(self, root: dict):
         """The characters whose boundaries are always token boundaries, and the leaf tokens among them.
@@ -559,10 +595,50 @@ class WorldTokenizer:
         return ids
 
     _BLOCK = 1 << 20
+    _CHUNK_CACHE_MAX_BYTES = 32
+    _CHUNK_CACHE_MAX_ENTRIES = 1 << 17
 
     def encode_bytes(self, data: bytes) -> list[int]:
-        """Token ids of raw bytes (any bytes, not necessarily valid UTF-8); the byte matcher only."""
+        """Token ids of raw bytes (any bytes, not necessarily valid UTF-8)."""
         data = bytes(data)
+        vocab = self._vocab
+        n = len(data)
+        if vocab.chunk_regex is None or n < 16:
+            return self._encode_matcher(data)
+        block = max(self._BLOCK, 4 * vocab.max_len)
+        if n <= block:
+            return self._encode_chunks(data, 0, n)
+        out: list[int] = []
+        pos = 0
+        while pos < n:  # blocks cut at always-boundary spaces (bounded memory for long inputs)
+            m = vocab.split_regex.search(data, pos + block) if n - pos > block else None
+            end = m.start() + 1 if m else n
+            out += self._encode_chunks(data, pos, end)
+            pos = end
+        return out
+
+    def _encode_chunks(self, data: bytes, pos: int, end: int) -> list[int]:
+        """Ids of ``data[pos:end]`` (both ends at token boundaries), piece by piece between
+        always-boundary spaces, with a cache for short pieces."""
+        out: list[int] = []
+        cache = self._vocab.chunk_cache
+        get = cache.get
+        findall, lookup = self._findall, self._lookup
+        for chunk in self._vocab.chunk_regex.findall(data, pos, end):
+            ids = get(chunk)
+            if ids is None:
+                if len(chunk) > self._CHUNK_CACHE_MAX_BYTES:
+                    out += self._encode_matcher(chunk)
+                    continue
+                ids = tuple(map(lookup, findall(chunk)))
+                if len(cache) >= self._CHUNK_CACHE_MAX_ENTRIES:
+                    cache.clear()
+                cache[chunk] = ids
+            out += ids
+        return out
+
+    def _encode_matcher(self, data: bytes) -> list[int]:
+        """Ids of ``data`` from the byte matcher alone (no chunking, no cache)."""
         n = len(data)
         findall, lookup = self._findall, self._lookup
         max_len = self._vocab.max_len
