@@ -132,9 +132,13 @@ def _literal_one(path: str, lineno: int, lit: str):
     try:
         value = ast.literal_eval(lit)
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as e:
-        raise DataError(f"{path}:{lineno}: token is not a Python str/bytes literal ({type(e).__name__}): {lit[:80]!r}") from None
+        raise DataError(
+            f"{path}:{lineno}: token is not a Python str/bytes literal ({type(e).__name__}): {lit[:80]!r}"
+        ) from None
     if not isinstance(value, (str, bytes)):
-        raise DataError(f"{path}:{lineno}: token literal is a {type(value).__name__}, expected str or bytes: {lit[:80]!r}")
+        raise DataError(
+            f"{path}:{lineno}: token literal is a {type(value).__name__}, expected str or bytes: {lit[:80]!r}"
+        )
     return value
 
 
@@ -494,7 +498,16 @@ class WorldTokenizer:
 
     Id 0 (:attr:`eos_token_id`) is end of text / document separator: it is never produced by
     :meth:`encode` and decodes to ``""``. Parsed vocabularies are cached per file (path, mtime,
-    size) in this process, so a second tokenizer costs nothing.
+    size) in this process, so a second tokenizer costs nothing. Instances may be shared between
+    threads; the per-vocabulary caches of piece ids are bounded (about 2 x 65,536 short entries).
+
+    Example::
+
+        tok = WorldTokenizer()
+        tok.encode("Hello world")            # [33155, 40213]
+        tok.decode([33155, 40213])           # 'Hello world'
+        stream = tok.stream_decoder()        # for generation: text as soon as it is complete
+        "".join(stream.push(i) for i in tok.encode("你好")) + stream.flush()   # '你好'
     """
 
     def __init__(self, vocab_file: str | os.PathLike | None = None, vocab_size: int | None = None):
@@ -596,10 +609,11 @@ class WorldTokenizer:
 
     _BLOCK = 1 << 20
     _CHUNK_CACHE_MAX_BYTES = 32
-    _CHUNK_CACHE_MAX_ENTRIES = 1 << 17
+    _CHUNK_CACHE_MAX_ENTRIES = 1 << 16
 
     def encode_bytes(self, data: bytes) -> list[int]:
-        """Token ids of raw bytes (any bytes, not necessarily valid UTF-8)."""
+        """Token ids of raw bytes (any bytes, not necessarily valid UTF-8): a list of ints in
+        ``[1, largest id]``, the same greedy longest match as :meth:`encode`."""
         data = bytes(data)
         vocab = self._vocab
         n = len(data)
