@@ -283,6 +283,19 @@ def test_space_chunks_on_synthetic_vocab(tmp_path, inner_space_tokens):
         assert tok.encode_bytes(data) == greedy_reference(data, vocab.token_to_id, vocab.max_len), data
 
 
+@pytest.mark.skipif(tkmod.sys.version_info < (3, 11), reason="possessive quantifiers need Python 3.11")
+def test_greedy_and_possessive_chunk_patterns_agree():
+    rng = random.Random(12)
+    for cls in (None, b"\\t\\n ", b"a\\n "):
+        greedy = tkmod.re.compile(tkmod._chunk_pattern(cls, possessive=False))
+        possessive = tkmod.re.compile(tkmod._chunk_pattern(cls, possessive=True))
+        assert greedy.pattern != possessive.pattern
+        for _ in range(300):
+            data = bytes(rng.choice(b"  \t\nab.") for _ in range(rng.randint(0, 80)))
+            pieces = greedy.findall(data)
+            assert b"".join(pieces) == data and possessive.findall(data) == pieces
+
+
 def test_synthetic_vocab_tokenizer_api(tmp_path):
     toks = synthetic_tokens(random.Random(3), 100)
     path = write_vocab(tmp_path / "v.txt", toks, crlf=True)  # CRLF like the RWKV-LM copy

@@ -380,10 +380,9 @@ class _Vocab:
         if len(before_space) == 256:
             return None, None
         if not before_space:
-            return re.compile(rb"(?s:.[^ ]*+)"), re.compile(rb"(?s:.) ")
+            return re.compile(_chunk_pattern(None)), re.compile(rb"(?s:.) ")
         cls = b"".join(re.escape(bytes([c])) for c in sorted(before_space))
-        chunk = re.compile(rb"(?s:.[^ ]*+(?:(?<=[" + cls + rb"]) +[^ ]*+)*+)")
-        return chunk, re.compile(rb"[^" + cls + rb"] ")
+        return re.compile(_chunk_pattern(cls)), re.compile(rb"[^" + cls + rb"] ")
 
     def _single_char_runs(self, root: dict):
         """The characters whose boundaries are always token boundaries, and the leaf tokens among them.
@@ -452,6 +451,21 @@ class _Vocab:
         probe = bytes(range(256)) + "The Eiffel tower, 今天是美好的一天。\n\n  x 🙂".encode() + b" " * 200
         got = [self.token_to_id[m] for m in rx.findall(probe)]
         return got == greedy_reference(probe, self.token_to_id, self.max_len)
+
+
+def _chunk_pattern(before_space_class: bytes | None, possessive: bool | None = None) -> bytes:
+    """Regex for the pieces between always-boundary spaces (see ``_Vocab._space_chunks``).
+
+    The longest piece is always a match, so greedy and possessive quantifiers find the same
+    pieces; possessive ones (Python >= 3.11) skip the backtracking bookkeeping (~10% faster).
+    """
+    if possessive is None:
+        possessive = sys.version_info >= (3, 11)
+    star = b"*+" if possessive else b"*"
+    if before_space_class is None:
+        return rb"(?s:.[^ ]" + star + b")"
+    return (rb"(?s:.[^ ]" + star + rb"(?:(?<=[" + before_space_class + rb"]) +[^ ]" + star + b")" + star
+            + b")")
 
 
 _CACHE: dict[tuple, _Vocab] = {}
