@@ -1,0 +1,239 @@
+"""Music data: ABC tokenizer, corpus preparation (split, shards, augmentation), piano roll, metrics."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+
+import mido
+import numpy as np
+import pytest
+
+from multimodal_rwkv.errors import DataError, MidiError
+from multimodal_rwkv.music import AbcTokenizer, MidiTokenizer, Note
+from multimodal_rwkv.music.abc import split_tunes
+from multimodal_rwkv.music.corpora import load_tokens, prepare, split_documents, split_of
+from multimodal_rwkv.music.metrics import bits_per_unit, note_density, pitch_class_entropy, piece_stats, polyphony
+
+TUNE = """X: 7
+T: Test reel
+M: 4/4
+L: 1/8
+K:D
+|: d2 fd Adfd | e2 ge ceAc :|
+"""
+
+
+# ----------------------------------------------------------------------------- ABC
+def test_abc_byte_ids():
+    tok = AbcTokenizer()
+    text = TUNE + "% café ♪\n"
+    ids = tok.encode(text)
+    raw = text.encode("utf-8")
+    assert ids == [b + 1 for b in raw] and min(ids) >= 1 and max(ids) <= 256 and tok.vocab_size == 257
+    assert tok.decode(ids) == text
+    assert tok.decode([0] + ids + [0, 5, 6]) == text  # leading separator skipped, stops at the next
+    assert tok.decode([999, -3] + ids[:3]) == text[:3]
+    assert tok.count_bytes([0] + ids + [0]) == len(raw)
+
+
+def test_split_tunes_drops_header():
+    text = "%abc-2.1\nheader stuff\n\nX: 1\nT: A\nK:G\nGAB|\n\n\nX: 2\nT: B\nK:D\nDEF|\n"
+    tunes = split_tunes(text)
+    assert tunes == ["X: 1\nT: A\nK:G\nGAB|\n", "X: 2\nT: B\nK:D\nDEF|\n"]
+
+
+def test_abc_to_midi_with_music21(tmp_path):
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music.abc import abc_to_midi
+
+    mid = abc_to_midi(TUNE, tmp_path / "t.mid")
+    back = mido.MidiFile(str(tmp_path / "t.mid"))
+    pitches = [m.note for tr in back.tracks for m in tr if m.type == "note_on" and m.velocity > 0]
+    # "d2 fd Adfd" in D major: d=D5(74) f=F#5(78) A=A4(69); 14 notes (28 if the repeat is expanded)
+    assert pitches[:4] == [74, 78, 74, 69] and len(pitches) in (14, 28)
+    assert len(mid.tracks) == len(back.tracks)
+
+
+def test_music21_missing_is_a_clear_error(monkeypatch):
+    from multimodal_rwkv.music import corpora
+
+    monkeypatch.setitem(sys.modules, "music21", None)
+    with pytest.raises(DataError, match="music21 is not installed"):
+        corpora.abc_corpus_tunes("oneill-abc", limit=2)
+    with pytest.raises(DataError, match="music21 is not installed"):
+        prepare("/tmp/never-written", corpus="bach-chorales", limit=1)
+
+
+# ----------------------------------------------------------------------------- split & shards
+def test_split_is_a_function_of_content():
+    contents = [f"piece {i}".encode() for i in range(2000)]
+    splits = [split_of(c) for c in contents]
+    assert splits == [split_of(c) for c in reversed(contents)][::-1]
+    share = {s: splits.count(s) / len(splits) for s in ("train", "valid", "test")}
+    assert 0.07 < share["valid"] < 0.13 and 0.07 < share["test"] < 0.13
+    assert all(split_of(c, 0, 0) == "train" for c in contents[:50])
+    assert all(split_of(c, 0, 1000) == "test" for c in contents[:50])
+
+
+def test_prepare_abc_corpus(tmp_path):
+    pytest.importorskip("music21")
+    rep = prepare(tmp_path / "o", corpus="oneill-abc", limit=60, valid_permille=200, test_permille=200)
+    tok = AbcTokenizer()
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["kind"] == "abc" and (tmp_path / "o" / "abc_tokenizer.json").is_file()
+    total = 0
+    for s in ("train", "valid", "test"):
+        ids = load_tokens(tmp_path / "o" / s)
+        assert ids[0] == 0 and ids[-1] == 0 and ids.max() <= 256
+        docs = split_documents(ids)
+        assert len(docs) == rep.counts[s]["pieces"] == meta["counts"][s]["pieces"]
+        assert tok.count_bytes(ids) == rep.counts[s]["bytes"]
+        for d in docs:
+            assert tok.decode(d).startswith("X:")
+        total += len(docs)
+    assert total + rep.duplicates == 60 and rep.counts["valid"]["pieces"] > 0
+
+
+def test_prepare_midi_dir_split_augmentation_and_failures(tmp_path):
+    d = tmp_path / "midis"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        mid = mido.MidiFile(ticks_per_beat=480)
+        tr = mido.MidiTrack()
+        for j in range(8):
+            p = int(rng.integers(40, 80))
+            tr.append(mido.Message("note_on", note=p, velocity=90, time=0))
+            tr.append(mido.Message("note_off", note=p, velocity=0, time=240))
+        tr.append(mido.Message("note_on", note=36, velocity=90, channel=9, time=0))
+        tr.append(mido.Message("note_off", note=36, velocity=0, channel=9, time=240))
+        mid.tracks.append(tr)
+        mid.save(str(d / f"p{k:02d}.mid"))
+    (d / "dup.mid").write_bytes((d / "p00.mid").read_bytes())
+    (d / "broken.mid").write_bytes(b"MThd\x00\x00")
+    (d / "readme.txt").write_text("not midi")
+    out = tmp_path / "ds"
+    rep = prepare(out, midi_dir=d, transpose=2, valid_permille=250, test_permille=250)
+    assert rep.duplicates == 1 and len(rep.failed) == 1 and "broken.mid" in rep.failed[0][0]
+    assert "broken.mid" in (out / "failed.txt").read_text()
+    tok = MidiTokenizer.from_pretrained(out)
+    n_pieces = {s: rep.counts[s]["pieces"] for s in rep.counts}
+    meta = json.loads((out / "meta.json").read_text())
+    n_train_files = sum(1 for f in meta["files"] if f["split"] == "train")
+    assert n_pieces["train"] == 5 * n_train_files  # -2..+2 all in range (pitches 40..80)
+    assert n_pieces["valid"] + n_pieces["test"] == 12 - n_train_files
+    train = split_documents(load_tokens(out / "train"))
+    # every transposed copy keeps its drum note and shifts its melody
+    for doc in train:
+        notes, _, st = tok.decode_notes(doc)
+        assert st.clean and sum(n.group == tok.drum_group and n.pitch == 36 for n in notes) == 1
+    # deterministic: preparing again gives identical shards
+    out2 = tmp_path / "ds2"
+    prepare(out2, midi_dir=d, transpose=2, valid_permille=250, test_permille=250)
+    for s in ("train", "valid", "test"):
+        assert np.array_equal(load_tokens(out / s), load_tokens(out2 / s))
+    with pytest.raises(DataError, match="not a directory"):
+        prepare(tmp_path / "x", midi_dir=tmp_path / "missing")
+    with pytest.raises(DataError, match="only implemented for MIDI"):
+        prepare(tmp_path / "x", corpus="essen-abc", transpose=1)
+
+
+def test_prepare_bach_limit(tmp_path):
+    pytest.importorskip("music21")
+    rep = prepare(tmp_path / "b", corpus="bach-chorales", limit=3, valid_permille=0, test_permille=0, workers=1)
+    ids = load_tokens(tmp_path / "b" / "train")
+    tok = MidiTokenizer.from_pretrained(tmp_path / "b")
+    assert rep.counts["train"]["pieces"] == 3 and tok.count_notes(ids) == rep.counts["train"]["notes"] > 300
+    assert len(list((tmp_path / "b" / "midi").glob("*.mid"))) == 3
+
+
+def test_load_tokens_rejects_bad_shards(tmp_path):
+    np.save(tmp_path / "f.npy", np.zeros((2, 2), dtype=np.int32))
+    with pytest.raises(DataError, match="1-D integer"):
+        load_tokens(tmp_path / "f.npy")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .npy"):
+        load_tokens(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- piano roll
+def test_pianoroll_colours_and_prompt(tmp_path):
+    from multimodal_rwkv.music.pianoroll import group_colour, render_pianoroll
+
+    tok = MidiTokenizer()
+    notes = [Note(0, 24, 0, 60, 5), Note(48, 24, 5, 72, 5), Note(60, 1, tok.drum_group, 36, 5)]
+    img = render_pianoroll(notes, tmp_path / "r.png", steps_per_beat=12, prompt_end=36, tokenizer=tok, px_per_step=4)
+    from PIL import Image
+
+    back = Image.open(tmp_path / "r.png")
+    assert back.size == img.size and back.format == "PNG"
+    legend_h, left, px = 18, 30, 5
+    hi = 72 + 2
+
+    def pix(step, pitch):
+        return img.getpixel((int(left + step * 4 + 2), legend_h + (hi - pitch) * px + 1))
+
+    assert pix(5, 60) == group_colour(0)
+    assert pix(55, 72) == group_colour(5) != group_colour(0)
+    assert pix(20, 66) == (236, 236, 236)  # prompt shading
+    assert pix(40, 66) == (255, 255, 255)  # generated part, empty
+
+
+def test_cli_roll_and_abc2midi(tmp_path, capsys):
+    from multimodal_rwkv.cli import main
+
+    mid = mido.MidiFile()
+    tr = mido.MidiTrack([mido.Message("note_on", note=60, velocity=80), mido.Message("note_off", note=60, time=480)])
+    mid.tracks.append(tr)
+    mid.save(str(tmp_path / "a.mid"))
+    assert main(["music", "roll", str(tmp_path / "a.mid"), "--out", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").stat().st_size > 100
+    (tmp_path / "bad.mid").write_bytes(b"nope")
+    assert main(["music", "roll", str(tmp_path / "bad.mid"), "--out", str(tmp_path / "b.png")]) == 2
+    assert "bad.mid: not a MIDI file" in capsys.readouterr().err
+    pytest.importorskip("music21")
+    (tmp_path / "t.abc").write_text("header\n\n" + TUNE + "\n" + TUNE.replace("X: 7", "X: 8"))
+    assert main(["music", "abc2midi", str(tmp_path / "t.abc"), "--out", str(tmp_path / "t.mid"), "--index", "1"]) == 0
+    assert mido.MidiFile(str(tmp_path / "t.mid")).tracks
+    assert main(["music", "abc2midi", str(tmp_path / "t.abc"), "--out", str(tmp_path / "t.mid"), "--index", "5"]) == 2
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_by_hand():
+    assert bits_per_unit(math.log(2), 100, 50) == pytest.approx(2.0)
+    same = [Note(i * 12, 12, 0, 60 + 12 * (i % 3), 5) for i in range(6)]  # all C
+    assert pitch_class_entropy(same) == 0.0
+    chromatic = [Note(i, 1, 0, 60 + i, 5) for i in range(12)]
+    assert pitch_class_entropy(chromatic) == pytest.approx(math.log2(12))
+    two = [Note(0, 1, 0, 60, 5), Note(1, 1, 0, 62, 5), Note(2, 1, 16, 61, 5)]
+    assert pitch_class_entropy(two, drum_group=16) == pytest.approx(1.0)
+    # 4 notes over 2 beats
+    assert note_density([Note(0, 12, 0, 60, 1), Note(0, 12, 0, 64, 1), Note(12, 12, 0, 62, 1), Note(12, 6, 0, 65, 1)], 12) == pytest.approx(2.0)
+    # sounding counts: steps 0-5: 2 notes, 6-9: 1 note, 10-13: silent, 14-15: 3 notes
+    notes = [Note(0, 10, 0, 60, 1), Note(0, 6, 0, 64, 1), Note(14, 2, 0, 60, 1), Note(14, 2, 0, 62, 1), Note(14, 2, 0, 67, 1)]
+    assert polyphony(notes) == pytest.approx((6 * 2 + 4 * 1 + 2 * 3) / 12)
+    assert math.isnan(polyphony([])) and math.isnan(pitch_class_entropy([]))
+    assert piece_stats(notes, 12)["notes"] == 5
+
+
+def test_windowed_nll_matches_direct_sum():
+    torch = pytest.importorskip("torch")
+    from multimodal_rwkv.music.metrics import windowed_nll
+
+    class Bigram(torch.nn.Module):  # a model whose per-window loss is easy to compute directly
+        def __init__(self, V):
+            super().__init__()
+            self.t = torch.nn.Parameter(torch.randn(V, V))
+
+        def forward(self, input_ids):
+            return type("O", (), {"logits": self.t[input_ids]})()
+
+    torch.manual_seed(0)
+    m = Bigram(11)
+    ids = torch.randint(0, 11, (53,))
+    total, n = windowed_nll(m, ids, ctx_len=8, batch_size=3)
+    lp = torch.log_softmax(m.t, -1)
+    direct = -sum(float(lp[ids[i], ids[i + 1]].detach()) for i in range(52))
+    assert n == 52 and total == pytest.approx(direct, rel=1e-5)
