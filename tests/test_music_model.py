@@ -1,0 +1,172 @@
+"""Music on the RWKV core: recipes, a tiny training run (validation loss decreases), generation
+(MIDI file mido can read + PNG), sampling filters, evaluation, the shipped demo model."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import mido
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from multimodal_rwkv.music import MidiTokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "multimodal_rwkv" / "assets" / "music_bach"
+
+
+# ----------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("name,kind", [("music_bach_midi.yaml", "midi"), ("music_oneill_abc.yaml", "abc")])
+def test_recipes_load_and_match_tokenizers(name, kind):
+    from multimodal_rwkv.music import AbcTokenizer
+    from multimodal_rwkv.training import load_config
+
+    cfg = load_config(ROOT / "recipes" / name).validate()
+    assert cfg.task == "lm" and cfg.data.format == "tokens" and cfg.data.valid_file
+    vocab = MidiTokenizer().vocab_size if kind == "midi" else AbcTokenizer().vocab_size
+    assert cfg.model.config["vocab_size"] == vocab
+    assert cfg.model.config.get("version", "x060") == "x060"
+    assert any(f.endswith(f"{kind}_tokenizer.json") for f in cfg.export.include_files)
+
+
+# ----------------------------------------------------------------------------- tiny training + generation
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Prepare 8 chorales, train a 1-layer model for 40 steps; returns (final_dir, data_dir, metrics)."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music.corpora import prepare
+    from multimodal_rwkv.training import load_config, train
+
+    tmp = tmp_path_factory.mktemp("music_run")
+    data = tmp / "data"
+    rep = prepare(data, corpus="bach-chorales", limit=8, valid_permille=400, test_permille=0, workers=1)
+    assert rep.counts["valid"]["pieces"] > 0 and rep.counts["train"]["pieces"] > 0
+    cfg = load_config(ROOT / "recipes" / "music_bach_midi.yaml", [
+        f"output_dir={tmp / 'run'}", f"data.train_file={data / 'train'}", f"data.valid_file={data / 'valid'}",
+        "data.ctx_len=64", "train.micro_batch_size=4", "max_steps=24", "eval_every=8", "checkpoint_every=24",
+        "model.config.n_layer=1", "model.config.n_embd=64", "model.config.head_size=32", "optim.lr=0.003",
+        "optim.warmup_steps=5", "progress_bar=false", f"export.include_files=[{data / 'midi_tokenizer.json'}]",
+    ])
+    final = train(cfg)
+    metrics = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return Path(final), data, metrics
+
+
+def test_tiny_training_validation_loss_decreases(tiny_run):
+    final, _, metrics = tiny_run
+    valid = [m["valid_loss"] for m in metrics if "valid_loss" in m]
+    assert len(valid) >= 2
+    assert valid[-1] < valid[0] - 0.3, valid
+    assert valid[-1] < math.log(MidiTokenizer().vocab_size)  # better than uniform
+    assert (final / "midi_tokenizer.json").is_file() and (final / "model.safetensors").is_file()
+
+
+def test_cli_generate_writes_midi_and_png(tiny_run, tmp_path, capsys):
+    from multimodal_rwkv.cli import main
+
+    final, data, _ = tiny_run
+    out, png = tmp_path / "song.mid", tmp_path / "roll.png"
+    rc = main(["music", "generate", "--model", str(final), "--out", str(out), "--png", str(png),
+               "--seconds", "3", "--max-tokens", "120", "--seed", "3", "--top-k", "20"])
+    assert rc == 0
+    mid = mido.MidiFile(str(out))
+    assert mid.ticks_per_beat > 0 and png.stat().st_size > 100
+    assert "wrote" in capsys.readouterr().out
+    # continuing a prompt: the prompt's notes come first, unchanged
+    prompt = sorted((data / "midi").glob("*.mid"))[0]
+    out2 = tmp_path / "cont.mid"
+    assert main(["music", "generate", "--model", str(final), "--out", str(out2), "--prompt", str(prompt),
+                 "--seconds", "2", "--max-tokens", "60", "--png", str(tmp_path / "c.png")]) == 0
+    tok = MidiTokenizer.from_pretrained(final)
+    p_notes, _, _, _ = tok.extract_notes(prompt)
+    g_notes, _, _, _ = tok.extract_notes(out2)
+    assert set(p_notes) <= set(g_notes)
+    # bad prompt -> one-line error, exit 2
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"")
+    assert main(["music", "generate", "--model", str(final), "--out", str(tmp_path / "x.mid"), "--prompt", str(bad)]) == 2
+
+
+def test_generate_midi_api_is_seeded(tiny_run, tmp_path):
+    from multimodal_rwkv.music import generate_midi
+
+    final, _, _ = tiny_run
+
+    def run(seed):
+        buf = io.BytesIO()
+        generate_midi(final, seconds=2, seed=seed, max_new_tokens=80).save(file=buf)
+        return buf.getvalue()
+
+    a, b = run(5), run(5)
+    assert a == b
+    assert mido.MidiFile(file=io.BytesIO(a)).tracks
+
+
+def test_cli_eval_bits_per_note(tiny_run, capsys):
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.music.corpora import load_tokens
+    from multimodal_rwkv.music.generate import load_music_model
+    from multimodal_rwkv.music.metrics import windowed_nll
+
+    final, data, _ = tiny_run
+    assert main(["music", "eval", "--model", str(final), "--data", str(data / "valid"), "--ctx-len", "64"]) == 0
+    line = capsys.readouterr().out
+    nats = float(line.split(" nats/token")[0].split(", ")[-1])
+    bpn = float(line.split(" bits/note")[0].split(", ")[-1])
+    ids = load_tokens(data / "valid")
+    model, tok = load_music_model(final)
+    total, n = windowed_nll(model, ids, 64)
+    assert nats == pytest.approx(total / n, abs=1e-4)
+    assert bpn == pytest.approx(total / tok.count_notes(ids[1:]) / math.log(2), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- sampling
+def _allowed_reference(logits, temperature, top_k, top_p):
+    """Obviously-correct twin of the filter: explicit ranking and prefix mass."""
+    x = [v / temperature for v in logits.tolist()]
+    order = sorted(range(len(x)), key=lambda i: -x[i])
+    if top_k:
+        order = order[:top_k]
+    m = max(x)
+    w = [math.exp(x[i] - m) for i in order]
+    z = sum(w)
+    keep, mass = [], 0.0
+    for i, wi in zip(order, w):
+        if 0 < top_p < 1 and mass >= top_p and keep:
+            break
+        keep.append(i)
+        mass += wi / z
+    return set(keep)
+
+
+@pytest.mark.parametrize("V,temperature,top_k,top_p", [(7, 1.0, 0, 0.5), (13, 0.7, 5, 1.0), (31, 1.3, 9, 0.8), (5, 1.0, 0, 1.0)])
+def test_sample_next_respects_filters(V, temperature, top_k, top_p):
+    from multimodal_rwkv.music.generate import sample_next
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(V, generator=g) * 2
+    want = _allowed_reference(logits, temperature, top_k, top_p)
+    seen = {sample_next(logits, temperature, top_k, top_p, g) for _ in range(400)}
+    assert seen <= want and len(seen) >= min(len(want), 2)
+    assert sample_next(logits, 0.0) == int(torch.argmax(logits))
+    assert sample_next(logits, 1.0, allowed=2, generator=g) in (0, 1)
+
+
+# ----------------------------------------------------------------------------- shipped demo model
+def test_shipped_bach_model():
+    if not (ASSET / "model.safetensors").is_file():
+        pytest.skip("demo music model not built yet")
+    from multimodal_rwkv.music.generate import generate_music, load_music_model
+
+    size = sum(f.stat().st_size for f in ASSET.iterdir())
+    assert size < 8.5e6
+    model, tok = load_music_model(ASSET)
+    assert isinstance(tok, MidiTokenizer) and model.config.vocab_size == tok.vocab_size
+    res = generate_music(model, tok, seconds=4, seed=0, max_new_tokens=300)
+    assert len(res.notes) > 0
+    buf = io.BytesIO()
+    res.midi.save(file=buf)
+    assert mido.MidiFile(file=io.BytesIO(buf.getvalue())).tracks
