@@ -1,3 +1,5 @@
-"""The RWKV core: config, model (x060 Finch / x052 Eagle), state, checkpoints, tokenizer, generation."""
-from multimodal_rwkv.model.config import RWKVConfig  # noqa: F401
-from multimodal_rwkv.model.state import RWKVState  # noqa: F401
+"""The RWKV core: config, model (x060 Finch / x052 Eagle), state, checkpoints, tokenizer, generation.
+
+Import from the submodules (``multimodal_rwkv.model.modeling`` ...) or from ``multimodal_rwkv``;
+this file imports nothing so the tokenizer can be used without loading torch/transformers.
+"""
