@@ -94,7 +94,31 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
         return _run_torch(r, k, v, w, u, initial_state, out_final)
     if backend == "triton":
         return _run_triton(r, k, v, w, u, initial_state, out_final, allow_decode=True)
-    # auto
-    if r.device.type == "cuda" and r.dtype != torch.float64:
-        return _run_triton(r, k, v, w, u, initial_state, out_final, allow_decode=True)
+    # auto: Triton on CUDA when it can run these inputs, else the torch backend (logged once)
+    if r.device.type == "cuda":
+        why = _triton_unusable(r, v)
+        if why is None:
+            return _run_triton(r, k, v, w, u, initial_state, out_final, allow_decode=True)
+        if why not in _WARNED:
+            _WARNED.add(why)
+            logger.warning("wkv6 auto: using the torch backend on CUDA because %s", why)
     return _run_torch(r, k, v, w, u, initial_state, out_final)
+
+
+_WARNED: set = set()
+
+
+def _triton_unusable(r, v):
+    """Why auto cannot use Triton for these CUDA inputs (None if it can)."""
+    if r.dtype == torch.float64 or v.dtype == torch.float64:
+        return "the inputs are float64"
+    K, V = r.shape[-1], v.shape[-1]
+    if not all(16 <= n <= 128 and (n & (n - 1)) == 0 for n in (K, V)):
+        return f"head size K={K}, V={V} is not a power of two in 16..128"
+    try:
+        from multimodal_rwkv.kernels import triton_chunk
+    except ImportError as exc:
+        return f"triton cannot be imported ({exc})"
+    if triton_chunk.kernels_interpreted():
+        return "the Triton kernels were defined under TRITON_INTERPRET=1"
+    return None

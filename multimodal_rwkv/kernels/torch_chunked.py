@@ -66,15 +66,16 @@ def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
     B, T, H, K = r.shape
     V = v.shape[-1]
     r_, k_, v_, w_ = (x.to(cd) for x in (r, k, v, w))
-    uk = u.to(cd).unsqueeze(-1)  # [H,K,1]
     S = torch.zeros(B, H, K, V, dtype=cd, device=r.device) if initial_state is None else initial_state.to(cd)
     dec = torch.exp(w_).unsqueeze(-1)  # [B,T,H,K,1]
+    bonus = (r_ * u.to(cd) * k_).sum(-1, keepdim=True) * v_  # [B,T,H,V]: (r_t . (u*k_t)) v_t
+    kc = k_.unsqueeze(-1)  # [B,T,H,K,1]
+    vr = v_.unsqueeze(-2)  # [B,T,H,1,V]
     outs = []
     for t in range(T):
-        kv = k_[:, t].unsqueeze(-1) * v_[:, t].unsqueeze(-2)  # [B,H,K,V]
-        o = torch.matmul(r_[:, t].unsqueeze(-2), torch.addcmul(S, uk, kv)).squeeze(-2)  # [B,H,V]
+        o = torch.matmul(r_[:, t].unsqueeze(-2), S).squeeze(-2) + bonus[:, t]  # [B,H,V]
         outs.append(o)
-        S = torch.addcmul(kv, dec[:, t], S)
+        S = torch.addcmul(S * dec[:, t], kc[:, t], vr[:, t])
     o = outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
     final = S.to(torch.float32) if (output_final_state and cd != torch.float64) else (S if output_final_state else None)
     return o.to(r.dtype), final
