@@ -135,13 +135,17 @@ class LlavaDataset(Dataset):
         for where, r in raw:
             try:
                 rec = self._parse(where, r)
+            except DataError as e:
+                self._bad(f"{where}: {e}")
+                continue
+            try:
                 for p in rec.images:
                     if verify_images:
                         load_image(p, max_image_pixels)
                     else:
                         check_image_header(p, max_image_pixels)
             except DataError as e:
-                self._bad(f"{where}: {e}" if not str(e).startswith(where) else str(e))
+                self._bad(f"{where}: record {rec.rid!r}: {e}")
                 continue
             self.records.append(rec)
         if not self.records:

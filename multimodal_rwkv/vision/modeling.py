@@ -234,7 +234,12 @@ class VisualRWKV(nn.Module):
         given; a fresh projector."""
         from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
 
-        lm = language_model if language_model is not None else RWKVForCausalLM(RWKVConfig(**config.text_config))
+        if language_model is not None:
+            config.text_config = _text_config_dict(language_model.config)
+            config.__post_init__()
+            lm = language_model
+        else:
+            lm = RWKVForCausalLM(RWKVConfig(**config.text_config))
         image_processor = None
         if config.vision_config is not None:
             tower = VisionEncoder.from_config(config.vision_config, config.encoder_options)
@@ -505,6 +510,7 @@ class VisualRWKV(nn.Module):
                 v = v.to(dtype)
             sd[k] = v.contiguous()
         cfg = self.config.to_dict()
+        cfg["text_config"] = _text_config_dict(self.language_model.config)
         cfg["vision_config"] = _vision_config_dict(self.vision_tower.config)
         _atomic(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
         _atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))

@@ -1,0 +1,139 @@
+"""LLaVA JSON/JSONL dataset: labels, collate, truncation, every bad-record path, skip counting."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.vision.data import LlavaDataset, collate
+from multimodal_rwkv.vision.processor import IGNORE_INDEX, IMAGE_TOKEN_ID, VisualRWKVProcessor, image_processor_for
+
+N_IMG = 4
+
+
+@pytest.fixture(scope="module")
+def proc():
+    from transformers import CLIPVisionConfig
+
+    from multimodal_rwkv import WorldTokenizer
+
+    ip = image_processor_for(CLIPVisionConfig(image_size=16, patch_size=8))
+    return VisualRWKVProcessor(WorldTokenizer(), ip, N_IMG, template="sandwich")
+
+
+def rec(rid, image="a.png", q="<image>\nWhat colour?", a="red", **kw):
+    r = {"id": rid, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], **kw}
+    if image is not None:
+        r["image"] = image
+    return r
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGBA", (8, 8), (0, 0, 255, 128)).save(tmp_path / "b.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    noise = (torch.rand(256, 256, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    Image.fromarray(noise).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) * 6 // 10])  # header intact, pixels cut
+    return tmp_path
+
+
+def write(path, records, jsonl=False):
+    if jsonl:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+def test_items_labels_and_collate(folder, proc):
+    recs = [rec("r1"), rec("r2", image=["a.png", "b.png"], q="<image> or <image>?", a="the second one"),
+            rec("text-only", image=None, q="Hello?", a="hi")]
+    for jsonl in (False, True):
+        ds = LlavaDataset(write(folder / ("d.jsonl" if jsonl else "d.json"), recs, jsonl), proc)
+        assert len(ds) == 3 and ds.skipped == 0
+        items = [ds[i] for i in range(3)]
+        assert [it["pixel_values"].shape[0] for it in items] == [1, 2, 0]
+        for it, answer in zip(items, ("red", "the second one", "hi")):
+            ids, lab = it["input_ids"], it["labels"]
+            sup = ids[lab != IGNORE_INDEX].tolist()
+            assert proc.tokenizer.decode(sup) == f" {answer}\n\n"
+            assert (lab[ids == IMAGE_TOKEN_ID] == IGNORE_INDEX).all()
+        b = collate(items)
+        T = max(it["input_ids"].numel() for it in items)
+        assert b["input_ids"].shape == b["labels"].shape == (3, T)
+        assert b["pixel_values"].shape == (3, 3, 16, 16)
+        n2 = items[2]["input_ids"].numel()
+        assert (b["input_ids"][2, n2:] == 0).all() and (b["labels"][2, n2:] == IGNORE_INDEX).all()
+        assert int((b["input_ids"] == IMAGE_TOKEN_ID).sum()) == 3 * N_IMG
+
+
+BAD = [
+    (rec("no-image-file", image="missing.png"), "image file not found"),
+    (rec("no-placeholder", q="What colour?"), "no <image>"),
+    (rec("too-many", q="<image><image> colour?"), "only 1 image"),
+    (rec("empty-conv", conversations=[]), "empty"),
+    (rec("zero-byte", image="zero.png"), "empty image file"),
+    (rec("bad-speaker", conversations=[{"from": "bot", "value": "<image>"}, {"from": "gpt", "value": "x"}]),
+     "unknown speaker"),
+    ({"id": "not-a-list", "image": 5, "conversations": []}, "'image' must be"),
+]
+
+
+@pytest.mark.parametrize("bad,why", BAD, ids=[b[0]["id"] for b in BAD])
+def test_bad_records_fail_naming_the_record(folder, proc, bad, why):
+    path = write(folder / "d.json", [rec("good"), bad])
+    with pytest.raises(DataError) as e:
+        LlavaDataset(path, proc)
+    assert bad["id"] in str(e.value) and why in str(e.value) and str(path) in str(e.value), str(e.value)
+
+
+def test_skip_mode_counts_every_bad_record(folder, proc):
+    lines = [json.dumps(rec("good1")), "{not json", json.dumps(rec("good2"))] + [json.dumps(b) for b, _ in BAD]
+    path = folder / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    ds = LlavaDataset(path, proc, on_bad_record="skip")
+    assert len(ds) == 2
+    assert ds.skipped == len(BAD) + 1
+    assert any(f"{path}:2: invalid JSON" in m for m in ds.bad_records)
+    with pytest.raises(DataError, match=f"{path}:2"):
+        LlavaDataset(path, proc)
+
+
+def test_truncated_image_found_at_load_time(folder, proc):
+    path = write(folder / "d.json", [rec("t", image="trunc.jpg"), rec("ok")])
+    ds = LlavaDataset(path, proc)  # the header is fine; the pixels are not
+    with pytest.raises(DataError, match="trunc.jpg"):
+        ds[0]
+    ds = LlavaDataset(path, proc, on_bad_record="skip")
+    item = ds[0]  # replaced by the next good record, and counted
+    assert item["pixel_values"].shape[0] == 1 and ds.skipped == 1 and "trunc.jpg" in ds.bad_records[0]
+    with pytest.raises(DataError, match="trunc.jpg"):
+        LlavaDataset(path, proc, verify_images=True)
+    ds = LlavaDataset(path, proc, verify_images=True, on_bad_record="skip")
+    assert len(ds) == 1 and ds.skipped == 1
+
+
+def test_decompression_bomb_record(folder, proc):
+    Image.new("L", (200, 200)).save(folder / "big.png")
+    path = write(folder / "d.json", [rec("bomb", image="big.png"), rec("ok")])
+    with pytest.raises(DataError, match="big.png.*bomb"):
+        LlavaDataset(path, proc, max_image_pixels=10_000)
+
+
+def test_ctx_len_truncation_never_cuts_an_image(folder, proc):
+    long_q = "<image>\n" + "word " * 40 + "?"
+    path = write(folder / "d.json", [rec("long", q=long_q, a="yes " * 30)])
+    full = LlavaDataset(path, proc, ctx_len=4096)[0]
+    n = full["input_ids"].numel()
+    ds = LlavaDataset(path, proc, ctx_len=n - 5)
+    it = ds[0]
+    assert it["input_ids"].numel() == n - 5 and torch.equal(it["input_ids"], full["input_ids"][: n - 5])
+    # a cut inside the image span drops the whole image, and without answer tokens the record is bad
+    first_img = int((full["input_ids"] == IMAGE_TOKEN_ID).nonzero()[0])
+    ds = LlavaDataset(path, proc, ctx_len=first_img + 2)
+    with pytest.raises(DataError, match="no answer tokens"):
+        ds[0]
