@@ -62,6 +62,22 @@ def chunk_case(T, with_state, decay, dtype=torch.float32, B=2, H=2, K=16, V=16, 
     return res
 
 
+def no_final_case(T):
+    """output_final_state=False: the loss uses o only; final_state must be None."""
+    x64 = make_inputs(2, T, 2, 16, decay="mixed", with_state=True, seed=300 + T)
+    xs = [x.float().requires_grad_() for x in x64]
+    xr = [x.clone().requires_grad_() for x in x64]
+    o, s = wkv6(*xs, backend="triton")
+    o_r, _ = wkv6_reference(*xr)
+    go = torch.randn(o_r.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (o * go.float()).sum().backward()
+    (o_r * go).sum().backward()
+    res = {"state_is_none": s is None, "o": rel_rms(o, o_r)}
+    for n, a, b in zip(NAMES, xs, xr):
+        res["d" + n] = rel_rms(a.grad, b.grad)
+    return res
+
+
 def decode_case(T, with_state):
     x = [None if t is None else t.float() for t in make_inputs(2, T, 2, 16, V=32, seed=200 + T, with_state=with_state)]
     o_r, s_r = wkv6_reference(*x, output_final_state=True)
@@ -88,6 +104,7 @@ def main(which):
         "chunk_T40_final_only": lambda: chunk_case(40, True, "mixed", final_only=True),
         "chunk_T17_bf16": lambda: chunk_case(17, True, "mixed", dtype=torch.bfloat16),
         "chunk_T70_K32_V16": lambda: chunk_case(70, True, "mixed", B=1, H=2, K=32, V=16),
+        "chunk_T20_no_final": lambda: no_final_case(20),
         "decode_T1_state": lambda: decode_case(1, True),
         "decode_T5_nostate": lambda: decode_case(5, False),
     }

@@ -55,7 +55,7 @@ def _fwd_h(k, v, c, s0, h, sT, T, NT,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
            USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*T*H*K
     i_b = i_bh // H
     i_h = i_bh % H
     o_t = tl.arange(0, BT)
@@ -86,7 +86,7 @@ def _fwd_o(r, k, v, c, u, h, o, T, NT,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
            PREC: tl.constexpr):
     i_ti = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*T*H*K
     NC: tl.constexpr = BT // BC
     i_n = i_ti // NC
     i_i = i_ti % NC
@@ -142,7 +142,7 @@ def _bwd_dh(r, c, do, dsT, dh, ds0, T, NT,
             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
             USE_DST: tl.constexpr, STORE_DS0: tl.constexpr, PREC: tl.constexpr):
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*T*H*K
     i_b = i_bh // H
     i_h = i_bh % H
     o_t = tl.arange(0, BT)
@@ -178,7 +178,7 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, dw, T, NT,
     # (triangular 0/1 matrices instead of "total minus prefix"), so nothing cancels: fp32 dw stays
     # accurate even when it is tiny (strong decay).
     i_ti = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*T*H*K
     NC: tl.constexpr = BT // BC
     i_n = i_ti // NC
     i_i = i_ti % NC

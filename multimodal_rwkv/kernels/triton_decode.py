@@ -21,7 +21,7 @@ from multimodal_rwkv.kernels.triton_chunk import check_head_sizes
 def _decode(r, k, v, w, u, s_in, s_out, o, T,
             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, USE_S0: tl.constexpr):
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*T*H*K
     i_b = i_bh // H
     i_h = i_bh % H
     o_k = tl.arange(0, K)
