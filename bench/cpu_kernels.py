@@ -121,7 +121,9 @@ def main(argv=None):
     lines = [
         f"B={B}, T={T}, H={H}, K=V=64, fp32, torch.set_num_threads({args.threads}), best of {args.reps}; "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
-        "ratio = reference fwd+bwd time / this time; err = max rel. RMS of (o, S_T) vs a float64 reference.",
+        f"load average at start {os.getloadavg()[0]:.1f} (the box is shared; absolute ms are noisy, ratios less so); "
+        "speed-up = reference time / this time; err = max rel. RMS of (o, S_T) vs a float64 reference. "
+        "Command: `python bench/cpu_kernels.py`.",
         "",
         "| backend | fwd ms | fwd+bwd ms | fwd speed-up vs ref | fwd+bwd speed-up vs ref (autograd) | err fp32 |",
         "|---|---:|---:|---:|---:|---:|",

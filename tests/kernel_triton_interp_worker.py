@@ -79,7 +79,8 @@ def no_final_case(T):
 
 
 def decode_case(T, with_state):
-    x = [None if t is None else t.float() for t in make_inputs(2, T, 2, 16, V=32, seed=200 + T, with_state=with_state)]
+    # V=64: two value blocks of 32
+    x = [None if t is None else t.float() for t in make_inputs(2, T, 2, 16, V=64, seed=200 + T, with_state=with_state)]
     o_r, s_r = wkv6_reference(*x, output_final_state=True)
     o, s = wkv6(*x, output_final_state=True, backend="triton")  # no grad -> decode kernel
     res = {"o": rel_rms(o, o_r), "s": rel_rms(s, s_r)}
@@ -101,7 +102,7 @@ def main(which):
         "chunk_T64_nostate_weak": lambda: chunk_case(64, False, "weak"),
         "chunk_T130_state_mixed": lambda: chunk_case(130, True, "mixed"),
         "chunk_T130_state_strong": lambda: chunk_case(130, True, "strong"),
-        "chunk_T40_final_only": lambda: chunk_case(40, True, "mixed", final_only=True),
+        "chunk_T40_final_only": lambda: chunk_case(40, True, "mixed", final_only=True, V=64),  # 2 value blocks
         "chunk_T17_bf16": lambda: chunk_case(17, True, "mixed", dtype=torch.bfloat16),
         "chunk_T70_K32_V16": lambda: chunk_case(70, True, "mixed", B=1, H=2, K=32, V=16),
         "chunk_T20_no_final": lambda: no_final_case(20),

@@ -310,7 +310,7 @@ def _pad_t(x, Tp):
 
 
 def _bv(V):
-    return min(V, 64)
+    return min(V, 32)
 
 
 def _chunk_cumsum(w, B, NT, H, K):

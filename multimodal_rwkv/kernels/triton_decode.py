@@ -50,7 +50,7 @@ def _launch(r, k, v, w, u, s_in, s_out):
     B, T, H, K = r.shape
     V = v.shape[-1]
     check_head_sizes(K, V)
-    BV = min(V, 64)
+    BV = min(V, 32)
     o = torch.empty(B, T, H, V, device=r.device, dtype=r.dtype)
     rc, kc, vc, wc, uc = (x.contiguous() for x in (r, k, v, w, u))
     _decode[(V // BV, B * H)](rc, kc, vc, wc, uc, s_in if s_in is not None else s_out, s_out, o, T,
