@@ -146,6 +146,12 @@ def test_answer_batch_matches_single_answers_and_prefix_reuse(tok):
     batch = m.answer_batch([imgs[i % 2] for i in range(3)], qs, max_new_tokens=6)
     noreuse = m.answer_batch([imgs[i % 2] for i in range(3)], qs, max_new_tokens=6, reuse_image_prefix=False)
     assert batch == single == noreuse
+    # the left-padded batch of question suffixes starts from exact copies of the image state
+    lg, st = m.prefill_questions(imgs[0], qs)
+    for j, q in enumerate(qs):
+        want, want_st = m.prefill(m.processor.build_prompt(q), m.processor.preprocess_images([imgs[0]]))
+        assert torch.allclose(lg[j], want[0], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(st[j].wkv[-1], want_st.wkv[-1], atol=1e-4, rtol=1e-4)
     assert any(a for a in single)  # random weights still produce some text
     s1 = m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
     s2 = m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)

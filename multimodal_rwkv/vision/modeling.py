@@ -276,6 +276,15 @@ class VisualRWKV(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.language_model.head.weight.dtype
 
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Recompute RWKV blocks in the backward pass (the tower is frozen in the paper's recipes)."""
+        self.language_model.gradient_checkpointing_enable()
+
+    def gradient_checkpointing_disable(self):
+        self.language_model.gradient_checkpointing_disable()
+
     # ---- ids <-> model rows -------------------------------------------------------------------
     def to_local(self, ids: torch.Tensor) -> torch.Tensor:
         """World ids (>= 0) -> rows of the LM's embedding/head (identity without a vocab subset)."""
@@ -451,15 +460,35 @@ class VisualRWKV(nn.Module):
         return self.answer_batch([image], [question], max_new_tokens=max_new_tokens, **gen)[0]
 
     @torch.no_grad()
+    def prefill_questions(self, image, questions: list[str]):
+        """Image-first prefix reuse: prefill "User: <image>" once, then all questions' remaining
+        prompts as one left-padded batch from copies of that state (padded positions leave the
+        state unchanged). -> (last logits [N,V_local], state with batch N)."""
+        pre, _ = self.processor.image_first_split(questions[0])
+        _, st = self.prefill(pre, self._pixels([image]))
+        sufs = [self.processor.image_first_split(q)[1] for q in questions]
+        n, L = len(sufs), max(len(x) for x in sufs)
+        ids = torch.zeros(n, L, dtype=torch.long)
+        mask = torch.zeros(n, L, dtype=torch.long)
+        for i, x in enumerate(sufs):
+            ids[i, L - len(x):] = torch.tensor(x)
+            mask[i, L - len(x):] = 1
+        out = self.forward(ids.to(self.device), state=st.expand(n), logits_to_keep=1,
+                           attention_mask=mask.to(self.device))
+        return out.logits[:, -1].float(), out.state
+
+    @torch.no_grad()
     def answer_batch(self, images, questions: list[str], max_new_tokens: int = 128,
                      reuse_image_prefix: bool | None = None, **gen) -> list[str]:
         """Answer many questions. ``images`` is one image for all questions or a list (one entry per
-        question; an entry may be a list of images). Prompts are prefilled one by one (exact,
-        no padding), then decoded together as a batch.
+        question; an entry may be a list of images). Each prompt is prefilled on its own (exact, no
+        padding), then all are decoded together as a batch.
 
         In image_first mode, questions about the same image (the same path or object) share one
-        prefill of "User: <image>" whose state is cloned per question (``reuse_image_prefix``,
-        default on for image_first)."""
+        prefill of "User: <image>" (:meth:`prefill_questions`; ``reuse_image_prefix``, default on
+        for image_first)."""
+        from multimodal_rwkv import RWKVState
+
         if not isinstance(images, (list, tuple)):
             images = [images] * len(questions)
         if len(images) != len(questions):
@@ -469,24 +498,23 @@ class VisualRWKV(nn.Module):
         reuse = (template == "image_first") if reuse_image_prefix is None else reuse_image_prefix
         if reuse and template != "image_first":
             raise ConfigError("reuse_image_prefix needs the image_first prompt template")
-        logits_all, states = [], []
-        prefix_cache: dict = {}
-        for img, q in zip(images, questions):
+        rows: list = [None] * len(questions)
+        groups: dict = {}
+        for i, (img, q) in enumerate(zip(images, questions)):
             imgs = list(img) if isinstance(img, (list, tuple)) else [img]
             if reuse and len(imgs) == 1:
-                key = imgs[0] if isinstance(imgs[0], (str, os.PathLike)) else id(imgs[0])
-                pre, suf = self.processor.image_first_split(q)
-                if key not in prefix_cache:
-                    prefix_cache[key] = self.prefill(pre, self._pixels(imgs))[1]
-                lg, st = self.prefill(suf, None, state=prefix_cache[key].clone())
+                key = str(imgs[0]) if isinstance(imgs[0], (str, os.PathLike)) else id(imgs[0])
+                groups.setdefault(key, (imgs[0], []))[1].append(i)
             else:
                 ids = self.processor.build_prompt(q, num_images=len(imgs))
-                lg, st = self.prefill(ids, self._pixels(imgs))
-            logits_all.append(lg)
-            states.append(st)
-        from multimodal_rwkv import RWKVState
-
-        outs = self.decode(torch.cat(logits_all), RWKVState.cat(states), max_new_tokens=max_new_tokens, **gen)
+                rows[i] = self.prefill(ids, self._pixels(imgs))
+        for img, idx in groups.values():
+            lg, st = self.prefill_questions(img, [questions[i] for i in idx])
+            for j, i in enumerate(idx):
+                rows[i] = (lg[j:j + 1], st[j])
+        logits = torch.cat([r[0] for r in rows])
+        state = RWKVState.cat([r[1] for r in rows])
+        outs = self.decode(logits, state, max_new_tokens=max_new_tokens, **gen)
         return [self._text(o, gen.get("stop")) for o in outs]
 
     # ---- persistence --------------------------------------------------------------------------

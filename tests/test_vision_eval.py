@@ -1,0 +1,104 @@
+"""VQA scoring (normalisation, soft accuracy, multiple choice), question files, synthetic data."""
+import json
+
+import pytest
+
+from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.vision.evaluate import (
+    format_multiple_choice,
+    mc_accuracy,
+    normalize_answer,
+    read_questions,
+    vqa_soft_accuracy,
+)
+
+
+@pytest.mark.parametrize("raw,want", [
+    ("Two", "2"), ("a dog.", "dog"), ("The Dog!", "dog"), ("yes\n", "yes"), ("none", "0"),
+    ("isnt", "isn't"), ("red, white", "red white"), ("1,000", "1000"), ("3.5", "3.5"),
+    ("an apple and the pear", "apple and pear"), ("left-hand", "left hand"), ("(yes)", "yes"),
+])
+def test_normalize_answer(raw, want):
+    assert normalize_answer(raw) == want
+
+
+def test_soft_accuracy_leave_one_out():
+    ten = ["2"] * 3 + ["3"] * 7
+    assert vqa_soft_accuracy("two", ten) == pytest.approx(1.0 * 7 / 10 + (2 / 3) * 3 / 10)
+    # k matching answers of 10: k left out score min(1,(k-1)/3), 10-k score min(1,k/3)
+    for k in range(0, 11):
+        ans = ["cat"] * k + ["dog"] * (10 - k)
+        want = (k * min(1, (k - 1) / 3) + (10 - k) * min(1, k / 3)) / 10 if k else 0.0
+        assert vqa_soft_accuracy("Cat.", ans) == pytest.approx(want)
+    assert vqa_soft_accuracy("A cat", ["cat"]) == 1.0  # one reference: exact match after normalising
+    assert vqa_soft_accuracy("cats", ["cat"]) == 0.0
+    with pytest.raises(ValueError):
+        vqa_soft_accuracy("x", [])
+
+
+def test_multiple_choice():
+    ch = ["red", "green", "blue"]
+    p = format_multiple_choice("Colour?", ch)
+    assert p == "Colour?\nA. red\nB. green\nC. blue\nAnswer with the option's letter from the given choices directly."
+    assert mc_accuracy("B", ["B"], ch) == 1.0
+    assert mc_accuracy("(b).", ["B"], ch) == 1.0
+    assert mc_accuracy("green", ["B"], ch) == 1.0
+    assert mc_accuracy("B", ["green"], ch) == 1.0
+    assert mc_accuracy("C", ["B"], ch) == 0.0
+    assert mc_accuracy("B is right", ["B"], ch) == 0.0  # exact match only
+
+
+def test_read_questions_reports_bad_lines(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    lines = [
+        json.dumps({"question_id": 1, "image": "x.png", "question": "Q?", "answers": ["a"] * 10}),
+        "{broken",
+        json.dumps({"question_id": 2, "image": "missing.png", "question": "Q?"}),
+        json.dumps({"question_id": 3, "image": "x.png"}),
+        json.dumps({"question_id": 1, "image": "x.png", "question": "dup?"}),
+        json.dumps([1, 2]),
+        "",
+        json.dumps({"question_id": "q4", "image": "x.png", "question": "Pick", "choices": ["a", "b"], "answers": "A"}),
+    ]
+    f = tmp_path / "q.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    qf = read_questions(f)
+    assert [q.question_id for q in qf.questions] == [1, "q4"]
+    assert len(qf.bad_lines) == 5
+    for n, why in ((2, "invalid JSON"), (3, "image file not found"), (4, "'question'"), (5, "duplicate"),
+                   (6, "not a JSON object")):
+        assert any(b.startswith(f"{f}:{n}: ") and why in b for b in qf.bad_lines), (n, qf.bad_lines)
+    assert qf.questions[1].score("A") == 1.0 and qf.questions[0].score("b") == 0.0
+    with pytest.raises(DataError, match="not found"):
+        read_questions(tmp_path / "none.jsonl")
+
+
+def test_synthetic_dataset_is_consistent(tmp_path):
+    from multimodal_rwkv.vision.synthetic import COLORS, draw_scene, generate_dataset, vocabulary_texts
+
+    info = generate_dataset(tmp_path, n_train=30, n_test=10, questions_per_image=3, size=48, seed=5)
+    train = json.loads((tmp_path / "train.json").read_text())
+    test_lines = [json.loads(x) for x in (tmp_path / "test_questions.jsonl").read_text().splitlines()]
+    assert info["train_records"] == len(train) and info["test_questions"] == len(test_lines) > 0
+    train_imgs = {r["image"] for r in train}
+    assert not train_imgs & {q["image"] for q in test_lines}  # held-out scenes
+    texts = set(vocabulary_texts())
+    for r in train:
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert q.startswith("<image>\n") and q[len("<image>\n"):] in texts and a in texts
+    # answers are checked against the drawn pixels: count coloured blobs per cell
+    img, objs = draw_scene(11, size=64)
+    import numpy as np
+
+    a = np.asarray(img).astype(int)
+    for cell in range(4):
+        y, x = (cell // 2) * 32, (cell % 2) * 32
+        patch = a[y:y + 32, x:x + 32].reshape(-1, 3)
+        present = [c for c, rgb in COLORS.items() if (np.abs(patch - rgb).sum(1) < 10).sum() > 20]
+        want = [o.color for o in objs if o.cell == cell]
+        assert present == want
+    # same seed, same dataset
+    generate_dataset(tmp_path / "again", n_train=30, n_test=10, questions_per_image=3, size=48, seed=5)
+    assert (tmp_path / "again" / "train.json").read_text() == (tmp_path / "train.json").read_text()

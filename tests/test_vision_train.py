@@ -1,0 +1,118 @@
+"""VisualRWKV on the shared training engine: stage 1 freezes all but the projector, a short
+synthetic run lowers the loss, and the CLI answers questions with the trained model."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from multimodal_rwkv.errors import ConfigError
+
+TINY_TOWER = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 16}
+
+
+def recipe(tmp, data, out, **over):
+    from multimodal_rwkv.training.config import config_from_dict
+
+    d = {
+        "task": "visualrwkv", "output_dir": str(out), "seed": 0, "max_steps": 30, "checkpoint_every": 0,
+        "progress_bar": False,
+        "model": {"config": {"n_layer": 2, "n_embd": 64, "head_size": 32, "d_mix_lora": 8, "d_decay_lora": 16},
+                  "options": {"vision_config": TINY_TOWER, "vocab_subset": "auto", "loss_reduction": "sample",
+                              "train_encoder": True, "freeze_embeddings": False}},
+        "data": {"train_file": str(data / "train.json"), "image_folder": str(data / "images"), "ctx_len": 128},
+        "optim": {"lr": 3e-3, "lr_final": 1e-3, "warmup_steps": 2, "weight_decay": 0.0},
+        "train": {"micro_batch_size": 8},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__") if "__" in k else (None, k)
+        (d[sec] if sec else d)[key] = v
+    return config_from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny synthetic run (30 steps): returns (data folder, run folder)."""
+    from multimodal_rwkv.training import train
+    from multimodal_rwkv.vision.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("vrwkv")
+    generate_dataset(root / "data", n_train=40, n_test=4, questions_per_image=2, size=32, seed=1)
+    final = train(recipe(root, root / "data", root / "run"))
+    return root / "data", root / "run", final
+
+
+def test_synthetic_run_lowers_the_loss(trained):
+    _, run, final = trained
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    info = json.loads((final / "training_info.json").read_text())
+    assert info["task"] == "visualrwkv" and info["skipped_records"] == 0
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["model_type"] == "visualrwkv" and len(cfg["vocab_subset"]) + 1 == cfg["text_config"]["vocab_size"]
+
+
+def test_stage1_changes_only_the_projector(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from multimodal_rwkv.training import train
+
+    data, _, final = trained
+    cfg = recipe(tmp_path, data, tmp_path / "s1", max_steps=3)
+    cfg.model.config = {}
+    cfg.model.from_pretrained = str(final)
+    cfg.model.options = {"stage": 1, "prompt_template": "image_first"}
+    out = train(cfg)
+    before, after = load_file(str(final / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.startswith("projector.") for k in changed), changed
+    assert json.loads((out / "config.json").read_text())["prompt_template"] == "image_first"
+    # architecture options cannot be changed when starting from a VisualRWKV checkpoint
+    cfg.model.options = {"stage": 1, "projector": "mlp2x_gelu"}
+    cfg.output_dir = str(tmp_path / "s1b")
+    with pytest.raises(ConfigError, match="projector"):
+        train(cfg)
+
+
+def test_unknown_option_is_a_config_error(trained, tmp_path):
+    from multimodal_rwkv.training import train
+
+    data, _, _ = trained
+    cfg = recipe(tmp_path, data, tmp_path / "x")
+    cfg.model.options = {**cfg.model.options, "bogus": 1}
+    with pytest.raises(ConfigError, match="bogus"):
+        train(cfg)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "multimodal_rwkv", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_vqa_and_eval_vqa(trained, tmp_path):
+    data, _, final = trained
+    img = sorted((data / "images").glob("test_*.png"))[0]
+    r = _cli("vqa", "--model", str(final), "--image", str(img), "--question", "How many shapes are there?",
+             "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1
+    qfile = tmp_path / "q.jsonl"
+    lines = (data / "test_questions.jsonl").read_text().splitlines()
+    qfile.write_text("\n".join(lines[:3] + ["{oops", json.dumps({"question_id": "m", "image": "nope.png",
+                                                                  "question": "Q?"})]) + "\n")
+    out = tmp_path / "a.jsonl"
+    r = _cli("eval-vqa", "--model", str(final), "--questions", str(qfile), "--image-folder", str(data / "images"),
+             "--output", str(out), "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert f"{qfile}:4: invalid JSON" in r.stderr and f"{qfile}:5: image file not found" in r.stderr
+    answers = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [json.loads(x)["question_id"] for x in lines[:3]]
+    assert "accuracy:" in r.stdout and "over 3 questions" in r.stdout
+    r = _cli("vqa", "--model", str(final), "--image", str(tmp_path / "missing.png"), "--question", "Q?")
+    assert r.returncode == 2 and "missing.png" in r.stderr and "Traceback" not in r.stderr
