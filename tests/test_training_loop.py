@@ -20,6 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "model.config={n_layer: 2, n_embd: 64, head_size: 32, vocab_size: 64}"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are op-overhead bound: one thread is faster, and the same in subprocesses."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def make_corpus(path: Path, n_docs=150, seed=0):
     """Learnable token documents: arithmetic runs of ids in [1, 47], separated by 0."""
     rng = np.random.default_rng(seed)
@@ -102,10 +111,24 @@ def test_grad_accum_and_bptt_equal_plain_big_batch(tmp_path, corpus):
     assert abs(bp[1] - ref[1]) > 1e-7  # different (truncated) gradient -> different update
 
 
-def _run_cli(recipe, overrides, **kw):
-    cmd = [sys.executable, "-m", "multimodal_rwkv", "train", str(recipe)] + sum((["--set", o] for o in overrides), [])
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def _fork_cli(recipe, overrides):
+    """``mmrwkv train`` in a forked child (a real process to signal, without re-importing torch)."""
+    import multiprocessing
+
+    argv = ["train", str(recipe)] + sum((["--set", o] for o in overrides), [])
+
+    def target():
+        code = 1
+        try:
+            from multimodal_rwkv.cli import main
+
+            code = main(argv)
+        finally:
+            os._exit(code)
+
+    p = multiprocessing.get_context("fork").Process(target=target)
+    p.start()
+    return p
 
 
 def _wait_for_step(out, step, proc, timeout=120):
@@ -114,47 +137,61 @@ def _wait_for_step(out, step, proc, timeout=120):
         m = Path(out) / "metrics.jsonl"
         if m.exists() and len(losses(out)) >= step:
             return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.communicate()[1][-2000:]}")
-        time.sleep(0.02)
+        if not proc.is_alive():
+            raise AssertionError(f"run ended early with exit code {proc.exitcode}")
+        time.sleep(0.01)
     raise AssertionError("timed out waiting for the run")
 
 
 def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
-    torch.set_num_threads(1)  # same thread count as the subprocesses: identical float reductions
-    try:
-        ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "ref", max_steps=8)).parent)
-    finally:
-        torch.set_num_threads(2)
+    ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "ref", max_steps=8)).parent)
     recipe = tmp_path / "r.yaml"
     save_config(TrainConfig(), recipe)
     out = tmp_path / "run"
     ov = base_overrides(corpus, out, max_steps=8, checkpoint_every=1)
     # 1) SIGTERM: saves a checkpoint at the current step and exits with 128+15
-    p = _run_cli(recipe, ov)
+    p = _fork_cli(recipe, ov)
     _wait_for_step(out, 2, p)
+    os.kill(p.pid, signal.SIGTERM)
+    p.join(120)
+    assert p.exitcode == 128 + signal.SIGTERM
+    n = len(losses(out))
+    assert n < 8 and (out / "checkpoints" / f"step_{n:08d}" / "trainer_state.json").is_file()
+    # 2) SIGKILL at a random moment (checkpoint_every=1: often in the middle of writing one)
+    p = _fork_cli(recipe, ov)
+    _wait_for_step(out, n + 1, p)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.05))
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    # 3) resume to the end
+    train(TrainConfig(), ov)
+    got = losses(out)
+    assert len(got) == 8
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_sigterm_through_the_real_cli_process(tmp_path, corpus):
+    """The installed entry point in a fresh interpreter: SIGTERM -> checkpoint, exit 143, a hint."""
+    recipe = tmp_path / "r.yaml"
+    save_config(TrainConfig(), recipe)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "multimodal_rwkv", "train", str(recipe)]
+    cmd += sum((["--set", o] for o in base_overrides(corpus, out, max_steps=200)), [])
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not ((out / "metrics.jsonl").exists() and losses(out)):
+        assert p.poll() is None and time.time() - t0 < 180, "run did not start"
+        time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "rerun the same command to resume" in err
     n = len(losses(out))
     assert (out / "checkpoints" / f"step_{n:08d}" / "trainer_state.json").is_file()
-    # 2) SIGKILL at a random moment (checkpoint_every=1: often in the middle of writing one)
-    p = _run_cli(recipe, ov)
-    _wait_for_step(out, n + 1, p)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))
-    p.kill()
-    p.communicate()
-    # 3) resume to the end
-    torch.set_num_threads(1)
-    try:
-        train(TrainConfig(), ov)
-    finally:
-        torch.set_num_threads(2)
-    got = losses(out)
-    assert len(got) == 8
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
 def test_half_written_checkpoint_is_never_loaded(tmp_path, corpus):
@@ -293,12 +330,8 @@ def test_unknown_keys_and_bad_data_through_the_cli(tmp_path, corpus, capsys):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     """gloo on CPU: torchrun starts 2 ranks, accelerate sees MULTI_CPU (ACCELERATE_USE_CPU=1)."""
-    torch.set_num_threads(1)
-    try:
-        ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "one", max_steps=5, **{
-            "train.micro_batch_size": 4})).parent)
-    finally:
-        torch.set_num_threads(2)
+    ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "one", max_steps=5, **{
+        "train.micro_batch_size": 4})).parent)
     recipe = tmp_path / "r.yaml"
     save_config(TrainConfig(), recipe)
     ov = base_overrides(corpus, tmp_path / "two", max_steps=5, **{"train.micro_batch_size": 2})

@@ -13,6 +13,15 @@ from multimodal_rwkv.training.peft import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are op-overhead bound: one thread is faster, and the same in subprocesses."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny(**kw):
     torch.manual_seed(0)
     return RWKVForCausalLM(RWKVConfig(vocab_size=50, n_layer=2, n_embd=64, head_size=32, **kw))
