@@ -344,3 +344,25 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     got = losses(tmp_path / "two")
     assert len(got) == 5
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+def test_precision_checkpointing_l2wrap_and_eval_every(tmp_path, corpus):
+    valid = make_corpus(tmp_path / "valid.npy", n_docs=10, seed=2)
+    ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "a", max_steps=3)).parent)
+    gc = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "b", max_steps=3, **{
+        "train.grad_checkpointing": "true"})).parent)
+    np.testing.assert_allclose(gc, ref, rtol=0, atol=1e-5)  # recomputation does not change the math
+    l2 = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "c", max_steps=3, **{
+        "train.l2wrap": "true"})).parent)
+    assert l2[0] == pytest.approx(ref[0], abs=1e-6) and l2[2] != ref[2]  # same forward, extra gradient
+    bf = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "d", max_steps=3, **{
+        "train.precision": "bf16", "eval_every": 2, "data.valid_file": valid})).parent)
+    assert all(np.isfinite(bf)) and abs(bf[0] - ref[0]) < 0.05  # bf16 autocast: close, not equal
+    rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "valid_loss" in r] == [2, 3]
+    with pytest.raises(ConfigError, match="log_with"):
+        try:
+            import tensorboard  # noqa: F401
+            pytest.skip("tensorboard is installed")
+        except ImportError:
+            train(TrainConfig(), base_overrides(corpus, tmp_path / "e", max_steps=1, log_with="[tensorboard]"))

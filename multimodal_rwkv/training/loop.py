@@ -347,6 +347,12 @@ class Trainer:
                         import tensorboardX  # noqa: F401
                     except ImportError:
                         raise ConfigError("log_with: tensorboard needs the 'tensorboard' package (pip install tensorboard)") from None
+        from accelerate.state import AcceleratorState, GradientState
+
+        # accelerate keeps process-wide singletons; a second train() in the same process (Python API,
+        # tests) may use another precision / accumulation. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         try:
             acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=log_with,
