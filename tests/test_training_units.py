@@ -48,19 +48,22 @@ def test_rwkv_lm_parameter_groups():
     assert not any(n.startswith("rwkv.blocks.0.") for g in param_groups(m, TrainConfig().optim) for n in g["names"])
 
 
-def test_l2wrap_gradient_matches_formula():
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_l2wrap_gradient_matches_formula(reduction):
     torch.manual_seed(1)
     y = torch.randn(3, 5, 11, requires_grad=True)
     t = torch.randint(0, 11, (3, 5))
-    ce = torch.nn.functional.cross_entropy(y.reshape(-1, 11), t.reshape(-1), reduction="sum")
-    (L2Wrap.apply(ce, y) * 0.5).backward()
-    # by hand: d(0.5 * sum CE)/dy = 0.5 (softmax - onehot); plus 1e-4 * 0.5 * max at each argmax
-    expect = 0.5 * (torch.softmax(y.detach(), -1) - torch.nn.functional.one_hot(t, 11).float())
+    ce = torch.nn.functional.cross_entropy(y.reshape(-1, 11), t.reshape(-1), reduction=reduction)
+    (L2Wrap.apply(ce, y, reduction=reduction) * 0.5).backward()
+    # by hand: d(0.5 * CE)/dy = 0.5 (softmax - onehot) [/ 15 for the mean]; plus RWKV-LM's
+    # 1e-4 [/ (B*T) for the mean] * 0.5 * max at each position's argmax
+    n = 15 if reduction == "mean" else 1
+    expect = 0.5 * (torch.softmax(y.detach(), -1) - torch.nn.functional.one_hot(t, 11).float()) / n
     mx, idx = y.detach().max(-1)
     for i in range(3):
         for j in range(5):
-            expect[i, j, idx[i, j]] += 1e-4 * 0.5 * mx[i, j]
-    torch.testing.assert_close(y.grad, expect, rtol=1e-6, atol=1e-7)
+            expect[i, j, idx[i, j]] += 1e-4 / n * 0.5 * mx[i, j]
+    torch.testing.assert_close(y.grad, expect, rtol=1e-6, atol=1e-8)
 
 
 def test_lora_starts_as_identity_and_merge_is_exact_on_random_adapters():

@@ -23,14 +23,23 @@ logger = logging.getLogger(__name__)
 
 
 class L2Wrap:
-    """RWKV-LM's L2Wrap: the forward returns ``loss`` unchanged; the backward adds
-    ``factor * max_logit`` to the gradient of each position's largest logit (discourages logit
-    drift). ``factor`` is 1e-4 per unit of upstream gradient, i.e. RWKV-LM's ``1e-4 / (B*T)`` for a
-    mean loss."""
+    """RWKV-LM's L2Wrap: the forward returns ``loss`` unchanged; the backward adds a gradient of
+    ``c * max_logit`` on each position's largest logit (keeps logits from drifting upwards).
+
+    ``reduction="mean"`` (RWKV-LM): ``loss`` is a mean over the positions of ``logits``
+    (``[..., V]``, N = ``logits.numel() / V`` positions) and ``c = factor / N * upstream``, i.e.
+    ``1e-4 / (B*T)`` for an upstream gradient of 1. ``reduction="sum"``: ``loss`` is a sum over
+    positions and ``c = factor * upstream`` (the same per-position push once the sum is normalised).
+    """
 
     @staticmethod
-    def apply(loss, logits, factor: float = 1e-4):
+    def apply(loss, logits, factor: float = 1e-4, reduction: str = "mean"):
         import torch
+
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        n = max(logits.numel() // max(logits.shape[-1], 1), 1) if reduction == "mean" else 1
+        c = factor / n
 
         class _F(torch.autograd.Function):
             @staticmethod
@@ -43,7 +52,7 @@ class L2Wrap:
                 (y,) = ctx.saved_tensors
                 maxx, ids = torch.max(y, -1, keepdim=True)
                 gy = torch.zeros_like(y)
-                gy.scatter_(-1, ids, maxx * (factor * grad_output).to(y.dtype))
+                gy.scatter_(-1, ids, maxx * (c * grad_output).to(y.dtype))
                 return grad_output, gy
 
         return _F.apply(loss, logits)
@@ -150,7 +159,7 @@ class LMTask(Task):
                 loss, logits, new_state = self._chunk_loss(model, ids[:, s:e], tgt[:, s:e], state)
                 total += loss.detach().double()
                 if self.cfg.train.l2wrap:
-                    loss = L2Wrap.apply(loss, logits)
+                    loss = L2Wrap.apply(loss, logits, reduction="sum")
                 ctx.backward(loss * ctx.scale)
             if not last:
                 state = new_state.detach()
