@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from multimodal_rwkv.errors import ConfigError
+from multimodal_rwkv.errors import ConfigError, DataError
 from multimodal_rwkv.training import TrainConfig, TrainingError, train
 from multimodal_rwkv.training.config import save_config
 
@@ -366,3 +366,28 @@ def test_precision_checkpointing_l2wrap_and_eval_every(tmp_path, corpus):
             pytest.skip("tensorboard is installed")
         except ImportError:
             train(TrainConfig(), base_overrides(corpus, tmp_path / "e", max_steps=1, log_with="[tensorboard]"))
+
+
+def test_text_and_binidx_sources_train(tmp_path):
+    from multimodal_rwkv.training.data import write_binidx
+
+    chat = tmp_path / "chat.jsonl"
+    recs = [{"messages": [{"role": "user", "content": f"what is {i}+{i}?"},
+                          {"role": "assistant", "content": f"{2 * i}"}]} for i in range(40)]
+    chat.write_text("\n".join(json.dumps(r) for r in recs) + "\n{broken\n")
+    common = [f"output_dir={tmp_path / 'chat'}", f"data.train_file={chat}", "data.tokenizer=bytes",
+              "data.ctx_len=24", "train.micro_batch_size=2", "max_steps=2", "progress_bar=false",
+              "data.on_bad_record=skip", f"data.cache_dir={tmp_path / 'cache'}",
+              "model.config={n_layer: 1, n_embd: 64, head_size: 32}"]
+    train(TrainConfig(), common)
+    rows = [json.loads(x) for x in (tmp_path / "chat" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped_records"] == 1 for r in rows) and np.isfinite(rows[-1]["loss"])
+    train(TrainConfig(), common + ["max_steps=3"])  # restart: the token cache is reused, not rebuilt
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 1
+    write_binidx(tmp_path / "d", [list(range(1, 40)) + [0]] * 5)
+    train(TrainConfig(), [f"output_dir={tmp_path / 'bin'}", f"data.train_file={tmp_path / 'd.bin'}",
+                          "data.ctx_len=16", "train.micro_batch_size=2", "max_steps=1", "progress_bar=false", TINY])
+    assert len(losses(tmp_path / "bin")) == 1
+    with pytest.raises(DataError, match="outside the model's vocabulary"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'big'}", f"data.train_file={tmp_path / 'd.bin'}",
+                              "progress_bar=false", "model.config={n_layer: 1, n_embd: 64, head_size: 32, vocab_size: 20}"])
