@@ -202,3 +202,19 @@ def test_triton_backend_on_cpu_raises_outside_interpreter():
     r, k, v, w, u, s0 = [t.float() for t in make_inputs(1, 5, 2, 16, seed=0)]
     with pytest.raises(KernelError, match="triton"):
         wkv6(r, k, v, w, u, s0, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_constant_decay_expanded_and_noncontiguous_inputs(backend):
+    # x052 (RWKV-5) style: one decay per head/channel, broadcast over B and T with expand (stride 0);
+    # r, k, v as non-contiguous views of a fused projection.
+    B, T, H, K = 2, 45, 3, 8
+    g = torch.Generator().manual_seed(21)
+    rkv = torch.randn(B, T, 3, H, K, generator=g)
+    r, k, v = rkv[:, :, 0], rkv[:, :, 1], rkv[:, :, 2]
+    assert not r.is_contiguous()
+    w = (-torch.rand(H, K, generator=g) * 2).expand(B, T, H, K)
+    u = torch.randn(H, K, generator=g)
+    o, s = wkv6(r, k, v, w, u, None, True, backend=backend)
+    o_ref, s_ref = wkv6_reference(*(x.contiguous().double() for x in (r, k, v, w, u)), output_final_state=True)
+    assert rel_rms(o, o_ref) <= 1e-5 and rel_rms(s, s_ref) <= 1e-5
