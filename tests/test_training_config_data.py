@@ -268,3 +268,19 @@ def test_loss_png(tmp_path):
     im = Image.open(tmp_path / "loss.png")
     assert im.format == "PNG" and im.size == (800, 480)
     assert len(im.getcolors(maxcolors=100000)) > 2  # axes and a curve were drawn
+
+
+def test_long_txt_is_tokenized_in_pieces_cut_after_blank_lines(tmp_path, monkeypatch):
+    from multimodal_rwkv.training import data as D
+
+    monkeypatch.setattr(D, "TXT_PIECE_CHARS", 50)
+    text = "".join(f"paragraph {i} " * (i % 4 + 1) + "\n\n" for i in range(30)) + "tail without break " * 9
+    pieces = D._txt_pieces(text)
+    assert "".join(pieces) == text and len(pieces) > 5
+    for piece in pieces[:-1]:  # cut after a blank line, or (no blank line in reach) at the limit
+        assert piece.endswith("\n\n") or (len(piece) == 50 and "\n\n" not in piece[1:])
+    assert sum(piece.endswith("\n\n") for piece in pieces) > 5
+    p = tmp_path / "long.txt"
+    p.write_text(text, encoding="utf-8")
+    s = _stream(p, tmp_path)
+    assert np.asarray(s.ids).tolist() == [b + 1 for b in text.encode()] + [0]

@@ -132,57 +132,81 @@ def chat_segments(turns, where: str) -> list[tuple[str, bool]]:
     return segs
 
 
+TXT_PIECE_CHARS = 1 << 20  # long .txt documents are tokenized in ~1M-character pieces cut after "\n\n"
+
+
+def _txt_pieces(text: str) -> list[str]:
+    """Cut a long text after paragraph breaks into pieces of about TXT_PIECE_CHARS (bounded memory
+    while tokenizing; a token can then not span a cut, which only happens after a blank line)."""
+    if len(text) <= TXT_PIECE_CHARS:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = start + TXT_PIECE_CHARS
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            end = cut + 2 if cut > start else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
 def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> Iterator[list[tuple[str, bool]]]:
     """Yield documents as [(text, is_target)] segments from a .txt or .jsonl file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        _handle_bad(f"{path}: cannot read ({e.strerror or e})", on_bad, bad)
-        return
     if fmt == "txt":
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            _handle_bad(f"{path}: cannot read ({e.strerror or e})", on_bad, bad)
+            return
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             line = raw[: e.start].count(b"\n") + 1
             _handle_bad(f"{path}:{line}: not valid UTF-8 ({e.reason})", on_bad, bad)
             return
+        del raw
         if not text.strip():
             _handle_bad(f"{path}: empty file", on_bad, bad)
             return
-        yield [(text, True)]
+        yield [(piece, True) for piece in _txt_pieces(text)]
         return
-    # jsonl
-    n_good = 0
+    # jsonl, streamed line by line
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        _handle_bad(f"{path}: cannot read ({e.strerror or e})", on_bad, bad)
+        return
     any_line = False
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        any_line = True
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            _handle_bad(f"{where}: not valid UTF-8 ({e.reason})", on_bad, bad)
-            continue
-        except json.JSONDecodeError as e:
-            _handle_bad(f"{where}: invalid JSON ({e.msg} at column {e.colno})", on_bad, bad)
-            continue
-        try:
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            if "text" in rec:
-                if not isinstance(rec["text"], str) or not rec["text"]:
-                    raise DataError(f"{where}: 'text' must be a non-empty string")
-                doc = [(rec["text"], True)]
-            elif "messages" in rec or "conversations" in rec:
-                doc = chat_segments(rec.get("messages", rec.get("conversations")), where)
-            else:
-                raise DataError(f"{where}: expected a 'text', 'messages' or 'conversations' key, got {sorted(rec)}")
-        except DataError as e:
-            _handle_bad(str(e), on_bad, bad)
-            continue
-        n_good += 1
-        yield doc
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            any_line = True
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                _handle_bad(f"{where}: not valid UTF-8 ({e.reason})", on_bad, bad)
+                continue
+            except json.JSONDecodeError as e:
+                _handle_bad(f"{where}: invalid JSON ({e.msg} at column {e.colno})", on_bad, bad)
+                continue
+            try:
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                if "text" in rec:
+                    if not isinstance(rec["text"], str) or not rec["text"]:
+                        raise DataError(f"{where}: 'text' must be a non-empty string")
+                    doc = [(rec["text"], True)]
+                elif "messages" in rec or "conversations" in rec:
+                    doc = chat_segments(rec.get("messages", rec.get("conversations")), where)
+                else:
+                    raise DataError(f"{where}: expected a 'text', 'messages' or 'conversations' key, got {sorted(rec)}")
+            except DataError as e:
+                _handle_bad(str(e), on_bad, bad)
+                continue
+            yield doc
     if not any_line:
         _handle_bad(f"{path}: empty file", on_bad, bad)
 
@@ -279,22 +303,16 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
     with open(tmp / "tokens.u32", "wb") as ft, open(tmp / "target.u8", "wb") as fm:
         for f in files:
             for doc in iter_text_documents(f, fmt, on_bad, bad):
-                ids: list[int] = []
-                tg: list[int] = []
-                for text, is_target in doc:
-                    piece = list(tokenizer.encode(text))
-                    ids.extend(piece)
-                    tg.extend([int(is_target)] * len(piece))
-                    any_masked |= not is_target
                 # the separator after a document is a target when the document's last segment is
-                ids.append(SEPARATOR)
-                tg.append(int(doc[-1][1]))
-                arr = np.asarray(ids, dtype=np.int64)
-                if arr.min() < 0 or arr.max() >= 2**32:
-                    raise DataError(f"{f}: tokenizer produced ids outside uint32")
-                arr.astype(np.uint32).tofile(ft)
-                np.asarray(tg, dtype=np.uint8).tofile(fm)
-                n_tokens += len(ids)
+                segs = [(list(tokenizer.encode(text)), t) for text, t in doc] + [([SEPARATOR], doc[-1][1])]
+                for ids, is_target in segs:
+                    arr = np.asarray(ids, dtype=np.int64)
+                    if len(arr) and (arr.min() < 0 or arr.max() >= 2**32):
+                        raise DataError(f"{f}: tokenizer produced ids outside uint32")
+                    arr.astype(np.uint32).tofile(ft)
+                    np.full(len(arr), int(is_target), np.uint8).tofile(fm)
+                    any_masked |= not is_target
+                    n_tokens += len(arr)
                 n_docs += 1
         for fh in (ft, fm):
             fh.flush()
