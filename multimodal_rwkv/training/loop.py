@@ -629,7 +629,9 @@ class Trainer:
                                         f"(try a lower optim.lr, precision fp32, or check the data)")
                                 gn = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
                                 grad_norm = float(gn) if gn is not None else None
-                                if grad_norm is not None and not math.isfinite(grad_norm):
+                                # fp16: the grad scaler skips overflowing steps and lowers its scale itself
+                                if (grad_norm is not None and not math.isfinite(grad_norm)
+                                        and cfg.train.precision != "fp16"):
                                     raise TrainingError(
                                         f"non-finite gradient norm at step {step + 1}: stopped before the update; "
                                         f"last good checkpoint: {last_ckpt or 'none'}")
