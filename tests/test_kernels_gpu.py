@@ -65,10 +65,14 @@ def test_cuda_decode_kernel(dtype):
     assert rel_rms(o2, o_r) <= tol and rel_rms(s0, s_r) <= 1e-5
 
 
-def test_cuda_auto_uses_triton_and_matches_torch():
-    from multimodal_rwkv.kernels import wkv6
+def test_cuda_auto_uses_triton_and_matches_torch(monkeypatch):
+    from multimodal_rwkv.kernels import triton_chunk, wkv6
 
+    calls = []
+    real = triton_chunk.wkv6_triton
+    monkeypatch.setattr(triton_chunk, "wkv6_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x = [t.float() for t in make_inputs(2, 300, 4, 64, seed=9, device="cuda", dtype=torch.float64)]
     o_a, s_a = wkv6(*x, output_final_state=True)
+    assert calls, "auto did not use the Triton chunk kernel on CUDA"
     o_t, s_t = wkv6(*x, output_final_state=True, backend="torch")
     assert rel_rms(o_a, o_t) < 1e-5 and rel_rms(s_a, s_t) < 1e-5
