@@ -23,7 +23,8 @@ shifted by one row so that ``e_t - c_{t-1}`` is exactly 0):
 * In PyTorch: ``du = sum r k (v . do)``.
 
 All accumulation is fp32; inputs may be fp32, bf16 or fp16. ``tl.dot`` uses IEEE fp32 for fp32
-inputs and TF32 for 16-bit inputs (at least as precise as the inputs). Head sizes: powers of two
+inputs and TF32 for 16-bit inputs (at least as precise as the inputs); the small triangular-mask
+products that assemble ``dw`` always use IEEE fp32. Head sizes: powers of two
 from 16 to 128.
 """
 from __future__ import annotations
@@ -212,7 +213,7 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, dw, T, NT,
     b_dr = tl.exp(b_e) * tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
     b_dk = b_kd * tl.dot(b_v, tl.trans(b_dh), input_precision=PREC)
     b_dv = tl.dot(b_k * b_kd, b_dh, input_precision=PREC)
-    b_dw = tl.dot(m_up, b_r * b_dr, input_precision=PREC) + tl.dot(m_lo, b_k * b_dk, input_precision=PREC)
+    b_dw = tl.dot(m_up, b_r * b_dr, input_precision="ieee") + tl.dot(m_lo, b_k * b_dk, input_precision="ieee")
     b_dw += (tl.sum(b_h * b_dh, axis=1) * tl.exp(b_cl))[None, :]  # pairs spanning the whole chunk
     # earlier sub-chunks j < i: dr (rows here, columns in j); dw from out-going pairs of j
     if i_i > 0:
@@ -231,7 +232,7 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, dw, T, NT,
             b_dw += tl.sum(b_out, axis=0)[None, :]
         b_drx = b_gq * acc
         b_dr += b_drx
-        b_dw += tl.dot(m_up, b_r * b_drx, input_precision=PREC)
+        b_dw += tl.dot(m_up, b_r * b_drx, input_precision="ieee")
     # later sub-chunks j > i: dk, dv (columns here, rows in j); dw from in-coming pairs of j
     b_dkx = tl.zeros([BC, K], dtype=tl.float32)
     for j in range(i_i + 1, NC):
@@ -250,7 +251,7 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, dw, T, NT,
         b_in = b_rj * tl.exp(b_ej) * tl.dot(b_doj, tl.trans(b_h), input_precision=PREC)
         b_dw += tl.sum(b_in, axis=0)[None, :]
     b_dk += b_dkx
-    b_dw += tl.dot(m_lo, b_k * b_dkx, input_precision=PREC)
+    b_dw += tl.dot(m_lo, b_k * b_dkx, input_precision="ieee")
     # pairs (t in sub-chunk a > i, s in sub-chunk b < i) span this whole sub-chunk
     for a in range(i_i + 1, NC):
         rows_a = i_n * BT + a * BC + o_c
@@ -282,7 +283,7 @@ def _bwd_main(r, k, v, c, u, h, dh, do, dr, dk, dv, dw, T, NT,
         is_s = o_c == s
         b_dk += tl.where(is_s[:, None], dk_s[None, :], 0.0)
         b_dv += tl.where(is_s[:, None], dv_s[None, :], 0.0)
-        b_dw += tl.where(below[:, None], tl.dot(m_up, b_p, input_precision=PREC), 0.0) * b_ks[None, :]
+        b_dw += tl.where(below[:, None], tl.dot(m_up, b_p, input_precision="ieee"), 0.0) * b_ks[None, :]
     # bonus
     b_dd = tl.sum(b_do * b_v, axis=1)
     b_dr += b_dd[:, None] * b_u[None, :] * b_k
