@@ -334,7 +334,8 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
         "train.micro_batch_size": 4})).parent)
     recipe = tmp_path / "r.yaml"
     save_config(TrainConfig(), recipe)
-    ov = base_overrides(corpus, tmp_path / "two", max_steps=5, **{"train.micro_batch_size": 2})
+    # 2 ranks x micro-batch 1 x grad_accum 2 (DDP no_sync on the first micro-batch) == 1 rank x batch 4
+    ov = base_overrides(corpus, tmp_path / "two", max_steps=5, **{"train.micro_batch_size": 1, "train.grad_accum": 2})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29500 + os.getpid() % 1000), "-m", "multimodal_rwkv", "train", str(recipe)]
     cmd += sum((["--set", o] for o in ov), [])
