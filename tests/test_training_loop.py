@@ -392,3 +392,12 @@ def test_text_and_binidx_sources_train(tmp_path):
     with pytest.raises(DataError, match="outside the model's vocabulary"):
         train(TrainConfig(), [f"output_dir={tmp_path / 'big'}", f"data.train_file={tmp_path / 'd.bin'}",
                               "progress_bar=false", "model.config={n_layer: 1, n_embd: 64, head_size: 32, vocab_size: 20}"])
+
+
+def test_resume_with_a_different_model_is_a_clear_error(tmp_path, corpus):
+    from multimodal_rwkv.errors import CheckpointError
+
+    train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=2, checkpoint_every=1))
+    with pytest.raises(CheckpointError, match="step_00000002.*new output_dir"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=4) + [
+            "model.config={n_layer: 1, n_embd: 64, head_size: 32, vocab_size: 64}"])

@@ -550,7 +550,14 @@ class Trainer:
 
         step, samples, tokens_seen, t_elapsed = 0, 0, 0, 0.0
         if resume is not None:
-            acc.load_state(str(resume[1]))
+            try:
+                acc.load_state(str(resume[1]))
+            except (RuntimeError, ValueError, KeyError, OSError) as e:
+                from multimodal_rwkv.errors import CheckpointError
+
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{resume[1]}: cannot resume from this checkpoint ({first}); the recipe's "
+                                      f"model or PEFT settings probably changed: use a new output_dir") from None
             st = json.loads((resume[1] / "trainer_state.json").read_text())
             step, samples = int(st["step"]), int(st["samples_consumed"])
             tokens_seen, t_elapsed = int(st.get("tokens_seen", 0)), float(st.get("elapsed_s", 0.0))
