@@ -95,7 +95,7 @@ def train(model, batches, lr: float, warmup: int = 10):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     model.eval()
-    return time.time() - t0, float(loss)
+    return time.time() - t0, float(loss.detach())
 
 
 def midi_generation_stats(model, tok, pieces: int, seconds: float, max_tokens: int):

@@ -121,6 +121,13 @@ def test_cli_eval_bits_per_note(tiny_run, capsys):
     total, n = windowed_nll(model, ids, 64)
     assert nats == pytest.approx(total / n, abs=1e-4)
     assert bpn == pytest.approx(total / tok.count_notes(ids[1:]) / math.log(2), rel=1e-3)
+    # converting the training run's own validation losses
+    assert main(["music", "eval", "--metrics", str(final.parent / "metrics.jsonl"), "--data", str(data / "valid")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    valid = [m["valid_loss"] for m in tiny_run[2] if "valid_loss" in m]
+    assert len(lines) == len(valid)
+    want = valid[-1] * (len(ids) - 1) / tok.count_notes(ids[1:]) / math.log(2)
+    assert float(lines[-1].split(", ")[1].split(" ")[0]) == pytest.approx(want, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -165,7 +172,7 @@ def test_shipped_bach_model():
     assert size < 8.5e6
     model, tok = load_music_model(ASSET)
     assert isinstance(tok, MidiTokenizer) and model.config.vocab_size == tok.vocab_size
-    res = generate_music(model, tok, seconds=4, seed=0, max_new_tokens=300)
+    res = generate_music(model, tok, seconds=2, seed=0, max_new_tokens=100)
     assert len(res.notes) > 0
     buf = io.BytesIO()
     res.midi.save(file=buf)

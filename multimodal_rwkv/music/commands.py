@@ -115,9 +115,12 @@ def cmd_eval(args) -> int:
     from multimodal_rwkv.music.generate import load_music_model
     from multimodal_rwkv.music.metrics import bits_per_unit, windowed_nll
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, tok = load_music_model(args.model)
     ids = load_tokens(args.data)
+    if args.metrics:
+        return _eval_from_metrics(args, ids)
+    if not args.model:
+        raise DataError("music eval: give --model DIR (or --metrics RUN/metrics.jsonl)")
+    model, tok = load_music_model(args.model)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
     total, n = windowed_nll(model, ids, args.ctx_len)
@@ -131,6 +134,36 @@ def cmd_eval(args) -> int:
         units, name = tok.count_notes(targets), "bits/note"
     print(f"{args.data}: {n} tokens, {nats:.4f} nats/token, {nats / math.log(2):.4f} bits/token, "
           f"{bits_per_unit(nats, n, units):.4f} {name} ({units} {'bytes' if name == 'bits/byte' else 'notes'})")
+    return 0
+
+
+def _eval_from_metrics(args, ids) -> int:
+    """Convert the training engine's ``valid_loss`` (nats/token) into bits per note/byte."""
+    import json
+
+    from multimodal_rwkv.music.abc import AbcTokenizer
+    from multimodal_rwkv.music.corpora import load_tokens  # noqa: F401
+    from multimodal_rwkv.music.generate import load_tokenizer
+    from multimodal_rwkv.music.metrics import bits_per_unit
+
+    data_dir = Path(args.data)
+    tok_dir = data_dir if data_dir.is_dir() and any(data_dir.glob("*_tokenizer.json")) else data_dir.parent
+    tok = load_tokenizer(tok_dir)
+    targets = ids[1:]
+    is_abc = isinstance(tok, AbcTokenizer)
+    units = tok.count_bytes(targets) if is_abc else tok.count_notes(targets)
+    name = "bits/byte" if is_abc else "bits/note"
+    p = Path(args.metrics)
+    try:
+        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError) as e:
+        raise DataError(f"{p}: cannot read metrics ({e})") from None
+    rows = [r for r in rows if "valid_loss" in r]
+    if not rows:
+        raise DataError(f"{p}: no valid_loss entries")
+    for r in rows:
+        v = r["valid_loss"]
+        print(f"step {r.get('step')}: {v:.4f} nats/token, {bits_per_unit(v, len(targets), units):.4f} {name}")
     return 0
 
 
@@ -217,7 +250,9 @@ def register(subparsers) -> None:
                        description="Evaluate a music model on a prepared split: nats/token, bits/note or bits/byte.",
                        epilog="Example: mmrwkv music eval --model runs/music_bach/final --data data/bach/test",
                        formatter_class=fmt)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="model folder to evaluate")
+    p.add_argument("--metrics", help="instead of --model: convert valid_loss in a training run's metrics.jsonl "
+                                     "(data = the valid split it was measured on)")
     p.add_argument("--data", required=True, help=".npy file or folder of shards")
     p.add_argument("--ctx-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")

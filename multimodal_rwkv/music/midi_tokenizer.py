@@ -25,9 +25,9 @@ note-off never needs to repeat the instrument, and time shifts are only spent on
 *Registers, not combined tokens.* MIDI-LLM-tokenizer spends one 20k-entry vocabulary on
 instrument x pitch x velocity; here the instrument, velocity and duration are only written when
 they change, which is rare inside a chord (4-part chorales: one ``dur`` per chord, one
-``vel`` per piece). The vocabulary stays at a few hundred ids, which is what a small model (a few
-MB) can afford, and the stream is shorter: see ``bench``/README for tokens per note on the
-Bach chorales (MIDI-LLM-tokenizer 2.36, miditok REMI 4.5, TSD 4.0).
+``vel`` per piece). The vocabulary stays at a few hundred ids (244 with the defaults), which is what a small model
+(a few MB) can afford, and the stream is shorter: **1.745 tokens per note** on music21's 349 Bach
+chorales (99,793 notes, every one returned; MIDI-LLM-tokenizer 2.36, miditok REMI 4.5, TSD 4.0).
 
 *Time.* The grid is musical: ``steps_per_beat`` steps per quarter note, taken from the file's
 ticks per beat, so tempo changes never move notes off the grid; real time is kept by the
@@ -352,6 +352,7 @@ class MidiTokenizer:
         """Open ``src`` (path, bytes or ``mido.MidiFile``) with every failure turned into MidiError."""
         import mido
 
+        self._clipped = False
         if isinstance(src, mido.MidiFile):
             name = getattr(src, "filename", None) or "<MidiFile>"
             mid = src
@@ -377,7 +378,6 @@ class MidiTokenizer:
                 raise MidiError(f"{name}: empty file")
             if data[:4] != b"MThd":
                 raise MidiError(f"{name}: not a MIDI file (no MThd header)")
-            self._clipped = False
             mid = None
             for clip in (False, True):
                 try:
