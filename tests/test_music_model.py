@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from multimodal_rwkv.music import MidiTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSET = ROOT / "multimodal_rwkv" / "assets" / "music_bach"
+from multimodal_rwkv.music import BACH_MODEL_DIR as ASSET  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -1,7 +1,11 @@
 """Music on the RWKV core: MIDI tokenizer (mido), ABC byte tokenizer, corpora, generation, metrics.
 
 Light imports only (no torch): model-dependent functions import torch when called.
+``BACH_MODEL_DIR`` is the small RWKV-6 chorale model shipped with the package (the demo's):
+``generate_midi(BACH_MODEL_DIR, seconds=20, out="song.mid", png="roll.png")``.
 """
+from pathlib import Path as _Path
+
 from multimodal_rwkv.errors import MidiError  # noqa: F401
 from multimodal_rwkv.music.abc import AbcTokenizer, abc_to_midi, split_tunes  # noqa: F401
 from multimodal_rwkv.music.midi_tokenizer import (  # noqa: F401
@@ -11,6 +15,8 @@ from multimodal_rwkv.music.midi_tokenizer import (  # noqa: F401
     MidiTokenizerConfig,
     Note,
 )
+
+BACH_MODEL_DIR = _Path(__file__).resolve().parent.parent / "assets" / "music_bach"
 
 
 def generate_midi(model_dir, prompt=None, seconds: float = 30.0, **kwargs):
@@ -42,6 +48,6 @@ def render_pianoroll(notes, out_path=None, **kwargs):
 
 
 __all__ = [
-    "AbcTokenizer", "DecodeStats", "EncodeStats", "MidiError", "MidiTokenizer", "MidiTokenizerConfig", "Note",
+    "AbcTokenizer", "BACH_MODEL_DIR", "DecodeStats", "EncodeStats", "MidiError", "MidiTokenizer", "MidiTokenizerConfig", "Note",
     "abc_to_midi", "generate_abc", "generate_midi", "prepare", "render_pianoroll", "split_tunes",
 ]
