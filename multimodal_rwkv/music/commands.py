@@ -196,7 +196,7 @@ def register(subparsers) -> None:
     music = subparsers.add_parser(
         "music", help="MIDI/ABC tokenizers, corpora, generation and evaluation",
         description="Music on the RWKV core: tokenize MIDI, prepare corpora, generate MIDI/ABC, evaluate.",
-        epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/bach && "
+        epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/music/bach && "
                "mmrwkv train recipes/music_bach_midi.yaml && "
                "mmrwkv music generate --model runs/music_bach/final --out song.mid --png roll.png",
         formatter_class=fmt)
@@ -215,7 +215,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("prepare", help="build a tokenised dataset (train/valid/test .npy shards)",
                        description="Build a dataset from music21's bundled corpora or your own MIDI folder: "
                                    "deterministic split by content hash, .npy shards in the 'tokens' format.",
-                       epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/bach --transpose 3",
+                       epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/music/bach --transpose 3",
                        formatter_class=fmt)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", choices=["bach-chorales", "oneill-abc", "essen-abc"])
@@ -247,8 +247,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="held-out loss in nats/token and bits per note (MIDI) or per byte (ABC)",
-                       description="Evaluate a music model on a prepared split: nats/token, bits/note or bits/byte.",
-                       epilog="Example: mmrwkv music eval --model runs/music_bach/final --data data/bach/test",
+                       description="Evaluate a music model on a prepared split: nats/token, bits/note or bits/byte; "
+                                   "or convert a training run's validation losses (--metrics).",
+                       epilog="Example: mmrwkv music eval --model runs/music_bach/final --data data/music/bach/test\n"
+                              "         mmrwkv music eval --metrics runs/music_bach/metrics.jsonl --data data/music/bach/valid",
                        formatter_class=fmt)
     p.add_argument("--model", help="model folder to evaluate")
     p.add_argument("--metrics", help="instead of --model: convert valid_loss in a training run's metrics.jsonl "
