@@ -237,3 +237,23 @@ def test_windowed_nll_matches_direct_sum():
     lp = torch.log_softmax(m.t, -1)
     direct = -sum(float(lp[ids[i], ids[i + 1]].detach()) for i in range(52))
     assert n == 52 and total == pytest.approx(direct, rel=1e-5)
+
+
+def test_cli_prepare(tmp_path, capsys):
+    from multimodal_rwkv.cli import main
+
+    d = tmp_path / "m"
+    d.mkdir()
+    for k in range(3):
+        mid = mido.MidiFile()
+        mid.tracks.append(mido.MidiTrack([mido.Message("note_on", note=60 + k, velocity=80),
+                                          mido.Message("note_off", note=60 + k, time=480)]))
+        mid.save(str(d / f"{k}.mid"))
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(tmp_path / "o"), "--valid-permille", "0",
+                 "--test-permille", "0"]) == 0
+    assert "train: 3 pieces" in capsys.readouterr().out
+    assert split_documents(load_tokens(tmp_path / "o" / "train")).__len__() == 3
+    with pytest.raises(SystemExit) as e:  # neither --corpus nor --midi-dir: usage error
+        main(["music", "prepare", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert main(["music", "prepare", "--midi-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
