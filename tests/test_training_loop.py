@@ -401,3 +401,26 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path, corpus):
     with pytest.raises(CheckpointError, match="step_00000002.*new output_dir"):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=4) + [
             "model.config={n_layer: 1, n_embd: 64, head_size: 32, vocab_size: 64}"])
+
+
+def test_resume_restores_rng_exactly_with_dropout(tmp_path, corpus):
+    """LoRA dropout draws random numbers every step: the resumed losses match only if the RNG
+    state is restored with the optimiser, the weights and the data position."""
+    import shutil
+
+    fresh_base(tmp_path / "base")
+    ov = {"model.config": "{}", "model.from_pretrained": tmp_path / "base", "peft.lora_r": 4,
+          "peft.lora_dropout": 0.5, "optim.lr": 1e-2, "checkpoint_every": 3}
+    ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "ref", max_steps=6, **ov)).parent)
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_00000003", out / "checkpoints" / "step_00000003")
+    shutil.copy(tmp_path / "ref" / "metrics.jsonl", out / "metrics.jsonl")  # rows after step 3 are dropped
+    got = losses(train(TrainConfig(), base_overrides(corpus, out, max_steps=6, **ov)).parent)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    other = tmp_path / "other_seed"
+    shutil.copytree(out / "checkpoints", other / "checkpoints", ignore=shutil.ignore_patterns("step_00000006"))
+    for f in (other / "checkpoints" / "step_00000003").glob("random_states_*.pkl"):
+        f.unlink()  # without the saved RNG state the dropout masks differ
+    diff = losses(train(TrainConfig(), base_overrides(corpus, other, max_steps=6, **ov)).parent)
+    assert len(diff) == 3 and max(abs(a - b) for a, b in zip(diff, ref[3:])) > 1e-5

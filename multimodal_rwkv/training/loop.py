@@ -580,7 +580,10 @@ class Trainer:
 
         loader = DataLoader(train_ds, batch_size=B, sampler=sampler, collate_fn=collate,
                             num_workers=cfg.data.num_workers, drop_last=False,
-                            persistent_workers=cfg.data.num_workers > 0)
+                            persistent_workers=cfg.data.num_workers > 0,
+                            # its own generator: creating the iterator must not draw from the global
+                            # RNG, or a resumed run's dropout etc. would be shifted by one draw
+                            generator=torch.Generator().manual_seed(cfg.seed))
         it = iter(loader)
 
         from multimodal_rwkv.training.task import StepContext
