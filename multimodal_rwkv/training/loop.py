@@ -360,6 +360,9 @@ class Trainer:
                                                                   logging_dir=str(self.out / "logs")))
         except ValueError as e:
             raise ConfigError(f"train.precision={cfg.train.precision}: {e}") from None
+        if cfg.train.precision != "fp32" and not getattr(acc, "native_amp", True):
+            logger.warning("train.precision=%s is not available on %s: training in fp32", cfg.train.precision,
+                           acc.device)
         return acc
 
     def _build_model(self, task):
