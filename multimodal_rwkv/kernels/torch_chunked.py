@@ -29,20 +29,30 @@ def _compute_dtype(*xs):
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def _excl_cumsum(x, dim):
-    """sum_{z < t} x_z along ``dim`` (a shifted cumsum, so row 0 is exactly 0)."""
-    c = torch.cumsum(x, dim=dim)
-    c = c.narrow(dim, 0, x.shape[dim] - 1)
-    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [1, 0]
-    return F.pad(c, pad)
+def _excl_cumsum(x):
+    """sum_{z < t} x_z along dim -2 (a matmul with a 0/1 strictly-lower mask: row 0 is exactly 0)."""
+    n = x.shape[-2]
+    return torch.matmul(_tri(n, -1, x.dtype, x.device), x)
 
 
-def _rev_excl_cumsum(x, dim):
-    """sum_{z > t} x_z along ``dim`` (the last row is exactly 0)."""
-    return _excl_cumsum(x.flip(dim), dim).flip(dim)
+def _rev_excl_cumsum(x):
+    """sum_{z > t} x_z along dim -2 (the last row is exactly 0)."""
+    n = x.shape[-2]
+    return torch.matmul(_tri(n, 1, x.dtype, x.device), x)
 
 
-_BETWEEN_CACHE: dict = {}
+def _tri(n, side, dtype, device):
+    """0/1 [n, n]: strictly lower (side=-1: z < t) or strictly upper (side=1: z > t) triangle."""
+    key = ("tri", n, side, dtype, str(device))
+    m = _BETWEEN_CACHE.get(key)
+    if m is None:
+        ones = torch.ones(n, n, dtype=dtype, device=device)
+        m = torch.tril(ones, -1) if side < 0 else torch.triu(ones, 1)
+        _BETWEEN_CACHE[key] = m
+    return m
+
+
+_BETWEEN_CACHE: dict = {}  # small constant masks, keyed by (size, dtype, device)
 
 
 def _strictly_between(n, dtype, device):
@@ -54,6 +64,23 @@ def _strictly_between(n, dtype, device):
         m = ((i.view(1, n, 1) < i.view(1, 1, n)) & (i.view(1, 1, n) < i.view(n, 1, 1))).to(dtype)
         _BETWEEN_CACHE[key] = m
     return m
+
+
+def _diag_pairs(n, dtype, device):
+    """For the pairs (t, s) with t > s of an n x n block: one-hot row selectors for t and for s
+    [n_pairs, n], the segment masks 1[s < z < t] [n_pairs, n], and the 0/1 matrix [n_pairs, n*n]
+    that scatters pair values into the flattened block (all as matmul operands: fast, no gathers)."""
+    key = ("pairs", n, dtype, str(device))
+    hit = _BETWEEN_CACHE.get(key)
+    if hit is None:
+        ti, si = torch.tril_indices(n, n, -1, device=device)
+        eye = torch.eye(n, dtype=dtype, device=device)
+        seg = _strictly_between(n, dtype, device)[ti, si]
+        scatter = torch.zeros(ti.numel(), n * n, dtype=dtype, device=device)
+        scatter[torch.arange(ti.numel(), device=device), ti * n + si] = 1
+        hit = (eye[ti], eye[si], seg, scatter)
+        _BETWEEN_CACHE[key] = hit
+    return hit
 
 
 def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
@@ -122,8 +149,8 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     # Every exponent is built as a direct (segment) sum of w, never as a difference of two large
     # cumulative sums: the value is then accurate, and so is its gradient (a difference would send
     # +g and -g into the same w and cancel in float32, ruining dw when the decay is strong).
-    e = _excl_cumsum(w_, dim=3)  # sum_{z<t} w_z within the chunk, [B,H,N,L,K]
-    rc = _rev_excl_cumsum(w_, dim=3)  # sum_{z>s} w_z within the chunk
+    e = _excl_cumsum(w_)  # sum_{z<t} w_z within the chunk, [B,H,N,L,K]
+    rc = _rev_excl_cumsum(w_)  # sum_{z>s} w_z within the chunk
     tot = w_.sum(dim=3)  # [B,H,N,K]
 
     # ---- inter-chunk: states entering each chunk ----
@@ -143,29 +170,26 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     ws = w_.reshape(B, H, N, P, C, K)
     # ---- intra-chunk, off-diagonal sub-blocks, factorised around m_a = c[a*C - 1] ----
     # row factor r_t exp(sum_{aC <= z < t} w_z); column factor k_s exp(sum_{s < z < aC} w_z); both <= 1
+    o_intra = 0
     if P > 1:
-        el = _excl_cumsum(ws, dim=4)  # [B,H,N,P,C,K]
-        rl = _rev_excl_cumsum(ws, dim=4)  # sum_{s<z<=end of its sub-chunk}
+        el = _excl_cumsum(ws)  # [B,H,N,P,C,K]
+        rl = _rev_excl_cumsum(ws)  # sum_{s<z<=end of its sub-chunk}
         gsub = ws.sum(dim=4)  # [B,H,N,P,K] sub-chunk totals
         between = _strictly_between(P, cd, r.device)  # [P(a),P(b),P(b')]: b < b' < a
         mid = torch.einsum("abx,nhmxk->nhmabk", between, gsub)  # [B,H,N,P(a),P(b),K]
-        y = rl.unsqueeze(3) + mid.unsqueeze(-2)  # [B,H,N,P(a),P(b),C,K] = sum_{s<z<aC} w_z (b<a)
-        below = torch.arange(P, device=r.device).view(P, 1) > torch.arange(P, device=r.device).view(1, P)
-        y = torch.where(below.view(P, P, 1, 1), y, torch.zeros((), dtype=cd, device=r.device))
-        kx = (ks.unsqueeze(3) * torch.exp(y)).reshape(B, H, N, P, L, K)
         q = rs * torch.exp(el)
-        A = torch.matmul(q, kx.transpose(-1, -2))  # [B,H,N,P,C,L]
-        mask = below.repeat_interleave(C, dim=1).to(cd)  # [P, L]: s's sub-chunk < a
-        A = A * mask.unsqueeze(1)
-        o_intra = torch.matmul(A, v_.unsqueeze(3))  # [B,H,N,P,C,V]
-    else:
-        o_intra = 0
-    # ---- diagonal sub-blocks: exact pairwise exponent sum_{s<z<t} w_z ----
-    seg = _strictly_between(C, cd, r.device)  # [C(t),C(s),C(z)]: s < z < t
-    Dx = torch.einsum("tsz,nhmpzk->nhmptsk", seg, ws)  # [B,H,N,P,C,C,K]
-    tri = torch.ones(C, C, dtype=torch.bool, device=r.device).tril(-1)  # t > s
-    Dx = torch.where(tri.unsqueeze(-1), Dx, torch.tensor(float("-inf"), dtype=cd, device=r.device))
-    Ad = (rs.unsqueeze(-2) * ks.unsqueeze(-3) * torch.exp(Dx)).sum(-1)  # [B,H,N,P,C,C]
+        outs = [torch.zeros(B, H, N, C, V, dtype=cd, device=r.device)]
+        for a in range(1, P):  # columns in sub-chunks b < a only (no masked waste)
+            y = rl[:, :, :, :a] + mid[:, :, :, a, :a].unsqueeze(-2)  # [B,H,N,a,C,K] = sum_{s<z<aC} w_z
+            kx = (ks[:, :, :, :a] * torch.exp(y)).reshape(B, H, N, a * C, K)
+            A = torch.matmul(q[:, :, :, a], kx.transpose(-1, -2))  # [B,H,N,C,a*C]
+            outs.append(torch.matmul(A, v_[:, :, :, : a * C]))  # [B,H,N,C,V]
+        o_intra = torch.stack(outs, dim=3)  # [B,H,N,P,C,V]
+    # ---- diagonal sub-blocks: exact pairwise exponent sum_{s<z<t} w_z, on the t > s pairs only ----
+    ti, si, seg_p, scatter = _diag_pairs(C, cd, r.device)
+    Dp = torch.matmul(seg_p, ws)  # [B,H,N,P,n_pairs,K]
+    Ap = (torch.matmul(ti, rs) * torch.matmul(si, ks) * torch.exp(Dp)).sum(-1)  # [B,H,N,P,n_pairs]
+    Ad = torch.matmul(Ap, scatter).view(B, H, N, P, C, C)  # A[t, s], zero for t <= s
     bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [B,H,N,P,C]
     Ad = Ad + torch.diag_embed(bonus)
     o_intra = o_intra + torch.matmul(Ad, vs)
