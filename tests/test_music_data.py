@@ -257,3 +257,29 @@ def test_cli_prepare(tmp_path, capsys):
         main(["music", "prepare", "--out", str(tmp_path / "o")])
     assert e.value.code == 2
     assert main(["music", "prepare", "--midi-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_abc_default_unit_length():
+    from multimodal_rwkv.music.abc import with_default_unit_length
+
+    assert with_default_unit_length("X:1\nM:2/4\nK:D\nAB|\n") == "X:1\nM:2/4\nL:1/16\nK:D\nAB|\n"
+    assert with_default_unit_length("X:1\nM:6/8\nK:D\nAB|\n") == "X:1\nM:6/8\nL:1/8\nK:D\nAB|\n"
+    assert with_default_unit_length("X:1\nK:D\nAB|\n") == "X:1\nL:1/8\nK:D\nAB|\n"
+    assert with_default_unit_length("X:1\nL:1/4\nK:D\nAB|\n") == "X:1\nL:1/4\nK:D\nAB|\n"
+    assert with_default_unit_length("no header") == "no header"
+
+
+def test_abc_to_midi_irregular_bars_and_missing_length():
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music.abc import abc_to_midi
+
+    # bars of the wrong length (as a small model writes them) and no L: field
+    text = "X:1\nT:gen\nM:6/8\nK:C\nc d2 c2B A2G|G2 GA AFAG|E>FE G2 B2|\n"
+    notes, _, _, _ = MidiTokenizer().extract_notes(abc_to_midi(text))
+    pitches = [n.pitch for n in sorted(notes)]
+    # c=C5(72) d=D5(74) c B=B4(71) A=A4(69) G=G4(67); 18 notes in all
+    assert pitches[:6] == [72, 74, 72, 71, 69, 67] and len(notes) == 18
+    # c (1 eighth) then d2 (2 eighths): onsets 0 and 6 steps at 12 steps per quarter
+    assert [n.onset for n in sorted(notes)][:3] == [0, 6, 18]
+    with pytest.raises(MidiError, match="cannot parse ABC|holds no notes"):
+        abc_to_midi("X:1\nK:C\n")

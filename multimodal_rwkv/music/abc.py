@@ -8,6 +8,7 @@ Text is encoded as UTF-8; decoding replaces invalid UTF-8 (never raises).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Sequence
 from multimodal_rwkv.errors import ConfigError, DataError, MidiError
 
 TOKENIZER_FILENAME = "abc_tokenizer.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +91,28 @@ def split_tunes(text: str) -> list[str]:
     return tunes
 
 
+def with_default_unit_length(tune: str) -> str:
+    """Insert the ABC standard's default ``L:`` before ``K:`` when the header has none (music21
+    refuses notes without it): 1/16 if the meter ``M:`` is below 3/4, else 1/8 (also for no
+    meter or ``M:none``)."""
+    lines = tune.split("\n")
+    k_line = next((i for i, ln in enumerate(lines) if ln.startswith("K:")), None)
+    if k_line is None or any(ln.startswith("L:") for ln in lines[:k_line]):
+        return tune
+    unit = "1/8"
+    for ln in lines[:k_line]:
+        if ln.startswith("M:"):
+            m = ln[2:].strip()
+            m = {"C": "4/4", "C|": "2/2"}.get(m, m)
+            try:
+                a, b = m.split("/")
+                if int(a) / int(b) < 0.75:
+                    unit = "1/16"
+            except (ValueError, ZeroDivisionError):
+                pass
+    return "\n".join(lines[:k_line] + [f"L:{unit}"] + lines[k_line:])
+
+
 def _require_music21():
     try:
         import music21  # noqa: F401
@@ -108,14 +132,46 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     from music21 import converter
 
     text = abc_text if _TUNE_START.search(abc_text) else "X:1\n" + abc_text
+    text = with_default_unit_length(text)
     try:
         score = converter.parse(text, format="abc")
+    except Exception as e:  # noqa: BLE001 - music21 raises many types on bad ABC
+        raise MidiError(f"{name}: cannot parse ABC ({type(e).__name__}: {str(e)[:200]})") from None
+    if not score.flatten().notes:
+        raise MidiError(f"{name}: the ABC holds no notes")
+    try:
         with tempfile.TemporaryDirectory() as d:
             fp = Path(d) / "tune.mid"
             score.write("midi", fp=str(fp))
             mid = mido.MidiFile(str(fp))
-    except Exception as e:  # noqa: BLE001 - music21 raises many types on bad ABC
-        raise MidiError(f"{name}: cannot convert ABC to MIDI ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - e.g. bars of the wrong length trip music21's MIDI writer
+        log.info("%s: music21's MIDI writer failed (%s); writing the parsed notes directly", name, type(e).__name__)
+        mid = _notes_to_midi(score, name)
+    mid.filename = name
     if out_path is not None:
         mid.save(str(out_path))
     return mid
+
+
+def _notes_to_midi(score, name: str):
+    """The notes music21 parsed (offsets/durations in quarter notes) -> MIDI at 120 BPM on a
+    12-steps-per-beat grid, without music21's measure machinery."""
+    from multimodal_rwkv.music.midi_tokenizer import MidiTokenizer, Note
+
+    tok = MidiTokenizer()
+    spb = tok.config.steps_per_beat
+    notes = []
+    flat = score.flatten()
+    try:
+        flat = flat.stripTies()  # a note music21 split at a bar line is one note again
+    except Exception:  # noqa: BLE001 - keep the split notes rather than fail
+        pass
+    for n in flat.notes:
+        on = int(round(float(n.offset) * spb))
+        dur = max(1, int(round(float(n.duration.quarterLength) * spb)))
+        for p in getattr(n, "pitches", ()):
+            if 0 <= p.midi <= 127:
+                notes.append(Note(on, dur, 0, int(p.midi), tok.velocity_bin(90)))
+    if not notes:
+        raise MidiError(f"{name}: the ABC holds no notes")
+    return tok.notes_to_midi(notes)

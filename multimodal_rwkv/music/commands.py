@@ -83,7 +83,8 @@ def cmd_generate(args) -> int:
         text = generate_abc(prompt=prompt, max_bytes=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, model=model)
         if out.suffix.lower() in (".mid", ".midi"):
-            mid = abc_to_midi(text, out, name=str(out))
+            out.with_suffix(".abc").write_text(text)  # keep the text even if it does not convert
+            mid = abc_to_midi(text, out, name=str(out.with_suffix(".abc")))
             if args.png:
                 from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
 
