@@ -1,7 +1,6 @@
 """Music data: ABC tokenizer, corpus preparation (split, shards, augmentation), piano roll, metrics."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys

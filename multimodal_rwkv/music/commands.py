@@ -109,8 +109,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from multimodal_rwkv.music.abc import AbcTokenizer
     from multimodal_rwkv.music.corpora import load_tokens
     from multimodal_rwkv.music.generate import load_music_model
@@ -143,7 +141,6 @@ def _eval_from_metrics(args, ids) -> int:
     import json
 
     from multimodal_rwkv.music.abc import AbcTokenizer
-    from multimodal_rwkv.music.corpora import load_tokens  # noqa: F401
     from multimodal_rwkv.music.generate import load_tokenizer
     from multimodal_rwkv.music.metrics import bits_per_unit
 
