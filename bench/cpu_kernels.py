@@ -67,27 +67,9 @@ def write_section(path, text):
         f.write(new.rstrip("\n") + "\n")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--T", type=int, default=1024)
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    B, T, H, K = 1, args.T, 4, 64
-    x32 = make(B, T, H, K)
-    x64 = [x.double() for x in x32]
-    o64, s64 = wkv6_reference(*x64, output_final_state=True)
-    g = torch.Generator().manual_seed(1)
-    go = torch.randn(o64.shape, generator=g)
-    gs = torch.randn(s64.shape, generator=g)
-
-    backends = {
-        "reference (step loop)": lambda *a: wkv6_reference(*a, output_final_state=True),
-        "torch step loop (wkv6_recurrent)": lambda *a: wkv6_recurrent(*a, output_final_state=True),
-        "torch chunked (wkv6_chunked)": lambda *a: wkv6_chunked(*a, output_final_state=True),
-    }
+def measure(backends, x32, go, gs, o64, s64, reps, threads):
+    """Best wall time (and its process CPU time) of fwd and fwd+bwd per backend, interleaved."""
+    torch.set_num_threads(threads)
     # interleaved: every repetition runs each backend once, so load spikes on this shared box hit
     # all of them alike; best (min) wall time and the matching process CPU time are kept
     jobs = {}
@@ -111,7 +93,7 @@ def main(argv=None):
     best = {key: (float("inf"), float("inf")) for key in jobs}
     for job in jobs.values():
         job()  # warm-up
-    for _ in range(args.reps):
+    for _ in range(reps):
         for key, job in jobs.items():
             w0, c0 = time.perf_counter(), time.process_time()
             job()
@@ -119,6 +101,31 @@ def main(argv=None):
             if wall < best[key][0]:
                 best[key] = (wall, cpu)
     rows = [(name, best[(name, "f")], best[(name, "fb")], errs[name]) for name in backends]
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    B, T, H, K = 1, args.T, 4, 64
+    x32 = make(B, T, H, K)
+    x64 = [x.double() for x in x32]
+    o64, s64 = wkv6_reference(*x64, output_final_state=True)
+    g = torch.Generator().manual_seed(1)
+    go = torch.randn(o64.shape, generator=g)
+    gs = torch.randn(s64.shape, generator=g)
+
+    backends = {
+        "reference (step loop)": lambda *a: wkv6_reference(*a, output_final_state=True),
+        "torch step loop (wkv6_recurrent)": lambda *a: wkv6_recurrent(*a, output_final_state=True),
+        "torch chunked (wkv6_chunked)": lambda *a: wkv6_chunked(*a, output_final_state=True),
+    }
+    rows = measure(backends, x32, go, gs, o64, s64, args.reps, args.threads)
     ref_f, ref_fb = rows[0][1][0], rows[0][2][0]
 
     # decode: one token, B=1, H=32, K=64, with state (the model's per-layer decode call)
@@ -132,6 +139,7 @@ def main(argv=None):
         with torch.no_grad():
             dec_us[name] = best_ms(fn, 200) * 1e3
 
+    torch.set_num_threads(args.threads)
     lines = [
         f"B={B}, T={T}, H={H}, K=V=64, fp32, torch.set_num_threads({args.threads}), best wall time of {args.reps} "
         "interleaved runs (CPU ms = process CPU time of that run, both threads); "
@@ -147,7 +155,16 @@ def main(argv=None):
     for name, (f, fc), (fb, fbc), err in rows:
         lines.append(f"| {name} | {f:.1f} | {fb:.1f} | {ref_f / f:.1f}x | {ref_fb / fb:.1f}x | {fc:.0f} / {fbc:.0f} "
                      f"| {err:.1e} |")
-    lines += ["", "Decode step (T=1, B=1, H=32, K=V=64, with state, no grad), best of 200:", "",
+    if args.threads != 1:  # the same with one thread: far less sensitive to other load on a shared box
+        rows1 = measure(backends, x32, go, gs, o64, s64, args.reps, 1)
+        torch.set_num_threads(args.threads)
+        r1f, r1fb = rows1[0][1][0], rows1[0][2][0]
+        lines += ["", "Same, torch.set_num_threads(1):", "",
+                  "| backend | fwd ms | fwd+bwd ms | fwd speed-up vs ref | fwd+bwd speed-up vs ref (autograd) "
+                  "| fwd / fwd+bwd CPU ms |", "|---|---:|---:|---:|---:|---:|"]
+        for name, (f, fc), (fb, fbc), _ in rows1:
+            lines.append(f"| {name} | {f:.1f} | {fb:.1f} | {r1f / f:.1f}x | {r1fb / fb:.1f}x | {fc:.0f} / {fbc:.0f} |")
+    lines += ["", f"Decode step (T=1, B=1, H=32, K=V=64, with state, no grad, {args.threads} threads), best of 200:", "",
               "| backend | us/step | speed-up |", "|---|---:|---:|"]
     for name, us in dec_us.items():
         lines.append(f"| {name} | {us:.0f} | {dec_us['reference'] / us:.1f}x |")
