@@ -218,3 +218,12 @@ def test_constant_decay_expanded_and_noncontiguous_inputs(backend):
     o, s = wkv6(r, k, v, w, u, None, True, backend=backend)
     o_ref, s_ref = wkv6_reference(*(x.contiguous().double() for x in (r, k, v, w, u)), output_final_state=True)
     assert rel_rms(o, o_ref) <= 1e-5 and rel_rms(s, s_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_empty_sequence_returns_initial_state(backend):
+    r, k, v, w, u, s0 = [t.float() for t in make_inputs(2, 3, 2, 8, seed=1)]
+    o, s = wkv6(r[:, :0], k[:, :0], v[:, :0], w[:, :0], u, s0, True, backend=backend)
+    assert o.shape == (2, 0, 2, 8) and torch.equal(s, s0)
+    o, s = wkv6_chunked(r[:, :0], k[:, :0], v[:, :0], w[:, :0], u, None, True)
+    assert o.shape == (2, 0, 2, 8) and not s.any()

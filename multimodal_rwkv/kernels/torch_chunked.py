@@ -103,7 +103,10 @@ def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
         o = torch.matmul(r_[:, t].unsqueeze(-2), S).squeeze(-2) + bonus[:, t]  # [B,H,V]
         outs.append(o)
         S = torch.addcmul(S * dec[:, t], kc[:, t], vr[:, t])
-    o = outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
+    if T == 0:
+        o = torch.zeros(B, 0, H, V, dtype=cd, device=r.device)
+    else:
+        o = outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
     final = S.to(torch.float32) if (output_final_state and cd != torch.float64) else (S if output_final_state else None)
     return o.to(r.dtype), final
 
