@@ -1,8 +1,27 @@
 """WKV-6 kernels: ``wkv6(r, k, v, w, u, initial_state=None, output_final_state=False, backend="auto")``.
 
-Backends: ``reference`` (step loop, ground truth), ``torch`` (chunked pure PyTorch for CPUs),
-``triton`` (chunked forward/backward and a decode-step kernel on CUDA). ``auto`` picks Triton on
-CUDA and ``torch`` on CPU. Triton is imported lazily, only when that backend runs.
+Semantics (per batch and head; state ``S`` is ``[K, V]``, key-major)::
+
+    o_t = r_t (S_{t-1} + diag(u) k_t^T v_t)        S_t = diag(exp(w_t)) S_{t-1} + k_t^T v_t
+
+Backends:
+
+- ``reference``: the plain step loop (:mod:`.reference`), the ground truth every other backend is
+  tested against; fp32 inside (fp64 for fp64 inputs); differentiable with autograd.
+- ``torch``: pure PyTorch (:mod:`.torch_chunked`). T <= 16: a step loop vectorised over batch and
+  heads (decode). Longer: a chunked form (chunks of 32, sub-chunks of 8) whose exponents are all
+  <= 0 and built as direct segment sums of ``w``, so it neither overflows (log-decay down to -20
+  per step and below) nor loses ``dw`` precision; gradients through autograd.
+- ``triton``: Triton kernels (:mod:`.triton_chunk`: chunked forward and backward with an
+  ``autograd.Function``; :mod:`.triton_decode`: a recurrent kernel for T <= 16 without gradients,
+  plus ``triton_decode.wkv6_decode_`` that advances a state in place). CUDA tensors, or CPU tensors
+  when ``TRITON_INTERPRET=1`` was set before the kernels were first imported (tests).
+- ``auto``: Triton on CUDA (the decode kernel when T <= 16 and no gradient is needed), ``torch`` on
+  CPU. On CUDA it uses ``torch`` only when Triton cannot run the inputs (no triton, float64, head
+  size not a power of two in 16..128), with one logged warning. A backend named explicitly never
+  falls back: it runs or raises :class:`KernelError`.
+
+Importing this package does not import triton (it is imported on the first Triton call).
 """
 from __future__ import annotations
 
