@@ -98,6 +98,15 @@ def correctness(torch, fns, lines):
         go = torch.randn_like(o_r)
         gs = torch.randn_like(s_r)
         ((o_r * go).sum() + (s_r * gs).sum()).backward()
+        if T <= 16:  # the decode kernel (auto picks it for small T without gradients); forward only
+            from multimodal_rwkv.kernels import wkv6
+
+            with torch.no_grad():
+                o, s = wkv6(*x, output_final_state=True, backend="triton")
+            errs = [rel_rms(o, o_r), rel_rms(s, s_r)]
+            worst["triton_decode"] = max(worst.get("triton_decode", 0.0), *errs)
+            lines.append(f"| triton_decode | {B},{T},{H} | {str(dtype).replace('torch.', '')} | {decay} | "
+                         + " | ".join(f"{e:.1e}" for e in errs) + " | - | - | - | - | - | - |")
         for name, fn in fns.items():
             xs = [t.detach().clone().requires_grad_() for t in x]
             try:
