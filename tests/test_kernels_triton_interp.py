@@ -68,9 +68,9 @@ def test_triton_gradient_through_final_state_only(fast_results):
 
 def test_triton_without_final_state(fast_results):
     res = fast_results["chunk_T20_no_final"]
-    assert res["state_is_none"]
+    assert res["state_is_none"] and res["s0_grad_is_none"]
     assert res["o"] <= 1e-5
-    for g in GRADS:
+    for g in GRADS[:5]:
         assert res[g] <= 1e-4, g
 
 

@@ -351,6 +351,7 @@ class _WKV6Chunk(torch.autograd.Function):
     def backward(ctx, do, dsT):
         rp, kp, vp, c, uc, s0c = ctx.saved_tensors
         T, Tp, NT, has_s0, prec, w_dtype, u_dtype, s0_dtype = ctx.meta
+        has_s0 = has_s0 and ctx.needs_input_grad[5]  # skip d(initial_state) when nobody wants it
         B, _, H, K = rp.shape
         V = vp.shape[-1]
         if do is None:
