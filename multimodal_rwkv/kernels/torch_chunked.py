@@ -1,7 +1,7 @@
 """Pure-PyTorch WKV-6: a chunked, numerically stable form (prefill, training) and a step loop (decode).
 
 Chunked form (chunk length ``L``, sub-chunks of length ``C``; ``c`` = inclusive cumulative log-decay
-inside a chunk, ``e = c - w`` the exclusive one, ``c_L`` its last row)::
+inside a chunk, ``e`` the exclusive one (``e_t = c_{t-1}``), ``c_L`` its last row)::
 
     o_t  = (r_t * exp(e_t)) @ S_n                                    # state entering the chunk
          + sum_{s<t in chunk} (sum_j r_tj k_sj exp(e_tj - c_sj)) v_s   # intra-chunk
@@ -12,7 +12,7 @@ Every exponent is <= 0, so nothing overflows even for log-decay -20 per step. Th
 matrix is factorised per row sub-chunk ``a`` around the reference point ``m_a = c[a*C - 1]``
 (the last row before the sub-chunk): ``(r_t exp(e_t - m_a)) . (k_s exp(m_a - c_s))``, both
 factors <= 1 for ``s < a*C <= t``. Only the diagonal ``C x C`` sub-blocks use the exact pairwise
-exponent ``e_t - c_s``. This is the scheme of flash-linear-attention's ``chunk_rwkv6`` intra kernel.
+exponent ``e_t - c_s`` (computed on the ``t > s`` pairs only). This is the scheme of flash-linear-attention's ``chunk_rwkv6`` intra kernel.
 Each exponent is computed as a direct segment sum of ``w`` (local cumsums, and 0/1 "strictly
 between" masks), not as a difference of two chunk-level cumsums, so that fp32 ``dw`` stays accurate
 under strong decay (a difference sends +g and -g into the same ``w`` and they cancel).
@@ -189,9 +189,9 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
             outs.append(torch.matmul(A, v_[:, :, :, : a * C]))  # [B,H,N,C,V]
         o_intra = torch.stack(outs, dim=3)  # [B,H,N,P,C,V]
     # ---- diagonal sub-blocks: exact pairwise exponent sum_{s<z<t} w_z, on the t > s pairs only ----
-    ti, si, seg_p, scatter = _diag_pairs(C, cd, r.device)
+    sel_t, sel_s, seg_p, scatter = _diag_pairs(C, cd, r.device)
     Dp = torch.matmul(seg_p, ws)  # [B,H,N,P,n_pairs,K]
-    Ap = (torch.matmul(ti, rs) * torch.matmul(si, ks) * torch.exp(Dp)).sum(-1)  # [B,H,N,P,n_pairs]
+    Ap = (torch.matmul(sel_t, rs) * torch.matmul(sel_s, ks) * torch.exp(Dp)).sum(-1)  # [B,H,N,P,n_pairs]
     Ad = torch.matmul(Ap, scatter).view(B, H, N, P, C, C)  # A[t, s], zero for t <= s
     bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [B,H,N,P,C]
     Ad = Ad + torch.diag_embed(bonus)
