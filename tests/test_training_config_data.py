@@ -284,3 +284,11 @@ def test_long_txt_is_tokenized_in_pieces_cut_after_blank_lines(tmp_path, monkeyp
     p.write_text(text, encoding="utf-8")
     s = _stream(p, tmp_path)
     assert np.asarray(s.ids).tolist() == [b + 1 for b in text.encode()] + [0]
+
+
+def test_windows_check_the_vocabulary():
+    ids = np.array([1, 2, 3, 4, 5, 6, 99, 7, 8], np.int32)
+    ds = PackedDataset(TokenStream(ids, None, "mem.npy"), 4, vocab_size=50)
+    assert ds.window(0)[0].tolist() == [1, 2, 3, 4]
+    with pytest.raises(DataError, match=r"mem\.npy: token 6 has id 99"):
+        ds.window(1)

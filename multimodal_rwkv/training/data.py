@@ -567,8 +567,8 @@ class PackedDataset:
     window is padded (input 0, target -100) so no token is dropped.
     """
 
-    def __init__(self, stream: TokenStream, ctx_len: int):
-        self.stream, self.ctx_len = stream, int(ctx_len)
+    def __init__(self, stream: TokenStream, ctx_len: int, vocab_size: Optional[int] = None):
+        self.stream, self.ctx_len, self.vocab_size = stream, int(ctx_len), vocab_size
         n = len(stream)
         if n < 2:
             raise DataError(f"{stream.source}: needs at least 2 tokens, has {n}")
@@ -584,6 +584,10 @@ class PackedDataset:
         L = self.ctx_len
         s = i * L
         w = np.asarray(self.stream.ids[s: s + L + 1], dtype=np.int64)
+        if self.vocab_size is not None and len(w) and int(w.max()) >= self.vocab_size:
+            pos = s + int(np.argmax(w >= self.vocab_size))
+            raise DataError(f"{self.stream.source}: token {pos} has id {int(w.max())}, outside the model's "
+                            f"vocabulary (vocab_size {self.vocab_size})")
         tg = w[1:].copy()
         if self.stream.target is not None:
             m = np.asarray(self.stream.target[s + 1: s + L + 1])

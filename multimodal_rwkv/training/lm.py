@@ -21,6 +21,8 @@ from multimodal_rwkv.training.task import StepContext, Task
 
 logger = logging.getLogger(__name__)
 
+FULL_VOCAB_SCAN = 1 << 27  # tokens checked against vocab_size before training (the rest: per window)
+
 
 class L2Wrap:
     """RWKV-LM's L2Wrap: the forward returns ``loss`` unchanged; the backward adds a gradient of
@@ -107,12 +109,15 @@ class LMTask(Task):
     def _dataset(self, path, vocab_size: int) -> PackedDataset:
         d = self.cfg.data
         stream = load_stream(path, d.format, d.tokenizer, self._cache_dir(), d.on_bad_record)
-        if len(stream):
-            mx = int(np.max(stream.ids))
+        # a full scan up front for all but huge streams; every window is checked again when read
+        n = len(stream)
+        head = stream.ids if n <= FULL_VOCAB_SCAN else stream.ids[: FULL_VOCAB_SCAN]
+        if n:
+            mx = int(np.max(head))
             if mx >= vocab_size:
                 raise DataError(f"{stream.source}: token id {mx} is outside the model's vocabulary (vocab_size {vocab_size})")
         self.skipped += stream.skipped
-        return PackedDataset(stream, d.ctx_len)
+        return PackedDataset(stream, d.ctx_len, vocab_size)
 
     def build_datasets(self, model):
         d = self.cfg.data
