@@ -55,7 +55,7 @@ def _demo_music(args, out: Path) -> list[str]:
     t = time.perf_counter()
     print(f"[music] generating {args.seconds:.0f} s of four-part chorale-style music ...", flush=True)
     midi = generate_midi(asset_dir(MUSIC_ASSET), seconds=args.seconds, seed=args.seed, temperature=1.0,
-                         top_p=0.95, out=out / "song.mid", png=out / "song.png")
+                         top_p=0.95, out=out / "song.mid", png=out / "song.png", progress=True)
     n_notes = sum(1 for tr in midi.tracks for m in tr if m.type == "note_on" and m.velocity > 0)
     print(f"[music] {n_notes} notes, {midi.length:.1f} s, in {time.perf_counter() - t:.1f} s", flush=True)
     return [f"{out / 'song.mid'}  (open in any MIDI player)", f"{out / 'song.png'}  (piano roll)"]

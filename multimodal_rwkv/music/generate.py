@@ -147,7 +147,8 @@ def midi_prompt_ids(tok: MidiTokenizer, prompt) -> list[int]:
 
 
 def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0, max_new_tokens: int = 8192,
-                   temperature: float = 1.0, top_k: int = 0, top_p: float = 0.95, seed: int | None = 0) -> MusicGeneration:
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 0.95, seed: int | None = 0,
+                   progress: bool = False) -> MusicGeneration:
     """Continue ``prompt`` (None: from scratch) with about ``seconds`` of new music.
 
     Generation stops at ``<eos>``/separator, after ``seconds`` of new time shifts, or after
@@ -159,11 +160,22 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
         tracker.feed(i)
     start = tracker.seconds
 
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=round(seconds, 1), unit="s", desc="music", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s")
+
     def stop(i):
-        return tracker.feed(i) - start >= seconds
+        done = tracker.feed(i) - start
+        if bar is not None:
+            bar.update(round(min(done, seconds) - bar.n, 3))
+        return done >= seconds
 
     new = sample_tokens(model, [tok.pad_id] + p, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop_ids=(tok.pad_id, tok.eos_id), vocab_size=tok.vocab_size, on_token=stop)
+    if bar is not None:
+        bar.close()
     ids = p + new
     if not ids or ids[-1] != tok.eos_id:
         ids = [i for i in ids if i != tok.pad_id] + [tok.eos_id]  # ended by length: close the piece
@@ -177,7 +189,8 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
 
 def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30.0, *, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 0.95, seed: int | None = 0, max_new_tokens: int = 8192,
-                  out: str | os.PathLike | None = None, png: str | os.PathLike | None = None, device: str = "cpu"):
+                  out: str | os.PathLike | None = None, png: str | os.PathLike | None = None, device: str = "cpu",
+                  progress: bool = False):
     """Generate a MIDI file with the model in ``model_dir``; returns a ``mido.MidiFile``.
 
     ``prompt``: a MIDI path / ``mido.MidiFile`` to continue, or None. ``seconds``: length of the
@@ -186,7 +199,7 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
     model, tok = load_music_model(model_dir, device)
     if not isinstance(tok, MidiTokenizer):
         raise MidiError(f"{model_dir}: an ABC model; use generate_abc")
-    res = generate_music(model, tok, prompt, seconds, max_new_tokens, temperature, top_k, top_p, seed)
+    res = generate_music(model, tok, prompt, seconds, max_new_tokens, temperature, top_k, top_p, seed, progress)
     if out is not None:
         res.midi.save(str(out))
     if png is not None:
