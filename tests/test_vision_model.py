@@ -41,6 +41,31 @@ def make_model(tok, cls_token="end", template="sandwich", bidir=True, n_layer=3,
     return m.eval()
 
 
+@pytest.fixture(scope="module")
+def base(tok):
+    return make_model(tok)
+
+
+@pytest.fixture(scope="module")
+def subset_model(tok):
+    sub = sorted(set([0] + list(range(200, 400)) + tok.encode("User: Assistant: yes no red blue\n\n What?")))
+    return make_model(tok, subset=sub)
+
+
+def variant(m, **kw):
+    """A copy of ``m`` with config fields changed (weights shared by value, tokenizer by reference)."""
+    import copy
+
+    from multimodal_rwkv.vision.encoder import EncoderOptions
+
+    m2 = copy.deepcopy(m, {id(m._tokenizer): m._tokenizer})
+    for k, v in kw.items():
+        setattr(m2.config, k, v)
+    m2.vision_tower.options = EncoderOptions(m2.config.feature_layer, m2.config.cls_token)
+    m2._processor = None
+    return m2
+
+
 def images(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [Image.fromarray((torch.rand(20 + i, 30, 3, generator=g) * 255).byte().numpy()) for i in range(n)]
@@ -79,8 +104,8 @@ def manual_flip_forward(m, ids, pv):
 
 
 @pytest.mark.parametrize("cls_token", ["end", "drop", "start"])
-def test_scan_order_equals_manual_flip(tok, cls_token):
-    m = make_model(tok, cls_token=cls_token)
+def test_scan_order_equals_manual_flip(tok, base, cls_token):
+    m = variant(base, cls_token=cls_token)
     p = m.processor
     # two rows, images at different positions; row 0 has two images
     r0 = p.build_prompt("<image> vs <image>: which is brighter?", num_images=2)
@@ -112,8 +137,8 @@ def test_build_scan_order_layout():
 
 
 @pytest.mark.parametrize("template", ["sandwich", "image_first"])
-def test_prefill_then_recurrent_decode_equals_parallel(tok, template):
-    m = make_model(tok, template=template, cls_token="drop")  # image span ends the prefix in image_first
+def test_prefill_then_recurrent_decode_equals_parallel(tok, base, template):
+    m = variant(base, prompt_template=template, cls_token="drop")  # image span ends the prefix in image_first
     p = m.processor
     prompt = p.build_prompt("What is in the top left?")
     cont = tok.encode(" red circle\n\nUser: sure?")
@@ -138,13 +163,13 @@ def test_prefill_then_recurrent_decode_equals_parallel(tok, template):
     assert torch.allclose(rec, par, atol=1e-4, rtol=1e-4), (rec - par).abs().max()
 
 
-def test_answer_batch_matches_single_answers_and_prefix_reuse(tok):
-    m = make_model(tok, template="image_first")
+def test_answer_batch_matches_single_answers_and_prefix_reuse(tok, base):
+    m = variant(base, prompt_template="image_first")
     imgs = images(2)
     qs = ["What colour?", "How many shapes are there?", "Where?"]
-    single = [m.answer(imgs[i % 2], q, max_new_tokens=6) for i, q in enumerate(qs)]
-    batch = m.answer_batch([imgs[i % 2] for i in range(3)], qs, max_new_tokens=6)
-    noreuse = m.answer_batch([imgs[i % 2] for i in range(3)], qs, max_new_tokens=6, reuse_image_prefix=False)
+    single = [m.answer(imgs[i % 2], q, max_new_tokens=4) for i, q in enumerate(qs)]
+    batch = m.answer_batch([imgs[i % 2] for i in range(3)], qs, max_new_tokens=4)
+    noreuse = m.answer_batch([imgs[i % 2] for i in range(3)], qs, max_new_tokens=4, reuse_image_prefix=False)
     assert batch == single == noreuse
     # the left-padded batch of question suffixes starts from exact copies of the image state
     lg, st = m.prefill_questions(imgs[0], qs)
@@ -158,8 +183,8 @@ def test_answer_batch_matches_single_answers_and_prefix_reuse(tok):
     assert s1 == s2
 
 
-def test_image_count_mismatch_raises(tok):
-    m = make_model(tok)
+def test_image_count_mismatch_raises(base):
+    m = base
     ids = torch.tensor([m.processor.build_prompt("Q?")])
     with pytest.raises(DataError, match="image"):
         m(ids, None)
@@ -168,9 +193,8 @@ def test_image_count_mismatch_raises(tok):
 
 
 @pytest.mark.parametrize("reduction", ["token", "sample"])
-def test_loss_fast_path_equals_full_logits(tok, reduction):
-    m = make_model(tok, subset=sorted(set([0] + list(range(200, 400)) + tok.encode("User: Assistant: yes no\n\n"))))
-    m.config.loss_reduction = reduction
+def test_loss_fast_path_equals_full_logits(tok, subset_model, reduction):
+    m = variant(subset_model, loss_reduction=reduction)
     p = m.processor
     a, la = p.encode_conversation([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "yes"}], 1)
     b, lb = p.encode_conversation([{"from": "human", "value": "<image>\nLonger question here?"},
@@ -193,9 +217,9 @@ def test_loss_fast_path_equals_full_logits(tok, reduction):
     assert abs(float(other) - float(fast)) > 1e-4
 
 
-def test_vocab_subset_maps_ids(tok):
-    sub = sorted({0} | set(tok.encode("User: Assistant: red blue\n\n What?")))
-    m = make_model(tok, subset=sub)
+def test_vocab_subset_maps_ids(tok, subset_model):
+    m = subset_model
+    sub = m.config.vocab_subset
     assert m.language_model.config.vocab_size == len(sub) + 1
     w = torch.tensor([0, sub[3], 12345])
     loc = m.to_local(w)
@@ -208,8 +232,8 @@ def test_vocab_subset_maps_ids(tok):
     assert all(i in set(sub) for i in ids)
 
 
-def test_save_load_round_trip(tok, tmp_path):
-    m = make_model(tok, template="image_first", cls_token="end")
+def test_save_load_round_trip(tok, base, tmp_path):
+    m = variant(base, prompt_template="image_first")
     m.save_pretrained(tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert "config.json" in files and "model.safetensors" in files and "preprocessor_config.json" in files

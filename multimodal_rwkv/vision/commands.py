@@ -63,6 +63,8 @@ def register(sub) -> None:
     p.add_argument("--questions-per-image", type=int, default=3, help="questions per image (default 3)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multi-turn", action="store_true",
+                   help="training records hold all questions about an image as one conversation")
     p.set_defaults(func=_synth)
 
 
@@ -153,6 +155,7 @@ def _synth(args) -> int:
     if args.n_train < 1 or args.n_test < 0 or args.size < 16:
         raise DataError("vision-synth: need --n-train >= 1, --n-test >= 0, --size >= 16")
     info = generate_dataset(args.out, n_train=args.n_train, n_test=args.n_test,
-                            questions_per_image=args.questions_per_image, size=args.size, seed=args.seed)
+                            questions_per_image=args.questions_per_image, size=args.size, seed=args.seed,
+                            multi_turn=args.multi_turn)
     print(json.dumps(info, indent=1))
     return 0

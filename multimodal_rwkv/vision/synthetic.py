@@ -1,7 +1,7 @@
 """Synthetic visual question answering in LLaVA format: shapes, colours, counts, positions.
 
 A scene is a white square canvas split into a 2x2 grid; each cell holds at most one object (a
-circle, square or triangle in red, green, blue or yellow, with random size and jitter). Questions
+circle, square or triangle in red, green, blue or yellow, 60-80% of the cell, near its centre). Questions
 (answers are one or two words, so exact match after VQA normalisation is the natural score):
 
 - count:        "How many shapes are there?"                 -> "3"
@@ -62,9 +62,9 @@ def draw_scene(seed_or_rng=0, size: int = 64, n_objects: int | None = None,
     half = size / 2
     for o in objects:
         cx0, cy0 = (o.cell % 2) * half, (o.cell // 2) * half
-        s = rng.uniform(0.55, 0.85) * half
-        x0 = cx0 + rng.uniform(0.05 * half, half - s - 0.05 * half)
-        y0 = cy0 + rng.uniform(0.05 * half, half - s - 0.05 * half)
+        s = rng.uniform(0.6, 0.8) * half
+        x0 = cx0 + (half - s) / 2 + rng.uniform(-0.05, 0.05) * half
+        y0 = cy0 + (half - s) / 2 + rng.uniform(-0.05, 0.05) * half
         box = [x0, y0, x0 + s, y0 + s]
         col = COLORS[o.color]
         if o.shape == "circle":
@@ -115,11 +115,13 @@ def questions_for(objects: list[SceneObject], rng: random.Random) -> list[tuple[
 
 
 def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_per_image: int = 3,
-                     size: int = 64, seed: int = 0) -> dict:
+                     size: int = 64, seed: int = 0, multi_turn: bool = False) -> dict:
     """Write a synthetic VQA dataset (see module doc) -> summary dict (counts and file paths).
 
     ``n_train`` / ``n_test``: number of images; each image gets ``questions_per_image`` distinct
-    questions of different types (fewer if the scene allows fewer)."""
+    questions of different types (fewer if the scene allows fewer). ``multi_turn``: the training
+    records hold all of an image's questions as one conversation (``<image>`` in the first turn);
+    test questions are always single-turn."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     splits = {}
@@ -135,8 +137,15 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
             for t, q, a in qs:
                 by_type.setdefault(t, []).append((q, a))
             types = rng.sample(sorted(by_type), min(questions_per_image, len(by_type)))
-            for j, t in enumerate(types):
-                q, a = rng.choice(by_type[t])
+            qas = [(t,) + rng.choice(by_type[t]) for t in types]
+            if multi_turn and split == "train":
+                conv = []
+                for j, (t, q, a) in enumerate(qas):
+                    conv += [{"from": "human", "value": f"<image>\n{q}" if j == 0 else q}, {"from": "gpt", "value": a}]
+                records.append({"id": f"{split}_{i:06d}", "image": name, "type": "+".join(types),
+                                "conversations": conv})
+                continue
+            for j, (t, q, a) in enumerate(qas):
                 records.append({"id": f"{split}_{i:06d}_{j}", "image": name, "type": t,
                                 "conversations": [{"from": "human", "value": f"<image>\n{q}"},
                                                   {"from": "gpt", "value": a}]})
