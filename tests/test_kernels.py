@@ -31,7 +31,8 @@ def closed_form(r, k, v, w, u, s0):
     S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if s0 is None else s0.double().clone()
     S = S * torch.exp(cw[:, -1]).unsqueeze(-1)
     for s in range(T):
-        S += torch.exp(cw[:, -1] - cw[:, s]).unsqueeze(-1) * k[:, s].double().unsqueeze(-1) * v[:, s].double().unsqueeze(-2)
+        kv = k[:, s].double().unsqueeze(-1) * v[:, s].double().unsqueeze(-2)
+        S += torch.exp(cw[:, -1] - cw[:, s]).unsqueeze(-1) * kv
     return o, S
 
 

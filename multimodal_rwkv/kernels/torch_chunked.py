@@ -12,7 +12,8 @@ Every exponent is <= 0, so nothing overflows even for log-decay -20 per step. Th
 matrix is factorised per row sub-chunk ``a`` around the reference point ``m_a = c[a*C - 1]``
 (the last row before the sub-chunk): ``(r_t exp(e_t - m_a)) . (k_s exp(m_a - c_s))``, both
 factors <= 1 for ``s < a*C <= t``. Only the diagonal ``C x C`` sub-blocks use the exact pairwise
-exponent ``e_t - c_s`` (computed on the ``t > s`` pairs only). This is the scheme of flash-linear-attention's ``chunk_rwkv6`` intra kernel.
+exponent ``e_t - c_s`` (computed on the ``t > s`` pairs only). This is the scheme of
+flash-linear-attention's ``chunk_rwkv6`` intra kernel.
 Each exponent is computed as a direct segment sum of ``w`` (local cumsums, and 0/1 "strictly
 between" masks), not as a difference of two chunk-level cumsums, so that fp32 ``dw`` stays accurate
 under strong decay (a difference sends +g and -g into the same ``w`` and they cancel).
