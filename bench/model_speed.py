@@ -35,43 +35,14 @@ def best(fn, reps=3):
     return min(ts)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--embd", type=int, default=768)
-    ap.add_argument("--vocab", type=int, default=65536)
-    ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--ctx", type=int, default=8192, help="context for the memory comparison")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--memory-worker", choices=["rwkv", "llama"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.memory_worker:
-        return memory_worker(args.memory_worker, args)
-    torch.set_num_threads(args.threads)
-
-    from rwkv.model import RWKV
-
-    from multimodal_rwkv import RWKVForCausalLM
-    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
-
-    tmp = Path(tempfile.mkdtemp())
-    pth = make_blink_checkpoint(tmp / "bench.pth", n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab)
-    official = RWKV(model=str(pth)[:-4], strategy="cpu fp32", verbose=False)
-    ours = RWKVForCausalLM.from_pretrained(pth)
-    n_params = sum(p.numel() for p in ours.parameters())
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(1, args.vocab, (args.prefill,), generator=g).tolist()
-
+def speed_rows(official, ours, prompt, args):
+    """(name, official value, our value) rows: prefill tok/s, decode tok/s, batched decode tok/s."""
     rows = []
     with torch.no_grad():
-        # prefill: the state and last-token logits after the prompt
         t_off = best(lambda: official.forward(prompt, None), reps=2)
         t_our = best(lambda: ours(torch.tensor([prompt]), logits_to_keep=1), reps=2)
-        rows.append(("prefill 512 tok/s", args.prefill / t_off, args.prefill / t_our))
+        rows.append((f"prefill {len(prompt)} tok/s", len(prompt) / t_off, len(prompt) / t_our))
 
-        # single-stream decode: one token at a time from a prefilled state
         _, st_off = official.forward(prompt[:16], None)
         st_our = ours(torch.tensor([prompt[:16]])).state
         toks = prompt[16:16 + args.decode]
@@ -86,11 +57,7 @@ def main():
             for t in toks:
                 s = ours(torch.tensor([[t]]), state=s).state
 
-        t_off = best(dec_off)
-        t_our = best(dec_our)
-        rows.append(("decode 1 stream tok/s", len(toks) / t_off, len(toks) / t_our))
-        single = len(toks) / t_our
-
+        rows.append(("decode 1 stream tok/s", len(toks) / best(dec_off), len(toks) / best(dec_our)))
         st8 = st_our.expand(8)
 
         def dec_our8():
@@ -98,21 +65,54 @@ def main():
             for t in toks:
                 s = ours(torch.tensor([[t]] * 8), state=s).state
 
-        t8 = best(dec_our8)
-        rows.append(("decode 8 streams tok/s (aggregate)", float("nan"), 8 * len(toks) / t8))
+        rows.append(("decode 8 streams tok/s (aggregate)", float("nan"), 8 * len(toks) / best(dec_our8)))
+    return rows
 
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--embd", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=8192, help="context for the memory comparison")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32/bf16 (both packages run each)")
+    ap.add_argument("--memory-worker", choices=["rwkv", "llama"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_worker:
+        return memory_worker(args.memory_worker, args)
+    torch.set_num_threads(args.threads)
+
+    from rwkv.model import RWKV
+
+    from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    tmp = Path(tempfile.mkdtemp())
+    pth = make_blink_checkpoint(tmp / "bench.pth", n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, args.vocab, (args.prefill,), generator=g).tolist()
     lines = [
-        f"Random official-layout checkpoint L{args.layers} C{args.embd} V{args.vocab} ({n_params / 1e6:.0f}M params), "
-        f"fp32, {args.threads} threads, best of 2-3. Command: `python bench/model_speed.py`",
+        f"Random official-layout checkpoint L{args.layers} C{args.embd} V{args.vocab}, {args.threads} threads, "
+        f"best of 2-3, both packages in one process. Command: `python bench/model_speed.py`",
         "",
-        "| measure | official rwkv | multimodal_rwkv | ratio |",
-        "|---|---|---|---|",
+        "| dtype | measure | official rwkv | multimodal_rwkv | ratio |",
+        "|---|---|---|---|---|",
     ]
-    for name, a, b in rows:
-        ratio = "" if a != a else f"{b / a:.2f}x"
-        lines.append(f"| {name} | {'-' if a != a else f'{a:.1f}'} | {b:.1f} | {ratio} |")
-    lines.append(f"| batched-8 aggregate / single stream (ours) | | | {rows[2][2] / single:.2f}x |")
-
+    for dtype in args.dtypes.split(","):
+        official = RWKV(model=str(pth)[:-4], strategy=f"cpu {dtype}", verbose=False)
+        ours = RWKVForCausalLM.from_pretrained(pth, dtype=dtype)
+        rows = speed_rows(official, ours, prompt, args)
+        for name, a, b in rows:
+            ratio = "" if a != a else f"{b / a:.2f}x"
+            lines.append(f"| {dtype} | {name} | {'-' if a != a else f'{a:.1f}'} | {b:.1f} | {ratio} |")
+        lines.append(f"| {dtype} | batched-8 aggregate / single stream (ours) | | | {rows[2][2] / rows[1][2]:.2f}x |")
+        del official, ours
+    n_params = RWKVConfig(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd).num_parameters_estimate()
+    lines.insert(1, f"({n_params / 1e6:.0f}M parameters.)")
     if not args.skip_memory:
         lines += ["", *memory_table(args)]
     text = "\n".join(lines)
