@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 
@@ -23,6 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _report import write_section  # noqa: E402  (bench/_report.py)
 from multimodal_rwkv.kernels import wkv6_reference  # noqa: E402
 from multimodal_rwkv.kernels.torch_chunked import wkv6_chunked, wkv6_recurrent  # noqa: E402
 
@@ -53,19 +53,6 @@ def best_ms(fn, reps):
 def rel_rms(a, b):
     a, b = a.double(), b.double()
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
-
-
-def write_section(path, text):
-    """Replace (or append) the SECTION block of a markdown file; other sections are left as they are."""
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    block = SECTION + "\n\n" + text.strip() + "\n"
-    pat = re.compile(r"^" + re.escape(SECTION) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(old):
-        new = pat.sub(lambda m: block + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    with open(path, "w") as f:
-        f.write(new.rstrip("\n") + "\n")
 
 
 def measure(backends, x32, go, gs, o64, s64, reps, threads):
@@ -216,7 +203,7 @@ def main(argv=None):
     print()
     print(text)
     if not args.no_write:
-        write_section(os.path.join(ROOT, "BENCHMARKS.md"), text)
+        write_section(SECTION[3:], text)  # bench/_report.py: replaces only this section
         print(f"\nwrote {os.path.join(ROOT, 'BENCHMARKS.md')} ({SECTION})")
     return 0
 

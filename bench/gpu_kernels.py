@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -30,15 +29,6 @@ DEV = "cuda"  # "cpu" only for --smoke-cpu (a check of this script under the Tri
 def rel_rms(a, b):
     a, b = a.double(), b.double()
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-300)).item()
-
-
-def write_section(path, text):
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    block = SECTION + "\n\n" + text.strip() + "\n"
-    pat = re.compile(r"^" + re.escape(SECTION) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pat.sub(lambda m: block + "\n", old, count=1) if pat.search(old) else old.rstrip("\n") + "\n\n" + block
-    with open(path, "w") as f:
-        f.write(new.rstrip("\n") + "\n")
 
 
 def make(torch, B, T, H, K, dtype, decay="mixed", seed=0, state=True):
@@ -241,7 +231,9 @@ def main(argv=None):
     text = "\n".join(lines)
     print(SECTION + "\n\n" + text)
     if not args.no_write:
-        write_section(os.path.join(ROOT, "BENCHMARKS.md"), text)
+        from _report import write_section  # bench/_report.py: replaces only this section
+
+        write_section(SECTION[3:], text)
     return 0
 
 
