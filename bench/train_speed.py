@@ -104,6 +104,7 @@ def main():
         print(json.dumps(worker(a.worker[0], int(a.worker[1]), a.steps, a.layers, a.embd, a.vocab, a.threads)))
         return
     rows = {}
+    load0 = os.getloadavg()[0]
     for ctx in a.ctx:
         for kind in ("rwkv", "llama") + (("rwkv_gc",) if a.with_gc else ()):
             cmd = [sys.executable, __file__, "--worker", kind, str(ctx), "--steps", str(a.steps), "--layers",
@@ -122,7 +123,9 @@ def main():
         f"RWKV-6 (x060) L{a.layers} C{a.embd} head 64 ({pr / 1e6:.1f}M params) vs transformers LlamaForCausalLM "
         f"(SDPA, L{a.layers} C{a.embd}, MLP width matched: {pl / 1e6:.1f}M params), vocab {a.vocab}, fp32, batch 1, "
         f"{a.threads} threads; one optimiser step = forward + cross-entropy + backward + AdamW; best of {a.steps} "
-        f"steps after a warm-up; each run in its own process (peak RSS). "
+        f"steps after a warm-up; each run in its own process (peak RSS); 1-min load average "
+        f"{load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs "
+        f"(speeds from a shared machine vary run to run; peak memory does not). "
         f"Command: `python bench/train_speed.py`",
         "",
         "| ctx | RWKV-6 tok/s | Llama tok/s | speed ratio (RWKV/Llama) | RWKV-6 peak MB | Llama peak MB | memory ratio (RWKV/Llama) |",
