@@ -69,6 +69,11 @@ def test_items_labels_and_collate(folder, proc):
         n2 = items[2]["input_ids"].numel()
         assert (b["input_ids"][2, n2:] == 0).all() and (b["labels"][2, n2:] == IGNORE_INDEX).all()
         assert int((b["input_ids"] == IMAGE_TOKEN_ID).sum()) == 3 * N_IMG
+        cached = LlavaDataset(folder / ("d.jsonl" if jsonl else "d.json"), proc, cache_images=True)
+        for _ in range(2):  # first read fills the cache, second reads it
+            for i, it in enumerate(items):
+                c = cached[i]
+                assert all(torch.equal(c[k], it[k]) for k in ("input_ids", "labels", "pixel_values"))
 
 
 BAD = [

@@ -138,6 +138,8 @@ def _eval_vqa(args) -> int:
                 sc = q.score(a)
                 if sc is not None:
                     scores.append(sc)
+                    if q.qtype:
+                        by_type.setdefault(q.qtype, []).append(sc)
     os.replace(tmp, args.output)
     dt = time.perf_counter() - t0
     n_done = len(questions) - n_bad_images
@@ -145,7 +147,8 @@ def _eval_vqa(args) -> int:
           + (f" ({len(qf.bad_lines) + n_bad_images} bad lines skipped)" if qf.bad_lines or n_bad_images else ""))
     if scores:
         print(f"accuracy: {100.0 * sum(scores) / len(scores):.2f}% over {len(scores)} questions with answers")
-    del by_type
+        for t, v in sorted(by_type.items()):
+            print(f"  {t}: {100.0 * sum(v) / len(v):.2f}% ({len(v)})")
     return 0
 
 

@@ -12,6 +12,9 @@ Tokenisation and full image decoding happen in ``__getitem__``; a record that on
 bad (a truncated image, no answer token within ``ctx_len``) raises, or in skip mode is logged,
 counted and replaced by the next good record (``verify_images=True`` decodes every image up front).
 
+``cache_images=True`` keeps each preprocessed image in memory after its first use (for small
+datasets read for many epochs).
+
 Items: ``input_ids`` / ``labels`` (LongTensor [T], IMAGE_TOKEN_ID placeholders expanded, labels
 IGNORE_INDEX outside the assistant's answers) and ``pixel_values`` [n_images,3,H,W].
 :func:`collate` right-pads a batch (ids 0, labels IGNORE_INDEX) and concatenates the images.
@@ -117,7 +120,7 @@ class LlavaDataset(Dataset):
 
     def __init__(self, path, processor: VisualRWKVProcessor, image_folder=None, ctx_len: int = 2048,
                  on_bad_record: str = "fail", verify_images: bool = False,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, cache_images: bool = False):
         if on_bad_record not in BAD_RECORD_MODES:
             raise ConfigError(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
         self.path = Path(path)
@@ -128,6 +131,7 @@ class LlavaDataset(Dataset):
         self.max_image_pixels = max_image_pixels
         self.bad_records: list[str] = []
         self.skipped_at_load = 0
+        self._pixel_cache: dict | None = {} if cache_images else None
         raw, bad_lines = read_llava_records(self.path)
         for msg in bad_lines:
             self._bad(msg)
@@ -222,7 +226,14 @@ class LlavaDataset(Dataset):
 
     def _item(self, rec: Record) -> dict:
         ids, labels, n_img = self._encode(rec)
-        pv = self.processor.preprocess_images(rec.images[:n_img])
+        if self._pixel_cache is None:
+            pv = self.processor.preprocess_images(rec.images[:n_img])
+        else:  # small datasets seen many times (the synthetic one): decode each image once
+            for p in rec.images[:n_img]:
+                if p not in self._pixel_cache:
+                    self._pixel_cache[p] = self.processor.preprocess_images([p])
+            pv = torch.cat([self._pixel_cache[p] for p in rec.images[:n_img]]) if n_img else \
+                self.processor.preprocess_images([])
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                 "pixel_values": pv}
 

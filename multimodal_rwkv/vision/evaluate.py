@@ -130,7 +130,7 @@ def mc_accuracy(prediction: str, answers: list[str], choices: list[str]) -> floa
 
 @dataclass
 class VQAQuestion:
-    """One line of a questions file: {"question_id", "image", "question", "answers"?, "choices"?}."""
+    """One line of a questions file: {"question_id", "image", "question", "answers"?, "choices"?, "type"?}."""
 
     question_id: object
     image: str
@@ -138,6 +138,7 @@ class VQAQuestion:
     answers: list[str] | None = None
     choices: list[str] | None = None
     where: str = ""
+    qtype: str | None = None  # optional "type" field: accuracy is also reported per type
 
     @property
     def prompt(self) -> str:
@@ -221,4 +222,6 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
     img = img if img.is_absolute() else root / img
     if not img.is_file():
         raise DataError(f"image file not found: {img}")
-    return VQAQuestion(qid, str(img), d["question"], answers, [str(c) for c in choices] if choices else None, where)
+    qtype = d.get("type")
+    return VQAQuestion(qid, str(img), d["question"], answers, [str(c) for c in choices] if choices else None, where,
+                       str(qtype) if qtype is not None else None)

@@ -126,6 +126,11 @@ class VisualRWKVConfig:
         return cls(**d)
 
     @property
+    def image_size(self) -> int | None:
+        """Side in pixels of the tower's input (images are resized/cropped to it)."""
+        return (self.vision_config or {}).get("image_size")
+
+    @property
     def encoder_options(self) -> EncoderOptions:
         return EncoderOptions(self.feature_layer, self.cls_token)
 

@@ -18,7 +18,8 @@ Recipe keys this task reads (everything else is the engine's):
     freeze_embeddings (default true in stage 2, as VisualRWKV); train_projector (default true);
     export_dtype: null | bf16 | fp16 (weights on disk in final/).
 ``data``: train_file / valid_file (LLaVA .json/.jsonl), image_folder, ctx_len, on_bad_record;
-    ``data.options``: verify_images (decode every image up front).
+    ``data.options``: verify_images (decode every image up front), cache_images (keep preprocessed
+    images in memory: small datasets read for many epochs).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ _ARCH_KEYS = ("vision_tower", "vision_config", "bundle_encoder", "feature_layer"
               "vocab_subset")
 _RUNTIME_KEYS = ("image_aspect_ratio", "prompt_template", "bidirectional_scan", "loss_reduction")
 _TASK_KEYS = ("stage", "train_encoder", "freeze_embeddings", "train_projector", "export_dtype")
-_DATA_KEYS = ("verify_images",)
+_DATA_KEYS = ("verify_images", "cache_images")
 
 
 class VisualRWKVTask(Task):
@@ -181,10 +182,11 @@ class VisualRWKVTask(Task):
         if not d.train_file:
             raise ConfigError("data.train_file is not set (e.g. --set data.train_file=train.json)")
         verify = bool(d.options.get("verify_images", False))
+        cache = bool(d.options.get("cache_images", False))
 
         def make(path):
             return LlavaDataset(path, model.processor, image_folder=d.image_folder, ctx_len=d.ctx_len,
-                                on_bad_record=d.on_bad_record, verify_images=verify)
+                                on_bad_record=d.on_bad_record, verify_images=verify, cache_images=cache)
 
         train = make(d.train_file)
         valid = make(d.valid_file) if d.valid_file else None
