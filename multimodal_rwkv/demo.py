@@ -65,6 +65,9 @@ def _demo_vision(args, out: Path) -> list[str]:
     from multimodal_rwkv.vision import VisualRWKV
     from multimodal_rwkv.vision.synthetic import draw_scene, questions_for
 
+    if not (asset_dir(VISION_ASSET) / "config.json").is_file():
+        print(f"[vision] no bundled VisualRWKV at {asset_dir(VISION_ASSET)}; skipped", flush=True)
+        return []
     t = time.perf_counter()
     model = VisualRWKV.from_pretrained(asset_dir(VISION_ASSET))
     rng = random.Random(args.seed)

@@ -1,0 +1,40 @@
+"""`mmrwkv demo` on the bundled models: outputs written, bad arguments rejected with exit 2."""
+import contextlib
+import io
+
+import mido
+import pytest
+from PIL import Image
+
+from multimodal_rwkv.cli import main
+
+
+def run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_demo_writes_music_and_answers(tmp_path):
+    img = tmp_path / "mine.png"
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(img)
+    rc, out, err = run("demo", "--out", tmp_path / "out", "--seconds", "3", "--image", img)
+    assert rc == 0, err
+    midi = mido.MidiFile(str(tmp_path / "out" / "song.mid"))
+    assert any(m.type == "note_on" and m.velocity > 0 for tr in midi.tracks for m in tr)
+    assert Image.open(tmp_path / "out" / "song.png").size[0] > 100
+    assert "Written:" in out and "Go on:" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (("demo", "--image", "/nonexistent/pic.png"), "/nonexistent/pic.png"),
+    (("demo", "--seconds", "-1"), "--seconds"),
+    (("demo", "--bogus"), "unrecognized arguments"),
+])
+def test_demo_bad_arguments_exit_2(argv, needle):
+    rc, out, err = run(*argv)
+    assert rc == 2 and needle in err and "Traceback" not in err
