@@ -350,3 +350,27 @@ def test_config_rejects_bad_values():
         RWKVConfig(version="x070")
     with pytest.raises(ConfigError, match="head_size"):
         RWKVConfig(n_embd=100, head_size=64)
+
+
+def test_stop_strings_and_transformers_streamer(tmp_path, capsys):
+    from transformers import TextStreamer
+
+    from multimodal_rwkv import WorldTokenizer
+    from multimodal_rwkv.model.generation import generate_text
+
+    tok = WorldTokenizer()
+    torch.manual_seed(1)
+    m = RWKVForCausalLM(RWKVConfig(vocab_size=65536, n_layer=1, n_embd=32, head_size=16)).eval()
+    nl = tok.encode("\n\n")[0]
+    with torch.no_grad():  # make "\n\n" the most likely next token after a few steps
+        m.head.weight.zero_()
+        m.head.weight[nl] = 1.0
+        m.rwkv.ln_out.bias.fill_(1.0)
+        m.rwkv.ln_out.weight.zero_()
+    ids = torch.tensor([tok.encode("Hello")])
+    out = m.generate(ids, max_new_tokens=10, stop="\n\n", tokenizer=tok)
+    assert out.shape[1] == ids.shape[1] + 1 and out[0, -1].item() == nl  # stopped right after the stop string
+    assert generate_text(m, tok, "Hello", max_new_tokens=10, stop="\n\n") == ""
+    streamer = TextStreamer(tok, skip_prompt=True)
+    m.generate(ids, max_new_tokens=3, streamer=streamer, eos_token_id=None)
+    assert capsys.readouterr().out.count("\n") >= 3

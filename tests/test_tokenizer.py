@@ -452,3 +452,10 @@ def test_vocab_cache_reuses_and_notices_changes(tmp_path):
     os.utime(path, ns=(1, 1))  # make sure the mtime changes even on coarse clocks
     c = WorldTokenizer(path)
     assert c._vocab is not a._vocab and c.encode("abc") == [257]
+
+
+def test_decode_accepts_a_single_id_like_transformers():
+    from multimodal_rwkv import WorldTokenizer
+
+    tok = WorldTokenizer()
+    assert tok.decode(33155) == tok.decode([33155]) == "Hello"

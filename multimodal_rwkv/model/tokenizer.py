@@ -704,8 +704,8 @@ class WorldTokenizer:
         if type(ids) is not list:
             if hasattr(ids, "tolist"):  # torch / numpy
                 ids = ids.tolist()
-            if isinstance(ids, int):
-                raise TypeError("decode() takes a sequence of ids, not a single int (wrap it in a list)")
+            if isinstance(ids, int):  # transformers' convention: decode(7) == decode([7])
+                return self._check_ids([ids])
             ids = list(ids)
         if ids:
             lo, hi = min(ids), max(ids)
