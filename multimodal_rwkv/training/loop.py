@@ -417,7 +417,9 @@ class Trainer:
             if self.metrics_path.exists():
                 _fsync_path(self.metrics_path)
             for s, p in list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_last]:
-                shutil.rmtree(p, ignore_errors=True)
+                old = self.ckpt_dir / f".old-{p.name}"  # rename first: a kill mid-delete leaves no half checkpoint
+                os.rename(p, old)
+                shutil.rmtree(old, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
