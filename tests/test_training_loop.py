@@ -172,7 +172,6 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus)
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
-@pytest.mark.slow
 def test_sigterm_through_the_real_cli_process(tmp_path, corpus):
     """The installed entry point in a fresh interpreter: SIGTERM -> checkpoint, exit 143, a hint."""
     recipe = tmp_path / "r.yaml"
@@ -327,7 +326,6 @@ def test_unknown_keys_and_bad_data_through_the_cli(tmp_path, corpus, capsys):
         train(TrainConfig(), [f"output_dir={tmp_path / 'p'}", f"data.train_file={corpus}", "model.config={n_layers: 2}"])
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     """gloo on CPU: torchrun starts 2 ranks, accelerate sees MULTI_CPU (ACCELERATE_USE_CPU=1)."""
     ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "one", max_steps=5, **{
