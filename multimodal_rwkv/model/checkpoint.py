@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from multimodal_rwkv.errors import CheckpointError
+from multimodal_rwkv.fileio import atomic_write, atomic_write_text
 from multimodal_rwkv.model.config import RWKVConfig
 
 log = logging.getLogger(__name__)
@@ -248,38 +247,13 @@ def save_model(model, out_dir) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        _fsync(tmp)
-        os.replace(tmp, out / "model.safetensors")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     cfg = model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
-    _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def save_blink_pth(model, path) -> None:
     """Write the model as an official BlinkDL ``.pth`` (flat state dict, official key names)."""
     sd = {k: v.detach().contiguous().cpu() for k, v in ours_to_blink(model.state_dict()).items()}
-    tmp = str(path) + ".tmp"
-    torch.save(sd, tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(sd, str(tmp)))

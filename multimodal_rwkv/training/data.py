@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.fileio import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -235,19 +236,6 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _open_cache(d: Path) -> Optional[tuple[np.ndarray, Optional[np.ndarray], dict]]:
     meta_p = d / "meta.json"
     if not meta_p.is_file():
@@ -328,12 +316,12 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
         json.dump(meta, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     try:
         os.rename(tmp, final)
     except OSError:  # another process finished the same entry first
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(cache_dir)
+    fsync_path(cache_dir)
     hit = _open_cache(final)
     if hit is None:
         raise DataError(f"{final}: token cache could not be written")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
+from multimodal_rwkv.fileio import atomic_write_text, fsync_path, fsync_tree
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -131,37 +132,6 @@ class GlobalOrderSampler:
 
 
 # --------------------------------------------------------------------------------------- files
-
-
-def _fsync_path(p: Path):
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path):
-    """fsync every file and folder under ``root`` (and ``root`` itself)."""
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -413,9 +383,9 @@ class Trainer:
                 os.rename(final, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.rename(tmp, final)
-            _fsync_path(self.ckpt_dir)
+            fsync_path(self.ckpt_dir)
             if self.metrics_path.exists():
-                _fsync_path(self.metrics_path)
+                fsync_path(self.metrics_path)
             for s, p in list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_last]:
                 old = self.ckpt_dir / f".old-{p.name}"  # rename first: a kill mid-delete leaves no half checkpoint
                 os.rename(p, old)
@@ -498,7 +468,7 @@ class Trainer:
                 os.rename(final, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.rename(tmp, final)
-            _fsync_path(self.out)
+            fsync_path(self.out)
             logger.info("exported model to %s", final)
         acc.wait_for_everyone()
         return final

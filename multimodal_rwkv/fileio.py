@@ -1,0 +1,50 @@
+"""Crash-safe file writing shared by checkpoints, training state, caches and model export.
+
+A reader never sees a half-written file: data goes to a temporary name in the same folder, is
+fsynced, renamed over the target, and the folder entry is fsynced too.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_path(p) -> None:
+    """fsync a file or a folder (best effort: some filesystems refuse folders)."""
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """fsync every file and folder under ``root`` (and ``root`` itself)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(tmp_path)`` to produce the file, then move it into place atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
