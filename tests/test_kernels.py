@@ -228,3 +228,117 @@ def test_empty_sequence_returns_initial_state(backend):
     assert o.shape == (2, 0, 2, 8) and torch.equal(s, s0)
     o, s = wkv6_chunked(r[:, :0], k[:, :0], v[:, :0], w[:, :0], u, None, True)
     assert o.shape == (2, 0, 2, 8) and not s.any()
+
+
+# ---- chunked backward by group recompute (_ChunkedWKVFunction) vs the reference's autograd ----
+
+def _loss_grads(fn, xs, needs, use_o=True, use_s=True, seed=0):
+    """Gradients of sum(o*go) + sum(S*gs) w.r.t. the inputs flagged in ``needs`` (None elsewhere)."""
+    xs = [None if x is None else x.detach().clone().requires_grad_(n) for x, n in zip(xs, needs)]
+    o, s = fn(*xs)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    gs = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.dtype)
+    loss = (o * go).sum() * use_o + (s * gs).sum() * use_s
+    loss.backward()
+    return [x.grad if (x is not None and n) else None for x, n in zip(xs, needs)]
+
+
+RECOMPUTE_CASES = [(T, state, decay) for T in (17, 130) for state in ("none", "fixed", "grad")
+                   for decay in ("mixed", "strong")]
+RECOMPUTE_CASES += [(300, "grad", "strong"), (300, "none", "mixed")]
+RECOMPUTE_CASES += [pytest.param(300, state, decay, marks=pytest.mark.slow)
+                    for state, decay in [("fixed", "mixed"), ("fixed", "strong"), ("grad", "mixed"),
+                                         ("none", "strong")]]
+
+
+@pytest.mark.parametrize("T,state,decay", RECOMPUTE_CASES)
+def test_recompute_backward_vs_reference(T, state, decay):
+    """fp64 and fp32, one group per chunk (many groups) and the default group size."""
+    xs = make_inputs(2, T, 2, 8, V=4, decay=decay, with_state=state != "none", seed=100 + T)
+    needs = [True] * 5 + [state == "grad"]
+    g_ref = _loss_grads(lambda *a: wkv6_reference(*a, output_final_state=True), xs, needs)
+    for dtype, group_tokens in itertools.product([torch.float64, torch.float32], [32, 512]):
+        xd = [None if x is None else x.to(dtype) for x in xs]
+        fn = lambda *a: wkv6_chunked(*a, output_final_state=True, group_tokens=group_tokens)  # noqa: E731
+        g = _loss_grads(fn, xd, needs)
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        for name, a, b in zip("r k v w u s0".split(), g, g_ref):
+            if b is None:
+                assert a is None, name
+                continue
+            assert a.dtype == dtype or name == "s0", name
+            assert torch.isfinite(a).all(), name
+            assert rel_rms(a, b) < tol, (name, dtype, group_tokens, rel_rms(a, b))
+
+
+@pytest.mark.parametrize("use_o,use_s", [(True, False), (False, True)])
+@pytest.mark.parametrize("needs", [(False, False, False, True, False, False), (False, False, False, False, False, True),
+                                   (True, False, True, False, True, True)])
+def test_recompute_backward_partial_inputs_and_losses(needs, use_o, use_s):
+    xs = make_inputs(1, 150, 3, 8, V=8, decay="mixed", seed=31)
+    g_ref = _loss_grads(lambda *a: wkv6_reference(*a, output_final_state=True), xs, needs, use_o, use_s)
+    g = _loss_grads(lambda *a: wkv6_chunked(*a, output_final_state=True, group_tokens=64), xs, needs, use_o, use_s)
+    for name, a, b in zip("r k v w u s0".split(), g, g_ref):
+        if b is None:
+            assert a is None, name
+        else:
+            assert rel_rms(a, b) < 1e-10, (name, rel_rms(a, b))
+
+
+def test_recompute_backward_output_only_loss_without_final_state():
+    xs = make_inputs(1, 100, 2, 8, decay="strong", seed=32)
+    ref = lambda *a: (wkv6_reference(*a)[0], torch.zeros(()))  # noqa: E731
+    new = lambda *a: (wkv6_chunked(*a, group_tokens=64)[0], torch.zeros(()))  # noqa: E731
+    g_ref = _loss_grads(ref, xs, [True] * 6)
+    g = _loss_grads(new, xs, [True] * 6)
+    for name, a, b in zip("r k v w u s0".split(), g, g_ref):
+        assert rel_rms(a, b) < 1e-10, (name, rel_rms(a, b))
+
+
+def test_recompute_forward_matches_no_grad_forward():
+    x = [t.float() for t in make_inputs(1, 300, 2, 16, decay="mixed", seed=33)]
+    with torch.no_grad():
+        o0, s0 = wkv6_chunked(*x, output_final_state=True)
+    xg = [t.clone().requires_grad_() for t in x]
+    o1, s1 = wkv6_chunked(*xg, output_final_state=True, group_tokens=64)
+    assert o1.requires_grad and s1.requires_grad
+    assert rel_rms(o1.detach(), o0) < 1e-6 and rel_rms(s1.detach(), s0) < 1e-6
+
+
+def test_recompute_saves_only_inputs_and_group_states():
+    """The graph keeps the (cast, padded) inputs and one state per group: far less than autograd
+    through the whole chunked form (same function with group recompute made impossible)."""
+    from multimodal_rwkv.kernels import torch_chunked as tc
+
+    B, T, H, K = 1, 1000, 2, 16
+    x = [t.float() for t in make_inputs(B, T, H, K, decay="mixed", seed=34)]
+
+    def saved_bytes(fn):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        xg = [t.clone().requires_grad_() for t in x]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*xg)
+        return total[0]
+
+    new = saved_bytes(lambda *a: tc.wkv6_chunked(*a, output_final_state=True, group_tokens=256))
+    Tp = -(-T // 32) * 32
+    inputs = 4 * B * Tp * H * K * 4 + H * K * 4
+    states = (-(-Tp // 256)) * B * H * K * K * 4
+    assert new <= inputs + states + 4096
+    # plain autograd through the same computation (the old behaviour) keeps many times more
+    plain = saved_bytes(lambda *a: _plain_autograd_chunked(tc, *a))
+    assert plain > 5 * new
+
+
+def _plain_autograd_chunked(tc, r, k, v, w, u, s0):
+    B, T, H, K = r.shape
+    L, C = 32, 8
+    N = -(-T // L)
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, N * L - T)).view(B, N, L, H, -1).permute(0, 3, 1, 2, 4)  # noqa: E731
+    return tc._chunked_core(pad(r), pad(k), pad(v), pad(w), u.view(1, H, 1, 1, K), s0, C)
