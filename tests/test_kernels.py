@@ -340,5 +340,9 @@ def _plain_autograd_chunked(tc, r, k, v, w, u, s0):
     B, T, H, K = r.shape
     L, C = 32, 8
     N = -(-T // L)
-    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, N * L - T)).view(B, N, L, H, -1).permute(0, 3, 1, 2, 4)  # noqa: E731
+
+    def pad(x):
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, N * L - T))
+        return x.view(B, N, L, H, -1).permute(0, 3, 1, 2, 4)
+
     return tc._chunked_core(pad(r), pad(k), pad(v), pad(w), u.view(1, H, 1, 1, K), s0, C)
