@@ -93,7 +93,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--questions", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[4, 8],
+                    help="answer lengths to time (VQA short answers are ~2-4 tokens + the stop token)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -108,37 +109,38 @@ def main(argv=None):
     side = m.vision_tower.config.image_size
     img = Image.fromarray((torch.rand(side + 40, side, 3, generator=g) * 255).byte().numpy())
     qs = (QUESTIONS * (args.questions // len(QUESTIONS) + 1))[: args.questions]
-    gen = dict(max_new_tokens=args.new_tokens)
-
-    def scratch():
-        return m.answer_batch(img, qs, reuse_image_prefix=False, **gen)
-
-    def reuse():
-        return m.answer_batch(img, qs, reuse_image_prefix=True, **gen)
-
-    scratch(), reuse()  # warm-up
-    t_scratch, a_scratch = timed(scratch, args.device, args.repeats)
-    t_reuse, a_reuse = timed(reuse, args.device, args.repeats)
-    same = a_scratch == a_reuse
     n_img = m.num_image_tokens
     q_tok = sum(len(m.processor.image_first_split(q)[1]) for q in qs) / len(qs)
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    rows = [
-        ("prefill each prompt from scratch", t_scratch, 1.0),
-        ("prefill image once, clone state", t_reuse, t_scratch / t_reuse),
-    ]
     table = [f"Prefix reuse, {args.questions} questions about one image (`bench/vqa_prefix_reuse.py --size {args.size}`): "
              f"{dev}, {str(dtype).replace('torch.', '')}; tower {m.vision_tower.config.num_hidden_layers}x"
              f"{m.vision_tower.hidden_size} at {side} px ({n_img} image tokens), RWKV-6 "
              f"{m.language_model.config.n_layer}x{m.language_model.config.n_embd}, V=65536; question suffix "
-             f"~{q_tok:.0f} tokens, {args.new_tokens} new tokens each, greedy; median of {args.repeats}. "
-             f"Same answers both ways: {'yes' if same else 'NO'}.",
-             "", "| method | total s | s / question | speed-up |", "|---|---:|---:|---:|"]
-    for name, t, r in rows:
-        table.append(f"| {name} | {t:.3f} | {t / len(qs):.4f} | {r:.2f}x |")
+             f"~{q_tok:.0f} tokens; greedy, N new tokens per question (no stop string; random weights), decoded as one "
+             f"batch either way; median of {args.repeats}.",
+             "", "| new tokens | method | total s | s / question | speed-up | same answers |",
+             "|---:|---|---:|---:|---:|---|"]
+    all_same = True
+    for n_new in args.new_tokens:
+        gen = dict(max_new_tokens=n_new, stop="")
+
+        def scratch():
+            return m.answer_batch(img, qs, reuse_image_prefix=False, **gen)
+
+        def reuse():
+            return m.answer_batch(img, qs, reuse_image_prefix=True, **gen)
+
+        scratch(), reuse()  # warm-up
+        t_scratch, a_scratch = timed(scratch, args.device, args.repeats)
+        t_reuse, a_reuse = timed(reuse, args.device, args.repeats)
+        same = a_scratch == a_reuse
+        all_same &= same
+        for name, t, r in (("prefill each prompt from scratch", t_scratch, 1.0),
+                           ("prefill image once, clone state", t_reuse, t_scratch / t_reuse)):
+            table.append(f"| {n_new} | {name} | {t:.3f} | {t / len(qs):.4f} | {r:.2f}x | {'yes' if same else 'NO'} |")
     text = "\n".join(table)
     print(text)
-    if not same:
+    if not all_same:
         raise SystemExit("answers differ between the two methods")
     if not args.no_write:
         write_section(Path(args.out), text)

@@ -587,6 +587,7 @@ def _atomic(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved model is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
