@@ -134,3 +134,28 @@ def test_cli_vision_synth_subprocess(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["train_records"] == len(json.loads((tmp_path / "s" / "train.json").read_text()))
+
+
+def test_stage2_lora_trains_lm_adapters_and_projector_only(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from multimodal_rwkv.training import train
+    from multimodal_rwkv.vision.modeling import VisualRWKV
+
+    data, _, final = trained
+    cfg = recipe(tmp_path, data, tmp_path / "lora", max_steps=2)
+    cfg.model.config = {}
+    cfg.model.from_pretrained = str(final)
+    cfg.model.options = {"stage": 2}  # encoder and token embedding frozen (VisualRWKV's defaults)
+    cfg.peft.lora_r = 4
+    cfg.optim.lr = 1e-2
+    out = train(cfg)
+    before, after = load_file(str(final / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()  # LoRA merged back into plain weights on export
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("projector.") for k in changed)
+    assert any(k.startswith("language_model.rwkv.blocks.") and k.endswith("att.key.weight") for k in changed)
+    assert not any(k.startswith("vision_tower.") for k in changed)
+    assert "language_model.rwkv.emb.weight" not in changed
+    assert not any(k.endswith("time_decay") or k.endswith("ln1.weight") for k in changed)  # only LoRA targets
+    VisualRWKV.from_pretrained(out)
