@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import warnings
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +261,7 @@ class VisualRWKVProcessor:
         self.template = template
         self.image_aspect_ratio = image_aspect_ratio
         self.max_image_pixels = max_image_pixels
-        self._encode_cached = lru_cache(maxsize=4096)(lambda s: tuple(self.tokenizer.encode(s)))
+        self._cache: dict[str, tuple[int, ...]] = {}  # text chunk -> ids (picklable, for DataLoader workers)
 
     # ---- images ---------------------------------------------------------------------------------
     @property
@@ -295,7 +294,16 @@ class VisualRWKVProcessor:
 
     # ---- text -----------------------------------------------------------------------------------
     def encode_text(self, s: str) -> list[int]:
-        return list(self._encode_cached(s)) if s else []
+        """World ids of a text chunk (cached: prompts repeat the same chunks)."""
+        if not s:
+            return []
+        ids = self._cache.get(s)
+        if ids is None:
+            ids = tuple(self.tokenizer.encode(s))
+            if len(self._cache) >= 8192:
+                self._cache.clear()
+            self._cache[s] = ids
+        return list(ids)
 
     def _encode_with_images(self, s: str) -> list[int]:
         ids: list[int] = []
