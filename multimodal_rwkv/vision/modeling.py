@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError, DataError
-from multimodal_rwkv.vision.encoder import EncoderOptions, VisionEncoder, vision_config_from_dict
+from multimodal_rwkv.vision.encoder import EncoderOptions, VisionEncoder
 from multimodal_rwkv.vision.processor import (
     ASPECT_MODES,
     IGNORE_INDEX,

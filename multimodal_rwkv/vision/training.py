@@ -129,7 +129,6 @@ class VisualRWKVTask(Task):
         from multimodal_rwkv import WorldTokenizer
         from multimodal_rwkv.vision.data import read_llava_records
         from multimodal_rwkv.vision.processor import (
-            IMAGE_TOKEN,
             STOP,
             VisualRWKVProcessor,
             _ROLES,
@@ -152,13 +151,11 @@ class VisualRWKVTask(Task):
                     continue
                 turns = [(_ROLES.get(str(t.get("from", "")).lower(), "human"), str(t.get("value", "")))
                          for t in conv if isinstance(t, dict)]
-                n_img = sum(v.count(IMAGE_TOKEN) for _, v in turns)
                 try:
                     t_ids, _ = proc.encode_turns(apply_template(turns, proc.template))
                 except Exception:  # noqa: BLE001 - malformed records are reported by the dataset
                     continue
                 ids.update(i for i in t_ids if i >= 0)
-                del n_img
         subset = sorted(ids)
         logger.info("vocab_subset auto: %d World ids from %s", len(subset), d.train_file)
         return subset
