@@ -136,6 +136,7 @@ def test_cli_vision_synth_subprocess(tmp_path):
     assert json.loads(r.stdout)["train_records"] == len(json.loads((tmp_path / "s" / "train.json").read_text()))
 
 
+@pytest.mark.slow
 def test_stage2_lora_trains_lm_adapters_and_projector_only(trained, tmp_path):
     from safetensors.torch import load_file
 
