@@ -123,3 +123,12 @@ def test_state_tuning_state_is_official_value_major():
         b = m(input_ids=ids, state=zero_shift).logits
         m.config.has_initial_state = True
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_train_cli_set_takes_several_values_per_flag(capsys):
+    from multimodal_rwkv.cli import main
+
+    rc = main(["train", "recipes/lm_tiny.yaml", "--set", "data.train_file=a.txt", "output_dir=/tmp/x1",
+               "--set", "max_steps=7", "--print-config"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "train_file: a.txt" in out and "output_dir: /tmp/x1" in out and "max_steps: 7" in out

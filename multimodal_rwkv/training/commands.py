@@ -18,8 +18,9 @@ def register(sub) -> None:
         epilog="Example: mmrwkv train recipes/lm_tiny.yaml --set data.train_file=corpus.txt --set max_steps=300",
     )
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set optim.lr=3e-4 (repeatable; type-checked)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override recipe values, e.g. --set optim.lr=3e-4 output_dir=runs/x "
+                        "(several per flag, flag repeatable; type-checked)")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=cmd_train)
 
