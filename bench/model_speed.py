@@ -150,8 +150,20 @@ def memory_worker(kind, args):
             cache = sum(t.numel() * t.element_size() for layer in out.cache.layers
                         for t in (layer.keys, layer.values))
     n = sum(p.numel() for p in model.parameters())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = _peak_rss_bytes()
     print(f"RESULT {n} {cache} {rss} {time.perf_counter() - t0:.2f}")
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM starts afresh at exec; ru_maxrss does not (on
+    Linux a child inherits its parent's high-water mark), so prefer VmHWM."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def llama_config(cfg, args):
