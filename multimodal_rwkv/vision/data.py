@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from multimodal_rwkv.errors import ConfigError, DataError
@@ -93,26 +90,7 @@ def read_llava_records(path) -> tuple[list[tuple[str, object]], list[str]]:
 
 def check_image_header(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Cheap check (no pixel decoding): exists, non-empty, a recognised format, within max_pixels."""
-    try:
-        size = os.stat(path).st_size
-    except OSError:
-        raise DataError(f"{path}: image file not found") from None
-    if size == 0:
-        raise DataError(f"{path}: empty image file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{path}: decompression bomb ({' '.join(str(e).split())[:160]})") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not a recognised image file") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: corrupt image ({' '.join(str(e).split())[:160]})") from None
-    if max_pixels is not None and w * h > max_pixels:
-        raise DataError(f"{path}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                        "(decompression bomb?)")
+    load_image(path, max_pixels, decode=False)
 
 
 class LlavaDataset(Dataset):

@@ -50,11 +50,12 @@ _BLANK_LINES = re.compile(r"\n(\s*\n)+")
 # ------------------------------------------------------------------------------------------------
 # images
 # ------------------------------------------------------------------------------------------------
-def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True) -> Image.Image | None:
     """Read an image file as an RGB PIL image with EXIF orientation applied.
 
     Raises DataError naming the file when it is missing, empty, not an image, truncated or
-    corrupt, or larger than ``max_pixels`` (a decompression bomb).
+    corrupt, or larger than ``max_pixels`` (a decompression bomb). ``decode=False`` runs only
+    the cheap checks (header, size; no pixel decoding) and returns None.
     """
     path = str(path)
     try:
@@ -73,6 +74,8 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image
                 if max_pixels is not None and w * h > max_pixels:
                     raise DataError(f"{path}: image is {w}x{h} = {w * h} pixels, over the limit of "
                                     f"{max_pixels} (decompression bomb?)")
+                if not decode:
+                    return None
                 im.load()
                 return to_rgb(im)
     except DataError:
