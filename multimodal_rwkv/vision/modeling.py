@@ -641,29 +641,17 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
             raise CheckpointError(f"{cfg_file}: bundled encoder but no vision_config")
         tower = VisionEncoder.from_config(config.vision_config, config.encoder_options)
         vt_sd = {k[len("vision_tower."):]: v.float() for k, v in sd.items() if k.startswith("vision_tower.")}
-        _strict_load(tower, vt_sd, f"{wfile} (vision_tower)")
+        load_state_into(tower, vt_sd, f"{wfile} (vision_tower)")
     else:
         tower = VisionEncoder.from_pretrained(config.vision_tower, config.encoder_options)
     image_processor = _load_image_processor(path) if (path / "preprocessor_config.json").is_file() else None
     model = VisualRWKV(config, lm, tower, image_processor=image_processor, tokenizer=tokenizer)
     pj_sd = {k[len("projector."):]: v.float() for k, v in sd.items() if k.startswith("projector.")}
-    _strict_load(model.projector, pj_sd, f"{wfile} (projector)")
+    load_state_into(model.projector, pj_sd, f"{wfile} (projector)")
     extra = [k for k in sd if not k.startswith(("language_model.", "vision_tower.", "projector."))]
     if extra:
         raise CheckpointError(f"{wfile}: unexpected keys {extra[:5]}")
     return model
-
-
-def _strict_load(module: nn.Module, sd: dict, where: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape)]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{where}: missing {missing[:5]}, unexpected {unexpected[:5]}, mis-shaped {bad[:5]}")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(sd[k])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -740,7 +728,7 @@ def load_v060_checkpoint(path, vision_tower: str | None = None, tokenizer=None) 
             raise CheckpointError(f"{path}: no vit.* weights; pass vision_tower= (e.g. openai/clip-vit-large-patch14-336)")
         tower = VisionEncoder.from_config(infer_clip_vision_config(vit, path), EncoderOptions(-1, "end"))
     if vit:
-        _strict_load(tower.model, vit, f"{path} (vit.*)")
+        load_state_into(tower.model, vit, f"{path} (vit.*)")
     proj = groups["proj."]
     if set(proj) != {"weight"} or proj["weight"].dim() != 2:
         raise CheckpointError(f"{path}: proj.* must be one bias-free linear weight, got {sorted(proj)}")
