@@ -443,19 +443,22 @@ class MidiTokenizer:
         def close(key, entry, tick):
             raw.append((entry[0], tick, entry[2], key[1], entry[1]))
 
+        def release_held(key, fifo, tick):
+            """End the notes of ``fifo`` that only sound because the pedal held them."""
+            keep = []
+            for e in fifo:
+                if e[3]:
+                    close(key, e, tick)
+                else:
+                    keep.append(e)
+            fifo[:] = keep
+
         for tick, _, _, msg in events:
             typ = msg.type
             if typ == "note_on" and msg.velocity > 0:
                 key = (msg.channel, msg.note)
                 fifo = open_notes.setdefault(key, [])
-                # a re-strike ends notes of that pitch that only sound because of the pedal
-                keep = []
-                for e in fifo:
-                    if e[3]:
-                        close(key, e, tick)
-                    else:
-                        keep.append(e)
-                fifo[:] = keep
+                release_held(key, fifo, tick)  # a re-strike ends pedal-held notes of that pitch
                 fifo.append([tick, msg.velocity, self.group_of(msg.channel, program[msg.channel]), False])
                 stats.notes_in += 1
                 if stats.notes_in > c.max_notes:
@@ -483,15 +486,8 @@ class MidiTokenizer:
                     down = msg.value >= 64
                     if pedal[msg.channel] and not down:
                         for key, fifo in open_notes.items():
-                            if key[0] != msg.channel:
-                                continue
-                            keep = []
-                            for e in fifo:
-                                if e[3]:
-                                    close(key, e, tick)
-                                else:
-                                    keep.append(e)
-                            fifo[:] = keep
+                            if key[0] == msg.channel:
+                                release_held(key, fifo, tick)
                     pedal[msg.channel] = down
                 elif msg.control in (120, 123):
                     for key, fifo in open_notes.items():
