@@ -74,7 +74,7 @@ def _demo_vision(args, out: Path) -> list[str]:
     written, right, total = [], 0, 0
     print("[vision] questions about images the demo draws:", flush=True)
     for i in range(3):
-        img, objects = draw_scene(rng, size=model.config.image_size if hasattr(model.config, "image_size") else 64)
+        img, objects = draw_scene(rng, size=model.config.image_size or 64)
         path = out / f"scene_{i}.png"
         img.save(path)
         written.append(str(path))
