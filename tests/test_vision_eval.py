@@ -99,6 +99,14 @@ def test_synthetic_dataset_is_consistent(tmp_path):
         present = [c for c, rgb in COLORS.items() if (np.abs(patch - rgb).sum(1) < 10).sum() > 20]
         want = [o.color for o in objs if o.cell == cell]
         assert present == want
+    # object_scale sets each object's side as a fraction of its cell (square: the bounding box)
+    from multimodal_rwkv.vision.synthetic import SceneObject
+
+    for lo, hi in ((0.5, 0.55), (0.9, 0.95)):
+        img, _ = draw_scene(3, size=64, objects=[SceneObject("square", "blue", 0)], object_scale=(lo, hi))
+        a = np.asarray(img).astype(int)
+        side = int(((np.abs(a - COLORS["blue"]).sum(2) < 10).any(0)).sum())
+        assert lo * 32 - 2 <= side <= hi * 32 + 2, (lo, hi, side)
     # same seed, same dataset
     generate_dataset(tmp_path / "again", n_train=30, n_test=10, questions_per_image=3, size=48, seed=5)
     assert (tmp_path / "again" / "train.json").read_text() == (tmp_path / "train.json").read_text()

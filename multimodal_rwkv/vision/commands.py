@@ -65,6 +65,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multi-turn", action="store_true",
                    help="training records hold all questions about an image as one conversation")
+    p.add_argument("--object-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="an object's side as a fraction of its cell (default 0.6 0.8)")
     p.set_defaults(func=_synth)
 
 
@@ -157,8 +159,14 @@ def _synth(args) -> int:
 
     if args.n_train < 1 or args.n_test < 0 or args.size < 16:
         raise DataError("vision-synth: need --n-train >= 1, --n-test >= 0, --size >= 16")
+    extra = {}
+    if args.object_scale is not None:
+        lo, hi = args.object_scale
+        if not 0.1 <= lo <= hi <= 1.0:
+            raise DataError(f"vision-synth: --object-scale needs 0.1 <= MIN <= MAX <= 1, got {lo} {hi}")
+        extra["object_scale"] = (lo, hi)
     info = generate_dataset(args.out, n_train=args.n_train, n_test=args.n_test,
                             questions_per_image=args.questions_per_image, size=args.size, seed=args.seed,
-                            multi_turn=args.multi_turn)
+                            multi_turn=args.multi_turn, **extra)
     print(json.dumps(info, indent=1))
     return 0

@@ -1,7 +1,7 @@
 """Synthetic visual question answering in LLaVA format: shapes, colours, counts, positions.
 
 A scene is a white square canvas split into a 2x2 grid; each cell holds at most one object (a
-circle, square or triangle in red, green, blue or yellow, 60-80% of the cell, near its centre). Questions
+circle, square or triangle in red, green, blue or yellow, 60-80% of the cell by default, near its centre). Questions
 (answers are one or two words, so exact match after VQA normalisation is the natural score):
 
 - count:        "How many shapes are there?"                 -> "3"
@@ -43,12 +43,17 @@ class SceneObject:
         return POSITIONS[self.cell]
 
 
+OBJECT_SCALE = (0.6, 0.8)
+
+
 def draw_scene(seed_or_rng=0, size: int = 64, n_objects: int | None = None,
-               objects: list[SceneObject] | None = None) -> tuple[Image.Image, list[SceneObject]]:
+               objects: list[SceneObject] | None = None,
+               object_scale: tuple[float, float] = OBJECT_SCALE) -> tuple[Image.Image, list[SceneObject]]:
     """Draw one scene -> (RGB PIL image of ``size`` x ``size`` pixels, its objects).
 
     ``seed_or_rng``: an int seed or a ``random.Random``. ``n_objects`` (1-4) defaults to random;
     ``objects`` fixes the content (shapes, colours and cells), only sizes and jitter are random.
+    ``object_scale``: the range of an object's side as a fraction of its cell.
     """
     rng = seed_or_rng if isinstance(seed_or_rng, random.Random) else random.Random(seed_or_rng)
     if objects is None:
@@ -62,7 +67,7 @@ def draw_scene(seed_or_rng=0, size: int = 64, n_objects: int | None = None,
     half = size / 2
     for o in objects:
         cx0, cy0 = (o.cell % 2) * half, (o.cell // 2) * half
-        s = rng.uniform(0.6, 0.8) * half
+        s = rng.uniform(*object_scale) * half
         x0 = cx0 + (half - s) / 2 + rng.uniform(-0.05, 0.05) * half
         y0 = cy0 + (half - s) / 2 + rng.uniform(-0.05, 0.05) * half
         box = [x0, y0, x0 + s, y0 + s]
@@ -115,7 +120,8 @@ def questions_for(objects: list[SceneObject], rng: random.Random) -> list[tuple[
 
 
 def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_per_image: int = 3,
-                     size: int = 64, seed: int = 0, multi_turn: bool = False) -> dict:
+                     size: int = 64, seed: int = 0, multi_turn: bool = False,
+                     object_scale: tuple[float, float] = OBJECT_SCALE) -> dict:
     """Write a synthetic VQA dataset (see module doc) -> summary dict (counts and file paths).
 
     ``n_train`` / ``n_test``: number of images; each image gets ``questions_per_image`` distinct
@@ -129,7 +135,7 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
         rng = random.Random(split_seed)
         records = []
         for i in range(n_img):
-            img, objs = draw_scene(rng, size=size)
+            img, objs = draw_scene(rng, size=size, object_scale=object_scale)
             name = f"{split}_{i:06d}.png"
             img.save(out / "images" / name)
             qs = questions_for(objs, rng)
