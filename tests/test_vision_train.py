@@ -160,3 +160,31 @@ def test_stage2_lora_trains_lm_adapters_and_projector_only(trained, tmp_path):
     assert "language_model.rwkv.emb.weight" not in changed
     assert not any(k.endswith("time_decay") or k.endswith("ln1.weight") for k in changed)  # only LoRA targets
     VisualRWKV.from_pretrained(out)
+
+
+def test_two_processes_with_unused_tower_layers(trained, tmp_path):
+    """DDP (2 gloo ranks) with parameters a step does not use -- the tower's layer above
+    feature_layer 0 -- trains, and gives one process's losses with the doubled batch."""
+    import os
+
+    from multimodal_rwkv.training import train
+    from multimodal_rwkv.training.config import save_config
+
+    data, _, _ = trained
+    over = {"max_steps": 3, "train__micro_batch_size": 4}
+    one = recipe(tmp_path, data, tmp_path / "one", **over)
+    one.model.options["feature_layer"] = 0
+    one.model.options["loss_reduction"] = "token"
+    ref = [json.loads(x)["loss"] for x in (train(one).parent / "metrics.jsonl").read_text().splitlines()]
+    two = recipe(tmp_path, data, tmp_path / "two", max_steps=3, train__micro_batch_size=2)
+    two.model.options["feature_layer"] = 0
+    two.model.options["loss_reduction"] = "token"
+    save_config(two, tmp_path / "r.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29600 + os.getpid() % 1000), "-m", "multimodal_rwkv", "train", str(tmp_path / "r.yaml")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(got) == 3
+    assert got == pytest.approx(ref, abs=1e-5)

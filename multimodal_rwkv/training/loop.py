@@ -301,7 +301,7 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
 
     # ----------------------------------------------------------------- setup
-    def _accelerator(self):
+    def _accelerator(self, task=None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -324,8 +324,11 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
         try:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
             acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with=log_with,
+                              log_with=log_with, kwargs_handlers=[ddp],
                               project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                   logging_dir=str(self.out / "logs")))
         except ValueError as e:
@@ -479,7 +482,10 @@ class Trainer:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        acc = self._accelerator()
+        from multimodal_rwkv.training.task import get_task
+
+        task = get_task(cfg)
+        acc = self._accelerator(task)
         main = acc.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -497,9 +503,6 @@ class Trainer:
                 return final_dir
 
         set_seed(cfg.seed)
-        from multimodal_rwkv.training.task import get_task
-
-        task = get_task(cfg)
         model = self._build_model(task)
         with acc.main_process_first():
             train_ds, valid_ds, collate = task.build_datasets(model)

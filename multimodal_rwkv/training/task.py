@@ -42,6 +42,9 @@ class Task:
     """Base class. ``cfg`` is the full :class:`~multimodal_rwkv.training.config.TrainConfig`."""
 
     name = "base"
+    # DDP must look for parameters a step did not use (a vision tower's layers above the feature
+    # layer, or the whole tower in a text-only batch); costs one graph walk per step, so opt-in.
+    find_unused_parameters = False
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -40,6 +40,7 @@ _DATA_KEYS = ("verify_images", "cache_images")
 
 
 class VisualRWKVTask(Task):
+    find_unused_parameters = True  # tower layers above feature_layer; text-only batches skip the tower
     """VisualRWKV stage 1 / stage 2 training on LLaVA-format data."""
 
     name = "visualrwkv"
