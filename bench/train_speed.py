@@ -44,6 +44,42 @@ def build(kind: str, layers: int, embd: int, vocab: int):
     return LlamaForCausalLM(cfg)
 
 
+class GemmOnly:
+    """Only the dense matrix products of an RWKV-6 block stack + head, at the same shapes.
+
+    Its training tok/s is an upper bound for the real RWKV-6 of this size (everything else -- the
+    WKV recurrence, ddlerp/LoRA, norms, activations -- costs extra), so it says how far a given
+    speed goal is reachable with fp32 GEMMs on this machine at all."""
+
+    def __init__(self, layers, embd, vocab):
+        import torch
+
+        from multimodal_rwkv import RWKVConfig
+
+        cfg = RWKVConfig(vocab_size=vocab, n_layer=layers, n_embd=embd, head_size=64)
+        C, F_ = cfg.n_embd, cfg.dim_ffn
+        lin = torch.nn.Linear
+        blocks = []
+        for _ in range(layers):
+            blocks.append(torch.nn.ModuleList([lin(C, C, bias=False) for _ in range(5)]
+                                              + [lin(C, F_, bias=False), lin(F_, C, bias=False), lin(C, C, bias=False)]))
+        self.net = torch.nn.ModuleDict({"emb": torch.nn.Embedding(vocab, C), "blocks": torch.nn.ModuleList(blocks),
+                                        "head": lin(C, vocab, bias=False)})
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def train(self):
+        self.net.train()
+
+    def __call__(self, input_ids):
+        x = self.net["emb"](input_ids)
+        for r, k, v, g, o, fk, fv, fr in self.net["blocks"]:
+            x = x + o(r(x) + k(x) + v(x) + g(x))  # 5 CxC products, as time mixing has
+            x = x + fv(fk(x)) + fr(x)  # channel mixing: C->F, F->C, C->C
+        return type("Out", (), {"logits": self.net["head"](x)})
+
+
 def n_params(m) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -58,7 +94,7 @@ def worker(kind: str, ctx: int, steps: int, layers: int, embd: int, vocab: int, 
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
-    model = build(kind, layers, embd, vocab)
+    model = GemmOnly(layers, embd, vocab) if kind == "rwkv_gemm" else build(kind, layers, embd, vocab)
     if kind == "rwkv_gc":
         model.gradient_checkpointing_enable()  # the engine's train.grad_checkpointing: same gradients
     model.train()
@@ -98,6 +134,8 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-gc", dest="with_gc", action="store_false",
                     help="skip the extra RWKV-6 run with gradient checkpointing (train.grad_checkpointing)")
+    ap.add_argument("--gemm-floor", action="store_true",
+                    help="also time only the RWKV-6's dense GEMMs at the same shapes (an upper bound on its speed)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "CTX"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -106,7 +144,7 @@ def main():
     rows = {}
     load0 = os.getloadavg()[0]
     for ctx in a.ctx:
-        for kind in ("rwkv", "llama") + (("rwkv_gc",) if a.with_gc else ()):
+        for kind in ("rwkv", "llama") + (("rwkv_gc",) if a.with_gc else ()) + (("rwkv_gemm",) if a.gemm_floor else ()):
             cmd = [sys.executable, __file__, "--worker", kind, str(ctx), "--steps", str(a.steps), "--layers",
                    str(a.layers), "--embd", str(a.embd), "--vocab", str(a.vocab), "--threads", str(a.threads)]
             env = dict(os.environ, OMP_NUM_THREADS=str(a.threads),
@@ -143,6 +181,13 @@ def main():
             r, l = rows["rwkv_gc", ctx], rows["llama", ctx]
             lines.append(f"| {ctx} | {r['tok_s']:.0f} | {r['tok_s'] / l['tok_s']:.2f}x | {r['peak_mb']:.0f} | "
                          f"{r['peak_mb'] / l['peak_mb']:.2f}x |")
+    if a.gemm_floor:
+        lines += ["", "Upper bound: only the RWKV-6's dense GEMMs (5 CxC time-mix, C->F->C and CxC channel-mix, "
+                  "head) at the same shapes, nothing else (`--gemm-floor`):", "",
+                  "| ctx | GEMM-only tok/s | vs Llama | real RWKV-6 / GEMM-only |", "|---|---|---|---|"]
+        for ctx in a.ctx:
+            r, l, m = rows["rwkv_gemm", ctx], rows["llama", ctx], rows["rwkv", ctx]
+            lines.append(f"| {ctx} | {r['tok_s']:.0f} | {r['tok_s'] / l['tok_s']:.2f}x | {m['tok_s'] / r['tok_s']:.2f} |")
     table = "\n".join(lines)
     print(table)
     if not a.no_write:
