@@ -109,15 +109,16 @@ class LMTask(Task):
     def _dataset(self, path, vocab_size: int) -> PackedDataset:
         d = self.cfg.data
         stream = load_stream(path, d.format, d.tokenizer, self._cache_dir(), d.on_bad_record)
-        # a full scan up front for all but huge streams; every window is checked again when read
+        # a full scan up front for all but huge streams; those are checked window by window when read
         n = len(stream)
-        head = stream.ids if n <= FULL_VOCAB_SCAN else stream.ids[: FULL_VOCAB_SCAN]
+        scanned_all = n <= FULL_VOCAB_SCAN
+        head = stream.ids if scanned_all else stream.ids[: FULL_VOCAB_SCAN]
         if n:
             mx = int(np.max(head))
             if mx >= vocab_size:
                 raise DataError(f"{stream.source}: token id {mx} is outside the model's vocabulary (vocab_size {vocab_size})")
         self.skipped += stream.skipped
-        return PackedDataset(stream, d.ctx_len, vocab_size)
+        return PackedDataset(stream, d.ctx_len, None if scanned_all else vocab_size)
 
     def build_datasets(self, model):
         d = self.cfg.data

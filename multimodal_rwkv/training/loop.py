@@ -16,7 +16,6 @@ batch B see, and resuming needs only the number of samples consumed.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
-from multimodal_rwkv.fileio import atomic_write_text, fsync_path, fsync_tree
+from multimodal_rwkv.fileio import atomic_write, atomic_write_text, fsync_path, fsync_tree
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -208,9 +207,7 @@ def plot_losses(metrics_path: Path, png_path: Path, width: int = 800, height: in
         d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(214, 39, 40))
     if len(valid) > 1:
         d.line([px(s, v) for s, v in valid], fill=(214, 39, 40), width=1)
-    tmp = png_path.with_name(f".tmp-{png_path.name}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
+    atomic_write(png_path, lambda tmp: img.save(tmp, format="PNG"))
     return True
 
 
@@ -301,9 +298,9 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
 
     # ----------------------------------------------------------------- setup
-    def _accelerator(self, task=None):
+    def _accelerator(self, find_unused_parameters: bool = False):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         cfg = self.cfg
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
@@ -324,9 +321,7 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
         try:
-            from accelerate.utils import DistributedDataParallelKwargs
-
-            ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
+            ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
             acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=log_with, kwargs_handlers=[ddp],
                               project_config=ProjectConfiguration(project_dir=str(self.out),
@@ -485,7 +480,7 @@ class Trainer:
         from multimodal_rwkv.training.task import get_task
 
         task = get_task(cfg)
-        acc = self._accelerator(task)
+        acc = self._accelerator(task.find_unused_parameters)
         main = acc.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)

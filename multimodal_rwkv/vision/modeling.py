@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError, DataError
+from multimodal_rwkv.fileio import atomic_write, atomic_write_text
 from multimodal_rwkv.vision.encoder import EncoderOptions, VisionEncoder
 from multimodal_rwkv.vision.processor import (
     ASPECT_MODES,
@@ -545,8 +545,8 @@ class VisualRWKV(nn.Module):
         cfg = self.config.to_dict()
         cfg["text_config"] = _text_config_dict(self.language_model.config)
         cfg["vision_config"] = _vision_config_dict(self.vision_tower.config)
-        _atomic(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
-        _atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+        atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+        atomic_write_text(out / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
         self.image_processor.save_pretrained(str(out))
 
     @classmethod
@@ -578,20 +578,6 @@ def _vision_config_dict(vcfg) -> dict:
             "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout",
             "projection_dim", "initializer_range", "initializer_factor", "vision_use_head"}
     return {k: v for k, v in d.items() if k in keep}
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved model is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _load_image_processor(folder):

@@ -40,8 +40,9 @@ _DATA_KEYS = ("verify_images", "cache_images")
 
 
 class VisualRWKVTask(Task):
-    find_unused_parameters = True  # tower layers above feature_layer; text-only batches skip the tower
     """VisualRWKV stage 1 / stage 2 training on LLaVA-format data."""
+
+    find_unused_parameters = True  # tower layers above feature_layer; text-only batches skip the tower
 
     name = "visualrwkv"
 
