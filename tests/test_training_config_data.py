@@ -79,6 +79,17 @@ def test_lr_schedule_shape():
     assert lr_at(60, cfg, 110) == pytest.approx(0.55) and lr_at(35, cfg, 110) == pytest.approx(1 - 0.9 * 0.25)
 
 
+def test_lr_schedule_follows_a_time_budget_when_it_is_further_along():
+    cfg = TrainConfig().optim
+    cfg.lr, cfg.lr_final, cfg.warmup_steps = 1.0, 0.1, 10
+    assert lr_at(5, cfg, 110, time_frac=0.9) == lr_at(5, cfg, 110)  # warmup is counted in steps
+    assert lr_at(20, cfg, 110, time_frac=0.5) == pytest.approx(0.55)  # time ahead of steps: time wins
+    assert lr_at(20, cfg, 110, time_frac=1.5) == pytest.approx(0.1)  # past the budget: lr_final
+    assert lr_at(60, cfg, 110, time_frac=0.1) == lr_at(60, cfg, 110)  # steps ahead of time: steps win
+    cfg.schedule = "linear"
+    assert lr_at(20, cfg, 110, time_frac=0.25) == pytest.approx(1 - 0.9 * 0.25)
+
+
 # ----------------------------------------------------------------------------------------- binidx
 
 def _write_mmidx_by_hand(prefix, docs, code=8, np_dtype=np.uint16):

@@ -326,6 +326,32 @@ def test_unknown_keys_and_bad_data_through_the_cli(tmp_path, corpus, capsys):
         train(TrainConfig(), [f"output_dir={tmp_path / 'p'}", f"data.train_file={corpus}", "model.config={n_layers: 2}"])
 
 
+def test_max_minutes_ends_the_run_on_time_and_finishes_the_schedule(tmp_path, corpus):
+    from multimodal_rwkv.training.loop import lr_at
+
+    budget_min = 0.02  # 1.2 s of training steps; max_steps far out of reach
+    out = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=100000, max_minutes=budget_min,
+                                              checkpoint_every=0))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    budget = budget_min * 60
+    assert 1 <= len(rows) < 100000 and rows[-1]["elapsed_s"] >= budget
+    assert all(r["elapsed_s"] <= budget for r in rows[:-1])  # stopped at the first step past the budget
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{len(rows):08d}" / "trainer_state.json").read_text())
+    assert state["step"] == len(rows)
+    cfg = TrainConfig().optim
+    cfg.lr, cfg.lr_final, cfg.warmup_steps = 5e-3, TrainConfig().optim.lr_final, 2
+    if len(rows) > 3:  # each lr follows the training time before its step, not the step count
+        for prev, r in zip(rows[2:], rows[3:]):
+            want = lr_at(r["step"] - 1, cfg, 100000, prev["elapsed_s"] / budget)
+            assert r["lr"] == pytest.approx(want, rel=2e-2, abs=1e-6)
+        assert rows[-1]["lr"] < rows[2]["lr"]
+    assert (out / "config.json").is_file()
+    assert train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=100000,
+                                               max_minutes=budget_min)) == out  # finished: not re-run
+    with pytest.raises(ConfigError, match="max_minutes"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "bad", max_minutes=0))
+
+
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     """gloo on CPU: torchrun starts 2 ranks, accelerate sees MULTI_CPU (ACCELERATE_USE_CPU=1)."""
     ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "one", max_steps=5, **{
@@ -343,6 +369,13 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     got = losses(tmp_path / "two")
     assert len(got) == 5
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    # a wall-clock budget: the ranks agree on the time (mean over ranks) and stop at the same step
+    ov = base_overrides(corpus, tmp_path / "timed", max_steps=100000, max_minutes=0.01, checkpoint_every=0,
+                        **{"train.micro_batch_size": 1})
+    cmd = cmd[:cmd.index("train") + 2] + sum((["--set", o] for o in ov), [])
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "max_minutes=0.01 reached" in r.stderr and (tmp_path / "timed" / "final" / "config.json").is_file()
 
 
 def test_precision_checkpointing_l2wrap_and_eval_every(tmp_path, corpus):

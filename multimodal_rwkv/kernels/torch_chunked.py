@@ -87,9 +87,9 @@ def _strictly_between(n, dtype, device):
 
 
 def _diag_pairs(n, dtype, device):
-    """For the pairs (t, s) with t > s of an n x n block: one-hot row selectors for t and for s
-    [n_pairs, n], the segment masks 1[s < z < t] [n_pairs, n], and the 0/1 matrix [n_pairs, n*n]
-    that scatters pair values into the flattened block (all as matmul operands: fast, no gathers)."""
+    """For the pairs (t, s) with t > s of an n x n block: the row indices of t and of s [n_pairs],
+    their one-hot selectors [n_pairs, n], the segment masks 1[s < z < t] [n_pairs, n], and the 0/1
+    matrix [n_pairs, n*n] that scatters pair values into the flattened block."""
     key = ("pairs", n, dtype, str(device))
     hit = _BETWEEN_CACHE.get(key)
     if hit is None:
@@ -98,9 +98,21 @@ def _diag_pairs(n, dtype, device):
         seg = _strictly_between(n, dtype, device)[ti, si]
         scatter = torch.zeros(ti.numel(), n * n, dtype=dtype, device=device)
         scatter[torch.arange(ti.numel(), device=device), ti * n + si] = 1
-        hit = (eye[ti], eye[si], seg, scatter)
+        hit = (ti, si, eye[ti], eye[si], seg, scatter)
         _BETWEEN_CACHE[key] = hit
     return hit
+
+
+def _pair_terms(rs, ks, ws):
+    """The diagonal sub-blocks' pair factors in pair-major layout: for every sub-chunk (``M`` of
+    them, flattened) and pair t > s, ``r_t``, ``k_s`` and ``exp(sum_{s<z<t} w_z)``, each
+    [n_pairs, M, K]. Pair-major turns the constant selector/segment products into one large
+    matmul or row gather each (batched 28x8 products are slow on CPU)."""
+    C, K = rs.shape[-2:]
+    ti, si, _, _, seg, _ = _diag_pairs(C, rs.dtype, rs.device)
+    front = lambda x: x.reshape(-1, C, K).transpose(0, 1)  # noqa: E731 - [C, M, K] view
+    eD = torch.exp(torch.matmul(seg, front(ws).reshape(C, -1))).view(len(ti), -1, K)
+    return front(rs)[ti], front(ks)[si], eD
 
 
 def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
@@ -181,10 +193,10 @@ def _chunked_core(r_, k_, v_, w_, u_, S, C):
             outs.append(torch.matmul(A, v_[:, :, :, : a * C]))  # [B,H,N,C,V]
         o_intra = torch.stack(outs, dim=3)  # [B,H,N,P,C,V]
     # ---- diagonal sub-blocks: exact pairwise exponent sum_{s<z<t} w_z, on the t > s pairs only ----
-    sel_t, sel_s, seg_p, scatter = _diag_pairs(C, cd, dev)
-    Dp = torch.matmul(seg_p, ws)  # [B,H,N,P,n_pairs,K]
-    Ap = (torch.matmul(sel_t, rs) * torch.matmul(sel_s, ks) * torch.exp(Dp)).sum(-1)  # [B,H,N,P,n_pairs]
-    Ad = torch.matmul(Ap, scatter).view(B, H, N, P, C, C)  # A[t, s], zero for t <= s
+    scatter = _diag_pairs(C, cd, dev)[-1]
+    rt, kt, eD = _pair_terms(rs, ks, ws)  # [n_pairs, B*H*N*P, K]
+    Ap = (rt * kt * eD).sum(-1)  # [n_pairs, B*H*N*P]
+    Ad = torch.matmul(Ap.t(), scatter).view(B, H, N, P, C, C)  # A[t, s], zero for t <= s
     bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [B,H,N,P,C]
     Ad = Ad + torch.diag_embed(bonus)
     o_intra = o_intra + torch.matmul(Ad, vs)
@@ -266,19 +278,20 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
         dws += _rev_excl_cumsum(q * dq) + _excl_cumsum(d_rl)
         dws += torch.einsum("abx,nhmabk->nhmxk", between, d_mid).unsqueeze(-2)
     # ---- diagonal sub-blocks and the bonus ----
-    sel_t, sel_s, seg_p, scatter = _diag_pairs(C, cd, dev)
-    eD = torch.exp(torch.matmul(seg_p, ws))  # [B,H,N,P,n_pairs,K]
-    rt, kt = torch.matmul(sel_t, rs), torch.matmul(sel_s, ks)
+    _, _, sel_t, sel_s, seg_p, scatter = _diag_pairs(C, cd, dev)
+    rt, kt, eD = _pair_terms(rs, ks, ws)  # [n_pairs, B*H*N*P, K]
     Ap = (rt * kt * eD).sum(-1)
     bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [B,H,N,P,C]
-    Ad = torch.matmul(Ap, scatter).view(*sub, C) + torch.diag_embed(bonus)
+    Ad = torch.matmul(Ap.t(), scatter).view(*sub, C) + torch.diag_embed(bonus)
     dvs += torch.matmul(Ad.transpose(-1, -2), dOs)
     dAd = torch.matmul(dOs, vs.transpose(-1, -2))  # [B,H,N,P,C,C]
-    M = torch.matmul(dAd.reshape(*sub[:4], C * C), scatter.t()).unsqueeze(-1) * eD  # [.., n_pairs, K]
-    Mk, Mr = M * kt, M * rt
-    drs += torch.matmul(sel_t.t(), Mk)
-    dks += torch.matmul(sel_s.t(), Mr)
-    dws += torch.matmul(seg_p.t(), Mk * rt)
+    Mp = torch.matmul(scatter, dAd.reshape(-1, C * C).t()).unsqueeze(-1) * eD  # [n_pairs, B*H*N*P, K]
+    Mk, Mr = Mp * kt, Mp * rt
+    n_pairs = Mp.shape[0]
+    back = lambda x: x.view(C, -1, K).transpose(0, 1).reshape(*sub, K)  # noqa: E731 - [C, M, K] -> [..., C, K]
+    drs += back(torch.matmul(sel_t.t(), Mk.view(n_pairs, -1)))
+    dks += back(torch.matmul(sel_s.t(), Mr.view(n_pairs, -1)))
+    dws += back(torch.matmul(seg_p.t(), (Mk * rt).view(n_pairs, -1)))
     db = torch.diagonal(dAd, dim1=-2, dim2=-1).unsqueeze(-1)  # [B,H,N,P,C,1]: d bonus
     uu = u_.unsqueeze(3)
     drs += db * uu * ks

@@ -101,12 +101,18 @@ class ExportSection:
 
 @dataclass
 class TrainConfig:
-    """A complete recipe. ``max_steps`` counts optimiser steps."""
+    """A complete recipe. ``max_steps`` counts optimiser steps.
+
+    ``max_minutes`` (optional) is a wall-clock training budget: the run also ends once its training
+    steps have taken that long (summed over resumes; start-up, evaluation and export not counted),
+    and the learning-rate decay then follows whichever of steps and time is further along, so a
+    run cut short by time still finishes its schedule."""
 
     task: str = "lm"
     output_dir: str = "runs/lm"
     seed: int = 1234
     max_steps: int = 200
+    max_minutes: Optional[float] = None
     checkpoint_every: int = 50
     keep_last: int = 2
     eval_every: int = 0  # 0: evaluate only at the end (when data.valid_file is set)
@@ -127,6 +133,7 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"{key}: {msg}")
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
+        need(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0 or null")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)")
         need(self.keep_last >= 1, "keep_last", "must be >= 1")
         need(self.data.ctx_len >= 1, "data.ctx_len", "must be >= 1")

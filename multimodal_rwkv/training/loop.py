@@ -81,16 +81,18 @@ def param_groups(model, optim) -> list[dict]:
     return groups
 
 
-def lr_at(step: int, optim, max_steps: int) -> float:
+def lr_at(step: int, optim, max_steps: int, time_frac: float = 0.0) -> float:
     """Learning rate for optimiser step ``step`` (0-based): linear warmup from 1% over
-    ``warmup_steps``, then cosine/linear decay from ``lr`` to ``lr_final`` at ``max_steps``."""
+    ``warmup_steps``, then cosine/linear decay from ``lr`` to ``lr_final`` at ``max_steps``.
+    ``time_frac``: the share of a wall-clock budget (``max_minutes``) used so far; the decay
+    follows it when it is further along than the steps."""
     lr, lr_final, warm = optim.lr, optim.lr_final, optim.warmup_steps
     if warm > 0 and step < warm:
         return lr * (0.01 + 0.99 * step / warm)
     if optim.schedule == "constant":
         return lr
     span = max(max_steps - warm, 1)
-    prog = min(max((step - warm) / span, 0.0), 1.0)
+    prog = min(max((step - warm) / span, time_frac, 0.0), 1.0)
     if optim.schedule == "linear":
         return lr + (lr_final - lr) * prog
     return lr_final + 0.5 * (lr - lr_final) * (1.0 + math.cos(math.pi * prog))
@@ -490,11 +492,13 @@ class Trainer:
         ckpts = list_checkpoints(self.ckpt_dir)
         resume = ckpts[-1] if ckpts else None
         final_dir = self.out / "final"
+        budget = cfg.max_minutes * 60.0 if cfg.max_minutes else None  # seconds of training steps
         if resume is not None:
             st = json.loads((resume[1] / "trainer_state.json").read_text())
-            if st["step"] >= cfg.max_steps and final_dir.is_dir() and (final_dir / "config.json").exists():
-                logger.info("run in %s already finished at step %d (max_steps=%d); raise max_steps to extend it",
-                            self.out, st["step"], cfg.max_steps)
+            timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
+            if (st["step"] >= cfg.max_steps or timed_out) and final_dir.is_dir() and (final_dir / "config.json").exists():
+                logger.info("run in %s already finished at step %d (max_steps=%d, max_minutes=%s); raise them to "
+                            "extend it", self.out, st["step"], cfg.max_steps, cfg.max_minutes)
                 return final_dir
 
         set_seed(cfg.seed)
@@ -578,9 +582,11 @@ class Trainer:
             if cfg.log_with:
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
+        t_sched = t_elapsed  # training time all ranks agree on (the mean over ranks)
+        time_up = budget is not None and t_sched >= budget
         try:
             with _SignalFlag() as sig:
-                while step < cfg.max_steps:
+                while step < cfg.max_steps and not time_up:
                     t0 = time.perf_counter()
                     batches = [_to_device(next(it), acc.device) for _ in range(A)]
                     counts = torch.tensor([sum(task.count_targets(b) for b in batches),
@@ -590,7 +596,7 @@ class Trainer:
                         counts = acc.reduce(counts, reduction="sum")
                     n_targets, n_tokens = float(counts[0]), int(counts[1])
                     scale = (W * A / n_targets) if n_targets > 0 else 0.0
-                    lr = lr_at(step, cfg.optim, cfg.max_steps)
+                    lr = lr_at(step, cfg.optim, cfg.max_steps, t_sched / budget if budget else 0.0)
                     for g in opt.param_groups:
                         g["lr"] = lr * g.get("lr_scale", 1.0)
                     acc.step = 0  # keep accelerate's accumulate() aligned with our optimiser steps
@@ -625,23 +631,31 @@ class Trainer:
                     tokens_seen += n_tokens
                     dt = time.perf_counter() - t0
                     t_elapsed += dt
+                    stop = sig.signum
+                    t_sched = t_elapsed
+                    if W > 1:  # one reduce: any rank's signal, and the ranks' mean training time
+                        flag = acc.reduce(torch.tensor([float(stop or 0), t_elapsed], dtype=torch.float64,
+                                                       device=acc.device), reduction="sum")
+                        stop = int(flag[0].item()) if float(flag[0]) > 0 else None
+                        t_sched = float(flag[1]) / W
+                    time_up = budget is not None and t_sched >= budget
+                    done = step == cfg.max_steps or time_up
+                    if time_up and step < cfg.max_steps:
+                        logger.info("max_minutes=%g reached at step %d of max_steps=%d: finishing the run",
+                                    cfg.max_minutes, step, cfg.max_steps)
                     row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": n_tokens / max(dt, 1e-9),
                            "tokens": tokens_seen, "grad_norm": grad_norm, "elapsed_s": round(t_elapsed, 3)}
                     if skipped:
                         row["skipped_records"] = skipped
-                    if valid_ds is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    if valid_ds is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and not done:
                         row["valid_loss"] = self._evaluate(acc, task, model, valid_ds, collate)
-                    if step % max(cfg.log_every, 1) == 0 or step == cfg.max_steps or "valid_loss" in row:
+                    if step % max(cfg.log_every, 1) == 0 or done or "valid_loss" in row:
                         log_row(row)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
-                    stop = sig.signum
-                    if W > 1:
-                        flag = acc.reduce(torch.tensor([float(stop or 0)], device=acc.device), reduction="sum")
-                        stop = int(flag.item()) if float(flag) > 0 else None
                     extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, "skipped_records": skipped}
-                    if stop or step == cfg.max_steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+                    if stop or done or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                         if metrics_f is not None:
                             metrics_f.flush()
                             os.fsync(metrics_f.fileno())
