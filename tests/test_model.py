@@ -374,3 +374,35 @@ def test_stop_strings_and_transformers_streamer(tmp_path, capsys):
     streamer = TextStreamer(tok, skip_prompt=True)
     m.generate(ids, max_new_tokens=3, streamer=streamer, eos_token_id=None)
     assert capsys.readouterr().out.count("\n") >= 3
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 64), (2, 8, 64), (17, 64), (4, 5, 64), (0, 64)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("out_features", [96, 4096])
+def test_linear_few_row_split_equals_f_linear(shape, threads, out_features):
+    """The decode-time path (rows cut into one block per thread, one bmm) against F.linear,
+    forward and backward, for row counts on both sides of the threshold and thread counts that
+    do and do not divide the output size (4096 outputs: 4 row blocks of 1024 for 2+ rows)."""
+    import torch.nn.functional as F
+
+    from multimodal_rwkv.model.modeling import Linear
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        lin = Linear(64, out_features, bias=False)
+        x = torch.randn(*shape, requires_grad=True)
+        y = lin(x)
+        x2 = x.detach().clone().requires_grad_()
+        w2 = lin.weight.detach().clone().requires_grad_()
+        y2 = F.linear(x2, w2)
+        assert y.shape == y2.shape == (*shape[:-1], out_features)
+        torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y2)
+        (y * g).sum().backward()
+        (y2 * g).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin.weight.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
