@@ -1,5 +1,7 @@
 """Training engine pieces that need a model but no full run: optimiser groups, L2Wrap, LoRA, state export."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,3 +134,34 @@ def test_train_cli_set_takes_several_values_per_flag(capsys):
                "--set", "max_steps=7", "--print-config"])
     out = capsys.readouterr().out
     assert rc == 0 and "train_file: a.txt" in out and "output_dir: /tmp/x1" in out and "max_steps: 7" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_retain_freed_memory_stops_page_faulting_big_buffers_in_again():
+    """A step-like loop that allocates and frees 64-96 MB buffers: by default glibc returns them to
+    the OS and every step page-faults them in again; with the setting the memory is reused
+    (measured: ~210-250k minor faults over 5 steps without, 8-33k with)."""
+    script = r'''
+import resource, sys, torch
+from multimodal_rwkv.training.loop import retain_freed_memory
+if sys.argv[1] == "on":
+    assert retain_freed_memory()
+def step():
+    a = torch.ones(16 * 1024 * 1024)
+    b = torch.ones(4 * 1024 * 1024)
+    c = a[: 4 * 1024 * 1024] + b
+    d = torch.ones(24 * 1024 * 1024)
+    return float(c[0] + d[0])
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+    out = {}
+    for mode in ("off", "on"):
+        r = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[mode] = int(r.stdout.split()[-1])
+    assert out["off"] > 100000, out
+    assert out["on"] < out["off"] / 3, out

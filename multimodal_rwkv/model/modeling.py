@@ -470,9 +470,11 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
-            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            # shift the labels, not the logits (as transformers does): slicing the [B,T,V] logits
+            # would add a full-size zero-filled gradient buffer in backward
+            targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
         return RWKVOutput(loss=loss, logits=logits, state=new_state)
 
     # ---- generation ---------------------------------------------------------------------
