@@ -33,9 +33,9 @@ row factors, ``k * dk`` through the column factors, ``G * S`` through a chunk's 
 the difference of two large sums (``revcumsum(r*dr) - revcumsum(k*dk)``, which loses fp32 ``dw``
 when the decay is strong). Results equal autograd's through the same formulation to fp64 rounding
 (tested against the step-by-step reference). Peak extra memory is one group's intermediates.
-Hand-written rather than autograd through a recomputed forward: 1.1-1.4x faster fwd+bwd on CPU
-(B=1, T=1024, H=8, K=64 and the VisualRWKV recipe's B=8, T=63, H=4, K=32; measured side by side,
-1-2 threads), since no graph is recorded and the pair selectors are applied once.
+Hand-written rather than autograd through a recomputed forward: no graph is recorded. Six
+side-by-side runs on the noisy 2-core box, 1-2 threads, measured fwd+bwd 1.0-1.4x faster at
+B=1, T=1024 and 4096, H=8, K=64, and 0.98-1.26x at the VisualRWKV recipe's B=8, T=63, H=4, K=32.
 Without grad (inference, ``torch.no_grad``, or no input requiring grad) the plain forward runs
 unchanged.
 """
@@ -115,6 +115,29 @@ def _pair_terms(rs, ks, ws):
     return front(rs)[ti], front(ks)[si], eD
 
 
+def _diag_blocks(rs, ks, ws, u_):
+    """The diagonal ``C x C`` sub-blocks of the intra-chunk matrix, bonus on the diagonal:
+    ``A[t, s] = sum_j r_tj k_sj exp(sum_{s<z<t} w_zj)`` for t > s, ``r_t . (u * k_t)`` for t = s.
+    Returns ``(A [..., C, C], r_t, k_s, exp(...))`` (the last three pair-major, see :func:`_pair_terms`)."""
+    C = rs.shape[-2]
+    scatter = _diag_pairs(C, rs.dtype, rs.device)[-1]
+    rt, kt, eD = _pair_terms(rs, ks, ws)  # [n_pairs, M, K]
+    Ap = (rt * kt * eD).sum(-1)  # [n_pairs, M]
+    bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [..., C]
+    A = torch.matmul(Ap.t(), scatter).view(*rs.shape[:-1], C) + torch.diag_embed(bonus)
+    return A, rt, kt, eD
+
+
+def _chunk_scan(U, dec, S):
+    """``S_{n+1} = dec_n * S_n + U_n`` over the chunks (dim 2): the state entering each chunk
+    [B,H,N,K,V] and the state after the last."""
+    states = []
+    for n in range(U.shape[2]):
+        states.append(S)
+        S = torch.addcmul(U[:, :, n], dec[:, :, n], S)
+    return torch.stack(states, dim=2), S
+
+
 def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
     """Step loop vectorised over batch and heads; best for small T (decode).
 
@@ -164,11 +187,7 @@ def _chunked_core(r_, k_, v_, w_, u_, S, C):
     # ---- inter-chunk: states entering each chunk ----
     U = torch.matmul((k_ * torch.exp(rc)).transpose(-1, -2), v_)  # [B,H,N,K,V]
     dec = torch.exp(tot).unsqueeze(-1)  # [B,H,N,K,1]
-    states = []
-    for n in range(N):
-        states.append(S)
-        S = torch.addcmul(U[:, :, n], dec[:, :, n], S)
-    Sn = torch.stack(states, dim=2)  # [B,H,N,K,V]
+    Sn, S = _chunk_scan(U, dec, S)  # Sn: [B,H,N,K,V]
     o = torch.matmul(r_ * torch.exp(e), Sn)  # [B,H,N,L,V]
 
     rs = r_.reshape(B, H, N, P, C, K)
@@ -193,12 +212,7 @@ def _chunked_core(r_, k_, v_, w_, u_, S, C):
             outs.append(torch.matmul(A, v_[:, :, :, : a * C]))  # [B,H,N,C,V]
         o_intra = torch.stack(outs, dim=3)  # [B,H,N,P,C,V]
     # ---- diagonal sub-blocks: exact pairwise exponent sum_{s<z<t} w_z, on the t > s pairs only ----
-    scatter = _diag_pairs(C, cd, dev)[-1]
-    rt, kt, eD = _pair_terms(rs, ks, ws)  # [n_pairs, B*H*N*P, K]
-    Ap = (rt * kt * eD).sum(-1)  # [n_pairs, B*H*N*P]
-    Ad = torch.matmul(Ap.t(), scatter).view(B, H, N, P, C, C)  # A[t, s], zero for t <= s
-    bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [B,H,N,P,C]
-    Ad = Ad + torch.diag_embed(bonus)
+    Ad = _diag_blocks(rs, ks, ws, u_)[0]  # [B,H,N,P,C,C]
     o_intra = o_intra + torch.matmul(Ad, vs)
     o = o + o_intra.reshape(B, H, N, L, V)
 
@@ -219,28 +233,25 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
     cd = r_.dtype
     dev = r_.device
     # ---- inter-chunk: recompute the states, then walk the state gradient backwards ----
-    e = _excl_cumsum(w_)
-    rc = _rev_excl_cumsum(w_)
+    ee = torch.exp(_excl_cumsum(w_))
+    erc = torch.exp(_rev_excl_cumsum(w_))
     dec = torch.exp(w_.sum(dim=3)).unsqueeze(-1)  # [B,H,N,K,1]
-    re = r_ * torch.exp(e)
-    kd = k_ * torch.exp(rc)
+    re = r_ * ee
+    kd = k_ * erc
     U = torch.matmul(kd.transpose(-1, -2), v_)  # [B,H,N,K,V]
     Wo = torch.matmul(re.transpose(-1, -2), dO)  # [B,H,N,K,V]: what the chunk's outputs ask of S_n
-    states, grads = [], [None] * N
-    for n in range(N):
-        states.append(S)
-        S = torch.addcmul(U[:, :, n], dec[:, :, n], S)
+    Sn = _chunk_scan(U, dec, S)[0]  # state entering each chunk
+    grads = [None] * N
     G = dS_end
     for n in reversed(range(N)):
         grads[n] = G  # gradient of the state leaving chunk n
         G = torch.addcmul(Wo[:, :, n], dec[:, :, n], G)
     dS_start = G
-    Sn = torch.stack(states, dim=2)  # state entering each chunk
     Gn = torch.stack(grads, dim=2)  # gradient of the state leaving each chunk
     dre = torch.matmul(dO, Sn.transpose(-1, -2))  # [B,H,N,L,K]
     dkd = torch.matmul(v_, Gn.transpose(-1, -2))
-    dr = dre * torch.exp(e)
-    dk = dkd * torch.exp(rc)
+    dr = dre * ee
+    dk = dkd * erc
     dv = torch.matmul(kd, Gn)
     d_tot = (Gn * dec * Sn).sum(-1)  # [B,H,N,K]: S_{n+1} = exp(tot) S_n + U
     dw = _rev_excl_cumsum(re * dre) + _excl_cumsum(kd * dkd) + d_tot.unsqueeze(3)
@@ -279,10 +290,7 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
         dws += torch.einsum("abx,nhmabk->nhmxk", between, d_mid).unsqueeze(-2)
     # ---- diagonal sub-blocks and the bonus ----
     _, _, sel_t, sel_s, seg_p, scatter = _diag_pairs(C, cd, dev)
-    rt, kt, eD = _pair_terms(rs, ks, ws)  # [n_pairs, B*H*N*P, K]
-    Ap = (rt * kt * eD).sum(-1)
-    bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [B,H,N,P,C]
-    Ad = torch.matmul(Ap.t(), scatter).view(*sub, C) + torch.diag_embed(bonus)
+    Ad, rt, kt, eD = _diag_blocks(rs, ks, ws, u_)  # rt, kt, eD: [n_pairs, B*H*N*P, K]
     dvs += torch.matmul(Ad.transpose(-1, -2), dOs)
     dAd = torch.matmul(dOs, vs.transpose(-1, -2))  # [B,H,N,P,C,C]
     Mp = torch.matmul(scatter, dAd.reshape(-1, C * C).t()).unsqueeze(-1) * eD  # [n_pairs, B*H*N*P, K]
