@@ -9,6 +9,7 @@ same code: every block takes the recurrent state in and gives it out, and the WK
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,12 +36,14 @@ class RWKVOutput(ModelOutput):
 _FEW_ROWS = 16  # up to this many rows, a CPU fp32 matrix product is memory-bound (decode)
 
 
+@functools.lru_cache(maxsize=None)
 def _row_blocks(out_features: int, threads: int, rows: int) -> int:
     """How many row blocks of the weight to give ``bmm``: one per thread for a single row (the
     weight is read once, split across threads); for 2-16 rows, blocks of about 1024 output rows
     (a multiple of the thread count that divides the output size), which keeps each block's
     product in cache (65536x768 head, 8 rows, 2 threads: 18.3 ms as one product, 12.6 ms in 64
-    blocks). 0: no split fits."""
+    blocks). 0: no split fits. Cached: it runs for every projection of every decoded token, and
+    the divisor search can take thousands of steps for an output size with few even divisors."""
     if out_features % threads:
         return 0
     if rows == 1:
