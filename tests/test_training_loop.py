@@ -378,7 +378,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     assert "max_minutes=0.01 reached" in r.stderr and (tmp_path / "timed" / "final" / "config.json").is_file()
 
 
-def test_precision_checkpointing_l2wrap_and_eval_every(tmp_path, corpus):
+def test_precision_checkpointing_l2wrap_and_eval_every(tmp_path, corpus, monkeypatch):
     valid = make_corpus(tmp_path / "valid.npy", n_docs=10, seed=2)
     ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "a", max_steps=3)).parent)
     gc = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "b", max_steps=3, **{
@@ -392,12 +392,31 @@ def test_precision_checkpointing_l2wrap_and_eval_every(tmp_path, corpus):
     assert all(np.isfinite(bf)) and 0 < abs(bf[0] - ref[0]) < 0.05  # bf16 autocast: close, not equal
     rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "valid_loss" in r] == [2, 3]
-    with pytest.raises(ConfigError, match="log_with"):
-        try:
-            import tensorboard  # noqa: F401
-            pytest.skip("tensorboard is installed")
-        except ImportError:
-            train(TrainConfig(), base_overrides(corpus, tmp_path / "e", max_steps=1, log_with="[tensorboard]"))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: import raises ImportError
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    with pytest.raises(ConfigError, match="log_with: tensorboard needs"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "e", max_steps=1, log_with="[tensorboard]"))
+
+
+def test_tensorboard_tracker_logs_the_metrics(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=3, log_every=1, log_with="[tensorboard]"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    dirs = sorted({p.parent for p in (out / "logs").rglob("events.out.tfevents.*")})
+    assert dirs, "no TensorBoard event file under output_dir/logs"
+    accs = [EventAccumulator(str(d)) for d in dirs]
+    for a in accs:
+        a.Reload()
+    ea = next((a for a in accs if "loss" in a.Tags()["scalars"]), None)
+    assert ea is not None, "no 'loss' scalar in the TensorBoard logs"
+    logged = {e.step: e.value for e in ea.Scalars("loss")}
+    assert logged.keys() == {r["step"] for r in rows} == {1, 2, 3}
+    for r in rows:
+        assert logged[r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+    assert "lr" in ea.Tags()["scalars"]
 
 
 def test_text_and_binidx_sources_train(tmp_path):

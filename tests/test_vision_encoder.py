@@ -85,3 +85,40 @@ def test_projectors():
     assert mlp[0].bias is not None
     with pytest.raises(ConfigError):
         build_projector("mlp3x_relu", 32, 48)
+
+
+def test_patch_merge_concatenates_neighbouring_patches(towers):
+    plain = VisionEncoder.from_pretrained(towers["siglip"], EncoderOptions(-1, "drop"))
+    merged = VisionEncoder.from_pretrained(towers["siglip"], EncoderOptions(-1, "drop", merge=1))
+    assert merged.num_image_tokens == 25  # merge 1 is the plain tower
+    clip = VisionEncoder.from_config(tiny_clip(image_size=48, patch_size=8), EncoderOptions(-1, "drop"))  # 6x6
+    pv = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        p = clip(pv)  # [2, 36, 32], raster order
+        for m in (2, 3):
+            clip.options = EncoderOptions(-1, "drop", merge=m)
+            assert clip.num_image_tokens == (6 // m) ** 2 and clip.out_dim == 32 * m * m
+            got = clip(pv)
+            assert got.shape == (2, (6 // m) ** 2, 32 * m * m)
+            grid = p.reshape(2, 6, 6, 32)
+            for i in range(6 // m):
+                for j in range(6 // m):
+                    want = torch.cat([grid[:, m * i + a, m * j + b] for a in range(m) for b in range(m)], dim=-1)
+                    assert torch.equal(got[:, i * (6 // m) + j], want)
+    assert plain(torch.randn(1, 3, 40, 40)).shape == (1, 25, 32)
+
+
+def tiny_clip(**kw):
+    from multimodal_rwkv.vision.testing import tiny_vision_config
+
+    return tiny_vision_config("clip", **kw)
+
+
+def test_patch_merge_bad_settings():
+    with pytest.raises(ConfigError, match="merge"):
+        EncoderOptions(-1, "drop", merge=0)
+    with pytest.raises(ConfigError, match="cls_token 'drop'"):  # CLS kept
+        VisionEncoder.from_config(tiny_clip(image_size=32, patch_size=8), EncoderOptions(-1, "end", merge=2))
+    with pytest.raises(ConfigError, match="does not divide the 5x5"):
+        VisionEncoder.from_config(tiny_clip(image_size=40, patch_size=8), EncoderOptions(-1, "drop", merge=2))
+

@@ -320,3 +320,30 @@ def test_load_released_v060_layout(tok, tmp_path):
     torch.save(sd, tmp_path / "bad2.pth")
     with pytest.raises(CheckpointError, match="proj.weight"):
         VisualRWKV.from_pretrained(tmp_path / "bad2.pth")
+
+
+def test_patch_merge_model_tokens_decode_and_round_trip(tok, tmp_path):
+    cfg = VisualRWKVConfig(text_config={"n_layer": 2, "n_embd": 64, "head_size": 32, "vocab_size": 65536},
+                           vision_config=tiny_vision_config("clip", image_size=32, patch_size=8),  # 4x4 patches
+                           cls_token="drop", patch_merge=2, projector="mlp2x_gelu", prompt_template="image_first")
+    m = VisualRWKV.from_config(cfg, tokenizer=tok, language_model=random_lm(n_layer=2, n_embd=64)).eval()
+    assert m.num_image_tokens == 4 and m.projector[0].in_features == 32 * 4
+    p = m.processor
+    prompt = p.build_prompt("What is in the top left?")
+    assert prompt.count(IMAGE_TOKEN_ID) == 4
+    cont = tok.encode(" red circle\n\n")
+    pv = p.preprocess_images(images(1))
+    with torch.no_grad():
+        full = m(torch.tensor([prompt + cont]), pv).logits[0]
+        lg, st = m.prefill(prompt, pv)
+        steps = [lg[0]]
+        for t in cont:
+            out = m(torch.tensor([[t]]), state=st)
+            st = out.state
+            steps.append(out.logits[0, -1])
+    assert torch.allclose(torch.stack(steps), full[len(prompt) - 1:], atol=1e-4, rtol=1e-4)
+    m.save_pretrained(tmp_path / "m")
+    m2 = VisualRWKV.from_pretrained(tmp_path / "m", tokenizer=tok)
+    assert m2.config.patch_merge == 2 and m2.num_image_tokens == 4
+    img = images(1)[0]
+    assert m.answer(img, "Q?", max_new_tokens=4) == m2.answer(img, "Q?", max_new_tokens=4)

@@ -35,16 +35,24 @@ class EncoderOptions:
         ``hidden_states`` (embeddings output is index 0; LLaVA uses -2).
     cls: "end" (VisualRWKV v6.0: CLS moved after the patches), "drop" (LLaVA), "start"
         (the tower's own order). Ignored for towers without a CLS token (SigLIP).
+    merge: 1 = one token per patch. m > 1: each m x m window of neighbouring patches becomes one
+        token whose feature is the m*m patch features concatenated (row by row), so an image gives
+        m*m times fewer, m*m times wider tokens (the spatial merge of InternVL's pixel shuffle and
+        Qwen2-VL's patch merger; the projector maps the wide features). Needs the CLS dropped
+        (or a tower without one) and a patch grid divisible by m.
     """
 
     feature_layer: int = -1
     cls: str = "end"
+    merge: int = 1
 
     def __post_init__(self):
         if not isinstance(self.feature_layer, int) or isinstance(self.feature_layer, bool):
             raise ConfigError(f"vision feature_layer must be an int, got {self.feature_layer!r}")
         if self.cls not in CLS_POSITIONS:
             raise ConfigError(f"vision cls must be one of {CLS_POSITIONS}, got {self.cls!r}")
+        if not isinstance(self.merge, int) or isinstance(self.merge, bool) or self.merge < 1:
+            raise ConfigError(f"vision patch merge must be an int >= 1, got {self.merge!r}")
 
 
 def vision_model_class(model_type: str):
@@ -81,7 +89,7 @@ def _vision_sub_config(cfg):
 class VisionEncoder(nn.Module):
     """A frozen-by-default CLIP/SigLIP tower that returns selected patch (and CLS) features.
 
-    forward(pixel_values [N,3,H,W] float) -> features [N, num_tokens, hidden_size].
+    forward(pixel_values [N,3,H,W] float) -> features [N, num_image_tokens, out_dim].
     """
 
     def __init__(self, model: nn.Module, options: EncoderOptions | None = None):
@@ -96,6 +104,12 @@ class VisionEncoder(nn.Module):
         fl = self.options.feature_layer
         if not (-(n_layers + 1) <= fl <= n_layers):
             raise ConfigError(f"vision feature_layer {fl} out of range for a {n_layers}-layer encoder")
+        m = self.options.merge
+        if m > 1 and self.cls_position is not None:
+            raise ConfigError(f"patch_merge {m} needs cls_token 'drop' (a CLS token has no neighbours to merge with)")
+        if self.num_patches_per_side % m:
+            raise ConfigError(f"patch_merge {m} does not divide the {self.num_patches_per_side}x"
+                              f"{self.num_patches_per_side} patch grid")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -139,9 +153,14 @@ class VisionEncoder(nn.Module):
         return self.model.config.hidden_size
 
     @property
+    def out_dim(self) -> int:
+        """Width of the features :meth:`forward` returns (hidden_size x merge^2)."""
+        return self.hidden_size * self.options.merge ** 2
+
+    @property
     def num_patches(self) -> int:
-        c = self.model.config
-        return (c.image_size // c.patch_size) ** 2
+        """Patch tokens per image after the optional merge."""
+        return (self.num_patches_per_side // self.options.merge) ** 2
 
     @property
     def num_patches_per_side(self) -> int:
@@ -170,18 +189,25 @@ class VisionEncoder(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [N,3,H,W] (normalised by the tower's image processor) -> [N, num_image_tokens, D]."""
+        """pixel_values [N,3,H,W] (normalised by the tower's image processor) -> [N, num_image_tokens, out_dim]."""
         fl = self.options.feature_layer
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         out = self.model(pixel_values=pixel_values, output_hidden_states=(fl != -1))
         feats = out.last_hidden_state if fl == -1 else out.hidden_states[fl]
+        cls_tok = None
         if self.has_cls:
-            cls_tok, patches = feats[:, :1], feats[:, 1:]
-            pos = self.cls_position
-            if pos == "end":
-                feats = torch.cat([patches, cls_tok], dim=1)
-            elif pos is None:
-                feats = patches
+            cls_tok, feats = feats[:, :1], feats[:, 1:]
+        m = self.options.merge
+        if m > 1:  # raster [N, g*g, D] -> [N, (g/m)^2, m*m*D]: each m x m window, row by row, as one token
+            N, _, D = feats.shape
+            g = self.num_patches_per_side
+            feats = (feats.reshape(N, g // m, m, g // m, m, D).permute(0, 1, 3, 2, 4, 5)
+                     .reshape(N, (g // m) ** 2, m * m * D))
+        pos = self.cls_position
+        if pos == "end":
+            feats = torch.cat([feats, cls_tok], dim=1)
+        elif pos == "start":
+            feats = torch.cat([cls_tok, feats], dim=1)
         return feats
 
 

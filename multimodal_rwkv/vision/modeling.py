@@ -64,7 +64,8 @@ class VisualRWKVConfig:
     vision_config: the tower's `transformers` config as a dict (with ``model_type``).
     vision_tower: hub id or folder the tower comes from; used to load it when ``bundle_encoder``
         is False (the weights are then not stored in model.safetensors).
-    feature_layer / cls_token: see :class:`~multimodal_rwkv.vision.encoder.EncoderOptions`.
+    feature_layer / cls_token / patch_merge: see :class:`~multimodal_rwkv.vision.encoder.EncoderOptions`
+        (``patch_merge`` is its ``merge``: m x m neighbouring patches per image token).
     projector: "linear" (VisualRWKV, no bias) or "mlp2x_gelu" (LLaVA).
     image_aspect_ratio: "crop" (the image processor's resize + centre crop) or "pad" (pad to a
         square with the mean colour first, LLaVA's ``pad``).
@@ -81,6 +82,7 @@ class VisualRWKVConfig:
     bundle_encoder: bool = True
     feature_layer: int = -1
     cls_token: str = "end"
+    patch_merge: int = 1
     projector: str = "linear"
     image_aspect_ratio: str = "crop"
     prompt_template: str = "sandwich"
@@ -98,7 +100,7 @@ class VisualRWKVConfig:
             raise ConfigError(f"prompt_template must be one of {TEMPLATES}, got {self.prompt_template!r}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ConfigError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
-        EncoderOptions(self.feature_layer, self.cls_token)  # validates
+        EncoderOptions(self.feature_layer, self.cls_token, merge=self.patch_merge)  # validates
         if self.vision_config is None and not self.vision_tower:
             raise ConfigError("VisualRWKV needs vision_config or vision_tower")
         if not self.bundle_encoder and not self.vision_tower:
@@ -132,7 +134,7 @@ class VisualRWKVConfig:
 
     @property
     def encoder_options(self) -> EncoderOptions:
-        return EncoderOptions(self.feature_layer, self.cls_token)
+        return EncoderOptions(self.feature_layer, self.cls_token, merge=self.patch_merge)
 
 
 @dataclass
@@ -214,7 +216,7 @@ class VisualRWKV(nn.Module):
         self.vision_tower = vision_tower
         C = language_model.config.n_embd
         self.projector = projector if projector is not None else build_projector(
-            config.projector, vision_tower.hidden_size, C)
+            config.projector, vision_tower.out_dim, C)
         if image_processor is None:
             image_processor = image_processor_for(vision_tower.config)
         self.image_processor = image_processor

@@ -11,8 +11,8 @@ Recipe keys this task reads (everything else is the engine's):
     RWKVConfig kwargs for a fresh language model (instead of from_pretrained).
 ``model.options`` (validated here; unknown keys are errors)
     vision_tower (hub id or folder) or vision_config (a transformers CLIP/SigLIP vision config dict,
-    random init); bundle_encoder, feature_layer, cls_token, projector, image_aspect_ratio,
-    prompt_template, bidirectional_scan, loss_reduction (see VisualRWKVConfig);
+    random init); bundle_encoder, feature_layer, cls_token, patch_merge, projector,
+    image_aspect_ratio, prompt_template, bidirectional_scan, loss_reduction (see VisualRWKVConfig);
     vocab_subset: null | "auto" | [ids] ("auto": the World ids used by the training data);
     stage: 1 (projector only) | 2 (LM + projector; default); train_encoder (stage 2, default false);
     freeze_embeddings (default true in stage 2, as VisualRWKV); train_projector (default true);
@@ -32,8 +32,8 @@ from multimodal_rwkv.training.task import Task
 
 logger = logging.getLogger(__name__)
 
-_ARCH_KEYS = ("vision_tower", "vision_config", "bundle_encoder", "feature_layer", "cls_token", "projector",
-              "vocab_subset")
+_ARCH_KEYS = ("vision_tower", "vision_config", "bundle_encoder", "feature_layer", "cls_token", "patch_merge",
+              "projector", "vocab_subset")
 _RUNTIME_KEYS = ("image_aspect_ratio", "prompt_template", "bidirectional_scan", "loss_reduction")
 _TASK_KEYS = ("stage", "train_encoder", "freeze_embeddings", "train_projector", "export_dtype")
 _DATA_KEYS = ("verify_images", "cache_images")
