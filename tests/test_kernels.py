@@ -346,3 +346,33 @@ def _plain_autograd_chunked(tc, r, k, v, w, u, s0):
         return x.view(B, N, L, H, -1).permute(0, 3, 1, 2, 4)
 
     return tc._chunked_core(pad(r), pad(k), pad(v), pad(w), u.view(1, H, 1, 1, K), s0, C)
+
+
+def test_factorised_diagonal_blocks_equal_the_exact_pairs(monkeypatch):
+    """Weak decay takes the factorised diagonal sub-blocks; they equal the exact pair form (fp64)
+    and stay accurate in fp32 at the limit, where the column factor is largest (e^3)."""
+    import multimodal_rwkv.kernels.torch_chunked as tc
+
+    calls = []
+    real = tc._diag_blocks_factorised
+    monkeypatch.setattr(tc, "_diag_blocks_factorised", lambda *a: calls.append(1) or real(*a))
+    needs = [True] * 6
+    weak = make_inputs(2, 77, 2, 8, decay="weak", seed=5)
+    fast = _loss_grads(lambda *a: wkv6_chunked(*a, output_final_state=True), weak, needs)
+    assert len(calls) == 2  # forward and backward
+    _loss_grads(lambda *a: wkv6_chunked(*a, output_final_state=True), make_inputs(1, 20, 1, 8, decay="mixed"), needs)
+    assert len(calls) == 2  # mixed decay (up to -4.5 per step) keeps the exact pairs
+    monkeypatch.setattr(tc, "_DIAG_FACTOR_LIMIT", -1.0)  # force the exact pairs
+    exact = _loss_grads(lambda *a: wkv6_chunked(*a, output_final_state=True), weak, needs)
+    assert len(calls) == 2
+    for name, a, b in zip("r k v w u s0".split(), fast, exact):
+        assert rel_rms(a, b) < 1e-12, name
+    monkeypatch.setattr(tc, "_DIAG_FACTOR_LIMIT", 3.0)
+    edge = make_inputs(2, 64, 2, 8, decay="weak", seed=6)
+    edge[3] = torch.full_like(edge[3], -2.99 / 8)  # every 8-step sub-chunk totals -2.99
+    ref = _loss_grads(lambda *a: wkv6_reference(*a, output_final_state=True), edge, needs)
+    got = _loss_grads(lambda *a: wkv6_chunked(*a, output_final_state=True),
+                      [x.float() for x in edge], needs)
+    assert len(calls) == 4
+    for name, a, b in zip("r k v w u s0".split(), got, ref):
+        assert rel_rms(a, b) < 2e-6, (name, rel_rms(a, b))
