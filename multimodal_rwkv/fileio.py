@@ -31,13 +31,27 @@ def fsync_tree(root) -> None:
         fsync_path(Path(dirpath))
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _new_file_mode()  # read once at import: os.umask is process-wide, not thread-safe
+
+
 def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)`` to produce the file, then move it into place atomically."""
+    """Call ``write(tmp_path)`` to produce the file, then move it into place atomically.
+
+    The file gets the usual mode for a new file (umask applied): some writers, safetensors'
+    ``save_file`` among them, create their files 0600, and a saved model is meant to be shared."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         write(tmp)
         fsync_path(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -165,3 +165,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         out[mode] = int(r.stdout.split()[-1])
     assert out["off"] > 100000, out
     assert out["on"] < out["off"] / 3, out
+
+
+def test_atomic_write_gives_saved_files_the_usual_mode(tmp_path):
+    """safetensors creates its files 0600; a saved model must be readable like any new file."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from multimodal_rwkv.fileio import atomic_write
+
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write(tmp_path / "m.safetensors", lambda p: save_file({"a": torch.zeros(2)}, str(p)))
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
