@@ -1,5 +1,4 @@
 """Training engine pieces that need a model but no full run: optimiser groups, L2Wrap, LoRA, state export."""
-import math
 import subprocess
 import sys
 

@@ -15,8 +15,9 @@ factors <= 1 for ``s < a*C <= t``. The diagonal ``C x C`` sub-blocks use the exa
 exponent ``e_t - c_s`` (computed on the ``t > s`` pairs only), the scheme of flash-linear-attention's
 ``chunk_rwkv6`` intra kernel, unless every sub-chunk's total log-decay is >= -3
 (:data:`_DIAG_FACTOR_LIMIT`, e.g. RWKV-6's initial decays): they are then factorised around
-``m_a`` as well, with column factors up to e^3 (fwd+bwd 1.27x faster at B=8, T=63, H=4, K=32 and
-1.39x at B=1, T=1024, H=8, K=64, measured side by side; equal to the pair form to fp64 rounding).
+``m_a`` as well, with column factors up to e^3. Measured side by side on the 2-core box, fwd+bwd:
+1.27-1.37x at B=8, T=63, H=4, K=32 (1 thread), 1.21-1.39x at B=1, T=1024, H=8, K=64 and 1.11x at
+H=4 (2 threads); it equals the pair form to fp64 rounding.
 Each exponent is computed as a direct segment sum of ``w`` (local cumsums, and 0/1 "strictly
 between" masks), not as a difference of two chunk-level cumsums, so that fp32 ``dw`` stays accurate
 under strong decay (a difference sends +g and -g into the same ``w`` and they cancel).
@@ -138,7 +139,7 @@ def _diag_blocks(rs, ks, ws, u_):
 # factors' terms, so this is only done when every sub-chunk's total is >= -_DIAG_FACTOR_LIMIT
 # (factors <= e^3 = 20: fp32 dw loses at most ~1 digit, far inside the tests' tolerance) and no
 # w is positive. RWKV-6's initial decays (-exp(-6) .. -exp(-1) per step) give at most -2.9 over 8
-# steps. It replaces the pair terms, which cost about a third of a fwd+bwd at T=1024, K=64.
+# steps. It replaces the pair terms, about a third of a fwd+bwd's op time at T=1024, K=64 (profile).
 _DIAG_FACTOR_LIMIT = 3.0
 
 
@@ -148,16 +149,9 @@ def _diag_factorisable(ws) -> bool:
     return bool(tot.min() >= -_DIAG_FACTOR_LIMIT) and bool(ws.max() <= 0)
 
 
-def _diag_factors(rs, ks, ws, el):
-    """Row and column factors of the factorised diagonal sub-blocks: ``exp(el)``, ``exp(-cl)``,
-    ``q = r exp(el)``, ``kx = k exp(-cl)`` (``el``: exclusive log-decay sums inside each sub-chunk)."""
-    eel = torch.exp(el)
-    ecl = torch.exp(-(el + ws))
-    return eel, ecl, rs * eel, ks * ecl
-
-
 def _diag_blocks_factorised(q, kx, rs, ks, u_):
-    """:func:`_diag_blocks`'s ``A`` from the factors (see :data:`_DIAG_FACTOR_LIMIT`)."""
+    """:func:`_diag_blocks`'s ``A`` from the row factors ``q = r exp(el)`` (the off-diagonal blocks'
+    too) and the column factors ``kx = k exp(-cl)`` (see :data:`_DIAG_FACTOR_LIMIT`)."""
     C = q.shape[-2]
     bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)
     return torch.matmul(q, kx.transpose(-1, -2)) * _tri(C, -1, q.dtype, q.device) + torch.diag_embed(bonus)
@@ -233,13 +227,14 @@ def _chunked_core(r_, k_, v_, w_, u_, S, C):
     # row factor r_t exp(sum_{aC <= z < t} w_z); column factor k_s exp(sum_{s < z < aC} w_z); both <= 1
     o_intra = 0
     fact = _diag_factorisable(ws)
-    el = _excl_cumsum(ws) if (P > 1 or fact) else None  # [B,H,N,P,C,K]
+    if P > 1 or fact:
+        el = _excl_cumsum(ws)  # [B,H,N,P,C,K]
+        q = rs * torch.exp(el)  # row factors, of the off-diagonal and the factorised diagonal blocks
     if P > 1:
         rl = _rev_excl_cumsum(ws)  # sum_{s<z<=end of its sub-chunk}
         gsub = ws.sum(dim=4)  # [B,H,N,P,K] sub-chunk totals
         between = _strictly_between(P, cd, dev)  # [P(a),P(b),P(b')]: b < b' < a
         mid = torch.einsum("abx,nhmxk->nhmabk", between, gsub)  # [B,H,N,P(a),P(b),K]
-        q = rs * torch.exp(el)
         outs = [torch.zeros(B, H, N, C, V, dtype=cd, device=dev)]
         for a in range(1, P):  # columns in sub-chunks b < a only (no masked waste)
             y = rl[:, :, :, :a] + mid[:, :, :, a, :a].unsqueeze(-2)  # [B,H,N,a,C,K] = sum_{s<z<aC} w_z
@@ -250,8 +245,7 @@ def _chunked_core(r_, k_, v_, w_, u_, S, C):
     # ---- diagonal sub-blocks: factorised when the decay allows, else the exact pairwise exponent
     # sum_{s<z<t} w_z on the t > s pairs only ----
     if fact:
-        _, _, qd, kxd = _diag_factors(rs, ks, ws, el)
-        Ad = _diag_blocks_factorised(qd, kxd, rs, ks, u_)
+        Ad = _diag_blocks_factorised(q, ks * torch.exp(-(el + ws)), rs, ks, u_)
     else:
         Ad = _diag_blocks(rs, ks, ws, u_)[0]  # [B,H,N,P,C,C]
     o_intra = o_intra + torch.matmul(Ad, vs)
@@ -303,13 +297,14 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
     drs, dks, dvs, dws = dr.view(*sub, K), dk.view(*sub, K), dv.view(*sub, V), dw.view(*sub, K)
     # ---- intra-chunk, off-diagonal sub-blocks (factorised as in the forward) ----
     fact = _diag_factorisable(ws)
-    el = _excl_cumsum(ws) if (P > 1 or fact) else None
+    if P > 1 or fact:
+        el = _excl_cumsum(ws)
+        eel = torch.exp(el)
+        q = rs * eel
     if P > 1:
         rl = _rev_excl_cumsum(ws)
         between = _strictly_between(P, cd, dev)
         mid = torch.einsum("abx,nhmxk->nhmabk", between, ws.sum(dim=4))  # [B,H,N,P(a),P(b),K]
-        eel = torch.exp(el)
-        q = rs * eel
         dq = torch.zeros_like(q)
         d_rl = torch.zeros_like(rl)
         d_mid = torch.zeros_like(mid)
@@ -332,17 +327,18 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
         dws += torch.einsum("abx,nhmabk->nhmxk", between, d_mid).unsqueeze(-2)
     # ---- diagonal sub-blocks and the bonus (the same form as the forward chose) ----
     if fact:
-        eeld, ecld, qd, kxd = _diag_factors(rs, ks, ws, el)
-        Ad = _diag_blocks_factorised(qd, kxd, rs, ks, u_)
+        ecl = torch.exp(-(el + ws))
+        kxd = ks * ecl
+        Ad = _diag_blocks_factorised(q, kxd, rs, ks, u_)
         dvs += torch.matmul(Ad.transpose(-1, -2), dOs)
         dAd = torch.matmul(dOs, vs.transpose(-1, -2))  # [B,H,N,P,C,C]
         dAm = dAd * _tri(C, -1, cd, dev)
         dqd = torch.matmul(dAm, kxd)
-        dkxd = torch.matmul(dAm.transpose(-1, -2), qd)
-        drs += dqd * eeld
-        dks += dkxd * ecld
+        dkxd = torch.matmul(dAm.transpose(-1, -2), q)
+        drs += dqd * eel
+        dks += dkxd * ecl
         gk = kxd * dkxd  # q = r exp(el_t): w_z for z < t; kx = k exp(-cl_s): w_z for z <= s, negated
-        dws += _rev_excl_cumsum(qd * dqd) - _rev_excl_cumsum(gk) - gk
+        dws += _rev_excl_cumsum(q * dqd) - _rev_excl_cumsum(gk) - gk
     else:
         _, _, sel_t, sel_s, seg_p, scatter = _diag_pairs(C, cd, dev)
         Ad, rt, kt, eD = _diag_blocks(rs, ks, ws, u_)  # rt, kt, eD: [n_pairs, B*H*N*P, K]
