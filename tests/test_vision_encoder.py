@@ -5,7 +5,7 @@ import torch
 from multimodal_rwkv.errors import CheckpointError, ConfigError
 from multimodal_rwkv.vision.encoder import EncoderOptions, VisionEncoder
 from multimodal_rwkv.vision.projector import build_projector
-from multimodal_rwkv.vision.testing import save_tiny_tower
+from multimodal_rwkv.vision.testing import save_tiny_tower, tiny_vision_config
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_patch_merge_concatenates_neighbouring_patches(towers):
     plain = VisionEncoder.from_pretrained(towers["siglip"], EncoderOptions(-1, "drop"))
     merged = VisionEncoder.from_pretrained(towers["siglip"], EncoderOptions(-1, "drop", merge=1))
     assert merged.num_image_tokens == 25  # merge 1 is the plain tower
-    clip = VisionEncoder.from_config(tiny_clip(image_size=48, patch_size=8), EncoderOptions(-1, "drop"))  # 6x6
+    clip = VisionEncoder.from_config(tiny_vision_config("clip", image_size=48, patch_size=8), EncoderOptions(-1, "drop"))  # 6x6
     pv = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         p = clip(pv)  # [2, 36, 32], raster order
@@ -108,17 +108,11 @@ def test_patch_merge_concatenates_neighbouring_patches(towers):
     assert plain(torch.randn(1, 3, 40, 40)).shape == (1, 25, 32)
 
 
-def tiny_clip(**kw):
-    from multimodal_rwkv.vision.testing import tiny_vision_config
-
-    return tiny_vision_config("clip", **kw)
-
-
 def test_patch_merge_bad_settings():
     with pytest.raises(ConfigError, match="merge"):
         EncoderOptions(-1, "drop", merge=0)
     with pytest.raises(ConfigError, match="cls_token 'drop'"):  # CLS kept
-        VisionEncoder.from_config(tiny_clip(image_size=32, patch_size=8), EncoderOptions(-1, "end", merge=2))
+        VisionEncoder.from_config(tiny_vision_config("clip", image_size=32, patch_size=8), EncoderOptions(-1, "end", merge=2))
     with pytest.raises(ConfigError, match="does not divide the 5x5"):
-        VisionEncoder.from_config(tiny_clip(image_size=40, patch_size=8), EncoderOptions(-1, "drop", merge=2))
+        VisionEncoder.from_config(tiny_vision_config("clip", image_size=40, patch_size=8), EncoderOptions(-1, "drop", merge=2))
 

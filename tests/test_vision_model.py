@@ -56,12 +56,10 @@ def variant(m, **kw):
     """A copy of ``m`` with config fields changed (weights shared by value, tokenizer by reference)."""
     import copy
 
-    from multimodal_rwkv.vision.encoder import EncoderOptions
-
     m2 = copy.deepcopy(m, {id(m._tokenizer): m._tokenizer})
     for k, v in kw.items():
         setattr(m2.config, k, v)
-    m2.vision_tower.options = EncoderOptions(m2.config.feature_layer, m2.config.cls_token)
+    m2.vision_tower.options = m2.config.encoder_options
     m2._processor = None
     return m2
 
