@@ -338,14 +338,9 @@ def test_recompute_saves_only_inputs_and_group_states():
 
 def _plain_autograd_chunked(tc, r, k, v, w, u, s0):
     B, T, H, K = r.shape
-    L, C = 32, 8
-    N = -(-T // L)
-
-    def pad(x):
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, N * L - T))
-        return x.view(B, N, L, H, -1).permute(0, 3, 1, 2, 4)
-
-    return tc._chunked_core(pad(r), pad(k), pad(v), pad(w), u.view(1, H, 1, 1, K), s0, C)
+    chunks = [tc._to_chunks(x, 32, x.dtype) for x in (r, k, v, w)]
+    u_ = u.view(1, 1, H, 1, K).expand(1, B, H, 1, K).reshape(1, B * H, 1, K)
+    return tc._chunked_core(*chunks, u_, s0.reshape(B * H, K, -1), 8)
 
 
 def test_factorised_diagonal_blocks_equal_the_exact_pairs(monkeypatch):
@@ -354,8 +349,8 @@ def test_factorised_diagonal_blocks_equal_the_exact_pairs(monkeypatch):
     import multimodal_rwkv.kernels.torch_chunked as tc
 
     calls = []
-    real = tc._diag_blocks_factorised
-    monkeypatch.setattr(tc, "_diag_blocks_factorised", lambda *a: calls.append(1) or real(*a))
+    real = tc._diag_factorisable
+    monkeypatch.setattr(tc, "_diag_factorisable", lambda *a: real(*a) and not calls.append(1))
     needs = [True] * 6
     weak = make_inputs(2, 77, 2, 8, decay="weak", seed=5)
     fast = _loss_grads(lambda *a: wkv6_chunked(*a, output_final_state=True), weak, needs)

@@ -79,15 +79,38 @@ def _tri(n, side, dtype, device):
 _BETWEEN_CACHE: dict = {}  # small constant masks, keyed by (size, dtype, device)
 
 
-def _strictly_between(n, dtype, device):
-    """0/1 tensor M[t, s, z] = 1 iff s < z < t, shape [n, n, n]."""
-    key = (n, dtype, str(device))
-    m = _BETWEEN_CACHE.get(key)
-    if m is None:
-        i = torch.arange(n, device=device)
-        m = ((i.view(1, n, 1) < i.view(1, 1, n)) & (i.view(1, 1, n) < i.view(n, 1, 1))).to(dtype)
-        _BETWEEN_CACHE[key] = m
-    return m
+def _intra_masks(L, C, diag, dtype, device):
+    """Constant matrices of the intra-chunk exponents (cached), ``P = L // C`` sub-chunks, ``b(s)``
+    the sub-chunk of row ``s``:
+
+    - ``el`` [L, L]: ``el_t = sum_{b(t)C <= z < t} w_z`` (the row factors' exponent);
+    - ``col`` [P*L, L]: the column factors' exponents around each row sub-chunk ``a``'s reference
+      point, ``y[a, s] = sum_{s < z < aC} w_z`` for ``b(s) < a``; with ``diag`` also
+      ``-sum_{aC <= z <= s} w_z`` for ``b(s) == a`` (the factorised diagonal sub-blocks); 0 elsewhere;
+    - ``valid`` [P, L, 1]: 1 where ``col`` defines a factor (the rest is zeroed, never used).
+
+    Each exponent is a direct segment sum of ``w`` (entries 0/+1/-1), never a difference of two
+    cumulative sums."""
+    key = ("intra", L, C, diag, dtype, str(device))
+    hit = _BETWEEN_CACHE.get(key)
+    if hit is None:
+        P = L // C
+        i = torch.arange(L, device=device)
+        blk = i // C
+        el = ((blk.view(L, 1) == blk.view(1, L)) & (i.view(1, L) < i.view(L, 1))).to(dtype)
+        a = torch.arange(P, device=device).view(P, 1, 1)
+        s, z = i.view(1, L, 1), i.view(1, 1, L)
+        bs = blk.view(1, L, 1)
+        off = (bs < a) & (s < z) & (z < a * C)
+        col = off.to(dtype)
+        valid = bs < a
+        if diag:
+            on = (bs == a) & (a * C <= z) & (z <= s)
+            col = col - on.to(dtype)
+            valid = valid | (bs == a)
+        hit = (el, col.reshape(P * L, L), valid.to(dtype))
+        _BETWEEN_CACHE[key] = hit
+    return hit
 
 
 def _diag_pairs(n, dtype, device):
@@ -99,7 +122,9 @@ def _diag_pairs(n, dtype, device):
     if hit is None:
         ti, si = torch.tril_indices(n, n, -1, device=device)
         eye = torch.eye(n, dtype=dtype, device=device)
-        seg = _strictly_between(n, dtype, device)[ti, si]
+        i = torch.arange(n, device=device)
+        between = (i.view(1, n, 1) < i.view(1, 1, n)) & (i.view(1, 1, n) < i.view(n, 1, 1))  # [t, s, z]: s < z < t
+        seg = between.to(dtype)[ti, si]
         scatter = torch.zeros(ti.numel(), n * n, dtype=dtype, device=device)
         scatter[torch.arange(ti.numel(), device=device), ti * n + si] = 1
         hit = (ti, si, eye[ti], eye[si], seg, scatter)
@@ -119,17 +144,15 @@ def _pair_terms(rs, ks, ws):
     return front(rs)[ti], front(ks)[si], eD
 
 
-def _diag_blocks(rs, ks, ws, u_):
-    """The diagonal ``C x C`` sub-blocks of the intra-chunk matrix, bonus on the diagonal:
-    ``A[t, s] = sum_j r_tj k_sj exp(sum_{s<z<t} w_zj)`` for t > s, ``r_t . (u * k_t)`` for t = s.
+def _diag_blocks(rs, ks, ws):
+    """The diagonal ``C x C`` sub-blocks' strictly lower part, exactly:
+    ``A[t, s] = sum_j r_tj k_sj exp(sum_{s<z<t} w_zj)`` for t > s, 0 on and above the diagonal.
     Returns ``(A [..., C, C], r_t, k_s, exp(...))`` (the last three pair-major, see :func:`_pair_terms`)."""
     C = rs.shape[-2]
     scatter = _diag_pairs(C, rs.dtype, rs.device)[-1]
     rt, kt, eD = _pair_terms(rs, ks, ws)  # [n_pairs, M, K]
     Ap = (rt * kt * eD).sum(-1)  # [n_pairs, M]
-    bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)  # [..., C]
-    A = torch.matmul(Ap.t(), scatter).view(*rs.shape[:-1], C) + torch.diag_embed(bonus)
-    return A, rt, kt, eD
+    return torch.matmul(Ap.t(), scatter).view(*rs.shape[:-1], C), rt, kt, eD
 
 
 # A diagonal sub-block may also be factorised, like the off-diagonal ones, around the last row
@@ -143,28 +166,21 @@ def _diag_blocks(rs, ks, ws, u_):
 _DIAG_FACTOR_LIMIT = 3.0
 
 
-def _diag_factorisable(ws) -> bool:
-    """Whether the diagonal sub-blocks of ``ws`` [..., P, C, K] may use the factorised form."""
-    tot = ws.sum(dim=-2)
-    return bool(tot.min() >= -_DIAG_FACTOR_LIMIT) and bool(ws.max() <= 0)
-
-
-def _diag_blocks_factorised(q, kx, rs, ks, u_):
-    """:func:`_diag_blocks`'s ``A`` from the row factors ``q = r exp(el)`` (the off-diagonal blocks'
-    too) and the column factors ``kx = k exp(-cl)`` (see :data:`_DIAG_FACTOR_LIMIT`)."""
-    C = q.shape[-2]
-    bonus = (rs * u_.unsqueeze(3) * ks).sum(-1)
-    return torch.matmul(q, kx.transpose(-1, -2)) * _tri(C, -1, q.dtype, q.device) + torch.diag_embed(bonus)
+def _diag_factorisable(w_, C) -> bool:
+    """Whether the diagonal sub-blocks of ``w_`` [n, M, L, K] (sub-chunks of ``C``) may use the factorised form."""
+    n, M, L, K = w_.shape
+    tot = w_.view(n, M, L // C, C, K).sum(dim=3)
+    return bool(tot.min() >= -_DIAG_FACTOR_LIMIT) and bool(w_.max() <= 0)
 
 
 def _chunk_scan(U, dec, S):
-    """``S_{n+1} = dec_n * S_n + U_n`` over the chunks (dim 2): the state entering each chunk
-    [B,H,N,K,V] and the state after the last."""
+    """``S_{n+1} = dec_n * S_n + U_n`` over the chunks (dim 0): the state entering each chunk
+    [N,M,K,V] and the state after the last."""
     states = []
-    for n in range(U.shape[2]):
+    for n in range(U.shape[0]):
         states.append(S)
-        S = torch.addcmul(U[:, :, n], dec[:, :, n], S)
-    return torch.stack(states, dim=2), S
+        S = torch.addcmul(U[n], dec[n], S)
+    return torch.stack(states, dim=0), S
 
 
 def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
@@ -195,190 +211,147 @@ def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
     return o.to(r.dtype), final
 
 
-def _chunked_core(r_, k_, v_, w_, u_, S, C):
-    """The chunked form on prepared inputs.
-
-    ``r_, k_, w_``: [B,H,N,L,K], ``v_``: [B,H,N,L,V] (compute dtype, T padded to N*L), ``u_``:
-    [1,H,1,1,K], ``S``: state entering the first chunk [B,H,K,V]. Returns ``(o [B,H,N,L,V], S_end)``.
-    """
-    B, H, N, L, K = r_.shape
-    V = v_.shape[-1]
+def _intra(q, k_, w_, C, fact):
+    """The intra-chunk matrix without the exact diagonal pairs: ``A`` [n,M,L,L] strictly lower
+    (its diagonal sub-blocks too when ``fact``), plus the column factors' ``exp`` (masked) and the
+    factors ``KX`` [n,M,P,L,K] it was built from. Row sub-chunk ``a`` times all columns is one
+    [C, K] x [K, L] product; all of them are one batched matmul."""
+    n, M, L, K = k_.shape
     P = L // C
-    cd = r_.dtype
-    dev = r_.device
-    # Every exponent is built as a direct (segment) sum of w, never as a difference of two large
-    # cumulative sums: the value is then accurate, and so is its gradient (a difference would send
-    # +g and -g into the same w and cancel in float32, ruining dw when the decay is strong).
-    e = _excl_cumsum(w_)  # sum_{z<t} w_z within the chunk, [B,H,N,L,K]
-    rc = _rev_excl_cumsum(w_)  # sum_{z>s} w_z within the chunk
-    tot = w_.sum(dim=3)  # [B,H,N,K]
+    _, col, valid = _intra_masks(L, C, fact, k_.dtype, k_.device)
+    ey = torch.exp(torch.matmul(col, w_).view(n, M, P, L, K)) * valid
+    KX = k_.unsqueeze(2) * ey
+    A = torch.bmm(q.reshape(n * M * P, C, K), KX.reshape(n * M * P, L, K).transpose(1, 2)).view(n, M, L, L)
+    return A * _tri(L, -1, A.dtype, A.device), ey, KX
 
-    # ---- inter-chunk: states entering each chunk ----
-    U = torch.matmul((k_ * torch.exp(rc)).transpose(-1, -2), v_)  # [B,H,N,K,V]
-    dec = torch.exp(tot).unsqueeze(-1)  # [B,H,N,K,1]
-    Sn, S = _chunk_scan(U, dec, S)  # Sn: [B,H,N,K,V]
-    o = torch.matmul(r_ * torch.exp(e), Sn)  # [B,H,N,L,V]
 
-    rs = r_.reshape(B, H, N, P, C, K)
-    ks = k_.reshape(B, H, N, P, C, K)
-    vs = v_.reshape(B, H, N, P, C, V)
-    ws = w_.reshape(B, H, N, P, C, K)
-    # ---- intra-chunk, off-diagonal sub-blocks, factorised around m_a = c[a*C - 1] ----
-    # row factor r_t exp(sum_{aC <= z < t} w_z); column factor k_s exp(sum_{s < z < aC} w_z); both <= 1
-    o_intra = 0
-    fact = _diag_factorisable(ws)
-    if P > 1 or fact:
-        el = _excl_cumsum(ws)  # [B,H,N,P,C,K]
-        q = rs * torch.exp(el)  # row factors, of the off-diagonal and the factorised diagonal blocks
-    if P > 1:
-        rl = _rev_excl_cumsum(ws)  # sum_{s<z<=end of its sub-chunk}
-        gsub = ws.sum(dim=4)  # [B,H,N,P,K] sub-chunk totals
-        between = _strictly_between(P, cd, dev)  # [P(a),P(b),P(b')]: b < b' < a
-        mid = torch.einsum("abx,nhmxk->nhmabk", between, gsub)  # [B,H,N,P(a),P(b),K]
-        outs = [torch.zeros(B, H, N, C, V, dtype=cd, device=dev)]
-        for a in range(1, P):  # columns in sub-chunks b < a only (no masked waste)
-            y = rl[:, :, :, :a] + mid[:, :, :, a, :a].unsqueeze(-2)  # [B,H,N,a,C,K] = sum_{s<z<aC} w_z
-            kx = (ks[:, :, :, :a] * torch.exp(y)).reshape(B, H, N, a * C, K)
-            A = torch.matmul(q[:, :, :, a], kx.transpose(-1, -2))  # [B,H,N,C,a*C]
-            outs.append(torch.matmul(A, v_[:, :, :, : a * C]))  # [B,H,N,C,V]
-        o_intra = torch.stack(outs, dim=3)  # [B,H,N,P,C,V]
-    # ---- diagonal sub-blocks: factorised when the decay allows, else the exact pairwise exponent
-    # sum_{s<z<t} w_z on the t > s pairs only ----
-    if fact:
-        Ad = _diag_blocks_factorised(q, ks * torch.exp(-(el + ws)), rs, ks, u_)
-    else:
-        Ad = _diag_blocks(rs, ks, ws, u_)[0]  # [B,H,N,P,C,C]
-    o_intra = o_intra + torch.matmul(Ad, vs)
-    o = o + o_intra.reshape(B, H, N, L, V)
+def _chunked_core(r_, k_, v_, w_, u_, S, C):
+    """The chunked form on prepared inputs (one group of chunks).
 
+    ``r_, k_, w_``: [N,M,L,K], ``v_``: [N,M,L,V] (chunk-major, ``M`` = batch x heads, compute
+    dtype, T padded to N*L), ``u_``: [1,M,1,K], ``S``: state entering the first chunk [M,K,V].
+    Returns ``(o [N,M,L,V], S_end)``.
+    """
+    N, M, L, K = r_.shape
+    P = L // C
+    # ---- inter-chunk: states entering each chunk; every exponent is a direct segment sum of w ----
+    U = torch.matmul((k_ * torch.exp(_rev_excl_cumsum(w_))).transpose(-1, -2), v_)  # [N,M,K,V]
+    dec = torch.exp(w_.sum(dim=2)).unsqueeze(-1)  # [N,M,K,1]
+    Sn, S = _chunk_scan(U, dec, S)
+    o = torch.matmul(r_ * torch.exp(_excl_cumsum(w_)), Sn)  # [N,M,L,V]
+    # ---- intra-chunk, factorised per row sub-chunk around the last row before it ----
+    fact = _diag_factorisable(w_, C)
+    el = _intra_masks(L, C, fact, r_.dtype, r_.device)[0]
+    q = r_ * torch.exp(torch.matmul(el, w_))
+    A = _intra(q, k_, w_, C, fact)[0]
+    o = o + torch.matmul(A, v_) + (r_ * u_ * k_).sum(-1, keepdim=True) * v_  # ... + bonus
+    if not fact:  # the diagonal sub-blocks' exact pairs
+        sub = (N, M, P, C)
+        Ad = _diag_blocks(r_.view(*sub, K), k_.view(*sub, K), w_.view(*sub, K))[0]
+        o = o + torch.matmul(Ad, v_.view(*sub, -1)).view(N, M, L, -1)
     return o, S
 
 
 def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
-    """Gradients of :func:`_chunked_core` (same inputs) given ``dO`` [B,H,N,L,V] and ``dS_end``.
+    """Gradients of :func:`_chunked_core` (same inputs) given ``dO`` [N,M,L,V] and ``dS_end``.
 
     The reverse of the forward graph written out by hand: every exponent is recomputed exactly as
     the forward builds it, and each log-decay gradient is a sum over the (query, key) pairs whose
     segment covers that step, never a difference of two large sums (so fp32 ``dw`` stays accurate
-    under strong decay). Returns ``(dr, dk, dv, dw, du [1,H,1,1,K], dS_start)``.
+    under strong decay). Returns ``(dr, dk, dv, dw, du [1,M,1,K], dS_start)``.
     """
-    B, H, N, L, K = r_.shape
+    N, M, L, K = r_.shape
     V = v_.shape[-1]
     P = L // C
-    cd = r_.dtype
-    dev = r_.device
     # ---- inter-chunk: recompute the states, then walk the state gradient backwards ----
     ee = torch.exp(_excl_cumsum(w_))
     erc = torch.exp(_rev_excl_cumsum(w_))
-    dec = torch.exp(w_.sum(dim=3)).unsqueeze(-1)  # [B,H,N,K,1]
+    dec = torch.exp(w_.sum(dim=2)).unsqueeze(-1)  # [N,M,K,1]
     re = r_ * ee
     kd = k_ * erc
-    U = torch.matmul(kd.transpose(-1, -2), v_)  # [B,H,N,K,V]
-    Wo = torch.matmul(re.transpose(-1, -2), dO)  # [B,H,N,K,V]: what the chunk's outputs ask of S_n
+    U = torch.matmul(kd.transpose(-1, -2), v_)  # [N,M,K,V]
+    Wo = torch.matmul(re.transpose(-1, -2), dO)  # [N,M,K,V]: what the chunk's outputs ask of S_n
     Sn = _chunk_scan(U, dec, S)[0]  # state entering each chunk
     grads = [None] * N
     G = dS_end
     for n in reversed(range(N)):
         grads[n] = G  # gradient of the state leaving chunk n
-        G = torch.addcmul(Wo[:, :, n], dec[:, :, n], G)
+        G = torch.addcmul(Wo[n], dec[n], G)
     dS_start = G
-    Gn = torch.stack(grads, dim=2)  # gradient of the state leaving each chunk
-    dre = torch.matmul(dO, Sn.transpose(-1, -2))  # [B,H,N,L,K]
+    Gn = torch.stack(grads, dim=0)  # gradient of the state leaving each chunk
+    dre = torch.matmul(dO, Sn.transpose(-1, -2))  # [N,M,L,K]
     dkd = torch.matmul(v_, Gn.transpose(-1, -2))
     dr = dre * ee
     dk = dkd * erc
     dv = torch.matmul(kd, Gn)
-    d_tot = (Gn * dec * Sn).sum(-1)  # [B,H,N,K]: S_{n+1} = exp(tot) S_n + U
-    dw = _rev_excl_cumsum(re * dre) + _excl_cumsum(kd * dkd) + d_tot.unsqueeze(3)
+    d_tot = (Gn * dec * Sn).sum(-1)  # [N,M,K]: S_{n+1} = exp(tot) S_n + U
+    dw = _rev_excl_cumsum(re * dre) + _excl_cumsum(kd * dkd) + d_tot.unsqueeze(2)
 
-    sub = (B, H, N, P, C)
-    rs, ks, vs, ws = r_.reshape(*sub, K), k_.reshape(*sub, K), v_.reshape(*sub, V), w_.reshape(*sub, K)
-    dOs = dO.reshape(*sub, V)
-    drs, dks, dvs, dws = dr.view(*sub, K), dk.view(*sub, K), dv.view(*sub, V), dw.view(*sub, K)
-    # ---- intra-chunk, off-diagonal sub-blocks (factorised as in the forward) ----
-    fact = _diag_factorisable(ws)
-    if P > 1 or fact:
-        el = _excl_cumsum(ws)
-        eel = torch.exp(el)
-        q = rs * eel
-    if P > 1:
-        rl = _rev_excl_cumsum(ws)
-        between = _strictly_between(P, cd, dev)
-        mid = torch.einsum("abx,nhmxk->nhmabk", between, ws.sum(dim=4))  # [B,H,N,P(a),P(b),K]
-        dq = torch.zeros_like(q)
-        d_rl = torch.zeros_like(rl)
-        d_mid = torch.zeros_like(mid)
-        for a in range(1, P):
-            ey = torch.exp(rl[:, :, :, :a] + mid[:, :, :, a, :a].unsqueeze(-2))  # [B,H,N,a,C,K]
-            kx = ks[:, :, :, :a] * ey
-            kxf = kx.reshape(B, H, N, a * C, K)
-            qa, dOa = q[:, :, :, a], dOs[:, :, :, a]
-            A = torch.matmul(qa, kxf.transpose(-1, -2))  # [B,H,N,C,a*C]
-            dv[:, :, :, : a * C] += torch.matmul(A.transpose(-1, -2), dOa)
-            dA = torch.matmul(dOa, v_[:, :, :, : a * C].transpose(-1, -2))
-            dq[:, :, :, a] = torch.matmul(dA, kxf)
-            dkx = torch.matmul(dA.transpose(-1, -2), qa).view(B, H, N, a, C, K)
-            dks[:, :, :, :a] += dkx * ey
-            dy = dkx * kx  # gradient of the exponent sum_{s<z<aC} w_z
-            d_rl[:, :, :, :a] += dy
-            d_mid[:, :, :, a, :a] += dy.sum(dim=-2)
-        drs += dq * eel
-        dws += _rev_excl_cumsum(q * dq) + _excl_cumsum(d_rl)
-        dws += torch.einsum("abx,nhmabk->nhmxk", between, d_mid).unsqueeze(-2)
-    # ---- diagonal sub-blocks and the bonus (the same form as the forward chose) ----
-    if fact:
-        ecl = torch.exp(-(el + ws))
-        kxd = ks * ecl
-        Ad = _diag_blocks_factorised(q, kxd, rs, ks, u_)
-        dvs += torch.matmul(Ad.transpose(-1, -2), dOs)
-        dAd = torch.matmul(dOs, vs.transpose(-1, -2))  # [B,H,N,P,C,C]
-        dAm = dAd * _tri(C, -1, cd, dev)
-        dqd = torch.matmul(dAm, kxd)
-        dkxd = torch.matmul(dAm.transpose(-1, -2), q)
-        drs += dqd * eel
-        dks += dkxd * ecl
-        gk = kxd * dkxd  # q = r exp(el_t): w_z for z < t; kx = k exp(-cl_s): w_z for z <= s, negated
-        dws += _rev_excl_cumsum(q * dqd) - _rev_excl_cumsum(gk) - gk
-    else:
-        _, _, sel_t, sel_s, seg_p, scatter = _diag_pairs(C, cd, dev)
-        Ad, rt, kt, eD = _diag_blocks(rs, ks, ws, u_)  # rt, kt, eD: [n_pairs, B*H*N*P, K]
-        dvs += torch.matmul(Ad.transpose(-1, -2), dOs)
-        dAd = torch.matmul(dOs, vs.transpose(-1, -2))  # [B,H,N,P,C,C]
-        Mp = torch.matmul(scatter, dAd.reshape(-1, C * C).t()).unsqueeze(-1) * eD  # [n_pairs, B*H*N*P, K]
+    # ---- intra-chunk (factorised as in the forward) ----
+    fact = _diag_factorisable(w_, C)
+    el, col, _ = _intra_masks(L, C, fact, r_.dtype, r_.device)
+    eel = torch.exp(torch.matmul(el, w_))
+    q = r_ * eel
+    A, ey, KX = _intra(q, k_, w_, C, fact)
+    dv += torch.matmul(A.transpose(-1, -2), dO)
+    dA = torch.matmul(dO, v_.transpose(-1, -2)) * _tri(L, -1, A.dtype, A.device)  # [N,M,L,L]
+    dAb = dA.view(N * M * P, C, L)
+    dq = torch.bmm(dAb, KX.reshape(N * M * P, L, K)).view(N, M, L, K)
+    dKX = torch.bmm(dAb.transpose(1, 2), q.reshape(N * M * P, C, K)).view(N, M, P, L, K)
+    dk += (dKX * ey).sum(dim=2)
+    dr += dq * eel
+    # q = r exp(el @ w): w_z for the rows whose segment covers z; KX = k exp(col @ w) likewise
+    dw += torch.matmul(el.t(), q * dq) + torch.matmul(col.t(), (dKX * KX).reshape(N, M, P * L, K))
+    # ---- bonus ----
+    db = (dO * v_).sum(-1, keepdim=True)  # [N,M,L,1]
+    dr += db * u_ * k_
+    dk += db * u_ * r_
+    dv += (r_ * u_ * k_).sum(-1, keepdim=True) * dO
+    du = (db * r_ * k_).sum(dim=(0, 2), keepdim=True).view(1, M, 1, K)
+    # ---- the diagonal sub-blocks' exact pairs ----
+    if not fact:
+        sub = (N, M, P, C)
+        rs, ks, vs, ws = r_.view(*sub, K), k_.view(*sub, K), v_.view(*sub, V), w_.view(*sub, K)
+        dOs = dO.view(*sub, V)
+        _, _, sel_t, sel_s, seg_p, scatter = _diag_pairs(C, r_.dtype, r_.device)
+        Ad, rt, kt, eD = _diag_blocks(rs, ks, ws)  # rt, kt, eD: [n_pairs, N*M*P, K]
+        dv += torch.matmul(Ad.transpose(-1, -2), dOs).view(N, M, L, V)
+        dAd = torch.matmul(dOs, vs.transpose(-1, -2))  # [N,M,P,C,C]
+        Mp = torch.matmul(scatter, dAd.reshape(-1, C * C).t()).unsqueeze(-1) * eD  # [n_pairs, N*M*P, K]
         Mk, Mr = Mp * kt, Mp * rt
         n_pairs = Mp.shape[0]
-        back = lambda x: x.view(C, -1, K).transpose(0, 1).reshape(*sub, K)  # noqa: E731 - [C, M, K] -> [..., C, K]
-        drs += back(torch.matmul(sel_t.t(), Mk.view(n_pairs, -1)))
-        dks += back(torch.matmul(sel_s.t(), Mr.view(n_pairs, -1)))
-        dws += back(torch.matmul(seg_p.t(), (Mk * rt).view(n_pairs, -1)))
-    db = torch.diagonal(dAd, dim1=-2, dim2=-1).unsqueeze(-1)  # [B,H,N,P,C,1]: d bonus
-    uu = u_.unsqueeze(3)
-    drs += db * uu * ks
-    dks += db * uu * rs
-    du = (db * rs * ks).sum(dim=(0, 2, 3, 4)).view(1, H, 1, 1, K)
+        back = lambda x: x.view(C, -1, K).transpose(0, 1).reshape(N, M, L, K)  # noqa: E731 - [C, .., K] -> [N,M,L,K]
+        dr += back(torch.matmul(sel_t.t(), Mk.view(n_pairs, -1)))
+        dk += back(torch.matmul(sel_s.t(), Mr.view(n_pairs, -1)))
+        dw += back(torch.matmul(seg_p.t(), (Mk * rt).view(n_pairs, -1)))
     return dr, dk, dv, dw, du, dS_start
+
+
+def _chunked_forward(r_, k_, v_, w_, u_, S, C, G):
+    """:func:`_chunked_core` group by group (``G`` chunks each, bounding the intermediates'
+    memory): ``(o, S_end, [state entering each group])``."""
+    N = r_.shape[0]
+    starts, o_parts = [], []
+    for g0 in range(0, N, G):
+        starts.append(S)
+        sl = slice(g0, min(g0 + G, N))
+        o_g, S = _chunked_core(r_[sl], k_[sl], v_[sl], w_[sl], u_, S, C)
+        o_parts.append(o_g)
+    o = o_parts[0] if len(o_parts) == 1 else torch.cat(o_parts, dim=0)
+    return o, S, starts
 
 
 class _ChunkedWKVFunction(torch.autograd.Function):
     """:func:`_chunked_core` with the hand-written backward :func:`_chunked_core_backward`, run
     group by group (see the module docstring).
 
-    Inputs: prepared ``r_, k_, v_, w_`` [B,H,N,L,*], ``u_`` [1,H,1,1,K], ``S0`` [B,H,K,V], and the
-    ints ``C`` (sub-chunk) and ``G`` (chunks per group). Outputs ``(o [B,H,N,L,V], S_final)``.
+    Inputs: prepared ``r_, k_, v_, w_`` [N,M,L,*], ``u_`` [1,M,1,K], ``S0`` [M,K,V], and the
+    ints ``C`` (sub-chunk) and ``G`` (chunks per group). Outputs ``(o [N,M,L,V], S_final)``.
     """
 
     @staticmethod
     def forward(ctx, r_, k_, v_, w_, u_, S0, C, G):
-        N = r_.shape[2]
-        starts = []
-        S = S0
-        o_parts = []
-        for g0 in range(0, N, G):
-            starts.append(S)
-            sl = slice(g0, min(g0 + G, N))
-            o_g, S = _chunked_core(r_[:, :, sl], k_[:, :, sl], v_[:, :, sl], w_[:, :, sl], u_, S, C)
-            o_parts.append(o_g)
-        o = o_parts[0] if len(o_parts) == 1 else torch.cat(o_parts, dim=2)
+        o, S, starts = _chunked_forward(r_, k_, v_, w_, u_, S0, C, G)
         ctx.save_for_backward(r_, k_, v_, w_, u_, torch.stack(starts, dim=0))
         ctx.C, ctx.G = C, G
         return o, S
@@ -388,23 +361,33 @@ class _ChunkedWKVFunction(torch.autograd.Function):
     def backward(ctx, dO, dS_final):
         r_, k_, v_, w_, u_, starts = ctx.saved_tensors
         C, G = ctx.C, ctx.G
-        N = r_.shape[2]
+        N = r_.shape[0]
         need = ctx.needs_input_grad[:6]
         grads = [torch.empty_like(x) if need[i] else None for i, x in enumerate((r_, k_, v_, w_))]
         du = torch.zeros_like(u_)
         dS = torch.zeros_like(starts[0]) if dS_final is None else dS_final.to(starts.dtype)
         if dO is None:
-            dO = torch.zeros(*r_.shape[:4], v_.shape[-1], dtype=r_.dtype, device=r_.device)
+            dO = torch.zeros(*r_.shape[:3], v_.shape[-1], dtype=r_.dtype, device=r_.device)
         g0s = list(range(0, N, G))
         for gi in reversed(range(len(g0s))):
             sl = slice(g0s[gi], min(g0s[gi] + G, N))
-            *gx, gu, dS = _chunked_core_backward(r_[:, :, sl], k_[:, :, sl], v_[:, :, sl], w_[:, :, sl], u_,
-                                                 starts[gi], C, dO[:, :, sl], dS)
+            *gx, gu, dS = _chunked_core_backward(r_[sl], k_[sl], v_[sl], w_[sl], u_, starts[gi], C,
+                                                 dO[sl], dS)
             for i in range(4):
                 if need[i]:
-                    grads[i][:, :, sl] = gx[i]
+                    grads[i][sl] = gx[i]
             du += gu
         return (*grads, du if need[4] else None, dS if need[5] else None, None, None)
+
+
+def _to_chunks(x, L, cd):
+    """``[B,T,H,D]`` -> chunk-major ``[N, B*H, L, D]`` in ``cd``, T zero-padded to N*L (contiguous)."""
+    B, T, H, D = x.shape
+    N = -(-T // L)
+    x = x.to(cd)
+    if N * L != T:
+        x = F.pad(x, (0, 0, 0, 0, 0, N * L - T))
+    return x.view(B, N, L, H, D).permute(1, 0, 3, 2, 4).reshape(N, B * H, L, D).contiguous()
 
 
 def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, chunk_size=32, sub_chunk=8,
@@ -413,9 +396,10 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
 
     Args: as :func:`multimodal_rwkv.kernels.wkv6`; ``chunk_size`` ``L`` must be a multiple of
     ``sub_chunk`` ``C``. Any T (padded internally with zero keys and zero log-decay, which leave the
-    state unchanged). Computes in float32 (float64 for float64 inputs). When autograd needs
-    gradients, the backward recomputes groups of about ``group_tokens`` tokens (whole chunks) from
-    saved group-start states instead of keeping the whole graph (see the module docstring).
+    state unchanged). Computes in float32 (float64 for float64 inputs), in groups of about
+    ``group_tokens`` tokens (whole chunks), which bounds the intermediates' memory; when autograd
+    needs gradients, the backward recomputes each group from its saved starting state instead of
+    keeping the whole graph (see the module docstring).
 
     Returns ``(o [B,T,H,V] in r.dtype, final_state [B,H,K,V] float32 (float64 for float64) or None)``.
     """
@@ -434,27 +418,19 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
         return r.new_zeros(B, 0, H, V), final
     if T < L:  # shrink the chunk for short inputs (keep it a multiple of the sub-chunk)
         L = max(C, -(-T // C) * C)
-    N = -(-T // L)
-    Tp = N * L
-
-    def prep(x):
-        x = x.to(cd)
-        if Tp != T:
-            x = F.pad(x, (0, 0, 0, 0, 0, Tp - T))
-        D = x.shape[-1]
-        return x.view(B, N, L, H, D).permute(0, 3, 1, 2, 4)  # [B,H,N,L,D]
-
-    r_, k_, v_, w_ = prep(r), prep(k), prep(v), prep(w)
-    u_ = u.to(cd).view(1, H, 1, 1, K)
-
-    S0 = torch.zeros(B, H, K, V, dtype=cd, device=r.device) if initial_state is None else initial_state.to(cd)
+    r_, k_, v_, w_ = (_to_chunks(x, L, cd) for x in (r, k, v, w))
+    N = r_.shape[0]
+    u_ = u.to(cd).view(1, 1, H, 1, K).expand(1, B, H, 1, K).reshape(1, B * H, 1, K)
+    S0 = (torch.zeros(B * H, K, V, dtype=cd, device=r.device) if initial_state is None
+          else initial_state.to(cd).reshape(B * H, K, V))
+    G = max(1, group_tokens // L)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, k, v, w, u, initial_state)):
-        G = max(1, group_tokens // L)
         o, S = _ChunkedWKVFunction.apply(r_, k_, v_, w_, u_, S0, C, G)
     else:
-        o, S = _chunked_core(r_, k_, v_, w_, u_, S0, C)
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, Tp, H, V)[:, :T]
+        o, S = _chunked_forward(r_, k_, v_, w_, u_, S0, C, G)[:2]
+    o = o.view(N, B, H, L, V).permute(1, 0, 3, 2, 4).reshape(B, N * L, H, V)[:, :T]
     final = None
     if output_final_state:
+        S = S.view(B, H, K, V)
         final = S if cd == torch.float64 else S.float()
     return o.to(r.dtype), final
