@@ -211,6 +211,12 @@ def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
     return o.to(r.dtype), final
 
 
+def _block_diagonal(A, C):
+    """The diagonal ``C x C`` sub-blocks of ``A`` [N,M,L,L] as a view [N,M,P,C,C]."""
+    N, M, L, _ = A.shape
+    return A.view(N, M, L // C, C, L // C, C).diagonal(dim1=2, dim2=4).permute(0, 1, 4, 2, 3)
+
+
 def _intra(q, k_, w_, C, fact):
     """The intra-chunk matrix without the exact diagonal pairs: ``A`` [n,M,L,L] strictly lower
     (its diagonal sub-blocks too when ``fact``), plus the column factors' ``exp`` (masked) and the
@@ -244,11 +250,10 @@ def _chunked_core(r_, k_, v_, w_, u_, S, C):
     el = _intra_masks(L, C, fact, r_.dtype, r_.device)[0]
     q = r_ * torch.exp(torch.matmul(el, w_))
     A = _intra(q, k_, w_, C, fact)[0]
-    o = o + torch.matmul(A, v_) + (r_ * u_ * k_).sum(-1, keepdim=True) * v_  # ... + bonus
     if not fact:  # the diagonal sub-blocks' exact pairs
         sub = (N, M, P, C)
-        Ad = _diag_blocks(r_.view(*sub, K), k_.view(*sub, K), w_.view(*sub, K))[0]
-        o = o + torch.matmul(Ad, v_.view(*sub, -1)).view(N, M, L, -1)
+        _block_diagonal(A, C).add_(_diag_blocks(r_.view(*sub, K), k_.view(*sub, K), w_.view(*sub, K))[0])
+    o = o + torch.matmul(A, v_) + (r_ * u_ * k_).sum(-1, keepdim=True) * v_  # ... + bonus
     return o, S
 
 
@@ -261,7 +266,6 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
     under strong decay). Returns ``(dr, dk, dv, dw, du [1,M,1,K], dS_start)``.
     """
     N, M, L, K = r_.shape
-    V = v_.shape[-1]
     P = L // C
     # ---- inter-chunk: recompute the states, then walk the state gradient backwards ----
     ee = torch.exp(_excl_cumsum(w_))
@@ -293,6 +297,12 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
     eel = torch.exp(torch.matmul(el, w_))
     q = r_ * eel
     A, ey, KX = _intra(q, k_, w_, C, fact)
+    if not fact:  # the diagonal sub-blocks' exact pairs
+        sub = (N, M, P, C)
+        rs, ks, ws = r_.view(*sub, K), k_.view(*sub, K), w_.view(*sub, K)
+        _, _, sel_t, sel_s, seg_p, scatter = _diag_pairs(C, r_.dtype, r_.device)
+        Ad, rt, kt, eD = _diag_blocks(rs, ks, ws)  # rt, kt, eD: [n_pairs, N*M*P, K]
+        _block_diagonal(A, C).add_(Ad)
     dv += torch.matmul(A.transpose(-1, -2), dO)
     dA = torch.matmul(dO, v_.transpose(-1, -2)) * _tri(L, -1, A.dtype, A.device)  # [N,M,L,L]
     dAb = dA.view(N * M * P, C, L)
@@ -302,21 +312,8 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
     dr += dq * eel
     # q = r exp(el @ w): w_z for the rows whose segment covers z; KX = k exp(col @ w) likewise
     dw += torch.matmul(el.t(), q * dq) + torch.matmul(col.t(), (dKX * KX).reshape(N, M, P * L, K))
-    # ---- bonus ----
-    db = (dO * v_).sum(-1, keepdim=True)  # [N,M,L,1]
-    dr += db * u_ * k_
-    dk += db * u_ * r_
-    dv += (r_ * u_ * k_).sum(-1, keepdim=True) * dO
-    du = (db * r_ * k_).sum(dim=(0, 2), keepdim=True).view(1, M, 1, K)
-    # ---- the diagonal sub-blocks' exact pairs ----
     if not fact:
-        sub = (N, M, P, C)
-        rs, ks, vs, ws = r_.view(*sub, K), k_.view(*sub, K), v_.view(*sub, V), w_.view(*sub, K)
-        dOs = dO.view(*sub, V)
-        _, _, sel_t, sel_s, seg_p, scatter = _diag_pairs(C, r_.dtype, r_.device)
-        Ad, rt, kt, eD = _diag_blocks(rs, ks, ws)  # rt, kt, eD: [n_pairs, N*M*P, K]
-        dv += torch.matmul(Ad.transpose(-1, -2), dOs).view(N, M, L, V)
-        dAd = torch.matmul(dOs, vs.transpose(-1, -2))  # [N,M,P,C,C]
+        dAd = _block_diagonal(dA, C)  # [N,M,P,C,C]
         Mp = torch.matmul(scatter, dAd.reshape(-1, C * C).t()).unsqueeze(-1) * eD  # [n_pairs, N*M*P, K]
         Mk, Mr = Mp * kt, Mp * rt
         n_pairs = Mp.shape[0]
@@ -324,6 +321,12 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
         dr += back(torch.matmul(sel_t.t(), Mk.view(n_pairs, -1)))
         dk += back(torch.matmul(sel_s.t(), Mr.view(n_pairs, -1)))
         dw += back(torch.matmul(seg_p.t(), (Mk * rt).view(n_pairs, -1)))
+    # ---- bonus ----
+    db = (dO * v_).sum(-1, keepdim=True)  # [N,M,L,1]
+    dr += db * u_ * k_
+    dk += db * u_ * r_
+    dv += (r_ * u_ * k_).sum(-1, keepdim=True) * dO
+    du = (db * r_ * k_).sum(dim=(0, 2), keepdim=True).view(1, M, 1, K)
     return dr, dk, dv, dw, du, dS_start
 
 

@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from multimodal_rwkv.kernels import wkv6
 from multimodal_rwkv.model.config import RWKVConfig
+from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, GatedOutput
 from multimodal_rwkv.model.state import RWKVState
 
 
@@ -84,6 +85,19 @@ class Linear(nn.Linear):
                     y = y.transpose(0, 1).reshape(rows.shape[0], out_f)
                 return y.reshape(*x.shape[:-1], out_f)
         return F.linear(x, w, self.bias)
+
+
+# Training (autograd recording) uses the memory-lean forms of model/lean.py where they apply; the
+# plain forms below are their reference (tests set this to False to compare the two).
+LEAN_TRAINING = True
+
+
+def _lean(x: torch.Tensor, *linears: nn.Module) -> bool:
+    """Whether a block part may take its lean form: gradients are being recorded, no autocast, and
+    every projection is a plain bias-free :class:`Linear` of ``x``'s dtype (not LoRA-wrapped)."""
+    return (LEAN_TRAINING and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and all(type(m) is Linear and m.bias is None and m.weight.dtype == x.dtype for m in linears)
+            and (x.requires_grad or any(m.weight.requires_grad for m in linears)))
 
 
 def _shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -150,8 +164,16 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         x = _apply_pad_mask(x, shift, mask)
-        prev = _shift(x, shift.to(x.dtype))
-        if self.v6:
+        lean = self.v6 and _lean(x, self.receptance, self.key, self.value, self.gate)
+        if lean:
+            r, k, v, gate_pre, wraw = DDLerpProject.apply(
+                x, shift, self.time_maa_x, self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r,
+                self.time_maa_g, self.time_maa_w1, self.time_maa_w2, self.receptance.weight, self.key.weight,
+                self.value.weight, self.gate.weight, self.time_decay, self.time_decay_w1, self.time_decay_w2)
+            logw = -torch.exp(wraw.float()).view(B, T, H, N)
+            r, k, v = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
+        elif self.v6:
+            prev = _shift(x, shift.to(x.dtype))
             xx = prev - x
             xxx = x + xx * self.time_maa_x
             m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
@@ -165,15 +187,17 @@ class TimeMix(nn.Module):
             wraw = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
             logw = -torch.exp(wraw.float()).view(B, T, H, N)
         else:
+            prev = _shift(x, shift.to(x.dtype))
             xk = x * self.time_mix_k + prev * (1 - self.time_mix_k)
             xv = x * self.time_mix_v + prev * (1 - self.time_mix_v)
             xr = x * self.time_mix_r + prev * (1 - self.time_mix_r)
             xg = x * self.time_mix_g + prev * (1 - self.time_mix_g)
             logw = (-torch.exp(self.time_decay.float())).view(1, 1, H, N).expand(B, T, H, N)
-        r = self.receptance(xr).view(B, T, H, N)
-        k = self.key(xk).view(B, T, H, N)
-        v = self.value(xv).view(B, T, H, N)
-        g = F.silu(self.gate(xg))
+        if not lean:
+            r = self.receptance(xr).view(B, T, H, N)
+            k = self.key(xk).view(B, T, H, N)
+            v = self.value(xv).view(B, T, H, N)
+            gate_pre = self.gate(xg)
         if mask is not None:  # pads add nothing to the state and do not decay it
             m4 = mask.view(B, T, 1, 1)
             k = k * m4.to(k.dtype)
@@ -189,7 +213,11 @@ class TimeMix(nn.Module):
             y = F.group_norm(y, H, self.ln_x.weight, self.ln_x.bias, self.gn_eps)
         else:
             y = F.group_norm(y / self.config.head_size_divisor, H, self.ln_x.weight, self.ln_x.bias, self.gn_eps)
-        out = self.output(y.view(B, T, -1).to(g.dtype) * g)
+        y = y.view(B, T, -1).to(gate_pre.dtype)
+        if _lean(y, self.output):
+            out = GatedOutput.apply(y, gate_pre, self.output.weight)
+        else:
+            out = self.output(y * F.silu(gate_pre))
         return out, x[:, -1], new_wkv
 
 
@@ -212,6 +240,12 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift, mask=None):
         x = _apply_pad_mask(x, shift, mask)
+        if _lean(x, self.key, self.receptance, self.value):
+            mu_k, mu_r = ((self.time_maa_k, self.time_maa_r) if self.v6
+                          else (1 - self.time_mix_k, 1 - self.time_mix_r))
+            out = ChannelMixLean.apply(x, shift, mu_k, mu_r, self.key.weight, self.receptance.weight,
+                                       self.value.weight)
+            return out, x[:, -1]
         prev = _shift(x, shift.to(x.dtype))
         if self.v6:
             xx = prev - x
