@@ -69,6 +69,31 @@ def speed_rows(official, ours, prompt, args):
     return rows
 
 
+def gemm_bounds(ours, n_prompt):
+    """Upper bounds from the dense products alone: the time of only our model's projections (per
+    layer r/k/v/gate/output and the channel mix's key/receptance/value, through the same Linear
+    modules, plus the head on the rows a step keeps) on random inputs of the right shapes, for a
+    prefill of ``n_prompt`` tokens (head on 1 row) and for one decode step of 8 streams. Everything
+    else a model does (WKV, token shift, norms, LoRA) only adds time, so no implementation of this
+    model that runs these products through PyTorch goes faster; returns tok/s for each."""
+    mods = []
+    for blk in ours.rwkv.blocks:
+        mods += [blk.att.receptance, blk.att.key, blk.att.value, blk.att.gate, blk.att.output,
+                 blk.ffn.key, blk.ffn.receptance, blk.ffn.value]
+    dt = ours.head.weight.dtype
+
+    def run(rows, head_rows):
+        for m in mods:
+            m(torch.randn(rows, m.in_features, dtype=dt))
+        ours.head(torch.randn(head_rows, ours.head.in_features, dtype=dt))
+
+    with torch.no_grad():
+        run(8, 8)
+        t_prefill = best(lambda: run(n_prompt, 1), reps=3)
+        t_dec8 = best(lambda: [run(8, 8) for _ in range(4)], reps=3) / 4
+    return n_prompt / t_prefill, 8 / t_dec8
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=12)
@@ -97,7 +122,9 @@ def main():
     prompt = torch.randint(1, args.vocab, (args.prefill,), generator=g).tolist()
     lines = [
         f"Random official-layout checkpoint L{args.layers} C{args.embd} V{args.vocab}, {args.threads} threads, "
-        f"best of 2-3, both packages in one process. Command: `python bench/model_speed.py`",
+        f"best of 2-3, both packages in one process. Command: `python bench/model_speed.py`. The \"upper bound\" "
+        f"rows time only the model's dense products at the same shapes (nothing else), so a ratio above them "
+        f"cannot be reached with fp32 GEMMs on this machine.",
         "",
         "| dtype | measure | official rwkv | multimodal_rwkv | ratio |",
         "|---|---|---|---|---|",
@@ -110,6 +137,11 @@ def main():
             ratio = "" if a != a else f"{b / a:.2f}x"
             lines.append(f"| {dtype} | {name} | {'-' if a != a else f'{a:.1f}'} | {b:.1f} | {ratio} |")
         lines.append(f"| {dtype} | batched-8 aggregate / single stream (ours) | | | {rows[2][2] / rows[1][2]:.2f}x |")
+        pf, d8 = gemm_bounds(ours, len(prompt))
+        lines.append(f"| {dtype} | upper bound, GEMMs only: prefill {len(prompt)} tok/s | {rows[0][1]:.1f} | {pf:.1f} | "
+                     f"{pf / rows[0][1]:.2f}x |")
+        lines.append(f"| {dtype} | upper bound, GEMMs only: decode 8 streams tok/s / our single stream | | "
+                     f"{d8:.1f} | {d8 / rows[1][2]:.2f}x |")
         del official, ours
     n_params = RWKVConfig(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd).num_parameters_estimate()
     lines.insert(1, f"({n_params / 1e6:.0f}M parameters.)")
