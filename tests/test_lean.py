@@ -50,7 +50,7 @@ def grads(model, ids, mask, state, go):
 
 def count_calls(monkeypatch):
     calls = {"ddlerp": 0, "cmix": 0, "gate": 0}
-    for key, cls in (("ddlerp", lean.DDLerpProject), ("cmix", lean.ChannelMixLean), ("gate", lean.GatedOutput)):
+    for key, cls in (("ddlerp", lean.DDLerpProject), ("cmix", lean.ChannelMixLean), ("gate", lean.NormGatedOutput)):
         real = cls.apply
 
         def wrapped(*a, _real=real, _key=key):

@@ -1,7 +1,6 @@
 """Core subcommands: generate, convert, info, env."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 from multimodal_rwkv.errors import CheckpointError

@@ -1,14 +1,15 @@
 """Memory-lean training forms of the RWKV block's projections (hand-written backward).
 
 Plain autograd keeps every intermediate that some backward formula reads: for RWKV-6's time
-mixing that is the token-shift difference, six mixed inputs, five data-dependent mix vectors and
-the LoRA activations; for channel mixing the two mixed inputs, ``relu(h)`` and ``relu(h)^2``; for
-the gated output the gate, its input and their product. At B=1, T=4096, C=512 that made a
-6x512 RWKV-6 keep 1.9 GB of activations against 1.3 GB for a Llama of equal size. The Functions
-here save only the block input (``x`` and the shift carried in), the GEMM outputs that are costly
-to recompute (``h``, ``receptance(x_r)``, ``value(.)``) and the small LoRA activations, and
-recompute the elementwise mixes in backward. Same formulas as :mod:`multimodal_rwkv.model.modeling`'s
-plain forms, which stay the reference: the tests compare outputs and every gradient.
+mixing that is the token-shift difference, six mixed inputs, five data-dependent mix vectors, the
+LoRA activations and the decay; for channel mixing the two mixed inputs, ``relu(h)`` and
+``relu(h)^2``; for the output the group norm's input and output, the gate, its input and their
+product. At B=1, T=4096, C=512 that made a 6x512 RWKV-6 keep 1.9 GB of activations against
+1.3 GB for a Llama of equal size. The Functions here save only the block input (``x`` and the
+shift carried in), the GEMM outputs that are costly to recompute (``h``, ``receptance(x_r)``,
+``value(.)``), the WKV output, the gate's input and the small LoRA activations, and recompute the
+elementwise parts in backward. Same formulas as :mod:`multimodal_rwkv.model.modeling`'s plain
+forms, which stay the reference: the tests compare outputs and every gradient.
 
 They are used when autograd records (training), autocast is off, and every projection involved
 is this package's plain bias-free ``Linear`` (a LoRA-wrapped projection keeps the plain form).
@@ -46,7 +47,8 @@ class DDLerpProject(torch.autograd.Function):
 
     ``forward(x [B,T,C], shift [B,C], maa_x, maa_w, maa_k, maa_v, maa_r, maa_g [1,1,C],
     w1 [C,5R], w2 [5,R,C], Wr, Wk, Wv, Wg [A,C], decay [1,1,A], dw1 [C,D], dw2 [D,A])``
-    returns ``(r, k, v, gate_pre, wraw)``, each [B,T,A]; ``wraw`` is the decay's log-log value.
+    returns ``(r, k, v, gate_pre, logw)``, each [B,T,A]; ``logw = -exp(wraw)`` is the log-decay in
+    float32 (``wraw = decay + tanh(x_w @ dw1) @ dw2`` is recomputed in backward, not kept).
     """
 
     @staticmethod
@@ -57,19 +59,19 @@ class DDLerpProject(torch.autograd.Function):
         m = torch.bmm(th.view(B * T, 5, -1).transpose(0, 1), w2).view(5, B, T, C)
         xw = x + xx * (maa_w + m[0])
         tb = torch.tanh(xw.view(B * T, C) @ dw1)  # [BT, D]
-        wraw = decay + (tb @ dw2).view(B, T, -1)
+        logw = -torch.exp((decay + (tb @ dw2).view(B, T, -1)).float())
         del xw
         outs = [F.linear(x + xx * (maa + m[i]), W) for i, (maa, W) in
                 enumerate(((maa_k, Wk), (maa_v, Wv), (maa_r, Wr), (maa_g, Wg)), start=1)]
         ctx.save_for_backward(x, shift, th, tb, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg,
-                              dw1, dw2)
+                              decay, dw1, dw2)
         k, v, r, g = outs
-        return r, k, v, g, wraw
+        return r, k, v, g, logw
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dr, dk, dv, dg, dwraw):
-        (x, shift, th, tb, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg, dw1,
+    def backward(ctx, dr, dk, dv, dg, dlogw):
+        (x, shift, th, tb, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg, decay, dw1,
          dw2) = ctx.saved_tensors
         need = ctx.needs_input_grad
         B, T, C = x.shape
@@ -80,8 +82,10 @@ class DDLerpProject(torch.autograd.Function):
         maas = (maa_w, maa_k, maa_v, maa_r, maa_g)
         grads = [None] * 17
         dxi = [None] * 5  # gradients of the five mixed inputs (w, k, v, r, g)
-        # decay LoRA: wraw = decay + tanh(x_w @ dw1) @ dw2
-        if dwraw is not None:
+        # decay: logw = -exp(wraw), wraw = decay + tanh(x_w @ dw1) @ dw2
+        if dlogw is not None:
+            logw = -torch.exp((decay + (tb @ dw2).view(B, T, -1)).float())
+            dwraw = (dlogw * logw).to(x.dtype)
             d2 = dwraw.reshape(BT, -1)
             grads[14] = _sum_bt(dwraw) if need[14] else None
             grads[16] = tb.t() @ d2 if need[16] else None
@@ -98,15 +102,15 @@ class DDLerpProject(torch.autograd.Function):
             dxi[slot] = d @ W
         dx = torch.zeros_like(x)
         dxx = torch.zeros_like(x)
-        dm = torch.zeros(5, B, T, C, dtype=x.dtype, device=x.device)
+        dm = torch.empty(5, B, T, C, dtype=x.dtype, device=x.device)
         for slot, d in enumerate(dxi):
             if d is None:
+                dm[slot] = 0
                 continue
             dx += d
             dxx.addcmul_(d, maas[slot] + m[slot])
-            gxx = d * xx
-            dm[slot] = gxx
-            grads[3 + slot] = _sum_bt(gxx) if need[3 + slot] else None
+            torch.mul(d, xx, out=dm[slot])
+            grads[3 + slot] = _sum_bt(dm[slot]) if need[3 + slot] else None
         # mix LoRA: m = tanh(xxx @ w1) @ w2 (per slot)
         th5 = th.view(BT, 5, -1).transpose(0, 1)  # [5, BT, R]
         dm = dm.view(5, BT, C)
@@ -163,22 +167,39 @@ class ChannelMixLean(torch.autograd.Function):
         return dx, dshift.to(shift.dtype) if need[1] else None, dmu_k, dmu_r, dWk, dWr, dWv
 
 
-class GatedOutput(torch.autograd.Function):
-    """``Wo (y * silu(gate_pre))``: ``forward(y [B,T,A], gate_pre [B,T,A], Wo [C,A])`` -> [B,T,C]."""
+class NormGatedOutput(torch.autograd.Function):
+    """Time mixing's tail: ``Wo (GroupNorm(y / div) * silu(gate_pre))``.
+
+    ``forward(y [B*T,A] (the WKV output), gate_pre [B,T,A], gn_weight, gn_bias [A], Wo [C,A], groups,
+    eps, div)`` -> [B,T,C]. Keeps ``y`` and ``gate_pre`` only; the group norm is recomputed in
+    backward (and differentiated there by autograd), the gate and the product by hand.
+    """
 
     @staticmethod
-    def forward(ctx, y, gate_pre, Wo):
-        ctx.save_for_backward(y, gate_pre, Wo)
-        return F.linear(y * F.silu(gate_pre), Wo)
+    def _norm(y, gate_pre, weight, bias, groups, eps, div):
+        return F.group_norm(y if div == 1 else y / div, groups, weight, bias, eps).view(gate_pre.shape).to(gate_pre.dtype)
+
+    @staticmethod
+    def forward(ctx, y, gate_pre, weight, bias, Wo, groups, eps, div):
+        ctx.save_for_backward(y, gate_pre, weight, bias, Wo)
+        ctx.args = (groups, eps, div)
+        return F.linear(NormGatedOutput._norm(y, gate_pre, weight, bias, groups, eps, div) * F.silu(gate_pre), Wo)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        y, gp, Wo = ctx.saved_tensors
+        y, gp, weight, bias, Wo = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(bool(n)) for t, n in ((y, need[0]), (weight, need[2]), (bias, need[3]))]
+            yn = NormGatedOutput._norm(leaves[0], gp, leaves[1], leaves[2], *ctx.args)
         sg = torch.sigmoid(gp)
         g = gp * sg
-        dWo = _wgrad(dout, y * g) if ctx.needs_input_grad[2] else None
+        ynd = yn.detach()
+        dWo = _wgrad(dout, ynd * g) if need[4] else None
         dp = dout @ Wo
-        dy = dp * g if ctx.needs_input_grad[0] else None
-        dgp = dp * y * (sg * (1 + gp * (1 - sg))) if ctx.needs_input_grad[1] else None
-        return dy, dgp, dWo
+        dgp = dp * ynd * (sg * (1 + gp * (1 - sg))) if need[1] else None
+        wanted = [t for t in leaves if t.requires_grad]
+        got = iter(torch.autograd.grad(yn, wanted, dp * g) if wanted else ())
+        dy, dw, db = (next(got) if t.requires_grad else None for t in leaves)
+        return dy, dgp, dw, db, dWo, None, None, None

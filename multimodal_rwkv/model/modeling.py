@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from multimodal_rwkv.kernels import wkv6
 from multimodal_rwkv.model.config import RWKVConfig
-from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, GatedOutput
+from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput
 from multimodal_rwkv.model.state import RWKVState
 
 
@@ -166,12 +166,11 @@ class TimeMix(nn.Module):
         x = _apply_pad_mask(x, shift, mask)
         lean = self.v6 and _lean(x, self.receptance, self.key, self.value, self.gate)
         if lean:
-            r, k, v, gate_pre, wraw = DDLerpProject.apply(
+            r, k, v, gate_pre, logw = DDLerpProject.apply(
                 x, shift, self.time_maa_x, self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r,
                 self.time_maa_g, self.time_maa_w1, self.time_maa_w2, self.receptance.weight, self.key.weight,
                 self.value.weight, self.gate.weight, self.time_decay, self.time_decay_w1, self.time_decay_w2)
-            logw = -torch.exp(wraw.float()).view(B, T, H, N)
-            r, k, v = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
+            r, k, v, logw = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), logw.view(B, T, H, N)
         elif self.v6:
             prev = _shift(x, shift.to(x.dtype))
             xx = prev - x
@@ -209,15 +208,13 @@ class TimeMix(nn.Module):
             initial_state=wkv_state, output_final_state=True, backend=self.config.wkv_backend,
         )
         y = y.reshape(B * T, H * N)
-        if self.v6:
-            y = F.group_norm(y, H, self.ln_x.weight, self.ln_x.bias, self.gn_eps)
-        else:
-            y = F.group_norm(y / self.config.head_size_divisor, H, self.ln_x.weight, self.ln_x.bias, self.gn_eps)
-        y = y.view(B, T, -1).to(gate_pre.dtype)
+        div = 1 if self.v6 else self.config.head_size_divisor
         if _lean(y, self.output):
-            out = GatedOutput.apply(y, gate_pre, self.output.weight)
+            out = NormGatedOutput.apply(y, gate_pre, self.ln_x.weight, self.ln_x.bias, self.output.weight, H,
+                                        self.gn_eps, div)
         else:
-            out = self.output(y * F.silu(gate_pre))
+            y = F.group_norm(y if div == 1 else y / div, H, self.ln_x.weight, self.ln_x.bias, self.gn_eps)
+            out = self.output(y.view(B, T, -1).to(gate_pre.dtype) * F.silu(gate_pre))
         return out, x[:, -1], new_wkv
 
 
