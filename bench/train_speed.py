@@ -3,9 +3,17 @@
 A ~6 layer x 512 RWKV-6 (x060, head 64) and a LlamaForCausalLM whose MLP width is chosen so the
 parameter counts match (within 1%), same vocabulary, trained for a few optimiser steps (forward,
 cross-entropy over every position, backward, AdamW) on one sequence of ctx tokens, 2 threads.
-Each (model, ctx) runs in its own subprocess so peak RSS is that run's alone.
+Speed: all models in one process, their steps interleaved, so load on the shared machine hits
+them alike. Peak memory: each (model, ctx) again in its own subprocess, so peak RSS is its alone.
 
     python bench/train_speed.py [--ctx 1024 4096] [--steps 3] [--threads 2] [--no-write]
+                                [--malloc-mmap-threshold BYTES]
+
+Peak RSS includes what glibc's allocator keeps after frees: by default it serves blocks below a
+moving threshold (up to 32 MB) from its heap and may not give them back, so the figure depends on
+the order of allocations as well as on what the model keeps. ``--malloc-mmap-threshold 131072``
+(sets ``MALLOC_MMAP_THRESHOLD_`` for both models' processes) returns every large block on free,
+so peak RSS then follows the tensors actually alive.
 
 Writes the table to BENCHMARKS.md under "## Training speed (CPU)".
 """
@@ -89,11 +97,11 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(kind: str, ctx: int, steps: int, layers: int, embd: int, vocab: int, threads: int) -> dict:
+def trainer(kind: str, ctx: int, layers: int, embd: int, vocab: int):
+    """``(step, n_params)``: one optimiser step of ``kind`` on a fixed random sequence of ``ctx`` tokens."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
     model = GemmOnly(layers, embd, vocab) if kind == "rwkv_gemm" else build(kind, layers, embd, vocab)
     if kind == "rwkv_gc":
         model.gradient_checkpointing_enable()  # the engine's train.grad_checkpointing: same gradients
@@ -111,16 +119,36 @@ def worker(kind: str, ctx: int, steps: int, layers: int, embd: int, vocab: int, 
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    rss0 = _rss_mb()
-    step()  # warm-up (allocates optimiser state)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
+    return step, n_params(model)
+
+
+def memory_worker(kind: str, ctx: int, layers: int, embd: int, vocab: int, threads: int) -> dict:
+    """Own process: a warm-up step (allocates the optimiser state) and one more; peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    step, n = trainer(kind, ctx, layers, embd, vocab)
+    step()
+    step()
+    return {"kind": kind, "params": n, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def speed_worker(kinds, ctx: int, steps: int, layers: int, embd: int, vocab: int, threads: int) -> dict:
+    """All ``kinds`` in one process, their steps interleaved round-robin after a warm-up each, so
+    that load on the shared machine hits every model alike; best of ``steps`` per kind."""
+    import torch
+
+    torch.set_num_threads(threads)
+    runs = {k: trainer(k, ctx, layers, embd, vocab)[0] for k in kinds}
+    for step in runs.values():
         step()
-        times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"kind": kind, "ctx": ctx, "params": n_params(model), "tok_s": ctx / min(times),
-            "step_s": min(times), "peak_mb": peak, "train_extra_mb": peak - rss0}
+    times = {k: [] for k in kinds}
+    for _ in range(steps):
+        for k, step in runs.items():
+            t = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - t)
+    return {k: ctx / min(ts) for k, ts in times.items()}
 
 
 def main():
@@ -136,35 +164,52 @@ def main():
                     help="skip the extra RWKV-6 run with gradient checkpointing (train.grad_checkpointing)")
     ap.add_argument("--gemm-floor", action="store_true",
                     help="also time only the RWKV-6's dense GEMMs at the same shapes (an upper bound on its speed)")
-    ap.add_argument("--worker", nargs=2, metavar=("KIND", "CTX"), help=argparse.SUPPRESS)
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                    help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every worker process")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    shape = (a.layers, a.embd, a.vocab, a.threads)
     if a.worker:
-        print(json.dumps(worker(a.worker[0], int(a.worker[1]), a.steps, a.layers, a.embd, a.vocab, a.threads)))
+        mode, ctx, kinds = a.worker[0], int(a.worker[1]), a.worker[2:]
+        out = (memory_worker(kinds[0], ctx, *shape) if mode == "memory"
+               else speed_worker(kinds, ctx, a.steps, *shape))
+        print(json.dumps(out))
         return
+
+    def run_worker(*args):
+        cmd = [sys.executable, __file__, "--worker", *map(str, args), "--steps", str(a.steps), "--layers",
+               str(a.layers), "--embd", str(a.embd), "--vocab", str(a.vocab), "--threads", str(a.threads)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads),
+                   PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if a.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            print(r.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"worker {args} failed")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
     rows = {}
     load0 = os.getloadavg()[0]
+    kinds = ("rwkv", "llama") + (("rwkv_gc",) if a.with_gc else ()) + (("rwkv_gemm",) if a.gemm_floor else ())
     for ctx in a.ctx:
-        for kind in ("rwkv", "llama") + (("rwkv_gc",) if a.with_gc else ()) + (("rwkv_gemm",) if a.gemm_floor else ()):
-            cmd = [sys.executable, __file__, "--worker", kind, str(ctx), "--steps", str(a.steps), "--layers",
-                   str(a.layers), "--embd", str(a.embd), "--vocab", str(a.vocab), "--threads", str(a.threads)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(a.threads),
-                       PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                print(r.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"worker {kind} ctx={ctx} failed")
-            rows[kind, ctx] = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"  {kind:5s} ctx {ctx:5d}: {rows[kind, ctx]['tok_s']:.0f} tok/s, peak {rows[kind, ctx]['peak_mb']:.0f} MB",
-                  file=sys.stderr)
+        speed = run_worker("speed", ctx, *kinds)
+        for kind in kinds:
+            rows[kind, ctx] = dict(run_worker("memory", ctx, kind), tok_s=speed[kind])
+            print(f"  {kind:5s} ctx {ctx:5d}: {rows[kind, ctx]['tok_s']:.0f} tok/s, "
+                  f"peak {rows[kind, ctx]['peak_mb']:.0f} MB", file=sys.stderr)
     pr, pl = rows["rwkv", a.ctx[0]]["params"], rows["llama", a.ctx[0]]["params"]
     lines = [
         f"RWKV-6 (x060) L{a.layers} C{a.embd} head 64 ({pr / 1e6:.1f}M params) vs transformers LlamaForCausalLM "
         f"(SDPA, L{a.layers} C{a.embd}, MLP width matched: {pl / 1e6:.1f}M params), vocab {a.vocab}, fp32, batch 1, "
         f"{a.threads} threads; one optimiser step = forward + cross-entropy + backward + AdamW; best of {a.steps} "
-        f"steps after a warm-up; each run in its own process (peak RSS); 1-min load average "
+        f"steps after a warm-up, all models in one process with their steps interleaved (speed); each model "
+        f"again in its own process for its peak RSS; 1-min load average "
         f"{load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs "
         f"(speeds from a shared machine vary run to run; peak memory does not). "
-        f"Command: `python bench/train_speed.py`",
+        + (f"glibc MALLOC_MMAP_THRESHOLD_={a.malloc_mmap_threshold}. " if a.malloc_mmap_threshold is not None else "")
+        + "Command: `python bench/train_speed.py"
+        + (f" --malloc-mmap-threshold {a.malloc_mmap_threshold}" if a.malloc_mmap_threshold is not None else "") + "`",
         "",
         "| ctx | RWKV-6 tok/s | Llama tok/s | speed ratio (RWKV/Llama) | RWKV-6 peak MB | Llama peak MB | memory ratio (RWKV/Llama) |",
         "|---|---|---|---|---|---|---|",
