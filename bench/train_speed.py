@@ -106,7 +106,7 @@ def trainer(kind: str, ctx: int, layers: int, embd: int, vocab: int):
     if kind == "rwkv_gc":
         model.gradient_checkpointing_enable()  # the engine's train.grad_checkpointing: same gradients
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the engine's default (optim.fused)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, vocab, (1, ctx + 1), generator=g)
     x, y = ids[:, :-1], ids[:, 1:]
@@ -202,7 +202,8 @@ def main():
     lines = [
         f"RWKV-6 (x060) L{a.layers} C{a.embd} head 64 ({pr / 1e6:.1f}M params) vs transformers LlamaForCausalLM "
         f"(SDPA, L{a.layers} C{a.embd}, MLP width matched: {pl / 1e6:.1f}M params), vocab {a.vocab}, fp32, batch 1, "
-        f"{a.threads} threads; one optimiser step = forward + cross-entropy + backward + AdamW; best of {a.steps} "
+        f"{a.threads} threads; one optimiser step = forward + cross-entropy + backward + AdamW (fused, both "
+        f"models); best of {a.steps} "
         f"steps after a warm-up, all models in one process with their steps interleaved (speed); each model "
         f"again in its own process for its peak RSS; 1-min load average "
         f"{load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs "

@@ -7,7 +7,7 @@ import torch
 
 from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
 from multimodal_rwkv.training.config import TrainConfig
-from multimodal_rwkv.training.loop import param_groups
+from multimodal_rwkv.training.loop import build_optimizer, param_groups
 from multimodal_rwkv.training.lm import L2Wrap
 from multimodal_rwkv.training.peft import (
     LoRALinear, apply_lora, enable_state_tuning, merge_lora, select_trainable, time_state_dict,
@@ -179,3 +179,32 @@ def test_atomic_write_gives_saved_files_the_usual_mode(tmp_path):
     atomic_write(tmp_path / "m.safetensors", lambda p: save_file({"a": torch.zeros(2)}, str(p)))
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
+
+
+def test_fused_adamw_by_default_and_equal_to_the_per_tensor_loop():
+    from accelerate.utils import DistributedType
+
+    optim = TrainConfig().optim
+    assert build_optimizer(tiny(), optim).defaults["fused"]
+    assert build_optimizer(tiny(), optim, DistributedType.MULTI_CPU).defaults["fused"]
+    assert not build_optimizer(tiny(), optim, DistributedType.FSDP).defaults["fused"]
+    assert not build_optimizer(tiny(), optim, DistributedType.DEEPSPEED).defaults["fused"]
+    models, opts = [], []
+    for fused in (True, False):
+        optim.fused = fused
+        m = tiny()
+        torch.manual_seed(0)
+        for p in m.parameters():
+            p.data.normal_()
+        models.append(m)
+        opts.append(build_optimizer(m, optim))
+        assert opts[-1].defaults["fused"] is fused
+    for step in range(3):
+        for m, opt in zip(models, opts):
+            g = torch.Generator().manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), n
+        assert not torch.equal(a, torch.zeros_like(a)), n

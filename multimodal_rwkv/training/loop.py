@@ -81,6 +81,19 @@ def param_groups(model, optim) -> list[dict]:
     return groups
 
 
+
+def build_optimizer(model, optim, distributed_type=None):
+    """AdamW over :func:`param_groups`; torch's fused kernel when ``optim.fused`` says so (``None``:
+    on unless the run is sharded by FSDP or DeepSpeed, which manage the optimiser themselves)."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    fused = optim.fused
+    if fused is None:
+        fused = distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, optim)]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+
 def retain_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse (no mmap for big blocks, no trimming).
 
@@ -536,11 +549,10 @@ class Trainer:
         if len(train_ds) == 0:
             raise ConfigError("data.train_file: the training set is empty")
 
-        groups = param_groups(model, cfg.optim)
-        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.optim.lr,
-                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        model, opt = acc.prepare(model, opt)
         from accelerate.utils import DistributedType
+
+        opt = build_optimizer(model, cfg.optim, acc.distributed_type)
+        model, opt = acc.prepare(model, opt)
 
         if acc.distributed_type == DistributedType.DEEPSPEED:
             if acc.gradient_accumulation_steps != cfg.train.grad_accum:
