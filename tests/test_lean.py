@@ -61,11 +61,12 @@ def count_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("version", ["x060", "x052"])
+@pytest.mark.parametrize("version,widths", [("x060", {}), ("x052", {}), ("x060", {"dim_att": 48, "dim_ffn": 80})])
 @pytest.mark.parametrize("T", [1, 11])
-def test_lean_forms_equal_plain_autograd(version, T, monkeypatch):
-    """Logits and the gradient of every parameter and every state input, fp64, with left padding."""
-    m = random_model(version)
+def test_lean_forms_equal_plain_autograd(version, widths, T, monkeypatch):
+    """Logits and the gradient of every parameter and every state input, fp64, with left padding
+    (also with an attention and a channel-mix width other than n_embd)."""
+    m = random_model(version, **widths)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 50, (3, T), generator=g)
     mask = torch.ones(3, T, dtype=torch.bool)
