@@ -20,9 +20,13 @@ import torch
 import torch.nn.functional as F
 
 
-def _prev(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x_{t-1}`` for every t, ``shift`` [B,C] before t=0 (as modeling._shift)."""
-    return torch.cat([shift.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x_{t-1}`` for every t: ``[B,T,C]`` with ``shift`` ``[B,C]`` as the token before t=0 (in
+    ``x``'s dtype). Shared by these forms and the plain ones in modeling.py."""
+    prev = shift.to(x.dtype).unsqueeze(1)
+    if x.shape[1] == 1:
+        return prev
+    return torch.cat([prev, x[:, :-1]], dim=1)
 
 
 def _shift_grads(dxx: torch.Tensor, dx: torch.Tensor):
@@ -54,7 +58,7 @@ class DDLerpProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg, decay, dw1, dw2):
         B, T, C = x.shape
-        xx = _prev(x, shift) - x
+        xx = token_shift(x, shift) - x
         th = torch.tanh((x + xx * maa_x).view(B * T, C) @ w1)  # [BT, 5R]
         m = torch.bmm(th.view(B * T, 5, -1).transpose(0, 1), w2).view(5, B, T, C)
         xw = x + xx * (maa_w + m[0])
@@ -76,7 +80,7 @@ class DDLerpProject(torch.autograd.Function):
         need = ctx.needs_input_grad
         B, T, C = x.shape
         BT = B * T
-        xx = _prev(x, shift) - x
+        xx = token_shift(x, shift) - x
         xxx = x + xx * maa_x
         m = torch.bmm(th.view(BT, 5, -1).transpose(0, 1), w2).view(5, B, T, C)
         maas = (maa_w, maa_k, maa_v, maa_r, maa_g)
@@ -136,7 +140,7 @@ class ChannelMixLean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shift, mu_k, mu_r, Wk, Wr, Wv):
-        xx = _prev(x, shift) - x
+        xx = token_shift(x, shift) - x
         h = F.linear(x + xx * mu_k, Wk)
         vo = F.linear(torch.relu(h).square(), Wv)
         rr = F.linear(x + xx * mu_r, Wr)
@@ -148,7 +152,7 @@ class ChannelMixLean(torch.autograd.Function):
     def backward(ctx, dout):
         x, shift, mu_k, mu_r, Wk, Wr, Wv, h, rr, vo = ctx.saved_tensors
         need = ctx.needs_input_grad
-        xx = _prev(x, shift) - x
+        xx = token_shift(x, shift) - x
         sr = torch.sigmoid(rr)
         dvo = dout * sr
         drr = dout * vo * sr * (1 - sr)

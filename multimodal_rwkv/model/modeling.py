@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from multimodal_rwkv.kernels import wkv6
 from multimodal_rwkv.model.config import RWKVConfig
-from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput
+from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, token_shift
 from multimodal_rwkv.model.state import RWKVState
 
 
@@ -100,13 +100,6 @@ def _lean(x: torch.Tensor, *linears: nn.Module) -> bool:
             and (x.requires_grad or any(m.weight.requires_grad for m in linears)))
 
 
-def _shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """``x_{t-1}`` for every t: ``[B,T,C]`` with ``prev`` ``[B,C]`` as the token before t=0."""
-    if x.shape[1] == 1:
-        return prev.unsqueeze(1)
-    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
-
-
 def _apply_pad_mask(x: torch.Tensor, prev: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Left padding: a pad position looks like "no token yet", i.e. it carries ``prev`` forward."""
     if mask is None:
@@ -172,7 +165,7 @@ class TimeMix(nn.Module):
                 self.value.weight, self.gate.weight, self.time_decay, self.time_decay_w1, self.time_decay_w2)
             r, k, v, logw = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), logw.view(B, T, H, N)
         elif self.v6:
-            prev = _shift(x, shift.to(x.dtype))
+            prev = token_shift(x, shift)
             xx = prev - x
             xxx = x + xx * self.time_maa_x
             m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
@@ -186,7 +179,7 @@ class TimeMix(nn.Module):
             wraw = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
             logw = -torch.exp(wraw.float()).view(B, T, H, N)
         else:
-            prev = _shift(x, shift.to(x.dtype))
+            prev = token_shift(x, shift)
             xk = x * self.time_mix_k + prev * (1 - self.time_mix_k)
             xv = x * self.time_mix_v + prev * (1 - self.time_mix_v)
             xr = x * self.time_mix_r + prev * (1 - self.time_mix_r)
@@ -243,7 +236,7 @@ class ChannelMix(nn.Module):
             out = ChannelMixLean.apply(x, shift, mu_k, mu_r, self.key.weight, self.receptance.weight,
                                        self.value.weight)
             return out, x[:, -1]
-        prev = _shift(x, shift.to(x.dtype))
+        prev = token_shift(x, shift)
         if self.v6:
             xx = prev - x
             xk = x + xx * self.time_maa_k

@@ -81,7 +81,6 @@ def param_groups(model, optim) -> list[dict]:
     return groups
 
 
-
 def build_optimizer(model, optim, distributed_type=None):
     """AdamW over :func:`param_groups`; torch's fused kernel when ``optim.fused`` says so (``None``:
     on unless the run is sharded by FSDP or DeepSpeed, which manage the optimiser themselves)."""
@@ -93,6 +92,7 @@ def build_optimizer(model, optim, distributed_type=None):
         fused = distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, optim)]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+
 
 def retain_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse (no mmap for big blocks, no trimming).
