@@ -86,9 +86,7 @@ def manual_flip_forward(m, ids, pv):
                 s += 1
             spans.append((b, s, e))
     zero = x.new_zeros(B, C)
-    for i, block in enumerate(lm.blocks):
-        if i == 0:
-            x = block.ln0(x)
+    for i, block in enumerate(lm.blocks):  # (block 0 applies ln0 itself)
         if i % 2 == 1:
             x = x.clone()
             for b, s, e in spans:

@@ -260,6 +260,10 @@ class Block(nn.Module):
         self.ffn = ChannelMix(config, layer_id)
 
     def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None):
+        # ln0 runs here, inside the block's own forward (as in RWKV-LM), not from the caller: FSDP
+        # gathers a wrapped block's parameters only around its forward.
+        if hasattr(self, "ln0"):
+            x = self.ln0(x)
         a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
         x = x + a
         f, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
@@ -330,8 +334,6 @@ class RWKVModel(RWKVPreTrainedModel):
             perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
             perm_mask = None if mask is None else mask.gather(1, scan_order.long())
         for i, block in enumerate(self.blocks):
-            if i == 0:
-                x = block.ln0(x)
             a_s = att_s[i] if att_s[i] is not None else zero
             f_s = ffn_s[i] if ffn_s[i] is not None else zero
             reorder = scan_order is not None and i % 2 == 1
