@@ -552,6 +552,11 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         opt = build_optimizer(model, cfg.optim, acc.distributed_type)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # our data loader is not prepared by accelerate, so DeepSpeed learns the micro-batch here
+            ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+            if ds_cfg.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds_cfg["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
         model, opt = acc.prepare(model, opt)
 
         if acc.distributed_type == DistributedType.DEEPSPEED:
