@@ -106,3 +106,38 @@ def test_import_is_fast():
     best = min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
                for _ in range(2))
     assert best < 3.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "m", "--prompt", "hi", "--top-p", "2"], "argument --top-p: must be in (0, 1], got 2"),
+    (["generate", "--model", "m", "--prompt", "hi", "--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
+    (["generate", "--model", "m", "--prompt", "hi", "--top-k", "-1"], "argument --top-k: must be an integer >= 0"),
+    (["generate", "--model", "m", "--prompt", "hi", "--temperature", "-1"], "argument --temperature: must be >= 0"),
+    (["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),
+    (["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "x"], "--max-new-tokens: not an integer: 'x'"),
+    (["generate", "--model", "m", "--prompt", "hi", "--presence-penalty", "nan"], "must be a finite number, got nan"),
+    (["vqa", "--model", "m", "--image", "i.png", "--question", "q", "--top-k", "-2"], "--top-k: must be an integer >= 0"),
+    (["eval-vqa", "--model", "m", "--questions", "q", "--output", "o", "--batch-size", "0"], "--batch-size: must be"),
+    (["vision-synth", "--out", "o", "--questions-per-image", "0"], "--questions-per-image: must be an integer >= 1"),
+    (["music", "generate", "--model", "m", "--out", "o.mid", "--seconds", "-3"], "argument --seconds: must be > 0"),
+    (["music", "generate", "--model", "m", "--out", "o.mid", "--seconds", "inf"], "must be a finite number, got inf"),
+    (["music", "generate", "--model", "m", "--out", "o.mid", "--max-tokens", "0"], "--max-tokens: must be an integer >= 1"),
+])
+def test_numeric_options_are_checked_before_any_work(args, message):
+    """Out-of-range sampling / size options: argparse's one-line error and exit 2, before a model is read
+    (the model paths here do not exist, so reaching the command would give another error)."""
+    r = run(*args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()[-1]) < 200
+
+
+def test_sampling_api_rejects_bad_values():
+    from multimodal_rwkv.music.generate import generate_music, sample_next
+    from multimodal_rwkv.vision.synthetic import generate_dataset
+
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        sample_next(torch.zeros(8), 1.0, top_k=-3)
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        generate_music(None, None, seconds=0)
+    with pytest.raises(ValueError, match="questions_per_image >= 1"):
+        generate_dataset("/nonexistent/x", n_train=1, n_test=0, questions_per_image=0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from multimodal_rwkv.argtypes import add_sampling_args, finite, int_min
 from multimodal_rwkv.errors import CheckpointError
 
 
@@ -14,12 +15,10 @@ def register(sub) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint file or folder")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.85)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int_min(1), default=100)
+    add_sampling_args(p, top_p=0.85)
+    p.add_argument("--presence-penalty", type=finite, default=0.0)
+    p.add_argument("--frequency-penalty", type=finite, default=0.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable), e.g. '\\n\\n'")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
@@ -68,8 +67,6 @@ def cmd_generate(args) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.encode().decode("unicode_escape") \
         if "\\n" in args.prompt else args.prompt
-    if args.max_new_tokens < 1:
-        raise CheckpointError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model = RWKVForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     tok = WorldTokenizer()
     _check_vocab(model, tok, args.model)

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min
 from multimodal_rwkv.errors import DataError, MidiError
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def register(subparsers) -> None:
     p.add_argument("--valid-permille", type=int, default=100, help="share of pieces in valid, per mille (default 100)")
     p.add_argument("--test-permille", type=int, default=100, help="share of pieces in test, per mille (default 100)")
     p.add_argument("--tokenizer-config", help="midi_tokenizer.json to use instead of the defaults")
-    p.add_argument("--workers", type=int, default=2, help="processes for the chorale conversion (default 2)")
+    p.add_argument("--workers", type=int_min(1), default=2, help="processes for the chorale conversion (default 2)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("generate", help="generate MIDI (or ABC) with a trained music model",
@@ -235,11 +236,10 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--out", required=True, help="output .mid (ABC models: .abc, or .mid via music21)")
     p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start)")
-    p.add_argument("--seconds", type=float, default=30.0, help="seconds of new music (MIDI; default 30)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="cap on new tokens (default 4096)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seconds", type=float_min(0, strict=True), default=30.0,
+                   help="seconds of new music (MIDI; default 30)")
+    p.add_argument("--max-tokens", type=int_min(1), default=4096, help="cap on new tokens (default 4096)")
+    add_sampling_args(p, top_p=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", help="also draw a piano roll here")
     p.set_defaults(func=cmd_generate)
@@ -255,7 +255,7 @@ def register(subparsers) -> None:
                                      "(data = the valid split it was measured on)")
     p.add_argument("--data", required=True, help=".npy file or folder of shards")
     p.add_argument("--ctx-len", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")
+    p.add_argument("--max-tokens", type=int_min(0), default=0, help="evaluate only the first N tokens (0 = all)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("roll", help="draw a piano roll of a MIDI file",

@@ -58,6 +58,8 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
     <= 0 is greedy. Ids >= ``allowed`` (padding beyond the tokenizer's vocabulary) are never drawn."""
     import torch
 
+    if top_k < 0 or not top_p > 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off) and top_p > 0; got top_k={top_k}, top_p={top_p}")
     x = logits.float().clone()
     if allowed is not None and allowed < x.numel():
         x[allowed:] = float("-inf")
@@ -154,6 +156,8 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
     Generation stops at ``<eos>``/separator, after ``seconds`` of new time shifts, or after
     ``max_new_tokens``. The result always decodes into a valid MIDI file.
     """
+    if not seconds > 0 or max_new_tokens < 1:
+        raise ValueError(f"generate_music: seconds must be > 0 and max_new_tokens >= 1; got {seconds}, {max_new_tokens}")
     p = midi_prompt_ids(tok, prompt)
     tracker = tok.seconds_tracker()
     for i in p:

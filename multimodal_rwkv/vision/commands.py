@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from multimodal_rwkv.argtypes import add_sampling_args, int_min
 from multimodal_rwkv.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ def register(sub) -> None:
     p.add_argument("--questions", required=True, help="questions .jsonl")
     p.add_argument("--image-folder", default=None, help="root of relative image paths (default: the file's folder)")
     p.add_argument("--output", required=True, help="answers .jsonl to write")
-    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together (default 16)")
-    p.add_argument("--limit", type=int, default=0, help="answer only the first N questions (0: all)")
+    p.add_argument("--batch-size", type=int_min(1), default=16, help="questions decoded together (default 16)")
+    p.add_argument("--limit", type=int_min(0), default=0, help="answer only the first N questions (0: all)")
     p.add_argument("--vision-tower", default=None, help="CLIP hub id/folder for a v060 .pth")
     _gen_args(p)
     p.set_defaults(func=_eval_vqa)
@@ -58,10 +59,10 @@ def register(sub) -> None:
                     "data.image_folder=data/synth/images output_dir=runs/visualrwkv_synthetic",
         formatter_class=_RAW)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n-train", type=int, default=4000, help="training images (default 4000)")
-    p.add_argument("--n-test", type=int, default=300, help="held-out test images (default 300)")
-    p.add_argument("--questions-per-image", type=int, default=3, help="questions per image (default 3)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--n-train", type=int_min(1), default=4000, help="training images (default 4000)")
+    p.add_argument("--n-test", type=int_min(0), default=300, help="held-out test images (default 300)")
+    p.add_argument("--questions-per-image", type=int_min(1), default=3, help="questions per image (default 3)")
+    p.add_argument("--size", type=int_min(16), default=64, help="image side in pixels (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multi-turn", action="store_true",
                    help="training records hold all questions about an image as one conversation")
@@ -71,11 +72,9 @@ def register(sub) -> None:
 
 
 def _gen_args(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int_min(1), default=128)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    add_sampling_args(p, top_p=1.0, temperature_help="with --do-sample")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
@@ -157,8 +156,6 @@ def _eval_vqa(args) -> int:
 def _synth(args) -> int:
     from multimodal_rwkv.vision.synthetic import generate_dataset
 
-    if args.n_train < 1 or args.n_test < 0 or args.size < 16:
-        raise DataError("vision-synth: need --n-train >= 1, --n-test >= 0, --size >= 16")
     extra = {}
     if args.object_scale is not None:
         lo, hi = args.object_scale

@@ -128,6 +128,9 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
     questions of different types (fewer if the scene allows fewer). ``multi_turn``: the training
     records hold all of an image's questions as one conversation (``<image>`` in the first turn);
     test questions are always single-turn."""
+    if n_train < 1 or n_test < 0 or questions_per_image < 1 or size < 16:
+        raise ValueError(f"generate_dataset: need n_train >= 1, n_test >= 0, questions_per_image >= 1 and "
+                         f"size >= 16; got {n_train}, {n_test}, {questions_per_image}, {size}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     splits = {}

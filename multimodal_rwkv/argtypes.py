@@ -1,0 +1,60 @@
+"""argparse ``type=`` checkers for the CLI's numeric options.
+
+A bad value becomes argparse's one-line usage error and exit code 2, e.g.
+``mmrwkv generate: error: argument --top-p: must be in (0, 1], got 2``."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(kind, text: str):
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+    if kind is float and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def int_min(lo: int):
+    """An integer >= ``lo``."""
+    def check(text: str) -> int:
+        v = _number(int, text)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text}")
+        return v
+    check.__name__ = f"integer >= {lo}"
+    return check
+
+
+def float_min(lo: float, strict: bool = False):
+    """A finite number >= ``lo`` (> ``lo`` if ``strict``)."""
+    def check(text: str) -> float:
+        v = _number(float, text)
+        if v < lo or (strict and v == lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo:g}, got {text}")
+        return v
+    check.__name__ = f"number {'>' if strict else '>='} {lo:g}"
+    return check
+
+
+def finite(text: str) -> float:
+    """Any finite number."""
+    return _number(float, text)
+
+
+def probability(text: str) -> float:
+    """A nucleus (top-p) mass in (0, 1]."""
+    v = _number(float, text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def add_sampling_args(p, *, top_p: float, temperature_help: str = "0 = greedy") -> None:
+    """--temperature (>= 0), --top-k (>= 0, 0 = off), --top-p (in (0, 1])."""
+    p.add_argument("--temperature", type=float_min(0), default=1.0, help=temperature_help)
+    p.add_argument("--top-k", type=int_min(0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=probability, default=top_p, help=f"nucleus mass in (0, 1] (default {top_p:g})")
