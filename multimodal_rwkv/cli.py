@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except MMRWKVError as e:
         print(f"mmrwkv {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the command could not read or write (permissions, a full disk, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mmrwkv {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

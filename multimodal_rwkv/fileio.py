@@ -41,6 +41,13 @@ def _new_file_mode() -> int:
 _FILE_MODE = _new_file_mode()  # read once at import: os.umask is process-wide, not thread-safe
 
 
+def ensure_parent(path) -> Path:
+    """Create the folder an output file goes into (like ``mkdir -p``); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)`` to produce the file, then move it into place atomically.
 

@@ -141,3 +141,14 @@ def test_sampling_api_rejects_bad_values():
         generate_music(None, None, seconds=0)
     with pytest.raises(ValueError, match="questions_per_image >= 1"):
         generate_dataset("/nonexistent/x", n_train=1, n_test=0, questions_per_image=0)
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "config.json").write_text('{"model_type": "rwkv6"}')
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    r = run("info", tmp_path / "config.json")
+    assert r.returncode == 2 and "config.json: a JSON file, not a checkpoint (for a model folder, give the folder)" in r.stderr
+    r = run("info", tmp_path / "a.png")
+    assert r.returncode == 2 and "a.png: not a PyTorch checkpoint (neither a zip nor a pickle file)" in r.stderr

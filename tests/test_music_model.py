@@ -68,7 +68,7 @@ def test_cli_generate_writes_midi_and_png(tiny_run, tmp_path, capsys):
     from multimodal_rwkv.cli import main
 
     final, data, _ = tiny_run
-    out, png = tmp_path / "song.mid", tmp_path / "roll.png"
+    out, png = tmp_path / "song.mid", tmp_path / "pics" / "roll.png"  # pics/ is created
     rc = main(["music", "generate", "--model", str(final), "--out", str(out), "--png", str(png),
                "--seconds", "3", "--max-tokens", "120", "--seed", "3", "--top-k", "20"])
     assert rc == 0

@@ -61,11 +61,14 @@ def test_read_questions_reports_bad_lines(tmp_path):
         json.dumps([1, 2]),
         "",
         json.dumps({"question_id": "q4", "image": "x.png", "question": "Pick", "choices": ["a", "b"], "answers": "A"}),
+        # LLaVA's eval question files: the question is "text"; a single "answer" is accepted too
+        json.dumps({"question_id": "llava", "image": "x.png", "text": "What is it?\nAnswer briefly.", "answer": "a"}),
     ]
     f = tmp_path / "q.jsonl"
     f.write_text("\n".join(lines) + "\n")
     qf = read_questions(f)
-    assert [q.question_id for q in qf.questions] == [1, "q4"]
+    assert [q.question_id for q in qf.questions] == [1, "q4", "llava"]
+    assert qf.questions[2].question == "What is it?\nAnswer briefly." and qf.questions[2].answers == ["a"]
     assert len(qf.bad_lines) == 5
     for n, why in ((2, "invalid JSON"), (3, "image file not found"), (4, "'question'"), (5, "duplicate"),
                    (6, "not a JSON object")):

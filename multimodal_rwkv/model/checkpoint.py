@@ -52,6 +52,10 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; classify the message
         msg = str(e)
+        if path.suffix.lower() == ".json":
+            raise CheckpointError(f"{path}: a JSON file, not a checkpoint (for a model folder, give the folder)") from None
+        if "Unsupported operand" in msg:  # bytes that are no pickle opcode: some other kind of file
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file)") from None
         if "Weights only load failed" in msg or "Unsupported global" in msg or "unsupported" in msg.lower() and "global" in msg.lower():
             raise CheckpointError(
                 f"{path}: contains pickled code or objects, refused (only plain tensors are loaded, weights_only=True)"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min
 from multimodal_rwkv.errors import DataError, MidiError
+from multimodal_rwkv.fileio import ensure_parent
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,10 @@ def cmd_tokenize(args) -> int:
             stream.extend(ids)
             stream.append(0)
     if args.out:
-        np.save(args.out, np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32))
-    tpn = tokens / notes if notes else float("nan")
+        np.save(ensure_parent(args.out), np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32))
+    tpn = f"{tokens / notes:.3f}" if notes else "-"
     print(f"tokenized {ok} files, skipped {bad} unreadable; {notes} notes, {tokens} tokens "
-          f"({tpn:.3f} tokens/note), {oor} notes out of range; vocab {tok.vocab_size}"
+          f"({tpn} tokens/note), {oor} notes out of range; vocab {tok.vocab_size}"
           + (f"; wrote {args.out}" if args.out else ""))
     return 0
 
@@ -78,7 +79,9 @@ def cmd_generate(args) -> int:
     from multimodal_rwkv.music.generate import generate_abc, generate_music, load_music_model
 
     model, tok = load_music_model(args.model)
-    out = Path(args.out)
+    out = ensure_parent(args.out)
+    if args.png:
+        ensure_parent(args.png)
     if isinstance(tok, AbcTokenizer):
         prompt = Path(args.prompt).read_text() if args.prompt else "X:1\n"
         text = generate_abc(prompt=prompt, max_bytes=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -169,7 +172,7 @@ def _eval_from_metrics(args, ids) -> int:
 def cmd_roll(args) -> int:
     from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
 
-    pianoroll_from_midi(args.midi, args.out, tokenizer=_tokenizer(args))
+    pianoroll_from_midi(args.midi, ensure_parent(args.out), tokenizer=_tokenizer(args))
     print(f"wrote {args.out}")
     return 0
 
@@ -185,7 +188,7 @@ def cmd_abc2midi(args) -> int:
     tunes = split_tunes(text) or [text]
     if not 0 <= args.index < len(tunes):
         raise DataError(f"{p}: has {len(tunes)} tunes, no index {args.index}")
-    abc_to_midi(tunes[args.index], args.out, name=str(p))
+    abc_to_midi(tunes[args.index], ensure_parent(args.out), name=str(p))
     print(f"wrote {args.out}")
     return 0
 

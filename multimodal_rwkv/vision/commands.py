@@ -10,6 +10,7 @@ import time
 
 from multimodal_rwkv.argtypes import add_sampling_args, int_min
 from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.fileio import ensure_parent
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "eval-vqa", help="answer a VQA questions file and score it",
-        description="Read JSONL lines {\"question_id\", \"image\", \"question\", \"answers\"?, \"choices\"?},\n"
+        description="Read JSONL lines {\"question_id\", \"image\", \"question\", \"answers\"?, \"choices\"?}\n"
+                    "(LLaVA's eval files, with \"text\" for the question, work too),\n"
                     "write {\"question_id\", \"answer\"} lines, and print VQAv2 soft accuracy (standard answer\n"
                     "normalisation; exact letter match when \"choices\" is given) if answers are present.\n"
                     "Bad lines are reported (file:line: reason) and skipped.\n\n"
@@ -117,7 +119,7 @@ def _eval_vqa(args) -> int:
     scores, by_type = [], {}
     n_bad_images = 0
     t0 = time.perf_counter()
-    tmp = args.output + ".tmp"
+    tmp = str(ensure_parent(args.output)) + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for s in range(0, len(questions), max(args.batch_size, 1)):
             chunk = questions[s:s + args.batch_size]

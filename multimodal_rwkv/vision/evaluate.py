@@ -130,7 +130,8 @@ def mc_accuracy(prediction: str, answers: list[str], choices: list[str]) -> floa
 
 @dataclass
 class VQAQuestion:
-    """One line of a questions file: {"question_id", "image", "question", "answers"?, "choices"?, "type"?}."""
+    """One line of a questions file: {"question_id", "image", "question", "answers"?, "choices"?, "type"?}
+    (LLaVA's eval files' "text" is read as "question", and a single "answer" as "answers")."""
 
     question_id: object
     image: str
@@ -194,9 +195,13 @@ def read_questions(path, image_folder=None) -> QuestionFile:
 def _parse_question(d, root: Path, where: str) -> VQAQuestion:
     if not isinstance(d, dict):
         raise DataError("line is not a JSON object")
+    if "question" not in d and "text" in d:  # LLaVA's eval question files call the question "text"
+        d = {**d, "question": d["text"]}
+    if "answers" not in d and "answer" in d:
+        d = {**d, "answers": d["answer"]}
     for k in ("question_id", "image", "question"):
         if k not in d:
-            raise DataError(f"missing {k!r}")
+            raise DataError(f"missing {k!r}" + (" (or LLaVA's 'text')" if k == "question" else ""))
     if not isinstance(d["question"], str) or not d["question"].strip():
         raise DataError("'question' must be a non-empty string")
     if not isinstance(d["image"], str) or not d["image"]:
