@@ -22,6 +22,9 @@ Backends:
   falls back: it runs or raises :class:`KernelError`.
 
 Importing this package does not import triton (it is imported on the first Triton call).
+
+Also here, not a WKV backend: :mod:`.cpu_rows`, a C++ CPU kernel for the 2-16-row fp32 products of
+batched decoding (``model.modeling.Linear`` uses it; built on first use, with a fallback).
 """
 from __future__ import annotations
 
