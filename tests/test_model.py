@@ -406,3 +406,23 @@ def test_linear_few_row_split_equals_f_linear(shape, threads, out_features):
         torch.testing.assert_close(lin.weight.grad, w2.grad, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(old)
+
+
+def test_bad_inputs_are_clear_value_errors():
+    torch.manual_seed(0)
+    m = RWKVForCausalLM(RWKVConfig(vocab_size=50, n_layer=1, n_embd=32, head_size=16))
+    ok = torch.tensor([[1, 2, 3]])
+    for ids, msg in ((torch.tensor([[1, 50]]), "id 50, outside the model's vocabulary [0, 50)"),
+                     (torch.tensor([[-1, 2]]), "id -1, outside"),
+                     (torch.tensor([[1.0, 2.0]]), "must hold integer ids"),
+                     (torch.zeros(1, 0, dtype=torch.long), "T >= 1, got (1, 0)"),
+                     (torch.tensor([1, 2]), "[B, T] tensor with T >= 1, got (2,)")):
+        with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            m(ids)
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        m(inputs_embeds=torch.zeros(1, 0, 32))
+    with pytest.raises(ValueError, match=r"labels must have the input's shape \(1, 3\), got \(1, 2\)"):
+        m(ok, labels=ok[:, :2])
+    with pytest.raises(ValueError, match="T >= 1"):
+        m.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    assert m(ok.int()).logits.shape == (1, 3, 50)  # int32 ids are fine

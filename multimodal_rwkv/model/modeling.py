@@ -105,6 +105,21 @@ def _lean(x: torch.Tensor, *linears: nn.Module) -> bool:
             and (x.requires_grad or any(m.weight.requires_grad for m in linears)))
 
 
+def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """``[B, T]`` integer ids with T >= 1, inside the vocabulary (checked on CPU, where it costs
+    nothing; on CUDA the check would wait for the device at every step)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"input_ids must be a [B, T] tensor with T >= 1, got {shape}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer ids, got {ids.dtype}")
+    if ids.device.type == "cpu" and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"input_ids hold id {lo if lo < 0 else hi}, outside the model's vocabulary "
+                             f"[0, {vocab_size})")
+
+
 def _apply_pad_mask(x: torch.Tensor, prev: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Left padding: a pad position looks like "no token yet", i.e. it carries ``prev`` forward."""
     if mask is None:
@@ -314,6 +329,10 @@ class RWKVModel(RWKVPreTrainedModel):
     def forward(self, input_ids=None, inputs_embeds=None, state=None, attention_mask=None, scan_order=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            _check_ids(input_ids, self.config.vocab_size)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds must be [B, T, C] with T >= 1, got shape {tuple(inputs_embeds.shape)}")
         x = self.emb(input_ids) if inputs_embeds is None else inputs_embeds.to(self.emb.weight.dtype)
         B, T, C = x.shape
         mask = None
@@ -504,6 +523,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+            if tuple(labels.shape) != tuple(logits.shape[:2]):
+                raise ValueError(f"labels must have the input's shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
             # shift the labels, not the logits (as transformers does): slicing the [B,T,V] logits
             # would add a full-size zero-filled gradient buffer in backward
             targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
