@@ -105,6 +105,10 @@ def test_state_is_not_modified_and_supports_batch_ops():
         assert cat.equal(st)
         rep = st[2].expand(4)
         assert rep.batch_size == 4 and torch.equal(rep.wkv[0][3], st.wkv[0][2])
+        assert st[-1].equal(st[2]) and st[-3].equal(st[0])
+        for bad in (3, -4):
+            with pytest.raises(IndexError, match=f"state row {bad} out of range for batch 3"):
+                st[bad]
     L, C, H, N = 3, 64, 4, 16
     assert st.nbytes_per_stream() == L * (2 * C * 4 + H * N * N * 4)
 

@@ -459,3 +459,19 @@ def test_decode_accepts_a_single_id_like_transformers():
 
     tok = WorldTokenizer()
     assert tok.decode(33155) == tok.decode([33155]) == "Hello"
+
+
+def test_call_is_transformers_style_with_left_padding(tok):
+    torch = pytest.importorskip("torch")
+    assert tok("Hello world") == {"input_ids": tok.encode("Hello world"), "attention_mask": [1, 1]}
+    long, short = tok.encode("Hello world, a longer one"), tok.encode("Hi")
+    b = tok(["Hello world, a longer one", "Hi"], padding=True, return_tensors="pt")
+    n = len(long)
+    assert b["input_ids"].tolist() == [long, [0] * (n - len(short)) + short]
+    assert b["attention_mask"].tolist() == [[1] * n, [0] * (n - len(short)) + [1] * len(short)]
+    assert tok(["a", "bb"])["input_ids"] == [tok.encode("a"), tok.encode("bb")]  # lists, unpadded
+    assert tok("x", return_tensors="pt")["input_ids"].shape == (1, len(tok.encode("x")))
+    with pytest.raises(ValueError, match="padding=True"):
+        tok(["Hello world, a longer one", "Hi"], return_tensors="pt")
+    with pytest.raises(ValueError, match="only 'pt'"):
+        tok("x", return_tensors="np")

@@ -79,6 +79,8 @@ class RWKVState:
     def __getitem__(self, idx) -> "RWKVState":
         """Rows of the batch: ``state[i]`` keeps a batch dimension of 1; slices and index tensors work."""
         if isinstance(idx, int):
+            if not -self.batch_size <= idx < self.batch_size:
+                raise IndexError(f"state row {idx} out of range for batch {self.batch_size}")
             idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
         return self._map(lambda t: t[idx])
 

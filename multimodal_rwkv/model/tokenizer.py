@@ -699,6 +699,31 @@ class WorldTokenizer:
         """:meth:`encode` for each text."""
         return [self.encode(t) for t in texts]
 
+    def __call__(self, text: str | Sequence[str], padding: bool = False, return_tensors: str | None = None) -> dict:
+        """transformers-style: ``{"input_ids", "attention_mask"}`` for a text or a list of texts.
+
+        ``padding=True`` pads a list on the **left** with id 0 (mask 0), the side the model's
+        batched prompts use (``model.generate(**tok(texts, padding=True, return_tensors="pt"))``).
+        ``return_tensors="pt"`` gives ``[B, T]`` tensors (a single text: ``[1, T]``)."""
+        single = isinstance(text, str)
+        ids = self.encode_batch([text] if single else list(text))
+        if padding:
+            n = max(map(len, ids), default=0)
+            mask = [[0] * (n - len(x)) + [1] * len(x) for x in ids]
+            ids = [[0] * (n - len(x)) + x for x in ids]
+        else:
+            mask = [[1] * len(x) for x in ids]
+        if return_tensors == "pt":
+            if len({len(x) for x in ids}) > 1:
+                raise ValueError("texts of different token lengths: pass padding=True for tensors")
+            import torch
+
+            return {"input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1),
+                    "attention_mask": torch.tensor(mask, dtype=torch.long).reshape(len(ids), -1)}
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' or None")
+        return {"input_ids": ids[0], "attention_mask": mask[0]} if single else {"input_ids": ids, "attention_mask": mask}
+
     # -- decoding -------------------------------------------------------------------------------
     def _check_ids(self, ids) -> list:
         if type(ids) is not list:
