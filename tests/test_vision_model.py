@@ -166,6 +166,7 @@ def test_answer_batch_matches_single_answers_and_prefix_reuse(tok, base):
     single = [m.answer(imgs[i % 2], q, max_new_tokens=4) for i, q in enumerate(qs)]
     batch = m.answer_batch([imgs[i % 2] for i in range(3)], qs, max_new_tokens=4)
     noreuse = m.answer_batch([imgs[i % 2] for i in range(3)], qs, max_new_tokens=4, reuse_image_prefix=False)
+    assert m.answer_batch([], []) == []
     assert batch == single == noreuse
     # the left-padded batch of question suffixes starts from exact copies of the image state
     lg, st = m.prefill_questions(imgs[0], qs)

@@ -117,6 +117,24 @@ def test_tensor_inputs():
         as_pil(torch.zeros(2, 3, 4, 5))
 
 
+def test_numpy_inputs_are_hwc_like_pil():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    a.setflags(write=False)  # e.g. np.asarray(pil_image)
+    assert np.array_equal(np.asarray(as_pil(a)), a)
+    assert np.array_equal(np.asarray(as_pil(a.astype(np.float32) / 255)), a)
+    g = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    assert np.array_equal(np.asarray(as_pil(g)), np.repeat(g[..., None], 3, axis=-1))
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red; the rest transparent: white, as for a PIL RGBA image
+    out = np.asarray(as_pil(rgba))
+    assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[1, 1]) == (255, 255, 255)
+    with pytest.raises(DataError, match=r"image array must be"):
+        as_pil(np.zeros((2, 3, 4, 5)))
+    with pytest.raises(DataError, match="expected an image"):
+        as_pil(None)
+
+
 # ---------------------------------------------------------------------------------- bad files
 def test_bad_image_files_name_the_file(tmp_path):
     empty = tmp_path / "empty.png"

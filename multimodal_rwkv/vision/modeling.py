@@ -496,6 +496,8 @@ class VisualRWKV(nn.Module):
         for image_first)."""
         from multimodal_rwkv import RWKVState
 
+        if not questions:
+            return []
         if not isinstance(images, (list, tuple)):
             images = [images] * len(questions)
         if len(images) != len(questions):

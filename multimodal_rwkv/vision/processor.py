@@ -129,7 +129,7 @@ def image_from_tensor(t) -> Image.Image:
     import torch
 
     if not isinstance(t, torch.Tensor):
-        raise DataError(f"expected an image tensor, got {type(t).__name__}")
+        raise DataError(f"expected an image (a path, PIL image, tensor or numpy array), got {type(t).__name__}")
     x = t.detach().cpu()
     if x.dim() == 3 and x.shape[0] in (1, 3):
         x = x.permute(1, 2, 0)
@@ -149,11 +149,23 @@ def image_from_tensor(t) -> Image.Image:
 
 
 def as_pil(image, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Path, PIL image or raw tensor -> RGB PIL image."""
+    """Path, PIL image, raw tensor (CHW) or numpy array (HWC or HW, as PIL and OpenCV give them;
+    uint8, or float in [0, 1]) -> RGB PIL image."""
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
         return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        import torch
+
+        a = np.array(image)  # a writable, contiguous copy
+        if a.ndim == 3 and a.shape[-1] == 4 and a.dtype == np.uint8:
+            return to_rgb(Image.fromarray(a, "RGBA"))
+        if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
+            return image_from_tensor(torch.from_numpy(np.array(a[..., :3])).permute(2, 0, 1))
+        if a.ndim == 2:
+            return image_from_tensor(torch.from_numpy(a))
+        raise DataError(f"image array must be [H,W,3], [H,W,4], [H,W,1] or [H,W]; got {a.shape}")
     return image_from_tensor(image)
 
 
