@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from multimodal_rwkv.errors import CheckpointError, MidiError
+from multimodal_rwkv.fileio import ensure_parent
 from multimodal_rwkv.music.abc import TOKENIZER_FILENAME as ABC_FILE
 from multimodal_rwkv.music.abc import AbcTokenizer
 from multimodal_rwkv.music.midi_tokenizer import TOKENIZER_FILENAME as MIDI_FILE
@@ -205,11 +206,11 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
         raise MidiError(f"{model_dir}: an ABC model; use generate_abc")
     res = generate_music(model, tok, prompt, seconds, max_new_tokens, temperature, top_k, top_p, seed, progress)
     if out is not None:
-        res.midi.save(str(out))
+        res.midi.save(str(ensure_parent(out)))
     if png is not None:
         from multimodal_rwkv.music.pianoroll import render_pianoroll
 
-        render_pianoroll(res.notes, png, steps_per_beat=tok.config.steps_per_beat, prompt_end=res.prompt_end or None, tokenizer=tok)
+        render_pianoroll(res.notes, ensure_parent(png), steps_per_beat=tok.config.steps_per_beat, prompt_end=res.prompt_end or None, tokenizer=tok)
     return res.midi
 
 
