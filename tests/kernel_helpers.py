@@ -31,3 +31,14 @@ def rel_rms(a, b):
     """RMS(a-b)/RMS(b), in float64 (fla's metric)."""
     a, b = a.double(), b.double()
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-300)).item()
+
+
+def require_backend(backend):
+    """Skip a test of the C++ ``cpu`` backend where its kernels cannot be built (no AVX-512 or compiler)."""
+    if backend == "cpu":
+        import pytest
+
+        from multimodal_rwkv.kernels import cpu
+
+        if cpu.extension() is None:
+            pytest.skip(f"C++ CPU kernels unavailable: {cpu.status()}")

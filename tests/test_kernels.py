@@ -9,7 +9,7 @@ import torch
 from multimodal_rwkv.errors import KernelError
 from multimodal_rwkv.kernels import wkv6, wkv6_reference
 from multimodal_rwkv.kernels.torch_chunked import wkv6_chunked, wkv6_recurrent
-from kernel_helpers import make_inputs, rel_rms
+from kernel_helpers import make_inputs, rel_rms, require_backend
 
 
 def closed_form(r, k, v, w, u, s0):
@@ -58,9 +58,10 @@ def test_reference_hand_example():
 FWD_CASES = list(itertools.product([1, 17, 64, 130], [False, True], ["weak", "mixed", "strong"]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 @pytest.mark.parametrize("T,with_state,decay", FWD_CASES)
 def test_forward_fp32_vs_fp64_reference(backend, T, with_state, decay):
+    require_backend(backend)
     x64 = make_inputs(2, T, 3, 16, V=8, decay=decay, with_state=with_state, seed=T)
     o_ref, s_ref = wkv6_reference(*x64, output_final_state=True)
     x32 = [None if x is None else x.float() for x in x64]
@@ -99,7 +100,7 @@ def _grads(fn, xs, seed=0):
     return [None if x is None else x.grad for x in xs]
 
 
-@pytest.mark.parametrize("fn_name", ["chunked", "recurrent", "wkv6_torch"])
+@pytest.mark.parametrize("fn_name", ["chunked", "recurrent", "wkv6_torch", "wkv6_cpu"])
 @pytest.mark.parametrize("T,with_state,decay", [(1, True, "mixed"), (17, True, "strong"), (64, False, "weak"),
                                                 (130, True, "mixed"), (130, True, "strong")])
 def test_gradients_vs_reference(fn_name, T, with_state, decay):
@@ -107,15 +108,20 @@ def test_gradients_vs_reference(fn_name, T, with_state, decay):
         "chunked": lambda *a: wkv6_chunked(*a, output_final_state=True),
         "recurrent": lambda *a: wkv6_recurrent(*a, output_final_state=True),
         "wkv6_torch": lambda *a: wkv6(*a, output_final_state=True, backend="torch"),
+        "wkv6_cpu": lambda *a: wkv6(*a, output_final_state=True, backend="cpu"),
     }
     xs = make_inputs(2, T, 2, 8, V=4, decay=decay, with_state=with_state, seed=11 + T)
+    tol = 1e-8
+    if fn_name == "wkv6_cpu":  # fp32 inside, fp64 gradients out
+        require_backend("cpu")
+        xs, tol = [None if x is None else x.float() for x in xs], 1e-5
     g_ref = _grads(lambda *a: wkv6_reference(*a, output_final_state=True), xs)
     g = _grads(fns[fn_name], xs)
     for name, a, b in zip("r k v w u s0".split(), g, g_ref):
         if b is None:
             continue
         assert torch.isfinite(a).all(), name
-        assert rel_rms(a, b) < 1e-8, name
+        assert rel_rms(a, b) < tol, name
 
 
 def test_gradient_only_through_final_state():
@@ -134,10 +140,12 @@ def test_gradient_only_through_final_state():
         assert rel_rms(a.grad, b.grad) < 1e-8
 
 
-def test_fp32_gradients_strong_decay_finite_and_close():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_fp32_gradients_strong_decay_finite_and_close(backend):
+    require_backend(backend)
     xs = make_inputs(1, 200, 2, 16, decay="strong", seed=9)
     g_ref = _grads(lambda *a: wkv6_reference(*a, output_final_state=True), xs)
-    g = _grads(lambda *a: wkv6(*a, output_final_state=True, backend="torch"), [x.float() for x in xs])
+    g = _grads(lambda *a: wkv6(*a, output_final_state=True, backend=backend), [x.float() for x in xs])
     for name, a, b in zip("r k v w u s0".split(), g, g_ref):
         assert torch.isfinite(a).all(), name
         assert rel_rms(a, b) < 1e-4, name
@@ -162,7 +170,8 @@ def test_split_state_equals_full():
 def test_final_state_none_unless_requested_and_inputs_unchanged():
     x = [t.float() for t in make_inputs(1, 20, 2, 8, seed=4)]
     before = [t.clone() for t in x]
-    for backend in ("auto", "torch", "reference"):
+    for backend in ("auto", "torch", "cpu", "reference"):
+        require_backend(backend)
         o, s = wkv6(*x, backend=backend)
         assert s is None and o.shape == (1, 20, 2, 8)
         o, s = wkv6(*x[:5], backend=backend)
@@ -171,11 +180,13 @@ def test_final_state_none_unless_requested_and_inputs_unchanged():
         assert torch.equal(a, b)
 
 
-def test_bf16_inputs_output_dtype_and_accuracy():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bf16_inputs_output_dtype_and_accuracy(backend):
+    require_backend(backend)
     x64 = make_inputs(1, 40, 2, 16, seed=8)
     o_ref, s_ref = wkv6_reference(*x64, output_final_state=True)
     xb = [t.to(torch.bfloat16) for t in x64[:5]] + [x64[5].float()]
-    o, s = wkv6(*xb, output_final_state=True, backend="torch")
+    o, s = wkv6(*xb, output_final_state=True, backend=backend)
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
     assert rel_rms(o, o_ref) < 2e-2  # bf16 input rounding dominates
 
@@ -205,8 +216,9 @@ def test_triton_backend_on_cpu_raises_outside_interpreter():
         wkv6(r, k, v, w, u, s0, backend="triton")
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 def test_constant_decay_expanded_and_noncontiguous_inputs(backend):
+    require_backend(backend)
     # x052 (RWKV-5) style: one decay per head/channel, broadcast over B and T with expand (stride 0);
     # r, k, v as non-contiguous views of a fused projection.
     B, T, H, K = 2, 45, 3, 8
@@ -221,8 +233,9 @@ def test_constant_decay_expanded_and_noncontiguous_inputs(backend):
     assert rel_rms(o, o_ref) <= 1e-5 and rel_rms(s, s_ref) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "reference"])
 def test_empty_sequence_returns_initial_state(backend):
+    require_backend(backend)
     r, k, v, w, u, s0 = [t.float() for t in make_inputs(2, 3, 2, 8, seed=1)]
     o, s = wkv6(r[:, :0], k[:, :0], v[:, :0], w[:, :0], u, s0, True, backend=backend)
     assert o.shape == (2, 0, 2, 8) and torch.equal(s, s0)

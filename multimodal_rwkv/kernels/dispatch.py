@@ -9,7 +9,7 @@ from multimodal_rwkv.errors import KernelError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
 # On CPU the plain step loop beats the chunked form for short inputs (decode, tiny prefill).
 CPU_STEP_LOOP_MAX_T = 16
 # On CUDA the recurrent decode kernel is used for inference with T at most this.
@@ -92,6 +92,14 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
         return o, s
     if backend == "torch":
         return _run_torch(r, k, v, w, u, initial_state, out_final)
+    if backend == "cpu":
+        from multimodal_rwkv.kernels import cpu
+
+        if not cpu.wkv6_cpu_usable(r, v):
+            why = ("it runs CPU tensors of float32/bfloat16/float16 only" if r.device.type != "cpu"
+                   or torch.float64 in (r.dtype, v.dtype) else f"the C++ kernels are unavailable: {cpu.status()}")
+            raise KernelError(f"wkv6: backend 'cpu' cannot run here: {why}")
+        return cpu.wkv6_cpu(r, k, v, w, u, initial_state, out_final)
     if backend == "triton":
         return _run_triton(r, k, v, w, u, initial_state, out_final, allow_decode=True)
     # auto: Triton on CUDA when it can run these inputs, else the torch backend (logged once)
@@ -102,6 +110,11 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
         if why not in _WARNED:
             _WARNED.add(why)
             logger.warning("wkv6 auto: using the torch backend on CUDA because %s", why)
+    elif r.device.type == "cpu":
+        from multimodal_rwkv.kernels import cpu
+
+        if cpu.wkv6_cpu_usable(r, v):
+            return cpu.wkv6_cpu(r, k, v, w, u, initial_state, out_final)
     return _run_torch(r, k, v, w, u, initial_state, out_final)
 
 

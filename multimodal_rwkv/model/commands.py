@@ -135,8 +135,8 @@ def cmd_env(args) -> int:
             print(f"{mod:<13} {getattr(m, '__version__', 'installed')}")
         except Exception:  # noqa: BLE001
             print(f"{mod:<13} not installed")
-    from multimodal_rwkv.kernels import cpu_rows
+    from multimodal_rwkv.kernels import cpu
 
-    cpu_rows.few_rows_linear(torch.zeros(2, 16), torch.zeros(1, 16))  # builds it on first use
-    print(f"cpu kernel    few-rows decode products: {cpu_rows.status()}")
+    cpu.extension()  # builds the C++ kernels on first use
+    print(f"cpu kernels   C++ WKV-6 and few-rows decode products: {cpu.status()}")
     return 0

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from multimodal_rwkv.kernels import cpu_rows, wkv6
+from multimodal_rwkv.kernels import cpu, wkv6
 from multimodal_rwkv.model.config import RWKVConfig
 from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, token_shift
 from multimodal_rwkv.model.state import RWKVState
@@ -65,7 +65,7 @@ class Linear(nn.Linear):
     With rows <= 16 and several threads, the weight's output rows are cut into blocks
     (:func:`_row_blocks`) and the product is one ``bmm``, which runs its batch in parallel: the
     head takes 5.5-6 ms for one row. For 2-16 rows without autograd, the C++ kernel of
-    :mod:`multimodal_rwkv.kernels.cpu_rows` reads the weight once for all rows (8 rows: 8.8 ms
+    :mod:`multimodal_rwkv.kernels.cpu` reads the weight once for all rows (8 rows: 8.8 ms
     instead of 13). Each output is the same dot product; only the summation order inside it may
     differ. Other cases (many rows, bf16/fp16, CUDA, one thread) call ``F.linear``."""
 
@@ -76,7 +76,7 @@ class Linear(nn.Linear):
             out_f, in_f = w.shape
             rows = x.reshape(-1, in_f)
             if rows.shape[0] > 1:
-                y = cpu_rows.few_rows_linear(rows, w)
+                y = cpu.few_rows_linear(rows, w)
                 if y is not None:
                     return y.reshape(*x.shape[:-1], out_f)
             n = torch.get_num_threads()

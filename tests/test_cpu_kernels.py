@@ -1,17 +1,17 @@
-"""The CPU few-rows kernel (kernels/cpu_rows.py) against the plain product, and where it applies."""
+"""The C++ CPU kernels (kernels/cpu.py, cpu_kernels.cpp) against their plain twins, and where they apply."""
 import pytest
 import torch
 
-from multimodal_rwkv.kernels import cpu_rows
+from multimodal_rwkv.kernels import cpu
 from multimodal_rwkv.model.modeling import Linear
 
 
 @pytest.fixture(scope="module")
 def kernel():
     x, w = torch.randn(2, 16), torch.randn(4, 16)
-    if cpu_rows.few_rows_linear(x, w) is None:
-        pytest.skip(f"CPU few-rows kernel not available here: {cpu_rows.status()}")
-    return cpu_rows
+    if cpu.few_rows_linear(x, w) is None:
+        pytest.skip(f"CPU few-rows kernel not available here: {cpu.status()}")
+    return cpu
 
 
 @pytest.mark.parametrize("m", range(2, 17))
@@ -56,12 +56,12 @@ def test_switched_off_falls_back_to_the_plain_product():
     import subprocess
     import sys
 
-    code = ("import torch; from multimodal_rwkv.kernels import cpu_rows; from multimodal_rwkv.model.modeling import Linear\n"
+    code = ("import torch; from multimodal_rwkv.kernels import cpu as cpu; from multimodal_rwkv.model.modeling import Linear\n"
             "x, w = torch.randn(4, 32), torch.randn(8, 32)\n"
-            "assert cpu_rows.few_rows_linear(x, w) is None\n"
+            "assert cpu.few_rows_linear(x, w) is None\n"
             "lin = Linear(32, 8, bias=False)\n"
             "with torch.no_grad(): torch.testing.assert_close(lin(x), x @ lin.weight.t())\n"
-            "print(cpu_rows.status())")
+            "print(cpu.status())")
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MMRWKV_CPU_KERNEL="0"),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

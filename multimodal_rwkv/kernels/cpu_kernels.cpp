@@ -1,0 +1,201 @@
+// C++ CPU kernels of multimodal_rwkv (built on first use by multimodal_rwkv/kernels/cpu.py).
+//
+// few_rows_linear: y = x @ w.T for 1-16 rows of x (batched decode), reading the weight once.
+// wkv6_forward / wkv6_backward: the WKV-6 recurrence, step by step in fp32, with its exact
+//   gradients; the backward recomputes the states of one chunk at a time from states saved at
+//   chunk starts by the forward.
+//
+// Shapes (all fp32, contiguous): r, k, w [B,T,H,K]; v, o [B,T,H,V]; u [H,K]; states [B,H,K,V].
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// ------------------------------------------------------------------------- few-rows product
+// y[m, n] = x[m, :] . w[n, :] for NR weight rows at a time; K % 16 == 0.
+template <int M, int NR>
+static void rows_block(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n + NR <= n1; n += NR) {
+    __m512 acc[NR][M];
+    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
+      _Pragma("GCC unroll 16") for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    const float* wr = w + n * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 b[NR];
+      _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {
+        b[r] = _mm512_loadu_ps(wr + r * K + k);
+        _mm_prefetch((const char*)(wr + (r + NR) * K + k), _MM_HINT_T0);
+      }
+      _Pragma("GCC unroll 16") for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+        _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(xv, b[r], acc[r][m]);
+      }
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+  }
+}
+
+template <int M>
+static void rows(const float* x, const float* w, float* y, int64_t K, int64_t N) {
+  constexpr int NR = M <= 8 ? 4 : 2;  // M * NR accumulators + NR weight vectors in 32 registers
+  const int64_t blocks = N / NR;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    rows_block<M, NR>(x, w, y, K, N, b0 * NR, b1 * NR);
+  });
+  rows_block<M, 1>(x, w, y, K, N, blocks * NR, N);  // the last N % NR rows
+}
+
+torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "few_rows_linear: shapes");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "few_rows_linear: fp32 only");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) % 16 == 0, "few_rows_linear: layout");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (M) {
+#define ROWS(i) case i: rows<i>(xp, wp, yp, K, N); break;
+    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+    ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
+#undef ROWS
+    default: TORCH_CHECK(false, "few_rows_linear: 1..16 rows");
+  }
+  return y;
+}
+
+// ------------------------------------------------------------------------------------ WKV-6
+// Per (batch, head), with S [K,V] the state before step t and e = exp(w_t):
+//   o_t = r_t S + (r_t . (u * k_t)) v_t          S <- diag(e) S + k_t^T v_t
+static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
+                      const torch::Tensor& w, const torch::Tensor& u) {
+  for (const auto* t : {&r, &k, &v, &w, &u})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "wkv6 cpu: fp32 contiguous inputs");
+  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && w.sizes() == r.sizes() && v.dim() == 4, "wkv6 cpu: shapes");
+}
+
+// s: [B,H,K,V] initial state in, final state out. saved: [B,H,NC,K,V] (the state before step
+// c*L) or an empty tensor (inference: nothing saved).
+void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u,
+                  torch::Tensor s, torch::Tensor o, torch::Tensor saved, int64_t L) {
+  check_wkv(r, k, v, w, u);
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  const bool save = saved.numel() > 0;
+  const int64_t NC = save ? saved.size(2) : 0;
+  const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>();
+  float *sp = s.data_ptr<float>(), *op = o.data_ptr<float>();
+  float* savp = save ? saved.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
+    std::vector<float> acc(V);
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float* S = sp + bh * K * V;
+      const float* uh = up + h * K;
+      for (int64_t t = 0; t < T; ++t) {
+        if (save && t % L == 0) std::memcpy(savp + (bh * NC + t / L) * K * V, S, sizeof(float) * K * V);
+        const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
+        const float *rt = rp + ik, *kt = kp + ik, *wt = wp + ik, *vt = vp + iv;
+        float c = 0.f;
+#pragma omp simd reduction(+ : c)
+        for (int64_t i = 0; i < K; ++i) c += rt[i] * uh[i] * kt[i];
+        for (int64_t j = 0; j < V; ++j) acc[j] = c * vt[j];
+        for (int64_t i = 0; i < K; ++i) {
+          const float ri = rt[i], ei = std::exp(wt[i]), ki = kt[i];
+          float* __restrict Si = S + i * V;
+          for (int64_t j = 0; j < V; ++j) {
+            acc[j] += ri * Si[j];
+            Si[j] = ei * Si[j] + ki * vt[j];
+          }
+        }
+        std::memcpy(op + iv, acc.data(), sizeof(float) * V);
+      }
+    }
+  });
+}
+
+// ds: gradient of the final state in, gradient of the initial state out. du: [B,H,K] (summed
+// over B by the caller). Backward, t = T-1 .. 0, with S the state before step t, G the gradient
+// of the state after it, do = dL/do_t, dc = do . v_t, c = r_t . (u * k_t):
+//   dr_t[i] = do . S[i,:] + dc u[i] k_t[i]       dk_t[i] = G[i,:] . v_t + dc r_t[i] u[i]
+//   dv_t    = c do + k_t G                        dw_t[i] = e[i] (G[i,:] . S[i,:])
+//   du[i]  += dc r_t[i] k_t[i]                    G <- diag(e) G + r_t^T do
+void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u,
+                   torch::Tensor saved, torch::Tensor dout, torch::Tensor ds, torch::Tensor dr, torch::Tensor dk,
+                   torch::Tensor dv, torch::Tensor dw, torch::Tensor du, int64_t L) {
+  check_wkv(r, k, v, w, u);
+  TORCH_CHECK(dout.scalar_type() == torch::kFloat && dout.is_contiguous(), "wkv6 cpu: fp32 contiguous grad");
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  const int64_t NC = saved.size(2);
+  const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *savp = saved.data_ptr<float>();
+  const float* dop = dout.data_ptr<float>();
+  float *dsp = ds.data_ptr<float>(), *drp = dr.data_ptr<float>(), *dkp = dk.data_ptr<float>();
+  float *dvp = dv.data_ptr<float>(), *dwp = dw.data_ptr<float>(), *dup = du.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
+    std::vector<float> sbuf(L * K * V), dva(V);
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float* G = dsp + bh * K * V;
+      const float* uh = up + h * K;
+      float* duh = dup + bh * K;
+      for (int64_t c = NC - 1; c >= 0; --c) {
+        const int64_t t0 = c * L, t1 = std::min(T, t0 + L);
+        // the states before each step of this chunk, recomputed from the saved chunk start
+        std::memcpy(sbuf.data(), savp + (bh * NC + c) * K * V, sizeof(float) * K * V);
+        for (int64_t t = t0; t + 1 < t1; ++t) {
+          const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
+          const float *kt = kp + ik, *wt = wp + ik, *vt = vp + iv;
+          const float* S = sbuf.data() + (t - t0) * K * V;
+          float* Sn = sbuf.data() + (t - t0 + 1) * K * V;
+          for (int64_t i = 0; i < K; ++i) {
+            const float ei = std::exp(wt[i]), ki = kt[i];
+            for (int64_t j = 0; j < V; ++j) Sn[i * V + j] = ei * S[i * V + j] + ki * vt[j];
+          }
+        }
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
+          const float *rt = rp + ik, *kt = kp + ik, *wt = wp + ik, *vt = vp + iv, *dot = dop + iv;
+          const float* Sp = sbuf.data() + (t - t0) * K * V;
+          float dc = 0.f, cc = 0.f;
+#pragma omp simd reduction(+ : dc)
+          for (int64_t j = 0; j < V; ++j) dc += dot[j] * vt[j];
+#pragma omp simd reduction(+ : cc)
+          for (int64_t i = 0; i < K; ++i) cc += rt[i] * uh[i] * kt[i];
+          for (int64_t j = 0; j < V; ++j) dva[j] = cc * dot[j];
+          for (int64_t i = 0; i < K; ++i) {
+            const float ri = rt[i], ki = kt[i], ei = std::exp(wt[i]), ui = uh[i];
+            float* __restrict Gi = G + i * V;
+            const float* __restrict Si = Sp + i * V;
+            float a = 0.f, bb = 0.f, d = 0.f;
+#pragma omp simd reduction(+ : a, bb, d)
+            for (int64_t j = 0; j < V; ++j) {
+              const float g = Gi[j];
+              a += dot[j] * Si[j];
+              bb += g * vt[j];
+              d += g * Si[j];
+              dva[j] += ki * g;
+              Gi[j] = ei * g + ri * dot[j];
+            }
+            drp[ik + i] = a + dc * ui * ki;
+            dkp[ik + i] = bb + dc * ri * ui;
+            dwp[ik + i] = ei * d;
+            duh[i] += dc * ri * ki;
+          }
+          std::memcpy(dvp + iv, dva.data(), sizeof(float) * V);
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("few_rows_linear", &few_rows_linear, "x[M,K] @ w[N,K].T for 1..16 rows");
+  m.def("wkv6_forward", &wkv6_forward, "WKV-6 forward (step by step, fp32)");
+  m.def("wkv6_backward", &wkv6_backward, "WKV-6 backward (chunked recomputation, fp32)");
+}
