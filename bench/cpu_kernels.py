@@ -7,7 +7,8 @@ Run:  python bench/cpu_kernels.py            (prints the table and writes it to 
 Rows: forward (no grad) and forward+backward (loss = sum(o * g) + sum(S_T * gs)), best of N interleaved runs,
 ms and speed-up against the reference step recurrence with autograd, plus each backend's error
 against a float64 reference run. Also the T=1 decode step (B=1, H=32, K=64, with state) and the
-training speed of a small RWKV-6 model with the reference WKV vs the torch backend.
+training speed of a small RWKV-6 model with the reference WKV vs the torch and C++ (cpu) backends. The C++
+rows appear where its kernels build (AVX-512, a C++ compiler); `auto` picks it on CPU there.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ sys.path.insert(0, ROOT)
 
 from _report import write_section  # noqa: E402  (bench/_report.py)
 from multimodal_rwkv.kernels import wkv6_reference  # noqa: E402
+from multimodal_rwkv.kernels.cpu import extension as cpu_extension  # noqa: E402
+from multimodal_rwkv.kernels.cpu import wkv6_cpu  # noqa: E402
 from multimodal_rwkv.kernels.torch_chunked import wkv6_chunked, wkv6_recurrent  # noqa: E402
 
 SECTION = "## WKV kernels (CPU)"
@@ -103,7 +106,7 @@ def model_training_speed(threads, steps=3, T=512):
     torch.set_num_threads(threads)
     ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(0))
     runs = {}
-    for backend in ("reference", "torch"):
+    for backend in ("reference", "torch") + (("cpu",) if cpu_extension() else ()):
         torch.manual_seed(0)
         model = RWKVForCausalLM(RWKVConfig(vocab_size=256, n_layer=4, n_embd=256, head_size=64, wkv_backend=backend))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -151,6 +154,8 @@ def main(argv=None):
         "torch step loop (wkv6_recurrent)": lambda *a: wkv6_recurrent(*a, output_final_state=True),
         "torch chunked (wkv6_chunked)": lambda *a: wkv6_chunked(*a, output_final_state=True),
     }
+    if cpu_extension() is not None:
+        backends["C++ step loop (cpu backend)"] = lambda *a: wkv6_cpu(*a, output_final_state=True)
     rows = measure(backends, x32, go, gs, o64, s64, args.reps, args.threads)
     ref_f, ref_fb = rows[0][1][0], rows[0][2][0]
 
@@ -169,7 +174,9 @@ def main(argv=None):
             tc._DIAG_FACTOR_LIMIT = old
 
     weak = {"torch chunked, exact diagonal pairs": exact_pairs,
-            "torch chunked, factorised diagonal (default here)": lambda *a: wkv6_chunked(*a, output_final_state=True)}
+            "torch chunked, factorised diagonal": lambda *a: wkv6_chunked(*a, output_final_state=True)}
+    if cpu_extension() is not None:
+        weak["C++ step loop (cpu backend)"] = lambda *a: wkv6_cpu(*a, output_final_state=True)
     rows_w = measure(weak, xw, go, gs, ow64, sw64, args.reps, args.threads)
 
     # decode: one token, B=1, H=32, K=64, with state (the model's per-layer decode call)
@@ -178,6 +185,8 @@ def main(argv=None):
         "reference": lambda: wkv6_reference(*xd, output_final_state=True),
         "torch step loop": lambda: wkv6_recurrent(*xd, output_final_state=True),
     }
+    if cpu_extension() is not None:
+        dec["C++ step loop (cpu backend)"] = lambda: wkv6_cpu(*xd, output_final_state=True)
     dec_us = {}
     for name, fn in dec.items():
         with torch.no_grad():

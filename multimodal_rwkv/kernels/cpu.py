@@ -124,10 +124,11 @@ class _WKV6(torch.autograd.Function):
         V = v.shape[-1]
         r32, k32, v32, w32 = (x.detach().float().contiguous() for x in (r, k, v, w))
         u32 = u.detach().float().contiguous()
-        s = (torch.zeros(B, H, K, V) if s0 is None else s0.detach().float().clone()).contiguous()
-        o = torch.empty(B, T, H, V)
+        f32 = dict(dtype=torch.float32)
+        s = (torch.zeros(B, H, K, V, **f32) if s0 is None else s0.detach().float().clone()).contiguous()
+        o = torch.empty(B, T, H, V, **f32)
         nc = -(-T // WKV_CHUNK)
-        saved = torch.empty(B, H, nc, K, V) if want_grad else torch.empty(0)
+        saved = torch.empty(B, H, nc, K, V, **f32) if want_grad else torch.empty(0, **f32)
         mod.wkv6_forward(r32, k32, v32, w32, u32, s, o, saved, WKV_CHUNK)
         if want_grad:
             ctx.save_for_backward(r32, k32, v32, w32, u32, saved)
@@ -139,10 +140,11 @@ class _WKV6(torch.autograd.Function):
         r, k, v, w, u, saved = ctx.saved_tensors
         B, T, H, K = r.shape
         V = v.shape[-1]
-        do = torch.zeros(B, T, H, V) if do is None else do.float().contiguous()
-        g = torch.zeros(B, H, K, V) if ds is None else ds.float().clone().contiguous()
+        f32 = dict(dtype=torch.float32)
+        do = torch.zeros(B, T, H, V, **f32) if do is None else do.float().contiguous()
+        g = torch.zeros(B, H, K, V, **f32) if ds is None else ds.float().clone().contiguous()
         dr, dk, dw = torch.empty_like(r), torch.empty_like(k), torch.empty_like(w)
-        dv, du = torch.empty_like(v), torch.zeros(B, H, K)
+        dv, du = torch.empty_like(v), torch.zeros(B, H, K, **f32)
         extension().wkv6_backward(r, k, v, w, u, saved, do, g, dr, dk, dv, dw, du, WKV_CHUNK)
         tr, tk, tv, tw, tu, ts = ctx.dtypes
         return (dr.to(tr), dk.to(tk), dv.to(tv), dw.to(tw), du.sum(0).to(tu),

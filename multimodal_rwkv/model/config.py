@@ -82,8 +82,8 @@ class RWKVConfig(PretrainedConfig):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dim_att % self.head_size:
             raise ConfigError(f"dim_att {self.dim_att} is not a multiple of head_size {self.head_size}")
-        if self.wkv_backend not in ("auto", "reference", "torch", "triton"):
-            raise ConfigError(f"wkv_backend {self.wkv_backend!r} is not one of auto/reference/torch/triton")
+        if self.wkv_backend not in ("auto", "reference", "torch", "cpu", "triton"):
+            raise ConfigError(f"wkv_backend {self.wkv_backend!r} is not one of auto/reference/torch/cpu/triton")
 
     @property
     def n_head(self) -> int:
