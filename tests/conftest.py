@@ -8,6 +8,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models are op-overhead bound: one thread is faster, and the same in subprocesses.
+    Modules of tiny training runs use it for all their tests (``pytestmark``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def tiny_pth(tmp_path):
     """Factory: write a random BlinkDL-layout checkpoint and return its path."""
     from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint

@@ -66,3 +66,29 @@ def test_switched_off_falls_back_to_the_plain_product():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "MMRWKV_CPU_KERNEL=0"
+
+
+@pytest.mark.parametrize("T", [255, 256, 257, 600])
+def test_wkv_backward_across_saved_segments(kernel, T):
+    """The forward keeps the state every 256 steps, the backward recomputes 32-step chunks from it:
+    gradients of every input (and of the initial state) vs the reference step loop's autograd, at
+    lengths around and across those boundaries, with strong and weak decay mixed."""
+    from kernel_helpers import make_inputs, rel_rms
+
+    from multimodal_rwkv.kernels import wkv6_reference
+
+    xs = [x.float().requires_grad_() for x in make_inputs(1, T, 2, 16, V=16, decay="mixed", seed=T)]
+    g = torch.Generator().manual_seed(1)
+    do, ds = torch.randn(1, T, 2, 16, generator=g), torch.randn(1, 2, 16, 16, generator=g)
+
+    def grads(fn):
+        ys = [x.detach().clone().requires_grad_() for x in xs]
+        o, s = fn(*ys)
+        ((o * do).sum() + (s * ds).sum()).backward()
+        return o.detach(), s.detach(), [y.grad for y in ys]
+
+    o, s, gr = grads(lambda *a: kernel.wkv6_cpu(*a, output_final_state=True))
+    o_ref, s_ref, gr_ref = grads(lambda *a: wkv6_reference(*a, output_final_state=True))
+    assert rel_rms(o, o_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+    for name, a, b in zip("r k v w u s0".split(), gr, gr_ref):
+        assert rel_rms(a, b) < 1e-5, name

@@ -16,12 +16,7 @@ from multimodal_rwkv.training.config import save_config
 from test_training_loop import REPO, base_overrides, losses, make_corpus
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "model.config={n_layer: 2, n_embd: 64, head_size: 32, vocab_size: 64}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are op-overhead bound: one thread is faster, and the same in subprocesses."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def make_corpus(path: Path, n_docs=150, seed=0):

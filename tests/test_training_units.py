@@ -14,13 +14,7 @@ from multimodal_rwkv.training.peft import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are op-overhead bound: one thread is faster, and the same in subprocesses."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def tiny(**kw):

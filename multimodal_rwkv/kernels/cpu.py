@@ -12,10 +12,11 @@ Two kernels, each tested against its obviously-correct twin (tests/test_cpu_kern
 - :func:`wkv6_cpu`: the WKV-6 recurrence step by step in fp32, forward and backward (an
   ``autograd.Function``), the ``"cpu"`` backend of :func:`multimodal_rwkv.kernels.wkv6`. The
   recurrence is only ``O(T K V)`` per head, small next to the chunked form's matrix products,
-  which on a CPU pay for memory traffic and many small ops. The forward saves the state at the
-  start of every chunk of ``L`` steps; the backward recomputes one chunk's states at a time from
-  it (memory ``T/L`` states, not ``T``) and runs the exact backward recurrence (formulas in the
-  .cpp). Twin: ``kernels.reference`` (the plain step loop, differentiated by autograd).
+  which on a CPU pay for memory traffic and many small ops. The forward saves the state every
+  256 steps (``T/256`` states kept for backward, 128 KB each at H=8, K=V=64); the backward
+  recomputes a segment's states every 32 steps from it, then one 32-step chunk's states at a time
+  (in L2 cache), and runs the exact backward recurrence (formulas in the .cpp). Twin:
+  ``kernels.reference`` (the plain step loop, differentiated by autograd).
 
 Built with ``torch.utils.cpp_extension.load`` (a C++ compiler with OpenMP and ninja; about a
 minute once, then cached by torch). Used only where it can run: CPU tensors, AVX-512. Anything
@@ -35,7 +36,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 16
-WKV_CHUNK = 32  # steps between the states the forward saves for the backward
+WKV_CHUNK = 32  # the backward recomputes the states of this many steps at a time (in L2 cache)
+WKV_SAVE_EVERY = 256  # steps between the states the forward saves for the backward
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 _lock = threading.Lock()
@@ -127,9 +129,9 @@ class _WKV6(torch.autograd.Function):
         f32 = dict(dtype=torch.float32)
         s = (torch.zeros(B, H, K, V, **f32) if s0 is None else s0.detach().float().clone()).contiguous()
         o = torch.empty(B, T, H, V, **f32)
-        nc = -(-T // WKV_CHUNK)
-        saved = torch.empty(B, H, nc, K, V, **f32) if want_grad else torch.empty(0, **f32)
-        mod.wkv6_forward(r32, k32, v32, w32, u32, s, o, saved, WKV_CHUNK)
+        ns = -(-T // WKV_SAVE_EVERY)
+        saved = torch.empty(B, H, ns, K, V, **f32) if want_grad else torch.empty(0, **f32)
+        mod.wkv6_forward(r32, k32, v32, w32, u32, s, o, saved, WKV_SAVE_EVERY)
         if want_grad:
             ctx.save_for_backward(r32, k32, v32, w32, u32, saved)
             ctx.dtypes = (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype, None if s0 is None else s0.dtype)
@@ -145,7 +147,7 @@ class _WKV6(torch.autograd.Function):
         g = torch.zeros(B, H, K, V, **f32) if ds is None else ds.float().clone().contiguous()
         dr, dk, dw = torch.empty_like(r), torch.empty_like(k), torch.empty_like(w)
         dv, du = torch.empty_like(v), torch.zeros(B, H, K, **f32)
-        extension().wkv6_backward(r, k, v, w, u, saved, do, g, dr, dk, dv, dw, du, WKV_CHUNK)
+        extension().wkv6_backward(r, k, v, w, u, saved, do, g, dr, dk, dv, dw, du, WKV_CHUNK, WKV_SAVE_EVERY)
         tr, tk, tv, tw, tu, ts = ctx.dtypes
         return (dr.to(tr), dk.to(tk), dv.to(tv), dw.to(tw), du.sum(0).to(tu),
                 None if ts is None else g.to(ts), None)

@@ -2,8 +2,8 @@
 //
 // few_rows_linear: y = x @ w.T for 1-16 rows of x (batched decode), reading the weight once.
 // wkv6_forward / wkv6_backward: the WKV-6 recurrence, step by step in fp32, with its exact
-//   gradients; the backward recomputes the states of one chunk at a time from states saved at
-//   chunk starts by the forward.
+//   gradients. The forward saves the state every LS steps (a segment); the backward recomputes a
+//   segment's chunk-start states (every L steps) from it, then one chunk's states at a time.
 //
 // Shapes (all fp32, contiguous): r, k, w [B,T,H,K]; v, o [B,T,H,V]; u [H,K]; states [B,H,K,V].
 #include <torch/extension.h>
@@ -79,14 +79,14 @@ static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torc
   TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && w.sizes() == r.sizes() && v.dim() == 4, "wkv6 cpu: shapes");
 }
 
-// s: [B,H,K,V] initial state in, final state out. saved: [B,H,NC,K,V] (the state before step
-// c*L) or an empty tensor (inference: nothing saved).
+// s: [B,H,K,V] initial state in, final state out. saved: [B,H,NS,K,V] (the state before step
+// c*LS) or an empty tensor (inference: nothing saved).
 void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u,
-                  torch::Tensor s, torch::Tensor o, torch::Tensor saved, int64_t L) {
+                  torch::Tensor s, torch::Tensor o, torch::Tensor saved, int64_t LS) {
   check_wkv(r, k, v, w, u);
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   const bool save = saved.numel() > 0;
-  const int64_t NC = save ? saved.size(2) : 0;
+  const int64_t NS = save ? saved.size(2) : 0;
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>();
   float *sp = s.data_ptr<float>(), *op = o.data_ptr<float>();
@@ -98,7 +98,7 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
       float* S = sp + bh * K * V;
       const float* uh = up + h * K;
       for (int64_t t = 0; t < T; ++t) {
-        if (save && t % L == 0) std::memcpy(savp + (bh * NC + t / L) * K * V, S, sizeof(float) * K * V);
+        if (save && t % LS == 0) std::memcpy(savp + (bh * NS + t / LS) * K * V, S, sizeof(float) * K * V);
         const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
         const float *rt = rp + ik, *kt = kp + ik, *wt = wp + ik, *vt = vp + iv;
         float c = 0.f;
@@ -127,37 +127,51 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
 //   du[i]  += dc r_t[i] k_t[i]                    G <- diag(e) G + r_t^T do
 void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u,
                    torch::Tensor saved, torch::Tensor dout, torch::Tensor ds, torch::Tensor dr, torch::Tensor dk,
-                   torch::Tensor dv, torch::Tensor dw, torch::Tensor du, int64_t L) {
+                   torch::Tensor dv, torch::Tensor dw, torch::Tensor du, int64_t L, int64_t LS) {
   check_wkv(r, k, v, w, u);
   TORCH_CHECK(dout.scalar_type() == torch::kFloat && dout.is_contiguous(), "wkv6 cpu: fp32 contiguous grad");
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
-  const int64_t NC = saved.size(2);
+  TORCH_CHECK(LS % L == 0, "wkv6 cpu: the save stride must be a multiple of the chunk");
+  const int64_t NS = saved.size(2), CPS = LS / L;  // segments; chunks per segment
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *savp = saved.data_ptr<float>();
   const float* dop = dout.data_ptr<float>();
   float *dsp = ds.data_ptr<float>(), *drp = dr.data_ptr<float>(), *dkp = dk.data_ptr<float>();
   float *dvp = dv.data_ptr<float>(), *dwp = dw.data_ptr<float>(), *dup = du.data_ptr<float>();
+  // one step of the state: Sn = diag(exp(w_t)) S + k_t^T v_t
+  auto step = [&](const float* S, float* Sn, int64_t b, int64_t h, int64_t t) {
+    const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
+    const float *kt = kp + ik, *wt = wp + ik, *vt = vp + iv;
+    for (int64_t i = 0; i < K; ++i) {
+      const float ei = std::exp(wt[i]), ki = kt[i];
+      for (int64_t j = 0; j < V; ++j) Sn[i * V + j] = ei * S[i * V + j] + ki * vt[j];
+    }
+  };
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::vector<float> sbuf(L * K * V), dva(V);
+    std::vector<float> sbuf(L * K * V), cbuf(CPS * K * V), dva(V);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       float* G = dsp + bh * K * V;
       const float* uh = up + h * K;
       float* duh = dup + bh * K;
-      for (int64_t c = NC - 1; c >= 0; --c) {
-        const int64_t t0 = c * L, t1 = std::min(T, t0 + L);
-        // the states before each step of this chunk, recomputed from the saved chunk start
-        std::memcpy(sbuf.data(), savp + (bh * NC + c) * K * V, sizeof(float) * K * V);
-        for (int64_t t = t0; t + 1 < t1; ++t) {
-          const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
-          const float *kt = kp + ik, *wt = wp + ik, *vt = vp + iv;
-          const float* S = sbuf.data() + (t - t0) * K * V;
-          float* Sn = sbuf.data() + (t - t0 + 1) * K * V;
-          for (int64_t i = 0; i < K; ++i) {
-            const float ei = std::exp(wt[i]), ki = kt[i];
-            for (int64_t j = 0; j < V; ++j) Sn[i * V + j] = ei * S[i * V + j] + ki * vt[j];
+      for (int64_t sg = NS - 1; sg >= 0; --sg) {
+        const int64_t s0 = sg * LS, s1 = std::min(T, s0 + LS), nc = (s1 - s0 + L - 1) / L;
+        // the states at this segment's chunk starts, recomputed from the saved segment start
+        std::memcpy(cbuf.data(), savp + (bh * NS + sg) * K * V, sizeof(float) * K * V);
+        for (int64_t c = 1; c < nc; ++c) {
+          std::memcpy(sbuf.data(), cbuf.data() + (c - 1) * K * V, sizeof(float) * K * V);
+          for (int64_t t = s0 + (c - 1) * L; t < s0 + c * L; ++t) {
+            float* S = sbuf.data() + ((t - s0) % 2) * K * V;
+            float* Sn = (t + 1 == s0 + c * L) ? cbuf.data() + c * K * V : sbuf.data() + ((t - s0 + 1) % 2) * K * V;
+            step(S, Sn, b, h, t);
           }
         }
+        for (int64_t c = nc - 1; c >= 0; --c) {
+        const int64_t t0 = s0 + c * L, t1 = std::min(s1, t0 + L);
+        // the states before each step of this chunk, recomputed from its start
+        std::memcpy(sbuf.data(), cbuf.data() + c * K * V, sizeof(float) * K * V);
+        for (int64_t t = t0; t + 1 < t1; ++t)
+          step(sbuf.data() + (t - t0) * K * V, sbuf.data() + (t - t0 + 1) * K * V, b, h, t);
         for (int64_t t = t1 - 1; t >= t0; --t) {
           const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
           const float *rt = rp + ik, *kt = kp + ik, *wt = wp + ik, *vt = vp + iv, *dot = dop + iv;
@@ -188,6 +202,7 @@ void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
             duh[i] += dc * ri * ki;
           }
           std::memcpy(dvp + iv, dva.data(), sizeof(float) * V);
+        }
         }
       }
     }
