@@ -79,16 +79,20 @@ static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torc
   TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && w.sizes() == r.sizes() && v.dim() == 4, "wkv6 cpu: shapes");
 }
 
-// s: [B,H,K,V] initial state in, final state out. saved: [B,H,NS,K,V] (the state before step
-// c*LS) or an empty tensor (inference: nothing saved).
+// s0: [B,H,K,V] initial state, or an empty tensor for zeros; s: [B,H,K,V] the final state (out).
+// saved: [B,H,NS,K,V] (the state before step c*LS) or an empty tensor (inference: nothing saved).
 void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u,
-                  torch::Tensor s, torch::Tensor o, torch::Tensor saved, int64_t LS) {
+                  torch::Tensor s0, torch::Tensor s, torch::Tensor o, torch::Tensor saved, int64_t LS) {
   check_wkv(r, k, v, w, u);
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   const bool save = saved.numel() > 0;
   const int64_t NS = save ? saved.size(2) : 0;
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>();
+  TORCH_CHECK(s.scalar_type() == torch::kFloat && s.is_contiguous(), "wkv6 cpu: fp32 contiguous state");
+  const bool has_s0 = s0.numel() > 0;
+  TORCH_CHECK(!has_s0 || (s0.scalar_type() == torch::kFloat && s0.is_contiguous()), "wkv6 cpu: fp32 contiguous state");
+  const float* s0p = has_s0 ? s0.data_ptr<float>() : nullptr;
   float *sp = s.data_ptr<float>(), *op = o.data_ptr<float>();
   float* savp = save ? saved.data_ptr<float>() : nullptr;
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
@@ -96,6 +100,10 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       float* S = sp + bh * K * V;
+      if (has_s0)
+        std::memcpy(S, s0p + bh * K * V, sizeof(float) * K * V);
+      else
+        std::fill(S, S + K * V, 0.f);
       const float* uh = up + h * K;
       for (int64_t t = 0; t < T; ++t) {
         if (save && t % LS == 0) std::memcpy(savp + (bh * NS + t / LS) * K * V, S, sizeof(float) * K * V);
