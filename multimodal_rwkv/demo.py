@@ -7,7 +7,6 @@ Both load through the same public API as any other model.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Core CLI commands: generate, convert, info, env; exit codes and one-line errors."""
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
