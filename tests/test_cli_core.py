@@ -151,3 +151,14 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
     assert r.returncode == 2 and "config.json: a JSON file, not a checkpoint (for a model folder, give the folder)" in r.stderr
     r = run("info", tmp_path / "a.png")
     assert r.returncode == 2 and "a.png: not a PyTorch checkpoint (neither a zip nor a pickle file)" in r.stderr
+
+
+def test_a_visualrwkv_folder_is_named_as_such():
+    from pathlib import Path
+
+    import multimodal_rwkv
+
+    vis = Path(multimodal_rwkv.__file__).parent / "assets" / "visualrwkv_synthetic"
+    for cmd in (["info", vis], ["generate", "--model", vis, "--prompt", "hi"]):
+        r = run(*cmd)
+        assert r.returncode == 2 and "a VisualRWKV model (vision + language); use it with mmrwkv vqa" in r.stderr

@@ -25,6 +25,7 @@ else, or a failed build (logged once), makes the callers use their PyTorch paths
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -76,8 +77,11 @@ def extension():
         if why is None:
             try:
                 logger.info("loading the C++ CPU kernels (the first time, a build of about a minute; then cached)")
+                # one build folder per source file and content: two checkouts (or versions) sharing
+                # torch's extension cache would otherwise rebuild each other's build in turn
+                tag = hashlib.sha1(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
                 _state["module"] = _cpp_extension().load(
-                    "mmrwkv_cpu_kernels", sources=[str(_SOURCE)],
+                    f"mmrwkv_cpu_kernels_{tag}", sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
                 return _state["module"]
             except Exception as e:  # noqa: BLE001 - any build failure: fall back, once

@@ -210,6 +210,9 @@ def load_raw(src) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:
             cfg_dict = json.loads(cfg_file.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
+        if isinstance(cfg_dict, dict) and cfg_dict.get("model_type") == "visualrwkv":
+            raise CheckpointError(f"{path}: a VisualRWKV model (vision + language); use it with mmrwkv vqa / "
+                                  "eval-vqa or multimodal_rwkv.vision.VisualRWKV.from_pretrained")
         sd = read_folder_weights(path)
         if cfg_dict.get("model_type") == RWKVConfig.model_type:
             cfg_dict = {k: v for k, v in cfg_dict.items() if k not in ("model_type", "transformers_version", "architectures")}
