@@ -61,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    name = " ".join(x for x in (args.command, getattr(args, "music_command", None)) if x)  # e.g. "music roll"
     try:
         rc = args.func(args)
     except MMRWKVError as e:
-        print(f"mmrwkv {args.command}: error: {e}", file=sys.stderr)
+        print(f"mmrwkv {name}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the command could not read or write (permissions, a full disk, ...)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"mmrwkv {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"mmrwkv {name}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -198,7 +198,7 @@ def test_cli_roll_and_abc2midi(tmp_path, capsys):
     assert (tmp_path / "new" / "dir" / "a.png").is_file()
     assert main(["music", "roll", str(tmp_path / "a.mid"), "--out", str(tmp_path / "a.png" / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mmrwkv music: error: ") and "a.png" in err[0]
+    assert len(err) == 1 and err[0].startswith("mmrwkv music roll: error: ") and "a.png" in err[0]
     pytest.importorskip("music21")
     (tmp_path / "t.abc").write_text("header\n\n" + TUNE + "\n" + TUNE.replace("X: 7", "X: 8"))
     assert main(["music", "abc2midi", str(tmp_path / "t.abc"), "--out", str(tmp_path / "t.mid"), "--index", "1"]) == 0
