@@ -207,6 +207,8 @@ def test_validation_errors():
         wkv6(r, k, v.long(), w, u)
     with pytest.raises(KernelError, match=r"must be \[B,T,H,K\]"):
         wkv6(r[0], k[0], v[0], w[0], u)
+    with pytest.raises(KernelError, match="backend 'cpu' cannot run here: it runs CPU tensors of float32"):
+        wkv6(r.double(), k.double(), v.double(), w.double(), u.double(), backend="cpu")
 
 
 def test_triton_backend_on_cpu_raises_outside_interpreter():

@@ -13,16 +13,18 @@ Backends:
   <= 0 and built as direct segment sums of ``w``, so it neither overflows (log-decay down to -20
   per step and below) nor loses ``dw`` precision; gradients through autograd.
 - ``cpu``: C++ (:mod:`.cpu`, ``cpu_kernels.cpp``, built on first use): the step loop in fp32 with
-  AVX-512, and its exact backward (states recomputed chunk by chunk from states the forward saved
-  every 32 steps); an ``autograd.Function``. CPU tensors (fp32/bf16/fp16 inputs), AVX-512 and a
-  C++ compiler. B=1, H=8, K=V=64, 2 threads: forward 4x, forward+backward 3-4x the ``torch`` backend.
+  AVX-512, and its exact backward (the forward keeps the state every 256 steps; the backward
+  recomputes 32-step chunks from it); an ``autograd.Function``. CPU tensors (fp32/bf16/fp16
+  inputs), AVX-512 and a C++ compiler. B=1, H=8, K=V=64, 2 threads: forward about 4x,
+  forward+backward 2.5-3.9x the ``torch`` backend.
 - ``triton``: Triton kernels (:mod:`.triton_chunk`: chunked forward and backward with an
   ``autograd.Function``; :mod:`.triton_decode`: a recurrent kernel for T <= 16 without gradients,
   plus ``triton_decode.wkv6_decode_`` that advances a state in place). CUDA tensors, or CPU tensors
   when ``TRITON_INTERPRET=1`` was set before the kernels were first imported (tests).
 - ``auto``: Triton on CUDA (the decode kernel when T <= 16 and no gradient is needed); on CPU
-  ``cpu`` where it can run (fp64 inputs, no AVX-512 or a failed build: ``torch``). On CUDA it uses ``torch`` only when Triton cannot run the inputs (no triton, float64, head
-  size not a power of two in 16..128), with one logged warning. A backend named explicitly never
+  ``cpu`` where it can run (fp64 inputs, no AVX-512 or a failed build: ``torch``). On CUDA it uses
+  ``torch`` only when Triton cannot run the inputs (no triton, float64, head size not a power of
+  two in 16..128), with one logged warning. A backend named explicitly never
   falls back: it runs or raises :class:`KernelError`.
 
 Importing this package does not import triton (it is imported on the first Triton call).

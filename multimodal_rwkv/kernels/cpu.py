@@ -116,10 +116,14 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------------------ WKV-6
-def wkv6_cpu_usable(r: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`wkv6_cpu` can run these inputs here (CPU, not float64, kernel built)."""
-    return (r.device.type == "cpu" and r.dtype != torch.float64 and v.dtype != torch.float64
-            and extension() is not None)
+def wkv6_cpu_unusable(r: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why :func:`wkv6_cpu` cannot run these inputs here (None if it can: CPU tensors that are not
+    float64, and the kernels built)."""
+    if r.device.type != "cpu" or torch.float64 in (r.dtype, v.dtype):
+        return "it runs CPU tensors of float32/bfloat16/float16 only"
+    if extension() is None:
+        return f"the C++ kernels are unavailable: {status()}"
+    return None
 
 
 class _WKV6(torch.autograd.Function):
@@ -160,7 +164,7 @@ class _WKV6(torch.autograd.Function):
 
 def wkv6_cpu(r, k, v, w, u, initial_state=None, output_final_state=False):
     """WKV-6 with the C++ kernel (arguments and results as :func:`multimodal_rwkv.kernels.wkv6`;
-    the caller checks :func:`wkv6_cpu_usable`). Differentiable in every input."""
+    the caller checks :func:`wkv6_cpu_unusable`). Differentiable in every input."""
     want_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, k, v, w, u, initial_state))
     o, s = _WKV6.apply(r, k, v, w, u, initial_state, want_grad)

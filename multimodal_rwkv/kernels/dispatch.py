@@ -95,9 +95,8 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
     if backend == "cpu":
         from multimodal_rwkv.kernels import cpu
 
-        if not cpu.wkv6_cpu_usable(r, v):
-            why = ("it runs CPU tensors of float32/bfloat16/float16 only" if r.device.type != "cpu"
-                   or torch.float64 in (r.dtype, v.dtype) else f"the C++ kernels are unavailable: {cpu.status()}")
+        why = cpu.wkv6_cpu_unusable(r, v)
+        if why is not None:
             raise KernelError(f"wkv6: backend 'cpu' cannot run here: {why}")
         return cpu.wkv6_cpu(r, k, v, w, u, initial_state, out_final)
     if backend == "triton":
@@ -113,7 +112,7 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
     elif r.device.type == "cpu":
         from multimodal_rwkv.kernels import cpu
 
-        if cpu.wkv6_cpu_usable(r, v):
+        if cpu.wkv6_cpu_unusable(r, v) is None:
             return cpu.wkv6_cpu(r, k, v, w, u, initial_state, out_final)
     return _run_torch(r, k, v, w, u, initial_state, out_final)
 
