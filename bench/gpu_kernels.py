@@ -217,10 +217,85 @@ def timings(torch, fns, lines, quick):
         lines.append(f"| {name} | {us:.1f} | {ratio} |")
 
 
+def sweep(torch, lines):
+    """Launch settings of the Triton chunk kernels, one changed at a time from the shipped ones, then the
+    best of each together; plus where a forward+backward spends its GPU time (torch.profiler)."""
+    from multimodal_rwkv.kernels import triton_chunk as tc, wkv6
+
+    def fn(*a):
+        return wkv6(*a, output_final_state=True, backend="triton")
+
+    def measure(B, T, H):
+        x = make(torch, B, T, H, 64, torch.bfloat16, "mixed", state=True)
+        x[5] = x[5].float()
+        xs = [t.detach().clone().requires_grad_() for t in x]
+        go = torch.randn(B, T, H, 64, device=DEV, dtype=torch.bfloat16)
+
+        def f():
+            with torch.no_grad():
+                fn(*x)
+
+        def fb():
+            o, s = fn(*xs)
+            o.backward(go)
+            for t in xs:
+                t.grad = None
+
+        return cuda_ms(torch, f), cuda_ms(torch, fb), fb
+
+    shipped = {k: dict(v) for k, v in tc.LAUNCH.items()}
+    shipped_bv = tc.STATE_BV
+    B, T, H = (8, 4096, 32) if DEV == "cuda" else (1, 20, 2)
+    lines += [f"### Launch-setting sweep (triton, bf16, B={B},T={T},H={H}; one change at a time)", "",
+              "| change | fwd ms | fwd+bwd ms |", "|---|---:|---:|"]
+    f0, fb0, fb_fn = measure(B, T, H)
+    lines.append(f"| shipped {shipped} BV={shipped_bv} | {f0:.3f} | {fb0:.3f} |")
+    if DEV == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fb_fn()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+    best = {}
+    variants = [(k, {"num_warps": w}) for k in shipped for w in (2, 8)]
+    variants += [(k, {"num_warps": 4, "num_stages": s}) for k in shipped for s in (1, 2)]
+    variants += [("BV", bv) for bv in (16, 64)] if DEV == "cuda" else []
+    for key, val in variants:
+        try:
+            if key == "BV":
+                tc.STATE_BV = val
+            else:
+                tc.LAUNCH[key] = val
+            f, fb, _ = measure(B, T, H)
+            lines.append(f"| {key} {val} | {f:.3f} | {fb:.3f} |")
+            if fb < best.get(key, (fb0, None))[0] * 0.97:
+                best[key] = (fb, val)
+        except Exception as exc:  # noqa: BLE001 - a setting that does not compile is a row, not a crash
+            lines.append(f"| {key} {val} | error: {type(exc).__name__} | |")
+        finally:
+            tc.LAUNCH = {k: dict(v) for k, v in shipped.items()}
+            tc.STATE_BV = shipped_bv
+    if best:
+        for key, (_, val) in best.items():
+            if key == "BV":
+                tc.STATE_BV = val
+            else:
+                tc.LAUNCH[key] = val
+        for shape in ((B, T, H), (8, 1024, 32) if DEV == "cuda" else (1, 40, 2)):
+            f, fb, _ = measure(*shape)
+            lines.append(f"| best of each together at B,T,H={shape}: {tc.LAUNCH} BV={tc.STATE_BV} | {f:.3f} | {fb:.3f} |")
+        tc.LAUNCH = shipped
+        tc.STATE_BV = shipped_bv
+    lines.append("")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small timing shapes")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only time other launch settings of the Triton chunk kernels (and profile one step)")
     ap.add_argument("--smoke-cpu", action="store_true",
                     help="check this script on CPU at tiny shapes (needs TRITON_INTERPRET=1 in the environment)")
     args = ap.parse_args(argv)
@@ -243,6 +318,9 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test, Triton interpreter)"
     print(SECTION + "\n", flush=True)
     lines = Lines([f"Device: {dev_name}, torch {torch.__version__}, command `python bench/gpu_kernels.py`", ""])
+    if args.sweep:
+        sweep(torch, lines)
+        return 0
     # timings first: the GPU tests (tests/test_kernels_gpu.py) already check correctness, so a run cut short
     # by its time limit keeps the part nothing else measures
     timings(torch, fns, lines, args.quick)

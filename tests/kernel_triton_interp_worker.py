@@ -103,7 +103,7 @@ def main(which):
         "chunk_T64_nostate_weak": lambda: chunk_case(64, False, "weak"),
         "chunk_T130_state_mixed": lambda: chunk_case(130, True, "mixed"),
         "chunk_T130_state_strong": lambda: chunk_case(130, True, "strong"),
-        "chunk_T40_final_only": lambda: chunk_case(40, True, "mixed", final_only=True, V=64),  # 2 value blocks
+        "chunk_T40_final_only": lambda: chunk_case(40, True, "mixed", final_only=True, V=128),  # 2 value blocks (STATE_BV 64)
         "chunk_T17_bf16": lambda: chunk_case(17, True, "mixed", dtype=torch.bfloat16),
         "chunk_T70_K32_V16": lambda: chunk_case(70, True, "mixed", B=1, H=2, K=32, V=16),
         "chunk_T20_no_final": lambda: no_final_case(20),

@@ -92,3 +92,82 @@ def test_wkv_backward_across_saved_segments(kernel, T):
     assert rel_rms(o, o_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
     for name, a, b in zip("r k v w u s0".split(), gr, gr_ref):
         assert rel_rms(a, b) < 1e-5, name
+
+
+# ------------------------------------------------------------------ oneDNN dense products
+onednn = pytest.mark.skipif(not cpu._onednn_available(), reason="oneDNN linear op not available in this torch")
+
+
+def _ref_linear(x, w, b=None):
+    y = x.double() @ w.double().t()
+    return (y if b is None else y + b.double()).float()
+
+
+@onednn
+@pytest.mark.parametrize("shape", [(17, 64), (3, 40, 96), (2, 300, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_forward_and_gradients_match_fp64(shape, bias):
+    g = torch.Generator().manual_seed(len(shape) * 7 + bias)
+    K, N = shape[-1], 80
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(N, K, generator=g, requires_grad=True)
+    b = torch.randn(N, generator=g, requires_grad=True) if bias else None
+    y = cpu.linear(x, w, b)
+    assert type(y.grad_fn).__name__ == "_LinearBackward"  # the oneDNN route, not F.linear
+    tol = dict(rtol=1e-5, atol=1e-5 * K ** 0.5)
+    torch.testing.assert_close(y, _ref_linear(x, w, b), **tol)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_() if bias else None
+    yd = xd @ wd.t() + (bd if bias else 0)
+    yd.backward(gy.double())
+    for got, want in ((x.grad, xd.grad), (w.grad, wd.grad)) + (((b.grad, bd.grad),) if bias else ()):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4 * shape[0] ** 0.5)
+    with torch.no_grad():  # no autograd: the op directly, same numbers
+        torch.testing.assert_close(cpu.linear(x, w, b), y.detach(), rtol=0, atol=0)
+
+
+@onednn
+def test_onednn_input_gradient_product():
+    g = torch.Generator().manual_seed(3)
+    d, w = torch.randn(2, 50, 96, generator=g), torch.randn(96, 40, generator=g)
+    torch.testing.assert_close(cpu.linear_t(d, w), (d.double() @ w.double()).float(), rtol=1e-5, atol=1e-4)
+    small = torch.randn(4, 96, generator=g)  # few rows: the plain product
+    torch.testing.assert_close(cpu.linear_t(small, w), small @ w, rtol=0, atol=0)
+
+
+def test_onednn_route_applies_only_where_it_should():
+    w = torch.randn(8, 32)
+    assert not cpu._onednn_ok(torch.randn(16, 32), w)  # 16 rows or fewer: decoding's paths
+    assert not cpu._onednn_ok(torch.randn(40, 32).double(), w.double())
+    assert not cpu._onednn_ok(torch.randn(40, 32).bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: F.linear
+        assert not cpu._onednn_ok(torch.randn(40, 32), w)
+        assert cpu.linear(torch.randn(40, 32), w).dtype == torch.bfloat16
+
+    class Sub(torch.Tensor):  # a tensor subclass (e.g. a sharded DTensor) keeps F.linear's dispatch
+        pass
+
+    assert not cpu._onednn_ok(torch.randn(40, 32).as_subclass(Sub), w)
+    if cpu._onednn_available():
+        assert cpu._onednn_ok(torch.randn(40, 32), w)
+        torch.backends.mkldnn.enabled = False  # torch's own switch is respected
+        try:
+            assert not cpu._onednn_ok(torch.randn(40, 32), w)
+        finally:
+            torch.backends.mkldnn.enabled = True
+
+
+def test_onednn_switched_off_uses_f_linear():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from multimodal_rwkv.kernels import cpu\n"
+            "x = torch.randn(40, 32, requires_grad=True); w = torch.randn(8, 32)\n"
+            "assert not cpu._onednn_ok(x, w)\n"
+            "assert type(cpu.linear(x, w).grad_fn).__name__ != '_LinearBackward'\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MMRWKV_ONEDNN_LINEAR="0"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -37,6 +37,13 @@ from multimodal_rwkv.errors import KernelError
 
 BT = 64  # chunk length
 BC = 16  # sub-chunk length
+# Launch settings of each kernel (Triton's num_warps / num_stages) and the value-block width of the
+# two state loops; ``bench/gpu_kernels.py --sweep`` times alternatives on a GPU. On an H200 (bf16,
+# B=8 T=4096 H=32) these took forward+backward from 19.7 ms (all 4 warps, BV=32) to 18.4 ms; no
+# other single change gained more than 3% (BENCHMARKS.md, "WKV kernels (GPU)").
+LAUNCH = {"fwd_h": {"num_warps": 4}, "fwd_o": {"num_warps": 4},
+          "bwd_dh": {"num_warps": 4}, "bwd_main": {"num_warps": 2}}
+STATE_BV = 64
 
 
 def kernels_interpreted() -> bool:
@@ -311,7 +318,7 @@ def _pad_t(x, Tp):
 
 
 def _bv(V):
-    return min(V, 32)
+    return min(V, STATE_BV)
 
 
 def _chunk_cumsum(w, B, NT, H, K):
@@ -323,7 +330,7 @@ def _states(k, v, c, s0, B, Tp, NT, H, K, V, store_final, prec):
     sT = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32) if store_final else h
     BV = _bv(V)
     _fwd_h[(V // BV, B * H)](k, v, c, s0 if s0 is not None else h, h, sT, Tp, NT, H=H, K=K, V=V, BV=BV, BT=BT,
-                              USE_S0=s0 is not None, STORE_FINAL=store_final, PREC=prec, num_warps=4)
+                              USE_S0=s0 is not None, STORE_FINAL=store_final, PREC=prec, **LAUNCH["fwd_h"])
     return h, (sT if store_final else None)
 
 
@@ -342,7 +349,7 @@ class _WKV6Chunk(torch.autograd.Function):
         o = torch.empty(B, Tp, H, V, device=r.device, dtype=r.dtype)
         uc = u.contiguous()
         _fwd_o[(NT * (BT // BC), B * H)](rp, kp, vp, c, uc, h, o, Tp, NT, H=H, K=K, V=V, BT=BT, BC=BC,
-                                          PREC=prec, num_warps=4)
+                                          PREC=prec, **LAUNCH["fwd_o"])
         ctx.save_for_backward(rp, kp, vp, c, uc, s0c)
         ctx.meta = (T, Tp, NT, s0 is not None, prec, w.dtype, u.dtype, None if s0 is None else s0.dtype)
         return (o if Tp == T else o[:, :T].contiguous()), sT
@@ -365,13 +372,13 @@ class _WKV6Chunk(torch.autograd.Function):
         BV = _bv(V)
         _bwd_dh[(V // BV, B * H)](rp, c, dop, dst if use_dst else dh, dh, ds0 if has_s0 else dh, Tp, NT,
                                    H=H, K=K, V=V, BV=BV, BT=BT, USE_DST=use_dst, STORE_DS0=has_s0,
-                                   PREC=prec, num_warps=4)
+                                   PREC=prec, **LAUNCH["bwd_dh"])
         dr = torch.empty(B, Tp, H, K, device=rp.device, dtype=torch.float32)
         dk = torch.empty_like(dr)
         dv = torch.empty(B, Tp, H, V, device=rp.device, dtype=torch.float32)
         dw = torch.empty_like(dr)
         _bwd_main[(NT * (BT // BC), B * H)](rp, kp, vp, c, uc, h, dh, dop, dr, dk, dv, dw, Tp, NT, H=H, K=K, V=V,
-                                             BT=BT, BC=BC, PREC=prec, num_warps=4)
+                                             BT=BT, BC=BC, PREC=prec, **LAUNCH["bwd_main"])
         dd = (dop.float() * vp.float()).sum(-1, keepdim=True)  # [B,Tp,H,1]
         du = (rp.float() * kp.float() * dd).sum((0, 1))
         return (dr[:, :T].to(rp.dtype), dk[:, :T].to(kp.dtype), dv[:, :T].to(vp.dtype), dw[:, :T].to(w_dtype),

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from multimodal_rwkv.kernels import cpu
+
 
 def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x_{t-1}`` for every t: ``[B,T,C]`` with ``shift`` ``[B,C]`` as the token before t=0 (in
@@ -37,7 +39,7 @@ def _shift_grads(dxx: torch.Tensor, dx: torch.Tensor):
 
 
 def _wgrad(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The weight gradient of ``F.linear(a, W)`` given its output gradient ``d`` ([out, in])."""
+    """The weight gradient of ``cpu.linear(a, W)`` given its output gradient ``d`` ([out, in])."""
     return d.reshape(-1, d.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
 
 
@@ -65,7 +67,7 @@ class DDLerpProject(torch.autograd.Function):
         tb = torch.tanh(xw.view(B * T, C) @ dw1)  # [BT, D]
         logw = -torch.exp((decay + (tb @ dw2).view(B, T, -1)).float())
         del xw
-        outs = [F.linear(x + xx * (maa + m[i]), W) for i, (maa, W) in
+        outs = [cpu.linear(x + xx * (maa + m[i]), W) for i, (maa, W) in
                 enumerate(((maa_k, Wk), (maa_v, Wv), (maa_r, Wr), (maa_g, Wg)), start=1)]
         ctx.save_for_backward(x, shift, th, tb, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg,
                               decay, dw1, dw2)
@@ -103,7 +105,7 @@ class DDLerpProject(torch.autograd.Function):
                 continue
             if need[gi]:
                 grads[gi] = _wgrad(d, x + xx * (maas[slot] + m[slot]))
-            dxi[slot] = d @ W
+            dxi[slot] = cpu.linear_t(d, W)
         dx = torch.zeros_like(x)
         dxx = torch.zeros_like(x)
         dm = torch.empty(5, B, T, C, dtype=x.dtype, device=x.device)
@@ -141,9 +143,9 @@ class ChannelMixLean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, mu_k, mu_r, Wk, Wr, Wv):
         xx = token_shift(x, shift) - x
-        h = F.linear(x + xx * mu_k, Wk)
-        vo = F.linear(torch.relu(h).square(), Wv)
-        rr = F.linear(x + xx * mu_r, Wr)
+        h = cpu.linear(x + xx * mu_k, Wk)
+        vo = cpu.linear(torch.relu(h).square(), Wv)
+        rr = cpu.linear(x + xx * mu_r, Wr)
         ctx.save_for_backward(x, shift, mu_k, mu_r, Wk, Wr, Wv, h, rr, vo)
         return torch.sigmoid(rr) * vo
 
@@ -158,11 +160,11 @@ class ChannelMixLean(torch.autograd.Function):
         drr = dout * vo * sr * (1 - sr)
         rh = torch.relu(h)
         dWv = _wgrad(dvo, rh.square()) if need[6] else None
-        dh = (dvo @ Wv) * (2 * rh)
+        dh = cpu.linear_t(dvo, Wv) * (2 * rh)
         dWk = _wgrad(dh, x + xx * mu_k) if need[4] else None
         dWr = _wgrad(drr, x + xx * mu_r) if need[5] else None
-        dxk = dh @ Wk
-        dxr = drr @ Wr
+        dxk = cpu.linear_t(dh, Wk)
+        dxr = cpu.linear_t(drr, Wr)
         dx = dxk + dxr
         dxx = dxk * mu_k + dxr * mu_r
         dmu_k = _sum_bt(dxk * xx) if need[2] else None
@@ -187,7 +189,7 @@ class NormGatedOutput(torch.autograd.Function):
     def forward(ctx, y, gate_pre, weight, bias, Wo, groups, eps, div):
         ctx.save_for_backward(y, gate_pre, weight, bias, Wo)
         ctx.args = (groups, eps, div)
-        return F.linear(NormGatedOutput._norm(y, gate_pre, weight, bias, groups, eps, div) * F.silu(gate_pre), Wo)
+        return cpu.linear(NormGatedOutput._norm(y, gate_pre, weight, bias, groups, eps, div) * F.silu(gate_pre), Wo)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -201,7 +203,7 @@ class NormGatedOutput(torch.autograd.Function):
         g = gp * sg
         ynd = yn.detach()
         dWo = _wgrad(dout, ynd * g) if need[4] else None
-        dp = dout @ Wo
+        dp = cpu.linear_t(dout, Wo)
         dgp = dp * ynd * (sg * (1 + gp * (1 - sg))) if need[1] else None
         wanted = [t for t in leaves if t.requires_grad]
         got = iter(torch.autograd.grad(yn, wanted, dp * g) if wanted else ())
