@@ -151,6 +151,25 @@ def cuda_ms(torch, fn, warmup=3, reps=10):
     return ts[len(ts) // 2]
 
 
+def fwd_and_fwd_bwd(torch, fn, x):
+    """Two closures to time: ``fn`` on inputs ``x`` without autograd, and with a backward of a
+    random output gradient (inputs' gradients cleared after each)."""
+    xs = [t.detach().clone().requires_grad_() for t in x]
+    go = torch.randn(x[2].shape, device=DEV, dtype=x[0].dtype)
+
+    def f():
+        with torch.no_grad():
+            fn(*x)
+
+    def fb():
+        o, _ = fn(*xs)
+        o.backward(go)
+        for t in xs:
+            t.grad = None
+
+    return f, fb
+
+
 def timings(torch, fns, lines, quick):
     from multimodal_rwkv.kernels.torch_chunked import wkv6_recurrent
     from multimodal_rwkv.kernels.triton_decode import wkv6_decode_
@@ -167,19 +186,7 @@ def timings(torch, fns, lines, quick):
         for name, fn in fns.items():
             if name == "fla_recurrent":
                 continue
-            xs = [t.detach().clone().requires_grad_() for t in x]
-            go = torch.randn(B, T, H, 64, device=DEV, dtype=torch.bfloat16)
-
-            def f():
-                with torch.no_grad():
-                    fn(*x)
-
-            def fb():
-                o, s = fn(*xs)
-                o.backward(go, retain_graph=False)
-                for t in xs:
-                    t.grad = None
-
+            f, fb = fwd_and_fwd_bwd(torch, fn, x)
             try:
                 res[name] = (cuda_ms(torch, f), cuda_ms(torch, fb))
                 print(f"  B={B},T={T},H={H} {name}: {res[name][0]:.3f} / {res[name][1]:.3f} ms", flush=True)
@@ -228,19 +235,7 @@ def sweep(torch, lines):
     def measure(B, T, H):
         x = make(torch, B, T, H, 64, torch.bfloat16, "mixed", state=True)
         x[5] = x[5].float()
-        xs = [t.detach().clone().requires_grad_() for t in x]
-        go = torch.randn(B, T, H, 64, device=DEV, dtype=torch.bfloat16)
-
-        def f():
-            with torch.no_grad():
-                fn(*x)
-
-        def fb():
-            o, s = fn(*xs)
-            o.backward(go)
-            for t in xs:
-                t.grad = None
-
+        f, fb = fwd_and_fwd_bwd(torch, fn, x)
         return cuda_ms(torch, f), cuda_ms(torch, fb), fb
 
     shipped = {k: dict(v) for k, v in tc.LAUNCH.items()}

@@ -63,10 +63,11 @@ class GemmOnly:
         import torch
 
         from multimodal_rwkv import RWKVConfig
+        from multimodal_rwkv.model.modeling import Linear
 
         cfg = RWKVConfig(vocab_size=vocab, n_layer=layers, n_embd=embd, head_size=64)
         C, F_ = cfg.n_embd, cfg.dim_ffn
-        lin = torch.nn.Linear
+        lin = Linear  # the model's own layer: the same product routes (oneDNN / MKL) as the real model
         blocks = []
         for _ in range(layers):
             blocks.append(torch.nn.ModuleList([lin(C, C, bias=False) for _ in range(5)]

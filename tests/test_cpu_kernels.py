@@ -1,4 +1,8 @@
 """The C++ CPU kernels (kernels/cpu.py, cpu_kernels.cpp) against their plain twins, and where they apply."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -51,20 +55,21 @@ def test_linear_module_uses_it_and_matches_f_linear(kernel):
     assert x.grad is not None
 
 
-def test_switched_off_falls_back_to_the_plain_product():
-    import os
-    import subprocess
-    import sys
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
 
+
+def test_switched_off_falls_back_to_the_plain_product():
     code = ("import torch; from multimodal_rwkv.kernels import cpu as cpu; from multimodal_rwkv.model.modeling import Linear\n"
             "x, w = torch.randn(4, 32), torch.randn(8, 32)\n"
             "assert cpu.few_rows_linear(x, w) is None\n"
             "lin = Linear(32, 8, bias=False)\n"
             "with torch.no_grad(): torch.testing.assert_close(lin(x), x @ lin.weight.t())\n"
             "print(cpu.status())")
-    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MMRWKV_CPU_KERNEL="0"),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_python(code, MMRWKV_CPU_KERNEL="0")
     assert r.stdout.strip() == "MMRWKV_CPU_KERNEL=0"
 
 
@@ -160,14 +165,8 @@ def test_onednn_route_applies_only_where_it_should():
 
 
 def test_onednn_switched_off_uses_f_linear():
-    import os
-    import subprocess
-    import sys
-
     code = ("import torch; from multimodal_rwkv.kernels import cpu\n"
             "x = torch.randn(40, 32, requires_grad=True); w = torch.randn(8, 32)\n"
             "assert not cpu._onednn_ok(x, w)\n"
             "assert type(cpu.linear(x, w).grad_fn).__name__ != '_LinearBackward'\n")
-    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MMRWKV_ONEDNN_LINEAR="0"),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _run_python(code, MMRWKV_ONEDNN_LINEAR="0")

@@ -5,7 +5,9 @@
 //   gradients. The forward saves the state every LS steps (a segment); the backward recomputes a
 //   segment's chunk-start states (every L steps) from it, then one chunk's states at a time.
 //
-// Shapes (all fp32, contiguous): r, k, w [B,T,H,K]; v, o [B,T,H,V]; u [H,K]; states [B,H,K,V].
+// Shapes (all fp32, contiguous): r, k, e [B,T,H,K]; v, o [B,T,H,V]; u [H,K]; states [B,H,K,V].
+// e = exp(w), the decay factors, computed by the caller with torch's vectorised exp (a scalar exp
+// per element here cost more than the recurrence's own arithmetic).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -70,7 +72,7 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
 }
 
 // ------------------------------------------------------------------------------------ WKV-6
-// Per (batch, head), with S [K,V] the state before step t and e = exp(w_t):
+// Per (batch, head), with S [K,V] the state before step t and e = exp(w_t) (given):
 //   o_t = r_t S + (r_t . (u * k_t)) v_t          S <- diag(e) S + k_t^T v_t
 static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
                       const torch::Tensor& w, const torch::Tensor& u) {
@@ -81,14 +83,14 @@ static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torc
 
 // s0: [B,H,K,V] initial state, or an empty tensor for zeros; s: [B,H,K,V] the final state (out).
 // saved: [B,H,NS,K,V] (the state before step c*LS) or an empty tensor (inference: nothing saved).
-void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u,
+void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor e, torch::Tensor u,
                   torch::Tensor s0, torch::Tensor s, torch::Tensor o, torch::Tensor saved, int64_t LS) {
-  check_wkv(r, k, v, w, u);
+  check_wkv(r, k, v, e, u);
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   const bool save = saved.numel() > 0;
   const int64_t NS = save ? saved.size(2) : 0;
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>();
+  const float *ep = e.data_ptr<float>(), *up = u.data_ptr<float>();
   TORCH_CHECK(s.scalar_type() == torch::kFloat && s.is_contiguous(), "wkv6 cpu: fp32 contiguous state");
   const bool has_s0 = s0.numel() > 0;
   TORCH_CHECK(!has_s0 || (s0.scalar_type() == torch::kFloat && s0.is_contiguous()), "wkv6 cpu: fp32 contiguous state");
@@ -108,16 +110,18 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
       for (int64_t t = 0; t < T; ++t) {
         if (save && t % LS == 0) std::memcpy(savp + (bh * NS + t / LS) * K * V, S, sizeof(float) * K * V);
         const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
-        const float *rt = rp + ik, *kt = kp + ik, *wt = wp + ik, *vt = vp + iv;
+        const float *rt = rp + ik, *kt = kp + ik, *et = ep + ik, *vt = vp + iv;
         float c = 0.f;
 #pragma omp simd reduction(+ : c)
         for (int64_t i = 0; i < K; ++i) c += rt[i] * uh[i] * kt[i];
-        for (int64_t j = 0; j < V; ++j) acc[j] = c * vt[j];
+        float* __restrict a = acc.data();
+        for (int64_t j = 0; j < V; ++j) a[j] = c * vt[j];
         for (int64_t i = 0; i < K; ++i) {
-          const float ri = rt[i], ei = std::exp(wt[i]), ki = kt[i];
+          const float ri = rt[i], ei = et[i], ki = kt[i];
           float* __restrict Si = S + i * V;
+#pragma omp simd
           for (int64_t j = 0; j < V; ++j) {
-            acc[j] += ri * Si[j];
+            a[j] += ri * Si[j];
             Si[j] = ei * Si[j] + ki * vt[j];
           }
         }
@@ -133,25 +137,27 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
 //   dr_t[i] = do . S[i,:] + dc u[i] k_t[i]       dk_t[i] = G[i,:] . v_t + dc r_t[i] u[i]
 //   dv_t    = c do + k_t G                        dw_t[i] = e[i] (G[i,:] . S[i,:])
 //   du[i]  += dc r_t[i] k_t[i]                    G <- diag(e) G + r_t^T do
-void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u,
+void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor e, torch::Tensor u,
                    torch::Tensor saved, torch::Tensor dout, torch::Tensor ds, torch::Tensor dr, torch::Tensor dk,
                    torch::Tensor dv, torch::Tensor dw, torch::Tensor du, int64_t L, int64_t LS) {
-  check_wkv(r, k, v, w, u);
+  check_wkv(r, k, v, e, u);
   TORCH_CHECK(dout.scalar_type() == torch::kFloat && dout.is_contiguous(), "wkv6 cpu: fp32 contiguous grad");
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   TORCH_CHECK(LS % L == 0, "wkv6 cpu: the save stride must be a multiple of the chunk");
   const int64_t NS = saved.size(2), CPS = LS / L;  // segments; chunks per segment
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *savp = saved.data_ptr<float>();
+  const float *ep = e.data_ptr<float>(), *up = u.data_ptr<float>(), *savp = saved.data_ptr<float>();
   const float* dop = dout.data_ptr<float>();
   float *dsp = ds.data_ptr<float>(), *drp = dr.data_ptr<float>(), *dkp = dk.data_ptr<float>();
   float *dvp = dv.data_ptr<float>(), *dwp = dw.data_ptr<float>(), *dup = du.data_ptr<float>();
-  // one step of the state: Sn = diag(exp(w_t)) S + k_t^T v_t
-  auto step = [&](const float* S, float* Sn, int64_t b, int64_t h, int64_t t) {
+  // one step of the state: Sn = diag(e_t) S + k_t^T v_t
+  auto step = [&](const float* __restrict S, float* __restrict Sn, int64_t b, int64_t h, int64_t t) {
     const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
-    const float *kt = kp + ik, *wt = wp + ik, *vt = vp + iv;
+    const float *kt = kp + ik, *et = ep + ik;
+    const float* __restrict vt = vp + iv;
     for (int64_t i = 0; i < K; ++i) {
-      const float ei = std::exp(wt[i]), ki = kt[i];
+      const float ei = et[i], ki = kt[i];
+#pragma omp simd
       for (int64_t j = 0; j < V; ++j) Sn[i * V + j] = ei * S[i * V + j] + ki * vt[j];
     }
   };
@@ -182,16 +188,17 @@ void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
           step(sbuf.data() + (t - t0) * K * V, sbuf.data() + (t - t0 + 1) * K * V, b, h, t);
         for (int64_t t = t1 - 1; t >= t0; --t) {
           const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
-          const float *rt = rp + ik, *kt = kp + ik, *wt = wp + ik, *vt = vp + iv, *dot = dop + iv;
+          const float *rt = rp + ik, *kt = kp + ik, *et = ep + ik, *vt = vp + iv, *dot = dop + iv;
           const float* Sp = sbuf.data() + (t - t0) * K * V;
           float dc = 0.f, cc = 0.f;
 #pragma omp simd reduction(+ : dc)
           for (int64_t j = 0; j < V; ++j) dc += dot[j] * vt[j];
 #pragma omp simd reduction(+ : cc)
           for (int64_t i = 0; i < K; ++i) cc += rt[i] * uh[i] * kt[i];
-          for (int64_t j = 0; j < V; ++j) dva[j] = cc * dot[j];
+          float* __restrict dv_acc = dva.data();
+          for (int64_t j = 0; j < V; ++j) dv_acc[j] = cc * dot[j];
           for (int64_t i = 0; i < K; ++i) {
-            const float ri = rt[i], ki = kt[i], ei = std::exp(wt[i]), ui = uh[i];
+            const float ri = rt[i], ki = kt[i], ei = et[i], ui = uh[i];
             float* __restrict Gi = G + i * V;
             const float* __restrict Si = Sp + i * V;
             float a = 0.f, bb = 0.f, d = 0.f;
@@ -201,7 +208,7 @@ void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
               a += dot[j] * Si[j];
               bb += g * vt[j];
               d += g * Si[j];
-              dva[j] += ki * g;
+              dv_acc[j] += ki * g;
               Gi[j] = ei * g + ri * dot[j];
             }
             drp[ik + i] = a + dc * ui * ki;
