@@ -134,6 +134,18 @@ def test_onednn_linear_forward_and_gradients_match_fp64(shape, bias):
 
 
 @onednn
+def test_onednn_linear_strided_operands():
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.randn(64, 40, generator=g).t(), torch.randn(30, 64, generator=g)),  # transposed input
+             (torch.randn(3, 40, 64, generator=g).transpose(0, 1), torch.randn(30, 64, generator=g)),
+             (torch.randn(2, 80, 64, generator=g)[:, ::2], torch.randn(30, 64, generator=g)),  # every other row
+             (torch.randn(40, 64, generator=g), torch.randn(64, 30, generator=g).t())]  # transposed weight
+    for x, w in cases:
+        assert cpu._onednn_ok(x, w)
+        torch.testing.assert_close(cpu.linear(x, w), _ref_linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@onednn
 def test_onednn_input_gradient_product():
     g = torch.Generator().manual_seed(3)
     d, w = torch.randn(2, 50, 96, generator=g), torch.randn(96, 40, generator=g)
