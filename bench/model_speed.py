@@ -27,20 +27,27 @@ from _report import write_section  # noqa: E402
 
 
 def best(fn, reps=3):
-    ts = []
+    return interleaved([fn], reps)[0]
+
+
+def interleaved(fns, reps=4):
+    """Best time of each of ``fns`` over ``reps`` rounds, the functions taking turns in every round,
+    so that a burst of load on the shared machine hits them alike rather than one of them."""
+    ts = [[] for _ in fns]
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t)
+    return [min(t) for t in ts]
 
 
 def speed_rows(official, ours, prompt, args):
     """(name, official value, our value) rows: prefill tok/s, decode tok/s, batched decode tok/s."""
     rows = []
     with torch.no_grad():
-        t_off = best(lambda: official.forward(prompt, None), reps=2)
-        t_our = best(lambda: ours(torch.tensor([prompt]), logits_to_keep=1), reps=2)
+        t_off, t_our = interleaved([lambda: official.forward(prompt, None),
+                                    lambda: ours(torch.tensor([prompt]), logits_to_keep=1)])
         rows.append((f"prefill {len(prompt)} tok/s", len(prompt) / t_off, len(prompt) / t_our))
 
         _, st_off = official.forward(prompt[:16], None)
@@ -57,7 +64,6 @@ def speed_rows(official, ours, prompt, args):
             for t in toks:
                 s = ours(torch.tensor([[t]]), state=s).state
 
-        rows.append(("decode 1 stream tok/s", len(toks) / best(dec_off), len(toks) / best(dec_our)))
         st8 = st_our.expand(8)
 
         def dec_our8():
@@ -65,7 +71,9 @@ def speed_rows(official, ours, prompt, args):
             for t in toks:
                 s = ours(torch.tensor([[t]] * 8), state=s).state
 
-        rows.append(("decode 8 streams tok/s (aggregate)", float("nan"), 8 * len(toks) / best(dec_our8)))
+        d_off, d_our, d_our8 = interleaved([dec_off, dec_our, dec_our8])
+        rows.append(("decode 1 stream tok/s", len(toks) / d_off, len(toks) / d_our))
+        rows.append(("decode 8 streams tok/s (aggregate)", float("nan"), 8 * len(toks) / d_our8))
     return rows
 
 
@@ -130,7 +138,7 @@ def main():
     prompt = torch.randint(1, args.vocab, (args.prefill,), generator=g).tolist()
     lines = [
         f"Random official-layout checkpoint L{args.layers} C{args.embd} V{args.vocab}, {args.threads} threads, "
-        f"best of 2-3, both packages in one process. Command: `python bench/model_speed.py`. The \"upper bound\" "
+        f"best of 4 rounds in which the packages take turns (one process). Command: `python bench/model_speed.py`. The \"upper bound\" "
         f"rows time only the model's dense products at the same shapes (nothing else), so a ratio above them "
         f"cannot be reached with fp32 GEMMs on this machine.",
         "",

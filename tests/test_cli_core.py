@@ -96,6 +96,7 @@ def test_generate_refuses_small_vocab_model(tmp_path):
 def test_env_and_help():
     r = run("env")
     assert r.returncode == 0 and "torch" in r.stdout and "cpu kernels   C++ WKV-6 and few-rows decode products: " in r.stdout
+    assert "cpu linears   fp32, more than 16 rows: " in r.stdout
     r = run_subprocess("--help")
     assert r.returncode == 0 and "generate" in r.stdout
 

@@ -99,6 +99,28 @@ def test_wkv_backward_across_saved_segments(kernel, T):
         assert rel_rms(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("V", [16, 32, 48, 64, 40])
+def test_wkv_value_widths(kernel, V):
+    """Value widths of 16/32/48/64 take the AVX-512 register paths of the step loops, others the
+    plain loops: forward, final state and every gradient vs the reference step loop's autograd."""
+    from kernel_helpers import make_inputs, rel_rms
+
+    from multimodal_rwkv.kernels import wkv6_reference
+
+    T, K = 300, 32
+    xs = [x.float().requires_grad_() for x in make_inputs(1, T, 2, K, V=V, decay="mixed", seed=V)]
+    g = torch.Generator().manual_seed(V)
+    do, ds = torch.randn(1, T, 2, V, generator=g), torch.randn(1, 2, K, V, generator=g)
+    res = []
+    for fn in (kernel.wkv6_cpu, wkv6_reference):
+        ys = [x.detach().clone().requires_grad_() for x in xs]
+        o, s = fn(*ys, output_final_state=True)
+        ((o * do).sum() + (s * ds).sum()).backward()
+        res.append([o.detach(), s.detach()] + [y.grad for y in ys])
+    for name, a, b in zip("o s r k v w u s0".split(), *res):
+        assert rel_rms(a, b) < 1e-5, name
+
+
 # ------------------------------------------------------------------ oneDNN dense products
 onednn = pytest.mark.skipif(not cpu._onednn_available(), reason="oneDNN linear op not available in this torch")
 
@@ -180,5 +202,6 @@ def test_onednn_switched_off_uses_f_linear():
     code = ("import torch; from multimodal_rwkv.kernels import cpu\n"
             "x = torch.randn(40, 32, requires_grad=True); w = torch.randn(8, 32)\n"
             "assert not cpu._onednn_ok(x, w)\n"
-            "assert type(cpu.linear(x, w).grad_fn).__name__ != '_LinearBackward'\n")
+            "assert type(cpu.linear(x, w).grad_fn).__name__ != '_LinearBackward'\n"
+            "assert cpu.onednn_status() == 'MKL (MMRWKV_ONEDNN_LINEAR=0)'\n")
     _run_python(code, MMRWKV_ONEDNN_LINEAR="0")

@@ -81,6 +81,54 @@ static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torc
   TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && w.sizes() == r.sizes() && v.dim() == 4, "wkv6 cpu: shapes");
 }
 
+// One forward step of one head: out = r S + c v (c = r . (u * k)), then S <- diag(e) S + k^T v.
+// NV > 0: V = 16 NV, with v and the output row held in AVX-512 registers while the state streams
+// through L1 once; NV == 0: any V, plain loops.
+template <int NV>
+static void fwd_step(const float* rt, const float* kt, const float* et, const float* vt, float c, float* S,
+                     float* out, int64_t K, int64_t V) {
+  if constexpr (NV > 0) {
+    __m512 vv[NV], acc[NV];
+    _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
+      vv[n] = _mm512_loadu_ps(vt + 16 * n);
+      acc[n] = _mm512_mul_ps(_mm512_set1_ps(c), vv[n]);
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      const __m512 ri = _mm512_set1_ps(rt[i]), ei = _mm512_set1_ps(et[i]), ki = _mm512_set1_ps(kt[i]);
+      float* Si = S + i * (16 * NV);
+      _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
+        const __m512 sv = _mm512_loadu_ps(Si + 16 * n);
+        acc[n] = _mm512_fmadd_ps(ri, sv, acc[n]);
+        _mm512_storeu_ps(Si + 16 * n, _mm512_fmadd_ps(ei, sv, _mm512_mul_ps(ki, vv[n])));
+      }
+    }
+    _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) _mm512_storeu_ps(out + 16 * n, acc[n]);
+  } else {
+    for (int64_t j = 0; j < V; ++j) out[j] = c * vt[j];
+    for (int64_t i = 0; i < K; ++i) {
+      const float ri = rt[i], ei = et[i], ki = kt[i];
+      float* __restrict Si = S + i * V;
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) {
+        out[j] += ri * Si[j];
+        Si[j] = ei * Si[j] + ki * vt[j];
+      }
+    }
+  }
+}
+
+using FwdStep = void (*)(const float*, const float*, const float*, const float*, float, float*, float*, int64_t,
+                         int64_t);
+static FwdStep fwd_step_for(int64_t V) {
+  switch (V) {
+    case 16: return fwd_step<1>;
+    case 32: return fwd_step<2>;
+    case 48: return fwd_step<3>;
+    case 64: return fwd_step<4>;
+    default: return fwd_step<0>;
+  }
+}
+
 // s0: [B,H,K,V] initial state, or an empty tensor for zeros; s: [B,H,K,V] the final state (out).
 // saved: [B,H,NS,K,V] (the state before step c*LS) or an empty tensor (inference: nothing saved).
 void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor e, torch::Tensor u,
@@ -97,8 +145,8 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
   const float* s0p = has_s0 ? s0.data_ptr<float>() : nullptr;
   float *sp = s.data_ptr<float>(), *op = o.data_ptr<float>();
   float* savp = save ? saved.data_ptr<float>() : nullptr;
+  const auto fstep = fwd_step_for(V);
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::vector<float> acc(V);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       float* S = sp + bh * K * V;
@@ -114,21 +162,85 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
         float c = 0.f;
 #pragma omp simd reduction(+ : c)
         for (int64_t i = 0; i < K; ++i) c += rt[i] * uh[i] * kt[i];
-        float* __restrict a = acc.data();
-        for (int64_t j = 0; j < V; ++j) a[j] = c * vt[j];
-        for (int64_t i = 0; i < K; ++i) {
-          const float ri = rt[i], ei = et[i], ki = kt[i];
-          float* __restrict Si = S + i * V;
-#pragma omp simd
-          for (int64_t j = 0; j < V; ++j) {
-            a[j] += ri * Si[j];
-            Si[j] = ei * Si[j] + ki * vt[j];
-          }
-        }
-        std::memcpy(op + iv, acc.data(), sizeof(float) * V);
+        fstep(rt, kt, et, vt, c, S, op + iv, K, V);
       }
     }
   });
+}
+
+// One backward step of one head (formulas above wkv6_backward). S: the state before the step;
+// G: the gradient of the state after it, updated in place to the gradient before it.
+struct BwdArgs {
+  const float *r, *k, *e, *v, *dout, *u, *S;
+  float *G, *dr, *dk, *dw, *du, *dv;
+  float dc, cc;
+  int64_t K, V;
+};
+
+template <int NV>
+static void bwd_step(const BwdArgs& p) {
+  const int64_t K = p.K, V = p.V;
+  if constexpr (NV > 0) {
+    __m512 d_o[NV], vv[NV], dva[NV];
+    _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
+      d_o[n] = _mm512_loadu_ps(p.dout + 16 * n);
+      vv[n] = _mm512_loadu_ps(p.v + 16 * n);
+      dva[n] = _mm512_mul_ps(_mm512_set1_ps(p.cc), d_o[n]);
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      const float ri = p.r[i], ki = p.k[i], ei = p.e[i], ui = p.u[i];
+      const __m512 rv = _mm512_set1_ps(ri), kv = _mm512_set1_ps(ki), ev = _mm512_set1_ps(ei);
+      float* Gi = p.G + i * (16 * NV);
+      const float* Si = p.S + i * (16 * NV);
+      __m512 a = _mm512_setzero_ps(), bb = _mm512_setzero_ps(), d = _mm512_setzero_ps();
+      _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
+        const __m512 g = _mm512_loadu_ps(Gi + 16 * n), sv = _mm512_loadu_ps(Si + 16 * n);
+        a = _mm512_fmadd_ps(d_o[n], sv, a);
+        bb = _mm512_fmadd_ps(g, vv[n], bb);
+        d = _mm512_fmadd_ps(g, sv, d);
+        dva[n] = _mm512_fmadd_ps(kv, g, dva[n]);
+        _mm512_storeu_ps(Gi + 16 * n, _mm512_fmadd_ps(ev, g, _mm512_mul_ps(rv, d_o[n])));
+      }
+      p.dr[i] = _mm512_reduce_add_ps(a) + p.dc * ui * ki;
+      p.dk[i] = _mm512_reduce_add_ps(bb) + p.dc * ri * ui;
+      p.dw[i] = ei * _mm512_reduce_add_ps(d);
+      p.du[i] += p.dc * ri * ki;
+    }
+    _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) _mm512_storeu_ps(p.dv + 16 * n, dva[n]);
+  } else {
+    const float *dot = p.dout, *vt = p.v;
+    for (int64_t j = 0; j < V; ++j) p.dv[j] = p.cc * dot[j];
+    for (int64_t i = 0; i < K; ++i) {
+      const float ri = p.r[i], ki = p.k[i], ei = p.e[i], ui = p.u[i];
+      float* __restrict Gi = p.G + i * V;
+      const float* __restrict Si = p.S + i * V;
+      float* __restrict dv = p.dv;
+      float a = 0.f, bb = 0.f, d = 0.f;
+#pragma omp simd reduction(+ : a, bb, d)
+      for (int64_t j = 0; j < V; ++j) {
+        const float g = Gi[j];
+        a += dot[j] * Si[j];
+        bb += g * vt[j];
+        d += g * Si[j];
+        dv[j] += ki * g;
+        Gi[j] = ei * g + ri * dot[j];
+      }
+      p.dr[i] = a + p.dc * ui * ki;
+      p.dk[i] = bb + p.dc * ri * ui;
+      p.dw[i] = ei * d;
+      p.du[i] += p.dc * ri * ki;
+    }
+  }
+}
+
+static void (*bwd_step_for(int64_t V))(const BwdArgs&) {
+  switch (V) {
+    case 16: return bwd_step<1>;
+    case 32: return bwd_step<2>;
+    case 48: return bwd_step<3>;
+    case 64: return bwd_step<4>;
+    default: return bwd_step<0>;
+  }
 }
 
 // ds: gradient of the final state in, gradient of the initial state out. du: [B,H,K] (summed
@@ -161,8 +273,9 @@ void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
       for (int64_t j = 0; j < V; ++j) Sn[i * V + j] = ei * S[i * V + j] + ki * vt[j];
     }
   };
+  const auto bstep = bwd_step_for(V);
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::vector<float> sbuf(L * K * V), cbuf(CPS * K * V), dva(V);
+    std::vector<float> sbuf(L * K * V), cbuf(CPS * K * V);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       float* G = dsp + bh * K * V;
@@ -195,28 +308,7 @@ void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
           for (int64_t j = 0; j < V; ++j) dc += dot[j] * vt[j];
 #pragma omp simd reduction(+ : cc)
           for (int64_t i = 0; i < K; ++i) cc += rt[i] * uh[i] * kt[i];
-          float* __restrict dv_acc = dva.data();
-          for (int64_t j = 0; j < V; ++j) dv_acc[j] = cc * dot[j];
-          for (int64_t i = 0; i < K; ++i) {
-            const float ri = rt[i], ki = kt[i], ei = et[i], ui = uh[i];
-            float* __restrict Gi = G + i * V;
-            const float* __restrict Si = Sp + i * V;
-            float a = 0.f, bb = 0.f, d = 0.f;
-#pragma omp simd reduction(+ : a, bb, d)
-            for (int64_t j = 0; j < V; ++j) {
-              const float g = Gi[j];
-              a += dot[j] * Si[j];
-              bb += g * vt[j];
-              d += g * Si[j];
-              dv_acc[j] += ki * g;
-              Gi[j] = ei * g + ri * dot[j];
-            }
-            drp[ik + i] = a + dc * ui * ki;
-            dkp[ik + i] = bb + dc * ri * ui;
-            dwp[ik + i] = ei * d;
-            duh[i] += dc * ri * ki;
-          }
-          std::memcpy(dvp + iv, dva.data(), sizeof(float) * V);
+          bstep(BwdArgs{rt, kt, et, vt, dot, uh, Sp, G, drp + ik, dkp + ik, dwp + ik, duh, dvp + iv, dc, cc, K, V});
         }
         }
       }

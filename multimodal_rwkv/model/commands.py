@@ -139,4 +139,5 @@ def cmd_env(args) -> int:
 
     cpu.extension()  # builds the C++ kernels on first use
     print(f"cpu kernels   C++ WKV-6 and few-rows decode products: {cpu.status()}")
+    print(f"cpu linears   fp32, more than {cpu.MAX_ROWS} rows: {cpu.onednn_status()}")
     return 0
