@@ -121,6 +121,24 @@ def test_wkv_value_widths(kernel, V):
         assert rel_rms(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("V", [64, 40])
+@pytest.mark.parametrize("T", [1, 3])
+def test_wkv_decode_reads_the_given_state_without_changing_it(kernel, V, T):
+    """The first step reads the initial state where it is and writes the new state elsewhere (no
+    copy first): the caller's state tensor stays as it was, and the results equal the reference's."""
+    from kernel_helpers import make_inputs, rel_rms
+
+    from multimodal_rwkv.kernels import wkv6_reference
+
+    x = [t.float() for t in make_inputs(3, T, 2, 64, V=V, decay="mixed", seed=7 + T)]
+    before = x[5].clone()
+    with torch.no_grad():
+        o, s = kernel.wkv6_cpu(*x, output_final_state=True)
+        o_ref, s_ref = wkv6_reference(*x, output_final_state=True)
+    assert torch.equal(x[5], before)
+    assert rel_rms(o, o_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+
+
 # ------------------------------------------------------------------ oneDNN dense products
 onednn = pytest.mark.skipif(not cpu._onednn_available(), reason="oneDNN linear op not available in this torch")
 

@@ -81,12 +81,14 @@ static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torc
   TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && w.sizes() == r.sizes() && v.dim() == 4, "wkv6 cpu: shapes");
 }
 
-// One forward step of one head: out = r S + c v (c = r . (u * k)), then S <- diag(e) S + k^T v.
+// One forward step of one head: out = r S + c v (c = r . (u * k)), then S' = diag(e) S + k^T v,
+// read from Sin and written to Sout (the same array, or the initial state and the output state:
+// a decode step then reads and writes the state once, without copying it first).
 // NV > 0: V = 16 NV, with v and the output row held in AVX-512 registers while the state streams
 // through L1 once; NV == 0: any V, plain loops.
 template <int NV>
-static void fwd_step(const float* rt, const float* kt, const float* et, const float* vt, float c, float* S,
-                     float* out, int64_t K, int64_t V) {
+static void fwd_step(const float* rt, const float* kt, const float* et, const float* vt, float c, const float* Sin,
+                     float* Sout, float* out, int64_t K, int64_t V) {
   if constexpr (NV > 0) {
     __m512 vv[NV], acc[NV];
     _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
@@ -95,11 +97,12 @@ static void fwd_step(const float* rt, const float* kt, const float* et, const fl
     }
     for (int64_t i = 0; i < K; ++i) {
       const __m512 ri = _mm512_set1_ps(rt[i]), ei = _mm512_set1_ps(et[i]), ki = _mm512_set1_ps(kt[i]);
-      float* Si = S + i * (16 * NV);
+      const float* Si = Sin + i * (16 * NV);
+      float* So = Sout + i * (16 * NV);
       _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
         const __m512 sv = _mm512_loadu_ps(Si + 16 * n);
         acc[n] = _mm512_fmadd_ps(ri, sv, acc[n]);
-        _mm512_storeu_ps(Si + 16 * n, _mm512_fmadd_ps(ei, sv, _mm512_mul_ps(ki, vv[n])));
+        _mm512_storeu_ps(So + 16 * n, _mm512_fmadd_ps(ei, sv, _mm512_mul_ps(ki, vv[n])));
       }
     }
     _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) _mm512_storeu_ps(out + 16 * n, acc[n]);
@@ -107,18 +110,20 @@ static void fwd_step(const float* rt, const float* kt, const float* et, const fl
     for (int64_t j = 0; j < V; ++j) out[j] = c * vt[j];
     for (int64_t i = 0; i < K; ++i) {
       const float ri = rt[i], ei = et[i], ki = kt[i];
-      float* __restrict Si = S + i * V;
+      const float* Si = Sin + i * V;
+      float* So = Sout + i * V;
 #pragma omp simd
       for (int64_t j = 0; j < V; ++j) {
-        out[j] += ri * Si[j];
-        Si[j] = ei * Si[j] + ki * vt[j];
+        const float sv = Si[j];
+        out[j] += ri * sv;
+        So[j] = ei * sv + ki * vt[j];
       }
     }
   }
 }
 
-using FwdStep = void (*)(const float*, const float*, const float*, const float*, float, float*, float*, int64_t,
-                         int64_t);
+using FwdStep = void (*)(const float*, const float*, const float*, const float*, float, const float*, float*, float*,
+                         int64_t, int64_t);
 static FwdStep fwd_step_for(int64_t V) {
   switch (V) {
     case 16: return fwd_step<1>;
@@ -150,19 +155,23 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       float* S = sp + bh * K * V;
-      if (has_s0)
+      const float* S_first = S;  // the state before step 0: s0 as given (read, never written), or zeros
+      if (has_s0 && T > 0)
+        S_first = s0p + bh * K * V;
+      else if (has_s0)
         std::memcpy(S, s0p + bh * K * V, sizeof(float) * K * V);
       else
         std::fill(S, S + K * V, 0.f);
       const float* uh = up + h * K;
       for (int64_t t = 0; t < T; ++t) {
-        if (save && t % LS == 0) std::memcpy(savp + (bh * NS + t / LS) * K * V, S, sizeof(float) * K * V);
+        const float* Sin = t == 0 ? S_first : S;
+        if (save && t % LS == 0) std::memcpy(savp + (bh * NS + t / LS) * K * V, Sin, sizeof(float) * K * V);
         const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
         const float *rt = rp + ik, *kt = kp + ik, *et = ep + ik, *vt = vp + iv;
         float c = 0.f;
 #pragma omp simd reduction(+ : c)
         for (int64_t i = 0; i < K; ++i) c += rt[i] * uh[i] * kt[i];
-        fstep(rt, kt, et, vt, c, S, op + iv, K, V);
+        fstep(rt, kt, et, vt, c, Sin, S, op + iv, K, V);
       }
     }
   });
