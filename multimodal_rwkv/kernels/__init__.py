@@ -15,8 +15,8 @@ Backends:
 - ``cpu``: C++ (:mod:`.cpu`, ``cpu_kernels.cpp``, built on first use): the step loop in fp32 with
   AVX-512, and its exact backward (the forward keeps the state every 256 steps; the backward
   recomputes 32-step chunks from it); an ``autograd.Function``. CPU tensors (fp32/bf16/fp16
-  inputs), AVX-512 and a C++ compiler. B=1, H=8, K=V=64, 2 threads: forward about 4x,
-  forward+backward 2.5-3.9x the ``torch`` backend.
+  inputs), AVX-512 and a C++ compiler. B=1, T=1024, H=4, K=V=64, 2 threads: forward 7x,
+  forward+backward 4x the ``torch`` backend (``bench/cpu_kernels.py``).
 - ``triton``: Triton kernels (:mod:`.triton_chunk`: chunked forward and backward with an
   ``autograd.Function``; :mod:`.triton_decode`: a recurrent kernel for T <= 16 without gradients,
   plus ``triton_decode.wkv6_decode_`` that advances a state in place). CUDA tensors, or CPU tensors
@@ -29,8 +29,9 @@ Backends:
 
 Importing this package does not import triton (it is imported on the first Triton call).
 
-:mod:`.cpu` also holds a C++ kernel that is not WKV: the 2-16-row fp32 products of batched decoding
-(``cpu.few_rows_linear``; ``model.modeling.Linear`` uses it, with a fallback).
+:mod:`.cpu` also holds the dense products that are not WKV: a C++ kernel for the 2-16-row fp32
+products of batched decoding (``cpu.few_rows_linear``) and the oneDNN route for fp32 products of
+more rows (``cpu.linear``); ``model.modeling.Linear`` uses both, with fallbacks.
 """
 from __future__ import annotations
 
