@@ -199,6 +199,7 @@ def test_onednn_route_applies_only_where_it_should():
     assert not cpu._onednn_ok(torch.randn(16, 32), w)  # 16 rows or fewer: decoding's paths
     assert not cpu._onednn_ok(torch.randn(40, 32).double(), w.double())
     assert not cpu._onednn_ok(torch.randn(40, 32).bfloat16(), w.bfloat16())
+    assert not cpu._onednn_ok(torch.randn(40, 32), w, torch.zeros(8, dtype=torch.float64))  # F.linear decides
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: F.linear
         assert not cpu._onednn_ok(torch.randn(40, 32), w)
         assert cpu.linear(torch.randn(40, 32), w).dtype == torch.bfloat16

@@ -188,18 +188,19 @@ def wkv6_cpu(r, k, v, w, u, initial_state=None, output_final_state=False):
 
 # ------------------------------------------------------------------ dense products via oneDNN
 _ONEDNN_MIN_ROWS = MAX_ROWS + 1  # fewer rows: decoding, served by few_rows_linear / modeling.Linear
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a subclass such as a sharded DTensor
 
 
-def _onednn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``x @ w.T`` may go through oneDNN: plain fp32 CPU tensors (no subclass such as a
-    sharded DTensor), at least 17 rows, no autocast, oneDNN enabled and the op present."""
-    return (type(x) in _PLAIN and type(w) in _PLAIN and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.device.type == "cpu" and w.device.type == "cpu" and w.dim() == 2 and x.dim() >= 2
-            and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1] and _onednn_available()
-            and not torch.is_autocast_enabled("cpu"))
+def _plain_fp32_cpu(t: torch.Tensor) -> bool:
+    return type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+def _onednn_ok(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``x @ w.T (+ bias)`` may go through oneDNN: plain fp32 CPU tensors, at least 17
+    rows, no autocast, oneDNN enabled and the op present."""
+    return (_plain_fp32_cpu(x) and _plain_fp32_cpu(w) and (bias is None or _plain_fp32_cpu(bias))
+            and w.dim() == 2 and x.dim() >= 2 and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
+            and _onednn_available() and not torch.is_autocast_enabled("cpu"))
 
 
 def _onednn_available() -> bool:
@@ -244,7 +245,7 @@ class _Linear(torch.autograd.Function):
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, bias)``, through oneDNN where that applies (see the module docstring);
     differentiable. Elsewhere (few rows, other dtypes or devices, autocast) it is ``F.linear``."""
-    if not (_onednn_ok(x, w) and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32))):
+    if not _onednn_ok(x, w, bias):
         return torch.nn.functional.linear(x, w, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)):
         return _Linear.apply(x, w, bias)
