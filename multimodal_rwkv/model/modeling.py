@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from multimodal_rwkv.kernels import cpu, wkv6
 from multimodal_rwkv.model.config import RWKVConfig
-from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, token_shift
+from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, mix_offsets, token_shift
 from multimodal_rwkv.model.state import RWKVState
 
 
@@ -189,15 +189,15 @@ class TimeMix(nn.Module):
             prev = token_shift(x, shift)
             xx = prev - x
             xxx = x + xx * self.time_maa_x
-            m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
-            m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)
-            mw, mk, mv, mr, mg = m.unbind(0)
+            th = torch.tanh(cpu.linear(xxx, self.time_maa_w1.t())).view(B * T, -1)
+            mw, mk, mv, mr, mg = (mi.view(B, T, C) for mi in mix_offsets(th, self.time_maa_w2))
             xw = x + xx * (self.time_maa_w + mw)
             xk = x + xx * (self.time_maa_k + mk)
             xv = x + xx * (self.time_maa_v + mv)
             xr = x + xx * (self.time_maa_r + mr)
             xg = x + xx * (self.time_maa_g + mg)
-            wraw = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+            wraw = self.time_decay + cpu.linear(torch.tanh(cpu.linear(xw, self.time_decay_w1.t())),
+                                                self.time_decay_w2.t())
             logw = -torch.exp(wraw.float()).view(B, T, H, N)
         else:
             prev = token_shift(x, shift)
