@@ -203,20 +203,28 @@ def _onednn_ok(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
             and _onednn_available() and not torch.is_autocast_enabled("cpu"))
 
 
+def _onednn_off() -> str | None:
+    """Why the oneDNN route is off (None if it is on); the settings that cannot change are read once."""
+    if "onednn_off" not in _state:
+        if os.environ.get("MMRWKV_ONEDNN_LINEAR", "1") == "0":
+            _state["onednn_off"] = "MMRWKV_ONEDNN_LINEAR=0"
+        elif not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            _state["onednn_off"] = "this torch has no oneDNN linear op"
+        else:
+            _state["onednn_off"] = None
+    if _state["onednn_off"] is None and not torch.backends.mkldnn.enabled:
+        return "torch.backends.mkldnn.enabled is False"
+    return _state["onednn_off"]
+
+
 def _onednn_available() -> bool:
-    if "onednn" not in _state:
-        _state["onednn"] = (os.environ.get("MMRWKV_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
-                            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-    return _state["onednn"] and torch.backends.mkldnn.enabled
+    return _onednn_off() is None
 
 
 def onednn_status() -> str:
     """Which library the fp32 CPU linears of more than 16 rows use, and why."""
-    if os.environ.get("MMRWKV_ONEDNN_LINEAR", "1") == "0":
-        return "MKL (MMRWKV_ONEDNN_LINEAR=0)"
-    if not _onednn_available():
-        return "MKL (oneDNN is off or its linear op is missing in this torch)"
-    return "oneDNN"
+    why = _onednn_off()
+    return "oneDNN" if why is None else f"MKL ({why})"
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
