@@ -47,6 +47,11 @@ def _sum_bt(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=(0, 1), keepdim=True)
 
 
+def _log_decay(decay: torch.Tensor, tb: torch.Tensor, dw2: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """``logw = -exp(decay + tb @ dw2)`` in float32, ``[B,T,A]``, with ``tb = tanh(x_w @ dw1)``."""
+    return -torch.exp((decay + cpu.linear(tb, dw2.t()).view(B, T, -1)).float())
+
+
 def mix_offsets(th: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
     """ddlerp's five data-dependent mix offsets ``m_i = th_i @ w2[i]`` (slots w, k, v, r, g), each
     ``[BT, C]``, from ``th = tanh(x @ w1)`` ``[BT, 5R]`` and ``w2`` ``[5, R, C]``: one product per
@@ -75,7 +80,7 @@ class DDLerpProject(torch.autograd.Function):
         m = [mi.view(B, T, C) for mi in mix_offsets(th, w2)]
         xw = x + xx * (maa_w + m[0])
         tb = torch.tanh(cpu.linear(xw.view(B * T, C), dw1.t()))  # [BT, D]
-        logw = -torch.exp((decay + cpu.linear(tb, dw2.t()).view(B, T, -1)).float())
+        logw = _log_decay(decay, tb, dw2, B, T)
         del xw
         outs = [cpu.linear(x + xx * (maa + m[i]), W) for i, (maa, W) in
                 enumerate(((maa_k, Wk), (maa_v, Wv), (maa_r, Wr), (maa_g, Wg)), start=1)]
@@ -100,7 +105,7 @@ class DDLerpProject(torch.autograd.Function):
         dxi = [None] * 5  # gradients of the five mixed inputs (w, k, v, r, g)
         # decay: logw = -exp(wraw), wraw = decay + tanh(x_w @ dw1) @ dw2
         if dlogw is not None:
-            logw = -torch.exp((decay + cpu.linear(tb, dw2.t()).view(B, T, -1)).float())
+            logw = _log_decay(decay, tb, dw2, B, T)
             dwraw = (dlogw * logw).to(x.dtype)
             d2 = dwraw.reshape(BT, -1)
             grads[14] = _sum_bt(dwraw) if need[14] else None
