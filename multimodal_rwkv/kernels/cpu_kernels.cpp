@@ -75,10 +75,10 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
 // Per (batch, head), with S [K,V] the state before step t and e = exp(w_t) (given):
 //   o_t = r_t S + (r_t . (u * k_t)) v_t          S <- diag(e) S + k_t^T v_t
 static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
-                      const torch::Tensor& w, const torch::Tensor& u) {
-  for (const auto* t : {&r, &k, &v, &w, &u})
+                      const torch::Tensor& e, const torch::Tensor& u) {
+  for (const auto* t : {&r, &k, &v, &e, &u})
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "wkv6 cpu: fp32 contiguous inputs");
-  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && w.sizes() == r.sizes() && v.dim() == 4, "wkv6 cpu: shapes");
+  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && e.sizes() == r.sizes() && v.dim() == 4, "wkv6 cpu: shapes");
 }
 
 // One forward step of one head: out = r S + c v (c = r . (u * k)), then S' = diag(e) S + k^T v,
