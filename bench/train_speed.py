@@ -7,13 +7,16 @@ Speed: all models in one process, their steps interleaved, so load on the shared
 them alike. Peak memory: each (model, ctx) again in its own subprocess, so peak RSS is its alone.
 
     python bench/train_speed.py [--ctx 1024 4096] [--steps 3] [--threads 2] [--no-write]
-                                [--malloc-mmap-threshold BYTES]
+                                [--default-malloc [--malloc-mmap-threshold BYTES]]
 
-Peak RSS includes what glibc's allocator keeps after frees: by default it serves blocks below a
-moving threshold (up to 32 MB) from its heap and may not give them back, so the figure depends on
-the order of allocations as well as on what the model keeps. ``--malloc-mmap-threshold 131072``
-(sets ``MALLOC_MMAP_THRESHOLD_`` for both models' processes) returns every large block on free,
-so peak RSS then follows the tensors actually alive.
+Every worker process first applies the training engine's CPU malloc setting
+(``train.cpu_retain_memory``, on by default: glibc keeps freed memory for reuse instead of
+page-faulting the step's big buffers in again every step), so both models train under the
+conditions of ``mmrwkv train``; ``--default-malloc`` leaves glibc's defaults instead.
+Peak RSS includes what glibc's allocator keeps after frees, so the figure depends on the order of
+allocations as well as on what the model keeps. ``--malloc-mmap-threshold 131072`` (with
+``--default-malloc``; sets ``MALLOC_MMAP_THRESHOLD_`` for both models' processes) returns every
+large block on free, so peak RSS then follows the tensors actually alive.
 
 Writes the table to BENCHMARKS.md under "## Training speed (CPU)".
 """
@@ -123,10 +126,19 @@ def trainer(kind: str, ctx: int, layers: int, embd: int, vocab: int):
     return step, n_params(model)
 
 
+def engine_malloc() -> None:
+    """The training engine's CPU malloc setting (``train.cpu_retain_memory``), process-wide."""
+    if os.environ.get("BENCH_DEFAULT_MALLOC") != "1":
+        from multimodal_rwkv.kernels.cpu import keep_freed_memory
+
+        keep_freed_memory(bounded=False)
+
+
 def memory_worker(kind: str, ctx: int, layers: int, embd: int, vocab: int, threads: int) -> dict:
     """Own process: a warm-up step (allocates the optimiser state) and one more; peak RSS."""
     import torch
 
+    engine_malloc()
     torch.set_num_threads(threads)
     step, n = trainer(kind, ctx, layers, embd, vocab)
     step()
@@ -139,6 +151,7 @@ def speed_worker(kinds, ctx: int, steps: int, layers: int, embd: int, vocab: int
     that load on the shared machine hits every model alike; best of ``steps`` per kind."""
     import torch
 
+    engine_malloc()
     torch.set_num_threads(threads)
     runs = {k: trainer(k, ctx, layers, embd, vocab)[0] for k in kinds}
     for step in runs.values():
@@ -165,8 +178,10 @@ def main():
                     help="skip the extra RWKV-6 run with gradient checkpointing (train.grad_checkpointing)")
     ap.add_argument("--gemm-floor", action="store_true",
                     help="also time only the RWKV-6's dense GEMMs at the same shapes (an upper bound on its speed)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc defaults instead of the engine's train.cpu_retain_memory setting")
     ap.add_argument("--malloc-mmap-threshold", type=int, default=None,
-                    help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every worker process")
+                    help="with --default-malloc: set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every worker")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     shape = (a.layers, a.embd, a.vocab, a.threads)
@@ -182,6 +197,9 @@ def main():
                str(a.layers), "--embd", str(a.embd), "--vocab", str(a.vocab), "--threads", str(a.threads)]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads),
                    PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if a.default_malloc:
+            env["BENCH_DEFAULT_MALLOC"] = "1"
+            env["MMRWKV_MALLOC"] = "0"  # nor the model's own bounded setting
         if a.malloc_mmap_threshold is not None:
             env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -209,8 +227,10 @@ def main():
         f"again in its own process for its peak RSS; 1-min load average "
         f"{load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs "
         f"(speeds from a shared machine vary run to run; peak memory does not). "
+        + ("glibc malloc defaults. " if a.default_malloc else "Both models under the engine's CPU malloc setting "
+           "(train.cpu_retain_memory: freed memory kept for reuse). ")
         + (f"glibc MALLOC_MMAP_THRESHOLD_={a.malloc_mmap_threshold}. " if a.malloc_mmap_threshold is not None else "")
-        + "Command: `python bench/train_speed.py"
+        + "Command: `python bench/train_speed.py" + (" --default-malloc" if a.default_malloc else "")
         + (f" --malloc-mmap-threshold {a.malloc_mmap_threshold}" if a.malloc_mmap_threshold is not None else "") + "`",
         "",
         "| ctx | RWKV-6 tok/s | Llama tok/s | speed ratio (RWKV/Llama) | RWKV-6 peak MB | Llama peak MB | memory ratio (RWKV/Llama) |",

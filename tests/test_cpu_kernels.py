@@ -224,3 +224,75 @@ def test_onednn_switched_off_uses_f_linear():
             "assert type(cpu.linear(x, w).grad_fn).__name__ != '_LinearBackward'\n"
             "assert cpu.onednn_status() == 'MKL (MMRWKV_ONEDNN_LINEAR=0)'\n")
     _run_python(code, MMRWKV_ONEDNN_LINEAR="0")
+
+
+# ------------------------------------------------------------------ fused elementwise parts
+def _f64(ts):
+    return [t.double().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("B,T,C,n,with_off", [(1, 1, 16, 1, False), (2, 7, 48, 2, False), (3, 70, 40, 5, True),
+                                               (1, 130, 64, 4, True)])
+def test_mix_forward_and_backward_match_fp64(kernel, B, T, C, n, with_off):
+    """Every row-block boundary (64 rows), sequence start (t=0 takes the shift) and width tail."""
+    g = torch.Generator().manual_seed(B * 100 + T)
+    x, shift, mu = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g), torch.rand(n, C, generator=g)
+    off = [torch.randn(B * T, C, generator=g) for _ in range(n)] if with_off else None
+    d = [torch.randn(B * T, C, generator=g) for _ in range(n)]
+    x64, s64, mu64, *off64 = _f64([x, shift, mu, *(off or [])])
+    want = cpu.mix_reference(x64, s64, mu64, off64 or None)
+    got = cpu.mix(x, shift, mu, off)
+    assert len(got) == n
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.float().detach(), rtol=1e-6, atol=1e-6)
+    gw = torch.autograd.grad(want, [x64, s64, mu64, *off64], [t.double() for t in d])
+    dx, dshift, dmu, doff = cpu.mix_backward(d, x, shift, mu, off, want_doff=with_off)
+    for a, b in zip([dx, dshift, dmu, *(doff or [])], gw):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+    # accumulating into given gradients
+    dx0, ds0 = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    dx1, ds1, _, _ = cpu.mix_backward(d, x, shift, mu, off, dx=dx0.clone(), dshift=ds0.clone())
+    torch.testing.assert_close(dx1, dx0 + gw[0].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ds1, ds0 + gw[1].float(), rtol=1e-5, atol=1e-5)
+    # in place into the offsets
+    if with_off:
+        offs = [o.clone() for o in off]
+        out = cpu.mix(x, shift, mu, offs, inplace=True)
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(out, offs))
+        for a, b in zip(out, want):
+            torch.testing.assert_close(a, b.float().detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("R,G,N", [(1, 1, 16), (5, 3, 32), (130, 8, 64), (200, 2, 48)])
+def test_gn_gate_forward_and_backward_match_fp64(kernel, R, G, N):
+    g = torch.Generator().manual_seed(R + G)
+    A = G * N
+    y = torch.randn(R, A, generator=g) * 3 + 1
+    gp = torch.randn(R, A, generator=g) * 4  # sigmoid tails
+    w, b = torch.randn(A, generator=g), torch.randn(A, generator=g)
+    dz = torch.randn(R, A, generator=g)
+    for eps in (64e-5, 1e-5 * 64):
+        y64, gp64, w64, b64 = _f64([y, gp, w, b])
+        want = cpu.gn_gate_reference(y64, gp64, w64, b64, G, eps)
+        torch.testing.assert_close(cpu.gn_gate(y, gp, w, b, G, eps), want.float().detach(), rtol=1e-5, atol=1e-5)
+        gw = torch.autograd.grad(want, [y64, gp64, w64, b64], dz.double())
+        dy, dgp, dw, db, z = cpu.gn_gate_backward(y, gp, w, b, dz, G, eps)
+        torch.testing.assert_close(z, want.float().detach(), rtol=1e-5, atol=1e-5)
+        for a, b_ in zip((dy, dgp, dw, db), gw):
+            torch.testing.assert_close(a, b_.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_fused_parts_fall_back_to_their_twins_where_the_kernels_do_not_apply(kernel):
+    x, shift, mu = torch.randn(2, 5, 32), torch.randn(2, 32), torch.rand(3, 32)
+    # fp64 or recorded by autograd: the reference, which autograd can differentiate
+    out = cpu.mix(x.double(), shift.double(), mu.double())
+    assert out[0].dtype == torch.float64
+    xr = x.clone().requires_grad_()
+    out = cpu.mix(xr, shift, mu)
+    assert out[0].grad_fn is not None
+    y, gp = torch.randn(4, 48), torch.randn(4, 48)
+    w, b = torch.randn(48), torch.randn(48)
+    z = cpu.gn_gate(y, gp, w, b, 2, 1e-5)  # group size 24: not a multiple of 16
+    torch.testing.assert_close(z, cpu.gn_gate_reference(y, gp, w, b, 2, 1e-5))
+    dy, dgp, dw, db, z2 = cpu.gn_gate_backward(y, gp, w, b, torch.ones(4, 48), 2, 1e-5)
+    assert dy.shape == y.shape and dw.shape == w.shape

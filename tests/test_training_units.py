@@ -1,4 +1,5 @@
 """Training engine pieces that need a model but no full run: optimiser groups, L2Wrap, LoRA, state export."""
+import os
 import subprocess
 import sys
 
@@ -130,20 +131,21 @@ def test_train_cli_set_takes_several_values_per_flag(capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_retain_freed_memory_stops_page_faulting_big_buffers_in_again():
-    """A step-like loop that allocates and frees 64-96 MB buffers: by default glibc returns them to
-    the OS and every step page-faults them in again; with the setting the memory is reused
-    (measured: ~210-250k minor faults over 5 steps without, 8-33k with)."""
+def test_keep_freed_memory_stops_page_faulting_big_buffers_in_again():
+    """A step-like loop that allocates and frees 16-48 MB buffers: by default glibc returns them to
+    the OS and every step page-faults them in again; with either setting (the engine's full one,
+    the model's bounded one) the memory is reused (measured: ~150-250k minor faults over 5 steps
+    without, under 40k with)."""
     script = r'''
 import resource, sys, torch
-from multimodal_rwkv.training.loop import retain_freed_memory
-if sys.argv[1] == "on":
-    assert retain_freed_memory()
+from multimodal_rwkv.kernels.cpu import keep_freed_memory
+if sys.argv[1] != "off":
+    assert keep_freed_memory(bounded=sys.argv[1] == "bounded")
 def step():
-    a = torch.ones(16 * 1024 * 1024)
+    a = torch.ones(12 * 1024 * 1024)
     b = torch.ones(4 * 1024 * 1024)
     c = a[: 4 * 1024 * 1024] + b
-    d = torch.ones(24 * 1024 * 1024)
+    d = torch.ones(10 * 1024 * 1024)
     return float(c[0] + d[0])
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -152,12 +154,34 @@ for _ in range(5):
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 '''
     out = {}
-    for mode in ("off", "on"):
+    for mode in ("off", "full", "bounded"):
         r = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         out[mode] = int(r.stdout.split()[-1])
     assert out["off"] > 100000, out
-    assert out["on"] < out["off"] / 3, out
+    assert out["full"] < out["off"] / 3 and out["bounded"] < out["off"] / 3, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_model_forward_sets_the_bounded_malloc_setting_once_unless_switched_off():
+    script = r'''
+import torch
+from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
+from multimodal_rwkv.kernels import cpu
+m = RWKVForCausalLM(RWKVConfig(vocab_size=64, n_layer=1, n_embd=64, head_size=32))
+before = cpu._state.get("malloc")
+m(torch.zeros(1, 3, dtype=torch.long))
+after = cpu._state.get("malloc")
+cpu.keep_freed_memory(bounded=False)  # the engine widens it...
+full = cpu._state.get("malloc")
+cpu.keep_freed_memory(bounded=True)  # ...and a bounded call does not narrow it again
+print(before, after, full, cpu._state.get("malloc"))
+'''
+    for env, want in (("1", "None bounded full full"), ("0", "None None full full")):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, MMRWKV_MALLOC=env))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split("\n")[-2] == want
 
 
 def test_atomic_write_gives_saved_files_the_usual_mode(tmp_path):

@@ -47,6 +47,7 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,60 @@ def status() -> str:
     if "module" in _state:
         return "ready"
     return _state.get("error", "not built yet")
+
+
+# ------------------------------------------------------------------------- glibc malloc
+_MMAP_THRESHOLD = 64 << 20  # bounded mode: blocks up to this size come from the heap...
+_TRIM_THRESHOLD = 256 << 20  # ...and up to this much free memory at its top stays in the process
+
+
+def keep_freed_memory(bounded: bool = True) -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    A CPU forward (prefill) or training step allocates and frees the same large buffers every
+    time. With glibc's defaults, freed heap beyond a small, moving threshold goes back to the OS
+    and blocks over it are fresh mmaps, so each call page-faults (and the kernel zero-fills) that
+    memory again: on the 2-core box about 7-15% of a 512-token prefill of a 12x768 model and
+    13-15% of a 6x512 training step at ctx 1024.
+
+    ``bounded=True`` (what :class:`~multimodal_rwkv.model.modeling.RWKVModel` sets on its first
+    CPU forward): blocks up to 64 MB come from the heap and up to 256 MB of free memory at its top
+    is kept, so the process holds at most that much more than it uses. ``bounded=False`` (the
+    training engine's ``train.cpu_retain_memory``): no mmap for big blocks and no trimming; the
+    process keeps its peak heap until it exits. Process-wide, applied once; a later
+    ``bounded=False`` call widens a bounded setting, never the reverse. ``MMRWKV_MALLOC=0`` turns
+    the automatic bounded setting off. Returns whether the setting is in force (False off glibc).
+    """
+    mode = "bounded" if bounded else "full"
+    with _lock:
+        done = _state.get("malloc")
+        if done == "full" or done == mode:
+            return True
+        if done == "unavailable":
+            return False
+        try:
+            import ctypes
+            import sys
+
+            if not sys.platform.startswith("linux"):
+                raise OSError("not linux")
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            _state["malloc"] = "unavailable"
+            return False
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
+        if bounded:
+            ok = mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+        else:
+            ok = mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        _state["malloc"] = mode if ok else "unavailable"
+        return bool(ok)
+
+
+def keep_freed_memory_for_forward() -> None:
+    """The model's first CPU forward: :func:`keep_freed_memory` (bounded) unless ``MMRWKV_MALLOC=0``."""
+    if "malloc" not in _state and os.environ.get("MMRWKV_MALLOC", "1") != "0":
+        keep_freed_memory(bounded=True)
 
 
 # ------------------------------------------------------------------------- few-rows product
@@ -266,3 +321,124 @@ def linear_t(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if _onednn_ok(d, w):
         return _onednn(d, w.t(), None)
     return d @ w
+
+
+# ---------------------------------------------------------------- fused elementwise parts
+# Each takes one pass over memory where the PyTorch expressions (the twins, ``*_reference``) take
+# several, each allocating a fresh buffer. Used where no autograd records through them: inference,
+# and the hand-written backward passes of model/lean.py; the twins run everywhere else.
+def _kernel_for(*ts: torch.Tensor | None):
+    """The extension if these tensors may go through the fused kernels (fp32 CPU, not recorded by
+    autograd, built kernels), else None."""
+    if not all(t is None or (_plain_fp32_cpu(t)) for t in ts):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
+        return None
+    return extension()
+
+
+def _c(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous()
+
+
+def mix_reference(x, shift, mu, off=None):
+    """Token-shift mixing: ``[x + (prev - x) * (mu[i] + off[i]) for i < n]``, each ``[B*T, C]``.
+
+    ``x [B,T,C]``; ``shift [B,C]`` the token before t=0 (``prev`` is x shifted by one step);
+    ``mu [n, C]``; ``off`` n tensors ``[B*T, C]`` (data-dependent offsets, ddlerp) or None."""
+    B, T, C = x.shape
+    prev = shift.to(x.dtype).unsqueeze(1) if T == 1 else torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], 1)
+    xx = (prev - x).reshape(B * T, C)
+    x2 = x.reshape(B * T, C)
+    return [x2 + xx * (mu[i] if off is None else mu[i] + off[i]) for i in range(mu.shape[0])]
+
+
+def mix(x, shift, mu, off=None, inplace=False):
+    """:func:`mix_reference` in one pass (the kernel), or through the reference where the kernel
+    does not apply. ``inplace``: write the results into ``off``'s tensors (the kernel only)."""
+    mod = _kernel_for(x, shift, mu, *(off or ()))
+    if mod is None:
+        return mix_reference(x, shift, mu, off)
+    B, T, C = x.shape
+    offs = [_c(o) for o in off] if off is not None else []
+    out = offs if inplace and offs and all(o.data_ptr() == p.data_ptr() for o, p in zip(offs, off)) else [
+        torch.empty(B * T, C) for _ in range(mu.shape[0])]
+    mod.mix_forward(_c(x), _c(shift), _c(mu), offs, out)
+    return out
+
+
+def mix_backward(d, x, shift, mu, off=None, want_doff=False, dx=None, dshift=None):
+    """Gradients of :func:`mix` given ``d`` (n tensors ``[B*T, C]``, of its results):
+    ``(dx [B,T,C], dshift [B,C], dmu [n,C], doff)``; ``doff`` (n tensors) if ``want_doff`` else
+    None. With ``dx``/``dshift`` given, the gradients are added to them (in place)."""
+    B, T, C = x.shape
+    mod = _kernel_for(x, shift, mu, *d, *(off or ()), dx, dshift)
+    if mod is None:
+        return _mix_backward_reference(d, x, shift, mu, off, want_doff, dx, dshift)
+    acc = dx is not None
+    dx = dx if acc else torch.empty(B, T, C)
+    dshift = dshift if acc else torch.empty(B, C)
+    if not (dx.is_contiguous() and dshift.is_contiguous()):
+        return _mix_backward_reference(d, x, shift, mu, off, want_doff, dx, dshift)
+    dmu = torch.empty(mu.shape[0], C, dtype=torch.float64)
+    doff = [torch.empty(B * T, C) for _ in d] if want_doff else []
+    mod.mix_backward([_c(t) for t in d], _c(x), _c(shift), _c(mu), [_c(o) for o in off] if off else [],
+                     dx, dshift, dmu, doff, acc)
+    return dx, dshift, dmu.float(), (doff if want_doff else None)
+
+
+def _mix_backward_reference(d, x, shift, mu, off, want_doff, dx, dshift):
+    """The twin: autograd through :func:`mix_reference`."""
+    if want_doff and not off:
+        raise ValueError("want_doff needs offsets")
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (x, shift, mu)]
+        offs = [o.detach().requires_grad_() for o in off] if (off and want_doff) else off
+        outs = mix_reference(*leaves, offs)
+        wanted = leaves + (list(offs) if off and want_doff else [])
+        g = torch.autograd.grad(outs, wanted, list(d), allow_unused=True)
+    gx, gs, gmu = (t if t is not None else torch.zeros_like(l) for t, l in zip(g[:3], leaves))
+    if dx is not None:
+        dx += gx
+        dshift += gs
+        gx, gs = dx, dshift
+    doff = [t if t is not None else torch.zeros_like(o) for t, o in zip(g[3:], offs)] if want_doff else None
+    return gx, gs, gmu, doff
+
+
+def gn_gate_reference(y, gp, weight, bias, groups, eps):
+    """``GroupNorm(y) * silu(gp)`` (``y``, ``gp``: ``[R, A]``; ``groups`` groups over A)."""
+    return F.group_norm(y, groups, weight, bias, eps) * F.silu(gp)
+
+
+def _gn_gate_kernel(y, gp, weight, bias, groups):
+    ok = (weight is not None and bias is not None and y.dim() == 2 and y.shape == gp.shape
+          and y.shape[1] % groups == 0 and (y.shape[1] // groups) % 16 == 0)
+    return _kernel_for(y, gp, weight, bias) if ok else None
+
+
+def gn_gate(y, gp, weight, bias, groups, eps):
+    """:func:`gn_gate_reference` in one pass over each group (the kernel) where it applies."""
+    mod = _gn_gate_kernel(y, gp, weight, bias, groups)
+    if mod is None:
+        return gn_gate_reference(y, gp, weight, bias, groups, eps)
+    z = torch.empty(y.shape)
+    mod.gn_gate_forward(_c(y), _c(gp), _c(weight), _c(bias), groups, float(eps), z)
+    return z
+
+
+def gn_gate_backward(y, gp, weight, bias, dz, groups, eps):
+    """Gradients of :func:`gn_gate` given ``dz``: ``(dy, dgp, dweight, dbias, z)`` where ``z`` is the
+    forward's result (which a following product's weight gradient needs)."""
+    mod = _gn_gate_kernel(y, gp, weight, bias, groups)
+    if mod is None or not _plain_fp32_cpu(dz):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (y, gp, weight, bias)]
+            z = gn_gate_reference(*leaves, groups, eps)
+            g = torch.autograd.grad(z, leaves, dz)
+        return (*g, z.detach())
+    dy, dgp, z = torch.empty(y.shape), torch.empty(y.shape), torch.empty(y.shape)
+    dwb = torch.empty(2, y.shape[1], dtype=torch.float64)
+    mod.gn_gate_backward(_c(y), _c(gp), _c(weight), _c(bias), _c(dz), groups, float(eps), dy, dgp, z, dwb)
+    dwb = dwb.float()
+    return dy, dgp, dwb[0], dwb[1], z

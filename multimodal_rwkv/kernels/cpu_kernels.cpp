@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 // ------------------------------------------------------------------------- few-rows product
@@ -325,8 +326,275 @@ void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
   });
 }
 
+
+// ------------------------------------------------------------------- fused elementwise parts
+// Rows r = b * T + t of [B*T, C] tensors; the token before row (b, 0) is shift[b].
+
+// exp(x) for 16 floats: x = n ln2 + f, |f| <= ln2/2, exp(f) by Cephes' degree-6 polynomial
+// (relative error ~1e-7), scaled by 2^n with scalef (which also gives 0 for very negative x).
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+static void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu(),
+              "cpu kernels: ", name, " must be a contiguous fp32 CPU tensor");
+}
+
+// Partial sums of a [n] vector per block of rows, merged in double (reductions over B*T rows).
+struct Accum {
+  std::vector<double> total;
+  std::mutex mu;
+  explicit Accum(int64_t n) : total(n, 0.0) {}
+  void add(const std::vector<float>& part) {
+    std::lock_guard<std::mutex> g(mu);
+    for (size_t i = 0; i < part.size(); ++i) total[i] += part[i];
+  }
+};
+constexpr int64_t kBlockRows = 64;  // rows summed in float before a partial sum is merged
+
+// z = (GroupNorm(y) * w + b) * silu(gp): y, gp, z [R, A]; w, b [A]; G groups of N = A / G, N % 16 == 0.
+void gn_gate_forward(torch::Tensor y, torch::Tensor gp, torch::Tensor w, torch::Tensor b, int64_t G, double eps,
+                     torch::Tensor z) {
+  for (auto* t : {&y, &gp, &w, &b, &z}) check_f32(*t, "gn_gate input");
+  const int64_t R = y.size(0), A = y.size(1), N = A / G;
+  TORCH_CHECK(N * G == A && N % 16 == 0 && gp.numel() == R * A && z.numel() == R * A, "gn_gate: bad shapes");
+  const float *yp = y.data_ptr<float>(), *gpp = gp.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t o = r * A + g * N;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < N; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(yp + o + i));
+        const float mean = _mm512_reduce_add_ps(acc) / N;
+        const __m512 m = _mm512_set1_ps(mean);
+        acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < N; i += 16) {
+          const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m);
+          acc = _mm512_fmadd_ps(d, d, acc);
+        }
+        const __m512 rs = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / N + (float)eps));
+        for (int64_t i = 0; i < N; i += 16) {
+          const __m512 yh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m), rs);
+          const __m512 a = _mm512_fmadd_ps(yh, _mm512_loadu_ps(wp + g * N + i), _mm512_loadu_ps(bp + g * N + i));
+          const __m512 x = _mm512_loadu_ps(gpp + o + i);
+          _mm512_storeu_ps(zp + o + i, _mm512_mul_ps(a, _mm512_mul_ps(x, sigmoid16(x))));
+        }
+      }
+  });
+}
+
+// Gradients of gn_gate_forward given dz: dy, dgp [R, A]; dwb [2, A] (dw, db); also z itself (the
+// forward's output, which the caller's weight gradient needs).
+void gn_gate_backward(torch::Tensor y, torch::Tensor gp, torch::Tensor w, torch::Tensor b, torch::Tensor dz,
+                      int64_t G, double eps, torch::Tensor dy, torch::Tensor dgp, torch::Tensor z, torch::Tensor dwb) {
+  for (auto* t : {&y, &gp, &w, &b, &dz, &dy, &dgp, &z}) check_f32(*t, "gn_gate_backward input");
+  TORCH_CHECK(dwb.scalar_type() == torch::kDouble && dwb.is_contiguous(), "gn_gate_backward: dwb must be fp64");
+  const int64_t R = y.size(0), A = y.size(1), N = A / G;
+  TORCH_CHECK(N * G == A && N % 16 == 0 && dwb.numel() == 2 * A, "gn_gate_backward: bad shapes");
+  const float *yp = y.data_ptr<float>(), *gpp = gp.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const float* dzp = dz.data_ptr<float>();
+  float *dyp = dy.data_ptr<float>(), *dgpp = dgp.data_ptr<float>(), *zp = z.data_ptr<float>();
+  Accum acc_wb(2 * A);
+  at::parallel_for(0, R, kBlockRows, [&](int64_t r0, int64_t r1) {
+    std::vector<float> part(2 * A);
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t rb = r0; rb < r1; rb += kBlockRows) {
+      std::fill(part.begin(), part.end(), 0.f);
+      for (int64_t r = rb; r < std::min(r1, rb + kBlockRows); ++r)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t o = r * A + g * N, c0 = g * N;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t i = 0; i < N; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(yp + o + i));
+          const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / N);
+          acc = _mm512_setzero_ps();
+          for (int64_t i = 0; i < N; i += 16) {
+            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m);
+            acc = _mm512_fmadd_ps(d, d, acc);
+          }
+          const float rstd = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / N + (float)eps);
+          const __m512 rs = _mm512_set1_ps(rstd);
+          __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+          for (int64_t i = 0; i < N; i += 16) {
+            const __m512 yh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m), rs);
+            const __m512 wv = _mm512_loadu_ps(wp + c0 + i);
+            const __m512 a = _mm512_fmadd_ps(yh, wv, _mm512_loadu_ps(bp + c0 + i));
+            const __m512 x = _mm512_loadu_ps(gpp + o + i), sg = sigmoid16(x), gv = _mm512_mul_ps(x, sg);
+            const __m512 dzv = _mm512_loadu_ps(dzp + o + i);
+            _mm512_storeu_ps(zp + o + i, _mm512_mul_ps(a, gv));
+            // d silu(x)/dx = s (1 + x (1 - s))
+            const __m512 dsilu = _mm512_mul_ps(sg, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sg), one));
+            _mm512_storeu_ps(dgpp + o + i, _mm512_mul_ps(_mm512_mul_ps(dzv, a), dsilu));
+            const __m512 da = _mm512_mul_ps(dzv, gv);
+            _mm512_storeu_ps(part.data() + c0 + i, _mm512_fmadd_ps(da, yh, _mm512_loadu_ps(part.data() + c0 + i)));
+            _mm512_storeu_ps(part.data() + A + c0 + i, _mm512_add_ps(da, _mm512_loadu_ps(part.data() + A + c0 + i)));
+            const __m512 dyh = _mm512_mul_ps(da, wv);
+            _mm512_storeu_ps(dyp + o + i, dyh);
+            s1 = _mm512_add_ps(s1, dyh);
+            s2 = _mm512_fmadd_ps(dyh, yh, s2);
+          }
+          const __m512 c1 = _mm512_set1_ps(_mm512_reduce_add_ps(s1) / N), c2 = _mm512_set1_ps(_mm512_reduce_add_ps(s2) / N);
+          for (int64_t i = 0; i < N; i += 16) {
+            const __m512 yh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m), rs);
+            const __m512 t = _mm512_fnmadd_ps(yh, c2, _mm512_sub_ps(_mm512_loadu_ps(dyp + o + i), c1));
+            _mm512_storeu_ps(dyp + o + i, _mm512_mul_ps(t, rs));
+          }
+        }
+      acc_wb.add(part);
+    }
+  });
+  std::copy(acc_wb.total.begin(), acc_wb.total.end(), dwb.data_ptr<double>());
+}
+
+// The data pointers of n [B*T, C] fp32 tensors (none if the list is empty).
+static std::vector<float*> row_tensors(const std::vector<torch::Tensor>& ts, int64_t n, int64_t R, int64_t C,
+                                       const char* name) {
+  std::vector<float*> ps;
+  if (ts.empty()) return ps;
+  TORCH_CHECK((int64_t)ts.size() == n, "cpu kernels: ", name, " must hold ", n, " tensors");
+  for (const auto& t : ts) {
+    check_f32(t, name);
+    TORCH_CHECK(t.numel() == R * C, "cpu kernels: ", name, " tensors must have ", R * C, " elements");
+    ps.push_back(t.data_ptr<float>());
+  }
+  return ps;
+}
+
+// Token-shift mixing: out[i][r] = x[r] + (prev[r] - x[r]) * (mu[i] + off[i][r]), i < n; prev[r] is
+// x[r - 1] or, at t = 0, shift[b]. x [B, T, C], shift [B, C], mu [n, C]; off: n tensors [B*T, C] or
+// none; out: n tensors [B*T, C] (each may be the corresponding off tensor: updated in place).
+void mix_forward(torch::Tensor x, torch::Tensor shift, torch::Tensor mu, std::vector<torch::Tensor> off,
+                 std::vector<torch::Tensor> out) {
+  for (auto* t : {&x, &shift, &mu}) check_f32(*t, "mix input");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), n = mu.size(0), R = B * T;
+  TORCH_CHECK(shift.numel() == B * C && mu.numel() == n * C && !out.empty(), "mix: bad shapes");
+  const auto offp = row_tensors(off, n, R, C, "mix offsets");
+  const auto outp = row_tensors(out, n, R, C, "mix outputs");
+  const bool has_off = !offp.empty();
+  const float *xp = x.data_ptr<float>(), *sp = shift.data_ptr<float>(), *mp = mu.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * C;
+      const float* pr = r % T == 0 ? sp + (r / T) * C : xr - C;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* mi = mp + i * C;
+        float* o = outp[i] + r * C;
+        if (has_off) {
+          const float* f = offp[i] + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = xr[c] + (pr[c] - xr[c]) * (mi[c] + f[c]);
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = xr[c] + (pr[c] - xr[c]) * mi[c];
+        }
+      }
+    }
+  });
+}
+
+// Gradients of mix_forward given d: n tensors [B*T, C] (of the outputs): dx [B, T, C] and dshift
+// [B, C] (written, or added to when accumulate), dmu [n, C] (fp64), and doff[i] = d[i] * (prev - x)
+// when doff holds n tensors. With xx = prev - x and dxx[r] = sum_i d[i][r] (mu[i] + off[i][r]):
+// dx[r] = sum_i d[i][r] - dxx[r] + dxx[r + 1] (the next row of the same sequence), dshift[b] = dxx[b, 0].
+void mix_backward(std::vector<torch::Tensor> d, torch::Tensor x, torch::Tensor shift, torch::Tensor mu,
+                  std::vector<torch::Tensor> off, torch::Tensor dx, torch::Tensor dshift, torch::Tensor dmu,
+                  std::vector<torch::Tensor> doff, bool accumulate) {
+  for (auto* t : {&x, &shift, &mu, &dx, &dshift}) check_f32(*t, "mix_backward input");
+  TORCH_CHECK(dmu.scalar_type() == torch::kDouble && dmu.is_contiguous(), "mix_backward: dmu must be fp64");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), n = mu.size(0), R = B * T;
+  TORCH_CHECK(dx.numel() == R * C && dshift.numel() == B * C && dmu.numel() == n * C && !d.empty(),
+              "mix_backward: bad shapes");
+  const auto dpp = row_tensors(d, n, R, C, "mix output gradients");
+  const auto offp = row_tensors(off, n, R, C, "mix offsets");
+  const auto dop = row_tensors(doff, n, R, C, "mix offset gradients");
+  const bool has_off = !offp.empty(), want_doff = !dop.empty();
+  const float *xp = x.data_ptr<float>(), *sp = shift.data_ptr<float>(), *mp = mu.data_ptr<float>();
+  float *dxp = dx.data_ptr<float>(), *dsp = dshift.data_ptr<float>();
+  Accum acc_mu(n * C);
+  auto dxx_row = [&](int64_t r, float* out) {  // dxx[r] into out[C]
+    std::fill(out, out + C, 0.f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float *di = dpp[i] + r * C, *mi = mp + i * C, *f = has_off ? offp[i] + r * C : nullptr;
+      if (has_off) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) out[c] += di[c] * (mi[c] + f[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) out[c] += di[c] * mi[c];
+      }
+    }
+  };
+  at::parallel_for(0, R, kBlockRows, [&](int64_t r0, int64_t r1) {
+    std::vector<float> part(n * C), cur(C), nxt(C), xx(C);
+    for (int64_t rb = r0; rb < r1; rb += kBlockRows) {
+      std::fill(part.begin(), part.end(), 0.f);
+      const int64_t re = std::min(r1, rb + kBlockRows);
+      dxx_row(rb, cur.data());
+      for (int64_t r = rb; r < re; ++r) {
+        const int64_t t = r % T;
+        const float* xr = xp + r * C;
+        const float* pr = t == 0 ? sp + (r / T) * C : xr - C;
+        const bool same_seq = t + 1 < T;  // the next row's dxx flows into this row's dx
+        if (same_seq || r + 1 < re) dxx_row(r + 1, nxt.data());  // (and is the next iteration's cur)
+        const float keep = same_seq ? 1.f : 0.f;
+        float* o = dxp + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          xx[c] = pr[c] - xr[c];
+          const float v = keep * nxt[c] - cur[c];
+          o[c] = accumulate ? o[c] + v : v;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const float* di = dpp[i] + r * C;
+          float* pi = part.data() + i * C;
+          float* fo = want_doff ? dop[i] + r * C : nullptr;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            o[c] += di[c];
+            pi[c] += di[c] * xx[c];
+          }
+          if (want_doff) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) fo[c] = di[c] * xx[c];
+          }
+        }
+        if (t == 0) {
+          float* ds = dsp + (r / T) * C;
+          for (int64_t c = 0; c < C; ++c) ds[c] = accumulate ? ds[c] + cur[c] : cur[c];
+        }
+        std::swap(cur, nxt);
+      }
+      acc_mu.add(part);
+    }
+  });
+  std::copy(acc_mu.total.begin(), acc_mu.total.end(), dmu.data_ptr<double>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x[M,K] @ w[N,K].T for 1..16 rows");
   m.def("wkv6_forward", &wkv6_forward, "WKV-6 forward (step by step, fp32)");
   m.def("wkv6_backward", &wkv6_backward, "WKV-6 backward (chunked recomputation, fp32)");
+  m.def("gn_gate_forward", &gn_gate_forward, "(GroupNorm(y) * w + b) * silu(gp)");
+  m.def("gn_gate_backward", &gn_gate_backward, "gradients of gn_gate_forward");
+  m.def("mix_forward", &mix_forward, "token-shift mixing x + (prev - x) * (mu + off)");
+  m.def("mix_backward", &mix_backward, "gradients of mix_forward");
 }

@@ -6,9 +6,10 @@ LoRA activations and the decay; for channel mixing the two mixed inputs, ``relu(
 ``relu(h)^2``; for the output the group norm's input and output, the gate, its input and their
 product. At B=1, T=4096, C=512 that made a 6x512 RWKV-6 keep 1.9 GB of activations against
 1.3 GB for a Llama of equal size. The Functions here save only the block input (``x`` and the
-shift carried in), the GEMM outputs that are costly to recompute (``h``, ``receptance(x_r)``,
+shift carried in), the GEMM outputs that are costly to recompute (``relu(h)``, ``receptance(x_r)``,
 ``value(.)``), the WKV output, the gate's input and the small LoRA activations, and recompute the
-elementwise parts in backward. Same formulas as :mod:`multimodal_rwkv.model.modeling`'s plain
+elementwise parts in backward. The token-shift mixing and the norm-and-gate run as fused one-pass
+kernels both ways (:func:`multimodal_rwkv.kernels.cpu.mix`, :func:`~multimodal_rwkv.kernels.cpu.gn_gate`). Same formulas as :mod:`multimodal_rwkv.model.modeling`'s plain
 forms, which stay the reference: the tests compare outputs and every gradient.
 
 They are used when autograd records (training), autocast is off, and every projection involved
@@ -17,25 +18,8 @@ is this package's plain bias-free ``Linear`` (a LoRA-wrapped projection keeps th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from multimodal_rwkv.kernels import cpu
-
-
-def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x_{t-1}`` for every t: ``[B,T,C]`` with ``shift`` ``[B,C]`` as the token before t=0 (in
-    ``x``'s dtype). Shared by these forms and the plain ones in modeling.py."""
-    prev = shift.to(x.dtype).unsqueeze(1)
-    if x.shape[1] == 1:
-        return prev
-    return torch.cat([prev, x[:, :-1]], dim=1)
-
-
-def _shift_grads(dxx: torch.Tensor, dx: torch.Tensor):
-    """Route the gradient of ``xx = prev - x`` into ``dx`` (in place) and the carried-in shift."""
-    dx -= dxx
-    dx[:, :-1] += dxx[:, 1:]
-    return dxx[:, 0]
 
 
 def _wgrad(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -50,6 +34,11 @@ def _sum_bt(t: torch.Tensor) -> torch.Tensor:
 def _log_decay(decay: torch.Tensor, tb: torch.Tensor, dw2: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """``logw = -exp(decay + tb @ dw2)`` in float32, ``[B,T,A]``, with ``tb = tanh(x_w @ dw1)``."""
     return -torch.exp((decay + cpu.linear(tb, dw2.t()).view(B, T, -1)).float())
+
+
+def _stack_maa(*maa: torch.Tensor) -> torch.Tensor:
+    """``[n, C]`` from n mixing vectors of shape ``[1, 1, C]``."""
+    return torch.cat([m.reshape(1, -1) for m in maa])
 
 
 def mix_offsets(th: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
@@ -75,18 +64,16 @@ class DDLerpProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg, decay, dw1, dw2):
         B, T, C = x.shape
-        xx = token_shift(x, shift) - x
-        th = torch.tanh(cpu.linear((x + xx * maa_x).view(B * T, C), w1.t()))  # [BT, 5R]
-        m = [mi.view(B, T, C) for mi in mix_offsets(th, w2)]
-        xw = x + xx * (maa_w + m[0])
-        tb = torch.tanh(cpu.linear(xw.view(B * T, C), dw1.t()))  # [BT, D]
+        xxx = cpu.mix(x, shift, maa_x.view(1, C))[0]
+        th = torch.tanh(cpu.linear(xxx, w1.t()))  # [BT, 5R]
+        del xxx
+        # x_i = x + xx * (maa_i + m_i) for the slots w, k, v, r, g, written over the offsets m_i
+        xs = cpu.mix(x, shift, _stack_maa(maa_w, maa_k, maa_v, maa_r, maa_g), mix_offsets(th, w2), inplace=True)
+        tb = torch.tanh(cpu.linear(xs[0], dw1.t()))  # [BT, D]
         logw = _log_decay(decay, tb, dw2, B, T)
-        del xw
-        outs = [cpu.linear(x + xx * (maa + m[i]), W) for i, (maa, W) in
-                enumerate(((maa_k, Wk), (maa_v, Wv), (maa_r, Wr), (maa_g, Wg)), start=1)]
+        k, v, r, g = (cpu.linear(xs[i], W).view(B, T, -1) for i, W in ((1, Wk), (2, Wv), (3, Wr), (4, Wg)))
         ctx.save_for_backward(x, shift, th, tb, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg,
                               decay, dw1, dw2)
-        k, v, r, g = outs
         return r, k, v, g, logw
 
     @staticmethod
@@ -97,10 +84,9 @@ class DDLerpProject(torch.autograd.Function):
         need = ctx.needs_input_grad
         B, T, C = x.shape
         BT = B * T
-        xx = token_shift(x, shift) - x
-        xxx = x + xx * maa_x
-        m = [mi.view(B, T, C) for mi in mix_offsets(th, w2)]
-        maas = (maa_w, maa_k, maa_v, maa_r, maa_g)
+        maas = _stack_maa(maa_w, maa_k, maa_v, maa_r, maa_g)
+        m = mix_offsets(th, w2)
+        xs = cpu.mix(x, shift, maas, m)  # the five mixed inputs again (m is kept: its gradient needs it)
         grads = [None] * 17
         dxi = [None] * 5  # gradients of the five mixed inputs (w, k, v, r, g)
         # decay: logw = -exp(wraw), wraw = decay + tanh(x_w @ dw1) @ dw2
@@ -112,37 +98,33 @@ class DDLerpProject(torch.autograd.Function):
             grads[16] = tb.t() @ d2 if need[16] else None
             db = cpu.linear(d2, dw2) * (1 - tb * tb)
             if need[15]:
-                grads[15] = (x + xx * (maa_w + m[0])).view(BT, C).t() @ db
-            dxi[0] = cpu.linear(db, dw1).view(B, T, C)
+                grads[15] = xs[0].t() @ db
+            dxi[0] = cpu.linear(db, dw1)
         # projections (slot order of the mix LoRA: w, k, v, r, g)
         for slot, d, W, gi in ((1, dk, Wk, 11), (2, dv, Wv, 12), (3, dr, Wr, 10), (4, dg, Wg, 13)):
             if d is None:
                 continue
             if need[gi]:
-                grads[gi] = _wgrad(d, x + xx * (maas[slot] + m[slot]))
-            dxi[slot] = cpu.linear_t(d, W)
-        dx = torch.zeros_like(x)
-        dxx = torch.zeros_like(x)
-        dm = torch.empty(5, B, T, C, dtype=x.dtype, device=x.device)
-        for slot, d in enumerate(dxi):
-            if d is None:
-                dm[slot] = 0
-                continue
-            dx += d
-            dxx.addcmul_(d, maas[slot] + m[slot])
-            torch.mul(d, xx, out=dm[slot])
-            grads[3 + slot] = _sum_bt(dm[slot]) if need[3 + slot] else None
-        # mix LoRA: m = tanh(xxx @ w1) @ w2 (per slot)
-        th5 = th.view(BT, 5, -1).transpose(0, 1)  # [5, BT, R]
-        dm = dm.view(5, BT, C)
-        grads[9] = torch.bmm(th5.transpose(1, 2), dm) if need[9] else None
+                grads[gi] = _wgrad(d, xs[slot])
+            dxi[slot] = cpu.linear_t(d, W).view(BT, C)
+        del xs
+        dxi = [d if d is not None else x.new_zeros(BT, C) for d in dxi]
+        # the mixing: dx, the shift's gradient, maa_* and the offsets' gradients dm_i = dx_i * xx
+        dx, dshift, dmaa, dm = cpu.mix_backward(dxi, x, shift, maas, m, want_doff=True)
+        del dxi, m
+        for slot in range(5):
+            grads[3 + slot] = dmaa[slot].view(1, 1, C).to(maa_w.dtype) if need[3 + slot] else None
+        # mix LoRA: m_i = tanh(xxx @ w1)_i @ w2[i]
+        R = w2.shape[1]
+        if need[9]:
+            grads[9] = torch.stack([th[:, i * R:(i + 1) * R].t() @ dm[i] for i in range(5)])
         da = torch.cat([cpu.linear(dm[i], w2[i]) for i in range(5)], dim=1) * (1 - th * th)  # [BT, 5R]
-        grads[8] = xxx.view(BT, C).t() @ da if need[8] else None
-        dxxx = cpu.linear(da, w1).view(B, T, C)
-        dx += dxxx
-        dxx.addcmul_(dxxx, maa_x)
-        grads[2] = _sum_bt(dxxx * xx) if need[2] else None
-        dshift = _shift_grads(dxx, dx)
+        del dm
+        if need[8]:
+            grads[8] = cpu.mix(x, shift, maa_x.view(1, C))[0].t() @ da
+        dxxx = cpu.linear(da, w1)
+        dx, dshift, dmaa_x, _ = cpu.mix_backward([dxxx], x, shift, maa_x.view(1, C), dx=dx, dshift=dshift)
+        grads[2] = dmaa_x.view(1, 1, C).to(maa_x.dtype) if need[2] else None
         grads[0] = dx
         grads[1] = dshift.to(shift.dtype) if need[1] else None
         return tuple(grads)
@@ -157,34 +139,43 @@ class ChannelMixLean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shift, mu_k, mu_r, Wk, Wr, Wv):
-        xx = token_shift(x, shift) - x
-        h = cpu.linear(x + xx * mu_k, Wk)
-        vo = cpu.linear(torch.relu(h).square(), Wv)
-        rr = cpu.linear(x + xx * mu_r, Wr)
-        ctx.save_for_backward(x, shift, mu_k, mu_r, Wk, Wr, Wv, h, rr, vo)
-        return torch.sigmoid(rr) * vo
+        B, T, C = x.shape
+        xk, xr = cpu.mix(x, shift, _stack_maa(mu_k, mu_r))
+        rh = torch.relu_(cpu.linear(xk, Wk))  # relu(h): all the backward needs of h
+        del xk
+        vo = cpu.linear(rh.square(), Wv)
+        rr = cpu.linear(xr, Wr)
+        ctx.save_for_backward(x, shift, mu_k, mu_r, Wk, Wr, Wv, rh, rr, vo)
+        return (torch.sigmoid(rr) * vo).view(B, T, C)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x, shift, mu_k, mu_r, Wk, Wr, Wv, h, rr, vo = ctx.saved_tensors
+        x, shift, mu_k, mu_r, Wk, Wr, Wv, rh, rr, vo = ctx.saved_tensors
         need = ctx.needs_input_grad
-        xx = token_shift(x, shift) - x
+        B, T, C = x.shape
+        dout = dout.reshape(B * T, C)
+        mus = _stack_maa(mu_k, mu_r)
         sr = torch.sigmoid(rr)
         dvo = dout * sr
-        drr = dout * vo * sr * (1 - sr)
-        rh = torch.relu(h)
+        drr = dvo * vo
+        drr.mul_(1 - sr)
+        del sr
         dWv = _wgrad(dvo, rh.square()) if need[6] else None
-        dh = cpu.linear_t(dvo, Wv) * (2 * rh)
-        dWk = _wgrad(dh, x + xx * mu_k) if need[4] else None
-        dWr = _wgrad(drr, x + xx * mu_r) if need[5] else None
+        dh = cpu.linear_t(dvo, Wv).mul_(rh).mul_(2)
+        del dvo
+        if need[4] or need[5]:
+            xk, xr = cpu.mix(x, shift, mus)
+            dWk = _wgrad(dh, xk) if need[4] else None
+            dWr = _wgrad(drr, xr) if need[5] else None
+            del xk, xr
+        else:
+            dWk = dWr = None
         dxk = cpu.linear_t(dh, Wk)
         dxr = cpu.linear_t(drr, Wr)
-        dx = dxk + dxr
-        dxx = dxk * mu_k + dxr * mu_r
-        dmu_k = _sum_bt(dxk * xx) if need[2] else None
-        dmu_r = _sum_bt(dxr * xx) if need[3] else None
-        dshift = _shift_grads(dxx, dx)
+        dx, dshift, dmu, _ = cpu.mix_backward([dxk, dxr], x, shift, mus)
+        dmu_k = dmu[0].view(1, 1, C).to(mu_k.dtype) if need[2] else None
+        dmu_r = dmu[1].view(1, 1, C).to(mu_r.dtype) if need[3] else None
         return dx, dshift.to(shift.dtype) if need[1] else None, dmu_k, dmu_r, dWk, dWr, dWv
 
 
@@ -192,35 +183,26 @@ class NormGatedOutput(torch.autograd.Function):
     """Time mixing's tail: ``Wo (GroupNorm(y / div) * silu(gate_pre))``.
 
     ``forward(y [B*T,A] (the WKV output), gate_pre [B,T,A], gn_weight, gn_bias [A], Wo [C,A], groups,
-    eps, div)`` -> [B,T,C]. Keeps ``y`` and ``gate_pre`` only; the group norm is recomputed in
-    backward (and differentiated there by autograd), the gate and the product by hand.
+    eps, div)`` -> [B,T,C]. Keeps ``y`` and ``gate_pre`` only; the norm and gate are one fused pass
+    each way (:func:`multimodal_rwkv.kernels.cpu.gn_gate` and its backward).
     """
-
-    @staticmethod
-    def _norm(y, gate_pre, weight, bias, groups, eps, div):
-        return F.group_norm(y if div == 1 else y / div, groups, weight, bias, eps).view(gate_pre.shape).to(gate_pre.dtype)
 
     @staticmethod
     def forward(ctx, y, gate_pre, weight, bias, Wo, groups, eps, div):
         ctx.save_for_backward(y, gate_pre, weight, bias, Wo)
-        ctx.args = (groups, eps, div)
-        return cpu.linear(NormGatedOutput._norm(y, gate_pre, weight, bias, groups, eps, div) * F.silu(gate_pre), Wo)
+        ctx.args = (groups, eps * div * div)  # GroupNorm(y / div, eps) == GroupNorm(y, eps * div^2)
+        B, T, A = gate_pre.shape
+        return cpu.linear(cpu.gn_gate(y, gate_pre.view(B * T, A), weight, bias, *ctx.args), Wo).view(B, T, -1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         y, gp, weight, bias, Wo = ctx.saved_tensors
         need = ctx.needs_input_grad
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(bool(n)) for t, n in ((y, need[0]), (weight, need[2]), (bias, need[3]))]
-            yn = NormGatedOutput._norm(leaves[0], gp, leaves[1], leaves[2], *ctx.args)
-        sg = torch.sigmoid(gp)
-        g = gp * sg
-        ynd = yn.detach()
-        dWo = _wgrad(dout, ynd * g) if need[4] else None
-        dp = cpu.linear_t(dout, Wo)
-        dgp = dp * ynd * (sg * (1 + gp * (1 - sg))) if need[1] else None
-        wanted = [t for t in leaves if t.requires_grad]
-        got = iter(torch.autograd.grad(yn, wanted, dp * g) if wanted else ())
-        dy, dw, db = (next(got) if t.requires_grad else None for t in leaves)
-        return dy, dgp, dw, db, dWo, None, None, None
+        B, T, A = gp.shape
+        dout = dout.reshape(B * T, -1)
+        dz = cpu.linear_t(dout, Wo)
+        dy, dgp, dw, db, z = cpu.gn_gate_backward(y, gp.view(B * T, A), weight, bias, dz, *ctx.args)
+        dWo = _wgrad(dout, z) if need[4] else None
+        return (dy if need[0] else None, dgp.view(B, T, A) if need[1] else None, dw if need[2] else None,
+                db if need[3] else None, dWo, None, None, None)

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from multimodal_rwkv.kernels import cpu, wkv6
 from multimodal_rwkv.model.config import RWKVConfig
-from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, mix_offsets, token_shift
+from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, mix_offsets
 from multimodal_rwkv.model.state import RWKVState
 
 
@@ -186,25 +186,21 @@ class TimeMix(nn.Module):
                 self.value.weight, self.gate.weight, self.time_decay, self.time_decay_w1, self.time_decay_w2)
             r, k, v, logw = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), logw.view(B, T, H, N)
         elif self.v6:
-            prev = token_shift(x, shift)
-            xx = prev - x
-            xxx = x + xx * self.time_maa_x
-            th = torch.tanh(cpu.linear(xxx, self.time_maa_w1.t())).view(B * T, -1)
-            mw, mk, mv, mr, mg = (mi.view(B, T, C) for mi in mix_offsets(th, self.time_maa_w2))
-            xw = x + xx * (self.time_maa_w + mw)
-            xk = x + xx * (self.time_maa_k + mk)
-            xv = x + xx * (self.time_maa_v + mv)
-            xr = x + xx * (self.time_maa_r + mr)
-            xg = x + xx * (self.time_maa_g + mg)
+            xxx = cpu.mix(x, shift, self.time_maa_x.view(1, C))[0]
+            th = torch.tanh(cpu.linear(xxx, self.time_maa_w1.t()))
+            maas = torch.cat([m.view(1, C) for m in (self.time_maa_w, self.time_maa_k, self.time_maa_v,
+                                                      self.time_maa_r, self.time_maa_g)])
+            # x_i = x + (prev - x) * (maa_i + m_i), m_i the data-dependent offsets (slots w, k, v, r, g)
+            xw, xk, xv, xr, xg = (xi.view(B, T, C) for xi in
+                                  cpu.mix(x, shift, maas, mix_offsets(th, self.time_maa_w2), inplace=True))
             wraw = self.time_decay + cpu.linear(torch.tanh(cpu.linear(xw, self.time_decay_w1.t())),
                                                 self.time_decay_w2.t())
             logw = -torch.exp(wraw.float()).view(B, T, H, N)
         else:
-            prev = token_shift(x, shift)
-            xk = x * self.time_mix_k + prev * (1 - self.time_mix_k)
-            xv = x * self.time_mix_v + prev * (1 - self.time_mix_v)
-            xr = x * self.time_mix_r + prev * (1 - self.time_mix_r)
-            xg = x * self.time_mix_g + prev * (1 - self.time_mix_g)
+            # x * mix + prev * (1 - mix) == x + (prev - x) * (1 - mix)
+            mus = 1 - torch.cat([m.view(1, C) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r,
+                                                         self.time_mix_g)])
+            xk, xv, xr, xg = (xi.view(B, T, C) for xi in cpu.mix(x, shift, mus))
             logw = (-torch.exp(self.time_decay.float())).view(1, 1, H, N).expand(B, T, H, N)
         if not lean:
             r = self.receptance(xr).view(B, T, H, N)
@@ -227,8 +223,10 @@ class TimeMix(nn.Module):
             out = NormGatedOutput.apply(y, gate_pre, self.ln_x.weight, self.ln_x.bias, self.output.weight, H,
                                         self.gn_eps, div)
         else:
-            y = F.group_norm(y if div == 1 else y / div, H, self.ln_x.weight, self.ln_x.bias, self.gn_eps)
-            out = self.output(y.view(B, T, -1).to(gate_pre.dtype) * F.silu(gate_pre))
+            # GroupNorm(y / div, eps) == GroupNorm(y, eps * div^2)
+            z = cpu.gn_gate(y.to(gate_pre.dtype), gate_pre.reshape(B * T, -1), self.ln_x.weight, self.ln_x.bias, H,
+                            self.gn_eps * div * div)
+            out = self.output(z.view(B, T, -1))
         return out, x[:, -1], new_wkv
 
 
@@ -257,16 +255,15 @@ class ChannelMix(nn.Module):
             out = ChannelMixLean.apply(x, shift, mu_k, mu_r, self.key.weight, self.receptance.weight,
                                        self.value.weight)
             return out, x[:, -1]
-        prev = token_shift(x, shift)
-        if self.v6:
-            xx = prev - x
-            xk = x + xx * self.time_maa_k
-            xr = x + xx * self.time_maa_r
-        else:
-            xk = x * self.time_mix_k + prev * (1 - self.time_mix_k)
-            xr = x * self.time_mix_r + prev * (1 - self.time_mix_r)
-        k = torch.relu(self.key(xk)).square()
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+        B, T, C = x.shape
+        mus = (torch.cat([self.time_maa_k.view(1, C), self.time_maa_r.view(1, C)]) if self.v6
+               else 1 - torch.cat([self.time_mix_k.view(1, C), self.time_mix_r.view(1, C)]))
+        xk, xr = (xi.view(B, T, C) for xi in cpu.mix(x, shift, mus))
+        if torch.is_grad_enabled():
+            k = torch.relu(self.key(xk)).square()
+            return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+        k = self.key(xk).relu_().square_()  # in place: no fresh buffers to page-fault in
+        return self.receptance(xr).sigmoid_().mul_(self.value(k)), x[:, -1]
 
 
 class Block(nn.Module):
@@ -335,6 +332,8 @@ class RWKVModel(RWKVPreTrainedModel):
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"inputs_embeds must be [B, T, C] with T >= 1, got shape {tuple(inputs_embeds.shape)}")
         x = self.emb(input_ids) if inputs_embeds is None else inputs_embeds.to(self.emb.weight.dtype)
+        if x.device.type == "cpu":
+            cpu.keep_freed_memory_for_forward()  # no page faults on every call's buffers (see there)
         B, T, C = x.shape
         mask = None
         if attention_mask is not None:

@@ -94,29 +94,6 @@ def build_optimizer(model, optim, distributed_type=None):
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
 
 
-def retain_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse (no mmap for big blocks, no trimming).
-
-    A CPU training step allocates and frees the same large buffers (logits, their gradients,
-    activations) every step. By default glibc serves blocks over 32 MB with fresh mmaps and hands
-    freed heap back to the OS, so every step page-faults that memory in again: measured on the
-    2-core box, a 6x512 RWKV-6 step at ctx 1024 went from 1.70 to 1.50 s and the VisualRWKV
-    synthetic recipe's step from 62.8 to 54.7 ms. The price: the process keeps its peak heap until
-    it exits. Returns False (and changes nothing) off glibc."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def lr_at(step: int, optim, max_steps: int, time_frac: float = 0.0) -> float:
     """Learning rate for optimiser step ``step`` (0-based): linear warmup from 1% over
     ``warmup_steps``, then cosine/linear decay from ``lr`` to ``lr_final`` at ``max_steps``.
@@ -515,12 +492,13 @@ class Trainer:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
+        from multimodal_rwkv.kernels.cpu import keep_freed_memory
         from multimodal_rwkv.training.task import get_task
 
         task = get_task(cfg)
         acc = self._accelerator(task.find_unused_parameters)
         main = acc.is_main_process
-        if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and retain_freed_memory():
+        if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
