@@ -1,6 +1,6 @@
 """C++ CPU kernels (``cpu_kernels.cpp``), built on first use, with plain-PyTorch fallbacks.
 
-Two kernels and one library route, each tested against its obviously-correct twin
+The kernels and the library route, each tested against its obviously-correct twin
 (tests/test_cpu_kernels.py):
 
 - :func:`few_rows_linear`: ``x @ w.T`` for 2-16 rows (batched decode). Decoding several streams
@@ -32,10 +32,22 @@ Two kernels and one library route, each tested against its obviously-correct twi
   gradient ``d.T @ x`` stays with MKL (no faster through oneDNN). Twin: ``F.linear``.
   ``MMRWKV_ONEDNN_LINEAR=0`` turns this route off.
 
+- :func:`mix` / :func:`mix_backward`: RWKV's token-shift mixing ``x + (x_{t-1} - x) * (mu_i + off_i)``
+  for n slots at once (ddlerp's five, the channel mix's two) and all its gradients (``x``, the
+  carried-in shift, ``mu``, the offsets) in one pass over the rows; and :func:`gn_gate` /
+  :func:`gn_gate_backward`: time mixing's ``GroupNorm(y) * silu(gate)`` per group in registers
+  (with a vectorised exp). Each PyTorch op of the twins is a pass over memory into a fresh buffer;
+  a 6x512 training step at ctx 1024 spent 343 ms in such elementwise work around its GEMMs, 116 ms
+  with these. Used in inference and inside model/lean.py's hand-written backward passes (never
+  under autograd recording). Twins: :func:`mix_reference`, :func:`gn_gate_reference` (and
+  autograd through them for the gradients).
+- :func:`keep_freed_memory`: glibc's malloc settings that stop each forward or training step from
+  page-faulting its big buffers in again (see there).
+
 Built with ``torch.utils.cpp_extension.load`` (a C++ compiler with OpenMP and ninja; about a
 minute once, then cached by torch). Used only where it can run: CPU tensors, AVX-512. Anything
 else, or a failed build (logged once), makes the callers use their PyTorch paths.
-``MMRWKV_CPU_KERNEL=0`` turns both kernels off.
+``MMRWKV_CPU_KERNEL=0`` turns the C++ kernels off.
 """
 from __future__ import annotations
 

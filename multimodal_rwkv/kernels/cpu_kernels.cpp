@@ -4,6 +4,8 @@
 // wkv6_forward / wkv6_backward: the WKV-6 recurrence, step by step in fp32, with its exact
 //   gradients. The forward saves the state every LS steps (a segment); the backward recomputes a
 //   segment's chunk-start states (every L steps) from it, then one chunk's states at a time.
+// gn_gate_* / mix_*: fused elementwise parts of a block (group norm times the silu gate; the
+//   token-shift mixing), forward and backward, one pass over memory each.
 //
 // Shapes (all fp32, contiguous): r, k, e [B,T,H,K]; v, o [B,T,H,V]; u [H,K]; states [B,H,K,V].
 // e = exp(w), the decay factors, computed by the caller with torch's vectorised exp (a scalar exp
