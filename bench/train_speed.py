@@ -3,6 +3,8 @@
 A ~6 layer x 512 RWKV-6 (x060, head 64) and a LlamaForCausalLM whose MLP width is chosen so the
 parameter counts match (within 1%), same vocabulary, trained for a few optimiser steps (forward,
 cross-entropy over every position, backward, AdamW) on one sequence of ctx tokens, 2 threads.
+Each model computes its loss itself, as in training: ``model(input_ids=ids, labels=ids).loss``
+(transformers' convention, the labels shifted inside).
 Speed: all models in one process, their steps interleaved, so load on the shared machine hits
 them alike. Peak memory: each (model, ctx) again in its own subprocess, so peak RSS is its alone.
 
@@ -84,12 +86,19 @@ class GemmOnly:
     def train(self):
         self.net.train()
 
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, labels):
+        import torch
+
+        from multimodal_rwkv.kernels.cpu import cross_entropy
+
         x = self.net["emb"](input_ids)
         for r, k, v, g, o, fk, fv, fr in self.net["blocks"]:
             x = x + o(r(x) + k(x) + v(x) + g(x))  # 5 CxC products, as time mixing has
             x = x + fv(fk(x)) + fr(x)  # channel mixing: C->F, F->C, C->C
-        return type("Out", (), {"logits": self.net["head"](x)})
+        logits = self.net["head"](x)
+        targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # as the model's own loss
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return type("Out", (), {"loss": loss})
 
 
 def n_params(m) -> int:
@@ -104,7 +113,6 @@ def _rss_mb() -> float:
 def trainer(kind: str, ctx: int, layers: int, embd: int, vocab: int):
     """``(step, n_params)``: one optimiser step of ``kind`` on a fixed random sequence of ``ctx`` tokens."""
     import torch
-    import torch.nn.functional as F
 
     model = GemmOnly(layers, embd, vocab) if kind == "rwkv_gemm" else build(kind, layers, embd, vocab)
     if kind == "rwkv_gc":
@@ -112,12 +120,11 @@ def trainer(kind: str, ctx: int, layers: int, embd: int, vocab: int):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the engine's default (optim.fused)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, vocab, (1, ctx + 1), generator=g)
-    x, y = ids[:, :-1], ids[:, 1:]
+    ids = torch.randint(1, vocab, (1, ctx), generator=g)
 
     def step():
-        logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
+        # each model's own loss (transformers' convention: labels = input_ids, shifted inside)
+        loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -221,7 +228,7 @@ def main():
     lines = [
         f"RWKV-6 (x060) L{a.layers} C{a.embd} head 64 ({pr / 1e6:.1f}M params) vs transformers LlamaForCausalLM "
         f"(SDPA, L{a.layers} C{a.embd}, MLP width matched: {pl / 1e6:.1f}M params), vocab {a.vocab}, fp32, batch 1, "
-        f"{a.threads} threads; one optimiser step = forward + cross-entropy + backward + AdamW (fused, both "
+        f"{a.threads} threads; one optimiser step = forward + the model's own loss (labels=) + backward + AdamW (fused, both "
         f"models); best of {a.steps} "
         f"steps after a warm-up, all models in one process with their steps interleaved (speed); each model "
         f"again in its own process for its peak RSS; 1-min load average "

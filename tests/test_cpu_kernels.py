@@ -296,3 +296,35 @@ def test_fused_parts_fall_back_to_their_twins_where_the_kernels_do_not_apply(ker
     torch.testing.assert_close(z, cpu.gn_gate_reference(y, gp, w, b, 2, 1e-5))
     dy, dgp, dw, db, z2 = cpu.gn_gate_backward(y, gp, w, b, torch.ones(4, 48), 2, 1e-5)
     assert dy.shape == y.shape and dw.shape == w.shape
+
+
+@pytest.mark.parametrize("N,V", [(1, 16), (7, 100), (33, 1031), (64, 4096)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_matches_fp64(kernel, N, V, reduction):
+    g = torch.Generator().manual_seed(N + V)
+    x = torch.randn(N, V, generator=g) * 5
+    x[0, :3] = 60.0  # large logits: the log-sum-exp must not overflow
+    t = torch.randint(0, V, (N,), generator=g)
+    t[N // 2] = -100  # ignored
+    if N == 1:
+        t[0] = V - 1
+    x64 = x.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(x64, t, ignore_index=-100, reduction=reduction)
+    xr = x.clone().requires_grad_()
+    got = cpu.cross_entropy(xr, t, reduction=reduction)
+    torch.testing.assert_close(got, want.float().detach(), rtol=1e-5, atol=1e-5)
+    (want * 3).backward()
+    (got * 3).backward()
+    torch.testing.assert_close(xr.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_edge_cases(kernel):
+    x = torch.randn(4, 32)
+    t = torch.full((4,), -100)
+    assert torch.isnan(cpu.cross_entropy(x, t))  # no target at all: nan, as F.cross_entropy
+    assert float(cpu.cross_entropy(x, t, reduction="sum")) == 0.0
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.cross_entropy(x, torch.tensor([0, 1, 32, 2]))
+    # other dtypes: F.cross_entropy itself
+    torch.testing.assert_close(cpu.cross_entropy(x.double(), torch.tensor([0, 1, 2, 3])),
+                               torch.nn.functional.cross_entropy(x.double(), torch.tensor([0, 1, 2, 3])))

@@ -6,6 +6,7 @@
 //   segment's chunk-start states (every L steps) from it, then one chunk's states at a time.
 // gn_gate_* / mix_*: fused elementwise parts of a block (group norm times the silu gate; the
 //   token-shift mixing), forward and backward, one pass over memory each.
+// ce_*: cross-entropy over [N, V] logits, keeping only the log-sum-exp per row for backward.
 //
 // Shapes (all fp32, contiguous): r, k, e [B,T,H,K]; v, o [B,T,H,V]; u [H,K]; states [B,H,K,V].
 // e = exp(w), the decay factors, computed by the caller with torch's vectorised exp (a scalar exp
@@ -591,6 +592,72 @@ void mix_backward(std::vector<torch::Tensor> d, torch::Tensor x, torch::Tensor s
   std::copy(acc_mu.total.begin(), acc_mu.total.end(), dmu.data_ptr<double>());
 }
 
+// Cross-entropy over rows of logits x [N, V] with targets t [N] (ignore_index: no loss, no grad).
+// Forward: lse[n] = log sum_v exp(x[n, v]) and loss[n] = lse[n] - x[n, t[n]] (0 where ignored).
+static inline float row_max(const float* x, int64_t V) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  int64_t v = 0;
+  for (; v + 16 <= V; v += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + v));
+  float r = _mm512_reduce_max_ps(m);
+  for (; v < V; ++v) r = std::max(r, x[v]);
+  return r;
+}
+
+void ce_forward(torch::Tensor x, torch::Tensor t, int64_t ignore_index, torch::Tensor lse, torch::Tensor loss) {
+  check_f32(x, "cross_entropy logits");
+  check_f32(lse, "cross_entropy lse");
+  check_f32(loss, "cross_entropy loss");
+  TORCH_CHECK(t.scalar_type() == torch::kLong && t.is_contiguous(), "cross_entropy: int64 targets");
+  const int64_t N = x.size(0), V = x.size(1);
+  TORCH_CHECK(t.numel() == N && lse.numel() == N && loss.numel() == N, "cross_entropy: bad shapes");
+  const float* xp = x.data_ptr<float>();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  float *lp = lse.data_ptr<float>(), *op = loss.data_ptr<float>();
+  at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* xr = xp + n * V;
+      const float m = row_max(xr, V);
+      const __m512 mv = _mm512_set1_ps(m);
+      __m512 acc = _mm512_setzero_ps();
+      int64_t v = 0;
+      for (; v + 16 <= V; v += 16) acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(_mm512_loadu_ps(xr + v), mv)));
+      float s = _mm512_reduce_add_ps(acc);
+      for (; v < V; ++v) s += std::exp(xr[v] - m);
+      lp[n] = m + std::log(s);
+      const int64_t tn = tp[n];
+      TORCH_CHECK(tn == ignore_index || (tn >= 0 && tn < V), "cross_entropy: target ", tn, " out of range [0, ", V, ")");
+      op[n] = tn == ignore_index ? 0.f : lp[n] - xr[tn];
+    }
+  });
+}
+
+// Backward: g[n, v] = scale[n] * (exp(x[n, v] - lse[n]) - [v == t[n]]); rows with t == ignore_index are 0.
+void ce_backward(torch::Tensor x, torch::Tensor t, int64_t ignore_index, torch::Tensor lse, torch::Tensor scale,
+                 torch::Tensor g) {
+  for (auto* a : {&x, &lse, &scale, &g}) check_f32(*a, "cross_entropy backward input");
+  const int64_t N = x.size(0), V = x.size(1);
+  const float *xp = x.data_ptr<float>(), *lp = lse.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  float* gp = g.data_ptr<float>();
+  at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* xr = xp + n * V;
+      float* gr = gp + n * V;
+      const int64_t tn = tp[n];
+      if (tn == ignore_index) {
+        std::fill(gr, gr + V, 0.f);
+        continue;
+      }
+      const __m512 l = _mm512_set1_ps(lp[n]), sc = _mm512_set1_ps(sp[n]);
+      int64_t v = 0;
+      for (; v + 16 <= V; v += 16)
+        _mm512_storeu_ps(gr + v, _mm512_mul_ps(sc, exp16(_mm512_sub_ps(_mm512_loadu_ps(xr + v), l))));
+      for (; v < V; ++v) gr[v] = sp[n] * std::exp(xr[v] - lp[n]);
+      gr[tn] -= sp[n];
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x[M,K] @ w[N,K].T for 1..16 rows");
   m.def("wkv6_forward", &wkv6_forward, "WKV-6 forward (step by step, fp32)");
@@ -599,4 +666,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gn_gate_backward", &gn_gate_backward, "gradients of gn_gate_forward");
   m.def("mix_forward", &mix_forward, "token-shift mixing x + (prev - x) * (mu + off)");
   m.def("mix_backward", &mix_backward, "gradients of mix_forward");
+  m.def("ce_forward", &ce_forward, "cross-entropy per row (log-sum-exp kept for backward)");
+  m.def("ce_backward", &ce_backward, "gradient of ce_forward");
 }

@@ -528,8 +528,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             # shift the labels, not the logits (as transformers does): slicing the [B,T,V] logits
             # would add a full-size zero-filled gradient buffer in backward
             targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=-100)
+            loss = cpu.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                     ignore_index=-100)
         return RWKVOutput(loss=loss, logits=logits, state=new_state)
 
     # ---- generation ---------------------------------------------------------------------

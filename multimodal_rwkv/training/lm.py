@@ -142,12 +142,12 @@ class LMTask(Task):
         return [(s, min(s + c, T)) for s in range(0, T, c)]
 
     def _chunk_loss(self, model, ids, tgt, state):
-        import torch.nn.functional as F
+        from multimodal_rwkv.kernels.cpu import cross_entropy
 
         out = model(input_ids=ids, state=state)
         logits = out.logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, logits, out.state
 
     def training_step(self, model, batch, ctx: StepContext):
