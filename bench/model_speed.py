@@ -81,25 +81,35 @@ def gemm_bounds(ours, n_prompt):
     """Upper bounds from the dense products alone: the time of only our model's projections (per
     layer r/k/v/gate/output and the channel mix's key/receptance/value, through the same Linear
     modules, plus the head on the rows a step keeps) on random inputs of the right shapes, for a
-    prefill of ``n_prompt`` tokens (head on 1 row) and for one decode step of 8 streams. Everything
-    else a model does (WKV, token shift, norms, LoRA) only adds time, so no implementation of this
-    model that runs these products through PyTorch goes faster; returns tok/s for each."""
-    mods = []
-    for blk in ours.rwkv.blocks:
-        mods += [blk.att.receptance, blk.att.key, blk.att.value, blk.att.gate, blk.att.output,
-                 blk.ffn.key, blk.ffn.receptance, blk.ffn.value]
+    prefill of ``n_prompt`` tokens (head on 1 row; the last layer's r/gate/output on 2 rows and its
+    channel mix on 1, as the model computes them with ``logits_to_keep=1``) and for one decode step
+    of 8 streams. Everything else a model does (WKV, token shift, norms, LoRA) only adds time, so no
+    implementation of this model that runs these products through PyTorch goes faster; returns
+    tok/s for each."""
+    blocks = list(ours.rwkv.blocks)
     dt = ours.head.weight.dtype
+
+    def products(rows, prefill):
+        """(module, rows) of one forward over ``rows`` rows: one prompt's tokens (``prefill``, the
+        last position's logits kept) or one token of each of ``rows`` streams."""
+        out = []
+        for i, blk in enumerate(blocks):
+            last = prefill and i == len(blocks) - 1
+            out += [(blk.att.key, rows), (blk.att.value, rows)]
+            out += [(m, 2 if last else rows) for m in (blk.att.receptance, blk.att.gate, blk.att.output)]
+            out += [(m, 1 if last else rows) for m in (blk.ffn.key, blk.ffn.receptance, blk.ffn.value)]
+        return out
 
     inputs = {}  # made before timing: drawing random numbers costs as much as a small product
 
     def run(rows, head_rows):
         if (rows, head_rows) not in inputs:
-            sizes = sorted({m.in_features for m in mods})
-            inputs[rows, head_rows] = ({n: torch.randn(rows, n, dtype=dt) for n in sizes},
-                                       torch.randn(head_rows, ours.head.in_features, dtype=dt))
-        xs, xh = inputs[rows, head_rows]
-        for m in mods:
-            m(xs[m.in_features])
+            prods = products(rows, prefill=head_rows < rows)
+            xs = {(m.in_features, r): torch.randn(r, m.in_features, dtype=dt) for m, r in prods}
+            inputs[rows, head_rows] = (prods, xs, torch.randn(head_rows, ours.head.in_features, dtype=dt))
+        prods, xs, xh = inputs[rows, head_rows]
+        for m, r in prods:
+            m(xs[m.in_features, r])
         ours.head(xh)
 
     with torch.no_grad():

@@ -132,6 +132,28 @@ def test_logits_to_keep():
     assert torch.allclose(last.logits[:, 0], full.logits[:, -1], atol=1e-6)
 
 
+@pytest.mark.parametrize("version", ["x060", "x052"])
+def test_logits_to_keep_inference_computes_only_the_tail_and_keeps_the_state_exact(version):
+    """Without autograd, the last block runs its r/gate/output products and channel mix on the kept
+    positions only; logits there and the whole state equal the full forward's."""
+    m = _random_model(version, seed=3)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        st = m(torch.randint(0, 97, (2, 4))).state
+        full = m(ids, state=st.clone())
+        calls = []
+        hook = m.rwkv.blocks[-1].ffn.key.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[1]))
+        for k in (1, 2, 8, 9, 12):
+            part = m(ids, state=st.clone(), logits_to_keep=k)
+            kk = min(k, 9)
+            assert part.logits.shape == (2, kk, 97)
+            torch.testing.assert_close(part.logits, full.logits[:, -kk:], rtol=1e-5, atol=1e-5)
+            for a, b in zip(part.state._tensors(), full.state._tensors()):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        hook.remove()
+    assert calls == [1, 2, 8, 9, 9]  # the channel mix saw only the kept positions
+
+
 def test_loss_with_ignore_index():
     m = _random_model()
     ids = torch.randint(0, 97, (2, 8))

@@ -170,10 +170,13 @@ class TimeMix(nn.Module):
             return None
         return self.time_state.transpose(1, 2).float().unsqueeze(0).expand(batch_size, -1, -1, -1)
 
-    def forward(self, x, shift, wkv_state, mask=None):
+    def forward(self, x, shift, wkv_state, mask=None, tail=None):
         """x: ``[B,T,C]`` ln1 output; shift ``[B,C]``; wkv_state ``[B,H,K,V]`` fp32 or None.
 
-        Returns ``(out [B,T,C], new_shift [B,C], new_wkv [B,H,K,V])``.
+        Returns ``(out [B,T,C], new_shift [B,C], new_wkv [B,H,K,V])``. ``tail``: only the last
+        ``tail`` positions of ``out`` are wanted (``out`` is ``[B,tail,C]``): the receptance, gate
+        and output products run on those alone (the state needs k, v and the decay of every
+        position, never r). Inference only (the caller checks).
         """
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
@@ -203,10 +206,15 @@ class TimeMix(nn.Module):
             xk, xv, xr, xg = (xi.view(B, T, C) for xi in cpu.mix(x, shift, mus))
             logw = (-torch.exp(self.time_decay.float())).view(1, 1, H, N).expand(B, T, H, N)
         if not lean:
-            r = self.receptance(xr).view(B, T, H, N)
             k = self.key(xk).view(B, T, H, N)
             v = self.value(xv).view(B, T, H, N)
-            gate_pre = self.gate(xg)
+            if tail is not None and tail < T:  # r = 0 elsewhere: outputs there are not wanted
+                r = k.new_zeros(B, T, H, N)
+                r[:, T - tail:] = self.receptance(xr[:, T - tail:]).view(B, tail, H, N)
+                gate_pre = self.gate(xg[:, T - tail:])
+            else:
+                r = self.receptance(xr).view(B, T, H, N)
+                gate_pre = self.gate(xg)
         if mask is not None:  # pads add nothing to the state and do not decay it
             m4 = mask.view(B, T, 1, 1)
             k = k * m4.to(k.dtype)
@@ -217,16 +225,17 @@ class TimeMix(nn.Module):
             r, k, v, logw.to(r.dtype) if r.dtype == torch.float64 else logw.float(), self.time_faaaa.to(r.dtype),
             initial_state=wkv_state, output_final_state=True, backend=self.config.wkv_backend,
         )
-        y = y.reshape(B * T, H * N)
+        Tout = gate_pre.shape[1]
+        y = y[:, T - Tout:].reshape(B * Tout, H * N)
         div = 1 if self.v6 else self.config.head_size_divisor
         if _lean(y, self.output):
             out = NormGatedOutput.apply(y, gate_pre, self.ln_x.weight, self.ln_x.bias, self.output.weight, H,
                                         self.gn_eps, div)
         else:
             # GroupNorm(y / div, eps) == GroupNorm(y, eps * div^2)
-            z = cpu.gn_gate(y.to(gate_pre.dtype), gate_pre.reshape(B * T, -1), self.ln_x.weight, self.ln_x.bias, H,
+            z = cpu.gn_gate(y.to(gate_pre.dtype), gate_pre.reshape(B * Tout, -1), self.ln_x.weight, self.ln_x.bias, H,
                             self.gn_eps * div * div)
-            out = self.output(z.view(B, T, -1))
+            out = self.output(z.view(B, Tout, -1))
         return out, x[:, -1], new_wkv
 
 
@@ -277,15 +286,25 @@ class Block(nn.Module):
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
 
-    def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None):
+    def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None, tail=None):
+        """``tail``: only the output's last ``tail`` positions are wanted (no pad mask; inference):
+        the channel mix then runs on those alone, and the time mix's output on one more (whose
+        norm is the channel mix's token shift). The states are exact either way."""
         # ln0 runs here, inside the block's own forward (as in RWKV-LM), not from the caller: FSDP
         # gathers a wrapped block's parameters only around its forward.
         if hasattr(self, "ln0"):
             x = self.ln0(x)
-        a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
-        x = x + a
-        f, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
-        return x + f, att_shift, wkv_state, ffn_shift
+        T = x.shape[1]
+        if tail is None or tail >= T:
+            a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
+            x = x + a
+            f, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
+            return x + f, att_shift, wkv_state, ffn_shift
+        a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, None, tail=tail + 1)
+        x = x[:, T - tail - 1:] + a
+        xn = self.ln2(x)
+        f, ffn_shift = self.ffn(xn[:, 1:], xn[:, 0], None)
+        return x[:, 1:] + f, att_shift, wkv_state, ffn_shift
 
 
 class RWKVPreTrainedModel(PreTrainedModel):
@@ -324,7 +343,13 @@ class RWKVModel(RWKVPreTrainedModel):
             st.wkv = [b.att.initial_wkv(batch_size).to(st.wkv[0].device) for b in self.blocks]
         return st
 
-    def forward(self, input_ids=None, inputs_embeds=None, state=None, attention_mask=None, scan_order=None):
+    def forward(self, input_ids=None, inputs_embeds=None, state=None, attention_mask=None, scan_order=None,
+                logits_to_keep: int = 0):
+        """Hidden states ``[B,T,C]`` after ``ln_out`` and the new state. ``logits_to_keep=k > 0``
+        (inference without a pad mask or scan order): only the last k positions are wanted, and the
+        last block computes only those (its r/gate/output products and its channel mix on k+1 and
+        k rows instead of T; a 12-layer prefill of 512 tokens skips ~7% of its products); the
+        hidden states returned are then those k positions, the state is exact."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -354,6 +379,8 @@ class RWKVModel(RWKVPreTrainedModel):
                 )
             att_s, wkv_s, ffn_s = in_state.att_shift, in_state.wkv, in_state.ffn_shift
         new_att, new_wkv, new_ffn = [], [], []
+        tail = (logits_to_keep if logits_to_keep > 0 and mask is None and scan_order is None
+                and not torch.is_grad_enabled() else 0)
         if scan_order is not None:
             perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
             perm_mask = None if mask is None else mask.gather(1, scan_order.long())
@@ -364,6 +391,8 @@ class RWKVModel(RWKVPreTrainedModel):
             xin, m = (x.gather(1, perm), perm_mask) if reorder else (x, mask)
             if self.gradient_checkpointing and self.training:
                 out = torch.utils.checkpoint.checkpoint(block, xin, a_s, wkv_s[i], f_s, m, use_reentrant=False)
+            elif i == len(self.blocks) - 1 and tail:
+                out = block(xin, a_s, wkv_s[i], f_s, m, tail=tail)
             else:
                 out = block(xin, a_s, wkv_s[i], f_s, m)
             xo, a_s, w_s, f_s = out
@@ -514,7 +543,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         kwargs.pop("cache", None)
         hidden, new_state = self.rwkv(
             input_ids=input_ids, inputs_embeds=inputs_embeds, state=state,
-            attention_mask=attention_mask, scan_order=scan_order,
+            attention_mask=attention_mask, scan_order=scan_order, logits_to_keep=logits_to_keep,
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
