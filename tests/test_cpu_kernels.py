@@ -73,11 +73,14 @@ def test_switched_off_falls_back_to_the_plain_product():
     assert r.stdout.strip() == "MMRWKV_CPU_KERNEL=0"
 
 
-@pytest.mark.parametrize("T", [255, 256, 257, 600])
-def test_wkv_backward_across_saved_segments(kernel, T):
-    """The forward keeps the state every 256 steps, the backward recomputes 32-step chunks from it:
-    gradients of every input (and of the initial state) vs the reference step loop's autograd, at
-    lengths around and across those boundaries, with strong and weak decay mixed."""
+@pytest.mark.parametrize("save_every", [32, 256])
+@pytest.mark.parametrize("T", [31, 33, 255, 256, 257, 600])
+def test_wkv_backward_across_saved_segments(kernel, T, save_every, monkeypatch):
+    """The forward keeps the state every ``save_every`` steps (32 by default; 256: segments of
+    several 32-step chunks whose starts the backward recomputes first), the backward recomputes
+    32-step chunks from it: gradients of every input (and of the initial state) vs the reference
+    step loop's autograd, at lengths around and across those boundaries, strong and weak decay."""
+    monkeypatch.setattr(kernel, "WKV_SAVE_EVERY", save_every)
     from kernel_helpers import make_inputs, rel_rms
 
     from multimodal_rwkv.kernels import wkv6_reference

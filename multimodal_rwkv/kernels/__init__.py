@@ -13,8 +13,8 @@ Backends:
   <= 0 and built as direct segment sums of ``w``, so it neither overflows (log-decay down to -20
   per step and below) nor loses ``dw`` precision; gradients through autograd.
 - ``cpu``: C++ (:mod:`.cpu`, ``cpu_kernels.cpp``, built on first use): the step loop in fp32 with
-  AVX-512, and its exact backward (the forward keeps the state every 256 steps; the backward
-  recomputes 32-step chunks from it); an ``autograd.Function``. CPU tensors (fp32/bf16/fp16
+  AVX-512, and its exact backward (the forward keeps the state every 32 steps; the backward
+  recomputes each 32-step chunk from it); an ``autograd.Function``. CPU tensors (fp32/bf16/fp16
   inputs), AVX-512 and a C++ compiler. B=1, T=1024, H=4, K=V=64, 2 threads: forward 7x,
   forward+backward 4x the ``torch`` backend (``bench/cpu_kernels.py``).
 - ``triton``: Triton kernels (:mod:`.triton_chunk`: chunked forward and backward with an
