@@ -328,6 +328,14 @@ def test_cross_entropy_edge_cases(kernel):
     assert float(cpu.cross_entropy(x, t, reduction="sum")) == 0.0
     with pytest.raises(RuntimeError, match="out of range"):
         cpu.cross_entropy(x, torch.tensor([0, 1, 32, 2]))
+    # a NaN or an infinite logit anywhere in a row: the loss is not finite either (a diverged
+    # model must not look healthy), as with F.cross_entropy
+    for bad in (float("nan"), float("inf")):
+        y = torch.randn(3, 40)
+        y[1, 7] = bad
+        t = torch.tensor([0, 3, 5])
+        got, want = cpu.cross_entropy(y, t), torch.nn.functional.cross_entropy(y, t)
+        assert not torch.isfinite(got) and not torch.isfinite(want)
     # other dtypes: F.cross_entropy itself
     torch.testing.assert_close(cpu.cross_entropy(x.double(), torch.tensor([0, 1, 2, 3])),
                                torch.nn.functional.cross_entropy(x.double(), torch.tensor([0, 1, 2, 3])))

@@ -594,13 +594,22 @@ void mix_backward(std::vector<torch::Tensor> d, torch::Tensor x, torch::Tensor s
 
 // Cross-entropy over rows of logits x [N, V] with targets t [N] (ignore_index: no loss, no grad).
 // Forward: lse[n] = log sum_v exp(x[n, v]) and loss[n] = lse[n] - x[n, t[n]] (0 where ignored).
+// The row's maximum, or NaN if the row holds a NaN (max_ps alone would skip it).
 static inline float row_max(const float* x, int64_t V) {
   __m512 m = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
   int64_t v = 0;
-  for (; v + 16 <= V; v += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + v));
+  for (; v + 16 <= V; v += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + v);
+    nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, xv);
+  }
   float r = _mm512_reduce_max_ps(m);
-  for (; v < V; ++v) r = std::max(r, x[v]);
-  return r;
+  for (; v < V; ++v) {
+    if (std::isnan(x[v])) nan = 1;
+    r = std::max(r, x[v]);
+  }
+  return nan ? NAN : r;
 }
 
 void ce_forward(torch::Tensor x, torch::Tensor t, int64_t ignore_index, torch::Tensor lse, torch::Tensor loss) {
@@ -617,6 +626,13 @@ void ce_forward(torch::Tensor x, torch::Tensor t, int64_t ignore_index, torch::T
     for (int64_t n = n0; n < n1; ++n) {
       const float* xr = xp + n * V;
       const float m = row_max(xr, V);
+      const int64_t tn = tp[n];
+      TORCH_CHECK(tn == ignore_index || (tn >= 0 && tn < V), "cross_entropy: target ", tn, " out of range [0, ", V, ")");
+      if (!std::isfinite(m)) {  // a NaN or an infinite logit: NaN / +-inf as log-sum-exp itself gives
+        lp[n] = m;
+        op[n] = tn == ignore_index ? 0.f : m - xr[tn];
+        continue;
+      }
       const __m512 mv = _mm512_set1_ps(m);
       __m512 acc = _mm512_setzero_ps();
       int64_t v = 0;
@@ -624,8 +640,6 @@ void ce_forward(torch::Tensor x, torch::Tensor t, int64_t ignore_index, torch::T
       float s = _mm512_reduce_add_ps(acc);
       for (; v < V; ++v) s += std::exp(xr[v] - m);
       lp[n] = m + std::log(s);
-      const int64_t tn = tp[n];
-      TORCH_CHECK(tn == ignore_index || (tn >= 0 && tn < V), "cross_entropy: target ", tn, " out of range [0, ", V, ")");
       op[n] = tn == ignore_index ? 0.f : lp[n] - xr[tn];
     }
   });
