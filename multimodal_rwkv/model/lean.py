@@ -9,8 +9,9 @@ product. At B=1, T=4096, C=512 that made a 6x512 RWKV-6 keep 1.9 GB of activatio
 shift carried in), the GEMM outputs that are costly to recompute (``relu(h)``, ``receptance(x_r)``,
 ``value(.)``), the WKV output, the gate's input and the small LoRA activations, and recompute the
 elementwise parts in backward. The token-shift mixing and the norm-and-gate run as fused one-pass
-kernels both ways (:func:`multimodal_rwkv.kernels.cpu.mix`, :func:`~multimodal_rwkv.kernels.cpu.gn_gate`). Same formulas as :mod:`multimodal_rwkv.model.modeling`'s plain
-forms, which stay the reference: the tests compare outputs and every gradient.
+kernels both ways (:func:`multimodal_rwkv.kernels.cpu.mix`, :func:`~multimodal_rwkv.kernels.cpu.gn_gate`).
+Same formulas as :mod:`multimodal_rwkv.model.modeling`'s plain forms, which stay the reference:
+the tests compare outputs and every gradient.
 
 They are used when autograd records (training), autocast is off, and every projection involved
 is this package's plain bias-free ``Linear`` (a LoRA-wrapped projection keeps the plain form).
