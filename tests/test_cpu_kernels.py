@@ -339,3 +339,21 @@ def test_cross_entropy_edge_cases(kernel):
     # other dtypes: F.cross_entropy itself
     torch.testing.assert_close(cpu.cross_entropy(x.double(), torch.tensor([0, 1, 2, 3])),
                                torch.nn.functional.cross_entropy(x.double(), torch.tensor([0, 1, 2, 3])))
+
+
+@pytest.mark.parametrize("n", [16, 4096 * 3, 17 * 16])
+def test_channel_mix_elementwise_backward_matches_fp64(kernel, n):
+    g = torch.Generator().manual_seed(n)
+    rr, vo, dout = torch.randn(n, generator=g) * 4, torch.randn(n, generator=g), torch.randn(n, generator=g)
+    rr64, vo64 = rr.double().requires_grad_(), vo.double().requires_grad_()
+    want = torch.autograd.grad(torch.sigmoid(rr64) * vo64, [vo64, rr64], dout.double())
+    for got, w in zip(cpu.sigmoid_gate_backward(dout, rr, vo), want):
+        torch.testing.assert_close(got, w.float(), rtol=1e-5, atol=1e-6)
+    h = torch.randn(n, generator=g)
+    h64 = h.double().requires_grad_()
+    want = torch.autograd.grad(torch.relu(h64).square(), h64, dout.double())[0]
+    got = cpu.relu_square_backward_(dout.clone(), torch.relu(h).square())
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    # the twins where the kernel does not apply (15 elements)
+    dv, dr = cpu.sigmoid_gate_backward(dout[:15], rr[:15], vo[:15])
+    torch.testing.assert_close(dv, dout[:15] * torch.sigmoid(rr[:15]))

@@ -459,6 +459,29 @@ def gn_gate_backward(y, gp, weight, bias, dz, groups, eps):
     return dy, dgp, dwb[0], dwb[1], z
 
 
+
+def sigmoid_gate_backward(dout, rr, vo):
+    """Gradients of ``sigmoid(rr) * vo`` given ``dout``: ``(dvo, drr)``, in one pass where the
+    kernel applies (fp32 CPU, a multiple of 16 elements), else by the twin's expressions
+    ``dout * s``, ``dout * vo * s * (1 - s)``."""
+    mod = _kernel_for(dout, rr, vo)
+    if mod is None or dout.numel() % 16 or not (rr.shape == vo.shape == dout.shape):
+        s = torch.sigmoid(rr)
+        return dout * s, dout * vo * s * (1 - s)
+    dvo, drr = torch.empty(dout.shape), torch.empty(dout.shape)
+    mod.sigmoid_gate_backward(_c(dout), _c(rr), _c(vo), dvo, drr)
+    return dvo, drr
+
+
+def relu_square_backward_(g, q):
+    """``g *= 2 * sqrt(q)`` in place, ``q = relu(h)^2`` (``sqrt(q) = relu(h)``, so this is the
+    gradient through ``relu(h)^2``); one pass where the kernel applies (``g`` contiguous)."""
+    mod = _kernel_for(g, q)
+    if mod is None or g.numel() % 16 or g.shape != q.shape or not g.is_contiguous():
+        return g.mul_(q.sqrt().mul_(2))
+    mod.relu_square_backward_(g, _c(q))
+    return g
+
 # ------------------------------------------------------------------------- cross-entropy
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod

@@ -7,6 +7,7 @@
 // gn_gate_* / mix_*: fused elementwise parts of a block (group norm times the silu gate; the
 //   token-shift mixing), forward and backward, one pass over memory each.
 // ce_*: cross-entropy over [N, V] logits, keeping only the log-sum-exp per row for backward.
+// sigmoid_gate_backward / relu_square_backward_: the channel mix's elementwise backward.
 //
 // Shapes (all fp32, contiguous): r, k, e [B,T,H,K]; v, o [B,T,H,V]; u [H,K]; states [B,H,K,V].
 // e = exp(w), the decay factors, computed by the caller with torch's vectorised exp (a scalar exp
@@ -672,6 +673,43 @@ void ce_backward(torch::Tensor x, torch::Tensor t, int64_t ignore_index, torch::
   });
 }
 
+// Channel mixing's elementwise backward. out = sigmoid(rr) * vo; given dout:
+// dvo = dout * s, drr = dout * vo * s * (1 - s) with s = sigmoid(rr). All [N] contiguous fp32.
+void sigmoid_gate_backward(torch::Tensor dout, torch::Tensor rr, torch::Tensor vo, torch::Tensor dvo,
+                           torch::Tensor drr) {
+  for (auto* t : {&dout, &rr, &vo, &dvo, &drr}) check_f32(*t, "sigmoid_gate_backward input");
+  const int64_t N = dout.numel();
+  TORCH_CHECK(rr.numel() == N && vo.numel() == N && dvo.numel() == N && drr.numel() == N && N % 16 == 0,
+              "sigmoid_gate_backward: bad shapes");
+  const float *dp = dout.data_ptr<float>(), *rp = rr.data_ptr<float>(), *vp = vo.data_ptr<float>();
+  float *dvp = dvo.data_ptr<float>(), *drp = drr.data_ptr<float>();
+  at::parallel_for(0, N / 16, 1024, [&](int64_t i0, int64_t i1) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t i = i0 * 16; i < i1 * 16; i += 16) {
+      const __m512 sg = sigmoid16(_mm512_loadu_ps(rp + i)), d = _mm512_loadu_ps(dp + i);
+      const __m512 dv = _mm512_mul_ps(d, sg);
+      _mm512_storeu_ps(dvp + i, dv);
+      _mm512_storeu_ps(drp + i, _mm512_mul_ps(_mm512_mul_ps(dv, _mm512_loadu_ps(vp + i)), _mm512_sub_ps(one, sg)));
+    }
+  });
+}
+
+// d(relu(h)^2)/dh applied in place: g *= 2 sqrt(q), with q = relu(h)^2 (so sqrt(q) = relu(h)).
+void relu_square_backward_(torch::Tensor g, torch::Tensor q) {
+  check_f32(g, "relu_square_backward gradient");
+  check_f32(q, "relu_square_backward input");
+  const int64_t N = g.numel();
+  TORCH_CHECK(q.numel() == N && N % 16 == 0, "relu_square_backward: bad shapes");
+  float* gp = g.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  at::parallel_for(0, N / 16, 1024, [&](int64_t i0, int64_t i1) {
+    const __m512 two = _mm512_set1_ps(2.f);
+    for (int64_t i = i0 * 16; i < i1 * 16; i += 16)
+      _mm512_storeu_ps(gp + i, _mm512_mul_ps(_mm512_loadu_ps(gp + i),
+                                             _mm512_mul_ps(two, _mm512_sqrt_ps(_mm512_loadu_ps(qp + i)))));
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x[M,K] @ w[N,K].T for 1..16 rows");
   m.def("wkv6_forward", &wkv6_forward, "WKV-6 forward (step by step, fp32)");
@@ -680,6 +718,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gn_gate_backward", &gn_gate_backward, "gradients of gn_gate_forward");
   m.def("mix_forward", &mix_forward, "token-shift mixing x + (prev - x) * (mu + off)");
   m.def("mix_backward", &mix_backward, "gradients of mix_forward");
+  m.def("sigmoid_gate_backward", &sigmoid_gate_backward, "gradients of sigmoid(rr) * vo");
+  m.def("relu_square_backward_", &relu_square_backward_, "g *= 2 sqrt(q), q = relu(h)^2");
   m.def("ce_forward", &ce_forward, "cross-entropy per row (log-sum-exp kept for backward)");
   m.def("ce_backward", &ce_backward, "gradient of ce_forward");
 }

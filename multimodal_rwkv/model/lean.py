@@ -6,7 +6,7 @@ LoRA activations and the decay; for channel mixing the two mixed inputs, ``relu(
 ``relu(h)^2``; for the output the group norm's input and output, the gate, its input and their
 product. At B=1, T=4096, C=512 that made a 6x512 RWKV-6 keep 1.9 GB of activations against
 1.3 GB for a Llama of equal size. The Functions here save only the block input (``x`` and the
-shift carried in), the GEMM outputs that are costly to recompute (``relu(h)``, ``receptance(x_r)``,
+shift carried in), the GEMM outputs that are costly to recompute (``relu(h)^2``, ``receptance(x_r)``,
 ``value(.)``), the WKV output, the gate's input and the small LoRA activations, and recompute the
 elementwise parts in backward. The token-shift mixing and the norm-and-gate run as fused one-pass
 kernels both ways (:func:`multimodal_rwkv.kernels.cpu.mix`, :func:`~multimodal_rwkv.kernels.cpu.gn_gate`).
@@ -34,7 +34,9 @@ def _sum_bt(t: torch.Tensor) -> torch.Tensor:
 
 def _log_decay(decay: torch.Tensor, tb: torch.Tensor, dw2: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """``logw = -exp(decay + tb @ dw2)`` in float32, ``[B,T,A]``, with ``tb = tanh(x_w @ dw1)``."""
-    return -torch.exp((decay + cpu.linear(tb, dw2.t()).view(B, T, -1)).float())
+    y = cpu.linear(tb, dw2.t()).view(B, T, -1)  # a fresh product: updated in place
+    y = y.add_(decay) if y.dtype == decay.dtype else y + decay
+    return y.float().exp_().neg_()
 
 
 def _stack_maa(*maa: torch.Tensor) -> torch.Tensor:
@@ -66,11 +68,11 @@ class DDLerpProject(torch.autograd.Function):
     def forward(ctx, x, shift, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg, decay, dw1, dw2):
         B, T, C = x.shape
         xxx = cpu.mix(x, shift, maa_x.view(1, C))[0]
-        th = torch.tanh(cpu.linear(xxx, w1.t()))  # [BT, 5R]
+        th = cpu.linear(xxx, w1.t()).tanh_()  # [BT, 5R]
         del xxx
         # x_i = x + xx * (maa_i + m_i) for the slots w, k, v, r, g, written over the offsets m_i
         xs = cpu.mix(x, shift, _stack_maa(maa_w, maa_k, maa_v, maa_r, maa_g), mix_offsets(th, w2), inplace=True)
-        tb = torch.tanh(cpu.linear(xs[0], dw1.t()))  # [BT, D]
+        tb = cpu.linear(xs[0], dw1.t()).tanh_()  # [BT, D]
         logw = _log_decay(decay, tb, dw2, B, T)
         k, v, r, g = (cpu.linear(xs[i], W).view(B, T, -1) for i, W in ((1, Wk), (2, Wv), (3, Wr), (4, Wg)))
         ctx.save_for_backward(x, shift, th, tb, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, Wr, Wk, Wv, Wg,
@@ -142,28 +144,24 @@ class ChannelMixLean(torch.autograd.Function):
     def forward(ctx, x, shift, mu_k, mu_r, Wk, Wr, Wv):
         B, T, C = x.shape
         xk, xr = cpu.mix(x, shift, _stack_maa(mu_k, mu_r))
-        rh = torch.relu_(cpu.linear(xk, Wk))  # relu(h): all the backward needs of h
+        q = cpu.linear(xk, Wk).relu_().square_()  # relu(h)^2: all the backward needs of h
         del xk
-        vo = cpu.linear(rh.square(), Wv)
+        vo = cpu.linear(q, Wv)
         rr = cpu.linear(xr, Wr)
-        ctx.save_for_backward(x, shift, mu_k, mu_r, Wk, Wr, Wv, rh, rr, vo)
-        return (torch.sigmoid(rr) * vo).view(B, T, C)
+        ctx.save_for_backward(x, shift, mu_k, mu_r, Wk, Wr, Wv, q, rr, vo)
+        return torch.sigmoid(rr).mul_(vo).view(B, T, C)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x, shift, mu_k, mu_r, Wk, Wr, Wv, rh, rr, vo = ctx.saved_tensors
+        x, shift, mu_k, mu_r, Wk, Wr, Wv, q, rr, vo = ctx.saved_tensors
         need = ctx.needs_input_grad
         B, T, C = x.shape
         dout = dout.reshape(B * T, C)
         mus = _stack_maa(mu_k, mu_r)
-        sr = torch.sigmoid(rr)
-        dvo = dout * sr
-        drr = dvo * vo
-        drr.mul_(1 - sr)
-        del sr
-        dWv = _wgrad(dvo, rh.square()) if need[6] else None
-        dh = cpu.linear_t(dvo, Wv).mul_(rh).mul_(2)
+        dvo, drr = cpu.sigmoid_gate_backward(dout, rr, vo)
+        dWv = _wgrad(dvo, q) if need[6] else None
+        dh = cpu.relu_square_backward_(cpu.linear_t(dvo, Wv), q)  # * 2 relu(h)
         del dvo
         if need[4] or need[5]:
             xk, xr = cpu.mix(x, shift, mus)
