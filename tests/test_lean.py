@@ -90,6 +90,33 @@ def test_lean_forms_equal_plain_autograd(version, widths, T, monkeypatch):
         assert rel(g_lean[name], g_ref[name]) < 1e-10, (name, rel(g_lean[name], g_ref[name]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lean_forms_with_frozen_projections_equal_plain_autograd(dtype, monkeypatch):
+    """State tuning's case: every projection weight frozen, so the lean backward skips the weight
+    gradients (and the inputs they need); the remaining gradients still equal the plain forms'.
+    fp32 takes the C++ kernels, fp64 their twins."""
+    m = random_model("x060", dtype=dtype)
+    for name, p in m.named_parameters():
+        if name.endswith(("receptance.weight", "key.weight", "value.weight", "gate.weight", "output.weight")):
+            p.requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 50, (2, 9), generator=g)
+    state = RWKVState.zeros(m.config, 2, dtype=dtype)
+    state = RWKVState([torch.randn(t.shape, generator=g).to(t.dtype) for t in state.att_shift],
+                      [torch.randn(t.shape, generator=g) * 0.3 for t in state.wkv],
+                      [torch.randn(t.shape, generator=g).to(t.dtype) for t in state.ffn_shift])
+    go = torch.randn(2, 9, 50, generator=g).to(dtype)
+    calls = count_calls(monkeypatch)
+    logits, g_lean = grads(m, ids, None, state, go)
+    assert calls["ddlerp"] == m.config.n_layer
+    monkeypatch.setattr(modeling, "LEAN_TRAINING", False)
+    logits_ref, g_ref = grads(m, ids, None, state, go)
+    assert set(g_lean) == set(g_ref) and not any(n.endswith("key.weight") for n in g_ref)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for name in g_ref:
+        assert rel(g_lean[name], g_ref[name]) < tol, (name, rel(g_lean[name], g_ref[name]))
+
+
 def test_lean_forms_keep_less_for_backward():
     """What autograd keeps for backward in one training forward: about half of the plain forms'."""
     m = random_model("x060", dtype=torch.float32)

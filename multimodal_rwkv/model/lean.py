@@ -39,8 +39,9 @@ def _log_decay(decay: torch.Tensor, tb: torch.Tensor, dw2: torch.Tensor, B: int,
     return y.float().exp_().neg_()
 
 
-def _stack_maa(*maa: torch.Tensor) -> torch.Tensor:
-    """``[n, C]`` from n mixing vectors of shape ``[1, 1, C]``."""
+def stack_mix(*maa: torch.Tensor) -> torch.Tensor:
+    """``[n, C]`` from n mixing vectors of shape ``[1, 1, C]`` (the ``mu`` of
+    :func:`multimodal_rwkv.kernels.cpu.mix`). Shared by these forms and the plain ones in modeling.py."""
     return torch.cat([m.reshape(1, -1) for m in maa])
 
 
@@ -71,7 +72,7 @@ class DDLerpProject(torch.autograd.Function):
         th = cpu.linear(xxx, w1.t()).tanh_()  # [BT, 5R]
         del xxx
         # x_i = x + xx * (maa_i + m_i) for the slots w, k, v, r, g, written over the offsets m_i
-        xs = cpu.mix(x, shift, _stack_maa(maa_w, maa_k, maa_v, maa_r, maa_g), mix_offsets(th, w2), inplace=True)
+        xs = cpu.mix(x, shift, stack_mix(maa_w, maa_k, maa_v, maa_r, maa_g), mix_offsets(th, w2), inplace=True)
         tb = cpu.linear(xs[0], dw1.t()).tanh_()  # [BT, D]
         logw = _log_decay(decay, tb, dw2, B, T)
         k, v, r, g = (cpu.linear(xs[i], W).view(B, T, -1) for i, W in ((1, Wk), (2, Wv), (3, Wr), (4, Wg)))
@@ -87,9 +88,11 @@ class DDLerpProject(torch.autograd.Function):
         need = ctx.needs_input_grad
         B, T, C = x.shape
         BT = B * T
-        maas = _stack_maa(maa_w, maa_k, maa_v, maa_r, maa_g)
+        maas = stack_mix(maa_w, maa_k, maa_v, maa_r, maa_g)
         m = mix_offsets(th, w2)
-        xs = cpu.mix(x, shift, maas, m)  # the five mixed inputs again (m is kept: its gradient needs it)
+        # the five mixed inputs again, for the weight gradients that are wanted (m is kept: its
+        # gradient needs it); none are when the weights are frozen (state tuning)
+        xs = cpu.mix(x, shift, maas, m) if any(need[i] for i in (10, 11, 12, 13, 15)) else None
         grads = [None] * 17
         dxi = [None] * 5  # gradients of the five mixed inputs (w, k, v, r, g)
         # decay: logw = -exp(wraw), wraw = decay + tanh(x_w @ dw1) @ dw2
@@ -143,7 +146,7 @@ class ChannelMixLean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, mu_k, mu_r, Wk, Wr, Wv):
         B, T, C = x.shape
-        xk, xr = cpu.mix(x, shift, _stack_maa(mu_k, mu_r))
+        xk, xr = cpu.mix(x, shift, stack_mix(mu_k, mu_r))
         q = cpu.linear(xk, Wk).relu_().square_()  # relu(h)^2: all the backward needs of h
         del xk
         vo = cpu.linear(q, Wv)
@@ -158,7 +161,7 @@ class ChannelMixLean(torch.autograd.Function):
         need = ctx.needs_input_grad
         B, T, C = x.shape
         dout = dout.reshape(B * T, C)
-        mus = _stack_maa(mu_k, mu_r)
+        mus = stack_mix(mu_k, mu_r)
         dvo, drr = cpu.sigmoid_gate_backward(dout, rr, vo)
         dWv = _wgrad(dvo, q) if need[6] else None
         dh = cpu.relu_square_backward_(cpu.linear_t(dvo, Wv), q)  # * 2 relu(h)
