@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from multimodal_rwkv.kernels import cpu, wkv6
 from multimodal_rwkv.model.config import RWKVConfig
-from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, mix_offsets
+from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, mix_offsets, stack_mix
 from multimodal_rwkv.model.state import RWKVState
 
 
@@ -189,10 +189,9 @@ class TimeMix(nn.Module):
                 self.value.weight, self.gate.weight, self.time_decay, self.time_decay_w1, self.time_decay_w2)
             r, k, v, logw = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), logw.view(B, T, H, N)
         elif self.v6:
-            xxx = cpu.mix(x, shift, self.time_maa_x.view(1, C))[0]
+            xxx = cpu.mix(x, shift, stack_mix(self.time_maa_x))[0]
             th = torch.tanh(cpu.linear(xxx, self.time_maa_w1.t()))
-            maas = torch.cat([m.view(1, C) for m in (self.time_maa_w, self.time_maa_k, self.time_maa_v,
-                                                      self.time_maa_r, self.time_maa_g)])
+            maas = stack_mix(self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
             # x_i = x + (prev - x) * (maa_i + m_i), m_i the data-dependent offsets (slots w, k, v, r, g)
             xw, xk, xv, xr, xg = (xi.view(B, T, C) for xi in
                                   cpu.mix(x, shift, maas, mix_offsets(th, self.time_maa_w2), inplace=True))
@@ -201,8 +200,7 @@ class TimeMix(nn.Module):
             logw = -torch.exp(wraw.float()).view(B, T, H, N)
         else:
             # x * mix + prev * (1 - mix) == x + (prev - x) * (1 - mix)
-            mus = 1 - torch.cat([m.view(1, C) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r,
-                                                         self.time_mix_g)])
+            mus = 1 - stack_mix(self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g)
             xk, xv, xr, xg = (xi.view(B, T, C) for xi in cpu.mix(x, shift, mus))
             logw = (-torch.exp(self.time_decay.float())).view(1, 1, H, N).expand(B, T, H, N)
         if not lean:
@@ -265,8 +263,8 @@ class ChannelMix(nn.Module):
                                        self.value.weight)
             return out, x[:, -1]
         B, T, C = x.shape
-        mus = (torch.cat([self.time_maa_k.view(1, C), self.time_maa_r.view(1, C)]) if self.v6
-               else 1 - torch.cat([self.time_mix_k.view(1, C), self.time_mix_r.view(1, C)]))
+        mus = (stack_mix(self.time_maa_k, self.time_maa_r) if self.v6
+               else 1 - stack_mix(self.time_mix_k, self.time_mix_r))
         xk, xr = (xi.view(B, T, C) for xi in cpu.mix(x, shift, mus))
         if torch.is_grad_enabled():
             k = torch.relu(self.key(xk)).square()
