@@ -1,7 +1,9 @@
-"""Write a benchmark's table into BENCHMARKS.md under its own ``## title`` section."""
+"""Shared by the benchmarks: interleaved timing, and writing a table into BENCHMARKS.md under its
+own ``## title`` section."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 BENCH_FILE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -13,3 +15,15 @@ def write_section(title: str, body: str) -> None:
     pat = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pat.sub(lambda m: section + "\n", text) if pat.search(text) else text.rstrip() + "\n\n" + section
     BENCH_FILE.write_text(text)
+
+
+def interleaved(fns, reps=4):
+    """Best time in seconds of each of ``fns`` over ``reps`` rounds, the functions taking turns in
+    every round, so that a burst of load on the shared machine hits them alike rather than one."""
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t)
+    return [min(t) for t in ts]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,20 +27,15 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _report import write_section  # noqa: E402  (bench/_report.py)
+from _report import interleaved, write_section  # noqa: E402  (bench/_report.py)
 from multimodal_rwkv.kernels import cpu  # noqa: E402
 
 
-def interleaved(fns, reps):
+def best_ms(fns, reps):
+    """Warm each of ``fns`` up once, then :func:`_report.interleaved`, in ms."""
     for f in fns:
         f()
-    ts = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            t = time.perf_counter()
-            f()
-            ts[i].append(time.perf_counter() - t)
-    return [min(t) * 1e3 for t in ts]
+    return [t * 1e3 for t in interleaved(fns, reps)]
 
 
 def rel_diff(a, b):
@@ -72,7 +66,7 @@ def main(argv=None):
     rows = []
 
     k_out, t_out = cpu.mix(x, shift, maa, off), cpu.mix_reference(x, shift, maa, off)
-    rows.append(("mix, 5 slots, forward",) + tuple(interleaved(
+    rows.append(("mix, 5 slots, forward",) + tuple(best_ms(
         [lambda: cpu.mix(x, shift, maa, off), lambda: cpu.mix_reference(x, shift, maa, off)], a.reps))
         + (max(rel_diff(p, q) for p, q in zip(k_out, t_out)),))
 
@@ -84,10 +78,10 @@ def main(argv=None):
     kb = cpu.mix_backward(d, x, shift, maa, off, want_doff=True)
     tb = mix_twin_bwd()
     err = max(rel_diff(p, q) for p, q in zip([kb[0], kb[1], kb[2], *kb[3]], tb))
-    rows.append(("mix, 5 slots, backward",) + tuple(interleaved(
+    rows.append(("mix, 5 slots, backward",) + tuple(best_ms(
         [lambda: cpu.mix_backward(d, x, shift, maa, off, want_doff=True), mix_twin_bwd], a.reps)) + (err,))
 
-    rows.append(("gn_gate forward",) + tuple(interleaved(
+    rows.append(("gn_gate forward",) + tuple(best_ms(
         [lambda: cpu.gn_gate(y, gp, gw, gb, H, 64e-5), lambda: cpu.gn_gate_reference(y, gp, gw, gb, H, 64e-5)],
         a.reps)) + (rel_diff(cpu.gn_gate(y, gp, gw, gb, H, 64e-5), cpu.gn_gate_reference(y, gp, gw, gb, H, 64e-5)),))
 
@@ -96,7 +90,7 @@ def main(argv=None):
         return torch.autograd.grad(cpu.gn_gate_reference(*leaves, H, 64e-5), leaves, dz)
 
     kb, tb = cpu.gn_gate_backward(y, gp, gw, gb, dz, H, 64e-5), gn_twin_bwd()
-    rows.append(("gn_gate backward",) + tuple(interleaved(
+    rows.append(("gn_gate backward",) + tuple(best_ms(
         [lambda: cpu.gn_gate_backward(y, gp, gw, gb, dz, H, 64e-5), gn_twin_bwd], a.reps))
         + (max(rel_diff(p, q) for p, q in zip(kb[:4], tb)),))
 
@@ -107,7 +101,7 @@ def main(argv=None):
         return loss.detach(), lg.grad
 
     (lk, gk), (lt, gt) = ce(cpu.cross_entropy), ce(F.cross_entropy)
-    rows.append((f"cross-entropy [{R}, {V}], forward + backward",) + tuple(interleaved(
+    rows.append((f"cross-entropy [{R}, {V}], forward + backward",) + tuple(best_ms(
         [lambda: ce(cpu.cross_entropy), lambda: ce(F.cross_entropy)], a.reps)) + (max(rel_diff(lk, lt), rel_diff(gk, gt)),))
 
     lines = [f"B*T = {R} rows, C = {C}, {H} heads of 64, vocab {V}, fp32, {a.threads} threads, best of {a.reps} "

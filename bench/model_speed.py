@@ -23,23 +23,11 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
+from _report import interleaved, write_section  # noqa: E402
 
 
 def best(fn, reps=3):
     return interleaved([fn], reps)[0]
-
-
-def interleaved(fns, reps=4):
-    """Best time of each of ``fns`` over ``reps`` rounds, the functions taking turns in every round,
-    so that a burst of load on the shared machine hits them alike rather than one of them."""
-    ts = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            ts[i].append(time.perf_counter() - t)
-    return [min(t) for t in ts]
 
 
 def speed_rows(official, ours, prompt, args):
