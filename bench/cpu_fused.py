@@ -11,7 +11,11 @@ with the setting the model's first CPU forward applies (:func:`multimodal_rwkv.k
 - mix: ddlerp's five slots, ``x + (prev - x) * (maa_i + m_i)`` (forward), and its backward (the
   gradients of x, the carried-in shift, maa and the five offsets);
 - gn_gate: ``GroupNorm(y) * silu(gate)`` and its backward;
-- cross-entropy over [rows, vocab] logits, forward + backward.
+- cross-entropy over [rows, vocab] logits, forward + backward;
+- transpose of a [rows, C] activation (twin: ``x.t().contiguous()``);
+- weight gradients ``d.T @ a`` of the C x C, C -> 3.5C, 3.5C -> C and head products
+  (:func:`multimodal_rwkv.kernels.cpu.weight_grad`: both operands transposed, then oneDNN; twin:
+  torch's product on the transposed view, which goes to MKL).
 
 Writes the table to BENCHMARKS.md under "## Fused elementwise kernels (CPU)".
 """
@@ -103,6 +107,16 @@ def main(argv=None):
     (lk, gk), (lt, gt) = ce(cpu.cross_entropy), ce(F.cross_entropy)
     rows.append((f"cross-entropy [{R}, {V}], forward + backward",) + tuple(best_ms(
         [lambda: ce(cpu.cross_entropy), lambda: ce(F.cross_entropy)], a.reps)) + (max(rel_diff(lk, lt), rel_diff(gk, gt)),))
+
+    rows.append((f"transpose [{R}, {C}]",) + tuple(best_ms([lambda: cpu.transpose(y), lambda: y.t().contiguous()],
+                                                             a.reps)) + (rel_diff(cpu.transpose(y), y.t()),))
+    F_ = C * 7 // 2
+    for o, i in ((C, C), (C, F_), (F_, C), (V, C)):
+        dd, aa = torch.randn(R, o, generator=g), torch.randn(R, i, generator=g)
+        rows.append((f"weight gradient [{R}, {o}].T @ [{R}, {i}]",) + tuple(best_ms(
+            [lambda: cpu.weight_grad(dd, aa), lambda: dd.t() @ aa], a.reps))
+            + (rel_diff(cpu.weight_grad(dd, aa), dd.double().t() @ aa.double()),))
+        del dd, aa
 
     lines = [f"B*T = {R} rows, C = {C}, {H} heads of 64, vocab {V}, fp32, {a.threads} threads, best of {a.reps} "
              f"interleaved runs; twin = the PyTorch expressions the kernel replaces (autograd for backward); "

@@ -357,3 +357,39 @@ def test_channel_mix_elementwise_backward_matches_fp64(kernel, n):
     # the twins where the kernel does not apply (15 elements)
     dv, dr = cpu.sigmoid_gate_backward(dout[:15], rr[:15], vo[:15])
     torch.testing.assert_close(dv, dout[:15] * torch.sigmoid(rr[:15]))
+
+
+# ------------------------------------------------------------ transpose and weight gradients
+@pytest.mark.parametrize("R,C", [(1, 1), (16, 16), (33, 50), (64, 64), (100, 37), (130, 200), (5, 0)])
+def test_transpose_equals_torch(kernel, R, C):
+    """Whole 16x16 tiles, the 64x64 block edges, and ragged tails on both sides."""
+    x = torch.randn(R, C, generator=torch.Generator().manual_seed(R * 1000 + C))
+    assert torch.equal(cpu.transpose(x), x.t())
+    assert cpu.transpose(x).is_contiguous()
+    wide = torch.randn(R, C + 24)[:, 7:7 + C]  # rows further apart than C (a column slice)
+    assert torch.equal(cpu.transpose(wide), wide.t())
+
+
+def test_transpose_twin_where_the_kernel_does_not_apply(kernel):
+    x = torch.randn(40, 30)
+    for t in (x.double(), x.t(), x.requires_grad_()):  # another dtype; non-unit column stride; recorded
+        got = cpu.transpose(t)
+        assert torch.equal(got, t.t()) and got.is_contiguous()
+
+
+@onednn
+@pytest.mark.parametrize("N,O,I", [(256, 256, 256), (300, 272, 260), (4096, 512, 64), (100, 512, 512),
+                                   (1200, 3000, 256)])
+def test_weight_grad_matches_fp64(kernel, N, O, I, monkeypatch):
+    """d.T @ a; (1200, 3000, 256) with a 1 MB block runs the row-blocked path (ragged last block);
+    a narrow side or few rows take the plain product."""
+    monkeypatch.setattr(cpu, "_WGRAD_BLOCK", 1 << 18)
+    g = torch.Generator().manual_seed(N + O + I)
+    d, a = torch.randn(1, N, O, generator=g), torch.randn(1, N, I, generator=g)
+    want = (d.double().reshape(N, O).t() @ a.double().reshape(N, I)).float()
+    got = cpu.weight_grad(d, a)
+    assert got.shape == (O, I) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5 * N ** 0.5)
+    wider = torch.randn(N, I + 16, generator=g)[:, 16:]  # a strided operand (e.g. a column slice)
+    torch.testing.assert_close(cpu.weight_grad(d, wider), (d.double().reshape(N, O).t() @ wider.double()).float(),
+                               rtol=1e-5, atol=2e-5 * N ** 0.5)

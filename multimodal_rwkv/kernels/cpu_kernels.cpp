@@ -8,6 +8,7 @@
 //   token-shift mixing), forward and backward, one pass over memory each.
 // ce_*: cross-entropy over [N, V] logits, keeping only the log-sum-exp per row for backward.
 // sigmoid_gate_backward / relu_square_backward_: the channel mix's elementwise backward.
+// transpose: dst = src.T in 16x16 register tiles (a weight gradient's operands, made K-contiguous).
 //
 // Shapes (all fp32, contiguous): r, k, e [B,T,H,K]; v, o [B,T,H,V]; u [H,K]; states [B,H,K,V].
 // e = exp(w), the decay factors, computed by the caller with torch's vectorised exp (a scalar exp
@@ -710,6 +711,66 @@ void relu_square_backward_(torch::Tensor g, torch::Tensor q) {
   });
 }
 
+// ----------------------------------------------------------------------------- transpose
+// dst[j, i] = src[i, j] for a 16x16 tile: src rows ls floats apart, dst rows ld floats apart.
+// Three shuffle stages: pairs of rows interleaved, then 2x2 blocks, then 128-bit lanes (twice).
+static inline void transpose_tile16(const float* s, int64_t ls, float* d, int64_t ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * ls);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(d + i * ld, r[i]);
+}
+
+// dst [C, R] (contiguous) = src [R, C] (unit column stride, any row stride), in 64x64 blocks.
+void transpose(torch::Tensor src, torch::Tensor dst) {
+  TORCH_CHECK(src.scalar_type() == torch::kFloat && src.device().is_cpu() && src.dim() == 2 &&
+                  (src.size(1) <= 1 || src.stride(1) == 1),
+              "transpose: fp32 [R, C] source with unit column stride");
+  check_f32(dst, "transpose destination");
+  const int64_t R = src.size(0), C = src.size(1), ls = src.stride(0);
+  TORCH_CHECK(dst.dim() == 2 && dst.size(0) == C && dst.size(1) == R, "transpose: destination must be [C, R]");
+  const float* s = src.data_ptr<float>();
+  float* d = dst.data_ptr<float>();
+  constexpr int64_t BLK = 64;
+  const int64_t nrb = (R + BLK - 1) / BLK, ncb = (C + BLK - 1) / BLK;
+  at::parallel_for(0, nrb * ncb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = (b / ncb) * BLK, j0 = (b % ncb) * BLK;
+      const int64_t i1 = std::min(R, i0 + BLK), j1 = std::min(C, j0 + BLK);
+      int64_t i = i0;
+      for (; i + 16 <= i1; i += 16) {
+        int64_t j = j0;
+        for (; j + 16 <= j1; j += 16) transpose_tile16(s + i * ls + j, ls, d + j * R + i, R);
+        for (; j < j1; ++j)
+          for (int64_t ii = i; ii < i + 16; ++ii) d[j * R + ii] = s[ii * ls + j];
+      }
+      for (; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) d[j * R + i] = s[i * ls + j];
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x[M,K] @ w[N,K].T for 1..16 rows");
   m.def("wkv6_forward", &wkv6_forward, "WKV-6 forward (step by step, fp32)");
@@ -722,4 +783,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_square_backward_", &relu_square_backward_, "g *= 2 sqrt(q), q = relu(h)^2");
   m.def("ce_forward", &ce_forward, "cross-entropy per row (log-sum-exp kept for backward)");
   m.def("ce_backward", &ce_backward, "gradient of ce_forward");
+  m.def("transpose", &transpose, "dst[C, R] = src[R, C].T");
 }

@@ -23,11 +23,6 @@ import torch
 from multimodal_rwkv.kernels import cpu
 
 
-def _wgrad(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The weight gradient of ``cpu.linear(a, W)`` given its output gradient ``d`` ([out, in])."""
-    return d.reshape(-1, d.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
-
-
 def _sum_bt(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=(0, 1), keepdim=True)
 
@@ -111,7 +106,7 @@ class DDLerpProject(torch.autograd.Function):
             if d is None:
                 continue
             if need[gi]:
-                grads[gi] = _wgrad(d, xs[slot])
+                grads[gi] = cpu.weight_grad(d, xs[slot])
             dxi[slot] = cpu.linear_t(d, W).view(BT, C)
         del xs
         dxi = [d if d is not None else x.new_zeros(BT, C) for d in dxi]
@@ -163,13 +158,13 @@ class ChannelMixLean(torch.autograd.Function):
         dout = dout.reshape(B * T, C)
         mus = stack_mix(mu_k, mu_r)
         dvo, drr = cpu.sigmoid_gate_backward(dout, rr, vo)
-        dWv = _wgrad(dvo, q) if need[6] else None
+        dWv = cpu.weight_grad(dvo, q) if need[6] else None
         dh = cpu.relu_square_backward_(cpu.linear_t(dvo, Wv), q)  # * 2 relu(h)
         del dvo
         if need[4] or need[5]:
             xk, xr = cpu.mix(x, shift, mus)
-            dWk = _wgrad(dh, xk) if need[4] else None
-            dWr = _wgrad(drr, xr) if need[5] else None
+            dWk = cpu.weight_grad(dh, xk) if need[4] else None
+            dWr = cpu.weight_grad(drr, xr) if need[5] else None
             del xk, xr
         else:
             dWk = dWr = None
@@ -205,6 +200,6 @@ class NormGatedOutput(torch.autograd.Function):
         dout = dout.reshape(B * T, -1)
         dz = cpu.linear_t(dout, Wo)
         dy, dgp, dw, db, z = cpu.gn_gate_backward(y, gp.view(B * T, A), weight, bias, dz, *ctx.args)
-        dWo = _wgrad(dout, z) if need[4] else None
+        dWo = cpu.weight_grad(dout, z) if need[4] else None
         return (dy if need[0] else None, dgp.view(B, T, A) if need[1] else None, dw if need[2] else None,
                 db if need[3] else None, dWo, None, None, None)
