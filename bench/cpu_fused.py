@@ -116,7 +116,6 @@ def main(argv=None):
         rows.append((f"weight gradient [{R}, {o}].T @ [{R}, {i}]",) + tuple(best_ms(
             [lambda: cpu.weight_grad(dd, aa), lambda: dd.t() @ aa], a.reps))
             + (rel_diff(cpu.weight_grad(dd, aa), dd.double().t() @ aa.double()),))
-        del dd, aa
 
     lines = [f"B*T = {R} rows, C = {C}, {H} heads of 64, vocab {V}, fp32, {a.threads} threads, best of {a.reps} "
              f"interleaved runs; twin = the PyTorch expressions the kernel replaces (autograd for backward); "
