@@ -183,73 +183,139 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
   });
 }
 
-// One backward step of one head (formulas above wkv6_backward). S: the state before the step;
-// G: the gradient of the state after it, updated in place to the gradient before it.
-struct BwdArgs {
-  const float *r, *k, *e, *v, *dout, *u, *S;
-  float *G, *dr, *dk, *dw, *du, *dv;
-  float dc, cc;
-  int64_t K, V;
-};
+// The backward works on value-major copies of the state and its gradient (St[j, i] = S[i, j]): the
+// sums over the value index (dr, dk, dw) then add whole rows of K lanes, and only dv needs a
+// horizontal sum (one per value index instead of three per key index in the key-major layout).
+static void transpose_tile16(const float* s, int64_t ls, float* d, int64_t ld);
+static void transpose_kv(const float* src, float* dst, int64_t K, int64_t V) {  // dst[V,K] = src[K,V].T
+  if (K % 16 == 0 && V % 16 == 0) {
+    for (int64_t i = 0; i < K; i += 16)
+      for (int64_t j = 0; j < V; j += 16) transpose_tile16(src + i * V + j, V, dst + j * K + i, K);
+    return;
+  }
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < V; ++j) dst[j * K + i] = src[i * V + j];
+}
 
-template <int NV>
-static void bwd_step(const BwdArgs& p) {
-  const int64_t K = p.K, V = p.V;
-  if constexpr (NV > 0) {
-    __m512 d_o[NV], vv[NV], dva[NV];
-    _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
-      d_o[n] = _mm512_loadu_ps(p.dout + 16 * n);
-      vv[n] = _mm512_loadu_ps(p.v + 16 * n);
-      dva[n] = _mm512_mul_ps(_mm512_set1_ps(p.cc), d_o[n]);
+// One step of the value-major state: Snt[j, :] = e * St[j, :] + v[j] k. NK as in bwd_step.
+template <int NK>
+static void state_step(const float* St, float* Snt, const float* kt, const float* et, const float* vt, int64_t K,
+                       int64_t V) {
+  if constexpr (NK > 0) {
+    __m512 kv[NK], ev[NK];
+    _Pragma("GCC unroll 4") for (int n = 0; n < NK; ++n) {
+      kv[n] = _mm512_loadu_ps(kt + 16 * n);
+      ev[n] = _mm512_loadu_ps(et + 16 * n);
     }
-    for (int64_t i = 0; i < K; ++i) {
-      const float ri = p.r[i], ki = p.k[i], ei = p.e[i], ui = p.u[i];
-      const __m512 rv = _mm512_set1_ps(ri), kv = _mm512_set1_ps(ki), ev = _mm512_set1_ps(ei);
-      float* Gi = p.G + i * (16 * NV);
-      const float* Si = p.S + i * (16 * NV);
-      __m512 a = _mm512_setzero_ps(), bb = _mm512_setzero_ps(), d = _mm512_setzero_ps();
-      _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
-        const __m512 g = _mm512_loadu_ps(Gi + 16 * n), sv = _mm512_loadu_ps(Si + 16 * n);
-        a = _mm512_fmadd_ps(d_o[n], sv, a);
-        bb = _mm512_fmadd_ps(g, vv[n], bb);
-        d = _mm512_fmadd_ps(g, sv, d);
-        dva[n] = _mm512_fmadd_ps(kv, g, dva[n]);
-        _mm512_storeu_ps(Gi + 16 * n, _mm512_fmadd_ps(ev, g, _mm512_mul_ps(rv, d_o[n])));
-      }
-      p.dr[i] = _mm512_reduce_add_ps(a) + p.dc * ui * ki;
-      p.dk[i] = _mm512_reduce_add_ps(bb) + p.dc * ri * ui;
-      p.dw[i] = ei * _mm512_reduce_add_ps(d);
-      p.du[i] += p.dc * ri * ki;
+    for (int64_t j = 0; j < V; ++j) {
+      const __m512 vj = _mm512_set1_ps(vt[j]);
+      _Pragma("GCC unroll 4") for (int n = 0; n < NK; ++n)
+        _mm512_storeu_ps(Snt + j * K + 16 * n,
+                         _mm512_fmadd_ps(ev[n], _mm512_loadu_ps(St + j * K + 16 * n), _mm512_mul_ps(vj, kv[n])));
     }
-    _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) _mm512_storeu_ps(p.dv + 16 * n, dva[n]);
   } else {
-    const float *dot = p.dout, *vt = p.v;
-    for (int64_t j = 0; j < V; ++j) p.dv[j] = p.cc * dot[j];
-    for (int64_t i = 0; i < K; ++i) {
-      const float ri = p.r[i], ki = p.k[i], ei = p.e[i], ui = p.u[i];
-      float* __restrict Gi = p.G + i * V;
-      const float* __restrict Si = p.S + i * V;
-      float* __restrict dv = p.dv;
-      float a = 0.f, bb = 0.f, d = 0.f;
-#pragma omp simd reduction(+ : a, bb, d)
-      for (int64_t j = 0; j < V; ++j) {
-        const float g = Gi[j];
-        a += dot[j] * Si[j];
-        bb += g * vt[j];
-        d += g * Si[j];
-        dv[j] += ki * g;
-        Gi[j] = ei * g + ri * dot[j];
-      }
-      p.dr[i] = a + p.dc * ui * ki;
-      p.dk[i] = bb + p.dc * ri * ui;
-      p.dw[i] = ei * d;
-      p.du[i] += p.dc * ri * ki;
+    for (int64_t j = 0; j < V; ++j) {
+      const float vj = vt[j];
+#pragma omp simd
+      for (int64_t i = 0; i < K; ++i) Snt[j * K + i] = et[i] * St[j * K + i] + vj * kt[i];
     }
   }
 }
 
-static void (*bwd_step_for(int64_t V))(const BwdArgs&) {
-  switch (V) {
+// One backward step of one head (formulas above wkv6_backward), value-major. St: the state before
+// the step; Gt: the gradient of the state after it, updated in place to the gradient before it.
+struct BwdArgs {
+  const float *r, *k, *e, *v, *dout, *u, *St;
+  float *Gt, *dr, *dk, *dw, *du, *dv;
+  float dc, cc;
+  int64_t K, V;
+};
+
+// NK > 0: K = 16 NK, with r, k, e and the three sums held in AVX-512 registers; NK == 0: any K.
+template <int NK>
+static void bwd_step(const BwdArgs& p) {
+  const int64_t K = p.K, V = p.V;
+  if constexpr (NK > 0) {
+    __m512 rv[NK], kv[NK], ev[NK], a[NK], bb[NK], d[NK];
+    _Pragma("GCC unroll 4") for (int n = 0; n < NK; ++n) {
+      rv[n] = _mm512_loadu_ps(p.r + 16 * n);
+      kv[n] = _mm512_loadu_ps(p.k + 16 * n);
+      ev[n] = _mm512_loadu_ps(p.e + 16 * n);
+      a[n] = bb[n] = d[n] = _mm512_setzero_ps();
+    }
+    const float* __restrict dout = p.dout;
+    const float* __restrict vt = p.v;
+    const float* __restrict St = p.St;
+    float* __restrict Gt = p.Gt;
+    float* __restrict dv = p.dv;
+    const float cc = p.cc;
+    for (int64_t j = 0; j < V; ++j) {
+      const __m512 dj = _mm512_set1_ps(dout[j]), vj = _mm512_set1_ps(vt[j]);
+      float* Gj = Gt + j * K;
+      const float* Sj = St + j * K;
+      __m512 dva = _mm512_setzero_ps();
+      _Pragma("GCC unroll 4") for (int n = 0; n < NK; ++n) {
+        const __m512 g = _mm512_loadu_ps(Gj + 16 * n), sv = _mm512_loadu_ps(Sj + 16 * n);
+        a[n] = _mm512_fmadd_ps(dj, sv, a[n]);
+        bb[n] = _mm512_fmadd_ps(vj, g, bb[n]);
+        d[n] = _mm512_fmadd_ps(g, sv, d[n]);
+        dva = _mm512_fmadd_ps(kv[n], g, dva);
+        _mm512_storeu_ps(Gj + 16 * n, _mm512_fmadd_ps(ev[n], g, _mm512_mul_ps(dj, rv[n])));
+      }
+      dv[j] = cc * dout[j] + _mm512_reduce_add_ps(dva);
+    }
+    const __m512 dc = _mm512_set1_ps(p.dc);
+    _Pragma("GCC unroll 4") for (int n = 0; n < NK; ++n) {
+      const __m512 un = _mm512_mul_ps(dc, _mm512_loadu_ps(p.u + 16 * n));  // dc u
+      _mm512_storeu_ps(p.dr + 16 * n, _mm512_fmadd_ps(un, kv[n], a[n]));
+      _mm512_storeu_ps(p.dk + 16 * n, _mm512_fmadd_ps(un, rv[n], bb[n]));
+      _mm512_storeu_ps(p.dw + 16 * n, _mm512_mul_ps(ev[n], d[n]));
+      _mm512_storeu_ps(p.du + 16 * n, _mm512_fmadd_ps(_mm512_mul_ps(dc, rv[n]), kv[n], _mm512_loadu_ps(p.du + 16 * n)));
+    }
+  } else {
+    for (int64_t i = 0; i < K; ++i) p.dr[i] = p.dk[i] = p.dw[i] = 0.f;
+    for (int64_t j = 0; j < V; ++j) {
+      const float dj = p.dout[j], vj = p.v[j];
+      float* __restrict Gj = p.Gt + j * K;
+      const float* __restrict Sj = p.St + j * K;
+      float* __restrict dr = p.dr;
+      float* __restrict dk = p.dk;
+      float* __restrict dw = p.dw;
+      float dva = 0.f;
+#pragma omp simd reduction(+ : dva)
+      for (int64_t i = 0; i < K; ++i) {
+        const float g = Gj[i], sv = Sj[i];
+        dr[i] += dj * sv;
+        dk[i] += vj * g;
+        dw[i] += g * sv;
+        dva += p.k[i] * g;
+        Gj[i] = p.e[i] * g + dj * p.r[i];
+      }
+      p.dv[j] = p.cc * dj + dva;
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      const float un = p.dc * p.u[i];
+      p.dr[i] += un * p.k[i];
+      p.dk[i] += un * p.r[i];
+      p.dw[i] *= p.e[i];
+      p.du[i] += p.dc * p.r[i] * p.k[i];
+    }
+  }
+}
+
+using StateStep = void (*)(const float*, float*, const float*, const float*, const float*, int64_t, int64_t);
+static StateStep state_step_for(int64_t K) {
+  switch (K) {
+    case 16: return state_step<1>;
+    case 32: return state_step<2>;
+    case 48: return state_step<3>;
+    case 64: return state_step<4>;
+    default: return state_step<0>;
+  }
+}
+
+static void (*bwd_step_for(int64_t K))(const BwdArgs&) {
+  switch (K) {
     case 16: return bwd_step<1>;
     case 32: return bwd_step<2>;
     case 48: return bwd_step<3>;
@@ -271,62 +337,59 @@ void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
   TORCH_CHECK(dout.scalar_type() == torch::kFloat && dout.is_contiguous(), "wkv6 cpu: fp32 contiguous grad");
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   TORCH_CHECK(LS % L == 0, "wkv6 cpu: the save stride must be a multiple of the chunk");
-  const int64_t NS = saved.size(2), CPS = LS / L;  // segments; chunks per segment
+  const int64_t NS = saved.size(2), CPS = LS / L, KV = K * V;  // segments; chunks per segment
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *ep = e.data_ptr<float>(), *up = u.data_ptr<float>(), *savp = saved.data_ptr<float>();
   const float* dop = dout.data_ptr<float>();
   float *dsp = ds.data_ptr<float>(), *drp = dr.data_ptr<float>(), *dkp = dk.data_ptr<float>();
   float *dvp = dv.data_ptr<float>(), *dwp = dw.data_ptr<float>(), *dup = du.data_ptr<float>();
-  // one step of the state: Sn = diag(e_t) S + k_t^T v_t
-  auto step = [&](const float* __restrict S, float* __restrict Sn, int64_t b, int64_t h, int64_t t) {
+  // one step of the value-major state: Snt[j, :] = e_t * St[j, :] + v_t[j] k_t
+  const auto sstep = state_step_for(K);
+  auto step = [&](const float* St, float* Snt, int64_t b, int64_t h, int64_t t) {
     const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
-    const float *kt = kp + ik, *et = ep + ik;
-    const float* __restrict vt = vp + iv;
-    for (int64_t i = 0; i < K; ++i) {
-      const float ei = et[i], ki = kt[i];
-#pragma omp simd
-      for (int64_t j = 0; j < V; ++j) Sn[i * V + j] = ei * S[i * V + j] + ki * vt[j];
-    }
+    sstep(St, Snt, kp + ik, ep + ik, vp + iv, K, V);
   };
-  const auto bstep = bwd_step_for(V);
+  const auto bstep = bwd_step_for(K);
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::vector<float> sbuf(L * K * V), cbuf(CPS * K * V);
+    std::vector<float> sbuf(L * KV), cbuf(CPS * KV), gbuf(KV);
+    float* Gt = gbuf.data();
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      float* G = dsp + bh * K * V;
+      transpose_kv(dsp + bh * KV, Gt, K, V);
       const float* uh = up + h * K;
       float* duh = dup + bh * K;
       for (int64_t sg = NS - 1; sg >= 0; --sg) {
         const int64_t s0 = sg * LS, s1 = std::min(T, s0 + LS), nc = (s1 - s0 + L - 1) / L;
         // the states at this segment's chunk starts, recomputed from the saved segment start
-        std::memcpy(cbuf.data(), savp + (bh * NS + sg) * K * V, sizeof(float) * K * V);
+        transpose_kv(savp + (bh * NS + sg) * KV, cbuf.data(), K, V);
         for (int64_t c = 1; c < nc; ++c) {
-          std::memcpy(sbuf.data(), cbuf.data() + (c - 1) * K * V, sizeof(float) * K * V);
+          std::memcpy(sbuf.data(), cbuf.data() + (c - 1) * KV, sizeof(float) * KV);
           for (int64_t t = s0 + (c - 1) * L; t < s0 + c * L; ++t) {
-            float* S = sbuf.data() + ((t - s0) % 2) * K * V;
-            float* Sn = (t + 1 == s0 + c * L) ? cbuf.data() + c * K * V : sbuf.data() + ((t - s0 + 1) % 2) * K * V;
+            float* S = sbuf.data() + ((t - s0) % 2) * KV;
+            float* Sn = (t + 1 == s0 + c * L) ? cbuf.data() + c * KV : sbuf.data() + ((t - s0 + 1) % 2) * KV;
             step(S, Sn, b, h, t);
           }
         }
         for (int64_t c = nc - 1; c >= 0; --c) {
-        const int64_t t0 = s0 + c * L, t1 = std::min(s1, t0 + L);
-        // the states before each step of this chunk, recomputed from its start
-        std::memcpy(sbuf.data(), cbuf.data() + c * K * V, sizeof(float) * K * V);
-        for (int64_t t = t0; t + 1 < t1; ++t)
-          step(sbuf.data() + (t - t0) * K * V, sbuf.data() + (t - t0 + 1) * K * V, b, h, t);
-        for (int64_t t = t1 - 1; t >= t0; --t) {
-          const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
-          const float *rt = rp + ik, *kt = kp + ik, *et = ep + ik, *vt = vp + iv, *dot = dop + iv;
-          const float* Sp = sbuf.data() + (t - t0) * K * V;
-          float dc = 0.f, cc = 0.f;
+          const int64_t t0 = s0 + c * L, t1 = std::min(s1, t0 + L);
+          // the states before each step of this chunk, recomputed from its start
+          std::memcpy(sbuf.data(), cbuf.data() + c * KV, sizeof(float) * KV);
+          for (int64_t t = t0; t + 1 < t1; ++t)
+            step(sbuf.data() + (t - t0) * KV, sbuf.data() + (t - t0 + 1) * KV, b, h, t);
+          for (int64_t t = t1 - 1; t >= t0; --t) {
+            const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
+            const float *rt = rp + ik, *kt = kp + ik, *et = ep + ik, *vt = vp + iv, *dot = dop + iv;
+            float dc = 0.f, cc = 0.f;
 #pragma omp simd reduction(+ : dc)
-          for (int64_t j = 0; j < V; ++j) dc += dot[j] * vt[j];
+            for (int64_t j = 0; j < V; ++j) dc += dot[j] * vt[j];
 #pragma omp simd reduction(+ : cc)
-          for (int64_t i = 0; i < K; ++i) cc += rt[i] * uh[i] * kt[i];
-          bstep(BwdArgs{rt, kt, et, vt, dot, uh, Sp, G, drp + ik, dkp + ik, dwp + ik, duh, dvp + iv, dc, cc, K, V});
-        }
+            for (int64_t i = 0; i < K; ++i) cc += rt[i] * uh[i] * kt[i];
+            bstep(BwdArgs{rt, kt, et, vt, dot, uh, sbuf.data() + (t - t0) * KV, Gt, drp + ik, dkp + ik, dwp + ik,
+                          duh, dvp + iv, dc, cc, K, V});
+          }
         }
       }
+      transpose_kv(Gt, dsp + bh * KV, V, K);
     }
   });
 }
@@ -714,7 +777,7 @@ void relu_square_backward_(torch::Tensor g, torch::Tensor q) {
 // ----------------------------------------------------------------------------- transpose
 // dst[j, i] = src[i, j] for a 16x16 tile: src rows ls floats apart, dst rows ld floats apart.
 // Three shuffle stages: pairs of rows interleaved, then 2x2 blocks, then 128-bit lanes (twice).
-static inline void transpose_tile16(const float* s, int64_t ls, float* d, int64_t ld) {
+static void transpose_tile16(const float* s, int64_t ls, float* d, int64_t ld) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * ls);
   for (int i = 0; i < 8; ++i) {
