@@ -268,6 +268,33 @@ def test_mix_forward_and_backward_match_fp64(kernel, B, T, C, n, with_off):
             torch.testing.assert_close(a, b.float().detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("B,T,C,n,R", [(1, 1, 16, 5, 32), (2, 7, 48, 5, 32), (3, 13, 96, 5, 7), (1, 130, 176, 1, 64),
+                                       (2, 9, 768, 5, 32)])
+def test_mix_lora_matches_fp64(kernel, B, T, C, n, R):
+    """ddlerp's mixing with its LoRA offsets in registers: row tiles of 6 with ragged ends, sequence
+    starts inside a tile, column blocks of 64 with 16/32/48-wide tails, odd ranks; against fp64."""
+    g = torch.Generator().manual_seed(B * 1000 + T * 10 + n)
+    x, shift, mu = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g), torch.rand(n, C, generator=g)
+    th, w2 = torch.randn(B * T, n * R, generator=g).tanh(), torch.randn(n, R, C, generator=g) * 0.2
+    want = cpu.mix_lora_reference(x.double(), shift.double(), mu.double(), th.double(), w2.double())
+    got = cpu.mix_lora(x, shift, mu, th, w2)
+    assert len(got) == n
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5 * R ** 0.5)
+    # the twin where the kernel does not apply: a width that is not a multiple of 16, autograd recording
+    x2, s2, mu2 = torch.randn(B, T, 40, generator=g), torch.randn(B, 40, generator=g), torch.rand(n, 40, generator=g)
+    w22 = torch.randn(n, R, 40, generator=g)
+    got = cpu.mix_lora(x2, s2, mu2, th, w22)
+    want = cpu.mix_reference(x2, s2, mu2, [th[:, i * R:(i + 1) * R] @ w22[i] for i in range(n)])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_()
+    out = cpu.mix_lora(xg, shift, mu, th, w2)
+    assert out[0].grad_fn is not None
+    sum(o.sum() for o in out).backward()
+    assert xg.grad is not None
+
+
 @pytest.mark.parametrize("R,G,N", [(1, 1, 16), (5, 3, 32), (130, 8, 64), (200, 2, 48)])
 def test_gn_gate_forward_and_backward_match_fp64(kernel, R, G, N):
     g = torch.Generator().manual_seed(R + G)

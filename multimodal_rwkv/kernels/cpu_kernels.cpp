@@ -5,7 +5,8 @@
 //   gradients. The forward saves the state every LS steps (a segment); the backward recomputes a
 //   segment's chunk-start states (every L steps) from it, then one chunk's states at a time.
 // gn_gate_* / mix_*: fused elementwise parts of a block (group norm times the silu gate; the
-//   token-shift mixing), forward and backward, one pass over memory each.
+//   token-shift mixing), forward and backward, one pass over memory each. mix_lora_forward: the
+//   mixing of ddlerp's five slots with their rank-R LoRA offsets computed on the fly.
 // ce_*: cross-entropy over [N, V] logits, keeping only the log-sum-exp per row for backward.
 // sigmoid_gate_backward / relu_square_backward_: the channel mix's elementwise backward.
 // transpose: dst = src.T in 16x16 register tiles (a weight gradient's operands, made K-contiguous).
@@ -579,6 +580,88 @@ void mix_forward(torch::Tensor x, torch::Tensor shift, torch::Tensor mu, std::ve
   });
 }
 
+// ddlerp's mixing with its LoRA offsets computed in registers: out[i][r] = x[r] + (prev[r] - x[r]) *
+// (mu[i] + th[r, i*R:(i+1)*R] @ w2[i]), i < n. th [B*T, n*R] (tanh of the first LoRA product);
+// w2 [n, R, C]. The offsets' rank R is small (32/64): as n separate products they run far below
+// the GEMM peak and write n [B*T, C] buffers that the mixing reads back; here each tile of MR rows
+// x 16*NB columns is summed over R in registers and mixed on the spot. C % 16 == 0.
+template <int MR, int NB>
+static void mix_lora_tile(const float* th, int64_t ldth, const float* w, int64_t C, int64_t R, const float* const* xr,
+                          const float* const* pr, const float* mu, float* const* o) {
+  __m512 acc[MR][NB];
+  _Pragma("GCC unroll 8") for (int m = 0; m < MR; ++m)
+    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < R; ++q) {
+    __m512 wv[NB];
+    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w + q * C + 16 * j);
+    _Pragma("GCC unroll 8") for (int m = 0; m < MR; ++m) {
+      const __m512 a = _mm512_set1_ps(th[m * ldth + q]);
+      _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_ps(a, wv[j], acc[m][j]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int m = 0; m < MR; ++m)
+    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) {
+      const __m512 xv = _mm512_loadu_ps(xr[m] + 16 * j), pv = _mm512_loadu_ps(pr[m] + 16 * j);
+      const __m512 f = _mm512_add_ps(_mm512_loadu_ps(mu + 16 * j), acc[m][j]);
+      _mm512_storeu_ps(o[m] + 16 * j, _mm512_fmadd_ps(_mm512_sub_ps(pv, xv), f, xv));
+    }
+}
+
+using MixLoraTile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float* const*,
+                             const float* const*, const float*, float* const*);
+template <int MR>
+static MixLoraTile mix_lora_tile_for(int nb) {
+  switch (nb) {
+    case 1: return mix_lora_tile<MR, 1>;
+    case 2: return mix_lora_tile<MR, 2>;
+    case 3: return mix_lora_tile<MR, 3>;
+    default: return mix_lora_tile<MR, 4>;
+  }
+}
+static MixLoraTile mix_lora_tile_for(int mr, int nb) {
+  switch (mr) {
+    case 1: return mix_lora_tile_for<1>(nb);
+    case 2: return mix_lora_tile_for<2>(nb);
+    case 3: return mix_lora_tile_for<3>(nb);
+    case 4: return mix_lora_tile_for<4>(nb);
+    case 5: return mix_lora_tile_for<5>(nb);
+    default: return mix_lora_tile_for<6>(nb);
+  }
+}
+
+void mix_lora_forward(torch::Tensor x, torch::Tensor shift, torch::Tensor mu, torch::Tensor th, torch::Tensor w2,
+                      std::vector<torch::Tensor> out) {
+  for (auto* t : {&x, &shift, &mu, &th, &w2}) check_f32(*t, "mix_lora input");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), n = mu.size(0), rows = B * T;
+  TORCH_CHECK(w2.dim() == 3 && w2.size(0) == n && w2.size(2) == C && C % 16 == 0, "mix_lora: bad w2 shape");
+  const int64_t R = w2.size(1);
+  TORCH_CHECK(shift.numel() == B * C && mu.numel() == n * C && th.numel() == rows * n * R, "mix_lora: bad shapes");
+  const auto outp = row_tensors(out, n, rows, C, "mix_lora outputs");
+  const float *xp = x.data_ptr<float>(), *sp = shift.data_ptr<float>(), *mp = mu.data_ptr<float>();
+  const float *thp = th.data_ptr<float>(), *wp = w2.data_ptr<float>();
+  constexpr int64_t MR = 6;
+  at::parallel_for(0, (rows + MR - 1) / MR, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const int64_t r0 = rb * MR, mr = std::min(MR, rows - r0);
+      const float* xr[MR];
+      const float* pr[MR];
+      float* o[MR];
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c0 = 0; c0 < C; c0 += 64) {
+          const int nb = (int)std::min<int64_t>(4, (C - c0) / 16);
+          for (int64_t m = 0; m < mr; ++m) {
+            const int64_t r = r0 + m;
+            xr[m] = xp + r * C + c0;
+            pr[m] = (r % T == 0 ? sp + (r / T) * C : xp + (r - 1) * C) + c0;
+            o[m] = outp[i] + r * C + c0;
+          }
+          mix_lora_tile_for((int)mr, nb)(thp + r0 * n * R + i * R, n * R, wp + i * R * C + c0, C, R, xr, pr,
+                                         mp + i * C + c0, o);
+        }
+    }
+  });
+}
+
 // Gradients of mix_forward given d: n tensors [B*T, C] (of the outputs): dx [B, T, C] and dshift
 // [B, C] (written, or added to when accumulate), dmu [n, C] (fp64), and doff[i] = d[i] * (prev - x)
 // when doff holds n tensors. With xx = prev - x and dxx[r] = sum_i d[i][r] (mu[i] + off[i][r]):
@@ -842,6 +925,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gn_gate_backward", &gn_gate_backward, "gradients of gn_gate_forward");
   m.def("mix_forward", &mix_forward, "token-shift mixing x + (prev - x) * (mu + off)");
   m.def("mix_backward", &mix_backward, "gradients of mix_forward");
+  m.def("mix_lora_forward", &mix_lora_forward, "ddlerp mixing with its LoRA offsets computed in registers");
   m.def("sigmoid_gate_backward", &sigmoid_gate_backward, "gradients of sigmoid(rr) * vo");
   m.def("relu_square_backward_", &relu_square_backward_, "g *= 2 sqrt(q), q = relu(h)^2");
   m.def("ce_forward", &ce_forward, "cross-entropy per row (log-sum-exp kept for backward)");

@@ -44,8 +44,8 @@ def mix_offsets(th: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
     """ddlerp's five data-dependent mix offsets ``m_i = th_i @ w2[i]`` (slots w, k, v, r, g), each
     ``[BT, C]``, from ``th = tanh(x @ w1)`` ``[BT, 5R]`` and ``w2`` ``[5, R, C]``: one product per
     slot through :func:`multimodal_rwkv.kernels.cpu.linear`. On the 2-core box, at BT=4096, R=32,
-    C=512, the five oneDNN products take 7 ms where MKL's batched product takes 20 ms. Shared by
-    these forms and the plain ones in modeling.py."""
+    C=512, the five oneDNN products take 7 ms where MKL's batched product takes 20 ms. The backward
+    needs them (the mixing's gradient does); the forward mixes with :func:`multimodal_rwkv.kernels.cpu.mix_lora`."""
     R = w2.shape[1]
     return [cpu.linear(th[:, i * R:(i + 1) * R], w2[i].t()) for i in range(w2.shape[0])]
 
@@ -66,8 +66,8 @@ class DDLerpProject(torch.autograd.Function):
         xxx = cpu.mix(x, shift, maa_x.view(1, C))[0]
         th = cpu.linear(xxx, w1.t()).tanh_()  # [BT, 5R]
         del xxx
-        # x_i = x + xx * (maa_i + m_i) for the slots w, k, v, r, g, written over the offsets m_i
-        xs = cpu.mix(x, shift, stack_mix(maa_w, maa_k, maa_v, maa_r, maa_g), mix_offsets(th, w2), inplace=True)
+        # x_i = x + xx * (maa_i + th_i @ w2[i]) for the slots w, k, v, r, g (offsets summed in registers)
+        xs = cpu.mix_lora(x, shift, stack_mix(maa_w, maa_k, maa_v, maa_r, maa_g), th, w2)
         tb = cpu.linear(xs[0], dw1.t()).tanh_()  # [BT, D]
         logw = _log_decay(decay, tb, dw2, B, T)
         k, v, r, g = (cpu.linear(xs[i], W).view(B, T, -1) for i, W in ((1, Wk), (2, Wv), (3, Wr), (4, Wg)))

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from multimodal_rwkv.kernels import cpu, wkv6
 from multimodal_rwkv.model.config import RWKVConfig
-from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, mix_offsets, stack_mix
+from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, stack_mix
 from multimodal_rwkv.model.state import RWKVState
 
 
@@ -193,8 +193,7 @@ class TimeMix(nn.Module):
             th = torch.tanh(cpu.linear(xxx, self.time_maa_w1.t()))
             maas = stack_mix(self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
             # x_i = x + (prev - x) * (maa_i + m_i), m_i the data-dependent offsets (slots w, k, v, r, g)
-            xw, xk, xv, xr, xg = (xi.view(B, T, C) for xi in
-                                  cpu.mix(x, shift, maas, mix_offsets(th, self.time_maa_w2), inplace=True))
+            xw, xk, xv, xr, xg = (xi.view(B, T, C) for xi in cpu.mix_lora(x, shift, maas, th, self.time_maa_w2))
             wraw = self.time_decay + cpu.linear(torch.tanh(cpu.linear(xw, self.time_decay_w1.t())),
                                                 self.time_decay_w2.t())
             logw = -torch.exp(wraw.float()).view(B, T, H, N)
