@@ -129,6 +129,52 @@ static void fwd_step(const float* rt, const float* kt, const float* et, const fl
   }
 }
 
+// Two forward steps (t, t+1) in one pass over the state: each row of S is read and written once
+// per two steps (the single step's arithmetic, half its memory traffic). V = 16 NV.
+struct Step {
+  const float *r, *k, *e, *v;
+  float c;
+  float* out;
+};
+template <int NV>
+static void fwd_step2(const Step& a, const Step& b, const float* Sin, float* Sout, int64_t K) {
+  __m512 va[NV], vb[NV], acc_a[NV], acc_b[NV];
+  _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
+    va[n] = _mm512_loadu_ps(a.v + 16 * n);
+    vb[n] = _mm512_loadu_ps(b.v + 16 * n);
+    acc_a[n] = _mm512_mul_ps(_mm512_set1_ps(a.c), va[n]);
+    acc_b[n] = _mm512_mul_ps(_mm512_set1_ps(b.c), vb[n]);
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    const __m512 ra = _mm512_set1_ps(a.r[i]), ea = _mm512_set1_ps(a.e[i]), ka = _mm512_set1_ps(a.k[i]);
+    const __m512 rb = _mm512_set1_ps(b.r[i]), eb = _mm512_set1_ps(b.e[i]), kb = _mm512_set1_ps(b.k[i]);
+    const float* Si = Sin + i * (16 * NV);
+    float* So = Sout + i * (16 * NV);
+    _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
+      const __m512 s0 = _mm512_loadu_ps(Si + 16 * n);
+      acc_a[n] = _mm512_fmadd_ps(ra, s0, acc_a[n]);
+      const __m512 s1 = _mm512_fmadd_ps(ea, s0, _mm512_mul_ps(ka, va[n]));
+      acc_b[n] = _mm512_fmadd_ps(rb, s1, acc_b[n]);
+      _mm512_storeu_ps(So + 16 * n, _mm512_fmadd_ps(eb, s1, _mm512_mul_ps(kb, vb[n])));
+    }
+  }
+  _Pragma("GCC unroll 4") for (int n = 0; n < NV; ++n) {
+    _mm512_storeu_ps(a.out + 16 * n, acc_a[n]);
+    _mm512_storeu_ps(b.out + 16 * n, acc_b[n]);
+  }
+}
+
+using FwdStep2 = void (*)(const Step&, const Step&, const float*, float*, int64_t);
+static FwdStep2 fwd_step2_for(int64_t V) {
+  switch (V) {
+    case 16: return fwd_step2<1>;
+    case 32: return fwd_step2<2>;
+    case 48: return fwd_step2<3>;
+    case 64: return fwd_step2<4>;
+    default: return nullptr;
+  }
+}
+
 using FwdStep = void (*)(const float*, const float*, const float*, const float*, float, const float*, float*, float*,
                          int64_t, int64_t);
 static FwdStep fwd_step_for(int64_t V) {
@@ -158,6 +204,7 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
   float *sp = s.data_ptr<float>(), *op = o.data_ptr<float>();
   float* savp = save ? saved.data_ptr<float>() : nullptr;
   const auto fstep = fwd_step_for(V);
+  const auto fstep2 = fwd_step2_for(V);
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -170,15 +217,25 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
       else
         std::fill(S, S + K * V, 0.f);
       const float* uh = up + h * K;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* Sin = t == 0 ? S_first : S;
-        if (save && t % LS == 0) std::memcpy(savp + (bh * NS + t / LS) * K * V, Sin, sizeof(float) * K * V);
+      auto at_step = [&](int64_t t) {
         const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
-        const float *rt = rp + ik, *kt = kp + ik, *et = ep + ik, *vt = vp + iv;
+        const float *rt = rp + ik, *kt = kp + ik;
         float c = 0.f;
 #pragma omp simd reduction(+ : c)
         for (int64_t i = 0; i < K; ++i) c += rt[i] * uh[i] * kt[i];
-        fstep(rt, kt, et, vt, c, Sin, S, op + iv, K, V);
+        return Step{rt, kt, ep + ik, vp + iv, c, op + iv};
+      };
+      for (int64_t t = 0; t < T;) {
+        const float* Sin = t == 0 ? S_first : S;
+        if (save && t % LS == 0) std::memcpy(savp + (bh * NS + t / LS) * K * V, Sin, sizeof(float) * K * V);
+        const Step a = at_step(t);
+        if (fstep2 && t + 1 < T && !(save && (t + 1) % LS == 0)) {  // two steps, no state to save between
+          fstep2(a, at_step(t + 1), Sin, S, K);
+          t += 2;
+        } else {
+          fstep(a.r, a.k, a.e, a.v, a.c, Sin, S, a.out, K, V);
+          t += 1;
+        }
       }
     }
   });
