@@ -37,7 +37,7 @@ static void rows_block(const float* x, const float* w, float* y, int64_t K, int6
       __m512 b[NR];
       _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {
         b[r] = _mm512_loadu_ps(wr + r * K + k);
-        _mm_prefetch((const char*)(wr + (r + NR) * K + k), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wr + (r + 4 * NR) * K + k), _MM_HINT_T0);
       }
       _Pragma("GCC unroll 16") for (int m = 0; m < M; ++m) {
         const __m512 xv = _mm512_loadu_ps(x + m * K + k);
@@ -51,7 +51,8 @@ static void rows_block(const float* x, const float* w, float* y, int64_t K, int6
 
 template <int M>
 static void rows(const float* x, const float* w, float* y, int64_t K, int64_t N) {
-  constexpr int NR = M <= 8 ? 4 : 2;  // M * NR accumulators + NR weight vectors in 32 registers
+  // M * NR accumulators + NR weight vectors + one input vector within the 32 registers (more spills)
+  constexpr int NR = M <= 2 ? 8 : M <= 4 ? 5 : M <= 6 ? 4 : M <= 9 ? 3 : 2;
   const int64_t blocks = N / NR;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     rows_block<M, NR>(x, w, y, K, N, b0 * NR, b1 * NR);
