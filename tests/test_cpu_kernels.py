@@ -413,11 +413,16 @@ def test_weight_grad_matches_fp64(kernel, N, O, I, monkeypatch):
     """d.T @ a; (1200, 3000, 256) with a 1 MB block runs the row-blocked path (ragged last block);
     a narrow side or few rows take the plain product."""
     monkeypatch.setattr(cpu, "_WGRAD_BLOCK", 1 << 18)
+    monkeypatch.setattr(cpu, "_WGRAD_MIN_WIDE", 256)  # the kernel path at these small widths too
     g = torch.Generator().manual_seed(N + O + I)
     d, a = torch.randn(1, N, O, generator=g), torch.randn(1, N, I, generator=g)
     want = (d.double().reshape(N, O).t() @ a.double().reshape(N, I)).float()
+    calls = []
+    monkeypatch.setattr(cpu, "transpose", lambda t, f=cpu.transpose: calls.append(t.shape) or f(t))
     got = cpu.weight_grad(d, a)
     assert got.shape == (O, I) and got.is_contiguous()
+    kernel_path = N >= 256 and min(O, I) >= 256
+    assert len(calls) == ((1 + -(-O // max(16, min(O, (1 << 18) // N)))) if kernel_path else 0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5 * N ** 0.5)
     wider = torch.randn(N, I + 16, generator=g)[:, 16:]  # a strided operand (e.g. a column slice)
     torch.testing.assert_close(cpu.weight_grad(d, wider), (d.double().reshape(N, O).t() @ wider.double()).float(),

@@ -350,6 +350,7 @@ def transpose(x: torch.Tensor) -> torch.Tensor:
 
 
 _WGRAD_MIN = 256  # fewer rows, or a narrower side: the transposes are not worth it (a LoRA's rank)
+_WGRAD_MIN_WIDE = 1024  # nor below this wider side: 512x512 at 4096 rows came out even
 _WGRAD_BLOCK = 1 << 24  # the transposed output gradient is made this many floats (64 MB) at a time
 
 
@@ -358,14 +359,16 @@ def weight_grad(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     gradient ``[O, I]`` of ``linear(a, W)`` given its output gradient ``d``. Not differentiable
     itself (it is used inside backward passes).
 
-    For fp32 CPU tensors of at least 256 rows and columns both operands are first transposed (:func:`transpose`)
+    For fp32 CPU tensors of at least 256 rows and columns, one side at least 1024, both operands are first transposed (:func:`transpose`)
     so that the long summed dimension is contiguous in both, then multiplied by oneDNN. On the
-    2-core box at 4096 rows that is 170-200 GFLOP/s where MKL on the transposed views gives
-    125-157 (``python bench/cpu_fused.py``). A large ``O`` is done in row blocks, so the transposed
+    2-core box at 4096 rows the head's (16384x512) takes 366 ms where MKL on the transposed view
+    takes 494, the FFN's ~5% less; 512x512 came out even, so it stays with MKL
+    (``python bench/cpu_fused.py``). A large ``O`` is done in row blocks, so the transposed
     ``d`` never takes more than 64 MB. Elsewhere, and as the twin in the tests: ``d.T @ a``."""
     d2, a2 = d.reshape(-1, d.shape[-1]), a.reshape(-1, a.shape[-1])
     n = d2.shape[0]
-    if (min(n, d2.shape[1], a2.shape[1]) < _WGRAD_MIN or not _onednn_available() or torch.is_autocast_enabled("cpu")
+    if (min(n, d2.shape[1], a2.shape[1]) < _WGRAD_MIN or max(d2.shape[1], a2.shape[1]) < _WGRAD_MIN_WIDE
+            or not _onednn_available() or torch.is_autocast_enabled("cpu")
             or _kernel_for(d2, a2) is None):
         return d2.t() @ a2
     at = transpose(a2)
