@@ -37,7 +37,7 @@ static void rows_block(const float* x, const float* w, float* y, int64_t K, int6
       __m512 b[NR];
       _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {
         b[r] = _mm512_loadu_ps(wr + r * K + k);
-        _mm_prefetch((const char*)(wr + (r + 4 * NR) * K + k), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wr + (r + 4 * NR) * K + k), _MM_HINT_T1);  // into L2: 21 -> 29 GB/s at 8 rows
       }
       _Pragma("GCC unroll 16") for (int m = 0; m < M; ++m) {
         const __m512 xv = _mm512_loadu_ps(x + m * K + k);
