@@ -359,12 +359,13 @@ def weight_grad(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     gradient ``[O, I]`` of ``linear(a, W)`` given its output gradient ``d``. Not differentiable
     itself (it is used inside backward passes).
 
-    For fp32 CPU tensors of at least 256 rows and columns, one side at least 1024, both operands are first transposed (:func:`transpose`)
-    so that the long summed dimension is contiguous in both, then multiplied by oneDNN. On the
-    2-core box at 4096 rows the head's (16384x512) takes 366 ms where MKL on the transposed view
-    takes 494, the FFN's ~5% less; 512x512 came out even, so it stays with MKL
-    (``python bench/cpu_fused.py``). A large ``O`` is done in row blocks, so the transposed
-    ``d`` never takes more than 64 MB. Elsewhere, and as the twin in the tests: ``d.T @ a``."""
+    For fp32 CPU tensors of at least 256 rows and columns, one side at least 1024, both operands
+    are first transposed (:func:`transpose`) so that the long summed dimension is contiguous in
+    both, then multiplied by oneDNN. On the 2-core box at 4096 rows the head's (16384x512) takes
+    366 ms where MKL on the transposed view takes 494, the FFN's ~5% less; 512x512 came out even,
+    so it stays with MKL (``python bench/cpu_fused.py``). A large ``O`` is done in row blocks, so
+    the transposed ``d`` never takes more than 64 MB. Elsewhere, and as the twin in the tests:
+    ``d.T @ a``."""
     d2, a2 = d.reshape(-1, d.shape[-1]), a.reshape(-1, a.shape[-1])
     n = d2.shape[0]
     if (min(n, d2.shape[1], a2.shape[1]) < _WGRAD_MIN or max(d2.shape[1], a2.shape[1]) < _WGRAD_MIN_WIDE
@@ -407,16 +408,15 @@ def mix_reference(x, shift, mu, off=None):
     return [x2 + xx * (mu[i] if off is None else mu[i] + off[i]) for i in range(mu.shape[0])]
 
 
-def mix(x, shift, mu, off=None, inplace=False):
+def mix(x, shift, mu, off=None):
     """:func:`mix_reference` in one pass (the kernel), or through the reference where the kernel
-    does not apply. ``inplace``: write the results into ``off``'s tensors (the kernel only)."""
+    does not apply."""
     mod = _kernel_for(x, shift, mu, *(off or ()))
     if mod is None:
         return mix_reference(x, shift, mu, off)
     B, T, C = x.shape
     offs = [_c(o) for o in off] if off is not None else []
-    out = offs if inplace and offs and all(o.data_ptr() == p.data_ptr() for o, p in zip(offs, off)) else [
-        torch.empty(B * T, C) for _ in range(mu.shape[0])]
+    out = [torch.empty(B * T, C) for _ in range(mu.shape[0])]
     mod.mix_forward(_c(x), _c(shift), _c(mu), offs, out)
     return out
 
