@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 // ------------------------------------------------------------------------- few-rows product
@@ -87,6 +88,19 @@ static void check_wkv(const torch::Tensor& r, const torch::Tensor& k, const torc
   for (const auto* t : {&r, &k, &v, &e, &u})
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "wkv6 cpu: fp32 contiguous inputs");
   TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && e.sizes() == r.sizes() && v.dim() == 4, "wkv6 cpu: shapes");
+}
+
+// The register-path instance of a step kernel for a width of 16, 32, 48 or 64 (pick gets NV =
+// width / 16 as a compile-time constant), or its plain-loop instance (NV = 0) for any other width.
+template <typename Pick>
+static auto by_width(int64_t width, Pick pick) {
+  switch (width) {
+    case 16: return pick(std::integral_constant<int, 1>{});
+    case 32: return pick(std::integral_constant<int, 2>{});
+    case 48: return pick(std::integral_constant<int, 3>{});
+    case 64: return pick(std::integral_constant<int, 4>{});
+    default: return pick(std::integral_constant<int, 0>{});
+  }
 }
 
 // One forward step of one head: out = r S + c v (c = r . (u * k)), then S' = diag(e) S + k^T v,
@@ -166,27 +180,9 @@ static void fwd_step2(const Step& a, const Step& b, const float* Sin, float* Sou
 }
 
 using FwdStep2 = void (*)(const Step&, const Step&, const float*, float*, int64_t);
-static FwdStep2 fwd_step2_for(int64_t V) {
-  switch (V) {
-    case 16: return fwd_step2<1>;
-    case 32: return fwd_step2<2>;
-    case 48: return fwd_step2<3>;
-    case 64: return fwd_step2<4>;
-    default: return nullptr;
-  }
-}
 
 using FwdStep = void (*)(const float*, const float*, const float*, const float*, float, const float*, float*, float*,
                          int64_t, int64_t);
-static FwdStep fwd_step_for(int64_t V) {
-  switch (V) {
-    case 16: return fwd_step<1>;
-    case 32: return fwd_step<2>;
-    case 48: return fwd_step<3>;
-    case 64: return fwd_step<4>;
-    default: return fwd_step<0>;
-  }
-}
 
 // s0: [B,H,K,V] initial state, or an empty tensor for zeros; s: [B,H,K,V] the final state (out).
 // saved: [B,H,NS,K,V] (the state before step c*LS) or an empty tensor (inference: nothing saved).
@@ -204,8 +200,10 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
   const float* s0p = has_s0 ? s0.data_ptr<float>() : nullptr;
   float *sp = s.data_ptr<float>(), *op = o.data_ptr<float>();
   float* savp = save ? saved.data_ptr<float>() : nullptr;
-  const auto fstep = fwd_step_for(V);
-  const auto fstep2 = fwd_step2_for(V);
+  const auto fstep = by_width(V, [](auto nv) -> FwdStep { return fwd_step<decltype(nv)::value>; });
+  const auto fstep2 = by_width(V, [](auto nv) -> FwdStep2 {  // none for the plain loops
+    if constexpr (decltype(nv)::value > 0) return fwd_step2<decltype(nv)::value>; else return nullptr;
+  });
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -363,25 +361,8 @@ static void bwd_step(const BwdArgs& p) {
 }
 
 using StateStep = void (*)(const float*, float*, const float*, const float*, const float*, int64_t, int64_t);
-static StateStep state_step_for(int64_t K) {
-  switch (K) {
-    case 16: return state_step<1>;
-    case 32: return state_step<2>;
-    case 48: return state_step<3>;
-    case 64: return state_step<4>;
-    default: return state_step<0>;
-  }
-}
+using BwdStep = void (*)(const BwdArgs&);
 
-static void (*bwd_step_for(int64_t K))(const BwdArgs&) {
-  switch (K) {
-    case 16: return bwd_step<1>;
-    case 32: return bwd_step<2>;
-    case 48: return bwd_step<3>;
-    case 64: return bwd_step<4>;
-    default: return bwd_step<0>;
-  }
-}
 
 // ds: gradient of the final state in, gradient of the initial state out. du: [B,H,K] (summed
 // over B by the caller). Backward, t = T-1 .. 0, with S the state before step t, G the gradient
@@ -403,12 +384,12 @@ void wkv6_backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
   float *dsp = ds.data_ptr<float>(), *drp = dr.data_ptr<float>(), *dkp = dk.data_ptr<float>();
   float *dvp = dv.data_ptr<float>(), *dwp = dw.data_ptr<float>(), *dup = du.data_ptr<float>();
   // one step of the value-major state: Snt[j, :] = e_t * St[j, :] + v_t[j] k_t
-  const auto sstep = state_step_for(K);
+  const auto sstep = by_width(K, [](auto nk) -> StateStep { return state_step<decltype(nk)::value>; });
   auto step = [&](const float* St, float* Snt, int64_t b, int64_t h, int64_t t) {
     const int64_t ik = ((b * T + t) * H + h) * K, iv = ((b * T + t) * H + h) * V;
     sstep(St, Snt, kp + ik, ep + ik, vp + iv, K, V);
   };
-  const auto bstep = bwd_step_for(K);
+  const auto bstep = by_width(K, [](auto nk) -> BwdStep { return bwd_step<decltype(nk)::value>; });
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
     std::vector<float> sbuf(L * KV), cbuf(CPS * KV), gbuf(KV);
     float* Gt = gbuf.data();
