@@ -55,6 +55,55 @@ def test_linear_module_uses_it_and_matches_f_linear(kernel):
     assert x.grad is not None
 
 
+@pytest.fixture(scope="module")
+def bf16_kernel(kernel):
+    if not cpu._has_bf16_dot(cpu.extension()):
+        pytest.skip("this CPU has no AVX512-BF16 dot products")
+    return cpu
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16])
+def test_bf16_equals_plain_product_of_the_bf16_values(bf16_kernel, m):
+    """bf16 operands, fp32 sums: the kernel's fp32 result against fp64 sums of the same bf16
+    values (exact products), then rounded to bf16 by the wrapper; row-block tails as above."""
+    g = torch.Generator().manual_seed(100 + m)
+    for n in (1, 7, 8, 9, 130, 1027):
+        for k in (32, 96, 768):
+            x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+            want = x.double() @ w.double().t()
+            got = cpu.extension().few_rows_linear(x, w)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * k ** 0.5)
+            assert torch.equal(bf16_kernel.few_rows_linear(x, w), got.bfloat16())
+
+
+def test_bf16_applies_only_where_it_should(bf16_kernel, monkeypatch):
+    x, w = torch.randn(4, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    assert bf16_kernel.few_rows_linear(x[:1], w) is not None  # one row too, in bf16
+    assert bf16_kernel.few_rows_linear(torch.randn(4, 48).bfloat16(), torch.randn(8, 48).bfloat16()) is None  # K % 32
+    assert bf16_kernel.few_rows_linear(x, w.float()) is None  # mixed dtypes
+    assert bf16_kernel.few_rows_linear(x.half(), w.half()) is None
+    monkeypatch.setitem(cpu._state, "bf16_dot", False)  # a CPU without AVX512-BF16
+    assert bf16_kernel.few_rows_linear(x, w) is None
+    lin = Linear(64, 8, bias=False).bfloat16()
+    with torch.no_grad():  # then the module's plain product
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight))
+
+
+def test_bf16_linear_module_uses_it(bf16_kernel, monkeypatch):
+    lin = Linear(768, 2688, bias=False).bfloat16()
+    calls = []
+    monkeypatch.setattr(cpu, "few_rows_linear", lambda x, w, f=cpu.few_rows_linear: calls.append(x.shape) or f(x, w))
+    for shape in ((1, 1, 768), (8, 1, 768)):
+        x = torch.randn(*shape).bfloat16()
+        with torch.no_grad():
+            y = lin(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 2688)
+        want = (x.double() @ lin.weight.double().t()).to(torch.bfloat16)
+        torch.testing.assert_close(y, want, rtol=1e-2, atol=1e-2)  # one bf16 rounding apart at most
+    assert calls == [(1, 768), (8, 768)]
+
+
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
                        timeout=120)

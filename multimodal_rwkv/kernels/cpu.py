@@ -184,18 +184,32 @@ def keep_freed_memory_for_forward() -> None:
 
 # ------------------------------------------------------------------------- few-rows product
 def few_rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-    """``x [M, K] @ w[N, K].T`` with the kernel, or None where it does not apply: 2-16 rows,
-    ``K % 16 == 0``, fp32 CPU tensors, a contiguous weight, no autograd recording."""
+    """``x [M, K] @ w[N, K].T`` with the kernel (the weight read once for all rows, fp32 sums), or
+    None where it does not apply. It applies to CPU tensors of one dtype with a contiguous weight
+    and no autograd recording: fp32 with 2-16 rows and ``K % 16 == 0`` (one row has its own path
+    in ``modeling.Linear``), or bf16 with 1-16 rows and ``K % 32 == 0`` on a CPU with AVX512-BF16
+    (torch's own bf16 product of one row reads the weight at about half the speed). The result
+    has x's dtype."""
     M, K = x.shape
-    if not (2 <= M <= MAX_ROWS and K % 16 == 0 and x.device.type == "cpu" and w.device.type == "cpu"
-            and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_contiguous()):
+    if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != w.dtype or not w.is_contiguous():
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    if x.dtype == torch.float32:
+        fits = 2 <= M <= MAX_ROWS and K % 16 == 0
+    else:
+        fits = x.dtype == torch.bfloat16 and 1 <= M <= MAX_ROWS and K % 32 == 0
+    if not fits or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return None
     mod = extension()
-    if mod is None:
+    if mod is None or (x.dtype == torch.bfloat16 and not _has_bf16_dot(mod)):
         return None
-    return mod.few_rows_linear(x.contiguous(), w)
+    y = mod.few_rows_linear(x.contiguous(), w)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _has_bf16_dot(mod) -> bool:
+    if "bf16_dot" not in _state:
+        _state["bf16_dot"] = bool(mod.has_avx512_bf16())
+    return _state["bf16_dot"]
 
 
 # ------------------------------------------------------------------------------------ WKV-6

@@ -1,6 +1,6 @@
 // C++ CPU kernels of multimodal_rwkv (built on first use by multimodal_rwkv/kernels/cpu.py).
 //
-// few_rows_linear: y = x @ w.T for 1-16 rows of x (batched decode), reading the weight once.
+// few_rows_linear: y = x @ w.T for 1-16 rows of x (decoding), reading the weight once; fp32 or bf16.
 // wkv6_forward / wkv6_backward: the WKV-6 recurrence, step by step in fp32, with its exact
 //   gradients. The forward saves the state every LS steps (a segment); the backward recomputes a
 //   segment's chunk-start states (every L steps) from it, then one chunk's states at a time.
@@ -26,23 +26,47 @@
 #include <vector>
 
 // ------------------------------------------------------------------------- few-rows product
-// y[m, n] = x[m, :] . w[n, :] for NR weight rows at a time; K % 16 == 0.
-template <int M, int NR>
-static void rows_block(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+// Element types: fp32 (FMA), and bf16 (AVX512-BF16: dot products of bf16 pairs into fp32 sums,
+// 32 weights per instruction). The bf16 instructions run only where the CPU has them
+// (has_avx512_bf16); the fp32 instances, compiled under the same target, use none.
+#define MMRWKV_BF16_TARGET __attribute__((target("avx512f,avx512bf16")))
+struct F32 {
+  using T = float;
+  using V = __m512;
+  static constexpr int64_t step = 16;
+  static V load(const T* p) { return _mm512_loadu_ps(p); }
+  MMRWKV_BF16_TARGET static __m512 dot(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+struct BF16 {
+  using T = uint16_t;
+  using V = __m512i;
+  static constexpr int64_t step = 32;
+  static V load(const T* p) { return _mm512_loadu_si512(p); }
+  MMRWKV_BF16_TARGET static __m512 dot(__m512 acc, V x, V w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+  }
+};
+
+bool has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
+
+// y[m, n] = x[m, :] . w[n, :] (fp32 sums) for NR weight rows at a time; K % E::step == 0.
+template <class E, int M, int NR>
+MMRWKV_BF16_TARGET static void rows_block(const typename E::T* x, const typename E::T* w, float* y, int64_t K,
+                                          int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n + NR <= n1; n += NR) {
     __m512 acc[NR][M];
     _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
       _Pragma("GCC unroll 16") for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    const float* wr = w + n * K;
-    for (int64_t k = 0; k < K; k += 16) {
-      __m512 b[NR];
+    const typename E::T* wr = w + n * K;
+    for (int64_t k = 0; k < K; k += E::step) {
+      typename E::V b[NR];
       _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {
-        b[r] = _mm512_loadu_ps(wr + r * K + k);
+        b[r] = E::load(wr + r * K + k);
         _mm_prefetch((const char*)(wr + (r + 4 * NR) * K + k), _MM_HINT_T1);  // into L2: 21 -> 29 GB/s at 8 rows
       }
       _Pragma("GCC unroll 16") for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-        _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(xv, b[r], acc[r][m]);
+        const typename E::V xv = E::load(x + m * K + k);
+        _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) acc[r][m] = E::dot(acc[r][m], xv, b[r]);
       }
     }
     _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
@@ -50,32 +74,42 @@ static void rows_block(const float* x, const float* w, float* y, int64_t K, int6
   }
 }
 
-template <int M>
-static void rows(const float* x, const float* w, float* y, int64_t K, int64_t N) {
+template <class E, int M>
+static void rows(const typename E::T* x, const typename E::T* w, float* y, int64_t K, int64_t N) {
   // M * NR accumulators + NR weight vectors + one input vector within the 32 registers (more spills)
   constexpr int NR = M <= 2 ? 8 : M <= 4 ? 5 : M <= 6 ? 4 : M <= 9 ? 3 : 2;
   const int64_t blocks = N / NR;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    rows_block<M, NR>(x, w, y, K, N, b0 * NR, b1 * NR);
+    rows_block<E, M, NR>(x, w, y, K, N, b0 * NR, b1 * NR);
   });
-  rows_block<M, 1>(x, w, y, K, N, blocks * NR, N);  // the last N % NR rows
+  rows_block<E, M, 1>(x, w, y, K, N, blocks * NR, N);  // the last N % NR rows
 }
 
-torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "few_rows_linear: shapes");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "few_rows_linear: fp32 only");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) % 16 == 0, "few_rows_linear: layout");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+template <class E>
+static void rows_for(int64_t M, const typename E::T* x, const typename E::T* w, float* y, int64_t K, int64_t N) {
   switch (M) {
-#define ROWS(i) case i: rows<i>(xp, wp, yp, K, N); break;
+#define ROWS(i) case i: rows<E, i>(x, w, y, K, N); break;
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
     ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
 #undef ROWS
     default: TORCH_CHECK(false, "few_rows_linear: 1..16 rows");
+  }
+}
+
+// x [M, K] @ w [N, K].T for 1-16 rows, both fp32 (K % 16 == 0) or both bf16 (K % 32 == 0): an fp32 result.
+torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "few_rows_linear: shapes");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "few_rows_linear: layout");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  if (x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat) {
+    TORCH_CHECK(K % 16 == 0, "few_rows_linear: fp32 needs K % 16 == 0");
+    rows_for<F32>(M, x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), K, N);
+  } else if (x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16) {
+    TORCH_CHECK(K % 32 == 0 && has_avx512_bf16(), "few_rows_linear: bf16 needs K % 32 == 0 and AVX512-BF16");
+    rows_for<BF16>(M, (const uint16_t*)x.data_ptr(), (const uint16_t*)w.data_ptr(), y.data_ptr<float>(), K, N);
+  } else {
+    TORCH_CHECK(false, "few_rows_linear: fp32 or bf16 operands of one dtype");
   }
   return y;
 }
@@ -957,7 +991,8 @@ void transpose(torch::Tensor src, torch::Tensor dst) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("few_rows_linear", &few_rows_linear, "x[M,K] @ w[N,K].T for 1..16 rows");
+  m.def("few_rows_linear", &few_rows_linear, "x[M,K] @ w[N,K].T for 1..16 rows (fp32 or bf16; fp32 result)");
+  m.def("has_avx512_bf16", &has_avx512_bf16, "whether this CPU has the AVX512-BF16 dot products");
   m.def("wkv6_forward", &wkv6_forward, "WKV-6 forward (step by step, fp32)");
   m.def("wkv6_backward", &wkv6_backward, "WKV-6 backward (chunked recomputation, fp32)");
   m.def("gn_gate_forward", &gn_gate_forward, "(GroupNorm(y) * w + b) * silu(gp)");

@@ -66,30 +66,32 @@ class Linear(nn.Linear):
     (:func:`_row_blocks`) and the product is one ``bmm``, which runs its batch in parallel: the
     head takes 5.5-6 ms for one row. For 2-16 rows without autograd, the C++ kernel of
     :mod:`multimodal_rwkv.kernels.cpu` reads the weight once for all rows (8 rows: 8.8 ms
-    instead of 13). Each output is the same dot product; only the summation order inside it may
-    differ. More rows in fp32 on a CPU go through oneDNN (:func:`multimodal_rwkv.kernels.cpu.linear`,
-    1.1-1.5x MKL's speed here); other cases (bf16/fp16, CUDA, one thread) call ``F.linear``."""
+    instead of 13); in bf16 it serves 1-16 rows on CPUs with AVX512-BF16 (where torch's own bf16
+    product of one row reads the weight at half the speed). Each output is the same dot product;
+    only the summation order inside it may differ. More rows in fp32 on a CPU go through oneDNN
+    (:func:`multimodal_rwkv.kernels.cpu.linear`, 1.1-1.5x MKL's speed here); other cases (fp16,
+    CUDA, one thread, bf16 without the kernel) call ``F.linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (self.bias is None and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-                and x.numel() <= _FEW_ROWS * x.shape[-1] and w.is_contiguous()):
+        if self.bias is None and x.device.type == "cpu" and x.numel() <= _FEW_ROWS * x.shape[-1]:
             out_f, in_f = w.shape
             rows = x.reshape(-1, in_f)
-            if rows.shape[0] > 1:
-                y = cpu.few_rows_linear(rows, w)
+            if rows.shape[0] > 1 or x.dtype == torch.bfloat16:
+                y = cpu.few_rows_linear(rows, w)  # None where the kernel does not apply
                 if y is not None:
                     return y.reshape(*x.shape[:-1], out_f)
             n = torch.get_num_threads()
-            nb = _row_blocks(out_f, n, rows.shape[0]) if n > 1 else 0
-            if nb and rows.shape[0] > 0:
-                wb = w.view(nb, out_f // nb, in_f)
-                if rows.shape[0] == 1:  # [nb, out/nb, 1]: already in output order
-                    y = torch.bmm(wb, rows.t().unsqueeze(0).expand(nb, -1, -1)).reshape(1, out_f)
-                else:
-                    y = torch.bmm(rows.unsqueeze(0).expand(nb, -1, -1), wb.transpose(1, 2))
-                    y = y.transpose(0, 1).reshape(rows.shape[0], out_f)
-                return y.reshape(*x.shape[:-1], out_f)
+            if x.dtype == w.dtype == torch.float32 and w.is_contiguous() and n > 1 and rows.shape[0] > 0:
+                nb = _row_blocks(out_f, n, rows.shape[0])
+                if nb:
+                    wb = w.view(nb, out_f // nb, in_f)
+                    if rows.shape[0] == 1:  # [nb, out/nb, 1]: already in output order
+                        y = torch.bmm(wb, rows.t().unsqueeze(0).expand(nb, -1, -1)).reshape(1, out_f)
+                    else:
+                        y = torch.bmm(rows.unsqueeze(0).expand(nb, -1, -1), wb.transpose(1, 2))
+                        y = y.transpose(0, 1).reshape(rows.shape[0], out_f)
+                    return y.reshape(*x.shape[:-1], out_f)
         return cpu.linear(x, w, self.bias)
 
 
