@@ -114,6 +114,52 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// ----------------------------------------------------------------------------- transpose
+// dst[j, i] = src[i, j] for a 16x16 tile: src rows ls floats apart, dst rows ld floats apart.
+// Three shuffle stages: pairs of rows interleaved, then 2x2 blocks, then 128-bit lanes (twice).
+static void transpose_tile16(const float* s, int64_t ls, float* d, int64_t ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * ls);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(d + i * ld, r[i]);
+}
+
+// dst[j, i] = src[i, j] for rows i0..i1 and columns j0..j1: 16x16 register tiles, scalar tails.
+// src rows ls floats apart, dst rows ld floats apart (one thread; transpose() splits the work).
+static void transpose_block(const float* s, int64_t ls, float* d, int64_t ld, int64_t i0, int64_t i1, int64_t j0,
+                            int64_t j1) {
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) {
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) transpose_tile16(s + i * ls + j, ls, d + j * ld + i, ld);
+    for (; j < j1; ++j)
+      for (int64_t ii = i; ii < i + 16; ++ii) d[j * ld + ii] = s[ii * ls + j];
+  }
+  for (; i < i1; ++i)
+    for (int64_t j = j0; j < j1; ++j) d[j * ld + i] = s[i * ls + j];
+}
+
 // ------------------------------------------------------------------------------------ WKV-6
 // Per (batch, head), with S [K,V] the state before step t and e = exp(w_t) (given):
 //   o_t = r_t S + (r_t . (u * k_t)) v_t          S <- diag(e) S + k_t^T v_t
@@ -277,15 +323,8 @@ void wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tens
 // The backward works on value-major copies of the state and its gradient (St[j, i] = S[i, j]): the
 // sums over the value index (dr, dk, dw) then add whole rows of K lanes, and only dv needs a
 // horizontal sum (one per value index instead of three per key index in the key-major layout).
-static void transpose_tile16(const float* s, int64_t ls, float* d, int64_t ld);
 static void transpose_kv(const float* src, float* dst, int64_t K, int64_t V) {  // dst[V,K] = src[K,V].T
-  if (K % 16 == 0 && V % 16 == 0) {
-    for (int64_t i = 0; i < K; i += 16)
-      for (int64_t j = 0; j < V; j += 16) transpose_tile16(src + i * V + j, V, dst + j * K + i, K);
-    return;
-  }
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < V; ++j) dst[j * K + i] = src[i * V + j];
+  transpose_block(src, V, dst, K, 0, K, 0, V);
 }
 
 // One step of the value-major state: Snt[j, :] = e * St[j, :] + v[j] k. NK as in bwd_step.
@@ -930,37 +969,6 @@ void relu_square_backward_(torch::Tensor g, torch::Tensor q) {
   });
 }
 
-// ----------------------------------------------------------------------------- transpose
-// dst[j, i] = src[i, j] for a 16x16 tile: src rows ls floats apart, dst rows ld floats apart.
-// Three shuffle stages: pairs of rows interleaved, then 2x2 blocks, then 128-bit lanes (twice).
-static void transpose_tile16(const float* s, int64_t ls, float* d, int64_t ld) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * ls);
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(d + i * ld, r[i]);
-}
-
 // dst [C, R] (contiguous) = src [R, C] (unit column stride, any row stride), in 64x64 blocks.
 void transpose(torch::Tensor src, torch::Tensor dst) {
   TORCH_CHECK(src.scalar_type() == torch::kFloat && src.device().is_cpu() && src.dim() == 2 &&
@@ -976,16 +984,7 @@ void transpose(torch::Tensor src, torch::Tensor dst) {
   at::parallel_for(0, nrb * ncb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = (b / ncb) * BLK, j0 = (b % ncb) * BLK;
-      const int64_t i1 = std::min(R, i0 + BLK), j1 = std::min(C, j0 + BLK);
-      int64_t i = i0;
-      for (; i + 16 <= i1; i += 16) {
-        int64_t j = j0;
-        for (; j + 16 <= j1; j += 16) transpose_tile16(s + i * ls + j, ls, d + j * R + i, R);
-        for (; j < j1; ++j)
-          for (int64_t ii = i; ii < i + 16; ++ii) d[j * R + ii] = s[ii * ls + j];
-      }
-      for (; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) d[j * R + i] = s[i * ls + j];
+      transpose_block(s, ls, d, R, i0, std::min(R, i0 + BLK), j0, std::min(C, j0 + BLK));
     }
   });
 }
