@@ -1,5 +1,5 @@
-"""Shared by the benchmarks: interleaved timing, and writing a table into BENCHMARKS.md under its
-own ``## title`` section."""
+"""Shared by the benchmarks: interleaved timing, and printing a table and writing it into
+BENCHMARKS.md under its own ``## title`` section."""
 from __future__ import annotations
 
 import re
@@ -15,6 +15,16 @@ def write_section(title: str, body: str) -> None:
     pat = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pat.sub(lambda m: section + "\n", text) if pat.search(text) else text.rstrip() + "\n\n" + section
     BENCH_FILE.write_text(text)
+
+
+def publish(title: str, lines: list[str], write: bool = True) -> str:
+    """Print a benchmark's table (its ``lines`` joined) and, if ``write``, put it into BENCHMARKS.md
+    under ``## title`` (:func:`write_section`). Returns the text."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(title, text)
+    return text
 
 
 def interleaved(fns, reps=4):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _report import interleaved, write_section  # noqa: E402  (bench/_report.py)
+from _report import interleaved, publish  # noqa: E402  (bench/_report.py)
 from multimodal_rwkv.kernels import cpu  # noqa: E402
 
 
@@ -123,10 +123,7 @@ def main(argv=None):
              "| operation | kernel ms | twin ms | speed-up | max rel. difference |", "|---|---:|---:|---:|---:|"]
     for name, k, t, e in rows:
         lines.append(f"| {name} | {k:.1f} | {t:.1f} | {t / k:.1f}x | {e:.1e} |")
-    text = "\n".join(lines)
-    print(text)
-    if not a.no_write:
-        write_section("Fused elementwise kernels (CPU)", text)
+    publish("Fused elementwise kernels (CPU)", lines, write=not a.no_write)
 
 
 if __name__ == "__main__":

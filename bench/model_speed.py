@@ -25,7 +25,7 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interleaved, write_section  # noqa: E402
+from _report import interleaved, publish  # noqa: E402
 
 
 def best(fn, reps=3):
@@ -164,9 +164,7 @@ def main():
     lines.insert(1, f"({n_params / 1e6:.0f}M parameters.)")
     if not args.skip_memory:
         lines += ["", *memory_table(args)]
-    text = "\n".join(lines)
-    print(text)
-    write_section("Core model speed and memory (CPU)", text)
+    publish("Core model speed and memory (CPU)", lines)
 
 
 def memory_worker(kind, args):

@@ -262,12 +262,9 @@ def main():
         for ctx in a.ctx:
             r, l, m = rows["rwkv_gemm", ctx], rows["llama", ctx], rows["rwkv", ctx]
             lines.append(f"| {ctx} | {r['tok_s']:.0f} | {r['tok_s'] / l['tok_s']:.2f}x | {m['tok_s'] / r['tok_s']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if not a.no_write:
-        from _report import write_section
+    from _report import publish
 
-        write_section("Training speed (CPU)", table)
+    publish("Training speed (CPU)", lines, write=not a.no_write)
 
 
 if __name__ == "__main__":
