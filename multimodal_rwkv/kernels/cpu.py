@@ -533,7 +533,6 @@ def gn_gate_backward(y, gp, weight, bias, dz, groups, eps):
     return dy, dgp, dwb[0], dwb[1], z
 
 
-
 def sigmoid_gate_backward(dout, rr, vo):
     """Gradients of ``sigmoid(rr) * vo`` given ``dout``: ``(dvo, drr)``, in one pass where the
     kernel applies (fp32 CPU, a multiple of 16 elements), else by the twin's expressions
@@ -555,6 +554,7 @@ def relu_square_backward_(g, q):
         return g.mul_(q.sqrt().mul_(2))
     mod.relu_square_backward_(g, _c(q))
     return g
+
 
 # ------------------------------------------------------------------------- cross-entropy
 class _CrossEntropy(torch.autograd.Function):
