@@ -63,7 +63,7 @@ def test_matches_official_package(tmp_path, case):
 
 def _random_model(version="x060", seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = RWKVConfig(vocab_size=97, n_layer=3, n_embd=64, head_size=16, version=version, **kw)
+    cfg = RWKVConfig(**{"vocab_size": 97, "n_layer": 3, "n_embd": 64, "head_size": 16, "version": version, **kw})
     m = RWKVForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():
@@ -111,6 +111,51 @@ def test_state_is_not_modified_and_supports_batch_ops():
                 st[bad]
     L, C, H, N = 3, 64, 4, 16
     assert st.nbytes_per_stream() == L * (2 * C * 4 + H * N * N * 4)
+
+
+@pytest.mark.parametrize("B,state_tuned,kw", [(1, False, {}), (5, True, {}), (2, False, {"n_embd": 128, "head_size": 32}),
+                                                (3, False, {"n_embd": 40, "head_size": 8})])
+def test_fused_decode_block_equals_block_forward(monkeypatch, B, state_tuned, kw):
+    """Decoding runs each x060 block as one C++ call (Block.decode_step, fp32 CPU); the blocks' own
+    forward is its twin: the same logits and states step after step, from no state (a tuned
+    initial state or zeros) and onwards. Sizes that are not multiples of 16 take the block's forward."""
+    from multimodal_rwkv.kernels import cpu
+    from multimodal_rwkv.model import modeling
+
+    m = _random_model(has_initial_state=state_tuned, **kw)
+    real, used = cpu.decode_block_v6, []
+    monkeypatch.setattr(cpu, "decode_block_v6", lambda *a: used.append(real(*a) is not None) or real(*a))
+    ids = torch.randint(0, 97, (B, 6))
+    runs = {}
+    with torch.no_grad():
+        for fast in (True, False):
+            monkeypatch.setattr(modeling, "FAST_DECODE", fast)
+            s, logits = None, []
+            for t in range(ids.shape[1]):
+                o = m(ids[:, t:t + 1], state=s, logits_to_keep=1)
+                s, logits = o.state, logits + [o.logits]
+            runs[fast] = torch.cat(logits, 1), s
+    fits = m.config.n_embd % 16 == 0 and m.config.head_size % 16 == 0
+    assert used == [fits and cpu.extension() is not None] * (6 * m.config.n_layer)
+    (got, s1), (want, s0) = runs[True], runs[False]
+    assert rel(got, want) < 1e-5  # both as close to an fp64 run (summation orders differ)
+    for a, b in zip(s1.att_shift + s1.wkv + s1.ffn_shift, s0.att_shift + s0.wkv + s0.ffn_shift):
+        assert rel(a, b) < 1e-5
+
+
+def test_fused_decode_block_skips_lora_and_x052(monkeypatch):
+    """A LoRA-wrapped projection (training.peft) or an x052 block decodes through the block's forward."""
+    from multimodal_rwkv.kernels import cpu
+    from multimodal_rwkv.training.peft import apply_lora
+
+    called = []
+    monkeypatch.setattr(cpu, "decode_block_v6", lambda *a: called.append(1))
+    lora = _random_model()
+    apply_lora(lora, r=4, alpha=8, targets=["att.key"])
+    with torch.no_grad():
+        for m in (_random_model("x052"), lora):
+            m(torch.randint(0, 97, (2, 1)))
+    assert not called
 
 
 def test_state_save_load(tmp_path):

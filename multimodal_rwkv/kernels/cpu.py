@@ -270,6 +270,38 @@ def wkv6_cpu(r, k, v, w, u, initial_state=None, output_final_state=False):
     return o, (s if output_final_state else None)
 
 
+# ----------------------------------------------------------------------- decode block (x060)
+def decode_block_v6(x, params, att_shift, wkv, ffn_shift, ln_eps: float, gn_eps: float):
+    """One RWKV-6 block for one token per row in one C++ call (decoding), or None where the
+    kernel does not apply (then the caller runs the block's own forward, the twin in the tests).
+
+    ``x [B, C]`` the block input (before ``ln0`` for block 0); ``params`` the block's 30 tensors in
+    the order ``decode_block_v6`` in ``cpu_kernels.cpp`` lists; ``att_shift, ffn_shift [B, C]``,
+    ``wkv [B, H, N, N]`` (key-major) the state before the token, never modified. Returns
+    ``(out [B, C], att_shift, wkv, ffn_shift)``: the block's output and the state after the token.
+    Applies to fp32 CPU tensors, no autograd recording, 1-16 rows, and sizes that are multiples of
+    16 (C, the attention and FFN widths, the head size, the LoRA ranks x5 and the decay rank)."""
+    B, C = x.shape
+    if not 1 <= B <= MAX_ROWS or torch.is_grad_enabled():
+        return None
+    ts = (x, att_shift, wkv, ffn_shift, *params)
+    if not all(_plain_fp32_cpu(t) for t in ts):
+        return None
+    mod = extension()
+    if mod is None:
+        return None
+    H, N = params[17].shape
+    A, F, R5, D = params[13].shape[0], params[25].shape[0], params[8].shape[1], params[11].shape[1]
+    if any(n % 16 for n in (C, A, F, N, R5, D)) or H * N != A:
+        return None
+    att_out, ffn_out, out = torch.empty(B, C), torch.empty(B, C), torch.empty(B, C)
+    wkv_out = torch.empty(B, H, N, N)
+    mod.decode_block_v6(x.contiguous(), [t.contiguous() for t in params], att_shift.contiguous(),
+                        wkv.contiguous(), ffn_shift.contiguous(), out, att_out, wkv_out, ffn_out,
+                        float(ln_eps), float(gn_eps))
+    return out, att_out, wkv_out, ffn_out
+
+
 # ------------------------------------------------------------------ dense products via oneDNN
 _ONEDNN_MIN_ROWS = MAX_ROWS + 1  # fewer rows: decoding, served by few_rows_linear / modeling.Linear
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a subclass such as a sharded DTensor

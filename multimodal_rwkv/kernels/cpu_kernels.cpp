@@ -552,6 +552,30 @@ struct Accum {
 };
 constexpr int64_t kBlockRows = 64;  // rows summed in float before a partial sum is merged
 
+// One row of gn_gate_forward: z = (GroupNorm(y) * w + b) * silu(gp) over G groups of N (N % 16 == 0).
+static void gn_gate_row(const float* yp, const float* gpp, const float* wp, const float* bp, float* zp, int64_t G,
+                        int64_t N, float eps) {
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t o = g * N;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < N; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(yp + o + i));
+    const float mean = _mm512_reduce_add_ps(acc) / N;
+    const __m512 m = _mm512_set1_ps(mean);
+    acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < N; i += 16) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m);
+      acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    const __m512 rs = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / N + eps));
+    for (int64_t i = 0; i < N; i += 16) {
+      const __m512 yh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m), rs);
+      const __m512 a = _mm512_fmadd_ps(yh, _mm512_loadu_ps(wp + o + i), _mm512_loadu_ps(bp + o + i));
+      const __m512 x = _mm512_loadu_ps(gpp + o + i);
+      _mm512_storeu_ps(zp + o + i, _mm512_mul_ps(a, _mm512_mul_ps(x, sigmoid16(x))));
+    }
+  }
+}
+
 // z = (GroupNorm(y) * w + b) * silu(gp): y, gp, z [R, A]; w, b [A]; G groups of N = A / G, N % 16 == 0.
 void gn_gate_forward(torch::Tensor y, torch::Tensor gp, torch::Tensor w, torch::Tensor b, int64_t G, double eps,
                      torch::Tensor z) {
@@ -561,26 +585,7 @@ void gn_gate_forward(torch::Tensor y, torch::Tensor gp, torch::Tensor w, torch::
   const float *yp = y.data_ptr<float>(), *gpp = gp.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
   float* zp = z.data_ptr<float>();
   at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t o = r * A + g * N;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < N; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(yp + o + i));
-        const float mean = _mm512_reduce_add_ps(acc) / N;
-        const __m512 m = _mm512_set1_ps(mean);
-        acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < N; i += 16) {
-          const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m);
-          acc = _mm512_fmadd_ps(d, d, acc);
-        }
-        const __m512 rs = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / N + (float)eps));
-        for (int64_t i = 0; i < N; i += 16) {
-          const __m512 yh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m), rs);
-          const __m512 a = _mm512_fmadd_ps(yh, _mm512_loadu_ps(wp + g * N + i), _mm512_loadu_ps(bp + g * N + i));
-          const __m512 x = _mm512_loadu_ps(gpp + o + i);
-          _mm512_storeu_ps(zp + o + i, _mm512_mul_ps(a, _mm512_mul_ps(x, sigmoid16(x))));
-        }
-      }
+    for (int64_t r = r0; r < r1; ++r) gn_gate_row(yp + r * A, gpp + r * A, wp, bp, zp + r * A, G, N, (float)eps);
   });
 }
 
@@ -989,6 +994,150 @@ void transpose(torch::Tensor src, torch::Tensor dst) {
   });
 }
 
+// ------------------------------------------------------------------------- decode block (x060)
+// One RWKV-6 block for one token in each of B <= 16 rows (decoding) in one call. Run through torch,
+// a decoded token costs ~40 small ops per block besides its eight weight products, each with its
+// dispatch and output buffer: on the 2-core box about 10 of a 12x768 model's 25 ms per token.
+// Here the small parts (norms, ddlerp and its LoRA, the decay, the WKV step, the gated group
+// norm, the channel mix's elementwise parts) run per row from cache, and the eight products go
+// through the few-rows kernel (each weight read once for all rows, split across threads). The
+// formulas are modeling.py's Block (the twin in the tests).
+
+// LayerNorm of one row of C (C % 16 == 0): y = (x - mean) / sqrt(var + eps) * w + b.
+static void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t C, float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < C; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / C);
+  acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < C; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), m);
+    acc = _mm512_fmadd_ps(d, d, acc);
+  }
+  const __m512 rs = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / C + eps));
+  for (int64_t i = 0; i < C; i += 16) {
+    const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), m), rs);
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(xh, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
+  }
+}
+
+// y[N] = x[K] @ M[K, N] (M row-major, N % 16 == 0): the small LoRA products of one row.
+static void vec_mat(const float* x, const float* M, float* y, int64_t K, int64_t N) {
+  std::fill(y, y + N, 0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 a = _mm512_set1_ps(x[k]);
+    const float* Mk = M + k * N;
+    for (int64_t n = 0; n < N; n += 16)
+      _mm512_storeu_ps(y + n, _mm512_fmadd_ps(a, _mm512_loadu_ps(Mk + n), _mm512_loadu_ps(y + n)));
+  }
+}
+
+// p (30 tensors, all fp32 contiguous): ln1 w, b; time_maa_x, _w, _k, _v, _r, _g [C]; time_maa_w1 [C, 5R];
+// time_maa_w2 [5, R, C]; time_decay [A]; time_decay_w1 [C, D]; time_decay_w2 [D, A]; receptance, key,
+// value, gate [A, C]; time_faaaa [H, N]; ln_x w, b [A]; output [C, A]; ln2 w, b; channel mix time_maa_k,
+// _r [C]; its key [F, C], receptance [C, C], value [C, F]; ln0 w, b (empty tensors: no ln0).
+// x [B, C] the block input; att_in, ffn_in [B, C] the token shifts and wkv_in [B, H, N, N] the
+// state before the token (read only); xo [B, C], att_out, ffn_out, wkv_out the results.
+void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor att_in, torch::Tensor wkv_in,
+                     torch::Tensor ffn_in, torch::Tensor xo, torch::Tensor att_out, torch::Tensor wkv_out,
+                     torch::Tensor ffn_out, double ln_eps, double gn_eps) {
+  TORCH_CHECK(p.size() == 30, "decode_block_v6: 30 parameter tensors");
+  for (const auto& t : p) check_f32(t, "decode_block_v6 parameter");
+  for (auto* t : {&x, &att_in, &wkv_in, &ffn_in, &xo, &att_out, &wkv_out, &ffn_out}) check_f32(*t, "decode_block_v6 tensor");
+  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t R5 = p[8].size(1), R = p[9].size(1), D = p[11].size(1), A = p[13].size(0);
+  const int64_t H = p[17].size(0), N = p[17].size(1), F = p[25].size(0);
+  TORCH_CHECK(B >= 1 && B <= 16 && x.dim() == 2, "decode_block_v6: x must be [B, C] with 1 <= B <= 16");
+  TORCH_CHECK(C % 16 == 0 && A % 16 == 0 && F % 16 == 0 && N % 16 == 0 && R5 % 16 == 0 && D % 16 == 0 &&
+              R5 == 5 * R && H * N == A, "decode_block_v6: sizes");
+  TORCH_CHECK(p[8].size(0) == C && p[9].size(0) == 5 && p[9].size(2) == C && p[11].size(0) == C &&
+              p[12].size(0) == D && p[12].size(1) == A && p[20].size(0) == C && p[20].size(1) == A &&
+              p[26].size(0) == C && p[27].size(1) == F, "decode_block_v6: parameter shapes");
+  TORCH_CHECK(wkv_in.numel() == B * H * N * N && wkv_out.numel() == B * H * N * N && att_in.numel() == B * C &&
+              ffn_in.numel() == B * C, "decode_block_v6: state shapes");
+  auto f = [&](int i) { return p[i].data_ptr<float>(); };
+  const float eps = (float)ln_eps;
+  const bool has_ln0 = p[28].numel() > 0;
+  const float* xp = x.data_ptr<float>();
+  float *xa = att_out.data_ptr<float>(), *xf = ffn_out.data_ptr<float>();
+  std::vector<float> x0(has_ln0 ? B * C : 0), xs(5 * B * C), e(B * A), rkvg(4 * B * A), y(B * A), z(B * A);
+  std::vector<float> x1(B * C), xkr(2 * B * C), h(B * F), vo(B * C), rr(B * C);
+  float *xr_ = xs.data() + 3 * B * C;  // the five mixed inputs, in the LoRA's slot order w, k, v, r, g
+  float *r = rkvg.data(), *k = r + B * A, *v = k + B * A, *g = v + B * A;
+  if (has_ln0) {
+    for (int64_t b = 0; b < B; ++b) layer_norm_row(xp + b * C, f(28), f(29), x0.data() + b * C, C, eps);
+    xp = x0.data();
+  }
+  // time mix, up to the products: ln1, ddlerp with its LoRA, the decay
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> xx(C), xxx(C), th(R5), m(C), tb(D), ww(A);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float *xb = xa + b * C, *prev = att_in.data_ptr<float>() + b * C;
+      layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
+      for (int64_t c = 0; c < C; ++c) {
+        xx[c] = prev[c] - xb[c];
+        xxx[c] = xb[c] + xx[c] * f(2)[c];
+      }
+      vec_mat(xxx.data(), f(8), th.data(), C, R5);
+      for (int64_t j = 0; j < R5; ++j) th[j] = std::tanh(th[j]);
+      for (int64_t i = 0; i < 5; ++i) {
+        vec_mat(th.data() + i * R, f(9) + i * R * C, m.data(), R, C);
+        const float* mu = f(3 + i);
+        float* o = xs.data() + i * B * C + b * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = xb[c] + xx[c] * (mu[c] + m[c]);
+      }
+      vec_mat(xs.data() + b * C, f(11), tb.data(), C, D);
+      for (int64_t j = 0; j < D; ++j) tb[j] = std::tanh(tb[j]);
+      vec_mat(tb.data(), f(12), ww.data(), D, A);
+      for (int64_t a = 0; a < A; a += 16) {  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
+        const __m512 w = _mm512_add_ps(_mm512_loadu_ps(f(10) + a), _mm512_loadu_ps(ww.data() + a));
+        _mm512_storeu_ps(e.data() + b * A + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
+      }
+    }
+  });
+  // r, k, v, gate (slots r = 3, k = 1, v = 2, g = 4 of the mixed inputs)
+  rows_for<F32>(B, xr_, f(13), r, C, A);
+  rows_for<F32>(B, xs.data() + 1 * B * C, f(14), k, C, A);
+  rows_for<F32>(B, xs.data() + 2 * B * C, f(15), v, C, A);
+  rows_for<F32>(B, xs.data() + 4 * B * C, f(16), g, C, A);
+  // the WKV step of each (row, head), then the gated group norm
+  const auto fstep = by_width(N, [](auto nv) -> FwdStep { return fwd_step<decltype(nv)::value>; });
+  const float *u = f(17), *sin = wkv_in.data_ptr<float>();
+  float* sout = wkv_out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t o = (i / H) * A + (i % H) * N;
+      float c = 0.f;
+      for (int64_t j = 0; j < N; ++j) c += r[o + j] * u[(i % H) * N + j] * k[o + j];
+      fstep(r + o, k + o, e.data() + o, v + o, c, sin + i * N * N, sout + i * N * N, y.data() + o, N, N);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b)
+    gn_gate_row(y.data() + b * A, g + b * A, f(18), f(19), z.data() + b * A, H, N, (float)gn_eps);
+  rows_for<F32>(B, z.data(), f(20), x1.data(), A, C);  // the time mix's output ...
+  // ... added to the block input; ln2 and the channel mix's token shift
+  for (int64_t b = 0; b < B; ++b) {
+    float* x1b = x1.data() + b * C;
+    for (int64_t c = 0; c < C; ++c) x1b[c] += xp[b * C + c];
+    layer_norm_row(x1b, f(21), f(22), xf + b * C, C, eps);
+    const float *xb = xf + b * C, *prev = ffn_in.data_ptr<float>() + b * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = prev[c] - xb[c];
+      xkr[b * C + c] = xb[c] + d * f(23)[c];
+      xkr[B * C + b * C + c] = xb[c] + d * f(24)[c];
+    }
+  }
+  rows_for<F32>(B, xkr.data(), f(25), h.data(), C, F);
+  for (int64_t i = 0; i < B * F; ++i) h[i] = h[i] > 0.f ? h[i] * h[i] : 0.f;  // relu(.)^2
+  rows_for<F32>(B, h.data(), f(27), vo.data(), F, C);
+  rows_for<F32>(B, xkr.data() + B * C, f(26), rr.data(), C, C);
+  float* out = xo.data_ptr<float>();
+  for (int64_t i = 0; i < B * C; i += 16) {  // x1 + sigmoid(rr) * vo
+    const __m512 s = sigmoid16(_mm512_loadu_ps(rr.data() + i));
+    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(s, _mm512_loadu_ps(vo.data() + i), _mm512_loadu_ps(x1.data() + i)));
+  }
+}
+
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x[M,K] @ w[N,K].T for 1..16 rows (fp32 or bf16; fp32 result)");
   m.def("has_avx512_bf16", &has_avx512_bf16, "whether this CPU has the AVX512-BF16 dot products");
@@ -1004,4 +1153,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ce_forward", &ce_forward, "cross-entropy per row (log-sum-exp kept for backward)");
   m.def("ce_backward", &ce_backward, "gradient of ce_forward");
   m.def("transpose", &transpose, "dst[C, R] = src[R, C].T");
+  m.def("decode_block_v6", &decode_block_v6, "one RWKV-6 block for one token per row (decoding)");
 }

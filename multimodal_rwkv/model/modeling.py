@@ -274,16 +274,49 @@ class ChannelMix(nn.Module):
         return self.receptance(xr).sigmoid_().mul_(self.value(k)), x[:, -1]
 
 
+# Decoding (one token per row, fp32 CPU, no gradients) runs each x060 block as one C++ call
+# (Block.decode_step); tests set this to False to compare with the blocks' own forward.
+FAST_DECODE = True
+_NO_TENSOR = torch.empty(0)
+
+
 class Block(nn.Module):
     def __init__(self, config: RWKVConfig, layer_id: int):
         super().__init__()
         C, eps = config.n_embd, config.layer_norm_eps
+        self.eps = eps
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(C, eps=eps)
         self.ln1 = nn.LayerNorm(C, eps=eps)
         self.ln2 = nn.LayerNorm(C, eps=eps)
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
+
+    def decode_step(self, x, att_shift, wkv_state, ffn_shift):
+        """:meth:`forward` for one token per row (``x [B,1,C]``) through the fused C++ block
+        (:func:`multimodal_rwkv.kernels.cpu.decode_block_v6`), or None where that does not apply:
+        x052, a projection that is not a plain bias-free :class:`Linear` (LoRA), no kernel."""
+        att, ffn = self.att, self.ffn
+        if not att.v6 or not all(type(m) is Linear and m.bias is None for m in (
+                att.receptance, att.key, att.value, att.gate, att.output, ffn.key, ffn.receptance, ffn.value)):
+            return None
+        B = x.shape[0]
+        if wkv_state is None:
+            wkv_state = att.initial_wkv(B)
+            if wkv_state is None:
+                wkv_state = x.new_zeros(B, att.n_head, att.head_size, att.head_size, dtype=torch.float32)
+        ln0 = (self.ln0.weight, self.ln0.bias) if hasattr(self, "ln0") else (_NO_TENSOR, _NO_TENSOR)
+        params = [self.ln1.weight, self.ln1.bias, att.time_maa_x, att.time_maa_w, att.time_maa_k, att.time_maa_v,
+                  att.time_maa_r, att.time_maa_g, att.time_maa_w1, att.time_maa_w2, att.time_decay,
+                  att.time_decay_w1, att.time_decay_w2, att.receptance.weight, att.key.weight, att.value.weight,
+                  att.gate.weight, att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.output.weight,
+                  self.ln2.weight, self.ln2.bias, ffn.time_maa_k, ffn.time_maa_r, ffn.key.weight,
+                  ffn.receptance.weight, ffn.value.weight, *ln0]
+        res = cpu.decode_block_v6(x.view(B, -1), params, att_shift, wkv_state, ffn_shift, self.eps, att.gn_eps)
+        if res is None:
+            return None
+        out, att_shift, wkv_state, ffn_shift = res
+        return out.view(B, 1, -1), att_shift, wkv_state, ffn_shift
 
     def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None, tail=None):
         """``tail``: only the output's last ``tail`` positions are wanted (no pad mask; inference):
@@ -380,6 +413,8 @@ class RWKVModel(RWKVPreTrainedModel):
         new_att, new_wkv, new_ffn = [], [], []
         tail = (logits_to_keep if logits_to_keep > 0 and mask is None and scan_order is None
                 and not torch.is_grad_enabled() else 0)
+        decode = (FAST_DECODE and T == 1 and mask is None and scan_order is None and x.device.type == "cpu"
+                  and x.dtype == torch.float32 and not torch.is_grad_enabled())
         if scan_order is not None:
             perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
             perm_mask = None if mask is None else mask.gather(1, scan_order.long())
@@ -390,10 +425,10 @@ class RWKVModel(RWKVPreTrainedModel):
             xin, m = (x.gather(1, perm), perm_mask) if reorder else (x, mask)
             if self.gradient_checkpointing and self.training:
                 out = torch.utils.checkpoint.checkpoint(block, xin, a_s, wkv_s[i], f_s, m, use_reentrant=False)
-            elif i == len(self.blocks) - 1 and tail:
-                out = block(xin, a_s, wkv_s[i], f_s, m, tail=tail)
             else:
-                out = block(xin, a_s, wkv_s[i], f_s, m)
+                out = block.decode_step(xin, a_s, wkv_s[i], f_s) if decode else None
+                if out is None:
+                    out = block(xin, a_s, wkv_s[i], f_s, m, tail=tail if tail and i == len(self.blocks) - 1 else None)
             xo, a_s, w_s, f_s = out
             if reorder:
                 x = torch.empty_like(xo).scatter_(1, perm, xo)
