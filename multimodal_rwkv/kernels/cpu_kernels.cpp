@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -1020,15 +1021,52 @@ static void layer_norm_row(const float* x, const float* w, const float* b, float
   }
 }
 
-// y[N] = x[K] @ M[K, N] (M row-major, N % 16 == 0): the small LoRA products of one row.
-static void vec_mat(const float* x, const float* M, float* y, int64_t K, int64_t N) {
-  std::fill(y, y + N, 0.f);
+// Y[m, n0 : n0 + 16 NV] = X[m, :K] @ M[:K, n0 : n0 + 16 NV] for MR rows, summed in registers.
+template <int MR, int NV>
+static void mat_mat_tile(const float* X, int64_t ldx, const float* M, int64_t N, float* Y, int64_t ldy, int64_t K,
+                         int64_t n0) {
+  __m512 acc[MR][NV];
+  _Pragma("GCC unroll 4") for (int m = 0; m < MR; ++m)
+    _Pragma("GCC unroll 4") for (int j = 0; j < NV; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 a = _mm512_set1_ps(x[k]);
-    const float* Mk = M + k * N;
-    for (int64_t n = 0; n < N; n += 16)
-      _mm512_storeu_ps(y + n, _mm512_fmadd_ps(a, _mm512_loadu_ps(Mk + n), _mm512_loadu_ps(y + n)));
+    __m512 w[NV];
+    _Pragma("GCC unroll 4") for (int j = 0; j < NV; ++j) w[j] = _mm512_loadu_ps(M + k * N + n0 + 16 * j);
+    _Pragma("GCC unroll 4") for (int m = 0; m < MR; ++m) {
+      const __m512 a = _mm512_set1_ps(X[m * ldx + k]);
+      _Pragma("GCC unroll 4") for (int j = 0; j < NV; ++j) acc[m][j] = _mm512_fmadd_ps(a, w[j], acc[m][j]);
+    }
   }
+  _Pragma("GCC unroll 4") for (int m = 0; m < MR; ++m)
+    _Pragma("GCC unroll 4") for (int j = 0; j < NV; ++j) _mm512_storeu_ps(Y + m * ldy + n0 + 16 * j, acc[m][j]);
+}
+
+using MatMatTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+template <int MR>
+static MatMatTile mat_mat_tile_for(int nv) {
+  switch (nv) {
+    case 1: return mat_mat_tile<MR, 1>;
+    case 2: return mat_mat_tile<MR, 2>;
+    case 3: return mat_mat_tile<MR, 3>;
+    default: return mat_mat_tile<MR, 4>;
+  }
+}
+
+// Y[B, N] = X[B, K] @ M[K, N] (rows ldx / ldy floats apart, M row-major, N % 16 == 0): the small
+// LoRA products of the decoded rows. Column panels of 64 split across threads; each panel of M is
+// read from memory once for all rows (4 rows at a time in registers).
+static void mat_mat(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy, int64_t B, int64_t K,
+                    int64_t N) {
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * 64, nv = std::min<int64_t>(4, (N - n0) / 16);
+      for (int64_t m = 0; m < B; m += 4) {
+        const int64_t mr = std::min<int64_t>(4, B - m);
+        const MatMatTile tile = mr == 1 ? mat_mat_tile_for<1>(nv) : mr == 2 ? mat_mat_tile_for<2>(nv)
+                                : mr == 3 ? mat_mat_tile_for<3>(nv) : mat_mat_tile_for<4>(nv);
+        tile(X + m * ldx, ldx, M, N, Y + m * ldy, ldy, K, n0);
+      }
+    }
+  });
 }
 
 // p (30 tensors, all fp32 contiguous): ln1 w, b; time_maa_x, _w, _k, _v, _r, _g [C]; time_maa_w1 [C, 5R];
@@ -1054,13 +1092,22 @@ void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
               p[26].size(0) == C && p[27].size(1) == F, "decode_block_v6: parameter shapes");
   TORCH_CHECK(wkv_in.numel() == B * H * N * N && wkv_out.numel() == B * H * N * N && att_in.numel() == B * C &&
               ffn_in.numel() == B * C, "decode_block_v6: state shapes");
-  auto f = [&](int i) { return p[i].data_ptr<float>(); };
+  const float* P[30];
+  for (int i = 0; i < 30; ++i) P[i] = p[i].data_ptr<float>();
+  auto f = [&P](int i) { return P[i]; };
   const float eps = (float)ln_eps;
   const bool has_ln0 = p[28].numel() > 0;
   const float* xp = x.data_ptr<float>();
   float *xa = att_out.data_ptr<float>(), *xf = ffn_out.data_ptr<float>();
-  std::vector<float> x0(has_ln0 ? B * C : 0), xs(5 * B * C), e(B * A), rkvg(4 * B * A), y(B * A), z(B * A);
-  std::vector<float> x1(B * C), xkr(2 * B * C), h(B * F), vo(B * C), rr(B * C);
+  // scratch, every element written before it is read (no zero fill)
+  struct Buf {
+    std::unique_ptr<float[]> p;
+    explicit Buf(int64_t n) : p(new float[n]) {}
+    float* data() { return p.get(); }
+    float& operator[](int64_t i) { return p[i]; }
+  };
+  Buf x0(has_ln0 ? B * C : 1), xs(5 * B * C), e(B * A), rkvg(4 * B * A), y(B * A), z(B * A);
+  Buf x1(B * C), xkr(2 * B * C), h(B * F), vo(B * C), rr(B * C);
   float *xr_ = xs.data() + 3 * B * C;  // the five mixed inputs, in the LoRA's slot order w, k, v, r, g
   float *r = rkvg.data(), *k = r + B * A, *v = k + B * A, *g = v + B * A;
   if (has_ln0) {
@@ -1068,32 +1115,32 @@ void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
     xp = x0.data();
   }
   // time mix, up to the products: ln1, ddlerp with its LoRA, the decay
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> xx(C), xxx(C), th(R5), m(C), tb(D), ww(A);
-    for (int64_t b = b0; b < b1; ++b) {
-      const float *xb = xa + b * C, *prev = att_in.data_ptr<float>() + b * C;
-      layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
-      for (int64_t c = 0; c < C; ++c) {
-        xx[c] = prev[c] - xb[c];
-        xxx[c] = xb[c] + xx[c] * f(2)[c];
-      }
-      vec_mat(xxx.data(), f(8), th.data(), C, R5);
-      for (int64_t j = 0; j < R5; ++j) th[j] = std::tanh(th[j]);
-      for (int64_t i = 0; i < 5; ++i) {
-        vec_mat(th.data() + i * R, f(9) + i * R * C, m.data(), R, C);
-        const float* mu = f(3 + i);
-        float* o = xs.data() + i * B * C + b * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = xb[c] + xx[c] * (mu[c] + m[c]);
-      }
-      vec_mat(xs.data() + b * C, f(11), tb.data(), C, D);
-      for (int64_t j = 0; j < D; ++j) tb[j] = std::tanh(tb[j]);
-      vec_mat(tb.data(), f(12), ww.data(), D, A);
-      for (int64_t a = 0; a < A; a += 16) {  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
-        const __m512 w = _mm512_add_ps(_mm512_loadu_ps(f(10) + a), _mm512_loadu_ps(ww.data() + a));
-        _mm512_storeu_ps(e.data() + b * A + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
-      }
+  Buf xx(B * C), xxx(B * C), th(B * R5), m5(5 * B * C), tb(B * D), ww(B * A);
+  const float *ain = att_in.data_ptr<float>(), *maa_x = f(2);
+  for (int64_t b = 0; b < B; ++b) {
+    layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
+    for (int64_t c = 0; c < C; ++c) {
+      xx[b * C + c] = ain[b * C + c] - xa[b * C + c];
+      xxx[b * C + c] = xa[b * C + c] + xx[b * C + c] * maa_x[c];
     }
-  });
+  }
+  mat_mat(xxx.data(), C, f(8), th.data(), R5, B, C, R5);
+  for (int64_t j = 0; j < B * R5; ++j) th[j] = std::tanh(th[j]);
+  for (int64_t i = 0; i < 5; ++i) {  // offsets m_i = th_i @ w2[i], then x_i = x + xx * (maa_i + m_i)
+    mat_mat(th.data() + i * R, R5, f(9) + i * R * C, m5.data() + i * B * C, C, B, R, C);
+    const float *mu = f(3 + i), *mi = m5.data() + i * B * C;
+    float* o = xs.data() + i * B * C;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) o[b * C + c] = xa[b * C + c] + xx[b * C + c] * (mu[c] + mi[b * C + c]);
+  }
+  mat_mat(xs.data(), C, f(11), tb.data(), D, B, C, D);  // the decay's LoRA, on x_w
+  for (int64_t j = 0; j < B * D; ++j) tb[j] = std::tanh(tb[j]);
+  mat_mat(tb.data(), D, f(12), ww.data(), A, B, D, A);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t a = 0; a < A; a += 16) {  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
+      const __m512 w = _mm512_add_ps(_mm512_loadu_ps(f(10) + a), _mm512_loadu_ps(ww.data() + b * A + a));
+      _mm512_storeu_ps(e.data() + b * A + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
+    }
   // r, k, v, gate (slots r = 3, k = 1, v = 2, g = 4 of the mixed inputs)
   rows_for<F32>(B, xr_, f(13), r, C, A);
   rows_for<F32>(B, xs.data() + 1 * B * C, f(14), k, C, A);
@@ -1111,21 +1158,27 @@ void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
       fstep(r + o, k + o, e.data() + o, v + o, c, sin + i * N * N, sout + i * N * N, y.data() + o, N, N);
     }
   });
-  for (int64_t b = 0; b < B; ++b)
-    gn_gate_row(y.data() + b * A, g + b * A, f(18), f(19), z.data() + b * A, H, N, (float)gn_eps);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      gn_gate_row(y.data() + b * A, g + b * A, f(18), f(19), z.data() + b * A, H, N, (float)gn_eps);
+  });
   rows_for<F32>(B, z.data(), f(20), x1.data(), A, C);  // the time mix's output ...
   // ... added to the block input; ln2 and the channel mix's token shift
-  for (int64_t b = 0; b < B; ++b) {
-    float* x1b = x1.data() + b * C;
-    for (int64_t c = 0; c < C; ++c) x1b[c] += xp[b * C + c];
-    layer_norm_row(x1b, f(21), f(22), xf + b * C, C, eps);
-    const float *xb = xf + b * C, *prev = ffn_in.data_ptr<float>() + b * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const float d = prev[c] - xb[c];
-      xkr[b * C + c] = xb[c] + d * f(23)[c];
-      xkr[B * C + b * C + c] = xb[c] + d * f(24)[c];
+  const float *fin = ffn_in.data_ptr<float>(), *mk = f(23), *mr = f(24);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* x1b = x1.data() + b * C;
+      for (int64_t c = 0; c < C; ++c) x1b[c] += xp[b * C + c];
+      layer_norm_row(x1b, f(21), f(22), xf + b * C, C, eps);
+      const float *xb = xf + b * C, *prev = fin + b * C;
+      float *ok = xkr.data() + b * C, *orr = xkr.data() + (B + b) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = prev[c] - xb[c];
+        ok[c] = xb[c] + d * mk[c];
+        orr[c] = xb[c] + d * mr[c];
+      }
     }
-  }
+  });
   rows_for<F32>(B, xkr.data(), f(25), h.data(), C, F);
   for (int64_t i = 0; i < B * F; ++i) h[i] = h[i] > 0.f ? h[i] * h[i] : 0.f;  // relu(.)^2
   rows_for<F32>(B, h.data(), f(27), vo.data(), F, C);
