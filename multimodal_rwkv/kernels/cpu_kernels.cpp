@@ -75,21 +75,41 @@ MMRWKV_BF16_TARGET static void rows_block(const typename E::T* x, const typename
   }
 }
 
+// One product y [M, N] = x [M, K] @ w [N, K].T of a batch that rows() runs in one parallel region.
+template <class E>
+struct RowsJob {
+  const typename E::T* x;
+  const typename E::T* w;
+  float* y;
+  int64_t K, N;
+};
+constexpr int kMaxRowsJobs = 4;
+
 template <class E, int M>
-static void rows(const typename E::T* x, const typename E::T* w, float* y, int64_t K, int64_t N) {
+static void rows(const RowsJob<E>* jobs, int n) {
   // M * NR accumulators + NR weight vectors + one input vector within the 32 registers (more spills)
   constexpr int NR = M <= 2 ? 8 : M <= 4 ? 5 : M <= 6 ? 4 : M <= 9 ? 3 : 2;
-  const int64_t blocks = N / NR;
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    rows_block<E, M, NR>(x, w, y, K, N, b0 * NR, b1 * NR);
+  TORCH_CHECK(n >= 1 && n <= kMaxRowsJobs, "few-rows products: 1 to ", kMaxRowsJobs, " per call");
+  int64_t start[kMaxRowsJobs + 1] = {0};  // the jobs' blocks of NR weight rows, numbered in turn
+  for (int j = 0; j < n; ++j) start[j + 1] = start[j] + jobs[j].N / NR;
+  at::parallel_for(0, start[n], 16, [&](int64_t b0, int64_t b1) {
+    for (int j = 0; j < n; ++j) {
+      const int64_t lo = std::max(b0, start[j]) - start[j], hi = std::min(b1, start[j + 1]) - start[j];
+      const RowsJob<E>& J = jobs[j];
+      if (lo < hi) rows_block<E, M, NR>(J.x, J.w, J.y, J.K, J.N, lo * NR, hi * NR);
+    }
   });
-  rows_block<E, M, 1>(x, w, y, K, N, blocks * NR, N);  // the last N % NR rows
+  for (int j = 0; j < n; ++j) {  // the last N % NR rows of each
+    const RowsJob<E>& J = jobs[j];
+    rows_block<E, M, 1>(J.x, J.w, J.y, J.K, J.N, J.N / NR * NR, J.N);
+  }
 }
 
+// The products of jobs[0 .. n) (each with M rows), all weights split across the threads at once.
 template <class E>
-static void rows_for(int64_t M, const typename E::T* x, const typename E::T* w, float* y, int64_t K, int64_t N) {
+static void rows_for(int64_t M, const RowsJob<E>* jobs, int n) {
   switch (M) {
-#define ROWS(i) case i: rows<E, i>(x, w, y, K, N); break;
+#define ROWS(i) case i: rows<E, i>(jobs, n); break;
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
     ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
 #undef ROWS
@@ -105,10 +125,12 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w) {
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   if (x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat) {
     TORCH_CHECK(K % 16 == 0, "few_rows_linear: fp32 needs K % 16 == 0");
-    rows_for<F32>(M, x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), K, N);
+    const RowsJob<F32> job{x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), K, N};
+    rows_for<F32>(M, &job, 1);
   } else if (x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16) {
     TORCH_CHECK(K % 32 == 0 && has_avx512_bf16(), "few_rows_linear: bf16 needs K % 32 == 0 and AVX512-BF16");
-    rows_for<BF16>(M, (const uint16_t*)x.data_ptr(), (const uint16_t*)w.data_ptr(), y.data_ptr<float>(), K, N);
+    const RowsJob<BF16> job{(const uint16_t*)x.data_ptr(), (const uint16_t*)w.data_ptr(), y.data_ptr<float>(), K, N};
+    rows_for<BF16>(M, &job, 1);
   } else {
     TORCH_CHECK(false, "few_rows_linear: fp32 or bf16 operands of one dtype");
   }
@@ -1108,31 +1130,38 @@ void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
   };
   Buf x0(has_ln0 ? B * C : 1), xs(5 * B * C), e(B * A), rkvg(4 * B * A), y(B * A), z(B * A);
   Buf x1(B * C), xkr(2 * B * C), h(B * F), vo(B * C), rr(B * C);
-  float *xr_ = xs.data() + 3 * B * C;  // the five mixed inputs, in the LoRA's slot order w, k, v, r, g
   float *r = rkvg.data(), *k = r + B * A, *v = k + B * A, *g = v + B * A;
   if (has_ln0) {
     for (int64_t b = 0; b < B; ++b) layer_norm_row(xp + b * C, f(28), f(29), x0.data() + b * C, C, eps);
     xp = x0.data();
   }
   // time mix, up to the products: ln1, ddlerp with its LoRA, the decay
-  Buf xx(B * C), xxx(B * C), th(B * R5), m5(5 * B * C), tb(B * D), ww(B * A);
+  Buf xxx(B * C), th(B * R5), tb(B * D), ww(B * A);
   const float *ain = att_in.data_ptr<float>(), *maa_x = f(2);
   for (int64_t b = 0; b < B; ++b) {
     layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
-    for (int64_t c = 0; c < C; ++c) {
-      xx[b * C + c] = ain[b * C + c] - xa[b * C + c];
-      xxx[b * C + c] = xa[b * C + c] + xx[b * C + c] * maa_x[c];
-    }
+    for (int64_t c = 0; c < C; ++c) xxx[b * C + c] = xa[b * C + c] + (ain[b * C + c] - xa[b * C + c]) * maa_x[c];
   }
   mat_mat(xxx.data(), C, f(8), th.data(), R5, B, C, R5);
   for (int64_t j = 0; j < B * R5; ++j) th[j] = std::tanh(th[j]);
-  for (int64_t i = 0; i < 5; ++i) {  // offsets m_i = th_i @ w2[i], then x_i = x + xx * (maa_i + m_i)
-    mat_mat(th.data() + i * R, R5, f(9) + i * R * C, m5.data() + i * B * C, C, B, R, C);
-    const float *mu = f(3 + i), *mi = m5.data() + i * B * C;
-    float* o = xs.data() + i * B * C;
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < C; ++c) o[b * C + c] = xa[b * C + c] + xx[b * C + c] * (mu[c] + mi[b * C + c]);
-  }
+  // x_i = x + (prev - x) * (maa_i + th_i @ w2[i]) (mix_lora_forward's tiles), by column panels across threads
+  at::parallel_for(0, (C + 63) / 64, 1, [&](int64_t p0, int64_t p1) {
+    const float* xr[6];
+    const float* pr[6];
+    float* o[6];
+    for (int64_t c0 = p0 * 64; c0 < std::min(C, p1 * 64); c0 += 64)
+      for (int64_t i = 0; i < 5; ++i)
+        for (int64_t b0 = 0; b0 < B; b0 += 6) {
+          const int64_t mr = std::min<int64_t>(6, B - b0);
+          for (int64_t m = 0; m < mr; ++m) {
+            xr[m] = xa + (b0 + m) * C + c0;
+            pr[m] = ain + (b0 + m) * C + c0;
+            o[m] = xs.data() + i * B * C + (b0 + m) * C + c0;
+          }
+          mix_lora_tile_for((int)mr, (int)std::min<int64_t>(4, (C - c0) / 16))(
+              th.data() + b0 * R5 + i * R, R5, f(9) + i * R * C + c0, C, R, xr, pr, f(3 + i) + c0, o);
+        }
+  });
   mat_mat(xs.data(), C, f(11), tb.data(), D, B, C, D);  // the decay's LoRA, on x_w
   for (int64_t j = 0; j < B * D; ++j) tb[j] = std::tanh(tb[j]);
   mat_mat(tb.data(), D, f(12), ww.data(), A, B, D, A);
@@ -1142,10 +1171,9 @@ void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
       _mm512_storeu_ps(e.data() + b * A + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
     }
   // r, k, v, gate (slots r = 3, k = 1, v = 2, g = 4 of the mixed inputs)
-  rows_for<F32>(B, xr_, f(13), r, C, A);
-  rows_for<F32>(B, xs.data() + 1 * B * C, f(14), k, C, A);
-  rows_for<F32>(B, xs.data() + 2 * B * C, f(15), v, C, A);
-  rows_for<F32>(B, xs.data() + 4 * B * C, f(16), g, C, A);
+  const RowsJob<F32> rkvg_jobs[4] = {{xs.data() + 3 * B * C, f(13), r, C, A}, {xs.data() + 1 * B * C, f(14), k, C, A},
+                                     {xs.data() + 2 * B * C, f(15), v, C, A}, {xs.data() + 4 * B * C, f(16), g, C, A}};
+  rows_for<F32>(B, rkvg_jobs, 4);
   // the WKV step of each (row, head), then the gated group norm
   const auto fstep = by_width(N, [](auto nv) -> FwdStep { return fwd_step<decltype(nv)::value>; });
   const float *u = f(17), *sin = wkv_in.data_ptr<float>();
@@ -1162,7 +1190,8 @@ void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
     for (int64_t b = b0; b < b1; ++b)
       gn_gate_row(y.data() + b * A, g + b * A, f(18), f(19), z.data() + b * A, H, N, (float)gn_eps);
   });
-  rows_for<F32>(B, z.data(), f(20), x1.data(), A, C);  // the time mix's output ...
+  const RowsJob<F32> out_job{z.data(), f(20), x1.data(), A, C};
+  rows_for<F32>(B, &out_job, 1);  // the time mix's output ...
   // ... added to the block input; ln2 and the channel mix's token shift
   const float *fin = ffn_in.data_ptr<float>(), *mk = f(23), *mr = f(24);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -1179,10 +1208,11 @@ void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
       }
     }
   });
-  rows_for<F32>(B, xkr.data(), f(25), h.data(), C, F);
+  const RowsJob<F32> kr_jobs[2] = {{xkr.data(), f(25), h.data(), C, F}, {xkr.data() + B * C, f(26), rr.data(), C, C}};
+  rows_for<F32>(B, kr_jobs, 2);
   for (int64_t i = 0; i < B * F; ++i) h[i] = h[i] > 0.f ? h[i] * h[i] : 0.f;  // relu(.)^2
-  rows_for<F32>(B, h.data(), f(27), vo.data(), F, C);
-  rows_for<F32>(B, xkr.data() + B * C, f(26), rr.data(), C, C);
+  const RowsJob<F32> value_job{h.data(), f(27), vo.data(), F, C};
+  rows_for<F32>(B, &value_job, 1);
   float* out = xo.data_ptr<float>();
   for (int64_t i = 0; i < B * C; i += 16) {  // x1 + sigmoid(rr) * vo
     const __m512 s = sigmoid16(_mm512_loadu_ps(rr.data() + i));
