@@ -279,26 +279,24 @@ def decode_block_v6(x, params, att_shift, wkv, ffn_shift, ln_eps: float, gn_eps:
     the order ``decode_block_v6`` in ``cpu_kernels.cpp`` lists; ``att_shift, ffn_shift [B, C]``,
     ``wkv [B, H, N, N]`` (key-major) the state before the token, never modified. Returns
     ``(out [B, C], att_shift, wkv, ffn_shift)``: the block's output and the state after the token.
-    Applies to fp32 CPU tensors, no autograd recording, 1-16 rows, and sizes that are multiples of
-    16 (C, the attention and FFN widths, the head size, the LoRA ranks x5 and the decay rank)."""
+    Applies to contiguous fp32 CPU parameters, no autograd recording, 1-16 rows, and sizes that
+    are multiples of 16 (C, the attention and FFN widths, the head size, the LoRA ranks x5 and the
+    decay rank). Called for every block of every decoded token: the checks on the parameters are
+    the kernel's (it returns False where one fails)."""
     B, C = x.shape
-    if not 1 <= B <= MAX_ROWS or torch.is_grad_enabled():
+    if not 1 <= B <= MAX_ROWS or torch.is_grad_enabled() or not all(type(t) in _PLAIN for t in params):
         return None
-    ts = (x, att_shift, wkv, ffn_shift, *params)
-    if not all(_plain_fp32_cpu(t) for t in ts):
+    if not all(_plain_fp32_cpu(t) for t in (x, att_shift, wkv, ffn_shift)):
         return None
     mod = extension()
     if mod is None:
         return None
     H, N = params[17].shape
-    A, F, R5, D = params[13].shape[0], params[25].shape[0], params[8].shape[1], params[11].shape[1]
-    if any(n % 16 for n in (C, A, F, N, R5, D)) or H * N != A:
+    att_out, ffn_out, out = x.new_empty(B, C), x.new_empty(B, C), x.new_empty(B, C)
+    wkv_out = x.new_empty(B, H, N, N)
+    if not mod.decode_block_v6(x.contiguous(), params, att_shift.contiguous(), wkv.contiguous(),
+                               ffn_shift.contiguous(), out, att_out, wkv_out, ffn_out, float(ln_eps), float(gn_eps)):
         return None
-    att_out, ffn_out, out = torch.empty(B, C), torch.empty(B, C), torch.empty(B, C)
-    wkv_out = torch.empty(B, H, N, N)
-    mod.decode_block_v6(x.contiguous(), [t.contiguous() for t in params], att_shift.contiguous(),
-                        wkv.contiguous(), ffn_shift.contiguous(), out, att_out, wkv_out, ffn_out,
-                        float(ln_eps), float(gn_eps))
     return out, att_out, wkv_out, ffn_out
 
 

@@ -1091,24 +1091,33 @@ static void mat_mat(const float* X, int64_t ldx, const float* M, float* Y, int64
   });
 }
 
-// p (30 tensors, all fp32 contiguous): ln1 w, b; time_maa_x, _w, _k, _v, _r, _g [C]; time_maa_w1 [C, 5R];
+// p (30 tensors): ln1 w, b; time_maa_x, _w, _k, _v, _r, _g [C]; time_maa_w1 [C, 5R];
 // time_maa_w2 [5, R, C]; time_decay [A]; time_decay_w1 [C, D]; time_decay_w2 [D, A]; receptance, key,
 // value, gate [A, C]; time_faaaa [H, N]; ln_x w, b [A]; output [C, A]; ln2 w, b; channel mix time_maa_k,
 // _r [C]; its key [F, C], receptance [C, C], value [C, F]; ln0 w, b (empty tensors: no ln0).
 // x [B, C] the block input; att_in, ffn_in [B, C] the token shifts and wkv_in [B, H, N, N] the
 // state before the token (read only); xo [B, C], att_out, ffn_out, wkv_out the results.
-void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor att_in, torch::Tensor wkv_in,
+// Returns false, computing nothing, where the kernel does not apply: a tensor that is not
+// contiguous fp32 on the CPU, or a size that is not a multiple of 16.
+bool decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor att_in, torch::Tensor wkv_in,
                      torch::Tensor ffn_in, torch::Tensor xo, torch::Tensor att_out, torch::Tensor wkv_out,
                      torch::Tensor ffn_out, double ln_eps, double gn_eps) {
   TORCH_CHECK(p.size() == 30, "decode_block_v6: 30 parameter tensors");
-  for (const auto& t : p) check_f32(t, "decode_block_v6 parameter");
-  for (auto* t : {&x, &att_in, &wkv_in, &ffn_in, &xo, &att_out, &wkv_out, &ffn_out}) check_f32(*t, "decode_block_v6 tensor");
+  auto fits = [](const torch::Tensor& t) {
+    return t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu();
+  };
+  for (const auto& t : p)
+    if (!fits(t)) return false;
+  for (auto* t : {&x, &att_in, &wkv_in, &ffn_in, &xo, &att_out, &wkv_out, &ffn_out})
+    if (!fits(*t)) return false;
+  TORCH_CHECK(x.dim() == 2 && p[8].dim() == 2 && p[9].dim() == 3 && p[11].dim() == 2 && p[13].dim() == 2 &&
+              p[17].dim() == 2 && p[25].dim() == 2, "decode_block_v6: parameter ranks");
   const int64_t B = x.size(0), C = x.size(1);
   const int64_t R5 = p[8].size(1), R = p[9].size(1), D = p[11].size(1), A = p[13].size(0);
   const int64_t H = p[17].size(0), N = p[17].size(1), F = p[25].size(0);
-  TORCH_CHECK(B >= 1 && B <= 16 && x.dim() == 2, "decode_block_v6: x must be [B, C] with 1 <= B <= 16");
-  TORCH_CHECK(C % 16 == 0 && A % 16 == 0 && F % 16 == 0 && N % 16 == 0 && R5 % 16 == 0 && D % 16 == 0 &&
-              R5 == 5 * R && H * N == A, "decode_block_v6: sizes");
+  TORCH_CHECK(B >= 1 && B <= 16, "decode_block_v6: 1 to 16 rows");
+  if (C % 16 || A % 16 || F % 16 || N % 16 || R5 % 16 || D % 16) return false;
+  TORCH_CHECK(R5 == 5 * R && H * N == A, "decode_block_v6: sizes");
   TORCH_CHECK(p[8].size(0) == C && p[9].size(0) == 5 && p[9].size(2) == C && p[11].size(0) == C &&
               p[12].size(0) == D && p[12].size(1) == A && p[20].size(0) == C && p[20].size(1) == A &&
               p[26].size(0) == C && p[27].size(1) == F, "decode_block_v6: parameter shapes");
@@ -1218,6 +1227,7 @@ void decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
     const __m512 s = sigmoid16(_mm512_loadu_ps(rr.data() + i));
     _mm512_storeu_ps(out + i, _mm512_fmadd_ps(s, _mm512_loadu_ps(vo.data() + i), _mm512_loadu_ps(x1.data() + i)));
   }
+  return true;
 }
 
 

@@ -305,12 +305,15 @@ class Block(nn.Module):
             wkv_state = att.initial_wkv(B)
             if wkv_state is None:
                 wkv_state = x.new_zeros(B, att.n_head, att.head_size, att.head_size, dtype=torch.float32)
-        ln0 = (self.ln0.weight, self.ln0.bias) if hasattr(self, "ln0") else (_NO_TENSOR, _NO_TENSOR)
-        params = [self.ln1.weight, self.ln1.bias, att.time_maa_x, att.time_maa_w, att.time_maa_k, att.time_maa_v,
-                  att.time_maa_r, att.time_maa_g, att.time_maa_w1, att.time_maa_w2, att.time_decay,
-                  att.time_decay_w1, att.time_decay_w2, att.receptance.weight, att.key.weight, att.value.weight,
-                  att.gate.weight, att.time_faaaa, att.ln_x.weight, att.ln_x.bias, att.output.weight,
-                  self.ln2.weight, self.ln2.bias, ffn.time_maa_k, ffn.time_maa_r, ffn.key.weight,
+        # read from the modules' own dicts: this runs for every block of every decoded token
+        a, f = att._parameters, ffn._parameters
+        ln0 = self._modules.get("ln0")
+        ln0 = (ln0.weight, ln0.bias) if ln0 is not None else (_NO_TENSOR, _NO_TENSOR)
+        params = [self.ln1.weight, self.ln1.bias, a["time_maa_x"], a["time_maa_w"], a["time_maa_k"], a["time_maa_v"],
+                  a["time_maa_r"], a["time_maa_g"], a["time_maa_w1"], a["time_maa_w2"], a["time_decay"],
+                  a["time_decay_w1"], a["time_decay_w2"], att.receptance.weight, att.key.weight, att.value.weight,
+                  att.gate.weight, a["time_faaaa"], att.ln_x.weight, att.ln_x.bias, att.output.weight,
+                  self.ln2.weight, self.ln2.bias, f["time_maa_k"], f["time_maa_r"], ffn.key.weight,
                   ffn.receptance.weight, ffn.value.weight, *ln0]
         res = cpu.decode_block_v6(x.view(B, -1), params, att_shift, wkv_state, ffn_shift, self.eps, att.gn_eps)
         if res is None:
