@@ -1074,21 +1074,29 @@ static MatMatTile mat_mat_tile_for(int nv) {
 }
 
 // Y[B, N] = X[B, K] @ M[K, N] (rows ldx / ldy floats apart, M row-major, N % 16 == 0): the small
-// LoRA products of the decoded rows. Column panels of 64 split across threads; each panel of M is
-// read from memory once for all rows (4 rows at a time in registers).
+// LoRA products of the decoded rows. Column panels (64 wide, 32 for a narrow N) split across threads;
+// each panel of M is read from memory once for all rows (4 rows at a time in registers). epi(y, n0,
+// n1) then finishes columns n0..n1 of an output row y on the thread that made them.
+template <class Epi>
 static void mat_mat(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy, int64_t B, int64_t K,
-                    int64_t N) {
-  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t p0, int64_t p1) {
+                    int64_t N, Epi epi) {
+  const int64_t width = N >= 256 ? 64 : 32;
+  at::parallel_for(0, (N + width - 1) / width, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * 64, nv = std::min<int64_t>(4, (N - n0) / 16);
+      const int64_t n0 = p * width, nv = std::min<int64_t>(width / 16, (N - n0) / 16);
       for (int64_t m = 0; m < B; m += 4) {
         const int64_t mr = std::min<int64_t>(4, B - m);
         const MatMatTile tile = mr == 1 ? mat_mat_tile_for<1>(nv) : mr == 2 ? mat_mat_tile_for<2>(nv)
                                 : mr == 3 ? mat_mat_tile_for<3>(nv) : mat_mat_tile_for<4>(nv);
         tile(X + m * ldx, ldx, M, N, Y + m * ldy, ldy, K, n0);
+        for (int64_t i = 0; i < mr; ++i) epi(Y + (m + i) * ldy, n0, n0 + 16 * nv);
       }
     }
   });
+}
+
+static void tanh_cols(float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) y[n] = std::tanh(y[n]);
 }
 
 // p (30 tensors): ln1 w, b; time_maa_x, _w, _k, _v, _r, _g [C]; time_maa_w1 [C, 5R];
@@ -1145,14 +1153,15 @@ bool decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
     xp = x0.data();
   }
   // time mix, up to the products: ln1, ddlerp with its LoRA, the decay
-  Buf xxx(B * C), th(B * R5), tb(B * D), ww(B * A);
+  Buf xxx(B * C), th(B * R5), tb(B * D);
   const float *ain = att_in.data_ptr<float>(), *maa_x = f(2);
-  for (int64_t b = 0; b < B; ++b) {
-    layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
-    for (int64_t c = 0; c < C; ++c) xxx[b * C + c] = xa[b * C + c] + (ain[b * C + c] - xa[b * C + c]) * maa_x[c];
-  }
-  mat_mat(xxx.data(), C, f(8), th.data(), R5, B, C, R5);
-  for (int64_t j = 0; j < B * R5; ++j) th[j] = std::tanh(th[j]);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
+      for (int64_t c = 0; c < C; ++c) xxx[b * C + c] = xa[b * C + c] + (ain[b * C + c] - xa[b * C + c]) * maa_x[c];
+    }
+  });
+  mat_mat(xxx.data(), C, f(8), th.data(), R5, B, C, R5, tanh_cols);
   // x_i = x + (prev - x) * (maa_i + th_i @ w2[i]) (mix_lora_forward's tiles), by column panels across threads
   at::parallel_for(0, (C + 63) / 64, 1, [&](int64_t p0, int64_t p1) {
     const float* xr[6];
@@ -1171,14 +1180,14 @@ bool decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
               th.data() + b0 * R5 + i * R, R5, f(9) + i * R * C + c0, C, R, xr, pr, f(3 + i) + c0, o);
         }
   });
-  mat_mat(xs.data(), C, f(11), tb.data(), D, B, C, D);  // the decay's LoRA, on x_w
-  for (int64_t j = 0; j < B * D; ++j) tb[j] = std::tanh(tb[j]);
-  mat_mat(tb.data(), D, f(12), ww.data(), A, B, D, A);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t a = 0; a < A; a += 16) {  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
-      const __m512 w = _mm512_add_ps(_mm512_loadu_ps(f(10) + a), _mm512_loadu_ps(ww.data() + b * A + a));
-      _mm512_storeu_ps(e.data() + b * A + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
+  mat_mat(xs.data(), C, f(11), tb.data(), D, B, C, D, tanh_cols);  // the decay's LoRA, on x_w
+  const float* decay = f(10);
+  mat_mat(tb.data(), D, f(12), e.data(), A, B, D, A, [decay](float* y, int64_t n0, int64_t n1) {
+    for (int64_t a = n0; a < n1; a += 16) {  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
+      const __m512 w = _mm512_add_ps(_mm512_loadu_ps(decay + a), _mm512_loadu_ps(y + a));
+      _mm512_storeu_ps(y + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
     }
+  });
   // r, k, v, gate (slots r = 3, k = 1, v = 2, g = 4 of the mixed inputs)
   const RowsJob<F32> rkvg_jobs[4] = {{xs.data() + 3 * B * C, f(13), r, C, A}, {xs.data() + 1 * B * C, f(14), k, C, A},
                                      {xs.data() + 2 * B * C, f(15), v, C, A}, {xs.data() + 4 * B * C, f(16), g, C, A}};
@@ -1219,7 +1228,9 @@ bool decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
   });
   const RowsJob<F32> kr_jobs[2] = {{xkr.data(), f(25), h.data(), C, F}, {xkr.data() + B * C, f(26), rr.data(), C, C}};
   rows_for<F32>(B, kr_jobs, 2);
-  for (int64_t i = 0; i < B * F; ++i) h[i] = h[i] > 0.f ? h[i] * h[i] : 0.f;  // relu(.)^2
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * F; i < b1 * F; ++i) h[i] = h[i] > 0.f ? h[i] * h[i] : 0.f;  // relu(.)^2
+  });
   const RowsJob<F32> value_job{h.data(), f(27), vo.data(), F, C};
   rows_for<F32>(B, &value_job, 1);
   float* out = xo.data_ptr<float>();
