@@ -747,26 +747,33 @@ static void mix_lora_tile(const float* th, int64_t ldth, const float* w, int64_t
     }
 }
 
-using MixLoraTile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float* const*,
-                             const float* const*, const float*, float* const*);
-template <int MR>
-static MixLoraTile mix_lora_tile_for(int nb) {
+// The instance of a register-tile kernel for mr rows (1..6) and nb vectors of 16 columns (1..4):
+// pick gets both as compile-time constants.
+template <int MR, typename Pick>
+static auto by_tile_cols(int nb, Pick pick) {
   switch (nb) {
-    case 1: return mix_lora_tile<MR, 1>;
-    case 2: return mix_lora_tile<MR, 2>;
-    case 3: return mix_lora_tile<MR, 3>;
-    default: return mix_lora_tile<MR, 4>;
+    case 1: return pick(std::integral_constant<int, MR>{}, std::integral_constant<int, 1>{});
+    case 2: return pick(std::integral_constant<int, MR>{}, std::integral_constant<int, 2>{});
+    case 3: return pick(std::integral_constant<int, MR>{}, std::integral_constant<int, 3>{});
+    default: return pick(std::integral_constant<int, MR>{}, std::integral_constant<int, 4>{});
   }
 }
-static MixLoraTile mix_lora_tile_for(int mr, int nb) {
+template <typename Pick>
+static auto by_tile(int mr, int nb, Pick pick) {
   switch (mr) {
-    case 1: return mix_lora_tile_for<1>(nb);
-    case 2: return mix_lora_tile_for<2>(nb);
-    case 3: return mix_lora_tile_for<3>(nb);
-    case 4: return mix_lora_tile_for<4>(nb);
-    case 5: return mix_lora_tile_for<5>(nb);
-    default: return mix_lora_tile_for<6>(nb);
+    case 1: return by_tile_cols<1>(nb, pick);
+    case 2: return by_tile_cols<2>(nb, pick);
+    case 3: return by_tile_cols<3>(nb, pick);
+    case 4: return by_tile_cols<4>(nb, pick);
+    case 5: return by_tile_cols<5>(nb, pick);
+    default: return by_tile_cols<6>(nb, pick);
   }
+}
+
+using MixLoraTile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float* const*,
+                             const float* const*, const float*, float* const*);
+static MixLoraTile mix_lora_tile_for(int mr, int nb) {
+  return by_tile(mr, nb, [](auto m, auto n) -> MixLoraTile { return mix_lora_tile<m.value, n.value>; });
 }
 
 void mix_lora_forward(torch::Tensor x, torch::Tensor shift, torch::Tensor mu, torch::Tensor th, torch::Tensor w2,
@@ -1063,15 +1070,6 @@ static void mat_mat_tile(const float* X, int64_t ldx, const float* M, int64_t N,
 }
 
 using MatMatTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
-template <int MR>
-static MatMatTile mat_mat_tile_for(int nv) {
-  switch (nv) {
-    case 1: return mat_mat_tile<MR, 1>;
-    case 2: return mat_mat_tile<MR, 2>;
-    case 3: return mat_mat_tile<MR, 3>;
-    default: return mat_mat_tile<MR, 4>;
-  }
-}
 
 // Y[B, N] = X[B, K] @ M[K, N] (rows ldx / ldy floats apart, M row-major, N % 16 == 0): the small
 // LoRA products of the decoded rows. Column panels (64 wide, 32 for a narrow N) split across threads;
@@ -1086,8 +1084,9 @@ static void mat_mat(const float* X, int64_t ldx, const float* M, float* Y, int64
       const int64_t n0 = p * width, nv = std::min<int64_t>(width / 16, (N - n0) / 16);
       for (int64_t m = 0; m < B; m += 4) {
         const int64_t mr = std::min<int64_t>(4, B - m);
-        const MatMatTile tile = mr == 1 ? mat_mat_tile_for<1>(nv) : mr == 2 ? mat_mat_tile_for<2>(nv)
-                                : mr == 3 ? mat_mat_tile_for<3>(nv) : mat_mat_tile_for<4>(nv);
+        const MatMatTile tile = by_tile((int)mr, (int)nv, [](auto r, auto c) -> MatMatTile {
+          return mat_mat_tile<r.value, c.value>;
+        });
         tile(X + m * ldx, ldx, M, N, Y + m * ldy, ldy, K, n0);
         for (int64_t i = 0; i < mr; ++i) epi(Y + (m + i) * ldy, n0, n0 + 16 * nv);
       }
