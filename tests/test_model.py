@@ -113,19 +113,21 @@ def test_state_is_not_modified_and_supports_batch_ops():
     assert st.nbytes_per_stream() == L * (2 * C * 4 + H * N * N * 4)
 
 
-@pytest.mark.parametrize("B,state_tuned,kw", [(1, False, {}), (5, True, {}), (2, False, {"n_embd": 128, "head_size": 32}),
-                                                (3, False, {"n_embd": 40, "head_size": 8}), (17, False, {})])
-def test_fused_decode_block_equals_block_forward(monkeypatch, B, state_tuned, kw):
-    """Decoding runs each x060 block as one C++ call (Block.decode_step, fp32 CPU); the blocks' own
+@pytest.mark.parametrize("version,B,state_tuned,kw", [
+    ("x060", 1, False, {}), ("x060", 5, True, {}), ("x060", 2, False, {"n_embd": 128, "head_size": 32}),
+    ("x060", 3, False, {"n_embd": 40, "head_size": 8}), ("x060", 17, False, {}), ("x052", 1, False, {}),
+    ("x052", 4, True, {"n_embd": 128, "head_size": 32})])
+def test_fused_decode_block_equals_block_forward(monkeypatch, version, B, state_tuned, kw):
+    """Decoding runs each block as one C++ call (Block.decode_step, fp32 CPU); the blocks' own
     forward is its twin: the same logits and states step after step, from no state (a tuned
     initial state or zeros) and onwards. Sizes that are not multiples of 16, or more than 16 rows,
     take the block's forward."""
     from multimodal_rwkv.kernels import cpu
     from multimodal_rwkv.model import modeling
 
-    m = _random_model(has_initial_state=state_tuned, **kw)
-    real, used = cpu.decode_block_v6, []
-    monkeypatch.setattr(cpu, "decode_block_v6", lambda *a: used.append(real(*a) is not None) or real(*a))
+    m = _random_model(version, has_initial_state=state_tuned, **kw)
+    real, used = cpu.decode_block, []
+    monkeypatch.setattr(cpu, "decode_block", lambda *a: used.append(real(*a) is not None) or real(*a))
     ids = torch.randint(0, 97, (B, 6))
     runs = {}
     with torch.no_grad():
@@ -144,18 +146,17 @@ def test_fused_decode_block_equals_block_forward(monkeypatch, B, state_tuned, kw
         assert rel(a, b) < 1e-5
 
 
-def test_fused_decode_block_skips_lora_and_x052(monkeypatch):
-    """A LoRA-wrapped projection (training.peft) or an x052 block decodes through the block's forward."""
+def test_fused_decode_block_skips_lora(monkeypatch):
+    """A LoRA-wrapped projection (training.peft) decodes through the block's forward."""
     from multimodal_rwkv.kernels import cpu
     from multimodal_rwkv.training.peft import apply_lora
 
     called = []
-    monkeypatch.setattr(cpu, "decode_block_v6", lambda *a: called.append(1))
+    monkeypatch.setattr(cpu, "decode_block", lambda *a: called.append(1))
     lora = _random_model()
     apply_lora(lora, r=4, alpha=8, targets=["att.key"])
     with torch.no_grad():
-        for m in (_random_model("x052"), lora):
-            m(torch.randint(0, 97, (2, 1)))
+        lora(torch.randint(0, 97, (2, 1)))
     assert not called
 
 

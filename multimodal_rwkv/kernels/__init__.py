@@ -31,8 +31,8 @@ Importing this package does not import triton (it is imported on the first Trito
 
 :mod:`.cpu` also holds the dense products that are not WKV: a C++ kernel for the 2-16-row fp32
 products of batched decoding (``cpu.few_rows_linear``) and the oneDNN route for fp32 products of
-more rows (``cpu.linear``); ``model.modeling.Linear`` uses both, with fallbacks. And a whole x060
-block for one decoded token per row in one C++ call (``cpu.decode_block_v6``: the norms, ddlerp,
+more rows (``cpu.linear``); ``model.modeling.Linear`` uses both, with fallbacks. And a whole x060 or
+x052 block for one decoded token per row in one C++ call (``cpu.decode_block``: the norms, the mixing,
 the decay, the WKV step and the gated norm in registers and cache, the eight products through the
 few-rows kernel), which ``model.modeling.Block.decode_step`` uses for fp32 CPU decoding.
 """

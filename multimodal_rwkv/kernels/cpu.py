@@ -270,17 +270,18 @@ def wkv6_cpu(r, k, v, w, u, initial_state=None, output_final_state=False):
     return o, (s if output_final_state else None)
 
 
-# ----------------------------------------------------------------------- decode block (x060)
-def decode_block_v6(x, params, att_shift, wkv, ffn_shift, ln_eps: float, gn_eps: float):
-    """One RWKV-6 block for one token per row in one C++ call (decoding), or None where the
-    kernel does not apply (then the caller runs the block's own forward, the twin in the tests).
+# ------------------------------------------------------------------------------ decode block
+def decode_block(x, params, att_shift, wkv, ffn_shift, ln_eps: float, gn_eps: float, v6: bool):
+    """One RWKV-6 (``v6``) or RWKV-5 block for one token per row in one C++ call (decoding), or
+    None where the kernel does not apply (then the caller runs the block's own forward, the twin
+    in the tests).
 
     ``x [B, C]`` the block input (before ``ln0`` for block 0); ``params`` the block's 30 tensors in
-    the order ``decode_block_v6`` in ``cpu_kernels.cpp`` lists; ``att_shift, ffn_shift [B, C]``,
+    the order ``decode_block`` in ``cpu_kernels.cpp`` lists; ``att_shift, ffn_shift [B, C]``,
     ``wkv [B, H, N, N]`` (key-major) the state before the token, never modified. Returns
     ``(out [B, C], att_shift, wkv, ffn_shift)``: the block's output and the state after the token.
     Applies to contiguous fp32 CPU parameters, no autograd recording, 1-16 rows, and sizes that
-    are multiples of 16 (C, the attention and FFN widths, the head size, the LoRA ranks x5 and the
+    are multiples of 16 (C, the attention and FFN widths, the head size; x060's LoRA ranks x5 and
     decay rank). Called for every block of every decoded token: the checks on the parameters are
     the kernel's (it returns False where one fails)."""
     B, C = x.shape
@@ -294,8 +295,8 @@ def decode_block_v6(x, params, att_shift, wkv, ffn_shift, ln_eps: float, gn_eps:
     H, N = params[17].shape
     att_out, ffn_out, out = x.new_empty(B, C), x.new_empty(B, C), x.new_empty(B, C)
     wkv_out = x.new_empty(B, H, N, N)
-    if not mod.decode_block_v6(x.contiguous(), params, att_shift.contiguous(), wkv.contiguous(),
-                               ffn_shift.contiguous(), out, att_out, wkv_out, ffn_out, float(ln_eps), float(gn_eps)):
+    if not mod.decode_block(x.contiguous(), params, att_shift.contiguous(), wkv.contiguous(), ffn_shift.contiguous(),
+                            out, att_out, wkv_out, ffn_out, float(ln_eps), float(gn_eps), bool(v6)):
         return None
     return out, att_out, wkv_out, ffn_out
 

@@ -1024,14 +1024,14 @@ void transpose(torch::Tensor src, torch::Tensor dst) {
   });
 }
 
-// ------------------------------------------------------------------------- decode block (x060)
-// One RWKV-6 block for one token in each of B <= 16 rows (decoding) in one call. Run through torch,
-// a decoded token costs ~40 small ops per block besides its eight weight products, each with its
-// dispatch and output buffer: on the 2-core box about 10 of a 12x768 model's 25 ms per token.
-// Here the small parts (norms, ddlerp and its LoRA, the decay, the WKV step, the gated group
-// norm, the channel mix's elementwise parts) run per row from cache, and the eight products go
-// through the few-rows kernel (each weight read once for all rows, split across threads). The
-// formulas are modeling.py's Block (the twin in the tests).
+// ------------------------------------------------------------------------------ decode block
+// One RWKV-6 (x060) or RWKV-5 (x052) block for one token in each of B <= 16 rows (decoding) in one
+// call. Run through torch, a decoded token costs ~40 small ops per block besides its eight weight
+// products, each with its dispatch and output buffer: on the 2-core box about 10 of a 12x768
+// model's 25 ms per token. Here the small parts (norms, the token-shift mixing with x060's LoRA,
+// the decay, the WKV step, the gated group norm, the channel mix's elementwise parts) run from
+// cache, and the eight products go through the few-rows kernel (each weight read once for all
+// rows, split across threads). The formulas are modeling.py's Block (the twin in the tests).
 
 // LayerNorm of one row of C (C % 16 == 0): y = (x - mean) / sqrt(var + eps) * w + b.
 static void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t C, float eps) {
@@ -1102,14 +1102,17 @@ static void tanh_cols(float* y, int64_t n0, int64_t n1) {
 // time_maa_w2 [5, R, C]; time_decay [A]; time_decay_w1 [C, D]; time_decay_w2 [D, A]; receptance, key,
 // value, gate [A, C]; time_faaaa [H, N]; ln_x w, b [A]; output [C, A]; ln2 w, b; channel mix time_maa_k,
 // _r [C]; its key [F, C], receptance [C, C], value [C, F]; ln0 w, b (empty tensors: no ln0).
+// x052 (v6 false): time_mix_k, _v, _r, _g in the places of time_maa_k.._g, its static time_decay
+// [H, N], the channel mix's time_mix_k, _r; the other x060-only places empty; gn_eps with the
+// head-size divisor folded in (GroupNorm(y / d, eps) == GroupNorm(y, eps d^2)).
 // x [B, C] the block input; att_in, ffn_in [B, C] the token shifts and wkv_in [B, H, N, N] the
 // state before the token (read only); xo [B, C], att_out, ffn_out, wkv_out the results.
 // Returns false, computing nothing, where the kernel does not apply: a tensor that is not
 // contiguous fp32 on the CPU, or a size that is not a multiple of 16.
-bool decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor att_in, torch::Tensor wkv_in,
-                     torch::Tensor ffn_in, torch::Tensor xo, torch::Tensor att_out, torch::Tensor wkv_out,
-                     torch::Tensor ffn_out, double ln_eps, double gn_eps) {
-  TORCH_CHECK(p.size() == 30, "decode_block_v6: 30 parameter tensors");
+bool decode_block(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor att_in, torch::Tensor wkv_in,
+                  torch::Tensor ffn_in, torch::Tensor xo, torch::Tensor att_out, torch::Tensor wkv_out,
+                  torch::Tensor ffn_out, double ln_eps, double gn_eps, bool v6) {
+  TORCH_CHECK(p.size() == 30, "decode_block: 30 parameter tensors");
   auto fits = [](const torch::Tensor& t) {
     return t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu();
   };
@@ -1117,19 +1120,20 @@ bool decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
     if (!fits(t)) return false;
   for (auto* t : {&x, &att_in, &wkv_in, &ffn_in, &xo, &att_out, &wkv_out, &ffn_out})
     if (!fits(*t)) return false;
-  TORCH_CHECK(x.dim() == 2 && p[8].dim() == 2 && p[9].dim() == 3 && p[11].dim() == 2 && p[13].dim() == 2 &&
-              p[17].dim() == 2 && p[25].dim() == 2, "decode_block_v6: parameter ranks");
-  const int64_t B = x.size(0), C = x.size(1);
-  const int64_t R5 = p[8].size(1), R = p[9].size(1), D = p[11].size(1), A = p[13].size(0);
+  TORCH_CHECK(x.dim() == 2 && p[13].dim() == 2 && p[17].dim() == 2 && p[25].dim() == 2 &&
+              (!v6 || (p[8].dim() == 2 && p[9].dim() == 3 && p[11].dim() == 2)), "decode_block: parameter ranks");
+  const int64_t B = x.size(0), C = x.size(1), A = p[13].size(0);
+  const int64_t R5 = v6 ? p[8].size(1) : 16, R = v6 ? p[9].size(1) : 0, D = v6 ? p[11].size(1) : 16;
   const int64_t H = p[17].size(0), N = p[17].size(1), F = p[25].size(0);
-  TORCH_CHECK(B >= 1 && B <= 16, "decode_block_v6: 1 to 16 rows");
+  TORCH_CHECK(B >= 1 && B <= 16, "decode_block: 1 to 16 rows");
   if (C % 16 || A % 16 || F % 16 || N % 16 || R5 % 16 || D % 16) return false;
-  TORCH_CHECK(R5 == 5 * R && H * N == A, "decode_block_v6: sizes");
-  TORCH_CHECK(p[8].size(0) == C && p[9].size(0) == 5 && p[9].size(2) == C && p[11].size(0) == C &&
-              p[12].size(0) == D && p[12].size(1) == A && p[20].size(0) == C && p[20].size(1) == A &&
-              p[26].size(0) == C && p[27].size(1) == F, "decode_block_v6: parameter shapes");
+  TORCH_CHECK(H * N == A && p[10].numel() == A && p[20].size(0) == C && p[20].size(1) == A &&
+              p[26].size(0) == C && p[27].size(1) == F, "decode_block: parameter shapes");
+  TORCH_CHECK(!v6 || (R5 == 5 * R && p[8].size(0) == C && p[9].size(0) == 5 && p[9].size(2) == C &&
+                      p[11].size(0) == C && p[12].size(0) == D && p[12].size(1) == A),
+              "decode_block: LoRA shapes");
   TORCH_CHECK(wkv_in.numel() == B * H * N * N && wkv_out.numel() == B * H * N * N && att_in.numel() == B * C &&
-              ffn_in.numel() == B * C, "decode_block_v6: state shapes");
+              ffn_in.numel() == B * C, "decode_block: state shapes");
   const float* P[30];
   for (int i = 0; i < 30; ++i) P[i] = p[i].data_ptr<float>();
   auto f = [&P](int i) { return P[i]; };
@@ -1151,42 +1155,57 @@ bool decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
     for (int64_t b = 0; b < B; ++b) layer_norm_row(xp + b * C, f(28), f(29), x0.data() + b * C, C, eps);
     xp = x0.data();
   }
-  // time mix, up to the products: ln1, ddlerp with its LoRA, the decay
-  Buf xxx(B * C), th(B * R5), tb(B * D);
+  // time mix, up to the products: ln1, the token-shift mixing (x060: ddlerp with its LoRA), the decay
   const float *ain = att_in.data_ptr<float>(), *maa_x = f(2);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
-      for (int64_t c = 0; c < C; ++c) xxx[b * C + c] = xa[b * C + c] + (ain[b * C + c] - xa[b * C + c]) * maa_x[c];
-    }
-  });
-  mat_mat(xxx.data(), C, f(8), th.data(), R5, B, C, R5, tanh_cols);
-  // x_i = x + (prev - x) * (maa_i + th_i @ w2[i]) (mix_lora_forward's tiles), by column panels across threads
-  at::parallel_for(0, (C + 63) / 64, 1, [&](int64_t p0, int64_t p1) {
-    const float* xr[6];
-    const float* pr[6];
-    float* o[6];
-    for (int64_t c0 = p0 * 64; c0 < std::min(C, p1 * 64); c0 += 64)
-      for (int64_t i = 0; i < 5; ++i)
-        for (int64_t b0 = 0; b0 < B; b0 += 6) {
-          const int64_t mr = std::min<int64_t>(6, B - b0);
-          for (int64_t m = 0; m < mr; ++m) {
-            xr[m] = xa + (b0 + m) * C + c0;
-            pr[m] = ain + (b0 + m) * C + c0;
-            o[m] = xs.data() + i * B * C + (b0 + m) * C + c0;
+  if (v6) {
+    Buf xxx(B * C), th(B * R5), tb(B * D);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
+        for (int64_t c = 0; c < C; ++c) xxx[b * C + c] = xa[b * C + c] + (ain[b * C + c] - xa[b * C + c]) * maa_x[c];
+      }
+    });
+    mat_mat(xxx.data(), C, f(8), th.data(), R5, B, C, R5, tanh_cols);
+    // x_i = x + (prev - x) * (maa_i + th_i @ w2[i]) (mix_lora_forward's tiles), by column panels across threads
+    at::parallel_for(0, (C + 63) / 64, 1, [&](int64_t p0, int64_t p1) {
+      const float* xr[6];
+      const float* pr[6];
+      float* o[6];
+      for (int64_t c0 = p0 * 64; c0 < std::min(C, p1 * 64); c0 += 64)
+        for (int64_t i = 0; i < 5; ++i)
+          for (int64_t b0 = 0; b0 < B; b0 += 6) {
+            const int64_t mr = std::min<int64_t>(6, B - b0);
+            for (int64_t m = 0; m < mr; ++m) {
+              xr[m] = xa + (b0 + m) * C + c0;
+              pr[m] = ain + (b0 + m) * C + c0;
+              o[m] = xs.data() + i * B * C + (b0 + m) * C + c0;
+            }
+            mix_lora_tile_for((int)mr, (int)std::min<int64_t>(4, (C - c0) / 16))(
+                th.data() + b0 * R5 + i * R, R5, f(9) + i * R * C + c0, C, R, xr, pr, f(3 + i) + c0, o);
           }
-          mix_lora_tile_for((int)mr, (int)std::min<int64_t>(4, (C - c0) / 16))(
-              th.data() + b0 * R5 + i * R, R5, f(9) + i * R * C + c0, C, R, xr, pr, f(3 + i) + c0, o);
+    });
+    mat_mat(xs.data(), C, f(11), tb.data(), D, B, C, D, tanh_cols);  // the decay's LoRA, on x_w
+    const float* decay = f(10);
+    mat_mat(tb.data(), D, f(12), e.data(), A, B, D, A, [decay](float* y, int64_t n0, int64_t n1) {
+      for (int64_t a = n0; a < n1; a += 16) {  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
+        const __m512 w = _mm512_add_ps(_mm512_loadu_ps(decay + a), _mm512_loadu_ps(y + a));
+        _mm512_storeu_ps(y + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
+      }
+    });
+  } else {  // x052: x_i = x + (prev - x) * (1 - time_mix_i) for k, v, r, g; a static decay
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        layer_norm_row(xp + b * C, f(0), f(1), xa + b * C, C, eps);
+        for (int64_t i = 1; i < 5; ++i) {
+          const float* mix = f(3 + i);
+          float* o = xs.data() + i * B * C + b * C;
+          for (int64_t c = 0; c < C; ++c) o[c] = xa[b * C + c] + (ain[b * C + c] - xa[b * C + c]) * (1.f - mix[c]);
         }
-  });
-  mat_mat(xs.data(), C, f(11), tb.data(), D, B, C, D, tanh_cols);  // the decay's LoRA, on x_w
-  const float* decay = f(10);
-  mat_mat(tb.data(), D, f(12), e.data(), A, B, D, A, [decay](float* y, int64_t n0, int64_t n1) {
-    for (int64_t a = n0; a < n1; a += 16) {  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
-      const __m512 w = _mm512_add_ps(_mm512_loadu_ps(decay + a), _mm512_loadu_ps(y + a));
-      _mm512_storeu_ps(y + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
-    }
-  });
+      }
+    });
+    for (int64_t a = 0; a < A; ++a) e[a] = std::exp(-std::exp(f(10)[a]));
+    for (int64_t b = 1; b < B; ++b) std::copy(e.data(), e.data() + A, e.data() + b * A);
+  }
   // r, k, v, gate (slots r = 3, k = 1, v = 2, g = 4 of the mixed inputs)
   const RowsJob<F32> rkvg_jobs[4] = {{xs.data() + 3 * B * C, f(13), r, C, A}, {xs.data() + 1 * B * C, f(14), k, C, A},
                                      {xs.data() + 2 * B * C, f(15), v, C, A}, {xs.data() + 4 * B * C, f(16), g, C, A}};
@@ -1220,8 +1239,8 @@ bool decode_block_v6(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tenso
       float *ok = xkr.data() + b * C, *orr = xkr.data() + (B + b) * C;
       for (int64_t c = 0; c < C; ++c) {
         const float d = prev[c] - xb[c];
-        ok[c] = xb[c] + d * mk[c];
-        orr[c] = xb[c] + d * mr[c];
+        ok[c] = xb[c] + d * (v6 ? mk[c] : 1.f - mk[c]);  // x052: mu = 1 - time_mix
+        orr[c] = xb[c] + d * (v6 ? mr[c] : 1.f - mr[c]);
       }
     }
   });
@@ -1256,5 +1275,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ce_forward", &ce_forward, "cross-entropy per row (log-sum-exp kept for backward)");
   m.def("ce_backward", &ce_backward, "gradient of ce_forward");
   m.def("transpose", &transpose, "dst[C, R] = src[R, C].T");
-  m.def("decode_block_v6", &decode_block_v6, "one RWKV-6 block for one token per row (decoding)");
+  m.def("decode_block", &decode_block, "one RWKV-6/5 block for one token per row (decoding)");
 }

@@ -274,7 +274,7 @@ class ChannelMix(nn.Module):
         return self.receptance(xr).sigmoid_().mul_(self.value(k)), x[:, -1]
 
 
-# Decoding (one token per row, fp32 CPU, no gradients) runs each x060 block as one C++ call
+# Decoding (one token per row, fp32 CPU, no gradients) runs each block as one C++ call
 # (Block.decode_step); tests set this to False to compare with the blocks' own forward.
 FAST_DECODE = True
 _NO_TENSOR = torch.empty(0)
@@ -294,10 +294,10 @@ class Block(nn.Module):
 
     def decode_step(self, x, att_shift, wkv_state, ffn_shift):
         """:meth:`forward` for one token per row (``x [B,1,C]``) through the fused C++ block
-        (:func:`multimodal_rwkv.kernels.cpu.decode_block_v6`), or None where that does not apply:
-        x052, a projection that is not a plain bias-free :class:`Linear` (LoRA), no kernel."""
+        (:func:`multimodal_rwkv.kernels.cpu.decode_block`), or None where that does not apply:
+        a projection that is not a plain bias-free :class:`Linear` (LoRA), other dtypes, no kernel."""
         att, ffn = self.att, self.ffn
-        if not att.v6 or not all(type(m) is Linear and m.bias is None for m in (
+        if not all(type(m) is Linear and m.bias is None for m in (
                 att.receptance, att.key, att.value, att.gate, att.output, ffn.key, ffn.receptance, ffn.value)):
             return None
         B = x.shape[0]
@@ -306,16 +306,23 @@ class Block(nn.Module):
             if wkv_state is None:
                 wkv_state = x.new_zeros(B, att.n_head, att.head_size, att.head_size, dtype=torch.float32)
         # read from the modules' own dicts: this runs for every block of every decoded token
-        a, f = att._parameters, ffn._parameters
+        a, f, none = att._parameters, ffn._parameters, _NO_TENSOR
         ln0 = self._modules.get("ln0")
-        ln0 = (ln0.weight, ln0.bias) if ln0 is not None else (_NO_TENSOR, _NO_TENSOR)
-        params = [self.ln1.weight, self.ln1.bias, a["time_maa_x"], a["time_maa_w"], a["time_maa_k"], a["time_maa_v"],
-                  a["time_maa_r"], a["time_maa_g"], a["time_maa_w1"], a["time_maa_w2"], a["time_decay"],
-                  a["time_decay_w1"], a["time_decay_w2"], att.receptance.weight, att.key.weight, att.value.weight,
+        ln0 = (ln0.weight, ln0.bias) if ln0 is not None else (none, none)
+        if att.v6:
+            mixing = [a["time_maa_x"], a["time_maa_w"], a["time_maa_k"], a["time_maa_v"], a["time_maa_r"],
+                      a["time_maa_g"], a["time_maa_w1"], a["time_maa_w2"], a["time_decay"], a["time_decay_w1"],
+                      a["time_decay_w2"]]
+            ffn_mix, gn_eps = [f["time_maa_k"], f["time_maa_r"]], att.gn_eps
+        else:  # x052: static mixing and decay (the kernel takes 1 - time_mix), GroupNorm(y / divisor)
+            mixing = [none, none, a["time_mix_k"], a["time_mix_v"], a["time_mix_r"], a["time_mix_g"], none, none,
+                      a["time_decay"], none, none]
+            ffn_mix, gn_eps = [f["time_mix_k"], f["time_mix_r"]], att.gn_eps * att.config.head_size_divisor ** 2
+        params = [self.ln1.weight, self.ln1.bias, *mixing, att.receptance.weight, att.key.weight, att.value.weight,
                   att.gate.weight, a["time_faaaa"], att.ln_x.weight, att.ln_x.bias, att.output.weight,
-                  self.ln2.weight, self.ln2.bias, f["time_maa_k"], f["time_maa_r"], ffn.key.weight,
-                  ffn.receptance.weight, ffn.value.weight, *ln0]
-        res = cpu.decode_block_v6(x.view(B, -1), params, att_shift, wkv_state, ffn_shift, self.eps, att.gn_eps)
+                  self.ln2.weight, self.ln2.bias, *ffn_mix, ffn.key.weight, ffn.receptance.weight, ffn.value.weight,
+                  *ln0]
+        res = cpu.decode_block(x.view(B, -1), params, att_shift, wkv_state, ffn_shift, self.eps, gn_eps, att.v6)
         if res is None:
             return None
         out, att_shift, wkv_state, ffn_shift = res
