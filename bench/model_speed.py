@@ -33,7 +33,10 @@ def best(fn, reps=3):
 
 
 def speed_rows(official, ours, prompt, args):
-    """(name, official value, our value) rows: prefill tok/s, decode tok/s, batched decode tok/s."""
+    """(name, official value, our value) rows: prefill tok/s, decode tok/s, batched decode tok/s,
+    and decode tok/s without the fused decode block."""
+    from multimodal_rwkv.model import modeling
+
     rows = []
     with torch.no_grad():
         t_off, t_our = interleaved([lambda: official.forward(prompt, None),
@@ -61,9 +64,18 @@ def speed_rows(official, ours, prompt, args):
             for t in toks:
                 s = ours(torch.tensor([[t]] * 8), state=s).state
 
-        d_off, d_our, d_our8 = interleaved([dec_off, dec_our, dec_our8])
+        def dec_our_blocks():  # the same, each block through its own forward (the fused block's twin)
+            modeling.FAST_DECODE = False
+            try:
+                dec_our()
+            finally:
+                modeling.FAST_DECODE = True
+
+        d_off, d_our, d_our8, d_blocks = interleaved([dec_off, dec_our, dec_our8, dec_our_blocks])
         rows.append(("decode 1 stream tok/s", len(toks) / d_off, len(toks) / d_our))
         rows.append(("decode 8 streams tok/s (aggregate)", float("nan"), 8 * len(toks) / d_our8))
+        rows.append(("decode 1 stream tok/s, fused decode block off (`modeling.FAST_DECODE = False`)",
+                     len(toks) / d_off, len(toks) / d_blocks))
     return rows
 
 
