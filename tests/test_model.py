@@ -146,6 +146,41 @@ def test_fused_decode_block_equals_block_forward(monkeypatch, version, B, state_
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("version", ["x060", "x052"])
+def test_fused_decode_block_bf16(monkeypatch, version):
+    """A bf16 model decodes through the fused block too (bf16 weight products on AVX512-BF16, the
+    rest in fp32): against the same bf16-rounded weights run in fp32, it is at least as close as
+    the bf16 model's own forward; the shifts keep the model's dtype, the wkv state fp32."""
+    import copy
+
+    from multimodal_rwkv.kernels import cpu
+    from multimodal_rwkv.model import modeling
+
+    mb = _random_model(version).to(torch.bfloat16)
+    m32 = copy.deepcopy(mb).float()
+    real, used = cpu.decode_block, []
+    monkeypatch.setattr(cpu, "decode_block", lambda *a: used.append(real(*a) is not None) or real(*a))
+    ids = torch.randint(0, 97, (3, 6))
+
+    def decode(m, fast):
+        monkeypatch.setattr(modeling, "FAST_DECODE", fast)
+        s, logits = None, []
+        with torch.no_grad():
+            for t in range(ids.shape[1]):
+                o = m(ids[:, t:t + 1], state=s)
+                s, logits = o.state, logits + [o.logits.float()]
+        return torch.cat(logits, 1), s
+
+    want, _ = decode(m32, False)
+    plain, _ = decode(mb, False)
+    used.clear()
+    got, s = decode(mb, True)
+    kernel = cpu.extension()
+    assert used == [kernel is not None and bool(kernel.has_avx512_bf16())] * (6 * 3)
+    assert rel(got, want) < 2e-2 and rel(got, want) <= 1.2 * rel(plain, want)
+    assert s.att_shift[0].dtype == s.ffn_shift[0].dtype == torch.bfloat16 and s.wkv[0].dtype == torch.float32
+
+
 def test_fused_decode_block_skips_lora(monkeypatch):
     """A LoRA-wrapped projection (training.peft) decodes through the block's forward."""
     from multimodal_rwkv.kernels import cpu

@@ -34,7 +34,7 @@ products of batched decoding (``cpu.few_rows_linear``) and the oneDNN route for 
 more rows (``cpu.linear``); ``model.modeling.Linear`` uses both, with fallbacks. And a whole x060 or
 x052 block for one decoded token per row in one C++ call (``cpu.decode_block``: the norms, the mixing,
 the decay, the WKV step and the gated norm in registers and cache, the eight products through the
-few-rows kernel), which ``model.modeling.Block.decode_step`` uses for fp32 CPU decoding.
+few-rows kernel), which ``model.modeling.Block.decode_step`` uses for fp32 and bf16 CPU decoding.
 """
 from __future__ import annotations
 

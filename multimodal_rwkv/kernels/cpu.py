@@ -280,17 +280,19 @@ def decode_block(x, params, att_shift, wkv, ffn_shift, ln_eps: float, gn_eps: fl
     the order ``decode_block`` in ``cpu_kernels.cpp`` lists; ``att_shift, ffn_shift [B, C]``,
     ``wkv [B, H, N, N]`` (key-major) the state before the token, never modified. Returns
     ``(out [B, C], att_shift, wkv, ffn_shift)``: the block's output and the state after the token.
-    Applies to contiguous fp32 CPU parameters, no autograd recording, 1-16 rows, and sizes that
-    are multiples of 16 (C, the attention and FFN widths, the head size; x060's LoRA ranks x5 and
-    decay rank). Called for every block of every decoded token: the checks on the parameters are
-    the kernel's (it returns False where one fails)."""
+    Applies to contiguous CPU parameters, fp32 except that the eight weight matrices may all be
+    bf16 on a CPU with AVX512-BF16 (their products then take inputs rounded to bf16, as the
+    model's bf16 forward has them); x and the state fp32; no autograd recording, 1-16 rows, sizes
+    that are multiples of 16 (32 for bf16 weights: C, the attention and FFN widths; also the head
+    size and x060's LoRA ranks x5 and decay rank). Called for every block of every decoded token:
+    the checks on the parameters are the kernel's (it returns False where one fails)."""
     B, C = x.shape
     if not 1 <= B <= MAX_ROWS or torch.is_grad_enabled() or not all(type(t) in _PLAIN for t in params):
         return None
     if not all(_plain_fp32_cpu(t) for t in (x, att_shift, wkv, ffn_shift)):
         return None
     mod = extension()
-    if mod is None:
+    if mod is None or (params[13].dtype == torch.bfloat16 and not _has_bf16_dot(mod)):
         return None
     H, N = params[17].shape
     att_out, ffn_out, out = x.new_empty(B, C), x.new_empty(B, C), x.new_empty(B, C)

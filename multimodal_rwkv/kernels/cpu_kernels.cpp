@@ -1033,6 +1033,15 @@ void transpose(torch::Tensor src, torch::Tensor dst) {
 // cache, and the eight products go through the few-rows kernel (each weight read once for all
 // rows, split across threads). The formulas are modeling.py's Block (the twin in the tests).
 
+// y = x rounded to bf16 (to nearest, ties to even, as torch rounds; NaN stays NaN).
+static void to_bf16(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    y[i] = std::isnan(x[i]) ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+}
+
 // LayerNorm of one row of C (C % 16 == 0): y = (x - mean) / sqrt(var + eps) * w + b.
 static void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t C, float eps) {
   __m512 acc = _mm512_setzero_ps();
@@ -1113,13 +1122,20 @@ bool decode_block(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor a
                   torch::Tensor ffn_in, torch::Tensor xo, torch::Tensor att_out, torch::Tensor wkv_out,
                   torch::Tensor ffn_out, double ln_eps, double gn_eps, bool v6) {
   TORCH_CHECK(p.size() == 30, "decode_block: 30 parameter tensors");
-  auto fits = [](const torch::Tensor& t) {
-    return t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu();
+  // the eight weight matrices: all fp32, or all bf16 (on a CPU with AVX512-BF16); the rest fp32
+  constexpr int kWeights[8] = {13, 14, 15, 16, 20, 25, 26, 27};
+  const auto wtype = p[13].scalar_type();
+  const bool bf16 = wtype == torch::kBFloat16;
+  if (bf16 && !has_avx512_bf16()) return false;
+  auto fits = [](const torch::Tensor& t, torch::ScalarType st) {
+    return t.scalar_type() == st && t.is_contiguous() && t.device().is_cpu();
   };
-  for (const auto& t : p)
-    if (!fits(t)) return false;
+  for (int i = 0; i < 30; ++i) {
+    const bool weight = std::find(std::begin(kWeights), std::end(kWeights), i) != std::end(kWeights);
+    if (!fits(p[i], weight ? wtype : torch::kFloat)) return false;
+  }
   for (auto* t : {&x, &att_in, &wkv_in, &ffn_in, &xo, &att_out, &wkv_out, &ffn_out})
-    if (!fits(*t)) return false;
+    if (!fits(*t, torch::kFloat)) return false;
   TORCH_CHECK(x.dim() == 2 && p[13].dim() == 2 && p[17].dim() == 2 && p[25].dim() == 2 &&
               (!v6 || (p[8].dim() == 2 && p[9].dim() == 3 && p[11].dim() == 2)), "decode_block: parameter ranks");
   const int64_t B = x.size(0), C = x.size(1), A = p[13].size(0);
@@ -1127,6 +1143,7 @@ bool decode_block(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor a
   const int64_t H = p[17].size(0), N = p[17].size(1), F = p[25].size(0);
   TORCH_CHECK(B >= 1 && B <= 16, "decode_block: 1 to 16 rows");
   if (C % 16 || A % 16 || F % 16 || N % 16 || R5 % 16 || D % 16) return false;
+  if (bf16 && (C % 32 || A % 32 || F % 32)) return false;
   TORCH_CHECK(H * N == A && p[10].numel() == A && p[20].size(0) == C && p[20].size(1) == A &&
               p[26].size(0) == C && p[27].size(1) == F, "decode_block: parameter shapes");
   TORCH_CHECK(!v6 || (R5 == 5 * R && p[8].size(0) == C && p[9].size(0) == 5 && p[9].size(2) == C &&
@@ -1134,9 +1151,24 @@ bool decode_block(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor a
               "decode_block: LoRA shapes");
   TORCH_CHECK(wkv_in.numel() == B * H * N * N && wkv_out.numel() == B * H * N * N && att_in.numel() == B * C &&
               ffn_in.numel() == B * C, "decode_block: state shapes");
-  const float* P[30];
-  for (int i = 0; i < 30; ++i) P[i] = p[i].data_ptr<float>();
+  const float* P[30];  // (the bf16 weights' pointers go to the products only, cast back)
+  for (int i = 0; i < 30; ++i) P[i] = static_cast<const float*>(p[i].data_ptr());
   auto f = [&P](int i) { return P[i]; };
+  // the weight products; bf16 weights take the AVX512-BF16 rows on inputs rounded to bf16, as the
+  // model's own bf16 forward has them
+  std::vector<uint16_t> xb16[kMaxRowsJobs];
+  auto products = [&](std::initializer_list<RowsJob<F32>> jobs) {
+    if (!bf16) return rows_for<F32>(B, jobs.begin(), (int)jobs.size());
+    RowsJob<BF16> j16[kMaxRowsJobs];
+    int n = 0;
+    for (const auto& J : jobs) {
+      xb16[n].resize(B * J.K);
+      to_bf16(J.x, xb16[n].data(), B * J.K);
+      j16[n] = {xb16[n].data(), reinterpret_cast<const uint16_t*>(J.w), J.y, J.K, J.N};
+      ++n;
+    }
+    rows_for<BF16>(B, j16, n);
+  };
   const float eps = (float)ln_eps;
   const bool has_ln0 = p[28].numel() > 0;
   const float* xp = x.data_ptr<float>();
@@ -1207,9 +1239,8 @@ bool decode_block(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor a
     for (int64_t b = 1; b < B; ++b) std::copy(e.data(), e.data() + A, e.data() + b * A);
   }
   // r, k, v, gate (slots r = 3, k = 1, v = 2, g = 4 of the mixed inputs)
-  const RowsJob<F32> rkvg_jobs[4] = {{xs.data() + 3 * B * C, f(13), r, C, A}, {xs.data() + 1 * B * C, f(14), k, C, A},
-                                     {xs.data() + 2 * B * C, f(15), v, C, A}, {xs.data() + 4 * B * C, f(16), g, C, A}};
-  rows_for<F32>(B, rkvg_jobs, 4);
+  products({{xs.data() + 3 * B * C, f(13), r, C, A}, {xs.data() + 1 * B * C, f(14), k, C, A},
+            {xs.data() + 2 * B * C, f(15), v, C, A}, {xs.data() + 4 * B * C, f(16), g, C, A}});
   // the WKV step of each (row, head), then the gated group norm
   const auto fstep = by_width(N, [](auto nv) -> FwdStep { return fwd_step<decltype(nv)::value>; });
   const float *u = f(17), *sin = wkv_in.data_ptr<float>();
@@ -1226,8 +1257,7 @@ bool decode_block(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor a
     for (int64_t b = b0; b < b1; ++b)
       gn_gate_row(y.data() + b * A, g + b * A, f(18), f(19), z.data() + b * A, H, N, (float)gn_eps);
   });
-  const RowsJob<F32> out_job{z.data(), f(20), x1.data(), A, C};
-  rows_for<F32>(B, &out_job, 1);  // the time mix's output ...
+  products({{z.data(), f(20), x1.data(), A, C}});  // the time mix's output ...
   // ... added to the block input; ln2 and the channel mix's token shift
   const float *fin = ffn_in.data_ptr<float>(), *mk = f(23), *mr = f(24);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -1244,13 +1274,11 @@ bool decode_block(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor a
       }
     }
   });
-  const RowsJob<F32> kr_jobs[2] = {{xkr.data(), f(25), h.data(), C, F}, {xkr.data() + B * C, f(26), rr.data(), C, C}};
-  rows_for<F32>(B, kr_jobs, 2);
+  products({{xkr.data(), f(25), h.data(), C, F}, {xkr.data() + B * C, f(26), rr.data(), C, C}});
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0 * F; i < b1 * F; ++i) h[i] = h[i] > 0.f ? h[i] * h[i] : 0.f;  // relu(.)^2
   });
-  const RowsJob<F32> value_job{h.data(), f(27), vo.data(), F, C};
-  rows_for<F32>(B, &value_job, 1);
+  products({{h.data(), f(27), vo.data(), F, C}});
   float* out = xo.data_ptr<float>();
   for (int64_t i = 0; i < B * C; i += 16) {  // x1 + sigmoid(rr) * vo
     const __m512 s = sigmoid16(_mm512_loadu_ps(rr.data() + i));

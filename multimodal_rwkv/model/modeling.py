@@ -274,7 +274,7 @@ class ChannelMix(nn.Module):
         return self.receptance(xr).sigmoid_().mul_(self.value(k)), x[:, -1]
 
 
-# Decoding (one token per row, fp32 CPU, no gradients) runs each block as one C++ call
+# Decoding (one token per row, fp32 or bf16 on a CPU, no gradients) runs each block as one C++ call
 # (Block.decode_step); tests set this to False to compare with the blocks' own forward.
 FAST_DECODE = True
 _NO_TENSOR = torch.empty(0)
@@ -291,6 +291,18 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(C, eps=eps)
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
+        self._fp32_copies: dict = {}  # decode_step's fp32 copies of a low-precision model's small parameters
+
+    def _fp32(self, p: torch.Tensor) -> torch.Tensor:
+        """``p`` in fp32: itself, or a copy kept until ``p`` changes (its version or storage)."""
+        if p.dtype == torch.float32:
+            return p
+        hit = self._fp32_copies.get(id(p))
+        if hit is None or hit[0] is not p or hit[1] != (p._version, p.data_ptr()):
+            if len(self._fp32_copies) > 64:  # parameters replaced over and over: drop the stale copies
+                self._fp32_copies.clear()
+            hit = self._fp32_copies[id(p)] = (p, (p._version, p.data_ptr()), p.detach().float())
+        return hit[2]
 
     def decode_step(self, x, att_shift, wkv_state, ffn_shift):
         """:meth:`forward` for one token per row (``x [B,1,C]``) through the fused C++ block
@@ -318,15 +330,20 @@ class Block(nn.Module):
             mixing = [none, none, a["time_mix_k"], a["time_mix_v"], a["time_mix_r"], a["time_mix_g"], none, none,
                       a["time_decay"], none, none]
             ffn_mix, gn_eps = [f["time_mix_k"], f["time_mix_r"]], att.gn_eps * att.config.head_size_divisor ** 2
-        params = [self.ln1.weight, self.ln1.bias, *mixing, att.receptance.weight, att.key.weight, att.value.weight,
-                  att.gate.weight, a["time_faaaa"], att.ln_x.weight, att.ln_x.bias, att.output.weight,
-                  self.ln2.weight, self.ln2.bias, *ffn_mix, ffn.key.weight, ffn.receptance.weight, ffn.value.weight,
-                  *ln0]
-        res = cpu.decode_block(x.view(B, -1), params, att_shift, wkv_state, ffn_shift, self.eps, gn_eps, att.v6)
+        # the eight weight matrices as they are (fp32, or bf16 for the kernel's bf16 products); the
+        # other parameters, the input and the shifts in fp32 (the kernel computes in fp32)
+        f32 = self._fp32
+        params = [f32(self.ln1.weight), f32(self.ln1.bias), *map(f32, mixing), att.receptance.weight,
+                  att.key.weight, att.value.weight, att.gate.weight, f32(a["time_faaaa"]), f32(att.ln_x.weight),
+                  f32(att.ln_x.bias), att.output.weight, f32(self.ln2.weight), f32(self.ln2.bias),
+                  *map(f32, ffn_mix), ffn.key.weight, ffn.receptance.weight, ffn.value.weight, *map(f32, ln0)]
+        res = cpu.decode_block(x.view(B, -1).float(), params, att_shift.float(), wkv_state, ffn_shift.float(),
+                               self.eps, gn_eps, att.v6)
         if res is None:
             return None
         out, att_shift, wkv_state, ffn_shift = res
-        return out.view(B, 1, -1), att_shift, wkv_state, ffn_shift
+        dt = x.dtype
+        return out.view(B, 1, -1).to(dt), att_shift.to(dt), wkv_state, ffn_shift.to(dt)
 
     def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None, tail=None):
         """``tail``: only the output's last ``tail`` positions are wanted (no pad mask; inference):
@@ -424,7 +441,7 @@ class RWKVModel(RWKVPreTrainedModel):
         tail = (logits_to_keep if logits_to_keep > 0 and mask is None and scan_order is None
                 and not torch.is_grad_enabled() else 0)
         decode = (FAST_DECODE and T == 1 and mask is None and scan_order is None and x.device.type == "cpu"
-                  and x.dtype == torch.float32 and not torch.is_grad_enabled())
+                  and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled())
         if scan_order is not None:
             perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
             perm_mask = None if mask is None else mask.gather(1, scan_order.long())
