@@ -275,7 +275,8 @@ class ChannelMix(nn.Module):
 
 
 # Decoding (one token per row, fp32 or bf16 on a CPU, no gradients) runs each block as one C++ call
-# (Block.decode_step); tests set this to False to compare with the blocks' own forward.
+# (Block.decode_step), not through the block's forward (so forward hooks on blocks do not run for
+# those tokens); set this to False for the blocks' own forward (the tests compare the two).
 FAST_DECODE = True
 _NO_TENSOR = torch.empty(0)
 
