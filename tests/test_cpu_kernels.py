@@ -469,3 +469,25 @@ def test_weight_grad_matches_fp64(kernel, N, O, I, monkeypatch):
     wider = torch.randn(N, I + 16, generator=g)[:, 16:]  # a strided operand (e.g. a column slice)
     torch.testing.assert_close(cpu.weight_grad(d, wider), (d.double().reshape(N, O).t() @ wider.double()).float(),
                                rtol=1e-5, atol=2e-5 * N ** 0.5)
+
+
+def test_decay_factors_and_the_wkv_given_them_match_their_twins(kernel):
+    """Inference forms the decay factors exp(-exp(decay + y)) in one pass and hands them to the WKV
+    kernel as they are; twins: the torch expression, and the reference WKV given the log-decay."""
+    from multimodal_rwkv.kernels import wkv6_reference
+
+    g = torch.Generator().manual_seed(0)
+    y, decay = torch.randn(2, 7, 48, generator=g) * 2, torch.randn(1, 1, 48, generator=g)
+    e = cpu.decay_factors(y, decay)
+    torch.testing.assert_close(e, torch.exp(-torch.exp(y.double() + decay.double())).float(), rtol=1e-6, atol=1e-7)
+    assert cpu.decay_factors(y[..., :40], decay[..., :40]) is None  # a width that is not a multiple of 16
+    B, T, H, K = 2, 37, 3, 16
+    r, k, v = (torch.randn(B, T, H, K, generator=g) for _ in range(3))
+    u, s0 = torch.randn(H, K, generator=g), torch.randn(B, H, K, K, generator=g)
+    w = -torch.exp(torch.randn(B, T, H, K, generator=g))
+    with torch.no_grad():
+        o, s = cpu.wkv6_cpu_decayed(r, k, v, torch.exp(w), u, s0)
+    ro, rs = wkv6_reference(r.double(), k.double(), v.double(), w.double(), u.double(), s0.double(), True)
+    torch.testing.assert_close(o, ro.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, rs.float(), rtol=1e-5, atol=1e-5)
+    assert cpu.wkv6_cpu_decayed(r.requires_grad_(), k, v, torch.exp(w), u, s0) is None  # recorded by autograd

@@ -223,22 +223,26 @@ def wkv6_cpu_unusable(r: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
+def _wkv6_forward(r32, k32, v32, e32, u32, s0, saved: bool):
+    """The C++ forward on fp32 contiguous inputs and decay factors ``e = exp(w)``: ``(o, s, saved states)``."""
+    B, T, H, K = r32.shape
+    V = v32.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    s_in = torch.empty(0, **f32) if s0 is None else s0.detach().float().contiguous()
+    s = torch.empty(B, H, K, V, **f32)  # the kernel starts it from s_in (never modified)
+    o = torch.empty(B, T, H, V, **f32)
+    kept = torch.empty(B, H, -(-T // WKV_SAVE_EVERY), K, V, **f32) if saved else torch.empty(0, **f32)
+    extension().wkv6_forward(r32, k32, v32, e32, u32, s_in, s, o, kept, WKV_SAVE_EVERY)
+    return o, s, kept
+
+
 class _WKV6(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, k, v, w, u, s0, want_grad):
-        mod = extension()
-        B, T, H, K = r.shape
-        V = v.shape[-1]
         r32, k32, v32 = (x.detach().float().contiguous() for x in (r, k, v))
         e32 = torch.exp(w.detach().float()).contiguous()  # decay factors: torch's vectorised exp
         u32 = u.detach().float().contiguous()
-        f32 = dict(dtype=torch.float32)
-        s_in = torch.empty(0, **f32) if s0 is None else s0.detach().float().contiguous()
-        s = torch.empty(B, H, K, V, **f32)  # the kernel starts it from s_in (never modified)
-        o = torch.empty(B, T, H, V, **f32)
-        ns = -(-T // WKV_SAVE_EVERY)
-        saved = torch.empty(B, H, ns, K, V, **f32) if want_grad else torch.empty(0, **f32)
-        mod.wkv6_forward(r32, k32, v32, e32, u32, s_in, s, o, saved, WKV_SAVE_EVERY)
+        o, s, saved = _wkv6_forward(r32, k32, v32, e32, u32, s0, want_grad)
         if want_grad:
             ctx.save_for_backward(r32, k32, v32, e32, u32, saved)
             ctx.strides = (WKV_CHUNK, WKV_SAVE_EVERY)
@@ -259,6 +263,28 @@ class _WKV6(torch.autograd.Function):
         tr, tk, tv, tw, tu, ts = ctx.dtypes
         return (dr.to(tr), dk.to(tk), dv.to(tv), dw.to(tw), du.sum(0).to(tu),
                 None if ts is None else g.to(ts), None)
+
+
+def wkv6_cpu_decayed(r, k, v, e, u, initial_state=None):
+    """Inference form of :func:`wkv6_cpu` given the decay factors ``e = exp(w)`` themselves (from
+    :func:`decay_factors`; the log-decay is never formed): ``(o, final_state)``, or None where it
+    does not apply (fp32 CPU inputs, no autograd recording, the kernels built; the caller then
+    forms ``w`` and calls :func:`multimodal_rwkv.kernels.wkv6`, the twin in the tests)."""
+    if _kernel_for(r, k, v, e, u, initial_state) is None:
+        return None
+    o, s, _ = _wkv6_forward(*(x.contiguous() for x in (r, k, v, e, u)), initial_state, saved=False)
+    return o, s
+
+
+def decay_factors(y: torch.Tensor, decay: torch.Tensor) -> torch.Tensor | None:
+    """x060's decay factors ``exp(-exp(y + decay))`` (``y`` the decay LoRA's output ``[..., A]``,
+    ``decay`` the ``time_decay [1, 1, A]``) in one C++ pass, or None where the kernel does not apply
+    (fp32 CPU, no autograd recording, ``A % 16 == 0``); the twin: ``torch.exp(-torch.exp(y + decay))``."""
+    if _kernel_for(y, decay) is None or y.shape[-1] != decay.numel() or decay.numel() % 16:
+        return None
+    e = torch.empty(y.shape)
+    extension().decay_factors(_c(y), _c(decay), e)
+    return e
 
 
 def wkv6_cpu(r, k, v, w, u, initial_state=None, output_final_state=False):

@@ -575,6 +575,23 @@ struct Accum {
 };
 constexpr int64_t kBlockRows = 64;  // rows summed in float before a partial sum is merged
 
+// x060's decay factors e = exp(-exp(y + decay)) from the decay LoRA's output y [R, A] (decay [A],
+// A % 16 == 0): one pass where torch takes an add, an exp, a negation and the WKV's own exp.
+void decay_factors(torch::Tensor y, torch::Tensor decay, torch::Tensor e) {
+  for (auto* t : {&y, &decay, &e}) check_f32(*t, "decay_factors input");
+  const int64_t A = decay.numel(), R = y.numel() / A;
+  TORCH_CHECK(A % 16 == 0 && y.numel() == R * A && e.numel() == R * A, "decay_factors: bad shapes");
+  const float *yp = y.data_ptr<float>(), *dp = decay.data_ptr<float>();
+  float* ep = e.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t a = 0; a < A; a += 16) {
+        const __m512 w = _mm512_add_ps(_mm512_loadu_ps(yp + r * A + a), _mm512_loadu_ps(dp + a));
+        _mm512_storeu_ps(ep + r * A + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
+      }
+  });
+}
+
 // One row of gn_gate_forward: z = (GroupNorm(y) * w + b) * silu(gp) over G groups of N (N % 16 == 0).
 static void gn_gate_row(const float* yp, const float* gpp, const float* wp, const float* bp, float* zp, int64_t G,
                         int64_t N, float eps) {
@@ -1293,6 +1310,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512_bf16", &has_avx512_bf16, "whether this CPU has the AVX512-BF16 dot products");
   m.def("wkv6_forward", &wkv6_forward, "WKV-6 forward (step by step, fp32)");
   m.def("wkv6_backward", &wkv6_backward, "WKV-6 backward (chunked recomputation, fp32)");
+  m.def("decay_factors", &decay_factors, "exp(-exp(y + decay)) (x060's decay factors)");
   m.def("gn_gate_forward", &gn_gate_forward, "(GroupNorm(y) * w + b) * silu(gp)");
   m.def("gn_gate_backward", &gn_gate_backward, "gradients of gn_gate_forward");
   m.def("mix_forward", &mix_forward, "token-shift mixing x + (prev - x) * (mu + off)");

@@ -184,6 +184,7 @@ class TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         x = _apply_pad_mask(x, shift, mask)
         lean = self.v6 and _lean(x, self.receptance, self.key, self.value, self.gate)
+        decay = None  # the decay factors exp(logw) where computed directly
         if lean:
             r, k, v, gate_pre, logw = DDLerpProject.apply(
                 x, shift, self.time_maa_x, self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r,
@@ -196,9 +197,13 @@ class TimeMix(nn.Module):
             maas = stack_mix(self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
             # x_i = x + (prev - x) * (maa_i + m_i), m_i the data-dependent offsets (slots w, k, v, r, g)
             xw, xk, xv, xr, xg = (xi.view(B, T, C) for xi in cpu.mix_lora(x, shift, maas, th, self.time_maa_w2))
-            wraw = self.time_decay + cpu.linear(torch.tanh(cpu.linear(xw, self.time_decay_w1.t())),
-                                                self.time_decay_w2.t())
-            logw = -torch.exp(wraw.float()).view(B, T, H, N)
+            wy = cpu.linear(torch.tanh(cpu.linear(xw, self.time_decay_w1.t())), self.time_decay_w2.t())
+            # inference on CPU: the decay factors exp(-exp(decay + wy)) in one pass, for the WKV kernel
+            # as they are (the log-decay is never formed); elsewhere the log-decay for wkv6
+            decay = (cpu.decay_factors(wy, self.time_decay)
+                     if mask is None and self.config.wkv_backend in ("auto", "cpu") else None)
+            if decay is None:
+                logw = -torch.exp((self.time_decay + wy).float()).view(B, T, H, N)
         else:
             # x * mix + prev * (1 - mix) == x + (prev - x) * (1 - mix)
             mus = 1 - stack_mix(self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g)
@@ -220,10 +225,16 @@ class TimeMix(nn.Module):
             logw = logw * m4.to(logw.dtype)
         if wkv_state is None:
             wkv_state = self.initial_wkv(B)
-        y, new_wkv = wkv6(
-            r, k, v, logw.to(r.dtype) if r.dtype == torch.float64 else logw.float(), self.time_faaaa.to(r.dtype),
-            initial_state=wkv_state, output_final_state=True, backend=self.config.wkv_backend,
-        )
+        done = decay is not None and cpu.wkv6_cpu_decayed(r, k, v, decay.view(B, T, H, N), self.time_faaaa, wkv_state)
+        if done:
+            y, new_wkv = done
+        else:
+            if decay is not None:  # the kernel did not take these inputs after all: the log-decay
+                logw = -torch.exp((self.time_decay + wy).float()).view(B, T, H, N)
+            y, new_wkv = wkv6(
+                r, k, v, logw.to(r.dtype) if r.dtype == torch.float64 else logw.float(), self.time_faaaa.to(r.dtype),
+                initial_state=wkv_state, output_final_state=True, backend=self.config.wkv_backend,
+            )
         Tout = gate_pre.shape[1]
         y = y[:, T - Tout:].reshape(B * Tout, H * N)
         div = 1 if self.v6 else self.config.head_size_divisor
