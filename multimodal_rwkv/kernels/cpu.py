@@ -494,11 +494,20 @@ def mix(x, shift, mu, off=None):
     return out
 
 
-def mix_lora_reference(x, shift, mu, th, w2):
-    """ddlerp's mixing with its LoRA offsets: :func:`mix_reference` with ``off[i] = th_i @ w2[i]``,
-    ``th_i = th[:, i*R:(i+1)*R]`` (``th [B*T, n*R]``, ``w2 [n, R, C]``)."""
+def mix_offsets(th: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
+    """ddlerp's data-dependent mix offsets ``m_i = th_i @ w2[i]`` (slots w, k, v, r, g), each
+    ``[BT, C]``, from ``th = tanh(x @ w1)`` ``[BT, n*R]`` and ``w2`` ``[n, R, C]``: one product per
+    slot through :func:`linear`. On the 2-core box, at BT=4096, R=32, C=512, the five oneDNN
+    products take 7 ms where MKL's batched product takes 20 ms. The lean training backward needs
+    them (the mixing's gradient does); the forward mixes with :func:`mix_lora`."""
     R = w2.shape[1]
-    return mix_reference(x, shift, mu, [linear(th[:, i * R:(i + 1) * R], w2[i].t()) for i in range(w2.shape[0])])
+    return [linear(th[:, i * R:(i + 1) * R], w2[i].t()) for i in range(w2.shape[0])]
+
+
+def mix_lora_reference(x, shift, mu, th, w2):
+    """ddlerp's mixing with its LoRA offsets: :func:`mix_reference` with ``off = mix_offsets(th, w2)``
+    (``th [B*T, n*R]``, ``w2 [n, R, C]``)."""
+    return mix_reference(x, shift, mu, mix_offsets(th, w2))
 
 
 def mix_lora(x, shift, mu, th, w2):

@@ -576,6 +576,26 @@ struct Accum {
 };
 constexpr int64_t kBlockRows = 64;  // rows summed in float before a partial sum is merged
 
+// The mean and 1 / sqrt(variance + eps) of x[0 .. n) (n % 16 == 0), broadcast: the statistics of
+// a layer norm row or a group norm group (two passes, the variance about the mean).
+struct NormStats {
+  __m512 mean, rstd;
+};
+static inline NormStats norm_stats(const float* x, int64_t n, float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / n);
+  acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), m);
+    acc = _mm512_fmadd_ps(d, d, acc);
+  }
+  return {m, _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / n + eps))};
+}
+
+// x060's decay factors exp(-exp(w)) for 16 lanes of w = decay + y.
+static inline __m512 decay16(__m512 w) { return exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))); }
+
 // x060's decay factors e = exp(-exp(y + decay)) from the decay LoRA's output y [R, A] (decay [A],
 // A % 16 == 0): one pass where torch takes an add, an exp, a negation and the WKV's own exp.
 void decay_factors(torch::Tensor y, torch::Tensor decay, torch::Tensor e) {
@@ -587,8 +607,7 @@ void decay_factors(torch::Tensor y, torch::Tensor decay, torch::Tensor e) {
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t a = 0; a < A; a += 16) {
-        const __m512 w = _mm512_add_ps(_mm512_loadu_ps(yp + r * A + a), _mm512_loadu_ps(dp + a));
-        _mm512_storeu_ps(ep + r * A + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
+        _mm512_storeu_ps(ep + r * A + a, decay16(_mm512_add_ps(_mm512_loadu_ps(yp + r * A + a), _mm512_loadu_ps(dp + a))));
       }
   });
 }
@@ -598,18 +617,9 @@ static void gn_gate_row(const float* yp, const float* gpp, const float* wp, cons
                         int64_t N, float eps) {
   for (int64_t g = 0; g < G; ++g) {
     const int64_t o = g * N;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < N; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(yp + o + i));
-    const float mean = _mm512_reduce_add_ps(acc) / N;
-    const __m512 m = _mm512_set1_ps(mean);
-    acc = _mm512_setzero_ps();
+    const NormStats st = norm_stats(yp + o, N, eps);
     for (int64_t i = 0; i < N; i += 16) {
-      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m);
-      acc = _mm512_fmadd_ps(d, d, acc);
-    }
-    const __m512 rs = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / N + eps));
-    for (int64_t i = 0; i < N; i += 16) {
-      const __m512 yh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m), rs);
+      const __m512 yh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(yp + o + i), st.mean), st.rstd);
       const __m512 a = _mm512_fmadd_ps(yh, _mm512_loadu_ps(wp + o + i), _mm512_loadu_ps(bp + o + i));
       const __m512 x = _mm512_loadu_ps(gpp + o + i);
       _mm512_storeu_ps(zp + o + i, _mm512_mul_ps(a, _mm512_mul_ps(x, sigmoid16(x))));
@@ -650,16 +660,8 @@ void gn_gate_backward(torch::Tensor y, torch::Tensor gp, torch::Tensor w, torch:
       for (int64_t r = rb; r < std::min(r1, rb + kBlockRows); ++r)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t o = r * A + g * N, c0 = g * N;
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t i = 0; i < N; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(yp + o + i));
-          const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / N);
-          acc = _mm512_setzero_ps();
-          for (int64_t i = 0; i < N; i += 16) {
-            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m);
-            acc = _mm512_fmadd_ps(d, d, acc);
-          }
-          const float rstd = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / N + (float)eps);
-          const __m512 rs = _mm512_set1_ps(rstd);
+          const NormStats st = norm_stats(yp + o, N, (float)eps);
+          const __m512 m = st.mean, rs = st.rstd;
           __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
           for (int64_t i = 0; i < N; i += 16) {
             const __m512 yh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(yp + o + i), m), rs);
@@ -1062,17 +1064,9 @@ static void to_bf16(const float* x, uint16_t* y, int64_t n) {
 
 // LayerNorm of one row of C (C % 16 == 0): y = (x - mean) / sqrt(var + eps) * w + b.
 static void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t C, float eps) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < C; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / C);
-  acc = _mm512_setzero_ps();
+  const NormStats st = norm_stats(x, C, eps);
   for (int64_t i = 0; i < C; i += 16) {
-    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), m);
-    acc = _mm512_fmadd_ps(d, d, acc);
-  }
-  const __m512 rs = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / C + eps));
-  for (int64_t i = 0; i < C; i += 16) {
-    const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), m), rs);
+    const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), st.mean), st.rstd);
     _mm512_storeu_ps(y + i, _mm512_fmadd_ps(xh, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
   }
 }
@@ -1237,10 +1231,8 @@ bool decode_block(torch::Tensor x, std::vector<torch::Tensor> p, torch::Tensor a
     mat_mat(xs.data(), C, f(11), tb.data(), D, B, C, D, tanh_cols);  // the decay's LoRA, on x_w
     const float* decay = f(10);
     mat_mat(tb.data(), D, f(12), e.data(), A, B, D, A, [decay](float* y, int64_t n0, int64_t n1) {
-      for (int64_t a = n0; a < n1; a += 16) {  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
-        const __m512 w = _mm512_add_ps(_mm512_loadu_ps(decay + a), _mm512_loadu_ps(y + a));
-        _mm512_storeu_ps(y + a, exp16(_mm512_sub_ps(_mm512_setzero_ps(), exp16(w))));
-      }
+      for (int64_t a = n0; a < n1; a += 16)  // e = exp(-exp(decay + tanh(x_w @ dw1) @ dw2))
+        _mm512_storeu_ps(y + a, decay16(_mm512_add_ps(_mm512_loadu_ps(decay + a), _mm512_loadu_ps(y + a))));
     });
   } else {  // x052: x_i = x + (prev - x) * (1 - time_mix_i) for k, v, r, g; a static decay
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {

@@ -40,16 +40,6 @@ def stack_mix(*maa: torch.Tensor) -> torch.Tensor:
     return torch.cat([m.reshape(1, -1) for m in maa])
 
 
-def mix_offsets(th: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
-    """ddlerp's five data-dependent mix offsets ``m_i = th_i @ w2[i]`` (slots w, k, v, r, g), each
-    ``[BT, C]``, from ``th = tanh(x @ w1)`` ``[BT, 5R]`` and ``w2`` ``[5, R, C]``: one product per
-    slot through :func:`multimodal_rwkv.kernels.cpu.linear`. On the 2-core box, at BT=4096, R=32,
-    C=512, the five oneDNN products take 7 ms where MKL's batched product takes 20 ms. The backward
-    needs them (the mixing's gradient does); the forward mixes with :func:`multimodal_rwkv.kernels.cpu.mix_lora`."""
-    R = w2.shape[1]
-    return [cpu.linear(th[:, i * R:(i + 1) * R], w2[i].t()) for i in range(w2.shape[0])]
-
-
 class DDLerpProject(torch.autograd.Function):
     """RWKV-6 time mixing up to the WKV inputs: token shift, ddlerp with the 5-slot LoRA
     (w, k, v, r, g), the decay LoRA and the r/k/v/gate projections.
@@ -84,7 +74,7 @@ class DDLerpProject(torch.autograd.Function):
         B, T, C = x.shape
         BT = B * T
         maas = stack_mix(maa_w, maa_k, maa_v, maa_r, maa_g)
-        m = mix_offsets(th, w2)
+        m = cpu.mix_offsets(th, w2)
         # the five mixed inputs again, for the weight gradients that are wanted (m is kept: its
         # gradient needs it); none are when the weights are frozen (state tuning)
         xs = cpu.mix(x, shift, maas, m) if any(need[i] for i in (10, 11, 12, 13, 15)) else None
