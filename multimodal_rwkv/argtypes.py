@@ -58,3 +58,36 @@ def add_sampling_args(p, *, top_p: float, temperature_help: str = "0 = greedy") 
     p.add_argument("--temperature", type=float_min(0), default=1.0, help=temperature_help)
     p.add_argument("--top-k", type=int_min(0), default=0, help="0 = off")
     p.add_argument("--top-p", type=probability, default=top_p, help=f"nucleus mass in (0, 1] (default {top_p:g})")
+
+
+def device(text: str) -> str:
+    """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    import torch
+
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1, ...)") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available on this machine")
+        if d.index is not None and d.index >= n:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {n} CUDA GPU(s)")
+    elif d.type != "cpu":
+        backend = getattr(torch, d.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise argparse.ArgumentTypeError(f"{text}: no {d.type} device is available on this machine")
+    return text
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """The backslash escapes a shell cannot type easily: ``\\n``, ``\\t``, ``\\r`` and ``\\\\``;
+    any other backslash stays as it is, and non-ASCII text is untouched."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+

@@ -163,3 +163,62 @@ def test_a_visualrwkv_folder_is_named_as_such():
     for cmd in (["info", vis], ["generate", "--model", vis, "--prompt", "hi"]):
         r = run(*cmd)
         assert r.returncode == 2 and "a VisualRWKV model (vision + language); use it with mmrwkv vqa" in r.stderr
+
+
+def test_prompt_and_stop_escapes_keep_unicode(world_pth, monkeypatch):
+    """\\n, \\t, \\r and \\\\ are unescaped; any other backslash and all non-ASCII text reach the
+    model as typed (a codec-based unescape garbled UTF-8 and died on '\\x')."""
+    from multimodal_rwkv.argtypes import unescape
+    from multimodal_rwkv.model import generation, tokenizer
+
+    assert unescape("Héllo 世界\\nnext\\tx") == "Héllo 世界\nnext\tx"
+    assert unescape("C:\\xyz\\\\n\\q") == "C:\\xyz\\n\\q"
+    seen = {}
+    encode, criteria = tokenizer.WorldTokenizer.encode, generation.StopStringsCriteria.__init__
+
+    def spy_encode(self, text, *a, **k):
+        seen.setdefault("prompt", text)
+        return encode(self, text, *a, **k)
+
+    def spy_criteria(self, tok, stops, prompt_len):
+        seen["stops"] = stops
+        criteria(self, tok, stops, prompt_len)
+
+    monkeypatch.setattr(tokenizer.WorldTokenizer, "encode", spy_encode)
+    monkeypatch.setattr(generation.StopStringsCriteria, "__init__", spy_criteria)
+    r = run("generate", "--model", world_pth, "--prompt", "Héllo 世界\\nC:\\xyz", "--stop", "。", "--stop", "\\x",
+            "--max-new-tokens", "2", "--temperature", "0", "--no-stream")
+    assert r.returncode == 0, r.stderr
+    assert seen == {"prompt": "Héllo 世界\nC:\\xyz", "stops": ["。", "\\x"]}
+
+
+def test_text_that_is_not_utf8_and_unknown_devices_exit_2(world_pth):
+    r = subprocess.run([sys.executable, "-m", "multimodal_rwkv", "generate", "--model", world_pth, "--prompt", "-"],
+                       input=b"a\xff\xfeb", capture_output=True, timeout=300)
+    assert r.returncode == 2 and b"standard input is not valid UTF-8" in r.stderr and b"Traceback" not in r.stderr
+    r = run("generate", "--model", world_pth, "--prompt", "a\udcffb")  # how argv bytes that are not UTF-8 arrive
+    assert r.returncode == 2 and "--prompt is not valid UTF-8" in r.stderr
+    r = run("generate", "--model", world_pth, "--prompt", "hi", "--device", "foo")
+    assert r.returncode == 2 and "not a device: 'foo'" in r.stderr
+    if not torch.cuda.is_available():
+        r = run("generate", "--model", world_pth, "--prompt", "hi", "--device", "cuda")
+        assert r.returncode == 2 and "no CUDA GPU" in r.stderr
+
+
+def test_a_vocabulary_wider_than_the_tokenizer_never_yields_undecodable_ids(tmp_path):
+    """A model whose vocabulary is padded past the World tokenizer's 65536 ids: generation with the
+    tokenizer never picks an id it cannot decode (the head here favours exactly those ids)."""
+    from multimodal_rwkv import RWKVForCausalLM, WorldTokenizer
+    from multimodal_rwkv.model.random_checkpoint import blink_state_dict
+
+    sd = blink_state_dict(n_layer=1, n_embd=64, head_size=32, vocab_size=65600)
+    sd["head.weight"][65536:] *= 100
+    torch.save(sd, tmp_path / "wide.pth")
+    m = RWKVForCausalLM.from_pretrained(tmp_path / "wide.pth")
+    ids = torch.tensor([WorldTokenizer().encode("Hello")])
+    assert int(m(ids).logits[0, -1].argmax()) >= 65536  # unconstrained, it would pick one
+    out = m.generate(ids, max_new_tokens=4, tokenizer=WorldTokenizer())
+    assert int(out[0, ids.shape[1]:].max()) < 65536
+    r = run("generate", "--model", tmp_path / "wide.pth", "--prompt", "Hello", "--temperature", "0",
+            "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr

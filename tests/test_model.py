@@ -1,4 +1,5 @@
 """The core model against the official `rwkv` package, and its own invariants."""
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from multimodal_rwkv import CheckpointError, RWKVConfig, RWKVForCausalLM, RWKVState
-from multimodal_rwkv.model.checkpoint import ours_to_blink
+from multimodal_rwkv.model.checkpoint import load_raw, ours_to_blink
 from multimodal_rwkv.model.random_checkpoint import blink_state_dict
 
 TOKS = [1, 5, 77, 200, 3, 9, 42, 128, 17, 0, 255, 64, 31]
@@ -203,6 +204,41 @@ def test_state_save_load(tmp_path):
     (tmp_path / "bad").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="bad"):
         RWKVState.load(tmp_path / "bad")
+    from safetensors.torch import save_file
+
+    save_file({"head.weight": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))  # safetensors, not a state
+    with pytest.raises(CheckpointError, match="weights.safetensors: not a saved RWKV state"):
+        RWKVState.load(tmp_path / "weights.safetensors")
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_a_state_of_other_sizes_is_refused(T):
+    """A state whose tensors do not have this model's sizes (another model's, a hand-made one) is
+    a clear error before any kernel reads it (the C++ kernels read by the model's sizes)."""
+    m = _random_model()
+    ids = torch.randint(0, 97, (1, T))
+    ok = m.empty_state(1)
+    H, N = m.config.n_head, m.config.head_size
+    for wkv in (torch.zeros(1, 1, 1, 1), torch.zeros(1, H, N, N // 2), torch.zeros(1, H + 1, N, N)):
+        bad = RWKVState(ok.att_shift, [wkv] * m.config.n_layer, ok.ffn_shift)
+        with pytest.raises(ValueError, match=r"state layer 0 wkv has shape .*needs"):
+            m(ids, state=bad)
+    bad = RWKVState([torch.zeros(1, 3)] * m.config.n_layer, ok.wkv, ok.ffn_shift)
+    with pytest.raises(ValueError, match="att_shift"):
+        m(ids, state=bad)
+
+
+def test_input_checks():
+    m = _random_model()
+    ids = torch.randint(0, 97, (2, 4))
+    want = m(ids).logits
+    assert torch.equal(m(ids.to(torch.uint8)).logits, want)  # any integer dtype
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        m(ids, logits_to_keep=-1)
+    with pytest.raises(ValueError, match="no rows"):
+        m(ids[:0])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\)"):
+        m(ids, attention_mask=torch.ones(2, 3, dtype=torch.long))
 
 
 def test_logits_to_keep():
@@ -424,10 +460,65 @@ def test_missing_unexpected_misshaped_keys_listed(tmp_path):
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError) as e:
         RWKVForCausalLM.from_pretrained(tmp_path / "bad.pth")
+    msg = str(e.value)  # the names as the file spells them
+    assert "bad.pth" in msg and "missing keys: blocks.1.ffn.key.weight" in msg
+    assert "unexpected keys: blocks.1.att.surprise" in msg
+    assert "mis-shaped keys: blocks.1.att.gate.weight" in msg
+    assert "rwkv." not in msg
+    # mmrwkv info refuses what loading refuses
+    with pytest.raises(CheckpointError, match="missing keys: blocks.1.ffn.key.weight"):
+        load_raw(tmp_path / "bad.pth", check=True)
+    # a Hugging Face-layout folder: its own names, also for a key it lacks
+    from safetensors.torch import save_file
+
+    hf_names = {"emb.weight": "rwkv.embeddings.weight", "head.weight": "head.weight"}
+    hf = {hf_names.get(k) or "rwkv." + k.replace(".att.", ".attention.").replace(".ffn.", ".feed_forward.")
+          .replace("blocks.0.ln0.", "blocks.0.pre_ln."): v.contiguous() for k, v in sd.items()}
+    del hf["rwkv.blocks.1.attention.key.weight"]
+    hf["rwkv.blocks.0.attention.time_mix_gate"] = torch.zeros(3)
+    (tmp_path / "hf").mkdir()
+    save_file(hf, str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "rwkv6"}')
+    with pytest.raises(CheckpointError) as e:
+        RWKVForCausalLM.from_pretrained(tmp_path / "hf")
     msg = str(e.value)
-    assert "bad.pth" in msg and "missing keys: rwkv.blocks.1.ffn.key.weight" in msg
-    assert "unexpected keys: rwkv.blocks.1.att.surprise" in msg
-    assert "mis-shaped keys: rwkv.blocks.1.att.gate.weight" in msg
+    assert "missing keys: rwkv.blocks.1.attention.key.weight" in msg
+    assert "unexpected keys: rwkv.blocks.0.attention.time_mix_gate" in msg
+
+
+def test_bad_folder_configs_and_truncated_legacy_files(tmp_path):
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    src = make_blink_checkpoint(tmp_path / "m.pth", n_layer=1, n_embd=64, vocab_size=64)
+    m = RWKVForCausalLM.from_pretrained(src)
+    m.save_pretrained(tmp_path / "ours")
+    cfg = tmp_path / "ours" / "config.json"
+    good = json.loads(cfg.read_text())
+    cfg.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json: not a JSON object"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "ours")
+    cfg.write_text(json.dumps({**good, "version": "x070"}))
+    with pytest.raises(CheckpointError, match="config.json: invalid config .*x070"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "ours")
+    # RWKV-4 in Hugging Face naming is named as such
+    (tmp_path / "hf4").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"rwkv.embeddings.weight": torch.zeros(4, 8), "rwkv.blocks.0.attention.time_mix_key": torch.zeros(1, 1, 8),
+               "rwkv.blocks.0.attention.time_first": torch.zeros(8)}, str(tmp_path / "hf4" / "model.safetensors"))
+    (tmp_path / "hf4" / "config.json").write_text('{"model_type": "rwkv"}')
+    with pytest.raises(CheckpointError, match="RWKV-4"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "hf4")
+    # a legacy (non-zip) file cut short: "truncated", whatever torch's message (even an empty EOFError)
+    sd = {k: v for k, v in m.state_dict().items()}
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "legacy.pth").read_bytes()
+    for cut in (100, 3000, len(data) // 2):
+        (tmp_path / "cut.pth").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="cut.pth: truncated or corrupt"):
+            RWKVForCausalLM.from_pretrained(tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match="unsupported dtype"):
+        RWKVForCausalLM.from_pretrained(src, dtype=torch.int8)
 
 
 def test_blink_export_roundtrip(tiny_pth, tmp_path):
@@ -534,3 +625,12 @@ def test_bad_inputs_are_clear_value_errors():
     with pytest.raises(ValueError, match="T >= 1"):
         m.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
     assert m(ok.int()).logits.shape == (1, 3, 50)  # int32 ids are fine
+
+
+def test_stop_aware_streamer_refuses_a_batch():
+    from multimodal_rwkv import WorldTokenizer
+    from multimodal_rwkv.model.generation import StopAwareStreamer
+
+    m = _random_model()
+    with pytest.raises(ValueError, match="streams one row"):
+        m.generate(torch.randint(1, 97, (2, 3)), max_new_tokens=2, streamer=StopAwareStreamer(WorldTokenizer()))

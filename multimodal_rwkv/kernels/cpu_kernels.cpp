@@ -50,6 +50,15 @@ struct BF16 {
 
 bool has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
 
+// The lane sums of four vectors: {sum(a), sum(b), sum(c), sum(d)}.
+MMRWKV_BF16_TARGET static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512d ab = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
+  const __m512d cd = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d)));
+  __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
+  t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0x4E));  // 128-bit lanes: 0+2, 1+3
+  return _mm_add_ps(_mm512_castps512_ps128(t), _mm512_extractf32x4_ps(t, 1));
+}
+
 // y[m, n] = x[m, :] . w[n, :] (fp32 sums) for NR weight rows at a time; K % E::step == 0.
 template <class E, int M, int NR>
 MMRWKV_BF16_TARGET static void rows_block(const typename E::T* x, const typename E::T* w, float* y, int64_t K,
@@ -70,8 +79,25 @@ MMRWKV_BF16_TARGET static void rows_block(const typename E::T* x, const typename
         _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) acc[r][m] = E::dot(acc[r][m], xv, b[r]);
       }
     }
-    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+    if constexpr (NR <= 2) {
+      _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+      continue;
+    }
+    // the NR sums of each row, four at a time through a shuffle tree (not NR full reductions)
+    _Pragma("GCC unroll 16") for (int m = 0; m < M; ++m)
+      _Pragma("GCC unroll 4") for (int r = 0; r < NR; r += 4) {
+        const __m512 z = _mm512_setzero_ps();
+        const __m128 s = sum4(acc[r][m], r + 1 < NR ? acc[r + 1][m] : z, r + 2 < NR ? acc[r + 2][m] : z,
+                              r + 3 < NR ? acc[r + 3][m] : z);
+        if (r + 4 <= NR) {
+          _mm_storeu_ps(y + m * N + n + r, s);
+        } else {
+          alignas(16) float t[4];
+          _mm_store_ps(t, s);
+          for (int j = 0; r + j < NR; ++j) y[m * N + n + r + j] = t[j];
+        }
+      }
   }
 }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from multimodal_rwkv.errors import CheckpointError
+from multimodal_rwkv.errors import CheckpointError, ConfigError
 from multimodal_rwkv.fileio import atomic_write, atomic_write_text
 from multimodal_rwkv.model.config import RWKVConfig
 
@@ -28,8 +28,12 @@ _DTYPES = {
 
 def resolve_dtype(dtype) -> torch.dtype | None:
     """Accept torch dtypes and the usual strings ("bf16", "float16", ...); None keeps the file's."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise CheckpointError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16")
+        return dtype
+    if dtype is None or dtype == "auto":
+        return None
     try:
         return _DTYPES[str(dtype).lower().replace("torch.", "")]
     except KeyError:
@@ -51,7 +55,8 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; classify the message
-        msg = str(e)
+        msg = str(e).strip() or type(e).__name__
+        first = msg.splitlines()[0][:120]
         if path.suffix.lower() == ".json":
             raise CheckpointError(f"{path}: a JSON file, not a checkpoint (for a model folder, give the folder)") from None
         if "Unsupported operand" in msg:  # bytes that are no pickle opcode: some other kind of file
@@ -60,10 +65,10 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path}: contains pickled code or objects, refused (only plain tensors are loaded, weights_only=True)"
             ) from None
-        if "failed finding central directory" in msg or "PytorchStreamReader" in msg or "unexpected EOF" in msg.lower() \
-                or "Ran out of input" in msg or "truncated" in msg.lower():
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg.splitlines()[0][:120]})") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({msg.splitlines()[0][:120]})") from None
+        if isinstance(e, EOFError) or "failed finding central directory" in msg or "PytorchStreamReader" in msg \
+                or "unexpected eof" in msg.lower() or "Ran out of input" in msg or "truncated" in msg.lower():
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
@@ -91,7 +96,8 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{folder}: unreadable safetensors weights ({str(e).splitlines()[0][:120]})") from None
+        msg = str(e).strip() or type(e).__name__
+        raise CheckpointError(f"{folder}: unreadable safetensors weights ({msg.splitlines()[0][:120]})") from None
     for name in ("pytorch_model.bin", "model.pth"):
         if (folder / name).is_file():
             return read_pth(folder / name)
@@ -107,7 +113,7 @@ def detect_version(sd: dict[str, torch.Tensor], src) -> str:
         return "x060"
     if has("att.x_r") or has("att.w0") or has("att.k_k") or has("att.a0"):
         raise CheckpointError(f"{src}: RWKV-7 checkpoint detected (att.w0/att.a0/att.k_k); only RWKV-6 (x060) and RWKV-5.2 (x052) are supported")
-    if has("att.time_mix_k") and has("att.time_first") and not has("att.ln_x.weight"):
+    if has("att.time_first") and not has("att.ln_x.weight"):  # time_mix_k (BlinkDL) or time_mix_key (HF)
         raise CheckpointError(f"{src}: RWKV-4 checkpoint detected (time_first, no ln_x); only RWKV-6 (x060) and RWKV-5.2 (x052) are supported")
     if has("att.ln_x.weight"):
         decay = next((v for k, v in sd.items() if k.endswith("att.time_decay")), None)
@@ -128,14 +134,15 @@ _HF_RENAMES = [
 ]
 
 
+def _hf_name_to_blink(k: str) -> str:
+    for pat, rep in _HF_RENAMES:
+        k = pat.sub(rep, k)
+    return k
+
+
 def hf_to_blink(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face RWKV-6 key names (``rwkv.blocks.N.attention...``) → BlinkDL names."""
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in _HF_RENAMES:
-            k = pat.sub(rep, k)
-        out[k] = v
-    return out
+    return {_hf_name_to_blink(k): v for k, v in sd.items()}
 
 
 def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
@@ -163,9 +170,22 @@ def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
                       version=version, has_initial_state=has_state, **kw)
 
 
+def _blink_name_to_hf(k: str) -> str:
+    """A BlinkDL key name as a Hugging Face-layout RWKV-6 folder spells it (for error messages)."""
+    if k == "head.weight":
+        return k
+    k = re.sub(r"^emb\.", "embeddings.", k)
+    k = re.sub(r"^blocks\.0\.ln0\.", "blocks.0.pre_ln.", k)
+    return "rwkv." + k.replace(".att.", ".attention.").replace(".ffn.", ".feed_forward.")
+
+
+def _our_name(k: str) -> str:
+    return k if k == "head.weight" else "rwkv." + k
+
+
 def blink_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BlinkDL key names → this package's module names (``rwkv.`` prefix, ``head`` on top)."""
-    return {(k if k == "head.weight" else "rwkv." + k): v for k, v in sd.items()}
+    return {_our_name(k): v for k, v in sd.items()}
 
 
 def ours_to_blink(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,13 +198,15 @@ def _summarise(names, limit=8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_state_into(model, sd: dict[str, torch.Tensor], src) -> None:
-    """Strict load that reports missing, unexpected and mis-shaped keys by name."""
-    own = model.state_dict()
-    missing = set(own) - set(sd)
-    unexpected = set(sd) - set(own)
-    misshaped = [f"{k} {tuple(sd[k].shape)}!={tuple(own[k].shape)}" for k in set(own) & set(sd)
-                 if tuple(sd[k].shape) != tuple(own[k].shape)]
+def check_state_keys(model, sd: dict[str, torch.Tensor], src, name=None) -> None:
+    """Raise a CheckpointError listing the missing, unexpected and mis-shaped keys of ``sd`` for
+    ``model`` (which may live on the meta device). ``name`` maps a key to the name the source
+    file uses for it (the messages speak the file's language); default: the key itself."""
+    name = name or (lambda k: k)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [name(k) for k in set(own) - set(sd)]
+    unexpected = [name(k) for k in set(sd) - set(own)]
+    misshaped = [f"{name(k)} {tuple(sd[k].shape)}!={own[k]}" for k in set(own) & set(sd) if tuple(sd[k].shape) != own[k]]
     problems = []
     if missing:
         problems.append(f"missing keys: {_summarise(missing)}")
@@ -194,13 +216,19 @@ def load_state_into(model, sd: dict[str, torch.Tensor], src) -> None:
         problems.append(f"mis-shaped keys: {_summarise(misshaped)}")
     if problems:
         raise CheckpointError(f"{src}: " + "; ".join(problems))
+
+
+def load_state_into(model, sd: dict[str, torch.Tensor], src, name=None) -> None:
+    """Strict load that reports missing, unexpected and mis-shaped keys by name (see check_state_keys)."""
+    check_state_keys(model, sd, src, name)
     with torch.no_grad():
-        for k, p in own.items():
+        for k, p in model.state_dict().items():
             p.copy_(sd[k].reshape(p.shape))
 
 
-def load_raw(src) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:
-    """Config and our-layout state dict from any supported source (no model built)."""
+def _load_raw(src):
+    """``(config, our-layout state dict, name)`` from any supported source (no model built);
+    ``name`` maps one of our key names to the name the source uses for it (error messages)."""
     path = Path(src)
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -210,7 +238,9 @@ def load_raw(src) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:
             cfg_dict = json.loads(cfg_file.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
-        if isinstance(cfg_dict, dict) and cfg_dict.get("model_type") == "visualrwkv":
+        if not isinstance(cfg_dict, dict):
+            raise CheckpointError(f"{cfg_file}: not a JSON object (a model config maps names to values)")
+        if cfg_dict.get("model_type") == "visualrwkv":
             raise CheckpointError(f"{path}: a VisualRWKV model (vision + language); use it with mmrwkv vqa / "
                                   "eval-vqa or multimodal_rwkv.vision.VisualRWKV.from_pretrained")
         sd = read_folder_weights(path)
@@ -218,23 +248,44 @@ def load_raw(src) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:
             cfg_dict = {k: v for k, v in cfg_dict.items() if k not in ("model_type", "transformers_version", "architectures")}
             try:
                 cfg = RWKVConfig(**cfg_dict)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, ConfigError) as e:
                 raise CheckpointError(f"{cfg_file}: invalid config ({e})") from None
-            return cfg, sd
+            return cfg, sd, None
         # A Hugging Face-layout RWKV-6 (or BlinkDL keys saved in a folder): infer from shapes.
         blink = hf_to_blink(sd)
         cfg = infer_config(blink, path)
-        return cfg, blink_to_ours(blink)
+        ours = blink_to_ours(blink)
+        original = {_our_name(_hf_name_to_blink(k)): k for k in sd}  # our name -> the file's
+        hf = any(k.startswith("rwkv.") for k in sd)
+        return cfg, ours, lambda k: original.get(k) or (_blink_name_to_hf(_blink_name(k)) if hf else _blink_name(k))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     blink = read_pth(path)
     cfg = infer_config(blink, path)
-    return cfg, blink_to_ours(blink)
+    return cfg, blink_to_ours(blink), _blink_name
+
+
+def _blink_name(k: str) -> str:
+    return k[len("rwkv."):] if k.startswith("rwkv.") else k
+
+
+def load_raw(src, check: bool = False) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:
+    """Config and our-layout state dict from any supported source. ``check``: also verify that
+    the keys and shapes are exactly those of the model the config describes (built on the meta
+    device, no memory), as loading it would."""
+    cfg, sd, name = _load_raw(src)
+    if check:
+        from multimodal_rwkv.model.modeling import RWKVForCausalLM
+
+        with torch.device("meta"):
+            model = RWKVForCausalLM(cfg)
+        check_state_keys(model, sd, src, name)
+    return cfg, sd
 
 
 def load_model(cls, src, dtype=None, device=None):
     """Build ``cls`` from ``src`` (see :meth:`RWKVForCausalLM.from_pretrained`)."""
-    cfg, sd = load_raw(src)
+    cfg, sd, name = _load_raw(src)
     dtype = resolve_dtype(dtype)
     if dtype is None:
         floats = [v.dtype for v in sd.values() if v.is_floating_point()]
@@ -242,7 +293,7 @@ def load_model(cls, src, dtype=None, device=None):
     with torch.device("meta"):
         model = cls(cfg)
     model = model.to_empty(device=device or "cpu").to(dtype)
-    load_state_into(model, sd, src)
+    load_state_into(model, sd, src, name)
     model.eval()
     return model
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from multimodal_rwkv.argtypes import add_sampling_args, finite, int_min
-from multimodal_rwkv.errors import CheckpointError
+from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, unescape
+from multimodal_rwkv.errors import CheckpointError, DataError
 
 
 def register(sub) -> None:
@@ -14,15 +14,17 @@ def register(sub) -> None:
         epilog="Example: mmrwkv generate --model RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth --prompt 'The Eiffel tower is in' --max-new-tokens 40",
     )
     p.add_argument("--model", required=True, help="checkpoint file or folder")
-    p.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
+    p.add_argument("--prompt", required=True,
+                   help="prompt text; \\n, \\t, \\r and \\\\ are unescaped ('-' reads standard input as it is)")
     p.add_argument("--max-new-tokens", type=int_min(1), default=100)
     add_sampling_args(p, top_p=0.85)
     p.add_argument("--presence-penalty", type=finite, default=0.0)
     p.add_argument("--frequency-penalty", type=finite, default=0.0)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable), e.g. '\\n\\n'")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string (repeatable, unescaped as --prompt), e.g. '\\n\\n'")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end instead of streaming")
     p.set_defaults(func=cmd_generate)
 
@@ -58,6 +60,19 @@ def _check_vocab(model, tokenizer, src) -> None:
         )
 
 
+def _utf8(text, what: str) -> str:
+    """Text given as bytes or as a command-line string (where bytes that are not UTF-8 arrive as
+    lone surrogates), checked to be UTF-8."""
+    try:
+        if isinstance(text, bytes):
+            return text.decode("utf-8")
+        text.encode("utf-8")
+        return text
+    except UnicodeError as e:
+        raise DataError(f"{what} is not valid UTF-8 (at {'byte' if isinstance(text, bytes) else 'character'} "
+                        f"{e.start})") from None
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -65,12 +80,14 @@ def cmd_generate(args) -> int:
     from multimodal_rwkv.model.modeling import RWKVForCausalLM
     from multimodal_rwkv.model.tokenizer import WorldTokenizer
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.encode().decode("unicode_escape") \
-        if "\\n" in args.prompt else args.prompt
+    if args.prompt == "-":
+        prompt = _utf8(sys.stdin.buffer.read(), "standard input")
+    else:
+        prompt = unescape(_utf8(args.prompt, "--prompt"))
+    stops = [unescape(_utf8(s, "--stop")) for s in args.stop] if args.stop else None
     model = RWKVForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     tok = WorldTokenizer()
     _check_vocab(model, tok, args.model)
-    stops = [s.encode().decode("unicode_escape") for s in args.stop] if args.stop else None
     ids = tok.encode(prompt) or [0]
     gen = dict(max_new_tokens=args.max_new_tokens, stop=stops, tokenizer=tok, seed=args.seed,
                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
@@ -105,7 +122,7 @@ def cmd_convert(args) -> int:
 def cmd_info(args) -> int:
     from multimodal_rwkv.model.checkpoint import load_raw
 
-    cfg, sd = load_raw(args.src)
+    cfg, sd = load_raw(args.src, check=True)  # what convert and from_pretrained would refuse, refused
     n = sum(v.numel() for v in sd.values())
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
     print(f"source:        {args.src}")

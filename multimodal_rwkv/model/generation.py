@@ -25,6 +25,19 @@ class RWKVPenaltyProcessor(LogitsProcessor):
         return scores - (seen.to(scores.dtype) * self.presence + counts.to(scores.dtype) * self.frequency)
 
 
+class VocabLimitProcessor(LogitsProcessor):
+    """Never pick an id at or above ``n``: the ids a tokenizer of ``n`` entries cannot decode (a
+    model whose vocabulary was padded beyond its tokenizer's)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.n:] = -float("inf")
+        return scores
+
+
 class StopStringsCriteria(StoppingCriteria):
     """Stop a row once its generated text contains one of ``stops`` (e.g. ``"\\n\\n"``)."""
 
@@ -80,6 +93,8 @@ class StopAwareStreamer:
         self.stopped = False
 
     def put(self, value) -> None:
+        if value.dim() > 1 and value.shape[0] > 1:  # as transformers' TextStreamer: one row only
+            raise ValueError("StopAwareStreamer streams one row; generate a batch without a streamer")
         if self.skip_prompt:  # the first call carries the prompt
             self.skip_prompt = False
             return

@@ -123,6 +123,17 @@ def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
                              f"[0, {vocab_size})")
 
 
+def _check_state_shapes(state, config, B: int) -> None:
+    """Every layer's token shifts ``[B, C]`` and WKV state ``[B, H, K, V]`` (the kernels read them
+    by these sizes: a state of another model must be refused, not read past its end)."""
+    H, N, C = config.n_head, config.head_size, config.n_embd
+    for i, (a, w, f) in enumerate(zip(state.att_shift, state.wkv, state.ffn_shift)):
+        for what, t, want in (("att_shift", a, (B, C)), ("wkv", w, (B, H, N, N)), ("ffn_shift", f, (B, C))):
+            if t is not None and tuple(t.shape) != want:
+                raise ValueError(f"state layer {i} {what} has shape {tuple(t.shape)}, this model needs {want} "
+                                 f"([B, C] token shifts, [B, H, K, V] WKV state)")
+
+
 def _apply_pad_mask(x: torch.Tensor, prev: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Left padding: a pad position looks like "no token yet", i.e. it carries ``prev`` forward."""
     if mask is None:
@@ -425,8 +436,17 @@ class RWKVModel(RWKVPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             _check_ids(input_ids, self.config.vocab_size)
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                input_ids = input_ids.long()  # uint8, int16, ...: the embedding takes int32/int64
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"inputs_embeds must be [B, T, C] with T >= 1, got shape {tuple(inputs_embeds.shape)}")
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0: every position), got {logits_to_keep}")
+        bt = tuple((input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
+        if bt[0] == 0:
+            raise ValueError("the input batch has no rows")
+        if attention_mask is not None and tuple(attention_mask.shape) != bt:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the input is {bt} ([B, T])")
         x = self.emb(input_ids) if inputs_embeds is None else inputs_embeds.to(self.emb.weight.dtype)
         if x.device.type == "cpu":
             cpu.keep_freed_memory_for_forward()  # no page faults on every call's buffers (see there)
@@ -448,6 +468,7 @@ class RWKVModel(RWKVPreTrainedModel):
                     f"state has {in_state.n_layer} layers x batch {in_state.batch_size}; "
                     f"model has {self.config.n_layer} layers and the input batch is {B}"
                 )
+            _check_state_shapes(in_state, self.config, B)
             att_s, wkv_s, ffn_s = in_state.att_shift, in_state.wkv, in_state.ffn_shift
         new_att, new_wkv, new_ffn = [], [], []
         tail = (logits_to_keep if logits_to_keep > 0 and mask is None and scan_order is None
@@ -665,10 +686,12 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 (ChatRWKV: ``logit -= presence + count * frequency``, counts decayed each step).
             seed: seeds torch's RNG first, for reproducible sampling.
             state: continue from this state (prefix reuse); ``input_ids`` are then the new tokens only.
+        With a ``tokenizer`` of fewer ids than the model's vocabulary, the ids it cannot decode are
+        never generated.
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        from multimodal_rwkv.model.generation import RWKVPenaltyProcessor, StopStringsCriteria
+        from multimodal_rwkv.model.generation import RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor
 
         if seed is not None:
             torch.manual_seed(seed)
@@ -677,6 +700,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if presence_penalty or frequency_penalty:
             processors.append(RWKVPenaltyProcessor(presence_penalty, frequency_penalty, penalty_decay,
                                                    prompt_len=input_ids.shape[1]))
+        if tokenizer is not None and getattr(tokenizer, "vocab_size", self.config.vocab_size) < self.config.vocab_size:
+            processors.append(VocabLimitProcessor(tokenizer.vocab_size))
         if stop:
             if tokenizer is None:
                 raise ValueError("stop strings need tokenizer=")

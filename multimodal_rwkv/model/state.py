@@ -1,6 +1,8 @@
 """The recurrent state of an RWKV model: what a transformer's KV cache is, but of fixed size."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +130,9 @@ class RWKVState:
             d = load_file(str(path), device=str(device or "cpu"))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             raise CheckpointError(f"{path}: not a saved RWKV state ({e})") from None
-        n = 1 + max((int(k.split(".")[0]) for k in d), default=-1)
+        if not d or not all(re.fullmatch(r"\d+\.(att_shift|wkv|ffn_shift)", k) for k in d):
+            raise CheckpointError(f"{path}: not a saved RWKV state (keys must be <layer>.att_shift/.wkv/.ffn_shift)")
+        n = 1 + max(int(k.split(".")[0]) for k in d)
         try:
             return cls(
                 [d[f"{i}.att_shift"] for i in range(n)],

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from multimodal_rwkv.argtypes import add_sampling_args, int_min
+from multimodal_rwkv.argtypes import add_sampling_args, device, int_min
 from multimodal_rwkv.errors import DataError
 from multimodal_rwkv.fileio import ensure_parent
 
@@ -78,7 +78,7 @@ def _gen_args(p) -> None:
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     add_sampling_args(p, top_p=1.0, temperature_help="with --do-sample")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
 
 
