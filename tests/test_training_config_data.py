@@ -38,10 +38,50 @@ def test_recipe_yaml_round_trip(tmp_path):
     ("optim.lr=fast", "optim.lr"),
     ("train.grad_accum=0", "train.grad_accum"),
     ("no_equals_sign", "KEY=VALUE"),
+    # value ranges, checked before anything runs (torch or numpy would raise deep inside, or train wrongly)
+    ("seed=-1", "seed"),
+    ("optim.eps=-1", "optim.eps"),
+    ("optim.betas=[2, 3]", "optim.betas"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("peft.lora_dropout=2", "peft.lora_dropout"),
+    ("optim.lr_final=-1", "optim.lr_final"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps"),
+    ("optim.lr=.inf", "optim.lr"),
+    ("output_dir=", "output_dir"),
+    ("optim={nope: 1}", "optim.nope"),
+    ("optim=3", "optim"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         apply_overrides(TrainConfig(), [override])
+
+
+def test_a_whole_section_override_updates_its_keys():
+    cfg = apply_overrides(TrainConfig(), ["optim={lr: 0.5, warmup_steps: 3}"])
+    assert cfg.optim.lr == 0.5 and cfg.optim.warmup_steps == 3 and cfg.optim.lr_final == TrainConfig().optim.lr_final
+
+
+def test_model_config_values_are_type_checked():
+    from multimodal_rwkv import RWKVConfig
+
+    for kw, name in ((dict(n_layer="abc"), "n_layer"), (dict(n_layer=2.5), "n_layer"),
+                     (dict(tie_word_embeddings="maybe"), "tie_word_embeddings"), (dict(layer_norm_eps="x"), "layer_norm_eps")):
+        with pytest.raises(ConfigError, match=name):
+            RWKVConfig(**kw)
+    assert RWKVConfig(n_layer=2.0).n_layer == 2
+
+
+def test_freeze_patterns_match_at_module_boundaries_and_never_silently_nothing():
+    from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
+    from multimodal_rwkv.training.config import PeftSection
+    from multimodal_rwkv.training.peft import select_trainable
+
+    m = RWKVForCausalLM(RWKVConfig(vocab_size=32, n_layer=2, n_embd=64, head_size=32))
+    select_trainable(m, PeftSection(freeze=["blocks.0.*", "emb.*"]))
+    assert not m.rwkv.emb.weight.requires_grad and not m.rwkv.blocks[0].att.key.weight.requires_grad
+    assert m.rwkv.blocks[1].att.key.weight.requires_grad
+    with pytest.raises(ConfigError, match="peft.freeze: pattern 'nope.*' matches no parameter"):
+        select_trainable(m, PeftSection(freeze=["nope.*"]))
 
 
 def test_unknown_key_in_recipe_file(tmp_path):
@@ -171,6 +211,21 @@ def test_txt_tokenized_once_and_cached(tmp_path):
     assert np.asarray(s1.ids).tolist() == expect == np.asarray(s2.ids).tolist()
     p.write_text("changed", encoding="utf-8")  # new content -> new key
     assert np.asarray(_stream(p, tmp_path, tok=tok).ids).tolist() == [b + 1 for b in b"changed"] + [0]
+
+
+def test_a_broken_cache_entry_is_replaced_and_a_byte_order_mark_is_not_text(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_bytes(b"\xef\xbb\xbfhello")  # UTF-8 with a byte-order mark
+    want = [b + 1 for b in b"hello"] + [0]
+    assert np.asarray(_stream(p, tmp_path).ids).tolist() == want
+    (entry,) = [d for d in (tmp_path / "cache").iterdir() if not d.name.startswith(".")]
+    with open(entry / "tokens.u32", "r+b") as f:
+        f.truncate(4)  # a damaged entry: ignored, re-tokenized, and replaced (not blocking every rerun)
+    assert np.asarray(_stream(p, tmp_path).ids).tolist() == want
+    assert np.asarray(_stream(p, tmp_path).ids).tolist() == want
+    q = tmp_path / "b.jsonl"
+    q.write_bytes(b'\xef\xbb\xbf{"text": "hi"}\n')
+    assert np.asarray(_stream(q, tmp_path).ids).tolist() == [b + 1 for b in b"hi"] + [0]
 
 
 def test_chat_jsonl_masks_everything_but_the_assistant(tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from multimodal_rwkv.errors import ConfigError, DataError
 from multimodal_rwkv.training import TrainConfig, TrainingError, train
-from multimodal_rwkv.training.config import save_config
+from multimodal_rwkv.training.config import apply_overrides, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "model.config={n_layer: 2, n_embd: 64, head_size: 32, vocab_size: 64}"
@@ -253,6 +253,33 @@ def test_lora_trains_only_lora_and_merge_reproduces_outputs(tmp_path, corpus):
         a, b, c = lora_model(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert (a - c).abs().max() > 1e-3  # the adapters did change the model
+    # peft.merge_lora: false -> final/ still loads (merged weights) and the adapters come alone too
+    out2 = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=7, **{
+        "model.config": "{}", "model.from_pretrained": tmp_path / "base", "peft.lora_r": 4, "optim.lr": 1e-2,
+        "peft.lora_targets": "[att.key, att.value, att.output, ffn.key, ffn.value]", "peft.merge_lora": "false"}))
+    merged2 = RWKVForCausalLM.from_pretrained(out2)
+    adapter = load_file(out2 / "lora_adapter.safetensors")
+    info = json.loads((out2 / "lora_adapter.json").read_text())
+    assert sorted(adapter) == sorted(lora_keys) and info["r"] == 4 and info["scaling"] == 16.0 / 4
+    w = base_sd["rwkv.blocks.0.att.key.weight"] + info["scaling"] * (
+        adapter["rwkv.blocks.0.att.key.lora_B"] @ adapter["rwkv.blocks.0.att.key.lora_A"])
+    torch.testing.assert_close(merged2.rwkv.blocks[0].att.key.weight, w, rtol=1e-5, atol=1e-6)
+
+
+def test_one_run_per_output_dir_and_export_files_checked_first(tmp_path, corpus):
+    from multimodal_rwkv.training.loop import Trainer
+
+    cfg = apply_overrides(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=2))
+    holder = Trainer(cfg)
+    (tmp_path / "run").mkdir()
+    holder._lock_output_dir()  # another run holds the folder
+    with pytest.raises(ConfigError, match="output_dir is in use by another training run"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=2))
+    os.close(holder._lock_fd)
+    with pytest.raises(ConfigError, match="export.include_files: .*nope.txt is not a file"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run2", max_steps=2,
+                                            **{"export.include_files": f"[{tmp_path / 'nope.txt'}]"}))
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()  # refused before any training
 
 
 def _official_logits(pth, ids):

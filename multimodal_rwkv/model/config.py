@@ -8,6 +8,30 @@ from multimodal_rwkv.errors import ConfigError
 VERSIONS = ("x060", "x052")
 
 
+def _int(name: str, v) -> int:
+    """An integer (an integral float such as 2.0 too); anything else is a ConfigError naming it."""
+    if isinstance(v, bool) or not (isinstance(v, int) or isinstance(v, float) and v.is_integer()):
+        if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+            return int(v)
+        raise ConfigError(f"{name} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _float(name: str, v) -> float:
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {v!r}") from None
+
+
+def _bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name} must be true or false, got {v!r}")
+    return v
+
+
 class RWKVConfig(PretrainedConfig):
     """Sizes of an RWKV-6/RWKV-5 model.
 
@@ -51,20 +75,21 @@ class RWKVConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
-        self.vocab_size = int(vocab_size)
-        self.n_layer = int(n_layer)
-        self.n_embd = int(n_embd)
-        self.head_size = int(head_size)
-        self.dim_att = int(dim_att) if dim_att else self.n_embd
-        self.dim_ffn = int(dim_ffn) if dim_ffn else int(self.n_embd * 3.5) // 32 * 32
+        self.vocab_size = _int("vocab_size", vocab_size)
+        self.n_layer = _int("n_layer", n_layer)
+        self.n_embd = _int("n_embd", n_embd)
+        self.head_size = _int("head_size", head_size)
+        self.dim_att = _int("dim_att", dim_att) if dim_att else self.n_embd
+        self.dim_ffn = _int("dim_ffn", dim_ffn) if dim_ffn else int(self.n_embd * 3.5) // 32 * 32
         self.version = version
         big = self.n_embd >= 4096
-        self.d_mix_lora = int(d_mix_lora) if d_mix_lora else (64 if big else 32)
-        self.d_decay_lora = int(d_decay_lora) if d_decay_lora else (128 if big else 64)
-        self.head_size_divisor = int(head_size_divisor)
-        self.layer_norm_eps = float(layer_norm_eps)
-        self.has_initial_state = bool(has_initial_state)
+        self.d_mix_lora = _int("d_mix_lora", d_mix_lora) if d_mix_lora else (64 if big else 32)
+        self.d_decay_lora = _int("d_decay_lora", d_decay_lora) if d_decay_lora else (128 if big else 64)
+        self.head_size_divisor = _int("head_size_divisor", head_size_divisor)
+        self.layer_norm_eps = _float("layer_norm_eps", layer_norm_eps)
+        self.has_initial_state = _bool("has_initial_state", has_initial_state)
         self.wkv_backend = wkv_backend
+        tie_word_embeddings = _bool("tie_word_embeddings", tie_word_embeddings)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

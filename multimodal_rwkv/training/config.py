@@ -7,6 +7,7 @@ raise :class:`~multimodal_rwkv.errors.ConfigError` naming the key (``optim.lr``)
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,7 +98,9 @@ class PeftSection:
     train_state: bool = False
     freeze: list[str] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)
-    merge_lora: bool = True  # export merged plain weights
+    # final/ always holds the merged plain weights (every loader takes it); false: also write the
+    # LoRA matrices alone (final/lora_adapter.safetensors + lora_adapter.json)
+    merge_lora: bool = True
 
 
 @dataclass
@@ -139,6 +142,7 @@ class TrainConfig:
         def need(cond, key, msg):
             if not cond:
                 raise ConfigError(f"{key}: {msg}")
+        need(self.output_dir.strip() != "", "output_dir", "must name a folder")
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
         need(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0 or null")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)")
@@ -147,9 +151,23 @@ class TrainConfig:
         need(self.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         need(self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         need(self.train.bptt_chunk is None or self.train.bptt_chunk >= 1, "train.bptt_chunk", "must be >= 1 or null")
-        need(self.optim.lr >= 0, "optim.lr", "must be >= 0")
-        need(len(self.optim.betas) == 2, "optim.betas", "must have two values")
+        need(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
+        need(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+        need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+        need(self.eval_batches >= 0, "eval_batches", "must be >= 0 (0: the whole validation set)")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+        o = self.optim
+        need(math.isfinite(o.lr) and o.lr >= 0, "optim.lr", "must be a finite number >= 0")
+        need(math.isfinite(o.lr_final) and o.lr_final >= 0, "optim.lr_final", "must be a finite number >= 0")
+        need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
+        need(math.isfinite(o.eps) and o.eps > 0, "optim.eps", "must be a finite number > 0")
+        need(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", "must be a finite number >= 0")
+        need(math.isfinite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", "must be a finite number >= 0 (0: off)")
+        need(math.isfinite(o.decay_lr_scale) and o.decay_lr_scale >= 0, "optim.decay_lr_scale", "must be a finite number >= 0")
         need(self.peft.lora_r >= 0, "peft.lora_r", "must be >= 0")
+        need(math.isfinite(self.peft.lora_alpha), "peft.lora_alpha", "must be a finite number")
+        need(0 <= self.peft.lora_dropout < 1, "peft.lora_dropout", "must be in [0, 1)")
         return self
 
 
@@ -316,7 +334,14 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
                 raise ConfigError(f"unknown config key {key!r}; known keys in {'.'.join(parts[:i]) or 'recipe'}: {sorted(names)}")
             tp = _hints(cls)[part]
             if i == len(parts) - 1:
-                node[part] = _coerce(_parse_value(text), tp, key)
+                value = _parse_value(text)
+                if dataclasses.is_dataclass(tp):  # a whole section: its keys update the section's
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"{key}: expected a mapping of its keys, got {value!r}")
+                    _from_dict(tp, {**node[part], **value}, key)  # unknown keys and types, named
+                    node[part] = {**node[part], **value}
+                else:
+                    node[part] = _coerce(value, tp, key)
             else:
                 nxt = node[part]
                 if not isinstance(nxt, dict):

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SEPARATOR = 0
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a byte-order mark at the start of a file is dropped
 
 # --------------------------------------------------------------------------------------- tokenizers
 
@@ -161,7 +161,7 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
             _handle_bad(f"{path}: cannot read ({e.strerror or e})", on_bad, bad)
             return
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a leading byte-order mark is not text
         except UnicodeDecodeError as e:
             line = raw[: e.start].count(b"\n") + 1
             _handle_bad(f"{path}:{line}: not valid UTF-8 ({e.reason})", on_bad, bad)
@@ -186,7 +186,7 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
             any_line = True
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line.decode("utf-8"))
+                rec = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # BOM: not JSON
             except UnicodeDecodeError as e:
                 _handle_bad(f"{where}: not valid UTF-8 ({e.reason})", on_bad, bad)
                 continue
@@ -317,6 +317,13 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
         fh.flush()
         os.fsync(fh.fileno())
     fsync_path(tmp)
+    if final.exists() and _open_cache(final) is None:  # a broken entry (ignored above): replaced
+        broken = cache_dir / f".broken-{key}-{os.getpid()}"
+        try:
+            os.rename(final, broken)
+        except OSError:
+            pass
+        shutil.rmtree(broken, ignore_errors=True)
     try:
         os.rename(tmp, final)
     except OSError:  # another process finished the same entry first

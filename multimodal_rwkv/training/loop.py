@@ -311,6 +311,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
+        self._lock_fd = None
 
     # ----------------------------------------------------------------- setup
     def _accelerator(self, find_unused_parameters: bool = False):
@@ -342,7 +343,8 @@ class Trainer:
                               project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                   logging_dir=str(self.out / "logs")))
         except ValueError as e:
-            raise ConfigError(f"train.precision={cfg.train.precision}: {e}") from None
+            what = "log_with" if "logging capability" in str(e) else f"train.precision={cfg.train.precision}"
+            raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
         if cfg.train.precision != "fp32" and not getattr(acc, "native_amp", True):
             logger.warning("train.precision=%s is not available on %s: training in fp32", cfg.train.precision,
                            acc.device)
@@ -459,21 +461,20 @@ class Trainer:
             tmp = self.out / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
             export_model = unwrapped
-            if cfg.peft.lora_r > 0 and cfg.peft.merge_lora:
+            if cfg.peft.lora_r > 0:  # final/ always holds plain weights, so every loader takes it
                 export_model = copy.deepcopy(unwrapped)
                 n = P.merge_lora(export_model)
                 logger.info("merged %d LoRA layers into plain weights for export", n)
             export_model.eval()
             task.save_pretrained(export_model, tmp)
+            if cfg.peft.lora_r > 0 and not cfg.peft.merge_lora:
+                P.export_lora_adapter(unwrapped, cfg.peft, tmp)
             if cfg.peft.train_state:
                 P.export_time_state(export_model, tmp / "time_state.pth")
             if cfg.export.pth:
                 P.export_blinkdl_pth(export_model, tmp / "model.pth")
             for f in cfg.export.include_files:
-                src = Path(f)
-                if not src.is_file():
-                    raise ConfigError(f"export.include_files: {src} is not a file")
-                shutil.copy2(src, tmp / src.name)
+                shutil.copy2(f, tmp / Path(f).name)
             fsync_tree(tmp)
             if final.exists():
                 old = self.out / ".old-final"
@@ -488,6 +489,33 @@ class Trainer:
 
     # ----------------------------------------------------------------- run
     def run(self) -> Path:
+        for f in self.cfg.export.include_files:  # checked now, not after all the training
+            if not Path(f).is_file():
+                raise ConfigError(f"export.include_files: {f} is not a file")
+        try:
+            return self._run()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the output_dir lock
+                self._lock_fd = None
+
+    def _lock_output_dir(self) -> None:
+        """One run per output_dir: an exclusive lock on ``output_dir/.lock`` for the run's life
+        (the OS drops it when the process dies, however it dies). A second run on the same folder
+        would delete the first one's checkpoint in progress."""
+        import fcntl
+
+        path = self.out / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"{self.out}: output_dir is in use by another training run; wait for it to "
+                              "finish or use another output_dir") from None
+        self._lock_fd = fd
+
+    def _run(self) -> Path:
         import torch
         from accelerate.utils import set_seed
 
@@ -502,6 +530,7 @@ class Trainer:
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._lock_output_dir()
             self._cleanup_temp()
         acc.wait_for_everyone()
 

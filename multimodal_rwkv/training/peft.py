@@ -66,9 +66,10 @@ class LoRALinear(nn.Linear):
 
 
 def _matches(name: str, patterns) -> bool:
-    """``name`` matches a pattern if fnmatch does, or if it ends with ``.pattern`` / equals it."""
+    """``name`` matches a pattern if fnmatch does on the whole name or on a tail of it that starts at
+    a module boundary (``blocks.0.*`` matches ``rwkv.blocks.0.att.key.weight``)."""
     for p in patterns:
-        if fnmatch.fnmatchcase(name, p) or name == p or name.endswith("." + p):
+        if name == p or fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p):
             return True
     return False
 
@@ -103,6 +104,23 @@ def merge_lora(model: nn.Module) -> int:
     return len(names)
 
 
+def export_lora_adapter(model: nn.Module, peft, out_dir) -> None:
+    """The LoRA matrices alone: ``lora_adapter.safetensors`` (``<layer>.lora_A`` ``[r, in]``,
+    ``<layer>.lora_B`` ``[out, r]``) and ``lora_adapter.json`` (r, alpha, scaling, targets), for
+    ``peft.merge_lora: false`` (the model folder itself holds the merged weights)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.state_dict().items() if is_lora_param(n)}
+    out = Path(out_dir)
+    save_file(tensors, str(out / "lora_adapter.safetensors"), metadata={"format": "pt"})
+    info = {"r": peft.lora_r, "alpha": peft.lora_alpha, "scaling": peft.lora_alpha / peft.lora_r,
+            "targets": list(peft.lora_targets), "formula": "W + scaling * lora_B @ lora_A"}
+    (out / "lora_adapter.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
 def is_lora_param(name: str) -> bool:
     return name.endswith(".lora_A") or name.endswith(".lora_B")
 
@@ -120,6 +138,12 @@ def select_trainable(model: nn.Module, peft, task_filter=None) -> tuple[int, int
 
     Returns ``(n_trainable, n_total)`` parameter counts; ConfigError if nothing is trainable.
     """
+    names = [n for n, _ in model.named_parameters()]
+    for key in ("freeze", "trainable"):  # a pattern that matches nothing is a mistake, not a no-op
+        for pat in getattr(peft, key):
+            if not any(_matches(n, [pat]) for n in names):
+                raise ConfigError(f"peft.{key}: pattern {pat!r} matches no parameter (names look like "
+                                  f"{names[0]!r}, {names[len(names) // 2]!r})")
     restrict = peft.lora_r > 0 or peft.train_state
     for n, p in model.named_parameters():
         on = True
