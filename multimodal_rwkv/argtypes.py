@@ -91,3 +91,9 @@ def unescape(text: str) -> str:
 
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
+
+def path_arg(text: str) -> str:
+    """A file or folder path: not empty (an empty one would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text

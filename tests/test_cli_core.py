@@ -152,6 +152,30 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
     assert r.returncode == 2 and "config.json: a JSON file, not a checkpoint (for a model folder, give the folder)" in r.stderr
     r = run("info", tmp_path / "a.png")
     assert r.returncode == 2 and "a.png: not a PyTorch checkpoint (neither a zip nor a pickle file)" in r.stderr
+    (tmp_path / "t.txt").write_text("hello\n")
+    r = run("info", tmp_path / "t.txt")
+    assert r.returncode == 2 and "t.txt: not a PyTorch checkpoint (neither a zip nor a pickle file)" in r.stderr
+    import pickle
+
+    (tmp_path / "p.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    r = run("info", tmp_path / "p.pkl")
+    assert r.returncode == 2 and "p.pkl: a pickle file that is not a PyTorch checkpoint" in r.stderr
+    r = run("info", "/dev/null")
+    assert r.returncode == 2 and "/dev/null: not a regular file" in r.stderr
+    for argv in (("info", ""), ("convert", tmp_path / "a.png", "")):
+        r = run(*argv)
+        assert r.returncode == 2 and "an empty path" in r.stderr
+
+
+def test_a_model_safetensors_given_alone_loads(world_pth, tmp_path):
+    from multimodal_rwkv import RWKVForCausalLM
+
+    m = RWKVForCausalLM.from_pretrained(world_pth)
+    m.save_pretrained(tmp_path / "ours")
+    alone = RWKVForCausalLM.from_pretrained(tmp_path / "ours" / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), alone.state_dict().values()))
+    r = run("info", tmp_path / "ours" / "model.safetensors")
+    assert r.returncode == 0 and "x060" in r.stdout
 
 
 def test_a_visualrwkv_folder_is_named_as_such():

@@ -44,7 +44,7 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 def read_pth(path: Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth`` state dict safely; every failure becomes a CheckpointError naming the file."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
@@ -59,7 +59,13 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
         first = msg.splitlines()[0][:120]
         if path.suffix.lower() == ".json":
             raise CheckpointError(f"{path}: a JSON file, not a checkpoint (for a model folder, give the folder)") from None
-        if "Unsupported operand" in msg:  # bytes that are no pickle opcode: some other kind of file
+        with open(path, "rb") as f:
+            head = f.read(9)
+        known = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[8:9] == b"{"  # zip, pickle, safetensors
+        if head[:1] == b"\x80" and "Unsupported operand" in msg:
+            raise CheckpointError(f"{path}: a pickle file that is not a PyTorch checkpoint (opcodes that "
+                                  "torch.load(weights_only=True) does not read)") from None
+        if not known or "Unsupported operand" in msg:  # some other kind of file
             raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file)") from None
         if "Weights only load failed" in msg or "Unsupported global" in msg or "unsupported" in msg.lower() and "global" in msg.lower():
             raise CheckpointError(
@@ -251,18 +257,22 @@ def _load_raw(src):
             except (TypeError, ValueError, ConfigError) as e:
                 raise CheckpointError(f"{cfg_file}: invalid config ({e})") from None
             return cfg, sd, None
-        # A Hugging Face-layout RWKV-6 (or BlinkDL keys saved in a folder): infer from shapes.
-        blink = hf_to_blink(sd)
-        cfg = infer_config(blink, path)
-        ours = blink_to_ours(blink)
-        original = {_our_name(_hf_name_to_blink(k)): k for k in sd}  # our name -> the file's
-        hf = any(k.startswith("rwkv.") for k in sd)
-        return cfg, ours, lambda k: original.get(k) or (_blink_name_to_hf(_blink_name(k)) if hf else _blink_name(k))
+        return _from_named_weights(sd, path)  # a Hugging Face-layout RWKV-6, or BlinkDL keys in a folder
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    blink = read_pth(path)
+    return _from_named_weights(read_pth(path), path)
+
+
+def _from_named_weights(sd: dict[str, torch.Tensor], path: Path):
+    """Config (inferred from shapes), our-layout state dict and the name map for weights named the
+    BlinkDL way (``blocks.N.att...``), the Hugging Face way (``rwkv.blocks.N.attention...``) or
+    ours (``rwkv.blocks.N.att...``, e.g. a model.safetensors given alone)."""
+    blink = hf_to_blink(sd)
     cfg = infer_config(blink, path)
-    return cfg, blink_to_ours(blink), _blink_name
+    ours = blink_to_ours(blink)
+    original = {_our_name(_hf_name_to_blink(k)): k for k in sd}  # our name -> the file's
+    hf = any(".attention." in k or ".feed_forward." in k or k.startswith("rwkv.embeddings.") for k in sd)
+    return cfg, ours, lambda k: original.get(k) or (_blink_name_to_hf(_blink_name(k)) if hf else _blink_name(k))
 
 
 def _blink_name(k: str) -> str:

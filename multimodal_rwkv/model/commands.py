@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, unescape
+from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, path_arg, unescape
 from multimodal_rwkv.errors import CheckpointError, DataError
 
 
@@ -13,7 +13,7 @@ def register(sub) -> None:
         description="Generate text with an RWKV-6/RWKV-5 model (BlinkDL .pth, Hugging Face folder, or a folder saved by this package).",
         epilog="Example: mmrwkv generate --model RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth --prompt 'The Eiffel tower is in' --max-new-tokens 40",
     )
-    p.add_argument("--model", required=True, help="checkpoint file or folder")
+    p.add_argument("--model", type=path_arg, required=True, help="checkpoint file or folder")
     p.add_argument("--prompt", required=True,
                    help="prompt text; \\n, \\t, \\r and \\\\ are unescaped ('-' reads standard input as it is)")
     p.add_argument("--max-new-tokens", type=int_min(1), default=100)
@@ -33,8 +33,8 @@ def register(sub) -> None:
         description="Convert a BlinkDL .pth or a Hugging Face-layout RWKV folder into config.json + model.safetensors.",
         epilog="Example: mmrwkv convert RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth ./finch-1b6",
     )
-    p.add_argument("src")
-    p.add_argument("out_dir")
+    p.add_argument("src", type=path_arg)
+    p.add_argument("out_dir", type=path_arg)
     p.add_argument("--dtype", default=None, help="keep the file's dtype unless given (fp32 | bf16 | fp16)")
     p.set_defaults(func=cmd_convert)
 
@@ -43,7 +43,7 @@ def register(sub) -> None:
         description="Inspect a checkpoint without building the model: version, sizes, LoRA ranks, parameter count.",
         epilog="Example: mmrwkv info RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth",
     )
-    p.add_argument("src")
+    p.add_argument("src", type=path_arg)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("env", help="print versions and available kernel backends",
