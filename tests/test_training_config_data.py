@@ -228,6 +228,19 @@ def test_a_broken_cache_entry_is_replaced_and_a_byte_order_mark_is_not_text(tmp_
     assert np.asarray(_stream(q, tmp_path).ids).tolist() == [b + 1 for b in b"hi"] + [0]
 
 
+def test_a_folder_mixing_text_and_jsonl_is_refused_not_half_read(tmp_path):
+    from multimodal_rwkv.training.data import detect_format
+
+    d = tmp_path / "mixed"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.jsonl").write_text('{"text": "x"}\n')
+    (d / "sub" / "b.txt").write_text("y")
+    with pytest.raises(DataError, match="folder mixes jsonl and txt files"):
+        detect_format(d)
+    (d / "a.jsonl").unlink()
+    assert detect_format(d) == "txt"  # text files below the top level count too
+
+
 def test_chat_jsonl_masks_everything_but_the_assistant(tmp_path):
     p = tmp_path / "chat.jsonl"
     recs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo!"},

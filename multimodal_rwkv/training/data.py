@@ -511,12 +511,17 @@ def detect_format(path: str | Path) -> str:
     p = Path(path)
     if p.suffix in (".bin", ".idx") or (Path(str(p) + ".idx").is_file() and Path(str(p) + ".bin").is_file()):
         return "binidx"
-    if p.is_dir():
-        sufs = {x.suffix for x in p.iterdir() if x.is_file()}
-        for suf, fmt in ((".npy", "tokens"), (".jsonl", "jsonl"), (".txt", "txt")):
-            if suf in sufs:
-                return fmt
-        raise DataError(f"{p}: cannot tell the data format from the files in this folder; set data.format")
+    if p.is_dir():  # the kinds of file the readers take from it (.npy at the top, text anywhere below)
+        kinds = {"tokens"} if any(x.suffix == ".npy" for x in p.iterdir() if x.is_file()) else set()
+        for x in p.rglob("*"):
+            if x.is_file() and x.suffix in (".jsonl", ".json", ".txt", ".md", ".text"):
+                kinds.add("jsonl" if x.suffix in (".jsonl", ".json") else "txt")
+        if len(kinds) > 1:  # reading one kind would drop the others silently
+            raise DataError(f"{p}: folder mixes {' and '.join(sorted(kinds))} files; give one kind per folder "
+                            "or set data.format")
+        if not kinds:
+            raise DataError(f"{p}: cannot tell the data format from the files in this folder; set data.format")
+        return kinds.pop()
     if p.suffix == ".npy":
         return "tokens"
     if p.suffix in (".jsonl", ".json"):
@@ -578,7 +583,7 @@ class PackedDataset:
             raise IndexError(i)
         L = self.ctx_len
         s = i * L
-        w = np.asarray(self.stream.ids[s: s + L + 1], dtype=np.int64)
+        w = np.array(self.stream.ids[s: s + L + 1], dtype=np.int64)  # a copy: the memmap is read-only
         if self.vocab_size is not None and len(w) and int(w.max()) >= self.vocab_size:
             pos = s + int(np.argmax(w >= self.vocab_size))
             raise DataError(f"{self.stream.source}: token {pos} has id {int(w.max())}, outside the model's "
