@@ -634,3 +634,31 @@ def test_stop_aware_streamer_refuses_a_batch():
     m = _random_model()
     with pytest.raises(ValueError, match="streams one row"):
         m.generate(torch.randint(1, 97, (2, 3)), max_new_tokens=2, streamer=StopAwareStreamer(WorldTokenizer()))
+
+
+def test_a_hugging_face_layout_rwkv5_folder_loads(tmp_path):
+    """transformers' RWKV-5 names (rwkv.blocks.N.attention.time_mix_key, feed_forward, embeddings,
+    pre_ln) load as the same model as the BlinkDL file."""
+    from safetensors.torch import save_file
+
+    sd = blink_state_dict(version="x052", n_layer=2, n_embd=64, head_size=32, vocab_size=97)
+    torch.save(sd, tmp_path / "b.pth")
+    long = {"k": "key", "v": "value", "r": "receptance", "g": "gate"}
+
+    def hf_name(k):
+        if k == "head.weight":
+            return k
+        k = k.replace("emb.", "embeddings.", 1) if k.startswith("emb.") else k.replace("blocks.0.ln0.", "blocks.0.pre_ln.")
+        k = k.replace(".att.", ".attention.").replace(".ffn.", ".feed_forward.")
+        for s, l in long.items():
+            if k.endswith(".time_mix_" + s):
+                k = k[: -len(s)] + l
+        return "rwkv." + k
+
+    (tmp_path / "hf5").mkdir()
+    save_file({hf_name(k): v.contiguous() for k, v in sd.items()}, str(tmp_path / "hf5" / "model.safetensors"))
+    (tmp_path / "hf5" / "config.json").write_text('{"model_type": "rwkv5"}')
+    a = RWKVForCausalLM.from_pretrained(tmp_path / "b.pth")
+    b = RWKVForCausalLM.from_pretrained(tmp_path / "hf5")
+    assert b.config.version == "x052"
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -137,6 +137,8 @@ _HF_RENAMES = [
     (re.compile(r"^rwkv\."), ""),
     (re.compile(r"\.attention\."), ".att."),
     (re.compile(r"\.feed_forward\."), ".ffn."),
+    # RWKV-5 (and RWKV-4) spell the static token-shift mixes out: time_mix_key -> time_mix_k
+    (re.compile(r"\.time_mix_(k|v|r|g)(?:ey|alue|eceptance|ate)$"), r".time_mix_\1"),
 ]
 
 
@@ -147,7 +149,7 @@ def _hf_name_to_blink(k: str) -> str:
 
 
 def hf_to_blink(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face RWKV-6 key names (``rwkv.blocks.N.attention...``) → BlinkDL names."""
+    """Hugging Face RWKV-6/RWKV-5 key names (``rwkv.blocks.N.attention...``) → BlinkDL names."""
     return {_hf_name_to_blink(k): v for k, v in sd.items()}
 
 
