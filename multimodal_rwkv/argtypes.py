@@ -97,3 +97,22 @@ def path_arg(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
     return text
+
+
+def seed(text: str) -> int:
+    """A random seed torch accepts: an integer in [0, 2**63)."""
+    v = _number(int, text)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
+    return v
+
+
+def int_range(lo: int, hi: int):
+    """An integer in [lo, hi]."""
+    def check(text: str) -> int:
+        v = _number(int, text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text}")
+        return v
+    check.__name__ = f"integer in [{lo}, {hi}]"
+    return check

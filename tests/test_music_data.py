@@ -204,6 +204,12 @@ def test_cli_roll_and_abc2midi(tmp_path, capsys):
     assert main(["music", "abc2midi", str(tmp_path / "t.abc"), "--out", str(tmp_path / "t.mid"), "--index", "1"]) == 0
     assert mido.MidiFile(str(tmp_path / "t.mid")).tracks
     assert main(["music", "abc2midi", str(tmp_path / "t.abc"), "--out", str(tmp_path / "t.mid"), "--index", "5"]) == 2
+    # a byte-order mark does not hide the first tune; bytes that are not UTF-8 do not stop a conversion
+    (tmp_path / "bom.abc").write_bytes(b"\xef\xbb\xbf" + TUNE.encode() + b"\n" + TUNE.replace("X: 7", "X: 8").encode())
+    assert len(split_tunes((tmp_path / "bom.abc").read_text(encoding="utf-8"))) == 2
+    assert main(["music", "abc2midi", str(tmp_path / "bom.abc"), "--out", str(tmp_path / "b.mid"), "--index", "1"]) == 0
+    (tmp_path / "latin.abc").write_bytes(TUNE.replace("X: 7", "X: 7\nT: Caf\xe9").encode("latin-1"))
+    assert main(["music", "abc2midi", str(tmp_path / "latin.abc"), "--out", str(tmp_path / "l.mid")]) == 0
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -177,3 +177,26 @@ def test_shipped_bach_model():
     buf = io.BytesIO()
     res.midi.save(file=buf)
     assert mido.MidiFile(file=io.BytesIO(buf.getvalue())).tracks
+
+
+def test_cli_eval_and_generate_bad_input_exit_2(tiny_run, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from multimodal_rwkv.cli import main
+
+    final, data, _ = tiny_run
+    np.save(tmp_path / "big.npy", np.array([0, 1, 5, 60000, 2, 0], np.uint16))
+    assert main(["music", "eval", "--model", str(final), "--data", str(tmp_path / "big.npy")]) == 2
+    assert "big.npy: token id 60000 is outside the model's vocabulary" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["music", "eval", "--model", str(final), "--data", str(data / "valid"), "--ctx-len", "0"])
+    assert e.value.code == 2
+    (tmp_path / "m.jsonl").write_text(json.dumps({"step": 1, "valid_loss": "x"}) + "\n")
+    assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(data / "valid")]) == 2
+    assert "m.jsonl: step 1: valid_loss is not a number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["music", "generate", "--model", str(final), "--out", str(tmp_path / "g.mid"),
+              "--seed", "99999999999999999999999"])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err

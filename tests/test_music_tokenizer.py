@@ -426,3 +426,44 @@ def test_cli_tokenize_skips_bad_files(tmp_path, capsys):
     assert arr[0] == 0 and arr[-1] == 0 and (arr == 0).sum() == 3
     assert main(["music", "tokenize", str(tmp_path / "nope")]) == 2
     assert "nope: no such file" in capsys.readouterr().err
+
+
+def test_bars_round_trip_through_decoded_time_signatures():
+    """With use_bars the decoder writes time signatures where the bar length changes, so the
+    bars of a re-encoded file are where the <bar> tokens were (3/4, then 6/8, then 4/4)."""
+    tok = MidiTokenizer(MidiTokenizerConfig(use_bars=True))
+    ts = lambda tick, n, d: (tick, mido.MetaMessage("time_signature", numerator=n, denominator=d))  # noqa: E731
+    evs = [ts(0, 3, 4), ts(1440 * 2, 6, 8), ts(1440 * 2 + 1440 * 3, 4, 4)]
+    evs += [x for b in range(12) for x in (on(b * 720, 60 + b % 5), off(b * 720 + 400, 60 + b % 5))]
+    ids = tok.encode(reread(midi_file([evs])))
+    assert tok.tokens_to_text(ids).count("<bar>") >= 5
+    assert tok.encode(reread(tok.decode(ids))) == ids
+
+
+def test_a_zero_tempo_is_a_bad_file_that_batch_jobs_skip(tmp_path, tok, capsys):
+    from multimodal_rwkv.cli import main
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "good.mid").write_bytes(_valid_bytes())
+    mid = midi_file([[(0, mido.MetaMessage("set_tempo", tempo=0)), on(0, 60), off(480, 60)]])
+    (d / "tempo0.mid").write_bytes(saved(mid))
+    with pytest.raises(MidiError, match="tempo0.mid: set_tempo of 0"):
+        tok.encode(d / "tempo0.mid")
+    assert main(["music", "tokenize", str(d)]) == 0
+    o = capsys.readouterr()
+    assert "tokenized 1 files, skipped 1 unreadable" in o.out and "set_tempo of 0" in o.err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["music", "tokenize", str(empty)]) == 2
+    assert "no .mid/.midi files" in capsys.readouterr().err
+    assert main(["music", "tokenize", str(d), "--out", str(tmp_path / "tok")]) == 0
+    assert (tmp_path / "tok.npy").is_file() and f"wrote {tmp_path / 'tok.npy'}" in capsys.readouterr().out
+
+
+def test_tokenizer_config_values_are_checked_and_the_file_named(tmp_path):
+    for bad in ({"pitch_range": [1]}, {"pitch_range": ["a", "b"]}, {"max_file_bytes": "x"}, {"max_notes": -1},
+                {"steps_per_beat": 40000}, {"use_bars": "yes"}):
+        (tmp_path / "midi_tokenizer.json").write_text(__import__("json").dumps(bad))
+        with pytest.raises(ConfigError, match=r"midi_tokenizer.json: MidiTokenizerConfig\." + next(iter(bad))):
+            MidiTokenizerConfig.load(tmp_path / "midi_tokenizer.json")

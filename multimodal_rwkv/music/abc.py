@@ -79,7 +79,8 @@ _TUNE_START = re.compile(r"^X:", re.MULTILINE)
 
 def split_tunes(text: str) -> list[str]:
     """Split a multi-tune ABC file into tunes (each from its ``X:`` line); the file header
-    before the first ``X:`` is dropped; trailing blank lines are removed."""
+    before the first ``X:`` is dropped; trailing blank lines are removed (a byte-order mark too)."""
+    text = text.lstrip("\ufeff")
     starts = [m.start() for m in _TUNE_START.finditer(text)]
     tunes = []
     for a, b in zip(starts, starts[1:] + [len(text)]):

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min
+from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError, MidiError
 from multimodal_rwkv.fileio import ensure_parent
 
@@ -22,6 +22,16 @@ def _tokenizer(args):
     return MidiTokenizer()
 
 
+def _read_abc(path) -> str:
+    """ABC text: UTF-8 (a leading byte-order mark dropped), undecodable bytes replaced (ABC is
+    mostly ASCII; titles in other encodings must not stop a conversion)."""
+    p = Path(path)
+    try:
+        return p.read_bytes().decode("utf-8-sig", errors="replace")
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+
+
 def cmd_tokenize(args) -> int:
     import numpy as np
 
@@ -34,6 +44,8 @@ def cmd_tokenize(args) -> int:
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or directory")
+    if not files:
+        raise DataError(f"{', '.join(args.paths)}: no .mid/.midi files")
     ok = bad = tokens = notes = oor = 0
     stream = [0]
     for f in files:
@@ -53,12 +65,13 @@ def cmd_tokenize(args) -> int:
         if args.out:
             stream.extend(ids)
             stream.append(0)
-    if args.out:
-        np.save(ensure_parent(args.out), np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32))
+    out = args.out if not args.out or args.out.endswith(".npy") else args.out + ".npy"  # np.save's own rule
+    if out:
+        np.save(ensure_parent(out), np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32))
     tpn = f"{tokens / notes:.3f}" if notes else "-"
     print(f"tokenized {ok} files, skipped {bad} unreadable; {notes} notes, {tokens} tokens "
           f"({tpn} tokens/note), {oor} notes out of range; vocab {tok.vocab_size}"
-          + (f"; wrote {args.out}" if args.out else ""))
+          + (f"; wrote {out}" if out else ""))
     return 0
 
 
@@ -83,7 +96,7 @@ def cmd_generate(args) -> int:
     if args.png:
         ensure_parent(args.png)
     if isinstance(tok, AbcTokenizer):
-        prompt = Path(args.prompt).read_text() if args.prompt else "X:1\n"
+        prompt = _read_abc(args.prompt) if args.prompt else "X:1\n"
         text = generate_abc(prompt=prompt, max_bytes=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, model=model)
         if out.suffix.lower() in (".mid", ".midi"):
@@ -126,6 +139,11 @@ def cmd_eval(args) -> int:
     model, tok = load_music_model(args.model)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
+    top = int(ids.max()) if len(ids) else 0
+    if len(ids) and (int(ids.min()) < 0 or top >= model.config.vocab_size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else top
+        raise DataError(f"{args.data}: token id {bad} is outside the model's vocabulary [0, {model.config.vocab_size}) "
+                        "(data prepared with another tokenizer?)")
     total, n = windowed_nll(model, ids, args.ctx_len)
     if n == 0:
         raise DataError(f"{args.data}: fewer than 2 tokens")
@@ -165,6 +183,8 @@ def _eval_from_metrics(args, ids) -> int:
         raise DataError(f"{p}: no valid_loss entries")
     for r in rows:
         v = r["valid_loss"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"{p}: step {r.get('step')}: valid_loss is not a number ({v!r})")
         print(f"step {r.get('step')}: {v:.4f} nats/token, {bits_per_unit(v, len(targets), units):.4f} {name}")
     return 0
 
@@ -181,10 +201,7 @@ def cmd_abc2midi(args) -> int:
     from multimodal_rwkv.music.abc import abc_to_midi, split_tunes
 
     p = Path(args.abc)
-    try:
-        text = p.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+    text = _read_abc(p)
     tunes = split_tunes(text) or [text]
     if not 0 <= args.index < len(tunes):
         raise DataError(f"{p}: has {len(tunes)} tunes, no index {args.index}")
@@ -223,10 +240,13 @@ def register(subparsers) -> None:
     src.add_argument("--corpus", choices=["bach-chorales", "oneill-abc", "essen-abc"])
     src.add_argument("--midi-dir", help="a folder of .mid/.midi files")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--limit", type=int, help="use only the first N pieces (quick tests)")
-    p.add_argument("--transpose", type=int, default=0, help="train-split augmentation: add copies at -N..+N semitones (MIDI)")
-    p.add_argument("--valid-permille", type=int, default=100, help="share of pieces in valid, per mille (default 100)")
-    p.add_argument("--test-permille", type=int, default=100, help="share of pieces in test, per mille (default 100)")
+    p.add_argument("--limit", type=int_min(1), help="use only the first N pieces (quick tests)")
+    p.add_argument("--transpose", type=int_range(0, 24), default=0,
+                   help="train-split augmentation: add copies at -N..+N semitones (MIDI)")
+    p.add_argument("--valid-permille", type=int_range(0, 1000), default=100,
+                   help="share of pieces in valid, per mille (default 100)")
+    p.add_argument("--test-permille", type=int_range(0, 1000), default=100,
+                   help="share of pieces in test, per mille (default 100)")
     p.add_argument("--tokenizer-config", help="midi_tokenizer.json to use instead of the defaults")
     p.add_argument("--workers", type=int_min(1), default=2, help="processes for the chorale conversion (default 2)")
     p.set_defaults(func=cmd_prepare)
@@ -243,7 +263,7 @@ def register(subparsers) -> None:
                    help="seconds of new music (MIDI; default 30)")
     p.add_argument("--max-tokens", type=int_min(1), default=4096, help="cap on new tokens (default 4096)")
     add_sampling_args(p, top_p=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--png", help="also draw a piano roll here")
     p.set_defaults(func=cmd_generate)
 
@@ -257,7 +277,7 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", help="instead of --model: convert valid_loss in a training run's metrics.jsonl "
                                      "(data = the valid split it was measured on)")
     p.add_argument("--data", required=True, help=".npy file or folder of shards")
-    p.add_argument("--ctx-len", type=int, default=512)
+    p.add_argument("--ctx-len", type=int_min(2), default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-tokens", type=int_min(0), default=0, help="evaluate only the first N tokens (0 = all)")
     p.set_defaults(func=cmd_eval)
 
@@ -274,7 +294,7 @@ def register(subparsers) -> None:
                        epilog="Example: mmrwkv music abc2midi tune.abc --out tune.mid", formatter_class=fmt)
     p.add_argument("abc")
     p.add_argument("--out", required=True)
-    p.add_argument("--index", type=int, default=0, help="which tune of a multi-tune file (default 0)")
+    p.add_argument("--index", type=int_min(0), default=0, help="which tune of a multi-tune file (default 0)")
     p.set_defaults(func=cmd_abc2midi)
 
     music.set_defaults(func=lambda a: (music.print_help(), 2)[1])

@@ -185,7 +185,7 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
     if not ids or ids[-1] != tok.eos_id:
         ids = [i for i in ids if i != tok.pad_id] + [tok.eos_id]  # ended by length: close the piece
     notes, tempos, st = tok.decode_notes(ids)
-    midi = tok.notes_to_midi(notes, tempos)
+    midi = tok.notes_to_midi(notes, tempos, tok.time_signatures_from_bars(st.bars))
     prompt_end = sum(i - tok.shift_start + 1 for i in p if tok.shift_start <= i < tok.shift_start + tok.config.max_shift)
     return MusicGeneration(ids=ids, prompt_len=len(p), midi=midi, notes=notes,
                            prompt_end=prompt_end if prompt is not None else 0, decode_stats=st,

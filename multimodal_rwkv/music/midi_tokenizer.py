@@ -47,9 +47,12 @@ off) end every note of the channel. Notes still open at the end end at the last 
 *Canonical form.* After quantisation, same-pitch notes of one instrument group are re-paired
 first-in-first-out (sorted onsets with sorted offsets; the multiset of onsets and offsets is
 unchanged), and notes at one onset are ordered by (group, duration, velocity, pitch). Decoding
-writes each group on its own channel with note-offs before note-ons at equal ticks, so
+writes each group on its own channel with note-offs before note-ons at equal ticks (and, with
+``use_bars``, time signatures that put the bar lines back where the ``<bar>`` tokens were), so
 ``encode(decode(encode(x))) == encode(x)``: every note in range comes back with the same
-pitch, group, velocity bin and on-grid onset/offset.
+pitch, group, velocity bin and on-grid onset/offset. MIDI has 15 melodic channels: a piece with
+more than 15 melodic groups shares the last channel among the rest, and there two groups'
+overlapping notes of one pitch may come back re-paired (the one limit of the round trip).
 
 *Out of range.* Notes whose pitch lies outside ``pitch_range`` (``drum_pitch_range`` for drums)
 are not encoded; they are counted in :attr:`MidiTokenizer.last_stats` and logged.
@@ -109,13 +112,29 @@ class MidiTokenizerConfig:
     max_tracks: int = 1024
 
     def __post_init__(self):
-        self.pitch_range = tuple(int(x) for x in self.pitch_range)
-        self.drum_pitch_range = tuple(int(x) for x in self.drum_pitch_range)
-        self.tempo_range = tuple(float(x) for x in self.tempo_range)
-        for name in ("steps_per_beat", "max_shift", "max_duration", "velocity_bins", "tempo_bins"):
+        def pair(name, kind):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and (kind is float or float(x).is_integer())
+                for x in v)
+            if not ok:
+                raise ConfigError(f"MidiTokenizerConfig.{name}: must be two {'numbers' if kind is float else 'integers'} "
+                                  f"[lo, hi], got {v!r}")
+            setattr(self, name, tuple(kind(x) for x in v))
+
+        pair("pitch_range", int)
+        pair("drum_pitch_range", int)
+        pair("tempo_range", float)
+        for name in ("steps_per_beat", "max_shift", "max_duration", "velocity_bins", "tempo_bins", "group_size",
+                     "max_file_bytes", "max_notes", "max_beats", "max_tracks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"MidiTokenizerConfig.{name}: must be a positive int, got {v!r}")
+        for name in ("drums", "use_tempo", "use_bars", "sustain"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"MidiTokenizerConfig.{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.steps_per_beat > 32767:  # a decoded file's ticks per beat (a multiple of it) is 15 bits
+            raise ConfigError(f"MidiTokenizerConfig.steps_per_beat: at most 32767, got {self.steps_per_beat}")
         if self.velocity_bins > 127:
             raise ConfigError("MidiTokenizerConfig.velocity_bins: at most 127")
         for name in ("pitch_range", "drum_pitch_range"):
@@ -180,7 +199,7 @@ class MidiTokenizerConfig:
             raise ConfigError(f"{p}: MIDI tokenizer config must be a JSON object")
         try:
             return cls.from_dict(d)
-        except TypeError as e:
+        except (TypeError, ValueError, ConfigError) as e:
             raise ConfigError(f"{p}: {e}") from None
 
 
@@ -228,6 +247,7 @@ class DecodeStats:
     misplaced_specials: int = 0  # <bos> after notes, text after <eos>, ...
     missing_eos: bool = False
     notes: int = 0
+    bars: list = dataclasses.field(default_factory=list)  # grid steps of the <bar> tokens read
 
     @property
     def clean(self) -> bool:
@@ -496,6 +516,8 @@ class MidiTokenizer:
                                 close(key, e, tick)
                             fifo.clear()
             elif typ == "set_tempo":
+                if msg.tempo <= 0:
+                    raise MidiError(f"{name}: set_tempo of {msg.tempo} microseconds per beat (must be positive)")
                 tempos.append((tick, 60_000_000 / msg.tempo))
             elif typ == "time_signature":
                 timesigs.append((tick, msg.numerator, msg.denominator))
@@ -673,6 +695,8 @@ class MidiTokenizer:
                 continue
             dur_run = None
             if i == self.bar_id:
+                if not st.bars or st.bars[-1] != now:
+                    st.bars.append(now)
                 continue
             if self.shift_start <= i < self.shift_start + c.max_shift:
                 now += i - self.shift_start + 1
@@ -707,14 +731,36 @@ class MidiTokenizer:
         """
         notes, tempos, st = self.decode_notes(ids)
         self.last_decode_stats = st
-        return self.notes_to_midi(notes, tempos)
+        return self.notes_to_midi(notes, tempos, self.time_signatures_from_bars(st.bars))
+
+    def time_signatures_from_bars(self, bars: Sequence[int]) -> list[tuple[int, int, int]]:
+        """``(step, numerator, denominator)`` time signatures that put bar lines exactly at
+        ``bars`` (a new one wherever the bar length changes), so a decoded file encodes its
+        ``<bar>`` tokens back where they were. Bar lengths no time signature can express (not a
+        whole number of 64th notes) are left out."""
+        spb = self.config.steps_per_beat
+        out: list[tuple[int, int, int]] = []
+        last = None
+        for a, b in zip(bars, bars[1:]):
+            length = b - a
+            if length == last:
+                continue
+            for den in (4, 8, 16, 32, 64):
+                num = length * den / (4 * spb)
+                if num == int(num) and 1 <= num <= 255:
+                    out.append((a, int(num), den))
+                    last = length
+                    break
+        return out
 
     def ticks_per_beat_out(self) -> int:
         spb = self.config.steps_per_beat
         return spb * max(1, 480 // spb)
 
-    def notes_to_midi(self, notes: Sequence[Note], tempos: Sequence[tuple[int, float]] = ((0, 120.0),)) -> "mido.MidiFile":  # noqa: F821
-        """Grid notes -> ``mido.MidiFile`` (see :meth:`decode`)."""
+    def notes_to_midi(self, notes: Sequence[Note], tempos: Sequence[tuple[int, float]] = ((0, 120.0),),
+                      time_signatures: Sequence[tuple[int, int, int]] = ()) -> "mido.MidiFile":  # noqa: F821
+        """Grid notes -> ``mido.MidiFile`` (see :meth:`decode`); ``time_signatures`` as
+        ``(step, numerator, denominator)``."""
         import mido
 
         tpb = self.ticks_per_beat_out()
@@ -722,10 +768,13 @@ class MidiTokenizer:
         mid = mido.MidiFile(type=1, ticks_per_beat=tpb)
         meta = mido.MidiTrack()
         meta.append(mido.MetaMessage("track_name", name="multimodal_rwkv", time=0))
+        metas = [(step * k, 0, mido.MetaMessage("time_signature", numerator=num, denominator=den))
+                 for step, num, den in time_signatures]
+        metas += [(step * k, 1, mido.MetaMessage("set_tempo", tempo=max(1, min(16_777_215, round(60_000_000 / bpm)))))
+                  for step, bpm in tempos]
         last = 0
-        for step, bpm in sorted(tempos):
-            tick = step * k
-            meta.append(mido.MetaMessage("set_tempo", tempo=max(1, min(16_777_215, round(60_000_000 / bpm))), time=tick - last))
+        for tick, _, msg in sorted(metas, key=lambda e: (e[0], e[1])):
+            meta.append(msg.copy(time=tick - last))
             last = tick
         mid.tracks.append(meta)
         groups = sorted({n.group for n in notes})
