@@ -11,6 +11,7 @@ import random
 import time
 from pathlib import Path
 
+from multimodal_rwkv.argtypes import float_min, seed
 from multimodal_rwkv.errors import DataError
 
 MUSIC_ASSET = "music_bach"
@@ -33,8 +34,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--image", action="append", default=[], help="also ask about this image (repeatable)")
     p.add_argument("--question", default="How many shapes are there?", help="question for --image")
-    p.add_argument("--seconds", type=float, default=20.0, help="length of the generated music")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=float_min(0, strict=True), default=20.0, help="length of the generated music")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--skip-music", action="store_true")
     p.add_argument("--skip-vision", action="store_true")
     p.set_defaults(func=run_demo)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, path_arg, unescape
+from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, path_arg, seed, unescape
 from multimodal_rwkv.errors import CheckpointError, DataError
 
 
@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--frequency-penalty", type=finite, default=0.0)
     p.add_argument("--stop", action="append", default=None,
                    help="stop string (repeatable, unescaped as --prompt), e.g. '\\n\\n'")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end instead of streaming")

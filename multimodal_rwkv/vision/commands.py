@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from multimodal_rwkv.argtypes import add_sampling_args, device, int_min
+from multimodal_rwkv.argtypes import add_sampling_args, device, int_min, seed
 from multimodal_rwkv.errors import DataError
 from multimodal_rwkv.fileio import ensure_parent
 
@@ -65,7 +65,7 @@ def register(sub) -> None:
     p.add_argument("--n-test", type=int_min(0), default=300, help="held-out test images (default 300)")
     p.add_argument("--questions-per-image", type=int_min(1), default=3, help="questions per image (default 3)")
     p.add_argument("--size", type=int_min(16), default=64, help="image side in pixels (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--multi-turn", action="store_true",
                    help="training records hold all questions about an image as one conversation")
     p.add_argument("--object-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
@@ -77,7 +77,7 @@ def _gen_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int_min(1), default=128)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     add_sampling_args(p, top_p=1.0, temperature_help="with --do-sample")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--device", type=device, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
 
