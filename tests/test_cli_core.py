@@ -135,8 +135,10 @@ def test_sampling_api_rejects_bad_values():
     from multimodal_rwkv.music.generate import generate_music, sample_next
     from multimodal_rwkv.vision.synthetic import generate_dataset
 
-    with pytest.raises(ValueError, match="top_k must be >= 0"):
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
         sample_next(torch.zeros(8), 1.0, top_k=-3)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        sample_next(torch.zeros(8), float("nan"))
     with pytest.raises(ValueError, match="seconds must be > 0"):
         generate_music(None, None, seconds=0)
     with pytest.raises(ValueError, match="questions_per_image >= 1"):

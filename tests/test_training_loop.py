@@ -266,6 +266,22 @@ def test_lora_trains_only_lora_and_merge_reproduces_outputs(tmp_path, corpus):
     torch.testing.assert_close(merged2.rwkv.blocks[0].att.key.weight, w, rtol=1e-5, atol=1e-6)
 
 
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, corpus):
+    from multimodal_rwkv.errors import CheckpointError
+
+    train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=4, checkpoint_every=2))
+    ck = tmp_path / "run" / "checkpoints" / "step_00000004"
+    state = (ck / "trainer_state.json").read_text()
+    (ck / "trainer_state.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="step_00000004/trainer_state.json: damaged trainer state"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2))
+    (ck / "trainer_state.json").write_text(state)
+    weights = ck / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="step_00000004: cannot resume .*damaged; delete this checkpoint"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2))
+
+
 def test_one_run_per_output_dir_and_export_files_checked_first(tmp_path, corpus):
     from multimodal_rwkv.training.loop import Trainer
 

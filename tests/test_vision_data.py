@@ -116,6 +116,9 @@ def test_truncated_image_found_at_load_time(folder, proc):
     ds = LlavaDataset(path, proc, on_bad_record="skip")
     item = ds[0]  # replaced by the next good record, and counted
     assert item["pixel_values"].shape[0] == 1 and ds.skipped == 1 and "trunc.jpg" in ds.bad_records[0]
+    for _ in range(3):  # later epochs meet it again: still one bad record, counted once
+        assert ds[0]["pixel_values"].shape[0] == 1
+    assert ds.skipped == 1
     with pytest.raises(DataError, match="trunc.jpg"):
         LlavaDataset(path, proc, verify_images=True)
     ds = LlavaDataset(path, proc, verify_images=True, on_bad_record="skip")

@@ -76,6 +76,18 @@ def test_read_questions_reports_bad_lines(tmp_path):
     assert qf.questions[1].score("A") == 1.0 and qf.questions[0].score("b") == 0.0
     with pytest.raises(DataError, match="not found"):
         read_questions(tmp_path / "none.jsonl")
+    # a question that is not text (an unpaired surrogate), an answers entry without "answer",
+    # choices that are not strings: bad lines, skipped, never the end of the run
+    (tmp_path / "q2.jsonl").write_text("\n".join([
+        '{"question_id": 1, "image": "x.png", "question": "bad \\ud800 x"}',
+        json.dumps({"question_id": 2, "image": "x.png", "question": "Q?", "answers": [{"foo": "1"}]}),
+        json.dumps({"question_id": 3, "image": "x.png", "question": "Q?", "choices": ["a", None]}),
+        json.dumps({"question_id": 4, "image": "x.png", "question": "Q?", "answers": [{"answer": "yes"}]}),
+    ]) + "\n")
+    qf = read_questions(tmp_path / "q2.jsonl")
+    assert [q.question_id for q in qf.questions] == [4] and qf.questions[0].answers == ["yes"]
+    for n, why in ((1, "unpaired surrogate"), (2, "'answers' must be a list of strings"), (3, "'choices'")):
+        assert any(b.startswith(f"{tmp_path / 'q2.jsonl'}:{n}: ") and why in b for b in qf.bad_lines), (n, qf.bad_lines)
 
 
 def test_synthetic_dataset_is_consistent(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multimodal_rwkv.errors import CheckpointError, DataError
+from multimodal_rwkv.errors import CheckpointError, ConfigError, DataError
 from multimodal_rwkv.vision.modeling import VisualRWKV, VisualRWKVConfig, build_scan_order
 from multimodal_rwkv.vision.processor import IGNORE_INDEX, IMAGE_TOKEN_ID
 from multimodal_rwkv.vision.testing import (
@@ -254,6 +254,50 @@ def test_save_load_round_trip(tok, base, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="bogus"):
         VisualRWKV.from_pretrained(tmp_path / "m")
+
+
+def test_bad_folders_and_api_inputs_are_clear_errors(tok, base, tmp_path):
+    base.save_pretrained(tmp_path / "m")
+    good = json.loads((tmp_path / "m" / "config.json").read_text())
+
+    def with_config(**change):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**good, **change}))
+        return tmp_path / "m"
+
+    for change, why in (({"text_config": None}, "invalid VisualRWKV config"),
+                        ({"vision_config": "clip"}, "vision_config must be an object"),
+                        ({"stop": 5}, "stop must be a string"),
+                        ({"vision_config": {**good["vision_config"], "hidden_size": 63}}, "invalid vision_config")):
+        with pytest.raises(CheckpointError, match=why):
+            VisualRWKV.from_pretrained(with_config(**change), tokenizer=tok)
+    with_config()
+    pre = tmp_path / "m" / "preprocessor_config.json"
+    pcfg = json.loads(pre.read_text())
+    pre.write_text(json.dumps({**pcfg, "crop_size": {"height": 16, "width": 16}, "size": {"shortest_edge": 16}}))
+    with pytest.raises(CheckpointError, match="makes 16x16 images, the vision tower takes 24x24"):
+        VisualRWKV.from_pretrained(tmp_path / "m", tokenizer=tok)
+    (tmp_path / "m" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        VisualRWKV.from_pretrained(tmp_path / "m")
+    with pytest.raises(ConfigError, match="fewer than the World vocabulary"):
+        make_model(tok, vocab_size=1000)
+    img = images(1)[0]
+    with pytest.raises(DataError, match="questions must be a list"):
+        base.answer_batch(img, "How many?")
+    with pytest.raises(DataError, match="question 0: expected a string"):
+        base.answer(img, None)
+    with pytest.raises(DataError, match="unpaired surrogate"):
+        base.answer(img, "bad \udcff")
+    with pytest.raises(DataError, match="empty"):
+        base.answer(torch.zeros(3, 0, 5), "Q?")
+    for kw in ({"top_p": -1}, {"temperature": float("inf")}, {"temperature": float("nan")}, {"top_k": -2}):
+        with pytest.raises(ValueError):
+            base.answer(img, "Q?", do_sample=True, **kw)
+    from PIL import Image
+
+    Image.new("RGB", (1_000_000, 1)).save(tmp_path / "strip.png")  # a small file, a huge resize
+    with pytest.raises(DataError, match="strip.png: image is 1000000x1; preprocessing"):
+        base.answer(str(tmp_path / "strip.png"), "Q?")
 
 
 def test_referenced_encoder_round_trip(tok, tmp_path):

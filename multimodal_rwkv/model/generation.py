@@ -6,6 +6,20 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 
+def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    """The sampling settings this package's own samplers take (vision, music): ``temperature``
+    finite and >= 0 (0: greedy), ``top_k`` an integer >= 0 (0: off), ``top_p`` in (0, 1]."""
+    import math
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 class RWKVPenaltyProcessor(LogitsProcessor):
     """ChatRWKV's repetition penalty: ``logit[t] -= presence + count[t] * frequency`` for every
     token t generated so far, with counts multiplied by ``decay`` each step (old tokens fade)."""

@@ -59,8 +59,9 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
     <= 0 is greedy. Ids >= ``allowed`` (padding beyond the tokenizer's vocabulary) are never drawn."""
     import torch
 
-    if top_k < 0 or not top_p > 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off) and top_p > 0; got top_k={top_k}, top_p={top_p}")
+    from multimodal_rwkv.model.generation import check_sampling
+
+    check_sampling(temperature, top_k, top_p)
     x = logits.float().clone()
     if allowed is not None and allowed < x.numel():
         x[allowed:] = float("-inf")

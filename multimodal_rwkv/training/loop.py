@@ -303,6 +303,21 @@ def train(recipe, overrides: Optional[list[str]] = None) -> Path:
     return Trainer(cfg).run()
 
 
+def _trainer_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer_state.json (step, data position, ...), or a CheckpointError naming it."""
+    from multimodal_rwkv.errors import CheckpointError
+
+    p = ckpt / "trainer_state.json"
+    try:
+        st = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(st, dict) or not isinstance(st.get("step"), int):
+            raise ValueError("no integer 'step'")
+        return st
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: damaged trainer state ({e}); delete {ckpt} to resume from the checkpoint "
+                              "before it") from None
+
+
 class Trainer:
     """Holds the pieces of one run; :meth:`run` does the work (see :func:`train`)."""
 
@@ -539,7 +554,7 @@ class Trainer:
         final_dir = self.out / "final"
         budget = cfg.max_minutes * 60.0 if cfg.max_minutes else None  # seconds of training steps
         if resume is not None:
-            st = json.loads((resume[1] / "trainer_state.json").read_text())
+            st = _trainer_state(resume[1])
             timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
             if (st["step"] >= cfg.max_steps or timed_out) and final_dir.is_dir() and (final_dir / "config.json").exists():
                 logger.info("run in %s already finished at step %d (max_steps=%d, max_minutes=%s); raise them to "
@@ -578,13 +593,16 @@ class Trainer:
         if resume is not None:
             try:
                 acc.load_state(str(resume[1]))
-            except (RuntimeError, ValueError, KeyError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - torch, safetensors, accelerate: each its own types
                 from multimodal_rwkv.errors import CheckpointError
 
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{resume[1]}: cannot resume from this checkpoint ({first}); the recipe's "
-                                      f"model or PEFT settings probably changed: use a new output_dir") from None
-            st = json.loads((resume[1] / "trainer_state.json").read_text())
+                damaged = type(e).__name__ in ("SafetensorError", "UnpicklingError", "EOFError") or any(
+                    w in first.lower() for w in ("header", "truncat", "corrupt", "eof", "deserializ"))
+                why = ("a file in it is damaged; delete this checkpoint folder to resume from the one before"
+                       if damaged else "the recipe's model or PEFT settings probably changed: use a new output_dir")
+                raise CheckpointError(f"{resume[1]}: cannot resume from this checkpoint ({first}); {why}") from None
+            st = _trainer_state(resume[1])
             step, samples = int(st["step"]), int(st["samples_consumed"])
             tokens_seen, t_elapsed = int(st.get("tokens_seen", 0)), float(st.get("elapsed_s", 0.0))
             logger.info("resumed from %s (step %d)", resume[1], step)

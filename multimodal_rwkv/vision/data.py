@@ -109,6 +109,7 @@ class LlavaDataset(Dataset):
         self.max_image_pixels = max_image_pixels
         self.bad_records: list[str] = []
         self.skipped_at_load = 0
+        self._failed: set[int] = set()  # records whose images failed to load in __getitem__
         self._pixel_cache: dict | None = {} if cache_images else None
         raw, bad_lines = read_llava_records(self.path)
         for msg in bad_lines:
@@ -191,12 +192,16 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         for attempt in range(len(self.records)):
-            rec = self.records[(i + attempt) % len(self.records)]
+            k = (i + attempt) % len(self.records)
+            if k in self._failed:  # known bad (an earlier epoch): the next record stands in, uncounted
+                continue
+            rec = self.records[k]
             try:
                 return self._item(rec)
             except DataError as e:
                 if self.on_bad_record == "fail":
                     raise DataError(f"{rec.name}: {e}") from None
+                self._failed.add(k)  # counted and logged once, however many epochs meet it
                 self.skipped_at_load += 1
                 self.bad_records.append(f"{rec.name}: {e}")
                 logger.warning("skipping %s: %s", rec.name, e)

@@ -72,10 +72,12 @@ def vision_config_from_dict(d: dict):
 
     d = dict(d)
     mt = d.pop("model_type", None)
-    if mt in _CLIP_TYPES:
-        return CLIPVisionConfig(**d)
-    if mt in _SIGLIP_TYPES:
-        return SiglipVisionConfig(**d)
+    klass = CLIPVisionConfig if mt in _CLIP_TYPES else SiglipVisionConfig if mt in _SIGLIP_TYPES else None
+    if klass is not None:
+        try:
+            return klass(**d)
+        except Exception as e:  # noqa: BLE001 - transformers' config validation raises its own types
+            raise ConfigError(f"{mt} config: {' '.join(str(e).split())[:200]}") from None
     raise ConfigError(f"vision config needs model_type clip_vision_model or siglip_vision_model, got {mt!r}")
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.vision.processor import is_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,8 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
             raise DataError(f"missing {k!r}" + (" (or LLaVA's 'text')" if k == "question" else ""))
     if not isinstance(d["question"], str) or not d["question"].strip():
         raise DataError("'question' must be a non-empty string")
+    if not is_unicode(d["question"]):
+        raise DataError("'question' holds an unpaired surrogate (\\ud800-\\udfff), not text")
     if not isinstance(d["image"], str) or not d["image"]:
         raise DataError("'image' must be a file name")
     qid = d["question_id"]
@@ -216,13 +219,14 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
         if not isinstance(answers, list) or not all(isinstance(a, (str, dict)) for a in answers):
             raise DataError("'answers' must be a list of strings")
         # VQAv2 annotation style [{"answer": ...}] is accepted too
-        answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
+        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
         if not all(isinstance(a, str) for a in answers):
             raise DataError("'answers' must be a list of strings")
         answers = answers or None
     choices = d.get("choices")
-    if choices is not None and (not isinstance(choices, list) or not choices or len(choices) > len(LETTERS)):
-        raise DataError("'choices' must be a non-empty list")
+    if choices is not None and (not isinstance(choices, list) or not choices or len(choices) > len(LETTERS)
+                                or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices)):
+        raise DataError(f"'choices' must be a non-empty list of at most {len(LETTERS)} strings or numbers")
     img = Path(d["image"])
     img = img if img.is_absolute() else root / img
     if not img.is_file():

@@ -42,6 +42,7 @@ from multimodal_rwkv.vision.processor import (
     TEMPLATES,
     VisualRWKVProcessor,
     image_processor_for,
+    is_unicode,
 )
 from multimodal_rwkv.vision.projector import PROJECTOR_TYPES, build_projector
 
@@ -221,8 +222,13 @@ class VisualRWKV(nn.Module):
             image_processor = image_processor_for(vision_tower.config)
         self.image_processor = image_processor
         self._tokenizer = tokenizer
+        V = language_model.config.vocab_size
         if config.vocab_subset is not None:
-            sub = torch.tensor(config.vocab_subset, dtype=torch.long)
+            vs = config.vocab_subset
+            if not isinstance(vs, (list, tuple)) or not vs or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 65536 for i in vs):
+                raise ConfigError("vocab_subset must be a non-empty list of World token ids in [0, 65536)")
+            sub = torch.tensor(vs, dtype=torch.long)
             w2l = torch.full((65536,), len(sub), dtype=torch.long)
             w2l[sub] = torch.arange(len(sub))
             self.register_buffer("world_to_local", w2l, persistent=False)
@@ -230,8 +236,11 @@ class VisualRWKV(nn.Module):
         else:
             self.world_to_local = None
             self.local_to_world = None
-        if config.vocab_subset is not None and language_model.config.vocab_size != len(config.vocab_subset) + 1:
+        if config.vocab_subset is not None and V != len(config.vocab_subset) + 1:
             raise ConfigError("language model vocab_size does not match len(vocab_subset) + 1")
+        if config.vocab_subset is None and V < 65536:  # prompts are World ids: each needs its row
+            raise ConfigError(f"the language model has {V} token rows, fewer than the World vocabulary's 65536 "
+                              "(and no vocab_subset maps World ids onto them)")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -403,7 +412,12 @@ class VisualRWKV(nn.Module):
                stop: str | None = None) -> list[list[int]]:
         """Recurrent decoding from (logits [B,V_local], state) -> generated World ids per row
         (stop token included when produced)."""
+        from multimodal_rwkv.model.generation import check_sampling
+
+        check_sampling(temperature, top_k, top_p)
         stop = self.config.stop if stop is None else stop
+        if stop is not None and not isinstance(stop, str):
+            raise ValueError(f"stop must be a string, got {stop!r}")
         stop_ids = self.tokenizer.encode(stop) if stop else []
         stop_id = stop_ids[0] if len(stop_ids) == 1 else None
         gen = None
@@ -496,6 +510,14 @@ class VisualRWKV(nn.Module):
         for image_first)."""
         from multimodal_rwkv import RWKVState
 
+        if isinstance(questions, str) or not isinstance(questions, (list, tuple)):
+            raise DataError(f"questions must be a list of strings (for one question: answer()), got "
+                            f"{type(questions).__name__}")
+        for i, q in enumerate(questions):
+            if not isinstance(q, str):
+                raise DataError(f"question {i}: expected a string, got {type(q).__name__}")
+            if not is_unicode(q):
+                raise DataError(f"question {i}: holds an unpaired surrogate (bytes that were not UTF-8?), not text")
         if not questions:
             return []
         if not isinstance(images, (list, tuple)):
@@ -589,7 +611,7 @@ def _load_image_processor(folder):
 
     try:
         return AutoImageProcessor.from_pretrained(str(folder), local_files_only=os.path.isdir(str(folder)))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:  # a malformed preprocessor_config.json
         raise CheckpointError(f"{folder}: cannot load the image processor ({' '.join(str(e).split())[:200]})") from None
 
 
@@ -604,14 +626,23 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: folder has no {CONFIG_NAME}")
     try:
-        d = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        d = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{cfg_file}: not a JSON object")
     if d.get("model_type") != MODEL_TYPE:
         raise CheckpointError(f"{cfg_file}: model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}")
     try:
         config = VisualRWKVConfig.from_dict(d, str(cfg_file))
-    except (ConfigError, TypeError) as e:
+        if not isinstance(config.text_config, dict):
+            raise ConfigError("text_config must be an object of RWKVConfig values")
+        if config.vision_config is not None and not isinstance(config.vision_config, dict):
+            raise ConfigError("vision_config must be an object (a transformers vision config)")
+        if config.stop is not None and not isinstance(config.stop, str):
+            raise ConfigError(f"stop must be a string, got {config.stop!r}")
+        text_config = RWKVConfig(**config.text_config)
+    except (ConfigError, TypeError, ValueError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{cfg_file}: invalid VisualRWKV config ({e})") from None
     wfile = path / WEIGHTS_NAME
     if not wfile.is_file():
@@ -621,7 +652,7 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{wfile}: unreadable safetensors ({e})") from None
     with torch.device("meta"):
-        lm = RWKVForCausalLM(RWKVConfig(**config.text_config))
+        lm = RWKVForCausalLM(text_config)
     lm = lm.to_empty(device="cpu")
     lm_sd = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
     load_state_into(lm, {k: v.float() if v.is_floating_point() else v for k, v in lm_sd.items()},
@@ -629,13 +660,24 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
     if config.bundle_encoder:
         if config.vision_config is None:
             raise CheckpointError(f"{cfg_file}: bundled encoder but no vision_config")
-        tower = VisionEncoder.from_config(config.vision_config, config.encoder_options)
+        try:
+            tower = VisionEncoder.from_config(config.vision_config, config.encoder_options)
+        except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{cfg_file}: invalid vision_config ({' '.join(str(e).split())[:200]})") from None
         vt_sd = {k[len("vision_tower."):]: v.float() for k, v in sd.items() if k.startswith("vision_tower.")}
         load_state_into(tower, vt_sd, f"{wfile} (vision_tower)")
     else:
         tower = VisionEncoder.from_pretrained(config.vision_tower, config.encoder_options)
     image_processor = _load_image_processor(path) if (path / "preprocessor_config.json").is_file() else None
-    model = VisualRWKV(config, lm, tower, image_processor=image_processor, tokenizer=tokenizer)
+    try:
+        model = VisualRWKV(config, lm, tower, image_processor=image_processor, tokenizer=tokenizer)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    side = getattr(tower.config, "image_size", None)
+    made = VisualRWKVProcessor(None, model.image_processor, 1).image_size
+    if isinstance(side, int) and tuple(made) != (side, side):
+        raise CheckpointError(f"{path}: the image processor makes {made[0]}x{made[1]} images, the vision tower "
+                              f"takes {side}x{side} (preprocessor_config.json does not fit vision_config)")
     pj_sd = {k[len("projector."):]: v.float() for k, v in sd.items() if k.startswith("projector.")}
     load_state_into(model.projector, pj_sd, f"{wfile} (projector)")
     extra = [k for k in sd if not k.startswith(("language_model.", "vision_tower.", "projector."))]

@@ -180,6 +180,16 @@ def expand2square(im: Image.Image, background: tuple[int, int, int]) -> Image.Im
     return out
 
 
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is real text: no unpaired surrogates (what bytes that are not UTF-8 become
+    on a command line, or what a JSON "\\ud800" escape gives), so it can be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _short(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
@@ -291,10 +301,29 @@ class VisualRWKVProcessor:
         if not images:
             return torch.zeros(0, 3, *self.image_size)
         pils = [as_pil(im, self.max_image_pixels) for im in images]
+        for im, p in zip(images, pils):
+            self._check_work_size(p, im)
         if self.image_aspect_ratio == "pad":
             pils = [expand2square(p, self.background) for p in pils]
         pv = self.image_processor(images=pils, return_tensors="pt")["pixel_values"]
         return pv.float()
+
+    def _check_work_size(self, im: Image.Image, source) -> None:
+        """The image the preprocessing makes on the way must stay within 4x ``max_image_pixels``
+        (a big photo padded to a square may grow that much): a 1,000,000 x 1 strip is a small file,
+        but scaling its short side up to the tower's size (or padding it to a square) would take
+        terabytes."""
+        w, h = im.size
+        where = source if isinstance(source, (str, os.PathLike)) else "image"
+        if w == 0 or h == 0:
+            raise DataError(f"{where}: image is {w}x{h}, empty")
+        if self.max_image_pixels is None:
+            return
+        side = min(self.image_size)
+        work = max(w, h) ** 2 if self.image_aspect_ratio == "pad" else side * side * max(w, h) / min(w, h)
+        if work > 4 * self.max_image_pixels:
+            raise DataError(f"{where}: image is {w}x{h}; preprocessing it ({self.image_aspect_ratio}) would make "
+                            f"{work:.3g} pixels, over the limit of {4 * self.max_image_pixels} (aspect ratio too extreme)")
 
     @property
     def image_size(self) -> tuple[int, int]:
