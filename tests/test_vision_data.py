@@ -108,6 +108,14 @@ def test_skip_mode_counts_every_bad_record(folder, proc):
         LlavaDataset(path, proc)
 
 
+def test_a_json_object_and_a_byte_order_mark(folder, proc):
+    (folder / "obj.json").write_text(json.dumps({"data": [rec("a")]}))
+    with pytest.raises(DataError, match="obj.json: a JSON object with keys \\['data'\\]; LLaVA data is a JSON list"):
+        LlavaDataset(folder / "obj.json", proc)
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([rec("a"), rec("b")]).encode())
+    assert len(LlavaDataset(folder / "bom.json", proc)) == 2
+
+
 def test_truncated_image_found_at_load_time(folder, proc):
     path = write(folder / "d.json", [rec("t", image="trunc.jpg"), rec("ok")])
     ds = LlavaDataset(path, proc)  # the header is fine; the pixels are not

@@ -125,6 +125,12 @@ def test_cli_vqa_and_eval_vqa(trained, tmp_path, capsys):
     rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(tmp_path / "missing.png"),
                          "--question", "Q?")
     assert rc == 2 and "missing.png" in err and "Traceback" not in err
+    rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", "  ")
+    assert rc == 2 and "--question is empty" in err
+    (tmp_path / "outdir").mkdir()
+    rc, out_, err = _cli(capsys, "eval-vqa", "--model", str(final), "--questions", str(qfile), "--image-folder",
+                         str(img.parent), "--output", str(tmp_path / "outdir"))
+    assert rc == 2 and "outdir: is a folder" in err
 
 
 def test_cli_vision_synth_subprocess(tmp_path):

@@ -100,6 +100,8 @@ def _load(args):
 def _vqa(args) -> int:
     if not os.path.isfile(args.image):
         raise DataError(f"{args.image}: image file not found")
+    if not args.question.strip():
+        raise DataError("--question is empty")
     model = _load(args)
     print(model.answer(args.image, args.question, **_gen_kwargs(args)))
     return 0
@@ -108,6 +110,8 @@ def _vqa(args) -> int:
 def _eval_vqa(args) -> int:
     from multimodal_rwkv.vision.evaluate import read_questions
 
+    if os.path.isdir(args.output):  # found now, not after answering every question
+        raise DataError(f"{args.output}: is a folder; --output names the answers .jsonl file")
     qf = read_questions(args.questions, args.image_folder)
     for b in qf.bad_lines:
         print(f"mmrwkv eval-vqa: skipped {b}", file=sys.stderr)

@@ -63,12 +63,20 @@ def read_llava_records(path) -> tuple[list[tuple[str, object]], list[str]]:
     raises DataError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not JSON
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read data file ({e})") from None
     stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # several lines of records (JSONL in a .json file): read below
+        if isinstance(whole, dict) and "conversations" not in whole:
+            raise DataError(f"{path}: a JSON object with keys {sorted(whole)[:5]}; LLaVA data is a JSON list of "
+                            "records (or JSONL, one record per line)")
     if path.suffix.lower() != ".jsonl" and stripped.startswith("["):
         try:
             data = json.loads(text)
