@@ -178,6 +178,9 @@ def test_pianoroll_colours_and_prompt(tmp_path):
     assert pix(55, 72) == group_colour(5) != group_colour(0)
     assert pix(20, 66) == (236, 236, 236)  # prompt shading
     assert pix(40, 66) == (255, 255, 255)  # generated part, empty
+    # a very long piece fits max_width (steps get thinner; the picture does not grow)
+    long = render_pianoroll([Note(0, 12 * 50_000, 0, 60, 5), Note(7, 12, 0, 64, 5)], None, steps_per_beat=12)
+    assert long.size[0] <= 2400
 
 
 def test_cli_roll_and_abc2midi(tmp_path, capsys):

@@ -40,7 +40,7 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     lo = min((n.pitch for n in notes), default=60) - 2
     hi = max((n.pitch for n in notes), default=72) + 2
     if px_per_step is None:
-        px_per_step = max(0.25, min(8.0, (max_width - 40) / end))
+        px_per_step = min(8.0, (max_width - 40) / end)  # a long piece gets thinner steps, never a wider picture
     legend_h = 18
     left = 30
     w = int(left + end * px_per_step + 10)
@@ -61,7 +61,8 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
             d.line([left, y_of(p) + px_per_pitch - 1, w, y_of(p) + px_per_pitch - 1], fill=(215, 215, 215))
             d.text((2, y_of(p) - 4), f"C{p // 12 - 1}", fill=(90, 90, 90))
     beat = steps_per_beat
-    for b in range(0, end + 1, beat):
+    every = 1 if beat * px_per_step >= 3 else beats_per_bar if beat * beats_per_bar * px_per_step >= 3 else 0
+    for b in range(0, end + 1, beat * every) if every else ():  # grid lines only where they stay apart
         col = (200, 200, 200) if (b // beat) % beats_per_bar == 0 else (238, 238, 238)
         d.line([x_of(b), legend_h, x_of(b), h - 1], fill=col)
     for n in notes:
