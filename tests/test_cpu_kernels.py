@@ -491,3 +491,23 @@ def test_decay_factors_and_the_wkv_given_them_match_their_twins(kernel):
     torch.testing.assert_close(o, ro.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s, rs.float(), rtol=1e-5, atol=1e-5)
     assert cpu.wkv6_cpu_decayed(r.requires_grad_(), k, v, torch.exp(w), u, s0) is None  # recorded by autograd
+
+
+def test_kernels_refuse_shapes_they_would_read_past():
+    """Every tensor the WKV kernel reads by r's sizes must have them; the gated norm's weight and
+    bias must have the width: an error, never a read past the end."""
+    from multimodal_rwkv.errors import KernelError
+
+    if cpu.extension() is None:
+        pytest.skip(cpu.status())
+    r, k, e, u = torch.randn(1, 5, 1, 16), torch.randn(1, 5, 1, 16), torch.rand(1, 5, 1, 16), torch.randn(1, 16)
+    v = torch.randn(1, 5, 1, 8)
+    for args, name in (((r, k, v[:, :1], e, u), "v"), ((r, k, v, e, torch.randn(1, 1)), "u"),
+                       ((r, k, v, e, u, torch.randn(1, 1, 16, 16)), "initial_state")):
+        with pytest.raises(KernelError, match=f"wkv6: {name} has shape"):
+            cpu.wkv6_cpu_decayed(*args)
+    with pytest.raises(KernelError, match="u has shape"):
+        cpu.wkv6_cpu(r, k, v, -e, torch.randn(1, 3), None, True)
+    y, gp = torch.randn(4, 64), torch.randn(4, 64)
+    with pytest.raises(RuntimeError, match="weight"):
+        cpu.gn_gate(y, gp, torch.randn(32), torch.randn(32), 2, 1e-5)

@@ -662,3 +662,26 @@ def test_a_hugging_face_layout_rwkv5_folder_loads(tmp_path):
     b = RWKVForCausalLM.from_pretrained(tmp_path / "hf5")
     assert b.config.version == "x052"
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_beam_search_is_exact_and_a_state_follows_beams_and_returned_sequences(tmp_path):
+    """Beam search reorders the RNN state by beam (here with as many beams as tokens, so the best
+    two-token continuation it returns is the exhaustive search's); a prefix state is repeated for
+    num_return_sequences / num_beams as transformers repeats the rows."""
+    sd = blink_state_dict(n_layer=1, n_embd=64, head_size=32, vocab_size=50)
+    torch.save(sd, tmp_path / "m.pth")
+    m = RWKVForCausalLM.from_pretrained(tmp_path / "m.pth")
+    ids = torch.tensor([[3, 7, 11]])
+    out = m.generate(ids, max_new_tokens=2, num_beams=50, bad_words_ids=[[0]], length_penalty=0.0)
+    with torch.no_grad():
+        cand = torch.tensor([[a, b] for a in range(1, 50) for b in range(1, 50)])
+        lp = m(torch.cat([ids.expand(len(cand), -1), cand], 1)).logits.log_softmax(-1)
+        score = lp[:, 2].gather(1, cand[:, :1]).squeeze(1) + lp[:, 3].gather(1, cand[:, 1:]).squeeze(1)
+    assert out[0, 3:].tolist() == cand[score.argmax()].tolist()
+    st = m(ids).state
+    two = m.generate(torch.tensor([[5]]), state=st, max_new_tokens=3, num_return_sequences=2, do_sample=True, seed=1)
+    assert two.shape == (2, 4)
+    kw = dict(max_new_tokens=3, num_beams=3, bad_words_ids=[[0]], length_penalty=0.0)  # scores: log-probs alone
+    full = m.generate(torch.tensor([[3, 7, 11, 5]]), **kw)
+    cont = m.generate(torch.tensor([[5]]), state=st, **kw)
+    assert cont[0, 1:].tolist() == full[0, 4:].tolist()  # beams from a prefix state == from the whole prompt

@@ -475,3 +475,14 @@ def test_call_is_transformers_style_with_left_padding(tok):
         tok(["Hello world, a longer one", "Hi"], return_tensors="pt")
     with pytest.raises(ValueError, match="only 'pt'"):
         tok("x", return_tensors="np")
+
+
+def test_empty_batch_and_non_bytes_input():
+    from multimodal_rwkv import WorldTokenizer
+
+    tok = WorldTokenizer()
+    out = tok([], padding=True, return_tensors="pt")
+    assert out["input_ids"].shape == (0, 0) and out["attention_mask"].shape == (0, 0)
+    with pytest.raises(TypeError, match="bytes-like"):
+        tok.encode_bytes(5)  # bytes(5) would be five NUL bytes
+    assert tok.encode_bytes(bytearray(b"hi")) == tok.encode_bytes(b"hi") == tok.encode("hi")

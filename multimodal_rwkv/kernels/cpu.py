@@ -227,6 +227,7 @@ def _wkv6_forward(r32, k32, v32, e32, u32, s0, saved: bool):
     """The C++ forward on fp32 contiguous inputs and decay factors ``e = exp(w)``: ``(o, s, saved states)``."""
     B, T, H, K = r32.shape
     V = v32.shape[-1]
+    _check_wkv_shapes(r32, k32, v32, e32, u32, s0)
     f32 = dict(dtype=torch.float32)
     s_in = torch.empty(0, **f32) if s0 is None else s0.detach().float().contiguous()
     s = torch.empty(B, H, K, V, **f32)  # the kernel starts it from s_in (never modified)
@@ -234,6 +235,23 @@ def _wkv6_forward(r32, k32, v32, e32, u32, s0, saved: bool):
     kept = torch.empty(B, H, -(-T // WKV_SAVE_EVERY), K, V, **f32) if saved else torch.empty(0, **f32)
     extension().wkv6_forward(r32, k32, v32, e32, u32, s_in, s, o, kept, WKV_SAVE_EVERY)
     return o, s, kept
+
+
+def _check_wkv_shapes(r, k, v, e, u, s0) -> None:
+    """The kernel reads every tensor by r's sizes: any other shape is an error, never a read past
+    the end (the public :func:`multimodal_rwkv.kernels.wkv6` checks the same before dispatching)."""
+    from multimodal_rwkv.errors import KernelError
+
+    if r.dim() != 4:
+        raise KernelError(f"r must be [B, T, H, K], got {tuple(r.shape)}")
+    B, T, H, K = r.shape
+    V = v.shape[-1] if v.dim() == 4 else -1
+    want = {"k": (k, (B, T, H, K)), "w": (e, (B, T, H, K)), "v": (v, (B, T, H, V)), "u": (u, (H, K))}
+    if s0 is not None:
+        want["initial_state"] = (s0, (B, H, K, V))
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise KernelError(f"wkv6: {name} has shape {tuple(t.shape)}, expected {shape} (r is {tuple(r.shape)})")
 
 
 class _WKV6(torch.autograd.Function):
@@ -570,6 +588,7 @@ def gn_gate_reference(y, gp, weight, bias, groups, eps):
 
 def _gn_gate_kernel(y, gp, weight, bias, groups):
     ok = (weight is not None and bias is not None and y.dim() == 2 and y.shape == gp.shape
+          and weight.numel() == bias.numel() == y.shape[1]  # else the twin raises torch's own error
           and y.shape[1] % groups == 0 and (y.shape[1] // groups) % 16 == 0)
     return _kernel_for(y, gp, weight, bias) if ok else None
 

@@ -666,6 +666,10 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             return {"input_ids": input_ids, "state": state, "attention_mask": attention_mask, "logits_to_keep": 1}
         return {"input_ids": input_ids[:, -1:], "state": state, "logits_to_keep": 1}
 
+    def _reorder_cache(self, state, beam_idx):
+        """Beam search: the rows of the state that the surviving beams continue from."""
+        return state[beam_idx.to(state.wkv[0].device)]
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs["state"] = outputs.state
         model_kwargs["_rwkv_first"] = False
@@ -707,6 +711,13 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 raise ValueError("stop strings need tokenizer=")
             criteria.append(StopStringsCriteria(tokenizer, [stop] if isinstance(stop, str) else list(stop),
                                                 prompt_len=input_ids.shape[1]))
+        if state is not None:  # transformers repeats each row for beams / returned sequences; the state too
+            gc = kwargs.get("generation_config") or self.generation_config
+            beams = kwargs.get("num_beams") or getattr(gc, "num_beams", 1) or 1
+            seqs = kwargs.get("num_return_sequences") or getattr(gc, "num_return_sequences", 1) or 1
+            repeat = beams if beams > 1 else seqs
+            if repeat > 1 and state.batch_size == input_ids.shape[0]:
+                state = state[torch.arange(state.batch_size).repeat_interleave(repeat)]
         kwargs.setdefault("pad_token_id", self.config.pad_token_id)
         kwargs.setdefault("use_cache", True)
         if kwargs.get("do_sample") is None:

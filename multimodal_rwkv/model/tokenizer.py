@@ -628,6 +628,8 @@ class WorldTokenizer:
     def encode_bytes(self, data: bytes) -> list[int]:
         """Token ids of raw bytes (any bytes, not necessarily valid UTF-8): a list of ints in
         ``[1, largest id]``, the same greedy longest match as :meth:`encode`."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):  # bytes(5) would be five NUL bytes
+            raise TypeError(f"encode_bytes takes bytes-like data, got {type(data).__name__}")
         data = bytes(data)
         vocab = self._vocab
         n = len(data)
@@ -718,8 +720,9 @@ class WorldTokenizer:
                 raise ValueError("texts of different token lengths: pass padding=True for tensors")
             import torch
 
-            return {"input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1),
-                    "attention_mask": torch.tensor(mask, dtype=torch.long).reshape(len(ids), -1)}
+            width = len(ids[0]) if ids else 0  # an empty batch: [0, 0]
+            return {"input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(ids), width),
+                    "attention_mask": torch.tensor(mask, dtype=torch.long).reshape(len(ids), width)}
         if return_tensors is not None:
             raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' or None")
         return {"input_ids": ids[0], "attention_mask": mask[0]} if single else {"input_ids": ids, "attention_mask": mask}
