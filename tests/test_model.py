@@ -685,3 +685,12 @@ def test_beam_search_is_exact_and_a_state_follows_beams_and_returned_sequences(t
     full = m.generate(torch.tensor([[3, 7, 11, 5]]), **kw)
     cont = m.generate(torch.tensor([[5]]), state=st, **kw)
     assert cont[0, 1:].tolist() == full[0, 4:].tolist()  # beams from a prefix state == from the whole prompt
+
+
+def test_generate_input_checks():
+    m = _random_model()
+    with pytest.raises(ValueError, match=r"input_ids must be a \[B, T\] tensor"):
+        m.generate(torch.tensor([1, 2, 3]), max_new_tokens=2)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match="pad on the left"):
+        m.generate(ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)

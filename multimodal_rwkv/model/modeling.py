@@ -697,6 +697,13 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
 
         from multimodal_rwkv.model.generation import RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor
 
+        if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2):
+            raise ValueError(f"input_ids must be a [B, T] tensor, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and input_ids is not None and mask.shape == input_ids.shape and not bool((mask[:, -1] != 0).all()):
+            raise ValueError("generate continues every row from its last position: pad on the left "
+                             "(attention_mask[:, -1] must be 1 for every row)")
         if seed is not None:
             torch.manual_seed(seed)
         processors = kwargs.pop("logits_processor", None) or LogitsProcessorList()
