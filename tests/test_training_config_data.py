@@ -69,6 +69,9 @@ def test_model_config_values_are_type_checked():
         with pytest.raises(ConfigError, match=name):
             RWKVConfig(**kw)
     assert RWKVConfig(n_layer=2.0).n_layer == 2
+    for kw, name in ((dict(layer_norm_eps=-1), "layer_norm_eps"), (dict(head_size_divisor=0), "head_size_divisor")):
+        with pytest.raises(ConfigError, match=name):
+            RWKVConfig(**kw)
 
 
 def test_freeze_patterns_match_at_module_boundaries_and_never_silently_nothing():

@@ -288,6 +288,12 @@ def test_bad_folders_and_api_inputs_are_clear_errors(tok, base, tmp_path):
         base.answer(img, None)
     with pytest.raises(DataError, match="unpaired surrogate"):
         base.answer(img, "bad \udcff")
+    with pytest.raises(DataError, match="question 0 is empty"):
+        base.answer(img, "  ")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        base.answer(img, "Q?", max_new_tokens=-1)
+    with pytest.raises(ValueError, match="seed"):
+        base.answer(img, "Q?", do_sample=True, seed="a")
     with pytest.raises(DataError, match="empty"):
         base.answer(torch.zeros(3, 0, 5), "Q?")
     for kw in ({"top_p": -1}, {"temperature": float("inf")}, {"temperature": float("nan")}, {"top_k": -2}):

@@ -102,9 +102,12 @@ class RWKVConfig(PretrainedConfig):
     def validate_sizes(self) -> None:
         if self.version not in VERSIONS:
             raise ConfigError(f"version {self.version!r} is not supported (expected one of {VERSIONS})")
-        for name in ("vocab_size", "n_layer", "n_embd", "head_size", "dim_att", "dim_ffn"):
+        for name in ("vocab_size", "n_layer", "n_embd", "head_size", "dim_att", "dim_ffn", "head_size_divisor",
+                     "d_mix_lora", "d_decay_lora"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.layer_norm_eps < float("inf"):
+            raise ConfigError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps}")
         if self.dim_att % self.head_size:
             raise ConfigError(f"dim_att {self.dim_att} is not a multiple of head_size {self.head_size}")
         if self.wkv_backend not in ("auto", "reference", "torch", "cpu", "triton"):

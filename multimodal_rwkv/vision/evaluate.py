@@ -188,8 +188,8 @@ def read_questions(path, image_folder=None) -> QuestionFile:
             out.bad_lines.append(f"{where}: invalid JSON ({e.msg})")
         except DataError as e:
             out.bad_lines.append(f"{where}: {e}")
-    for b in out.bad_lines:
-        logger.warning("skipping %s", b)
+    for b in out.bad_lines:  # returned in bad_lines (the CLI prints them): logged once, quietly
+        logger.info("skipping %s", b)
     return out
 
 

@@ -415,6 +415,10 @@ class VisualRWKV(nn.Module):
         from multimodal_rwkv.model.generation import check_sampling
 
         check_sampling(temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         stop = self.config.stop if stop is None else stop
         if stop is not None and not isinstance(stop, str):
             raise ValueError(f"stop must be a string, got {stop!r}")
@@ -516,6 +520,8 @@ class VisualRWKV(nn.Module):
         for i, q in enumerate(questions):
             if not isinstance(q, str):
                 raise DataError(f"question {i}: expected a string, got {type(q).__name__}")
+            if not q.strip():
+                raise DataError(f"question {i} is empty")
             if not is_unicode(q):
                 raise DataError(f"question {i}: holds an unpaired surrogate (bytes that were not UTF-8?), not text")
         if not questions:
