@@ -190,6 +190,8 @@ def test_cli_eval_and_generate_bad_input_exit_2(tiny_run, tmp_path, capsys):
     np.save(tmp_path / "big.npy", np.array([0, 1, 5, 60000, 2, 0], np.uint16))
     assert main(["music", "eval", "--model", str(final), "--data", str(tmp_path / "big.npy")]) == 2
     assert "big.npy: token id 60000 is outside the model's vocabulary" in capsys.readouterr().err
+    assert main(["music", "eval", "--model", str(final), "--data", str(data)]) == 2
+    assert f"{data}: no .npy shards (a prepared dataset: give one split, e.g. {data / 'train'})" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["music", "eval", "--model", str(final), "--data", str(data / "valid"), "--ctx-len", "0"])
     assert e.value.code == 2

@@ -285,7 +285,9 @@ def load_tokens(path: str | os.PathLike):
     p = Path(path)
     files = sorted(p.glob("*.npy")) if p.is_dir() else [p]
     if not files:
-        raise DataError(f"{p}: no .npy shards")
+        splits = [s for s in ("train", "valid", "test") if (p / s).is_dir()]
+        hint = f" (a prepared dataset: give one split, e.g. {p / splits[0]})" if splits else ""
+        raise DataError(f"{p}: no .npy shards{hint}")
     arrs = []
     for f in files:
         try:
