@@ -266,7 +266,7 @@ def test_lora_trains_only_lora_and_merge_reproduces_outputs(tmp_path, corpus):
     torch.testing.assert_close(merged2.rwkv.blocks[0].att.key.weight, w, rtol=1e-5, atol=1e-6)
 
 
-def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, corpus):
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, corpus, caplog):
     from multimodal_rwkv.errors import CheckpointError
 
     train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=4, checkpoint_every=2))
@@ -276,6 +276,15 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, corpus):
     with pytest.raises(CheckpointError, match="step_00000004/trainer_state.json: damaged trainer state"):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2))
     (ck / "trainer_state.json").write_text(state)
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "run_rng")
+    rng = next((tmp_path / "run_rng" / "checkpoints" / "step_00000004").glob("random_states_*.pkl"))
+    rng.write_bytes(b"garbage")  # accelerate only logs this at INFO: a warning says it, training goes on
+    with caplog.at_level("WARNING"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run_rng", max_steps=6, checkpoint_every=2))
+    assert "random states (random_states_*.pkl) are missing or damaged" in caplog.text
+    assert len(losses(tmp_path / "run_rng")) == 6
     weights = ck / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="step_00000004: cannot resume .*damaged; delete this checkpoint"):

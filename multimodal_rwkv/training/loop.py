@@ -303,6 +303,29 @@ def train(recipe, overrides: Optional[list[str]] = None) -> Path:
     return Trainer(cfg).run()
 
 
+class _random_states_failure:
+    """``with _random_states_failure() as failed:`` -- ``failed`` (a list) is non-empty after the
+    block if accelerate's ``load_state`` could not restore the RNG states (it logs that at INFO and
+    carries on; an exact resume needs them)."""
+
+    def __enter__(self):
+        self.seen: list[str] = []
+        self.log = logging.getLogger("accelerate.checkpointing")
+        self.level = self.log.level
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = lambda r: self.seen.append(r.getMessage()) if "Could not load random states" in \
+            r.getMessage() else None
+        self.log.addHandler(self.handler)
+        if self.log.getEffectiveLevel() > logging.INFO:
+            self.log.setLevel(logging.INFO)
+        return self.seen
+
+    def __exit__(self, *exc):
+        self.log.removeHandler(self.handler)
+        self.log.setLevel(self.level)
+        return False
+
+
 def _trainer_state(ckpt: Path) -> dict:
     """A checkpoint's trainer_state.json (step, data position, ...), or a CheckpointError naming it."""
     from multimodal_rwkv.errors import CheckpointError
@@ -592,7 +615,12 @@ class Trainer:
         step, samples, tokens_seen, t_elapsed = 0, 0, 0, 0.0
         if resume is not None:
             try:
-                acc.load_state(str(resume[1]))
+                with _random_states_failure() as rng_failed:
+                    acc.load_state(str(resume[1]))
+                if rng_failed:  # accelerate only logs it at INFO: say it where it is seen
+                    logger.warning("%s: the random states (random_states_*.pkl) are missing or damaged; training "
+                                   "goes on from this checkpoint, but not bit-exactly as an uninterrupted run",
+                                   resume[1])
             except Exception as e:  # noqa: BLE001 - torch, safetensors, accelerate: each its own types
                 from multimodal_rwkv.errors import CheckpointError
 
