@@ -105,7 +105,8 @@ def extension():
             why = f"{_SOURCE} is missing"
         if why is None:
             try:
-                logger.info("loading the C++ CPU kernels (the first time, a build of about a minute; then cached)")
+                logger.info("loading the C++ CPU kernels (built once per machine and version, about a minute; "
+                            "then loaded from torch's extension cache)")
                 # one build folder per source file and content: two checkouts (or versions) sharing
                 # torch's extension cache would otherwise rebuild each other's build in turn
                 tag = hashlib.sha1(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]

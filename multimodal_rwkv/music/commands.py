@@ -257,7 +257,8 @@ def register(subparsers) -> None:
                        epilog="Example: mmrwkv music generate --model multimodal_rwkv/assets/music_bach --out song.mid "
                               "--seconds 20 --png roll.png --seed 1", formatter_class=fmt)
     p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("--out", required=True, help="output .mid (ABC models: .abc, or .mid via music21)")
+    p.add_argument("--out", required=True,
+                   help="output .mid (ABC models: .abc, or .mid via music21, the tune text kept beside it as .abc)")
     p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start)")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=30.0,
                    help="seconds of new music (MIDI; default 30)")

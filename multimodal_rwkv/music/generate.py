@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 def load_tokenizer(model_dir: str | os.PathLike):
     """The tokenizer saved in a model folder: :class:`MidiTokenizer` or :class:`AbcTokenizer`."""
     d = Path(model_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: {'not a folder' if d.exists() else 'no such file or folder'} (a music model "
+                              "is a folder with config.json, model.safetensors and its tokenizer)")
     if (d / MIDI_FILE).is_file():
         return MidiTokenizer.from_pretrained(d / MIDI_FILE)
     if (d / ABC_FILE).is_file():

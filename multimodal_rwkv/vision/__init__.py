@@ -6,7 +6,12 @@ Public names (imported lazily so ``import multimodal_rwkv.vision`` stays light):
 - :class:`VisualRWKVProcessor`, :func:`load_image` (``processor``)
 - :class:`LlavaDataset` (``data``), :func:`draw_scene` / :func:`generate_dataset` (``synthetic``)
 - :func:`vqa_soft_accuracy`, :func:`normalize_answer` (``evaluate``)
+- ``SYNTHETIC_MODEL_DIR``: the small VisualRWKV shipped with the package (the demo's), e.g.
+  ``VisualRWKV.from_pretrained(SYNTHETIC_MODEL_DIR)``
 """
+from pathlib import Path as _Path
+
+SYNTHETIC_MODEL_DIR = _Path(__file__).resolve().parent.parent / "assets" / "visualrwkv_synthetic"
 
 _LAZY = {
     "VisualRWKV": "multimodal_rwkv.vision.modeling",
@@ -30,4 +35,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'multimodal_rwkv.vision' has no attribute {name!r}")
 
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "SYNTHETIC_MODEL_DIR"])
