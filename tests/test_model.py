@@ -694,3 +694,13 @@ def test_generate_input_checks():
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with pytest.raises(ValueError, match="pad on the left"):
         m.generate(ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)
+
+
+def test_past_key_values_is_the_state():
+    m = _random_model()
+    ids = torch.randint(0, 97, (1, 4))
+    st = m(ids[:, :2]).state
+    want = m(ids[:, 2:], state=st).logits
+    assert torch.equal(m(ids[:, 2:], past_key_values=st).logits, want)
+    with pytest.raises(ValueError, match="past_key_values"):
+        m(ids, past_key_values=(torch.zeros(1),))

@@ -486,3 +486,15 @@ def test_empty_batch_and_non_bytes_input():
     with pytest.raises(TypeError, match="bytes-like"):
         tok.encode_bytes(5)  # bytes(5) would be five NUL bytes
     assert tok.encode_bytes(bytearray(b"hi")) == tok.encode_bytes(b"hi") == tok.encode("hi")
+
+
+def test_decode_refuses_ids_that_are_not_integers():
+    from multimodal_rwkv import WorldTokenizer
+
+    import torch
+
+    tok = WorldTokenizer()
+    assert tok.decode(torch.tensor([33155])) == tok.decode([33155]) == "Hello"
+    for bad in ([True, 33155], [1.5], [[1, 2]]):
+        with pytest.raises(TypeError, match="token ids must be integers"):
+            tok.decode(bad)

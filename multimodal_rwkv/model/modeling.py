@@ -635,6 +635,11 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 (VisualRWKV's bidirectional image scan).
         """
         kwargs.pop("cache", None)
+        past = kwargs.pop("past_key_values", None)  # transformers' name for a cache: here the state
+        if past is not None:
+            if not isinstance(past, RWKVState) or state is not None:
+                raise ValueError("past_key_values: pass the RNN state as state= (an RWKVState), not both")
+            state = past
         hidden, new_state = self.rwkv(
             input_ids=input_ids, inputs_embeds=inputs_embeds, state=state,
             attention_mask=attention_mask, scan_order=scan_order, logits_to_keep=logits_to_keep,

@@ -736,6 +736,10 @@ class WorldTokenizer:
                 return self._check_ids([ids])
             ids = list(ids)
         if ids:
+            kinds = set(map(type, ids))  # C speed; bool is an int subclass, a float or a row is not an id
+            if not kinds <= {int}:
+                bad = next(i for i in ids if type(i) is not int)
+                raise TypeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
             lo, hi = min(ids), max(ids)
             if lo < 0 or hi >= self._vocab_size:
                 bad = lo if lo < 0 else hi
