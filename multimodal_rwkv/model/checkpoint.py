@@ -143,14 +143,10 @@ _HF_RENAMES = [
 
 
 def _hf_name_to_blink(k: str) -> str:
+    """A Hugging Face RWKV-6/RWKV-5 key name (``rwkv.blocks.N.attention...``) → the BlinkDL name."""
     for pat, rep in _HF_RENAMES:
         k = pat.sub(rep, k)
     return k
-
-
-def hf_to_blink(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face RWKV-6/RWKV-5 key names (``rwkv.blocks.N.attention...``) → BlinkDL names."""
-    return {_hf_name_to_blink(k): v for k, v in sd.items()}
 
 
 def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
@@ -196,8 +192,12 @@ def blink_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {_our_name(k): v for k, v in sd.items()}
 
 
+def _blink_name(k: str) -> str:
+    return k[len("rwkv."):] if k.startswith("rwkv.") else k
+
+
 def ours_to_blink(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {(k[len("rwkv."):] if k.startswith("rwkv.") else k): v for k, v in sd.items()}
+    return {_blink_name(k): v for k, v in sd.items()}
 
 
 def _summarise(names, limit=8) -> str:
@@ -269,16 +269,12 @@ def _from_named_weights(sd: dict[str, torch.Tensor], path: Path):
     """Config (inferred from shapes), our-layout state dict and the name map for weights named the
     BlinkDL way (``blocks.N.att...``), the Hugging Face way (``rwkv.blocks.N.attention...``) or
     ours (``rwkv.blocks.N.att...``, e.g. a model.safetensors given alone)."""
-    blink = hf_to_blink(sd)
-    cfg = infer_config(blink, path)
-    ours = blink_to_ours(blink)
-    original = {_our_name(_hf_name_to_blink(k)): k for k in sd}  # our name -> the file's
+    renamed = {k: _hf_name_to_blink(k) for k in sd}  # each key renamed once
+    cfg = infer_config({renamed[k]: v for k, v in sd.items()}, path)
+    ours = {_our_name(renamed[k]): v for k, v in sd.items()}
+    original = {_our_name(b): k for k, b in renamed.items()}  # our name -> the file's
     hf = any(".attention." in k or ".feed_forward." in k or k.startswith("rwkv.embeddings.") for k in sd)
     return cfg, ours, lambda k: original.get(k) or (_blink_name_to_hf(_blink_name(k)) if hf else _blink_name(k))
-
-
-def _blink_name(k: str) -> str:
-    return k[len("rwkv."):] if k.startswith("rwkv.") else k
 
 
 def load_raw(src, check: bool = False) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:

@@ -139,9 +139,9 @@ def cmd_eval(args) -> int:
     model, tok = load_music_model(args.model)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
-    top = int(ids.max()) if len(ids) else 0
-    if len(ids) and (int(ids.min()) < 0 or top >= model.config.vocab_size):
-        bad = int(ids.min()) if int(ids.min()) < 0 else top
+    lo, hi = (int(ids.min()), int(ids.max())) if len(ids) else (0, 0)
+    if lo < 0 or hi >= model.config.vocab_size:
+        bad = lo if lo < 0 else hi
         raise DataError(f"{args.data}: token id {bad} is outside the model's vocabulary [0, {model.config.vocab_size}) "
                         "(data prepared with another tokenizer?)")
     total, n = windowed_nll(model, ids, args.ctx_len)

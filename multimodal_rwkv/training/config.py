@@ -338,8 +338,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
                 if dataclasses.is_dataclass(tp):  # a whole section: its keys update the section's
                     if not isinstance(value, dict):
                         raise ConfigError(f"{key}: expected a mapping of its keys, got {value!r}")
-                    _from_dict(tp, {**node[part], **value}, key)  # unknown keys and types, named
-                    node[part] = {**node[part], **value}
+                    node[part] = {**node[part], **value}  # keys and types checked with the rest below
                 else:
                     node[part] = _coerce(value, tp, key)
             else:

@@ -16,6 +16,7 @@ batch B see, and resuming needs only the number of samples consumed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -303,27 +304,24 @@ def train(recipe, overrides: Optional[list[str]] = None) -> Path:
     return Trainer(cfg).run()
 
 
-class _random_states_failure:
+@contextlib.contextmanager
+def _random_states_failure():
     """``with _random_states_failure() as failed:`` -- ``failed`` (a list) is non-empty after the
     block if accelerate's ``load_state`` could not restore the RNG states (it logs that at INFO and
     carries on; an exact resume needs them)."""
-
-    def __enter__(self):
-        self.seen: list[str] = []
-        self.log = logging.getLogger("accelerate.checkpointing")
-        self.level = self.log.level
-        self.handler = logging.Handler(logging.INFO)
-        self.handler.emit = lambda r: self.seen.append(r.getMessage()) if "Could not load random states" in \
-            r.getMessage() else None
-        self.log.addHandler(self.handler)
-        if self.log.getEffectiveLevel() > logging.INFO:
-            self.log.setLevel(logging.INFO)
-        return self.seen
-
-    def __exit__(self, *exc):
-        self.log.removeHandler(self.handler)
-        self.log.setLevel(self.level)
-        return False
+    failed: list[str] = []
+    log = logging.getLogger("accelerate.checkpointing")
+    level = log.level
+    catch = logging.Handler(logging.INFO)
+    catch.emit = lambda r: failed.append(r.getMessage()) if "Could not load random states" in r.getMessage() else None
+    log.addHandler(catch)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield failed
+    finally:
+        log.removeHandler(catch)
+        log.setLevel(level)
 
 
 def _trainer_state(ckpt: Path) -> dict:
@@ -630,7 +628,6 @@ class Trainer:
                 why = ("a file in it is damaged; delete this checkpoint folder to resume from the one before"
                        if damaged else "the recipe's model or PEFT settings probably changed: use a new output_dir")
                 raise CheckpointError(f"{resume[1]}: cannot resume from this checkpoint ({first}); {why}") from None
-            st = _trainer_state(resume[1])
             step, samples = int(st["step"]), int(st["samples_consumed"])
             tokens_seen, t_elapsed = int(st.get("tokens_seen", 0)), float(st.get("elapsed_s", 0.0))
             logger.info("resumed from %s (step %d)", resume[1], step)
