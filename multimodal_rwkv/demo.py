@@ -42,9 +42,12 @@ def register(sub) -> None:
 
 
 def _check_inputs(args) -> None:
+    from multimodal_rwkv.vision.processor import load_image
+
     for img in args.image:
         if not Path(img).is_file():
             raise DataError(f"{img}: --image file not found")
+        load_image(img)  # not an image, truncated, too big: said before the demo runs, not after
     if not 0 < args.seconds <= 600:
         raise DataError(f"--seconds must be in (0, 600], got {args.seconds}")
 

@@ -33,6 +33,7 @@ def test_demo_writes_music_and_answers(tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (("demo", "--image", "/nonexistent/pic.png"), "/nonexistent/pic.png"),
     (("demo", "--seconds", "-1"), "--seconds"),
+    (("demo", "--image", __file__), "not a recognised image"),  # said before the demo runs
     (("demo", "--bogus"), "unrecognized arguments"),
 ])
 def test_demo_bad_arguments_exit_2(argv, needle):

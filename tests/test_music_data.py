@@ -298,3 +298,26 @@ def test_abc_to_midi_irregular_bars_and_missing_length():
     assert [n.onset for n in sorted(notes)][:3] == [0, 6, 18]
     with pytest.raises(MidiError, match="cannot parse ABC|holds no notes"):
         abc_to_midi("X:1\nK:C\n")
+
+
+def test_cli_eval_and_generate_refuse_what_cannot_be_answered(tmp_path, capsys):
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.demo import MUSIC_ASSET, asset_dir
+
+    d = tmp_path / "m"
+    d.mkdir()
+    mid = mido.MidiFile()
+    mid.tracks.append(mido.MidiTrack([mido.Message("note_on", note=60, velocity=80),
+                                      mido.Message("note_off", note=60, time=480)]))
+    mid.save(str(d / "a.mid"))
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(tmp_path / "o"), "--valid-permille", "0",
+                 "--test-permille", "0"]) == 0
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "valid_loss": 1.0}\n')
+    capsys.readouterr()
+    # the valid split is empty: bits per note are undefined, not "nan"
+    assert main(["music", "eval", "--metrics", str(tmp_path / "metrics.jsonl"), "--data", str(tmp_path / "o" / "valid")]) == 2
+    assert "no notes to score" in capsys.readouterr().err
+    # a MIDI model does not write ABC text
+    assert main(["music", "generate", "--model", str(asset_dir(MUSIC_ASSET)), "--out", str(tmp_path / "x.abc"),
+                 "--seconds", "1"]) == 2
+    assert "MIDI model" in capsys.readouterr().err and not (tmp_path / "x.abc").exists()

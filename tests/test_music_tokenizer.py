@@ -467,3 +467,27 @@ def test_tokenizer_config_values_are_checked_and_the_file_named(tmp_path):
         (tmp_path / "midi_tokenizer.json").write_text(__import__("json").dumps(bad))
         with pytest.raises(ConfigError, match=r"midi_tokenizer.json: MidiTokenizerConfig\." + next(iter(bad))):
             MidiTokenizerConfig.load(tmp_path / "midi_tokenizer.json")
+
+
+def test_no_note_within_range_is_an_error_not_an_empty_piece(tok):
+    mid = midi_file([[on(0, 10), off(480, 10), on(0, 120), off(480, 120)]])
+    with pytest.raises(MidiError, match="no notes within the pitch ranges"):
+        tok.encode(reread(mid))
+
+
+def test_unknown_chunks_are_skipped_as_the_smf_spec_says(tok):
+    track = bytes([0, 0x90, 60, 100, 0x83, 0x60, 0x80, 60, 0, 0, 0xFF, 0x2F, 0])
+    plain = smf([track])
+    alien = (plain[:14] + b"XFIH" + struct.pack(">I", 3) + b"abc" + plain[14:]
+             + b"XFKM" + struct.pack(">I", 0))
+    assert tok.encode(alien) == tok.encode(plain)
+    assert tok.count_notes(tok.encode(alien)) == 1
+    with pytest.raises(MidiError, match="truncated|malformed"):  # a chunk running past the end is no skip
+        tok.encode(plain[:14] + b"XFIH" + struct.pack(">I", 99) + b"abc")
+
+
+def test_tempo_outside_range_is_counted(tok):
+    mid = midi_file([[(0, mido.MetaMessage("set_tempo", tempo=200_000)), on(0, 60), off(480, 60),
+                      (960, mido.MetaMessage("set_tempo", tempo=500_000)), on(960, 62), off(1440, 62)]])
+    tok.encode(reread(mid))  # 300 BPM, then 120 BPM
+    assert tok.last_stats.tempos_clamped == 1 and "1 tempos clamped" in tok.last_stats.summary()

@@ -111,6 +111,8 @@ def cmd_generate(args) -> int:
         print(text)
         print(f"wrote {out}")
         return 0
+    if out.suffix.lower() == ".abc":
+        raise DataError(f"{args.out}: {args.model} is a MIDI model; its output is a .mid file, not ABC text")
     res = generate_music(model, tok, args.prompt, seconds=args.seconds, max_new_tokens=args.max_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     res.midi.save(str(out))
@@ -153,9 +155,15 @@ def cmd_eval(args) -> int:
         units, name = tok.count_bytes(targets), "bits/byte"
     else:
         units, name = tok.count_notes(targets), "bits/note"
+    _check_units(args.data, units, name)
     print(f"{args.data}: {n} tokens, {nats:.4f} nats/token, {nats / math.log(2):.4f} bits/token, "
           f"{bits_per_unit(nats, n, units):.4f} {name} ({units} {'bytes' if name == 'bits/byte' else 'notes'})")
     return 0
+
+
+def _check_units(data, units: int, name: str) -> None:
+    if units <= 0:
+        raise DataError(f"{data}: no {'bytes' if name == 'bits/byte' else 'notes'} to score ({name} is undefined)")
 
 
 def _eval_from_metrics(args, ids) -> int:
@@ -173,6 +181,7 @@ def _eval_from_metrics(args, ids) -> int:
     is_abc = isinstance(tok, AbcTokenizer)
     units = tok.count_bytes(targets) if is_abc else tok.count_notes(targets)
     name = "bits/byte" if is_abc else "bits/note"
+    _check_units(args.data, units, name)
     p = Path(args.metrics)
     try:
         rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]

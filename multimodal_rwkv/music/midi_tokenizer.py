@@ -218,6 +218,26 @@ class Note(NamedTuple):
         return self.onset + self.duration
 
 
+def _drop_unknown_chunks(data: bytes) -> bytes:
+    """``data`` (a file starting with its MThd chunk) without chunks other than MThd and MTrk.
+
+    The Standard MIDI File spec has readers skip chunk types they do not know (Yamaha's XF
+    ``XFIH``/``XFKM``, for instance); mido takes every chunk after the header for a track. A chunk
+    whose length runs past the end is left in place, for mido to report as truncated."""
+    out, pos, dropped = [], 0, False
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4:pos + 8], "big")
+        end = pos + 8 + size
+        if end > len(data):
+            break
+        if pos == 0 or data[pos:pos + 4] == b"MTrk":
+            out.append(data[pos:end])
+        else:
+            dropped = True
+        pos = end
+    return b"".join(out) + data[pos:] if dropped else data
+
+
 @dataclass
 class EncodeStats:
     """What happened while encoding one file (``MidiTokenizer.last_stats``)."""
@@ -230,12 +250,14 @@ class EncodeStats:
     unterminated: int = 0        # still sounding at the end of the file
     sustained: int = 0           # note-offs deferred by the sustain pedal
     clipped: bool = False        # data bytes > 127 were clamped while reading
+    tempos_clamped: int = 0      # tempo changes outside tempo_range, encoded as its nearest end
     tokens: int = 0
 
     def summary(self) -> str:
         return (f"{self.source}: {self.notes_encoded}/{self.notes_in} notes, {self.tokens} tokens, "
                 f"{self.out_of_range} out of range, {self.lengthened} lengthened, "
-                f"{self.unterminated} unterminated")
+                f"{self.unterminated} unterminated"
+                + (f", {self.tempos_clamped} tempos clamped to tempo_range" if self.tempos_clamped else ""))
 
 
 @dataclass
@@ -398,6 +420,7 @@ class MidiTokenizer:
                 raise MidiError(f"{name}: empty file")
             if data[:4] != b"MThd":
                 raise MidiError(f"{name}: not a MIDI file (no MThd header)")
+            data = _drop_unknown_chunks(data)
             mid = None
             for clip in (False, True):
                 try:
@@ -417,7 +440,9 @@ class MidiTokenizer:
         return mid
 
     def _check_header(self, mid, name: str) -> None:
-        if mid.ticks_per_beat <= 0:
+        if mid.ticks_per_beat == 0:
+            raise MidiError(f"{name}: the header's time division is 0 ticks per beat")
+        if mid.ticks_per_beat < 0:
             raise MidiError(f"{name}: SMPTE time division is not supported (only ticks per beat)")
         if mid.type == 2:
             raise MidiError(f"{name}: type 2 (asynchronous multi-song) MIDI files are not supported")
@@ -518,7 +543,10 @@ class MidiTokenizer:
             elif typ == "set_tempo":
                 if msg.tempo <= 0:
                     raise MidiError(f"{name}: set_tempo of {msg.tempo} microseconds per beat (must be positive)")
-                tempos.append((tick, 60_000_000 / msg.tempo))
+                bpm = 60_000_000 / msg.tempo
+                if c.use_tempo and not c.tempo_range[0] <= bpm <= c.tempo_range[1]:
+                    stats.tempos_clamped += 1
+                tempos.append((tick, bpm))
             elif typ == "time_signature":
                 timesigs.append((tick, msg.numerator, msg.denominator))
         for key, fifo in open_notes.items():
@@ -543,6 +571,8 @@ class MidiTokenizer:
             by_key.setdefault((g, p), []).append((qon, qoff, self.velocity_bin(v)))
         if stats.out_of_range:
             log.info("%s: %d notes outside the pitch ranges were not encoded", name, stats.out_of_range)
+            if not by_key:
+                raise MidiError(f"{name}: no notes within the pitch ranges ({stats.out_of_range} outside them)")
         notes: list[Note] = []
         for (g, p), lst in by_key.items():
             lst.sort()  # by (onset, offset, velocity)
