@@ -27,6 +27,14 @@ def make_inputs(B, T, H, K, V=None, decay="mixed", dtype=torch.float64, seed=0, 
     return out
 
 
+def forget_channels(w):
+    """Set a few log-decays of ``w [B,T,H,K]`` to -inf in place (decay 0: the channel forgets)."""
+    B, T, H, K = w.shape
+    w[0, T // 2, 0, 0] = -float("inf")
+    w[-1, T - 3, H - 1, K // 2] = -float("inf")
+    w[0, 1, -1, :] = -float("inf")
+
+
 def rel_rms(a, b):
     """RMS(a-b)/RMS(b), in float64 (fla's metric)."""
     a, b = a.double(), b.double()

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from kernel_helpers import make_inputs, rel_rms  # noqa: E402
+from kernel_helpers import forget_channels, make_inputs, rel_rms  # noqa: E402
 from multimodal_rwkv.kernels import triton_chunk, triton_decode, wkv6, wkv6_reference  # noqa: E402
 
 LAUNCHES: dict = {}
@@ -37,8 +37,10 @@ for mod, names in ((triton_chunk, ("_fwd_h", "_fwd_o", "_bwd_dh", "_bwd_main")),
 NAMES = "r k v w u s0".split()
 
 
-def chunk_case(T, with_state, decay, dtype=torch.float32, B=2, H=2, K=16, V=16, final_only=False):
+def chunk_case(T, with_state, decay, dtype=torch.float32, B=2, H=2, K=16, V=16, final_only=False, forget=False):
     x64 = make_inputs(B, T, H, K, V=V, decay=decay, with_state=with_state, seed=100 + T)
+    if forget:  # log-decay -inf (decay 0) in a few channels: they forget at once, nothing turns NaN
+        forget_channels(x64[3])
     # the reference sees the same (rounded) inputs, so the error measures the kernel only
     x64 = [None if x is None else (x if i == 5 else x.to(dtype).double()) for i, x in enumerate(x64)]
     xs = [None if x is None else (x.float() if i == 5 else x.to(dtype)).requires_grad_() for i, x in enumerate(x64)]
@@ -107,6 +109,7 @@ def main(which):
         "chunk_T17_bf16": lambda: chunk_case(17, True, "mixed", dtype=torch.bfloat16),
         "chunk_T70_K32_V16": lambda: chunk_case(70, True, "mixed", B=1, H=2, K=32, V=16),
         "chunk_T20_no_final": lambda: no_final_case(20),
+        "chunk_T40_forget": lambda: chunk_case(40, True, "mixed", forget=True),
         "decode_T1_state": lambda: decode_case(1, True),
         "decode_T5_nostate": lambda: decode_case(5, False),
     }

@@ -9,7 +9,7 @@ import torch
 from multimodal_rwkv.errors import KernelError
 from multimodal_rwkv.kernels import wkv6, wkv6_reference
 from multimodal_rwkv.kernels.torch_chunked import wkv6_chunked, wkv6_recurrent
-from kernel_helpers import make_inputs, rel_rms, require_backend
+from kernel_helpers import forget_channels, make_inputs, rel_rms, require_backend
 
 
 def closed_form(r, k, v, w, u, s0):
@@ -149,6 +149,35 @@ def test_fp32_gradients_strong_decay_finite_and_close(backend):
     for name, a, b in zip("r k v w u s0".split(), g, g_ref):
         assert torch.isfinite(a).all(), name
         assert rel_rms(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "auto"])
+@pytest.mark.parametrize("T", [7, 40, 100])
+def test_log_decay_minus_inf_forgets_without_nan(backend, T):
+    """w = -inf (decay 0; -exp(wraw) for wraw > 88.7 in fp32) is a valid log-decay: the chunked
+    form used to meet 0 * -inf and turn every output (even earlier ones) into NaN."""
+    require_backend(backend)
+    xs = make_inputs(2, T, 2, 16, decay="mixed", seed=21)
+    forget_channels(xs[3])
+    g_ref = _grads(lambda *a: wkv6_reference(*a, output_final_state=True), xs)
+    o_ref, s_ref = wkv6_reference(*xs, output_final_state=True)
+    x32 = [x.float() for x in xs]
+    o, s = wkv6(*x32, output_final_state=True, backend=backend)
+    assert rel_rms(o, o_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+    g = _grads(lambda *a: wkv6(*a, output_final_state=True, backend=backend), x32)
+    for name, a, b in zip("r k v w u s0".split(), g, g_ref):
+        assert torch.isfinite(a).all() and rel_rms(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_final_state_float32_unless_the_inputs_are_float64(backend):
+    require_backend(backend)
+    r, k, v, w, u, s0 = make_inputs(1, 20, 1, 16, seed=5)
+    _, s = wkv6(r.float(), k.float(), v.float(), w.float(), u.float(), s0, True, backend=backend)  # s0 is fp64
+    assert s.dtype == torch.float32
+    if backend != "cpu":  # the C++ kernels are fp32 only
+        _, s = wkv6(r, k, v, w, u, s0.float(), True, backend=backend)
+        assert s.dtype == torch.float64
 
 
 def test_split_state_equals_full():

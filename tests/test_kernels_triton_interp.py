@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["chunk_T1_state_mixed", "chunk_T17_state_strong", "chunk_T130_state_mixed", "chunk_T40_final_only",
-        "chunk_T20_no_final", "decode_T1_state", "decode_T5_nostate"]
+        "chunk_T20_no_final", "chunk_T40_forget", "decode_T1_state", "decode_T5_nostate"]
 SLOW = ["chunk_T64_nostate_weak", "chunk_T130_state_strong", "chunk_T17_bf16", "chunk_T70_K32_V16"]
 GRADS = ["dr", "dk", "dv", "dw", "du", "ds0"]
 

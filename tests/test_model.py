@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,17 @@ def test_state_is_not_modified_and_supports_batch_ops():
         for bad in (3, -4):
             with pytest.raises(IndexError, match=f"state row {bad} out of range for batch 3"):
                 st[bad]
+        # one row however the integer comes (st[logits.argmax()]), always with its batch dimension
+        for i in (torch.tensor(1), np.int64(1), torch.tensor([1]), np.array([1]), [1], slice(1, 2)):
+            assert st[i].equal(row) and st[i].att_shift[0].shape == (1, 64), repr(i)
+        assert RWKVState.cat([st[0], st[2]]).equal(st[torch.tensor([True, False, True])])
+        for bad in (True, (0, 1), 1.5, torch.tensor(1.0), torch.zeros(2, 2, dtype=torch.long)):
+            with pytest.raises(TypeError):
+                st[bad]
+        one_layer = RWKVState(st.att_shift[:1], st.wkv[:1], st.ffn_shift[:1])
+        for states in ([one_layer, st], [st, one_layer]):
+            with pytest.raises(ValueError, match="layers"):
+                RWKVState.cat(states)
     L, C, H, N = 3, 64, 4, 16
     assert st.nbytes_per_stream() == L * (2 * C * 4 + H * N * N * 4)
 

@@ -495,6 +495,12 @@ def test_decode_refuses_ids_that_are_not_integers():
 
     tok = WorldTokenizer()
     assert tok.decode(torch.tensor([33155])) == tok.decode([33155]) == "Hello"
-    for bad in ([True, 33155], [1.5], [[1, 2]]):
+    for bad in ([True, 33155], [1.5], [[1, 2]], [torch.tensor(1.0)]):
         with pytest.raises(TypeError, match="token ids must be integers"):
             tok.decode(bad)
+    import numpy as np
+
+    # integers of other types are ids (a list of numpy or 0-d tensor ints, as iterating an array gives)
+    assert tok.decode(list(np.array([33155]))) == tok.decode([torch.tensor(33155)]) == "Hello"
+    # transformers' decode options are taken (TextStreamer(tok, skip_special_tokens=True) passes them)
+    assert tok.decode([33155, 0], skip_special_tokens=True, clean_up_tokenization_spaces=False) == "Hello"

@@ -54,8 +54,21 @@ import torch
 import torch.nn.functional as F
 
 
+# Log-decays below this are raised to it in the chunked forms (exp(-60) ~ 1e-26: a state entry
+# that decays by it is gone next to anything it is added to). A log-decay of -inf (decay 0, what
+# -exp(wraw) gives for wraw > 88.7 in fp32) would otherwise meet 0 * -inf in the segment-sum
+# products (or -inf - -inf in a difference of cumulative sums) and turn every output into NaN.
+LOG_DECAY_FLOOR = -60.0
+
+
 def _compute_dtype(*xs):
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _final(S, *inputs):
+    """The final state as returned: float64 for float64 inputs, else float32 (whatever the initial
+    state's dtype, as the other backends)."""
+    return S.to(_compute_dtype(*inputs))
 
 
 def _excl_cumsum(x):
@@ -212,7 +225,7 @@ def wkv6_recurrent(r, k, v, w, u, initial_state=None, output_final_state=False):
         o = torch.zeros(B, 0, H, V, dtype=cd, device=r.device)
     else:
         o = outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
-    final = S.to(torch.float32) if (output_final_state and cd != torch.float64) else (S if output_final_state else None)
+    final = _final(S, r, k, v, w) if output_final_state else None
     return o.to(r.dtype), final
 
 
@@ -422,11 +435,12 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
         if output_final_state:
             final = (torch.zeros(B, H, K, V, dtype=cd, device=r.device) if initial_state is None
                      else initial_state.to(cd))
-            final = final if cd == torch.float64 else final.float()
+            final = _final(final, r, k, v, w)
         return r.new_zeros(B, 0, H, V), final
     if T < L:  # shrink the chunk for short inputs (keep it a multiple of the sub-chunk)
         L = max(C, -(-T // C) * C)
     r_, k_, v_, w_ = (_to_chunks(x, L, cd) for x in (r, k, v, w))
+    w_ = w_.clamp(min=LOG_DECAY_FLOOR)
     N = r_.shape[0]
     u_ = u.to(cd).view(1, 1, H, 1, K).expand(1, B, H, 1, K).reshape(1, B * H, 1, K)
     S0 = (torch.zeros(B * H, K, V, dtype=cd, device=r.device) if initial_state is None
@@ -440,5 +454,5 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     final = None
     if output_final_state:
         S = S.view(B, H, K, V)
-        final = S if cd == torch.float64 else S.float()
+        final = _final(S, r, k, v, w)
     return o.to(r.dtype), final

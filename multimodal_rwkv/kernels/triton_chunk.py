@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from multimodal_rwkv.errors import KernelError
+from multimodal_rwkv.kernels.torch_chunked import LOG_DECAY_FLOOR
 
 BT = 64  # chunk length
 BC = 16  # sub-chunk length
@@ -322,7 +323,8 @@ def _bv(V):
 
 
 def _chunk_cumsum(w, B, NT, H, K):
-    return w.float().view(B, NT, BT, H, K).cumsum(2).view(B, NT * BT, H, K).contiguous()
+    # the floor: no -inf in the cumulative sums, whose differences give the exponents
+    return w.float().clamp(min=LOG_DECAY_FLOOR).view(B, NT, BT, H, K).cumsum(2).view(B, NT * BT, H, K).contiguous()
 
 
 def _states(k, v, c, s0, B, Tp, NT, H, K, V, store_final, prec):

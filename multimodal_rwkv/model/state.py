@@ -1,6 +1,7 @@
 """The recurrent state of an RWKV model: what a transformer's KV cache is, but of fixed size."""
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +79,22 @@ class RWKVState:
         )
 
     def __getitem__(self, idx) -> "RWKVState":
-        """Rows of the batch: ``state[i]`` keeps a batch dimension of 1; slices and index tensors work."""
-        if isinstance(idx, int):
+        """Rows of the batch: ``state[i]`` keeps a batch dimension of 1 (``i`` an int, a numpy integer
+        or a 0-d integer tensor, e.g. ``scores.argmax()``); slices, lists and 1-D index or bool
+        tensors select several rows."""
+        ndim = getattr(idx, "ndim", 0)  # tensors and numpy arrays
+        if isinstance(idx, (bool, tuple)) or ndim > 1:
+            raise TypeError(f"a state is indexed by batch rows only (an int, a slice or a 1-D index), got {idx!r}")
+        if not isinstance(idx, (slice, list, range)) and ndim == 0:
+            try:
+                idx = operator.index(idx)
+            except TypeError:
+                raise TypeError(f"state rows are indexed by integers, got {idx!r}") from None
             if not -self.batch_size <= idx < self.batch_size:
                 raise IndexError(f"state row {idx} out of range for batch {self.batch_size}")
             idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
+        if getattr(idx, "dtype", None) is not None and not isinstance(idx, torch.Tensor):
+            idx = torch.as_tensor(idx)  # a numpy index array
         return self._map(lambda t: t[idx])
 
     def expand(self, n: int) -> "RWKVState":
@@ -97,6 +109,14 @@ class RWKVState:
         if not states:
             raise ValueError("cat needs at least one state")
         L = states[0].n_layer
+        for i, st in enumerate(states):
+            if st.n_layer != L:
+                raise ValueError(f"cat: state {i} has {st.n_layer} layers, state 0 has {L}")
+            for name in ("att_shift", "wkv", "ffn_shift"):
+                a, b = getattr(states[0], name)[0], getattr(st, name)[0]
+                if a.shape[1:] != b.shape[1:]:
+                    raise ValueError(f"cat: state {i}'s {name} rows are {tuple(b.shape[1:])}, state 0's "
+                                     f"{tuple(a.shape[1:])} (states of different models?)")
         return RWKVState(
             [torch.cat([s.att_shift[i] for s in states]) for i in range(L)],
             [torch.cat([s.wkv[i] for s in states]) for i in range(L)],

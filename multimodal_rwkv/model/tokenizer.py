@@ -500,6 +500,16 @@ def _load_vocab(path: str) -> _Vocab:
 # --------------------------------------------------------------------------------------------
 
 
+def _as_id(i) -> int:
+    """A token id given as another integer type (numpy, a 0-d tensor); bool, float or row: TypeError."""
+    if not isinstance(i, bool) and hasattr(i, "__index__"):
+        try:
+            return i.__index__()
+        except TypeError:
+            pass
+    raise TypeError(f"token ids must be integers, got {i!r} ({type(i).__name__})")
+
+
 class WorldTokenizer:
     """The RWKV World tokenizer (greedy longest match over UTF-8 bytes).
 
@@ -738,8 +748,7 @@ class WorldTokenizer:
         if ids:
             kinds = set(map(type, ids))  # C speed; bool is an int subclass, a float or a row is not an id
             if not kinds <= {int}:
-                bad = next(i for i in ids if type(i) is not int)
-                raise TypeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
+                ids = [i if type(i) is int else _as_id(i) for i in ids]  # numpy / 0-d tensor integers
             lo, hi = min(ids), max(ids)
             if lo < 0 or hi >= self._vocab_size:
                 bad = lo if lo < 0 else hi
@@ -754,12 +763,16 @@ class WorldTokenizer:
         table = self._decode_table
         return b"".join(map(table.__getitem__, self._check_ids(ids)))
 
-    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+    def decode(self, ids: Iterable[int], errors: str = "replace", skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
         """Text of ``ids``.
 
         ``errors="replace"`` (default): each byte run that is not valid UTF-8 becomes U+FFFD where
         it occurs; the rest of the text is intact. ``errors="strict"`` raises ``UnicodeDecodeError``.
         Any other Python codec error handler name also works. Id 0 (end of text) decodes to ``""``.
+        ``skip_special_tokens`` and ``clean_up_tokenization_spaces`` are taken for ``transformers``'
+        callers (``TextStreamer(tok, skip_special_tokens=True)``) and change nothing: the only
+        special token, 0, decodes to ``""`` anyway, and the text is never re-spaced.
         """
         _check_errors(errors)
         return self.decode_bytes(ids).decode("utf-8", errors)
