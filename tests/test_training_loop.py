@@ -520,3 +520,104 @@ def test_resume_restores_rng_exactly_with_dropout(tmp_path, corpus):
         f.unlink()  # without the saved RNG state the dropout masks differ
     diff = losses(train(TrainConfig(), base_overrides(corpus, other, max_steps=6, **ov)).parent)
     assert len(diff) == 3 and max(abs(a - b) for a, b in zip(diff, ref[3:])) > 1e-5
+
+
+def test_a_step_without_targets_is_no_update_not_a_nan_stop(tmp_path):
+    """Chat windows that fall inside a user turn have no target token: the step is logged with
+    loss null and makes no update; the run goes on (it used to stop as a 'non-finite loss')."""
+    chat = tmp_path / "chat.jsonl"
+    long_q = "please summarise this long passage about rivers and mountains in a few words " * 2
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{long_q}{i}"},
+                                                     {"role": "assistant", "content": "Rivers."}]}) + "\n"
+                            for i in range(6)))
+    out = tmp_path / "run"
+    train(TrainConfig(), [f"output_dir={out}", f"data.train_file={chat}", "data.tokenizer=bytes", "data.ctx_len=16",
+                          "train.micro_batch_size=1", "data.shuffle=false", "max_steps=14", "progress_bar=false",
+                          "model.config={n_layer: 1, n_embd: 64, head_size: 32}", "optim.weight_decay=0.1"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    empty = [r for r in rows if r.get("no_targets")]
+    assert empty and all(r["loss"] is None and r["grad_norm"] is None for r in empty)
+    assert any(isinstance(r["loss"], float) and np.isfinite(r["loss"]) for r in rows)
+    assert empty[0]["step"] == 1  # the first window lies inside the first user turn
+    # no update on such a step: not even weight decay moves the weights
+    from safetensors.torch import load_file
+
+    base = fresh_base(tmp_path / "base", vocab=257)
+    train(TrainConfig(), [f"output_dir={tmp_path / 'one'}", f"data.train_file={chat}", "data.tokenizer=bytes",
+                          "data.ctx_len=16", "train.micro_batch_size=1", "data.shuffle=false", "max_steps=1",
+                          "progress_bar=false", "model.config={}", f"model.from_pretrained={tmp_path / 'base'}",
+                          "optim.weight_decay=0.1", "checkpoint_every=1"])
+    after = load_file(tmp_path / "one" / "checkpoints" / "step_00000001" / "model.safetensors")
+    init = base.state_dict()
+    assert all(torch.equal(after[k], init[k]) for k in after)
+    assert (out / "loss.png").is_file()
+
+
+def test_state_tuning_with_truncated_bptt_trains_the_state(tmp_path, corpus):
+    """Past the first chunk only the detached state feeds the loss: those chunks add nothing to the
+    gradient (they used to crash the backward), the first chunk still trains the state."""
+    from safetensors.torch import load_file
+
+    fresh_base(tmp_path / "base")
+    common = {"model.config": "{}", "model.from_pretrained": tmp_path / "base", "peft.train_state": "true",
+              "optim.lr": 0.05, "optim.warmup_steps": 0, "max_steps": 2, "checkpoint_every": 2}
+    train(TrainConfig(), base_overrides(corpus, tmp_path / "bptt", **common, **{"train.bptt_chunk": 4}))
+    sd = load_file(tmp_path / "bptt" / "checkpoints" / "step_00000002" / "model.safetensors")
+    states = [v for k, v in sd.items() if k.endswith("time_state")]
+    assert len(states) == 2 and all(float(v.abs().max()) > 0 for v in states)
+    assert len(losses(tmp_path / "bptt")) == 2 and all(np.isfinite(losses(tmp_path / "bptt")))
+
+
+def test_a_finished_run_checks_a_changed_recipe_and_exports_again(tmp_path, corpus, caplog):
+    out = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=2, checkpoint_every=2))
+    with pytest.raises(ConfigError, match="model.config.no_such_key"):
+        train(TrainConfig(), base_overrides(corpus, out, max_steps=2) + ["model.config.no_such_key=1"])
+    assert not (out / "final" / "model.pth").exists()
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=2, **{"export.pth": "true"}))
+    assert (out / "final" / "model.pth").is_file()
+    assert len(losses(out)) == 2  # nothing trained again
+    caplog.set_level("INFO", logger="multimodal_rwkv.training.loop")
+    caplog.clear()
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=1, checkpoint_every=1, **{"export.pth": "true"}))
+    assert "already finished" in caplog.text  # the same recipe but for the run length: nothing to do
+    # a checkpoint past max_steps (an interrupted longer run) says so when exported
+    (out / "final" / "config.json").unlink()
+    caplog.clear()
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=1, **{"export.pth": "true"}))
+    assert "past max_steps=1" in caplog.text
+
+
+def test_negative_ids_in_a_signed_binidx_are_named(tmp_path):
+    from multimodal_rwkv.training.data import write_binidx
+
+    write_binidx(tmp_path / "d", [list(range(1, 40)), [5, -5, 7, 0]], dtype=np.int16)
+    with pytest.raises(DataError, match=r"d.bin: token 40 has id -5, outside the model's vocabulary \[0, 64\)"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'o'}", f"data.train_file={tmp_path / 'd.bin'}",
+                              "data.ctx_len=16", "progress_bar=false", TINY])
+    (tmp_path / "e.idx").write_bytes(b"MMIDIDX\x00\x00" + b"\x01" * 5)
+    (tmp_path / "e.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(DataError, match="truncated index header"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'p'}", f"data.train_file={tmp_path / 'e.bin'}",
+                              "progress_bar=false", TINY])
+
+
+def test_a_killed_tokenization_leaves_no_temp_behind(tmp_path):
+    import socket
+
+    from multimodal_rwkv.training.data import load_stream
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = cache / f".tmp-abc-{host}-{dead.pid}"  # what a killed process of this host leaves
+    live = cache / f".tmp-abc-{host}-{os.getpid()}x"  # not a pid: left alone
+    other = cache / f".tmp-abc-otherhost-{dead.pid}"  # another host's: left alone
+    for p in (stale, live, other):
+        p.mkdir()
+        (p / "tokens.u32").write_bytes(b"\x00" * 8)
+    (tmp_path / "t.txt").write_text("hello world\n")
+    load_stream(tmp_path / "t.txt", "auto", "bytes", cache, "fail")
+    assert not stale.exists() and live.exists() and other.exists()

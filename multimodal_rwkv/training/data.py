@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,26 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
+def _cache_temp(cache_dir: Path, key: str) -> Path:
+    """A fresh temp folder ``.tmp-KEY-HOST-PID`` for a cache entry being written. Temp folders that
+    processes of this host left when they were killed (their pid is gone) are removed first, so a
+    killed tokenization does not leave its partial shards behind for good. Those of live processes,
+    and of other hosts sharing the folder, are left alone."""
+    host = socket.gethostname().replace("-", "_")
+    for p in cache_dir.glob(f".tmp-*-{host}-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not ours, or a live process of another user
+    tmp = cache_dir / f".tmp-{key}-{host}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def _open_cache(d: Path) -> Optional[tuple[np.ndarray, Optional[np.ndarray], dict]]:
     meta_p = d / "meta.json"
     if not meta_p.is_file():
@@ -280,10 +301,7 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _cache_temp(cache_dir, key)
     bad = BadRecords()
     n_tokens = 0
     n_docs = 0
@@ -368,8 +386,10 @@ def read_binidx(path: str | Path) -> TokenStream:
             head = f.read(9 + 8 + 1 + 8 + 8)
     except OSError as e:
         raise DataError(f"{idx_p}: cannot read ({e.strerror or e})") from None
-    if len(head) < 34 or head[:9] != _MMIDIDX_MAGIC:
+    if head[:9] != _MMIDIDX_MAGIC[:len(head)] or (len(head) >= 9 and head[:9] != _MMIDIDX_MAGIC):
         raise DataError(f"{idx_p}: not an MMIDIDX index (bad magic header)")
+    if len(head) < 34:
+        raise DataError(f"{idx_p}: truncated index header ({len(head)} of 34 bytes)")
     (version,) = struct.unpack("<Q", head[9:17])
     (code,) = struct.unpack("<B", head[17:18])
     n_seq, n_doc = struct.unpack("<QQ", head[18:34])
@@ -467,9 +487,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
         ids, _, meta = hit
         return TokenStream(ids, None, str(p), int(meta.get("skipped", 0)))
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(cache_dir) / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _cache_temp(Path(cache_dir), final.name)
     n = 0
     with open(tmp / "tokens.u32", "wb") as ft:
         for f in files:
@@ -559,6 +577,19 @@ def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path
 # --------------------------------------------------------------------------------------- packing
 
 
+def check_id_range(ids: np.ndarray, vocab_size: int, source: str, offset: int = 0) -> None:
+    """DataError naming ``source`` and the first token (position ``offset + i``) whose id is outside
+    ``[0, vocab_size)`` (binidx files may hold signed ids)."""
+    if not len(ids):
+        return
+    lo, hi = int(np.min(ids)), int(np.max(ids))
+    if lo >= 0 and hi < vocab_size:
+        return
+    i = int(np.argmax((ids < 0) | (ids >= vocab_size)))
+    raise DataError(f"{source}: token {offset + i} has id {int(ids[i])}, outside the model's vocabulary "
+                    f"[0, {vocab_size})")
+
+
 class PackedDataset:
     """Windows of ``ctx_len + 1`` tokens with stride ``ctx_len`` over a :class:`TokenStream`.
 
@@ -584,10 +615,8 @@ class PackedDataset:
         L = self.ctx_len
         s = i * L
         w = np.array(self.stream.ids[s: s + L + 1], dtype=np.int64)  # a copy: the memmap is read-only
-        if self.vocab_size is not None and len(w) and int(w.max()) >= self.vocab_size:
-            pos = s + int(np.argmax(w >= self.vocab_size))
-            raise DataError(f"{self.stream.source}: token {pos} has id {int(w.max())}, outside the model's "
-                            f"vocabulary (vocab_size {self.vocab_size})")
+        if self.vocab_size is not None:
+            check_id_range(w, self.vocab_size, self.stream.source, offset=s)
         tg = w[1:].copy()
         if self.stream.target is not None:
             m = np.asarray(self.stream.target[s + 1: s + L + 1])

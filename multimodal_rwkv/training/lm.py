@@ -13,10 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 
-from multimodal_rwkv.errors import ConfigError, DataError
-from multimodal_rwkv.training.data import IGNORE_INDEX, PackedDataset, collate_lm, load_stream
+from multimodal_rwkv.errors import ConfigError
+from multimodal_rwkv.training.data import IGNORE_INDEX, PackedDataset, check_id_range, collate_lm, load_stream
 from multimodal_rwkv.training.task import StepContext, Task
 
 logger = logging.getLogger(__name__)
@@ -113,10 +112,7 @@ class LMTask(Task):
         n = len(stream)
         scanned_all = n <= FULL_VOCAB_SCAN
         head = stream.ids if scanned_all else stream.ids[: FULL_VOCAB_SCAN]
-        if n:
-            mx = int(np.max(head))
-            if mx >= vocab_size:
-                raise DataError(f"{stream.source}: token id {mx} is outside the model's vocabulary (vocab_size {vocab_size})")
+        check_id_range(head, vocab_size, stream.source)
         self.skipped += stream.skipped
         return PackedDataset(stream, d.ctx_len, None if scanned_all else vocab_size)
 
@@ -164,11 +160,17 @@ class LMTask(Task):
             with (ctx.no_sync() if not last else _null()):
                 loss, logits, new_state = self._chunk_loss(model, ids[:, s:e], tgt[:, s:e], state)
                 total += loss.detach().double()
+                state = new_state.detach() if not last else None  # truncated BPTT
                 if self.cfg.train.l2wrap:
                     loss = L2Wrap.apply(loss, logits, reduction="sum")
+                if not loss.requires_grad:
+                    # state tuning alone: past the first chunk nothing trainable feeds the loss (the
+                    # state carried in is detached). The last chunk still runs a backward, through a
+                    # zero, so that DDP all-reduces what the earlier chunks accumulated.
+                    if not last:
+                        continue
+                    loss = loss + _zero_link(model)
                 ctx.backward(loss * ctx.scale)
-            if not last:
-                state = new_state.detach()
         return total, self.count_targets(batch)
 
     def eval_step(self, model, batch):
@@ -189,6 +191,11 @@ class LMTask(Task):
         model.save_pretrained(out_dir)
         info = {"task": "lm", "tokenizer": self.cfg.data.tokenizer, "ctx_len": self.cfg.data.ctx_len}
         (out_dir / "training_info.json").write_text(json.dumps(info, indent=1))
+
+
+def _zero_link(model):
+    """0, as a function of every trainable parameter (a backward through it gives zero gradients)."""
+    return sum(p.view(-1)[0] * 0 for p in model.parameters() if p.requires_grad)
 
 
 def _null():

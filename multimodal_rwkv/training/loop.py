@@ -180,7 +180,8 @@ def plot_losses(metrics_path: Path, png_path: Path, width: int = 800, height: in
     from PIL import Image, ImageDraw
 
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r.get("loss", float("nan")))]
+    train = [(r["step"], r["loss"]) for r in rows  # loss null: a step without target tokens
+             if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
     valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
     if not train:
         return False
@@ -207,10 +208,10 @@ def plot_losses(metrics_path: Path, png_path: Path, width: int = 800, height: in
         _, yy = px(x0, v)
         d.line([L - 4, yy, L, yy], fill="black")
         d.text((4, yy - 6), f"{v:.3f}", fill="black")
-        s = x0 + (x1 - x0) * k / 4
+    for s in sorted({round(x0 + (x1 - x0) * k / 4) for k in range(5)}):  # whole steps, drawn where they are
         xx, _ = px(s, y0)
         d.line([xx, height - B, xx, height - B + 4], fill="black")
-        d.text((xx - 10, height - B + 8), f"{int(round(s))}", fill="black")
+        d.text((xx - 10, height - B + 8), str(s), fill="black")
     d.text((width // 2 - 20, height - 20), "step", fill="black")
     d.text((L, 8), "loss (nats/token): train" + (" / valid" if valid else ""), fill="black")
     if len(train) > 1:
@@ -445,6 +446,28 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    # recipe keys that only say how long a run goes on or how it reports: a finished run whose recipe
+    # differs from the saved one in these alone is still finished
+    _RUN_LENGTH_KEYS = ("max_steps", "max_minutes", "checkpoint_every", "keep_last", "eval_every", "log_every",
+                        "progress_bar")
+
+    def _recipe_unchanged(self) -> bool:
+        """Whether the recipe equals the one the run last started with (``recipe.yaml``), run length aside."""
+        import yaml
+
+        try:
+            saved = yaml.safe_load((self.out / "recipe.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return False
+        if not isinstance(saved, dict):
+            return False
+        now = json.loads(json.dumps(config_to_dict(self.cfg)))
+        saved = json.loads(json.dumps(saved, default=str))
+        for k in self._RUN_LENGTH_KEYS:
+            now.pop(k, None)
+            saved.pop(k, None)
+        return now == saved
+
     def _cleanup_temp(self):
         if self.ckpt_dir.is_dir():
             for p in self.ckpt_dir.iterdir():
@@ -577,10 +600,17 @@ class Trainer:
         if resume is not None:
             st = _trainer_state(resume[1])
             timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
-            if (st["step"] >= cfg.max_steps or timed_out) and final_dir.is_dir() and (final_dir / "config.json").exists():
+            finished = (st["step"] >= cfg.max_steps or timed_out) and (final_dir / "config.json").is_file()
+            if finished and self._recipe_unchanged():
                 logger.info("run in %s already finished at step %d (max_steps=%d, max_minutes=%s); raise them to "
                             "extend it", self.out, st["step"], cfg.max_steps, cfg.max_minutes)
                 return final_dir
+            if finished:  # the recipe changed: checked as on any resume, then final/ is exported again
+                logger.info("run in %s already finished at step %d, but the recipe changed: checking it against "
+                            "the checkpoint and exporting final/ again", self.out, st["step"])
+            elif st["step"] > cfg.max_steps:
+                logger.warning("%s is at step %d, past max_steps=%d: training does not go back; exporting the "
+                               "model of step %d", resume[1], st["step"], cfg.max_steps, st["step"])
 
         set_seed(cfg.seed)
         model = self._build_model(task)
@@ -675,6 +705,7 @@ class Trainer:
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
         t_sched = t_elapsed  # training time all ranks agree on (the mean over ranks)
+        no_target_steps = 0
         time_up = budget is not None and t_sched >= budget
         try:
             with _SignalFlag() as sig:
@@ -702,12 +733,18 @@ class Trainer:
                             loss_sum += ls.double()
                             if acc.sync_gradients:
                                 tot = acc.reduce(loss_sum.clone(), reduction="sum") if W > 1 else loss_sum
-                                loss = float(tot) / n_targets if n_targets > 0 else float("nan")
-                                if not math.isfinite(loss):
+                                loss = float(tot) / n_targets if n_targets > 0 else None
+                                if loss is not None and not math.isfinite(loss):
                                     raise TrainingError(
                                         f"non-finite loss ({loss}) at step {step + 1}: stopped before the update; "
                                         f"last good checkpoint: {last_ckpt or 'none'}; rerunning resumes from it "
                                         f"(try a lower optim.lr, precision fp32, or check the data)")
+                                if loss is None:
+                                    # no target token in the whole step (all ranks), e.g. windows inside
+                                    # the user turns of chat data: nothing to learn, no update
+                                    opt.zero_grad(set_to_none=True)
+                                    no_target_steps += 1
+                                    continue
                                 gn = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
                                 grad_norm = float(gn) if gn is not None else None
                                 # fp16: the grad scaler skips overflowing steps and lowers its scale itself
@@ -739,13 +776,18 @@ class Trainer:
                            "tokens": tokens_seen, "grad_norm": grad_norm, "elapsed_s": round(t_elapsed, 3)}
                     if skipped:
                         row["skipped_records"] = skipped
+                    if loss is None:
+                        row["no_targets"] = True
+                        if no_target_steps == 1:
+                            logger.warning("step %d has no target tokens (every position masked with -100): no "
+                                           "update; its loss is logged as null", step)
                     if valid_ds is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and not done:
                         row["valid_loss"] = self._evaluate(acc, task, model, valid_ds, collate)
                     if step % max(cfg.log_every, 1) == 0 or done or "valid_loss" in row:
                         log_row(row)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
+                        bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
                     extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, "skipped_records": skipped}
                     if stop or done or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                         if metrics_f is not None:
