@@ -258,6 +258,7 @@ def _chunked_core(r_, k_, v_, w_, u_, S, C):
     """
     N, M, L, K = r_.shape
     P = L // C
+    w_ = w_.clamp(min=LOG_DECAY_FLOOR)  # per group, not in the graph (see LOG_DECAY_FLOOR)
     # ---- inter-chunk: states entering each chunk; every exponent is a direct segment sum of w ----
     U = torch.matmul((k_ * torch.exp(_rev_excl_cumsum(w_))).transpose(-1, -2), v_)  # [N,M,K,V]
     dec = torch.exp(w_.sum(dim=2)).unsqueeze(-1)  # [N,M,K,1]
@@ -283,6 +284,7 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
     segment covers that step, never a difference of two large sums (so fp32 ``dw`` stays accurate
     under strong decay). Returns ``(dr, dk, dv, dw, du [1,M,1,K], dS_start)``.
     """
+    w_ = w_.clamp(min=LOG_DECAY_FLOOR)  # as the forward
     N, M, L, K = r_.shape
     P = L // C
     # ---- inter-chunk: recompute the states, then walk the state gradient backwards ----
@@ -440,7 +442,6 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     if T < L:  # shrink the chunk for short inputs (keep it a multiple of the sub-chunk)
         L = max(C, -(-T // C) * C)
     r_, k_, v_, w_ = (_to_chunks(x, L, cd) for x in (r, k, v, w))
-    w_ = w_.clamp(min=LOG_DECAY_FLOOR)
     N = r_.shape[0]
     u_ = u.to(cd).view(1, 1, H, 1, K).expand(1, B, H, 1, K).reshape(1, B * H, 1, K)
     S0 = (torch.zeros(B * H, K, V, dtype=cd, device=r.device) if initial_state is None
