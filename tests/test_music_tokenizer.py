@@ -365,7 +365,7 @@ BAD_CASES = {
     "no_notes": (smf([bytes([0, 0xFF, 0x51, 3, 7, 0xA1, 0x20, 0, 0xFF, 0x2F, 0])]), "no notes"),
     "bad_status": (smf([bytes([0, 0xF4, 0, 0xFF, 0x2F, 0])]), "malformed"),
     "running_without_status": (smf([bytes([0, 60, 100, 0, 0xFF, 0x2F, 0])]), "malformed"),
-    "wrong_chunk": (b"MThd" + struct.pack(">IHHh", 6, 1, 1, 480) + b"XXXX" + struct.pack(">I", 4) + b"\0\xff\x2f\0", "malformed"),
+    "wrong_chunk": (b"MThd" + struct.pack(">IHHh", 6, 1, 1, 480) + b"XXXX" + struct.pack(">I", 4) + b"\0\xff\x2f\0", "truncated"),  # the unknown chunk is skipped: no track left
 }
 
 
