@@ -41,4 +41,16 @@ def cmd_train(args) -> int:
         logger.warning("%s", e)
         return 128 + int(e.signum or signal.SIGTERM)
     print(final)
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """The ranks of a finished multi-process run meet once more and close their process group
+    before the interpreter exits: left to exit-time teardown, gloo's threads were once seen to
+    abort a rank ("terminate called without an active exception") after the run had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
