@@ -127,6 +127,9 @@ def test_cli_vqa_and_eval_vqa(trained, tmp_path, capsys):
     assert rc == 2 and "missing.png" in err and "Traceback" not in err
     rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", "  ")
     assert rc == 2 and "--question is empty" in err
+    rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", "Q?",
+                         "--vision-tower", "openai/clip-vit-large-patch14")  # a folder has its own tower
+    assert rc == 2 and "brings its own vision tower" in err
     (tmp_path / "outdir").mkdir()
     rc, out_, err = _cli(capsys, "eval-vqa", "--model", str(final), "--questions", str(qfile), "--image-folder",
                          str(img.parent), "--output", str(tmp_path / "outdir"))

@@ -593,6 +593,9 @@ class VisualRWKV(nn.Module):
         if path.is_file():
             model = load_v060_checkpoint(path, vision_tower=vision_tower, tokenizer=tokenizer)
         elif path.is_dir():
+            if vision_tower is not None:  # a folder holds its own tower: one given too would be ignored
+                raise CheckpointError(f"{path}: a model folder brings its own vision tower; vision_tower "
+                                      f"({vision_tower}) is for a single-file VisualRWKV-v060 .pth")
             model = _load_folder(path, tokenizer)
         else:
             raise CheckpointError(f"{path}: no such file or folder")
