@@ -51,6 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker reaches the main process
+    re-wrapped by torch ("Caught DataError in DataLoader worker process 0." + the worker's whole
+    traceback): its last line holds the original message."""
+    msg = str(e)
+    if msg.startswith("Caught ") and "Original Traceback" in msg:
+        last = [ln for ln in msg.splitlines() if ln.strip()][-1].strip()
+        head, sep, rest = last.partition(": ")
+        msg = rest if sep and head.split(".")[-1] == type(e).__name__ else last
+    return msg
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of the closed pipe does not
+    print a second error at exit."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except MMRWKVError as e:
-        print(f"mmrwkv {name}: error: {e}", file=sys.stderr)
+        print(f"mmrwkv {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped reading (mmrwkv info ... | head -1): not an error
+        _silence_stdout()
+        return 0
     except OSError as e:  # a path the command could not read or write (permissions, a full disk, ...)
         where = f"{e.filename}: " if e.filename else ""
         print(f"mmrwkv {name}: error: {where}{e.strerror or e}", file=sys.stderr)
@@ -74,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
     return int(rc or 0)
 
 

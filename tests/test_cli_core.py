@@ -248,3 +248,35 @@ def test_a_vocabulary_wider_than_the_tokenizer_never_yields_undecodable_ids(tmp_
     r = run("generate", "--model", tmp_path / "wide.pth", "--prompt", "Hello", "--temperature", "0",
             "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_closed_output_pipe_ends_quietly(world_pth):
+    """``mmrwkv info FILE | head -1``: the reader going away is not bad input (it used to exit 2
+    with "error: Broken pipe")."""
+    p = subprocess.Popen([sys.executable, "-m", "multimodal_rwkv", "info", str(world_pth)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # closed before the command writes anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0 and "Broken pipe" not in err and "Traceback" not in err
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_one_line():
+    """torch re-wraps a worker's exception with the worker's whole traceback; the CLI prints the
+    original message alone."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from multimodal_rwkv.cli import _one_line
+    from multimodal_rwkv.errors import DataError
+
+    class Bad(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise DataError("f.bin: token 7 has id -5, outside the model's vocabulary [0, 256)")
+
+    with pytest.raises(DataError) as e:
+        next(iter(DataLoader(Bad(), num_workers=1)))
+    assert "Original Traceback" in str(e.value)
+    assert _one_line(e.value) == "f.bin: token 7 has id -5, outside the model's vocabulary [0, 256)"
+    assert _one_line(DataError("plain: message")) == "plain: message"

@@ -112,10 +112,15 @@ def test_state_is_not_modified_and_supports_batch_ops():
             with pytest.raises(IndexError, match=f"state row {bad} out of range for batch 3"):
                 st[bad]
         # one row however the integer comes (st[logits.argmax()]), always with its batch dimension
-        for i in (torch.tensor(1), np.int64(1), torch.tensor([1]), np.array([1]), [1], slice(1, 2)):
+        for i in (torch.tensor(1), np.int64(1), torch.tensor([1]), np.array([1]), [1], slice(1, 2),
+                  [torch.tensor(1)], np.array([1], dtype=np.uint8), torch.tensor([1], dtype=torch.uint8)):
             assert st[i].equal(row) and st[i].att_shift[0].shape == (1, 64), repr(i)
-        assert RWKVState.cat([st[0], st[2]]).equal(st[torch.tensor([True, False, True])])
-        for bad in (True, (0, 1), 1.5, torch.tensor(1.0), torch.zeros(2, 2, dtype=torch.long)):
+        rows02 = RWKVState.cat([st[0], st[2]])
+        for i in (torch.tensor([True, False, True]), [True, False, True], np.array([True, False, True]),
+                  [np.int64(0), torch.tensor(2)], range(0, 3, 2)):
+            assert rows02.equal(st[i]), repr(i)
+        for bad in (True, torch.tensor(True), np.True_, (0, 1), 1.5, torch.tensor(1.0), [1.0],
+                    torch.zeros(2, 2, dtype=torch.long)):
             with pytest.raises(TypeError):
                 st[bad]
         one_layer = RWKVState(st.att_shift[:1], st.wkv[:1], st.ffn_shift[:1])
@@ -389,6 +394,14 @@ def test_save_load_roundtrip_bit_exact(tiny_pth, tmp_path):
 
     m3 = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert isinstance(m3, RWKVForCausalLM)
+    # in a fresh interpreter: AutoConfig once RWKVConfig is imported, AutoModelForCausalLM once RWKVForCausalLM is
+    code = ("import sys; from transformers import AutoConfig, AutoModelForCausalLM; "
+            "from multimodal_rwkv import RWKVConfig; print(type(AutoConfig.from_pretrained(sys.argv[1])).__name__); "
+            "from multimodal_rwkv import RWKVForCausalLM; "
+            "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "saved")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.split() == ["RWKVConfig", "RWKVForCausalLM"], out.stderr[-2000:]
 
 
 def test_hf_layout_folder_loads(tmp_path):
@@ -716,3 +729,58 @@ def test_past_key_values_is_the_state():
     assert torch.equal(m(ids[:, 2:], past_key_values=st).logits, want)
     with pytest.raises(ValueError, match="past_key_values"):
         m(ids, past_key_values=(torch.zeros(1),))
+
+
+def test_sharded_safetensors_folder_loads_each_key_from_its_shard(tmp_path):
+    from safetensors.torch import save_file
+
+    m = _random_model()
+    m.save_pretrained(tmp_path / "one")
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    keys = sorted(sd)
+
+    def sharded(name, parts, wmap=None, index_text=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+        for shard, ks in parts.items():
+            save_file({k: sd[k] if not k.startswith("!") else torch.zeros_like(sd[k[1:]]) for k in ks},
+                      str(d / shard))
+        if index_text is None:
+            wmap = wmap if wmap is not None else {k.lstrip("!"): s for s, ks in parts.items() for k in ks}
+            index_text = json.dumps({"metadata": {}, "weight_map": wmap})
+        (d / "model.safetensors.index.json").write_text(index_text)
+        return d
+
+    a, b = keys[:20], keys[20:]
+    good = sharded("good", {"s1.safetensors": a, "s2.safetensors": b})
+    loaded = RWKVForCausalLM.from_pretrained(good)
+    assert all(torch.equal(loaded.state_dict()[k], sd[k]) for k in keys)
+    # the same as pytorch_model-*.bin shards with pytorch_model.bin.index.json (how large HF checkpoints come)
+    d = tmp_path / "bins"
+    d.mkdir()
+    (d / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    for i, ks in enumerate((a, b)):
+        torch.save({k: sd[k] for k in ks}, d / f"pytorch_model-0000{i + 1}-of-00002.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        k: f"pytorch_model-0000{1 + (k in b)}-of-00002.bin" for k in keys}}))
+    loaded = RWKVForCausalLM.from_pretrained(d)
+    assert all(torch.equal(loaded.state_dict()[k], sd[k]) for k in keys)
+    wm = {k: "s1.safetensors" for k in a} | {k: "s2.safetensors" for k in b}
+    bad = {
+        # shard 2 also holds a (zeroed) copy of a key the index puts in shard 1: it used to win
+        "dup": ({"s1.safetensors": a, "s2.safetensors": b + ["!" + a[0]]}, wm, None, "also holds"),
+        "wrong_shard": ({"s1.safetensors": a, "s2.safetensors": b}, wm | {a[0]: "s2.safetensors"}, None, "does not hold what"),
+        "unmapped": ({"s1.safetensors": a, "s2.safetensors": b}, {k: v for k, v in wm.items() if k != b[0]}, None,
+                     "also holds"),
+        "outside": ({"s1.safetensors": a, "s2.safetensors": b}, wm | {b[0]: "../good/s2.safetensors"}, None,
+                    "not a file of this folder"),
+        "missing": ({"s1.safetensors": a}, wm, None, "shard s2.safetensors is missing"),
+        "notjson": ({"s1.safetensors": a}, None, "{weight_map: ", "not a readable JSON index"),
+        "nomap": ({"s1.safetensors": a}, None, "{}", "weight_map"),
+    }
+    for name, (parts, wmap, text, needle) in bad.items():
+        d = sharded(name, parts, wmap, text)
+        with pytest.raises(CheckpointError, match=needle) as e:
+            RWKVForCausalLM.from_pretrained(d)
+        assert name in str(e.value), name

@@ -317,6 +317,11 @@ def test_cli_eval_and_generate_refuse_what_cannot_be_answered(tmp_path, capsys):
     # the valid split is empty: bits per note are undefined, not "nan"
     assert main(["music", "eval", "--metrics", str(tmp_path / "metrics.jsonl"), "--data", str(tmp_path / "o" / "valid")]) == 2
     assert "no notes to score" in capsys.readouterr().err
+    # a null valid_loss (an evaluation that had no target token) is skipped, not an error
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "valid_loss": null}\n{"step": 2, "valid_loss": 1.0}\n')
+    assert main(["music", "eval", "--metrics", str(tmp_path / "metrics.jsonl"), "--data", str(tmp_path / "o" / "train")]) == 0
+    printed = capsys.readouterr().out
+    assert "step 2: 1.0000 nats/token" in printed and "step 1" not in printed
     # a MIDI model does not write ABC text
     assert main(["music", "generate", "--model", str(asset_dir(MUSIC_ASSET)), "--out", str(tmp_path / "x.abc"),
                  "--seconds", "1"]) == 2

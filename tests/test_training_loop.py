@@ -533,8 +533,11 @@ def test_a_step_without_targets_is_no_update_not_a_nan_stop(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(), [f"output_dir={out}", f"data.train_file={chat}", "data.tokenizer=bytes", "data.ctx_len=16",
                           "train.micro_batch_size=1", "data.shuffle=false", "max_steps=14", "progress_bar=false",
-                          "model.config={n_layer: 1, n_embd: 64, head_size: 32}", "optim.weight_decay=0.1"])
+                          "model.config={n_layer: 1, n_embd: 64, head_size: 32}", "optim.weight_decay=0.1",
+                          # the first validation window lies in a user turn too: no valid_loss, no null
+                          f"data.valid_file={chat}", "eval_every=4", "eval_batches=1"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("valid_loss", 0.0) is not None for r in rows)
     empty = [r for r in rows if r.get("no_targets")]
     assert empty and all(r["loss"] is None and r["grad_norm"] is None for r in empty)
     assert any(isinstance(r["loss"], float) and np.isfinite(r["loss"]) for r in rows)
@@ -621,3 +624,18 @@ def test_a_killed_tokenization_leaves_no_temp_behind(tmp_path):
     (tmp_path / "t.txt").write_text("hello world\n")
     load_stream(tmp_path / "t.txt", "auto", "bytes", cache, "fail")
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_a_training_checkpoint_folder_is_named_when_loaded_as_a_model(tmp_path, corpus):
+    from multimodal_rwkv import CheckpointError, RWKVForCausalLM
+    from multimodal_rwkv.vision import VisualRWKV
+
+    out = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=2, checkpoint_every=1))
+    ckpt = out / "checkpoints" / "step_00000002"
+    for load in (RWKVForCausalLM.from_pretrained, VisualRWKV.from_pretrained):
+        with pytest.raises(CheckpointError, match=f"a training checkpoint .*the run's model is {out / 'final'}"):
+            load(ckpt)
+    with pytest.raises(CheckpointError, match="a training checkpoint"):  # as a recipe's starting model
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "next", max_steps=1) + [
+            "model.config={}", f"model.from_pretrained={ckpt}"])

@@ -88,6 +88,12 @@ def test_unknown_option_is_a_config_error(trained, tmp_path):
     cfg.model.options = {**cfg.model.options, "bogus": 1}
     with pytest.raises(ConfigError, match="bogus"):
         train(cfg)
+    # a BlinkDL model.pth holds a language model alone: refused up front, not written unloadable
+    cfg = recipe(tmp_path, data, tmp_path / "y")
+    cfg.export.pth = True
+    with pytest.raises(ConfigError, match="export.pth"):
+        train(cfg)
+    assert not (tmp_path / "y" / "checkpoints").exists()
 
 
 def _cli(capsys, *args):

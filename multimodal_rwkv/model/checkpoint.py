@@ -84,8 +84,39 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _read_shards(folder: Path, index: Path, load) -> dict[str, torch.Tensor]:
+    """The weights of a sharded folder (safetensors or ``pytorch_model-*.bin`` shards, read by
+    ``load``), each key from the shard its index names: the index and the shards must agree exactly
+    (a key in two shards, in a shard the index does not say, or missing from the index is a
+    CheckpointError naming the file)."""
+    try:
+        wmap = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a readable JSON index ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise CheckpointError(f"{index}: needs a \"weight_map\" object of tensor name -> shard file")
+    root = folder.resolve()
+    sd: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(wmap.values())):
+        path = (folder / shard).resolve()
+        if path.parent != root:
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file of this folder")
+        if not path.is_file():
+            raise CheckpointError(f"{index}: shard {shard} is missing")
+        part = load(path)
+        want = {k for k, v in wmap.items() if v == shard}
+        if set(part) != want:
+            extra, missing = sorted(set(part) - want), sorted(want - set(part))
+            raise CheckpointError(f"{folder / shard}: does not hold what {index.name} says"
+                                  + (f"; also holds {extra[:5]}" if extra else "")
+                                  + (f"; lacks {missing[:5]}" if missing else ""))
+        sd.update(part)
+    return sd
+
+
 def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Weights of a folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    """Weights of a folder: model.safetensors, sharded safetensors, pytorch_model.bin, or sharded
+    pytorch_model-*.bin (each with its ``*.index.json``)."""
     from safetensors.torch import load_file
 
     single = folder / "model.safetensors"
@@ -94,11 +125,7 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
         if single.is_file():
             return load_file(str(single))
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd = {}
-            for s in shards:
-                sd.update(load_file(str(folder / s)))
-            return sd
+            return _read_shards(folder, index, lambda p: load_file(str(p)))
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -107,7 +134,10 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in ("pytorch_model.bin", "model.pth"):
         if (folder / name).is_file():
             return read_pth(folder / name)
-    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return _read_shards(folder, folder / "pytorch_model.bin.index.json", read_pth)
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+                          " (or its index)")
 
 
 # ---- layout detection and conversion ----------------------------------------------------------
@@ -234,6 +264,15 @@ def load_state_into(model, sd: dict[str, torch.Tensor], src, name=None) -> None:
             p.copy_(sd[k].reshape(p.shape))
 
 
+def refuse_training_checkpoint(path: Path) -> None:
+    """CheckpointError if ``path`` is one of a training run's ``checkpoints/step_*`` folders
+    (optimiser and trainer state for resuming, not a model folder)."""
+    if (path / "trainer_state.json").is_file() and not (path / "config.json").is_file():
+        final = path.parent.parent / "final" if path.parent.name == "checkpoints" else None
+        raise CheckpointError(f"{path}: a training checkpoint (for resuming the run), not a model folder; "
+                              + (f"the run's model is {final}" if final is not None else "load a run's final/ folder"))
+
+
 def _load_raw(src):
     """``(config, our-layout state dict, name)`` from any supported source (no model built);
     ``name`` maps one of our key names to the name the source uses for it (error messages)."""
@@ -241,6 +280,7 @@ def _load_raw(src):
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
+            refuse_training_checkpoint(path)
             raise CheckpointError(f"{path}: folder has no config.json")
         try:
             cfg_dict = json.loads(cfg_file.read_text())

@@ -135,3 +135,14 @@ class RWKVConfig(PretrainedConfig):
             att = 4 * C * A + A * C + 4 * C + 2 * A + 2 * A
         ffn = 2 * C + F * C + C * C + C * F
         return L * (att + ffn + 4 * C) + 2 * C + 2 * C + 2 * C * V
+
+
+def _register_auto_config() -> None:
+    """``AutoConfig`` knows model_type "mmrwkv" once RWKVConfig is imported (``AutoModelForCausalLM``
+    once ``RWKVForCausalLM`` is: see modeling.py). Not at ``import multimodal_rwkv``, which stays light."""
+    from transformers import AutoConfig
+
+    AutoConfig.register(RWKVConfig.model_type, RWKVConfig, exist_ok=True)
+
+
+_register_auto_config()

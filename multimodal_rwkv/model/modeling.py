@@ -753,12 +753,12 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         save_model(self, save_directory)
 
 
-def _register_auto_classes() -> None:
-    """``AutoConfig`` / ``AutoModelForCausalLM`` know model_type "mmrwkv" once this module is imported."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _register_auto_model() -> None:
+    """``AutoModelForCausalLM`` knows model_type "mmrwkv" once this module is imported (``AutoConfig``
+    already does: config.py registers it)."""
+    from transformers import AutoModelForCausalLM
 
-    AutoConfig.register(RWKVConfig.model_type, RWKVConfig, exist_ok=True)
     AutoModelForCausalLM.register(RWKVConfig, RWKVForCausalLM, exist_ok=True)
 
 
-_register_auto_classes()
+_register_auto_model()

@@ -80,22 +80,9 @@ class RWKVState:
 
     def __getitem__(self, idx) -> "RWKVState":
         """Rows of the batch: ``state[i]`` keeps a batch dimension of 1 (``i`` an int, a numpy integer
-        or a 0-d integer tensor, e.g. ``scores.argmax()``); slices, lists and 1-D index or bool
-        tensors select several rows."""
-        ndim = getattr(idx, "ndim", 0)  # tensors and numpy arrays
-        if isinstance(idx, (bool, tuple)) or ndim > 1:
-            raise TypeError(f"a state is indexed by batch rows only (an int, a slice or a 1-D index), got {idx!r}")
-        if not isinstance(idx, (slice, list, range)) and ndim == 0:
-            try:
-                idx = operator.index(idx)
-            except TypeError:
-                raise TypeError(f"state rows are indexed by integers, got {idx!r}") from None
-            if not -self.batch_size <= idx < self.batch_size:
-                raise IndexError(f"state row {idx} out of range for batch {self.batch_size}")
-            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
-        if getattr(idx, "dtype", None) is not None and not isinstance(idx, torch.Tensor):
-            idx = torch.as_tensor(idx)  # a numpy index array
-        return self._map(lambda t: t[idx])
+        or a 0-d integer tensor, e.g. ``scores.argmax()``); a slice, a list or 1-D array/tensor of
+        integers (of any integer dtype, uint8 included) or of bools (a mask) selects several rows."""
+        return self._map(lambda t: t[_batch_index(idx, self.batch_size)])
 
     def expand(self, n: int) -> "RWKVState":
         """Repeat a batch-1 state ``n`` times (prefix reuse: one prefill, many continuations)."""
@@ -160,3 +147,54 @@ class RWKVState:
             )
         except KeyError as e:
             raise CheckpointError(f"{path}: state file is missing {e.args[0]}") from None
+
+
+def _batch_index(idx, batch_size: int):
+    """``idx`` as an index of the batch dimension alone: a slice, or a 1-D int64/bool tensor."""
+    if isinstance(idx, slice):
+        return idx
+    bad = TypeError(f"a state is indexed by batch rows only (an integer, a slice, or a 1-D list/array of "
+                    f"integers or bools), got {idx!r}")
+    if isinstance(idx, (list, range)):
+        items = list(idx)
+        if items and all(_is_bool(x) for x in items):
+            return torch.tensor([bool(x) for x in items])
+        try:
+            idx = torch.tensor([_as_int(x) for x in items], dtype=torch.long)
+        except TypeError:
+            raise bad from None
+    elif getattr(idx, "ndim", None) is not None and not isinstance(idx, torch.Tensor):  # numpy
+        idx = torch.as_tensor(idx)
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() == 0:
+            if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:
+                raise bad
+            idx = int(idx)
+        elif idx.dim() > 1:
+            raise bad
+        elif idx.dtype == torch.bool:
+            return idx
+        elif idx.dtype.is_floating_point or idx.dtype.is_complex:
+            raise bad
+        else:
+            return idx.long()  # uint8 included: integers, not torch's old byte mask
+    if _is_bool(idx):
+        raise bad
+    try:
+        i = operator.index(idx)
+    except TypeError:
+        raise bad from None
+    if not -batch_size <= i < batch_size:
+        raise IndexError(f"state row {i} out of range for batch {batch_size}")
+    return slice(i, i + 1) if i != -1 else slice(-1, None)
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, bool) or type(x).__name__ == "bool_" or (
+        isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.bool)
+
+
+def _as_int(x) -> int:
+    if _is_bool(x):
+        raise TypeError(x)
+    return operator.index(x)

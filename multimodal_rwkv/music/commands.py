@@ -187,7 +187,7 @@ def _eval_from_metrics(args, ids) -> int:
         rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
     except (OSError, ValueError) as e:
         raise DataError(f"{p}: cannot read metrics ({e})") from None
-    rows = [r for r in rows if "valid_loss" in r]
+    rows = [r for r in rows if r.get("valid_loss") is not None]  # null: no target token was evaluated
     if not rows:
         raise DataError(f"{p}: no valid_loss entries")
     for r in rows:

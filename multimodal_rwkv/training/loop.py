@@ -182,7 +182,8 @@ def plot_losses(metrics_path: Path, png_path: Path, width: int = 800, height: in
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows  # loss null: a step without target tokens
              if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
-    valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
+    valid = [(r["step"], r["valid_loss"]) for r in rows
+             if isinstance(r.get("valid_loss"), (int, float)) and math.isfinite(r["valid_loss"])]
     if not train:
         return False
     img = Image.new("RGB", (width, height), "white")
@@ -349,6 +350,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self._lock_fd = None
+        self._warned_no_valid_targets = False
 
     # ----------------------------------------------------------------- setup
     def _accelerator(self, find_unused_parameters: bool = False):
@@ -498,7 +500,13 @@ class Trainer:
         model.train()
         if acc.num_processes > 1:
             tot = acc.reduce(tot, reduction="sum")
-        return float(tot[0] / tot[1]) if tot[1] > 0 else None
+        if tot[1] == 0:
+            if not self._warned_no_valid_targets:
+                logger.warning("the validation windows evaluated have no target token (all masked with -100): "
+                               "no valid_loss (raise eval_batches, or check data.valid_file)")
+                self._warned_no_valid_targets = True
+            return None
+        return float(tot[0] / tot[1])
 
     # ----------------------------------------------------------------- export
     def _export(self, acc, task, model) -> Path:
@@ -583,6 +591,9 @@ class Trainer:
         from multimodal_rwkv.training.task import get_task
 
         task = get_task(cfg)
+        if cfg.export.pth and not task.exports_pth:
+            raise ConfigError(f"export.pth: the {task.name} task's model is not a language model alone, which a "
+                              "BlinkDL-layout model.pth holds; its final/ folder is what its loaders read")
         acc = self._accelerator(task.find_unused_parameters)
         main = acc.is_main_process
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
@@ -782,7 +793,9 @@ class Trainer:
                             logger.warning("step %d has no target tokens (every position masked with -100): no "
                                            "update; its loss is logged as null", step)
                     if valid_ds is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and not done:
-                        row["valid_loss"] = self._evaluate(acc, task, model, valid_ds, collate)
+                        vl = self._evaluate(acc, task, model, valid_ds, collate)
+                        if vl is not None:
+                            row["valid_loss"] = vl
                     if step % max(cfg.log_every, 1) == 0 or done or "valid_loss" in row:
                         log_row(row)
                     if bar is not None:

@@ -45,6 +45,8 @@ class Task:
     # DDP must look for parameters a step did not use (a vision tower's layers above the feature
     # layer, or the whole tower in a text-only batch); costs one graph walk per step, so opt-in.
     find_unused_parameters = False
+    # whether export.pth (a BlinkDL-layout model.pth for the official package) fits this task's model
+    exports_pth = True
 
     def __init__(self, cfg):
         self.cfg = cfg

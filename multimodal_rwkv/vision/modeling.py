@@ -587,12 +587,13 @@ class VisualRWKV(nn.Module):
         """Load a folder written by :meth:`save_pretrained`, or a released VisualRWKV-v060
         single-file ``.pth`` (keys ``rwkv.*``, ``vit.*``, ``proj.*``; ``vision_tower`` then optionally
         names the CLIP folder/hub id for its config and image processor). Raises CheckpointError."""
-        from multimodal_rwkv.model.checkpoint import resolve_dtype
+        from multimodal_rwkv.model.checkpoint import refuse_training_checkpoint, resolve_dtype
 
         path = Path(src)
         if path.is_file():
             model = load_v060_checkpoint(path, vision_tower=vision_tower, tokenizer=tokenizer)
         elif path.is_dir():
+            refuse_training_checkpoint(path)
             if vision_tower is not None:  # a folder holds its own tower: one given too would be ignored
                 raise CheckpointError(f"{path}: a model folder brings its own vision tower; vision_tower "
                                       f"({vision_tower}) is for a single-file VisualRWKV-v060 .pth")

@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 
 from multimodal_rwkv.errors import ConfigError
+from multimodal_rwkv.model.checkpoint import refuse_training_checkpoint
 from multimodal_rwkv.training.task import Task
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class VisualRWKVTask(Task):
     find_unused_parameters = True  # tower layers above feature_layer; text-only batches skip the tower
 
     name = "visualrwkv"
+    exports_pth = False  # a BlinkDL .pth holds a language model alone; final/ is the VisualRWKV folder
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -77,6 +79,8 @@ class VisualRWKVTask(Task):
 
         m, o = self.cfg.model, self.opts
         src = m.from_pretrained
+        if src and Path(src).is_dir():
+            refuse_training_checkpoint(Path(src))
         if src and _is_visualrwkv_source(src):
             if m.config:
                 raise ConfigError("model.config: a VisualRWKV checkpoint fixes the LM size; remove model.config")
