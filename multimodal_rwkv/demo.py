@@ -15,6 +15,7 @@ from multimodal_rwkv.argtypes import float_min, seed
 from multimodal_rwkv.errors import DataError
 
 MUSIC_ASSET = "music_bach"
+DEFAULT_QUESTION = "How many shapes are there?"
 VISION_ASSET = "visualrwkv_synthetic"
 
 
@@ -33,7 +34,8 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--image", action="append", default=[], help="also ask about this image (repeatable)")
-    p.add_argument("--question", default="How many shapes are there?", help="question for --image")
+    p.add_argument("--question", default=None,
+                   help=f"question for --image (default: {DEFAULT_QUESTION!r})")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=20.0, help="length of the generated music")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--skip-music", action="store_true")
@@ -43,6 +45,11 @@ def register(sub) -> None:
 
 def _check_inputs(args) -> None:
     from multimodal_rwkv.vision.processor import load_image
+
+    if args.question is not None and not args.image:
+        raise DataError("--question is asked about an --image: give one (or more) with it")
+    if args.image and args.skip_vision:
+        raise DataError("--image is answered by the vision part of the demo, which --skip-vision turns off")
 
     for img in args.image:
         if not Path(img).is_file():
@@ -89,8 +96,9 @@ def _demo_vision(args, out: Path) -> list[str]:
             total += 1
             print(f"  {path.name}: {q!r} -> {got!r} (expected {expected!r}) {'ok' if ok else 'wrong'}", flush=True)
     for img_path in args.image:
-        got = model.answer(img_path, args.question, max_new_tokens=16)
-        print(f"  {img_path}: {args.question!r} -> {got!r}", flush=True)
+        question = args.question or DEFAULT_QUESTION
+        got = model.answer(img_path, question, max_new_tokens=16)
+        print(f"  {img_path}: {question!r} -> {got!r}", flush=True)
     print(f"[vision] {right}/{total} correct on drawn scenes, in {time.perf_counter() - t:.1f} s", flush=True)
     return written
 

@@ -35,6 +35,8 @@ def test_demo_writes_music_and_answers(tmp_path):
     (("demo", "--seconds", "-1"), "--seconds"),
     (("demo", "--image", __file__), "not a recognised image"),  # said before the demo runs
     (("demo", "--bogus"), "unrecognized arguments"),
+    (("demo", "--question", "hi"), "--question is asked about an --image"),  # was silently ignored
+    (("demo", "--skip-vision", "--image", "/nonexistent/pic.png"), "--skip-vision"),
 ])
 def test_demo_bad_arguments_exit_2(argv, needle):
     rc, out, err = run(*argv)

@@ -202,3 +202,24 @@ def test_cli_eval_and_generate_bad_input_exit_2(tiny_run, tmp_path, capsys):
         main(["music", "generate", "--model", str(final), "--out", str(tmp_path / "g.mid"),
               "--seed", "99999999999999999999999"])
     assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_abc_generate_draws_the_piano_roll_for_an_abc_output_too(tmp_path, monkeypatch, capsys):
+    """--png with an .abc output: the tune goes through abc_to_midi for the picture only (it used
+    to write no picture and still exit 0)."""
+    pytest.importorskip("music21")
+    from PIL import Image
+
+    import multimodal_rwkv.music.generate as gen
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.music import AbcTokenizer
+
+    tune = "X:1\nT:t\nM:4/4\nL:1/8\nK:D\nDEFG ABcd|d2c2 B2A2|\n"
+    monkeypatch.setattr(gen, "load_music_model", lambda path: (None, AbcTokenizer()))
+    monkeypatch.setattr(gen, "generate_abc", lambda **kw: tune)
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t.abc"), "--png",
+                 str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.abc").read_text() == tune and not (tmp_path / "t.mid").exists()
+    assert Image.open(tmp_path / "t.png").size[0] > 10
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "u.mid")]) == 0
+    assert (tmp_path / "u.abc").read_text() == tune and (tmp_path / "u.mid").stat().st_size > 0

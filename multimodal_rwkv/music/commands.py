@@ -99,17 +99,16 @@ def cmd_generate(args) -> int:
         prompt = _read_abc(args.prompt) if args.prompt else "X:1\n"
         text = generate_abc(prompt=prompt, max_bytes=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, model=model)
-        if out.suffix.lower() in (".mid", ".midi"):
-            out.with_suffix(".abc").write_text(text)  # keep the text even if it does not convert
-            mid = abc_to_midi(text, out, name=str(out.with_suffix(".abc")))
-            if args.png:
-                from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
+        midi_out = out.suffix.lower() in (".mid", ".midi")
+        text_file = out.with_suffix(".abc") if midi_out else out
+        text_file.write_text(text)  # kept even if the tune does not convert
+        mid = abc_to_midi(text, out if midi_out else None, name=str(text_file)) if midi_out or args.png else None
+        if args.png:
+            from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
 
-                pianoroll_from_midi(mid, args.png)
-        else:
-            out.write_text(text)
+            pianoroll_from_midi(mid, args.png)
         print(text)
-        print(f"wrote {out}")
+        print(f"wrote {out}" + (f"; piano roll {args.png}" if args.png else ""))
         return 0
     if out.suffix.lower() == ".abc":
         raise DataError(f"{args.out}: {args.model} is a MIDI model; its output is a .mid file, not ABC text")
