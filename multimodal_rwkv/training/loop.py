@@ -735,7 +735,13 @@ class Trainer:
                         g["lr"] = lr * g.get("lr_scale", 1.0)
                     acc.step = 0  # keep accelerate's accumulate() aligned with our optimiser steps
                     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-                    grad_norm = None
+                    loss = grad_norm = None
+                    if n_targets == 0:
+                        # no target token in the whole step, on any rank (chat windows inside a user
+                        # turn): nothing to learn. Every rank skips the same step, so no forward, no
+                        # backward, no optimiser step (DeepSpeed's would still apply weight decay)
+                        no_target_steps += 1
+                        batches = []
                     for a, batch in enumerate(batches):
                         with acc.accumulate(model):
                             ctx = StepContext(acc.backward, lambda: acc.no_sync(model), scale)
@@ -744,18 +750,12 @@ class Trainer:
                             loss_sum += ls.double()
                             if acc.sync_gradients:
                                 tot = acc.reduce(loss_sum.clone(), reduction="sum") if W > 1 else loss_sum
-                                loss = float(tot) / n_targets if n_targets > 0 else None
-                                if loss is not None and not math.isfinite(loss):
+                                loss = float(tot) / n_targets
+                                if not math.isfinite(loss):
                                     raise TrainingError(
                                         f"non-finite loss ({loss}) at step {step + 1}: stopped before the update; "
                                         f"last good checkpoint: {last_ckpt or 'none'}; rerunning resumes from it "
                                         f"(try a lower optim.lr, precision fp32, or check the data)")
-                                if loss is None:
-                                    # no target token in the whole step (all ranks), e.g. windows inside
-                                    # the user turns of chat data: nothing to learn, no update
-                                    opt.zero_grad(set_to_none=True)
-                                    no_target_steps += 1
-                                    continue
                                 gn = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
                                 grad_norm = float(gn) if gn is not None else None
                                 # fp16: the grad scaler skips overflowing steps and lowers its scale itself
