@@ -356,6 +356,16 @@ def test_sampling_seed_reproducible():
     a = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.0, top_p=0.9, seed=7, eos_token_id=None)
     b = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.0, top_p=0.9, seed=7, eos_token_id=None)
     assert torch.equal(a, b)
+    # no top-k unless asked (RWKV's samplers and the CLI; transformers alone would apply top-k 50)
+    off = m.generate(ids, max_new_tokens=8, do_sample=True, top_p=0.9, seed=7, eos_token_id=None, top_k=0)
+    assert torch.equal(a, off)
+    from transformers import GenerationConfig
+
+    k1 = m.generate(ids, max_new_tokens=8, do_sample=True, seed=7, eos_token_id=None, top_k=1)
+    gk1 = m.generate(ids, max_new_tokens=8, seed=7, eos_token_id=None,
+                     generation_config=GenerationConfig(do_sample=True, top_k=1))
+    assert torch.equal(k1, gk1)  # a top_k given in a generation_config is kept
+    assert torch.equal(k1, m.generate(ids, max_new_tokens=8, eos_token_id=None))  # top-k 1 is greedy
 
 
 def test_penalty_processor_changes_scores():

@@ -695,6 +695,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 (ChatRWKV: ``logit -= presence + count * frequency``, counts decayed each step).
             seed: seeds torch's RNG first, for reproducible sampling.
             state: continue from this state (prefix reuse); ``input_ids`` are then the new tokens only.
+        Sampling uses no top-k unless ``top_k`` is given (RWKV's samplers: top-p and temperature;
+        transformers' own default would be top-k 50).
         With a ``tokenizer`` of fewer ids than the model's vocabulary, the ids it cannot decode are
         never generated.
         """
@@ -732,6 +734,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 state = state[torch.arange(state.batch_size).repeat_interleave(repeat)]
         kwargs.setdefault("pad_token_id", self.config.pad_token_id)
         kwargs.setdefault("use_cache", True)
+        user_gc = kwargs.get("generation_config")
+        if "top_k" not in kwargs and getattr(user_gc, "top_k", None) is None and self.generation_config.top_k is None:
+            kwargs["top_k"] = 0  # off, as in RWKV's own samplers and `mmrwkv generate` (transformers would use 50)
         if kwargs.get("do_sample") is None:
             kwargs["do_sample"] = False
         return super().generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
