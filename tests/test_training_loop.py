@@ -639,3 +639,24 @@ def test_a_training_checkpoint_folder_is_named_when_loaded_as_a_model(tmp_path, 
     with pytest.raises(CheckpointError, match="a training checkpoint"):  # as a recipe's starting model
         train(TrainConfig(), base_overrides(corpus, tmp_path / "next", max_steps=1) + [
             "model.config={}", f"model.from_pretrained={ckpt}"])
+
+
+def test_a_broken_link_in_a_data_folder_is_an_unreadable_file(tmp_path):
+    from multimodal_rwkv.training.data import load_stream
+
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "good.txt").write_text("hello world\n")
+    (d / "lost.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match="lost.txt: cannot read"):
+        load_stream(d, "auto", "bytes", tmp_path / "c1", "fail")
+    st = load_stream(d, "auto", "bytes", tmp_path / "c2", "skip")
+    assert st.skipped == 1 and len(st) == len("hello world\n") + 1
+
+
+def test_processes_that_formed_no_group_are_refused(tmp_path, corpus, monkeypatch):
+    """Two processes of a multi-GPU launch on a machine without GPUs each train alone: refused with
+    the reason (it used to surface as 'output_dir is in use by another training run')."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="formed no process group.*ACCELERATE_USE_CPU"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1))

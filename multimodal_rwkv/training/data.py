@@ -562,7 +562,9 @@ def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path
     if fmt in ("txt", "jsonl"):
         if p.is_dir():
             suffixes = (".txt", ".md", ".text") if fmt == "txt" else (".jsonl", ".json")
-            files = sorted(x for x in p.rglob("*") if x.is_file() and x.suffix in suffixes)
+            # a broken link is an unreadable file (reported, or skipped and counted), not nothing
+            files = sorted(x for x in p.rglob("*") if x.suffix in suffixes
+                           and (x.is_file() or (x.is_symlink() and not x.exists())))
             if not files:
                 raise DataError(f"{p}: folder holds no {fmt} files")
         elif p.is_file():

@@ -595,6 +595,11 @@ class Trainer:
             raise ConfigError(f"export.pth: the {task.name} task's model is not a language model alone, which a "
                               "BlinkDL-layout model.pth holds; its final/ folder is what its loaders read")
         acc = self._accelerator(task.find_unused_parameters)
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and acc.num_processes == 1:  # each process would train alone, on the same output_dir
+            raise ConfigError(f"launched as one of {launched} processes, but they formed no process group "
+                              f"(a multi-GPU launch config on a machine without GPUs? on CPUs set "
+                              f"ACCELERATE_USE_CPU=1, see recipes/accelerate/README.md)")
         main = acc.is_main_process
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
