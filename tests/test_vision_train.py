@@ -203,3 +203,16 @@ def test_two_processes_with_unused_tower_layers(trained, tmp_path):
     got = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(got) == 3
     assert got == pytest.approx(ref, abs=1e-5)
+
+
+def test_stage1_on_a_fresh_language_model_warns_that_nothing_learns(trained, tmp_path, caplog):
+    """RWKV's initialisation zeroes the output projections: with the LM frozen (stage 1), no answer
+    depends on the image and the projector's gradient is exactly 0. Said, not silently trained."""
+    from multimodal_rwkv.training import train
+
+    data, _, _ = trained
+    cfg = recipe(tmp_path, data, tmp_path / "fresh", max_steps=1)
+    cfg.model.options = {**cfg.model.options, "stage": 1, "train_encoder": False}
+    caplog.set_level("WARNING", logger="multimodal_rwkv.training.loop")
+    train(cfg)
+    assert "gradient norm 0 at step 1" in caplog.text

@@ -722,6 +722,7 @@ class Trainer:
 
         t_sched = t_elapsed  # training time all ranks agree on (the mean over ranks)
         no_target_steps = 0
+        warned_zero_grad = False
         time_up = budget is not None and t_sched >= budget
         try:
             with _SignalFlag() as sig:
@@ -763,6 +764,14 @@ class Trainer:
                                         f"(try a lower optim.lr, precision fp32, or check the data)")
                                 gn = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
                                 grad_norm = float(gn) if gn is not None else None
+                                if grad_norm == 0.0 and not warned_zero_grad:
+                                    warned_zero_grad = True
+                                    logger.warning(
+                                        "gradient norm 0 at step %d: the loss does not depend on any trainable "
+                                        "parameter, so nothing learns (VisualRWKV stage 1 on a freshly initialised "
+                                        "language model, for one: RWKV's initialisation zeroes its output "
+                                        "projections, so no answer depends on the image yet; start stage 1 from "
+                                        "a pretrained model)", step + 1)
                                 # fp16: the grad scaler skips overflowing steps and lowers its scale itself
                                 if (grad_norm is not None and not math.isfinite(grad_norm)
                                         and cfg.train.precision != "fp16"):
