@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,8 +118,10 @@ def test_state_is_not_modified_and_supports_batch_ops():
             assert st[i].equal(row) and st[i].att_shift[0].shape == (1, 64), repr(i)
         rows02 = RWKVState.cat([st[0], st[2]])
         for i in (torch.tensor([True, False, True]), [True, False, True], np.array([True, False, True]),
-                  [np.int64(0), torch.tensor(2)], range(0, 3, 2)):
+                  [np.int64(0), torch.tensor(2)], range(0, 3, 2), [np.True_, np.False_, np.True_],
+                  np.array([2, 1, 0])[::2][::-1]):
             assert rows02.equal(st[i]), repr(i)
+        assert st[np.uint64(1)].equal(row) and st[np.array(1)].equal(row)
         for bad in (True, torch.tensor(True), np.True_, (0, 1), 1.5, torch.tensor(1.0), [1.0],
                     torch.zeros(2, 2, dtype=torch.long)):
             with pytest.raises(TypeError):
@@ -366,6 +369,11 @@ def test_sampling_seed_reproducible():
                      generation_config=GenerationConfig(do_sample=True, top_k=1))
     assert torch.equal(k1, gk1)  # a top_k given in a generation_config is kept
     assert torch.equal(k1, m.generate(ids, max_new_tokens=8, eos_token_id=None))  # top-k 1 is greedy
+    # do_sample and the sampling settings of a generation_config apply (do_sample was overridden to False)
+    hot = dict(do_sample=True, temperature=3.0, top_k=5)
+    kw = m.generate(ids, max_new_tokens=8, seed=3, eos_token_id=None, **hot)
+    gc = m.generate(ids, max_new_tokens=8, seed=3, eos_token_id=None, generation_config=GenerationConfig(**hot))
+    assert torch.equal(kw, gc) and not torch.equal(kw, m.generate(ids, max_new_tokens=8, eos_token_id=None))
 
 
 def test_penalty_processor_changes_scores():
@@ -776,6 +784,16 @@ def test_sharded_safetensors_folder_loads_each_key_from_its_shard(tmp_path):
         k: f"pytorch_model-0000{1 + (k in b)}-of-00002.bin" for k in keys}}))
     loaded = RWKVForCausalLM.from_pretrained(d)
     assert all(torch.equal(loaded.state_dict()[k], sd[k]) for k in keys)
+    # a hub cache snapshot: every file is a link into ../../blobs (where the link points does not matter)
+    snap = tmp_path / "hub" / "snapshots" / "rev"
+    (tmp_path / "hub" / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in good.iterdir():
+        blob = tmp_path / "hub" / "blobs" / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    loaded = RWKVForCausalLM.from_pretrained(snap)
+    assert all(torch.equal(loaded.state_dict()[k], sd[k]) for k in keys)
     wm = {k: "s1.safetensors" for k in a} | {k: "s2.safetensors" for k in b}
     bad = {
         # shard 2 also holds a (zeroed) copy of a key the index puts in shard 1: it used to win
@@ -794,3 +812,7 @@ def test_sharded_safetensors_folder_loads_each_key_from_its_shard(tmp_path):
         with pytest.raises(CheckpointError, match=needle) as e:
             RWKVForCausalLM.from_pretrained(d)
         assert name in str(e.value), name
+    broken = sharded("broken", {"s1.safetensors": a, "s2.safetensors": b})
+    (broken / "s2.safetensors").write_bytes(b"garbage-garbage")
+    with pytest.raises(CheckpointError, match=r"s2.safetensors: unreadable shard"):  # the shard named, not the folder
+        RWKVForCausalLM.from_pretrained(broken)

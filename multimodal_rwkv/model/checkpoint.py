@@ -95,15 +95,22 @@ def _read_shards(folder: Path, index: Path, load) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{index}: not a readable JSON index ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
         raise CheckpointError(f"{index}: needs a \"weight_map\" object of tensor name -> shard file")
-    root = folder.resolve()
     sd: dict[str, torch.Tensor] = {}
     for shard in sorted(set(wmap.values())):
-        path = (folder / shard).resolve()
-        if path.parent != root:
+        # a plain file name of this folder, as written (a hub cache snapshot's files are links into
+        # its blobs/ folder: where a link points does not matter, what the index names does)
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
             raise CheckpointError(f"{index}: shard {shard!r} is not a file of this folder")
+        path = folder / shard
         if not path.is_file():
             raise CheckpointError(f"{index}: shard {shard} is missing")
-        part = load(path)
+        try:
+            part = load(path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            msg = " ".join(str(e).split())[:120] or type(e).__name__
+            raise CheckpointError(f"{path}: unreadable shard ({msg})") from None
         want = {k for k, v in wmap.items() if v == shard}
         if set(part) != want:
             extra, missing = sorted(set(part) - want), sorted(want - set(part))

@@ -737,7 +737,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         user_gc = kwargs.get("generation_config")
         if "top_k" not in kwargs and getattr(user_gc, "top_k", None) is None and self.generation_config.top_k is None:
             kwargs["top_k"] = 0  # off, as in RWKV's own samplers and `mmrwkv generate` (transformers would use 50)
-        if kwargs.get("do_sample") is None:
+        if kwargs.get("do_sample") is None and getattr(user_gc, "do_sample", None) is None:
             kwargs["do_sample"] = False
         return super().generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
                                 state=state, **kwargs)

@@ -164,7 +164,14 @@ def _batch_index(idx, batch_size: int):
         except TypeError:
             raise bad from None
     elif getattr(idx, "ndim", None) is not None and not isinstance(idx, torch.Tensor):  # numpy
-        idx = torch.as_tensor(idx)
+        if idx.ndim == 0:  # a numpy scalar (np.uint64 included) or 0-d array: an integer, or refused
+            if _is_bool(idx) or getattr(idx, "dtype", None) is not None and idx.dtype.kind not in "iu":
+                raise bad
+            idx = operator.index(idx.item() if hasattr(idx, "item") else idx)
+        else:
+            import numpy as np
+
+            idx = torch.as_tensor(np.ascontiguousarray(idx))  # a reversed view has negative strides
     if isinstance(idx, torch.Tensor):
         if idx.dim() == 0:
             if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:
@@ -190,7 +197,8 @@ def _batch_index(idx, batch_size: int):
 
 
 def _is_bool(x) -> bool:
-    return isinstance(x, bool) or type(x).__name__ == "bool_" or (
+    """A Python, numpy (``bool_``, named ``bool`` in numpy 2) or 0-d tensor boolean."""
+    return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool_", "bool")) or (
         isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.bool)
 
 
