@@ -114,7 +114,7 @@ def _read_shards(folder: Path, index: Path, load) -> dict[str, torch.Tensor]:
         want = {k for k, v in wmap.items() if v == shard}
         if set(part) != want:
             extra, missing = sorted(set(part) - want), sorted(want - set(part))
-            raise CheckpointError(f"{folder / shard}: does not hold what {index.name} says"
+            raise CheckpointError(f"{path}: does not hold what {index.name} says"
                                   + (f"; also holds {extra[:5]}" if extra else "")
                                   + (f"; lacks {missing[:5]}" if missing else ""))
         sd.update(part)

@@ -165,9 +165,9 @@ def _batch_index(idx, batch_size: int):
             raise bad from None
     elif getattr(idx, "ndim", None) is not None and not isinstance(idx, torch.Tensor):  # numpy
         if idx.ndim == 0:  # a numpy scalar (np.uint64 included) or 0-d array: an integer, or refused
-            if _is_bool(idx) or getattr(idx, "dtype", None) is not None and idx.dtype.kind not in "iu":
+            if idx.dtype.kind not in "iu":  # bool, float, ...
                 raise bad
-            idx = operator.index(idx.item() if hasattr(idx, "item") else idx)
+            idx = idx.item()
         else:
             import numpy as np
 

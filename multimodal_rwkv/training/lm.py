@@ -13,7 +13,6 @@ import json
 import logging
 from pathlib import Path
 
-
 from multimodal_rwkv.errors import ConfigError
 from multimodal_rwkv.training.data import IGNORE_INDEX, PackedDataset, check_id_range, collate_lm, load_stream
 from multimodal_rwkv.training.task import StepContext, Task

@@ -721,8 +721,7 @@ class Trainer:
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
         t_sched = t_elapsed  # training time all ranks agree on (the mean over ranks)
-        no_target_steps = 0
-        warned_zero_grad = False
+        warned_no_targets = warned_zero_grad = False
         time_up = budget is not None and t_sched >= budget
         try:
             with _SignalFlag() as sig:
@@ -746,7 +745,10 @@ class Trainer:
                         # no target token in the whole step, on any rank (chat windows inside a user
                         # turn): nothing to learn. Every rank skips the same step, so no forward, no
                         # backward, no optimiser step (DeepSpeed's would still apply weight decay)
-                        no_target_steps += 1
+                        if not warned_no_targets:
+                            warned_no_targets = True
+                            logger.warning("step %d has no target tokens (every position masked with -100): "
+                                           "no update; its loss is logged as null", step + 1)
                         batches = []
                     for a, batch in enumerate(batches):
                         with acc.accumulate(model):
@@ -803,9 +805,6 @@ class Trainer:
                         row["skipped_records"] = skipped
                     if loss is None:
                         row["no_targets"] = True
-                        if no_target_steps == 1:
-                            logger.warning("step %d has no target tokens (every position masked with -100): no "
-                                           "update; its loss is logged as null", step)
                     if valid_ds is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and not done:
                         vl = self._evaluate(acc, task, model, valid_ds, collate)
                         if vl is not None:
