@@ -9,7 +9,11 @@ Speed: all models in one process, their steps interleaved, so load on the shared
 them alike. Peak memory: each (model, ctx) again in its own subprocess, so peak RSS is its alone.
 
     python bench/train_speed.py [--ctx 1024 4096] [--steps 3] [--threads 2] [--no-write]
-                                [--default-malloc [--malloc-mmap-threshold BYTES]]
+                                [--precision fp32|bf16] [--default-malloc [--malloc-mmap-threshold BYTES]]
+
+``--precision bf16`` runs every model's forward and loss under ``torch.autocast("cpu", bfloat16)``,
+what ``train.precision: bf16`` (accelerate's ``mixed_precision="bf16"``) does on a CPU: products in
+bf16, weights, optimiser and the rest in fp32. The default is fp32.
 
 Every worker process first applies the training engine's CPU malloc setting
 (``train.cpu_retain_memory``, on by default: glibc keeps freed memory for reuse instead of
@@ -20,7 +24,8 @@ allocations as well as on what the model keeps. ``--malloc-mmap-threshold 131072
 ``--default-malloc``; sets ``MALLOC_MMAP_THRESHOLD_`` for both models' processes) returns every
 large block on free, so peak RSS then follows the tensors actually alive.
 
-Writes the table to BENCHMARKS.md under "## Training speed (CPU)".
+Writes the table to BENCHMARKS.md under "## Training speed (CPU)" (bf16: "## Training speed (CPU),
+bf16 autocast").
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ class GemmOnly:
 
     Its training tok/s is an upper bound for the real RWKV-6 of this size (everything else -- the
     WKV recurrence, ddlerp/LoRA, norms, activations -- costs extra), so it says how far a given
-    speed goal is reachable with fp32 GEMMs on this machine at all."""
+    speed goal is reachable with this machine's GEMMs at all (fp32, or bf16 under autocast)."""
 
     def __init__(self, layers, embd, vocab):
         import torch
@@ -110,7 +115,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def trainer(kind: str, ctx: int, layers: int, embd: int, vocab: int):
+def trainer(kind: str, ctx: int, layers: int, embd: int, vocab: int, precision: str = "fp32"):
     """``(step, n_params)``: one optimiser step of ``kind`` on a fixed random sequence of ``ctx`` tokens."""
     import torch
 
@@ -124,7 +129,8 @@ def trainer(kind: str, ctx: int, layers: int, embd: int, vocab: int):
 
     def step():
         # each model's own loss (transformers' convention: labels = input_ids, shifted inside)
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -141,26 +147,27 @@ def engine_malloc() -> None:
         keep_freed_memory(bounded=False)
 
 
-def memory_worker(kind: str, ctx: int, layers: int, embd: int, vocab: int, threads: int) -> dict:
+def memory_worker(kind: str, ctx: int, layers: int, embd: int, vocab: int, threads: int, precision: str) -> dict:
     """Own process: a warm-up step (allocates the optimiser state) and one more; peak RSS."""
     import torch
 
     engine_malloc()
     torch.set_num_threads(threads)
-    step, n = trainer(kind, ctx, layers, embd, vocab)
+    step, n = trainer(kind, ctx, layers, embd, vocab, precision)
     step()
     step()
     return {"kind": kind, "params": n, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def speed_worker(kinds, ctx: int, steps: int, layers: int, embd: int, vocab: int, threads: int) -> dict:
+def speed_worker(kinds, ctx: int, steps: int, layers: int, embd: int, vocab: int, threads: int,
+                 precision: str) -> dict:
     """All ``kinds`` in one process, their steps interleaved round-robin after a warm-up each, so
     that load on the shared machine hits every model alike; best of ``steps`` per kind."""
     import torch
 
     engine_malloc()
     torch.set_num_threads(threads)
-    runs = {k: trainer(k, ctx, layers, embd, vocab)[0] for k in kinds}
+    runs = {k: trainer(k, ctx, layers, embd, vocab, precision)[0] for k in kinds}
     for step in runs.values():
         step()
     times = {k: [] for k in kinds}
@@ -181,6 +188,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: forward and loss under CPU autocast (train.precision: bf16) for every model")
     ap.add_argument("--no-gc", dest="with_gc", action="store_false",
                     help="skip the extra RWKV-6 run with gradient checkpointing (train.grad_checkpointing)")
     ap.add_argument("--gemm-floor", action="store_true",
@@ -191,7 +200,7 @@ def main():
                     help="with --default-malloc: set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every worker")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    shape = (a.layers, a.embd, a.vocab, a.threads)
+    shape = (a.layers, a.embd, a.vocab, a.threads, a.precision)
     if a.worker:
         mode, ctx, kinds = a.worker[0], int(a.worker[1]), a.worker[2:]
         out = (memory_worker(kinds[0], ctx, *shape) if mode == "memory"
@@ -201,7 +210,8 @@ def main():
 
     def run_worker(*args):
         cmd = [sys.executable, __file__, "--worker", *map(str, args), "--steps", str(a.steps), "--layers",
-               str(a.layers), "--embd", str(a.embd), "--vocab", str(a.vocab), "--threads", str(a.threads)]
+               str(a.layers), "--embd", str(a.embd), "--vocab", str(a.vocab), "--threads", str(a.threads),
+               "--precision", a.precision]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads),
                    PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if a.default_malloc:
@@ -227,7 +237,9 @@ def main():
     pr, pl = rows["rwkv", a.ctx[0]]["params"], rows["llama", a.ctx[0]]["params"]
     lines = [
         f"RWKV-6 (x060) L{a.layers} C{a.embd} head 64 ({pr / 1e6:.1f}M params) vs transformers LlamaForCausalLM "
-        f"(SDPA, L{a.layers} C{a.embd}, MLP width matched: {pl / 1e6:.1f}M params), vocab {a.vocab}, fp32, batch 1, "
+        f"(SDPA, L{a.layers} C{a.embd}, MLP width matched: {pl / 1e6:.1f}M params), vocab {a.vocab}, "
+        + ("fp32" if a.precision == "fp32" else "bf16 autocast (products in bf16; weights and optimiser fp32)")
+        + ", batch 1, "
         f"{a.threads} threads; one optimiser step = forward + the model's own loss (labels=) + backward + AdamW (fused, both "
         f"models); best of {a.steps} "
         f"steps after a warm-up, all models in one process with their steps interleaved (speed); each model "
@@ -237,7 +249,8 @@ def main():
         + ("glibc malloc defaults. " if a.default_malloc else "Both models under the engine's CPU malloc setting "
            "(train.cpu_retain_memory: freed memory kept for reuse). ")
         + (f"glibc MALLOC_MMAP_THRESHOLD_={a.malloc_mmap_threshold}. " if a.malloc_mmap_threshold is not None else "")
-        + "Command: `python bench/train_speed.py" + (" --default-malloc" if a.default_malloc else "")
+        + "Command: `python bench/train_speed.py" + (" --precision bf16" if a.precision == "bf16" else "")
+        + (" --default-malloc" if a.default_malloc else "")
         + (f" --malloc-mmap-threshold {a.malloc_mmap_threshold}" if a.malloc_mmap_threshold is not None else "") + "`",
         "",
         "| ctx | RWKV-6 tok/s | Llama tok/s | speed ratio (RWKV/Llama) | RWKV-6 peak MB | Llama peak MB | memory ratio (RWKV/Llama) |",
@@ -264,7 +277,8 @@ def main():
             lines.append(f"| {ctx} | {r['tok_s']:.0f} | {r['tok_s'] / l['tok_s']:.2f}x | {m['tok_s'] / r['tok_s']:.2f} |")
     from _report import publish
 
-    publish("Training speed (CPU)", lines, write=not a.no_write)
+    title = "Training speed (CPU)" + (", bf16 autocast" if a.precision == "bf16" else "")
+    publish(title, lines, write=not a.no_write)
 
 
 if __name__ == "__main__":
