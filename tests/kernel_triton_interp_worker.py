@@ -81,6 +81,19 @@ def no_final_case(T):
     return res
 
 
+def mixed_dtype_case(T):
+    """r in fp16, k and v in fp32 (gradients recorded, so the chunk kernels run): k and v must not
+    be rounded to r's dtype, so the final state (which r does not touch) keeps fp32 accuracy."""
+    x64 = make_inputs(1, T, 2, 16, decay="mixed", with_state=True, seed=400 + T)
+    x64[0] = x64[0].half().double()
+    xs = [(x.half() if i == 0 else x.float()).requires_grad_() for i, x in enumerate(x64)]
+    o, s = wkv6(*xs, output_final_state=True, backend="triton")
+    o_r, s_r = wkv6_reference(*x64, output_final_state=True)
+    s.sum().backward()
+    return {"o": rel_rms(o, o_r), "s": rel_rms(s, s_r), "o_dtype": str(o.dtype), "s_dtype": str(s.dtype),
+            "dk_dtype": str(xs[1].grad.dtype), "dr_dtype": str(xs[0].grad.dtype)}
+
+
 def decode_case(T, with_state):
     # V=64: two value blocks of 32
     x = [None if t is None else t.float() for t in make_inputs(2, T, 2, 16, V=64, seed=200 + T, with_state=with_state)]
@@ -110,6 +123,7 @@ def main(which):
         "chunk_T70_K32_V16": lambda: chunk_case(70, True, "mixed", B=1, H=2, K=32, V=16),
         "chunk_T20_no_final": lambda: no_final_case(20),
         "chunk_T40_forget": lambda: chunk_case(40, True, "mixed", forget=True),
+        "chunk_T40_mixed_dtypes": lambda: mixed_dtype_case(40),
         "decode_T1_state": lambda: decode_case(1, True),
         "decode_T5_nostate": lambda: decode_case(5, False),
     }

@@ -274,6 +274,26 @@ def test_empty_sequence_returns_initial_state(backend):
     assert o.shape == (2, 0, 2, 8) and not s.any()
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "reference"])
+def test_empty_batch_long_sequence(backend):
+    """B = 0 with T past the chunked forms' threshold: empty results, as for T = 0."""
+    require_backend(backend)
+    r, k, v, w, u, s0 = [t.float() for t in make_inputs(1, 40, 2, 8, seed=1)]
+    o, s = wkv6(r[:0], k[:0], v[:0], w[:0], u, s0[:0], True, backend=backend)
+    assert o.shape == (0, 40, 2, 8) and s.shape == (0, 2, 8, 8) and s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("which", [1, 2, 3])  # k, v or w alone in float64
+def test_auto_on_cpu_with_one_float64_input_computes_in_float64(which):
+    xs = make_inputs(1, 20, 1, 16, seed=6)
+    mixed = [x.double() if i == which else x.float() for i, x in enumerate(xs[:5])]
+    o, s = wkv6(*mixed, None, True, backend="auto")
+    o_ref, s_ref = wkv6_reference(*mixed, None, True)
+    assert s.dtype == torch.float64 and rel_rms(s, s_ref) < 1e-12
+    with pytest.raises(KernelError, match="float32/bfloat16/float16 only"):
+        wkv6(*mixed, None, True, backend="cpu")
+
+
 # ---- chunked backward by group recompute (_ChunkedWKVFunction) vs the reference's autograd ----
 
 def _loss_grads(fn, xs, needs, use_o=True, use_s=True, seed=0):

@@ -202,6 +202,24 @@ def test_fused_decode_block_bf16(monkeypatch, version):
     assert s.att_shift[0].dtype == s.ffn_shift[0].dtype == torch.bfloat16 and s.wkv[0].dtype == torch.float32
 
 
+def test_bf16_batched_decode_rows_equal_rows_alone():
+    """More than 16 rows of a bf16 model decode in groups of 16 through the fused block: each row's
+    logits are those of the row decoded alone (the plain bf16 forward was 0.6% off)."""
+    from multimodal_rwkv.kernels import cpu
+
+    kernel = cpu.extension()
+    if kernel is None or not kernel.has_avx512_bf16():
+        pytest.skip("needs the C++ kernels on a CPU with AVX512-BF16")
+    m = _random_model().to(torch.bfloat16)
+    ids = torch.randint(1, 97, (20, 5))
+    with torch.no_grad():
+        st = m(ids[:, :4]).state
+        both = m(ids[:, 4:], state=st).logits.float()
+        for i in (0, 15, 16, 19):
+            alone = m(ids[i:i + 1, 4:], state=st[i]).logits.float()
+            assert rel(both[i], alone[0]) < 1e-6
+
+
 def test_fused_decode_block_skips_lora(monkeypatch):
     """A LoRA-wrapped projection (training.peft) decodes through the block's forward."""
     from multimodal_rwkv.kernels import cpu
@@ -319,6 +337,43 @@ def test_left_padding_mask_matches_unpadded():
             assert rel(x[1], y[0]) < 1e-5
 
 
+@pytest.mark.parametrize("version", ["x060", "x052"])
+@pytest.mark.parametrize("where", ["left", "right", "middle", "everywhere"])
+def test_padding_anywhere_equals_the_tokens_alone(version, where):
+    """Pads leave the state as it was wherever they are: the tokens' logits and the whole state
+    (token shifts included) are those of the row's tokens alone, from a given state too."""
+    m = _random_model(version=version)
+    toks = torch.randint(1, 97, (1, 6))
+    keep = {"left": [0, 0, 0, 1, 1, 1, 1, 1, 1], "right": [1, 1, 1, 1, 1, 1, 0, 0, 0],
+            "middle": [1, 1, 0, 0, 1, 1, 1, 1, 0], "everywhere": [0, 1, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1]}[where]
+    mask = torch.tensor([keep])
+    ids = torch.zeros(1, mask.shape[1], dtype=torch.long)
+    ids[mask.bool()] = toks[0]
+    ids[~mask.bool()] = torch.randint(1, 97, (int((~mask.bool()).sum()),))  # pads hold real-looking ids
+    with torch.no_grad():
+        st = m(torch.randint(1, 97, (1, 3))).state
+        for state in (None, st):
+            out = m(ids, attention_mask=mask, state=state)
+            alone = m(toks, state=state)
+            assert rel(out.logits[0, mask[0].bool()], alone.logits[0]) < 1e-5
+            for part in ("att_shift", "wkv", "ffn_shift"):
+                for x, y in zip(getattr(out.state, part), getattr(alone.state, part)):
+                    assert rel(x, y) < 1e-5, part
+
+
+def test_scan_order_must_be_a_permutation():
+    m = _random_model()
+    ids = torch.randint(1, 97, (2, 5))
+    with pytest.raises(ValueError, match="permutation of 0..4"):
+        m(ids, scan_order=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[B, T\] = \[2, 5\] integer tensor"):
+        m(ids, scan_order=torch.arange(5))
+    with pytest.raises(ValueError, match="integer tensor"):
+        m(ids, scan_order=torch.arange(5.0).expand(2, 5))
+    order = torch.stack([torch.arange(5).flip(0), torch.randperm(5)])
+    assert torch.isfinite(m(ids, scan_order=order).logits).all()
+
+
 def test_batched_generation_equals_single_rows():
     m = _random_model()
     prompts = [torch.randint(1, 97, (n,)) for n in (7, 3, 5)]
@@ -374,6 +429,28 @@ def test_sampling_seed_reproducible():
     kw = m.generate(ids, max_new_tokens=8, seed=3, eos_token_id=None, **hot)
     gc = m.generate(ids, max_new_tokens=8, seed=3, eos_token_id=None, generation_config=GenerationConfig(**hot))
     assert torch.equal(kw, gc) and not torch.equal(kw, m.generate(ids, max_new_tokens=8, eos_token_id=None))
+
+
+def test_generate_defaults_raise_no_transformers_warnings(capfd):
+    """Our defaults (pad id, cache, greedy, no top-k when sampling) are not flagged by transformers:
+    no "flags are not valid: top_k" on greedy calls, no "generation_config together with
+    generation-related arguments" when a config is given (they go into a copy of it)."""
+    from transformers import GenerationConfig
+
+    m = _random_model()
+    ids = torch.randint(1, 97, (1, 4))
+    user = GenerationConfig(max_new_tokens=3, do_sample=True, top_p=0.9)
+    capfd.readouterr()
+    outs = [m.generate(ids, max_new_tokens=3), m.generate(ids, max_new_tokens=3, do_sample=True, seed=1),
+            m.generate(ids, generation_config=GenerationConfig(max_new_tokens=3)),
+            m.generate(ids, generation_config=user, seed=1)]
+    err = capfd.readouterr().err
+    assert "not valid" not in err and "deprecated" not in err, err
+    assert all(o.shape == (1, 7) for o in outs)
+    assert user.top_k is None and user.pad_token_id is None  # the caller's config is not modified
+    # sampling from a config without top_k: no top-k (same draw as top_k=0 given explicitly)
+    same = m.generate(ids, max_new_tokens=3, do_sample=True, top_p=0.9, top_k=0, seed=1)
+    assert torch.equal(outs[3], same)
 
 
 def test_penalty_processor_changes_scores():
@@ -592,6 +669,34 @@ def test_config_rejects_bad_values():
         RWKVConfig(version="x070")
     with pytest.raises(ConfigError, match="head_size"):
         RWKVConfig(n_embd=100, head_size=64)
+
+
+def test_config_refuses_misnamed_sizes_and_tied_head(tmp_path):
+    from transformers import AutoConfig
+
+    from multimodal_rwkv import ConfigError
+
+    with pytest.raises(ConfigError, match="'n_layers': use n_layer"):
+        RWKVConfig(n_layers=2)
+    with pytest.raises(ConfigError, match="'hidden_size': use n_embd"):
+        RWKVConfig(hidden_size=128)
+    with pytest.raises(ConfigError, match="did you mean 'n_embd'"):
+        RWKVConfig(n_embed=128)
+    with pytest.raises(ConfigError, match="tie_word_embeddings=True is not supported"):
+        RWKVConfig(tie_word_embeddings=True)
+    # transformers' own settings and other tools' keys are kept, as PretrainedConfig keeps them
+    c = RWKVConfig(n_layer=2, n_embd=64, head_size=32, num_labels=3, my_tool_note="x")
+    assert c.n_layer == 2 and c.my_tool_note == "x"
+    c.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).n_embd == 64
+    # a config.json with a misnamed size is named in the loading error
+    m = _random_model()
+    m.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["num_hidden_layers"] = cfg.pop("n_layer")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json: invalid config .*num_hidden_layers"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "m")
 
 
 def test_stop_strings_and_transformers_streamer(tmp_path, capsys):

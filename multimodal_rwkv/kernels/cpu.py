@@ -214,10 +214,11 @@ def _has_bf16_dot(mod) -> bool:
 
 
 # ------------------------------------------------------------------------------------ WKV-6
-def wkv6_cpu_unusable(r: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why :func:`wkv6_cpu` cannot run these inputs here (None if it can: CPU tensors that are not
-    float64, and the kernels built)."""
-    if r.device.type != "cpu" or torch.float64 in (r.dtype, v.dtype):
+def wkv6_cpu_unusable(r: torch.Tensor, *others: torch.Tensor) -> str | None:
+    """Why :func:`wkv6_cpu` cannot run these inputs here (None if it can: CPU tensors of which none
+    is float64 -- those compute in float64 elsewhere --, and the kernels built). ``others``: the
+    other inputs (k, v, w, ...)."""
+    if r.device.type != "cpu" or any(t is not None and t.dtype == torch.float64 for t in (r, *others)):
         return "it runs CPU tensors of float32/bfloat16/float16 only"
     if extension() is None:
         return f"the C++ kernels are unavailable: {status()}"
@@ -327,11 +328,18 @@ def decode_block(x, params, att_shift, wkv, ffn_shift, ln_eps: float, gn_eps: fl
     ``(out [B, C], att_shift, wkv, ffn_shift)``: the block's output and the state after the token.
     Applies to contiguous CPU parameters, fp32 except that the eight weight matrices may all be
     bf16 on a CPU with AVX512-BF16 (their products then take inputs rounded to bf16, as the
-    model's bf16 forward has them); x and the state fp32; no autograd recording, 1-16 rows, sizes
+    model's bf16 forward has them); x and the state fp32; no autograd recording, 1-16 rows (bf16
+    weights: any number, in groups of 16), sizes
     that are multiples of 16 (32 for bf16 weights: C, the attention and FFN widths; also the head
     size and x060's LoRA ranks x5 and decay rank). Called for every block of every decoded token:
     the checks on the parameters are the kernel's (it returns False where one fails)."""
     B, C = x.shape
+    if B > MAX_ROWS and params[13].dtype == torch.bfloat16:
+        # bf16 weights: groups of MAX_ROWS rows, so that a row's numbers do not depend on the batch
+        # size (the plain bf16 forward would round every intermediate to bf16; 0.6% apart here)
+        parts = [decode_block(x[i:i + MAX_ROWS], params, att_shift[i:i + MAX_ROWS], wkv[i:i + MAX_ROWS],
+                              ffn_shift[i:i + MAX_ROWS], ln_eps, gn_eps, v6) for i in range(0, B, MAX_ROWS)]
+        return None if any(p is None for p in parts) else tuple(torch.cat(t) for t in zip(*parts))
     if not 1 <= B <= MAX_ROWS or torch.is_grad_enabled() or not all(type(t) in _PLAIN for t in params):
         return None
     if not all(_plain_fp32_cpu(t) for t in (x, att_shift, wkv, ffn_shift)):

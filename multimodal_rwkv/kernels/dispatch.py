@@ -95,7 +95,7 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
     if backend == "cpu":
         from multimodal_rwkv.kernels import cpu
 
-        why = cpu.wkv6_cpu_unusable(r, v)
+        why = cpu.wkv6_cpu_unusable(r, k, v, w, u)
         if why is not None:
             raise KernelError(f"wkv6: backend 'cpu' cannot run here: {why}")
         return cpu.wkv6_cpu(r, k, v, w, u, initial_state, out_final)
@@ -103,7 +103,7 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
         return _run_triton(r, k, v, w, u, initial_state, out_final, allow_decode=True)
     # auto: Triton on CUDA when it can run these inputs, else the torch backend (logged once)
     if r.device.type == "cuda":
-        why = _triton_unusable(r, v)
+        why = _triton_unusable(r, k, v, w, u)
         if why is None:
             return _run_triton(r, k, v, w, u, initial_state, out_final, allow_decode=True)
         if why not in _WARNED:
@@ -112,7 +112,7 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
     elif r.device.type == "cpu":
         from multimodal_rwkv.kernels import cpu
 
-        if cpu.wkv6_cpu_unusable(r, v) is None:
+        if cpu.wkv6_cpu_unusable(r, k, v, w, u) is None:
             return cpu.wkv6_cpu(r, k, v, w, u, initial_state, out_final)
     return _run_torch(r, k, v, w, u, initial_state, out_final)
 
@@ -120,9 +120,9 @@ def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
 _WARNED: set = set()
 
 
-def _triton_unusable(r, v):
+def _triton_unusable(r, k, v, w, u):
     """Why auto cannot use Triton for these CUDA inputs (None if it can)."""
-    if r.dtype == torch.float64 or v.dtype == torch.float64:
+    if any(t.dtype == torch.float64 for t in (r, k, v, w, u)):
         return "the inputs are float64"
     K, V = r.shape[-1], v.shape[-1]
     if not all(16 <= n <= 128 and (n & (n - 1)) == 0 for n in (K, V)):

@@ -432,13 +432,13 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     B, T, H, K = r.shape
     V = v.shape[-1]
     L, C = chunk_size, sub_chunk
-    if T == 0:
+    if T == 0 or B == 0 or H == 0:  # nothing to compute (no tokens, or no rows / heads)
         final = None
         if output_final_state:
             final = (torch.zeros(B, H, K, V, dtype=cd, device=r.device) if initial_state is None
                      else initial_state.to(cd))
             final = _final(final, r, k, v, w)
-        return r.new_zeros(B, 0, H, V), final
+        return r.new_zeros(B, T, H, V), final
     if T < L:  # shrink the chunk for short inputs (keep it a multiple of the sub-chunk)
         L = max(C, -(-T // C) * C)
     r_, k_, v_, w_ = (_to_chunks(x, L, cd) for x in (r, k, v, w))

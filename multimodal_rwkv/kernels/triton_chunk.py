@@ -400,7 +400,7 @@ def wkv6_triton(r, k, v, w, u, initial_state=None, output_final_state=False):
             final = (torch.zeros(B, H, K, v.shape[-1], device=r.device, dtype=torch.float32)
                      if initial_state is None else initial_state.float().clone())
         return r.new_zeros(B, 0, H, v.shape[-1]), final
-    k = k.to(r.dtype)
-    v = v.to(r.dtype)
-    o, sT = _WKV6Chunk.apply(r, k, v, w, u, initial_state, bool(output_final_state))
-    return o, sT
+    # one dtype for the products: the widest of r, k, v (mixed inputs are not rounded to r's)
+    dt = torch.promote_types(torch.promote_types(r.dtype, k.dtype), v.dtype)
+    o, sT = _WKV6Chunk.apply(r.to(dt), k.to(dt), v.to(dt), w, u, initial_state, bool(output_final_state))
+    return o.to(r.dtype), sT

@@ -6,6 +6,28 @@ from transformers import PretrainedConfig
 from multimodal_rwkv.errors import ConfigError
 
 VERSIONS = ("x060", "x052")
+# other codebases' names for RWKVConfig's sizes (transformers' Rwkv6Config, RWKV-LM's args)
+_ALIASES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "n_layers": "n_layer",
+            "num_layers": "n_layer", "attention_hidden_size": "dim_att", "intermediate_size": "dim_ffn",
+            "n_head": "dim_att (n_head = dim_att // head_size)",
+            "num_attention_heads": "dim_att (n_head = dim_att // head_size)", "layer_norm_epsilon": "layer_norm_eps"}
+
+
+def _check_extra_keys(extra: dict) -> None:
+    """Keys beyond RWKVConfig's own go to transformers' PretrainedConfig, which keeps any key (its
+    generic settings, and other tools' additions in a config.json). A key that is another
+    codebase's name for one of ours, or a near-miss of one of ours (a typo), is an error instead
+    of a size silently left at its default."""
+    import difflib
+    import inspect
+
+    own = [p for p in inspect.signature(RWKVConfig.__init__).parameters if p not in ("self", "kwargs")]
+    for key in extra:
+        if key in _ALIASES:
+            raise ConfigError(f"RWKVConfig has no key {key!r}: use {_ALIASES[key]}")
+        close = difflib.get_close_matches(key, own, n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"RWKVConfig has no key {key!r} (did you mean {close[0]!r}?)")
 
 
 def _int(name: str, v) -> int:
@@ -40,15 +62,20 @@ class RWKVConfig(PretrainedConfig):
         n_layer: number of blocks L.
         n_embd: model width C.
         head_size: N, channels per head (64 in every released model).
-        dim_att: attention width (defaults to n_embd); n_head = dim_att // head_size.
-        dim_ffn: channel-mix width (defaults to int(3.5 * n_embd) // 32 * 32, as RWKV-LM).
+        dim_att: attention width (None or 0, as in RWKV-LM: n_embd); n_head = dim_att // head_size.
+        dim_ffn: channel-mix width (None or 0: int(3.5 * n_embd) // 32 * 32, as RWKV-LM).
         version: "x060" (Finch: data-dependent decay and ddlerp) or "x052" (Eagle: static).
-        d_mix_lora / d_decay_lora: x060 LoRA ranks (defaults 32/64, 64/128 from C=4096 on);
+        d_mix_lora / d_decay_lora: x060 LoRA ranks (None or 0: 32/64, 64/128 from C=4096 on);
             checkpoints loaded from disk always take them from the tensor shapes.
         head_size_divisor: 8; sets the GroupNorm eps of x060 (1e-5 * 8**2 = 64e-5) and the
             y/8 scaling of x052.
         has_initial_state: the model carries a trainable initial wkv state per layer
             (state tuning; official key ``blocks.L.att.time_state``).
+        tie_word_embeddings: must stay False (RWKV's head is a matrix of its own).
+
+    Other keys are kept as transformers' ``PretrainedConfig`` keeps them, except other codebases'
+    names for these sizes (``hidden_size``, ``num_hidden_layers``, ...) and near-misses of these
+    names (``n_layers``): a ConfigError, not a size silently left at its default.
     """
 
     model_type = "mmrwkv"
@@ -89,7 +116,10 @@ class RWKVConfig(PretrainedConfig):
         self.layer_norm_eps = _float("layer_norm_eps", layer_norm_eps)
         self.has_initial_state = _bool("has_initial_state", has_initial_state)
         self.wkv_backend = wkv_backend
-        tie_word_embeddings = _bool("tie_word_embeddings", tie_word_embeddings)
+        if _bool("tie_word_embeddings", tie_word_embeddings):
+            raise ConfigError("tie_word_embeddings=True is not supported: RWKV's head is untied "
+                              "(head.weight is a matrix of its own in every RWKV-5/6 checkpoint)")
+        _check_extra_keys(kwargs)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

@@ -9,6 +9,8 @@ same code: every block takes the recurrent state in and gives it out, and the WK
 """
 from __future__ import annotations
 
+import copy
+
 import functools
 import math
 from dataclasses import dataclass
@@ -108,6 +110,18 @@ def _lean(x: torch.Tensor, *linears: nn.Module) -> bool:
             and (x.requires_grad or any(m.weight.requires_grad for m in linears)))
 
 
+def _check_scan_order(order, B: int, T: int) -> None:
+    """``order`` must be a ``[B, T]`` integer tensor holding a permutation of ``0..T-1`` in each row
+    (anything else would leave positions of the reordered stream unset)."""
+    if not isinstance(order, torch.Tensor) or order.dtype.is_floating_point or order.dtype.is_complex \
+            or order.dtype == torch.bool or tuple(order.shape) != (B, T):
+        what = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else type(order).__name__
+        raise ValueError(f"scan_order must be a [B, T] = [{B}, {T}] integer tensor, got {what}")
+    want = torch.arange(T, device=order.device)
+    if not bool((order.sort(dim=1).values == want).all()):
+        raise ValueError(f"scan_order must hold a permutation of 0..{T - 1} in every row")
+
+
 def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """``[B, T]`` integer ids with T >= 1, inside the vocabulary (checked on CPU, where it costs
     nothing; on CUDA the check would wait for the device at every step)."""
@@ -135,10 +149,18 @@ def _check_state_shapes(state, config, B: int) -> None:
 
 
 def _apply_pad_mask(x: torch.Tensor, prev: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Left padding: a pad position looks like "no token yet", i.e. it carries ``prev`` forward."""
+    """A pad position takes the value of the last token before it (``prev``, the incoming token
+    shift, if none): the token after a pad then shifts in the token before the pad, and the last
+    position carries the last token's value into the state, wherever the pads are (left, right,
+    between tokens). With left padding every pad simply takes ``prev``."""
     if mask is None:
         return x
-    return torch.where(mask.unsqueeze(-1), x, prev.unsqueeze(1).to(x.dtype))
+    B, T = mask.shape
+    pos = torch.arange(T, device=mask.device).expand(B, T)
+    last = torch.where(mask, pos, -1).cummax(dim=1).values  # last token position <= t, -1 if none
+    if not bool((last[:, 1:] == pos[:, 1:]).logical_or(last[:, 1:] < 0).all()):  # a pad after a token
+        x = x.gather(1, last.clamp(min=0).unsqueeze(-1).expand_as(x))
+    return torch.where((last >= 0).unsqueeze(-1), x, prev.unsqueeze(1).to(x.dtype))
 
 
 class TimeMix(nn.Module):
@@ -476,6 +498,7 @@ class RWKVModel(RWKVPreTrainedModel):
         decode = (FAST_DECODE and T == 1 and mask is None and scan_order is None and x.device.type == "cpu"
                   and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled())
         if scan_order is not None:
+            _check_scan_order(scan_order, B, T)
             perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
             perm_mask = None if mask is None else mask.gather(1, scan_order.long())
         for i, block in enumerate(self.blocks):
@@ -629,10 +652,13 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 ``labels[:, 1:]`` over positions that are not -100 (transformers' convention).
             logits_to_keep: 0 for all positions, k>0 for only the last k (a long prefill then
                 does not pay for a ``[T, V]`` head it does not use).
-            attention_mask: ``[B,T]`` 1 for tokens, 0 for **left** padding; padded positions
-                leave the state exactly as it was (batched prompts of different lengths).
-            scan_order: ``[B,T]`` permutation; odd-numbered blocks see ``x`` in this order
-                (VisualRWKV's bidirectional image scan).
+            attention_mask: ``[B,T]`` 1 for tokens, 0 for padding (batched prompts of different
+                lengths). Pads leave the state exactly as it was, wherever they are: the logits
+                of the tokens and the returned state are those of each row's tokens alone. Their
+                own logits are meaningless. (``generate`` needs left padding: it continues every
+                row from its last position.)
+            scan_order: ``[B,T]`` permutation of ``0..T-1`` per row; odd-numbered blocks see ``x``
+                in this order (VisualRWKV's bidirectional image scan).
         """
         kwargs.pop("cache", None)
         past = kwargs.pop("past_key_values", None)  # transformers' name for a cache: here the state
@@ -732,13 +758,26 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             repeat = beams if beams > 1 else seqs
             if repeat > 1 and state.batch_size == input_ids.shape[0]:
                 state = state[torch.arange(state.batch_size).repeat_interleave(repeat)]
-        kwargs.setdefault("pad_token_id", self.config.pad_token_id)
-        kwargs.setdefault("use_cache", True)
-        user_gc = kwargs.get("generation_config")
-        if "top_k" not in kwargs and getattr(user_gc, "top_k", None) is None and self.generation_config.top_k is None:
-            kwargs["top_k"] = 0  # off, as in RWKV's own samplers and `mmrwkv generate` (transformers would use 50)
-        if kwargs.get("do_sample") is None and getattr(user_gc, "do_sample", None) is None:
-            kwargs["do_sample"] = False
+        # our defaults, where neither the arguments nor the generation config set them: a pad id,
+        # the state as the cache, greedy, and when sampling no top-k (RWKV's own samplers and
+        # `mmrwkv generate` use none; transformers' default is 50). Given a generation_config, they
+        # go into a copy of it (transformers warns when a config comes with loose settings).
+        user_gc = kwargs.pop("generation_config", None)
+        base = user_gc if user_gc is not None else self.generation_config
+        ours = {}
+        for key, value in (("pad_token_id", self.config.pad_token_id), ("use_cache", True), ("do_sample", False)):
+            if kwargs.get(key) is None and getattr(base, key, None) is None:
+                ours[key] = value
+        sampling = kwargs.get("do_sample", ours.get("do_sample", getattr(base, "do_sample", False)))
+        if sampling and "top_k" not in kwargs and getattr(base, "top_k", None) is None:
+            ours["top_k"] = 0
+        if user_gc is not None:
+            user_gc = copy.deepcopy(user_gc)
+            for key, value in ours.items():
+                setattr(user_gc, key, value)
+            kwargs["generation_config"] = user_gc
+        else:
+            kwargs.update(ours)
         return super().generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
                                 state=state, **kwargs)
 

@@ -20,7 +20,9 @@ class RWKVState:
     - ``ffn_shift[l]``: ``[B, C]``, the previous token's ln2 output (channel-mix token shift).
 
     Its size does not depend on the context length: ``L * (2*C + H*K*V)`` numbers per stream.
-    Methods return new states; a forward pass never modifies the state it is given.
+    Methods return new state objects; a forward pass never modifies the state it is given. As
+    with torch tensors, ``state[i]`` and ``state[a:b]`` share memory with ``state`` (views) while
+    an index list, tensor or mask copies: ``.clone()`` before editing tensors in place.
     """
 
     att_shift: list[torch.Tensor]
