@@ -153,3 +153,62 @@ def test_ctx_len_truncation_never_cuts_an_image(folder, proc):
     ds = LlavaDataset(path, proc, ctx_len=first_img + 2)
     with pytest.raises(DataError, match="no answer tokens"):
         ds[0]
+
+
+SURROGATE = '"bad \\ud800 x"'  # the 6-character JSON escape of an unpaired surrogate: valid JSON, not text
+
+
+def test_unpaired_surrogate_is_a_bad_record_not_a_crash(folder, proc):
+    good = json.dumps(rec("good"))
+    bad = json.dumps(rec("sur", a="PLACEHOLDER")).replace('"PLACEHOLDER"', SURROGATE)
+    path = folder / "d.jsonl"
+    path.write_text("\n".join([good, bad, good.replace('"good"', '"good2"')]) + "\n")
+    with pytest.raises(DataError, match=f"{path}:2: record 'sur': turn 1 value holds an unpaired surrogate"):
+        LlavaDataset(path, proc)
+    ds = LlavaDataset(path, proc, on_bad_record="skip")
+    assert len(ds) == 2 and ds.skipped == 1 and "unpaired surrogate" in ds.bad_records[0]
+    assert [ds[i]["pixel_values"].shape[0] for i in range(len(ds))] == [1, 1]  # no UnicodeEncodeError
+    # the same in a JSON list, and in an image file name
+    (folder / "d.json").write_text("[" + ", ".join([good, bad, json.dumps(rec("img", image="PH")).replace(
+        '"PH"', SURROGATE)]) + "]")
+    ds = LlavaDataset(folder / "d.json", proc, on_bad_record="skip")
+    assert len(ds) == 1 and ds.skipped == 2
+    assert ds.bad_records[0].startswith(f"{folder / 'd.json'}[1]: record 'sur'")
+    assert ds.bad_records[1].startswith(f"{folder / 'd.json'}[2]: record 'img': 'image' holds an unpaired")
+    # tokenising such a conversation (what __getitem__ does) is a DataError too, not a UnicodeEncodeError
+    conv = json.loads(bad)["conversations"]
+    with pytest.raises(DataError, match="rec: turn 1 value holds an unpaired surrogate"):
+        proc.encode_conversation(conv, 1, "rec")
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_record(folder, proc):
+    lines = [json.dumps(rec(f"r{i}"), ensure_ascii=False).encode() for i in range(3)]
+    lines[1] = lines[1].replace(b"red", b"r\xe9d")  # latin-1, not UTF-8
+    # a U+2028 (line separator) inside a string is one line of JSONL, not two
+    lines.append(json.dumps(rec("sep", a="red\u2028blue"), ensure_ascii=False).encode())
+    path = folder / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    ds = LlavaDataset(path, proc, on_bad_record="skip")
+    assert [r.rid for r in ds.records] == ["r0", "r2", "sep"] and ds.skipped == 1
+    assert ds.bad_records[0].startswith(f"{path}:2: not valid UTF-8 (byte 0xe9 at column "), ds.bad_records
+    with pytest.raises(DataError, match=f"{path}:2: not valid UTF-8"):
+        LlavaDataset(path, proc)
+    # in a JSON list the record that holds the byte is the bad one
+    jpath = folder / "d.json"
+    jpath.write_bytes(b"[" + b",\n".join(lines) + b"]")
+    ds = LlavaDataset(jpath, proc, on_bad_record="skip")
+    assert [r.rid for r in ds.records] == ["r0", "r2", "sep"] and ds.skipped == 1
+    assert ds.bad_records == [f"{jpath}[1]: not valid UTF-8 (byte 0xe9 in a string of the record)"]
+    with pytest.raises(DataError, match=r"d\.json\[1\]: not valid UTF-8"):
+        LlavaDataset(jpath, proc)
+
+
+def test_a_json_file_holding_one_record(folder, proc):
+    path = folder / "single.json"
+    path.write_text(json.dumps(rec("only"), indent=2))  # pretty-printed: many lines, one record
+    ds = LlavaDataset(path, proc)
+    assert len(ds) == 1 and ds.records[0].rid == "only" and ds.records[0].where == f"{path}:1"
+    assert ds[0]["pixel_values"].shape[0] == 1
+    path.write_text(json.dumps(rec("bad", image="missing.png"), indent=2))
+    with pytest.raises(DataError, match=f"{path}:1: record 'bad': image file not found"):
+        LlavaDataset(path, proc)

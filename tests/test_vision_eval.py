@@ -125,3 +125,39 @@ def test_synthetic_dataset_is_consistent(tmp_path):
     # same seed, same dataset
     generate_dataset(tmp_path / "again", n_train=30, n_test=10, questions_per_image=3, size=48, seed=5)
     assert (tmp_path / "again" / "train.json").read_text() == (tmp_path / "train.json").read_text()
+
+
+def test_read_questions_bom_and_a_line_that_is_not_utf8(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    q = [json.dumps({"question_id": i, "image": "x.png", "question": "Which colour?"}).encode() for i in (1, 2, 3)]
+    q[1] = q[1].replace(b"Which", b"Wh\xe9ch")  # latin-1, not UTF-8
+    f = tmp_path / "q.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b"\n".join(q) + b"\n")  # a byte-order mark first
+    qf = read_questions(f)
+    assert [x.question_id for x in qf.questions] == [1, 3]
+    col = q[1].index(b"\xe9") + 1  # counted in bytes from 1
+    assert qf.bad_lines == [f"{f}:2: not valid UTF-8 (byte 0xe9 at column {col}: invalid continuation byte)"]
+
+
+def test_cli_eval_vqa_skips_a_line_that_is_not_utf8(tmp_path, capsys):
+    from pathlib import Path
+
+    from PIL import Image
+
+    import multimodal_rwkv
+    from multimodal_rwkv.cli import main
+
+    model = Path(multimodal_rwkv.__file__).parent / "assets" / "visualrwkv_synthetic"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "x.png")
+    f = tmp_path / "q.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question_id": 1, "image": "x.png", "question": "Colour?"}).encode()
+                  + b"\n" + b'{"question_id": 2, "image": "x.png", "question": "Col\xe9ur?"}\n')
+    out = tmp_path / "a.jsonl"
+    rc = main(["eval-vqa", "--model", str(model), "--questions", str(f), "--output", str(out), "--device", "cpu",
+               "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"skipped {f}:2: not valid UTF-8" in err and "Traceback" not in err
+    assert [json.loads(x)["question_id"] for x in out.read_text().splitlines()] == [1]

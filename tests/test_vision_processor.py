@@ -270,3 +270,23 @@ def test_preprocess_pad_vs_crop():
     assert np.allclose(crop[0, :, 0, 0].numpy(), red, atol=0.05)
     assert np.allclose(pad[0, :, 0, 8].numpy(), bg, atol=0.05)
     assert np.allclose(pad[0, :, 8, 8].numpy(), red, atol=0.05)
+
+
+def test_float_arrays_out_of_range_are_errors_not_clipped():
+    import torch
+
+    for bad in (np.full((4, 4, 3), 128.0), np.full((4, 4), 128.0), np.full((4, 4, 1), 2.0),
+                np.full((4, 4, 4), 200.0), torch.full((3, 4, 4), 128.0)):
+        with pytest.raises(DataError, match=r"must be in \[0, 1\]; found \[.*\] \(a 0-255 image"):
+            as_pil(bad)
+    with pytest.raises(DataError, match=r"found \[-0\.5, 0\.5\]"):
+        as_pil(np.array([[-0.5, 0.5]]))
+    with pytest.raises(DataError, match="NaN"):
+        as_pil(np.full((2, 2, 3), np.nan, np.float32))
+    g = np.asarray(as_pil(np.full((2, 2, 1), 0.5)))  # [H,W,1] and [H,W] floats in [0, 1] are fine
+    assert g.shape == (2, 2, 3) and (g == 128).all()
+    # a float RGBA array is composited over white, like a uint8 one (not its alpha dropped)
+    rgba = np.zeros((2, 2, 4), np.float32)
+    rgba[0, 0] = (1, 0, 0, 1)
+    out = np.asarray(as_pil(rgba))
+    assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[1, 1]) == (255, 255, 255)

@@ -216,3 +216,28 @@ def test_stage1_on_a_fresh_language_model_warns_that_nothing_learns(trained, tmp
     caplog.set_level("WARNING", logger="multimodal_rwkv.training.loop")
     train(cfg)
     assert "gradient norm 0 at step 1" in caplog.text
+
+
+def test_bad_text_records_are_skipped_and_counted_not_a_crash(tmp_path):
+    """A conversation value with an unpaired surrogate (a JSON "\\ud800" escape) and a line that is not
+    UTF-8 are bad records under data.on_bad_record: skip, not a UnicodeEncodeError or a rejected file."""
+    from multimodal_rwkv.errors import DataError
+    from multimodal_rwkv.training import train
+    from multimodal_rwkv.vision.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "data", n_train=6, n_test=0, questions_per_image=1, size=32, seed=2)
+    lines = [json.dumps(r).encode() for r in json.loads((tmp_path / "data" / "train.json").read_text())]
+    lines[1] = lines[1].replace(b'"value": "', b'"value": "bad \\ud800 ', 1)
+    lines[3] = lines[3].replace(b'"value": "', b'"value": "caf\xe9 ', 1)
+    data = tmp_path / "data" / "train.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = recipe(tmp_path, tmp_path / "data", tmp_path / "run", max_steps=2,
+                 data__train_file=str(data), data__on_bad_record="skip")
+    final = train(cfg)
+    assert json.loads((final / "training_info.json").read_text())["skipped_records"] == 2
+    cfg = recipe(tmp_path, tmp_path / "data", tmp_path / "run2", max_steps=2, data__train_file=str(data))
+    with pytest.raises(DataError, match=f"{data}:4: not valid UTF-8 \\(byte 0xe9"):
+        train(cfg)
+    data.write_bytes(b"\n".join(lines[:3]) + b"\n")
+    with pytest.raises(DataError, match=f"{data}:2: record .*turn 0 value holds an unpaired surrogate"):
+        train(cfg)

@@ -1,13 +1,14 @@
-"""LLaVA-format visual instruction data: JSON (a list) or JSONL (one record per line).
+"""LLaVA-format visual instruction data: JSON (a list, or a single record) or JSONL (one record per line).
 
 A record: ``{"id": str, "image": "rel/path.jpg" | [paths] (optional), "conversations":
 [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; images are
 resolved against ``image_folder`` (default: the data file's folder).
 
-Bad input is expected input. At construction every record is checked (structure, speakers,
-``<image>`` count vs. images, image files present, non-empty, a recognised image format within the
-pixel limit); a bad record raises DataError naming the file, line/index and record id, or with
-``on_bad_record="skip"`` it is skipped, counted in ``skipped`` and listed in ``bad_records``.
+Bad input is expected input. At construction every record is checked (valid UTF-8 JSON, structure,
+speakers, text without unpaired surrogates, ``<image>`` count vs. images, image files present,
+non-empty, a recognised image format within the pixel limit); a bad record raises DataError naming
+the file, line/index and record id, or with ``on_bad_record="skip"`` it is skipped, counted in
+``skipped`` and listed in ``bad_records``.
 Tokenisation and full image decoding happen in ``__getitem__``; a record that only then turns out
 bad (a truncated image, no answer token within ``ctx_len``) raises, or in skip mode is logged,
 counted and replaced by the next good record (``verify_images=True`` decodes every image up front).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +38,16 @@ from multimodal_rwkv.vision.processor import (
     IMAGE_TOKEN_ID,
     VisualRWKVProcessor,
     check_conversations,
+    is_unicode,
     load_image,
+    read_text_file,
+    utf8_error,
 )
 
 logger = logging.getLogger(__name__)
 
 BAD_RECORD_MODES = ("fail", "skip")
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, as "surrogateescape" keeps it
 
 
 @dataclass
@@ -59,33 +65,38 @@ class Record:
 def read_llava_records(path) -> tuple[list[tuple[str, object]], list[str]]:
     """Raw records of a LLaVA .json (list) or .jsonl file -> ([(where, record)], [bad line messages]).
 
-    An unparsable JSONL line is a bad line ("file:line: invalid JSON"); an unparsable .json file
-    raises DataError."""
+    An unparsable JSONL line, or one that is not valid UTF-8, is a bad line ("file:line: invalid
+    JSON", "file:line: not valid UTF-8 (byte 0xe9 ...)"); in a .json list a record holding bytes
+    that are not UTF-8 is a bad record ("file[index]: ..."); the rest are kept. A .json file holding
+    one record object (pretty-printed or not) is that one record ("file:1"). An unparsable .json
+    file, or one holding an object that is not a record, raises DataError."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not JSON
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read data file ({e})") from None
+    text, clean = read_text_file(path, "data file")  # a leading byte-order mark is not JSON
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("{"):
         try:
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None  # several lines of records (JSONL in a .json file): read below
-        if isinstance(whole, dict) and "conversations" not in whole:
-            raise DataError(f"{path}: a JSON object with keys {sorted(whole)[:5]}; LLaVA data is a JSON list of "
-                            "records (or JSONL, one record per line)")
+        if isinstance(whole, dict):
+            if "conversations" not in whole:
+                raise DataError(f"{path}: a JSON object with keys {sorted(whole)[:5]}; LLaVA data is a JSON list "
+                                "of records (or JSONL, one record per line)")
+            return _not_utf8_records([(f"{path}:1", whole)], clean)  # a single record, as one JSONL line
     if path.suffix.lower() != ".jsonl" and stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
-        return [(f"{path}[{i}]", r) for i, r in enumerate(data)], []
+        return _not_utf8_records([(f"{path}[{i}]", r) for i, r in enumerate(data)], clean)
     out, bad = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    # "\n" only: str.splitlines() would also cut at U+2028, U+0085, ... that JSON strings may hold
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
+            continue
+        why = None if clean else utf8_error(line)
+        if why:
+            bad.append(f"{path}:{n}: {why}")
             continue
         try:
             out.append((f"{path}:{n}", json.loads(line)))
@@ -93,6 +104,21 @@ def read_llava_records(path) -> tuple[list[tuple[str, object]], list[str]]:
             bad.append(f"{path}:{n}: invalid JSON ({e.msg})")
     if not out and not bad:
         raise DataError(f"{path}: no records")
+    return out, bad
+
+
+def _not_utf8_records(records: list[tuple[str, object]], clean: bool) -> tuple[list[tuple[str, object]], list[str]]:
+    """Split the records of a JSON file that was not all UTF-8 (see read_text_file) into those that
+    are and "where: not valid UTF-8 (byte 0x..)" messages for those holding the bad bytes."""
+    if clean:
+        return records, []
+    out, bad = [], []
+    for where, r in records:
+        m = _ESCAPED_BYTE.search(json.dumps(r, ensure_ascii=False))
+        if m is None:
+            out.append((where, r))
+        else:
+            bad.append(f"{where}: not valid UTF-8 (byte 0x{ord(m.group()) - 0xdc00:02x} in a string of the record)")
     return out, bad
 
 
@@ -168,6 +194,8 @@ class LlavaDataset(Dataset):
             images = list(img)
         else:
             raise DataError(f"{name}: 'image' must be a file name or a list of file names")
+        if not all(is_unicode(i) for i in images):
+            raise DataError(f"{name}: 'image' holds an unpaired surrogate (\\ud800-\\udfff), not a file name")
         paths = []
         for i in images:
             p = Path(i)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.vision.processor import is_unicode
+from multimodal_rwkv.vision.processor import is_unicode, read_text_file, utf8_error
 
 logger = logging.getLogger(__name__)
 
@@ -161,23 +161,24 @@ class QuestionFile:
 
 
 def read_questions(path, image_folder=None) -> QuestionFile:
-    """Read a VQA questions JSONL file. Bad lines are collected as "file:line: reason" (and logged),
-    not raised; the rest are returned. Images are resolved against ``image_folder`` (default: the
-    file's folder); a missing image file is a bad line."""
+    """Read a VQA questions JSONL file (UTF-8; a leading byte-order mark is ignored). Bad lines
+    (invalid JSON, not valid UTF-8, a bad field, a missing image file) are collected as
+    "file:line: reason" (and logged), not raised; the rest are returned. Images are resolved
+    against ``image_folder`` (default: the file's folder)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: questions file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read questions file ({e})") from None
+    text, clean = read_text_file(path, "questions file")
     root = Path(image_folder) if image_folder else path.parent
     out = QuestionFile()
     seen = set()
-    for n, line in enumerate(text.splitlines(), 1):
+    # "\n" only: str.splitlines() would also cut at U+2028, U+0085, ... that JSON strings may hold
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
+        why = None if clean else utf8_error(line)
+        if why:
+            out.bad_lines.append(f"{where}: {why}")
+            continue
         try:
             q = _parse_question(json.loads(line), root, where)
             if q.question_id in seen:

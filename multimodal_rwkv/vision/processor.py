@@ -125,7 +125,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def image_from_tensor(t) -> Image.Image:
     """A raw image tensor -> RGB PIL image. Accepts [3,H,W] or [1,H,W] (CHW) or [H,W];
-    uint8 in [0,255] or float in [0,1]."""
+    uint8 in [0,255] or float in [0,1]. Float values outside [0,1] (a 0-255 image given as float,
+    a normalised one) or NaN raise DataError naming the range found: they are not clipped."""
     import torch
 
     if not isinstance(t, torch.Tensor):
@@ -140,7 +141,7 @@ def image_from_tensor(t) -> Image.Image:
     if x.dtype == torch.uint8:
         a = x.numpy()
     elif x.is_floating_point():
-        a = (x.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        a = _float_to_uint8(x.float().numpy())
     else:
         raise DataError(f"image tensor must be uint8 or float, got {x.dtype}")
     if a.shape[-1] == 1:
@@ -148,9 +149,22 @@ def image_from_tensor(t) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a), "RGB")
 
 
+def _float_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Float pixel values in [0, 1] -> uint8; values outside [0, 1] or NaN raise DataError."""
+    if a.size:
+        if np.isnan(a).any():
+            raise DataError("float image holds NaN values; expected values in [0, 1]")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0.0 or hi > 1.0:
+            hint = " (a 0-255 image: pass it as uint8, or divide by 255)" if hi > 1.0 and lo >= 0.0 else ""
+            raise DataError(f"float image values must be in [0, 1]; found [{lo:g}, {hi:g}]{hint}")
+    return np.rint(a * 255.0).astype(np.uint8)
+
+
 def as_pil(image, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Path, PIL image, raw tensor (CHW) or numpy array (HWC or HW, as PIL and OpenCV give them;
-    uint8, or float in [0, 1]) -> RGB PIL image."""
+    uint8, or float in [0, 1]) -> RGB PIL image. A 4-channel array is RGBA, composited over white
+    whether uint8 or float. Float values outside [0, 1] raise DataError (see image_from_tensor)."""
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
@@ -159,7 +173,9 @@ def as_pil(image, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
         import torch
 
         a = np.array(image)  # a writable, contiguous copy
-        if a.ndim == 3 and a.shape[-1] == 4 and a.dtype == np.uint8:
+        if a.ndim == 3 and a.shape[-1] == 4 and (a.dtype == np.uint8 or np.issubdtype(a.dtype, np.floating)):
+            if a.dtype != np.uint8:
+                a = _float_to_uint8(a.astype(np.float32))
             return to_rgb(Image.fromarray(a, "RGBA"))
         if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
             return image_from_tensor(torch.from_numpy(np.array(a[..., :3])).permute(2, 0, 1))
@@ -190,6 +206,40 @@ def is_unicode(text: str) -> bool:
     return True
 
 
+def read_text_file(path, what: str = "data file") -> tuple[str, bool]:
+    """A UTF-8 text file -> (text, clean). A leading byte-order mark is dropped. Bytes that are not
+    UTF-8 do not reject the whole file: they become lone surrogates ``\\udc80``-``\\udcff`` (Python's
+    "surrogateescape"), ``clean`` is False, and :func:`utf8_error` tells, line by line, where they
+    are. Raises DataError naming the file (``what``: "data file", "questions file") when it is
+    missing or unreadable."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not JSON
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogateescape"), False
+
+
+def utf8_error(line: str) -> str | None:
+    """Why a line of :func:`read_text_file` text is not valid UTF-8 ("not valid UTF-8 (byte 0xe9 at
+    column 7: invalid continuation byte)", the column counted in bytes), or None when it is."""
+    if is_unicode(line):
+        return None
+    raw = line.encode("utf-8", "surrogateescape")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}: {e.reason})"
+    return "not valid UTF-8"
+
+
 def _short(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
@@ -201,9 +251,10 @@ def check_conversations(conversations, num_images: int, where: str) -> list[tupl
     """Validate a LLaVA ``conversations`` list -> [(role, text)] with role "human"/"gpt".
 
     ``where`` names the record in error messages. Raises DataError when the list is empty or
-    malformed, a turn has an unknown speaker or a non-string value, there is no non-empty
-    assistant reply, ``<image>`` appears in an assistant turn, or the number of ``<image>``
-    placeholders differs from ``num_images``.
+    malformed, a turn has an unknown speaker or a value that is not a string or not text (an
+    unpaired surrogate, as a JSON ``"\\ud800"`` escape gives: it cannot be tokenised), there is no
+    non-empty assistant reply, ``<image>`` appears in an assistant turn, or the number of
+    ``<image>`` placeholders differs from ``num_images``.
     """
     if not isinstance(conversations, list) or not conversations:
         raise DataError(f"{where}: empty or missing conversations")
@@ -216,6 +267,8 @@ def check_conversations(conversations, num_images: int, where: str) -> list[tupl
             raise DataError(f"{where}: turn {i} has unknown speaker {t['from']!r} (expected human or gpt)")
         if not isinstance(t["value"], str):
             raise DataError(f"{where}: turn {i} value must be a string")
+        if not is_unicode(t["value"]):
+            raise DataError(f"{where}: turn {i} value holds an unpaired surrogate (\\ud800-\\udfff), not text")
         if role == "gpt" and IMAGE_TOKEN in t["value"]:
             raise DataError(f"{where}: turn {i}: {IMAGE_TOKEN} in an assistant turn")
         turns.append((role, t["value"]))
