@@ -374,3 +374,86 @@ def test_windows_check_the_vocabulary():
     assert ds.window(0)[0].tolist() == [1, 2, 3, 4]
     with pytest.raises(DataError, match=r"mem\.npy: token 6 has id 99"):
         ds.window(1)
+
+
+def test_a_lone_surrogate_is_a_bad_record_named_not_a_crash(tmp_path):
+    """A JSON escape "\\ud800" with no pair decodes to a str no tokenizer can encode: it used to end
+    training with a UnicodeEncodeError traceback, even under on_bad_record=skip."""
+    p = tmp_path / "sur.jsonl"
+    p.write_text('{"text": "hello world"}\n{"text": "bad \\ud800 surrogate"}\n'
+                 '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\udfff"}]}\n')
+    with pytest.raises(DataError, match=r"sur\.jsonl:2: text is not valid Unicode \(lone surrogate \\ud800"):
+        _stream(p, tmp_path)
+    s = _stream(p, tmp_path, on_bad="skip")
+    assert s.skipped == 2 and bytes(int(i) - 1 for i in np.asarray(s.ids) if i).decode() == "hello world"
+    p.write_text(p.read_text().splitlines()[2] + "\n")
+    with pytest.raises(DataError, match=r"sur\.jsonl:1: turn 1 content is not valid Unicode \(lone surrogate"):
+        _stream(p, tmp_path)
+
+
+def test_text_suffixes_match_in_any_case(tmp_path):
+    """B.TXT, c.MD, x.JSONL in a data folder used to be left out without a word."""
+    from multimodal_rwkv.training.data import detect_format
+
+    d = tmp_path / "txt"
+    d.mkdir()
+    for name, text in (("a.txt", "one"), ("B.TXT", "two"), ("c.MD", "three")):
+        (d / name).write_text(text)
+    assert detect_format(d) == "txt"
+    text = bytes(int(i) - 1 if i else ord("|") for i in np.asarray(_stream(d, tmp_path).ids)).decode()
+    assert sorted(text.split("|")) == ["", "one", "three", "two"]
+    j = tmp_path / "jsonl"
+    j.mkdir()
+    (j / "a.jsonl").write_text('{"text": "x"}\n')
+    (j / "b.JSONL").write_text('{"text": "y"}\n')
+    assert detect_format(j) == "jsonl" and detect_format(j / "b.JSONL") == "jsonl"
+    assert len(_stream(j, tmp_path)) == 4
+    n = tmp_path / "npy"
+    n.mkdir()
+    np.save(n / "a.npy", np.array([1, 2, 0], np.int32))
+    (n / "a.npy").rename(n / "A.NPY")
+    assert detect_format(n) == "tokens" and np.asarray(_stream(n, tmp_path).ids).tolist() == [1, 2, 0]
+
+
+def test_a_json_array_file_is_read_as_records(tmp_path):
+    """A pretty-printed .json array used to be read line by line: 'array.json:1: invalid JSON', and
+    under skip every line counted as a bad record (one of them even trained on)."""
+    p = tmp_path / "array.json"
+    p.write_text(json.dumps([{"text": "first"}, {"text": ""}, {"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}], indent=2))
+    with pytest.raises(DataError, match=r"array\.json\[1\]: 'text' must be a non-empty string"):
+        _stream(p, tmp_path)
+    s = _stream(p, tmp_path, on_bad="skip")
+    assert s.skipped == 1
+    assert bytes(int(i) - 1 if i else ord("|") for i in np.asarray(s.ids)).decode() == "first|User: q\n\nAssistant: a\n\n|"
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"text": "a"},\n  {"text": "b"},\n')
+    with pytest.raises(DataError, match=r"broken\.json:4: invalid JSON array .*a \.json file holds one JSON array"):
+        _stream(broken, tmp_path)
+    with pytest.raises(DataError, match=r"no usable documents \(1 bad records skipped\)"):
+        _stream(broken, tmp_path, on_bad="skip")
+
+
+def test_a_file_that_is_not_utf8_is_one_bad_file(tmp_path):
+    """A 1-record UTF-16 JSONL file counted as 2 bad records (one per garbled line)."""
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "fine"}\n')
+    for name, data in (("bom.jsonl", '{"text": "a"}\n{"text": "b"}\n'.encode("utf-16")),
+                       ("nobom.jsonl", '{"text": "a"}\n'.encode("utf-16-le")),
+                       ("arr.json", '[{"text": "a"}]'.encode("utf-16"))):
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(DataError, match=rf"{name}: not UTF-8.*save it as UTF-8"):
+            _stream(p, tmp_path)
+        d = tmp_path / f"dir_{name}"
+        d.mkdir()
+        (d / name).write_bytes(data)
+        (d / "good.jsonl").write_text('{"text": "fine"}\n')
+        assert _stream(d, tmp_path, on_bad="skip").skipped == 1
+    u16 = tmp_path / "u16.txt"
+    u16.write_bytes("some text\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"u16\.txt: not UTF-8 text \(it starts with a UTF-16/32 byte-order mark\)"):
+        _stream(u16, tmp_path)
+    u16.write_bytes("some text\n".encode("utf-16-le"))  # valid UTF-8 byte by byte: it used to train NULs
+    with pytest.raises(DataError, match=r"u16\.txt: not UTF-8 text \(it holds NUL bytes"):
+        _stream(u16, tmp_path)

@@ -660,3 +660,60 @@ def test_processes_that_formed_no_group_are_refused(tmp_path, corpus, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="formed no process group.*ACCELERATE_USE_CPU"):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1))
+
+
+class _DropsWindowOne(torch.utils.data.Dataset):
+    """Packed windows of which window 1 turns out bad when read (as a truncated image does in a
+    LlavaDataset): dropped once per process, listed in ``bad_records``; the next window stands in."""
+
+    def __init__(self, ds, name):
+        self.ds, self.name, self.bad_records, self.failed = ds, name, [], False
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if i == 1:
+            if not self.failed:
+                self.failed = True
+                self.bad_records.append(f"{self.name} window 1: turned out bad")
+            i = 2
+        return self.ds[i]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_records_dropped_while_reading_are_counted_everywhere(tmp_path, monkeypatch, workers):
+    """A record dropped in a dataset's __getitem__ never reached metrics.jsonl's skipped_records,
+    and with DataLoader workers (which read copies of the dataset) not training_info.json either."""
+    from multimodal_rwkv.training.lm import LMTask
+    from multimodal_rwkv.training.loop import list_checkpoints
+
+    build = LMTask.build_datasets
+
+    def dropping(self, model):
+        tr, va, coll = build(self, model)
+        self.skipped += 15  # as if 15 bad records were skipped while building
+        return _DropsWindowOne(tr, "train"), _DropsWindowOne(va, "valid"), coll
+
+    monkeypatch.setattr(LMTask, "build_datasets", dropping)
+    corpus = make_corpus(tmp_path / "tok.npy", n_docs=6)  # 7 windows: several epochs, each worker meets window 1
+    out = tmp_path / "run"
+    ov = base_overrides(corpus, out, max_steps=6, log_every=1, checkpoint_every=3, **{
+        "data.num_workers": workers, "data.valid_file": corpus, "eval_every": 100, "eval_batches": 1})
+    train(TrainConfig(), ov)
+
+    def counts():
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        info = json.loads((out / "final" / "training_info.json").read_text())["skipped_records"]
+        state = json.loads(list_checkpoints(out / "checkpoints")[-1][1].joinpath("trainer_state.json").read_text())
+        return [r["skipped_records"] for r in rows], info, state
+
+    seen, info, state = counts()
+    # train window 1 dropped at some step (16 from then on); the valid one in the final evaluation
+    assert set(seen[:-1]) <= {15, 16} and seen[-2] == 16 and seen == sorted(seen)
+    assert seen[-1] == info == state["skipped_records"] == 17
+    assert state["dropped_records"] == ["train window 1: turned out bad", "valid window 1: turned out bad"]
+    # resumed, the new processes drop the same records again: still each counted once
+    train(TrainConfig(), ov + ["max_steps=8"])
+    seen, info, _ = counts()
+    assert len(seen) == 8 and seen[5:] == [17, 17, 17] and info == 17

@@ -6,9 +6,13 @@ Sources (``data.format``; ``auto`` picks by suffix):
 - ``jsonl``: one JSON object per line: ``{"text": ...}`` (all tokens trained) or a chat record
   ``{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}`` /
   ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` where only the assistant's
-  tokens are targets (every other position gets label -100).
+  tokens are targets (every other position gets label -100). A ``.json`` file may instead hold one
+  JSON array of such objects (records named ``file[index]``).
 - ``binidx``: RWKV-LM / Megatron ``MMIDIDX`` token files (``X.bin`` + ``X.idx``), read as one stream.
 - ``tokens``: a ``.npy`` 1-D integer array (documents separated by id 0) or a folder of them.
+
+Suffixes match in any case (``B.TXT``, ``x.JSONL``). Text must be UTF-8: a file in another
+encoding (UTF-16, ...) is one bad file, a text with a lone surrogate escape (``"\\ud800"``) a bad record.
 
 Documents are concatenated with separator id 0 after each document and cut into windows of
 ``ctx_len + 1`` tokens with stride ``ctx_len`` (input = window[:-1], target = window[1:]).
@@ -37,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SEPARATOR = 0
-CACHE_VERSION = 2  # 2: a byte-order mark at the start of a file is dropped
+CACHE_VERSION = 3  # 2: a byte-order mark at the start of a file is dropped; 3: a .json file may be an array
 
 # --------------------------------------------------------------------------------------- tokenizers
 
@@ -101,6 +105,24 @@ def _handle_bad(msg: str, on_bad: str, bad: BadRecords):
         raise DataError(msg + " (set data.on_bad_record=skip to skip bad records)")
 
 
+def _check_unicode(s: str, where: str, what: str) -> None:
+    """DataError if ``s`` holds a lone surrogate (a JSON ``\\ud800`` escape): no UTF-8, no tokens."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {what} is not valid Unicode (lone surrogate \\u{ord(s[e.start]):04x} at "
+                        f"character {e.start})") from None
+
+
+def _not_utf8(head: bytes) -> Optional[str]:
+    """Why a file starting with ``head`` is plainly not UTF-8 text (a UTF-16/32 byte-order mark, NUL bytes)."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "not UTF-8 text (it starts with a UTF-16/32 byte-order mark); save it as UTF-8"
+    if head.count(b"\x00") > len(head) // 4:  # UTF-16/32 text: every 2nd or 4th byte of ASCII is 0
+        return "not UTF-8 text (it holds NUL bytes: UTF-16/32 or binary); save it as UTF-8"
+    return None
+
+
 _ROLE = {"user": "User", "human": "User", "assistant": "Assistant", "gpt": "Assistant", "bot": "Assistant",
          "system": "System"}
 
@@ -123,6 +145,7 @@ def chat_segments(turns, where: str) -> list[tuple[str, bool]]:
             raise DataError(f"{where}: turn {j} has unknown role {role!r}")
         if not isinstance(content, str):
             raise DataError(f"{where}: turn {j} has no string content")
+        _check_unicode(content, where, f"turn {j} content")
         name = _ROLE[role]
         content = content.strip().replace("\r\n", "\n")
         while "\n\n" in content:  # "\n\n" ends a turn in the World chat format
@@ -154,12 +177,16 @@ def _txt_pieces(text: str) -> list[str]:
 
 
 def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> Iterator[list[tuple[str, bool]]]:
-    """Yield documents as [(text, is_target)] segments from a .txt or .jsonl file."""
+    """Yield documents as [(text, is_target)] segments from a .txt, .jsonl or .json file."""
     if fmt == "txt":
         try:
             raw = path.read_bytes()
         except OSError as e:
             _handle_bad(f"{path}: cannot read ({e.strerror or e})", on_bad, bad)
+            return
+        why = _not_utf8(raw[:4096])  # UTF-16 without a byte-order mark decodes as UTF-8, NULs and all
+        if why:
+            _handle_bad(f"{path}: {why}", on_bad, bad)
             return
         try:
             text = raw.decode("utf-8-sig")  # a leading byte-order mark is not text
@@ -173,15 +200,24 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
             return
         yield [(piece, True) for piece in _txt_pieces(text)]
         return
-    # jsonl, streamed line by line
     try:
         fh = open(path, "rb")
     except OSError as e:
         _handle_bad(f"{path}: cannot read ({e.strerror or e})", on_bad, bad)
         return
-    any_line = False
     with fh:
-        for lineno, line in enumerate(fh, 1):
+        head = fh.read(4096)
+        why = _not_utf8(head)
+        if why:  # one bad file, not one bad record per line
+            _handle_bad(f"{path}: {why}", on_bad, bad)
+            return
+        if path.suffix.lower() != ".jsonl" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            fh.seek(0)
+            yield from _json_array_documents(path, fh.read(), on_bad, bad)
+            return
+        fh.seek(0)
+        any_line = False
+        for lineno, line in enumerate(fh, 1):  # JSONL, streamed line by line
             if not line.strip():
                 continue
             any_line = True
@@ -195,22 +231,50 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
                 _handle_bad(f"{where}: invalid JSON ({e.msg} at column {e.colno})", on_bad, bad)
                 continue
             try:
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                if "text" in rec:
-                    if not isinstance(rec["text"], str) or not rec["text"]:
-                        raise DataError(f"{where}: 'text' must be a non-empty string")
-                    doc = [(rec["text"], True)]
-                elif "messages" in rec or "conversations" in rec:
-                    doc = chat_segments(rec.get("messages", rec.get("conversations")), where)
-                else:
-                    raise DataError(f"{where}: expected a 'text', 'messages' or 'conversations' key, got {sorted(rec)}")
+                doc = _record_document(rec, where)
             except DataError as e:
                 _handle_bad(str(e), on_bad, bad)
                 continue
             yield doc
     if not any_line:
         _handle_bad(f"{path}: empty file", on_bad, bad)
+
+
+def _json_array_documents(path: Path, raw: bytes, on_bad: str, bad: BadRecords):
+    """The records of a ``.json`` file holding one JSON array; a file that does not parse is one bad file."""
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        _handle_bad(f"{path}:{line}: not valid UTF-8 ({e.reason})", on_bad, bad)
+        return
+    except json.JSONDecodeError as e:
+        _handle_bad(f"{path}:{e.lineno}: invalid JSON array ({e.msg} at column {e.colno}); a .json file holds "
+                    "one JSON array of records, a .jsonl file one record per line", on_bad, bad)
+        return
+    if not data:
+        _handle_bad(f"{path}: empty JSON array", on_bad, bad)
+    for i, rec in enumerate(data):
+        try:
+            doc = _record_document(rec, f"{path}[{i}]")
+        except DataError as e:
+            _handle_bad(str(e), on_bad, bad)
+            continue
+        yield doc
+
+
+def _record_document(rec, where: str) -> list[tuple[str, bool]]:
+    """One JSON record (``text`` or chat) -> [(text, is_target)]; DataError naming ``where`` if bad."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "text" in rec:
+        if not isinstance(rec["text"], str) or not rec["text"]:
+            raise DataError(f"{where}: 'text' must be a non-empty string")
+        _check_unicode(rec["text"], where, "text")
+        return [(rec["text"], True)]
+    if "messages" in rec or "conversations" in rec:
+        return chat_segments(rec.get("messages", rec.get("conversations")), where)
+    raise DataError(f"{where}: expected a 'text', 'messages' or 'conversations' key, got {sorted(rec)}")
 
 
 # --------------------------------------------------------------------------------------- token streams
@@ -473,7 +537,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
         return TokenStream(a, None, str(p))
     if not p.is_dir():
         raise DataError(f"{p}: no such file or folder")
-    files = sorted(x for x in p.iterdir() if x.suffix == ".npy")
+    files = sorted(x for x in p.iterdir() if x.suffix.lower() == ".npy")
     if not files:
         raise DataError(f"{p}: folder holds no .npy token files")
     bad = BadRecords()
@@ -524,27 +588,31 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
 # --------------------------------------------------------------------------------------- dispatch
 
 
+TEXT_SUFFIXES = {"txt": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json")}  # matched in any case
+
+
 def detect_format(path: str | Path) -> str:
     """Guess ``txt | jsonl | binidx | tokens`` from a path's suffix (a folder: from its files)."""
     p = Path(path)
+    suffix = p.suffix.lower()
     if p.suffix in (".bin", ".idx") or (Path(str(p) + ".idx").is_file() and Path(str(p) + ".bin").is_file()):
         return "binidx"
     if p.is_dir():  # the kinds of file the readers take from it (.npy at the top, text anywhere below)
-        kinds = {"tokens"} if any(x.suffix == ".npy" for x in p.iterdir() if x.is_file()) else set()
+        kinds = {"tokens"} if any(x.suffix.lower() == ".npy" for x in p.iterdir() if x.is_file()) else set()
         for x in p.rglob("*"):
-            if x.is_file() and x.suffix in (".jsonl", ".json", ".txt", ".md", ".text"):
-                kinds.add("jsonl" if x.suffix in (".jsonl", ".json") else "txt")
+            if x.is_file() and x.suffix.lower() in TEXT_SUFFIXES["txt"] + TEXT_SUFFIXES["jsonl"]:
+                kinds.add("jsonl" if x.suffix.lower() in TEXT_SUFFIXES["jsonl"] else "txt")
         if len(kinds) > 1:  # reading one kind would drop the others silently
             raise DataError(f"{p}: folder mixes {' and '.join(sorted(kinds))} files; give one kind per folder "
                             "or set data.format")
         if not kinds:
             raise DataError(f"{p}: cannot tell the data format from the files in this folder; set data.format")
         return kinds.pop()
-    if p.suffix == ".npy":
+    if suffix == ".npy":
         return "tokens"
-    if p.suffix in (".jsonl", ".json"):
+    if suffix in TEXT_SUFFIXES["jsonl"]:
         return "jsonl"
-    if p.suffix in (".txt", ".md", ".text", ""):
+    if suffix in TEXT_SUFFIXES["txt"] + ("",):
         return "txt"
     raise DataError(f"{p}: cannot tell the data format from the suffix {p.suffix!r}; set data.format")
 
@@ -561,9 +629,8 @@ def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path
         return read_tokens(p, cache_dir, on_bad)
     if fmt in ("txt", "jsonl"):
         if p.is_dir():
-            suffixes = (".txt", ".md", ".text") if fmt == "txt" else (".jsonl", ".json")
             # a broken link is an unreadable file (reported, or skipped and counted), not nothing
-            files = sorted(x for x in p.rglob("*") if x.suffix in suffixes
+            files = sorted(x for x in p.rglob("*") if x.suffix.lower() in TEXT_SUFFIXES[fmt]
                            and (x.is_file() or (x.is_symlink() and not x.exists())))
             if not files:
                 raise DataError(f"{p}: folder holds no {fmt} files")

@@ -188,7 +188,8 @@ class LMTask(Task):
     def save_pretrained(self, model, out_dir):
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir)
-        info = {"task": "lm", "tokenizer": self.cfg.data.tokenizer, "ctx_len": self.cfg.data.ctx_len}
+        info = {"task": "lm", "tokenizer": self.cfg.data.tokenizer, "ctx_len": self.cfg.data.ctx_len,
+                "skipped_records": self.skipped}
         (out_dir / "training_info.json").write_text(json.dumps(info, indent=1))
 
 

@@ -257,6 +257,35 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+class _ReportsDrops:
+    """A dataset whose items come out as ``(item, [messages])``: the records the dataset dropped while
+    reading that item (see :class:`~multimodal_rwkv.training.task.Task`: it appends a message per
+    dropped record to its ``bad_records`` list). Through the DataLoader the messages reach the loop
+    also from worker processes, whose copies of the dataset the loop's process never sees."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        bad = getattr(self.ds, "bad_records", None)
+        n = len(bad) if isinstance(bad, list) else 0
+        item = self.ds[i]
+        return item, (list(bad[n:]) if isinstance(bad, list) else [])
+
+
+class _CollateDrops:
+    """``collate`` over :class:`_ReportsDrops` items -> ``(batch, [messages])`` (a class: workers pickle it)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, pairs):
+        return self.collate([it for it, _ in pairs]), [m for _, ms in pairs for m in ms]
+
+
 class _SignalFlag:
     """SIGINT/SIGTERM set a flag the loop checks after each optimiser step; a second SIGINT aborts."""
 
@@ -351,6 +380,7 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         self._lock_fd = None
         self._warned_no_valid_targets = False
+        self.dropped: dict[str, None] = {}  # records the datasets dropped while read (messages, in order)
 
     # ----------------------------------------------------------------- setup
     def _accelerator(self, find_unused_parameters: bool = False):
@@ -488,18 +518,23 @@ class Trainer:
         n_batches = -(-n // B)
         if cfg.eval_batches > 0:
             n_batches = min(n_batches, cfg.eval_batches)
-        tot = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        tot = torch.zeros(3, dtype=torch.float64, device=acc.device)
         model.eval()
+        ds, coll, msgs = _ReportsDrops(valid_ds), _CollateDrops(collate), []
         for b in range(acc.process_index, n_batches, acc.num_processes):
-            items = [valid_ds[i] for i in range(b * B, min((b + 1) * B, n))]
-            batch = _to_device(collate(items), acc.device)
+            batch, m = coll([ds[i] for i in range(b * B, min((b + 1) * B, n))])
+            msgs += m
+            batch = _to_device(batch, acc.device)
             with acc.autocast():
                 ls, k = task.eval_step(model, batch)
             tot[0] += float(ls)
             tot[1] += k
         model.train()
+        new = self._new_drops(msgs)
+        tot[2] = len(new)
         if acc.num_processes > 1:
             tot = acc.reduce(tot, reduction="sum")
+        self._note_drops(acc, new, int(tot[2]))
         if tot[1] == 0:
             if not self._warned_no_valid_targets:
                 logger.warning("the validation windows evaluated have no target token (all masked with -100): "
@@ -507,6 +542,24 @@ class Trainer:
                 self._warned_no_valid_targets = True
             return None
         return float(tot[0] / tot[1])
+
+    # ----------------------------------------------------------------- dropped records
+    def _new_drops(self, msgs) -> list[str]:
+        """The messages of ``msgs`` not yet counted (each dropped record is counted once, by its message)."""
+        return list(dict.fromkeys(m for m in msgs if m not in self.dropped))
+
+    def _note_drops(self, acc, new: list[str], n_all: int) -> None:
+        """Count this process's newly dropped records ``new``; ``n_all``: their number summed over the
+        processes (all call this together). With several, each gets the union, so all count alike."""
+        if n_all and acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            new = gather_object(new)
+        self.dropped.update(dict.fromkeys(new))
+
+    def _skip_state(self, skipped: int) -> dict:
+        """trainer_state.json's count of bad records: the run's total so far and those dropped while read."""
+        return {"skipped_records": skipped + len(self.dropped), "dropped_records": list(self.dropped)}
 
     # ----------------------------------------------------------------- export
     def _export(self, acc, task, model) -> Path:
@@ -676,6 +729,7 @@ class Trainer:
                 raise CheckpointError(f"{resume[1]}: cannot resume from this checkpoint ({first}); {why}") from None
             step, samples = int(st["step"]), int(st["samples_consumed"])
             tokens_seen, t_elapsed = int(st.get("tokens_seen", 0)), float(st.get("elapsed_s", 0.0))
+            self.dropped = dict.fromkeys(st.get("dropped_records", []))
             logger.info("resumed from %s (step %d)", resume[1], step)
             if main:  # drop metrics logged after the checkpoint (they will be recomputed identically)
                 rows = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
@@ -693,8 +747,8 @@ class Trainer:
         sampler = GlobalOrderSampler(len(train_ds), cfg.seed, cfg.data.shuffle, samples, B, A, W, acc.process_index)
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(train_ds, batch_size=B, sampler=sampler, collate_fn=collate,
-                            num_workers=cfg.data.num_workers, drop_last=False,
+        loader = DataLoader(_ReportsDrops(train_ds), batch_size=B, sampler=sampler,
+                            collate_fn=_CollateDrops(collate), num_workers=cfg.data.num_workers, drop_last=False,
                             persistent_workers=cfg.data.num_workers > 0,
                             # its own generator: creating the iterator must not draw from the global
                             # RNG, or a resumed run's dropout etc. would be shifted by one draw
@@ -727,13 +781,16 @@ class Trainer:
             with _SignalFlag() as sig:
                 while step < cfg.max_steps and not time_up:
                     t0 = time.perf_counter()
-                    batches = [_to_device(next(it), acc.device) for _ in range(A)]
+                    fetched = [next(it) for _ in range(A)]
+                    batches = [_to_device(b, acc.device) for b, _ in fetched]
+                    new_drops = self._new_drops(m for _, ms in fetched for m in ms)
                     counts = torch.tensor([sum(task.count_targets(b) for b in batches),
-                                           sum(task.count_tokens(b) for b in batches)],
+                                           sum(task.count_tokens(b) for b in batches), len(new_drops)],
                                           dtype=torch.float64, device=acc.device)
                     if W > 1:
                         counts = acc.reduce(counts, reduction="sum")
                     n_targets, n_tokens = float(counts[0]), int(counts[1])
+                    self._note_drops(acc, new_drops, int(counts[2]))
                     scale = (W * A / n_targets) if n_targets > 0 else 0.0
                     lr = lr_at(step, cfg.optim, cfg.max_steps, t_sched / budget if budget else 0.0)
                     for g in opt.param_groups:
@@ -801,20 +858,20 @@ class Trainer:
                                     cfg.max_minutes, step, cfg.max_steps)
                     row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": n_tokens / max(dt, 1e-9),
                            "tokens": tokens_seen, "grad_norm": grad_norm, "elapsed_s": round(t_elapsed, 3)}
-                    if skipped:
-                        row["skipped_records"] = skipped
                     if loss is None:
                         row["no_targets"] = True
                     if valid_ds is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and not done:
                         vl = self._evaluate(acc, task, model, valid_ds, collate)
                         if vl is not None:
                             row["valid_loss"] = vl
+                    if skipped or self.dropped:  # after the evaluation: it may drop records too
+                        row["skipped_records"] = skipped + len(self.dropped)
                     if step % max(cfg.log_every, 1) == 0 or done or "valid_loss" in row:
                         log_row(row)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
-                    extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, "skipped_records": skipped}
+                    extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, **self._skip_state(skipped)}
                     if stop or done or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                         if metrics_f is not None:
                             metrics_f.flush()
@@ -827,7 +884,7 @@ class Trainer:
                             f"stopped by {name} at step {step}; checkpoint saved to {last_ckpt}; "
                             f"rerun the same command to resume", sig.signum or signal.SIGTERM)
                 if last_saved_step != step:
-                    extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, "skipped_records": skipped}
+                    extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, **self._skip_state(skipped)}
                     last_ckpt = self._save_checkpoint(acc, step, samples, extra)
         finally:
             if bar is not None:
@@ -836,17 +893,27 @@ class Trainer:
                 metrics_f.close()
 
         if valid_ds is not None:
+            n_dropped = len(self.dropped)
             vl = self._evaluate(acc, task, model, valid_ds, collate)
-            if main and vl is not None:
+            if main and (vl is not None or len(self.dropped) > n_dropped):
                 rows = read_metrics(self.metrics_path)
-                if rows and rows[-1].get("step") == step:
+                if not rows or rows[-1].get("step") != step:
+                    rows.append({"step": step})
+                if vl is not None:
                     rows[-1]["valid_loss"] = vl
-                else:
-                    rows.append({"step": step, "valid_loss": vl})
+                    logger.info("validation loss at step %d: %.4f nats/token", step, vl)
+                if len(self.dropped) > n_dropped:
+                    rows[-1]["skipped_records"] = skipped + len(self.dropped)
                 atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-                logger.info("validation loss at step %d: %.4f nats/token", step, vl)
+            if main and len(self.dropped) > n_dropped and last_ckpt is not None:  # the checkpoint of this step too
+                st = {**_trainer_state(last_ckpt), **self._skip_state(skipped)}
+                atomic_write_text(last_ckpt / "trainer_state.json", json.dumps(st, indent=1))
             if cfg.log_with and vl is not None:
                 acc.log({"valid_loss": vl}, step=step)
+        if self.dropped:
+            logger.warning("%d records were dropped while training; %d bad records skipped in all",
+                           len(self.dropped), skipped + len(self.dropped))
+        task.skipped = skipped + len(self.dropped)  # what save_pretrained reports
         final = self._export(acc, task, model)
         if main:
             try:

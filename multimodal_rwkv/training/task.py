@@ -4,6 +4,13 @@ A task subclasses :class:`Task` and is registered in :data:`TASKS` (``name -> "m
 The minimum is ``build_model``, ``build_datasets`` and ``save_pretrained``; the default
 :meth:`Task.training_step` calls ``model(**batch)`` and uses ``out.loss`` (a mean over the
 positions whose ``labels`` are not -100, HF shift convention).
+
+Bad records: ``task.skipped`` counts those skipped while building the datasets. A dataset that drops
+a record only when reading it (``__getitem__``: an image turns out truncated) appends one message
+naming that record to its ``bad_records`` list and returns another item. The loop collects these
+messages, also from DataLoader workers and other processes, counts each record once (by its
+message) in metrics.jsonl's ``skipped_records`` and the checkpoints, and sets ``task.skipped`` to
+the run's total before :meth:`Task.save_pretrained`.
 """
 from __future__ import annotations
 
@@ -50,7 +57,7 @@ class Task:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.skipped = 0  # bad records skipped while building datasets
+        self.skipped = 0  # bad records skipped building datasets; at export, the run's total
 
     # --- required -------------------------------------------------------------------------
     def build_model(self):

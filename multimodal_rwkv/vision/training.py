@@ -212,7 +212,7 @@ class VisualRWKVTask(Task):
     def save_pretrained(self, model, out_dir):
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir, dtype=self.opts.get("export_dtype"))
-        skipped = sum(x.skipped for x in getattr(self, "_datasets", []))
+        skipped = self.skipped  # the run's total, set by the loop (worker drops, drops before a resume)
         info = {"task": "visualrwkv", "stage": self.stage, "ctx_len": self.cfg.data.ctx_len,
                 "train_file": self.cfg.data.train_file, "skipped_records": skipped}
         (out_dir / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
