@@ -326,3 +326,146 @@ def test_cli_eval_and_generate_refuse_what_cannot_be_answered(tmp_path, capsys):
     assert main(["music", "generate", "--model", str(asset_dir(MUSIC_ASSET)), "--out", str(tmp_path / "x.abc"),
                  "--seconds", "1"]) == 2
     assert "MIDI model" in capsys.readouterr().err and not (tmp_path / "x.abc").exists()
+
+
+# ----------------------------------------------------------------------------- failure reasons, broken links
+def _midi_bytes(note=60):
+    import io
+
+    mid = mido.MidiFile()
+    mid.tracks.append(mido.MidiTrack([mido.Message("note_on", note=note, velocity=80),
+                                      mido.Message("note_off", note=note, time=480)]))
+    buf = io.BytesIO()
+    mid.save(file=buf)
+    return buf.getvalue()
+
+
+def test_prepare_with_no_usable_piece_gives_the_reasons(tmp_path, capsys):
+    """All files bad: the error used to say only '(2 failed)', before failed.txt was written."""
+    from multimodal_rwkv.cli import main
+
+    d = tmp_path / "allbad"
+    d.mkdir()
+    (d / "a.mid").write_text("x")
+    (d / "b.mid").write_bytes(b"")
+    out = tmp_path / "o"
+    seen = []
+    with pytest.raises(DataError) as e:
+        prepare(out, midi_dir=d, on_failure=lambda n, r: seen.append((n, r)))
+    assert seen == [(str(d / "a.mid"), "not a MIDI file (no MThd header)"), (str(d / "b.mid"), "empty file")]
+    assert str(e.value) == (f"{d}: no usable pieces (2 failed: {d / 'a.mid'}: not a MIDI file (no MThd header); "
+                            f"all reasons in {out / 'failed.txt'})")
+    assert (out / "failed.txt").read_text() == f"{d / 'a.mid'}\tnot a MIDI file (no MThd header)\n{d / 'b.mid'}\tempty file\n"
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [f"skipped: {d / 'a.mid'}: not a MIDI file (no MThd header)", f"skipped: {d / 'b.mid'}: empty file"]
+    assert err[2].startswith(f"mmrwkv music prepare: error: {d}: no usable pieces (2 failed: ") and len(err) == 3
+
+
+def test_prepare_reports_failures_and_counts_a_broken_link(tmp_path, capsys):
+    from multimodal_rwkv.cli import main
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "good.mid").write_bytes(_midi_bytes())
+    (d / "gone.mid").symlink_to(tmp_path / "missing.mid")
+    (d / "bad.mid").write_text("x")
+    out = tmp_path / "o"
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(out), "--valid-permille", "0",
+                 "--test-permille", "0"]) == 0
+    o = capsys.readouterr()
+    assert f"2 failed (reasons in {out / 'failed.txt'})" in o.out
+    assert f"skipped: {d / 'gone.mid'}: broken symbolic link (to {tmp_path / 'missing.mid'})" in o.err
+    assert f"skipped: {d / 'bad.mid'}: not a MIDI file" in o.err
+    assert "gone.mid\tbroken symbolic link" in (out / "failed.txt").read_text()
+    assert json.loads((out / "meta.json").read_text())["failed"] == 2
+    rep = prepare(tmp_path / "o3", midi_dir=d, valid_permille=0, test_permille=0)  # the API: warnings logged
+    assert len(rep.failed) == 2 and "reasons in" in rep.summary()
+
+
+# ----------------------------------------------------------------------------- ABC file header
+HEADER_FILE = "%abc-2.1\nL:1/4\nM:3/4\n% a comment\n%%MIDI program 1\n\nX:1\nT:t\nK:C\nC D E|F G A|\n\nX:2\nT:u\nL:1/8\nK:G\nG A B|\n"
+
+
+def test_split_tunes_applies_the_file_header_to_every_tune():
+    """ABC 2.1, 2.2.2: the file header sets defaults for every tune; programs that extract tunes
+    must copy its fields into each (they used to be dropped: L:1/4 lost, notes came out as 1/8)."""
+    tunes = split_tunes(HEADER_FILE)
+    assert tunes == [
+        "X:1\nT:t\nL:1/4\nM:3/4\n%%MIDI program 1\nK:C\nC D E|F G A|\n",
+        "X:2\nT:u\nL:1/4\nM:3/4\n%%MIDI program 1\nL:1/8\nK:G\nG A B|\n",  # its own L: wins
+    ]
+    # free text before the first tune is no header; nor is a tune without a blank line before it
+    assert split_tunes("some notes\nL:1/4\n\nX:1\nK:C\nC|\n") == ["X:1\nK:C\nC|\n"]
+    assert split_tunes("X:1\nL:1/4\nK:C\nC|\n\nX:2\nK:C\nD|\n")[1] == "X:2\nK:C\nD|\n"
+
+
+def test_file_header_fields_only_a_tune_may_hold_are_not_applied_and_said_so(caplog):
+    from multimodal_rwkv.music.abc import file_header
+
+    assert file_header("L:1/4\nQ:1/4=90\nK:D\nC:someone\n+:and another\n\nX:1\nK:C\nC|\n", "f.abc") == [
+        "L:1/4", "C:someone", "+:and another"]
+    assert "f.abc: the file header holds Q:, K:, which ABC 2.1 allows only in a tune header" in caplog.text
+
+
+def test_with_file_header_keeps_a_prompt_open():
+    from multimodal_rwkv.music.abc import with_file_header
+
+    assert with_file_header("L:1/4\n\nX:1\n") == "X:1\nL:1/4\n"
+    assert with_file_header("L:1/4\n\nX:1\nT:a\nK:C\nCD") == "X:1\nT:a\nL:1/4\nK:C\nCD"
+    assert with_file_header("X:1\nK:C\nCD") == "X:1\nK:C\nCD"  # no header: unchanged
+
+
+def test_abc_default_unit_length_follows_the_last_meter():
+    from multimodal_rwkv.music.abc import with_default_unit_length
+
+    # a header 2/4 (default 1/16) overridden by the tune's 3/4 (default 1/8)
+    assert with_default_unit_length("X:1\nM:2/4\nM:3/4\nK:D\nAB|\n") == "X:1\nM:2/4\nM:3/4\nL:1/8\nK:D\nAB|\n"
+
+
+def test_cli_abc2midi_applies_the_file_header(tmp_path, capsys):
+    pytest.importorskip("music21")
+    from multimodal_rwkv.cli import main
+
+    (tmp_path / "fh.abc").write_text(HEADER_FILE)
+    for index, step in ((0, 12), (1, 6)):  # L:1/4 from the header: a quarter (12 steps); tune 2: its own 1/8
+        out = tmp_path / f"t{index}.mid"
+        assert main(["music", "abc2midi", str(tmp_path / "fh.abc"), "--out", str(out), "--index", str(index)]) == 0
+        notes, _, _, _ = MidiTokenizer().extract_notes(out)
+        assert [n.onset for n in sorted(notes)][:3] == [0, step, 2 * step]
+
+
+def test_abc_corpus_tunes_carry_the_file_header(tmp_path, monkeypatch):
+    """The ABC corpus path (what the byte-level model trains on): each tune with the header's fields."""
+    from types import SimpleNamespace
+
+    from multimodal_rwkv.music import corpora
+
+    root = tmp_path / "m21"
+    (root / "corpus" / "oneills1850").mkdir(parents=True)
+    (root / "corpus" / "oneills1850" / "a.abc").write_text(HEADER_FILE)
+    monkeypatch.setattr(corpora, "_music21", lambda: SimpleNamespace(__file__=str(root / "__init__.py")))
+    tunes = [t for _, t in corpora.abc_corpus_tunes("oneill-abc")]
+    assert [t.split("\n")[:4] for t in tunes] == [["X:1", "T:t", "L:1/4", "M:3/4"], ["X:2", "T:u", "L:1/4", "M:3/4"]]
+    rep = prepare(tmp_path / "o", corpus="oneill-abc", valid_permille=0, test_permille=0)
+    docs = [AbcTokenizer().decode(d) for d in split_documents(load_tokens(tmp_path / "o" / "train"))]
+    assert sorted(docs) == sorted(split_tunes(HEADER_FILE)) and rep.counts["train"]["pieces"] == 2
+
+
+def test_generate_abc_moves_a_prompt_file_header_into_the_tune(tmp_path, monkeypatch, capsys):
+    import multimodal_rwkv.music.generate as gen
+    from multimodal_rwkv.cli import main
+
+    real_generate_abc = gen.generate_abc
+    prompts = []
+    monkeypatch.setattr(gen, "load_music_model", lambda path: (None, AbcTokenizer()))
+    monkeypatch.setattr(gen, "generate_abc", lambda **kw: prompts.append(kw["prompt"]) or kw["prompt"] + "C|\n")
+    (tmp_path / "p.abc").write_text("L:1/4\n\nX:1\nT:p\n")
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t.abc"), "--prompt",
+                 str(tmp_path / "p.abc")]) == 0
+    assert prompts == ["X:1\nT:p\nL:1/4\n"]
+    # the API does the same (the model sees the normalised prompt, which starts the returned text)
+    seen = []
+    monkeypatch.setattr(gen, "sample_tokens", lambda model, ids, *a, **kw: seen.append(ids) or [0])
+    assert real_generate_abc(prompt="L:1/4\n\nX:1\n", model=object()) == "X:1\nL:1/4\n"
+    assert AbcTokenizer().decode(seen[0]) == "X:1\nL:1/4\n"

@@ -491,3 +491,184 @@ def test_tempo_outside_range_is_counted(tok):
                       (960, mido.MetaMessage("set_tempo", tempo=500_000)), on(960, 62), off(1440, 62)]])
     tok.encode(reread(mid))  # 300 BPM, then 120 BPM
     assert tok.last_stats.tempos_clamped == 1 and "1 tempos clamped" in tok.last_stats.summary()
+
+
+# ----------------------------------------------------------------------------- bars that are not whole steps
+def _bar_steps(tok, ids):
+    """Grid steps of the <bar> tokens of ``ids`` (read here, not by the tokenizer under test)."""
+    now, out = 0, []
+    for i in ids:
+        if tok.shift_start <= i < tok.shift_start + tok.config.max_shift:
+            now += i - tok.shift_start + 1
+        elif i == tok.bar_id:
+            out.append(now)
+    return out
+
+
+@pytest.mark.parametrize("num,den", [(3, 32), (1, 64), (3, 64), (5, 64), (7, 8)])
+def test_bars_that_are_not_whole_steps_keep_their_place_and_round_trip(num, den):
+    """3/32 at 12 steps per beat is a bar of 4.5 steps: its lines are rounded one by one from the
+    exact positions (0, 5, 9, 14, 18, ...: half up), never by adding a rounded bar length (which
+    drifted, and came back as 4/4 bars after decoding)."""
+    tok = MidiTokenizer(MidiTokenizerConfig(use_bars=True))
+    ts = (0, mido.MetaMessage("time_signature", numerator=num, denominator=den))
+    evs = [ts] + [x for b in range(16) for x in (on(b * 480, 60), off(b * 480 + 480, 60))]
+    ids = tok.encode(reread(midi_file([evs])))
+    exact = [j * num * 48 / den for j in range(2000)]  # bar j in steps (12 per beat), last onset at step 180
+    expected = sorted({int(x + 0.5) for x in exact if int(x + 0.5) <= 180})
+    assert _bar_steps(tok, ids) == expected
+    assert tok.encode(reread(tok.decode(ids))) == ids
+
+
+def test_bars_round_trip_for_random_time_signature_changes():
+    """Time signatures of every kind (sub-step bars, bars of 255 beats, changes in mid-bar) at
+    several grid resolutions: the decoded file's time signatures give back the same <bar> tokens."""
+    rng = random.Random(3)
+    for spb in (12, 7, 24):
+        tok = MidiTokenizer(MidiTokenizerConfig(use_bars=True, steps_per_beat=spb))
+        for _ in range(40):
+            tpb = rng.choice([480, 96, 100])
+            evs = [(rng.randint(0, 20 * tpb), mido.MetaMessage(
+                "time_signature", numerator=rng.choice([1, 2, 3, 5, 7, 12, 13, 255]),
+                denominator=rng.choice([1, 2, 4, 8, 16, 32, 64, 128]))) for _ in range(rng.randint(0, 4))]
+            for _ in range(rng.randint(1, 12)):
+                t, p = rng.randint(0, 30 * tpb), rng.randint(40, 90)
+                evs += [on(t, p), off(t + rng.randint(1, 2 * tpb), p)]
+            ids = tok.encode(reread(midi_file([evs], tpb=tpb)))
+            assert tok.encode(reread(tok.decode(ids))) == ids
+
+
+# ----------------------------------------------------------------------------- malformed headers and meta events
+TRACK_60 = bytes([0, 0x90, 60, 100, 0x83, 0x60, 0x80, 60, 0, 0, 0xFF, 0x2F, 0])
+TRACK_64 = bytes([0, 0x90, 64, 100, 0x83, 0x60, 0x80, 64, 0, 0, 0xFF, 0x2F, 0])
+
+
+def test_tracks_beyond_the_header_count_are_read_and_counted(tmp_path, tok, caplog):
+    """mido reads only as many tracks as the header declares: the notes of the others were lost
+    without a word."""
+    p = tmp_path / "count.mid"
+    p.write_bytes(smf([TRACK_60, TRACK_64], ntracks=1))
+    notes, _, _, st = tok.extract_notes(p)
+    assert sorted(n.pitch for n in notes) == [60, 64] and st.extra_tracks == 1
+    assert "declares 1 tracks but the file holds 2" in caplog.text and "1 tracks beyond" in st.summary()
+    assert tok.encode(p) == tok.encode(smf([TRACK_60, TRACK_64]))
+    assert tok.last_stats.extra_tracks == 0
+
+
+@pytest.mark.parametrize("fmt", [3, 7, 0x7FFF])
+def test_a_format_that_does_not_exist_is_an_error(tmp_path, tok, fmt):
+    p = tmp_path / "f.mid"
+    p.write_bytes(smf([TRACK_60], fmt=fmt))
+    with pytest.raises(MidiError, match=rf"f.mid: the header says MIDI format {fmt}, which does not exist"):
+        tok.encode(p)
+
+
+def _meta(meta_type, data, delta=0):
+    return bytes([delta, 0xFF, meta_type, len(data)]) + bytes(data)
+
+
+@pytest.mark.parametrize("event", [
+    _meta(0x59, [20, 0]),        # key signature with 20 sharps
+    _meta(0x59, [0, 5]),         # key signature of mode 5
+    _meta(0x59, [0]),            # key signature without its mode
+    _meta(0x20, []),             # channel prefix without data
+    _meta(0x00, [1]),            # sequence number of one byte
+    _meta(0x54, [0xE0, 0, 0, 0, 0]),  # SMPTE offset with an unknown frame rate
+    _meta(0x58, [3, 2]),         # time signature without clocks (not needed without use_bars)
+], ids=["key20", "mode5", "key_short", "channel_prefix", "seqnum", "smpte", "timesig_short"])
+def test_a_broken_meta_event_the_tokenizer_does_not_need_is_skipped_and_counted(tmp_path, tok, caplog, event):
+    p = tmp_path / "meta.mid"
+    p.write_bytes(smf([event + TRACK_60]))
+    ids = tok.encode(p)
+    assert tok.last_stats.broken_meta == 1 and "1 broken meta events skipped" in tok.last_stats.summary()
+    assert ids == tok.encode(smf([TRACK_60]))
+    assert "meta.mid: skipped 1 broken meta event" in caplog.text and "tick 0 of track 0" in caplog.text
+
+
+def test_a_skipped_meta_event_moves_no_other_event():
+    """The time of a dropped event goes to the next one; a dropped last event keeps the end of the
+    track (where an unterminated note ends)."""
+    tok = MidiTokenizer()
+    # note on at 0; broken key signature at 480; note off 0 ticks later -> one beat
+    mid = bytes([0, 0x90, 60, 100]) + _meta(0x59, [20, 0], delta=0x40) + bytes([0x83, 0x20, 0x80, 60, 0, 0, 0xFF, 0x2F, 0])
+    # (delta 0x40 + 0x1A0 = 64 + 416 = 480)
+    notes, _, _ = tok.decode_notes(tok.encode(smf([mid])))
+    assert notes == [Note(0, 12, 0, 60, 6)]
+    # a note never released and a broken key signature as the track's last event at tick 960
+    tail = bytes([0, 0x90, 62, 100]) + bytes([0x87, 0x40, 0xFF, 0x59, 2, 20, 0])
+    notes, _, _ = tok.decode_notes(tok.encode(smf([tail])))
+    assert notes == [Note(0, 24, 0, 62, 6)] and tok.last_stats.unterminated == 1
+
+
+def test_a_broken_meta_event_the_tokenizer_needs_is_an_error_naming_it(tmp_path):
+    p = tmp_path / "tempo.mid"
+    p.write_bytes(smf([TRACK_64, _meta(0x51, [7, 0xA1]) + TRACK_60]))
+    with pytest.raises(MidiError) as e:
+        MidiTokenizer().encode(p)
+    assert str(e.value) == f"{p}: broken set_tempo meta event at tick 0 of track 1 (2 data bytes, expected 3)"
+    p.write_bytes(smf([_meta(0x58, [3, 2]) + TRACK_60]))
+    with pytest.raises(MidiError, match=r"tempo.mid: broken time_signature meta event at tick 0 of track 0 \(2 data bytes, expected 4\)"):
+        MidiTokenizer(MidiTokenizerConfig(use_bars=True)).encode(p)
+    p.write_bytes(smf([_meta(0x58, [0, 2, 24, 8]) + TRACK_60]))  # numerator 0: no bar length
+    with pytest.raises(MidiError, match="time signature 0/4 at tick 0"):
+        MidiTokenizer(MidiTokenizerConfig(use_bars=True)).encode(p)
+    tok = MidiTokenizer()
+    tok.encode(p)
+    assert tok.last_stats.broken_meta == 1
+
+
+# ----------------------------------------------------------------------------- what encode accepts
+def test_encode_refuses_ints_and_reads_binary_file_objects(tmp_path, tok):
+    """An int used to be taken for a file descriptor: encode(0) read stdin, encode(fd) closed fd."""
+    import os
+
+    p = tmp_path / "a.mid"
+    p.write_bytes(_valid_bytes())
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        for bad in (fd, 0, None, True, 1.5, ["a.mid"]):  # the fd first: the old code read it (and closed it)
+            with pytest.raises(TypeError, match="give a path .str or os.PathLike., the file's bytes, a binary file object"):
+                tok.encode(bad)
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)
+    want = tok.encode(_valid_bytes())
+    assert tok.encode(io.BytesIO(_valid_bytes())) == want
+    assert tok.encode(memoryview(_valid_bytes())) == want
+    with open(p, "rb") as f:
+        assert tok.encode(f) == want and not f.closed
+    assert tok.last_stats.source == str(p)
+    with pytest.raises(MidiError, match="<file object>: not a MIDI file"):
+        tok.encode(io.BytesIO(b"text"))
+    with pytest.raises(TypeError, match="text-mode file object"):
+        tok.encode(io.StringIO("MThd"))
+
+
+# ----------------------------------------------------------------------------- CLI: nothing tokenized, broken links
+def test_cli_tokenize_with_nothing_tokenized_is_an_error_and_writes_nothing(tmp_path, capsys):
+    from multimodal_rwkv.cli import main
+
+    (tmp_path / "notmidi.mid").write_text("hello\n")
+    out = tmp_path / "t.npy"
+    assert main(["music", "tokenize", str(tmp_path / "notmidi.mid"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"mmrwkv music tokenize: error: {tmp_path / 'notmidi.mid'}: not a MIDI file (no MThd header)"
+    assert not out.exists()
+    (tmp_path / "empty.mid").write_bytes(b"")
+    assert main(["music", "tokenize", str(tmp_path), "--out", str(out)]) == 2
+    assert "none of the 2 files could be tokenized (first: " in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_tokenize_counts_a_broken_link(tmp_path, capsys):
+    from multimodal_rwkv.cli import main
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "good.mid").write_bytes(_valid_bytes())
+    (d / "gone.mid").symlink_to(tmp_path / "missing.mid")
+    assert main(["music", "tokenize", str(d)]) == 0
+    o = capsys.readouterr()
+    assert "tokenized 1 files, skipped 1 unreadable" in o.out
+    assert f"skipped: {d / 'gone.mid'}: broken symbolic link (to {tmp_path / 'missing.mid'})" in o.err
+    assert main(["music", "tokenize", str(d / "good.mid"), str(d / "gone.mid")]) == 0  # named on the command line
+    assert "tokenized 1 files, skipped 1 unreadable" in capsys.readouterr().out

@@ -75,12 +75,92 @@ class AbcTokenizer:
 
 
 _TUNE_START = re.compile(r"^X:", re.MULTILINE)
+_FIELD = re.compile(r"^([A-Za-z+]):")
+_VERSION = re.compile(r"^%abc-(\d+(?:\.\d+)*)")
+# fields the ABC 2.1 standard allows in a file header (its field table): K:, P:, Q:, T:, V:, W:,
+# w:, s: and X: belong to a tune only
+_FILE_HEADER_FIELDS = frozenset("ABCDFGHILMmNORrSUZ")
 
 
-def split_tunes(text: str) -> list[str]:
-    """Split a multi-tune ABC file into tunes (each from its ``X:`` line); the file header
-    before the first ``X:`` is dropped; trailing blank lines are removed (a byte-order mark too)."""
+def file_header(text: str, name: str = "<abc>") -> list[str]:
+    """The lines of an ABC file's header to copy into each of its tunes (ABC 2.1, 2.2.2: "the file
+    header is used to set default values for the tunes in the file ... applications which extract
+    separate tunes from a file must insert the fields of the original file header into the header
+    of the extracted tune").
+
+    The file header is the first block of lines (ended by an empty line or the first ``X:``),
+    after the ``%abc-2.1`` version line, when it holds only fields, ``%%`` directives and comments
+    (otherwise it is free text, which applies to nothing). Returned: its fields and directives
+    (``+:`` continuations with their field); comments and the version line are left out (a tune
+    is not rewritten for the version alone). Fields the standard allows only in a tune (``K:``,
+    ``Q:``, ``T:``, ...) are not carried; that is logged as a warning naming ``name``.
+    """
+    lines = [ln.rstrip() for ln in text.lstrip("\ufeff").split("\n")]
+    i = 0
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    if i < len(lines) and _VERSION.match(lines[i]):
+        i += 1
+        while i < len(lines) and not lines[i].strip():  # a header may follow after an empty line
+            i += 1
+    out: list[str] = []
+    not_applied: list[str] = []
+    carry = False
+    for ln in lines[i:]:
+        if not ln.strip() or ln.startswith("X:"):
+            break
+        if ln.startswith("%%"):
+            out.append(ln)
+            carry = False
+            continue
+        if ln.lstrip().startswith("%"):
+            continue
+        m = _FIELD.match(ln)
+        if not m:
+            return []  # music or text: free text, not a file header
+        letter = m.group(1)
+        if letter == "+":
+            if carry:
+                out.append(ln)
+        elif letter in _FILE_HEADER_FIELDS:
+            out.append(ln)
+            carry = True
+        else:
+            not_applied.append(f"{letter}:")
+            carry = False
+    if not_applied:
+        log.warning("%s: the file header holds %s, which ABC 2.1 allows only in a tune header; not applied to the tunes",
+                    name, ", ".join(dict.fromkeys(not_applied)))
+    return out
+
+
+def _insert_header(tune: str, header: Sequence[str]) -> str:
+    """``tune`` (from its ``X:`` line) with ``header`` lines inserted after ``X:`` and the ``T:``
+    lines right after it (ABC 2.1: ``T:`` follows ``X:``), so the tune's own fields, later in its
+    header, override them; nothing else changes."""
+    if not header:
+        return tune
+    lines = tune.split("\n")
+    j = 1
+    while j < len(lines) and lines[j].startswith(("T:", "+:")):
+        j += 1
+    if j == len(lines):  # the tune ends right there, without a newline (a prompt)
+        return tune + "\n" + "\n".join(header) + "\n"
+    return "\n".join(lines[:j] + list(header) + lines[j:])
+
+
+def split_tunes(text: str, name: str = "<abc>") -> list[str]:
+    """Split a multi-tune ABC file into tunes (each from its ``X:`` line), trailing blank lines
+    removed (a byte-order mark too). The fields of the file header (see :func:`file_header`) are
+    inserted into each tune's header, after its ``X:``/``T:`` lines, as the ABC standard asks of
+    programs that extract tunes, so a tune means on its own what it meant in the file (its own
+    fields still override them). Other text before the first ``X:`` (free text) is dropped.
+
+    The ABC corpora of :mod:`multimodal_rwkv.music.corpora` are made of these tunes, so a
+    byte-level model trains on self-contained tunes, file header fields included (and generation
+    prompts are normalised the same way, see :func:`with_file_header`)."""
     text = text.lstrip("\ufeff")
+    header = file_header(text, name)
     starts = [m.start() for m in _TUNE_START.finditer(text)]
     tunes = []
     for a, b in zip(starts, starts[1:] + [len(text)]):
@@ -88,29 +168,42 @@ def split_tunes(text: str) -> list[str]:
         lines = [ln.rstrip() for ln in t.split("\n")]
         t = "\n".join(lines)
         if t:
-            tunes.append(t + "\n")
+            tunes.append(_insert_header(t + "\n", header))
     return tunes
+
+
+def with_file_header(text: str, name: str = "<abc>") -> str:
+    """``text`` with its file header (see :func:`file_header`) moved into the header of each tune,
+    everything from the first ``X:`` otherwise unchanged (a tune start used as a prompt keeps its
+    last line open). Text without an ``X:`` line, or without a file header, is returned as is."""
+    text = text.lstrip("\ufeff")
+    starts = [m.start() for m in _TUNE_START.finditer(text)]
+    header = file_header(text, name) if starts else []
+    if not header:
+        return text
+    return "".join(_insert_header(text[a:b], header) for a, b in zip(starts, starts[1:] + [len(text)]))
 
 
 def with_default_unit_length(tune: str) -> str:
     """Insert the ABC standard's default ``L:`` before ``K:`` when the header has none (music21
     refuses notes without it): 1/16 if the meter ``M:`` is below 3/4, else 1/8 (also for no
-    meter or ``M:none``)."""
+    meter or ``M:none``); the last ``M:`` of the header counts (a tune's own overrides one
+    copied from the file header)."""
     lines = tune.split("\n")
     k_line = next((i for i, ln in enumerate(lines) if ln.startswith("K:")), None)
     if k_line is None or any(ln.startswith("L:") for ln in lines[:k_line]):
         return tune
     unit = "1/8"
-    for ln in lines[:k_line]:
-        if ln.startswith("M:"):
-            m = ln[2:].strip()
-            m = {"C": "4/4", "C|": "2/2"}.get(m, m)
-            try:
-                a, b = m.split("/")
-                if int(a) / int(b) < 0.75:
-                    unit = "1/16"
-            except (ValueError, ZeroDivisionError):
-                pass
+    meters = [ln for ln in lines[:k_line] if ln.startswith("M:")]
+    if meters:
+        m = meters[-1][2:].strip()
+        m = {"C": "4/4", "C|": "2/2"}.get(m, m)
+        try:
+            a, b = m.split("/")
+            if int(a) / int(b) < 0.75:
+                unit = "1/16"
+        except (ValueError, ZeroDivisionError):
+            pass
     return "\n".join(lines[:k_line] + [f"L:{unit}"] + lines[k_line:])
 
 
@@ -124,7 +217,8 @@ def _require_music21():
 
 def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: str = "<abc>"):
     """Convert one ABC tune to MIDI with music21. Returns a ``mido.MidiFile`` (and writes it to
-    ``out_path`` if given). Unparsable ABC raises :class:`MidiError` naming ``name``."""
+    ``out_path`` if given). A file header before the tune is applied to it (:func:`with_file_header`).
+    Unparsable ABC raises :class:`MidiError` naming ``name``."""
     import tempfile
 
     import mido
@@ -132,7 +226,8 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     _require_music21()
     from music21 import converter
 
-    text = abc_text if _TUNE_START.search(abc_text) else "X:1\n" + abc_text
+    text = with_file_header(abc_text, name)
+    text = text if _TUNE_START.search(text) else "X:1\n" + text
     text = with_default_unit_length(text)
     try:
         score = converter.parse(text, format="abc")

@@ -32,6 +32,13 @@ def _read_abc(path) -> str:
         raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
+def _midi_files(folder: Path) -> list[Path]:
+    """The .mid/.midi files under ``folder`` (recursive, sorted), broken links included: they are
+    unreadable files, reported and counted, not nothing."""
+    return sorted(x for x in folder.rglob("*") if x.suffix.lower() in (".mid", ".midi")
+                  and (x.is_file() or (x.is_symlink() and not x.exists())))
+
+
 def cmd_tokenize(args) -> int:
     import numpy as np
 
@@ -39,20 +46,22 @@ def cmd_tokenize(args) -> int:
     files: list[Path] = []
     for p in map(Path, args.paths):
         if p.is_dir():
-            files.extend(sorted(x for x in p.rglob("*") if x.is_file() and x.suffix.lower() in (".mid", ".midi")))
-        elif p.is_file():
+            files.extend(_midi_files(p))
+        elif p.is_file() or p.is_symlink():  # a broken link is a file that cannot be read
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or directory")
     if not files:
         raise DataError(f"{', '.join(args.paths)}: no .mid/.midi files")
     ok = bad = tokens = notes = oor = 0
+    first_error = None
     stream = [0]
     for f in files:
         try:
             ids = tok.encode(f)
         except MidiError as e:
             bad += 1
+            first_error = first_error or str(e)
             print(f"skipped: {e}", file=sys.stderr)
             continue
         ok += 1
@@ -65,6 +74,11 @@ def cmd_tokenize(args) -> int:
         if args.out:
             stream.extend(ids)
             stream.append(0)
+    if not ok:  # nothing to write: an error, like prepare's "no usable pieces"
+        if len(files) == 1:
+            raise DataError(first_error)  # names the file and the reason
+        raise DataError(f"{', '.join(args.paths)}: none of the {len(files)} files could be tokenized "
+                        f"(first: {first_error})")
     out = args.out if not args.out or args.out.endswith(".npy") else args.out + ".npy"  # np.save's own rule
     if out:
         np.save(ensure_parent(out), np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32))
@@ -82,13 +96,13 @@ def cmd_prepare(args) -> int:
     cfg = MidiTokenizerConfig.load(args.tokenizer_config) if args.tokenizer_config else None
     rep = prepare(args.out, corpus=args.corpus, midi_dir=args.midi_dir, limit=args.limit, transpose=args.transpose,
                   valid_permille=args.valid_permille, test_permille=args.test_permille, tokenizer_config=cfg,
-                  workers=args.workers)
+                  workers=args.workers, on_failure=lambda name, why: print(f"skipped: {name}: {why}", file=sys.stderr))
     print(rep.summary())
     return 0
 
 
 def cmd_generate(args) -> int:
-    from multimodal_rwkv.music.abc import AbcTokenizer, abc_to_midi
+    from multimodal_rwkv.music.abc import AbcTokenizer, abc_to_midi, with_file_header
     from multimodal_rwkv.music.generate import generate_abc, generate_music, load_music_model
 
     model, tok = load_music_model(args.model)
@@ -96,7 +110,8 @@ def cmd_generate(args) -> int:
     if args.png:
         ensure_parent(args.png)
     if isinstance(tok, AbcTokenizer):
-        prompt = _read_abc(args.prompt) if args.prompt else "X:1\n"
+        # a file header goes into the tune's header (the form the model trained on; see split_tunes)
+        prompt = with_file_header(_read_abc(args.prompt), args.prompt) if args.prompt else "X:1\n"
         text = generate_abc(prompt=prompt, max_bytes=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, model=model)
         midi_out = out.suffix.lower() in (".mid", ".midi")
@@ -210,7 +225,7 @@ def cmd_abc2midi(args) -> int:
 
     p = Path(args.abc)
     text = _read_abc(p)
-    tunes = split_tunes(text) or [text]
+    tunes = split_tunes(text, name=str(p)) or [text]
     if not 0 <= args.index < len(tunes):
         raise DataError(f"{p}: has {len(tunes)} tunes, no index {args.index}")
     abc_to_midi(tunes[args.index], ensure_parent(args.out), name=str(p))
@@ -231,7 +246,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("tokenize", help="tokenize MIDI files or folders; unreadable files are skipped and counted",
                        description="Tokenize MIDI files (folders are searched recursively for .mid/.midi). Unreadable "
-                                   "files are reported on stderr and skipped; prints tokens per note.",
+                                   "files (broken links too) are reported on stderr and skipped; prints tokens per "
+                                   "note. Exit code 2 when no file could be tokenized (then nothing is written).",
                        epilog="Example: mmrwkv music tokenize my_midis/ --out tokens.npy", formatter_class=fmt)
     p.add_argument("paths", nargs="+", help="MIDI files or folders")
     p.add_argument("--out", help="write the 0-separated token stream to this .npy")
@@ -241,7 +257,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("prepare", help="build a tokenised dataset (train/valid/test .npy shards)",
                        description="Build a dataset from music21's bundled corpora or your own MIDI folder: "
-                                   "deterministic split by content hash, .npy shards in the 'tokens' format.",
+                                   "deterministic split by content hash, .npy shards in the 'tokens' format. "
+                                   "Unreadable files are reported on stderr, skipped and listed in OUT/failed.txt.",
                        epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/music/bach --transpose 3",
                        formatter_class=fmt)
     src = p.add_mutually_exclusive_group(required=True)

@@ -36,6 +36,7 @@ from multimodal_rwkv.errors import DataError, MidiError
 log = logging.getLogger(__name__)
 
 CORPORA = ("bach-chorales", "oneill-abc", "essen-abc")
+FAILED_FILE = "failed.txt"
 _ABC_DIRS = {"oneill-abc": "oneills1850", "essen-abc": "essenFolksong"}
 
 
@@ -102,7 +103,7 @@ def chorale_midis(out_dir: str | os.PathLike, limit: int | None = None, workers:
     paths, failed = [], []
     for name, p, err in results:
         if p is None:
-            log.warning("chorale %s: %s", name, err)
+            log.debug("chorale %s: %s", name, err)  # returned to the caller, who reports it
             failed.append((name, err))
         else:
             paths.append(Path(p))
@@ -110,7 +111,9 @@ def chorale_midis(out_dir: str | os.PathLike, limit: int | None = None, workers:
 
 
 def abc_corpus_tunes(corpus_name: str, limit: int | None = None) -> list[tuple[str, str]]:
-    """``(name, abc_text)`` for every tune of a bundled ABC collection ('oneill-abc' | 'essen-abc')."""
+    """``(name, abc_text)`` for every tune of a bundled ABC collection ('oneill-abc' | 'essen-abc'),
+    split by :func:`~multimodal_rwkv.music.abc.split_tunes` (a file header's fields copied into
+    each tune: the text a byte-level model trains on is the self-contained tune)."""
     from multimodal_rwkv.music.abc import split_tunes
 
     if corpus_name not in _ABC_DIRS:
@@ -123,7 +126,7 @@ def abc_corpus_tunes(corpus_name: str, limit: int | None = None) -> list[tuple[s
     tunes = []
     for f in files:
         text = f.read_text(encoding="latin-1")
-        for k, t in enumerate(split_tunes(text)):
+        for k, t in enumerate(split_tunes(text, name=str(f))):
             tunes.append((f"{f.stem}#{k}", t))
             if limit is not None and len(tunes) >= limit:
                 return tunes
@@ -142,7 +145,8 @@ class PrepareReport:
 
     def summary(self) -> str:
         parts = [f"{s}: {c['pieces']} pieces, {c['tokens']} tokens" for s, c in self.counts.items()]
-        return f"{self.out}: " + "; ".join(parts) + f"; {len(self.failed)} failed, {self.duplicates} duplicates"
+        failed = f"{len(self.failed)} failed" + (f" (reasons in {self.out / FAILED_FILE})" if self.failed else "")
+        return f"{self.out}: " + "; ".join(parts) + f"; {failed}, {self.duplicates} duplicates"
 
 
 def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_size: int, shard_tokens: int) -> int:
@@ -177,9 +181,23 @@ def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_siz
 
 def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | os.PathLike | None = None,
             limit: int | None = None, transpose: int = 0, valid_permille: int = 100, test_permille: int = 100,
-            tokenizer_config=None, shard_tokens: int = 50_000_000, workers: int = 1, seed: int = 0) -> PrepareReport:
+            tokenizer_config=None, shard_tokens: int = 50_000_000, workers: int = 1, seed: int = 0,
+            on_failure=None) -> PrepareReport:
     """Build a tokenised dataset (see the module docstring). Exactly one of ``corpus`` /
-    ``midi_dir``. ``limit`` caps the number of source pieces (for tests). Returns a report."""
+    ``midi_dir``. ``limit`` caps the number of source pieces (for tests). Returns a report.
+
+    A piece that cannot be read is skipped, counted and reported: ``on_failure(name, reason)`` is
+    called for it (default: a logged warning) and it is listed in ``OUT/failed.txt``. When no
+    piece is usable, ``failed.txt`` is still written and the DataError quotes the first reason."""
+    if on_failure is None:
+        def on_failure(name, reason):
+            log.warning("skipped %s: %s", name, reason)
+
+    def fail(name, reason):
+        reason = reason[len(f"{name}: "):] if reason.startswith(f"{name}: ") else reason  # MidiError names it
+        report.failed.append((name, reason))
+        on_failure(name, reason)
+
     from multimodal_rwkv.music.abc import AbcTokenizer
     from multimodal_rwkv.music.midi_tokenizer import MidiTokenizer
 
@@ -218,12 +236,15 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         tok = MidiTokenizer(tokenizer_config)
         if corpus == "bach-chorales":
             paths, failed = chorale_midis(out / "midi", limit=limit, workers=workers)
-            report.failed.extend(failed)
+            for name, reason in failed:
+                fail(name, reason)
         else:
             root = Path(midi_dir)
             if not root.is_dir():
                 raise DataError(f"{root}: not a directory")
-            paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".mid", ".midi"))
+            # a broken link is an unreadable file (reported and counted), not nothing
+            paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".mid", ".midi")
+                           and (p.is_file() or (p.is_symlink() and not p.exists())))
             if limit is not None:
                 paths = paths[:limit]
             if not paths:
@@ -232,7 +253,9 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
             try:
                 content = p.read_bytes()
             except OSError as e:
-                report.failed.append((str(p), str(e)))
+                broken = p.is_symlink() and not p.exists()
+                fail(str(p), f"broken symbolic link (to {os.readlink(p)})" if broken
+                     else f"cannot read file ({e.strerror or e})")
                 continue
             h = hashlib.sha256(content).hexdigest()
             if h in seen:
@@ -242,7 +265,7 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
             try:
                 ids = tok.encode(p)
             except MidiError as e:
-                report.failed.append((str(p), str(e)))
+                fail(str(p), str(e))
                 continue
             s = split_of(content, valid_permille, test_permille)
             versions = [ids]
@@ -259,14 +282,19 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         tok.save_pretrained(out)
         vocab_size = tok.vocab_size
 
+    failed_txt = out / FAILED_FILE
+    failed_txt.write_text("".join(f"{n}\t{r}\n" for n, r in report.failed))
     if not any(docs.values()):
-        raise DataError(f"{corpus or midi_dir}: no usable pieces ({len(report.failed)} failed)")
+        why = ""
+        if report.failed:
+            n, r = report.failed[0]
+            why = f": {n}: {r}" + (f"; all reasons in {failed_txt}" if len(report.failed) > 1 else "")
+        raise DataError(f"{corpus or midi_dir}: no usable pieces ({len(report.failed)} failed{why})")
     random.Random(seed).shuffle(docs["train"])  # transposed copies of one piece apart
     unit_name = "bytes" if kind == "abc" else "notes"
     for s in ("train", "valid", "test"):
         n_tok = _write_split(out, s, docs[s], vocab_size, shard_tokens)
         report.counts[s] = {"pieces": len(docs[s]), "tokens": n_tok, unit_name: units[s]}
-    (out / "failed.txt").write_text("".join(f"{n}\t{r}\n" for n, r in report.failed))
     meta = {
         "kind": kind, "corpus": corpus, "midi_dir": str(midi_dir) if midi_dir else None, "limit": limit,
         "transpose": transpose, "valid_permille": valid_permille, "test_permille": test_permille,

@@ -22,7 +22,7 @@ from typing import Sequence
 from multimodal_rwkv.errors import CheckpointError, MidiError
 from multimodal_rwkv.fileio import ensure_parent
 from multimodal_rwkv.music.abc import TOKENIZER_FILENAME as ABC_FILE
-from multimodal_rwkv.music.abc import AbcTokenizer
+from multimodal_rwkv.music.abc import AbcTokenizer, with_file_header
 from multimodal_rwkv.music.midi_tokenizer import TOKENIZER_FILENAME as MIDI_FILE
 from multimodal_rwkv.music.midi_tokenizer import DecodeStats, MidiTokenizer, Note
 
@@ -189,7 +189,8 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
     if not ids or ids[-1] != tok.eos_id:
         ids = [i for i in ids if i != tok.pad_id] + [tok.eos_id]  # ended by length: close the piece
     notes, tempos, st = tok.decode_notes(ids)
-    midi = tok.notes_to_midi(notes, tempos, tok.time_signatures_from_bars(st.bars))
+    end = max((n.onset for n in notes), default=0)
+    midi = tok.notes_to_midi(notes, tempos, tok.time_signatures_from_bars(st.bars, end))
     prompt_end = sum(i - tok.shift_start + 1 for i in p if tok.shift_start <= i < tok.shift_start + tok.config.max_shift)
     return MusicGeneration(ids=ids, prompt_len=len(p), midi=midi, notes=notes,
                            prompt_end=prompt_end if prompt is not None else 0, decode_stats=st,
@@ -221,8 +222,13 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
 def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\n", max_bytes: int = 1024, *,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.95, seed: int | None = 0,
                  model=None, device: str = "cpu") -> str:
-    """Generate one ABC tune (text, prompt included) with an ABC model (folder or ``model=``)."""
+    """Generate one ABC tune (text, prompt included) with an ABC model (folder or ``model=``).
+
+    A prompt that starts with an ABC file header has it moved into the tune's header first
+    (:func:`~multimodal_rwkv.music.abc.with_file_header`), the form the model was trained on; the
+    returned text starts with that normalised prompt."""
     tok = AbcTokenizer()
+    prompt = with_file_header(prompt, "<prompt>")
     if model is None:
         model, tok2 = load_music_model(model_dir, device)
         if not isinstance(tok2, AbcTokenizer):

@@ -35,8 +35,13 @@ optional tempo tokens. Every onset and offset is quantised from its ABSOLUTE tic
 (``round(tick * steps_per_beat / ticks_per_beat)``), never from accumulated deltas, so rounding
 errors cannot accumulate. A note shorter than one step is lengthened to one step (counted).
 
-*Parsing rules.* All tracks of a type 0/1 file are merged on absolute ticks; running status is
-handled by mido's reader; ``note_on`` with velocity 0 is a note-off; the program of a channel is
+*Parsing rules.* All tracks of a type 0/1 file are merged on absolute ticks: every MTrk chunk,
+also those beyond a header's too small track count (counted); format 2 and formats above 2 are
+errors; chunk types other than MThd/MTrk are skipped, as the SMF spec says. Running status is
+handled by mido's reader. A meta event mido cannot decode (a key signature out of range, a
+channel prefix without data, ...) is skipped and counted, unless the tokenizer needs it
+(``set_tempo``; ``time_signature`` with ``use_bars``): then the file is an error naming the event.
+``note_on`` with velocity 0 is a note-off; the program of a channel is
 its latest ``program_change`` (default 0); channel 10 is drums. Repeated note-ons of the same
 (channel, pitch) stack and note-offs close them first-in-first-out, like a synthesiser voice
 queue. Sustain pedal (CC64 >= 64, ``sustain=True``): a note released while the pedal is down
@@ -44,11 +49,19 @@ keeps sounding until the pedal goes up, or until the same pitch is struck again 
 the pedal itself is not tokenised, only its effect on durations. CC120/CC123 (all sound/notes
 off) end every note of the channel. Notes still open at the end end at the last event (counted).
 
+*Bars* (``use_bars``). A time signature starts a bar at its (quantised) step; its bar ``j``
+after that lies at ``round(j * bar_length)`` steps, computed exactly from the rational bar length
+``numerator * 4 * steps_per_beat / denominator`` rather than by adding rounded bars, so a bar
+that is not a whole number of steps (3/32 at 12 steps per beat: 4.5) keeps its place: its
+``<bar>`` tokens fall 5, 4, 5, 4 ... steps apart. Bars shorter than one step give one ``<bar>``
+per step. 4/4 holds before the first time signature; bar lines stop at the last note onset.
+
 *Canonical form.* After quantisation, same-pitch notes of one instrument group are re-paired
 first-in-first-out (sorted onsets with sorted offsets; the multiset of onsets and offsets is
 unchanged), and notes at one onset are ordered by (group, duration, velocity, pitch). Decoding
 writes each group on its own channel with note-offs before note-ons at equal ticks (and, with
-``use_bars``, time signatures that put the bar lines back where the ``<bar>`` tokens were), so
+``use_bars``, time signatures that put the bar lines back where the ``<bar>`` tokens were -- not
+always the original ones: 6/64 may come back as the equal 3/32), so
 ``encode(decode(encode(x))) == encode(x)``: every note in range comes back with the same
 pitch, group, velocity bin and on-grid onset/offset. MIDI has 15 melodic channels: a piece with
 more than 15 melodic groups shares the last channel among the rest, and there two groups'
@@ -81,6 +94,7 @@ GM_GROUP_NAMES = (
     "sound_effects",
 )
 TOKENIZER_FILENAME = "midi_tokenizer.json"
+_TS_DENOMINATORS = (4, 8, 16, 32, 64, 2, 1, 128, 256)  # the order decoded time signatures are preferred in
 
 
 @dataclass
@@ -218,24 +232,174 @@ class Note(NamedTuple):
         return self.onset + self.duration
 
 
-def _drop_unknown_chunks(data: bytes) -> bytes:
-    """``data`` (a file starting with its MThd chunk) without chunks other than MThd and MTrk.
+def _read_varlen(data: bytes, pos: int) -> tuple[int, int]:
+    """A variable-length quantity at ``pos`` -> ``(value, position after it)``; IndexError past the end."""
+    value = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value = (value << 7) | (b & 0x7F)
+        if b < 0x80:
+            return value, pos
 
-    The Standard MIDI File spec has readers skip chunk types they do not know (Yamaha's XF
-    ``XFIH``/``XFKM``, for instance); mido takes every chunk after the header for a track. A chunk
-    whose length runs past the end is left in place, for mido to report as truncated."""
-    out, pos, dropped = [], 0, False
+
+def _varlen(value: int) -> bytes:
+    out = [value & 0x7F]
+    value >>= 7
+    while value:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    return bytes(reversed(out))
+
+
+_META_NAMES = {0x00: "sequence_number", 0x20: "channel_prefix", 0x21: "midi_port", 0x51: "set_tempo",
+               0x54: "smpte_offset", 0x58: "time_signature", 0x59: "key_signature"}
+_META_LENGTHS = {0x00: 2, 0x20: 1, 0x21: 1, 0x51: 3, 0x54: 5, 0x58: 4, 0x59: 2}
+
+
+def _broken_meta(meta_type: int, data: bytes) -> str | None:
+    """Why mido cannot decode this meta event (None when it can)."""
+    from mido.midifiles.meta import build_meta_message
+
+    try:
+        build_meta_message(meta_type, list(data))
+    except Exception as e:  # noqa: BLE001 - IndexError for short data, KeySignatureError, KeyError, ...
+        want = _META_LENGTHS.get(meta_type)
+        have = f"{len(data)} data byte{'' if len(data) == 1 else 's'}"
+        if isinstance(e, IndexError) and want is not None:
+            return f"{have}, expected {want}"
+        return f"{have}: {e or type(e).__name__}"
+    return None
+
+
+def _drop_broken_meta(body: bytes, needed: set[int], name: str, track: int) -> tuple[bytes, list[str]]:
+    """A track body without the meta events mido cannot decode: ``(body, descriptions of the
+    dropped ones)``. A broken event of a type in ``needed`` raises :class:`MidiError` naming the
+    file ``name``, the event and the reason.
+
+    Events are walked the way mido reads them (running status included); a body this walk cannot
+    follow (unknown status byte, an event running past the end) is returned unchanged, for mido to
+    report. Every other event keeps its absolute tick (the next one absorbs a dropped event's
+    delta time); a dropped last event becomes an ``end_of_track`` at its tick, so the track keeps
+    its length (where notes still open at the end are ended)."""
+    from mido.messages.specs import SPEC_BY_STATUS
+
+    events: list[tuple[int, bytes]] = []  # (absolute tick, event bytes without the delta)
+    dropped: list[str] = []
+    pos, tick, running = 0, 0, None
+    try:
+        while pos < len(body):
+            delta, pos = _read_varlen(body, pos)
+            tick += delta
+            start = pos
+            status = body[pos]
+            pos += 1
+            peek = 0
+            if status < 0x80:
+                if running is None:
+                    return body, []
+                status, peek = running, 1
+            elif status != 0xFF:
+                running = status
+            if status == 0xFF:
+                meta_type = body[pos]
+                length, p = _read_varlen(body, pos + 1)
+                data = body[p:p + length]
+                if len(data) < length:
+                    return body, []
+                pos = p + length
+                why = _broken_meta(meta_type, data)
+                if why is not None:
+                    what = f"{_META_NAMES.get(meta_type, f'type 0x{meta_type:02x}')} meta event at tick {tick} of track {track}"
+                    if meta_type in needed:
+                        raise MidiError(f"{name}: broken {what} ({why})")
+                    dropped.append(f"{what} ({why})")
+                    continue
+            elif status in (0xF0, 0xF7):
+                length, p = _read_varlen(body, pos)
+                pos = p + length
+            else:
+                spec = SPEC_BY_STATUS.get(status)
+                if spec is None:
+                    return body, []
+                pos += spec["length"] - 1 - peek
+            if pos > len(body):
+                return body, []
+            events.append((tick, body[start:pos]))
+    except IndexError:
+        return body, []
+    if not dropped:
+        return body, []
+    out, last = bytearray(), 0
+    for t, ev in events:
+        out += _varlen(t - last) + ev
+        last = t
+    if tick > last or not events:
+        out += _varlen(tick - last) + b"\xff\x2f\x00"
+    return bytes(out), dropped
+
+
+class _Chunks(NamedTuple):
+    data: bytes
+    extra_tracks: int   # MTrk chunks beyond the track count of the header (now counted in it)
+    dropped_meta: list  # descriptions of the broken meta events dropped
+
+
+def _clean_chunks(data: bytes, needed_meta: set[int], name: str) -> _Chunks:
+    """``data`` (a file starting with its MThd chunk) made readable by mido, or MidiError.
+
+    * Chunks other than MThd and MTrk are dropped: the Standard MIDI File spec has readers skip
+      chunk types they do not know (Yamaha's XF ``XFIH``/``XFKM``, for instance); mido takes every
+      chunk after the header for a track.
+    * A header that declares fewer tracks than the file holds MTrk chunks gets the true count
+      (mido reads only as many tracks as the header says: the rest, notes and all, would be lost).
+    * Meta events mido cannot decode are dropped when the tokenizer does not need them (see
+      :func:`_drop_broken_meta`); a broken one of a type in ``needed_meta`` is a MidiError.
+
+    A chunk whose length runs past the end is left in place, for mido to report as truncated."""
+    out, pos, changed, n_tracks, dropped = [], 0, False, 0, []
     while pos + 8 <= len(data):
         size = int.from_bytes(data[pos + 4:pos + 8], "big")
         end = pos + 8 + size
         if end > len(data):
             break
-        if pos == 0 or data[pos:pos + 4] == b"MTrk":
+        if pos == 0:
             out.append(data[pos:end])
+        elif data[pos:pos + 4] == b"MTrk":
+            body, bad = _drop_broken_meta(data[pos + 8:end], needed_meta, name, n_tracks)
+            if bad:
+                dropped.extend(bad)
+                out.append(b"MTrk" + len(body).to_bytes(4, "big") + body)
+                changed = True
+            else:
+                out.append(data[pos:end])
+            n_tracks += 1
         else:
-            dropped = True
+            changed = True
         pos = end
-    return b"".join(out) + data[pos:] if dropped else data
+    if changed:
+        data = b"".join(out) + data[pos:]
+    extra = 0
+    if len(data) >= 14 and int.from_bytes(data[4:8], "big") >= 6:
+        declared = max(0, int.from_bytes(data[10:12], "big", signed=True))  # as mido reads it
+        if declared < n_tracks <= 0x7FFF:
+            extra = n_tracks - declared
+            data = data[:10] + n_tracks.to_bytes(2, "big") + data[12:]
+    return _Chunks(data, extra, dropped)
+
+
+def _bar_lines(start: int, num: int, den: int, steps_per_beat: int, stop: int):
+    """Grid steps of the bar lines of a ``num/den`` time signature from step ``start`` up to
+    ``stop`` (inclusive): bar ``j`` at ``start + round_half_up(j * num * 4 * steps_per_beat / den)``,
+    in exact integer arithmetic, so a bar that is not a whole number of steps (3/32 with 12 steps
+    per beat: 4.5) never drifts (its lines fall 5, 4, 5, 4 ... steps apart). A step holding several
+    bar lines (bars shorter than a step) is yielded once."""
+    a = 4 * steps_per_beat * num  # bar length = a / den steps
+    m = 0
+    while start + m <= stop:
+        yield start + m
+        j = -(-den * (2 * m + 1) // (2 * a))  # the first bar whose line rounds past step start + m
+        m = (2 * j * a + den) // (2 * den)
 
 
 @dataclass
@@ -251,13 +415,17 @@ class EncodeStats:
     sustained: int = 0           # note-offs deferred by the sustain pedal
     clipped: bool = False        # data bytes > 127 were clamped while reading
     tempos_clamped: int = 0      # tempo changes outside tempo_range, encoded as its nearest end
+    extra_tracks: int = 0        # MTrk chunks beyond the header's track count: read anyway
+    broken_meta: int = 0         # undecodable meta events the tokenizer does not need: skipped
     tokens: int = 0
 
     def summary(self) -> str:
         return (f"{self.source}: {self.notes_encoded}/{self.notes_in} notes, {self.tokens} tokens, "
                 f"{self.out_of_range} out of range, {self.lengthened} lengthened, "
                 f"{self.unterminated} unterminated"
-                + (f", {self.tempos_clamped} tempos clamped to tempo_range" if self.tempos_clamped else ""))
+                + (f", {self.tempos_clamped} tempos clamped to tempo_range" if self.tempos_clamped else "")
+                + (f", {self.extra_tracks} tracks beyond the header's count read" if self.extra_tracks else "")
+                + (f", {self.broken_meta} broken meta events skipped" if self.broken_meta else ""))
 
 
 @dataclass
@@ -288,7 +456,7 @@ def _bin_velocity(b: int, n: int) -> int:
 
 
 class MidiTokenizer:
-    """MIDI <-> ids. ``encode(path | mido.MidiFile) -> list[int]``, ``decode(ids) -> mido.MidiFile``.
+    """MIDI <-> ids. ``encode(path | bytes | binary file | mido.MidiFile) -> list[int]``, ``decode(ids) -> mido.MidiFile``.
 
     See the module docstring for the vocabulary and the design. ``last_stats`` holds the
     :class:`EncodeStats` of the latest ``encode`` and ``last_decode_stats`` the :class:`DecodeStats`
@@ -391,41 +559,45 @@ class MidiTokenizer:
 
     # ------------------------------------------------------------------ reading MIDI
     def load_midi(self, src) -> "mido.MidiFile":  # noqa: F821
-        """Open ``src`` (path, bytes or ``mido.MidiFile``) with every failure turned into MidiError."""
+        """Open ``src`` with every failure turned into MidiError naming the file and the reason.
+
+        ``src``: a path (``str`` or ``os.PathLike``), the file's bytes, a binary file object
+        (``open(path, "rb")``, ``io.BytesIO``; read from its current position, left open) or a
+        ``mido.MidiFile``; anything else (an ``int`` is not taken for a file descriptor) is a
+        TypeError. Repairs, each logged and counted in the next :class:`EncodeStats`: data bytes
+        above 127 are clamped; MTrk chunks beyond the header's track count are read too; meta
+        events mido cannot decode are skipped, unless the tokenizer needs them (``set_tempo``, and
+        ``time_signature`` with ``use_bars``): then the file is a MidiError naming the event.
+        """
         import mido
 
-        self._clipped = False
+        self._load_repairs = {"clipped": False, "extra_tracks": 0, "broken_meta": 0}
         if isinstance(src, mido.MidiFile):
             name = getattr(src, "filename", None) or "<MidiFile>"
             mid = src
         else:
-            if isinstance(src, (bytes, bytearray)):
-                name, data = "<bytes>", bytes(src)
-            else:
-                name = str(src)
-                try:
-                    size = os.path.getsize(src)
-                except OSError as e:
-                    raise MidiError(f"{name}: cannot read file ({e.strerror or e})") from None
-                if size > self.config.max_file_bytes:
-                    raise MidiError(f"{name}: file is {size} bytes, above the limit of {self.config.max_file_bytes}")
-                try:
-                    with open(src, "rb") as f:
-                        data = f.read()
-                except OSError as e:
-                    raise MidiError(f"{name}: cannot read file ({e.strerror or e})") from None
+            name, data = self._read_source(src)
             if len(data) > self.config.max_file_bytes:
                 raise MidiError(f"{name}: file is {len(data)} bytes, above the limit of {self.config.max_file_bytes}")
             if len(data) == 0:
                 raise MidiError(f"{name}: empty file")
             if data[:4] != b"MThd":
                 raise MidiError(f"{name}: not a MIDI file (no MThd header)")
-            data = _drop_unknown_chunks(data)
+            needed = {0x51} | ({0x58} if self.config.use_bars else set())
+            data, extra, dropped = _clean_chunks(data, needed, name)
+            if extra:
+                held = int.from_bytes(data[10:12], "big")
+                log.warning("%s: the header declares %d tracks but the file holds %d; reading all of them",
+                            name, held - extra, held)
+            if dropped:
+                log.warning("%s: skipped %d broken meta event%s the tokenizer does not need: %s%s", name, len(dropped),
+                            "s" if len(dropped) > 1 else "", dropped[0], ", ..." if len(dropped) > 1 else "")
+            self._load_repairs.update(extra_tracks=extra, broken_meta=len(dropped))
             mid = None
             for clip in (False, True):
                 try:
                     mid = mido.MidiFile(file=io.BytesIO(data), clip=clip)
-                    self._clipped = clip
+                    self._load_repairs["clipped"] = clip
                     break
                 except EOFError:
                     raise MidiError(f"{name}: truncated MIDI file (unexpected end of data)") from None
@@ -439,6 +611,39 @@ class MidiTokenizer:
         self._check_header(mid, name)
         return mid
 
+    def _read_source(self, src) -> tuple[str, bytes]:
+        """``(name, bytes)`` of a path, bytes or binary file object (see :meth:`load_midi`)."""
+        limit = self.config.max_file_bytes
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            return "<bytes>", bytes(src)
+        if isinstance(src, (str, os.PathLike)):
+            name = os.fspath(src)
+            name = name if isinstance(name, str) else os.fsdecode(name)
+            try:
+                size = os.path.getsize(src)
+                if size > limit:
+                    raise MidiError(f"{name}: file is {size} bytes, above the limit of {limit}")
+                with open(src, "rb") as f:
+                    return name, f.read(limit + 1)
+            except OSError as e:
+                if os.path.islink(src) and not os.path.exists(src):
+                    raise MidiError(f"{name}: broken symbolic link (to {os.readlink(src)})") from None
+                raise MidiError(f"{name}: cannot read file ({e.strerror or e})") from None
+        if callable(getattr(src, "read", None)) and not isinstance(src, type):
+            fname = getattr(src, "name", None)
+            name = fname if isinstance(fname, str) else "<file object>"
+            try:
+                data = src.read(limit + 1)
+            except OSError as e:
+                raise MidiError(f"{name}: cannot read file ({e.strerror or e})") from None
+            if isinstance(data, str):
+                raise TypeError(f"{name}: a text-mode file object; MIDI is binary (open the file with 'rb')")
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"{name}: read() returned {type(data).__name__}, not bytes")
+            return name, bytes(data)
+        raise TypeError(f"MidiTokenizer: cannot read MIDI from {type(src).__name__} {src!r:.60}; give a path "
+                        "(str or os.PathLike), the file's bytes, a binary file object or a mido.MidiFile")
+
     def _check_header(self, mid, name: str) -> None:
         if mid.ticks_per_beat == 0:
             raise MidiError(f"{name}: the header's time division is 0 ticks per beat")
@@ -446,6 +651,8 @@ class MidiTokenizer:
             raise MidiError(f"{name}: SMPTE time division is not supported (only ticks per beat)")
         if mid.type == 2:
             raise MidiError(f"{name}: type 2 (asynchronous multi-song) MIDI files are not supported")
+        if mid.type not in (0, 1):
+            raise MidiError(f"{name}: the header says MIDI format {mid.type}, which does not exist (formats are 0, 1 and 2)")
         if len(mid.tracks) > self.config.max_tracks:
             raise MidiError(f"{name}: {len(mid.tracks)} tracks, above the limit of {self.config.max_tracks}")
 
@@ -458,7 +665,7 @@ class MidiTokenizer:
         """
         mid = self.load_midi(src)
         name = getattr(mid, "filename", None) or "<MidiFile>"
-        stats = EncodeStats(source=name, clipped=getattr(self, "_clipped", False))
+        stats = EncodeStats(source=name, **getattr(self, "_load_repairs", {}))
         c = self.config
         tpb = mid.ticks_per_beat
         spb = c.steps_per_beat
@@ -548,6 +755,12 @@ class MidiTokenizer:
                     stats.tempos_clamped += 1
                 tempos.append((tick, bpm))
             elif typ == "time_signature":
+                if msg.numerator < 1:  # no bar length: unusable for <bar> tokens, meaningless otherwise
+                    if c.use_bars:
+                        raise MidiError(f"{name}: time signature {msg.numerator}/{msg.denominator} at tick {tick} "
+                                        "(the numerator must be at least 1)")
+                    stats.broken_meta += 1
+                    continue
                 timesigs.append((tick, msg.numerator, msg.denominator))
         for key, fifo in open_notes.items():
             for e in fifo:
@@ -596,10 +809,12 @@ class MidiTokenizer:
 
     # ------------------------------------------------------------------ encode
     def encode(self, src) -> list[int]:
-        """MIDI (path, bytes or ``mido.MidiFile``) -> ids ``[<bos>, ..., <eos>]`` (no separator 0).
+        """MIDI (path, bytes, binary file object or ``mido.MidiFile``; see :meth:`load_midi`) -> ids
+        ``[<bos>, ..., <eos>]`` (no separator 0).
 
-        Raises :class:`MidiError` naming the file and reason on unreadable input. Per-file
-        counts (out-of-range notes, ...) are in ``self.last_stats``.
+        Raises :class:`MidiError` naming the file and reason on unreadable input, TypeError on a
+        ``src`` of another type (an ``int`` is not a file descriptor here). Per-file counts
+        (out-of-range notes, repairs, ...) are in ``self.last_stats``.
         """
         notes, tempos, timesigs, stats = self.extract_notes(src)
         ids = self.encode_notes(notes, tempos=tempos, time_signatures=timesigs)
@@ -628,21 +843,17 @@ class MidiTokenizer:
         end = max((n.onset for n in notes), default=0)
         bars: list[int] = []
         if c.use_bars:
-            ts = sorted(time_signatures) or [(0, 4, 4)]
-            if ts[0][0] > 0:
-                ts = [(0, 4, 4)] + ts
-            step = 0
-            k = 0
-            while step <= end:
-                while k + 1 < len(ts) and ts[k + 1][0] <= step:
-                    k += 1
-                bars.append(step)
-                num, den = ts[k][1], ts[k][2]
-                bar_len = max(1, round(num * 4 * c.steps_per_beat / den))
-                nxt = step + bar_len
-                if k + 1 < len(ts) and ts[k + 1][0] < nxt:
-                    nxt = ts[k + 1][0]  # a new time signature restarts the bar
-                step = nxt
+            starts: dict[int, tuple[int, int]] = {0: (4, 4)}  # 4/4 until the first time signature
+            for step, num, den in sorted(time_signatures):  # the last one at a step wins
+                if not (isinstance(num, int) and isinstance(den, int) and num >= 1 and den >= 1):
+                    raise ValueError(f"encode_notes: time signature {num}/{den} at step {step}: need positive ints")
+                starts[step] = (num, den)
+            steps = sorted(starts)
+            for k, s0 in enumerate(steps):  # a new time signature restarts the bar
+                if s0 > end:
+                    break
+                stop = end if k + 1 == len(steps) else min(end, steps[k + 1] - 1)
+                bars.extend(_bar_lines(s0, *starts[s0], c.steps_per_beat, stop))
         marks = sorted(set(tempo_at) | set(bars) | {n.onset for n in notes})
         bar_set = set(bars)
         by_onset: dict[int, list[Note]] = {}
@@ -761,27 +972,80 @@ class MidiTokenizer:
         """
         notes, tempos, st = self.decode_notes(ids)
         self.last_decode_stats = st
-        return self.notes_to_midi(notes, tempos, self.time_signatures_from_bars(st.bars))
+        end = max((n.onset for n in notes), default=0)
+        return self.notes_to_midi(notes, tempos, self.time_signatures_from_bars(st.bars, end))
 
-    def time_signatures_from_bars(self, bars: Sequence[int]) -> list[tuple[int, int, int]]:
-        """``(step, numerator, denominator)`` time signatures that put bar lines exactly at
-        ``bars`` (a new one wherever the bar length changes), so a decoded file encodes its
-        ``<bar>`` tokens back where they were. Bar lengths no time signature can express (not a
-        whole number of 64th notes) are left out."""
+    def time_signatures_from_bars(self, bars: Sequence[int], end: int | None = None) -> list[tuple[int, int, int]]:
+        """``(step, numerator, denominator)`` time signatures under which :meth:`encode_notes` puts
+        its bar lines exactly at ``bars`` (and nowhere else up to ``end``, the last note onset;
+        default: the last bar), so a decoded file encodes its ``<bar>`` tokens back where they were.
+
+        Greedy from the first bar: among the time signatures whose bar lines (see the module
+        docstring: exact, not accumulated) follow the given ones longest, the simplest (denominator
+        4, 8, 16, 32, 64, 2, 1, 128, 256, then the smaller numerator) is written; where it stops
+        matching, the next one restarts the bar. This covers every bar sequence the encoder makes;
+        a bar no time signature can reach (from a model's free output) is left out."""
+        bars = sorted(set(int(b) for b in bars))
+        if not bars:
+            return []
         spb = self.config.steps_per_beat
+        end = max(bars[-1], bars[-1] if end is None else int(end))
+        n = len(bars)
+
+        def reach(i: int, num: int, den: int) -> int:
+            """Index of the bar where the next time signature must start (n: none needed)."""
+            lines = _bar_lines(bars[i], num, den, spb, end)
+            next(lines)
+            k = i + 1
+            for p in lines:
+                if k < n and p == bars[k]:
+                    k += 1
+                    continue
+                if k < n and p > bars[k]:
+                    return k  # overshoots the next bar: a new time signature there puts it back
+                return k - 1  # a bar line too many: restart at the last bar that matched
+            return k
+
         out: list[tuple[int, int, int]] = []
-        last = None
-        for a, b in zip(bars, bars[1:]):
-            length = b - a
-            if length == last:
+        i = 0
+        while i < n:
+            best = None
+            gap = bars[i + 1] - bars[i] if i + 1 < n else None
+            for num, den in self._bar_candidates(gap, end - bars[i] + 1 if gap is None else gap + 1):
+                j = reach(i, num, den)
+                if j > i and (best is None or j > best[0]):
+                    best = (j, num, den)
+                    if j == n:
+                        break
+            if best is None:
+                i += 1
                 continue
-            for den in (4, 8, 16, 32, 64):
-                num = length * den / (4 * spb)
-                if num == int(num) and 1 <= num <= 255:
-                    out.append((a, int(num), den))
-                    last = length
-                    break
+            out.append((bars[i], best[1], best[2]))
+            i = best[0]
         return out
+
+    def _bar_candidates(self, length: int | None, beyond: int):
+        """Time signatures (simplest first, one per bar length) whose first bar line is ``length``
+        steps after its start, then the shortest one whose first line is ``beyond`` or more steps on."""
+        spb4 = 4 * self.config.steps_per_beat
+        seen = set()
+        for den in _TS_DENOMINATORS if length is not None else ():
+            # round_half_up(num * spb4 / den) == length  <=>  (2 length - 1) den <= 2 num spb4 < (2 length + 1) den
+            lo = max(1, -(-(2 * length - 1) * den // (2 * spb4)))
+            hi = min(255, -(-(2 * length + 1) * den // (2 * spb4)) - 1)
+            for num in range(lo, hi + 1):
+                key = num * (1024 // den)  # num/den in 1024ths (exact): equal bar lengths tried once
+                if key not in seen:
+                    seen.add(key)
+                    yield num, den
+        far = []
+        for den in _TS_DENOMINATORS:
+            num = max(1, -(-(2 * beyond - 1) * den // (2 * spb4)))
+            if num <= 255:
+                far.append((num / den, num, den))
+        if far:
+            _, num, den = min(far, key=lambda x: x[0])  # min keeps the first (simplest) of equal ones
+            yield num, den
 
     def ticks_per_beat_out(self) -> int:
         spb = self.config.steps_per_beat
