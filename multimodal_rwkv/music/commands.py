@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import ensure_parent
+from multimodal_rwkv.music.outputs import check_outputs, check_png, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +23,31 @@ def _tokenizer(args):
     return MidiTokenizer()
 
 
+# control bytes that do not occur in text (tab, newlines, form feeds do): a binary file
+_BINARY = frozenset(range(0, 9)) | frozenset(range(14, 32)) | {127}
+
+
 def _read_abc(path) -> str:
     """ABC text: UTF-8 (a leading byte-order mark dropped), undecodable bytes replaced (ABC is
-    mostly ASCII; titles in other encodings must not stop a conversion)."""
+    mostly ASCII; titles in other encodings must not stop a conversion). An empty file or one
+    holding control bytes (a picture, a MIDI file, ...) is refused: it is not ABC text."""
     p = Path(path)
     try:
-        return p.read_bytes().decode("utf-8-sig", errors="replace")
+        data = p.read_bytes()
     except OSError as e:
         raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+    if not data.strip():
+        raise DataError(f"{p}: {'empty file' if not data else 'holds only white space'} (not ABC text)")
+    bad = next((k for k, b in enumerate(data) if b in _BINARY), None)
+    if bad is not None:
+        raise DataError(f"{p}: not a text file (control byte 0x{data[bad]:02x} at offset {bad}); ABC is text")
+    return data.decode("utf-8-sig", errors="replace")
+
+
+def _model_files(model_dir) -> list[Path]:
+    """The files of a model folder (inputs an output must not replace)."""
+    d = Path(model_dir)
+    return [f for f in d.iterdir() if f.is_file()] if d.is_dir() else []
 
 
 def _midi_files(folder: Path) -> list[Path]:
@@ -42,6 +60,7 @@ def _midi_files(folder: Path) -> list[Path]:
 def cmd_tokenize(args) -> int:
     import numpy as np
 
+    out = args.out if not args.out or args.out.endswith(".npy") else args.out + ".npy"  # np.save's own rule
     tok = _tokenizer(args)
     files: list[Path] = []
     for p in map(Path, args.paths):
@@ -53,6 +72,8 @@ def cmd_tokenize(args) -> int:
             raise DataError(f"{p}: no such file or directory")
     if not files:
         raise DataError(f"{', '.join(args.paths)}: no .mid/.midi files")
+    if out:
+        check_outputs([("--out", out)], files + ([args.tokenizer_config] if args.tokenizer_config else []))
     ok = bad = tokens = notes = oor = 0
     first_error = None
     stream = [0]
@@ -79,9 +100,14 @@ def cmd_tokenize(args) -> int:
             raise DataError(first_error)  # names the file and the reason
         raise DataError(f"{', '.join(args.paths)}: none of the {len(files)} files could be tokenized "
                         f"(first: {first_error})")
-    out = args.out if not args.out or args.out.endswith(".npy") else args.out + ".npy"  # np.save's own rule
     if out:
-        np.save(ensure_parent(out), np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32))
+        arr = np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32)
+
+        def save(tmp):
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+
+        write_outputs([(out, save)])
     tpn = f"{tokens / notes:.3f}" if notes else "-"
     print(f"tokenized {ok} files, skipped {bad} unreadable; {notes} notes, {tokens} tokens "
           f"({tpn} tokens/note), {oor} notes out of range; vocab {tok.vocab_size}"
@@ -90,9 +116,16 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from multimodal_rwkv.music.corpora import prepare
+    from multimodal_rwkv.music.corpora import ABC_CORPORA, prepare
     from multimodal_rwkv.music.midi_tokenizer import MidiTokenizerConfig
 
+    if args.corpus in ABC_CORPORA and args.tokenizer_config:
+        raise DataError(f"{args.tokenizer_config}: --corpus {args.corpus} is ABC text, tokenized as bytes; "
+                        "a MIDI tokenizer config does not apply to it")
+    if args.valid_permille + args.test_permille >= 1000:
+        raise DataError(f"--valid-permille {args.valid_permille} + --test-permille {args.test_permille} = "
+                        f"{args.valid_permille + args.test_permille} leaves no train split "
+                        "(their sum must be below 1000)")
     cfg = MidiTokenizerConfig.load(args.tokenizer_config) if args.tokenizer_config else None
     rep = prepare(args.out, corpus=args.corpus, midi_dir=args.midi_dir, limit=args.limit, transpose=args.transpose,
                   valid_permille=args.valid_permille, test_permille=args.test_permille, tokenizer_config=cfg,
@@ -101,40 +134,77 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _save_midi(mid):
+    return lambda tmp: mid.save(str(tmp))
+
+
+def _save_png(img):
+    return lambda tmp: img.save(tmp, format="PNG")
+
+
+def _converted(text: str, what: str):
+    """The generated ABC tune as a ``mido.MidiFile``; a tune music21 cannot read is a DataError
+    naming ``what`` (the output that needed it)."""
+    from multimodal_rwkv.music.abc import abc_to_midi
+
+    name = "<generated tune>"
+    try:
+        return abc_to_midi(text, None, name=name)
+    except MidiError as e:
+        why = str(e).removeprefix(f"{name}: ")
+        raise DataError(f"{what}: the generated tune does not convert to MIDI ({why}); nothing written "
+                        "(try another --seed, or --out NAME.abc for the text alone)") from None
+
+
 def cmd_generate(args) -> int:
-    from multimodal_rwkv.music.abc import AbcTokenizer, abc_to_midi, with_file_header
+    from multimodal_rwkv.music.abc import AbcTokenizer, with_file_header
     from multimodal_rwkv.music.generate import generate_abc, generate_music, load_music_model
 
     model, tok = load_music_model(args.model)
-    out = ensure_parent(args.out)
-    if args.png:
-        ensure_parent(args.png)
+    out = Path(args.out)
+    inputs = _model_files(args.model) + ([args.prompt] if args.prompt else [])
     if isinstance(tok, AbcTokenizer):
+        midi_out = out.suffix.lower() in (".mid", ".midi")
+        text_file = out.with_suffix(".abc") if midi_out else out
+        if midi_out and os.path.lexists(text_file):  # a side output replaces only what this command made
+            raise DataError(f"{text_file}: exists; --out {out} with an ABC model also writes the tune text to "
+                            f"{text_file} and would replace that file (move it away, or give another --out)")
+        check_outputs([("--out", out)] + ([("the tune text", text_file)] if midi_out else [])
+                      + ([("--png", args.png)] if args.png else []), inputs)
+        if args.png:
+            check_png("--png", args.png)
         # a file header goes into the tune's header (the form the model trained on; see split_tunes)
         prompt = with_file_header(_read_abc(args.prompt), args.prompt) if args.prompt else "X:1\n"
         text = generate_abc(prompt=prompt, max_bytes=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, model=model)
-        midi_out = out.suffix.lower() in (".mid", ".midi")
-        text_file = out.with_suffix(".abc") if midi_out else out
-        text_file.write_text(text)  # kept even if the tune does not convert
-        mid = abc_to_midi(text, out if midi_out else None, name=str(text_file)) if midi_out or args.png else None
+        writes = [(text_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))]
+        mid = _converted(text, args.out if midi_out else args.png) if midi_out or args.png else None
+        if midi_out:
+            writes.append((out, _save_midi(mid)))
         if args.png:
             from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
 
-            pianoroll_from_midi(mid, args.png)
+            writes.append((args.png, _save_png(pianoroll_from_midi(mid))))
+        write_outputs(writes)  # all converted and drawn first: a failure leaves no file
         print(text)
-        print(f"wrote {out}" + (f"; piano roll {args.png}" if args.png else ""))
+        print(f"wrote {out}" + (f" and {text_file}" if midi_out else "")
+              + (f"; piano roll {args.png}" if args.png else ""))
         return 0
     if out.suffix.lower() == ".abc":
         raise DataError(f"{args.out}: {args.model} is a MIDI model; its output is a .mid file, not ABC text")
+    check_outputs([("--out", out)] + ([("--png", args.png)] if args.png else []), inputs)
+    if args.png:
+        check_png("--png", args.png)
     res = generate_music(model, tok, args.prompt, seconds=args.seconds, max_new_tokens=args.max_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    res.midi.save(str(out))
+    writes = [(out, _save_midi(res.midi))]
     if args.png:
         from multimodal_rwkv.music.pianoroll import render_pianoroll
 
-        render_pianoroll(res.notes, args.png, steps_per_beat=tok.config.steps_per_beat,
-                         prompt_end=res.prompt_end or None, tokenizer=tok)
+        img = render_pianoroll(res.notes, None, steps_per_beat=tok.config.steps_per_beat,
+                               prompt_end=res.prompt_end or None, tokenizer=tok)
+        writes.append((args.png, _save_png(img)))
+    write_outputs(writes)
     st = res.decode_stats
     print(f"wrote {out}: {len(res.notes)} notes, {res.seconds:.1f} s generated, {len(res.ids) - res.prompt_len} new tokens"
           + ("" if st.clean else " (decoder repaired the sequence)") + (f"; piano roll {args.png}" if args.png else ""))
@@ -150,8 +220,6 @@ def cmd_eval(args) -> int:
     ids = load_tokens(args.data)
     if args.metrics:
         return _eval_from_metrics(args, ids)
-    if not args.model:
-        raise DataError("music eval: give --model DIR (or --metrics RUN/metrics.jsonl)")
     model, tok = load_music_model(args.model)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
@@ -215,7 +283,10 @@ def _eval_from_metrics(args, ids) -> int:
 def cmd_roll(args) -> int:
     from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
 
-    pianoroll_from_midi(args.midi, ensure_parent(args.out), tokenizer=_tokenizer(args))
+    check_outputs([("--out", args.out)], [args.midi] + ([args.tokenizer_config] if args.tokenizer_config else []))
+    check_png("--out", args.out)
+    img = pianoroll_from_midi(args.midi, None, tokenizer=_tokenizer(args))
+    write_outputs([(args.out, _save_png(img))])
     print(f"wrote {args.out}")
     return 0
 
@@ -224,11 +295,12 @@ def cmd_abc2midi(args) -> int:
     from multimodal_rwkv.music.abc import abc_to_midi, split_tunes
 
     p = Path(args.abc)
+    check_outputs([("--out", args.out)], [p])
     text = _read_abc(p)
     tunes = split_tunes(text, name=str(p)) or [text]
     if not 0 <= args.index < len(tunes):
         raise DataError(f"{p}: has {len(tunes)} tunes, no index {args.index}")
-    abc_to_midi(tunes[args.index], ensure_parent(args.out), name=str(p))
+    write_outputs([(args.out, _save_midi(abc_to_midi(tunes[args.index], None, name=str(p))))])
     print(f"wrote {args.out}")
     return 0
 
@@ -258,7 +330,9 @@ def register(subparsers) -> None:
     p = sub.add_parser("prepare", help="build a tokenised dataset (train/valid/test .npy shards)",
                        description="Build a dataset from music21's bundled corpora or your own MIDI folder: "
                                    "deterministic split by content hash, .npy shards in the 'tokens' format. "
-                                   "Unreadable files are reported on stderr, skipped and listed in OUT/failed.txt.",
+                                   "Unreadable files are reported on stderr, skipped and listed in OUT/failed.txt. "
+                                   "OUT is a new or empty folder, or one an earlier prepare wrote (its dataset is "
+                                   "replaced); a prepare that fails leaves it as it was.",
                        epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/music/bach --transpose 3",
                        formatter_class=fmt)
     src = p.add_mutually_exclusive_group(required=True)
@@ -268,29 +342,33 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int_min(1), help="use only the first N pieces (quick tests)")
     p.add_argument("--transpose", type=int_range(0, 24), default=0,
                    help="train-split augmentation: add copies at -N..+N semitones (MIDI)")
-    p.add_argument("--valid-permille", type=int_range(0, 1000), default=100,
-                   help="share of pieces in valid, per mille (default 100)")
-    p.add_argument("--test-permille", type=int_range(0, 1000), default=100,
-                   help="share of pieces in test, per mille (default 100)")
-    p.add_argument("--tokenizer-config", help="midi_tokenizer.json to use instead of the defaults")
+    p.add_argument("--valid-permille", type=int_range(0, 999), default=100,
+                   help="share of pieces in valid, per mille (default 100; valid + test below 1000)")
+    p.add_argument("--test-permille", type=int_range(0, 999), default=100,
+                   help="share of pieces in test, per mille (default 100; valid + test below 1000)")
+    p.add_argument("--tokenizer-config", help="midi_tokenizer.json to use instead of the defaults (MIDI only)")
     p.add_argument("--workers", type=int_min(1), default=2, help="processes for the chorale conversion (default 2)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("generate", help="generate MIDI (or ABC) with a trained music model",
                        description="Generate music with a model folder (config.json, model.safetensors and "
-                                   "midi_tokenizer.json or abc_tokenizer.json), from scratch or continuing --prompt.",
+                                   "midi_tokenizer.json or abc_tokenizer.json), from scratch or continuing --prompt. "
+                                   "Every output is checked before generating and written only when all of them "
+                                   "are ready: a failed command writes nothing.",
                        epilog="Example: mmrwkv music generate --model multimodal_rwkv/assets/music_bach --out song.mid "
                               "--seconds 20 --png roll.png --seed 1", formatter_class=fmt)
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--out", required=True,
-                   help="output .mid (ABC models: .abc, or .mid via music21, the tune text kept beside it as .abc)")
-    p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start)")
+                   help="output .mid (ABC models: .abc, or .mid via music21, the tune text kept beside it as "
+                        "NAME.abc, which must not exist yet: the command refuses to replace it)")
+    p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start); "
+                                    "not empty, and never an output")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=30.0,
                    help="seconds of new music (MIDI; default 30)")
     p.add_argument("--max-tokens", type=int_min(1), default=4096, help="cap on new tokens (default 4096)")
     add_sampling_args(p, top_p=0.95)
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--png", help="also draw a piano roll here")
+    p.add_argument("--png", help="also draw a piano roll here (a .png file)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="held-out loss in nats/token and bits per note (MIDI) or per byte (ABC)",
@@ -299,9 +377,10 @@ def register(subparsers) -> None:
                        epilog="Example: mmrwkv music eval --model runs/music_bach/final --data data/music/bach/test\n"
                               "         mmrwkv music eval --metrics runs/music_bach/metrics.jsonl --data data/music/bach/valid",
                        formatter_class=fmt)
-    p.add_argument("--model", help="model folder to evaluate")
-    p.add_argument("--metrics", help="instead of --model: convert valid_loss in a training run's metrics.jsonl "
-                                     "(data = the valid split it was measured on)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model folder to evaluate")
+    which.add_argument("--metrics", help="instead of --model: convert valid_loss in a training run's metrics.jsonl "
+                                         "(data = the valid split it was measured on)")
     p.add_argument("--data", required=True, help=".npy file or folder of shards")
     p.add_argument("--ctx-len", type=int_min(2), default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-tokens", type=int_min(0), default=0, help="evaluate only the first N tokens (0 = all)")
@@ -311,7 +390,7 @@ def register(subparsers) -> None:
                        description="Draw a MIDI file as a piano roll PNG (time x pitch, a colour per instrument group).",
                        epilog="Example: mmrwkv music roll song.mid --out roll.png", formatter_class=fmt)
     p.add_argument("midi")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the picture, a .png file (not the MIDI file)")
     p.add_argument("--tokenizer-config")
     p.set_defaults(func=cmd_roll)
 
@@ -319,7 +398,7 @@ def register(subparsers) -> None:
                        description="Convert one tune of an ABC file to MIDI with music21.",
                        epilog="Example: mmrwkv music abc2midi tune.abc --out tune.mid", formatter_class=fmt)
     p.add_argument("abc")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the .mid file to write (not the ABC file)")
     p.add_argument("--index", type=int_min(0), default=0, help="which tune of a multi-tune file (default 0)")
     p.set_defaults(func=cmd_abc2midi)
 

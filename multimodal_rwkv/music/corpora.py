@@ -14,6 +14,9 @@ Output layout (``out``)::
     failed.txt                  files that could not be read, with the reason
     midi/                       (bach-chorales only) the converted MIDI files, reused on reruns
 
+``out`` is a new or empty folder or an earlier dataset (replaced); the dataset is built in a
+temporary folder and moved in when complete, so a prepare that fails writes nothing.
+
 The split is a pure function of the piece's content: ``sha256(content) mod 1000`` below
 ``test_permille`` goes to test, the next ``valid_permille`` to valid, the rest to train, so it
 does not depend on file order, ``limit`` or the machine. Identical contents are kept once.
@@ -38,6 +41,11 @@ log = logging.getLogger(__name__)
 CORPORA = ("bach-chorales", "oneill-abc", "essen-abc")
 FAILED_FILE = "failed.txt"
 _ABC_DIRS = {"oneill-abc": "oneills1850", "essen-abc": "essenFolksong"}
+ABC_CORPORA = tuple(_ABC_DIRS)
+SPLITS = ("train", "valid", "test")
+# what prepare writes into OUT: a folder holding one of these files is a dataset it may replace
+_TOKENIZER_FILES = ("midi_tokenizer.json", "abc_tokenizer.json")
+_DATASET_FILES = ("meta.json", FAILED_FILE) + _TOKENIZER_FILES
 
 
 def _music21():
@@ -73,8 +81,10 @@ def _convert_chorale(args) -> tuple[str, str | None, str | None]:
         return name, None, f"{type(e).__name__}: {e}"
 
 
-def chorale_midis(out_dir: str | os.PathLike, limit: int | None = None, workers: int = 1) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Convert music21's Bach chorales to MIDI in ``out_dir`` (cached: existing files are reused).
+def chorale_midis(out_dir: str | os.PathLike, limit: int | None = None, workers: int = 1,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Convert music21's Bach chorales to MIDI in ``out_dir`` (cached: existing files are reused,
+    from ``cache_dir`` too, where given: nothing is written there).
 
     Returns ``(midi_paths, failures)``; order is music21's chorale order, duplicates removed.
     About 0.2 s per chorale on one core.
@@ -92,7 +102,11 @@ def chorale_midis(out_dir: str | os.PathLike, limit: int | None = None, workers:
         names = names[:limit]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(n, str(out / (n.replace("/", "_") + ".mid"))) for n in names]
+    jobs = []
+    for n in names:
+        fname = n.replace("/", "_") + ".mid"
+        cached = Path(cache_dir) / fname if cache_dir is not None else None
+        jobs.append((n, str(cached if cached is not None and cached.is_file() else out / fname)))
     if workers > 1 and len(jobs) > 4:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -188,29 +202,117 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
 
     A piece that cannot be read is skipped, counted and reported: ``on_failure(name, reason)`` is
     called for it (default: a logged warning) and it is listed in ``OUT/failed.txt``. When no
-    piece is usable, ``failed.txt`` is still written and the DataError quotes the first reason."""
+    piece is usable, the DataError quotes the first reason.
+
+    ``out`` is a new or empty folder, or one an earlier prepare wrote: its dataset (splits,
+    tokenizer, meta.json, failed.txt) is replaced, other files in it are left alone. Everything is
+    written into a temporary folder first and moved in only when the dataset is complete, so a
+    prepare that fails leaves ``out`` as it was (and creates nothing)."""
     if on_failure is None:
         def on_failure(name, reason):
             log.warning("skipped %s: %s", name, reason)
+
+    if (corpus is None) == (midi_dir is None):
+        raise DataError("prepare: give exactly one of corpus or midi_dir")
+    if corpus is not None and corpus not in CORPORA:
+        raise DataError(f"{corpus}: unknown corpus (choose from {', '.join(CORPORA)})")
+    kind = "abc" if corpus in _ABC_DIRS else "midi"
+    if kind == "abc" and transpose:
+        raise DataError(f"{corpus}: transposition augmentation is only implemented for MIDI corpora")
+    if kind == "abc" and tokenizer_config is not None:
+        raise DataError(f"{corpus}: an ABC corpus is tokenized as bytes; a MIDI tokenizer config does not apply to it")
+    if not (0 <= valid_permille and 0 <= test_permille and valid_permille + test_permille < 1000):
+        raise DataError(f"prepare: valid_permille {valid_permille} + test_permille {test_permille} leaves no "
+                        "train split (each >= 0, their sum below 1000)")
+    if midi_dir is not None and not Path(midi_dir).is_dir():
+        raise DataError(f"{midi_dir}: not a directory")
+    out = Path(out)
+    _check_out_folder(out, midi_dir)
+    from multimodal_rwkv.music.outputs import make_dirs, remove_dirs
+
+    existed = out.is_dir()
+    made = [] if existed else make_dirs(out)
+    stage = out / f".tmp-prepare-{os.getpid()}" if existed else out  # a new folder is its own stage
+    if existed:
+        stage.mkdir()
+    try:
+        report = _prepare_into(stage, out, kind, corpus, midi_dir, limit, transpose, valid_permille, test_permille,
+                               tokenizer_config, shard_tokens, workers, seed, on_failure)
+        if existed:
+            _move_dataset(stage, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        remove_dirs(made)
+        raise
+    log.info("%s", report.summary())
+    return report
+
+
+def _check_out_folder(out: Path, midi_dir) -> None:
+    """Refuse an ``out`` prepare would damage: a file, the MIDI folder it reads, a folder holding
+    other things than an earlier prepare's dataset (whose files it would replace)."""
+    from multimodal_rwkv.music.outputs import same_file
+
+    if midi_dir is not None and same_file(out, midi_dir):
+        raise DataError(f"{out}: the output folder is the MIDI folder read (give the dataset its own folder)")
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: not a folder (the output of prepare is a folder)")
+    entries = {e.name for e in out.iterdir()}
+    if entries and not entries & set(_DATASET_FILES):
+        raise DataError(f"{out}: a folder that holds other files, not a dataset written by prepare "
+                        "(give a new or empty folder)")
+    for name in SPLITS + ("midi",):
+        if os.path.lexists(out / name) and not (out / name).is_dir():
+            raise DataError(f"{out / name}: not a folder (prepare writes its {name} files there)")
+    for name in _DATASET_FILES:
+        if (out / name).is_dir():
+            raise DataError(f"{out / name}: a folder (prepare writes this file)")
+
+
+def _move_dataset(stage: Path, out: Path) -> None:
+    """Move a complete dataset from ``stage`` into the existing ``out``: its old shards and files
+    replaced, new chorale MIDI files added to the cache; then ``stage`` removed."""
+    for name in SPLITS:
+        dst = out / name
+        if dst.is_dir():
+            for old in dst.glob("shard_*.npy"):
+                old.unlink()
+            for f in sorted((stage / name).iterdir()):
+                os.replace(f, dst / f.name)
+            (stage / name).rmdir()
+        else:
+            os.replace(stage / name, dst)
+    if (stage / "midi").is_dir():
+        (out / "midi").mkdir(exist_ok=True)
+        for f in sorted((stage / "midi").iterdir()):
+            os.replace(f, out / "midi" / f.name)
+        (stage / "midi").rmdir()
+    for name in _TOKENIZER_FILES:  # the other kind's tokenizer would be found first or confuse
+        if (out / name).is_file() and not (stage / name).exists():
+            (out / name).unlink()
+    for name in _DATASET_FILES:
+        if (stage / name).exists():
+            os.replace(stage / name, out / name)
+    stage.rmdir()
+
+
+def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpose, valid_permille, test_permille,
+                  tokenizer_config, shard_tokens, workers, seed, on_failure) -> PrepareReport:
+    """The body of :func:`prepare`: writes the dataset into ``out`` (a fresh folder); the report
+    names ``final``, where it is moved."""
+    from multimodal_rwkv.music.abc import AbcTokenizer
+    from multimodal_rwkv.music.midi_tokenizer import MidiTokenizer
 
     def fail(name, reason):
         reason = reason[len(f"{name}: "):] if reason.startswith(f"{name}: ") else reason  # MidiError names it
         report.failed.append((name, reason))
         on_failure(name, reason)
 
-    from multimodal_rwkv.music.abc import AbcTokenizer
-    from multimodal_rwkv.music.midi_tokenizer import MidiTokenizer
-
-    if (corpus is None) == (midi_dir is None):
-        raise DataError("prepare: give exactly one of corpus or midi_dir")
-    if corpus is not None and corpus not in CORPORA:
-        raise DataError(f"{corpus}: unknown corpus (choose from {', '.join(CORPORA)})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "abc" if corpus in _ABC_DIRS else "midi"
-    if kind == "abc" and transpose:
-        raise DataError(f"{corpus}: transposition augmentation is only implemented for MIDI corpora")
-    report = PrepareReport(out=out, kind=kind)
+    report = PrepareReport(out=final, kind=kind)
     docs: dict[str, list[list[int]]] = {"train": [], "valid": [], "test": []}
     units: dict[str, int] = {"train": 0, "valid": 0, "test": 0}
     files = []
@@ -235,13 +337,11 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
     else:
         tok = MidiTokenizer(tokenizer_config)
         if corpus == "bach-chorales":
-            paths, failed = chorale_midis(out / "midi", limit=limit, workers=workers)
+            paths, failed = chorale_midis(out / "midi", limit=limit, workers=workers, cache_dir=final / "midi")
             for name, reason in failed:
                 fail(name, reason)
         else:
             root = Path(midi_dir)
-            if not root.is_dir():
-                raise DataError(f"{root}: not a directory")
             # a broken link is an unreadable file (reported and counted), not nothing
             paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".mid", ".midi")
                            and (p.is_file() or (p.is_symlink() and not p.exists())))
@@ -282,14 +382,14 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         tok.save_pretrained(out)
         vocab_size = tok.vocab_size
 
-    failed_txt = out / FAILED_FILE
-    failed_txt.write_text("".join(f"{n}\t{r}\n" for n, r in report.failed))
     if not any(docs.values()):
         why = ""
         if report.failed:
             n, r = report.failed[0]
-            why = f": {n}: {r}" + (f"; all reasons in {failed_txt}" if len(report.failed) > 1 else "")
+            more = len(report.failed) - 1
+            why = f": {n}: {r}" + (f"; {more} more, each reported as skipped" if more else "")
         raise DataError(f"{corpus or midi_dir}: no usable pieces ({len(report.failed)} failed{why})")
+    (out / FAILED_FILE).write_text("".join(f"{n}\t{r}\n" for n, r in report.failed))
     random.Random(seed).shuffle(docs["train"])  # transposed copies of one piece apart
     unit_name = "bytes" if kind == "abc" else "notes"
     for s in ("train", "valid", "test"):
@@ -302,7 +402,6 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         "duplicates": report.duplicates, "files": files,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    log.info("%s", report.summary())
     return report
 
 
@@ -320,6 +419,8 @@ def load_tokens(path: str | os.PathLike):
     for f in files:
         try:
             a = np.load(f, allow_pickle=False)
+        except EOFError:  # numpy's answer to a file without a single byte
+            raise DataError(f"{f}: empty file (not a .npy token shard)") from None
         except (OSError, ValueError) as e:
             raise DataError(f"{f}: cannot read token shard ({e})") from None
         if a.ndim != 1 or a.dtype.kind not in "iu":

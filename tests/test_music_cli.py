@@ -1,0 +1,394 @@
+"""``mmrwkv music`` outputs and options from a black-box review: a command never replaces its own
+input or a file it was not told to write, checks every output before writing any, writes nothing
+when it fails, and refuses options that contradict each other. The model is faked (no torch
+forward pass): these tests are about files."""
+from __future__ import annotations
+
+import json
+import os
+
+import mido
+import numpy as np
+import pytest
+
+from multimodal_rwkv.cli import main
+from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.music import AbcTokenizer, MidiTokenizer
+from multimodal_rwkv.music.corpora import load_tokens, prepare
+
+TUNE = "X:1\nT:t\nM:4/4\nL:1/8\nK:D\nDEFG ABcd|d2c2 B2A2|\n"
+
+
+def _midi(path, note=60):
+    mid = mido.MidiFile()
+    mid.tracks.append(mido.MidiTrack([mido.Message("note_on", note=note, velocity=80),
+                                      mido.Message("note_off", note=note, time=480)]))
+    mid.save(str(path))
+    return path
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"mmrwkv music {command}: error: "), err
+    return err[0]
+
+
+def _snapshot(folder):
+    """{relative path: bytes} of every file under ``folder`` (folders as None)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(folder):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(dirpath, d), folder)] = None
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture
+def fake_midi_model(monkeypatch):
+    """``load_music_model`` gives a MIDI tokenizer and no model; ``generate_music`` a two-note piece."""
+    import multimodal_rwkv.music.generate as gen
+
+    tok = MidiTokenizer()
+
+    def generate_music(model, tok, prompt=None, **kw):
+        import io
+
+        buf = io.BytesIO()
+        m = mido.MidiFile()
+        m.tracks.append(mido.MidiTrack([mido.Message("note_on", note=60, velocity=80),
+                                        mido.Message("note_off", note=60, time=480)]))
+        m.save(file=buf)
+        ids = tok.encode(buf.getvalue())
+        notes, tempos, st = tok.decode_notes(ids)
+        return gen.MusicGeneration(ids=ids, prompt_len=0, midi=tok.notes_to_midi(notes, tempos), notes=notes,
+                                   decode_stats=st, seconds=1.0)
+
+    monkeypatch.setattr(gen, "load_music_model", lambda path: (None, tok))
+    monkeypatch.setattr(gen, "generate_music", generate_music)
+
+
+@pytest.fixture
+def fake_abc_model(monkeypatch):
+    """``load_music_model`` gives the ABC tokenizer; ``generate_abc`` returns ``tune[0]`` (settable)."""
+    import multimodal_rwkv.music.generate as gen
+
+    tune = [TUNE]
+    monkeypatch.setattr(gen, "load_music_model", lambda path: (None, AbcTokenizer()))
+    monkeypatch.setattr(gen, "generate_abc", lambda **kw: tune[0])
+    return tune
+
+
+# ----------------------------------------------------------------------------- 1: an empty .npy
+def test_eval_of_an_empty_npy_is_a_one_line_error(tmp_path, capsys):
+    """An empty .npy raised numpy's EOFError: a traceback and exit 1."""
+    from multimodal_rwkv.music import BACH_MODEL_DIR
+
+    (tmp_path / "e.npy").write_bytes(b"")
+    with pytest.raises(DataError, match="e.npy: empty file"):
+        load_tokens(tmp_path / "e.npy")
+    assert main(["music", "eval", "--model", str(BACH_MODEL_DIR), "--data", str(tmp_path / "e.npy")]) == 2
+    assert f"{tmp_path / 'e.npy'}: empty file" in _one_error_line(capsys, "eval")
+    (tmp_path / "shards").mkdir()  # an empty shard in a folder of shards too
+    np.save(tmp_path / "shards" / "a.npy", np.array([0, 5, 0], np.uint16))
+    (tmp_path / "shards" / "b.npy").write_bytes(b"")
+    with pytest.raises(DataError, match="b.npy: empty file"):
+        load_tokens(tmp_path / "shards")
+
+
+# ----------------------------------------------------------------------------- 2: output = input
+def test_roll_and_abc2midi_refuse_to_write_over_their_input(tmp_path, capsys):
+    """roll song.mid --out song.mid turned the MIDI file into a PNG; abc2midi t.abc --out t.abc
+    replaced the ABC source by MIDI. Same file under another spelling or through a link too."""
+    song = _midi(tmp_path / "song.mid")
+    before = song.read_bytes()
+    (tmp_path / "link.png").symlink_to(song)
+    os.link(song, tmp_path / "hard.png")
+    for out in (song, tmp_path / "x" / ".." / "song.mid", tmp_path / "link.png", tmp_path / "hard.png"):
+        assert main(["music", "roll", str(song), "--out", str(out)]) == 2
+        assert "is the command's input" in _one_error_line(capsys, "roll")
+    assert song.read_bytes() == before and not (tmp_path / "x").exists()
+    song2 = tmp_path / "song2.png"  # a MIDI file named .png: refused as the input, not as a suffix
+    song2.write_bytes(before)
+    assert main(["music", "roll", str(song2), "--out", str(song2)]) == 2
+    assert "is the command's input" in _one_error_line(capsys, "roll") and song2.read_bytes() == before
+
+    (tmp_path / "t.abc").write_text(TUNE)
+    for out in ("t.abc", "./t.abc", "sub/../t.abc"):
+        assert main(["music", "abc2midi", str(tmp_path / "t.abc"), "--out", str(tmp_path / out)]) == 2
+        assert "is the command's input" in _one_error_line(capsys, "abc2midi")
+    assert (tmp_path / "t.abc").read_text() == TUNE
+
+
+def test_tokenize_refuses_to_write_over_its_input(tmp_path, capsys):
+    """A file named on the command line is tokenized whatever its name: --out must not be it."""
+    src = tmp_path / "piece.npy"  # a MIDI file under a .npy name
+    src.write_bytes(_midi(tmp_path / "a.mid").read_bytes())
+    before = src.read_bytes()
+    assert main(["music", "tokenize", str(src), "--out", str(src)]) == 2
+    assert "is the command's input" in _one_error_line(capsys, "tokenize") and src.read_bytes() == before
+    assert main(["music", "tokenize", str(tmp_path / "a.mid"), "--out", str(tmp_path / "o" / "t")]) == 0
+    assert load_tokens(tmp_path / "o" / "t.npy")[0] == 0
+    assert sorted(os.listdir(tmp_path / "o")) == ["t.npy"]  # no temporary file left
+
+
+def test_generate_refuses_outputs_that_are_its_inputs(tmp_path, capsys, fake_midi_model):
+    prompt = _midi(tmp_path / "p.mid")
+    before = prompt.read_bytes()
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "." / "p.mid"), "--prompt",
+                 str(prompt)]) == 2
+    assert "is the command's input" in _one_error_line(capsys, "generate") and prompt.read_bytes() == before
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    import multimodal_rwkv.music.generate as gen
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen, "load_music_model", lambda path: (None, MidiTokenizer()))
+        assert main(["music", "generate", "--model", str(model), "--out", str(model / "config.json")]) == 2
+    assert "is the command's input" in _one_error_line(capsys, "generate")
+    assert (model / "config.json").read_text() == "{}"
+
+
+# ----------------------------------------------------------------------------- 3, 4: outputs checked first
+def test_generate_checks_every_output_before_writing_any(tmp_path, capsys, fake_midi_model):
+    """--png naming a folder failed after new.mid was written; --out X --png X ended as a PNG."""
+    (tmp_path / "d").mkdir()
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "new.mid"), "--png",
+                 str(tmp_path / "d")]) == 2
+    assert "is a folder" in _one_error_line(capsys, "generate") and not (tmp_path / "new.mid").exists()
+    # a --png whose folder cannot be made (a file is in the way)
+    (tmp_path / "f").write_text("x")
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "new.mid"), "--png",
+                 str(tmp_path / "f" / "r.png")]) == 2
+    assert "is not a folder" in _one_error_line(capsys, "generate") and not (tmp_path / "new.mid").exists()
+    for png in ("same.png", "./same.png"):
+        assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "same.png"), "--png",
+                     str(tmp_path / png)]) == 2
+        assert "name the same file" in _one_error_line(capsys, "generate")
+    assert not (tmp_path / "same.png").exists()
+    # all good: both written, nothing else (no temporary files), in a folder made for them
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "g" / "a.mid"), "--png",
+                 str(tmp_path / "g" / "a.png")]) == 0
+    assert sorted(os.listdir(tmp_path / "g")) == ["a.mid", "a.png"]
+    assert mido.MidiFile(str(tmp_path / "g" / "a.mid")).tracks
+    assert (tmp_path / "g" / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_write_leaves_no_output(tmp_path):
+    from multimodal_rwkv.music.outputs import write_outputs
+
+    def boom(tmp):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_outputs([(tmp_path / "n" / "a.txt", lambda tmp: tmp.write_text("a")), (tmp_path / "n" / "b.txt", boom)])
+    assert os.listdir(tmp_path) == []  # no a.txt, no temporary file, not even the folder made for them
+
+
+# ----------------------------------------------------------------------------- 5: ABC side output
+def test_abc_generate_never_replaces_an_abc_file_it_was_not_told_to_write(tmp_path, capsys, fake_abc_model):
+    """--out tune.mid with an ABC model wrote the tune text over the user's tune.abc (and failed)."""
+    (tmp_path / "tune.abc").write_text("notes\n")
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "tune.mid")]) == 2
+    line = _one_error_line(capsys, "generate")
+    assert f"{tmp_path / 'tune.abc'}: exists" in line
+    assert (tmp_path / "tune.abc").read_text() == "notes\n" and not (tmp_path / "tune.mid").exists()
+    # a link named like the side output counts as existing too (even a broken one)
+    (tmp_path / "l.abc").symlink_to(tmp_path / "gone.abc")
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "l.mid")]) == 2
+    assert "exists" in _one_error_line(capsys, "generate") and not (tmp_path / "gone.abc").exists()
+    # the prompt is never the side output either
+    (tmp_path / "p.abc").write_text("X:1\nT:p\n")
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "p.mid"), "--prompt",
+                 str(tmp_path / "p.abc")]) == 2
+    assert (tmp_path / "p.abc").read_text() == "X:1\nT:p\n"
+    capsys.readouterr()
+    assert "NAME.abc, which must not exist yet" in _help(capsys, ["music", "generate"])
+
+
+def _help(capsys, argv) -> str:
+    with pytest.raises(SystemExit):
+        main(argv + ["--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_abc_generate_that_fails_leaves_no_output(tmp_path, capsys, fake_abc_model):
+    """A tune music21 cannot read: --out t2.abc --png t2.png exited 2 and left t2.abc; --out X.mid
+    left X.abc."""
+    pytest.importorskip("music21")
+    fake_abc_model[0] = "X:1\n9\x00p(?<hKA"
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t2.abc"), "--png",
+                 str(tmp_path / "t2.png")]) == 2
+    assert "the generated tune does not convert to MIDI" in _one_error_line(capsys, "generate")
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t3.mid")]) == 2
+    line = _one_error_line(capsys, "generate")
+    assert line.startswith(f"mmrwkv music generate: error: {tmp_path / 't3.mid'}: the generated tune")
+    assert os.listdir(tmp_path) == []
+    fake_abc_model[0] = TUNE  # a good tune: the text and the MIDI, both
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t3.mid")]) == 0
+    assert (tmp_path / "t3.abc").read_text() == TUNE and mido.MidiFile(str(tmp_path / "t3.mid")).tracks
+
+
+# ----------------------------------------------------------------------------- 6: ABC prompts are text
+def test_abc_prompt_must_be_text_and_not_empty(tmp_path, capsys, fake_abc_model):
+    """A PNG was used as the tune start (exit 0); an empty prompt was accepted for ABC, refused for MIDI."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "pic.png")
+    (tmp_path / "empty.abc").write_bytes(b"")
+    (tmp_path / "blank.abc").write_text(" \n\n")
+    (tmp_path / "song.abc").write_bytes(_midi(tmp_path / "song.mid").read_bytes())
+    for name, why in (("pic.png", "not a text file"), ("empty.abc", "empty file"),
+                      ("blank.abc", "holds only white space"), ("song.abc", "not a text file")):
+        assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t.abc"), "--prompt",
+                     str(tmp_path / name)]) == 2
+        line = _one_error_line(capsys, "generate")
+        assert f"{tmp_path / name}: {why}" in line
+        assert not (tmp_path / "t.abc").exists()
+    # abc2midi reads ABC the same way
+    assert main(["music", "abc2midi", str(tmp_path / "pic.png"), "--out", str(tmp_path / "x.mid")]) == 2
+    assert "not a text file" in _one_error_line(capsys, "abc2midi") and not (tmp_path / "x.mid").exists()
+    # text in another encoding is still text (latin-1 titles)
+    (tmp_path / "latin.abc").write_bytes("X:1\nT:Caf\xe9\n".encode("latin-1"))
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t.abc"), "--prompt",
+                 str(tmp_path / "latin.abc")]) == 0
+
+
+# ----------------------------------------------------------------------------- 7: conflicting options
+def test_conflicting_options_are_refused(tmp_path, capsys):
+    for argv in (["music", "eval", "--model", "M", "--metrics", "F", "--data", "d"],
+                 ["music", "eval", "--data", "d"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert "not allowed with argument --model" in capsys.readouterr().err
+
+    d = tmp_path / "m"
+    d.mkdir()
+    _midi(d / "a.mid")
+    out = tmp_path / "o"
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(out), "--valid-permille", "600",
+                 "--test-permille", "600"]) == 2
+    assert "leaves no train split" in _one_error_line(capsys, "prepare")
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(out), "--valid-permille", "500",
+                 "--test-permille", "500"]) == 2
+    assert "leaves no train split" in _one_error_line(capsys, "prepare")
+    with pytest.raises(DataError, match="leaves no train split"):
+        prepare(out, midi_dir=d, valid_permille=0, test_permille=1000)
+    MidiTokenizer().save_pretrained(tmp_path)
+    assert main(["music", "prepare", "--corpus", "oneill-abc", "--out", str(out), "--tokenizer-config",
+                 str(tmp_path / "midi_tokenizer.json")]) == 2
+    assert "a MIDI tokenizer config does not apply" in _one_error_line(capsys, "prepare")
+    with pytest.raises(DataError, match="a MIDI tokenizer config does not apply"):
+        prepare(out, corpus="essen-abc", tokenizer_config=MidiTokenizer().config)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 8: prepare in an existing folder
+def test_a_failed_prepare_leaves_an_existing_dataset_as_it_was(tmp_path, capsys):
+    """A prepare of bad files into an existing dataset folder added midi_tokenizer.json and replaced
+    failed.txt."""
+    good = tmp_path / "good"
+    good.mkdir()
+    for k in range(3):
+        _midi(good / f"{k}.mid", 60 + k)
+    (good / "bad.mid").write_text("x")
+    out = tmp_path / "ds"
+    assert main(["music", "prepare", "--midi-dir", str(good), "--out", str(out), "--valid-permille", "0",
+                 "--test-permille", "0"]) == 0
+    before = _snapshot(out)
+    assert "bad.mid" in (out / "failed.txt").read_text()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.mid").write_text("x")
+    capsys.readouterr()
+    assert main(["music", "prepare", "--midi-dir", str(bad), "--out", str(out)]) == 2
+    assert _snapshot(out) == before
+    # a success replaces the dataset (shards, meta.json, failed.txt), leaving other files alone
+    (out / "notes.txt").write_text("mine")
+    (out / "train" / "mine.txt").write_text("mine")
+    (good / "bad.mid").unlink()
+    assert main(["music", "prepare", "--midi-dir", str(good), "--out", str(out), "--valid-permille", "0",
+                 "--test-permille", "0", "--limit", "2"]) == 0
+    assert (out / "failed.txt").read_text() == "" and json.loads((out / "meta.json").read_text())["limit"] == 2
+    assert sorted(os.listdir(out)) == ["failed.txt", "meta.json", "midi_tokenizer.json", "notes.txt", "test",
+                                       "train", "valid"]
+    assert sorted(os.listdir(out / "train")) == ["mine.txt", "shard_00000.npy"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (load_tokens(out / "train") == 0).sum() == 3  # 2 pieces: 0 a 0 b 0
+
+
+def test_prepare_refuses_a_folder_that_is_not_a_dataset(tmp_path, capsys):
+    d = tmp_path / "m"
+    d.mkdir()
+    _midi(d / "a.mid")
+    before = _snapshot(d)
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(d)]) == 2
+    assert "the output folder is the MIDI folder read" in _one_error_line(capsys, "prepare")
+    other = tmp_path / "docs"
+    other.mkdir()
+    (other / "train").mkdir()
+    (other / "train" / "shard_00000.npy").write_bytes(b"someone else's")
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(other)]) == 2
+    assert "not a dataset written by prepare" in _one_error_line(capsys, "prepare")
+    assert (other / "train" / "shard_00000.npy").read_bytes() == b"someone else's" and _snapshot(d) == before
+    (tmp_path / "file").write_text("x")
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(tmp_path / "file")]) == 2
+    assert "not a folder" in _one_error_line(capsys, "prepare")
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(tmp_path / "empty"), "--valid-permille", "0",
+                 "--test-permille", "0"]) == 0
+    assert (tmp_path / "empty" / "meta.json").is_file() and not any(
+        n.startswith(".tmp") for n in os.listdir(tmp_path / "empty"))
+
+
+def test_prepare_switching_kind_removes_the_other_tokenizer(tmp_path, monkeypatch):
+    """An ABC dataset prepared again from MIDI: its abc_tokenizer.json must not stay beside the
+    new midi_tokenizer.json (and the other way round, where the MIDI one would be found first)."""
+    from types import SimpleNamespace
+
+    from multimodal_rwkv.music import corpora
+    from multimodal_rwkv.music.generate import load_tokenizer
+
+    root = tmp_path / "m21"
+    (root / "corpus" / "oneills1850").mkdir(parents=True)
+    (root / "corpus" / "oneills1850" / "a.abc").write_text(TUNE)
+    monkeypatch.setattr(corpora, "_music21", lambda: SimpleNamespace(__file__=str(root / "__init__.py")))
+    d = tmp_path / "midis"
+    d.mkdir()
+    _midi(d / "a.mid")
+    out = tmp_path / "ds"
+    prepare(out, midi_dir=d, valid_permille=0, test_permille=0)
+    prepare(out, corpus="oneill-abc", valid_permille=0, test_permille=0)
+    assert isinstance(load_tokenizer(out), AbcTokenizer) and not (out / "midi_tokenizer.json").exists()
+    prepare(out, midi_dir=d, valid_permille=0, test_permille=0)
+    assert isinstance(load_tokenizer(out), MidiTokenizer) and not (out / "abc_tokenizer.json").exists()
+
+
+def test_prepare_bach_into_an_existing_dataset_reuses_and_extends_the_midi_cache(tmp_path):
+    pytest.importorskip("music21")
+    out = tmp_path / "b"
+    prepare(out, corpus="bach-chorales", limit=1, valid_permille=0, test_permille=0, workers=1)
+    first = sorted(os.listdir(out / "midi"))
+    stamp = (out / "midi" / first[0]).stat().st_mtime_ns
+    rep = prepare(out, corpus="bach-chorales", limit=2, valid_permille=0, test_permille=0, workers=1)
+    assert rep.counts["train"]["pieces"] == 2 and len(os.listdir(out / "midi")) == 2
+    assert (out / "midi" / first[0]).stat().st_mtime_ns == stamp  # reused, not converted again
+    assert not any(n.startswith(".tmp") for n in os.listdir(out))
+
+
+# ----------------------------------------------------------------------------- 9: PNG only
+def test_piano_rolls_are_png_files(tmp_path, capsys, fake_midi_model):
+    """roll --out x.jpg wrote PNG bytes into a .jpg."""
+    song = _midi(tmp_path / "song.mid")
+    for name in ("x.jpg", "x", "x.png.gif"):
+        assert main(["music", "roll", str(song), "--out", str(tmp_path / name)]) == 2
+        assert "give a file name ending in .png" in _one_error_line(capsys, "roll")
+        assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "g.mid"), "--png",
+                     str(tmp_path / name)]) == 2
+        assert "give a file name ending in .png" in _one_error_line(capsys, "generate")
+    assert sorted(os.listdir(tmp_path)) == ["song.mid"]
+    assert main(["music", "roll", str(song), "--out", str(tmp_path / "X.PNG")]) == 0
+    assert (tmp_path / "X.PNG").read_bytes()[:4] == b"\x89PNG"
