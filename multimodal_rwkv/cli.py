@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: mmrwkv demo    |    mmrwkv generate --model RWKV-x060-World-1B6.pth --prompt 'Hello'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging of multimodal_rwkv (other libraries stay at INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in _COMMAND_MODULES:
         try:
@@ -78,10 +79,9 @@ def _silence_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # -v: debug lines of this package only; third-party libraries (filelock, ...) stay at INFO
+    logging.getLogger("multimodal_rwkv").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

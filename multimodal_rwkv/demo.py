@@ -38,14 +38,18 @@ def register(sub) -> None:
                    help=f"question for --image (default: {DEFAULT_QUESTION!r})")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=20.0, help="length of the generated music")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--skip-music", action="store_true")
-    p.add_argument("--skip-vision", action="store_true")
+    p.add_argument("--skip-music", action="store_true", help="no music part (not with --skip-vision)")
+    p.add_argument("--skip-vision", action="store_true", help="no vision part (not with --skip-music)")
     p.set_defaults(func=run_demo)
 
 
 def _check_inputs(args) -> None:
     from multimodal_rwkv.vision.processor import load_image
 
+    if args.skip_music and args.skip_vision:
+        raise DataError("--skip-music and --skip-vision together leave the demo nothing to do")
+    if args.question is not None and not args.question.strip():
+        raise DataError("--question is empty")
     if args.question is not None and not args.image:
         raise DataError("--question is asked about an --image: give one (or more) with it")
     if args.image and args.skip_vision:

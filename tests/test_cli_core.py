@@ -280,3 +280,91 @@ def test_an_error_raised_in_a_dataloader_worker_is_one_line():
     assert "Original Traceback" in str(e.value)
     assert _one_line(e.value) == "f.bin: token 7 has id -5, outside the model's vocabulary [0, 256)"
     assert _one_line(DataError("plain: message")) == "plain: message"
+
+
+def test_generate_uses_the_tokenizer_the_model_was_trained_with(world_pth, tmp_path):
+    """A model of `mmrwkv train ... data.tokenizer=bytes` (training_info.json says "bytes") is prompted and
+    decoded with the byte tokenizer it learnt, not the World one; a tokenizer generate does not know is
+    refused, naming the file."""
+    import json
+
+    from multimodal_rwkv import RWKVForCausalLM
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+    from multimodal_rwkv.training.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    small = make_blink_checkpoint(tmp_path / "b.pth", n_layer=1, n_embd=64, head_size=32, vocab_size=257)
+    for src, name in ((world_pth, "world_vocab"), (small, "byte_vocab")):  # train's vocab, or 257 (was refused)
+        m = RWKVForCausalLM.from_pretrained(src)
+        m.save_pretrained(tmp_path / name)
+        (tmp_path / name / "training_info.json").write_text(json.dumps({"task": "lm", "tokenizer": "bytes"}))
+        ids = tok.encode("Hi é")
+        out = m.generate(torch.tensor([ids]), max_new_tokens=6, tokenizer=tok)[0, len(ids):].tolist()
+        want = tok.decode(out[: out.index(0)] if 0 in out else out)
+        for model in (tmp_path / name, tmp_path / name / "model.safetensors"):
+            r = run("generate", "--model", model, "--prompt", "Hi é", "--temperature", "0", "--max-new-tokens", "6",
+                    "--no-stream")
+            assert r.returncode == 0, r.stderr
+            assert r.stdout[:-1] == want, (name, r.stdout, want)
+    info = tmp_path / "world_vocab" / "training_info.json"
+    info.write_text(json.dumps({"task": "lm", "tokenizer": "sentencepiece"}))
+    r = run("generate", "--model", tmp_path / "world_vocab", "--prompt", "Hi")
+    assert r.returncode == 2 and f"{info}: the model was trained with tokenizer 'sentencepiece'" in r.stderr
+    info.write_text("{oops")
+    r = run("generate", "--model", tmp_path / "world_vocab", "--prompt", "Hi")
+    assert r.returncode == 2 and f"{info}: unreadable training info" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_convert_never_overwrites_what_it_did_not_write(world_pth, tmp_path):
+    """OUT_DIR holding a VisualRWKV, other files, or SRC itself is refused before anything is written;
+    a new or empty folder, or one holding a model convert wrote, is written."""
+    import shutil
+    from pathlib import Path
+
+    import multimodal_rwkv
+
+    def snapshot(d):
+        return {p.name: p.read_bytes() for p in d.iterdir()}
+
+    vis = tmp_path / "vis"
+    shutil.copytree(Path(multimodal_rwkv.__file__).parent / "assets" / "visualrwkv_synthetic", vis)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine\n")
+    (tmp_path / "file").write_text("mine\n")
+    for out, needle in ((vis, "not empty, holds a VisualRWKV model (config.json, model.safetensors, "
+                              "preprocessor_config.json)"),
+                        (tmp_path / "notes", "not empty, holds other files (todo.txt)")):
+        before = snapshot(out)
+        r = run("convert", world_pth, out)
+        assert r.returncode == 2 and f"{out}: {needle}" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and snapshot(out) == before
+    r = run("convert", world_pth, tmp_path / "file")
+    assert r.returncode == 2 and "file: exists and is not a folder" in r.stderr
+    assert (tmp_path / "file").read_text() == "mine\n"
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "empty", tmp_path / "new" / "sub"):  # twice: over its own output
+        r = run("convert", world_pth, out)
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    before = snapshot(tmp_path / "empty")
+    for src, needle in ((tmp_path / "empty", "is the source"),
+                        (tmp_path / "empty" / "model.safetensors", "holds the source")):
+        r = run("convert", src, tmp_path / "empty")
+        assert r.returncode == 2 and f"empty: {needle}" in r.stderr, r.stderr
+    assert snapshot(tmp_path / "empty") == before
+    (tmp_path / "empty" / "training_info.json").write_text("{}")  # a run's final/ folder: more than convert wrote
+    r = run("convert", world_pth, tmp_path / "empty")
+    assert r.returncode == 2 and "holds a model and other files" in r.stderr
+
+
+def test_verbose_is_debug_logging_of_this_package_only():
+    """-v: this package's debug lines; a third-party library's (filelock waiting for torch's extension
+    lock, every 50 ms) stay out."""
+    code = ("import logging, sys\nfrom multimodal_rwkv.cli import main\nmain(sys.argv[1:])\n"
+            "logging.getLogger('filelock').debug('THIRD-PARTY DEBUG')\n"
+            "logging.getLogger('filelock').info('THIRD-PARTY INFO')\n"
+            "logging.getLogger('multimodal_rwkv.kernels.cpu').debug('OUR DEBUG')\n")
+    for argv, ours in ((["-v"], True), ([], False)):  # no command: the help, after logging is set up
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+        assert ("DEBUG multimodal_rwkv.kernels.cpu: OUR DEBUG" in r.stderr) == ours, r.stderr
+        assert "THIRD-PARTY DEBUG" not in r.stderr and "INFO filelock: THIRD-PARTY INFO" in r.stderr

@@ -37,7 +37,16 @@ def test_demo_writes_music_and_answers(tmp_path):
     (("demo", "--bogus"), "unrecognized arguments"),
     (("demo", "--question", "hi"), "--question is asked about an --image"),  # was silently ignored
     (("demo", "--skip-vision", "--image", "/nonexistent/pic.png"), "--skip-vision"),
+    (("demo", "--image", "/nonexistent/pic.png", "--question", ""), "--question is empty"),  # as vqa says
+    (("demo", "--image", "/nonexistent/pic.png", "--question", "  "), "--question is empty"),
 ])
 def test_demo_bad_arguments_exit_2(argv, needle):
     rc, out, err = run(*argv)
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_demo_with_both_parts_skipped_is_an_error(tmp_path):
+    """--skip-music --skip-vision: nothing to do, said (it exited 0 having done nothing), nothing written."""
+    rc, out, err = run("demo", "--out", tmp_path / "out", "--skip-music", "--skip-vision")
+    assert rc == 2 and "--skip-music and --skip-vision together leave the demo nothing to do" in err
+    assert not (tmp_path / "out").exists()

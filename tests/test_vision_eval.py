@@ -161,3 +161,59 @@ def test_cli_eval_vqa_skips_a_line_that_is_not_utf8(tmp_path, capsys):
     assert rc == 0, err
     assert f"skipped {f}:2: not valid UTF-8" in err and "Traceback" not in err
     assert [json.loads(x)["question_id"] for x in out.read_text().splitlines()] == [1]
+
+
+def test_cli_eval_vqa_never_writes_over_an_input(tmp_path, capsys):
+    """--output naming the questions file (by any name), an image a question asks about or a file of the
+    model folder is refused before the model is loaded, and the file is left as it was; the answers are
+    written through a temporary name of their own (OUTPUT.tmp may be someone's file: here the questions)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    import multimodal_rwkv
+    from multimodal_rwkv.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(Path(multimodal_rwkv.__file__).parent / "assets" / "visualrwkv_synthetic", model)
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "x.png")
+    q = tmp_path / "a.jsonl.tmp"
+    q.write_text(json.dumps({"question_id": 1, "image": "x.png", "question": "Colour?"}) + "\n")
+    os.symlink(q, tmp_path / "link.jsonl")
+    for output, needle in ((q, "is the --questions file"), (tmp_path / "link.jsonl", "is the --questions file"),
+                           (tmp_path / "x.png", f"is the image of {tmp_path / 'link.jsonl'}:1"),
+                           (model / "model.safetensors", f"is a file of {model} (the --model folder)")):
+        before = {p: p.read_bytes() for p in (q, tmp_path / "x.png", model / "model.safetensors")}
+        rc = main(["eval-vqa", "--model", str(model), "--questions", str(tmp_path / "link.jsonl"), "--output",
+                   str(output), "--device", "cpu", "--max-new-tokens", "2"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{output}: {needle}; --output must name another file" in err, err
+        assert {p: p.read_bytes() for p in before} == before
+    question = q.read_text()
+    rc = main(["eval-vqa", "--model", str(model), "--questions", str(q), "--output", str(tmp_path / "a.jsonl"),
+               "--device", "cpu", "--max-new-tokens", "2"])
+    assert rc == 0, capsys.readouterr().err
+    assert q.read_text() == question
+    assert [json.loads(x)["question_id"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.jsonl.tmp", "link.jsonl", "model", "x.png"]
+
+
+def test_vision_synth_size_has_an_upper_bound(tmp_path, capsys):
+    """--size beyond 4096 (said in --help) is a usage error before anything is written: 100000 once
+    drew a 30 GB image until the process was killed, leaving a half-made folder."""
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.vision.synthetic import generate_dataset
+
+    with pytest.raises(SystemExit) as e:
+        main(["vision-synth", "--out", str(tmp_path / "h"), "--size", "4097", "--n-train", "1", "--n-test", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --size: must be an integer in [16, 4096], got 4097" in err
+    assert not (tmp_path / "h").exists()
+    with pytest.raises(ValueError, match="16 <= size <= 4096"):
+        generate_dataset(tmp_path / "h", n_train=1, n_test=0, size=4097)
+    assert not (tmp_path / "h").exists()
+    with pytest.raises(SystemExit):
+        main(["vision-synth", "--help"])
+    assert "image side in pixels, 16 to 4096" in capsys.readouterr().out

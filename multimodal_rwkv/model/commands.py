@@ -1,16 +1,24 @@
 """Core subcommands: generate, convert, info, env."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sys
+from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, path_arg, seed, unescape
 from multimodal_rwkv.errors import CheckpointError, DataError
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "generate", help="generate text from an RWKV model",
-        description="Generate text with an RWKV-6/RWKV-5 model (BlinkDL .pth, Hugging Face folder, or a folder saved by this package).",
+        description="Generate text with an RWKV-6/RWKV-5 model (BlinkDL .pth, Hugging Face folder, or a folder saved by this package). "
+                    "Text is encoded with the World tokenizer, or with the tokenizer a model of `mmrwkv train` was "
+                    "trained with (\"tokenizer\" in the training_info.json next to it: world or bytes).",
         epilog="Example: mmrwkv generate --model RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth --prompt 'The Eiffel tower is in' --max-new-tokens 40",
     )
     p.add_argument("--model", type=path_arg, required=True, help="checkpoint file or folder")
@@ -30,7 +38,10 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "convert", help="convert a checkpoint to this package's folder format",
-        description="Convert a BlinkDL .pth or a Hugging Face-layout RWKV folder into config.json + model.safetensors.",
+        description="Convert a BlinkDL .pth or a Hugging Face-layout RWKV folder into config.json + model.safetensors. "
+                    "OUT_DIR must be new or empty, or hold only a model convert wrote (config.json + "
+                    "model.safetensors, which are replaced); a folder holding anything else (another model, a "
+                    "VisualRWKV, other files) is refused, and so is SRC's own folder.",
         epilog="Example: mmrwkv convert RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth ./finch-1b6",
     )
     p.add_argument("src", type=path_arg)
@@ -54,10 +65,78 @@ def register(sub) -> None:
 
 def _check_vocab(model, tokenizer, src) -> None:
     if model.config.vocab_size < tokenizer.vocab_size:
+        name = "byte" if getattr(tokenizer, "name", None) == "bytes" else "World"
         raise CheckpointError(
-            f"{src}: vocab_size {model.config.vocab_size} is smaller than the World tokenizer's "
-            f"{tokenizer.vocab_size}; this model was not trained on text with the World vocabulary"
+            f"{src}: vocab_size {model.config.vocab_size} is smaller than the {name} tokenizer's "
+            f"{tokenizer.vocab_size}; this model was not trained on text with the {name} vocabulary"
         )
+
+
+def _tokenizer_for(src):
+    """The tokenizer the model at ``src`` was trained with: the "tokenizer" of the training_info.json
+    that `mmrwkv train` writes into its model folder ("world" or "bytes"; for the model.safetensors or
+    model.pth of such a folder, the folder's), else the World tokenizer."""
+    from multimodal_rwkv.model.tokenizer import WorldTokenizer
+
+    path = Path(src)
+    folder = path if path.is_dir() else path.parent
+    info = folder / "training_info.json"
+    if not info.is_file() or not (path.is_dir() or path.name in ("model.safetensors", "model.pth")):
+        return WorldTokenizer()
+    try:
+        d = json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{info}: unreadable training info ({' '.join(str(e).split())[:120]}); it says "
+                              "which tokenizer the model was trained with") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{info}: not a JSON object (training info maps names to values)")
+    name = d.get("tokenizer", "world")
+    if name == "world":
+        return WorldTokenizer()
+    if name == "bytes":
+        from multimodal_rwkv.training.data import ByteTokenizer
+
+        logger.info("%s: trained with the byte tokenizer (%s); text is encoded as UTF-8 bytes", src, info.name)
+        return ByteTokenizer()
+    raise CheckpointError(f"{info}: the model was trained with tokenizer {name!r}; generate knows 'world' and "
+                          "'bytes'")
+
+
+def _check_convert_target(src, out_dir) -> None:
+    """convert writes config.json + model.safetensors into ``out_dir``: refuse a target where that
+    would destroy something (see the convert help). Checked before the source is read."""
+    out, src = Path(out_dir), Path(src)
+    if not out.exists():
+        if out.is_symlink():
+            raise CheckpointError(f"{out}: a broken link; give a new or empty folder as OUT_DIR")
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder; OUT_DIR is the folder convert writes into")
+    if src.exists():
+        s, o = src.resolve(), out.resolve()
+        if s == o or o in s.parents or os.path.samefile(src, out):
+            raise CheckpointError(f"{out}: {'is' if s == o else 'holds'} the source {src}; convert into another "
+                                  "folder (it would overwrite its own input)")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    model_type = None
+    if (out / "config.json").is_file():
+        try:
+            cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+            model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+        except (OSError, ValueError):
+            pass
+    from multimodal_rwkv.model.config import RWKVConfig
+
+    if model_type == RWKVConfig.model_type and set(names) <= {"config.json", "model.safetensors"}:
+        return  # a model convert wrote: replaced
+    what = ("a VisualRWKV model" if model_type == "visualrwkv"
+            else "a model and other files" if model_type == RWKVConfig.model_type
+            else f"another model (config.json model_type {model_type!r})" if model_type else "other files")
+    shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+    raise CheckpointError(f"{out}: not empty, holds {what} ({shown}); convert writes into a new or empty "
+                          "folder, or over config.json + model.safetensors it wrote before")
 
 
 def _utf8(text, what: str) -> str:
@@ -78,7 +157,6 @@ def cmd_generate(args) -> int:
 
     from multimodal_rwkv.model.generation import trim_at_stop
     from multimodal_rwkv.model.modeling import RWKVForCausalLM
-    from multimodal_rwkv.model.tokenizer import WorldTokenizer
 
     if args.prompt == "-":
         prompt = _utf8(sys.stdin.buffer.read(), "standard input")
@@ -86,7 +164,7 @@ def cmd_generate(args) -> int:
         prompt = unescape(_utf8(args.prompt, "--prompt"))
     stops = [unescape(_utf8(s, "--stop")) for s in args.stop] if args.stop else None
     model = RWKVForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    tok = WorldTokenizer()
+    tok = _tokenizer_for(args.model)
     _check_vocab(model, tok, args.model)
     ids = tok.encode(prompt) or [0]
     gen = dict(max_new_tokens=args.max_new_tokens, stop=stops, tokenizer=tok, seed=args.seed,
@@ -113,6 +191,7 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from multimodal_rwkv.model.modeling import RWKVForCausalLM
 
+    _check_convert_target(args.src, args.out_dir)
     model = RWKVForCausalLM.from_pretrained(args.src, dtype=args.dtype)
     model.save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir} ({model.config.version}, {sum(p.numel() for p in model.parameters()):,} parameters)")

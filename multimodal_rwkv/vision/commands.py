@@ -8,9 +8,10 @@ import os
 import sys
 import time
 
-from multimodal_rwkv.argtypes import add_sampling_args, device, int_min, seed
+from multimodal_rwkv.argtypes import add_sampling_args, device, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError
 from multimodal_rwkv.fileio import ensure_parent
+from multimodal_rwkv.vision.synthetic import MAX_SIZE, MIN_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="VisualRWKV folder or VisualRWKV-v060 .pth")
     p.add_argument("--questions", required=True, help="questions .jsonl")
     p.add_argument("--image-folder", default=None, help="root of relative image paths (default: the file's folder)")
-    p.add_argument("--output", required=True, help="answers .jsonl to write")
+    p.add_argument("--output", required=True, help="answers .jsonl to write (not one of the input files)")
     p.add_argument("--batch-size", type=int_min(1), default=16, help="questions decoded together (default 16)")
     p.add_argument("--limit", type=int_min(0), default=0, help="answer only the first N questions (0: all)")
     p.add_argument("--vision-tower", default=None, help="CLIP hub id/folder for a v060 .pth")
@@ -64,7 +65,8 @@ def register(sub) -> None:
     p.add_argument("--n-train", type=int_min(1), default=4000, help="training images (default 4000)")
     p.add_argument("--n-test", type=int_min(0), default=300, help="held-out test images (default 300)")
     p.add_argument("--questions-per-image", type=int_min(1), default=3, help="questions per image (default 3)")
-    p.add_argument("--size", type=int_min(16), default=64, help="image side in pixels (default 64)")
+    p.add_argument("--size", type=int_range(MIN_SIZE, MAX_SIZE), default=64,
+                   help=f"image side in pixels, {MIN_SIZE} to {MAX_SIZE} (default 64)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--multi-turn", action="store_true",
                    help="training records hold all questions about an image as one conversation")
@@ -118,36 +120,44 @@ def _eval_vqa(args) -> int:
     questions = qf.questions[: args.limit] if args.limit else qf.questions
     if not questions:
         raise DataError(f"{args.questions}: no usable question lines")
+    _refuse_output_over_input(args.output, [("--questions file", args.questions), ("--model file", args.model),
+                                            ("--vision-tower file", args.vision_tower)]
+                              + [(f"image of {q.where}", q.image) for q in qf.questions])
     model = _load(args)
     gen = _gen_kwargs(args)
     scores, by_type = [], {}
     n_bad_images = 0
     t0 = time.perf_counter()
-    tmp = str(ensure_parent(args.output)) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in range(0, len(questions), max(args.batch_size, 1)):
-            chunk = questions[s:s + args.batch_size]
-            try:
-                answers = model.answer_batch([q.image for q in chunk], [q.prompt for q in chunk], **gen)
-            except DataError:  # a bad image: answer the chunk one by one to isolate it
-                answers = []
-                for q in chunk:
-                    try:
-                        answers.append(model.answer(q.image, q.prompt, **gen))
-                    except DataError as e:
-                        print(f"mmrwkv eval-vqa: skipped {q.where}: {e}", file=sys.stderr)
-                        n_bad_images += 1
-                        answers.append(None)
-            for q, a in zip(chunk, answers):
-                if a is None:
-                    continue
-                f.write(json.dumps({"question_id": q.question_id, "answer": a}) + "\n")
-                sc = q.score(a)
-                if sc is not None:
-                    scores.append(sc)
-                    if q.qtype:
-                        by_type.setdefault(q.qtype, []).append(sc)
-    os.replace(tmp, args.output)
+    out = ensure_parent(args.output)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")  # not OUTPUT.tmp, which may be someone's file
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for s in range(0, len(questions), max(args.batch_size, 1)):
+                chunk = questions[s:s + args.batch_size]
+                try:
+                    answers = model.answer_batch([q.image for q in chunk], [q.prompt for q in chunk], **gen)
+                except DataError:  # a bad image: answer the chunk one by one to isolate it
+                    answers = []
+                    for q in chunk:
+                        try:
+                            answers.append(model.answer(q.image, q.prompt, **gen))
+                        except DataError as e:
+                            print(f"mmrwkv eval-vqa: skipped {q.where}: {e}", file=sys.stderr)
+                            n_bad_images += 1
+                            answers.append(None)
+                for q, a in zip(chunk, answers):
+                    if a is None:
+                        continue
+                    f.write(json.dumps({"question_id": q.question_id, "answer": a}) + "\n")
+                    sc = q.score(a)
+                    if sc is not None:
+                        scores.append(sc)
+                        if q.qtype:
+                            by_type.setdefault(q.qtype, []).append(sc)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():  # an error or ^C while answering: the half-written answers go
+            tmp.unlink()
     dt = time.perf_counter() - t0
     n_done = len(questions) - n_bad_images
     print(f"answered {n_done} questions in {dt:.1f} s -> {args.output}"
@@ -157,6 +167,29 @@ def _eval_vqa(args) -> int:
         for t, v in sorted(by_type.items()):
             print(f"  {t}: {100.0 * sum(v) / len(v):.2f}% ({len(v)})")
     return 0
+
+
+def _refuse_output_over_input(output, inputs) -> None:
+    """DataError if ``output`` is one of the ``(what, path)`` input files, or a file of an input
+    folder (a model folder's weights, ...), by any name: answering would replace it."""
+    try:
+        st = os.stat(output)
+    except OSError:  # not there yet: it cannot be an input
+        return
+    for what, path in inputs:
+        if not path:
+            continue
+        try:
+            if os.path.isdir(path):
+                with os.scandir(path) as entries:
+                    if any(e.is_file() and os.path.samestat(st, e.stat()) for e in entries):
+                        raise DataError(f"{output}: is a file of {path} (the {what.split()[0]} folder); --output "
+                                        "must name another file (the answers would replace it)")
+            elif os.path.samestat(st, os.stat(path)):
+                raise DataError(f"{output}: is the {what}; --output must name another file "
+                                "(the answers would replace it)")
+        except OSError:  # an input that is not there (a hub id, ...) cannot be the output
+            continue
 
 
 def _synth(args) -> int:

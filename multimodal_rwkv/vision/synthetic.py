@@ -23,8 +23,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+if TYPE_CHECKING:  # PIL is imported where a scene is drawn: the CLI reads MIN_SIZE/MAX_SIZE at start-up
+    from PIL import Image
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
@@ -44,6 +46,7 @@ class SceneObject:
 
 
 OBJECT_SCALE = (0.6, 0.8)
+MIN_SIZE, MAX_SIZE = 16, 4096  # image side in pixels (4096: 48 MiB an image while drawn)
 
 
 def draw_scene(seed_or_rng=0, size: int = 64, n_objects: int | None = None,
@@ -55,6 +58,8 @@ def draw_scene(seed_or_rng=0, size: int = 64, n_objects: int | None = None,
     ``objects`` fixes the content (shapes, colours and cells), only sizes and jitter are random.
     ``object_scale``: the range of an object's side as a fraction of its cell.
     """
+    from PIL import Image, ImageDraw
+
     rng = seed_or_rng if isinstance(seed_or_rng, random.Random) else random.Random(seed_or_rng)
     if objects is None:
         n = n_objects if n_objects is not None else rng.randint(1, 4)
@@ -128,9 +133,9 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
     questions of different types (fewer if the scene allows fewer). ``multi_turn``: the training
     records hold all of an image's questions as one conversation (``<image>`` in the first turn);
     test questions are always single-turn."""
-    if n_train < 1 or n_test < 0 or questions_per_image < 1 or size < 16:
+    if n_train < 1 or n_test < 0 or questions_per_image < 1 or not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"generate_dataset: need n_train >= 1, n_test >= 0, questions_per_image >= 1 and "
-                         f"size >= 16; got {n_train}, {n_test}, {questions_per_image}, {size}")
+                         f"{MIN_SIZE} <= size <= {MAX_SIZE}; got {n_train}, {n_test}, {questions_per_image}, {size}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     splits = {}
