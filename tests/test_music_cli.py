@@ -205,7 +205,7 @@ def test_abc_generate_never_replaces_an_abc_file_it_was_not_told_to_write(tmp_pa
                  str(tmp_path / "p.abc")]) == 2
     assert (tmp_path / "p.abc").read_text() == "X:1\nT:p\n"
     capsys.readouterr()
-    assert "NAME.abc, which must not exist yet" in _help(capsys, ["music", "generate"])
+    assert "replaced only together with an existing NAME.mid" in _help(capsys, ["music", "generate"])
 
 
 def _help(capsys, argv) -> str:
@@ -229,6 +229,9 @@ def test_abc_generate_that_fails_leaves_no_output(tmp_path, capsys, fake_abc_mod
     fake_abc_model[0] = TUNE  # a good tune: the text and the MIDI, both
     assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t3.mid")]) == 0
     assert (tmp_path / "t3.abc").read_text() == TUNE and mido.MidiFile(str(tmp_path / "t3.mid")).tracks
+    # rerun: the pair this command wrote is replaced together
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t3.mid")]) == 0
+    assert (tmp_path / "t3.abc").read_text() == TUNE
 
 
 # ----------------------------------------------------------------------------- 6: ABC prompts are text
