@@ -672,3 +672,30 @@ def test_cli_tokenize_counts_a_broken_link(tmp_path, capsys):
     assert f"skipped: {d / 'gone.mid'}: broken symbolic link (to {tmp_path / 'missing.mid'})" in o.err
     assert main(["music", "tokenize", str(d / "good.mid"), str(d / "gone.mid")]) == 0  # named on the command line
     assert "tokenized 1 files, skipped 1 unreadable" in capsys.readouterr().out
+
+
+def test_meter_changes_are_decoded_at_the_bar_where_they_happen():
+    """A change to a shorter bar came back one bar late, and a new meter on the last bar as 3/256."""
+    tok = MidiTokenizer(MidiTokenizerConfig(use_bars=True))
+    assert tok.time_signatures_from_bars([0, 48, 96, 132, 168]) == [(0, 4, 4), (96, 3, 4)]
+    assert tok.time_signatures_from_bars([0, 48, 96, 120], 120) == [(0, 4, 4), (96, 2, 4)]
+    assert tok.time_signatures_from_bars([0, 48, 96, 120], 130) == [(0, 4, 4), (96, 2, 4)]
+    assert tok.time_signatures_from_bars([0, 36, 72, 120, 168]) == [(0, 3, 4), (72, 4, 4)]
+
+
+def test_time_signatures_of_numpy_integers_are_taken():
+    import numpy as np
+
+    tok = MidiTokenizer(MidiTokenizerConfig(use_bars=True))
+    notes = [Note(onset=s, duration=6, group=0, pitch=60, velocity=4) for s in range(0, 200, 12)]
+    plain = tok.encode_notes(notes, time_signatures=[(0, 3, 4)])
+    assert tok.encode_notes(notes, time_signatures=[(np.int64(0), np.int64(3), np.int32(4))]) == plain
+    with pytest.raises(ValueError, match="need positive ints"):
+        tok.encode_notes(notes, time_signatures=[(0, 3.0, 4)])
+
+
+def test_with_file_header_keeps_an_open_title_line_open():
+    from multimodal_rwkv.music.abc import with_file_header
+
+    assert with_file_header("M:6/8\n\nX:1\nT:Fo") == "X:1\nM:6/8\nT:Fo"
+    assert with_file_header("M:6/8\n\nX:1\nT:Fo\n") == "X:1\nT:Fo\nM:6/8\n"

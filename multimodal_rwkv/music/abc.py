@@ -145,6 +145,8 @@ def _insert_header(tune: str, header: Sequence[str]) -> str:
     while j < len(lines) and lines[j].startswith(("T:", "+:")):
         j += 1
     if j == len(lines):  # the tune ends right there, without a newline (a prompt)
+        if j > 1:  # in a T: line: the header goes before it, the prompt's last line stays open
+            return "\n".join(lines[:-1] + list(header) + lines[-1:])
         return tune + "\n" + "\n".join(header) + "\n"
     return "\n".join(lines[:j] + list(header) + lines[j:])
 

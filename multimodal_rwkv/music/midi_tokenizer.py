@@ -78,6 +78,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -845,8 +846,13 @@ class MidiTokenizer:
         if c.use_bars:
             starts: dict[int, tuple[int, int]] = {0: (4, 4)}  # 4/4 until the first time signature
             for step, num, den in sorted(time_signatures):  # the last one at a step wins
-                if not (isinstance(num, int) and isinstance(den, int) and num >= 1 and den >= 1):
+                try:  # any integer type (numpy's too)
+                    n_, d_ = operator.index(num), operator.index(den)
+                except TypeError:
+                    n_ = d_ = 0
+                if n_ < 1 or d_ < 1:
                     raise ValueError(f"encode_notes: time signature {num}/{den} at step {step}: need positive ints")
+                num, den = n_, d_
                 starts[step] = (num, den)
             steps = sorted(starts)
             for k, s0 in enumerate(steps):  # a new time signature restarts the bar
@@ -983,7 +989,8 @@ class MidiTokenizer:
         Greedy from the first bar: among the time signatures whose bar lines (see the module
         docstring: exact, not accumulated) follow the given ones longest, the simplest (denominator
         4, 8, 16, 32, 64, 2, 1, 128, 256, then the smaller numerator) is written; where it stops
-        matching, the next one restarts the bar. This covers every bar sequence the encoder makes;
+        matching, the next one starts at the last bar line that matched (where the meter changed).
+        This covers every bar sequence the encoder makes;
         a bar no time signature can reach (from a model's free output) is left out."""
         bars = sorted(set(int(b) for b in bars))
         if not bars:
@@ -1001,10 +1008,14 @@ class MidiTokenizer:
                 if k < n and p == bars[k]:
                     k += 1
                     continue
-                if k < n and p > bars[k]:
-                    return k  # overshoots the next bar: a new time signature there puts it back
-                return k - 1  # a bar line too many: restart at the last bar that matched
-            return k
+                if k < n and p > bars[k] and k == i + 1:
+                    return k  # the first line passes the next bar (a bar no time signature has): restart there
+                # a bar line where there is none, or past the next bar: the next time signature
+                # starts at the last bar that matched (where the meter changed)
+                return k - 1
+            if k == n:
+                return n
+            return k if k == i + 1 else k - 1  # bars left that no line reached: as a line past the next bar
 
         out: list[tuple[int, int, int]] = []
         i = 0
