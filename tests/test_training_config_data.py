@@ -98,6 +98,69 @@ def test_unknown_key_in_recipe_file(tmp_path):
         load_config(p)
 
 
+def test_a_recipe_that_is_not_utf8_is_named_in_one_line(tmp_path, capsys):
+    from multimodal_rwkv.cli import main
+
+    png = tmp_path / "roll.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"roll\.png: not a UTF-8 YAML recipe \(byte 0x89 at line 1"):
+        load_config(png)
+    latin = tmp_path / "latin.yaml"  # a valid recipe but for one Latin-1 byte in a comment
+    latin.write_bytes(b"task: lm\n# caf\xe9\nmax_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"latin\.yaml: not a UTF-8 YAML recipe \(byte 0xe9 at line 2"):
+        load_config(latin)
+    assert main(["train", str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a UTF-8 YAML recipe" in err[0]
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("task: lm\noptim:\n  lr: 1e-3\n  eps: 1e-8\n  lr: 2e-3\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: duplicate key 'optim\.lr' at line 5 \(first given at line 3\)"):
+        load_config(p)
+    p.write_text("max_steps: 3\nseed: 1\nmax_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'max_steps' at line 3 \(first given at line 1\)"):
+        load_config(p)
+    p.write_text("model:\n  config: {n_layer: 2, n_layer: 3}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'model\.config\.n_layer' at line 2"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"override 'model\.config': duplicate key 'n_layer'"):
+        apply_overrides(TrainConfig(), ["model.config={n_layer: 2, n_layer: 3}"])
+    # the same key in different mappings, and a key overriding one from a merge (<<), are fine
+    from multimodal_rwkv.training.config import _load_yaml
+
+    assert _load_yaml("a: &b {x: 1, y: 2}\nc: {<<: *b, x: 3}\nd: {x: 4}\n") == {
+        "a": {"x": 1, "y": 2}, "c": {"x": 3, "y": 2}, "d": {"x": 4}}
+    p.write_text("optim: &o {lr: 1.0e-3}\nmax_steps: 2\n")
+    assert load_config(p).optim.lr == 1e-3
+
+
+def test_model_config_null_clears_it_for_fine_tuning_a_checkpoint():
+    cfg = load_config("recipes/lm_tiny.yaml", ["model.from_pretrained=ckpt/", "model.config=null"])
+    assert cfg.model.config == {} and cfg.model.from_pretrained == "ckpt/"
+    from multimodal_rwkv.training.lm import LMTask
+
+    both = load_config("recipes/lm_tiny.yaml", ["model.from_pretrained=ckpt/"])
+    with pytest.raises(ConfigError, match=r"not both \(.*add --set model\.config=null\)"):
+        LMTask(both).build_model()
+
+
+def test_the_fine_tuning_command_in_the_recipes_readme_resolves(capsys):
+    """recipes/README.md shows how to fine-tune a checkpoint with lm_tiny.yaml; that command parses."""
+    import re
+    import shlex
+
+    from multimodal_rwkv.cli import main
+
+    text = open("recipes/README.md", encoding="utf-8").read()
+    cmds = [c for c in re.findall(r"^mmrwkv train recipes/lm_tiny\.yaml .*$", text, re.M) if "from_pretrained" in c]
+    assert cmds, "recipes/README.md: no fine-tuning command for lm_tiny.yaml"
+    assert main(shlex.split(cmds[0])[1:] + ["--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "config: {}" in out and "from_pretrained: runs/lm_tiny/final" in out
+
+
 def test_yaml_exponent_floats_are_numbers(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("optim:\n  lr: 6e-4\n  eps: 1e-18\n")  # YAML 1.1 reads these as strings
@@ -272,6 +335,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(DataError) as e:
         _stream(p, tmp_path)
     assert f"{p}:3" in str(e.value) and "invalid JSON" in str(e.value)
+    assert not list((tmp_path / "cache").iterdir())  # the failed tokenization's temp folder is removed
     s = _stream(p, tmp_path, on_bad="skip")
     assert s.skipped == 2
     assert bytes(int(i) - 1 for i in np.asarray(s.ids) if i).decode() == "okfine"
@@ -297,6 +361,24 @@ def test_empty_and_unreadable_files(tmp_path):
         _stream(tmp_path / "f.npy", tmp_path)
 
 
+def test_an_empty_or_truncated_npy_shard_is_one_bad_file(tmp_path):
+    d = tmp_path / "toks"
+    d.mkdir()
+    np.save(d / "a.npy", np.array([5, 6, 0], np.int32))
+    (d / "b.npy").write_bytes(b"")  # numpy: EOFError("No data left in file")
+    with pytest.raises(DataError, match=r"b\.npy: cannot read token array \(empty or truncated .*on_bad_record=skip"):
+        _stream(d, tmp_path)
+    assert not list((tmp_path / "cache").iterdir())  # no partial cache entry left behind
+    s = _stream(d, tmp_path, on_bad="skip")
+    assert s.skipped == 1 and np.asarray(s.ids).tolist() == [5, 6, 0]
+    raw = (d / "a.npy").read_bytes()
+    (d / "b.npy").write_bytes(raw[:40])  # cut inside the header
+    with pytest.raises(DataError, match=r"b\.npy: cannot read token array"):
+        _stream(d, tmp_path)
+    with pytest.raises(DataError, match=r"b\.npy: cannot read token array"):
+        _stream(d / "b.npy", tmp_path)
+
+
 def test_token_folder_concatenates_with_separators(tmp_path):
     d = tmp_path / "toks"
     d.mkdir()
@@ -317,6 +399,31 @@ def test_packing_covers_every_next_token_once(n, L):
         assert len(x) == len(y) == L
         pairs += [(int(a), int(b)) for a, b in zip(x, y) if b != IGNORE_INDEX]
     assert pairs == [(int(ids[t]), int(ids[t + 1])) for t in range(n - 1)]
+
+
+def test_a_ctx_len_longer_than_the_data_is_cut_to_it_with_a_warning(tmp_path, caplog):
+    """The data as one window of all its tokens, not one window of ctx_len mostly padding (same
+    loss, none of the padding's memory: a ctx_len of 1e8 used to fail allocating 200 GB)."""
+    from types import SimpleNamespace
+
+    from multimodal_rwkv.training.lm import LMTask
+
+    np.save(tmp_path / "t.npy", np.arange(1, 101, dtype=np.int32))
+    np.save(tmp_path / "v.npy", np.arange(1, 31, dtype=np.int32))
+    cfg = apply_overrides(TrainConfig(), [f"data.train_file={tmp_path / 't.npy'}", "data.ctx_len=100000000",
+                                          f"data.valid_file={tmp_path / 'v.npy'}", f"output_dir={tmp_path / 'o'}"])
+    with caplog.at_level("INFO"):
+        train, valid, _ = LMTask(cfg).build_datasets(SimpleNamespace(config=SimpleNamespace(vocab_size=128)))
+    assert len(train) == 1 and train.ctx_len == 99 and len(valid) == 1 and valid.ctx_len == 29
+    x, y = train.window(0)
+    assert x.tolist() == list(range(1, 100)) and y.tolist() == list(range(2, 101))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "data.ctx_len=100000000 is longer than the whole training data (100 tokens" in warned[0]
+    assert "train: 1 window of 99 tokens" in caplog.text
+    caplog.clear()  # a window that the data fills exactly: nothing to say
+    cfg = apply_overrides(cfg, ["data.ctx_len=99", "data.valid_file=null"])
+    train, _, _ = LMTask(cfg).build_datasets(SimpleNamespace(config=SimpleNamespace(vocab_size=128)))
+    assert train.ctx_len == 99 and not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_global_order_is_independent_of_process_count_and_restarts():

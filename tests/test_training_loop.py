@@ -307,6 +307,68 @@ def test_one_run_per_output_dir_and_export_files_checked_first(tmp_path, corpus)
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()  # refused before any training
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_new_folder(tmp_path, corpus, caplog):
+    """A failed start removes the output_dir it created (and its new parents), unless a finished
+    token cache is in it; a folder that existed before is left as it was found."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "shard_00000.npy", np.zeros((2, 3), np.int32))  # a bad file
+    new = tmp_path / "new" / "run"
+    with pytest.raises(DataError, match="shard_00000.npy: expected a 1-D integer token array"):
+        train(TrainConfig(), base_overrides(shards, new, max_steps=1))
+    assert not (tmp_path / "new").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine")
+    with pytest.raises(DataError):
+        train(TrainConfig(), base_overrides(shards, old, max_steps=1))
+    assert (old / "notes.txt").read_text() == "mine"
+    # tokenized text, then a bad validation file: the token cache stays for the rerun
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, " * 50)
+    cached = tmp_path / "cached"
+    with pytest.raises(DataError, match="no such file"):
+        train(TrainConfig(), base_overrides(text, cached, max_steps=1, **{
+            "data.tokenizer": "bytes", "data.valid_file": tmp_path / "nope.txt"}) + [
+            "model.config={n_layer: 1, n_embd: 64, head_size: 32}"])
+    assert [p.name for p in (cached / "token_cache").iterdir() if not p.name.startswith(".")]
+    # another run's folder (locked) is never removed by a run refused because of it
+    from multimodal_rwkv.training.loop import Trainer
+
+    holder = Trainer(apply_overrides(TrainConfig(), base_overrides(corpus, tmp_path / "held")))
+    (tmp_path / "held").mkdir()
+    holder._lock_output_dir()
+    with pytest.raises(ConfigError, match="in use"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "held", max_steps=1))
+    assert (tmp_path / "held" / ".lock").is_file()
+    os.close(holder._lock_fd)
+
+
+def test_a_model_too_large_to_build_is_one_line_not_a_traceback(tmp_path, corpus, capsys):
+    from multimodal_rwkv.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    save_config(TrainConfig(), recipe)
+    ov = base_overrides(corpus, tmp_path / "run", max_steps=1)
+    ov[0] = "model.config={n_layer: 1, n_embd: 64, head_size: 32, vocab_size: 1099511627776}"  # 256 TiB
+    assert main(["train", str(recipe), "--set", *ov]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory building the model (tried to allocate" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cpu_run_does_not_import_deepspeed(tmp_path, corpus):
+    """accelerate's unwrap_model imports DeepSpeed whenever it is installed, which printed DeepSpeed's
+    "Setting accelerator to CPU" warning in every CPU run; without a DeepSpeed config it is not imported."""
+    code = ("import sys; from multimodal_rwkv.training import TrainConfig, train; "
+            f"train(TrainConfig(), {base_overrides(corpus, tmp_path / 'run', max_steps=1)!r}); "
+            "print('deepspeed imported:', 'deepspeed' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "deepspeed imported: False" in r.stdout and "Setting accelerator" not in r.stderr
+
+
 def _official_logits(pth, ids):
     os.environ["RWKV_JIT_ON"] = "0"
     os.environ["RWKV_CUDA_ON"] = "0"
@@ -418,6 +480,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     # a wall-clock budget: the ranks agree on the time (mean over ranks) and stop at the same step
     ov = base_overrides(corpus, tmp_path / "timed", max_steps=100000, max_minutes=0.01, checkpoint_every=0,
                         **{"train.micro_batch_size": 1})
+    assert r.stdout.splitlines() == [str(tmp_path / "two" / "final")]  # printed by rank 0 only
     cmd = cmd[:cmd.index("train") + 2] + sum((["--set", o] for o in ov), [])
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

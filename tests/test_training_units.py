@@ -130,6 +130,66 @@ def test_train_cli_set_takes_several_values_per_flag(capsys):
     assert rc == 0 and "train_file: a.txt" in out and "output_dir: /tmp/x1" in out and "max_steps: 7" in out
 
 
+def test_train_cli_takes_a_recipe_given_after_set(capsys):
+    """--set takes every value up to the next flag, the recipe too: it is taken back from there."""
+    from multimodal_rwkv.cli import main
+
+    rc = main(["train", "--set", "max_steps=7", "output_dir=/tmp/x1", "recipes/lm_tiny.yaml", "--print-config"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "max_steps: 7" in out and "output_dir: /tmp/x1" in out and "n_embd: 128" in out
+    assert main(["train", "--set", "max_steps=7", "nothere.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothere.yaml: cannot read recipe" in err[0]
+    assert main(["train", "--set", "max_steps=7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "required: recipe (put the recipe before --set" in err[0]
+
+
+def test_train_cli_prints_the_final_folder_on_the_main_process_only(monkeypatch, capsys):
+    """Under torchrun every rank runs the command: the final/ line comes once, from rank 0."""
+    from pathlib import Path
+
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.training import loop
+
+    def run(self, main_process):
+        self.is_main_process = main_process
+        return Path(self.cfg.output_dir) / "final"
+
+    for main_process, expect in ((True, "/tmp/x2/final\n"), (False, "")):
+        monkeypatch.setattr(loop.Trainer, "run", lambda self, m=main_process: run(self, m))
+        assert main(["train", "recipes/lm_tiny.yaml", "--set", "output_dir=/tmp/x2"]) == 0
+        assert capsys.readouterr().out == expect
+
+
+def test_out_of_memory_is_one_line_naming_the_settings_to_lower(monkeypatch, capsys):
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.training import loop
+
+    torch_cpu = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 65536000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    def fail(phase, e):
+        def _run(self):
+            self._phase = phase
+            raise e
+        monkeypatch.setattr(loop.Trainer, "_run", _run)
+        rc = main(["train", "recipes/lm_tiny.yaml", "--set", "output_dir=/tmp/x3", "train.micro_batch_size=1000000"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        return err[0]
+
+    err = fail("steps", RuntimeError(torch_cpu))
+    assert "out of memory for a training step (tried to allocate 61.0 GiB)" in err
+    assert "train.micro_batch_size=1000000" in err and "data.ctx_len=128" in err
+    err = fail("eval", MemoryError("Unable to allocate 7.45 GiB for an array"))
+    assert "out of memory evaluating" in err and "train.micro_batch_size" in err
+    err = fail("model", RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has ..."))
+    assert "out of memory building the model (tried to allocate 20.00 GiB): use a smaller model" in err
+    with pytest.raises(RuntimeError, match="something else"):  # not an allocation failure: left alone
+        fail("steps", RuntimeError("something else"))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_keep_freed_memory_stops_page_faulting_big_buffers_in_again():
     """A step-like loop that allocates and frees 16-48 MB buffers: by default glibc returns them to

@@ -16,8 +16,11 @@ def register(sub) -> None:
             "checkpoint; --set max_steps=N extends a finished run. Multi-GPU: prefix with "
             "'accelerate launch --config_file recipes/accelerate/<x>.yaml -m multimodal_rwkv'."),
         epilog="Example: mmrwkv train recipes/lm_tiny.yaml --set data.train_file=corpus.txt --set max_steps=300",
+        usage="%(prog)s [-h] RECIPE [--set KEY=VALUE [KEY=VALUE ...]] [--print-config]",
     )
-    p.add_argument("recipe", help="recipe YAML file")
+    # nargs="?": `train --set k=v RECIPE` lets --set (nargs="+") take the recipe too; cmd_train finds
+    # it there, or says where it goes, instead of argparse's bare "required: recipe"
+    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="recipe YAML file (required; give it before --set)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override recipe values, e.g. --set optim.lr=3e-4 output_dir=runs/x "
                         "(several per flag, flag repeatable; type-checked)")
@@ -29,20 +32,36 @@ def cmd_train(args) -> int:
     from multimodal_rwkv.training.config import config_to_dict, load_config
     from multimodal_rwkv.training.loop import Trainer, TrainingInterrupted
 
-    cfg = load_config(args.recipe, args.overrides).validate()
+    recipe, overrides = _recipe_and_overrides(args.recipe, list(args.overrides))
+    cfg = load_config(recipe, overrides).validate()
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    trainer = Trainer(cfg)
     try:
-        final = Trainer(cfg).run()
+        final = trainer.run()
     except TrainingInterrupted as e:
         logger.warning("%s", e)
         return 128 + int(e.signum or signal.SIGTERM)
-    print(final)
+    if trainer.is_main_process:  # one line per run, not one per rank
+        print(final)
     _end_process_group()
     return 0
+
+
+def _recipe_and_overrides(recipe, overrides: list[str]) -> tuple[str, list[str]]:
+    """A recipe given after ``--set`` (which takes every value up to the next flag) is the last
+    override when that is not KEY=VALUE; otherwise a missing recipe is an error saying where it goes."""
+    from multimodal_rwkv.errors import ConfigError
+
+    if recipe is None and overrides and "=" not in overrides[-1]:  # never a valid override
+        return overrides[-1], overrides[:-1]
+    if recipe is None:
+        raise ConfigError("the following arguments are required: recipe (put the recipe before --set: "
+                          "mmrwkv train RECIPE.yaml --set KEY=VALUE ...)")
+    return recipe, overrides
 
 
 def _end_process_group() -> None:

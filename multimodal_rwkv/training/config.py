@@ -207,6 +207,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = args[0] if args else Any
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
+        if value is None:  # `model.config: null` / `--set model.config=null`: cleared, an empty mapping
+            return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
@@ -276,18 +278,74 @@ def _yaml():
     return yaml
 
 
+_LOADER = None
+
+
+def _strict_loader():
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    one silently, so a second ``lr:`` in a section would quietly replace the first): ConfigError
+    naming the key's dotted path and both lines. A merge key (``<<: *base``) may still be overridden."""
+    global _LOADER
+    if _LOADER is None:
+        yaml = _yaml()
+
+        class StrictSafeLoader(yaml.SafeLoader):
+            def construct_document(self, node):
+                self._checked = set()
+                self._check_duplicates(node, "")
+                return super().construct_document(node)
+
+            def _check_duplicates(self, node, prefix):
+                if id(node) in self._checked:  # an alias of a node already checked (maybe recursive)
+                    return
+                self._checked.add(id(node))
+                if isinstance(node, yaml.SequenceNode):
+                    for i, item in enumerate(node.value):
+                        self._check_duplicates(item, f"{prefix}[{i}]")
+                if not isinstance(node, yaml.MappingNode):
+                    return
+                lines: dict = {}
+                for key_node, value_node in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key = self.construct_object(key_node)
+                    name = f"{prefix}.{key}" if prefix else str(key)
+                    line = key_node.start_mark.line + 1
+                    if key in lines:
+                        raise ConfigError(f"duplicate key {name!r} at line {line} (first given at line "
+                                          f"{lines[key]}): give each key once")
+                    lines[key] = line
+                    self._check_duplicates(value_node, name)
+
+        _LOADER = StrictSafeLoader
+    return _LOADER
+
+
+def _load_yaml(text: str):
+    """``yaml.safe_load`` with duplicate keys refused (see :func:`_strict_loader`)."""
+    return _yaml().load(text, Loader=_strict_loader())
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML recipe and apply ``overrides`` (``["optim.lr=1e-3", ...]``)."""
     yaml = _yaml()
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read recipe ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # a PNG given by mistake, a recipe saved as Latin-1 or UTF-16
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not a UTF-8 YAML recipe (byte 0x{raw[e.start]:02x} at line {line} is not "
+                          "UTF-8)") from None
+    try:
+        data = _load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
     try:
@@ -297,12 +355,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     return apply_overrides(cfg, overrides or [])
 
 
-def _parse_value(text: str):
+def _parse_value(text: str, key: str = ""):
     yaml = _yaml()
     try:
-        return yaml.safe_load(text) if text.strip() != "" else ""
+        return _load_yaml(text) if text.strip() != "" else ""
     except yaml.YAMLError:
         return text
+    except ConfigError as e:  # a duplicate key inside the value: {a: 1, a: 2}
+        raise ConfigError(f"override {key!r}: {e}") from None
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -321,7 +381,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             sub = ".".join(parts[: i + 1])
             if cls is None or not dataclasses.is_dataclass(cls):
                 if isinstance(node, dict) and i == len(parts) - 1:  # free-form dict (options/config)
-                    node[part] = _parse_value(text)
+                    node[part] = _parse_value(text, key)
                     break
                 if isinstance(node, dict):
                     node = node.setdefault(part, {})
@@ -334,7 +394,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
                 raise ConfigError(f"unknown config key {key!r}; known keys in {'.'.join(parts[:i]) or 'recipe'}: {sorted(names)}")
             tp = _hints(cls)[part]
             if i == len(parts) - 1:
-                value = _parse_value(text)
+                value = _parse_value(text, key)
                 if dataclasses.is_dataclass(tp):  # a whole section: its keys update the section's
                     if not isinstance(value, dict):
                         raise ConfigError(f"{key}: expected a mapping of its keys, got {value!r}")

@@ -370,23 +370,27 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
     n_tokens = 0
     n_docs = 0
     any_masked = False
-    with open(tmp / "tokens.u32", "wb") as ft, open(tmp / "target.u8", "wb") as fm:
-        for f in files:
-            for doc in iter_text_documents(f, fmt, on_bad, bad):
-                # the separator after a document is a target when the document's last segment is
-                segs = [(list(tokenizer.encode(text)), t) for text, t in doc] + [([SEPARATOR], doc[-1][1])]
-                for ids, is_target in segs:
-                    arr = np.asarray(ids, dtype=np.int64)
-                    if len(arr) and (arr.min() < 0 or arr.max() >= 2**32):
-                        raise DataError(f"{f}: tokenizer produced ids outside uint32")
-                    arr.astype(np.uint32).tofile(ft)
-                    np.full(len(arr), int(is_target), np.uint8).tofile(fm)
-                    any_masked |= not is_target
-                    n_tokens += len(arr)
-                n_docs += 1
-        for fh in (ft, fm):
-            fh.flush()
-            os.fsync(fh.fileno())
+    try:
+        with open(tmp / "tokens.u32", "wb") as ft, open(tmp / "target.u8", "wb") as fm:
+            for f in files:
+                for doc in iter_text_documents(f, fmt, on_bad, bad):
+                    # the separator after a document is a target when the document's last segment is
+                    segs = [(list(tokenizer.encode(text)), t) for text, t in doc] + [([SEPARATOR], doc[-1][1])]
+                    for ids, is_target in segs:
+                        arr = np.asarray(ids, dtype=np.int64)
+                        if len(arr) and (arr.min() < 0 or arr.max() >= 2**32):
+                            raise DataError(f"{f}: tokenizer produced ids outside uint32")
+                        arr.astype(np.uint32).tofile(ft)
+                        np.full(len(arr), int(is_target), np.uint8).tofile(fm)
+                        any_masked |= not is_target
+                        n_tokens += len(arr)
+                    n_docs += 1
+            for fh in (ft, fm):
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:  # a bad record (data.on_bad_record=fail), ^C: no partial entry left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if n_docs == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{source}: no usable documents ({bad.count} bad records skipped)")
@@ -517,6 +521,8 @@ def write_binidx(prefix: str | Path, docs: Iterable[Iterable[int]], dtype=np.uin
 def _load_npy(path: Path) -> np.ndarray:
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError as e:  # an empty (0-byte) file: numpy finds no header
+        raise DataError(f"{path}: cannot read token array (empty or truncated .npy file: {e})") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read token array ({e})") from None
     if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
@@ -553,23 +559,27 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = _cache_temp(Path(cache_dir), final.name)
     n = 0
-    with open(tmp / "tokens.u32", "wb") as ft:
-        for f in files:
-            try:
-                a = _load_npy(f)
-                if int(a.min()) < 0 or int(a.max()) >= 2**32:
-                    raise DataError(f"{f}: token ids outside [0, 2**32)")
-            except DataError as e:
-                _handle_bad(str(e), on_bad, bad)
-                continue
-            a = np.asarray(a, dtype=np.uint32)
-            a.tofile(ft)
-            n += len(a)
-            if a[-1] != SEPARATOR:
-                np.asarray([SEPARATOR], np.uint32).tofile(ft)
-                n += 1
-        ft.flush()
-        os.fsync(ft.fileno())
+    try:
+        with open(tmp / "tokens.u32", "wb") as ft:
+            for f in files:
+                try:
+                    a = _load_npy(f)
+                    if int(a.min()) < 0 or int(a.max()) >= 2**32:
+                        raise DataError(f"{f}: token ids outside [0, 2**32)")
+                except DataError as e:
+                    _handle_bad(str(e), on_bad, bad)
+                    continue
+                a = np.asarray(a, dtype=np.uint32)
+                a.tofile(ft)
+                n += len(a)
+                if a[-1] != SEPARATOR:
+                    np.asarray([SEPARATOR], np.uint32).tofile(ft)
+                    n += 1
+            ft.flush()
+            os.fsync(ft.fileno())
+    except BaseException:  # a bad file (data.on_bad_record=fail), ^C: no partial entry left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if n == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{p}: no usable token files ({bad.count} skipped)")

@@ -88,7 +88,9 @@ class LMTask(Task):
         m = self.cfg.model
         if m.from_pretrained:
             if m.config:
-                raise ConfigError("model.config: give either model.from_pretrained or model.config, not both")
+                raise ConfigError("model.config: give either model.from_pretrained or model.config, not both (to "
+                                  "fine-tune a checkpoint with a recipe that sets model.config, add "
+                                  "--set model.config=null)")
             return RWKVForCausalLM.from_pretrained(m.from_pretrained, dtype=torch.float32)
         kwargs = dict(m.config)
         allowed = _rwkv_config_keys()
@@ -104,7 +106,7 @@ class LMTask(Task):
         d = self.cfg.data.cache_dir
         return Path(d) if d else Path(self.cfg.output_dir) / "token_cache"
 
-    def _dataset(self, path, vocab_size: int) -> PackedDataset:
+    def _dataset(self, path, vocab_size: int, key: str) -> PackedDataset:
         d = self.cfg.data
         stream = load_stream(path, d.format, d.tokenizer, self._cache_dir(), d.on_bad_record)
         # a full scan up front for all but huge streams; those are checked window by window when read
@@ -113,16 +115,28 @@ class LMTask(Task):
         head = stream.ids if scanned_all else stream.ids[: FULL_VOCAB_SCAN]
         check_id_range(head, vocab_size, stream.source)
         self.skipped += stream.skipped
-        return PackedDataset(stream, d.ctx_len, None if scanned_all else vocab_size)
+        L = d.ctx_len
+        if 2 <= n <= L:
+            # the data fits in one window shorter than ctx_len: a window of ctx_len would be the same
+            # tokens and targets followed by padding (masked, so the same loss), at the memory and
+            # time of ctx_len positions. The window is cut to the data; a training set that short is
+            # most likely a mistake in data.ctx_len or data.train_file, so it is said.
+            if key == "data.train_file":
+                logger.warning("data.ctx_len=%d is longer than the whole training data (%d tokens in %s): "
+                               "training on one window of %d tokens, the whole data (lower data.ctx_len, or "
+                               "give more data)", L, n, stream.source, n - 1)
+            L = n - 1
+        return PackedDataset(stream, L, None if scanned_all else vocab_size)
 
     def build_datasets(self, model):
         d = self.cfg.data
         if not d.train_file:
             raise ConfigError("data.train_file is not set (e.g. --set data.train_file=corpus.txt)")
         V = int(model.config.vocab_size)
-        train = self._dataset(d.train_file, V)
-        valid = self._dataset(d.valid_file, V) if d.valid_file else None
-        logger.info("train: %d windows of %d tokens from %s", len(train), d.ctx_len, train.stream.source)
+        train = self._dataset(d.train_file, V, "data.train_file")
+        valid = self._dataset(d.valid_file, V, "data.valid_file") if d.valid_file else None
+        logger.info("train: %d window%s of %d tokens from %s", len(train), "" if len(train) == 1 else "s",
+                    train.ctx_len, train.stream.source)
         return train, valid, collate_lm
 
     # ------------------------------------------------------------------ steps

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -355,6 +356,32 @@ def _random_states_failure():
         log.setLevel(level)
 
 
+def _unwrap(acc, model):
+    """``acc.unwrap_model(model)``, without importing DeepSpeed where no DeepSpeed engine can be:
+    accelerate imports it whenever it is installed (to test for its engine class), and on a CPU
+    that import prints DeepSpeed's "Setting accelerator to CPU..." warning in every run."""
+    from accelerate.utils import DistributedType
+
+    if (acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) or "deepspeed" in sys.modules
+            or hasattr(model, "_orig_mod")):  # torch.compile'd: left to accelerate
+        return acc.unwrap_model(model)
+    import torch
+
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+    """Whether ``e`` is an allocation failure: MemoryError (numpy, Python), torch's CUDA/XPU
+    OutOfMemoryError, or the RuntimeError of torch's CPU allocator ("can't allocate memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        w in msg for w in ("can't allocate memory", "not enough memory", "out of memory"))
+
+
 def _trainer_state(ckpt: Path) -> dict:
     """A checkpoint's trainer_state.json (step, data position, ...), or a CheckpointError naming it."""
     from multimodal_rwkv.errors import CheckpointError
@@ -379,6 +406,9 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self._lock_fd = None
+        self._new_dirs: list[Path] = []  # output_dir and the parents this run created (removed if it fails early)
+        self._phase = "setting up"  # what the run is doing: named in an out-of-memory error
+        self.is_main_process = True  # False on the other ranks of a multi-process run (set by run())
         self._warned_no_valid_targets = False
         self.dropped: dict[str, None] = {}  # records the datasets dropped while read (messages, in order)
 
@@ -489,7 +519,7 @@ class Trainer:
 
         try:
             saved = yaml.safe_load((self.out / "recipe.yaml").read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
             return False
         if not isinstance(saved, dict):
             return False
@@ -569,7 +599,7 @@ class Trainer:
 
         cfg = self.cfg
         final = self.out / "final"
-        unwrapped = acc.unwrap_model(model)
+        unwrapped = _unwrap(acc, model)
         from accelerate.utils import DistributedType
 
         if acc.distributed_type == DistributedType.FSDP:
@@ -614,10 +644,61 @@ class Trainer:
                 raise ConfigError(f"export.include_files: {f} is not a file")
         try:
             return self._run()
+        except BaseException as e:
+            self._remove_new_output_dir()
+            if isinstance(e, Exception) and _is_out_of_memory(e):
+                raise TrainingError(self._out_of_memory_message(e)) from None
+            raise
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the output_dir lock
                 self._lock_fd = None
+
+    def _out_of_memory_message(self, e: BaseException) -> str:
+        """One line: what ran out of memory and which settings to lower."""
+        cfg = self.cfg
+        m = re.search(r"[Tt]ried to allocate ([\d.]+) ?(\w+)", str(e))
+        if m and m.group(2) == "bytes":
+            size = f" (tried to allocate {int(float(m.group(1))) / 2**30:.1f} GiB)"
+        elif m:
+            size = f" (tried to allocate {m.group(1)} {m.group(2)})"
+        else:
+            size = f" ({str(e).strip().splitlines()[0][:200]})" if str(e).strip() else ""
+        if self._phase == "model":
+            return (f"out of memory building the model{size}: use a smaller model (model.config: n_layer, "
+                    "n_embd, vocab_size) or a machine with more memory")
+        if self._phase not in ("steps", "eval"):
+            return f"out of memory while {self._phase}{size}: free memory or use a machine with more"
+        what = "for a training step" if self._phase == "steps" else "evaluating"
+        return (f"out of memory {what}{size} with train.micro_batch_size={cfg.train.micro_batch_size} x "
+                f"data.ctx_len={cfg.data.ctx_len} tokens: lower train.micro_batch_size or data.ctx_len (raise "
+                "train.grad_accum to keep the batch), or set train.bptt_chunk or train.grad_checkpointing=true")
+
+    def _remove_new_output_dir(self) -> None:
+        """After a failed run: remove output_dir if this run created it and it holds nothing worth
+        keeping (only the lock, the recipe and metrics of a run without a checkpoint, temp folders),
+        with the parents the run created. A folder that existed before is never removed, nor one
+        with a checkpoint, a final/ model or a finished token cache (a rerun reuses it)."""
+        if not self._new_dirs or self._lock_fd is None:  # not created here, or another run's (not locked)
+            return
+        out = self.out
+        try:
+            keep = []
+            for p in out.iterdir():
+                if p.name in (".lock", "recipe.yaml", "metrics.jsonl", "logs") or p.name.startswith(".tmp-"):
+                    continue
+                if p.is_dir() and p.name in ("checkpoints", "token_cache") and all(
+                        q.name.startswith((".tmp-", ".old-", ".broken-")) for q in p.iterdir()):
+                    continue
+                keep.append(p.name)
+            if keep:
+                logger.debug("kept %s after the failed run: it holds %s", out, ", ".join(sorted(keep)))
+                return
+            shutil.rmtree(out)
+            for d in self._new_dirs[1:]:  # the parents this run created, innermost first, while empty
+                d.rmdir()
+        except OSError as e:
+            logger.debug("could not remove %s: %s", out, e)
 
     def _lock_output_dir(self) -> None:
         """One run per output_dir: an exclusive lock on ``output_dir/.lock`` for the run's life
@@ -653,11 +734,13 @@ class Trainer:
             raise ConfigError(f"launched as one of {launched} processes, but they formed no process group "
                               f"(a multi-GPU launch config on a machine without GPUs? on CPUs set "
                               f"ACCELERATE_USE_CPU=1, see recipes/accelerate/README.md)")
-        main = acc.is_main_process
+        main = self.is_main_process = acc.is_main_process
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
+            new = [d for d in (self.out, *self.out.absolute().parents) if not d.exists()]
             self.out.mkdir(parents=True, exist_ok=True)
+            self._new_dirs = [d for d in new if d.is_dir()]
             self._lock_output_dir()
             self._cleanup_temp()
         acc.wait_for_everyone()
@@ -682,7 +765,9 @@ class Trainer:
                                "model of step %d", resume[1], st["step"], cfg.max_steps, st["step"])
 
         set_seed(cfg.seed)
+        self._phase = "model"
         model = self._build_model(task)
+        self._phase = "reading the data"
         with acc.main_process_first():
             train_ds, valid_ds, collate = task.build_datasets(model)
         skipped = int(getattr(task, "skipped", 0))
@@ -693,6 +778,7 @@ class Trainer:
 
         from accelerate.utils import DistributedType
 
+        self._phase = "model"
         opt = build_optimizer(model, cfg.optim, acc.distributed_type)
         if acc.distributed_type == DistributedType.DEEPSPEED:
             # our data loader is not prepared by accelerate, so DeepSpeed learns the micro-batch here
@@ -709,6 +795,7 @@ class Trainer:
                 raise ConfigError("train.bptt_chunk: truncated BPTT needs several backward passes per micro-batch, "
                                   "which DeepSpeed does not support; use DDP or FSDP")
 
+        self._phase = "resuming from the checkpoint" if resume is not None else "setting up"
         step, samples, tokens_seen, t_elapsed = 0, 0, 0, 0.0
         if resume is not None:
             try:
@@ -777,6 +864,7 @@ class Trainer:
         t_sched = t_elapsed  # training time all ranks agree on (the mean over ranks)
         warned_no_targets = warned_zero_grad = False
         time_up = budget is not None and t_sched >= budget
+        self._phase = "steps"
         try:
             with _SignalFlag() as sig:
                 while step < cfg.max_steps and not time_up:
@@ -861,7 +949,9 @@ class Trainer:
                     if loss is None:
                         row["no_targets"] = True
                     if valid_ds is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and not done:
+                        self._phase = "eval"
                         vl = self._evaluate(acc, task, model, valid_ds, collate)
+                        self._phase = "steps"
                         if vl is not None:
                             row["valid_loss"] = vl
                     if skipped or self.dropped:  # after the evaluation: it may drop records too
@@ -893,6 +983,7 @@ class Trainer:
                 metrics_f.close()
 
         if valid_ds is not None:
+            self._phase = "eval"
             n_dropped = len(self.dropped)
             vl = self._evaluate(acc, task, model, valid_ds, collate)
             if main and (vl is not None or len(self.dropped) > n_dropped):
@@ -914,6 +1005,7 @@ class Trainer:
             logger.warning("%d records were dropped while training; %d bad records skipped in all",
                            len(self.dropped), skipped + len(self.dropped))
         task.skipped = skipped + len(self.dropped)  # what save_pretrained reports
+        self._phase = "exporting the model"
         final = self._export(acc, task, model)
         if main:
             try:

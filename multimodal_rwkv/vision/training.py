@@ -105,7 +105,8 @@ class VisualRWKVTask(Task):
                 raise ConfigError("model.options.vocab_subset must be null, 'auto' or a list of World ids")
             if src:
                 if m.config:
-                    raise ConfigError("model: give either model.from_pretrained or model.config, not both")
+                    raise ConfigError("model: give either model.from_pretrained or model.config, not both "
+                                      "(to start from the checkpoint, add --set model.config=null)")
                 if subset is not None:
                     raise ConfigError("model.options.vocab_subset needs a fresh language model (model.config)")
                 from multimodal_rwkv import RWKVForCausalLM
