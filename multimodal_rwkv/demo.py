@@ -7,6 +7,7 @@ Both load through the same public API as any other model.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -55,9 +56,14 @@ def _check_inputs(args) -> None:
     if args.image and args.skip_vision:
         raise DataError("--image is answered by the vision part of the demo, which --skip-vision turns off")
 
+    outputs = [Path(args.out) / n for n in ("song.mid", "song.png", "scene_0.png", "scene_1.png", "scene_2.png")]
     for img in args.image:
         if not Path(img).is_file():
             raise DataError(f"{img}: --image file not found")
+        hit = next((o for o in outputs if o.exists() and os.path.samefile(o, img)), None)
+        if hit is not None:
+            raise DataError(f"{img}: the demo writes {hit.name} into --out {args.out} and would draw over this "
+                            "--image (copy it elsewhere, or give another --out)")
         load_image(img)  # not an image, truncated, too big: said before the demo runs, not after
     if not 0 < args.seconds <= 600:
         raise DataError(f"--seconds must be in (0, 600], got {args.seconds}")

@@ -6,6 +6,7 @@ fsynced, renamed over the target, and the folder entry is fsynced too.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -69,3 +70,12 @@ def atomic_write(path, write) -> None:
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def keep_mode(path, tmp) -> None:
+    """Give ``tmp``, about to replace ``path``, the permissions ``path`` has (a file made private
+    stays private when a rerun replaces it); a new file keeps what the umask gave it."""
+    try:
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+    except FileNotFoundError:
+        pass

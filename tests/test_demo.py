@@ -45,6 +45,19 @@ def test_demo_bad_arguments_exit_2(argv, needle):
     assert rc == 2 and needle in err and "Traceback" not in err
 
 
+def test_demo_never_draws_over_its_image_input(tmp_path):
+    """--image out/scene_0.png was overwritten by the scene the demo draws there (exit 0)."""
+    from PIL import Image
+
+    (tmp_path / "out").mkdir()
+    img = tmp_path / "out" / "scene_0.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(img)
+    before = img.read_bytes()
+    rc, out, err = run("demo", "--out", tmp_path / "out", "--skip-music", "--image", img)
+    assert rc == 2 and "would draw over this --image" in err and "Traceback" not in err
+    assert img.read_bytes() == before
+
+
 def test_demo_with_both_parts_skipped_is_an_error(tmp_path):
     """--skip-music --skip-vision: nothing to do, said (it exited 0 having done nothing), nothing written."""
     rc, out, err = run("demo", "--out", tmp_path / "out", "--skip-music", "--skip-vision")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
+import tempfile
 
 import mido
 import numpy as np
@@ -205,7 +208,12 @@ def test_abc_generate_never_replaces_an_abc_file_it_was_not_told_to_write(tmp_pa
                  str(tmp_path / "p.abc")]) == 2
     assert (tmp_path / "p.abc").read_text() == "X:1\nT:p\n"
     capsys.readouterr()
-    assert "replaced only together with an existing NAME.mid" in _help(capsys, ["music", "generate"])
+    assert "NAME.abc, which must not exist yet" in _help(capsys, ["music", "generate"])
+    # not even beside a NAME.mid (abc2midi makes that pair from the user's own tune)
+    (tmp_path / "mine.abc").write_text("X:1\nK:C\nC|\n")
+    (tmp_path / "mine.mid").write_bytes(b"MThd")
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "mine.mid")]) == 2
+    assert (tmp_path / "mine.abc").read_text() == "X:1\nK:C\nC|\n"
 
 
 def _help(capsys, argv) -> str:
@@ -229,9 +237,7 @@ def test_abc_generate_that_fails_leaves_no_output(tmp_path, capsys, fake_abc_mod
     fake_abc_model[0] = TUNE  # a good tune: the text and the MIDI, both
     assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t3.mid")]) == 0
     assert (tmp_path / "t3.abc").read_text() == TUNE and mido.MidiFile(str(tmp_path / "t3.mid")).tracks
-    # rerun: the pair this command wrote is replaced together
-    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t3.mid")]) == 0
-    assert (tmp_path / "t3.abc").read_text() == TUNE
+
 
 
 # ----------------------------------------------------------------------------- 6: ABC prompts are text
@@ -395,3 +401,53 @@ def test_piano_rolls_are_png_files(tmp_path, capsys, fake_midi_model):
     assert sorted(os.listdir(tmp_path)) == ["song.mid"]
     assert main(["music", "roll", str(song), "--out", str(tmp_path / "X.PNG")]) == 0
     assert (tmp_path / "X.PNG").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prepare_into_a_split_linked_to_another_file_system(tmp_path):
+    """A split folder that is a link to another file system: the rename of the new shards failed
+    after the old ones were deleted (the dataset lost its training data)."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system")
+    d = tmp_path / "m"
+    d.mkdir()
+    for i in range(3):
+        _midi(d / f"{i}.mid", note=60 + i)
+    ds = tmp_path / "ds"
+    args = ["music", "prepare", "--midi-dir", str(d), "--out", str(ds), "--valid-permille", "0", "--test-permille", "0"]
+    assert main(args) == 0
+    elsewhere = tempfile.mkdtemp(dir=shm)
+    try:
+        for f in (ds / "train").iterdir():
+            shutil.move(str(f), elsewhere)
+        (ds / "train").rmdir()
+        (ds / "train").symlink_to(elsewhere)
+        assert main(args) == 0
+        shards = sorted(p.name for p in (ds / "train").iterdir())
+        assert shards and all(n.startswith("shard_") for n in shards)
+        assert load_tokens(ds / "train" / shards[0]).size > 0
+    finally:
+        shutil.rmtree(elsewhere)
+
+
+def test_prepare_refuses_a_folder_whose_meta_json_is_not_its_own(tmp_path, capsys):
+    d = tmp_path / "m"
+    d.mkdir()
+    _midi(d / "a.mid")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "meta.json").write_text('{"my": "settings"}')
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(proj)]) == 2
+    assert "not a dataset written by prepare" in _one_error_line(capsys, "prepare")
+    assert (proj / "meta.json").read_text() == '{"my": "settings"}'
+
+
+def test_a_rerun_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    """Outputs are written to a temp file and renamed: a private output (0600) stays private."""
+    src = tmp_path / "a.mid"
+    _midi(src)
+    png = tmp_path / "r.png"
+    assert main(["music", "roll", str(src), "--out", str(png)]) == 0
+    os.chmod(png, 0o600)
+    assert main(["music", "roll", str(src), "--out", str(png)]) == 0
+    assert stat.S_IMODE(os.stat(png).st_mode) == 0o600

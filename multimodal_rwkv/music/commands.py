@@ -166,9 +166,9 @@ def cmd_generate(args) -> int:
     if isinstance(tok, AbcTokenizer):
         midi_out = out.suffix.lower() in (".mid", ".midi")
         text_file = out.with_suffix(".abc") if midi_out else out
-        # the side output replaces a NAME.abc only beside an existing NAME.mid (a pair this command
-        # wrote before, rerun): alone, it is the user's own tune
-        if midi_out and os.path.lexists(text_file) and not os.path.lexists(out):
+        # the side output never replaces a NAME.abc: it may be the user's own tune (abc2midi makes
+        # NAME.mid from it), whatever else is there
+        if midi_out and os.path.lexists(text_file):
             raise DataError(f"{text_file}: exists; --out {out} with an ABC model also writes the tune text to "
                             f"{text_file} and would replace that file (move it away, or give another --out)")
         check_outputs([("--out", out)] + ([("the tune text", text_file)] if midi_out else [])
@@ -362,8 +362,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--out", required=True,
                    help="output .mid (ABC models: .abc, or .mid via music21, the tune text kept beside it as "
-                        "NAME.abc; an existing NAME.abc is replaced only together with an existing NAME.mid, "
-                        "as when rerunning the command)")
+                        "NAME.abc, which must not exist yet: it is never replaced)")
     p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start); "
                                     "not empty, and never an output")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=30.0,

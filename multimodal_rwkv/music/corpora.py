@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -262,7 +263,7 @@ def _check_out_folder(out: Path, midi_dir) -> None:
     if not out.is_dir():
         raise DataError(f"{out}: not a folder (the output of prepare is a folder)")
     entries = {e.name for e in out.iterdir()}
-    if entries and not entries & set(_DATASET_FILES):
+    if entries and not _is_prepared(out):
         raise DataError(f"{out}: a folder that holds other files, not a dataset written by prepare "
                         "(give a new or empty folder)")
     for name in SPLITS + ("midi",):
@@ -273,24 +274,47 @@ def _check_out_folder(out: Path, midi_dir) -> None:
             raise DataError(f"{out / name}: a folder (prepare writes this file)")
 
 
+def _is_prepared(out: Path) -> bool:
+    """Whether ``out`` holds a dataset :func:`prepare` wrote: its meta.json, as prepare writes it."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("kind") in ("midi", "abc") and isinstance(meta.get("counts"), dict)
+
+
 def _move_dataset(stage: Path, out: Path) -> None:
     """Move a complete dataset from ``stage`` into the existing ``out``: its old shards and files
-    replaced, new chorale MIDI files added to the cache; then ``stage`` removed."""
+    replaced, new chorale MIDI files added to the cache; then ``stage`` removed. The new files are
+    first copied in beside the old ones (``.new-`` names; a split folder may be a link to another
+    file system, where a rename fails), and the old ones go only once all are in place: a failure
+    leaves the old dataset whole."""
+    if (stage / "midi").is_dir():  # the cache only grows: files added first do no harm
+        (out / "midi").mkdir(exist_ok=True)
+        for f in sorted((stage / "midi").iterdir()):
+            shutil.move(str(f), str(out / "midi" / f.name))
+        (stage / "midi").rmdir()
+    placed: list[Path] = []
+    try:
+        for name in SPLITS:
+            if (out / name).is_dir():
+                for f in sorted((stage / name).iterdir()):
+                    placed.append(out / name / f".new-{f.name}")
+                    shutil.move(str(f), str(placed[-1]))
+    except BaseException:
+        for p in placed:
+            p.unlink(missing_ok=True)
+        raise
     for name in SPLITS:
         dst = out / name
         if dst.is_dir():
             for old in dst.glob("shard_*.npy"):
                 old.unlink()
-            for f in sorted((stage / name).iterdir()):
-                os.replace(f, dst / f.name)
+            for f in sorted(dst.glob(".new-*")):
+                os.replace(f, dst / f.name[len(".new-"):])
             (stage / name).rmdir()
         else:
             os.replace(stage / name, dst)
-    if (stage / "midi").is_dir():
-        (out / "midi").mkdir(exist_ok=True)
-        for f in sorted((stage / "midi").iterdir()):
-            os.replace(f, out / "midi" / f.name)
-        (stage / "midi").rmdir()
     for name in _TOKENIZER_FILES:  # the other kind's tokenizer would be found first or confuse
         if (out / name).is_file() and not (stage / name).exists():
             (out / name).unlink()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.fileio import fsync_path
+from multimodal_rwkv.fileio import fsync_path, keep_mode
 
 
 def _resolved(p: Path) -> Path:
@@ -116,6 +116,7 @@ def write_outputs(items: Sequence[tuple[str | os.PathLike, Callable[[Path], obje
             tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
             temps.append((tmp, path))
             write(tmp)
+            keep_mode(path, tmp)
             fsync_path(tmp)
         for tmp, path in temps:
             os.replace(tmp, path)

@@ -129,6 +129,8 @@ def _eval_vqa(args) -> int:
     n_bad_images = 0
     t0 = time.perf_counter()
     out = ensure_parent(args.output)
+    from multimodal_rwkv.fileio import keep_mode
+
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")  # not OUTPUT.tmp, which may be someone's file
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -154,6 +156,7 @@ def _eval_vqa(args) -> int:
                         scores.append(sc)
                         if q.qtype:
                             by_type.setdefault(q.qtype, []).append(sc)
+        keep_mode(out, tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():  # an error or ^C while answering: the half-written answers go
