@@ -62,6 +62,8 @@ def test_tiny_training_validation_loss_decreases(tiny_run):
     assert valid[-1] < valid[0] - 0.3, valid
     assert valid[-1] < math.log(MidiTokenizer().vocab_size)  # better than uniform
     assert (final / "midi_tokenizer.json").is_file() and (final / "model.safetensors").is_file()
+    # token files were tokenized by music prepare: training_info.json does not claim the World tokenizer
+    assert json.loads((final / "training_info.json").read_text())["tokenizer"] is None
 
 
 def test_cli_generate_writes_midi_and_png(tiny_run, tmp_path, capsys):

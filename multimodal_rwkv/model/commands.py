@@ -91,7 +91,7 @@ def _tokenizer_for(src):
     if not isinstance(d, dict):
         raise CheckpointError(f"{info}: not a JSON object (training info maps names to values)")
     name = d.get("tokenizer", "world")
-    if name == "world":
+    if name in ("world", None):  # None: trained on token files, tokenized elsewhere
         return WorldTokenizer()
     if name == "bytes":
         from multimodal_rwkv.training.data import ByteTokenizer

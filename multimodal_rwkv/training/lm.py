@@ -202,8 +202,18 @@ class LMTask(Task):
     def save_pretrained(self, model, out_dir):
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir)
-        info = {"task": "lm", "tokenizer": self.cfg.data.tokenizer, "ctx_len": self.cfg.data.ctx_len,
-                "skipped_records": self.skipped}
+        # token files were tokenized elsewhere (music prepare, ...): their tokenizer is not known here
+        fmt = self.cfg.data.format
+        if fmt == "auto" and self.cfg.data.train_file:
+            from multimodal_rwkv.training.data import detect_format
+
+            try:
+                fmt = detect_format(self.cfg.data.train_file)
+            except Exception:  # the data was read at the start: nothing to report here
+                pass
+        tokens = fmt == "tokens"
+        info = {"task": "lm", "tokenizer": None if tokens else self.cfg.data.tokenizer,
+                "ctx_len": self.cfg.data.ctx_len, "skipped_records": self.skipped}
         (out_dir / "training_info.json").write_text(json.dumps(info, indent=1))
 
 
