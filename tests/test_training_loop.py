@@ -317,6 +317,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_new_folder(tmp_p
     with pytest.raises(DataError, match="shard_00000.npy: expected a 1-D integer token array"):
         train(TrainConfig(), base_overrides(shards, new, max_steps=1))
     assert not (tmp_path / "new").exists()
+    # a path through "..": the folders it created are still found (a/.. is not one of them)
+    (tmp_path / "n3").mkdir()
+    with pytest.raises(DataError):
+        train(TrainConfig(), base_overrides(shards, f"{tmp_path}/n3/a/../b", max_steps=1))
+    assert os.listdir(tmp_path / "n3") == []
     old = tmp_path / "old"
     old.mkdir()
     (old / "notes.txt").write_text("mine")

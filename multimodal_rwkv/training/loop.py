@@ -738,7 +738,8 @@ class Trainer:
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
-            new = [d for d in (self.out, *self.out.absolute().parents) if not d.exists()]
+            base = self.out.absolute()  # as written: mkdir makes a/ of a/../b too; a/.. itself is no new folder
+            new = [d for d in (base, *base.parents) if d.name not in ("..", ".") and not d.exists()]
             self.out.mkdir(parents=True, exist_ok=True)
             self._new_dirs = [d for d in new if d.is_dir()]
             self._lock_output_dir()
