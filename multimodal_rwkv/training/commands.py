@@ -45,6 +45,13 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as e:
         logger.warning("%s", e)
         return 128 + int(e.signum or signal.SIGTERM)
+    except RuntimeError as e:
+        if _peer_gone(e):  # another rank stopped (its own error is printed by it): one line here too
+            from multimodal_rwkv.training.loop import TrainingError
+
+            raise TrainingError("another process of this run stopped (the connection to it closed); "
+                                "its own error says why") from None
+        raise
     if trainer.is_main_process:  # one line per run, not one per rank
         print(final)
     _end_process_group()
@@ -62,6 +69,17 @@ def _recipe_and_overrides(recipe, overrides: list[str]) -> tuple[str, list[str]]
         raise ConfigError("the following arguments are required: recipe (put the recipe before --set: "
                           "mmrwkv train RECIPE.yaml --set KEY=VALUE ...)")
     return recipe, overrides
+
+
+def _peer_gone(e: RuntimeError) -> bool:
+    """Whether ``e`` is the collective error of a rank whose peer process exited (gloo/NCCL)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    msg = str(e).lower()
+    return type(e).__name__ == "DistBackendError" or any(
+        w in msg for w in ("connection closed by peer", "connection reset by peer", "broken pipe"))
 
 
 def _end_process_group() -> None:
