@@ -49,6 +49,25 @@ def ensure_parent(path) -> Path:
     return path
 
 
+def make_dirs(folder) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, outermost first (:func:`remove_dirs`
+    undoes it). The path is taken as written: for ``a/../b`` the system makes ``a/`` too (it
+    resolves ``a/..`` through it), and ``a/..`` is no folder of its own."""
+    folder = Path(folder).absolute()
+    missing = [d for d in (folder, *folder.parents) if d.name not in ("..", ".") and not os.path.lexists(d)]
+    folder.mkdir(parents=True, exist_ok=True)
+    return [d for d in reversed(missing) if d.is_dir()]
+
+
+def remove_dirs(made) -> None:
+    """Remove the folders :func:`make_dirs` created (innermost first), where still empty."""
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)`` to produce the file, then move it into place atomically.
 

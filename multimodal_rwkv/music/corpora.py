@@ -229,7 +229,7 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         raise DataError(f"{midi_dir}: not a directory")
     out = Path(out)
     _check_out_folder(out, midi_dir)
-    from multimodal_rwkv.music.outputs import make_dirs, remove_dirs
+    from multimodal_rwkv.fileio import make_dirs, remove_dirs
 
     existed = out.is_dir()
     made = [] if existed else make_dirs(out)
@@ -242,8 +242,6 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         if existed:
             _move_dataset(stage, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(stage, ignore_errors=True)
         remove_dirs(made)
         raise

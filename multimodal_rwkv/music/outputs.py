@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.fileio import fsync_path, keep_mode
+from multimodal_rwkv.fileio import fsync_path, keep_mode, make_dirs, remove_dirs
 
 
 def _resolved(p: Path) -> Path:
@@ -75,30 +75,6 @@ def check_png(what: str, path) -> None:
     that says otherwise)."""
     if Path(path).suffix.lower() != ".png":
         raise DataError(f"{path}: {what} is written as a PNG picture; give a file name ending in .png")
-
-
-def make_dirs(folder) -> list[Path]:
-    """``mkdir -p folder``; returns the folders it created, outermost first (to remove on failure)."""
-    folder = Path(os.path.abspath(folder))
-    missing = []
-    q = folder
-    while not os.path.lexists(q) and q != q.parent:
-        missing.append(q)
-        q = q.parent
-    made = []
-    for d in reversed(missing):
-        d.mkdir()
-        made.append(d)
-    return made
-
-
-def remove_dirs(made: Sequence[Path]) -> None:
-    """Remove the folders :func:`make_dirs` created (innermost first), where still empty."""
-    for d in reversed(made):
-        try:
-            d.rmdir()
-        except OSError:
-            pass
 
 
 def write_outputs(items: Sequence[tuple[str | os.PathLike, Callable[[Path], object]]]) -> None:

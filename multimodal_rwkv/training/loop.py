@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
-from multimodal_rwkv.fileio import atomic_write, atomic_write_text, fsync_path, fsync_tree
+from multimodal_rwkv.fileio import atomic_write, atomic_write_text, fsync_path, fsync_tree, make_dirs, remove_dirs
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self._lock_fd = None
-        self._new_dirs: list[Path] = []  # output_dir and the parents this run created (removed if it fails early)
+        self._new_dirs: list[Path] = []  # the parents this run created and output_dir (removed if it fails early)
         self._phase = "setting up"  # what the run is doing: named in an out-of-memory error
         self.is_main_process = True  # False on the other ranks of a multi-process run (set by run())
         self._warned_no_valid_targets = False
@@ -695,8 +695,7 @@ class Trainer:
                 logger.debug("kept %s after the failed run: it holds %s", out, ", ".join(sorted(keep)))
                 return
             shutil.rmtree(out)
-            for d in self._new_dirs[1:]:  # the parents this run created, innermost first, while empty
-                d.rmdir()
+            remove_dirs(self._new_dirs[:-1])  # the parents this run created, while empty
         except OSError as e:
             logger.debug("could not remove %s: %s", out, e)
 
@@ -738,10 +737,7 @@ class Trainer:
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
-            base = self.out.absolute()  # as written: mkdir makes a/ of a/../b too; a/.. itself is no new folder
-            new = [d for d in (base, *base.parents) if d.name not in ("..", ".") and not d.exists()]
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._new_dirs = [d for d in new if d.is_dir()]
+            self._new_dirs = make_dirs(self.out)
             self._lock_output_dir()
             self._cleanup_temp()
         acc.wait_for_everyone()

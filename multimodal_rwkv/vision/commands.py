@@ -10,7 +10,7 @@ import time
 
 from multimodal_rwkv.argtypes import add_sampling_args, device, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.fileio import ensure_parent
+from multimodal_rwkv.fileio import ensure_parent, keep_mode
 from multimodal_rwkv.vision.synthetic import MAX_SIZE, MIN_SIZE
 
 logger = logging.getLogger(__name__)
@@ -129,8 +129,6 @@ def _eval_vqa(args) -> int:
     n_bad_images = 0
     t0 = time.perf_counter()
     out = ensure_parent(args.output)
-    from multimodal_rwkv.fileio import keep_mode
-
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")  # not OUTPUT.tmp, which may be someone's file
     try:
         with open(tmp, "w", encoding="utf-8") as f:
