@@ -1,13 +1,27 @@
-"""Crash-safe file writing shared by checkpoints, training state, caches and model export.
+"""Crash-safe file writing shared by checkpoints, training state, caches, model export and the
+commands' outputs.
 
 A reader never sees a half-written file: data goes to a temporary name in the same folder, is
 fsynced, renamed over the target, and the folder entry is fsynced too.
+
+A command's outputs (answers, MIDI files, pictures) go through two steps:
+
+- :func:`check_outputs` refuses, up front, an output that is one of the command's inputs (the same
+  file under any spelling, through a link too, or a file of an input folder such as a model's
+  weights), two outputs that are one file, an output that is a folder, and one whose folder cannot
+  be made (a file is in the way).
+- :func:`write_outputs` writes every output to a temporary file beside its target and only then
+  moves them all into place, so a command that fails leaves no new or half-written file (nor a
+  folder it created).
 """
 from __future__ import annotations
 
 import os
 import stat
 from pathlib import Path
+from typing import Callable, Iterable, Sequence, Union
+
+from multimodal_rwkv.errors import DataError
 
 
 def fsync_path(p) -> None:
@@ -40,13 +54,6 @@ def _new_file_mode() -> int:
 
 
 _FILE_MODE = _new_file_mode()  # read once at import: os.umask is process-wide, not thread-safe
-
-
-def ensure_parent(path) -> Path:
-    """Create the folder an output file goes into (like ``mkdir -p``); return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def make_dirs(folder) -> list[Path]:
@@ -98,3 +105,103 @@ def keep_mode(path, tmp) -> None:
         os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
     except FileNotFoundError:
         pass
+
+
+def _resolved(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return Path(os.path.abspath(p))
+
+
+def same_file(a, b) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same inode (hard links too), or, for a file
+    that does not exist yet, the same resolved path (``./x``, ``d/../x`` and links spell it)."""
+    a, b = Path(a), Path(b)
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return _resolved(a) == _resolved(b)
+
+
+def _nearest_existing(p: Path) -> Path:
+    q = Path(os.path.abspath(p)).parent
+    while not os.path.lexists(q) and q != q.parent:
+        q = q.parent
+    return q
+
+
+PathLike = Union[str, os.PathLike]
+
+
+def _input_clash(p: Path, what: str, inputs: list[tuple[str, Path]]) -> str | None:
+    for what_in, i in inputs:
+        if i.is_dir():  # a folder input (a model folder) stands for the files in it
+            if os.path.lexists(p) and any(f.is_file() and same_file(p, f) for f in i.iterdir()):
+                return f"{p}: {what} is a file of {i} (the {what_in})"
+        elif same_file(p, i):
+            where = "" if str(i) == str(p) else f" ({i})"
+            return f"{p}: {what} is the {what_in}{where}"
+    return None
+
+
+def check_outputs(outputs: Sequence[tuple[str, PathLike]],
+                  inputs: Iterable[PathLike | tuple[str, PathLike] | None] = ()) -> None:
+    """Refuse (:class:`DataError` naming the file) outputs that would destroy an input or each other,
+    or could not be written. ``outputs``: ``(what, path)`` pairs, ``what`` naming the option
+    (``--out``, ``--png``, ...) for the message. ``inputs``: paths, or ``(what, path)`` pairs naming
+    them (``"--questions file"``, ``"--model"``); a folder stands for the files in it; ``None`` and
+    ``""`` are skipped."""
+    named: list[tuple[str, Path]] = []
+    for i in inputs:
+        what_in, path = i if isinstance(i, tuple) else ("command's input", i)
+        if path is not None and str(path) != "":
+            named.append((what_in, Path(path)))
+    seen: list[tuple[str, Path]] = []
+    for what, path in outputs:
+        p = Path(path)
+        clash = _input_clash(p, what, named)
+        if clash:
+            raise DataError(clash + "; writing it would destroy that input (choose another output name)")
+        for w2, q in seen:
+            if same_file(p, q):
+                raise DataError(f"{p}: {what} and {w2} name the same file (give each output its own name)")
+        seen.append((what, p))
+        if p.is_dir():
+            raise DataError(f"{p}: {what} is a folder, not a file name")
+        anc = _nearest_existing(p)
+        if not anc.is_dir():
+            raise DataError(f"{p}: cannot create {what} ({anc} is not a folder)")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise DataError(f"{p}: cannot create {what} (no permission to write in {anc})")
+
+
+def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) -> None:
+    """Write each ``(path, write)`` — ``write(tmp_path)`` makes the file — to a temporary file beside
+    its target, then move them all into place. If any write fails (or is interrupted), no output is
+    left (neither a temporary file nor a folder this made). An output that is a link is written
+    through the link. A file replaced keeps its permissions (:func:`keep_mode`)."""
+    made: list[Path] = []
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, write in items:
+            path = Path(path)
+            if path.is_symlink():
+                path = _resolved(path)
+            made += make_dirs(path.parent)
+            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")  # not OUT.tmp, which may be someone's file
+            temps.append((tmp, path))
+            write(tmp)
+            keep_mode(path, tmp)
+            fsync_path(tmp)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+            fsync_path(path.parent)
+    except BaseException:
+        for tmp, _ in temps:
+            if os.path.lexists(tmp):
+                tmp.unlink()
+        remove_dirs(made)
+        raise

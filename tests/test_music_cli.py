@@ -141,7 +141,7 @@ def test_generate_refuses_outputs_that_are_its_inputs(tmp_path, capsys, fake_mid
     before = prompt.read_bytes()
     assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "." / "p.mid"), "--prompt",
                  str(prompt)]) == 2
-    assert "is the command's input" in _one_error_line(capsys, "generate") and prompt.read_bytes() == before
+    assert "is the --prompt file" in _one_error_line(capsys, "generate") and prompt.read_bytes() == before
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -150,7 +150,7 @@ def test_generate_refuses_outputs_that_are_its_inputs(tmp_path, capsys, fake_mid
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gen, "load_music_model", lambda path: (None, MidiTokenizer()))
         assert main(["music", "generate", "--model", str(model), "--out", str(model / "config.json")]) == 2
-    assert "is the command's input" in _one_error_line(capsys, "generate")
+    assert f"is a file of {model} (the --model)" in _one_error_line(capsys, "generate")
     assert (model / "config.json").read_text() == "{}"
 
 
@@ -180,7 +180,7 @@ def test_generate_checks_every_output_before_writing_any(tmp_path, capsys, fake_
 
 
 def test_a_failed_write_leaves_no_output(tmp_path):
-    from multimodal_rwkv.music.outputs import write_outputs
+    from multimodal_rwkv.fileio import write_outputs
 
     def boom(tmp):
         raise OSError(28, "No space left on device")

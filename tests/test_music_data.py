@@ -40,7 +40,7 @@ def test_abc_byte_ids():
 def test_split_tunes_drops_header():
     text = "%abc-2.1\nheader stuff\n\nX: 1\nT: A\nK:G\nGAB|\n\n\nX: 2\nT: B\nK:D\nDEF|\n"
     tunes = split_tunes(text)
-    assert tunes == ["X: 1\nT: A\nK:G\nGAB|\n", "X: 2\nT: B\nK:D\nDEF|\n"]
+    assert tunes == ["%abc-2.1\nX: 1\nT: A\nK:G\nGAB|\n", "%abc-2.1\nX: 2\nT: B\nK:D\nDEF|\n"]  # free text goes
 
 
 def test_abc_to_midi_with_music21(tmp_path):
@@ -392,9 +392,9 @@ def test_split_tunes_applies_the_file_header_to_every_tune():
     """ABC 2.1, 2.2.2: the file header sets defaults for every tune; programs that extract tunes
     must copy its fields into each (they used to be dropped: L:1/4 lost, notes came out as 1/8)."""
     tunes = split_tunes(HEADER_FILE)
-    assert tunes == [
-        "X:1\nT:t\nL:1/4\nM:3/4\n%%MIDI program 1\nK:C\nC D E|F G A|\n",
-        "X:2\nT:u\nL:1/4\nM:3/4\n%%MIDI program 1\nL:1/8\nK:G\nG A B|\n",  # its own L: wins
+    assert tunes == [  # the version line first, as in the file (it decides how accidentals carry)
+        "%abc-2.1\nX:1\nT:t\nL:1/4\nM:3/4\n%%MIDI program 1\nK:C\nC D E|F G A|\n",
+        "%abc-2.1\nX:2\nT:u\nL:1/4\nM:3/4\n%%MIDI program 1\nL:1/8\nK:G\nG A B|\n",  # its own L: wins
     ]
     # free text before the first tune is no header; nor is a tune without a blank line before it
     assert split_tunes("some notes\nL:1/4\n\nX:1\nK:C\nC|\n") == ["X:1\nK:C\nC|\n"]
@@ -415,6 +415,32 @@ def test_with_file_header_keeps_a_prompt_open():
     assert with_file_header("L:1/4\n\nX:1\n") == "X:1\nL:1/4\n"
     assert with_file_header("L:1/4\n\nX:1\nT:a\nK:C\nCD") == "X:1\nT:a\nL:1/4\nK:C\nCD"
     assert with_file_header("X:1\nK:C\nCD") == "X:1\nK:C\nCD"  # no header: unchanged
+
+
+def test_the_abc_version_line_goes_with_every_tune(tmp_path, capsys):
+    """music21 reads ABC without a version line as 1.3, where an accidental does not carry to the
+    next notes of the bar: abc2midi (split_tunes) and prompts (with_file_header) dropped the line,
+    and ^G G came out as G# G where the file (ABC 2.1, 4.2) means G# G#."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.music import abc_to_midi
+    from multimodal_rwkv.music.abc import file_version, with_file_header
+
+    def pitches(mid):
+        return [m.note for m in mid if m.type == "note_on" and m.velocity]
+
+    tune = "X:1\nT:acc\nM:4/4\nL:1/4\nK:C\n^G G =G G |]\n"
+    for text in ("%abc-2.1\n" + tune, "\ufeff\n%abc-2.1\nM:4/4\n\n" + tune):  # bare, and with a file header
+        assert file_version(text) == "%abc-2.1"
+        assert split_tunes(text)[0].startswith("%abc-2.1\nX:1\n")
+        assert pitches(abc_to_midi(text)) == pitches(abc_to_midi(split_tunes(text)[0])) == [68, 68, 67, 67]
+        assert with_file_header(text).lstrip("\ufeff\n").startswith("%abc-2.1\n")
+        (tmp_path / "v.abc").write_text(text)
+        assert main(["music", "abc2midi", str(tmp_path / "v.abc"), "--out", str(tmp_path / "v.mid")]) == 0
+        assert pitches(mido.MidiFile(tmp_path / "v.mid")) == [68, 68, 67, 67]
+    # no version line: nothing added (music21's 1.3 reading, as before)
+    assert file_version(tune) is None and split_tunes(tune) == [tune]
+    assert pitches(abc_to_midi(tune)) == [68, 67, 67, 67]
 
 
 def test_abc_default_unit_length_follows_the_last_meter():
@@ -447,7 +473,8 @@ def test_abc_corpus_tunes_carry_the_file_header(tmp_path, monkeypatch):
     (root / "corpus" / "oneills1850" / "a.abc").write_text(HEADER_FILE)
     monkeypatch.setattr(corpora, "_music21", lambda: SimpleNamespace(__file__=str(root / "__init__.py")))
     tunes = [t for _, t in corpora.abc_corpus_tunes("oneill-abc")]
-    assert [t.split("\n")[:4] for t in tunes] == [["X:1", "T:t", "L:1/4", "M:3/4"], ["X:2", "T:u", "L:1/4", "M:3/4"]]
+    assert [t.split("\n")[:5] for t in tunes] == [["%abc-2.1", "X:1", "T:t", "L:1/4", "M:3/4"],
+                                                  ["%abc-2.1", "X:2", "T:u", "L:1/4", "M:3/4"]]
     rep = prepare(tmp_path / "o", corpus="oneill-abc", valid_permille=0, test_permille=0)
     docs = [AbcTokenizer().decode(d) for d in split_documents(load_tokens(tmp_path / "o" / "train"))]
     assert sorted(docs) == sorted(split_tunes(HEADER_FILE)) and rep.counts["train"]["pieces"] == 2

@@ -225,3 +225,39 @@ def test_abc_generate_draws_the_piano_roll_for_an_abc_output_too(tmp_path, monke
     assert Image.open(tmp_path / "t.png").size[0] > 10
     assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "u.mid")]) == 0
     assert (tmp_path / "u.abc").read_text() == tune and (tmp_path / "u.mid").stat().st_size > 0
+
+
+def test_generate_midi_api_writes_outputs_safely(tiny_run, tmp_path):
+    """``out``/``png`` of the Python API: both written, or refused before generating when one would
+    replace an input (the prompt, a file of the model folder)."""
+    from multimodal_rwkv.errors import DataError
+    from multimodal_rwkv.music import generate_midi
+
+    final, _, _ = tiny_run
+    out, png = tmp_path / "new" / "a.mid", tmp_path / "new" / "a.png"
+    midi = generate_midi(final, seconds=1, seed=1, max_new_tokens=40, out=out, png=png)
+    assert mido.MidiFile(out).tracks and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(midi.tracks) == len(mido.MidiFile(out).tracks)
+    weights = next(p for p in final.iterdir() if p.suffix == ".safetensors")
+    before = weights.read_bytes()
+    with pytest.raises(DataError, match="is a file of .*the model"):
+        generate_midi(final, seconds=1, max_new_tokens=8, out=weights)
+    with pytest.raises(DataError, match="is the prompt"):
+        generate_midi(final, prompt=out, seconds=1, max_new_tokens=8, png=out)
+    assert weights.read_bytes() == before
+
+
+def test_cli_generate_reports_the_tokens_it_sampled(tmp_path, capsys):
+    """A piece cut by --max-tokens is closed with an <eos> the model did not sample: the report
+    counted it (6 new tokens for --max-tokens 5)."""
+    from pathlib import Path
+
+    import multimodal_rwkv
+    from multimodal_rwkv.cli import main
+
+    model = Path(multimodal_rwkv.__file__).parent / "assets" / "music_bach"
+    for cap in (1, 5):
+        assert main(["music", "generate", "--model", str(model), "--out", str(tmp_path / "m.mid"),
+                     "--max-tokens", str(cap), "--seed", "1"]) == 0
+        n = int(capsys.readouterr().out.split(" new tokens")[0].split(", ")[-1])
+        assert 1 <= n <= cap

@@ -184,12 +184,12 @@ def test_cli_eval_vqa_never_writes_over_an_input(tmp_path, capsys):
     os.symlink(q, tmp_path / "link.jsonl")
     for output, needle in ((q, "is the --questions file"), (tmp_path / "link.jsonl", "is the --questions file"),
                            (tmp_path / "x.png", f"is the image of {tmp_path / 'link.jsonl'}:1"),
-                           (model / "model.safetensors", f"is a file of {model} (the --model folder)")):
+                           (model / "model.safetensors", f"is a file of {model} (the --model)")):
         before = {p: p.read_bytes() for p in (q, tmp_path / "x.png", model / "model.safetensors")}
         rc = main(["eval-vqa", "--model", str(model), "--questions", str(tmp_path / "link.jsonl"), "--output",
                    str(output), "--device", "cpu", "--max-new-tokens", "2"])
         err = capsys.readouterr().err
-        assert rc == 2 and f"{output}: {needle}; --output must name another file" in err, err
+        assert rc == 2 and f"{output}: --output {needle}" in err and "would destroy that input" in err, err
         assert {p: p.read_bytes() for p in before} == before
     question = q.read_text()
     rc = main(["eval-vqa", "--model", str(model), "--questions", str(q), "--output", str(tmp_path / "a.jsonl"),

@@ -91,8 +91,8 @@ def file_header(text: str, name: str = "<abc>") -> list[str]:
     The file header is the first block of lines (ended by an empty line or the first ``X:``),
     after the ``%abc-2.1`` version line, when it holds only fields, ``%%`` directives and comments
     (otherwise it is free text, which applies to nothing). Returned: its fields and directives
-    (``+:`` continuations with their field); comments and the version line are left out (a tune
-    is not rewritten for the version alone). Fields the standard allows only in a tune (``K:``,
+    (``+:`` continuations with their field); comments and the version line are left out (the
+    version line goes before each tune instead, see :func:`file_version`). Fields the standard allows only in a tune (``K:``,
     ``Q:``, ``T:``, ...) are not carried; that is logged as a warning naming ``name``.
     """
     lines = [ln.rstrip() for ln in text.lstrip("\ufeff").split("\n")]
@@ -134,6 +134,16 @@ def file_header(text: str, name: str = "<abc>") -> list[str]:
     return out
 
 
+def file_version(text: str) -> str | None:
+    """The ``%abc-2.1`` version line an ABC file starts with, or None. It changes what the tunes
+    mean (music21 reads a file without one as ABC 1.3, where an accidental does not carry on to the
+    next notes of the bar), so tunes taken out of the file keep it as their first line."""
+    for ln in text.lstrip("\ufeff").split("\n"):
+        if ln.strip():
+            return ln.rstrip() if _VERSION.match(ln) else None
+    return None
+
+
 def _insert_header(tune: str, header: Sequence[str]) -> str:
     """``tune`` (from its ``X:`` line) with ``header`` lines inserted after ``X:`` and the ``T:``
     lines right after it (ABC 2.1: ``T:`` follows ``X:``), so the tune's own fields, later in its
@@ -156,13 +166,16 @@ def split_tunes(text: str, name: str = "<abc>") -> list[str]:
     removed (a byte-order mark too). The fields of the file header (see :func:`file_header`) are
     inserted into each tune's header, after its ``X:``/``T:`` lines, as the ABC standard asks of
     programs that extract tunes, so a tune means on its own what it meant in the file (its own
-    fields still override them). Other text before the first ``X:`` (free text) is dropped.
+    fields still override them); the file's ``%abc-`` version line, if any, goes before each
+    tune's ``X:`` (see :func:`file_version`). Other text before the first ``X:`` (free text) is dropped.
 
     The ABC corpora of :mod:`multimodal_rwkv.music.corpora` are made of these tunes, so a
     byte-level model trains on self-contained tunes, file header fields included (and generation
     prompts are normalised the same way, see :func:`with_file_header`)."""
     text = text.lstrip("\ufeff")
     header = file_header(text, name)
+    version = file_version(text)
+    first = version + "\n" if version else ""
     starts = [m.start() for m in _TUNE_START.finditer(text)]
     tunes = []
     for a, b in zip(starts, starts[1:] + [len(text)]):
@@ -170,20 +183,23 @@ def split_tunes(text: str, name: str = "<abc>") -> list[str]:
         lines = [ln.rstrip() for ln in t.split("\n")]
         t = "\n".join(lines)
         if t:
-            tunes.append(_insert_header(t + "\n", header))
+            tunes.append(first + _insert_header(t + "\n", header))
     return tunes
 
 
 def with_file_header(text: str, name: str = "<abc>") -> str:
     """``text`` with its file header (see :func:`file_header`) moved into the header of each tune,
     everything from the first ``X:`` otherwise unchanged (a tune start used as a prompt keeps its
-    last line open). Text without an ``X:`` line, or without a file header, is returned as is."""
+    last line open); the file's ``%abc-`` version line stays first, before each tune (see
+    :func:`file_version`). Text without an ``X:`` line, or without a file header, is returned as is."""
     text = text.lstrip("\ufeff")
     starts = [m.start() for m in _TUNE_START.finditer(text)]
     header = file_header(text, name) if starts else []
     if not header:
         return text
-    return "".join(_insert_header(text[a:b], header) for a, b in zip(starts, starts[1:] + [len(text)]))
+    version = file_version(text)
+    first = version + "\n" if version else ""
+    return "".join(first + _insert_header(text[a:b], header) for a, b in zip(starts, starts[1:] + [len(text)]))
 
 
 def with_default_unit_length(tune: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.music.outputs import check_outputs, check_png, write_outputs
+from multimodal_rwkv.fileio import check_outputs, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,11 @@ def _read_abc(path) -> str:
     return data.decode("utf-8-sig", errors="replace")
 
 
-def _model_files(model_dir) -> list[Path]:
-    """The files of a model folder (inputs an output must not replace)."""
-    d = Path(model_dir)
-    return [f for f in d.iterdir() if f.is_file()] if d.is_dir() else []
+def check_png(what: str, path) -> None:
+    """A piano roll is a PNG: refuse another suffix (the file would hold PNG bytes under a name
+    that says otherwise)."""
+    if Path(path).suffix.lower() != ".png":
+        raise DataError(f"{path}: {what} is written as a PNG picture; give a file name ending in .png")
 
 
 def _midi_files(folder: Path) -> list[Path]:
@@ -162,7 +163,7 @@ def cmd_generate(args) -> int:
 
     model, tok = load_music_model(args.model)
     out = Path(args.out)
-    inputs = _model_files(args.model) + ([args.prompt] if args.prompt else [])
+    inputs = [("--model", args.model), ("--prompt file", args.prompt)]
     if isinstance(tok, AbcTokenizer):
         midi_out = out.suffix.lower() in (".mid", ".midi")
         text_file = out.with_suffix(".abc") if midi_out else out
@@ -208,7 +209,7 @@ def cmd_generate(args) -> int:
         writes.append((args.png, _save_png(img)))
     write_outputs(writes)
     st = res.decode_stats
-    print(f"wrote {out}: {len(res.notes)} notes, {res.seconds:.1f} s generated, {len(res.ids) - res.prompt_len} new tokens"
+    print(f"wrote {out}: {len(res.notes)} notes, {res.seconds:.1f} s generated, {res.new_tokens} new tokens"
           + ("" if st.clean else " (decoder repaired the sequence)") + (f"; piano roll {args.png}" if args.png else ""))
     return 0
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError, MidiError
+from multimodal_rwkv.fileio import same_file
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,6 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
 def _check_out_folder(out: Path, midi_dir) -> None:
     """Refuse an ``out`` prepare would damage: a file, the MIDI folder it reads, a folder holding
     other things than an earlier prepare's dataset (whose files it would replace)."""
-    from multimodal_rwkv.music.outputs import same_file
-
     if midi_dir is not None and same_file(out, midi_dir):
         raise DataError(f"{out}: the output folder is the MIDI folder read (give the dataset its own folder)")
     if not os.path.lexists(out):

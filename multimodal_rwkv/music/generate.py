@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from multimodal_rwkv.errors import CheckpointError, MidiError
-from multimodal_rwkv.fileio import ensure_parent
+from multimodal_rwkv.fileio import check_outputs, write_outputs
 from multimodal_rwkv.music.abc import TOKENIZER_FILENAME as ABC_FILE
 from multimodal_rwkv.music.abc import AbcTokenizer, with_file_header
 from multimodal_rwkv.music.midi_tokenizer import TOKENIZER_FILENAME as MIDI_FILE
@@ -127,7 +127,9 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
 class MusicGeneration:
     """Result of :func:`generate_music`: ``ids`` (prompt + new, without the leading separator),
     ``prompt_len`` (ids of those from the prompt), ``midi`` (``mido.MidiFile``), ``notes`` and
-    ``prompt_end`` (grid step where the prompt stops), ``decode_stats``, ``seconds`` generated."""
+    ``prompt_end`` (grid step where the prompt stops), ``decode_stats``, ``seconds`` generated,
+    ``new_tokens`` (how many the model sampled, at most ``max_new_tokens``; an ``<eos>`` added to
+    close a piece cut by the length cap is not one of them)."""
 
     ids: list[int]
     prompt_len: int
@@ -136,6 +138,7 @@ class MusicGeneration:
     prompt_end: int = 0
     decode_stats: DecodeStats | None = None
     seconds: float = 0.0
+    new_tokens: int = 0
 
 
 def midi_prompt_ids(tok: MidiTokenizer, prompt) -> list[int]:
@@ -194,7 +197,7 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
     prompt_end = sum(i - tok.shift_start + 1 for i in p if tok.shift_start <= i < tok.shift_start + tok.config.max_shift)
     return MusicGeneration(ids=ids, prompt_len=len(p), midi=midi, notes=notes,
                            prompt_end=prompt_end if prompt is not None else 0, decode_stats=st,
-                           seconds=tracker.seconds - start)
+                           seconds=tracker.seconds - start, new_tokens=len(new))
 
 
 def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30.0, *, temperature: float = 1.0,
@@ -206,16 +209,22 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
     ``prompt``: a MIDI path / ``mido.MidiFile`` to continue, or None. ``seconds``: length of the
     new part. ``out``: also save the ``.mid``; ``png``: also draw a piano roll (prompt shaded).
     """
+    outputs = [(what, path) for what, path in (("out", out), ("png", png)) if path is not None]
+    check_outputs(outputs, [("model", model_dir)] + ([("prompt", prompt)] if isinstance(prompt, (str, os.PathLike)) else []))
     model, tok = load_music_model(model_dir, device)
     if not isinstance(tok, MidiTokenizer):
         raise MidiError(f"{model_dir}: an ABC model; use generate_abc")
     res = generate_music(model, tok, prompt, seconds, max_new_tokens, temperature, top_k, top_p, seed, progress)
+    writes = []
     if out is not None:
-        res.midi.save(str(ensure_parent(out)))
+        writes.append((out, lambda tmp: res.midi.save(str(tmp))))
     if png is not None:
         from multimodal_rwkv.music.pianoroll import render_pianoroll
 
-        render_pianoroll(res.notes, ensure_parent(png), steps_per_beat=tok.config.steps_per_beat, prompt_end=res.prompt_end or None, tokenizer=tok)
+        img = render_pianoroll(res.notes, None, steps_per_beat=tok.config.steps_per_beat,
+                               prompt_end=res.prompt_end or None, tokenizer=tok)
+        writes.append((png, lambda tmp: img.save(tmp, format="PNG")))
+    write_outputs(writes)  # all or nothing: a failure leaves no file
     return res.midi
 
 

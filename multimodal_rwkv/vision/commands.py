@@ -10,7 +10,7 @@ import time
 
 from multimodal_rwkv.argtypes import add_sampling_args, device, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.fileio import ensure_parent, keep_mode
+from multimodal_rwkv.fileio import check_outputs, write_outputs
 from multimodal_rwkv.vision.synthetic import MAX_SIZE, MIN_SIZE
 
 logger = logging.getLogger(__name__)
@@ -112,25 +112,24 @@ def _vqa(args) -> int:
 def _eval_vqa(args) -> int:
     from multimodal_rwkv.vision.evaluate import read_questions
 
-    if os.path.isdir(args.output):  # found now, not after answering every question
-        raise DataError(f"{args.output}: is a folder; --output names the answers .jsonl file")
     qf = read_questions(args.questions, args.image_folder)
     for b in qf.bad_lines:
         print(f"mmrwkv eval-vqa: skipped {b}", file=sys.stderr)
     questions = qf.questions[: args.limit] if args.limit else qf.questions
     if not questions:
         raise DataError(f"{args.questions}: no usable question lines")
-    _refuse_output_over_input(args.output, [("--questions file", args.questions), ("--model file", args.model),
-                                            ("--vision-tower file", args.vision_tower)]
-                              + [(f"image of {q.where}", q.image) for q in qf.questions])
+    # found now, not after answering every question
+    check_outputs([("--output", args.output)], [("--questions file", args.questions), ("--model", args.model),
+                                                ("--vision-tower", args.vision_tower)]
+                  + [(f"image of {q.where}", q.image) for q in qf.questions])
     model = _load(args)
     gen = _gen_kwargs(args)
     scores, by_type = [], {}
     n_bad_images = 0
     t0 = time.perf_counter()
-    out = ensure_parent(args.output)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")  # not OUTPUT.tmp, which may be someone's file
-    try:
+
+    def answer_all(tmp) -> None:  # into a temporary file: an error or ^C leaves no half-written answers
+        nonlocal n_bad_images
         with open(tmp, "w", encoding="utf-8") as f:
             for s in range(0, len(questions), max(args.batch_size, 1)):
                 chunk = questions[s:s + args.batch_size]
@@ -154,11 +153,8 @@ def _eval_vqa(args) -> int:
                         scores.append(sc)
                         if q.qtype:
                             by_type.setdefault(q.qtype, []).append(sc)
-        keep_mode(out, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():  # an error or ^C while answering: the half-written answers go
-            tmp.unlink()
+
+    write_outputs([(args.output, answer_all)])
     dt = time.perf_counter() - t0
     n_done = len(questions) - n_bad_images
     print(f"answered {n_done} questions in {dt:.1f} s -> {args.output}"
@@ -168,29 +164,6 @@ def _eval_vqa(args) -> int:
         for t, v in sorted(by_type.items()):
             print(f"  {t}: {100.0 * sum(v) / len(v):.2f}% ({len(v)})")
     return 0
-
-
-def _refuse_output_over_input(output, inputs) -> None:
-    """DataError if ``output`` is one of the ``(what, path)`` input files, or a file of an input
-    folder (a model folder's weights, ...), by any name: answering would replace it."""
-    try:
-        st = os.stat(output)
-    except OSError:  # not there yet: it cannot be an input
-        return
-    for what, path in inputs:
-        if not path:
-            continue
-        try:
-            if os.path.isdir(path):
-                with os.scandir(path) as entries:
-                    if any(e.is_file() and os.path.samestat(st, e.stat()) for e in entries):
-                        raise DataError(f"{output}: is a file of {path} (the {what.split()[0]} folder); --output "
-                                        "must name another file (the answers would replace it)")
-            elif os.path.samestat(st, os.stat(path)):
-                raise DataError(f"{output}: is the {what}; --output must name another file "
-                                "(the answers would replace it)")
-        except OSError:  # an input that is not there (a hub id, ...) cannot be the output
-            continue
 
 
 def _synth(args) -> int:
