@@ -111,7 +111,6 @@ def _fwd_o(r, k, v, c, u, h, o, T, NT,
     p_k = base_k + rows[:, None] * (H * K) + o_k[None, :]
     b_r = tl.load(r + p_k).to(tl.float32)
     b_k = tl.load(k + p_k).to(tl.float32)
-    b_c = tl.load(c + p_k)
     # exclusive cumsum e_t = c_{t-1} (0 at the first row of the chunk)
     first = (i_i * BC + o_c) == 0
     b_e = tl.load(c + p_k - H * K, mask=(~first)[:, None], other=0.0)
