@@ -465,6 +465,108 @@ def test_penalty_processor_changes_scores():
     assert out[0, 9].item() == 0  # prompt tokens are not penalised
 
 
+def test_penalties_follow_the_official_pipeline_on_spaces_and_digits():
+    """rwkv.utils.PIPELINE.generate counts a token whose text is part of ' \\t0123456789' with
+    weight 0 (presence penalty only); ours counted it 1, so a frequency penalty pushed spaces and
+    digits down where the official sampler does not. Both samplers run here on the same logits."""
+    from rwkv.utils import PIPELINE, PIPELINE_ARGS
+
+    from multimodal_rwkv import WorldTokenizer
+    from multimodal_rwkv.model.generation import RWKVPenaltyProcessor, uncounted_ids
+
+    tok = WorldTokenizer()
+    fixed = torch.full((65536,), -10.0)
+    space, a, digit, word = tok.encode(" ")[0], tok.encode("a")[0], tok.encode("7")[0], tok.encode(" the")[0]
+    fixed[[space, a, digit, word]] = torch.tensor([10.0, 9.5, 9.9, 9.0])
+    assert {space, digit, tok.encode("01")[0]} <= set(uncounted_ids(tok, 65536)) and a not in uncounted_ids(tok, 65536)
+
+    class Fixed:  # the official pipeline's model interface
+        def forward(self, tokens, state):
+            return fixed.clone(), state
+
+    for presence, frequency in ((0.0, 1.0), (0.3, 0.6), (0.0, 0.05)):
+        args = PIPELINE_ARGS(temperature=1.0, top_p=0.0, alpha_presence=presence, alpha_frequency=frequency,
+                             alpha_decay=0.996, token_stop=[0])
+        pipe = PIPELINE(Fixed(), "rwkv_vocab_v20230424")  # the official TRIE_TOKENIZER
+        official = pipe.generate("x", token_count=12, args=args)
+        proc = RWKVPenaltyProcessor(presence, frequency, 0.996, prompt_len=1, uncounted=uncounted_ids(tok, 65536))
+        seq = torch.tensor([[1]])
+        for _ in range(12):
+            seq = torch.cat([seq, proc(seq, fixed[None].clone()).argmax(-1, keepdim=True)], 1)
+        assert tok.decode(seq[0, 1:].tolist()) == official, (presence, frequency)
+
+
+def test_generate_leaves_the_callers_processor_lists_alone():
+    """generate appended its penalty processor and stop criterion to the caller's lists, so a
+    later call with the same lists ran them again (wrong penalties, an early stop)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from multimodal_rwkv import WorldTokenizer
+
+    m = _random_model(vocab_size=65536)
+    tok = WorldTokenizer()
+    procs, crit = LogitsProcessorList(), StoppingCriteriaList()
+    ids = torch.tensor([tok.encode("ab")])
+    m.generate(ids, max_new_tokens=3, presence_penalty=100.0, stop="x", tokenizer=tok,
+               logits_processor=procs, stopping_criteria=crit)
+    assert len(procs) == 0 and len(crit) == 0
+    again = m.generate(ids, max_new_tokens=4, logits_processor=procs, stopping_criteria=crit, eos_token_id=None)
+    assert torch.equal(again, m.generate(ids, max_new_tokens=4, eos_token_id=None))
+
+
+def test_generate_transformers_names_for_stops_and_the_cache():
+    from multimodal_rwkv import WorldTokenizer
+
+    m = _random_model(vocab_size=65536)
+    tok = WorldTokenizer()
+    ids = torch.tensor([tok.encode("Hello there")])
+    free = m.generate(ids, max_new_tokens=8, eos_token_id=None)
+    new_text = tok.decode(free[0, ids.shape[1]:].tolist())
+    stop = new_text[len(new_text) // 2:][:2] or new_text  # text the free run produces, so it stops there
+    a = m.generate(ids, max_new_tokens=8, eos_token_id=None, stop=stop, tokenizer=tok)
+    b = m.generate(ids, max_new_tokens=8, eos_token_id=None, stop_strings=[stop], tokenizer=tok)
+    assert torch.equal(a, b) and a.shape[1] < free.shape[1]
+    # past_key_values= / cache= (transformers' names) continue from the state like state=
+    st = m(ids[:, :-1]).state
+    for name in ("state", "past_key_values", "cache"):
+        cont = m.generate(ids[:, -1:], max_new_tokens=5, eos_token_id=None, **{name: st.clone()})
+        assert torch.equal(cont[0, 1:], free[0, ids.shape[1]:ids.shape[1] + 5]), name
+    # inputs_embeds with penalties and stops (no prompt ids)
+    emb = m.rwkv.emb(ids)
+    out = m.generate(inputs_embeds=emb, max_new_tokens=4, presence_penalty=0.5, stop="\n\n", tokenizer=tok,
+                     eos_token_id=None)
+    assert out.shape == (1, 4)
+
+
+def test_forward_refuses_unknown_keywords_and_returns_hidden_states():
+    m = _random_model()
+    ids = torch.randint(0, 97, (2, 9))
+    with pytest.raises(TypeError, match="attention_mak"):
+        m(ids, attention_mak=torch.ones_like(ids))
+    with pytest.raises(TypeError, match="logits_to_keep"):
+        m(ids, num_logits_to_keep=1)
+    with pytest.raises(ValueError, match="no attention weights"):
+        m(ids, output_attentions=True)
+    with torch.no_grad():
+        out = m(ids, output_hidden_states=True, logits_to_keep=1)
+        hs = out.hidden_states
+        assert len(hs) == m.config.n_layer + 1 and all(h.shape == (2, 9, 64) for h in hs)
+        assert torch.equal(hs[0], m.rwkv.emb(ids))
+        x, st = hs[0], None  # each entry is the previous one through one block
+        for i, block in enumerate(m.rwkv.blocks[:-1]):
+            z = torch.zeros(2, 64)
+            x, *_ = block(x, z, None, z)
+            torch.testing.assert_close(x, hs[i + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.head(hs[-1][:, -1:]), out.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits, m(ids, logits_to_keep=1).logits, rtol=1e-5, atol=1e-5)
+        assert m(ids).hidden_states is None
+    g = m.generate(ids[:1], max_new_tokens=3, eos_token_id=None, output_hidden_states=True,
+                   return_dict_in_generate=True)
+    assert len(g.hidden_states) == 3 and g.hidden_states[0][0].shape == (1, 9, 64)
+    with pytest.raises(ValueError, match="no attention weights"):
+        m.generate(ids[:1], max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_runs_with_fp32_state(tiny_pth, dtype):
     p = tiny_pth(version="x060")
@@ -842,6 +944,8 @@ def test_generate_input_checks():
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with pytest.raises(ValueError, match="pad on the left"):
         m.generate(ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] of the batch hold no token"):
+        m.generate(ids, attention_mask=torch.tensor([[0, 1, 1], [0, 0, 0]]), max_new_tokens=2)
 
 
 def test_past_key_values_is_the_state():

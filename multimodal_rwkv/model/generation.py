@@ -20,12 +20,45 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-class RWKVPenaltyProcessor(LogitsProcessor):
-    """ChatRWKV's repetition penalty: ``logit[t] -= presence + count[t] * frequency`` for every
-    token t generated so far, with counts multiplied by ``decay`` each step (old tokens fade)."""
+_UNCOUNTED_TEXT = " \t0123456789"
 
-    def __init__(self, presence: float, frequency: float, decay: float = 0.996, prompt_len: int = 0):
+
+def uncounted_ids(tokenizer, vocab_size: int) -> tuple[int, ...]:
+    """The ids ChatRWKV's sampler (``rwkv.utils.PIPELINE.generate``) does not count for the
+    frequency penalty: those whose text is part of ``" \\t0123456789"`` (a space, a tab, a digit,
+    "01", ...). They still get the presence penalty. Cached per tokenizer."""
+    key = (id(tokenizer), vocab_size)
+    hit = _UNCOUNTED_CACHE.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    n = min(vocab_size, int(getattr(tokenizer, "vocab_size", vocab_size)))
+    ids = []
+    for i in range(n):
+        try:
+            text = tokenizer.decode([i])
+        except Exception:  # noqa: BLE001 - an id the tokenizer cannot decode counts (the official '\ufffd')
+            continue
+        if text and text in _UNCOUNTED_TEXT:
+            ids.append(i)
+    if len(_UNCOUNTED_CACHE) > 8:
+        _UNCOUNTED_CACHE.clear()
+    _UNCOUNTED_CACHE[key] = (tokenizer, tuple(ids))
+    return tuple(ids)
+
+
+_UNCOUNTED_CACHE: dict = {}
+
+
+class RWKVPenaltyProcessor(LogitsProcessor):
+    """ChatRWKV's repetition penalty (``rwkv.utils.PIPELINE.generate``): ``logit[t] -= presence +
+    count[t] * frequency`` for every token t generated so far, with counts multiplied by ``decay``
+    each step (old tokens fade). ``uncounted``: ids that add nothing to their count (the official
+    sampler's spaces, tabs and digits, see :func:`uncounted_ids`); they get the presence penalty only."""
+
+    def __init__(self, presence: float, frequency: float, decay: float = 0.996, prompt_len: int = 0,
+                 uncounted=()):
         self.presence, self.frequency, self.decay, self.prompt_len = presence, frequency, decay, prompt_len
+        self.uncounted = torch.as_tensor(list(uncounted), dtype=torch.long)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         gen = input_ids[:, self.prompt_len:]
@@ -35,6 +68,8 @@ class RWKVPenaltyProcessor(LogitsProcessor):
         weights = self.decay ** torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.float32)
         counts = torch.zeros_like(scores, dtype=torch.float32)
         counts.scatter_add_(1, gen, weights.expand(gen.shape[0], -1).contiguous())
+        if self.uncounted.numel():
+            counts[:, self.uncounted[self.uncounted < counts.shape[1]].to(counts.device)] = 0.0
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, gen, True)
         return scores - (seen.to(scores.dtype) * self.presence + counts.to(scores.dtype) * self.frequency)
 

@@ -29,11 +29,14 @@ from multimodal_rwkv.model.state import RWKVState
 
 @dataclass
 class RWKVOutput(ModelOutput):
-    """``loss`` (if labels given), ``logits`` ``[B, T', V]`` and ``state`` after the last token."""
+    """``loss`` (if labels given), ``logits`` ``[B, T', V]``, ``state`` after the last token and,
+    with ``output_hidden_states=True``, ``hidden_states``: the embeddings and each block's output
+    (``[B, T, C]`` each, n_layer + 1 of them; the last after ``ln_out``, transformers' convention)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     state: RWKVState | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 _FEW_ROWS = 16  # up to this many rows, a CPU fp32 matrix product is memory-bound (decode)
@@ -447,12 +450,14 @@ class RWKVModel(RWKVPreTrainedModel):
         return st
 
     def forward(self, input_ids=None, inputs_embeds=None, state=None, attention_mask=None, scan_order=None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, output_hidden_states: bool = False):
         """Hidden states ``[B,T,C]`` after ``ln_out`` and the new state. ``logits_to_keep=k > 0``
         (inference without a pad mask or scan order): only the last k positions are wanted, and the
         last block computes only those (its r/gate/output products and its channel mix on k+1 and
         k rows instead of T; a 12-layer prefill of 512 tokens skips ~7% of its products); the
-        hidden states returned are then those k positions, the state is exact."""
+        hidden states returned are then those k positions, the state is exact.
+        ``output_hidden_states=True``: a third item, the embeddings and every block's output
+        (all T positions; the last one after ``ln_out``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -493,7 +498,8 @@ class RWKVModel(RWKVPreTrainedModel):
             att_s, wkv_s, ffn_s = in_state.att_shift, in_state.wkv, in_state.ffn_shift
         new_att, new_wkv, new_ffn = [], [], []
         tail = (logits_to_keep if logits_to_keep > 0 and mask is None and scan_order is None
-                and not torch.is_grad_enabled() else 0)
+                and not torch.is_grad_enabled() and not output_hidden_states else 0)
+        every = [x] if output_hidden_states else None
         decode = (FAST_DECODE and T == 1 and mask is None and scan_order is None and x.device.type == "cpu"
                   and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled())
         if scan_order is not None:
@@ -519,7 +525,13 @@ class RWKVModel(RWKVPreTrainedModel):
             new_att.append(a_s)
             new_wkv.append(w_s)
             new_ffn.append(f_s)
-        return self.ln_out(x), RWKVState(new_att, new_wkv, new_ffn)
+            if every is not None:
+                every.append(x)
+        x = self.ln_out(x)
+        if every is not None:
+            every[-1] = x
+            return x, RWKVState(new_att, new_wkv, new_ffn), tuple(every)
+        return x, RWKVState(new_att, new_wkv, new_ffn)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -641,6 +653,10 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         scan_order: torch.LongTensor | None = None,
         return_dict: bool | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        past_key_values: RWKVState | None = None,
+        cache: RWKVState | None = None,
         **kwargs,
     ) -> RWKVOutput:
         """Run the model on ``[B,T]`` ids (or ``[B,T,C]`` embeddings taken before ``ln0``).
@@ -658,16 +674,24 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 row from its last position.)
             scan_order: ``[B,T]`` permutation of ``0..T-1`` per row; odd-numbered blocks see ``x``
                 in this order (VisualRWKV's bidirectional image scan).
+            output_hidden_states: also return ``hidden_states`` (see :class:`RWKVOutput`).
+            past_key_values / cache: transformers' names for a cache; here they name the state.
+        ``output_attentions=True`` and any other keyword are errors (RWKV has no attention weights).
         """
-        kwargs.pop("cache", None)
-        past = kwargs.pop("past_key_values", None)  # transformers' name for a cache: here the state
-        if past is not None:
-            if not isinstance(past, RWKVState) or state is not None:
-                raise ValueError("past_key_values: pass the RNN state as state= (an RWKVState), not both")
-            state = past
-        hidden, new_state = self.rwkv(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, state=state,
-            attention_mask=attention_mask, scan_order=scan_order, logits_to_keep=logits_to_keep,
+        if kwargs:
+            hint = " (its name here is logits_to_keep)" if "num_logits_to_keep" in kwargs else ""
+            raise TypeError(f"RWKVForCausalLM.forward() got unexpected keyword argument(s) "
+                            f"{', '.join(sorted(kwargs))}{hint}")
+        if output_attentions:
+            raise ValueError("output_attentions: RWKV has no attention weights to return")
+        for name, past in (("past_key_values", past_key_values), ("cache", cache)):
+            if past is not None:  # transformers' names for a cache: here the state
+                if not isinstance(past, RWKVState) or state is not None:
+                    raise ValueError(f"{name}: pass the RNN state as state= (an RWKVState), not both")
+                state = past
+        hidden, new_state, *every = self.rwkv(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, state=state, attention_mask=attention_mask,
+            scan_order=scan_order, logits_to_keep=logits_to_keep, output_hidden_states=bool(output_hidden_states),
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -683,18 +707,20 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
             loss = cpu.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                      ignore_index=-100)
-        return RWKVOutput(loss=loss, logits=logits, state=new_state)
+        return RWKVOutput(loss=loss, logits=logits, state=new_state, hidden_states=every[0] if every else None)
 
     # ---- generation ---------------------------------------------------------------------
     def prepare_inputs_for_generation(
         self, input_ids, state=None, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
     ):
+        extra = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if kwargs.get(k)}
         if is_first_iteration or state is None and kwargs.get("_rwkv_first", True):
             if inputs_embeds is not None and is_first_iteration:
                 return {"inputs_embeds": inputs_embeds, "state": state, "attention_mask": attention_mask,
-                        "logits_to_keep": 1}
-            return {"input_ids": input_ids, "state": state, "attention_mask": attention_mask, "logits_to_keep": 1}
-        return {"input_ids": input_ids[:, -1:], "state": state, "logits_to_keep": 1}
+                        "logits_to_keep": 1, **extra}
+            return {"input_ids": input_ids, "state": state, "attention_mask": attention_mask, "logits_to_keep": 1,
+                    **extra}
+        return {"input_ids": input_ids[:, -1:], "state": state, "logits_to_keep": 1, **extra}
 
     def _reorder_cache(self, state, beam_idx):
         """Beam search: the rows of the state that the surviving beams continue from."""
@@ -716,10 +742,16 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
 
         Extra arguments on top of transformers':
             stop: a string or list of strings (e.g. ``"\\n\\n"``) that ends a row; needs ``tokenizer``.
-            presence_penalty / frequency_penalty / penalty_decay: RWKV-style repetition penalties
-                (ChatRWKV: ``logit -= presence + count * frequency``, counts decayed each step).
+                transformers' ``stop_strings`` (argument or generation config) join them.
+            presence_penalty / frequency_penalty / penalty_decay: RWKV-style repetition penalties,
+                as ``rwkv.utils.PIPELINE.generate``: ``logit -= presence + count * frequency`` for
+                the tokens generated so far, counts decayed each step; spaces, tabs and digits
+                (a token whose text is part of ``" \\t0123456789"``) add nothing to their count.
+                Those are found with ``tokenizer``, or the World vocabulary for a 65536-id model.
             seed: seeds torch's RNG first, for reproducible sampling.
             state: continue from this state (prefix reuse); ``input_ids`` are then the new tokens only.
+                ``past_key_values=`` / ``cache=`` (transformers' names) are taken as ``state=``.
+        The caller's ``logits_processor`` / ``stopping_criteria`` lists are not changed.
         Sampling uses no top-k unless ``top_k`` is given (RWKV's samplers: top-p and temperature;
         transformers' own default would be top-k 50).
         With a ``tokenizer`` of fewer ids than the model's vocabulary, the ids it cannot decode are
@@ -727,29 +759,57 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        from multimodal_rwkv.model.generation import RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor
+        from multimodal_rwkv.model.generation import (RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor,
+                                                      uncounted_ids)
 
         if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2):
             raise ValueError(f"input_ids must be a [B, T] tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        for name in ("past_key_values", "cache"):  # transformers' names for a cache: here the state
+            past = kwargs.pop(name, None)
+            if past is not None:
+                if not isinstance(past, RWKVState) or state is not None:
+                    raise ValueError(f"{name}: pass the RNN state as state= (an RWKVState), not both")
+                state = past
         mask = kwargs.get("attention_mask")
-        if mask is not None and input_ids is not None and mask.shape == input_ids.shape and not bool((mask[:, -1] != 0).all()):
-            raise ValueError("generate continues every row from its last position: pad on the left "
-                             "(attention_mask[:, -1] must be 1 for every row)")
+        if mask is not None and input_ids is not None and mask.shape == input_ids.shape:
+            empty = (mask == 0).all(dim=1).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"row(s) {empty} of the batch hold no token (attention_mask all 0): a row needs "
+                                 "at least one token to continue from (e.g. the end-of-text id 0)")
+            if not bool((mask[:, -1] != 0).all()):
+                raise ValueError("generate continues every row from its last position: pad on the left "
+                                 "(attention_mask[:, -1] must be 1 for every row)")
         if seed is not None:
             torch.manual_seed(seed)
-        processors = kwargs.pop("logits_processor", None) or LogitsProcessorList()
-        criteria = kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
+        prompt_len = input_ids.shape[1] if input_ids is not None else 0  # with inputs_embeds: no prompt ids
+        # copies: the caller's lists must not collect this call's processors (a later call would run them)
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         if presence_penalty or frequency_penalty:
+            counts_by = tokenizer
+            if counts_by is None and self.config.vocab_size == 65536:  # the World vocabulary
+                from multimodal_rwkv.model.tokenizer import WorldTokenizer
+
+                counts_by = WorldTokenizer()
+            uncounted = uncounted_ids(counts_by, self.config.vocab_size) if frequency_penalty and counts_by else ()
             processors.append(RWKVPenaltyProcessor(presence_penalty, frequency_penalty, penalty_decay,
-                                                   prompt_len=input_ids.shape[1]))
+                                                   prompt_len=prompt_len, uncounted=uncounted))
         if tokenizer is not None and getattr(tokenizer, "vocab_size", self.config.vocab_size) < self.config.vocab_size:
             processors.append(VocabLimitProcessor(tokenizer.vocab_size))
-        if stop:
+        # transformers' stop_strings need its own tokenizer type: they join our stop strings
+        extra_stops = kwargs.pop("stop_strings", None)
+        gc_in = kwargs.get("generation_config")
+        if gc_in is not None and getattr(gc_in, "stop_strings", None):
+            extra_stops = list(_as_list(extra_stops)) + list(_as_list(gc_in.stop_strings))
+            gc_in = copy.deepcopy(gc_in)
+            gc_in.stop_strings = None
+            kwargs["generation_config"] = gc_in
+        stops = [x for x in list(_as_list(stop)) + list(_as_list(extra_stops)) if x]
+        if stops:
             if tokenizer is None:
-                raise ValueError("stop strings need tokenizer=")
-            criteria.append(StopStringsCriteria(tokenizer, [stop] if isinstance(stop, str) else list(stop),
-                                                prompt_len=input_ids.shape[1]))
+                raise ValueError("stop strings (stop= or stop_strings=) need tokenizer=")
+            criteria.append(StopStringsCriteria(tokenizer, stops, prompt_len=prompt_len))
         if state is not None:  # transformers repeats each row for beams / returned sequences; the state too
             gc = kwargs.get("generation_config") or self.generation_config
             beams = kwargs.get("num_beams") or getattr(gc, "num_beams", 1) or 1
@@ -794,6 +854,13 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         from multimodal_rwkv.model.checkpoint import save_model
 
         save_model(self, save_directory)
+
+
+def _as_list(x) -> list:
+    """A stop string or a list of them (None: none)."""
+    if x is None:
+        return []
+    return [x] if isinstance(x, str) else list(x)
 
 
 def _register_auto_model() -> None:
