@@ -569,9 +569,12 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path, corpus):
     from multimodal_rwkv.errors import CheckpointError
 
     train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=2, checkpoint_every=1))
+    other = ["model.config={n_layer: 1, n_embd: 64, head_size: 32, vocab_size: 64}"]
+    with pytest.raises(ConfigError, match="step_00000002.*model.config.n_layer: 2 -> 1.*new output_dir"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=4) + other)
+    (tmp_path / "run" / "recipe.yaml").unlink()  # no recipe to compare with: the checkpoint's shapes tell
     with pytest.raises(CheckpointError, match="step_00000002.*new output_dir"):
-        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=4) + [
-            "model.config={n_layer: 1, n_embd: 64, head_size: 32, vocab_size: 64}"])
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=4) + other)
 
 
 def test_resume_restores_rng_exactly_with_dropout(tmp_path, corpus):
@@ -792,3 +795,63 @@ def test_records_dropped_while_reading_are_counted_everywhere(tmp_path, monkeypa
     train(TrainConfig(), ov + ["max_steps=8"])
     seen, info, _ = counts()
     assert len(seen) == 8 and seen[5:] == [17, 17, 17] and info == 17
+
+
+def test_a_resume_keeps_the_runs_model_and_peft_settings(tmp_path, corpus):
+    """A rerun that changed a setting the weights depend on but not their shapes (lora_alpha, a
+    model.config key) used to go on, and re-exported final/ as another model."""
+    fresh_base(tmp_path / "base")
+    ov = {"model.config": "{}", "model.from_pretrained": tmp_path / "base", "peft.lora_r": 4, "max_steps": 4,
+          "checkpoint_every": 2}
+    run = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, run, **ov))
+    final = {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()}
+    for change, needle in (({"peft.lora_alpha": 32}, "peft.lora_alpha: 16.0 -> 32.0"),
+                           ({"max_steps": 6, "peft.lora_r": 8}, "peft.lora_r: 4 -> 8"),
+                           ({"max_steps": 6, "model.from_pretrained": tmp_path / "other"}, "model.from_pretrained")):
+        with pytest.raises(ConfigError, match="trained with other model/PEFT settings.*" + needle):
+            train(TrainConfig(), base_overrides(corpus, run, **{**ov, **change}))
+    assert {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()} == final
+    assert len(losses(run)) == 4  # nothing trained by the refused reruns
+    # an export-only setting may change: final/ is written again, unmerged
+    train(TrainConfig(), base_overrides(corpus, run, **{**ov, "peft.merge_lora": "false"}))
+    # a fresh model: a model.config key that keeps every shape
+    tiny = [f"model.config={{n_layer: 2, n_embd: 64, head_size: 32, vocab_size: 64, head_size_divisor: {d}}}"
+            for d in (8, 1)]
+    train(TrainConfig(), base_overrides(corpus, tmp_path / "fresh", max_steps=2, checkpoint_every=2) + tiny[:1])
+    with pytest.raises(ConfigError, match="model.config.head_size_divisor: 8 -> 1"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "fresh", max_steps=4, checkpoint_every=2) + tiny[1:])
+
+
+def test_dataloader_workers_do_not_keep_the_output_dir_lock(tmp_path, corpus):
+    """flock belongs to the open file, which a forked DataLoader worker shares: after a kill -9
+    of the run its workers (alive a few seconds more) kept output_dir "in use" and the rerun was
+    refused. A worker closes its copy when it starts."""
+    import fcntl
+
+    from multimodal_rwkv.training.loop import Trainer, _drop_inherited_lock
+
+    (tmp_path / "run").mkdir()
+    run = Trainer(apply_overrides(TrainConfig(), base_overrides(corpus, tmp_path / "run")))
+    run._lock_output_dir()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker, as the DataLoader starts it
+        try:
+            _drop_inherited_lock(run._lock_fd, run._lock_id, 0)
+            _drop_inherited_lock(w, run._lock_id, 0)  # another file under that number: left open
+            os.write(w, b"x")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(r, 1) == b"x"
+        os.close(run._lock_fd)  # the run dies; its worker lives on
+        fd = os.open(tmp_path / "run" / ".lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the worker still held the lock
+        os.close(fd)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)

@@ -411,6 +411,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write ``cfg`` as YAML (the same format :func:`load_config` reads)."""
-    yaml = _yaml()
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write ``cfg`` as YAML (the same format :func:`load_config` reads), atomically: other ranks
+    of a run may be reading the previous one."""
+    from multimodal_rwkv.fileio import atomic_write_text
+
+    atomic_write_text(path, _yaml().safe_dump(config_to_dict(cfg), sort_keys=False))

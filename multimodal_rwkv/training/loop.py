@@ -17,6 +17,7 @@ batch B see, and resuming needs only the number of samples consumed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -111,6 +112,22 @@ def lr_at(step: int, optim, max_steps: int, time_frac: float = 0.0) -> float:
     if optim.schedule == "linear":
         return lr + (lr_final - lr) * prog
     return lr_final + 0.5 * (lr - lr_final) * (1.0 + math.cos(math.pi * prog))
+
+
+def _drop_inherited_lock(fd, lock_id, _worker_id) -> None:
+    """DataLoader worker start: a forked worker shares the run's lock on ``output_dir/.lock``
+    (flock belongs to the open file, not the process), so after a ``kill -9`` of the run the
+    workers, which outlive it by seconds, kept the folder "in use" and the rerun was refused.
+    Closing the worker's copy leaves the lock to the run alone. Checked by inode: a worker that
+    was not forked has no such descriptor, and ``fd`` may be another file there."""
+    if fd is None:
+        return
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == lock_id:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------------------- data order
@@ -513,18 +530,53 @@ class Trainer:
     _RUN_LENGTH_KEYS = ("max_steps", "max_minutes", "checkpoint_every", "keep_last", "eval_every", "log_every",
                         "progress_bar")
 
-    def _recipe_unchanged(self) -> bool:
-        """Whether the recipe equals the one the run last started with (``recipe.yaml``), run length aside."""
+    # settings a checkpoint's weights depend on: a resumed (or re-exported) run must keep them
+    # (peft.merge_lora only says how final/ is written)
+    _MODEL_SECTIONS = ("model", "peft")
+    _EXPORT_ONLY = ("peft.merge_lora",)
+
+    def _saved_recipe(self) -> Optional[dict]:
+        """The recipe the run last started with (``recipe.yaml``), JSON-normalised; None if unreadable."""
         import yaml
 
         try:
             saved = yaml.safe_load((self.out / "recipe.yaml").read_text(encoding="utf-8"))
         except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
-            return False
-        if not isinstance(saved, dict):
+            return None
+        return json.loads(json.dumps(saved, default=str)) if isinstance(saved, dict) else None
+
+    def _check_model_settings_kept(self, checkpoint) -> None:
+        """ConfigError if the recipe changes a model or PEFT setting of the run being resumed
+        (``lora_alpha``, a ``model.config`` key that keeps the shapes, ...): the checkpoint's
+        weights would silently mean another model."""
+        saved = self._saved_recipe()
+        if saved is None:  # nothing to compare with (a folder from an older version)
+            return
+        now = json.loads(json.dumps(config_to_dict(self.cfg)))
+        changed: list[str] = []
+
+        def diff(name: str, a, b) -> None:
+            if name in self._EXPORT_ONLY or a == b:
+                return
+            if isinstance(a, dict) and isinstance(b, dict):
+                for key in sorted(set(a) | set(b), key=str):
+                    diff(f"{name}.{key}", a.get(key), b.get(key))
+            else:
+                changed.append(f"{name}: {json.dumps(a)} -> {json.dumps(b)}")
+
+        for sec in self._MODEL_SECTIONS:
+            diff(sec, saved.get(sec) or {}, now.get(sec) or {})
+        if changed:
+            raise ConfigError(f"{checkpoint}: this run was trained with other model/PEFT settings "
+                              f"({'; '.join(changed)}); a resumed or re-exported run keeps them (set them back, "
+                              "or train in a new output_dir)")
+
+    def _recipe_unchanged(self) -> bool:
+        """Whether the recipe equals the one the run last started with (``recipe.yaml``), run length aside."""
+        saved = self._saved_recipe()
+        if saved is None:
             return False
         now = json.loads(json.dumps(config_to_dict(self.cfg)))
-        saved = json.loads(json.dumps(saved, default=str))
         for k in self._RUN_LENGTH_KEYS:
             now.pop(k, None)
             saved.pop(k, None)
@@ -714,6 +766,8 @@ class Trainer:
             raise ConfigError(f"{self.out}: output_dir is in use by another training run; wait for it to "
                               "finish or use another output_dir") from None
         self._lock_fd = fd
+        st = os.fstat(fd)
+        self._lock_id = (st.st_dev, st.st_ino)
 
     def _run(self) -> Path:
         import torch
@@ -747,6 +801,7 @@ class Trainer:
         final_dir = self.out / "final"
         budget = cfg.max_minutes * 60.0 if cfg.max_minutes else None  # seconds of training steps
         if resume is not None:
+            self._check_model_settings_kept(resume[1])
             st = _trainer_state(resume[1])
             timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
             finished = (st["step"] >= cfg.max_steps or timed_out) and (final_dir / "config.json").is_file()
@@ -834,6 +889,8 @@ class Trainer:
         loader = DataLoader(_ReportsDrops(train_ds), batch_size=B, sampler=sampler,
                             collate_fn=_CollateDrops(collate), num_workers=cfg.data.num_workers, drop_last=False,
                             persistent_workers=cfg.data.num_workers > 0,
+                            worker_init_fn=functools.partial(_drop_inherited_lock, getattr(self, "_lock_fd", None),
+                                                             getattr(self, "_lock_id", None)),
                             # its own generator: creating the iterator must not draw from the global
                             # RNG, or a resumed run's dropout etc. would be shifted by one draw
                             generator=torch.Generator().manual_seed(cfg.seed))
