@@ -1025,3 +1025,143 @@ def test_sharded_safetensors_folder_loads_each_key_from_its_shard(tmp_path):
     (broken / "s2.safetensors").write_bytes(b"garbage-garbage")
     with pytest.raises(CheckpointError, match=r"s2.safetensors: unreadable shard"):  # the shard named, not the folder
         RWKVForCausalLM.from_pretrained(broken)
+
+
+# ----------------------------------------------------------------------------- checkpoint review fixes
+def test_non_float_tensors_are_refused_naming_the_key(tmp_path):
+    """An int32 checkpoint loaded as fp32 (garbage; generate then crashed with a traceback)."""
+    sd = blink_state_dict(n_layer=1, n_embd=64, head_size=32, vocab_size=64)
+    sd["blocks.0.att.key.weight"] = sd["blocks.0.att.key.weight"].to(torch.int32)
+    torch.save(sd, tmp_path / "int.pth")
+    with pytest.raises(CheckpointError, match=r"int.pth: blocks.0.att.key.weight holds int32 values"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "int.pth")
+    sd["blocks.0.att.key.weight"] = torch.zeros(64, 64, dtype=torch.complex64)
+    torch.save(sd, tmp_path / "complex.pth")
+    with pytest.raises(CheckpointError, match="holds complex64 values"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "complex.pth")
+
+
+def test_default_dtype_is_that_of_most_weights_and_the_state_stays_fp32(tmp_path):
+    """The first tensor's dtype used to decide (a bf16 model with an fp32 time_state came out bf16
+    or fp32 by key order, the state rounded); float64 files gave float64 models."""
+    from multimodal_rwkv.model.checkpoint import weights_dtype
+
+    sd = blink_state_dict(n_layer=1, n_embd=64, head_size=32, vocab_size=64, time_state=True)
+    state = sd["blocks.0.att.time_state"].clone()
+    mixed = {k: (v if k.endswith("time_state") else v.to(torch.bfloat16)) for k, v in sd.items()}
+    for order, name in ((sorted(mixed), "a.pth"), (sorted(mixed, key=lambda k: not k.endswith("time_state")), "b.pth")):
+        torch.save({k: mixed[k] for k in order}, tmp_path / name)
+        m = RWKVForCausalLM.from_pretrained(tmp_path / name)
+        assert m.rwkv.emb.weight.dtype == torch.bfloat16
+        assert torch.equal(m.rwkv.blocks[0].att.time_state, state)  # fp32, exact
+        m.save_pretrained(tmp_path / f"saved-{name}")
+        again = RWKVForCausalLM.from_pretrained(tmp_path / f"saved-{name}")
+        assert torch.equal(again.rwkv.blocks[0].att.time_state, state)
+    torch.save({k: v.double() for k, v in sd.items()}, tmp_path / "f64.pth")
+    assert RWKVForCausalLM.from_pretrained(tmp_path / "f64.pth").dtype == torch.float32
+    assert weights_dtype({"a": torch.zeros(3, dtype=torch.float16), "b": torch.zeros(2)}) == torch.float16
+
+
+def test_from_pretrained_keywords(tmp_path, tiny_pth):
+    from transformers import AutoModelForCausalLM
+
+    p = tiny_pth(n_embd=64, head_size=32, vocab_size=64)
+    with pytest.raises(TypeError, match="dtpye"):
+        RWKVForCausalLM.from_pretrained(p, dtpye="bf16")
+    with pytest.raises(ValueError, match="disagree"):
+        RWKVForCausalLM.from_pretrained(p, dtype="bf16", torch_dtype=torch.float16)
+    with pytest.raises(ValueError, match="revision='v2'"):
+        RWKVForCausalLM.from_pretrained(p, revision="v2")
+    with pytest.raises(ValueError, match="device_map"):
+        RWKVForCausalLM.from_pretrained(p, device_map={"": "cpu", "head": "cuda"})
+    m = RWKVForCausalLM.from_pretrained(p, dtype="bf16", torch_dtype="bfloat16", device_map="cpu", revision="main")
+    assert m.dtype == torch.bfloat16
+    m.save_pretrained(tmp_path / "f")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "f", dtype="auto").dtype == torch.bfloat16
+
+
+def test_a_state_file_loads_onto_its_model_and_is_named_alone(tmp_path, tiny_pth, capsys):
+    from multimodal_rwkv.cli import main
+
+    p = tiny_pth(n_embd=64, head_size=32, vocab_size=65536)  # the World vocabulary, for generate
+    tuned = blink_state_dict(n_embd=64, head_size=32, vocab_size=64, time_state=True, seed=5)
+    states = {k: v for k, v in tuned.items() if k.endswith("time_state")}
+    torch.save(states, tmp_path / "state.pth")
+    whole = {**torch.load(p, weights_only=True), **states}  # the same model, state-tuned in one file
+    torch.save(whole, tmp_path / "whole.pth")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        a = RWKVForCausalLM.from_pretrained(p, state_file=tmp_path / "state.pth")(ids).logits
+        b = RWKVForCausalLM.from_pretrained(tmp_path / "whole.pth")(ids).logits
+    assert torch.equal(a, b)
+    for args in (["info", str(tmp_path / "state.pth")], ["generate", "--model", str(tmp_path / "state.pth"),
+                                                        "--prompt", "x"]):
+        assert main(args) == 2
+        assert "a state-tuning file (blocks.N.att.time_state only)" in capsys.readouterr().err
+    assert main(["generate", "--model", p, "--state", str(tmp_path / "state.pth"), "--prompt", "a",
+                 "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    torch.save({k: v for k, v in states.items() if ".0." in k}, tmp_path / "half.pth")
+    with pytest.raises(CheckpointError, match="half.pth: holds the states of layers \\[0\\]; the model has 2"):
+        RWKVForCausalLM.from_pretrained(p, state_file=tmp_path / "half.pth")
+
+
+def test_folders_rwkv7_and_blinkdl_weights_under_our_config(tmp_path, tiny_pth):
+    from multimodal_rwkv.model.checkpoint import save_blink_pth
+
+    (tmp_path / "r7").mkdir()
+    (tmp_path / "r7" / "config.json").write_text(json.dumps({"model_type": "rwkv7"}))
+    with pytest.raises(CheckpointError, match="RWKV-7 model folder detected"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "r7")
+    m = RWKVForCausalLM.from_pretrained(tiny_pth(n_embd=64, head_size=32, vocab_size=64))
+    m.save_pretrained(tmp_path / "f")
+    save_blink_pth(m, tmp_path / "f" / "model.pth")  # what a training run's export.pth writes beside it
+    (tmp_path / "f" / "model.safetensors").unlink()
+    again = RWKVForCausalLM.from_pretrained(tmp_path / "f")
+    assert all(torch.equal(x, y) for x, y in zip(m.state_dict().values(), again.state_dict().values()))
+
+
+def test_convert_redoes_a_conversion_killed_before_its_config(tmp_path, tiny_pth, capsys):
+    from multimodal_rwkv.cli import main
+
+    p = tiny_pth(n_embd=64, head_size=32, vocab_size=64)
+    assert main(["convert", p, str(tmp_path / "out")]) == 0
+    (tmp_path / "out" / "config.json").unlink()  # killed between the two files
+    assert main(["convert", p, str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()
+    (tmp_path / "mine").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "mine" / "model.safetensors"))  # someone's own weights
+    assert main(["convert", p, str(tmp_path / "mine")]) == 2
+    capsys.readouterr()
+
+
+def _as_a_user(args):
+    """Run the CLI without root's power to read and write any file (setpriv drops it)."""
+    import shutil
+
+    cmd = [sys.executable, "-m", "multimodal_rwkv", *args]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: file permissions do not apply")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+               "--inh-caps=-dac_override,-dac_read_search", "--", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_unwritable_and_unreadable_files_are_one_line_errors(tmp_path, tiny_pth):
+    """convert into a read-only folder: a safetensors error traceback (exit 1); an unreadable
+    model.safetensors was reported as missing."""
+    from multimodal_rwkv.cli import main
+
+    p = tiny_pth(n_embd=64, head_size=32, vocab_size=64)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    r = _as_a_user(["convert", p, str(ro)])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write" in r.stderr, r.stderr
+    assert main(["convert", p, str(tmp_path / "ok")]) == 0
+    (tmp_path / "ok" / "model.safetensors").chmod(0)
+    r = _as_a_user(["info", str(tmp_path / "ok")])
+    assert r.returncode == 2 and "model.safetensors: cannot read it (permission denied)" in r.stderr, r.stderr

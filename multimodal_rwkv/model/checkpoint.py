@@ -6,9 +6,12 @@ file format allows), so a file with pickled code is refused, never executed.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,12 +51,14 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (non-zip) format cannot be memory-mapped
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": ahead of the one-line error
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) format cannot be memory-mapped
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; classify the message
         msg = str(e).strip() or type(e).__name__
         first = msg.splitlines()[0][:120]
@@ -128,6 +133,9 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
 
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
+    for f in (single, index):
+        if f.is_file() and not os.access(f, os.R_OK):  # safetensors would say "No such file"
+            raise CheckpointError(f"{f}: cannot read it (permission denied)")
     try:
         if single.is_file():
             return load_file(str(single))
@@ -165,7 +173,14 @@ def detect_version(sd: dict[str, torch.Tensor], src) -> str:
                 raise CheckpointError(f"{src}: RWKV-5.2 checkpoint with time_first instead of time_faaaa is not supported")
             return "x052"
         raise CheckpointError(f"{src}: RWKV-5.0/5.1 checkpoint detected (no gate or per-channel decay); only x052 and x060 are supported")
+    if keys and all(_STATE_KEY.fullmatch(k) for k in keys):
+        raise CheckpointError(f"{src}: a state-tuning file (blocks.N.att.time_state only), not a model; load it "
+                              "onto the model it was tuned for: from_pretrained(MODEL, state_file=THIS) or "
+                              "mmrwkv generate --model MODEL --state THIS")
     raise CheckpointError(f"{src}: not an RWKV checkpoint (no emb/blocks.N.att keys of a known RWKV version)")
+
+
+_STATE_KEY = re.compile(r"(?:rwkv\.)?blocks\.(\d+)\.att(?:ention)?\.time_state")
 
 
 _HF_RENAMES = [
@@ -280,9 +295,18 @@ def refuse_training_checkpoint(path: Path) -> None:
                               + (f"the run's model is {final}" if final is not None else "load a run's final/ folder"))
 
 
-def _load_raw(src):
+def _load_raw(src, state_file=None):
     """``(config, our-layout state dict, name)`` from any supported source (no model built);
-    ``name`` maps one of our key names to the name the source uses for it (error messages)."""
+    ``name`` maps one of our key names to the name the source uses for it (error messages).
+    ``state_file``: a state-tuning file merged in (see :func:`load_model`)."""
+    cfg, sd, name = _load_raw_model(src)
+    _check_floats(sd, src, name)
+    if state_file is not None:
+        cfg = _merge_state_file(cfg, sd, state_file)
+    return cfg, sd, name
+
+
+def _load_raw_model(src):
     path = Path(src)
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -298,6 +322,10 @@ def _load_raw(src):
         if cfg_dict.get("model_type") == "visualrwkv":
             raise CheckpointError(f"{path}: a VisualRWKV model (vision + language); use it with mmrwkv vqa / "
                                   "eval-vqa or multimodal_rwkv.vision.VisualRWKV.from_pretrained")
+        other = {"rwkv7": "RWKV-7", "rwkv": "RWKV-4"}.get(str(cfg_dict.get("model_type", "")).lower())
+        if other:
+            raise CheckpointError(f"{path}: {other} model folder detected (config.json model_type "
+                                  f"{cfg_dict['model_type']!r}); only RWKV-6 (x060) and RWKV-5.2 (x052) are supported")
         sd = read_folder_weights(path)
         if cfg_dict.get("model_type") == RWKVConfig.model_type:
             cfg_dict = {k: v for k, v in cfg_dict.items() if k not in ("model_type", "transformers_version", "architectures")}
@@ -305,6 +333,9 @@ def _load_raw(src):
                 cfg = RWKVConfig(**cfg_dict)
             except (TypeError, ValueError, ConfigError) as e:
                 raise CheckpointError(f"{cfg_file}: invalid config ({e})") from None
+            if "rwkv.emb.weight" not in sd and "emb.weight" in sd:  # a BlinkDL-layout model.pth (export.pth)
+                original = {_our_name(_hf_name_to_blink(k)): k for k in sd}
+                return cfg, {o: sd[k] for o, k in original.items()}, lambda k: original.get(k, _blink_name(k))
             return cfg, sd, None
         return _from_named_weights(sd, path)  # a Hugging Face-layout RWKV-6, or BlinkDL keys in a folder
     if not path.exists():
@@ -324,11 +355,11 @@ def _from_named_weights(sd: dict[str, torch.Tensor], path: Path):
     return cfg, ours, lambda k: original.get(k) or (_blink_name_to_hf(_blink_name(k)) if hf else _blink_name(k))
 
 
-def load_raw(src, check: bool = False) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:
+def load_raw(src, check: bool = False, state_file=None) -> tuple[RWKVConfig, dict[str, torch.Tensor]]:
     """Config and our-layout state dict from any supported source. ``check``: also verify that
     the keys and shapes are exactly those of the model the config describes (built on the meta
-    device, no memory), as loading it would."""
-    cfg, sd, name = _load_raw(src)
+    device, no memory), as loading it would. ``state_file``: see :func:`load_model`."""
+    cfg, sd, name = _load_raw(src, state_file)
     if check:
         from multimodal_rwkv.model.modeling import RWKVForCausalLM
 
@@ -338,19 +369,75 @@ def load_raw(src, check: bool = False) -> tuple[RWKVConfig, dict[str, torch.Tens
     return cfg, sd
 
 
-def load_model(cls, src, dtype=None, device=None):
-    """Build ``cls`` from ``src`` (see :meth:`RWKVForCausalLM.from_pretrained`)."""
-    cfg, sd, name = _load_raw(src)
-    dtype = resolve_dtype(dtype)
-    if dtype is None:
-        floats = [v.dtype for v in sd.values() if v.is_floating_point()]
-        dtype = floats[0] if floats else torch.float32
+def weights_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a model loaded without ``dtype=`` gets: the floating dtype holding most of the
+    weights (not the first tensor's: a bf16 model may carry an fp32 state), float64 as fp32."""
+    counts: dict[torch.dtype, int] = {}
+    for v in sd.values():
+        counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def load_model(cls, src, dtype=None, device=None, state_file=None):
+    """Build ``cls`` from ``src`` (see :meth:`RWKVForCausalLM.from_pretrained`). ``state_file``: a
+    state-tuning file (``blocks.N.att.time_state`` tensors, as BlinkDL releases them) whose
+    state becomes the model's initial state. A trained initial state is held in fp32 whatever
+    the weights' dtype (the wkv state is fp32)."""
+    cfg, sd, name = _load_raw(src, state_file)
+    dtype = resolve_dtype(dtype) or weights_dtype(sd)
     with torch.device("meta"):
         model = cls(cfg)
     model = model.to_empty(device=device or "cpu").to(dtype)
+    for m in model.modules():
+        if isinstance(getattr(m, "time_state", None), torch.nn.Parameter):
+            m.time_state.data = m.time_state.data.float()
     load_state_into(model, sd, src, name)
     model.eval()
     return model
+
+
+def _check_floats(sd: dict[str, torch.Tensor], src, name=None) -> None:
+    """Every RWKV weight is a real floating-point tensor: an integer, bool or complex one is a
+    broken or foreign file (loading would cast it silently and generate garbage). ``name``: our
+    key -> the file's, for the message."""
+    bad = [k for k, v in sd.items() if not v.is_floating_point()]
+    if bad and name is not None:
+        sd = {name(k): sd[k] for k in bad}
+        bad = list(sd)
+    if bad:
+        raise CheckpointError(f"{src}: {_summarise(bad, 3)} hold{'s' if len(bad) == 1 else ''} "
+                              f"{str(sd[bad[0]].dtype).replace('torch.', '')} values; an RWKV checkpoint's "
+                              "tensors are floating point")
+
+
+def _merge_state_file(cfg: RWKVConfig, sd: dict[str, torch.Tensor], state_file) -> RWKVConfig:
+    """Add a state-tuning file's ``time_state`` tensors to ``sd`` (our names); the config then
+    has an initial state. Each layer's state must be there, shaped ``[n_head, head_size, head_size]``."""
+    path = Path(state_file)
+    raw = read_pth(path) if not path.is_dir() else None
+    if raw is None:
+        raise CheckpointError(f"{path}: a folder; state_file is a .pth of blocks.N.att.time_state tensors")
+    _check_floats(raw, path)
+    layers: dict[int, torch.Tensor] = {}
+    for k, v in raw.items():
+        m = _STATE_KEY.fullmatch(k)
+        if m is None:
+            raise CheckpointError(f"{path}: {k} is not a time_state tensor; a state file holds only "
+                                  "blocks.N.att.time_state")
+        layers[int(m.group(1))] = v
+    want = (cfg.n_head, cfg.head_size, cfg.head_size)
+    if sorted(layers) != list(range(cfg.n_layer)):
+        raise CheckpointError(f"{path}: holds the states of layers {sorted(layers)}; the model has {cfg.n_layer} "
+                              "layers (a state file of another model?)")
+    for i, v in layers.items():
+        if tuple(v.shape) != want:
+            raise CheckpointError(f"{path}: blocks.{i}.att.time_state is {tuple(v.shape)}, the model's state is "
+                                  f"{want} (a state file of another model?)")
+        sd[f"rwkv.blocks.{i}.att.time_state"] = v
+    cfg = copy.deepcopy(cfg)
+    cfg.has_initial_state = True
+    return cfg
 
 
 def save_model(model, out_dir) -> None:
@@ -360,7 +447,16 @@ def save_model(model, out_dir) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+    def write(tmp) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type for a failed write
+            raise OSError(f"{out / 'model.safetensors'}: cannot write ({' '.join(str(e).split())[:160]})") from None
+
+    atomic_write(out / "model.safetensors", write)
     cfg = model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")

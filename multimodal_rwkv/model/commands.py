@@ -22,6 +22,8 @@ def register(sub) -> None:
         epilog="Example: mmrwkv generate --model RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth --prompt 'The Eiffel tower is in' --max-new-tokens 40",
     )
     p.add_argument("--model", type=path_arg, required=True, help="checkpoint file or folder")
+    p.add_argument("--state", type=path_arg, default=None,
+                   help="a state-tuning file (blocks.N.att.time_state tensors) to start from")
     p.add_argument("--prompt", required=True,
                    help="prompt text; \\n, \\t, \\r and \\\\ are unescaped ('-' reads standard input as it is)")
     p.add_argument("--max-new-tokens", type=int_min(1), default=100)
@@ -46,7 +48,10 @@ def register(sub) -> None:
     )
     p.add_argument("src", type=path_arg)
     p.add_argument("out_dir", type=path_arg)
-    p.add_argument("--dtype", default=None, help="keep the file's dtype unless given (fp32 | bf16 | fp16)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16; default: the dtype of most of the file's "
+                   "weights (float64 as fp32); a trained initial state stays fp32")
+    p.add_argument("--state", type=path_arg, default=None,
+                   help="a state-tuning file (blocks.N.att.time_state) built into the model as its initial state")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -102,6 +107,19 @@ def _tokenizer_for(src):
                           "'bytes'")
 
 
+def _written_by_convert(path: Path) -> bool:
+    """Whether a safetensors file holds our layout (``rwkv.emb.weight``, ``head.weight``): the
+    weights convert writes first."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+    except Exception:  # noqa: BLE001 - unreadable or not safetensors: not ours
+        return False
+    return {"rwkv.emb.weight", "head.weight"} <= keys
+
+
 def _check_convert_target(src, out_dir) -> None:
     """convert writes config.json + model.safetensors into ``out_dir``: refuse a target where that
     would destroy something (see the convert help). Checked before the source is read."""
@@ -131,6 +149,8 @@ def _check_convert_target(src, out_dir) -> None:
 
     if model_type == RWKVConfig.model_type and set(names) <= {"config.json", "model.safetensors"}:
         return  # a model convert wrote: replaced
+    if names == ["model.safetensors"] and _written_by_convert(out / "model.safetensors"):
+        return  # a convert killed before its config.json: redone
     what = ("a VisualRWKV model" if model_type == "visualrwkv"
             else "a model and other files" if model_type == RWKVConfig.model_type
             else f"another model (config.json model_type {model_type!r})" if model_type else "other files")
@@ -163,7 +183,7 @@ def cmd_generate(args) -> int:
     else:
         prompt = unescape(_utf8(args.prompt, "--prompt"))
     stops = [unescape(_utf8(s, "--stop")) for s in args.stop] if args.stop else None
-    model = RWKVForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = RWKVForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, state_file=args.state)
     tok = _tokenizer_for(args.model)
     _check_vocab(model, tok, args.model)
     ids = tok.encode(prompt) or [0]
@@ -192,7 +212,7 @@ def cmd_convert(args) -> int:
     from multimodal_rwkv.model.modeling import RWKVForCausalLM
 
     _check_convert_target(args.src, args.out_dir)
-    model = RWKVForCausalLM.from_pretrained(args.src, dtype=args.dtype)
+    model = RWKVForCausalLM.from_pretrained(args.src, dtype=args.dtype, state_file=args.state)
     model.save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir} ({model.config.version}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0

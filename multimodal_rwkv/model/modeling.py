@@ -841,13 +841,45 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                                 state=state, **kwargs)
 
     # ---- I/O ----------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, src, *args, dtype=None, torch_dtype=None, device=None, **kwargs) -> "RWKVForCausalLM":
-        """Load a BlinkDL ``.pth``, a Hugging Face-layout RWKV-6 folder, or a folder saved by
-        :meth:`save_pretrained`. Sizes are inferred from tensor shapes. Raises CheckpointError."""
-        from multimodal_rwkv.model.checkpoint import load_model
+    # transformers' loading keywords (AutoModelForCausalLM passes some): no effect on a local source
+    _HUB_KWARGS = ("config", "adapter_kwargs", "trust_remote_code", "cache_dir", "force_download",
+                   "local_files_only", "token", "proxies", "_from_auto", "_commit_hash", "use_safetensors",
+                   "low_cpu_mem_usage", "resume_download")
 
-        return load_model(cls, src, dtype=dtype if dtype is not None else torch_dtype, device=device)
+    @classmethod
+    def from_pretrained(cls, src, *args, dtype=None, torch_dtype=None, device=None, state_file=None,
+                        **kwargs) -> "RWKVForCausalLM":
+        """Load a BlinkDL ``.pth``, a Hugging Face-layout RWKV-6 folder, or a folder saved by
+        :meth:`save_pretrained`. Sizes are inferred from tensor shapes. Raises CheckpointError.
+
+        ``dtype`` (or transformers' ``torch_dtype``): fp32, bf16 or fp16 (a string or a torch
+        dtype; None or "auto": the dtype most of the file's weights have). ``device`` (or
+        ``device_map`` naming one device). ``state_file``: a state-tuning file
+        (``blocks.N.att.time_state``) whose state becomes the initial state. transformers' hub
+        keywords (``revision``, ``cache_dir``, ...) mean nothing for a local file and are ignored;
+        any other keyword is an error."""
+        from multimodal_rwkv.model.checkpoint import load_model, resolve_dtype
+
+        if args:
+            raise TypeError(f"from_pretrained() takes the source and keywords only; got {len(args)} more "
+                            "positional argument(s)")
+        if dtype is not None and torch_dtype is not None and resolve_dtype(dtype) != resolve_dtype(torch_dtype):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
+        device_map = kwargs.pop("device_map", None)
+        if device_map is not None:
+            if isinstance(device_map, dict) or device is not None:
+                raise ValueError("device_map: give one device (a model split over devices is not supported), "
+                                 "or device=")
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map
+        for key, default in (("revision", "main"), ("subfolder", "")):
+            value = kwargs.pop(key, None)
+            if value not in (None, default):
+                raise ValueError(f"{key}={value!r}: a local checkpoint has no {key}s (download it first)")
+        unknown = sorted(k for k in kwargs if k not in cls._HUB_KWARGS)
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(unknown)}")
+        return load_model(cls, src, dtype=dtype if dtype is not None else torch_dtype, device=device,
+                          state_file=state_file)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write ``config.json`` + ``model.safetensors`` (atomically) into ``save_directory``."""
