@@ -217,3 +217,27 @@ def test_vision_synth_size_has_an_upper_bound(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["vision-synth", "--help"])
     assert "image side in pixels, 16 to 4096" in capsys.readouterr().out
+
+
+def test_vision_synth_writes_only_into_a_new_empty_or_own_folder(tmp_path, capsys):
+    """--out DIR replaced whatever train.json / test.json DIR held (someone's own data), and a
+    smaller rerun left the old pictures behind."""
+    from multimodal_rwkv.cli import main
+
+    out = tmp_path / "d"
+    assert main(["vision-synth", "--out", str(out), "--n-train", "3", "--n-test", "2", "--size", "32"]) == 0
+    assert main(["vision-synth", "--out", str(out), "--n-train", "2", "--n-test", "0", "--size", "32"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["train_000000.png", "train_000001.png"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.json").write_text("[]")
+    (mine / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["vision-synth", "--out", str(mine), "--n-train", "2", "--n-test", "0", "--size", "32"]) == 2
+    assert "holds files this did not write (notes.txt, train.json)" in capsys.readouterr().err
+    (mine / "notes.txt").unlink()  # a train.json alone is someone's data too
+    assert main(["vision-synth", "--out", str(mine), "--n-train", "2", "--n-test", "0", "--size", "32"]) == 2
+    assert (mine / "train.json").read_text() == "[]"
+    (out / "images" / "cat.jpg").write_bytes(b"x")
+    assert main(["vision-synth", "--out", str(out), "--n-train", "2", "--n-test", "0", "--size", "32"]) == 2
+    assert "images/cat.jpg" in capsys.readouterr().err and (out / "images" / "cat.jpg").exists()

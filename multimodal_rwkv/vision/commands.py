@@ -61,7 +61,7 @@ def register(sub) -> None:
                     "  mmrwkv train recipes/visualrwkv_synthetic.yaml --set data.train_file=data/synth/train.json "
                     "data.image_folder=data/synth/images output_dir=runs/visualrwkv_synthetic",
         formatter_class=_RAW)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: new or empty, or one holding a dataset vision-synth wrote (replaced)")
     p.add_argument("--n-train", type=int_min(1), default=4000, help="training images (default 4000)")
     p.add_argument("--n-test", type=int_min(0), default=300, help="held-out test images (default 300)")
     p.add_argument("--questions-per-image", type=int_min(1), default=3, help="questions per image (default 3)")

@@ -20,10 +20,14 @@ is unique. Everything is deterministic given the seed.
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from multimodal_rwkv.errors import DataError
 
 if TYPE_CHECKING:  # PIL is imported where a scene is drawn: the CLI reads MIN_SIZE/MAX_SIZE at start-up
     from PIL import Image
@@ -137,7 +141,10 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
         raise ValueError(f"generate_dataset: need n_train >= 1, n_test >= 0, questions_per_image >= 1 and "
                          f"{MIN_SIZE} <= size <= {MAX_SIZE}; got {n_train}, {n_test}, {questions_per_image}, {size}")
     out = Path(out_dir)
+    _check_target(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    for old in (out / "images").iterdir():  # a dataset this wrote before: its pictures go with it
+        old.unlink()
     splits = {}
     for split, n_img, split_seed in (("train", n_train, seed * 2 + 1), ("test", n_test, seed * 2 + 2)):
         rng = random.Random(split_seed)
@@ -174,6 +181,34 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
     return {"train_records": len(splits["train"]), "test_questions": len(splits["test"]),
             "train_file": str(out / "train.json"), "test_file": str(out / "test.json"),
             "questions_file": str(out / "test_questions.jsonl"), "image_folder": str(out / "images")}
+
+
+_OWN = ("train.json", "test.json", "test_questions.jsonl", "images")
+_OWN_IMAGE = re.compile(r"(train|test)_\d{6}\.png")
+
+
+def _check_target(out: Path) -> None:
+    """``out`` must be new or empty, or hold only a dataset this wrote (which is replaced): a
+    folder with anything else (someone's own train.json, other pictures) is refused."""
+    if not out.exists():
+        if out.is_symlink():
+            raise DataError(f"{out}: a broken link; give a new or empty folder")
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    other = sorted(n for n in os.listdir(out) if n not in _OWN)
+    images = out / "images"
+    if images.is_dir():
+        other += sorted(f"images/{n}" for n in os.listdir(images) if not _OWN_IMAGE.fullmatch(n))
+    elif images.exists() or images.is_symlink():
+        other.append("images")
+    for name in _OWN[:3]:
+        if (out / name).exists() and (not (out / name).is_file() or not images.is_dir()):
+            other.append(name)  # not a file, or without the images/ folder this writes first: not ours
+    if other:
+        more = f" (+{len(other) - 5} more)" if len(other) > 5 else ""
+        raise DataError(f"{out}: holds files this did not write ({', '.join(other[:5])}{more}); give a new or empty "
+                        "folder (a dataset vision-synth wrote there is replaced)")
 
 
 def _write_json(path: Path, obj) -> None:
