@@ -241,3 +241,39 @@ def test_bad_text_records_are_skipped_and_counted_not_a_crash(tmp_path):
     data.write_bytes(b"\n".join(lines[:3]) + b"\n")
     with pytest.raises(DataError, match=f"{data}:2: record .*turn 0 value holds an unpaired surrogate"):
         train(cfg)
+
+
+def test_a_trained_encoder_is_never_left_out_of_final(trained, tmp_path):
+    """train_encoder with bundle_encoder false: final/ named the tower's source and reloaded the
+    untrained tower (the trained one silently lost)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from multimodal_rwkv.training import train
+    from multimodal_rwkv.vision.modeling import VisualRWKV
+
+    data, _, _ = trained
+    tower = tmp_path / "tower"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in TINY_TOWER.items() if k != "model_type"})).save_pretrained(tower)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tower)
+    opts = {"vision_tower": str(tower), "bundle_encoder": False, "train_encoder": True, "freeze_embeddings": False}
+    cfg = recipe(tmp_path, data, tmp_path / "a", max_steps=2)
+    cfg.model.options = dict(opts)
+    with pytest.raises(ConfigError, match="would lose the trained encoder"):
+        train(cfg)
+    # a checkpoint without its tower, trained further with the encoder: final/ bundles it
+    cfg.model.options = {**opts, "train_encoder": False}
+    cfg.output_dir = str(tmp_path / "b")
+    first = train(cfg)
+    assert not any(k.startswith("vision_tower.") for k in load_file(str(first / "model.safetensors")))
+    cfg = recipe(tmp_path, data, tmp_path / "c", max_steps=2)
+    cfg.model.config, cfg.model.from_pretrained = {}, str(first)
+    cfg.model.options = {"train_encoder": True}
+    final = train(cfg)
+    saved = load_file(str(final / "model.safetensors"))
+    tuned = {k: v for k, v in saved.items() if k.startswith("vision_tower.")}
+    untrained = VisualRWKV.from_pretrained(first).state_dict()
+    assert tuned and any(not torch.equal(v, untrained[k]) for k, v in tuned.items())
+    again = VisualRWKV.from_pretrained(final).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in tuned.items())

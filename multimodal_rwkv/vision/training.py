@@ -128,6 +128,15 @@ class VisualRWKVTask(Task):
                     model = VisualRWKV.from_config(cfg)
                 except TypeError as e:
                     raise ConfigError(f"model.config: {e}") from None
+        if self.stage == 2 and self.train_encoder and not model.config.bundle_encoder:
+            # final/ would name the tower's source and reload the untrained one: the training lost
+            if "bundle_encoder" in o:
+                raise ConfigError("model.options: train_encoder true with bundle_encoder false would lose the "
+                                  "trained encoder (final/ names only its source, which holds the untrained "
+                                  "one); set bundle_encoder true, or train_encoder false")
+            logger.warning("%s has bundle_encoder false; the encoder is trained (train_encoder), so final/ holds "
+                           "it (bundle_encoder set to true)", src)
+            model.config.bundle_encoder = True
         model.l2wrap = bool(self.cfg.train.l2wrap)
         return model
 
