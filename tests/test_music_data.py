@@ -497,3 +497,30 @@ def test_generate_abc_moves_a_prompt_file_header_into_the_tune(tmp_path, monkeyp
     monkeypatch.setattr(gen, "sample_tokens", lambda model, ids, *a, **kw: seen.append(ids) or [0])
     assert real_generate_abc(prompt="L:1/4\n\nX:1\n", model=object()) == "X:1\nL:1/4\n"
     assert AbcTokenizer().decode(seen[0]) == "X:1\nL:1/4\n"
+
+
+def test_prepare_keeps_the_same_music_once_whatever_else_differs(tmp_path):
+    """Two files of one piece that differ only in a text event hashed apart: both were kept, and
+    could sit in train and in valid/test (a held-out leak)."""
+    def song(path, title, pitches):
+        mid = mido.MidiFile(ticks_per_beat=480)
+        tr = mido.MidiTrack()
+        tr.append(mido.MetaMessage("track_name", name=title))
+        for p in pitches:
+            tr += [mido.Message("note_on", note=p, velocity=80, time=0), mido.Message("note_off", note=p, time=480)]
+        mid.tracks.append(tr)
+        mid.save(path)
+
+    src = tmp_path / "midi"
+    src.mkdir()
+    for k in range(12):  # 12 pieces, each saved twice under different titles
+        pitches = [60 + (k * 7 + j * 5) % 24 for j in range(8)]
+        song(src / f"a{k:02d}.mid", f"take one {k}", pitches)
+        song(src / f"b{k:02d}.mid", f"take two {k}", pitches)
+    rep = prepare(tmp_path / "out", midi_dir=src, valid_permille=300, test_permille=300)
+    assert rep.duplicates == 12 and sum(c["pieces"] for c in rep.counts.values()) == 12
+    seen = {}
+    for split in ("train", "valid", "test"):
+        for doc in split_documents(load_tokens(tmp_path / "out" / split)):
+            assert tuple(doc) not in seen, (split, seen.get(tuple(doc)))
+            seen[tuple(doc)] = split

@@ -19,7 +19,9 @@ temporary folder and moved in when complete, so a prepare that fails writes noth
 
 The split is a pure function of the piece's content: ``sha256(content) mod 1000`` below
 ``test_permille`` goes to test, the next ``valid_permille`` to valid, the rest to train, so it
-does not depend on file order, ``limit`` or the machine. Identical contents are kept once.
+does not depend on file order, ``limit`` or the machine. Identical contents are kept once, and
+so are MIDI files whose tokens are identical (the same music, files differing in a title or
+another event the tokenizer drops): the first in path order, in its split.
 Transposition augmentation (MIDI only, train split only) adds copies shifted by
 ``-transpose..+transpose`` semitones (drums untouched; copies that leave the pitch range skipped).
 """
@@ -388,6 +390,13 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
             except MidiError as e:
                 fail(str(p), str(e))
                 continue
+            # the same music in files that differ elsewhere (a title, a text event) is one piece:
+            # kept once, so it cannot sit in train and in a held-out split
+            th = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+            if th in seen:
+                report.duplicates += 1
+                continue
+            seen.add(th)
             s = split_of(content, valid_permille, test_permille)
             versions = [ids]
             if s == "train" and transpose:
