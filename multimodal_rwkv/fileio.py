@@ -75,13 +75,25 @@ def remove_dirs(made) -> None:
             pass
 
 
+def temp_name(path) -> Path:
+    """A temporary name beside ``path`` for this process (``.tmp-NAME-PID``), shortened with a hash
+    of the name where that would pass the 255-byte limit of a file name."""
+    import hashlib
+
+    path = Path(path)
+    name = f".tmp-{path.name}-{os.getpid()}"
+    if len(name.encode()) > 255:
+        name = f".tmp-{hashlib.sha1(path.name.encode()).hexdigest()[:16]}-{os.getpid()}"
+    return path.with_name(name)
+
+
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)`` to produce the file, then move it into place atomically.
 
     The file gets the usual mode for a new file (umask applied): some writers, safetensors'
     ``save_file`` among them, create their files 0600, and a saved model is meant to be shared."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp = temp_name(path)
     try:
         write(tmp)
         fsync_path(tmp)
@@ -191,7 +203,7 @@ def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) ->
             if path.is_symlink():
                 path = _resolved(path)
             made += make_dirs(path.parent)
-            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")  # not OUT.tmp, which may be someone's file
+            tmp = temp_name(path)  # not OUT.tmp, which may be someone's file
             temps.append((tmp, path))
             write(tmp)
             keep_mode(path, tmp)

@@ -1165,3 +1165,73 @@ def test_unwritable_and_unreadable_files_are_one_line_errors(tmp_path, tiny_pth)
     (tmp_path / "ok" / "model.safetensors").chmod(0)
     r = _as_a_user(["info", str(tmp_path / "ok")])
     assert r.returncode == 2 and "model.safetensors: cannot read it (permission denied)" in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- re-check fixes
+def test_transformers_trainer_runs_a_step():
+    """forward refusing unknown keywords broke transformers' Trainer, which passes
+    num_items_in_batch to models whose forward takes **kwargs (accepts_loss_kwargs)."""
+    from transformers import Trainer, TrainingArguments
+
+    m = _random_model()
+    data = [{"input_ids": torch.randint(1, 97, (12,)), "labels": torch.randint(1, 97, (12,))} for _ in range(4)]
+    args = TrainingArguments(output_dir="/tmp/mmrwkv-trainer-test", per_device_train_batch_size=2, max_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    out = Trainer(model=m, args=args, train_dataset=data).train()
+    assert np.isfinite(out.training_loss)
+
+
+def test_loading_configs_devices_and_generation_settings(tmp_path, tiny_pth):
+    from transformers import AutoModelForCausalLM
+
+    p = tiny_pth(n_embd=64, head_size=32, vocab_size=64)
+    m = RWKVForCausalLM.from_pretrained(p)
+    m.save_pretrained(tmp_path / "f")
+    # config keywords: the kernel choice is taken, a size must be the checkpoint's
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "f", wkv_backend="reference").config.wkv_backend == "reference"
+    assert RWKVForCausalLM.from_pretrained(p, wkv_backend="torch").config.wkv_backend == "torch"
+    with pytest.raises(CheckpointError, match="n_layer 7 \\(the checkpoint has 2\\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "f", n_layer=7)
+    cfg = RWKVConfig.from_pretrained(tmp_path / "f")
+    cfg.wkv_backend = "reference"
+    assert RWKVForCausalLM.from_pretrained(p, config=cfg).config.wkv_backend == "reference"
+    # one device, however transformers spells it
+    for kw in ({"device_map": {"": "cpu"}}, {"device": "cpu", "device_map": "cpu"}, {"device_map": "auto"}):
+        assert RWKVForCausalLM.from_pretrained(p, **kw).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():  # device 0 is the first GPU (it used to load on the CPU)
+        with pytest.raises((RuntimeError, AssertionError)):
+            RWKVForCausalLM.from_pretrained(p, device=0)
+    # the config's output_hidden_states; the model's own generation config's stop strings
+    m.config.output_hidden_states = True
+    ids = torch.tensor([[1, 2, 3]])
+    assert len(m(ids).hidden_states) == m.config.n_layer + 1
+    m.config.output_hidden_states = False
+    from multimodal_rwkv.training.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    free = m.generate(ids, max_new_tokens=6, eos_token_id=None)
+    stop = tok.decode(free[0, 3:5].tolist())
+    m.generation_config.stop_strings = [stop]
+    got = m.generate(ids, max_new_tokens=6, eos_token_id=None, tokenizer=tok)
+    assert m.generation_config.stop_strings == [stop] and got.shape[1] <= 5
+    m.generation_config.stop_strings = None
+    # inputs_embeds with a state and several returned sequences
+    st = m(ids).state
+    out = m.generate(inputs_embeds=m.rwkv.emb(ids[:, -1:]), state=st, max_new_tokens=2, do_sample=True,
+                     num_return_sequences=2, seed=0)
+    assert out.shape == (2, 2)
+
+
+def test_temp_names_fit_and_convert_redoes_a_half_written_folder(tmp_path, tiny_pth):
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.fileio import atomic_write_text, temp_name
+
+    long = tmp_path / ("a" * 250 + ".mid")
+    assert len(temp_name(long).name) <= 255 and temp_name(long).parent == tmp_path
+    atomic_write_text(long, "x")
+    assert long.read_text() == "x"
+    p = tiny_pth(n_embd=64, head_size=32, vocab_size=64)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".tmp-model.safetensors-99999").write_bytes(b"half")  # a convert killed mid-write
+    assert main(["convert", p, str(tmp_path / "out")]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]

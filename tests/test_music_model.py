@@ -261,3 +261,13 @@ def test_cli_generate_reports_the_tokens_it_sampled(tmp_path, capsys):
                      "--max-tokens", str(cap), "--seed", "1"]) == 0
         n = int(capsys.readouterr().out.split(" new tokens")[0].split(", ")[-1])
         assert 1 <= n <= cap
+
+
+def test_generate_midi_api_png_must_be_a_png_name(tiny_run, tmp_path):
+    from multimodal_rwkv.errors import DataError
+    from multimodal_rwkv.music import generate_midi
+
+    final, _, _ = tiny_run
+    with pytest.raises(DataError, match="roll.jpg: png is written as a PNG picture"):
+        generate_midi(final, seconds=1, max_new_tokens=8, png=tmp_path / "roll.jpg")
+    assert not (tmp_path / "roll.jpg").exists()

@@ -797,7 +797,7 @@ def test_records_dropped_while_reading_are_counted_everywhere(tmp_path, monkeypa
     assert len(seen) == 8 and seen[5:] == [17, 17, 17] and info == 17
 
 
-def test_a_resume_keeps_the_runs_model_and_peft_settings(tmp_path, corpus):
+def test_a_resume_keeps_the_runs_model_and_peft_settings(tmp_path, corpus, monkeypatch):
     """A rerun that changed a setting the weights depend on but not their shapes (lora_alpha, a
     model.config key) used to go on, and re-exported final/ as another model."""
     fresh_base(tmp_path / "base")
@@ -807,18 +807,25 @@ def test_a_resume_keeps_the_runs_model_and_peft_settings(tmp_path, corpus):
     train(TrainConfig(), base_overrides(corpus, run, **ov))
     final = {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()}
     for change, needle in (({"peft.lora_alpha": 32}, "peft.lora_alpha: 16.0 -> 32.0"),
-                           ({"max_steps": 6, "peft.lora_r": 8}, "peft.lora_r: 4 -> 8"),
-                           ({"max_steps": 6, "model.from_pretrained": tmp_path / "other"}, "model.from_pretrained")):
+                           ({"max_steps": 6, "peft.lora_r": 8}, "peft.lora_r: 4 -> 8")):
         with pytest.raises(ConfigError, match="trained with other model/PEFT settings.*" + needle):
             train(TrainConfig(), base_overrides(corpus, run, **{**ov, **change}))
     assert {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()} == final
     assert len(losses(run)) == 4  # nothing trained by the refused reruns
-    # an export-only setting may change: final/ is written again, unmerged
+    # an export-only setting may change: final/ is written again, unmerged; so may what does not
+    # change the weights' meaning (dropout, the source path spelled another way, a default given)
     train(TrainConfig(), base_overrides(corpus, run, **{**ov, "peft.merge_lora": "false"}))
+    monkeypatch.chdir(tmp_path)
+    train(TrainConfig(), base_overrides(corpus, run, **{**ov, "max_steps": 5, "peft.lora_dropout": 0.1,
+                                                        "model.from_pretrained": "./base"}))
+    assert len(losses(run)) == 5
     # a fresh model: a model.config key that keeps every shape
     tiny = [f"model.config={{n_layer: 2, n_embd: 64, head_size: 32, vocab_size: 64, head_size_divisor: {d}}}"
             for d in (8, 1)]
     train(TrainConfig(), base_overrides(corpus, tmp_path / "fresh", max_steps=2, checkpoint_every=2) + tiny[:1])
+    # the same sizes written out (the default divisor, another kernel, no LoRA's settings): resumed
+    train(TrainConfig(), base_overrides(corpus, tmp_path / "fresh", max_steps=3, checkpoint_every=2,
+                                        **{"peft.lora_alpha": 3}) + [tiny[0][:-1] + ", wkv_backend: torch}"])
     with pytest.raises(ConfigError, match="model.config.head_size_divisor: 8 -> 1"):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "fresh", max_steps=4, checkpoint_every=2) + tiny[1:])
 

@@ -379,16 +379,44 @@ def weights_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
     return torch.float32 if dtype == torch.float64 else dtype
 
 
-def load_model(cls, src, dtype=None, device=None, state_file=None):
+# the config keys that describe the weights (a checkpoint fixes them) and those a loader may set
+MODEL_SIZE_KEYS = ("vocab_size", "n_layer", "n_embd", "head_size", "dim_att", "dim_ffn", "version", "d_mix_lora",
+                   "d_decay_lora", "head_size_divisor", "layer_norm_eps", "has_initial_state")
+CONFIG_OVERRIDES = ("wkv_backend", "bos_token_id", "eos_token_id", "pad_token_id", "output_hidden_states")
+
+
+def _apply_config(cfg: RWKVConfig, src, config=None, overrides=None) -> RWKVConfig:
+    """``cfg`` (the checkpoint's) with the settings of ``config`` / ``overrides`` that a loader may
+    change; a size that differs from the checkpoint's is a CheckpointError."""
+    given = {}
+    if config is not None:
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        given.update({k: get(k) for k in MODEL_SIZE_KEYS + CONFIG_OVERRIDES if get(k) is not None})
+    given.update(overrides or {})
+    if not given:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    clash = [f"{k} {given[k]!r} (the checkpoint has {getattr(cfg, k)!r})" for k in MODEL_SIZE_KEYS
+             if k in given and given[k] != getattr(cfg, k)]
+    if clash:
+        raise CheckpointError(f"{src}: the config given differs from the checkpoint's: {', '.join(clash)}")
+    for k in CONFIG_OVERRIDES:
+        if k in given:
+            setattr(cfg, k, given[k])
+    return cfg
+
+
+def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, overrides=None):
     """Build ``cls`` from ``src`` (see :meth:`RWKVForCausalLM.from_pretrained`). ``state_file``: a
     state-tuning file (``blocks.N.att.time_state`` tensors, as BlinkDL releases them) whose
     state becomes the model's initial state. A trained initial state is held in fp32 whatever
     the weights' dtype (the wkv state is fp32)."""
     cfg, sd, name = _load_raw(src, state_file)
+    cfg = _apply_config(cfg, src, config, overrides)
     dtype = resolve_dtype(dtype) or weights_dtype(sd)
     with torch.device("meta"):
         model = cls(cfg)
-    model = model.to_empty(device=device or "cpu").to(dtype)
+    model = model.to_empty(device=device if device is not None else "cpu").to(dtype)
     for m in model.modules():
         if isinstance(getattr(m, "time_state", None), torch.nn.Parameter):
             m.time_state.data = m.time_state.data.float()

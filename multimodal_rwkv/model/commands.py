@@ -120,6 +120,11 @@ def _written_by_convert(path: Path) -> bool:
     return {"rwkv.emb.weight", "head.weight"} <= keys
 
 
+def _convert_leftover(name: str) -> bool:
+    """A temporary file of a convert that was killed while writing (see fileio.atomic_write)."""
+    return name.startswith((".tmp-model.safetensors-", ".tmp-config.json-"))
+
+
 def _check_convert_target(src, out_dir) -> None:
     """convert writes config.json + model.safetensors into ``out_dir``: refuse a target where that
     would destroy something (see the convert help). Checked before the source is read."""
@@ -135,7 +140,7 @@ def _check_convert_target(src, out_dir) -> None:
         if s == o or o in s.parents or os.path.samefile(src, out):
             raise CheckpointError(f"{out}: {'is' if s == o else 'holds'} the source {src}; convert into another "
                                   "folder (it would overwrite its own input)")
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if not _convert_leftover(p.name))
     if not names:
         return
     model_type = None
@@ -213,6 +218,10 @@ def cmd_convert(args) -> int:
 
     _check_convert_target(args.src, args.out_dir)
     model = RWKVForCausalLM.from_pretrained(args.src, dtype=args.dtype, state_file=args.state)
+    if os.path.isdir(args.out_dir):
+        for p in Path(args.out_dir).iterdir():
+            if _convert_leftover(p.name) and p.is_file():
+                p.unlink()
     model.save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir} ({model.config.version}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0

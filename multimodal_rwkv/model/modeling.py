@@ -602,6 +602,10 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
     feeding ``ids[:, :k]`` then ``ids[:, k:]`` with the state equals feeding ``ids`` at once.
     """
 
+    # the loss is a mean over the batch's targets: transformers' Trainer must not pass
+    # num_items_in_batch (it would, seeing **kwargs in forward's signature)
+    accepts_loss_kwargs = False
+
     def __init__(self, config: RWKVConfig):
         super().__init__(config)
         self.rwkv = RWKVModel(config)
@@ -682,7 +686,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             hint = " (its name here is logits_to_keep)" if "num_logits_to_keep" in kwargs else ""
             raise TypeError(f"RWKVForCausalLM.forward() got unexpected keyword argument(s) "
                             f"{', '.join(sorted(kwargs))}{hint}")
-        if output_attentions:
+        if output_attentions or output_attentions is None and getattr(self.config, "output_attentions", False):
             raise ValueError("output_attentions: RWKV has no attention weights to return")
         for name, past in (("past_key_values", past_key_values), ("cache", cache)):
             if past is not None:  # transformers' names for a cache: here the state
@@ -691,7 +695,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 state = past
         hidden, new_state, *every = self.rwkv(
             input_ids=input_ids, inputs_embeds=inputs_embeds, state=state, attention_mask=attention_mask,
-            scan_order=scan_order, logits_to_keep=logits_to_keep, output_hidden_states=bool(output_hidden_states),
+            scan_order=scan_order, logits_to_keep=logits_to_keep,
+            output_hidden_states=bool(self.config.output_hidden_states if output_hidden_states is None
+                                      else output_hidden_states),
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -800,6 +806,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         # transformers' stop_strings need its own tokenizer type: they join our stop strings
         extra_stops = kwargs.pop("stop_strings", None)
         gc_in = kwargs.get("generation_config")
+        own_stops = getattr(self.generation_config, "stop_strings", None)  # the model's own config's
+        if gc_in is None and own_stops:
+            extra_stops = list(_as_list(extra_stops)) + list(_as_list(own_stops))
         if gc_in is not None and getattr(gc_in, "stop_strings", None):
             extra_stops = list(_as_list(extra_stops)) + list(_as_list(gc_in.stop_strings))
             gc_in = copy.deepcopy(gc_in)
@@ -815,7 +824,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             beams = kwargs.get("num_beams") or getattr(gc, "num_beams", 1) or 1
             seqs = kwargs.get("num_return_sequences") or getattr(gc, "num_return_sequences", 1) or 1
             repeat = beams if beams > 1 else seqs
-            if repeat > 1 and state.batch_size == input_ids.shape[0]:
+            rows = (input_ids if input_ids is not None else kwargs.get("inputs_embeds")).shape[0]
+            if repeat > 1 and state.batch_size == rows:
                 state = state[torch.arange(state.batch_size).repeat_interleave(repeat)]
         # our defaults, where neither the arguments nor the generation config set them: a pad id,
         # the state as the cache, greedy, and when sampling no top-k (RWKV's own samplers and
@@ -837,12 +847,18 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             kwargs["generation_config"] = user_gc
         else:
             kwargs.update(ours)
-        return super().generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
-                                state=state, **kwargs)
+        if own_stops:  # ours now; transformers would look for its own tokenizer type for them
+            self.generation_config.stop_strings = None
+        try:
+            return super().generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
+                                    state=state, **kwargs)
+        finally:
+            if own_stops:
+                self.generation_config.stop_strings = own_stops
 
     # ---- I/O ----------------------------------------------------------------------------
     # transformers' loading keywords (AutoModelForCausalLM passes some): no effect on a local source
-    _HUB_KWARGS = ("config", "adapter_kwargs", "trust_remote_code", "cache_dir", "force_download",
+    _HUB_KWARGS = ("adapter_kwargs", "trust_remote_code", "cache_dir", "force_download",
                    "local_files_only", "token", "proxies", "_from_auto", "_commit_hash", "use_safetensors",
                    "low_cpu_mem_usage", "resume_download")
 
@@ -855,9 +871,11 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         ``dtype`` (or transformers' ``torch_dtype``): fp32, bf16 or fp16 (a string or a torch
         dtype; None or "auto": the dtype most of the file's weights have). ``device`` (or
         ``device_map`` naming one device). ``state_file``: a state-tuning file
-        (``blocks.N.att.time_state``) whose state becomes the initial state. transformers' hub
-        keywords (``revision``, ``cache_dir``, ...) mean nothing for a local file and are ignored;
-        any other keyword is an error."""
+        (``blocks.N.att.time_state``) whose state becomes the initial state. ``config=`` (what
+        ``AutoModelForCausalLM`` passes) and config keywords: the sizes must be the checkpoint's
+        (a difference is an error); ``wkv_backend``, the token ids and ``output_hidden_states``
+        are taken. transformers' hub keywords (``revision``, ``cache_dir``, ...) mean nothing for
+        a local file and are ignored; any other keyword is an error."""
         from multimodal_rwkv.model.checkpoint import load_model, resolve_dtype
 
         if args:
@@ -866,20 +884,29 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if dtype is not None and torch_dtype is not None and resolve_dtype(dtype) != resolve_dtype(torch_dtype):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
         device_map = kwargs.pop("device_map", None)
+        if isinstance(device_map, dict) and set(device_map) == {""}:  # transformers' one-device map
+            device_map = device_map[""]
         if device_map is not None:
-            if isinstance(device_map, dict) or device is not None:
-                raise ValueError("device_map: give one device (a model split over devices is not supported), "
-                                 "or device=")
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map
+            if isinstance(device_map, dict):
+                raise ValueError("device_map: a model split over devices is not supported; give one device")
+            if device_map == "auto":
+                device_map = "cuda" if torch.cuda.is_available() else "cpu"
+            if device is not None and torch.device(device) != torch.device(device_map):
+                raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; give one")
+            device = device_map
         for key, default in (("revision", "main"), ("subfolder", "")):
             value = kwargs.pop(key, None)
             if value not in (None, default):
                 raise ValueError(f"{key}={value!r}: a local checkpoint has no {key}s (download it first)")
+        from multimodal_rwkv.model.checkpoint import CONFIG_OVERRIDES, MODEL_SIZE_KEYS
+
+        config = kwargs.pop("config", None)
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in MODEL_SIZE_KEYS + CONFIG_OVERRIDES}
         unknown = sorted(k for k in kwargs if k not in cls._HUB_KWARGS)
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(unknown)}")
         return load_model(cls, src, dtype=dtype if dtype is not None else torch_dtype, device=device,
-                          state_file=state_file)
+                          state_file=state_file, config=config, overrides=overrides)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write ``config.json`` + ``model.safetensors`` (atomically) into ``save_directory``."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError, MidiError
 from multimodal_rwkv.fileio import check_outputs, write_outputs
+from multimodal_rwkv.music.pianoroll import check_png
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,6 @@ def _read_abc(path) -> str:
     if bad is not None:
         raise DataError(f"{p}: not a text file (control byte 0x{data[bad]:02x} at offset {bad}); ABC is text")
     return data.decode("utf-8-sig", errors="replace")
-
-
-def check_png(what: str, path) -> None:
-    """A piano roll is a PNG: refuse another suffix (the file would hold PNG bytes under a name
-    that says otherwise)."""
-    if Path(path).suffix.lower() != ".png":
-        raise DataError(f"{path}: {what} is written as a PNG picture; give a file name ending in .png")
 
 
 def _midi_files(folder: Path) -> list[Path]:

@@ -210,6 +210,10 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
     new part. ``out``: also save the ``.mid``; ``png``: also draw a piano roll (prompt shaded).
     """
     outputs = [(what, path) for what, path in (("out", out), ("png", png)) if path is not None]
+    if png is not None:
+        from multimodal_rwkv.music.pianoroll import check_png
+
+        check_png("png", png)
     check_outputs(outputs, [("model", model_dir)] + ([("prompt", prompt)] if isinstance(prompt, (str, os.PathLike)) else []))
     model, tok = load_music_model(model_dir, device)
     if not isinstance(tok, MidiTokenizer):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from multimodal_rwkv.errors import DataError
 from multimodal_rwkv.music.midi_tokenizer import MidiTokenizer, Note
 
 # distinct, print-safe colours (tab20-like); drums get black
@@ -20,6 +21,13 @@ def group_colour(group: int, drum_group: int | None = None) -> tuple[int, int, i
     if drum_group is not None and group == drum_group:
         return (30, 30, 30)
     return _PALETTE[group % len(_PALETTE)]
+
+
+def check_png(what: str, path) -> None:
+    """A piano roll is a PNG: refuse another suffix (the file would hold PNG bytes under a name
+    that says otherwise)."""
+    if Path(path).suffix.lower() != ".png":
+        raise DataError(f"{path}: {what} is written as a PNG picture; give a file name ending in .png")
 
 
 def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None = None, *,

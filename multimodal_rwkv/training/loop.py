@@ -530,10 +530,12 @@ class Trainer:
     _RUN_LENGTH_KEYS = ("max_steps", "max_minutes", "checkpoint_every", "keep_last", "eval_every", "log_every",
                         "progress_bar")
 
-    # settings a checkpoint's weights depend on: a resumed (or re-exported) run must keep them
-    # (peft.merge_lora only says how final/ is written)
-    _MODEL_SECTIONS = ("model", "peft")
-    _EXPORT_ONLY = ("peft.merge_lora",)
+    # settings a checkpoint's weights depend on: a resumed (or re-exported) run must keep them.
+    # Not compared: peft.merge_lora (how final/ is written), peft.lora_dropout (training noise
+    # only), model.from_pretrained (the checkpoint holds every weight; a path spelled another way
+    # or moved is the same run), the LoRA settings when neither recipe has LoRA.
+    _NOT_COMPARED = ("peft.merge_lora", "peft.lora_dropout", "model.from_pretrained")
+    _LORA_KEYS = ("peft.lora_alpha", "peft.lora_targets")
 
     def _saved_recipe(self) -> Optional[dict]:
         """The recipe the run last started with (``recipe.yaml``), JSON-normalised; None if unreadable."""
@@ -545,18 +547,35 @@ class Trainer:
             return None
         return json.loads(json.dumps(saved, default=str)) if isinstance(saved, dict) else None
 
+    @staticmethod
+    def _model_config_meaning(d) -> dict:
+        """A ``model.config`` dict as the sizes it means (defaults filled in; the kernel choice and
+        other runtime keys left out), or the dict itself if it is no RWKV config."""
+        from multimodal_rwkv.model.checkpoint import MODEL_SIZE_KEYS
+        from multimodal_rwkv.model.config import RWKVConfig
+
+        if not isinstance(d, dict) or not d:
+            return d or {}
+        try:
+            cfg = RWKVConfig(**d)
+        except Exception:  # noqa: BLE001 - another task's config: compared as written
+            return d
+        return {k: getattr(cfg, k) for k in MODEL_SIZE_KEYS}
+
     def _check_model_settings_kept(self, checkpoint) -> None:
         """ConfigError if the recipe changes a model or PEFT setting of the run being resumed
-        (``lora_alpha``, a ``model.config`` key that keeps the shapes, ...): the checkpoint's
-        weights would silently mean another model."""
+        (``lora_alpha``, a ``model.config`` size such as ``head_size_divisor``, ...): the
+        checkpoint's weights would silently mean another model."""
         saved = self._saved_recipe()
         if saved is None:  # nothing to compare with (a folder from an older version)
             return
         now = json.loads(json.dumps(config_to_dict(self.cfg)))
+        no_lora = not (saved.get("peft") or {}).get("lora_r") and not (now.get("peft") or {}).get("lora_r")
+        skip = self._NOT_COMPARED + (self._LORA_KEYS if no_lora else ())
         changed: list[str] = []
 
         def diff(name: str, a, b) -> None:
-            if name in self._EXPORT_ONLY or a == b:
+            if name in skip or a == b:
                 return
             if isinstance(a, dict) and isinstance(b, dict):
                 for key in sorted(set(a) | set(b), key=str):
@@ -564,8 +583,12 @@ class Trainer:
             else:
                 changed.append(f"{name}: {json.dumps(a)} -> {json.dumps(b)}")
 
-        for sec in self._MODEL_SECTIONS:
-            diff(sec, saved.get(sec) or {}, now.get(sec) or {})
+        for sec in ("model", "peft"):
+            a, b = dict(saved.get(sec) or {}), dict(now.get(sec) or {})
+            if sec == "model":
+                a["config"], b["config"] = self._model_config_meaning(a.get("config")), \
+                    self._model_config_meaning(b.get("config"))
+            diff(sec, a, b)
         if changed:
             raise ConfigError(f"{checkpoint}: this run was trained with other model/PEFT settings "
                               f"({'; '.join(changed)}); a resumed or re-exported run keeps them (set them back, "
