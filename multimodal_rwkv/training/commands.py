@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,15 @@ def cmd_train(args) -> int:
         raise
     if trainer.is_main_process:  # one line per run, not one per rank
         print(final)
-    _end_process_group()
+    if _end_process_group():
+        # every file is written and synced, the group closed: leave without the interpreter's
+        # teardown, where gloo's threads still aborted a rank of a finished run now and then
+        # ("terminate called without an active exception", exit -6: torchrun then reported a
+        # failed run that had succeeded)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -82,12 +92,16 @@ def _peer_gone(e: RuntimeError) -> bool:
         w in msg for w in ("connection closed by peer", "connection reset by peer", "broken pipe"))
 
 
-def _end_process_group() -> None:
+def _end_process_group() -> bool:
     """The ranks of a finished multi-process run meet once more and close their process group
     before the interpreter exits: left to exit-time teardown, gloo's threads were once seen to
-    abort a rank ("terminate called without an active exception") after the run had finished."""
+    abort a rank ("terminate called without an active exception") after the run had finished.
+    Returns whether the group had several processes."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        multi = dist.get_world_size() > 1
         dist.barrier()
         dist.destroy_process_group()
+        return multi
+    return False
