@@ -243,7 +243,7 @@ def test_generate_midi_api_writes_outputs_safely(tiny_run, tmp_path):
     with pytest.raises(DataError, match="is a file of .*the model"):
         generate_midi(final, seconds=1, max_new_tokens=8, out=weights)
     with pytest.raises(DataError, match="is the prompt"):
-        generate_midi(final, prompt=out, seconds=1, max_new_tokens=8, png=out)
+        generate_midi(final, prompt=out, seconds=1, max_new_tokens=8, out=out)
     assert weights.read_bytes() == before
 
 
