@@ -149,9 +149,12 @@ def test_generate_refuses_outputs_that_are_its_inputs(tmp_path, capsys, fake_mid
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gen, "load_music_model", lambda path: (None, MidiTokenizer()))
-        assert main(["music", "generate", "--model", str(model), "--out", str(model / "config.json")]) == 2
-    assert f"is a file of {model} (the --model)" in _one_error_line(capsys, "generate")
-    assert (model / "config.json").read_text() == "{}"
+        (model / "notes.mid").write_bytes(b"mine")
+        assert main(["music", "generate", "--model", str(model), "--out", str(model / "notes.mid")]) == 2
+        assert f"is a file of {model} (the --model)" in _one_error_line(capsys, "generate")
+        assert main(["music", "generate", "--model", str(model), "--out", str(tmp_path / "x.txt")]) == 2
+        assert "is a MIDI model; its output is a MIDI file" in _one_error_line(capsys, "generate")
+    assert (model / "config.json").read_text() == "{}" and (model / "notes.mid").read_bytes() == b"mine"
 
 
 # ----------------------------------------------------------------------------- 3, 4: outputs checked first
@@ -166,11 +169,11 @@ def test_generate_checks_every_output_before_writing_any(tmp_path, capsys, fake_
     assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "new.mid"), "--png",
                  str(tmp_path / "f" / "r.png")]) == 2
     assert "is not a folder" in _one_error_line(capsys, "generate") and not (tmp_path / "new.mid").exists()
-    for png in ("same.png", "./same.png"):
-        assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "same.png"), "--png",
+    for png in ("same.mid", "./same.mid"):
+        assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "same.mid"), "--png",
                      str(tmp_path / png)]) == 2
         assert "name the same file" in _one_error_line(capsys, "generate")
-    assert not (tmp_path / "same.png").exists()
+    assert not (tmp_path / "same.mid").exists()
     # all good: both written, nothing else (no temporary files), in a folder made for them
     assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "g" / "a.mid"), "--png",
                  str(tmp_path / "g" / "a.png")]) == 0

@@ -862,3 +862,26 @@ def test_dataloader_workers_do_not_keep_the_output_dir_lock(tmp_path, corpus):
         os.waitpid(pid, 0)
         os.close(r)
         os.close(w)
+
+
+def test_metrics_have_every_step_and_launch_mismatches_are_refused(tmp_path, corpus, monkeypatch, caplog):
+    """log_every thinned metrics.jsonl (the contract is one row per optimiser step); a 2-process
+    run resumed by 1 process went on with half the batch; an FSDP launch config on CPUs trained
+    plain DDP without a word; max_steps=0 exported the untrained model silently."""
+    import logging
+
+    out = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=6, log_every=4, checkpoint_every=3))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    state = out / "checkpoints" / "step_00000006" / "trainer_state.json"
+    st = json.loads(state.read_text())
+    state.write_text(json.dumps({**st, "world_size": 2}))  # as a 2-process run leaves it
+    with pytest.raises(ConfigError, match="checkpointed by 2 process\\(es\\), resumed with 1"):
+        train(TrainConfig(), base_overrides(corpus, out, max_steps=8))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="asks for FSDP, but accelerate runs"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "fsdp", max_steps=1))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with caplog.at_level(logging.WARNING):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "zero", max_steps=0))
+    assert "max_steps=0: nothing is trained" in caplog.text

@@ -187,8 +187,9 @@ def cmd_generate(args) -> int:
         print(f"wrote {out}" + (f" and {text_file}" if midi_out else "")
               + (f"; piano roll {args.png}" if args.png else ""))
         return 0
-    if out.suffix.lower() == ".abc":
-        raise DataError(f"{args.out}: {args.model} is a MIDI model; its output is a .mid file, not ABC text")
+    if out.suffix.lower() not in (".mid", ".midi"):
+        raise DataError(f"{args.out}: {args.model} is a MIDI model; its output is a MIDI file: give a name ending "
+                        "in .mid")
     check_outputs([("--out", out)] + ([("--png", args.png)] if args.png else []), inputs)
     if args.png:
         check_png("--png", args.png)

@@ -127,7 +127,7 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # 0: evaluate only at the end (when data.valid_file is set)
     eval_batches: int = 0  # 0: the whole validation set
-    log_every: int = 1
+    log_every: int = 1  # rows sent to the trackers (log_with); metrics.jsonl has every step
     log_with: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
     progress_bar: bool = True
     model: ModelSection = field(default_factory=ModelSection)

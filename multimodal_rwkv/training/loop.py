@@ -810,6 +810,14 @@ class Trainer:
             raise ConfigError(f"launched as one of {launched} processes, but they formed no process group "
                               f"(a multi-GPU launch config on a machine without GPUs? on CPUs set "
                               f"ACCELERATE_USE_CPU=1, see recipes/accelerate/README.md)")
+        from accelerate.utils import DistributedType, parse_flag_from_env
+
+        for flag, kind, want in (("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
+                                 ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED)):
+            if parse_flag_from_env(flag) and acc.distributed_type != want:
+                raise ConfigError(f"the launch config asks for {kind}, but accelerate runs {acc.distributed_type.value} "
+                                  f"here (it enables {kind} only on accelerators; on CPUs it would silently train "
+                                  "without sharding): use a GPU, or a DDP launch (recipes/accelerate/README.md)")
         main = self.is_main_process = acc.is_main_process
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
@@ -823,9 +831,16 @@ class Trainer:
         resume = ckpts[-1] if ckpts else None
         final_dir = self.out / "final"
         budget = cfg.max_minutes * 60.0 if cfg.max_minutes else None  # seconds of training steps
+        if resume is None and cfg.max_steps == 0:
+            logger.warning("max_steps=0: nothing is trained; final/ is the starting model")
         if resume is not None:
             self._check_model_settings_kept(resume[1])
             st = _trainer_state(resume[1])
+            saved_w = int(st.get("world_size", acc.num_processes) or acc.num_processes)
+            if saved_w != acc.num_processes:
+                raise ConfigError(f"{resume[1]}: checkpointed by {saved_w} process(es), resumed with "
+                                  f"{acc.num_processes}: resume with {saved_w} (each rank's random state and "
+                                  "share of the global batch are its own), or train in a new output_dir")
             timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
             finished = (st["step"] >= cfg.max_steps or timed_out) and (final_dir / "config.json").is_file()
             if finished and self._recipe_unchanged():
@@ -850,8 +865,6 @@ class Trainer:
             logger.warning("skipped %d bad records (data.on_bad_record=skip)", skipped)
         if len(train_ds) == 0:
             raise ConfigError("data.train_file: the training set is empty")
-
-        from accelerate.utils import DistributedType
 
         self._phase = "model"
         opt = build_optimizer(model, cfg.optim, acc.distributed_type)
@@ -931,11 +944,12 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
         metrics_f = open(self.metrics_path, "a", encoding="utf-8") if main else None
 
-        def log_row(row):
+        def log_row(row, to_trackers: bool = True):
+            """metrics.jsonl gets every step's row; the trackers (TensorBoard, ...) every log_every-th."""
             if main:
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
-            if cfg.log_with:
+            if cfg.log_with and to_trackers:
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
         t_sched = t_elapsed  # training time all ranks agree on (the mean over ranks)
@@ -1033,8 +1047,7 @@ class Trainer:
                             row["valid_loss"] = vl
                     if skipped or self.dropped:  # after the evaluation: it may drop records too
                         row["skipped_records"] = skipped + len(self.dropped)
-                    if step % max(cfg.log_every, 1) == 0 or done or "valid_loss" in row:
-                        log_row(row)
+                    log_row(row, step % max(cfg.log_every, 1) == 0 or done or "valid_loss" in row)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
