@@ -1235,3 +1235,11 @@ def test_temp_names_fit_and_convert_redoes_a_half_written_folder(tmp_path, tiny_
     (tmp_path / "out" / ".tmp-model.safetensors-99999").write_bytes(b"half")  # a convert killed mid-write
     assert main(["convert", p, str(tmp_path / "out")]) == 0
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_key(tmp_path):
+    sd = blink_state_dict(n_layer=1, n_embd=64, head_size=32, vocab_size=64)
+    sd["blocks.0.ffn.value.weight"][3, 5] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match="nan.pth: blocks.0.ffn.value.weight holds NaN or infinite values"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "nan.pth")

@@ -426,17 +426,21 @@ def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, 
 
 
 def _check_floats(sd: dict[str, torch.Tensor], src, name=None) -> None:
-    """Every RWKV weight is a real floating-point tensor: an integer, bool or complex one is a
-    broken or foreign file (loading would cast it silently and generate garbage). ``name``: our
-    key -> the file's, for the message."""
+    """Every RWKV weight is a real floating-point tensor of finite values: an integer, bool or
+    complex one is a broken or foreign file (loading would cast it silently and generate
+    garbage), a NaN or inf one makes every output NaN. ``name``: our key -> the file's, for the
+    message."""
+    name = name or (lambda k: k)
     bad = [k for k, v in sd.items() if not v.is_floating_point()]
-    if bad and name is not None:
-        sd = {name(k): sd[k] for k in bad}
-        bad = list(sd)
     if bad:
-        raise CheckpointError(f"{src}: {_summarise(bad, 3)} hold{'s' if len(bad) == 1 else ''} "
+        raise CheckpointError(f"{src}: {_summarise([name(k) for k in bad], 3)} hold{'s' if len(bad) == 1 else ''} "
                               f"{str(sd[bad[0]].dtype).replace('torch.', '')} values; an RWKV checkpoint's "
                               "tensors are floating point")
+    # NaN or inf anywhere makes every output NaN: a corrupt file (or a diverged training run)
+    bad = [k for k, v in sd.items() if v.numel() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{src}: {_summarise([name(k) for k in bad], 3)} hold{'s' if len(bad) == 1 else ''} "
+                              "NaN or infinite values (a corrupt file, or weights of a training run that diverged)")
 
 
 def _merge_state_file(cfg: RWKVConfig, sd: dict[str, torch.Tensor], state_file) -> RWKVConfig:
