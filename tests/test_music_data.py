@@ -524,3 +524,30 @@ def test_prepare_keeps_the_same_music_once_whatever_else_differs(tmp_path):
         for doc in split_documents(load_tokens(tmp_path / "out" / split)):
             assert tuple(doc) not in seen, (split, seen.get(tuple(doc)))
             seen[tuple(doc)] = split
+
+
+def test_prepare_puts_transpositions_of_a_piece_in_one_split(tmp_path):
+    """Train's transposed copies held the exact tokens of a valid/test piece that was a
+    transposition of a training piece."""
+    def song(path, pitches):
+        mid = mido.MidiFile(ticks_per_beat=480)
+        tr = mido.MidiTrack()
+        for p in pitches:
+            tr += [mido.Message("note_on", note=p, velocity=80, time=0), mido.Message("note_off", note=p, time=240)]
+        mid.tracks.append(tr)
+        mid.save(path)
+
+    src = tmp_path / "midi"
+    src.mkdir()
+    for k in range(16):
+        rng = np.random.default_rng(k)
+        pitches = [int(x) for x in rng.integers(55, 70, 10)]
+        song(src / f"a{k:02d}.mid", pitches)
+        song(src / f"b{k:02d}.mid", [p + 2 for p in pitches])  # the same piece two semitones up
+    prepare(tmp_path / "out", midi_dir=src, transpose=2, valid_permille=300, test_permille=300)
+    split = {f["name"]: f["split"] for f in json.loads((tmp_path / "out" / "meta.json").read_text())["files"]}
+    assert all(split[f"a{k:02d}.mid"] == split[f"b{k:02d}.mid"] for k in range(16))
+    assert len(set(split.values())) > 1
+    train = {tuple(d) for d in split_documents(load_tokens(tmp_path / "out" / "train"))}
+    for s in ("valid", "test"):
+        assert not [d for d in split_documents(load_tokens(tmp_path / "out" / s)) if tuple(d) in train]

@@ -21,7 +21,9 @@ The split is a pure function of the piece's content: ``sha256(content) mod 1000`
 ``test_permille`` goes to test, the next ``valid_permille`` to valid, the rest to train, so it
 does not depend on file order, ``limit`` or the machine. Identical contents are kept once, and
 so are MIDI files whose tokens are identical (the same music, files differing in a title or
-another event the tokenizer drops): the first in path order, in its split.
+another event the tokenizer drops): the first in path order, in its split. MIDI pieces that are
+transpositions of one another go to one split, the first one's (train's transposed copies would
+otherwise hold a held-out piece's exact tokens).
 Transposition augmentation (MIDI only, train split only) adds copies shifted by
 ``-transpose..+transpose`` semitones (drums untouched; copies that leave the pitch range skipped).
 """
@@ -165,6 +167,14 @@ class PrepareReport:
         parts = [f"{s}: {c['pieces']} pieces, {c['tokens']} tokens" for s, c in self.counts.items()]
         failed = f"{len(self.failed)} failed" + (f" (reasons in {self.out / FAILED_FILE})" if self.failed else "")
         return f"{self.out}: " + "; ".join(parts) + f"; {failed}, {self.duplicates} duplicates"
+
+
+def _transposition_key(tok, ids) -> str:
+    """One hash for every transposition of a piece: its tokens with the melodic pitches moved
+    down so that the lowest sits at the bottom of the tokenizer's range."""
+    low = tok.lowest_pitch(ids)
+    canon = ids if low is None else tok.transpose(ids, tok.config.pitch_range[0] - low)
+    return hashlib.sha256(",".join(map(str, canon)).encode()).hexdigest()
 
 
 def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_size: int, shard_tokens: int) -> int:
@@ -340,6 +350,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
     units: dict[str, int] = {"train": 0, "valid": 0, "test": 0}
     files = []
     seen: set[str] = set()
+    split_by_key: dict[str, str] = {}
 
     if kind == "abc":
         tok = AbcTokenizer()
@@ -397,7 +408,9 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                 report.duplicates += 1
                 continue
             seen.add(th)
-            s = split_of(content, valid_permille, test_permille)
+            # transpositions of one piece share a split (the first one's): train's transposed
+            # copies would otherwise hold a valid/test piece's exact tokens
+            s = split_by_key.setdefault(_transposition_key(tok, ids), split_of(content, valid_permille, test_permille))
             versions = [ids]
             if s == "train" and transpose:
                 for k in range(-transpose, transpose + 1):

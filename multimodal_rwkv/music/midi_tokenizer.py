@@ -1119,6 +1119,17 @@ class MidiTokenizer:
         return mid
 
     # ------------------------------------------------------------------ utilities on ids
+    def lowest_pitch(self, ids: Sequence[int]) -> int | None:
+        """The lowest melodic (not drum) MIDI pitch in ``ids``, or None if there is none."""
+        low, g = None, None
+        for i in map(int, ids):
+            if self.inst_start <= i < self.inst_start + self.n_groups:
+                g = i - self.inst_start
+            elif self.is_note(i) and g != self.drum_group:
+                p = i - self.pitch_start + self.pitch_lo
+                low = p if low is None else min(low, p)
+        return low
+
     def transpose(self, ids: Sequence[int], semitones: int) -> list[int] | None:
         """Shift every melodic pitch by ``semitones`` (drums untouched). ``None`` if a pitch
         would leave ``pitch_range`` (the caller skips that transposition)."""
