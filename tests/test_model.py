@@ -1243,3 +1243,28 @@ def test_nan_or_inf_weights_are_refused_naming_the_key(tmp_path):
     torch.save(sd, tmp_path / "nan.pth")
     with pytest.raises(CheckpointError, match="nan.pth: blocks.0.ffn.value.weight holds NaN or infinite values"):
         RWKVForCausalLM.from_pretrained(tmp_path / "nan.pth")
+
+
+def test_config_given_to_from_pretrained_is_checked_like_a_config(tmp_path, tiny_pth):
+    from transformers import AutoModelForCausalLM
+
+    from multimodal_rwkv.errors import ConfigError
+
+    p = tiny_pth(n_embd=64, head_size=32, vocab_size=65536)
+    m = RWKVForCausalLM.from_pretrained(p)
+    m.save_pretrained(tmp_path / "f")
+    tuned = blink_state_dict(n_embd=64, head_size=32, vocab_size=64, time_state=True, seed=5)
+    torch.save({k: v for k, v in tuned.items() if k.endswith("time_state")}, tmp_path / "state.pth")
+    # the Auto class passes the folder's config (no initial state): a state file is no clash
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "f", state_file=tmp_path / "state.pth")
+    assert auto.config.has_initial_state and auto.rwkv.blocks[0].att.time_state.dtype == torch.float32
+    with pytest.raises(ConfigError, match="'n_layers': use n_layer"):
+        RWKVForCausalLM.from_pretrained(p, config={"n_layers": 3})
+    with pytest.raises(ConfigError, match="wkv_backend 'nonsense'"):
+        RWKVForCausalLM.from_pretrained(p, wkv_backend="nonsense")
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        RWKVForCausalLM.from_pretrained(p, config=str(tmp_path / "nope.json"))
+    assert RWKVForCausalLM.from_pretrained(p, config=str(tmp_path / "f"), dim_att=None, n_layer="2").config.n_layer == 2
+    assert RWKVForCausalLM.from_pretrained(p, device_map="balanced").device.type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="device_map='gpu7': not a device"):
+        RWKVForCausalLM.from_pretrained(p, device_map="gpu7")

@@ -878,6 +878,15 @@ def test_metrics_have_every_step_and_launch_mismatches_are_refused(tmp_path, cor
     state.write_text(json.dumps({**st, "world_size": 2}))  # as a 2-process run leaves it
     with pytest.raises(ConfigError, match="checkpointed by 2 process\\(es\\), resumed with 1"):
         train(TrainConfig(), base_overrides(corpus, out, max_steps=8))
+    # finished: nothing is resumed, so any number of processes may rerun it or export it again
+    assert train(TrainConfig(), base_overrides(corpus, out, max_steps=6)) == out / "final"
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=6, **{"export.pth": "true"}))
+    assert (out / "final" / "model.pth").is_file()
+    # a misspelt model.config key on a resume: named as such, not as changed settings
+    state.write_text(json.dumps(st))
+    with pytest.raises(ConfigError, match="n_layers") as e:
+        train(TrainConfig(), base_overrides(corpus, out, max_steps=8) + ["model.config.n_layers=2"])
+    assert "other model/PEFT settings" not in str(e.value)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="asks for FSDP, but accelerate runs"):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "fsdp", max_steps=1))

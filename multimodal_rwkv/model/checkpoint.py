@@ -385,24 +385,39 @@ MODEL_SIZE_KEYS = ("vocab_size", "n_layer", "n_embd", "head_size", "dim_att", "d
 CONFIG_OVERRIDES = ("wkv_backend", "bos_token_id", "eos_token_id", "pad_token_id", "output_hidden_states")
 
 
-def _apply_config(cfg: RWKVConfig, src, config=None, overrides=None) -> RWKVConfig:
-    """``cfg`` (the checkpoint's) with the settings of ``config`` / ``overrides`` that a loader may
-    change; a size that differs from the checkpoint's is a CheckpointError."""
-    given = {}
+def _apply_config(cfg: RWKVConfig, src, config=None, overrides=None, state_file=None) -> RWKVConfig:
+    """``cfg`` (the checkpoint's) with the settings of ``config`` (a config, a dict of its keys, or
+    a folder / config.json path, as transformers allows) and ``overrides`` that a loader may
+    change (CONFIG_OVERRIDES); a size (MODEL_SIZE_KEYS) that differs from the checkpoint's is a
+    CheckpointError, a misspelt or invalid value a ConfigError. With a ``state_file``, the
+    checkpoint's own lack of an initial state is no difference."""
+    given: dict = {}
     if config is not None:
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        given.update({k: get(k) for k in MODEL_SIZE_KEYS + CONFIG_OVERRIDES if get(k) is not None})
+        if isinstance(config, (str, os.PathLike)):
+            if not os.path.exists(config):
+                raise CheckpointError(f"{config}: config= names no such file or folder")
+            try:
+                config = RWKVConfig.from_pretrained(str(config))
+            except Exception as e:  # noqa: BLE001 - transformers raises several types
+                raise CheckpointError(f"{config}: not a readable RWKV config ({' '.join(str(e).split())[:160]})") from None
+        if isinstance(config, dict):
+            given.update(config)
+        else:
+            given.update({k: getattr(config, k) for k in MODEL_SIZE_KEYS + CONFIG_OVERRIDES if hasattr(config, k)})
     given.update(overrides or {})
     if not given:
         return cfg
-    cfg = copy.deepcopy(cfg)
-    clash = [f"{k} {given[k]!r} (the checkpoint has {getattr(cfg, k)!r})" for k in MODEL_SIZE_KEYS
-             if k in given and given[k] != getattr(cfg, k)]
+    base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
+    want = RWKVConfig.from_dict({**base, **given})  # near-misses, bad values: ConfigError
+    skip = {"has_initial_state"} if state_file is not None else set()
+    clash = [f"{k} {getattr(want, k)!r} (the checkpoint has {getattr(cfg, k)!r})" for k in MODEL_SIZE_KEYS
+             if k in given and k not in skip and getattr(want, k) != getattr(cfg, k)]
     if clash:
         raise CheckpointError(f"{src}: the config given differs from the checkpoint's: {', '.join(clash)}")
+    cfg = copy.deepcopy(cfg)
     for k in CONFIG_OVERRIDES:
         if k in given:
-            setattr(cfg, k, given[k])
+            setattr(cfg, k, getattr(want, k))
     return cfg
 
 
@@ -412,7 +427,7 @@ def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, 
     state becomes the model's initial state. A trained initial state is held in fp32 whatever
     the weights' dtype (the wkv state is fp32)."""
     cfg, sd, name = _load_raw(src, state_file)
-    cfg = _apply_config(cfg, src, config, overrides)
+    cfg = _apply_config(cfg, src, config, overrides, state_file)
     dtype = resolve_dtype(dtype) or weights_dtype(sd)
     with torch.device("meta"):
         model = cls(cfg)

@@ -889,8 +889,12 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if device_map is not None:
             if isinstance(device_map, dict):
                 raise ValueError("device_map: a model split over devices is not supported; give one device")
-            if device_map == "auto":
+            if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):  # one device here
                 device_map = "cuda" if torch.cuda.is_available() else "cpu"
+            try:
+                torch.device(device_map)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device_map={device_map!r}: not a device (cpu, cuda, cuda:1, 0, auto, ...)") from None
             if device is not None and torch.device(device) != torch.device(device_map):
                 raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; give one")
             device = device_map

@@ -550,7 +550,8 @@ class Trainer:
     @staticmethod
     def _model_config_meaning(d) -> dict:
         """A ``model.config`` dict as the sizes it means (defaults filled in; the kernel choice and
-        other runtime keys left out), or the dict itself if it is no RWKV config."""
+        other runtime keys left out), the dict itself if it is no RWKV config, None if it is an
+        invalid one (a misspelt key: the model build reports it)."""
         from multimodal_rwkv.model.checkpoint import MODEL_SIZE_KEYS
         from multimodal_rwkv.model.config import RWKVConfig
 
@@ -558,6 +559,8 @@ class Trainer:
             return d or {}
         try:
             cfg = RWKVConfig(**d)
+        except ConfigError:  # a misspelt key or a bad value
+            return None
         except Exception:  # noqa: BLE001 - another task's config: compared as written
             return d
         return {k: getattr(cfg, k) for k in MODEL_SIZE_KEYS}
@@ -586,8 +589,12 @@ class Trainer:
         for sec in ("model", "peft"):
             a, b = dict(saved.get(sec) or {}), dict(now.get(sec) or {})
             if sec == "model":
-                a["config"], b["config"] = self._model_config_meaning(a.get("config")), \
-                    self._model_config_meaning(b.get("config"))
+                meaning = self._model_config_meaning(b.get("config"))
+                if meaning is None:  # a misspelt key: the model build names it
+                    a.pop("config", None)
+                    b.pop("config", None)
+                else:
+                    a["config"], b["config"] = self._model_config_meaning(a.get("config")), meaning
             diff(sec, a, b)
         if changed:
             raise ConfigError(f"{checkpoint}: this run was trained with other model/PEFT settings "
@@ -815,9 +822,11 @@ class Trainer:
         for flag, kind, want in (("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
                                  ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED)):
             if parse_flag_from_env(flag) and acc.distributed_type != want:
-                raise ConfigError(f"the launch config asks for {kind}, but accelerate runs {acc.distributed_type.value} "
-                                  f"here (it enables {kind} only on accelerators; on CPUs it would silently train "
-                                  "without sharding): use a GPU, or a DDP launch (recipes/accelerate/README.md)")
+                runs = ("one process" if acc.num_processes == 1 else
+                        f"plain data parallel over {acc.num_processes} processes")
+                raise ConfigError(f"the launch config asks for {kind}, but accelerate runs {runs} here (it enables "
+                                  f"{kind} only on accelerators; on CPUs it would silently train without sharding): "
+                                  "use a GPU, or a DDP launch (recipes/accelerate/README.md)")
         main = self.is_main_process = acc.is_main_process
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
@@ -836,17 +845,17 @@ class Trainer:
         if resume is not None:
             self._check_model_settings_kept(resume[1])
             st = _trainer_state(resume[1])
-            saved_w = int(st.get("world_size", acc.num_processes) or acc.num_processes)
-            if saved_w != acc.num_processes:
-                raise ConfigError(f"{resume[1]}: checkpointed by {saved_w} process(es), resumed with "
-                                  f"{acc.num_processes}: resume with {saved_w} (each rank's random state and "
-                                  "share of the global batch are its own), or train in a new output_dir")
             timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
             finished = (st["step"] >= cfg.max_steps or timed_out) and (final_dir / "config.json").is_file()
             if finished and self._recipe_unchanged():
                 logger.info("run in %s already finished at step %d (max_steps=%d, max_minutes=%s); raise them to "
                             "extend it", self.out, st["step"], cfg.max_steps, cfg.max_minutes)
                 return final_dir
+            saved_w = int(st.get("world_size", acc.num_processes) or acc.num_processes)
+            if saved_w != acc.num_processes and not finished:  # a finished run is only exported again
+                raise ConfigError(f"{resume[1]}: checkpointed by {saved_w} process(es), resumed with "
+                                  f"{acc.num_processes}: resume with {saved_w} (each rank's random state and "
+                                  "share of the global batch are its own), or train in a new output_dir")
             if finished:  # the recipe changed: checked as on any resume, then final/ is exported again
                 logger.info("run in %s already finished at step %d, but the recipe changed: checking it against "
                             "the checkpoint and exporting final/ again", self.out, st["step"])
