@@ -552,7 +552,7 @@ def test_forward_refuses_unknown_keywords_and_returns_hidden_states():
         hs = out.hidden_states
         assert len(hs) == m.config.n_layer + 1 and all(h.shape == (2, 9, 64) for h in hs)
         assert torch.equal(hs[0], m.rwkv.emb(ids))
-        x, st = hs[0], None  # each entry is the previous one through one block
+        x = hs[0]  # each entry is the previous one through one block
         for i, block in enumerate(m.rwkv.blocks[:-1]):
             z = torch.zeros(2, 64)
             x, *_ = block(x, z, None, z)
