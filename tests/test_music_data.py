@@ -499,24 +499,27 @@ def test_generate_abc_moves_a_prompt_file_header_into_the_tune(tmp_path, monkeyp
     assert AbcTokenizer().decode(seen[0]) == "X:1\nL:1/4\n"
 
 
+def _song(path, pitches, title=None):
+    """A one-track MIDI file of quarter notes (with a track name if ``title``)."""
+    mid = mido.MidiFile(ticks_per_beat=480)
+    tr = mido.MidiTrack()
+    if title is not None:
+        tr.append(mido.MetaMessage("track_name", name=title))
+    for p in pitches:
+        tr += [mido.Message("note_on", note=p, velocity=80, time=0), mido.Message("note_off", note=p, time=480)]
+    mid.tracks.append(tr)
+    mid.save(path)
+
+
 def test_prepare_keeps_the_same_music_once_whatever_else_differs(tmp_path):
     """Two files of one piece that differ only in a text event hashed apart: both were kept, and
     could sit in train and in valid/test (a held-out leak)."""
-    def song(path, title, pitches):
-        mid = mido.MidiFile(ticks_per_beat=480)
-        tr = mido.MidiTrack()
-        tr.append(mido.MetaMessage("track_name", name=title))
-        for p in pitches:
-            tr += [mido.Message("note_on", note=p, velocity=80, time=0), mido.Message("note_off", note=p, time=480)]
-        mid.tracks.append(tr)
-        mid.save(path)
-
     src = tmp_path / "midi"
     src.mkdir()
     for k in range(12):  # 12 pieces, each saved twice under different titles
         pitches = [60 + (k * 7 + j * 5) % 24 for j in range(8)]
-        song(src / f"a{k:02d}.mid", f"take one {k}", pitches)
-        song(src / f"b{k:02d}.mid", f"take two {k}", pitches)
+        _song(src / f"a{k:02d}.mid", pitches, f"take one {k}")
+        _song(src / f"b{k:02d}.mid", pitches, f"take two {k}")
     rep = prepare(tmp_path / "out", midi_dir=src, valid_permille=300, test_permille=300)
     assert rep.duplicates == 12 and sum(c["pieces"] for c in rep.counts.values()) == 12
     seen = {}
@@ -529,21 +532,13 @@ def test_prepare_keeps_the_same_music_once_whatever_else_differs(tmp_path):
 def test_prepare_puts_transpositions_of_a_piece_in_one_split(tmp_path):
     """Train's transposed copies held the exact tokens of a valid/test piece that was a
     transposition of a training piece."""
-    def song(path, pitches):
-        mid = mido.MidiFile(ticks_per_beat=480)
-        tr = mido.MidiTrack()
-        for p in pitches:
-            tr += [mido.Message("note_on", note=p, velocity=80, time=0), mido.Message("note_off", note=p, time=240)]
-        mid.tracks.append(tr)
-        mid.save(path)
-
     src = tmp_path / "midi"
     src.mkdir()
     for k in range(16):
         rng = np.random.default_rng(k)
         pitches = [int(x) for x in rng.integers(55, 70, 10)]
-        song(src / f"a{k:02d}.mid", pitches)
-        song(src / f"b{k:02d}.mid", [p + 2 for p in pitches])  # the same piece two semitones up
+        _song(src / f"a{k:02d}.mid", pitches)
+        _song(src / f"b{k:02d}.mid", [p + 2 for p in pitches])  # the same piece two semitones up
     prepare(tmp_path / "out", midi_dir=src, transpose=2, valid_permille=300, test_permille=300)
     split = {f["name"]: f["split"] for f in json.loads((tmp_path / "out" / "meta.json").read_text())["files"]}
     assert all(split[f"a{k:02d}.mid"] == split[f"b{k:02d}.mid"] for k in range(16))
