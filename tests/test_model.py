@@ -1268,3 +1268,20 @@ def test_config_given_to_from_pretrained_is_checked_like_a_config(tmp_path, tiny
     assert RWKVForCausalLM.from_pretrained(p, device_map="balanced").device.type in ("cpu", "cuda")
     with pytest.raises(ValueError, match="device_map='gpu7': not a device"):
         RWKVForCausalLM.from_pretrained(p, device_map="gpu7")
+
+
+def test_float8_checkpoints_are_checked_and_bad_config_arguments_refused(tmp_path, tiny_pth):
+    """isfinite is not implemented for float8_e4m3fn: the NaN check crashed with a traceback."""
+    sd = blink_state_dict(n_layer=1, n_embd=64, head_size=32, vocab_size=64)
+    sd["blocks.0.ffn.value.weight"] = sd["blocks.0.ffn.value.weight"].to(torch.float8_e4m3fn)
+    torch.save(sd, tmp_path / "f8.pth")
+    assert RWKVForCausalLM.from_pretrained(tmp_path / "f8.pth").dtype == torch.float32
+    sd["blocks.0.ffn.value.weight"][0, 0] = float("nan")
+    torch.save(sd, tmp_path / "f8nan.pth")
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "f8nan.pth")
+    p = tiny_pth(n_embd=64, head_size=32, vocab_size=64)
+    with pytest.raises(TypeError, match="config= takes a config"):
+        RWKVForCausalLM.from_pretrained(p, config=5)
+    with pytest.raises(ValueError, match="contradicts state_file"):
+        RWKVForCausalLM.from_pretrained(p, has_initial_state=False, state_file=p)

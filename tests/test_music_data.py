@@ -546,3 +546,30 @@ def test_prepare_puts_transpositions_of_a_piece_in_one_split(tmp_path):
     train = {tuple(d) for d in split_documents(load_tokens(tmp_path / "out" / "train"))}
     for s in ("valid", "test"):
         assert not [d for d in split_documents(load_tokens(tmp_path / "out" / s)) if tuple(d) in train]
+
+
+def test_transposed_copies_never_repeat_a_piece(tmp_path):
+    """--transpose wrote a drum-only piece 2N+1 times (every shift is the piece itself), and a
+    file that is another's transposition appeared twice in train (as itself and as a copy)."""
+    def drums(path, k):
+        mid = mido.MidiFile(ticks_per_beat=480)
+        tr = mido.MidiTrack()
+        for j in range(8):
+            n = 36 + (k + j) % 10
+            tr += [mido.Message("note_on", channel=9, note=n, velocity=90, time=0),
+                   mido.Message("note_off", channel=9, note=n, time=240)]
+        mid.tracks.append(tr)
+        mid.save(path)
+
+    src = tmp_path / "midi"
+    src.mkdir()
+    for k in range(6):
+        drums(src / f"d{k}.mid", k)
+        rng = np.random.default_rng(k)
+        pitches = [int(x) for x in rng.integers(55, 70, 10)]
+        _song(src / f"a{k}.mid", pitches)
+        _song(src / f"b{k}.mid", [p + 2 for p in pitches])
+    prepare(tmp_path / "out", midi_dir=src, transpose=3, valid_permille=0, test_permille=0)
+    docs = [tuple(d) for d in split_documents(load_tokens(tmp_path / "out" / "train"))]
+    assert len(docs) == len(set(docs))
+    assert len(docs) == 6 + 6 * 9  # each drum piece once; each melody and its +2 file: shifts -3..+5 once

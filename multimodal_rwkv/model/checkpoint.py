@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError
 from multimodal_rwkv.fileio import atomic_write, atomic_write_text
@@ -402,8 +403,10 @@ def _apply_config(cfg: RWKVConfig, src, config=None, overrides=None, state_file=
                 raise CheckpointError(f"{config}: not a readable RWKV config ({' '.join(str(e).split())[:160]})") from None
         if isinstance(config, dict):
             given.update(config)
-        else:
+        elif isinstance(config, PretrainedConfig):
             given.update({k: getattr(config, k) for k in MODEL_SIZE_KEYS + CONFIG_OVERRIDES if hasattr(config, k)})
+        else:
+            raise TypeError(f"config= takes a config, a dict of its keys or a config path, not {type(config).__name__}")
     given.update(overrides or {})
     if not given:
         return cfg
@@ -426,6 +429,8 @@ def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, 
     state-tuning file (``blocks.N.att.time_state`` tensors, as BlinkDL releases them) whose
     state becomes the model's initial state. A trained initial state is held in fp32 whatever
     the weights' dtype (the wkv state is fp32)."""
+    if state_file is not None and (overrides or {}).get("has_initial_state") is False:
+        raise ValueError("has_initial_state=False contradicts state_file= (which gives the model its initial state)")
     cfg, sd, name = _load_raw(src, state_file)
     cfg = _apply_config(cfg, src, config, overrides, state_file)
     dtype = resolve_dtype(dtype) or weights_dtype(sd)
@@ -440,6 +445,13 @@ def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, 
     return model
 
 
+def _all_finite(v: torch.Tensor) -> bool:
+    try:
+        return bool(torch.isfinite(v).all())
+    except (NotImplementedError, RuntimeError):  # float8 kinds: isfinite is not implemented for them
+        return bool(torch.isfinite(v.float()).all())
+
+
 def _check_floats(sd: dict[str, torch.Tensor], src, name=None) -> None:
     """Every RWKV weight is a real floating-point tensor of finite values: an integer, bool or
     complex one is a broken or foreign file (loading would cast it silently and generate
@@ -452,7 +464,7 @@ def _check_floats(sd: dict[str, torch.Tensor], src, name=None) -> None:
                               f"{str(sd[bad[0]].dtype).replace('torch.', '')} values; an RWKV checkpoint's "
                               "tensors are floating point")
     # NaN or inf anywhere makes every output NaN: a corrupt file (or a diverged training run)
-    bad = [k for k, v in sd.items() if v.numel() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in sd.items() if v.numel() and not _all_finite(v)]
     if bad:
         raise CheckpointError(f"{src}: {_summarise([name(k) for k in bad], 3)} hold{'s' if len(bad) == 1 else ''} "
                               "NaN or infinite values (a corrupt file, or weights of a training run that diverged)")

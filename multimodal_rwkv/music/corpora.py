@@ -23,7 +23,8 @@ does not depend on file order, ``limit`` or the machine. Identical contents are 
 so are MIDI files whose tokens are identical (the same music, files differing in a title or
 another event the tokenizer drops): the first in path order, in its split. MIDI pieces that are
 transpositions of one another go to one split, the first one's (train's transposed copies would
-otherwise hold a held-out piece's exact tokens).
+otherwise hold a held-out piece's exact tokens); a transposed copy equal to a piece already kept
+(drum-only pieces, another file's transposition) is not added again.
 Transposition augmentation (MIDI only, train split only) adds copies shifted by
 ``-transpose..+transpose`` semitones (drums untouched; copies that leave the pitch range skipped).
 """
@@ -351,6 +352,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
     files = []
     seen: set[str] = set()
     split_by_key: dict[str, str] = {}
+    kept: list[tuple[str, list[int]]] = []  # (split, ids) of each MIDI piece kept, in path order
 
     if kind == "abc":
         tok = AbcTokenizer()
@@ -411,17 +413,22 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
             # transpositions of one piece share a split (the first one's): train's transposed
             # copies would otherwise hold a valid/test piece's exact tokens
             s = split_by_key.setdefault(_transposition_key(tok, ids), split_of(content, valid_permille, test_permille))
-            versions = [ids]
-            if s == "train" and transpose:
-                for k in range(-transpose, transpose + 1):
-                    if k:
-                        t = tok.transpose(ids, k)
-                        if t is not None:
-                            versions.append(t)
-            for v in versions:
-                docs[s].append(v)
-                units[s] += tok.count_notes(v)
+            kept.append((s, ids))
             files.append({"name": p.name, "split": s, "sha256": h[:16], "out_of_range": tok.last_stats.out_of_range})
+        # each piece, then (train only) its transposed copies, once every file is read: a copy
+        # equal to a piece or to an earlier copy (drums only: every shift is the piece itself;
+        # another file's transposition) is not added again
+        emitted = set(seen)
+        for s, ids in kept:
+            docs[s].append(ids)
+            units[s] += tok.count_notes(ids)
+            for k in range(-transpose, transpose + 1) if s == "train" and transpose else ():
+                t = tok.transpose(ids, k) if k else None
+                key = t is not None and hashlib.sha256(",".join(map(str, t)).encode()).hexdigest()
+                if key and key not in emitted:
+                    emitted.add(key)
+                    docs[s].append(t)
+                    units[s] += tok.count_notes(t)
         tok.save_pretrained(out)
         vocab_size = tok.vocab_size
 
