@@ -688,11 +688,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                             f"{', '.join(sorted(kwargs))}{hint}")
         if output_attentions or output_attentions is None and getattr(self.config, "output_attentions", False):
             raise ValueError("output_attentions: RWKV has no attention weights to return")
-        for name, past in (("past_key_values", past_key_values), ("cache", cache)):
-            if past is not None:  # transformers' names for a cache: here the state
-                if not isinstance(past, RWKVState) or state is not None:
-                    raise ValueError(f"{name}: pass the RNN state as state= (an RWKVState), not both")
-                state = past
+        state = _state_from_cache_names(state, past_key_values=past_key_values, cache=cache)
         hidden, new_state, *every = self.rwkv(
             input_ids=input_ids, inputs_embeds=inputs_embeds, state=state, attention_mask=attention_mask,
             scan_order=scan_order, logits_to_keep=logits_to_keep,
@@ -771,12 +767,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2):
             raise ValueError(f"input_ids must be a [B, T] tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
-        for name in ("past_key_values", "cache"):  # transformers' names for a cache: here the state
-            past = kwargs.pop(name, None)
-            if past is not None:
-                if not isinstance(past, RWKVState) or state is not None:
-                    raise ValueError(f"{name}: pass the RNN state as state= (an RWKVState), not both")
-                state = past
+        state = _state_from_cache_names(state, past_key_values=kwargs.pop("past_key_values", None),
+                                        cache=kwargs.pop("cache", None))
         mask = kwargs.get("attention_mask")
         if mask is not None and input_ids is not None and mask.shape == input_ids.shape:
             empty = (mask == 0).all(dim=1).nonzero().flatten().tolist()
@@ -803,26 +795,19 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                                                    prompt_len=prompt_len, uncounted=uncounted))
         if tokenizer is not None and getattr(tokenizer, "vocab_size", self.config.vocab_size) < self.config.vocab_size:
             processors.append(VocabLimitProcessor(tokenizer.vocab_size))
-        # transformers' stop_strings need its own tokenizer type: they join our stop strings
-        extra_stops = kwargs.pop("stop_strings", None)
-        gc_in = kwargs.get("generation_config")
-        own_stops = getattr(self.generation_config, "stop_strings", None)  # the model's own config's
-        if gc_in is None and own_stops:
-            extra_stops = list(_as_list(extra_stops)) + list(_as_list(own_stops))
-        if gc_in is not None and getattr(gc_in, "stop_strings", None):
-            extra_stops = list(_as_list(extra_stops)) + list(_as_list(gc_in.stop_strings))
-            gc_in = copy.deepcopy(gc_in)
-            gc_in.stop_strings = None
-            kwargs["generation_config"] = gc_in
-        stops = [x for x in list(_as_list(stop)) + list(_as_list(extra_stops)) if x]
+        # transformers' stop_strings (the argument, or the generation config in use) need its own
+        # tokenizer type: they join our stop strings, and the config in use is given none below
+        user_gc = kwargs.pop("generation_config", None)
+        base = user_gc if user_gc is not None else self.generation_config
+        cfg_stops = getattr(base, "stop_strings", None)
+        stops = [x for x in _as_list(stop) + _as_list(kwargs.pop("stop_strings", None)) + _as_list(cfg_stops) if x]
         if stops:
             if tokenizer is None:
                 raise ValueError("stop strings (stop= or stop_strings=) need tokenizer=")
             criteria.append(StopStringsCriteria(tokenizer, stops, prompt_len=prompt_len))
         if state is not None:  # transformers repeats each row for beams / returned sequences; the state too
-            gc = kwargs.get("generation_config") or self.generation_config
-            beams = kwargs.get("num_beams") or getattr(gc, "num_beams", 1) or 1
-            seqs = kwargs.get("num_return_sequences") or getattr(gc, "num_return_sequences", 1) or 1
+            beams = kwargs.get("num_beams") or getattr(base, "num_beams", 1) or 1
+            seqs = kwargs.get("num_return_sequences") or getattr(base, "num_return_sequences", 1) or 1
             repeat = beams if beams > 1 else seqs
             rows = (input_ids if input_ids is not None else kwargs.get("inputs_embeds")).shape[0]
             if repeat > 1 and state.batch_size == rows:
@@ -831,8 +816,6 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         # the state as the cache, greedy, and when sampling no top-k (RWKV's own samplers and
         # `mmrwkv generate` use none; transformers' default is 50). Given a generation_config, they
         # go into a copy of it (transformers warns when a config comes with loose settings).
-        user_gc = kwargs.pop("generation_config", None)
-        base = user_gc if user_gc is not None else self.generation_config
         ours = {}
         for key, value in (("pad_token_id", self.config.pad_token_id), ("use_cache", True), ("do_sample", False)):
             if kwargs.get(key) is None and getattr(base, key, None) is None:
@@ -844,10 +827,12 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             user_gc = copy.deepcopy(user_gc)
             for key, value in ours.items():
                 setattr(user_gc, key, value)
+            user_gc.stop_strings = None  # joined our stop strings above
             kwargs["generation_config"] = user_gc
         else:
             kwargs.update(ours)
-        if own_stops:  # ours now; transformers would look for its own tokenizer type for them
+        own_stops = cfg_stops if user_gc is None else None  # the model's own config's: cleared for the call
+        if own_stops:
             self.generation_config.stop_strings = None
         try:
             return super().generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
@@ -917,6 +902,18 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         from multimodal_rwkv.model.checkpoint import save_model
 
         save_model(self, save_directory)
+
+
+def _state_from_cache_names(state, **names):
+    """``state``, or the RWKVState given under one of transformers' names for a cache
+    (``past_key_values``, ``cache``): here the cache is the state. Both at once, or a cache that
+    is no RWKVState, is a ValueError."""
+    for name, past in names.items():
+        if past is not None:
+            if not isinstance(past, RWKVState) or state is not None:
+                raise ValueError(f"{name}: pass the RNN state as state= (an RWKVState), not both")
+            state = past
+    return state
 
 
 def _as_list(x) -> list:
