@@ -153,7 +153,8 @@ def _converted(text: str, what: str):
 
 def cmd_generate(args) -> int:
     from multimodal_rwkv.music.abc import AbcTokenizer, with_file_header
-    from multimodal_rwkv.music.generate import generate_abc, generate_music, load_music_model
+    from multimodal_rwkv.music.generate import (check_midi_outputs, generate_abc, generate_music, load_music_model,
+                                                 write_midi_outputs)
 
     model, tok = load_music_model(args.model)
     out = Path(args.out)
@@ -190,19 +191,10 @@ def cmd_generate(args) -> int:
     if out.suffix.lower() not in (".mid", ".midi"):
         raise DataError(f"{args.out}: {args.model} is a MIDI model; its output is a MIDI file: give a name ending "
                         "in .mid")
-    check_outputs([("--out", out)] + ([("--png", args.png)] if args.png else []), inputs)
-    if args.png:
-        check_png("--png", args.png)
+    check_midi_outputs(out, args.png, inputs, names=("--out", "--png"))
     res = generate_music(model, tok, args.prompt, seconds=args.seconds, max_new_tokens=args.max_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    writes = [(out, _save_midi(res.midi))]
-    if args.png:
-        from multimodal_rwkv.music.pianoroll import render_pianoroll
-
-        img = render_pianoroll(res.notes, None, steps_per_beat=tok.config.steps_per_beat,
-                               prompt_end=res.prompt_end or None, tokenizer=tok)
-        writes.append((args.png, _save_png(img)))
-    write_outputs(writes)
+    write_midi_outputs(res, tok, out, args.png)
     st = res.decode_stats
     print(f"wrote {out}: {len(res.notes)} notes, {res.seconds:.1f} s generated, {res.new_tokens} new tokens"
           + ("" if st.clean else " (decoder repaired the sequence)") + (f"; piano roll {args.png}" if args.png else ""))

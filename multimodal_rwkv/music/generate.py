@@ -209,16 +209,29 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
     ``prompt``: a MIDI path / ``mido.MidiFile`` to continue, or None. ``seconds``: length of the
     new part. ``out``: also save the ``.mid``; ``png``: also draw a piano roll (prompt shaded).
     """
-    outputs = [(what, path) for what, path in (("out", out), ("png", png)) if path is not None]
-    if png is not None:
-        from multimodal_rwkv.music.pianoroll import check_png
-
-        check_png("png", png)
-    check_outputs(outputs, [("model", model_dir)] + ([("prompt", prompt)] if isinstance(prompt, (str, os.PathLike)) else []))
+    check_midi_outputs(out, png, [("model", model_dir)] + ([("prompt", prompt)] if isinstance(prompt, (str, os.PathLike)) else []))
     model, tok = load_music_model(model_dir, device)
     if not isinstance(tok, MidiTokenizer):
         raise MidiError(f"{model_dir}: an ABC model; use generate_abc")
     res = generate_music(model, tok, prompt, seconds, max_new_tokens, temperature, top_k, top_p, seed, progress)
+    write_midi_outputs(res, tok, out, png)
+    return res.midi
+
+
+def check_midi_outputs(out, png, inputs, names: tuple[str, str] = ("out", "png")) -> None:
+    """Refuse, before generating, a ``.mid`` ``out`` / piano-roll ``png`` (either may be None)
+    that would replace one of ``inputs`` or each other, or could not be written; ``png`` must be a
+    .png name. ``names``: how the message calls them (the CLI's ``--out`` / ``--png``)."""
+    from multimodal_rwkv.music.pianoroll import check_png
+
+    check_outputs([(n, p) for n, p in zip(names, (out, png)) if p is not None], inputs)
+    if png is not None:
+        check_png(names[1], png)
+
+
+def write_midi_outputs(res: MusicGeneration, tok: MidiTokenizer, out, png) -> None:
+    """Write the generated piece to ``out`` (.mid) and its piano roll (prompt shaded) to ``png``,
+    either may be None, all or nothing (a failure leaves no file)."""
     writes = []
     if out is not None:
         writes.append((out, lambda tmp: res.midi.save(str(tmp))))
@@ -228,8 +241,7 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
         img = render_pianoroll(res.notes, None, steps_per_beat=tok.config.steps_per_beat,
                                prompt_end=res.prompt_end or None, tokenizer=tok)
         writes.append((png, lambda tmp: img.save(tmp, format="PNG")))
-    write_outputs(writes)  # all or nothing: a failure leaves no file
-    return res.midi
+    write_outputs(writes)
 
 
 def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\n", max_bytes: int = 1024, *,
