@@ -45,22 +45,17 @@ def _read_abc(path) -> str:
     return data.decode("utf-8-sig", errors="replace")
 
 
-def _midi_files(folder: Path) -> list[Path]:
-    """The .mid/.midi files under ``folder`` (recursive, sorted), broken links included: they are
-    unreadable files, reported and counted, not nothing."""
-    return sorted(x for x in folder.rglob("*") if x.suffix.lower() in (".mid", ".midi")
-                  and (x.is_file() or (x.is_symlink() and not x.exists())))
-
-
 def cmd_tokenize(args) -> int:
     import numpy as np
+
+    from multimodal_rwkv.music.corpora import midi_files
 
     out = args.out if not args.out or args.out.endswith(".npy") else args.out + ".npy"  # np.save's own rule
     tok = _tokenizer(args)
     files: list[Path] = []
     for p in map(Path, args.paths):
         if p.is_dir():
-            files.extend(_midi_files(p))
+            files.extend(midi_files(p))
         elif p.is_file() or p.is_symlink():  # a broken link is a file that cannot be read
             files.append(p)
         else:

@@ -170,12 +170,23 @@ class PrepareReport:
         return f"{self.out}: " + "; ".join(parts) + f"; {failed}, {self.duplicates} duplicates"
 
 
+def _ids_hash(ids: Sequence[int]) -> str:
+    """A piece's identity as the model sees it: the hash of its token ids."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
 def _transposition_key(tok, ids) -> str:
     """One hash for every transposition of a piece: its tokens with the melodic pitches moved
     down so that the lowest sits at the bottom of the tokenizer's range."""
     low = tok.lowest_pitch(ids)
-    canon = ids if low is None else tok.transpose(ids, tok.config.pitch_range[0] - low)
-    return hashlib.sha256(",".join(map(str, canon)).encode()).hexdigest()
+    return _ids_hash(ids if low is None else tok.transpose(ids, tok.config.pitch_range[0] - low))
+
+
+def midi_files(folder: str | os.PathLike) -> list[Path]:
+    """The .mid/.midi files under ``folder`` (recursive, sorted), broken links included: they are
+    unreadable files, reported and counted, not nothing."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".mid", ".midi")
+                  and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_size: int, shard_tokens: int) -> int:
@@ -378,9 +389,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                 fail(name, reason)
         else:
             root = Path(midi_dir)
-            # a broken link is an unreadable file (reported and counted), not nothing
-            paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".mid", ".midi")
-                           and (p.is_file() or (p.is_symlink() and not p.exists())))
+            paths = midi_files(root)
             if limit is not None:
                 paths = paths[:limit]
             if not paths:
@@ -405,7 +414,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                 continue
             # the same music in files that differ elsewhere (a title, a text event) is one piece:
             # kept once, so it cannot sit in train and in a held-out split
-            th = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+            th = _ids_hash(ids)
             if th in seen:
                 report.duplicates += 1
                 continue
@@ -424,8 +433,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
             units[s] += tok.count_notes(ids)
             for k in range(-transpose, transpose + 1) if s == "train" and transpose else ():
                 t = tok.transpose(ids, k) if k else None
-                key = t is not None and hashlib.sha256(",".join(map(str, t)).encode()).hexdigest()
-                if key and key not in emitted:
+                if t is not None and (key := _ids_hash(t)) not in emitted:
                     emitted.add(key)
                     docs[s].append(t)
                     units[s] += tok.count_notes(t)
