@@ -244,15 +244,6 @@ def _read_varlen(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _varlen(value: int) -> bytes:
-    out = [value & 0x7F]
-    value >>= 7
-    while value:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    return bytes(reversed(out))
-
-
 _META_NAMES = {0x00: "sequence_number", 0x20: "channel_prefix", 0x21: "midi_port", 0x51: "set_tempo",
                0x54: "smpte_offset", 0x58: "time_signature", 0x59: "key_signature"}
 _META_LENGTHS = {0x00: 2, 0x20: 1, 0x21: 1, 0x51: 3, 0x54: 5, 0x58: 4, 0x59: 2}
@@ -284,6 +275,7 @@ def _drop_broken_meta(body: bytes, needed: set[int], name: str, track: int) -> t
     delta time); a dropped last event becomes an ``end_of_track`` at its tick, so the track keeps
     its length (where notes still open at the end are ended)."""
     from mido.messages.specs import SPEC_BY_STATUS
+    from mido.midifiles.meta import encode_variable_int
 
     events: list[tuple[int, bytes]] = []  # (absolute tick, event bytes without the delta)
     dropped: list[str] = []
@@ -333,10 +325,10 @@ def _drop_broken_meta(body: bytes, needed: set[int], name: str, track: int) -> t
         return body, []
     out, last = bytearray(), 0
     for t, ev in events:
-        out += _varlen(t - last) + ev
+        out += bytes(encode_variable_int(t - last)) + ev
         last = t
     if tick > last or not events:
-        out += _varlen(tick - last) + b"\xff\x2f\x00"
+        out += bytes(encode_variable_int(tick - last)) + b"\xff\x2f\x00"
     return bytes(out), dropped
 
 
