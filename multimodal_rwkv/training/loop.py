@@ -423,6 +423,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self._lock_fd = None
+        self._lock_id = None  # (device, inode) of output_dir/.lock while held
         self._new_dirs: list[Path] = []  # the parents this run created and output_dir (removed if it fails early)
         self._phase = "setting up"  # what the run is doing: named in an out-of-memory error
         self.is_main_process = True  # False on the other ranks of a multi-process run (set by run())
@@ -934,8 +935,7 @@ class Trainer:
         loader = DataLoader(_ReportsDrops(train_ds), batch_size=B, sampler=sampler,
                             collate_fn=_CollateDrops(collate), num_workers=cfg.data.num_workers, drop_last=False,
                             persistent_workers=cfg.data.num_workers > 0,
-                            worker_init_fn=functools.partial(_drop_inherited_lock, getattr(self, "_lock_fd", None),
-                                                             getattr(self, "_lock_id", None)),
+                            worker_init_fn=functools.partial(_drop_inherited_lock, self._lock_fd, self._lock_id),
                             # its own generator: creating the iterator must not draw from the global
                             # RNG, or a resumed run's dropout etc. would be shifted by one draw
                             generator=torch.Generator().manual_seed(cfg.seed))
