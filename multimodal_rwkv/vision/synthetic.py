@@ -153,16 +153,13 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
         rng = random.Random(split_seed)
         records = []
         for i in range(n_img):
-            img, objs = draw_scene(rng, size=size, object_scale=object_scale)
-            key = hashlib.sha256(img.tobytes()).digest()
+            for _ in range(1000):  # held out: a scene drawn the same as a training one is drawn again
+                img, objs = draw_scene(rng, size=size, object_scale=object_scale)
+                key = hashlib.sha256(img.tobytes()).digest()
+                if split == "train" or key not in train_scenes:
+                    break
             if split == "train":
                 train_scenes.add(key)
-            else:  # held out: a scene drawn the same as a training one is drawn again
-                for _ in range(1000):
-                    if key not in train_scenes:
-                        break
-                    img, objs = draw_scene(rng, size=size, object_scale=object_scale)
-                    key = hashlib.sha256(img.tobytes()).digest()
             name = f"{split}_{i:06d}.png"
             img.save(out / "images" / name)
             qs = questions_for(objs, rng)
