@@ -105,13 +105,22 @@ def _handle_bad(msg: str, on_bad: str, bad: BadRecords):
         raise DataError(msg + " (set data.on_bad_record=skip to skip bad records)")
 
 
-def _check_unicode(s: str, where: str, what: str) -> None:
-    """DataError if ``s`` holds a lone surrogate (a JSON ``\\ud800`` escape): no UTF-8, no tokens."""
+def lone_surrogate(s: str) -> Optional[int]:
+    """Index of the first unpaired surrogate in ``s`` (a JSON ``\\ud800`` escape, or what bytes that are
+    not UTF-8 become on a command line), None when ``s`` is real text that can be encoded as UTF-8."""
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{where}: {what} is not valid Unicode (lone surrogate \\u{ord(s[e.start]):04x} at "
-                        f"character {e.start})") from None
+        return e.start
+    return None
+
+
+def _check_unicode(s: str, where: str, what: str) -> None:
+    """DataError if ``s`` holds a lone surrogate: no UTF-8, no tokens."""
+    i = lone_surrogate(s)
+    if i is not None:
+        raise DataError(f"{where}: {what} is not valid Unicode (lone surrogate \\u{ord(s[i]):04x} at "
+                        f"character {i})")
 
 
 def _not_utf8(head: bytes) -> Optional[str]:

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from multimodal_rwkv.errors import ConfigError, DataError
+from multimodal_rwkv.training.data import lone_surrogate
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +198,8 @@ def expand2square(im: Image.Image, background: tuple[int, int, int]) -> Image.Im
 
 
 def is_unicode(text: str) -> bool:
-    """Whether ``text`` is real text: no unpaired surrogates (what bytes that are not UTF-8 become
-    on a command line, or what a JSON "\\ud800" escape gives), so it can be encoded."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """Whether ``text`` is real text: no unpaired surrogates, so it can be encoded."""
+    return lone_surrogate(text) is None
 
 
 def read_text_file(path, what: str = "data file") -> tuple[str, bool]:
