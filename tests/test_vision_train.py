@@ -80,6 +80,29 @@ def test_stage1_changes_only_the_projector(trained, tmp_path):
         train(cfg)
 
 
+def test_a_resume_may_change_runtime_options_but_not_what_trains(trained, tmp_path):
+    """model.options that leave the weights' meaning alone (prompt_template, export_dtype) may change
+    on resume; those that change what trains (stage, train_encoder) are still refused."""
+    from multimodal_rwkv.training import train
+
+    data, _, final = trained
+    run = tmp_path / "s1"
+
+    def cfg(steps, **options):
+        c = recipe(tmp_path, data, run, max_steps=steps, checkpoint_every=1)
+        c.model.config = {}
+        c.model.from_pretrained = str(final)
+        c.model.options = {"stage": 1, **options}
+        return c
+
+    train(cfg(1))
+    out = train(cfg(2, prompt_template="image_first", export_dtype="bf16"))
+    assert json.loads((out / "config.json").read_text())["prompt_template"] == "image_first"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ConfigError, match=r"model\.options\.stage: 1 -> 2"):
+        train(cfg(3, stage=2))
+
+
 def test_unknown_option_is_a_config_error(trained, tmp_path):
     from multimodal_rwkv.training import train
 

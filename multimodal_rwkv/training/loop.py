@@ -566,16 +566,18 @@ class Trainer:
             return d
         return {k: getattr(cfg, k) for k in MODEL_SIZE_KEYS}
 
-    def _check_model_settings_kept(self, checkpoint) -> None:
+    def _check_model_settings_kept(self, checkpoint, free_options=()) -> None:
         """ConfigError if the recipe changes a model or PEFT setting of the run being resumed
         (``lora_alpha``, a ``model.config`` size such as ``head_size_divisor``, ...): the
-        checkpoint's weights would silently mean another model."""
+        checkpoint's weights would silently mean another model. ``free_options``: the task's
+        ``model.options`` keys that may change (:attr:`Task.free_options`)."""
         saved = self._saved_recipe()
         if saved is None:  # nothing to compare with (a folder from an older version)
             return
         now = json.loads(json.dumps(config_to_dict(self.cfg)))
         no_lora = not (saved.get("peft") or {}).get("lora_r") and not (now.get("peft") or {}).get("lora_r")
-        skip = self._NOT_COMPARED + (self._LORA_KEYS if no_lora else ())
+        skip = (self._NOT_COMPARED + (self._LORA_KEYS if no_lora else ())
+                + tuple(f"model.options.{k}" for k in free_options))
         changed: list[str] = []
 
         def diff(name: str, a, b) -> None:
@@ -844,7 +846,7 @@ class Trainer:
         if resume is None and cfg.max_steps == 0:
             logger.warning("max_steps=0: nothing is trained; final/ is the starting model")
         if resume is not None:
-            self._check_model_settings_kept(resume[1])
+            self._check_model_settings_kept(resume[1], task.free_options)
             st = _trainer_state(resume[1])
             timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
             finished = (st["step"] >= cfg.max_steps or timed_out) and (final_dir / "config.json").is_file()

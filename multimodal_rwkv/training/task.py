@@ -54,6 +54,9 @@ class Task:
     find_unused_parameters = False
     # whether export.pth (a BlinkDL-layout model.pth for the official package) fits this task's model
     exports_pth = True
+    # keys of ``model.options`` that a resumed run may change: they do not change what the
+    # checkpoint's weights mean or which of them train (a prompt template, an export dtype)
+    free_options: tuple[str, ...] = ()
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -47,6 +47,7 @@ class VisualRWKVTask(Task):
 
     name = "visualrwkv"
     exports_pth = False  # a BlinkDL .pth holds a language model alone; final/ is the VisualRWKV folder
+    free_options = _RUNTIME_KEYS + ("export_dtype",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
