@@ -573,3 +573,51 @@ def test_transposed_copies_never_repeat_a_piece(tmp_path):
     docs = [tuple(d) for d in split_documents(load_tokens(tmp_path / "out" / "train"))]
     assert len(docs) == len(set(docs))
     assert len(docs) == 6 + 6 * 9  # each drum piece once; each melody and its +2 file: shifts -3..+5 once
+
+
+def test_a_tune_ends_at_its_first_empty_line():
+    """ABC 2.1 s2.2: text after a tune's empty line is free text. It used to be cut from X: to the
+    next X:, so abc2midi played the letters of a sentence between two tunes as notes."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music.abc import abc_to_midi
+
+    text = ("X:1\nT:First\nM:4/4\nL:1/4\nK:C\nCDEF|]\n\nThese are some free text notes about a ballad\n"
+            "  \nX:2\nT:Second\nK:G\nGABc|]\n\n:1646\n")
+    tunes = split_tunes(text)
+    assert tunes == ["X:1\nT:First\nM:4/4\nL:1/4\nK:C\nCDEF|]\n", "X:2\nT:Second\nK:G\nGABc|]\n"]
+    notes = MidiTokenizer().extract_notes(abc_to_midi(tunes[0]))[0]
+    assert [n.pitch for n in notes] == [60, 62, 64, 65]
+
+
+def test_a_tie_between_different_pitches_keeps_both_notes():
+    """'G3-A' (O'Neill's first tune): a tie joins notes of one pitch only (ABC 2.1 s4.11). Merged,
+    the A was lost, on music21's writer and on the fallback path (a bar too long)."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music.abc import abc_to_midi
+
+    def notes(t):
+        return [(n.onset, n.duration, n.pitch) for n in MidiTokenizer().extract_notes(abc_to_midi(t))[0]]
+
+    assert notes("X:1\nM:2/4\nL:1/16\nK:Gm\nG3-A B4 | c8 |]\n") == [(0, 9, 67), (9, 3, 69), (12, 12, 70),
+                                                                   (24, 24, 72)]
+    assert notes("X:1\nM:2/4\nL:1/16\nK:Gm\nG3-A B4 c2 | c8 |]\n")[:2] == [(0, 9, 67), (9, 3, 69)]
+    # ties of one pitch still join, across a bar line and in a chain that ends on another pitch
+    assert notes("X:1\nM:4/4\nL:1/8\nK:C\nG4-|G4 c4|]\n") == [(0, 48, 67), (48, 24, 72)]
+    assert notes("X:1\nM:4/4\nL:1/8\nK:C\nG2-G2-A2 c2|]\n") == [(0, 24, 67), (24, 12, 69), (36, 12, 72)]
+
+
+def test_abc_corpus_files_are_read_as_utf8(tmp_path, monkeypatch):
+    """The Essen files with accents are UTF-8; read as Latin-1 their titles turned into mojibake
+    ('Bhéasach' -> 'BhÃ©asach') in the bytes the model trains on. A Latin-1 file still reads."""
+    from types import SimpleNamespace
+
+    from multimodal_rwkv.music import corpora
+
+    root = tmp_path / "m21"
+    folder = root / "corpus" / "oneills1850"
+    folder.mkdir(parents=True)
+    (folder / "a.abc").write_bytes("X:1\nT:Bhéasach\nK:C\nC|\n".encode("utf-8"))
+    (folder / "b.abc").write_bytes("X:1\nT:Señor\nK:C\nC|\n".encode("latin-1"))
+    monkeypatch.setattr(corpora, "_music21", lambda: SimpleNamespace(__file__=str(root / "__init__.py")))
+    tunes = [t for _, t in corpora.abc_corpus_tunes("oneill-abc")]
+    assert [t.split("\n")[1] for t in tunes] == ["T:Bhéasach", "T:Señor"]

@@ -167,7 +167,8 @@ def split_tunes(text: str, name: str = "<abc>") -> list[str]:
     inserted into each tune's header, after its ``X:``/``T:`` lines, as the ABC standard asks of
     programs that extract tunes, so a tune means on its own what it meant in the file (its own
     fields still override them); the file's ``%abc-`` version line, if any, goes before each
-    tune's ``X:`` (see :func:`file_version`). Other text before the first ``X:`` (free text) is dropped.
+    tune's ``X:`` (see :func:`file_version`). A tune ends at its first empty line (ABC 2.1 section
+    2.2); text between tunes and before the first ``X:`` is free text and is dropped.
 
     The ABC corpora of :mod:`multimodal_rwkv.music.corpora` are made of these tunes, so a
     byte-level model trains on self-contained tunes, file header fields included (and generation
@@ -179,8 +180,9 @@ def split_tunes(text: str, name: str = "<abc>") -> list[str]:
     starts = [m.start() for m in _TUNE_START.finditer(text)]
     tunes = []
     for a, b in zip(starts, starts[1:] + [len(text)]):
-        t = text[a:b].strip("\n").rstrip()
-        lines = [ln.rstrip() for ln in t.split("\n")]
+        lines = [ln.rstrip() for ln in text[a:b].split("\n")]
+        if "" in lines:  # the empty line that ends the tune; what follows it is free text
+            lines = lines[:lines.index("")]
         t = "\n".join(lines)
         if t:
             tunes.append(first + _insert_header(t + "\n", header))
@@ -253,6 +255,7 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
         raise MidiError(f"{name}: cannot parse ABC ({type(e).__name__}: {str(e)[:200]})") from None
     if not score.flatten().notes:
         raise MidiError(f"{name}: the ABC holds no notes")
+    _untie_other_pitches(score, name)
     try:
         with tempfile.TemporaryDirectory() as d:
             fp = Path(d) / "tune.mid"
@@ -265,6 +268,29 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     if out_path is not None:
         mid.save(str(out_path))
     return mid
+
+
+def _untie_other_pitches(score, name: str) -> None:
+    """Drop the ties music21 keeps between notes of different pitches (``G3-A``): a tie joins two
+    notes of the same pitch (ABC 2.1 section 4.11), so abc2midi ignores such a tie; merged, the second
+    note would be lost."""
+    from music21 import tie
+
+    parts = list(getattr(score, "parts", None) or [score])
+    dropped = 0
+    for part in parts:
+        notes = list(part.recurse().notes)
+        for a, b in zip(notes, notes[1:]):
+            if a.tie is None or a.tie.type not in ("start", "continue"):
+                continue
+            if sorted(p.midi for p in a.pitches) == sorted(p.midi for p in b.pitches):
+                continue
+            a.tie = None if a.tie.type == "start" else tie.Tie("stop")
+            if b.tie is not None:
+                b.tie = None if b.tie.type == "stop" else tie.Tie("start")
+            dropped += 1
+    if dropped:
+        log.info("%s: %d tie(s) between notes of different pitches ignored", name, dropped)
 
 
 def _notes_to_midi(score, name: str):

@@ -146,7 +146,11 @@ def abc_corpus_tunes(corpus_name: str, limit: int | None = None) -> list[tuple[s
         raise DataError(f"{root}: no .abc files (music21 installed without its corpus?)")
     tunes = []
     for f in files:
-        text = f.read_text(encoding="latin-1")
+        raw = f.read_bytes()
+        try:  # the files with accents in their titles are UTF-8; an older one may be Latin-1
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
         for k, t in enumerate(split_tunes(text, name=str(f))):
             tunes.append((f"{f.stem}#{k}", t))
             if limit is not None and len(tunes) >= limit:
