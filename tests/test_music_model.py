@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from multimodal_rwkv.music import MidiTokenizer  # noqa: E402
+from multimodal_rwkv.music import MidiTokenizer, Note  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 from multimodal_rwkv.music import BACH_MODEL_DIR as ASSET  # noqa: E402
@@ -271,3 +271,34 @@ def test_generate_midi_api_png_must_be_a_png_name(tiny_run, tmp_path):
     with pytest.raises(DataError, match="roll.jpg: png is written as a PNG picture"):
         generate_midi(final, seconds=1, max_new_tokens=8, png=tmp_path / "roll.jpg")
     assert not (tmp_path / "roll.jpg").exists()
+
+
+def test_generated_piano_roll_marks_every_prompt_note(tmp_path):
+    """The prompt's notes are the first ones of the result and are drawn paler; a prompt that is
+    one chord (its time shifts add up to 0) still gets its red line. Its last notes used to be drawn
+    as generated, and a one-chord prompt had no line at all."""
+    if not (ASSET / "model.safetensors").is_file():
+        pytest.skip("demo music model not built yet")
+    from multimodal_rwkv.music.generate import generate_music, load_music_model, write_midi_outputs
+    from multimodal_rwkv.music.pianoroll import group_colour, render_pianoroll
+
+    model, tok = load_music_model(ASSET)
+    for prompt in ([Note(0, 24, 0, 60, 5), Note(0, 24, 0, 64, 5), Note(0, 24, 0, 67, 5)],
+                   [Note(0, 12, 0, 60, 5), Note(12, 24, 0, 62, 5)]):
+        res = generate_music(model, tok, tok.encode_notes(prompt), seconds=1, seed=0, max_new_tokens=40)
+        assert res.prompt_end == max(n.onset for n in prompt) and res.prompt_notes == len(prompt)
+        assert [(n.onset, n.duration, n.pitch) for n in res.notes[:len(prompt)]] == \
+            [(n.onset, n.duration, n.pitch) for n in prompt]
+        write_midi_outputs(res, tok, None, tmp_path / "roll.png")
+        from PIL import Image
+
+        img = Image.open(tmp_path / "roll.png").convert("RGB")
+        hi = max(n.pitch for n in res.notes) + 2
+        pale = tuple((v + 255) // 2 for v in group_colour(0))
+        px = min(8.0, (2400 - 40) / max([n.offset for n in res.notes] + [12]))
+        last = prompt[-1]
+        assert img.getpixel((int(30 + (last.onset + 0.5) * px) + 1, 18 + (hi - last.pitch) * 5 + 1)) == pale
+        assert img.getpixel((int(30 + res.prompt_end * px), 30)) == (220, 0, 0)  # the line, at 0 too
+    # without a prompt: no line, no pale notes
+    plain = render_pianoroll([Note(0, 12, 0, 60, 5)], None, steps_per_beat=12)
+    assert (220, 0, 0) not in {plain.getpixel((x, 30)) for x in range(plain.size[0])}

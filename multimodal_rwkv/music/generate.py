@@ -127,7 +127,8 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
 class MusicGeneration:
     """Result of :func:`generate_music`: ``ids`` (prompt + new, without the leading separator),
     ``prompt_len`` (ids of those from the prompt), ``midi`` (``mido.MidiFile``), ``notes`` and
-    ``prompt_end`` (grid step where the prompt stops), ``decode_stats``, ``seconds`` generated,
+    ``prompt_end`` (grid step where the prompt stops: its time shifts added up), ``prompt_notes``
+    (how many of ``notes``, the first ones, are the prompt's), ``decode_stats``, ``seconds`` generated,
     ``new_tokens`` (how many the model sampled, at most ``max_new_tokens``; an ``<eos>`` added to
     close a piece cut by the length cap is not one of them)."""
 
@@ -136,6 +137,7 @@ class MusicGeneration:
     midi: object
     notes: list[Note] = field(default_factory=list)
     prompt_end: int = 0
+    prompt_notes: int = 0
     decode_stats: DecodeStats | None = None
     seconds: float = 0.0
     new_tokens: int = 0
@@ -196,7 +198,8 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
     midi = tok.notes_to_midi(notes, tempos, tok.time_signatures_from_bars(st.bars, end))
     prompt_end = sum(i - tok.shift_start + 1 for i in p if tok.shift_start <= i < tok.shift_start + tok.config.max_shift)
     return MusicGeneration(ids=ids, prompt_len=len(p), midi=midi, notes=notes,
-                           prompt_end=prompt_end if prompt is not None else 0, decode_stats=st,
+                           prompt_end=prompt_end if prompt is not None else 0,
+                           prompt_notes=len(tok.decode_notes(p)[0]) if prompt is not None else 0, decode_stats=st,
                            seconds=tracker.seconds - start, new_tokens=len(new))
 
 
@@ -239,7 +242,8 @@ def write_midi_outputs(res: MusicGeneration, tok: MidiTokenizer, out, png) -> No
         from multimodal_rwkv.music.pianoroll import render_pianoroll
 
         img = render_pianoroll(res.notes, None, steps_per_beat=tok.config.steps_per_beat,
-                               prompt_end=res.prompt_end or None, tokenizer=tok)
+                               prompt_end=res.prompt_end if res.prompt_notes else None,
+                               prompt_notes=res.prompt_notes, tokenizer=tok)
         writes.append((png, lambda tmp: img.save(tmp, format="PNG")))
     write_outputs(writes)
 

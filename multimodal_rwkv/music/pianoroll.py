@@ -31,13 +31,15 @@ def check_png(what: str, path) -> None:
 
 
 def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None = None, *,
-                     steps_per_beat: int = 12, prompt_end: int | None = None,
+                     steps_per_beat: int = 12, prompt_end: int | None = None, prompt_notes: int = 0,
                      tokenizer: MidiTokenizer | None = None, px_per_step: float | None = None,
                      px_per_pitch: int = 5, max_width: int = 2400, beats_per_bar: int = 4):
     """Draw ``notes`` (grid steps) and return the ``PIL.Image``; saved as PNG when ``out_path``.
 
-    ``prompt_end``: step where the prompt ends (the region before it is shaded and a red line
-    marks the boundary). ``tokenizer`` gives group names for the legend. Width is
+    ``prompt_end``: step where the prompt ends and generation starts, the time its shifts add up to
+    (the region before it is shaded and a red line marks the boundary; 0 is drawn too).
+    ``prompt_notes``: how many of ``notes`` (the first ones) are the prompt's: drawn paler, so a
+    prompt note that starts at ``prompt_end`` or lasts past it still reads as the prompt's. ``tokenizer`` gives group names for the legend. Width is
     ``total_steps * px_per_step`` pixels (auto so it fits ``max_width``), height
     ``pitch_span * px_per_pitch`` plus a legend strip.
     """
@@ -62,7 +64,7 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     def x_of(step):
         return left + step * px_per_step
 
-    if prompt_end:
+    if prompt_end:  # (None: no prompt; 0: a prompt that is one chord)
         d.rectangle([x_of(0), legend_h, x_of(prompt_end), h - 1], fill=(236, 236, 236))
     for p in range(lo, hi + 1):  # C rows a little darker, label every C
         if p % 12 == 0:
@@ -73,15 +75,18 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     for b in range(0, end + 1, beat * every) if every else ():  # grid lines only where they stay apart
         col = (200, 200, 200) if (b // beat) % beats_per_bar == 0 else (238, 238, 238)
         d.line([x_of(b), legend_h, x_of(b), h - 1], fill=col)
-    for n in notes:
+    for k, n in enumerate(notes):
         c = group_colour(n.group, drum_group)
+        if k < prompt_notes:  # halfway to white
+            c = tuple((v + 255) // 2 for v in c)
         x0, x1 = x_of(n.onset), max(x_of(n.onset) + 1, x_of(n.offset) - 1)
         y0 = y_of(n.pitch)
         d.rectangle([x0, y0, x1, y0 + px_per_pitch - 2], fill=c)
-    if prompt_end:
+    if prompt_end is not None:
         d.line([x_of(prompt_end), legend_h, x_of(prompt_end), h - 1], fill=(220, 0, 0), width=2)
         d.text((x_of(prompt_end) + 3, legend_h + 1), "generated", fill=(220, 0, 0))
-        d.text((left + 2, legend_h + 1), "prompt", fill=(120, 120, 120))
+        if prompt_end:
+            d.text((left + 2, legend_h + 1), "prompt", fill=(120, 120, 120))
     x = left
     for g in sorted({n.group for n in notes}):
         name = tokenizer.group_name(g) if tokenizer is not None else f"group {g}"
