@@ -1285,3 +1285,23 @@ def test_float8_checkpoints_are_checked_and_bad_config_arguments_refused(tmp_pat
         RWKVForCausalLM.from_pretrained(p, config=5)
     with pytest.raises(ValueError, match="contradicts state_file"):
         RWKVForCausalLM.from_pretrained(p, has_initial_state=False, state_file=p)
+
+
+def test_logits_to_keep_takes_transformers_forms():
+    """transformers' logits_to_keep: an int (the last k) or a 1-D tensor of positions. A tensor used
+    to be read as a count (tensor([5]) kept the last 5), a longer one or a float raised deep inside."""
+    m = _random_model()
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        full = m(ids).logits
+        for keep, want in ((torch.tensor([5]), full[:, [5]]), (torch.tensor([0, 3]), full[:, [0, 3]]),
+                           (torch.tensor([-1, 2]), full[:, [6, 2]]), (torch.tensor(2), full[:, -2:]),
+                           (np.int64(3), full[:, -3:]), (torch.tensor([], dtype=torch.long), full[:, :0])):
+            got = m(ids, logits_to_keep=keep).logits
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), keep
+        for bad, err in ((torch.tensor([7]), ValueError), (torch.tensor([[1]]), TypeError), (2.5, TypeError),
+                         ("2", TypeError), (True, TypeError), (torch.tensor([1.0]), TypeError), (-1, ValueError)):
+            with pytest.raises(err, match="logits_to_keep"):
+                m(ids, logits_to_keep=bad)
+        with pytest.raises(ValueError, match="labels need the logits of every position"):
+            m(ids, labels=ids, logits_to_keep=torch.tensor([1]))

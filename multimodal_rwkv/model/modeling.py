@@ -125,6 +125,37 @@ def _check_scan_order(order, B: int, T: int) -> None:
         raise ValueError(f"scan_order must hold a permutation of 0..{T - 1} in every row")
 
 
+def _logits_to_keep(keep, T: int):
+    """transformers' ``logits_to_keep``: an int k (0: every position, k > 0: the last k) -> k, or a
+    1-D integer tensor of positions to keep -> that tensor (checked against ``T``). Anything else
+    is a TypeError/ValueError naming what it got."""
+    if isinstance(keep, torch.Tensor):
+        if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool or keep.dim() > 1:
+            raise TypeError(f"logits_to_keep: an int or a 1-D integer tensor of positions, got a {keep.dim()}-D "
+                            f"{keep.dtype} tensor")
+        if keep.dim() == 0:
+            keep = int(keep)
+        else:
+            if keep.numel() and not (-T <= int(keep.min()) and int(keep.max()) < T):
+                raise ValueError(f"logits_to_keep: positions must be in [-{T}, {T}) for {T} tokens, got "
+                                 f"{keep.tolist()}")
+            return keep.long()
+    if isinstance(keep, bool) or not hasattr(keep, "__index__"):
+        raise TypeError(f"logits_to_keep: an int or a 1-D integer tensor of positions, got {keep!r}")
+    keep = keep.__index__()
+    if keep < 0:
+        raise ValueError(f"logits_to_keep must be >= 0 (0: every position), got {keep}")
+    return keep
+
+
+def keep_logit_positions(hidden: torch.Tensor, keep) -> torch.Tensor:
+    """``hidden[:, positions]`` for a ``logits_to_keep`` (see :func:`_logits_to_keep`)."""
+    keep = _logits_to_keep(keep, hidden.shape[1])
+    if isinstance(keep, torch.Tensor):
+        return hidden[:, keep.to(hidden.device)]
+    return hidden[:, -keep:] if keep else hidden
+
+
 def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """``[B, T]`` integer ids with T >= 1, inside the vocabulary (checked on CPU, where it costs
     nothing; on CUDA the check would wait for the device at every step)."""
@@ -466,9 +497,10 @@ class RWKVModel(RWKVPreTrainedModel):
                 input_ids = input_ids.long()  # uint8, int16, ...: the embedding takes int32/int64
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"inputs_embeds must be [B, T, C] with T >= 1, got shape {tuple(inputs_embeds.shape)}")
-        if logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be >= 0 (0: every position), got {logits_to_keep}")
         bt = tuple((input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
+        logits_to_keep = _logits_to_keep(logits_to_keep, bt[1])
+        if not isinstance(logits_to_keep, int):
+            raise TypeError("RWKVModel.forward: logits_to_keep is a count here (positions: RWKVForCausalLM)")
         if bt[0] == 0:
             raise ValueError("the input batch has no rows")
         if attention_mask is not None and tuple(attention_mask.shape) != bt:
@@ -652,7 +684,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         state: RWKVState | None = None,
         labels: torch.LongTensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         attention_mask: torch.Tensor | None = None,
         scan_order: torch.LongTensor | None = None,
         return_dict: bool | None = None,
@@ -670,7 +702,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             labels: ``[B,T]``; the loss is the mean cross-entropy of ``logits[:, :-1]`` against
                 ``labels[:, 1:]`` over positions that are not -100 (transformers' convention).
             logits_to_keep: 0 for all positions, k>0 for only the last k (a long prefill then
-                does not pay for a ``[T, V]`` head it does not use).
+                does not pay for a ``[T, V]`` head it does not use), or, as in transformers, a 1-D
+                integer tensor of the positions to keep.
             attention_mask: ``[B,T]`` 1 for tokens, 0 for padding (batched prompts of different
                 lengths). Pads leave the state exactly as it was, wherever they are: the logits
                 of the tokens and the returned state are those of each row's tokens alone. Their
@@ -689,18 +722,18 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if output_attentions or output_attentions is None and getattr(self.config, "output_attentions", False):
             raise ValueError("output_attentions: RWKV has no attention weights to return")
         state = _state_from_cache_names(state, past_key_values=past_key_values, cache=cache)
+        src = input_ids if input_ids is not None else inputs_embeds
+        keep = _logits_to_keep(logits_to_keep, src.shape[1] if src is not None and src.dim() >= 2 else 0)
         hidden, new_state, *every = self.rwkv(
             input_ids=input_ids, inputs_embeds=inputs_embeds, state=state, attention_mask=attention_mask,
-            scan_order=scan_order, logits_to_keep=logits_to_keep,
+            scan_order=scan_order, logits_to_keep=keep if isinstance(keep, int) else 0,
             output_hidden_states=bool(self.config.output_hidden_states if output_hidden_states is None
                                       else output_hidden_states),
         )
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.head(hidden)
+        logits = self.head(keep_logit_positions(hidden, keep))
         loss = None
         if labels is not None:
-            if logits_to_keep:
+            if isinstance(keep, torch.Tensor) or keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
             if tuple(labels.shape) != tuple(logits.shape[:2]):
                 raise ValueError(f"labels must have the input's shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")

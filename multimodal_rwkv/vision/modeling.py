@@ -335,7 +335,7 @@ class VisualRWKV(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, state=None, logits_to_keep: int = 0,
+                labels: torch.Tensor | None = None, state=None, logits_to_keep=0,
                 return_logits: bool | None = None, attention_mask=None, **unused) -> VisualRWKVOutput:
         """input_ids [B,T] World ids with IMAGE_TOKEN_ID placeholders; pixel_values [N,3,H,W];
         labels [B,T] (IGNORE_INDEX = -100 where unsupervised; shifted inside, HF convention).
@@ -358,8 +358,9 @@ class VisualRWKV(nn.Module):
             if return_logits:
                 logits = head(hidden)
         else:
-            h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-            logits = head(h)
+            from multimodal_rwkv.model.modeling import keep_logit_positions
+
+            logits = head(keep_logit_positions(hidden, logits_to_keep))
         return VisualRWKVOutput(loss=loss, logits=logits, state=new_state)
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
