@@ -894,3 +894,21 @@ def test_metrics_have_every_step_and_launch_mismatches_are_refused(tmp_path, cor
     with caplog.at_level(logging.WARNING):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "zero", max_steps=0))
     assert "max_steps=0: nothing is trained" in caplog.text
+
+
+def test_a_resumed_run_takes_the_recipes_optimiser_settings(tmp_path, corpus):
+    """optim.weight_decay / betas / eps / decay_lr_scale changed when extending a run: the saved
+    optimiser groups used to overwrite them silently (recipe.yaml said otherwise)."""
+    from multimodal_rwkv.training.loop import list_checkpoints
+
+    run = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, run, max_steps=2, checkpoint_every=1))
+    train(TrainConfig(), base_overrides(corpus, run, max_steps=3, checkpoint_every=1, **{
+        "optim.weight_decay": 0.5, "optim.decay_lr_scale": 5, "optim.betas": "[0.5,0.6]", "optim.eps": 0.1}))
+    saved = torch.load(list_checkpoints(run / "checkpoints")[-1][1] / "optimizer.bin", weights_only=True)
+    groups = saved["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0, 0.0]
+    assert [g["lr_scale"] for g in groups] == [1.0, 1.0, 5.0]
+    assert all(tuple(g["betas"]) == (0.5, 0.6) and g["eps"] == 0.1 for g in groups)
+    assert groups[2]["lr"] == pytest.approx(5 * groups[0]["lr"])
+    assert len(losses(run)) == 3

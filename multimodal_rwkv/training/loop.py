@@ -84,6 +84,10 @@ def param_groups(model, optim) -> list[dict]:
     return groups
 
 
+# what a param group takes from the recipe (lr follows the schedule at every step)
+_RECIPE_GROUP_KEYS = ("weight_decay", "betas", "eps", "lr_scale")
+
+
 def build_optimizer(model, optim, distributed_type=None):
     """AdamW over :func:`param_groups`; torch's fused kernel when ``optim.fused`` says so (``None``:
     on unless the run is sharded by FSDP or DeepSpeed, which manage the optimiser themselves)."""
@@ -898,6 +902,10 @@ class Trainer:
         self._phase = "resuming from the checkpoint" if resume is not None else "setting up"
         step, samples, tokens_seen, t_elapsed = 0, 0, 0, 0.0
         if resume is not None:
+            # the optimiser's settings come from the recipe, as the lr does: load_state would put
+            # back the saved groups' weight decay, betas, eps and lr scale (a run extended with
+            # other optim.* values would silently keep the old ones)
+            wanted = [{k: g[k] for k in _RECIPE_GROUP_KEYS if k in g} for g in opt.param_groups]
             try:
                 with _random_states_failure() as rng_failed:
                     acc.load_state(str(resume[1]))
@@ -914,6 +922,9 @@ class Trainer:
                 why = ("a file in it is damaged; delete this checkpoint folder to resume from the one before"
                        if damaged else "the recipe's model or PEFT settings probably changed: use a new output_dir")
                 raise CheckpointError(f"{resume[1]}: cannot resume from this checkpoint ({first}); {why}") from None
+            if len(wanted) == len(opt.param_groups):
+                for g, w in zip(opt.param_groups, wanted):
+                    g.update(w)
             step, samples = int(st["step"]), int(st["samples_consumed"])
             tokens_seen, t_elapsed = int(st.get("tokens_seen", 0)), float(st.get("elapsed_s", 0.0))
             self.dropped = dict.fromkeys(st.get("dropped_records", []))
