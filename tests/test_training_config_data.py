@@ -229,6 +229,23 @@ def test_binidx_reader_matches_hand_written_file(tmp_path):
         assert (tmp_path / f"e{suf}").read_bytes() == (tmp_path / f"d{suf}").read_bytes()
 
 
+def test_binidx_suffixes_match_in_any_case(tmp_path):
+    """D.BIN + D.IDX (as a case-insensitive file system or an old tool names them): the format was
+    not recognised, and with data.format=binidx the reader looked for D.BIN.bin."""
+    from multimodal_rwkv.training.data import detect_format
+
+    docs = [[5, 6, 7, 0], [8, 0]]
+    _write_mmidx_by_hand(tmp_path / "d", docs)
+    for suf in ("bin", "idx"):
+        (tmp_path / f"d.{suf}").rename(tmp_path / f"D.{suf.upper()}")
+    for given in ("D", "D.BIN", "D.IDX"):
+        assert detect_format(tmp_path / given) == "binidx"
+        assert np.array_equal(np.asarray(read_binidx(tmp_path / given).ids), np.concatenate(docs))
+    (tmp_path / "D.IDX").unlink()
+    with pytest.raises(DataError, match=r"D\.idx: binidx file not found"):
+        read_binidx(tmp_path / "D.BIN")
+
+
 def test_binidx_validation(tmp_path):
     docs = [[1, 2, 3, 0], [4, 5, 0]]
     _write_mmidx_by_hand(tmp_path / "a", docs)

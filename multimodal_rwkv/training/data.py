@@ -439,10 +439,19 @@ _MMIDIDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int6
                    7: np.float32, 8: np.uint16}
 
 
-def binidx_prefix(path: str | Path) -> Path:
-    """``X``, ``X.bin`` or ``X.idx`` -> the prefix ``X``."""
+def binidx_files(path: str | Path) -> tuple[Path, Path, Path]:
+    """``X``, ``X.bin`` or ``X.idx`` (suffixes in any case) -> ``(X, X.bin, X.idx)``, each file in
+    the case it exists in (``X.BIN``/``X.IDX`` too); lower case when it does not exist."""
     p = Path(path)
-    return p.with_suffix("") if p.suffix in (".bin", ".idx") else p
+    prefix = p.with_suffix("") if p.suffix.lower() in (".bin", ".idx") else p
+
+    def find(ext: str) -> Path:
+        if p.suffix.lower() == ext:  # the file given
+            return p
+        names = [Path(str(prefix) + ext), Path(str(prefix) + ext.upper())]
+        return next((n for n in names if n.is_file()), names[0])
+
+    return prefix, find(".bin"), find(".idx")
 
 
 def read_binidx(path: str | Path) -> TokenStream:
@@ -453,8 +462,7 @@ def read_binidx(path: str | Path) -> TokenStream:
     u8, n_sequences u64, n_docs u64, sizes int32[n_sequences], pointers int64[n_sequences]
     (byte offsets into ``.bin``), doc_idx int64[n_docs].
     """
-    prefix = binidx_prefix(path)
-    idx_p, bin_p = Path(str(prefix) + ".idx"), Path(str(prefix) + ".bin")
+    prefix, bin_p, idx_p = binidx_files(path)
     for p in (idx_p, bin_p):
         if not p.is_file():
             raise DataError(f"{p}: binidx file not found (need both {prefix}.bin and {prefix}.idx)")
@@ -614,7 +622,7 @@ def detect_format(path: str | Path) -> str:
     """Guess ``txt | jsonl | binidx | tokens`` from a path's suffix (a folder: from its files)."""
     p = Path(path)
     suffix = p.suffix.lower()
-    if p.suffix in (".bin", ".idx") or (Path(str(p) + ".idx").is_file() and Path(str(p) + ".bin").is_file()):
+    if suffix in (".bin", ".idx") or all(f.is_file() for f in binidx_files(p)[1:]):
         return "binidx"
     if p.is_dir():  # the kinds of file the readers take from it (.npy at the top, text anywhere below)
         kinds = {"tokens"} if any(x.suffix.lower() == ".npy" for x in p.iterdir() if x.is_file()) else set()
