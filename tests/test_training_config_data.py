@@ -581,3 +581,12 @@ def test_a_file_that_is_not_utf8_is_one_bad_file(tmp_path):
     u16.write_bytes("some text\n".encode("utf-16-le"))  # valid UTF-8 byte by byte: it used to train NULs
     with pytest.raises(DataError, match=r"u16\.txt: not UTF-8 text \(it holds NUL bytes"):
         _stream(u16, tmp_path)
+
+
+def test_an_override_list_that_is_not_yaml_says_so():
+    """'[*.ln_x.weight]': YAML reads the * as an alias, and the error used to be 'expected a list,
+    got '[*.ln_x.weight]'' for what was written as a list. A value that only starts with [ is a string."""
+    with pytest.raises(ConfigError, match=r"'peft\.trainable': '\[\*\.ln_x\.weight\]' is not valid YAML .*quote"):
+        apply_overrides(TrainConfig(), ["peft.trainable=[*.ln_x.weight]"])
+    assert apply_overrides(TrainConfig(), ["peft.trainable=['*.ln_x.weight']"]).peft.trainable == ["*.ln_x.weight"]
+    assert apply_overrides(TrainConfig(), ["data.train_file=[a].txt"]).data.train_file == "[a].txt"

@@ -359,7 +359,12 @@ def _parse_value(text: str, key: str = ""):
     yaml = _yaml()
     try:
         return _load_yaml(text) if text.strip() != "" else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as e:
+        t = text.strip()
+        if t[:1] + t[-1:] in ("[]", "{}"):  # meant as a list or a mapping: say why it is not one
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {key!r}: {t!r} is not valid YAML ({why}); quote the items "
+                              "that start with * & ! or hold ': ', e.g. ['*.ln*']") from None
         return text
     except ConfigError as e:  # a duplicate key inside the value: {a: 1, a: 2}
         raise ConfigError(f"override {key!r}: {e}") from None
