@@ -83,10 +83,12 @@ def test_read_questions_reports_bad_lines(tmp_path):
         json.dumps({"question_id": 2, "image": "x.png", "question": "Q?", "answers": [{"foo": "1"}]}),
         json.dumps({"question_id": 3, "image": "x.png", "question": "Q?", "choices": ["a", None]}),
         json.dumps({"question_id": 4, "image": "x.png", "question": "Q?", "answers": [{"answer": "yes"}]}),
+        json.dumps({"question_id": 5, "image": "x.png", "question": "<image>\n "}),  # no question text
     ]) + "\n")
     qf = read_questions(tmp_path / "q2.jsonl")
     assert [q.question_id for q in qf.questions] == [4] and qf.questions[0].answers == ["yes"]
-    for n, why in ((1, "unpaired surrogate"), (2, "'answers' must be a list of strings"), (3, "'choices'")):
+    for n, why in ((1, "unpaired surrogate"), (2, "'answers' must be a list of strings"), (3, "'choices'"),
+                   (5, "'question' must be a non-empty string")):
         assert any(b.startswith(f"{tmp_path / 'q2.jsonl'}:{n}: ") and why in b for b in qf.bad_lines), (n, qf.bad_lines)
 
 

@@ -288,8 +288,9 @@ def test_bad_folders_and_api_inputs_are_clear_errors(tok, base, tmp_path):
         base.answer(img, None)
     with pytest.raises(DataError, match="unpaired surrogate"):
         base.answer(img, "bad \udcff")
-    with pytest.raises(DataError, match="question 0 is empty"):
-        base.answer(img, "  ")
+    for blank in ("  ", "<image>", " <image>\n<image> "):  # a placeholder alone is no question either
+        with pytest.raises(DataError, match="question 0 is empty"):
+            base.answer(img, blank)
     with pytest.raises(ValueError, match="max_new_tokens"):
         base.answer(img, "Q?", max_new_tokens=-1)
     with pytest.raises(ValueError, match="seed"):

@@ -103,6 +103,46 @@ def test_a_resume_may_change_runtime_options_but_not_what_trains(trained, tmp_pa
         train(cfg(3, stage=2))
 
 
+def test_micro_batches_are_weighted_by_the_models_loss_reduction(trained, tmp_path):
+    """loss_reduction 'sample' taken from the checkpoint (not repeated in the recipe): the loop
+    weighted micro-batches by answer tokens (the recipe's default), so an accumulated step was
+    neither a per-sample nor a per-token mean."""
+    from multimodal_rwkv.vision.training import VisualRWKVTask
+
+    data, _, final = trained
+    assert json.loads((final / "config.json").read_text())["loss_reduction"] == "sample"
+    cfg = recipe(tmp_path, data, tmp_path / "ft")
+    cfg.model.config = {}
+    cfg.model.from_pretrained = str(final)
+    cfg.model.options = {"stage": 2}
+    task = VisualRWKVTask(cfg)
+    task.build_model()
+    labels = torch.full((2, 6), -100)
+    labels[0, 2:5] = 1  # 3 answer tokens and 1
+    labels[1, 4] = 1
+    assert task.count_targets({"labels": labels}) == 2
+    cfg.model.options = {"stage": 2, "loss_reduction": "token"}
+    task = VisualRWKVTask(cfg)
+    task.build_model()
+    assert task.count_targets({"labels": labels}) == 4
+
+
+def test_config_values_of_the_wrong_type_are_refused():
+    """bidirectional_scan: "false" (a hand-edited config.json) read as true and scanned the image
+    backwards; a vocab_subset id 11.5 was cut to 11."""
+    from multimodal_rwkv.vision.modeling import VisualRWKVConfig
+
+    ok = {"text_config": {"n_layer": 1, "n_embd": 32}, "vision_config": TINY_TOWER}
+    VisualRWKVConfig(**ok, bidirectional_scan=False)
+    for bad, match in (({"bidirectional_scan": "false"}, "bidirectional_scan must be true or false"),
+                       ({"bundle_encoder": "no"}, "bundle_encoder must be true or false"),
+                       ({"stop": 5}, "stop must be a string"), ({"text_config": [1]}, "text_config must be an object"),
+                       ({"vocab_subset": [0, 5, 11.5]}, "vocab_subset must be a list of World ids"),
+                       ({"vocab_subset": [0, True]}, "vocab_subset must be a list of World ids")):
+        with pytest.raises(ConfigError, match=match):
+            VisualRWKVConfig(**{**ok, **bad})
+
+
 def test_unknown_option_is_a_config_error(trained, tmp_path):
     from multimodal_rwkv.training import train
 
@@ -154,8 +194,9 @@ def test_cli_vqa_and_eval_vqa(trained, tmp_path, capsys):
     rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(tmp_path / "missing.png"),
                          "--question", "Q?")
     assert rc == 2 and "missing.png" in err and "Traceback" not in err
-    rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", "  ")
-    assert rc == 2 and "--question is empty" in err
+    for blank in ("  ", "<image>\n"):
+        rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", blank)
+        assert rc == 2 and "--question is empty" in err
     rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", "Q?",
                          "--vision-tower", "openai/clip-vit-large-patch14")  # a folder has its own tower
     assert rc == 2 and "brings its own vision tower" in err

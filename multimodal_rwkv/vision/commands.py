@@ -102,7 +102,9 @@ def _load(args):
 def _vqa(args) -> int:
     if not os.path.isfile(args.image):
         raise DataError(f"{args.image}: image file not found")
-    if not args.question.strip():
+    from multimodal_rwkv.vision.processor import is_blank_question
+
+    if is_blank_question(args.question):
         raise DataError("--question is empty")
     model = _load(args)
     print(model.answer(args.image, args.question, **_gen_kwargs(args)))

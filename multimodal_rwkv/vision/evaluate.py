@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.vision.processor import is_unicode, read_text_file, utf8_error
+from multimodal_rwkv.vision.processor import is_blank_question, is_unicode, read_text_file, utf8_error
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
     for k in ("question_id", "image", "question"):
         if k not in d:
             raise DataError(f"missing {k!r}" + (" (or LLaVA's 'text')" if k == "question" else ""))
-    if not isinstance(d["question"], str) or not d["question"].strip():
+    if not isinstance(d["question"], str) or is_blank_question(d["question"]):
         raise DataError("'question' must be a non-empty string")
     if not is_unicode(d["question"]):
         raise DataError("'question' holds an unpaired surrogate (\\ud800-\\udfff), not text")

@@ -42,6 +42,7 @@ from multimodal_rwkv.vision.processor import (
     TEMPLATES,
     VisualRWKVProcessor,
     image_processor_for,
+    is_blank_question,
     is_unicode,
 )
 from multimodal_rwkv.vision.projector import PROJECTOR_TYPES, build_projector
@@ -93,6 +94,15 @@ class VisualRWKVConfig:
     stop: str = STOP
 
     def __post_init__(self):
+        none = type(None)
+        for name, types, what in (("text_config", (dict,), "an object of RWKVConfig values"),
+                                  ("vision_config", (dict, none), "an object (a transformers vision config)"),
+                                  ("vision_tower", (str, none), "a string or null"),
+                                  ("bundle_encoder", (bool,), "true or false"),
+                                  ("bidirectional_scan", (bool,), "true or false"),
+                                  ("stop", (str, none), "a string")):
+            if not isinstance(getattr(self, name), types):  # a string "false" would read as true
+                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
         if self.projector not in PROJECTOR_TYPES:
             raise ConfigError(f"projector must be one of {PROJECTOR_TYPES}, got {self.projector!r}")
         if self.image_aspect_ratio not in ASPECT_MODES:
@@ -107,7 +117,10 @@ class VisualRWKVConfig:
         if not self.bundle_encoder and not self.vision_tower:
             raise ConfigError("bundle_encoder=False needs vision_tower (where to load the encoder from)")
         if self.vocab_subset is not None:
-            vs = [int(i) for i in self.vocab_subset]
+            if not isinstance(self.vocab_subset, (list, tuple)) or not all(
+                    hasattr(i, "__index__") and not isinstance(i, bool) for i in self.vocab_subset):
+                raise ConfigError(f"vocab_subset must be a list of World ids (integers), got {self.vocab_subset!r}")
+            vs = [i.__index__() for i in self.vocab_subset]
             if not vs or vs[0] != 0 or any(b <= a for a, b in zip(vs, vs[1:])) or vs[-1] > 65535 or vs[0] < 0:
                 raise ConfigError("vocab_subset must be a strictly increasing list of World ids starting with 0")
             self.vocab_subset = vs
@@ -521,7 +534,7 @@ class VisualRWKV(nn.Module):
         for i, q in enumerate(questions):
             if not isinstance(q, str):
                 raise DataError(f"question {i}: expected a string, got {type(q).__name__}")
-            if not q.strip():
+            if is_blank_question(q):
                 raise DataError(f"question {i} is empty")
             if not is_unicode(q):
                 raise DataError(f"question {i}: holds an unpaired surrogate (bytes that were not UTF-8?), not text")
@@ -645,13 +658,7 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
     if d.get("model_type") != MODEL_TYPE:
         raise CheckpointError(f"{cfg_file}: model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}")
     try:
-        config = VisualRWKVConfig.from_dict(d, str(cfg_file))
-        if not isinstance(config.text_config, dict):
-            raise ConfigError("text_config must be an object of RWKVConfig values")
-        if config.vision_config is not None and not isinstance(config.vision_config, dict):
-            raise ConfigError("vision_config must be an object (a transformers vision config)")
-        if config.stop is not None and not isinstance(config.stop, str):
-            raise ConfigError(f"stop must be a string, got {config.stop!r}")
+        config = VisualRWKVConfig.from_dict(d, str(cfg_file))  # types checked there
         text_config = RWKVConfig(**config.text_config)
     except (ConfigError, TypeError, ValueError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{cfg_file}: invalid VisualRWKV config ({e})") from None

@@ -202,6 +202,11 @@ def is_unicode(text: str) -> bool:
     return lone_surrogate(text) is None
 
 
+def is_blank_question(text: str) -> bool:
+    """Whether a question holds no text besides white space and ``<image>`` placeholders."""
+    return not text.replace(IMAGE_TOKEN, "").strip()
+
+
 def read_text_file(path, what: str = "data file") -> tuple[str, bool]:
     """A UTF-8 text file -> (text, clean). A leading byte-order mark is dropped. Bytes that are not
     UTF-8 do not reject the whole file: they become lone surrogates ``\\udc80``-``\\udcff`` (Python's

@@ -51,6 +51,7 @@ class VisualRWKVTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.loss_reduction = cfg.model.options.get("loss_reduction", "token")  # set from the model it builds
         o = dict(cfg.model.options)
         unknown = sorted(set(o) - set(_ARCH_KEYS + _RUNTIME_KEYS + _TASK_KEYS))
         if unknown:
@@ -139,6 +140,7 @@ class VisualRWKVTask(Task):
                            "it (bundle_encoder set to true)", src)
             model.config.bundle_encoder = True
         model.l2wrap = bool(self.cfg.train.l2wrap)
+        self.loss_reduction = model.config.loss_reduction  # the recipe's, or the checkpoint's
         return model
 
     def _auto_vocab_subset(self) -> list[int]:
@@ -212,7 +214,7 @@ class VisualRWKVTask(Task):
     # ------------------------------------------------------------------ steps
     def count_targets(self, batch) -> int:
         sel = batch["labels"][:, 1:] != -100
-        if self.opts.get("loss_reduction", "token") == "sample":
+        if self.loss_reduction == "sample":  # micro-batches weighted by samples, not answer tokens
             return int(sel.any(1).sum())
         return int(sel.sum())
 
