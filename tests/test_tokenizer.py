@@ -504,3 +504,96 @@ def test_decode_refuses_ids_that_are_not_integers():
     assert tok.decode(list(np.array([33155]))) == tok.decode([torch.tensor(33155)]) == "Hello"
     # transformers' decode options are taken (TextStreamer(tok, skip_special_tokens=True) passes them)
     assert tok.decode([33155, 0], skip_special_tokens=True, clean_up_tokenization_spaces=False) == "Hello"
+
+
+@needs_rwkv
+def test_stream_decoder_push_takes_exactly_the_ids_decode_takes(tok):
+    torch = pytest.importorskip("torch")
+    np = pytest.importorskip("numpy")
+    for good in (33155, np.int64(33155), torch.tensor(33155)):
+        assert tok.stream_decoder().push(good) == tok.decode([good]) == "Hello"
+    for bad in (1.7, True, "5", 33155.9, np.float64(5.0), torch.tensor(5.0)):
+        with pytest.raises(TypeError) as want:
+            tok.decode([bad])
+        with pytest.raises(TypeError) as got:
+            tok.stream_decoder().push(bad)
+        assert str(got.value) == str(want.value) and "token ids must be integers" in str(got.value)
+    for bad in (-1, 65536):
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range"):
+            tok.stream_decoder().push(bad)
+
+
+@needs_rwkv
+def test_decode_refuses_encode_only_error_handlers(tok):
+    part = tok.encode_bytes(b"a\xf0\x9f")  # an incomplete 4-byte character at the end
+    for handler in ("xmlcharrefreplace", "namereplace"):
+        with pytest.raises(ValueError, match=f"unknown decode error handler '{handler}'"):
+            tok.decode(tok.encode("ok"), errors=handler)  # refused up front, not only on bad bytes
+        with pytest.raises(ValueError, match="unknown decode error handler"):
+            tok.stream_decoder(handler)
+    assert tok.decode(part, errors="backslashreplace") == "a\\xf0\\x9f"
+    assert tok.decode(part, errors="surrogateescape") == "a\udcf0\udc9f"
+    with pytest.raises(UnicodeDecodeError):
+        tok.decode(part, errors="surrogatepass")  # a decode handler (for surrogates only): strict here
+
+
+@pytest.mark.parametrize("big", [99999999999, 100000000, 2**20 + 1])
+def test_vocab_ids_far_beyond_the_entries_raise_data_error(tmp_path, big):
+    # a huge id used to raise a bare MemoryError or silently build a decode table of that many rows
+    path = _write_lines(tmp_path, GOOD + ["257 'xy' 2", f"{big} 'ab' 2"])
+    with pytest.raises(DataError, match=f"{path}:258: id {big} is too large"):
+        tkmod.parse_vocab_file(path)
+
+
+def test_sparse_vocab_ids_within_bounds_still_load(tmp_path):
+    path = _write_lines(tmp_path, GOOD + [f"{2**20} 'ab' 2"])
+    tok = WorldTokenizer(path)
+    assert tok.encode("ab") == [2**20] and tok.vocab_size == 2**20 + 64
+    # dense vocabularies of any real size (the World one: ids up to 65,529; custom ones of millions)
+    for n in (65529, 3_000_000, 50_000_000):
+        assert tkmod._max_vocab_id(n) >= 4 * n
+    assert tkmod._max_vocab_id(10**9) == 2**31 - 1
+
+
+@needs_rwkv
+def test_call_padding_takes_transformers_values(tok):
+    torch = pytest.importorskip("torch")
+    texts = ["a", "bb cc"]
+    a, b = tok.encode("a"), tok.encode("bb cc")
+    assert len(a) < len(b)
+    unpadded = {"input_ids": [a, b], "attention_mask": [[1] * len(a), [1] * len(b)]}
+    padded = {"input_ids": [[0] * (len(b) - len(a)) + a, b],
+              "attention_mask": [[0] * (len(b) - len(a)) + [1] * len(a), [1] * len(b)]}
+    for no in (False, "do_not_pad"):
+        assert tok(texts, padding=no) == unpadded  # lists of lists, as transformers returns
+        with pytest.raises(ValueError, match="different token lengths"):
+            tok(texts, padding=no, return_tensors="pt")
+    for yes in (True, "longest"):
+        assert tok(texts, padding=yes) == padded
+    out = tok(texts, padding="max_length", max_length=4, return_tensors="pt")
+    assert out["input_ids"].tolist() == [[0] * (4 - len(a)) + a, [0] * (4 - len(b)) + b]
+    assert out["attention_mask"].dtype == torch.long and out["attention_mask"].sum().item() == len(a) + len(b)
+    assert tok("a", padding="max_length", max_length=3)["input_ids"] == [0, 0] + a
+    with pytest.raises(ValueError, match="max_length"):
+        tok(texts, padding="max_length")
+    with pytest.raises(ValueError, match="max_length=1"):
+        tok(texts, padding="max_length", max_length=1)
+    for bad in ("yes", "left", 1, None):
+        with pytest.raises(ValueError, match="padding="):
+            tok(texts, padding=bad)
+    try:
+        from transformers.utils import PaddingStrategy
+    except ImportError:
+        return
+    assert tok(texts, padding=PaddingStrategy.DO_NOT_PAD) == unpadded
+    assert tok(texts, padding=PaddingStrategy.LONGEST) == padded
+
+
+def test_vocab_size_must_be_an_integer(tmp_path):
+    np = pytest.importorskip("numpy")
+    path = _write_lines(tmp_path, GOOD)
+    for bad in (65536.5, 512.0, True, "512"):
+        with pytest.raises(TypeError, match="vocab_size must be an integer"):
+            WorldTokenizer(path, vocab_size=bad)
+    tok = WorldTokenizer(path, vocab_size=np.int64(512))
+    assert tok.vocab_size == 512 and type(tok.vocab_size) is int

@@ -142,13 +142,21 @@ def _literal_one(path: str, lineno: int, lit: str):
     return value
 
 
+def _max_vocab_id(n_entries: int) -> int:
+    """Largest id a vocabulary of ``n_entries`` lines may use: ids index a dense id -> bytes table
+    (and the embedding), so they may be sparse but not absurdly so. At least 2**20 (any real RWKV
+    vocabulary: the World one has ids up to 65,529), at least 4 x the entries, always < 2**31."""
+    return min(2**31 - 1, max(2**20, 4 * n_entries))
+
+
 def parse_vocab_file(path: str) -> dict[int, bytes]:
     """Read a World vocabulary file into ``{id: token bytes}``.
 
-    Checks: the line format, the byte-length column, ids are unique and >= 1 (0 is end of text),
-    byte strings are unique and non-empty, and all 256 single bytes are present (so greedy
-    matching always progresses). Blank lines are ignored; CRLF endings are accepted. Any problem
-    raises :class:`DataError` naming the file and line.
+    Checks: the line format, the byte-length column, ids are unique and >= 1 (0 is end of text) and
+    not far beyond the number of entries (see :func:`_max_vocab_id`), byte strings are unique and
+    non-empty, and all 256 single bytes are present (so greedy matching always progresses). Blank
+    lines are ignored; CRLF endings are accepted. Any problem raises :class:`DataError` naming the
+    file and line.
     """
     try:
         with open(path, "rb") as f:
@@ -182,6 +190,7 @@ def parse_vocab_file(path: str) -> dict[int, bytes]:
     if values is None:  # find the offending line (and its reason) the slow way
         values = [_literal_one(path, ln, lit) for ln, lit in zip(linenos, literals)]
 
+    max_id = _max_vocab_id(len(ids))
     table: dict[int, bytes] = {}
     seen: dict[bytes, int] = {}
     for lineno, idx, value, nbytes in zip(linenos, ids, values, lengths):
@@ -192,6 +201,11 @@ def parse_vocab_file(path: str) -> dict[int, bytes]:
             raise DataError(f"{path}:{lineno}: empty token")
         if idx < 1:
             raise DataError(f"{path}:{lineno}: id {idx} is invalid (ids start at 1; 0 is end of text)")
+        if idx > max_id:
+            raise DataError(
+                f"{path}:{lineno}: id {idx} is too large for a vocabulary of {len(ids)} entries (ids must be "
+                f"<= {max_id}: the id -> bytes table has a row per id up to the largest)"
+            )
         if idx in table:
             raise DataError(f"{path}:{lineno}: duplicate id {idx}")
         if tok in seen:
@@ -541,9 +555,16 @@ class WorldTokenizer:
         min_size = self._vocab.max_id + 1
         if vocab_size is None:
             vocab_size = -(-min_size // 64) * 64
-        elif vocab_size < min_size:
+        else:  # an int or numpy integer; 65536.5, True, "65536" are refused
+            try:
+                vocab_size = _as_id(vocab_size)
+            except TypeError:
+                raise TypeError(
+                    f"vocab_size must be an integer, got {vocab_size!r} ({type(vocab_size).__name__})"
+                ) from None
+        if vocab_size < min_size:
             raise ValueError(f"vocab_size={vocab_size} is smaller than the largest id + 1 ({min_size}) in {path}")
-        self._vocab_size = int(vocab_size)
+        self._vocab_size = vocab_size
         # id -> bytes for every valid id (reserved ones map to b"")
         self._decode_table: list[bytes] = self._vocab.id_to_bytes + [b""] * (self._vocab_size - min_size)
         self._findall = self._vocab.regex.findall
@@ -711,16 +732,35 @@ class WorldTokenizer:
         """:meth:`encode` for each text."""
         return [self.encode(t) for t in texts]
 
-    def __call__(self, text: str | Sequence[str], padding: bool = False, return_tensors: str | None = None) -> dict:
+    def __call__(self, text: str | Sequence[str], padding: bool | str = False, return_tensors: str | None = None,
+                 max_length: int | None = None) -> dict:
         """transformers-style: ``{"input_ids", "attention_mask"}`` for a text or a list of texts.
 
-        ``padding=True`` pads a list on the **left** with id 0 (mask 0), the side the model's
-        batched prompts use (``model.generate(**tok(texts, padding=True, return_tensors="pt"))``).
-        ``return_tensors="pt"`` gives ``[B, T]`` tensors (a single text: ``[1, T]``)."""
+        ``padding`` takes transformers' values: ``False`` / ``"do_not_pad"`` (default) leaves the
+        rows as they are; ``True`` / ``"longest"`` pads a list to its longest row; ``"max_length"``
+        pads every row to ``max_length`` (required; rows are never truncated, so a longer one is a
+        ``ValueError``). Padding is on the **left** with id 0 (mask 0), the side the model's batched
+        prompts use (``model.generate(**tok(texts, padding=True, return_tensors="pt"))``).
+        Without ``return_tensors`` a list gives lists of lists; ``return_tensors="pt"`` gives
+        ``[B, T]`` tensors (a single text: ``[1, T]``), and rows of different lengths are a ``ValueError``."""
+        if padding is False or (isinstance(padding, str) and padding == "do_not_pad"):
+            width = None
+        elif padding is True or (isinstance(padding, str) and padding == "longest"):
+            width = -1  # the longest row
+        elif isinstance(padding, str) and padding == "max_length":
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
+                raise ValueError(f"padding='max_length' needs max_length=<int >= 0>, got {max_length!r}")
+            width = max_length
+        else:
+            raise ValueError(f"padding={padding!r}: use False/'do_not_pad', True/'longest' or 'max_length'")
         single = isinstance(text, str)
         ids = self.encode_batch([text] if single else list(text))
-        if padding:
+        if width is not None:
             n = max(map(len, ids), default=0)
+            if width >= 0:
+                if n > width:
+                    raise ValueError(f"a text has {n} tokens, more than max_length={width} (no truncation)")
+                n = width
             mask = [[0] * (n - len(x)) + [1] * len(x) for x in ids]
             ids = [[0] * (n - len(x)) + x for x in ids]
         else:
@@ -769,7 +809,10 @@ class WorldTokenizer:
 
         ``errors="replace"`` (default): each byte run that is not valid UTF-8 becomes U+FFFD where
         it occurs; the rest of the text is intact. ``errors="strict"`` raises ``UnicodeDecodeError``.
-        Any other Python codec error handler name also works. Id 0 (end of text) decodes to ``""``.
+        Other Python codec error handlers that can handle decoding errors also work (``"ignore"``,
+        ``"backslashreplace"``, ``"surrogateescape"``, or one registered with
+        :func:`codecs.register_error`); encode-only ones (``"xmlcharrefreplace"``, ``"namereplace"``)
+        and unknown names raise ``ValueError``. Id 0 (end of text) decodes to ``""``.
         ``skip_special_tokens`` and ``clean_up_tokenization_spaces`` are taken for ``transformers``'
         callers (``TextStreamer(tok, skip_special_tokens=True)``) and change nothing: the only
         special token, 0, decodes to ``""`` anyway, and the text is never re-spaced.
@@ -787,7 +830,10 @@ class WorldTokenizer:
 
     # -- single tokens ----------------------------------------------------------------------------
     def id_to_bytes(self, token_id: int) -> bytes:
-        """Bytes of one id (``b""`` for 0 and reserved ids); ``ValueError`` if out of range."""
+        """Bytes of one id (``b""`` for 0 and reserved ids); ``ValueError`` if out of range,
+        ``TypeError`` if not an integer (the same ids as :meth:`decode` takes)."""
+        if type(token_id) is not int:
+            token_id = _as_id(token_id)  # numpy / 0-d tensor integers; bool, float, str: TypeError
         if not 0 <= token_id < self._vocab_size:
             raise ValueError(f"token id {token_id} is out of range [0, {self._vocab_size})")
         return self._decode_table[token_id]
@@ -810,6 +856,14 @@ def _check_errors(errors: str) -> None:
         codecs.lookup_error(errors)
     except LookupError:
         raise ValueError(f"unknown decode error handler {errors!r} (use 'replace' or 'strict')") from None
+    try:  # encode-only handlers (xmlcharrefreplace, namereplace) fail only once a byte is invalid
+        b"\xff".decode("utf-8", errors)
+    except UnicodeDecodeError:  # strict, surrogatepass
+        pass
+    except TypeError:
+        raise ValueError(
+            f"unknown decode error handler {errors!r}: it handles encoding errors only (use 'replace' or 'strict')"
+        ) from None
 
 
 class StreamDecoder:
@@ -827,8 +881,9 @@ class StreamDecoder:
         self._dec = codecs.getincrementaldecoder("utf-8")(errors)
 
     def push(self, token_id: int) -> str:
-        """Add one id; returns the newly completed text (possibly ``""``)."""
-        return self._dec.decode(self._tok.id_to_bytes(int(token_id)))
+        """Add one id; returns the newly completed text (possibly ``""``). Takes the ids
+        :meth:`WorldTokenizer.decode` takes (and raises the same errors for the others)."""
+        return self._dec.decode(self._tok.id_to_bytes(token_id))
 
     def push_many(self, ids: Iterable[int]) -> str:
         """Add several ids; returns the newly completed text."""
