@@ -1305,3 +1305,68 @@ def test_logits_to_keep_takes_transformers_forms():
                 m(ids, logits_to_keep=bad)
         with pytest.raises(ValueError, match="labels need the logits of every position"):
             m(ids, labels=ids, logits_to_keep=torch.tensor([1]))
+
+
+def test_huge_penalties_ban_seen_tokens_and_bad_generate_settings_are_named():
+    """A penalty of 1e39 (beyond fp32) made every unseen token's score 0 x inf = NaN, so token 0
+    won; NaN / negative decays, a float seed and non-string stops went through (or crashed deep)."""
+    from multimodal_rwkv.model.generation import RWKVPenaltyProcessor
+
+    proc = RWKVPenaltyProcessor(presence=1e39, frequency=1e39, decay=1.0, prompt_len=1, uncounted=(5,))
+    out = proc(torch.tensor([[9, 3, 3, 5]]), torch.zeros(1, 10))
+    assert not out.isnan().any() and out[0, 3] == out[0, 5] == -float("inf")
+    assert (out[0, [0, 1, 2, 4, 6, 7, 8, 9]] == 0).all()
+    m = _random_model()
+    ids = torch.randint(1, 97, (1, 3))
+    plain = m.generate(ids, max_new_tokens=6, eos_token_id=None)[0, 3:].tolist()
+    banned = m.generate(ids, max_new_tokens=6, eos_token_id=None, presence_penalty=1e39)[0, 3:].tolist()
+    assert len(set(banned)) == 6 and banned[0] == plain[0]  # each token once: seen ones are banned
+    for kw, match in (({"presence_penalty": float("nan")}, "presence_penalty must be a finite number"),
+                      ({"frequency_penalty": float("inf")}, "frequency_penalty must be a finite number"),
+                      ({"presence_penalty": 1, "penalty_decay": float("nan")}, "penalty_decay must be a finite"),
+                      ({"presence_penalty": 1, "penalty_decay": -3}, r"penalty_decay must be in \[0, 1\]"),
+                      ({"seed": 1.5}, "seed must be an integer"), ({"seed": True}, "seed must be an integer"),
+                      ({"stop": [1, 2]}, "stop strings must be a string or a list of strings")):
+        with pytest.raises(ValueError, match=match):
+            m.generate(ids, max_new_tokens=2, **kw)
+    # a temperature whose logits / temperature would overflow samples as the top token
+    tiny = m.generate(ids, max_new_tokens=6, eos_token_id=None, do_sample=True, temperature=1e-38, seed=0)
+    assert tiny[0, 3:].tolist() == plain
+
+
+def test_generation_config_json_is_saved_and_loaded(tmp_path):
+    """transformers keeps a model's generation defaults in generation_config.json: it was neither
+    written nor read, so a folder's defaults (max_new_tokens, sampling) were dropped."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    m = _random_model()
+    m.save_pretrained(tmp_path / "plain")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.safetensors"]
+    m.generation_config.max_new_tokens = 4
+    m.generation_config.top_p = 0.5
+    m.save_pretrained(tmp_path / "gc")
+    assert GenerationConfig.from_pretrained(tmp_path / "gc").max_new_tokens == 4
+    for back in (RWKVForCausalLM.from_pretrained(tmp_path / "gc"), AutoModelForCausalLM.from_pretrained(tmp_path / "gc")):
+        assert back.generation_config.max_new_tokens == 4 and back.generation_config.top_p == 0.5
+        assert back.generate(torch.tensor([[1, 2]]), eos_token_id=None).shape == (1, 6)
+    m.generation_config = GenerationConfig.from_model_config(m.config)  # defaults again: the stale file goes
+    m.save_pretrained(tmp_path / "gc")
+    assert not (tmp_path / "gc" / "generation_config.json").exists()
+    (tmp_path / "gc" / "generation_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="generation_config.json: not a readable generation config"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "gc")
+
+
+def test_classifier_free_guidance_with_the_cache():
+    """transformers' guidance_scale runs the model with a mask over the cached tokens too and reads
+    the cache back as out['cache']: it failed with use_cache=True (the default)."""
+    m = _random_model()
+    ids = torch.randint(1, 97, (1, 3))
+    a = m.generate(ids, max_new_tokens=4, guidance_scale=3.0, eos_token_id=None)
+    b = m.generate(ids, max_new_tokens=4, guidance_scale=3.0, eos_token_id=None, use_cache=False)
+    assert torch.equal(a, b)
+    st = m(ids).state
+    out = m(torch.tensor([[4]]), state=st, attention_mask=torch.ones(1, 4, dtype=torch.long), use_cache=True)
+    assert torch.equal(out.logits, m(torch.tensor([[4]]), state=st).logits) and out.cache is not None
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        m(ids, attention_mask=torch.ones(1, 5, dtype=torch.long))  # no cache: the mask must fit the input

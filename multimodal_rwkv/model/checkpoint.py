@@ -441,8 +441,31 @@ def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, 
         if isinstance(getattr(m, "time_state", None), torch.nn.Parameter):
             m.time_state.data = m.time_state.data.float()
     load_state_into(model, sd, src, name)
+    _load_generation_config(model, src)
     model.eval()
     return model
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _generation_settings(gc) -> dict:
+    """A GenerationConfig's settings, without the bookkeeping keys transformers adds."""
+    return {k: v for k, v in gc.to_diff_dict().items() if k not in ("transformers_version", "_from_model_config")}
+
+
+def _load_generation_config(model, src) -> None:
+    """A folder's ``generation_config.json`` (transformers' file of generation defaults) becomes
+    the model's ``generation_config``."""
+    f = Path(src) / GENERATION_CONFIG
+    if not f.is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(Path(src)))
+    except Exception as e:  # noqa: BLE001 - transformers raises several types
+        raise CheckpointError(f"{f}: not a readable generation config ({' '.join(str(e).split())[:160]})") from None
 
 
 def _all_finite(v: torch.Tensor) -> bool:
@@ -519,6 +542,15 @@ def save_model(model, out_dir) -> None:
     cfg = model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # generation defaults set on the model (transformers' generation_config.json); a stale one goes
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        from transformers import GenerationConfig
+
+        if _generation_settings(gc) != _generation_settings(GenerationConfig.from_model_config(model.config)):
+            atomic_write_text(out / GENERATION_CONFIG, gc.to_json_string())
+        elif (out / GENERATION_CONFIG).is_file():
+            (out / GENERATION_CONFIG).unlink()
 
 
 def save_blink_pth(model, path) -> None:

@@ -20,6 +20,17 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def check_penalties(presence: float, frequency: float, decay: float) -> None:
+    """RWKV-style penalties: finite numbers; ``decay`` in [0, 1] (how much of a count is kept per step)."""
+    import math
+
+    for name, v in (("presence_penalty", presence), ("frequency_penalty", frequency), ("penalty_decay", decay)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not 0 <= decay <= 1:
+        raise ValueError(f"penalty_decay must be in [0, 1] (the share of a count kept each step), got {decay!r}")
+
+
 _UNCOUNTED_TEXT = " \t0123456789"
 
 
@@ -71,7 +82,12 @@ class RWKVPenaltyProcessor(LogitsProcessor):
         if self.uncounted.numel():
             counts[:, self.uncounted[self.uncounted < counts.shape[1]].to(counts.device)] = 0.0
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, gen, True)
-        return scores - (seen.to(scores.dtype) * self.presence + counts.to(scores.dtype) * self.frequency)
+        # only the tokens seen (and counted) are touched, as the official sampler does: a huge
+        # penalty then bans them (-inf) instead of turning the others' 0 x inf into NaN
+        presence = torch.tensor(float(self.presence), dtype=torch.float64).to(scores.dtype)  # 1e39 -> inf
+        pen = torch.where(seen, presence.to(scores.device), 0.0)
+        pen = pen + torch.where(counts > 0, counts.to(scores.dtype) * self.frequency, 0.0)
+        return scores - pen
 
 
 class VocabLimitProcessor(LogitsProcessor):

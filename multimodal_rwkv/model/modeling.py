@@ -37,6 +37,7 @@ class RWKVOutput(ModelOutput):
     logits: torch.Tensor | None = None
     state: RWKVState | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    cache: RWKVState | None = None  # ``state`` again with ``use_cache=True`` (read by transformers' guidance)
 
 
 _FEW_ROWS = 16  # up to this many rows, a CPU fp32 matrix product is memory-bound (decode)
@@ -713,6 +714,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 in this order (VisualRWKV's bidirectional image scan).
             output_hidden_states: also return ``hidden_states`` (see :class:`RWKVOutput`).
             past_key_values / cache: transformers' names for a cache; here they name the state.
+                With a state, an ``attention_mask`` longer than the input (transformers' mask over
+                the cached tokens too) is cut to its last T columns. ``use_cache=True`` also returns
+                the state as ``cache``.
         ``output_attentions=True`` and any other keyword are errors (RWKV has no attention weights).
         """
         if kwargs:
@@ -723,7 +727,11 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             raise ValueError("output_attentions: RWKV has no attention weights to return")
         state = _state_from_cache_names(state, past_key_values=past_key_values, cache=cache)
         src = input_ids if input_ids is not None else inputs_embeds
-        keep = _logits_to_keep(logits_to_keep, src.shape[1] if src is not None and src.dim() >= 2 else 0)
+        T = src.shape[1] if src is not None and src.dim() >= 2 else 0
+        keep = _logits_to_keep(logits_to_keep, T)
+        if (state is not None and attention_mask is not None and attention_mask.dim() == 2
+                and attention_mask.shape[1] > T):  # transformers' mask over the cached tokens too
+            attention_mask = attention_mask[:, -T:] if T else attention_mask[:, :0]
         hidden, new_state, *every = self.rwkv(
             input_ids=input_ids, inputs_embeds=inputs_embeds, state=state, attention_mask=attention_mask,
             scan_order=scan_order, logits_to_keep=keep if isinstance(keep, int) else 0,
@@ -742,7 +750,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
             loss = cpu.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                      ignore_index=-100)
-        return RWKVOutput(loss=loss, logits=logits, state=new_state, hidden_states=every[0] if every else None)
+        return RWKVOutput(loss=loss, logits=logits, state=new_state, hidden_states=every[0] if every else None,
+                          cache=new_state if use_cache else None)
 
     # ---- generation ---------------------------------------------------------------------
     def prepare_inputs_for_generation(
@@ -790,12 +799,13 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         Sampling uses no top-k unless ``top_k`` is given (RWKV's samplers: top-p and temperature;
         transformers' own default would be top-k 50).
         With a ``tokenizer`` of fewer ids than the model's vocabulary, the ids it cannot decode are
-        never generated.
+        never generated. A sampling temperature below 1e-30 counts as 1e-30 (the logits divided by
+        it would overflow): as good as greedy.
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from multimodal_rwkv.model.generation import (RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor,
-                                                      uncounted_ids)
+                                                      check_penalties, uncounted_ids)
 
         if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2):
             raise ValueError(f"input_ids must be a [B, T] tensor, got "
@@ -811,8 +821,11 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             if not bool((mask[:, -1] != 0).all()):
                 raise ValueError("generate continues every row from its last position: pad on the left "
                                  "(attention_mask[:, -1] must be 1 for every row)")
+        check_penalties(presence_penalty, frequency_penalty, penalty_decay)
         if seed is not None:
-            torch.manual_seed(seed)
+            if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+                raise ValueError(f"seed must be an integer, got {seed!r}")
+            torch.manual_seed(seed.__index__())
         prompt_len = input_ids.shape[1] if input_ids is not None else 0  # with inputs_embeds: no prompt ids
         # copies: the caller's lists must not collect this call's processors (a later call would run them)
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
@@ -856,6 +869,10 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         sampling = kwargs.get("do_sample", ours.get("do_sample", getattr(base, "do_sample", False)))
         if sampling and "top_k" not in kwargs and getattr(base, "top_k", None) is None:
             ours["top_k"] = 0
+        temperature = kwargs.get("temperature", getattr(base, "temperature", None))
+        if sampling and isinstance(temperature, (int, float)) and 0 < temperature < _MIN_TEMPERATURE:
+            ours["temperature"] = _MIN_TEMPERATURE  # logits / 1e-38 overflow to inf, and inf - inf is NaN
+            kwargs.pop("temperature", None)
         if user_gc is not None:
             user_gc = copy.deepcopy(user_gc)
             for key, value in ours.items():
@@ -937,6 +954,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         save_model(self, save_directory)
 
 
+_MIN_TEMPERATURE = 1e-30
+
+
 def _state_from_cache_names(state, **names):
     """``state``, or the RWKVState given under one of transformers' names for a cache
     (``past_key_values``, ``cache``): here the cache is the state. Both at once, or a cache that
@@ -950,10 +970,13 @@ def _state_from_cache_names(state, **names):
 
 
 def _as_list(x) -> list:
-    """A stop string or a list of them (None: none)."""
+    """A stop string or a list of them (None: none); anything else is a ValueError."""
     if x is None:
         return []
-    return [x] if isinstance(x, str) else list(x)
+    items = [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else None
+    if items is None or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"stop strings must be a string or a list of strings, got {x!r}")
+    return items
 
 
 def _register_auto_model() -> None:
