@@ -912,3 +912,33 @@ def test_a_resumed_run_takes_the_recipes_optimiser_settings(tmp_path, corpus):
     assert all(tuple(g["betas"]) == (0.5, 0.6) and g["eps"] == 0.1 for g in groups)
     assert groups[2]["lr"] == pytest.approx(5 * groups[0]["lr"])
     assert len(losses(run)) == 3
+
+
+def test_include_files_never_replace_what_the_export_writes(tmp_path, corpus):
+    """An included model.safetensors / config.json replaced final/'s own (final/ then held a 2-byte
+    'model'); two includes of one name kept only the second."""
+    inc = tmp_path / "inc"
+    (inc / "b").mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "tok.json", "b/tok.json"):
+        (inc / name).write_text("{}")
+    for files, match in (([inc / "model.safetensors"], "would replace final/model.safetensors"),
+                         ([inc / "config.json"], "would replace final/config.json"),
+                         ([inc / "tok.json", inc / "b" / "tok.json"], "would both be final/tok.json")):
+        with pytest.raises(ConfigError, match=match):
+            train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1,
+                                                **{"export.include_files": "[" + ", ".join(map(str, files)) + "]"}))
+        assert not (tmp_path / "run").exists()  # refused before any training
+    final = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1,
+                                                **{"export.include_files": f"[{inc / 'tok.json'}]"}))
+    assert (final / "tok.json").read_text() == "{}" and (final / "model.safetensors").stat().st_size > 1000
+
+
+def test_a_rerun_keeps_the_runs_tokenizer(tmp_path, corpus):
+    """data.tokenizer changed on a finished run re-exported final/ saying 'bytes' for weights
+    trained on World ids (generate then decoded them byte by byte)."""
+    run = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, run, max_steps=2, **{"data.tokenizer": "bytes"}))
+    for steps in (2, 3):  # finished (re-export) and extended
+        with pytest.raises(ConfigError, match='data.tokenizer: "bytes" -> "world"'):
+            train(TrainConfig(), base_overrides(corpus, run, max_steps=steps, **{"data.tokenizer": "world"}))
+    assert len(losses(run)) == 2

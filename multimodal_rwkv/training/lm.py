@@ -68,6 +68,7 @@ class LMTask(Task):
     """Causal LM training of :class:`~multimodal_rwkv.RWKVForCausalLM`."""
 
     name = "lm"
+    kept_data_keys = ("tokenizer",)  # the same ids must keep meaning the same text
 
     def __init__(self, cfg):
         super().__init__(cfg)

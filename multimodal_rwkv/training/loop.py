@@ -84,6 +84,11 @@ def param_groups(model, optim) -> list[dict]:
     return groups
 
 
+# what an export may write into final/ (export.include_files must not replace them)
+_EXPORT_NAMES = frozenset(("config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json",
+                           "training_info.json", "preprocessor_config.json", "lora_adapter.safetensors",
+                           "lora_adapter.json", "time_state.pth", "model.pth"))
+
 # what a param group takes from the recipe (lr follows the schedule at every step)
 _RECIPE_GROUP_KEYS = ("weight_decay", "betas", "eps", "lr_scale")
 
@@ -570,11 +575,12 @@ class Trainer:
             return d
         return {k: getattr(cfg, k) for k in MODEL_SIZE_KEYS}
 
-    def _check_model_settings_kept(self, checkpoint, free_options=()) -> None:
+    def _check_model_settings_kept(self, checkpoint, free_options=(), data_keys=()) -> None:
         """ConfigError if the recipe changes a model or PEFT setting of the run being resumed
         (``lora_alpha``, a ``model.config`` size such as ``head_size_divisor``, ...): the
         checkpoint's weights would silently mean another model. ``free_options``: the task's
-        ``model.options`` keys that may change (:attr:`Task.free_options`)."""
+        ``model.options`` keys that may change (:attr:`Task.free_options`); ``data_keys``: the
+        ``data`` keys that may not (:attr:`Task.kept_data_keys`, the tokenizer)."""
         saved = self._saved_recipe()
         if saved is None:  # nothing to compare with (a folder from an older version)
             return
@@ -603,6 +609,8 @@ class Trainer:
                 else:
                     a["config"], b["config"] = self._model_config_meaning(a.get("config")), meaning
             diff(sec, a, b)
+        for key in data_keys:
+            diff(f"data.{key}", (saved.get("data") or {}).get(key), (now.get("data") or {}).get(key))
         if changed:
             raise ConfigError(f"{checkpoint}: this run was trained with other model/PEFT settings "
                               f"({'; '.join(changed)}); a resumed or re-exported run keeps them (set them back, "
@@ -713,6 +721,9 @@ class Trainer:
             if cfg.export.pth:
                 P.export_blinkdl_pth(export_model, tmp / "model.pth")
             for f in cfg.export.include_files:
+                if (tmp / Path(f).name).exists():  # a file the task wrote (the names below are refused up front)
+                    raise ConfigError(f"export.include_files: {f} would replace final/{Path(f).name}, which the "
+                                      "export wrote; rename it (the checkpoints are kept: rerun to export)")
                 shutil.copy2(f, tmp / Path(f).name)
             fsync_tree(tmp)
             if final.exists():
@@ -728,9 +739,16 @@ class Trainer:
 
     # ----------------------------------------------------------------- run
     def run(self) -> Path:
+        names: dict[str, str] = {}
         for f in self.cfg.export.include_files:  # checked now, not after all the training
             if not Path(f).is_file():
                 raise ConfigError(f"export.include_files: {f} is not a file")
+            name = Path(f).name
+            if name in _EXPORT_NAMES:
+                raise ConfigError(f"export.include_files: {f} would replace final/{name}, which the export writes")
+            if name in names:
+                raise ConfigError(f"export.include_files: {names[name]} and {f} would both be final/{name}")
+            names[name] = f
         try:
             return self._run()
         except BaseException as e:
@@ -850,7 +868,7 @@ class Trainer:
         if resume is None and cfg.max_steps == 0:
             logger.warning("max_steps=0: nothing is trained; final/ is the starting model")
         if resume is not None:
-            self._check_model_settings_kept(resume[1], task.free_options)
+            self._check_model_settings_kept(resume[1], task.free_options, task.kept_data_keys)
             st = _trainer_state(resume[1])
             timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
             finished = (st["step"] >= cfg.max_steps or timed_out) and (final_dir / "config.json").is_file()

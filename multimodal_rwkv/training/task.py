@@ -57,6 +57,9 @@ class Task:
     # keys of ``model.options`` that a resumed run may change: they do not change what the
     # checkpoint's weights mean or which of them train (a prompt template, an export dtype)
     free_options: tuple[str, ...] = ()
+    # keys of ``data`` that decide what the weights mean (the tokenizer): a resumed or re-exported
+    # run must keep them, as its model settings
+    kept_data_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg):
         self.cfg = cfg
