@@ -128,7 +128,8 @@ def run_demo(args) -> int:
     print(
         "\nGo on:\n"
         "  mmrwkv music generate --model <dir> --out song.mid --png roll.png   # your own music model\n"
-        "  mmrwkv train recipes/music_bach_midi.yaml --set output_dir=runs/bach  # train the music model again\n"
+        "  pip install -e '.[music]' && mmrwkv music prepare --corpus bach-chorales --out data/music/bach --transpose 3\n"
+        "  mmrwkv train recipes/music_bach_midi.yaml --set output_dir=runs/bach  # then train the music model again\n"
         "  mmrwkv train recipes/visualrwkv_synthetic.yaml ...                    # see recipes/README.md\n"
         "  mmrwkv generate --model RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth --prompt 'Hello'  # official checkpoint\n"
         "  mmrwkv --help"

@@ -1370,3 +1370,14 @@ def test_classifier_free_guidance_with_the_cache():
     assert torch.equal(out.logits, m(torch.tensor([[4]]), state=st).logits) and out.cache is not None
     with pytest.raises(ValueError, match="attention_mask has shape"):
         m(ids, attention_mask=torch.ones(1, 5, dtype=torch.long))  # no cache: the mask must fit the input
+
+
+def test_a_bad_size_is_one_error_without_transformers_warnings(capfd):
+    """vocab_size=0 printed three transformers warnings about token ids beyond the vocabulary
+    before the one-line error."""
+    from multimodal_rwkv import ConfigError
+
+    capfd.readouterr()
+    with pytest.raises(ConfigError, match="vocab_size must be positive, got 0"):
+        RWKVConfig(vocab_size=0)
+    assert "transformers" not in capfd.readouterr().err

@@ -328,6 +328,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_new_folder(tmp_p
     with pytest.raises(DataError):
         train(TrainConfig(), base_overrides(shards, old, max_steps=1))
     assert (old / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(old)) == ["notes.txt"]  # the lock, recipe and empty caches it added are gone
     # tokenized text, then a bad validation file: the token cache stays for the rerun
     text = tmp_path / "t.txt"
     text.write_text("hello world, " * 50)

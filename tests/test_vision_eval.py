@@ -182,7 +182,7 @@ def test_cli_eval_vqa_never_writes_over_an_input(tmp_path, capsys):
     shutil.copytree(Path(multimodal_rwkv.__file__).parent / "assets" / "visualrwkv_synthetic", model)
     Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "x.png")
     q = tmp_path / "a.jsonl.tmp"
-    q.write_text(json.dumps({"question_id": 1, "image": "x.png", "question": "Colour?"}) + "\n")
+    q.write_text(json.dumps({"question_id": 1, "image": "x.png", "question": "Colour?"}) + "\nnot json\n")
     os.symlink(q, tmp_path / "link.jsonl")
     for output, needle in ((q, "is the --questions file"), (tmp_path / "link.jsonl", "is the --questions file"),
                            (tmp_path / "x.png", f"is the image of {tmp_path / 'link.jsonl'}:1"),
@@ -192,6 +192,8 @@ def test_cli_eval_vqa_never_writes_over_an_input(tmp_path, capsys):
                    str(output), "--device", "cpu", "--max-new-tokens", "2"])
         err = capsys.readouterr().err
         assert rc == 2 and f"{output}: --output {needle}" in err and "would destroy that input" in err, err
+        if "questions" in needle:  # refused before the questions are read: no report of their bad lines
+            assert len(err.strip().splitlines()) == 1, err
         assert {p: p.read_bytes() for p in before} == before
     question = q.read_text()
     rc = main(["eval-vqa", "--model", str(model), "--questions", str(q), "--output", str(tmp_path / "a.jsonl"),

@@ -31,7 +31,8 @@ The kernels and the library route, each tested against its obviously-correct twi
   torch's own compiler emits for CPU linears) instead of MKL's sgemm, which torch calls for fp32
   and which on the AMD EPYC CPUs measured here ran 1.1-1.5x slower at prefill and training shapes
   (2 threads: 512x768 @ 768x2688 133 vs 200 GFLOP/s; 4096x512 @ 512x512 139 vs 201). The weight
-  gradient ``d.T @ x`` stays with MKL (no faster through oneDNN). Twin: ``F.linear``.
+  gradient ``d.T @ x`` of the wide layers (a side of 1024 or more) goes through oneDNN on operands
+  transposed first, the narrow ones stay with MKL (see :func:`weight_grad`). Twin: ``F.linear``.
   ``MMRWKV_ONEDNN_LINEAR=0`` turns this route off.
 
 - :func:`mix` / :func:`mix_backward`: RWKV's token-shift mixing ``x + (x_{t-1} - x) * (mu_i + off_i)``

@@ -120,6 +120,7 @@ class RWKVConfig(PretrainedConfig):
             raise ConfigError("tie_word_embeddings=True is not supported: RWKV's head is untied "
                               "(head.weight is a matrix of its own in every RWKV-5/6 checkpoint)")
         _check_extra_keys(kwargs)
+        self.validate_sizes()  # before transformers' own checks, which warn about ids beyond a vocab of 0
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -127,7 +128,6 @@ class RWKVConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate_sizes()
 
     def validate_sizes(self) -> None:
         if self.version not in VERSIONS:

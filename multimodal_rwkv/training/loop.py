@@ -434,6 +434,7 @@ class Trainer:
         self._lock_fd = None
         self._lock_id = None  # (device, inode) of output_dir/.lock while held
         self._new_dirs: list[Path] = []  # the parents this run created and output_dir (removed if it fails early)
+        self._found: set[str] = set()  # what output_dir held before this run (when it existed)
         self._phase = "setting up"  # what the run is doing: named in an out-of-memory error
         self.is_main_process = True  # False on the other ranks of a multi-process run (set by run())
         self._warned_no_valid_targets = False
@@ -742,7 +743,9 @@ class Trainer:
         names: dict[str, str] = {}
         for f in self.cfg.export.include_files:  # checked now, not after all the training
             if not Path(f).is_file():
-                raise ConfigError(f"export.include_files: {f} is not a file")
+                hint = "" if Path(f).parent.is_dir() else (
+                    f" (nor is {Path(f).parent} a folder: a dataset not prepared yet? see recipes/README.md)")
+                raise ConfigError(f"export.include_files: {f} is not a file{hint}")
             name = Path(f).name
             if name in _EXPORT_NAMES:
                 raise ConfigError(f"export.include_files: {f} would replace final/{name}, which the export writes")
@@ -781,28 +784,40 @@ class Trainer:
                 f"data.ctx_len={cfg.data.ctx_len} tokens: lower train.micro_batch_size or data.ctx_len (raise "
                 "train.grad_accum to keep the batch), or set train.bptt_chunk or train.grad_checkpointing=true")
 
+    @staticmethod
+    def _run_scaffolding(p: Path) -> bool:
+        """Whether ``p`` (in output_dir) is only what a run sets up before its first checkpoint: the
+        lock, the recipe, metrics, logs, temp folders, a checkpoints or token_cache folder without a
+        finished checkpoint or cache."""
+        if p.name in (".lock", "recipe.yaml", "metrics.jsonl", "logs") or p.name.startswith(".tmp-"):
+            return True
+        return p.is_dir() and p.name in ("checkpoints", "token_cache") and all(
+            q.name.startswith((".tmp-", ".old-", ".broken-")) for q in p.iterdir())
+
     def _remove_new_output_dir(self) -> None:
-        """After a failed run: remove output_dir if this run created it and it holds nothing worth
-        keeping (only the lock, the recipe and metrics of a run without a checkpoint, temp folders),
-        with the parents the run created. A folder that existed before is never removed, nor one
-        with a checkpoint, a final/ model or a finished token cache (a rerun reuses it)."""
-        if not self._new_dirs or self._lock_fd is None:  # not created here, or another run's (not locked)
+        """After a failed run, what it set up without a checkpoint to show for it: output_dir if
+        this run created it (with the parents it created), or in a folder that existed before, the
+        entries this run added there (the user's own files, and an earlier run's, stay). Nothing
+        is removed once there is a checkpoint, a final/ model or a finished token cache (a rerun
+        reuses it)."""
+        if self._lock_fd is None:  # another run's folder (not locked by this one)
             return
         out = self.out
         try:
-            keep = []
-            for p in out.iterdir():
-                if p.name in (".lock", "recipe.yaml", "metrics.jsonl", "logs") or p.name.startswith(".tmp-"):
-                    continue
-                if p.is_dir() and p.name in ("checkpoints", "token_cache") and all(
-                        q.name.startswith((".tmp-", ".old-", ".broken-")) for q in p.iterdir()):
-                    continue
-                keep.append(p.name)
+            added = [p for p in out.iterdir() if self._new_dirs or p.name not in self._found]
+            keep = [p.name for p in added if not self._run_scaffolding(p)]
             if keep:
                 logger.debug("kept %s after the failed run: it holds %s", out, ", ".join(sorted(keep)))
                 return
-            shutil.rmtree(out)
-            remove_dirs(self._new_dirs[:-1])  # the parents this run created, while empty
+            if self._new_dirs:
+                shutil.rmtree(out)
+                remove_dirs(self._new_dirs[:-1])  # the parents this run created, while empty
+                return
+            for p in added:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         except OSError as e:
             logger.debug("could not remove %s: %s", out, e)
 
@@ -856,6 +871,7 @@ class Trainer:
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
+            self._found = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
             self._new_dirs = make_dirs(self.out)
             self._lock_output_dir()
             self._cleanup_temp()

@@ -114,17 +114,16 @@ def _vqa(args) -> int:
 def _eval_vqa(args) -> int:
     from multimodal_rwkv.vision.evaluate import read_questions
 
-    check_outputs([("--output", args.output)])  # a folder, no permission: said before reading anything
+    inputs = [("--questions file", args.questions), ("--model", args.model), ("--vision-tower", args.vision_tower)]
+    check_outputs([("--output", args.output)], inputs)  # said before reading anything
     qf = read_questions(args.questions, args.image_folder)
+    # an image as output: found now, not after answering every question
+    check_outputs([("--output", args.output)], [(f"image of {q.where}", q.image) for q in qf.questions])
     for b in qf.bad_lines:
         print(f"mmrwkv eval-vqa: skipped {b}", file=sys.stderr)
     questions = qf.questions[: args.limit] if args.limit else qf.questions
     if not questions:
         raise DataError(f"{args.questions}: no usable question lines")
-    # an input as output: found now, not after answering every question
-    check_outputs([("--output", args.output)], [("--questions file", args.questions), ("--model", args.model),
-                                                ("--vision-tower", args.vision_tower)]
-                  + [(f"image of {q.where}", q.image) for q in qf.questions])
     model = _load(args)
     gen = _gen_kwargs(args)
     scores, by_type = [], {}
