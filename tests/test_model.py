@@ -1330,8 +1330,18 @@ def test_huge_penalties_ban_seen_tokens_and_bad_generate_settings_are_named():
         with pytest.raises(ValueError, match=match):
             m.generate(ids, max_new_tokens=2, **kw)
     # a temperature whose logits / temperature would overflow samples as the top token
-    tiny = m.generate(ids, max_new_tokens=6, eos_token_id=None, do_sample=True, temperature=1e-38, seed=0)
-    assert tiny[0, 3:].tolist() == plain
+    for t in (1e-38, np.float32(1e-40)):
+        tiny = m.generate(ids, max_new_tokens=6, eos_token_id=None, do_sample=True, temperature=t, seed=0)
+        assert tiny[0, 3:].tolist() == plain
+    # numpy and tensor numbers are numbers; a huge reward (negative penalty) is capped, not NaN
+    a = m.generate(ids, max_new_tokens=4, eos_token_id=None, presence_penalty=np.float32(0.5),
+                   frequency_penalty=torch.tensor(0.25), penalty_decay=np.float64(0.99))
+    assert torch.equal(a, m.generate(ids, max_new_tokens=4, eos_token_id=None, presence_penalty=0.5,
+                                     frequency_penalty=0.25, penalty_decay=0.99))
+    for kw in ({"presence_penalty": -1e39}, {"frequency_penalty": -1e38}):
+        for sample in ({}, {"do_sample": True, "temperature": 1e-30, "seed": 0}):
+            out = m.generate(ids, max_new_tokens=5, eos_token_id=None, **kw, **sample)[0, 3:].tolist()
+            assert out[1:] == [out[0]] * 4  # the first token is rewarded again and again
 
 
 def test_generation_config_json_is_saved_and_loaded(tmp_path):

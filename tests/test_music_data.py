@@ -585,8 +585,10 @@ def test_a_tune_ends_at_its_first_empty_line():
             "  \nX:2\nT:Second\nK:G\nGABc|]\n\n:1646\n")
     tunes = split_tunes(text)
     assert tunes == ["X:1\nT:First\nM:4/4\nL:1/4\nK:C\nCDEF|]\n", "X:2\nT:Second\nK:G\nGABc|]\n"]
-    notes = MidiTokenizer().extract_notes(abc_to_midi(tunes[0]))[0]
-    assert [n.pitch for n in notes] == [60, 62, 64, 65]
+    body = "\n" + tunes[0].split("\n", 1)[1] + "\nfree text: Abc def|\n"  # a tune without X:, then free text
+    for given in (tunes[0], text, body):
+        notes = MidiTokenizer().extract_notes(abc_to_midi(given))[0]
+        assert [n.pitch for n in notes] == [60, 62, 64, 65]
 
 
 def test_a_tie_between_different_pitches_keeps_both_notes():
@@ -604,6 +606,12 @@ def test_a_tie_between_different_pitches_keeps_both_notes():
     # ties of one pitch still join, across a bar line and in a chain that ends on another pitch
     assert notes("X:1\nM:4/4\nL:1/8\nK:C\nG4-|G4 c4|]\n") == [(0, 48, 67), (48, 24, 72)]
     assert notes("X:1\nM:4/4\nL:1/8\nK:C\nG2-G2-A2 c2|]\n") == [(0, 24, 67), (24, 12, 69), (36, 12, 72)]
+    # the tied note keeps its accidental across the bar (music21 gives it the key's: F# in G), and
+    # within the bar; a grace note between the two does not break the tie
+    assert notes("X:1\nL:1/4\nM:4/4\nK:G\nD2=F2-|F2D2|\n") == [(0, 24, 62), (24, 48, 65), (72, 24, 62)]
+    assert notes("%abc-2.1\nX:1\nL:1/4\nM:4/4\nK:C\nD2_B2-|B2D2|\n")[1] == (24, 48, 70)
+    assert notes("X:1\nL:1/4\nM:4/4\nK:C\n^C2-C2|\n") == [(0, 48, 61)]
+    assert notes("X:1\nL:1/4\nM:4/4\nK:C\nC2-{D}C2|\n")[0] == (0, 48, 60)
 
 
 def test_abc_corpus_files_are_read_as_utf8(tmp_path, monkeypatch):

@@ -299,6 +299,7 @@ def test_generated_piano_roll_marks_every_prompt_note(tmp_path):
         last = prompt[-1]
         assert img.getpixel((int(30 + (last.onset + 0.5) * px) + 1, 18 + (hi - last.pitch) * 5 + 1)) == pale
         assert img.getpixel((int(30 + res.prompt_end * px), 30)) == (220, 0, 0)  # the line, at 0 too
-    # without a prompt: no line, no pale notes
-    plain = render_pianoroll([Note(0, 12, 0, 60, 5)], None, steps_per_beat=12)
-    assert (220, 0, 0) not in {plain.getpixel((x, 30)) for x in range(plain.size[0])}
+    # without a prompt: no line, no pale notes (prompt_end=0, a result's value then, means none)
+    for kw in ({}, {"prompt_end": 0}, {"prompt_end": None}):
+        plain = render_pianoroll([Note(0, 12, 0, 60, 5)], None, steps_per_beat=12, **kw)
+        assert (220, 0, 0) not in {plain.getpixel((x, 30)) for x in range(plain.size[0])}

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import random
 
+import numpy as np
 import pytest
 
 from multimodal_rwkv.errors import DataError
@@ -574,6 +575,7 @@ def test_call_padding_takes_transformers_values(tok):
     assert out["input_ids"].tolist() == [[0] * (4 - len(a)) + a, [0] * (4 - len(b)) + b]
     assert out["attention_mask"].dtype == torch.long and out["attention_mask"].sum().item() == len(a) + len(b)
     assert tok("a", padding="max_length", max_length=3)["input_ids"] == [0, 0] + a
+    assert tok("a", padding="max_length", max_length=np.int64(3))["input_ids"] == [0, 0] + a  # numpy ints too
     with pytest.raises(ValueError, match="max_length"):
         tok(texts, padding="max_length")
     with pytest.raises(ValueError, match="max_length=1"):

@@ -241,9 +241,13 @@ def test_binidx_suffixes_match_in_any_case(tmp_path):
     for given in ("D", "D.BIN", "D.IDX"):
         assert detect_format(tmp_path / given) == "binidx"
         assert np.array_equal(np.asarray(read_binidx(tmp_path / given).ids), np.concatenate(docs))
+    (tmp_path / "D.BIN").rename(tmp_path / "D.Bin")  # any mix of cases
+    for given in ("D", "D.Bin", "D.IDX", "D.bin"):
+        assert detect_format(tmp_path / given) == "binidx"
+        assert np.array_equal(np.asarray(read_binidx(tmp_path / given).ids), np.concatenate(docs))
     (tmp_path / "D.IDX").unlink()
     with pytest.raises(DataError, match=r"D\.idx: binidx file not found"):
-        read_binidx(tmp_path / "D.BIN")
+        read_binidx(tmp_path / "D.Bin")
 
 
 def test_binidx_validation(tmp_path):

@@ -929,9 +929,14 @@ def test_include_files_never_replace_what_the_export_writes(tmp_path, corpus):
             train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1,
                                                 **{"export.include_files": "[" + ", ".join(map(str, files)) + "]"}))
         assert not (tmp_path / "run").exists()  # refused before any training
-    final = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1,
-                                                **{"export.include_files": f"[{inc / 'tok.json'}]"}))
+    # a file the export does not write in this run is taken: its own generation defaults
+    (inc / "generation_config.json").write_text('{"max_new_tokens": 3}')
+    final = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1, **{
+        "export.include_files": f"[{inc / 'tok.json'}, {inc / 'generation_config.json'}]"}))
     assert (final / "tok.json").read_text() == "{}" and (final / "model.safetensors").stat().st_size > 1000
+    from multimodal_rwkv import RWKVForCausalLM
+
+    assert RWKVForCausalLM.from_pretrained(final).generation_config.max_new_tokens == 3
 
 
 def test_a_rerun_keeps_the_runs_tokenizer(tmp_path, corpus):

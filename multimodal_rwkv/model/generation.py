@@ -20,15 +20,31 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def check_penalties(presence: float, frequency: float, decay: float) -> None:
-    """RWKV-style penalties: finite numbers; ``decay`` in [0, 1] (how much of a count is kept per step)."""
+def real_number(value) -> float | None:
+    """``value`` as a Python float if it is a real number (int, float, numpy or one-element tensor
+    scalar; not a bool or a string), else None."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        return None
+
+
+def check_penalties(presence, frequency, decay) -> tuple[float, float, float]:
+    """RWKV-style penalties as floats: finite numbers; ``decay`` in [0, 1] (the share of a count
+    kept per step)."""
     import math
 
+    out = []
     for name, v in (("presence_penalty", presence), ("frequency_penalty", frequency), ("penalty_decay", decay)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        f = real_number(v)
+        if f is None or not math.isfinite(f):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if not 0 <= decay <= 1:
+        out.append(f)
+    if not 0 <= out[2] <= 1:
         raise ValueError(f"penalty_decay must be in [0, 1] (the share of a count kept each step), got {decay!r}")
+    return out[0], out[1], out[2]
 
 
 _UNCOUNTED_TEXT = " \t0123456789"
@@ -60,6 +76,9 @@ def uncounted_ids(tokenizer, vocab_size: int) -> tuple[int, ...]:
 _UNCOUNTED_CACHE: dict = {}
 
 
+MAX_REWARDED_LOGIT = 1e4
+
+
 class RWKVPenaltyProcessor(LogitsProcessor):
     """ChatRWKV's repetition penalty (``rwkv.utils.PIPELINE.generate``): ``logit[t] -= presence +
     count[t] * frequency`` for every token t generated so far, with counts multiplied by ``decay``
@@ -87,7 +106,9 @@ class RWKVPenaltyProcessor(LogitsProcessor):
         presence = torch.tensor(float(self.presence), dtype=torch.float64).to(scores.dtype)  # 1e39 -> inf
         pen = torch.where(seen, presence.to(scores.device), 0.0)
         pen = pen + torch.where(counts > 0, counts.to(scores.dtype) * self.frequency, 0.0)
-        return scores - pen
+        # a negative penalty (a reward) is capped: a logit of +inf, or one that a small temperature
+        # scales to inf, would make the sampler's probabilities NaN
+        return torch.where(pen < 0, (scores - pen).clamp(max=MAX_REWARDED_LOGIT), scores - pen)
 
 
 class VocabLimitProcessor(LogitsProcessor):

@@ -805,7 +805,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from multimodal_rwkv.model.generation import (RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor,
-                                                      check_penalties, uncounted_ids)
+                                                      check_penalties, real_number, uncounted_ids)
 
         if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2):
             raise ValueError(f"input_ids must be a [B, T] tensor, got "
@@ -821,7 +821,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             if not bool((mask[:, -1] != 0).all()):
                 raise ValueError("generate continues every row from its last position: pad on the left "
                                  "(attention_mask[:, -1] must be 1 for every row)")
-        check_penalties(presence_penalty, frequency_penalty, penalty_decay)
+        presence_penalty, frequency_penalty, penalty_decay = check_penalties(presence_penalty, frequency_penalty,
+                                                                             penalty_decay)
         if seed is not None:
             if isinstance(seed, bool) or not hasattr(seed, "__index__"):
                 raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -869,8 +870,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         sampling = kwargs.get("do_sample", ours.get("do_sample", getattr(base, "do_sample", False)))
         if sampling and "top_k" not in kwargs and getattr(base, "top_k", None) is None:
             ours["top_k"] = 0
-        temperature = kwargs.get("temperature", getattr(base, "temperature", None))
-        if sampling and isinstance(temperature, (int, float)) and 0 < temperature < _MIN_TEMPERATURE:
+        temperature = real_number(kwargs.get("temperature", getattr(base, "temperature", None)))
+        if sampling and temperature is not None and 0 < temperature < _MIN_TEMPERATURE:
             ours["temperature"] = _MIN_TEMPERATURE  # logits / 1e-38 overflow to inf, and inf - inf is NaN
             kwargs.pop("temperature", None)
         if user_gc is not None:

@@ -748,9 +748,9 @@ class WorldTokenizer:
         elif padding is True or (isinstance(padding, str) and padding == "longest"):
             width = -1  # the longest row
         elif isinstance(padding, str) and padding == "max_length":
-            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
+            if isinstance(max_length, bool) or not hasattr(max_length, "__index__") or max_length.__index__() < 0:
                 raise ValueError(f"padding='max_length' needs max_length=<int >= 0>, got {max_length!r}")
-            width = max_length
+            width = max_length.__index__()
         else:
             raise ValueError(f"padding={padding!r}: use False/'do_not_pad', True/'longest' or 'max_length'")
         single = isinstance(text, str)

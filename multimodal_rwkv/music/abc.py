@@ -182,7 +182,11 @@ def split_tunes(text: str, name: str = "<abc>") -> list[str]:
     for a, b in zip(starts, starts[1:] + [len(text)]):
         lines = [ln.rstrip() for ln in text[a:b].split("\n")]
         if "" in lines:  # the empty line that ends the tune; what follows it is free text
+            free = [ln for ln in lines[lines.index(""):] if ln]
             lines = lines[:lines.index("")]
+            if any("|" in ln and not ln.startswith("%") for ln in free):
+                log.info("%s: tune %s ends at its empty line (ABC 2.1); %d line(s) of free text after it that "
+                         "look like music are not part of it", name, lines[0], len(free))
         t = "\n".join(lines)
         if t:
             tunes.append(first + _insert_header(t + "\n", header))
@@ -237,7 +241,8 @@ def _require_music21():
 
 def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: str = "<abc>"):
     """Convert one ABC tune to MIDI with music21. Returns a ``mido.MidiFile`` (and writes it to
-    ``out_path`` if given). A file header before the tune is applied to it (:func:`with_file_header`).
+    ``out_path`` if given). A file header before the tune is applied to it; the tune ends at its
+    first empty line, and only the first tune of the text is converted (see :func:`split_tunes`).
     Unparsable ABC raises :class:`MidiError` naming ``name``."""
     import tempfile
 
@@ -246,9 +251,13 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     _require_music21()
     from music21 import converter
 
-    text = with_file_header(abc_text, name)
-    text = text if _TUNE_START.search(text) else "X:1\n" + text
-    text = with_default_unit_length(text)
+    text = abc_text.lstrip("\ufeff")
+    if not _TUNE_START.search(text):
+        text = "X:1\n" + re.sub(r"\A(?:[ \t\r]*\n)+", "", text)  # a tune body alone
+    tunes = split_tunes(text, name)  # the first tune (to its empty line), the file header applied
+    if not tunes:
+        raise MidiError(f"{name}: the ABC holds no tune")
+    text = with_default_unit_length(tunes[0])
     try:
         score = converter.parse(text, format="abc")
     except Exception as e:  # noqa: BLE001 - music21 raises many types on bad ABC
@@ -273,17 +282,22 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
 def _untie_other_pitches(score, name: str) -> None:
     """Drop the ties music21 keeps between notes of different pitches (``G3-A``): a tie joins two
     notes of the same pitch (ABC 2.1 section 4.11), so abc2midi ignores such a tie; merged, the second
-    note would be lost."""
+    note would be lost. Notes are compared by letter and octave: the tied note keeps its accidental
+    across a bar line (``=F2-|F2``), where music21 gives the second note the key's. Grace notes
+    between the two are skipped."""
     from music21 import tie
+
+    def names(n):
+        return sorted((p.step, p.octave) for p in n.pitches)
 
     parts = list(getattr(score, "parts", None) or [score])
     dropped = 0
     for part in parts:
-        notes = list(part.recurse().notes)
+        notes = [n for n in part.recurse().notes if not n.duration.isGrace]
         for a, b in zip(notes, notes[1:]):
             if a.tie is None or a.tie.type not in ("start", "continue"):
                 continue
-            if sorted(p.midi for p in a.pitches) == sorted(p.midi for p in b.pitches):
+            if names(a) == names(b):
                 continue
             a.tie = None if a.tie.type == "start" else tie.Tie("stop")
             if b.tie is not None:

@@ -37,9 +37,10 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     """Draw ``notes`` (grid steps) and return the ``PIL.Image``; saved as PNG when ``out_path``.
 
     ``prompt_end``: step where the prompt ends and generation starts, the time its shifts add up to
-    (the region before it is shaded and a red line marks the boundary; 0 is drawn too).
-    ``prompt_notes``: how many of ``notes`` (the first ones) are the prompt's: drawn paler, so a
-    prompt note that starts at ``prompt_end`` or lasts past it still reads as the prompt's. ``tokenizer`` gives group names for the legend. Width is
+    (the region before it is shaded and a red line marks the boundary; 0 or None: no prompt, unless
+    ``prompt_notes`` says there is one, a single chord). ``prompt_notes``: how many of ``notes``
+    (the first ones) are the prompt's: drawn paler, so a prompt note that starts at ``prompt_end``
+    or lasts past it still reads as the prompt's. ``tokenizer`` gives group names for the legend. Width is
     ``total_steps * px_per_step`` pixels (auto so it fits ``max_width``), height
     ``pitch_span * px_per_pitch`` plus a legend strip.
     """
@@ -82,7 +83,7 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
         x0, x1 = x_of(n.onset), max(x_of(n.onset) + 1, x_of(n.offset) - 1)
         y0 = y_of(n.pitch)
         d.rectangle([x0, y0, x1, y0 + px_per_pitch - 2], fill=c)
-    if prompt_end is not None:
+    if prompt_end or (prompt_end == 0 and prompt_notes):
         d.line([x_of(prompt_end), legend_h, x_of(prompt_end), h - 1], fill=(220, 0, 0), width=2)
         d.text((x_of(prompt_end) + 3, legend_h + 1), "generated", fill=(220, 0, 0))
         if prompt_end:

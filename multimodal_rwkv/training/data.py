@@ -446,10 +446,16 @@ def binidx_files(path: str | Path) -> tuple[Path, Path, Path]:
     prefix = p.with_suffix("") if p.suffix.lower() in (".bin", ".idx") else p
 
     def find(ext: str) -> Path:
-        if p.suffix.lower() == ext:  # the file given
+        if p.suffix.lower() == ext and p.is_file():  # the file given
             return p
-        names = [Path(str(prefix) + ext), Path(str(prefix) + ext.upper())]
-        return next((n for n in names if n.is_file()), names[0])
+        for n in (Path(str(prefix) + ext), Path(str(prefix) + ext.upper())):
+            if n.is_file():
+                return n
+        try:  # another mix of cases (X.Bin): look in the folder
+            return next(q for q in prefix.parent.iterdir() if q.name.lower() == prefix.name.lower() + ext
+                        and q.name.startswith(prefix.name) and q.is_file())
+        except (OSError, StopIteration):
+            return Path(str(prefix) + ext)
 
     return prefix, find(".bin"), find(".idx")
 

@@ -84,11 +84,6 @@ def param_groups(model, optim) -> list[dict]:
     return groups
 
 
-# what an export may write into final/ (export.include_files must not replace them)
-_EXPORT_NAMES = frozenset(("config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json",
-                           "training_info.json", "preprocessor_config.json", "lora_adapter.safetensors",
-                           "lora_adapter.json", "time_state.pth", "model.pth"))
-
 # what a param group takes from the recipe (lr follows the schedule at every step)
 _RECIPE_GROUP_KEYS = ("weight_decay", "betas", "eps", "lr_scale")
 
@@ -738,6 +733,22 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _export_names(self) -> set[str]:
+        """What the export writes into final/ with this recipe (export.include_files must not
+        replace them; a generation_config.json written only for changed defaults is found when
+        copying)."""
+        cfg = self.cfg
+        names = {"config.json", "model.safetensors", "training_info.json"}
+        if cfg.task == "visualrwkv":
+            names.add("preprocessor_config.json")
+        if cfg.peft.lora_r > 0 and not cfg.peft.merge_lora:
+            names |= {"lora_adapter.safetensors", "lora_adapter.json"}
+        if cfg.peft.train_state:
+            names.add("time_state.pth")
+        if cfg.export.pth:
+            names.add("model.pth")
+        return names
+
     # ----------------------------------------------------------------- run
     def run(self) -> Path:
         names: dict[str, str] = {}
@@ -747,7 +758,7 @@ class Trainer:
                     f" (nor is {Path(f).parent} a folder: a dataset not prepared yet? see recipes/README.md)")
                 raise ConfigError(f"export.include_files: {f} is not a file{hint}")
             name = Path(f).name
-            if name in _EXPORT_NAMES:
+            if name in self._export_names():
                 raise ConfigError(f"export.include_files: {f} would replace final/{name}, which the export writes")
             if name in names:
                 raise ConfigError(f"export.include_files: {names[name]} and {f} would both be final/{name}")
