@@ -454,3 +454,121 @@ def test_a_rerun_keeps_the_mode_of_the_file_it_replaces(tmp_path):
     os.chmod(png, 0o600)
     assert main(["music", "roll", str(src), "--out", str(png)]) == 0
     assert stat.S_IMODE(os.stat(png).st_mode) == 0o600
+
+
+# ----------------------------------------------------------------------------- 11: eval checks the data's tokenizer
+def _dataset(folder, tok):
+    """A prepared-dataset layout: ``folder/valid/shard_00000.npy`` (one short piece) and the tokenizer beside it."""
+    from multimodal_rwkv.music import Note
+
+    piece = tok.encode("X:1\nK:C\nCDE|\n") if isinstance(tok, AbcTokenizer) else tok.encode_notes(
+        [Note(0, 12, 0, 60, 4), Note(12, 12, 0, 62, 4)])
+    (folder / "valid").mkdir(parents=True)
+    np.save(folder / "valid" / "shard_00000.npy", np.array([0] + piece + [0], np.uint16))
+    tok.save_pretrained(folder)
+    return folder / "valid"
+
+
+@pytest.fixture
+def fake_eval_model(tmp_path, monkeypatch):
+    """A MIDI (default tokenizer) or ABC model folder ``m_midi`` / ``m_abc`` holding its tokenizer
+    file; ``load_music_model`` gives a stand-in model and that tokenizer; the loss is faked."""
+    from types import SimpleNamespace
+
+    import multimodal_rwkv.music.generate as gen
+    import multimodal_rwkv.music.metrics as metrics
+
+    for name, tok in (("m_midi", MidiTokenizer()), ("m_abc", AbcTokenizer())):
+        tok.save_pretrained(tmp_path / name)
+    monkeypatch.setattr(gen, "load_music_model", lambda path: (
+        SimpleNamespace(config=SimpleNamespace(vocab_size=300)), gen.load_tokenizer(path)))
+    monkeypatch.setattr(metrics, "windowed_nll", lambda model, ids, ctx: (float(len(ids) - 1), len(ids) - 1))
+    return tmp_path / "m_midi", tmp_path / "m_abc"
+
+
+def test_eval_refuses_data_prepared_with_another_tokenizer(tmp_path, capsys, fake_eval_model):
+    """A model evaluated on data prepared with another tokenizer (another max_shift; MIDI tokens for
+    an ABC model) printed wrong bits/note or bits/byte without a word."""
+    from multimodal_rwkv.music import MidiTokenizerConfig
+
+    m_midi, m_abc = fake_eval_model
+    other = _dataset(tmp_path / "d96", MidiTokenizer(MidiTokenizerConfig(max_shift=96, use_bars=True)))
+    same = _dataset(tmp_path / "d", MidiTokenizer(MidiTokenizerConfig(max_notes=5000)))  # a limit only: same ids
+    abc = _dataset(tmp_path / "dabc", AbcTokenizer())
+    for data, model, why in [(other, m_midi, "max_shift 96 (the model's: 48), use_bars True (the model's: False)"),
+                             (other / "shard_00000.npy", m_midi, "max_shift 96"),
+                             (same, m_abc, "MIDI tokens, the model's tokenizer is ABC"),
+                             (abc / "shard_00000.npy", m_midi, "ABC tokens, the model's tokenizer is MIDI")]:
+        assert main(["music", "eval", "--model", str(model), "--data", str(data)]) == 2
+        err = _one_error_line(capsys, "eval")
+        theirs = (data.parent.parent if data.suffix else data.parent) / ("abc_tokenizer.json" if "dabc" in str(data)
+                                                                        else "midi_tokenizer.json")
+        ours = model / ("midi_tokenizer.json" if model == m_midi else "abc_tokenizer.json")
+        assert f"{data}: prepared with another tokenizer ({theirs}) than the model's ({ours}): {why}" in err, err
+    for data, model in [(same, m_midi), (same / "shard_00000.npy", m_midi), (abc, m_abc)]:
+        assert main(["music", "eval", "--model", str(model), "--data", str(data)]) == 0, capsys.readouterr().err
+        assert "bits/" in capsys.readouterr().out
+    # no tokenizer file beside the data: only the id range is checked, as before
+    (tmp_path / "loose").mkdir()
+    np.save(tmp_path / "loose" / "t.npy", np.load(same / "shard_00000.npy"))
+    assert main(["music", "eval", "--model", str(m_midi), "--data", str(tmp_path / "loose" / "t.npy")]) == 0
+    assert "bits/note" in capsys.readouterr().out
+
+
+def test_eval_metrics_finds_the_tokenizer_of_a_shard(tmp_path, capsys):
+    """--metrics with a .npy shard looked for the tokenizer in the shard's folder and said
+    "not a music model folder"."""
+    valid = _dataset(tmp_path / "d", MidiTokenizer())
+    (tmp_path / "m.jsonl").write_text(json.dumps({"step": 3, "valid_loss": 2.0}) + "\n")
+    outs = []
+    for data in (valid, valid / "shard_00000.npy"):
+        assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(data)]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "bits/note" in outs[0]
+    (tmp_path / "loose").mkdir()
+    np.save(tmp_path / "loose" / "t.npy", np.load(valid / "shard_00000.npy"))
+    loose = str(tmp_path / "loose" / "t.npy")
+    assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", loose]) == 2
+    err = _one_error_line(capsys, "eval")
+    assert "no midi_tokenizer.json or abc_tokenizer.json" in err and "model folder" not in err
+
+
+# ----------------------------------------------------------------------------- 12: abc2midi writes .mid only
+def test_abc2midi_refuses_an_output_that_is_not_a_midi_name(tmp_path, capsys):
+    """abc2midi --out picture.png wrote a MIDI file under a picture's name."""
+    pytest.importorskip("music21")
+    (tmp_path / "t.abc").write_text(TUNE)
+    for out in ("picture.png", "t.txt", "noext"):
+        assert main(["music", "abc2midi", str(tmp_path / "t.abc"), "--out", str(tmp_path / out)]) == 2
+        assert "give a name ending in .mid" in _one_error_line(capsys, "abc2midi")
+        assert not (tmp_path / out).exists()
+    for out in ("T.MID", "t.midi"):
+        assert main(["music", "abc2midi", str(tmp_path / "t.abc"), "--out", str(tmp_path / out)]) == 0
+        assert mido.MidiFile(str(tmp_path / out)).length > 0
+
+
+# ----------------------------------------------------------------------------- 13: prepare without a train split
+def test_prepare_refuses_a_dataset_without_a_train_piece(tmp_path, capsys):
+    """With few pieces and large valid/test shares, every piece could go to valid/test: prepare
+    wrote "train: 0 pieces" and exited 0."""
+    from multimodal_rwkv.music.corpora import split_of
+
+    src = tmp_path / "m"
+    src.mkdir()
+    for k in range(3):
+        _midi(src / f"{k}.mid", 60 + 5 * k)
+    assert all(split_of((src / f"{k}.mid").read_bytes(), 500, 499) != "train" for k in range(3))
+    args = ["music", "prepare", "--midi-dir", str(src), "--valid-permille", "500", "--test-permille", "499"]
+    assert main(args + ["--out", str(tmp_path / "new")]) == 2
+    assert "no piece for the train split" in _one_error_line(capsys, "prepare")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(DataError, match="no piece for the train split"):
+        prepare(tmp_path / "new", midi_dir=src, valid_permille=500, test_permille=499)
+    assert not (tmp_path / "new").exists()
+    # an earlier dataset stays as it was
+    assert main(["music", "prepare", "--midi-dir", str(src), "--out", str(tmp_path / "ds")]) == 0
+    before = _snapshot(tmp_path / "ds")
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "ds")]) == 2
+    assert "no piece for the train split" in _one_error_line(capsys, "prepare")
+    assert _snapshot(tmp_path / "ds") == before

@@ -303,3 +303,63 @@ def test_generated_piano_roll_marks_every_prompt_note(tmp_path):
     for kw in ({}, {"prompt_end": 0}, {"prompt_end": None}):
         plain = render_pianoroll([Note(0, 12, 0, 60, 5)], None, steps_per_beat=12, **kw)
         assert (220, 0, 0) not in {plain.getpixel((x, 30)) for x in range(plain.size[0])}
+
+
+class _UniformLM(torch.nn.Module):
+    """A stand-in causal LM (the ``transformers`` path of sample_tokens): equal logits for every id."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vocab_size=vocab_size)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, use_cache=True, past_key_values=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], self.config.vocab_size) + self.w,
+                               past_key_values=None)
+
+
+def test_generation_apis_check_their_arguments():
+    """generate_abc(max_bytes=-5) returned the prompt, generate_midi(seconds=inf) was accepted,
+    seed=1.5 surfaced as torch's RuntimeError and generate_abc(None) as a bare TypeError."""
+    import numpy as np
+
+    from multimodal_rwkv.music import AbcTokenizer, generate_abc, generate_midi
+    from multimodal_rwkv.music.generate import generate_music, sample_tokens
+
+    abc, tok = _UniformLM(AbcTokenizer().vocab_size), MidiTokenizer()
+    midi = _UniformLM(tok.vocab_size)
+    bad = [(lambda: generate_abc(model=abc, max_bytes=-5), ValueError, "max_bytes must be an integer >= 1, got -5"),
+           (lambda: generate_abc(model=abc, max_bytes=0), ValueError, "max_bytes must be an integer >= 1"),
+           (lambda: generate_abc(model=abc, max_bytes=2.5), ValueError, "max_bytes must be an integer >= 1"),
+           (lambda: generate_abc(model=abc, seed=1.5), ValueError, r"seed must be None or an integer in \[0, 2\*\*63"),
+           (lambda: generate_abc(model=abc, seed=True), ValueError, "seed must be None or an integer"),
+           (lambda: generate_abc(model=abc, seed=-1), ValueError, "seed must be None or an integer"),
+           (lambda: generate_abc(None), TypeError, "give model_dir .* or model="),
+           (lambda: generate_abc(model=abc, prompt=None), TypeError, "prompt must be ABC text"),
+           (lambda: generate_abc(model=abc, temperature=-1), ValueError, "temperature must be"),
+           # checked before the model folder is read
+           (lambda: generate_midi("/nonexistent", seconds=float("inf")), ValueError, r"seconds must be > 0"),
+           (lambda: generate_midi("/nonexistent", seconds=float("nan")), ValueError, r"seconds must be > 0"),
+           (lambda: generate_midi("/nonexistent", seconds=-1), ValueError, r"seconds must be > 0"),
+           (lambda: generate_midi("/nonexistent", seconds=1, seed=1.5), ValueError, "seed must be None or an integer"),
+           (lambda: generate_midi("/nonexistent", seconds=1, max_new_tokens=0), ValueError, "max_new_tokens must be"),
+           (lambda: generate_music(midi, tok, seconds=float("inf")), ValueError, r"seconds must be > 0"),
+           (lambda: generate_music(midi, tok, seconds=1, max_new_tokens=3.0), ValueError, "max_new_tokens must be"),
+           (lambda: generate_music(midi, tok, [1, 5.0], seconds=1), ValueError, "prompt ids must be integers"),
+           (lambda: generate_music(midi, tok, [1, tok.vocab_size], seconds=1), ValueError, "prompt ids must be"),
+           (lambda: sample_tokens(midi, [0], 0), ValueError, "max_new_tokens must be an integer >= 1"),
+           (lambda: sample_tokens(midi, "abc", 3), TypeError, "prompt of token ids"),
+           (lambda: sample_tokens(midi, [0], 3, seed=2.0), ValueError, "seed must be None or an integer")]
+    for call, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            call()
+    # numpy integers are integers
+    text = generate_abc(model=abc, max_bytes=np.int64(5), seed=np.int64(3))
+    assert text == generate_abc(model=abc, max_bytes=5, seed=3)
+    res = generate_music(midi, tok, np.array([1, 5]), seconds=np.float32(0.5), max_new_tokens=np.int32(8),
+                         seed=np.uint8(1))
+    assert res.new_tokens <= 8

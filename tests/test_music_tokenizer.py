@@ -699,3 +699,75 @@ def test_with_file_header_keeps_an_open_title_line_open():
 
     assert with_file_header("M:6/8\n\nX:1\nT:Fo") == "X:1\nM:6/8\nT:Fo"
     assert with_file_header("M:6/8\n\nX:1\nT:Fo\n") == "X:1\nT:Fo\nM:6/8\n"
+
+
+def test_config_numbers_must_be_finite(tmp_path, capsys):
+    """{"tempo_range": [30, Infinity]} (Python's json reads Infinity) crashed with OverflowError."""
+    from multimodal_rwkv.cli import main
+
+    for text, match in [('{"tempo_range": [30, Infinity]}', "tempo_range: must be two finite numbers"),
+                        ('{"tempo_range": [NaN, 240]}', "tempo_range: must be two finite numbers"),
+                        ('{"tempo_range": [-Infinity, 240]}', "tempo_range: must be two finite numbers"),
+                        ('{"pitch_range": [21, Infinity]}', "pitch_range: must be two integers"),
+                        ('{"tempo_range": [1e-320, 240]}', "tempo_range: too wide"),
+                        ('{"tempo_range": [1e200, 1e300], "tempo_bins": 1}', "tempo_range: too wide"),
+                        ('{"max_shift": Infinity}', "max_shift: must be a positive int")]:
+        (tmp_path / "c.json").write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            MidiTokenizerConfig.load(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text('{"tempo_range": [30, Infinity]}')
+    (tmp_path / "a.mid").write_bytes(_valid_bytes())
+    assert main(["music", "tokenize", str(tmp_path / "a.mid"), "--tokenizer-config", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be two finite numbers" in err[0]
+
+
+def test_vocabulary_sizes_are_bounded_by_what_a_shard_holds():
+    """{"max_shift": 100000000} was accepted, then ran out of memory building the vocabulary."""
+    for key, limit in (("max_shift", 30000), ("max_duration", 30000), ("tempo_bins", 1000)):
+        with pytest.raises(ConfigError, match=f"MidiTokenizerConfig.{key}: at most {limit}, got 100000000 "):
+            MidiTokenizerConfig(**{key: 100_000_000})
+    with pytest.raises(ConfigError, match="velocity_bins: at most 127"):
+        MidiTokenizerConfig(velocity_bins=128)
+    # every size at its limit: the vocabulary still fits a uint16 shard (prepare's rule: <= 65535 ids)
+    from multimodal_rwkv.music.midi_tokenizer import MAX_VOCAB
+
+    big = MidiTokenizer(MidiTokenizerConfig(max_shift=30000, max_duration=30000, tempo_bins=1000,
+                                            tempo_range=(1000, 1_000_000), velocity_bins=127, group_size=1,
+                                            pitch_range=(0, 127), drum_pitch_range=(0, 127)))
+    assert big.vocab_size <= MAX_VOCAB <= 65535
+
+
+@pytest.mark.parametrize("spb", [1, 2, 3, 5, 7, 12, 24, 480])
+def test_time_signatures_from_bars_give_the_bars_back(spb):
+    """Property: encoding with the time signatures made from a bar list puts the bar lines exactly
+    there (plus the encoder's line at step 0) wherever successive lines are at most 255 whole
+    notes apart; a longer stretch gets only lines of the longest bar (255/1). A first bar after
+    step 0 used to bring the encoder's 4/4 lines from step 0 up to it."""
+    tok = MidiTokenizer(MidiTokenizerConfig(steps_per_beat=spb, use_bars=True))
+    longest = 255 * 4 * spb
+    rng = random.Random(spb)
+    for _ in range(60):
+        span = rng.choice([10, 50, 400, 2000, 5000])
+        bars = sorted({rng.randrange(0, span) for _ in range(rng.randint(1, 12))})
+        end = bars[-1] + rng.choice([0, rng.randrange(0, 60), rng.randrange(0, 3000)])
+        ts = tok.time_signatures_from_bars(bars, end)
+        got = tok.decode_notes(tok.encode_notes([Note(end, 1, 0, 60, 3)], [(0, 120.0)], ts))[2].bars
+        want = sorted({0} | set(bars))
+        if all(b - a <= longest for a, b in zip(want, want[1:])) and end - want[-1] < longest:
+            assert got == want, (bars, end, ts)
+        else:
+            assert set(want) <= set(got), (bars, end, ts)
+            stops = want + [end + 1]
+            for x in set(got) - set(want):  # only the longest bar's lines, inside a long stretch
+                k = max(k for k, b in enumerate(want) if b < x)
+                assert stops[k + 1] - want[k] > longest and (x - want[k]) % longest == 0, (bars, end, ts, x)
+    # a decoded piece whose first <bar> is after its start comes back with that bar, not 4/4 lines before it
+    ids = tok.encode_notes([Note(0, 1, 0, 60, 3), Note(7 * spb, 1, 0, 62, 3)], [(0, 120.0)], [])
+    shifted = [ids[0]] + [i for i in ids[1:] if i != tok.bar_id]
+    k = shifted.index(tok.pitch_start + 62 - tok.pitch_lo)
+    shifted.insert(k, tok.bar_id)  # a bar line at the second note only
+    assert tok.decode_notes(shifted)[2].bars == [7 * spb]
+    buf = io.BytesIO()
+    tok.decode(shifted).save(file=buf)
+    assert tok.decode_notes(tok.encode(buf.getvalue()))[2].bars == [0, 7 * spb]

@@ -206,6 +206,7 @@ def cmd_eval(args) -> int:
     if args.metrics:
         return _eval_from_metrics(args, ids)
     model, tok = load_music_model(args.model)
+    _check_data_tokenizer(args.data, tok, args.model)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
     lo, hi = (int(ids.min()), int(ids.max())) if len(ids) else (0, 0)
@@ -228,6 +229,42 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# bad-input limits: they decide which files are refused, not what an id means
+_LIMIT_KEYS = ("max_file_bytes", "max_notes", "max_beats", "max_tracks")
+
+
+def _check_data_tokenizer(data, tok, model_dir) -> None:
+    """Refuse data prepared with another tokenizer than the model's: its ids mean other things
+    (the scores would be wrong). The data's tokenizer file is found beside its split folder (see
+    :func:`~multimodal_rwkv.music.corpora.data_tokenizer_file`); without one, only the id range is
+    checked (by the caller)."""
+    from multimodal_rwkv.music.abc import AbcTokenizer
+    from multimodal_rwkv.music.corpora import data_tokenizer_file
+    from multimodal_rwkv.music.generate import load_tokenizer, tokenizer_file
+
+    f = data_tokenizer_file(data)
+    if f is None:
+        return
+    theirs = load_tokenizer(f.parent)
+    ours = tokenizer_file(model_dir) or model_dir
+
+    def kind(t):
+        return "ABC" if isinstance(t, AbcTokenizer) else "MIDI"
+
+    if kind(theirs) != kind(tok):
+        why = f"{kind(theirs)} tokens, the model's tokenizer is {kind(tok)}"
+    elif isinstance(tok, AbcTokenizer):
+        return
+    else:
+        a, b = theirs.config.to_dict(), tok.config.to_dict()
+        diff = [f"{k} {a[k]} (the model's: {b[k]})" for k in a if k not in _LIMIT_KEYS and a[k] != b[k]]
+        if not diff:
+            return
+        why = ", ".join(diff)
+    raise DataError(f"{data}: prepared with another tokenizer ({f}) than the model's ({ours}): {why}; "
+                    "evaluate on data prepared with the model's tokenizer")
+
+
 def _check_units(data, units: int, name: str) -> None:
     if units <= 0:
         raise DataError(f"{data}: no {'bytes' if name == 'bits/byte' else 'notes'} to score ({name} is undefined)")
@@ -238,12 +275,16 @@ def _eval_from_metrics(args, ids) -> int:
     import json
 
     from multimodal_rwkv.music.abc import AbcTokenizer
+    from multimodal_rwkv.music.corpora import data_tokenizer_file
     from multimodal_rwkv.music.generate import load_tokenizer
     from multimodal_rwkv.music.metrics import bits_per_unit
 
-    data_dir = Path(args.data)
-    tok_dir = data_dir if data_dir.is_dir() and any(data_dir.glob("*_tokenizer.json")) else data_dir.parent
-    tok = load_tokenizer(tok_dir)
+    f = data_tokenizer_file(args.data)
+    if f is None:
+        where = "in or beside its folder" if Path(args.data).is_dir() else "beside it or its folder"
+        raise DataError(f"{args.data}: no midi_tokenizer.json or abc_tokenizer.json {where} (--metrics needs the "
+                        "tokenizer of the prepared dataset: give its split, e.g. DATASET/valid)")
+    tok = load_tokenizer(f.parent)
     targets = ids[1:]
     is_abc = isinstance(tok, AbcTokenizer)
     units = tok.count_bytes(targets) if is_abc else tok.count_notes(targets)
@@ -281,6 +322,8 @@ def cmd_abc2midi(args) -> int:
 
     p = Path(args.abc)
     check_outputs([("--out", args.out)], [p])
+    if Path(args.out).suffix.lower() not in (".mid", ".midi"):  # after check_outputs: an input is refused as such
+        raise DataError(f"{args.out}: abc2midi writes a MIDI file: give a name ending in .mid")
     text = _read_abc(p)
     tunes = split_tunes(text, name=str(p)) or [text]
     if not 0 <= args.index < len(tunes):
@@ -317,7 +360,8 @@ def register(subparsers) -> None:
                                    "deterministic split by content hash, .npy shards in the 'tokens' format. "
                                    "Unreadable files are reported on stderr, skipped and listed in OUT/failed.txt. "
                                    "OUT is a new or empty folder, or one an earlier prepare wrote (its dataset is "
-                                   "replaced); a prepare that fails leaves it as it was.",
+                                   "replaced); a prepare that fails (no usable piece, none for the train split) "
+                                   "leaves it as it was.",
                        epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/music/bach --transpose 3",
                        formatter_class=fmt)
     src = p.add_mutually_exclusive_group(required=True)
@@ -358,7 +402,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("eval", help="held-out loss in nats/token and bits per note (MIDI) or per byte (ABC)",
                        description="Evaluate a music model on a prepared split: nats/token, bits/note or bits/byte; "
-                                   "or convert a training run's validation losses (--metrics).",
+                                   "or convert a training run's validation losses (--metrics). The split's tokenizer "
+                                   "(midi_tokenizer.json / abc_tokenizer.json beside its folder) must be the model's.",
                        epilog="Example: mmrwkv music eval --model runs/music_bach/final --data data/music/bach/test\n"
                               "         mmrwkv music eval --metrics runs/music_bach/metrics.jsonl --data data/music/bach/valid",
                        formatter_class=fmt)

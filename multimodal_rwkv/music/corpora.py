@@ -232,7 +232,8 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
 
     A piece that cannot be read is skipped, counted and reported: ``on_failure(name, reason)`` is
     called for it (default: a logged warning) and it is listed in ``OUT/failed.txt``. When no
-    piece is usable, the DataError quotes the first reason.
+    piece is usable, the DataError quotes the first reason; when none is left for the train split
+    (a few pieces, large valid/test shares), that is a DataError too.
 
     ``out`` is a new or empty folder, or one an earlier prepare wrote: its dataset (splits,
     tokenizer, meta.json, failed.txt) is replaced, other files in it are left alone. Everything is
@@ -451,6 +452,10 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
             more = len(report.failed) - 1
             why = f": {n}: {r}" + (f"; {more} more, each reported as skipped" if more else "")
         raise DataError(f"{corpus or midi_dir}: no usable pieces ({len(report.failed)} failed{why})")
+    if not docs["train"]:  # the split is by content hash: a few pieces may all be held out
+        held = ", ".join(f"{s} {len(docs[s])}" for s in ("valid", "test"))
+        raise DataError(f"{corpus or midi_dir}: no piece for the train split (pieces: {held}; "
+                        "lower the valid and test permille, or add pieces); nothing written")
     (out / FAILED_FILE).write_text("".join(f"{n}\t{r}\n" for n, r in report.failed))
     random.Random(seed).shuffle(docs["train"])  # transposed copies of one piece apart
     unit_name = "bytes" if kind == "abc" else "notes"
@@ -489,6 +494,18 @@ def load_tokens(path: str | os.PathLike):
             raise DataError(f"{f}: expected a 1-D integer array, got {a.dtype} {a.shape}")
         arrs.append(a.astype(np.int64))
     return np.concatenate(arrs)
+
+
+def data_tokenizer_file(path: str | os.PathLike) -> Path | None:
+    """The tokenizer file the token data at ``path`` was prepared with, or None when there is none:
+    the ``midi_tokenizer.json`` / ``abc_tokenizer.json`` in a folder of shards or beside it (a
+    split of a prepared dataset), or, for a ``.npy`` shard, in its folder or beside that."""
+    p = Path(path)
+    for folder in (p, p.parent) if p.is_dir() else (p.parent, p.parent.parent):
+        for name in _TOKENIZER_FILES:  # MIDI first, as a model folder is read
+            if (folder / name).is_file():
+                return folder / name
+    return None
 
 
 def split_documents(ids: Iterable[int]) -> list[list[int]]:

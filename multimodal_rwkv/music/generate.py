@@ -14,6 +14,9 @@ Python API::
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +38,18 @@ def load_tokenizer(model_dir: str | os.PathLike):
     if not d.is_dir():
         raise CheckpointError(f"{d}: {'not a folder' if d.exists() else 'no such file or folder'} (a music model "
                               "is a folder with config.json, model.safetensors and its tokenizer)")
-    if (d / MIDI_FILE).is_file():
-        return MidiTokenizer.from_pretrained(d / MIDI_FILE)
-    if (d / ABC_FILE).is_file():
-        return AbcTokenizer.from_pretrained(d / ABC_FILE)
-    raise CheckpointError(f"{d}: no {MIDI_FILE} or {ABC_FILE} (not a music model folder)")
+    f = tokenizer_file(d)
+    if f is None:
+        raise CheckpointError(f"{d}: no {MIDI_FILE} or {ABC_FILE} (not a music model folder)")
+    return MidiTokenizer.from_pretrained(f) if f.name == MIDI_FILE else AbcTokenizer.from_pretrained(f)
+
+
+def tokenizer_file(folder: str | os.PathLike) -> Path | None:
+    """The tokenizer file in ``folder`` (``midi_tokenizer.json`` first, then ``abc_tokenizer.json``), or None."""
+    for name in (MIDI_FILE, ABC_FILE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
 
 
 def load_music_model(model_dir: str | os.PathLike, device: str = "cpu"):
@@ -54,6 +64,56 @@ def load_music_model(model_dir: str | os.PathLike, device: str = "cpu"):
         raise CheckpointError(f"{model_dir}: model vocab {model.config.vocab_size} < tokenizer vocab {tok.vocab_size}")
     model.eval()
     return model, tok
+
+
+def _integer(v) -> int | None:
+    """``v`` as an int if it is an integer (numpy's and one-element integer tensors too; not a
+    bool, a float or a string), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except (TypeError, RuntimeError):  # RuntimeError: a tensor of several elements
+        return None
+
+
+def _check_count(name: str, v) -> int:
+    """``v`` as an int: an integer >= 1, else ValueError (the CLI's --max-tokens rule)."""
+    n = _integer(v)
+    if n is None or n < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return n
+
+
+def _check_seed(seed) -> int | None:
+    """``seed`` as an int or None: an integer in [0, 2**63), the CLI's --seed rule."""
+    n = None if seed is None else _integer(seed)
+    if seed is not None and (n is None or not 0 <= n < 2**63):
+        raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
+    return n
+
+
+def _prompt_ids(prompt, vocab_size: int | None) -> list[int]:
+    """A prompt of token ids (a list, tuple, numpy array, tensor ...) as a list of ints, each an
+    integer in [0, vocab_size): TypeError for another kind of prompt, ValueError for a bad id."""
+    if isinstance(prompt, (str, bytes, bytearray)) or not hasattr(prompt, "__iter__"):
+        raise TypeError(f"a prompt of token ids must be a sequence of integers, got {type(prompt).__name__}")
+    out = []
+    for i in prompt:
+        n = _integer(i)
+        if n is None or n < 0 or (vocab_size is not None and n >= vocab_size):
+            raise ValueError(f"prompt ids must be integers in [0, {vocab_size if vocab_size is not None else '...'}), "
+                             f"got {i!r}")
+        out.append(n)
+    return out
+
+
+def _check_seconds(seconds) -> float:
+    """``seconds`` as a float: a finite number > 0 (the CLI's --seconds rule), else ValueError."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not math.isfinite(seconds) \
+            or not seconds > 0:
+        raise ValueError(f"seconds must be > 0 (a finite number), got {seconds!r}")
+    return float(seconds)
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
@@ -93,11 +153,17 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
     (recurrent state) and with ``transformers`` causal LMs (KV cache). Returns the new ids."""
     import torch
 
+    from multimodal_rwkv.model.generation import check_sampling
+
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens)
+    seed = _check_seed(seed)
+    check_sampling(temperature, top_k, top_p)
+    prompt = _prompt_ids(prompt, getattr(getattr(model, "config", None), "vocab_size", None))
     if not prompt:
         raise ValueError("prompt must hold at least one id (e.g. the separator 0)")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     device = next(model.parameters()).device
-    x = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    x = torch.tensor([prompt], dtype=torch.long, device=device)
     rwkv = hasattr(model, "empty_state")
     new: list[int] = []
     stops = set(int(s) for s in stop_ids)
@@ -144,11 +210,13 @@ class MusicGeneration:
 
 
 def midi_prompt_ids(tok: MidiTokenizer, prompt) -> list[int]:
-    """Prompt ids for a MIDI prompt (path, ``mido.MidiFile`` or ids): its tokens without ``<eos>``."""
+    """Prompt ids for a MIDI prompt (path, ``mido.MidiFile``, the file's bytes, a binary file object,
+    or ids: a list, tuple, numpy array or tensor of integers in the vocabulary): its tokens without
+    ``<eos>``."""
     if prompt is None:
         return [tok.bos_id]
-    if isinstance(prompt, (list, tuple)):
-        ids = [int(i) for i in prompt]
+    if isinstance(prompt, (list, tuple)) or hasattr(prompt, "__array__"):  # numpy arrays and tensors too
+        ids = _prompt_ids(prompt, tok.vocab_size)
     else:
         ids = tok.encode(prompt)
     while ids and ids[-1] in (tok.eos_id, tok.pad_id):
@@ -166,8 +234,9 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
     Generation stops at ``<eos>``/separator, after ``seconds`` of new time shifts, or after
     ``max_new_tokens``. The result always decodes into a valid MIDI file.
     """
-    if not seconds > 0 or max_new_tokens < 1:
-        raise ValueError(f"generate_music: seconds must be > 0 and max_new_tokens >= 1; got {seconds}, {max_new_tokens}")
+    seconds = _check_seconds(seconds)
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens)
+    seed = _check_seed(seed)
     p = midi_prompt_ids(tok, prompt)
     tracker = tok.seconds_tracker()
     for i in p:
@@ -212,6 +281,12 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
     ``prompt``: a MIDI path / ``mido.MidiFile`` to continue, or None. ``seconds``: length of the
     new part. ``out``: also save the ``.mid``; ``png``: also draw a piano roll (prompt shaded).
     """
+    from multimodal_rwkv.model.generation import check_sampling
+
+    _check_seconds(seconds)  # before the model is loaded
+    _check_count("max_new_tokens", max_new_tokens)
+    _check_seed(seed)
+    check_sampling(temperature, top_k, top_p)
     check_midi_outputs(out, png, [("model", model_dir)] + ([("prompt", prompt)] if isinstance(prompt, (str, os.PathLike)) else []))
     model, tok = load_music_model(model_dir, device)
     if not isinstance(tok, MidiTokenizer):
@@ -256,7 +331,17 @@ def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\
     A prompt that starts with an ABC file header has it moved into the tune's header first
     (:func:`~multimodal_rwkv.music.abc.with_file_header`), the form the model was trained on; the
     returned text starts with that normalised prompt."""
+    from multimodal_rwkv.model.generation import check_sampling
+
     tok = AbcTokenizer()
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be ABC text (str), got {type(prompt).__name__}")
+    max_bytes = _check_count("max_bytes", max_bytes)
+    _check_seed(seed)
+    check_sampling(temperature, top_k, top_p)
+    if model is None and not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError("generate_abc: give model_dir (an ABC model folder) or model=, got model_dir "
+                        f"{type(model_dir).__name__}")
     prompt = with_file_header(prompt, "<prompt>")
     if model is None:
         model, tok2 = load_music_model(model_dir, device)

@@ -96,6 +96,10 @@ GM_GROUP_NAMES = (
 )
 TOKENIZER_FILENAME = "midi_tokenizer.json"
 _TS_DENOMINATORS = (4, 8, 16, 32, 64, 2, 1, 128, 256)  # the order decoded time signatures are preferred in
+MAX_VOCAB = 65535  # the largest vocabulary prepare and tokenize store as uint16 shards (see corpora)
+# the sizes that make up the vocabulary, bounded so that it stays within MAX_VOCAB: with these,
+# velocity_bins <= 127, at most 129 groups and 128 pitches it holds at most 61388 ids
+_SIZE_LIMITS = {"max_shift": 30000, "max_duration": 30000, "tempo_bins": 1000}
 
 
 @dataclass
@@ -130,11 +134,11 @@ class MidiTokenizerConfig:
         def pair(name, kind):
             v = getattr(self, name)
             ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and (kind is float or float(x).is_integer())
-                for x in v)
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and (kind is float or float(x).is_integer()) for x in v)
             if not ok:
-                raise ConfigError(f"MidiTokenizerConfig.{name}: must be two {'numbers' if kind is float else 'integers'} "
-                                  f"[lo, hi], got {v!r}")
+                what = "finite numbers" if kind is float else "integers"
+                raise ConfigError(f"MidiTokenizerConfig.{name}: must be two {what} [lo, hi], got {v!r}")
             setattr(self, name, tuple(kind(x) for x in v))
 
         pair("pitch_range", int)
@@ -148,6 +152,10 @@ class MidiTokenizerConfig:
         for name in ("drums", "use_tempo", "use_bars", "sustain"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"MidiTokenizerConfig.{name}: must be true or false, got {getattr(self, name)!r}")
+        for name, limit in _SIZE_LIMITS.items():  # before anything is built from them
+            if getattr(self, name) > limit:
+                raise ConfigError(f"MidiTokenizerConfig.{name}: at most {limit}, got {getattr(self, name)} (the "
+                                  f"vocabulary must fit the {MAX_VOCAB} ids of a uint16 token shard)")
         if self.steps_per_beat > 32767:  # a decoded file's ticks per beat (a multiple of it) is 15 bits
             raise ConfigError(f"MidiTokenizerConfig.steps_per_beat: at most 32767, got {self.steps_per_beat}")
         if self.velocity_bins > 127:
@@ -161,6 +169,9 @@ class MidiTokenizerConfig:
         lo, hi = self.tempo_range
         if not (0 < lo < hi):
             raise ConfigError(f"MidiTokenizerConfig.tempo_range: need 0 < lo < hi, got {self.tempo_range}")
+        if not (math.isfinite(hi / lo) and math.isfinite(lo * hi)):  # the bins are computed from them
+            raise ConfigError(f"MidiTokenizerConfig.tempo_range: too wide (hi / lo and lo * hi must be finite), "
+                              f"got {self.tempo_range}")
         if self.use_tempo:
             bpms = [round(b) for b in self.tempo_bpms()]
             if len(set(bpms)) != len(bpms):
@@ -982,11 +993,21 @@ class MidiTokenizer:
         docstring: exact, not accumulated) follow the given ones longest, the simplest (denominator
         4, 8, 16, 32, 64, 2, 1, 128, 256, then the smaller numerator) is written; where it stops
         matching, the next one starts at the last bar line that matched (where the meter changed).
-        This covers every bar sequence the encoder makes;
-        a bar no time signature can reach (from a model's free output) is left out."""
+        This covers every bar sequence the encoder makes, and any other (a model's free output)
+        whose successive bar lines (step 0 included, see below) are at most 255 whole notes apart
+        (the longest bar, 255/1) and whose last bar is less than that before ``end``; a longer
+        stretch without a bar line cannot be written: it gets the longest bar, so one extra line
+        every 255 whole notes there.
+
+        The encoder always has a bar line at step 0 (4/4 holds before the first time signature):
+        when the first bar is after step 0, the first time signature starts at step 0 with a bar
+        that ends at the first bar (or that spans several given bars), so the bars come back with
+        one more line, at step 0, and nowhere else. No bars at all: no time signature (4/4)."""
         bars = sorted(set(int(b) for b in bars))
         if not bars:
             return []
+        if bars[0] > 0:  # the encoder's bar line at step 0 cannot be taken away; its bar ends at the first one
+            bars.insert(0, 0)
         spb = self.config.steps_per_beat
         end = max(bars[-1], bars[-1] if end is None else int(end))
         n = len(bars)
@@ -1020,9 +1041,8 @@ class MidiTokenizer:
                     best = (j, num, den)
                     if j == n:
                         break
-            if best is None:
-                i += 1
-                continue
+            if best is None:  # the next bar (or end) is further than the longest bar: that one, then the next bar
+                best = (i + 1, 255, 1)
             out.append((bars[i], best[1], best[2]))
             i = best[0]
         return out
