@@ -151,6 +151,11 @@ def test_unknown_option_is_a_config_error(trained, tmp_path):
     cfg.model.options = {**cfg.model.options, "bogus": 1}
     with pytest.raises(ConfigError, match="bogus"):
         train(cfg)
+    # state tuning exports a language model's time_state: refused for a VisualRWKV, with the reason
+    cfg = recipe(tmp_path, data, tmp_path / "st")
+    cfg.peft.train_state = True
+    with pytest.raises(ConfigError, match="peft.train_state: state tuning is for the lm task"):
+        train(cfg)
     # a BlinkDL model.pth holds a language model alone: refused up front, not written unloadable
     cfg = recipe(tmp_path, data, tmp_path / "y")
     cfg.export.pth = True

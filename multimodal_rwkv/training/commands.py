@@ -13,7 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train or fine-tune a model from a YAML recipe",
         description=(
-            "Train from a YAML recipe (text LM, VisualRWKV, music tokens; full, LoRA or state tuning). "
+            "Train from a YAML recipe (text LM, VisualRWKV, music tokens; full or LoRA, and state tuning of a language model). "
             "Rerunning the same command with the same output_dir resumes from the last complete "
             "checkpoint; --set max_steps=N extends a finished run. Multi-GPU: prefix with "
             "'accelerate launch --config_file recipes/accelerate/<x>.yaml -m multimodal_rwkv'."),

@@ -181,7 +181,8 @@ def _time_mix_modules(model: nn.Module):
     base = getattr(model, "rwkv", model)
     blocks = getattr(base, "blocks", None)
     if blocks is None:
-        raise ConfigError("peft.train_state: the model has no RWKV blocks (state tuning needs an RWKV core)")
+        raise ConfigError(f"peft.train_state: {type(model).__name__} has no RWKV blocks at .rwkv.blocks or "
+                          ".blocks (state tuning trains a language model's initial state)")
     return [b.att for b in blocks]
 
 

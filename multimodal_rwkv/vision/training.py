@@ -60,6 +60,9 @@ class VisualRWKVTask(Task):
         unknown = sorted(set(cfg.data.options) - set(_DATA_KEYS))
         if unknown:
             raise ConfigError(f"data.options: unknown keys {unknown} for task visualrwkv; known: {list(_DATA_KEYS)}")
+        if cfg.peft.train_state:
+            raise ConfigError("peft.train_state: state tuning is for the lm task (it exports a language model's "
+                              "time_state); for task visualrwkv use full or LoRA fine-tuning")
         if cfg.data.format not in ("auto", "llava"):
             raise ConfigError(f"data.format: task visualrwkv reads LLaVA json/jsonl (format auto or llava), "
                               f"got {cfg.data.format!r}")
