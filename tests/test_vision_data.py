@@ -212,3 +212,19 @@ def test_a_json_file_holding_one_record(folder, proc):
     path.write_text(json.dumps(rec("bad", image="missing.png"), indent=2))
     with pytest.raises(DataError, match=f"{path}:1: record 'bad': image file not found"):
         LlavaDataset(path, proc)
+
+
+def test_an_answer_outside_the_models_vocab_subset_is_a_bad_record(folder, proc):
+    """A vocab_subset model reads other ids as UNK: an answer word outside the subset was trained
+    silently towards the UNK row, which generation never produces."""
+    tok = proc.tokenizer
+    known = {0, *tok.encode(" red"), *tok.encode("\n\n")}
+    path = write(folder / "s.json", [rec("ok", a="red"), rec("unk", a="red hi there")])
+    with pytest.raises(DataError, match=r"record 'unk': its answer holds 2 token\(s\) outside the model's "
+                                        r"vocab_subset \(' hi', ' there'\)"):
+        ds = LlavaDataset(path, proc, answer_ids=known)
+        [ds[i] for i in range(len(ds))]
+    ds = LlavaDataset(path, proc, answer_ids=known, on_bad_record="skip")
+    items = [ds[i] for i in range(len(ds))]  # the bad record is dropped, another stands in
+    assert ds.skipped == 1 and all(set(it["labels"].tolist()) <= known | {IGNORE_INDEX} for it in items)
+    assert len(LlavaDataset(path, proc)) == 2  # without a subset every World id is an answer id

@@ -151,6 +151,11 @@ def test_unknown_option_is_a_config_error(trained, tmp_path):
     cfg.model.options = {**cfg.model.options, "bogus": 1}
     with pytest.raises(ConfigError, match="bogus"):
         train(cfg)
+    # a vocab_subset without the stop text's id: a model that could never end an answer
+    cfg = recipe(tmp_path, data, tmp_path / "nostop")
+    cfg.model.options = {**cfg.model.options, "vocab_subset": [0, 5, 6]}
+    with pytest.raises(ConfigError, match=r"vocab_subset lacks the stop text's id\(s\) \[261\]"):
+        train(cfg)
     # state tuning exports a language model's time_state: refused for a VisualRWKV, with the reason
     cfg = recipe(tmp_path, data, tmp_path / "st")
     cfg.peft.train_state = True

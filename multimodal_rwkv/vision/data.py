@@ -132,7 +132,10 @@ class LlavaDataset(Dataset):
 
     def __init__(self, path, processor: VisualRWKVProcessor, image_folder=None, ctx_len: int = 2048,
                  on_bad_record: str = "fail", verify_images: bool = False,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, cache_images: bool = False):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, cache_images: bool = False,
+                 answer_ids=None):
+        """``answer_ids``: the World ids the model can produce (a ``vocab_subset`` model's); a record
+        whose answer holds another id is a bad record (it would train towards the UNK row)."""
         if on_bad_record not in BAD_RECORD_MODES:
             raise ConfigError(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
         self.path = Path(path)
@@ -141,6 +144,7 @@ class LlavaDataset(Dataset):
         self.ctx_len = int(ctx_len)
         self.on_bad_record = on_bad_record
         self.max_image_pixels = max_image_pixels
+        self.answer_ids = frozenset(answer_ids) if answer_ids is not None else None
         self.bad_records: list[str] = []
         self.skipped_at_load = 0
         self._failed: set[int] = set()  # records whose images failed to load in __getitem__
@@ -221,6 +225,13 @@ class LlavaDataset(Dataset):
             ids, labels, n_img = ids[:cut], labels[:cut], n_full
             if all(x == IGNORE_INDEX for x in labels[1:]):
                 raise DataError(f"record {rec.rid!r}: no answer tokens within ctx_len={self.ctx_len}")
+        if self.answer_ids is not None:
+            out = sorted({t for t in labels if t != IGNORE_INDEX and t not in self.answer_ids})
+            if out:
+                shown = ", ".join(repr(self.processor.tokenizer.decode([t])) for t in out[:5])
+                raise DataError(f"record {rec.rid!r}: its answer holds {len(out)} token(s) outside the model's "
+                                f"vocab_subset ({shown}{', ...' if len(out) > 5 else ''}): the model cannot "
+                                "produce them")
         return ids, labels, n_img
 
     def __len__(self) -> int:

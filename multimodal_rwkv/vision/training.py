@@ -203,9 +203,18 @@ class VisualRWKVTask(Task):
         verify = bool(d.options.get("verify_images", False))
         cache = bool(d.options.get("cache_images", False))
 
+        subset = model.config.vocab_subset
+        if subset is not None:  # answers end in the stop text: the model must be able to write it
+            stop = model.tokenizer.encode(model.config.stop or "")
+            missing = [t for t in stop if t not in set(subset)]
+            if missing:
+                raise ConfigError(f"model vocab_subset lacks the stop text's id(s) {missing} "
+                                  f"({model.config.stop!r}): a model trained on it could never stop")
+
         def make(path):
             return LlavaDataset(path, model.processor, image_folder=d.image_folder, ctx_len=d.ctx_len,
-                                on_bad_record=d.on_bad_record, verify_images=verify, cache_images=cache)
+                                on_bad_record=d.on_bad_record, verify_images=verify, cache_images=cache,
+                                answer_ids=subset)
 
         train = make(d.train_file)
         valid = make(d.valid_file) if d.valid_file else None
