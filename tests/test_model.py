@@ -1338,6 +1338,13 @@ def test_huge_penalties_ban_seen_tokens_and_bad_generate_settings_are_named():
                    frequency_penalty=torch.tensor(0.25), penalty_decay=np.float64(0.99))
     assert torch.equal(a, m.generate(ids, max_new_tokens=4, eos_token_id=None, presence_penalty=0.5,
                                      frequency_penalty=0.25, penalty_decay=0.99))
+    # a large reward keeps the official sampler's choice and probabilities (a shift, not a cap)
+    from multimodal_rwkv.model.generation import RWKVPenaltyProcessor as P
+
+    big = P(presence=-2e4, frequency=0.0, decay=1.0, prompt_len=1)(torch.tensor([[9, 0, 1]]),
+                                                                    torch.tensor([[5.0, 10.0, 0.0, 7.0]]))
+    assert big.argmax().item() == 1 and torch.allclose(big.softmax(-1), torch.tensor([[5.0 + 2e4, 10.0 + 2e4,
+                                                                                         0.0, 7.0]]).softmax(-1))
     for kw in ({"presence_penalty": -1e39}, {"frequency_penalty": -1e38}):
         for sample in ({}, {"do_sample": True, "temperature": 1e-30, "seed": 0}):
             out = m.generate(ids, max_new_tokens=5, eos_token_id=None, **kw, **sample)[0, 3:].tolist()

@@ -513,6 +513,17 @@ def test_eval_refuses_data_prepared_with_another_tokenizer(tmp_path, capsys, fak
     np.save(tmp_path / "loose" / "t.npy", np.load(same / "shard_00000.npy"))
     assert main(["music", "eval", "--model", str(m_midi), "--data", str(tmp_path / "loose" / "t.npy")]) == 0
     assert "bits/note" in capsys.readouterr().out
+    # relative names from inside the split ("." and a bare shard name) find the dataset's tokenizer too
+    import os
+
+    here = os.getcwd()
+    try:
+        os.chdir(other)
+        for data in (".", "shard_00000.npy"):
+            assert main(["music", "eval", "--model", str(m_midi), "--data", data]) == 2
+            assert "prepared with another tokenizer" in _one_error_line(capsys, "eval")
+    finally:
+        os.chdir(here)
 
 
 def test_eval_metrics_finds_the_tokenizer_of_a_shard(tmp_path, capsys):

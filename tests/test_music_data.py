@@ -612,6 +612,9 @@ def test_a_tie_between_different_pitches_keeps_both_notes():
     assert notes("%abc-2.1\nX:1\nL:1/4\nM:4/4\nK:C\nD2_B2-|B2D2|\n")[1] == (24, 48, 70)
     assert notes("X:1\nL:1/4\nM:4/4\nK:C\n^C2-C2|\n") == [(0, 48, 61)]
     assert notes("X:1\nL:1/4\nM:4/4\nK:C\nC2-{D}C2|\n")[0] == (0, 48, 60)
+    # an explicit accidental on the second note makes it another pitch: both notes are kept
+    assert [n[2] for n in notes("X:1\nL:1/4\nK:C\n^F2-=F2|]\n")] == [66, 65]
+    assert [n[2] for n in notes("X:1\nL:1/4\nK:G\nF-|=F A|]\n")] == [66, 65, 69]
 
 
 def test_abc_corpus_files_are_read_as_utf8(tmp_path, monkeypatch):

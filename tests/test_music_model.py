@@ -300,6 +300,8 @@ def test_generated_piano_roll_marks_every_prompt_note(tmp_path):
         assert img.getpixel((int(30 + (last.onset + 0.5) * px) + 1, 18 + (hi - last.pitch) * 5 + 1)) == pale
         assert img.getpixel((int(30 + res.prompt_end * px), 30)) == (220, 0, 0)  # the line, at 0 too
     # without a prompt: no line, no pale notes (prompt_end=0, a result's value then, means none)
+    with_prompt = render_pianoroll([Note(0, 12, 0, 60, 5)], None, steps_per_beat=12, prompt_notes=1)
+    assert (220, 0, 0) in {with_prompt.getpixel((x, 30)) for x in range(with_prompt.size[0])}  # a chord: at 0
     for kw in ({}, {"prompt_end": 0}, {"prompt_end": None}):
         plain = render_pianoroll([Note(0, 12, 0, 60, 5)], None, steps_per_beat=12, **kw)
         assert (220, 0, 0) not in {plain.getpixel((x, 30)) for x in range(plain.size[0])}
@@ -363,3 +365,19 @@ def test_generation_apis_check_their_arguments():
     res = generate_music(midi, tok, np.array([1, 5]), seconds=np.float32(0.5), max_new_tokens=np.int32(8),
                          seed=np.uint8(1))
     assert res.new_tokens <= 8
+
+
+def test_sample_next_takes_numpy_settings_and_tiny_temperatures():
+    """A temperature of 1e-45 made the music sampler's probabilities NaN (a traceback from the
+    CLI); numpy / tensor settings were refused as not numbers."""
+    import numpy as np
+    import torch
+
+    from multimodal_rwkv.music.generate import sample_next
+
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for t in (1e-45, 1e-38, np.float32(1e-40)):
+        assert sample_next(logits, temperature=t, generator=torch.Generator().manual_seed(0)) == 1
+    got = sample_next(logits, temperature=np.float32(0.8), top_k=np.int64(2), top_p=torch.tensor(0.9),
+                      generator=torch.Generator().manual_seed(0))
+    assert got in (1, 2)

@@ -929,7 +929,8 @@ def test_include_files_never_replace_what_the_export_writes(tmp_path, corpus):
             train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1,
                                                 **{"export.include_files": "[" + ", ".join(map(str, files)) + "]"}))
         assert not (tmp_path / "run").exists()  # refused before any training
-    # a file the export does not write in this run is taken: its own generation defaults
+    # a file the export does not write in this run is taken: its own generation defaults (which
+    # also take the place of those a starting model brings)
     (inc / "generation_config.json").write_text('{"max_new_tokens": 3}')
     final = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1, **{
         "export.include_files": f"[{inc / 'tok.json'}, {inc / 'generation_config.json'}]"}))
@@ -937,14 +938,31 @@ def test_include_files_never_replace_what_the_export_writes(tmp_path, corpus):
     from multimodal_rwkv import RWKVForCausalLM
 
     assert RWKVForCausalLM.from_pretrained(final).generation_config.max_new_tokens == 3
+    # ... also over those a starting model brings (the export writes them too)
+    fresh_base(tmp_path / "base")
+    base = RWKVForCausalLM.from_pretrained(tmp_path / "base")
+    base.generation_config.max_new_tokens = 9
+    base.save_pretrained(tmp_path / "base")
+    final = train(TrainConfig(), base_overrides(corpus, tmp_path / "ft", max_steps=1, **{
+        "model.config": "{}", "model.from_pretrained": tmp_path / "base",
+        "export.include_files": f"[{inc / 'generation_config.json'}]"}))
+    assert RWKVForCausalLM.from_pretrained(final).generation_config.max_new_tokens == 3
 
 
 def test_a_rerun_keeps_the_runs_tokenizer(tmp_path, corpus):
     """data.tokenizer changed on a finished run re-exported final/ saying 'bytes' for weights
     trained on World ids (generate then decoded them byte by byte)."""
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, " * 50)
     run = tmp_path / "run"
-    train(TrainConfig(), base_overrides(corpus, run, max_steps=2, **{"data.tokenizer": "bytes"}))
+    small = ["model.config={n_layer: 1, n_embd: 64, head_size: 32, vocab_size: 257}"]
+    train(TrainConfig(), base_overrides(text, run, max_steps=2, **{"data.tokenizer": "bytes"}) + small)
     for steps in (2, 3):  # finished (re-export) and extended
         with pytest.raises(ConfigError, match='data.tokenizer: "bytes" -> "world"'):
-            train(TrainConfig(), base_overrides(corpus, run, max_steps=steps, **{"data.tokenizer": "world"}))
+            train(TrainConfig(), base_overrides(text, run, max_steps=steps, **{"data.tokenizer": "world"}) + small)
     assert len(losses(run)) == 2
+    # token files were tokenized elsewhere: data.tokenizer means nothing for them and may change
+    tok_run = tmp_path / "tokens"
+    train(TrainConfig(), base_overrides(corpus, tok_run, max_steps=2, **{"data.tokenizer": "bytes"}))
+    train(TrainConfig(), base_overrides(corpus, tok_run, max_steps=3, **{"data.tokenizer": "world"}))
+    assert len(losses(tok_run)) == 3

@@ -178,6 +178,9 @@ def test_answer_batch_matches_single_answers_and_prefix_reuse(tok, base):
     s1 = m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
     s2 = m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
     assert s1 == s2
+    # a temperature whose logits / temperature overflow (NaN probabilities before): the top token
+    tiny = m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1e-45, seed=3)
+    assert tiny == m.answer(imgs[0], "Q?", max_new_tokens=8)
 
 
 def test_image_count_mismatch_raises(base):

@@ -11,12 +11,12 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
     finite and >= 0 (0: greedy), ``top_k`` an integer >= 0 (0: off), ``top_p`` in (0, 1]."""
     import math
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
+    t, p = real_number(temperature), real_number(top_p)  # numpy and one-element tensor numbers too
+    if t is None or not math.isfinite(t) or t < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    if isinstance(top_k, bool) or not hasattr(top_k, "__index__") or top_k.__index__() < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if p is None or not 0 < p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
@@ -106,9 +106,16 @@ class RWKVPenaltyProcessor(LogitsProcessor):
         presence = torch.tensor(float(self.presence), dtype=torch.float64).to(scores.dtype)  # 1e39 -> inf
         pen = torch.where(seen, presence.to(scores.device), 0.0)
         pen = pen + torch.where(counts > 0, counts.to(scores.dtype) * self.frequency, 0.0)
-        # a negative penalty (a reward) is capped: a logit of +inf, or one that a small temperature
-        # scales to inf, would make the sampler's probabilities NaN
-        return torch.where(pen < 0, (scores - pen).clamp(max=MAX_REWARDED_LOGIT), scores - pen)
+        out = scores - pen
+        if bool((pen < 0).any()):
+            # a reward (negative penalty) beyond float range is +inf, and one a small temperature
+            # scales past it too: the sampler's probabilities would be NaN. The largest float stands
+            # for +inf, and a row above MAX_REWARDED_LOGIT is shifted down by its maximum (the same
+            # probabilities and choice, as the official sampler's, without the overflow)
+            out = torch.where(out == float("inf"), torch.finfo(out.dtype).max, out)
+            top = out.max(dim=-1, keepdim=True).values
+            out = torch.where(top > MAX_REWARDED_LOGIT, out - top, out)
+        return out
 
 
 class VocabLimitProcessor(LogitsProcessor):

@@ -282,13 +282,19 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
 def _untie_other_pitches(score, name: str) -> None:
     """Drop the ties music21 keeps between notes of different pitches (``G3-A``): a tie joins two
     notes of the same pitch (ABC 2.1 section 4.11), so abc2midi ignores such a tie; merged, the second
-    note would be lost. Notes are compared by letter and octave: the tied note keeps its accidental
-    across a bar line (``=F2-|F2``), where music21 gives the second note the key's. Grace notes
+    note would be lost. A second note without an accidental of its own is compared by letter and
+    octave: it keeps the tied note's accidental across a bar line (``=F2-|F2``), where music21 gives
+    it the key's. One with an explicit accidental (``^F2-=F2``) is compared by pitch. Grace notes
     between the two are skipped."""
     from music21 import tie
 
-    def names(n):
-        return sorted((p.step, p.octave) for p in n.pitches)
+    def explicit(p) -> bool:
+        return p.accidental is not None and bool(p.accidental.displayStatus)
+
+    def same(a, b) -> bool:
+        if any(explicit(p) for p in b.pitches):
+            return sorted(p.midi for p in a.pitches) == sorted(p.midi for p in b.pitches)
+        return sorted((p.step, p.octave) for p in a.pitches) == sorted((p.step, p.octave) for p in b.pitches)
 
     parts = list(getattr(score, "parts", None) or [score])
     dropped = 0
@@ -297,7 +303,7 @@ def _untie_other_pitches(score, name: str) -> None:
         for a, b in zip(notes, notes[1:]):
             if a.tie is None or a.tie.type not in ("start", "continue"):
                 continue
-            if names(a) == names(b):
+            if same(a, b):
                 continue
             a.tie = None if a.tie.type == "start" else tie.Tie("stop")
             if b.tie is not None:

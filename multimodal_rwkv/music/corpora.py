@@ -500,7 +500,7 @@ def data_tokenizer_file(path: str | os.PathLike) -> Path | None:
     """The tokenizer file the token data at ``path`` was prepared with, or None when there is none:
     the ``midi_tokenizer.json`` / ``abc_tokenizer.json`` in a folder of shards or beside it (a
     split of a prepared dataset), or, for a ``.npy`` shard, in its folder or beside that."""
-    p = Path(path)
+    p = Path(os.path.abspath(path))  # "." and a bare shard name have parents too
     for folder in (p, p.parent) if p.is_dir() else (p.parent, p.parent.parent):
         for name in _TOKENIZER_FILES:  # MIDI first, as a model folder is read
             if (folder / name).is_file():

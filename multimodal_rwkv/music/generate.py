@@ -130,7 +130,7 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
         x[allowed:] = float("-inf")
     if temperature <= 0:
         return int(torch.argmax(x))
-    x = x / temperature
+    x = (x - x.max()) / float(temperature)  # from the top: a tiny temperature gives -inf, never inf - inf
     if top_k and top_k < x.numel():
         kth = torch.topk(x, top_k).values[-1]
         x[x < kth] = float("-inf")

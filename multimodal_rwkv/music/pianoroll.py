@@ -65,7 +65,7 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     def x_of(step):
         return left + step * px_per_step
 
-    if prompt_end:  # (None: no prompt; 0: a prompt that is one chord)
+    if prompt_end:  # (None or 0: no prompt, or one that is a single chord)
         d.rectangle([x_of(0), legend_h, x_of(prompt_end), h - 1], fill=(236, 236, 236))
     for p in range(lo, hi + 1):  # C rows a little darker, label every C
         if p % 12 == 0:
@@ -83,7 +83,8 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
         x0, x1 = x_of(n.onset), max(x_of(n.onset) + 1, x_of(n.offset) - 1)
         y0 = y_of(n.pitch)
         d.rectangle([x0, y0, x1, y0 + px_per_pitch - 2], fill=c)
-    if prompt_end or (prompt_end == 0 and prompt_notes):
+    if prompt_end or prompt_notes:  # a prompt (one chord: its line at 0)
+        prompt_end = prompt_end or 0
         d.line([x_of(prompt_end), legend_h, x_of(prompt_end), h - 1], fill=(220, 0, 0), width=2)
         d.text((x_of(prompt_end) + 3, legend_h + 1), "generated", fill=(220, 0, 0))
         if prompt_end:

@@ -68,7 +68,24 @@ class LMTask(Task):
     """Causal LM training of :class:`~multimodal_rwkv.RWKVForCausalLM`."""
 
     name = "lm"
-    kept_data_keys = ("tokenizer",)  # the same ids must keep meaning the same text
+
+    @property
+    def kept_data_keys(self) -> tuple[str, ...]:
+        """The tokenizer, for text: the same ids must keep meaning the same text (token files were
+        tokenized elsewhere, and ``data.tokenizer`` means nothing for them)."""
+        return () if self._data_format() == "tokens" else ("tokenizer",)
+
+    def _data_format(self) -> str:
+        """``data.format``, resolved from the train file when it is ``auto`` (as read at the start)."""
+        fmt = self.cfg.data.format
+        if fmt == "auto" and self.cfg.data.train_file:
+            from multimodal_rwkv.training.data import detect_format
+
+            try:
+                fmt = detect_format(self.cfg.data.train_file)
+            except Exception:  # noqa: BLE001 - reported where the data is read
+                pass
+        return fmt
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -204,15 +221,7 @@ class LMTask(Task):
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir)
         # token files were tokenized elsewhere (music prepare, ...): their tokenizer is not known here
-        fmt = self.cfg.data.format
-        if fmt == "auto" and self.cfg.data.train_file:
-            from multimodal_rwkv.training.data import detect_format
-
-            try:
-                fmt = detect_format(self.cfg.data.train_file)
-            except Exception:  # the data was read at the start: nothing to report here
-                pass
-        tokens = fmt == "tokens"
+        tokens = self._data_format() == "tokens"
         info = {"task": "lm", "tokenizer": None if tokens else self.cfg.data.tokenizer,
                 "ctx_len": self.cfg.data.ctx_len, "skipped_records": self.skipped}
         (out_dir / "training_info.json").write_text(json.dumps(info, indent=1))

@@ -717,7 +717,9 @@ class Trainer:
             if cfg.export.pth:
                 P.export_blinkdl_pth(export_model, tmp / "model.pth")
             for f in cfg.export.include_files:
-                if (tmp / Path(f).name).exists():  # a file the task wrote (the names below are refused up front)
+                # a file the export wrote (those it always writes are refused up front); generation
+                # defaults given as a file take the place of the starting model's
+                if (tmp / Path(f).name).exists() and Path(f).name != "generation_config.json":
                     raise ConfigError(f"export.include_files: {f} would replace final/{Path(f).name}, which the "
                                       "export wrote; rename it (the checkpoints are kept: rerun to export)")
                 shutil.copy2(f, tmp / Path(f).name)

@@ -467,7 +467,8 @@ class VisualRWKV(nn.Module):
             logits[:, -1] = -float("inf")  # never produce the UNK row
         if not do_sample or temperature <= 0:
             return logits.argmax(-1)
-        logits = logits / temperature
+        # from the top: a tiny temperature gives -inf, never inf - inf (NaN probabilities)
+        logits = (logits - logits.amax(-1, keepdim=True)) / float(temperature)
         if top_k and top_k > 0:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -float("inf"))
