@@ -1398,3 +1398,41 @@ def test_a_bad_size_is_one_error_without_transformers_warnings(capfd):
     with pytest.raises(ConfigError, match="vocab_size must be positive, got 0"):
         RWKVConfig(vocab_size=0)
     assert "transformers" not in capfd.readouterr().err
+
+
+def test_fused_decode_sees_parameters_changed_in_place(monkeypatch):
+    """A bf16 model's fused decode kept fp32 copies of its small parameters until their version
+    changed; an edit through .data (or a fused AdamW step) leaves it alone, so the next decode ran
+    the old values. A prefill, train()/eval() or generate() now read them afresh."""
+    from multimodal_rwkv.kernels import cpu
+
+    kernel = cpu.extension()
+    if kernel is None or not kernel.has_avx512_bf16():
+        pytest.skip("needs the C++ kernels on a CPU with AVX512-BF16")
+    m = _random_model().to(torch.bfloat16)
+    ids = torch.randint(1, 97, (1, 4))
+    with torch.no_grad():
+        st = m(ids[:, :3]).state
+        m(ids[:, 3:], state=st.clone())  # fills the copies
+        m.rwkv.blocks[1].ln1.weight.data.mul_(3)  # no version bump
+        for refresh in (lambda: m(ids[:, :3]), lambda: m.eval()):
+            refresh()
+            fused = m(ids[:, 3:], state=st.clone()).logits
+            monkeypatch.setattr("multimodal_rwkv.model.modeling.FAST_DECODE", False)
+            plain = m(ids[:, 3:], state=st.clone()).logits
+            monkeypatch.setattr("multimodal_rwkv.model.modeling.FAST_DECODE", True)
+            assert rel(fused.float(), plain.float()) < 2e-2
+            m.rwkv.blocks[1].ln1.weight.data.mul_(0.5)
+
+
+def test_a_named_wkv_backend_decodes_through_that_backend(monkeypatch):
+    """wkv_backend='reference' (or 'torch', 'triton') ran one-token decoding through the fused C++
+    block anyway; a backend named explicitly runs or raises."""
+    from multimodal_rwkv.kernels import cpu
+
+    m = _random_model(wkv_backend="reference")
+    used = []
+    monkeypatch.setattr(cpu, "decode_block", lambda *a: used.append(1))
+    with torch.no_grad():
+        m(torch.randint(1, 97, (1, 1)))
+    assert used == []

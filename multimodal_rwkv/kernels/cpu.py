@@ -336,8 +336,10 @@ def decode_block(x, params, att_shift, wkv, ffn_shift, ln_eps: float, gn_eps: fl
     the checks on the parameters are the kernel's (it returns False where one fails)."""
     B, C = x.shape
     if B > MAX_ROWS and params[13].dtype == torch.bfloat16:
-        # bf16 weights: groups of MAX_ROWS rows, so that a row's numbers do not depend on the batch
-        # size (the plain bf16 forward would round every intermediate to bf16; 0.6% apart here)
+        # bf16 weights: groups of MAX_ROWS rows, so that a row's numbers do not depend on how many
+        # groups there are (the plain bf16 forward would round every intermediate to bf16; 0.6%
+        # apart here). Within a group, the fp32 products may round differently with the row count
+        # (about 1e-7 relative), which a bf16 rounding of the output can still magnify
         parts = [decode_block(x[i:i + MAX_ROWS], params, att_shift[i:i + MAX_ROWS], wkv[i:i + MAX_ROWS],
                               ffn_shift[i:i + MAX_ROWS], ln_eps, gn_eps, v6) for i in range(0, B, MAX_ROWS)]
         return None if any(p is None for p in parts) else tuple(torch.cat(t) for t in zip(*parts))

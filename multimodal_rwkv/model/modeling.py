@@ -372,8 +372,15 @@ class Block(nn.Module):
         self.ffn = ChannelMix(config, layer_id)
         self._fp32_copies: dict = {}  # decode_step's fp32 copies of a low-precision model's small parameters
 
+    def train(self, mode: bool = True):
+        self._fp32_copies.clear()  # parameters may have changed in place (see _fp32)
+        return super().train(mode)
+
     def _fp32(self, p: torch.Tensor) -> torch.Tensor:
-        """``p`` in fp32: itself, or a copy kept until ``p`` changes (its version or storage)."""
+        """``p`` in fp32: itself, or a copy kept until ``p`` changes (its version or storage), or
+        until the next forward that is not a one-token decode, ``train()``/``eval()`` or
+        ``generate()``: an in-place change that leaves the version alone (a fused optimiser
+        step, an edit through ``.data``) is seen from then on."""
         if p.dtype == torch.float32:
             return p
         hit = self._fp32_copies.get(id(p))
@@ -534,7 +541,11 @@ class RWKVModel(RWKVPreTrainedModel):
                 and not torch.is_grad_enabled() and not output_hidden_states else 0)
         every = [x] if output_hidden_states else None
         decode = (FAST_DECODE and T == 1 and mask is None and scan_order is None and x.device.type == "cpu"
-                  and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled())
+                  and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+                  and self.config.wkv_backend in ("auto", "cpu"))  # a backend named otherwise runs as named
+        if not decode:  # a prefill or a training step: the next decode reads the parameters afresh
+            for block in self.blocks:
+                block._fp32_copies.clear()
         if scan_order is not None:
             _check_scan_order(scan_order, B, T)
             perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
@@ -882,6 +893,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             kwargs["generation_config"] = user_gc
         else:
             kwargs.update(ours)
+        for block in self.rwkv.blocks:  # the parameters may have changed since the last decode
+            block._fp32_copies.clear()
         own_stops = cfg_stops if user_gc is None else None  # the model's own config's: cleared for the call
         if own_stops:
             self.generation_config.stop_strings = None
