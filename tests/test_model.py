@@ -1343,8 +1343,10 @@ def test_huge_penalties_ban_seen_tokens_and_bad_generate_settings_are_named():
 
     big = P(presence=-2e4, frequency=0.0, decay=1.0, prompt_len=1)(torch.tensor([[9, 0, 1]]),
                                                                     torch.tensor([[5.0, 10.0, 0.0, 7.0]]))
-    assert big.argmax().item() == 1 and torch.allclose(big.softmax(-1), torch.tensor([[5.0 + 2e4, 10.0 + 2e4,
-                                                                                         0.0, 7.0]]).softmax(-1))
+    assert big.tolist() == [[20005.0, 20010.0, 0.0, 7.0]]  # as the official sampler (beam scores too)
+    huge = P(presence=-2e8, frequency=0.0, decay=1.0, prompt_len=1)(torch.tensor([[9, 0, 1]]),
+                                                                     torch.tensor([[0.0, 64.0, 0.0, 7.0]]))
+    assert huge[0, :2].tolist() == [-64.0, 0.0] and (huge[0, 2:] < -1.9e8).all()  # shifted: no overflow
     for kw in ({"presence_penalty": -1e39}, {"frequency_penalty": -1e38}):
         for sample in ({}, {"do_sample": True, "temperature": 1e-30, "seed": 0}):
             out = m.generate(ids, max_new_tokens=5, eos_token_id=None, **kw, **sample)[0, 3:].tolist()

@@ -615,6 +615,7 @@ def test_a_tie_between_different_pitches_keeps_both_notes():
     # an explicit accidental on the second note makes it another pitch: both notes are kept
     assert [n[2] for n in notes("X:1\nL:1/4\nK:C\n^F2-=F2|]\n")] == [66, 65]
     assert [n[2] for n in notes("X:1\nL:1/4\nK:G\nF-|=F A|]\n")] == [66, 65, 69]
+    assert notes("X:1\nL:1/4\nK:C\n^E2-F2|]\n") == [(0, 48, 65)]  # enharmonic: one pitch, one note
 
 
 def test_abc_corpus_files_are_read_as_utf8(tmp_path, monkeypatch):

@@ -381,3 +381,6 @@ def test_sample_next_takes_numpy_settings_and_tiny_temperatures():
     got = sample_next(logits, temperature=np.float32(0.8), top_k=np.int64(2), top_p=torch.tensor(0.9),
                       generator=torch.Generator().manual_seed(0))
     assert got in (1, 2)
+    for bad in ({"top_k": torch.tensor(2.5)}, {"temperature": np.True_}, {"top_p": torch.tensor(True)}):
+        with pytest.raises(ValueError, match="must be"):
+            sample_next(logits, **bad)

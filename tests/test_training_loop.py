@@ -938,6 +938,16 @@ def test_include_files_never_replace_what_the_export_writes(tmp_path, corpus):
     from multimodal_rwkv import RWKVForCausalLM
 
     assert RWKVForCausalLM.from_pretrained(final).generation_config.max_new_tokens == 3
+    # checked before training, as from_pretrained will read it
+    bad = tmp_path / "badgc"
+    bad.mkdir()
+    for text, why in (("{not json", "not a readable generation config"),
+                      ('{"stop_strings": 5}', "stop_strings must be a string or a list of strings")):
+        (bad / "generation_config.json").write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            train(TrainConfig(), base_overrides(corpus, tmp_path / "gcbad", max_steps=1, **{
+                "export.include_files": f"[{bad / 'generation_config.json'}]"}))
+        assert not (tmp_path / "gcbad").exists()
     # ... also over those a starting model brings (the export writes them too)
     fresh_base(tmp_path / "base")
     base = RWKVForCausalLM.from_pretrained(tmp_path / "base")

@@ -454,18 +454,31 @@ def _generation_settings(gc) -> dict:
     return {k: v for k, v in gc.to_diff_dict().items() if k not in ("transformers_version", "_from_model_config")}
 
 
-def _load_generation_config(model, src) -> None:
-    """A folder's ``generation_config.json`` (transformers' file of generation defaults) becomes
-    the model's ``generation_config``."""
-    f = Path(src) / GENERATION_CONFIG
-    if not f.is_file():
-        return
+def read_generation_config(f):
+    """``generation_config.json`` (transformers' file of generation defaults) -> GenerationConfig;
+    CheckpointError naming the file if it is not one, or its stop strings are not strings."""
     from transformers import GenerationConfig
 
+    f = Path(f)
     try:
-        model.generation_config = GenerationConfig.from_pretrained(str(Path(src)))
-    except Exception as e:  # noqa: BLE001 - transformers raises several types
+        d = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        gc = GenerationConfig.from_dict(d)
+    except Exception as e:  # noqa: BLE001 - OSError, JSON and transformers' own errors
         raise CheckpointError(f"{f}: not a readable generation config ({' '.join(str(e).split())[:160]})") from None
+    stops = getattr(gc, "stop_strings", None)
+    if stops is not None and not (isinstance(stops, str) or isinstance(stops, list)
+                                  and all(isinstance(x, str) for x in stops)):
+        raise CheckpointError(f"{f}: stop_strings must be a string or a list of strings, got {stops!r}")
+    return gc
+
+
+def _load_generation_config(model, src) -> None:
+    """A folder's ``generation_config.json`` becomes the model's ``generation_config``."""
+    f = Path(src) / GENERATION_CONFIG
+    if f.is_file():
+        model.generation_config = read_generation_config(f)
 
 
 def _all_finite(v: torch.Tensor) -> bool:

@@ -14,7 +14,12 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
     t, p = real_number(temperature), real_number(top_p)  # numpy and one-element tensor numbers too
     if t is None or not math.isfinite(t) or t < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not hasattr(top_k, "__index__") or top_k.__index__() < 0:
+    try:
+        k = None if isinstance(top_k, bool) or str(getattr(top_k, "dtype", "")) in ("bool", "torch.bool") \
+            else top_k.__index__()
+    except (AttributeError, TypeError, RuntimeError):  # a float, a float tensor, a string
+        k = None
+    if k is None or k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if p is None or not 0 < p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
@@ -23,7 +28,7 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
 def real_number(value) -> float | None:
     """``value`` as a Python float if it is a real number (int, float, numpy or one-element tensor
     scalar; not a bool or a string), else None."""
-    if isinstance(value, (bool, str, bytes)):
+    if isinstance(value, (bool, str, bytes)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         return None
     try:
         return float(value)
@@ -76,7 +81,7 @@ def uncounted_ids(tokenizer, vocab_size: int) -> tuple[int, ...]:
 _UNCOUNTED_CACHE: dict = {}
 
 
-MAX_REWARDED_LOGIT = 1e4
+MAX_REWARDED_LOGIT = 1e8  # below it, logits / temperature (>= 1e-30) stay within float range
 
 
 class RWKVPenaltyProcessor(LogitsProcessor):

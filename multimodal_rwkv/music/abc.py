@@ -292,8 +292,9 @@ def _untie_other_pitches(score, name: str) -> None:
         return p.accidental is not None and bool(p.accidental.displayStatus)
 
     def same(a, b) -> bool:
-        if any(explicit(p) for p in b.pitches):
-            return sorted(p.midi for p in a.pitches) == sorted(p.midi for p in b.pitches)
+        midi = sorted(p.midi for p in a.pitches) == sorted(p.midi for p in b.pitches)
+        if midi or any(explicit(p) for p in b.pitches):  # one pitch (E#-F too), or the second's own
+            return midi
         return sorted((p.step, p.octave) for p in a.pitches) == sorted((p.step, p.octave) for p in b.pitches)
 
     parts = list(getattr(score, "parts", None) or [score])

@@ -764,6 +764,13 @@ class Trainer:
                 raise ConfigError(f"export.include_files: {f} would replace final/{name}, which the export writes")
             if name in names:
                 raise ConfigError(f"export.include_files: {names[name]} and {f} would both be final/{name}")
+            if name == "generation_config.json":  # what from_pretrained will read: checked now
+                from multimodal_rwkv.model.checkpoint import read_generation_config
+
+                try:
+                    read_generation_config(f)
+                except MMRWKVError as e:
+                    raise ConfigError(f"export.include_files: {e}") from None
             names[name] = f
         try:
             return self._run()

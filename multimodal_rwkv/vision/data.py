@@ -168,6 +168,12 @@ class LlavaDataset(Dataset):
             except DataError as e:
                 self._bad(f"{where}: record {rec.rid!r}: {e}")
                 continue
+            if self.answer_ids is not None:
+                try:
+                    self._check_answer_ids(rec)
+                except DataError as e:
+                    self._bad(f"{where}: {e}")
+                    continue
             self.records.append(rec)
         if not self.records:
             raise DataError(f"{self.path}: no usable records ({self.skipped} skipped)")
@@ -225,14 +231,17 @@ class LlavaDataset(Dataset):
             ids, labels, n_img = ids[:cut], labels[:cut], n_full
             if all(x == IGNORE_INDEX for x in labels[1:]):
                 raise DataError(f"record {rec.rid!r}: no answer tokens within ctx_len={self.ctx_len}")
-        if self.answer_ids is not None:
-            out = sorted({t for t in labels if t != IGNORE_INDEX and t not in self.answer_ids})
-            if out:
-                shown = ", ".join(repr(self.processor.tokenizer.decode([t])) for t in out[:5])
-                raise DataError(f"record {rec.rid!r}: its answer holds {len(out)} token(s) outside the model's "
-                                f"vocab_subset ({shown}{', ...' if len(out) > 5 else ''}): the model cannot "
-                                "produce them")
         return ids, labels, n_img
+
+    def _check_answer_ids(self, rec: Record) -> None:
+        """DataError if the record's answers hold an id outside ``answer_ids`` (checked at load:
+        the text alone decides it)."""
+        _, labels = self.processor.encode_conversation(rec.conversations, len(rec.images), f"record {rec.rid!r}")
+        out = sorted({t for t in labels if t != IGNORE_INDEX and t not in self.answer_ids})
+        if out:
+            shown = ", ".join(repr(self.processor.tokenizer.decode([t])) for t in out[:5])
+            raise DataError(f"record {rec.rid!r}: its answer holds {len(out)} token(s) outside the model's "
+                            f"vocab_subset ({shown}{', ...' if len(out) > 5 else ''}): the model cannot produce them")
 
     def __len__(self) -> int:
         return len(self.records)
