@@ -202,14 +202,18 @@ def test_fused_decode_block_bf16(monkeypatch, version):
     assert s.att_shift[0].dtype == s.ffn_shift[0].dtype == torch.bfloat16 and s.wkv[0].dtype == torch.float32
 
 
-def test_bf16_batched_decode_rows_equal_rows_alone():
-    """More than 16 rows of a bf16 model decode in groups of 16 through the fused block: each row's
-    logits are those of the row decoded alone (the plain bf16 forward was 0.6% off)."""
+def _skip_without_bf16_decode_kernel() -> None:
     from multimodal_rwkv.kernels import cpu
 
     kernel = cpu.extension()
     if kernel is None or not kernel.has_avx512_bf16():
         pytest.skip("needs the C++ kernels on a CPU with AVX512-BF16")
+
+
+def test_bf16_batched_decode_rows_equal_rows_alone():
+    """More than 16 rows of a bf16 model decode in groups of 16 through the fused block: each row's
+    logits are those of the row decoded alone (the plain bf16 forward was 0.6% off)."""
+    _skip_without_bf16_decode_kernel()
     m = _random_model().to(torch.bfloat16)
     ids = torch.randint(1, 97, (20, 5))
     with torch.no_grad():
@@ -1406,11 +1410,7 @@ def test_fused_decode_sees_parameters_changed_in_place(monkeypatch):
     """A bf16 model's fused decode kept fp32 copies of its small parameters until their version
     changed; an edit through .data (or a fused AdamW step) leaves it alone, so the next decode ran
     the old values. A prefill, train()/eval() or generate() now read them afresh."""
-    from multimodal_rwkv.kernels import cpu
-
-    kernel = cpu.extension()
-    if kernel is None or not kernel.has_avx512_bf16():
-        pytest.skip("needs the C++ kernels on a CPU with AVX512-BF16")
+    _skip_without_bf16_decode_kernel()
     m = _random_model().to(torch.bfloat16)
     ids = torch.randint(1, 97, (1, 4))
     with torch.no_grad():
