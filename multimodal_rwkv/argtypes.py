@@ -1,4 +1,5 @@
-"""argparse ``type=`` checkers for the CLI's numeric options.
+"""argparse ``type=`` checkers for the CLI's numeric options, and the readers of the API's numeric
+arguments (:func:`integer_number`, :func:`real_number`: numpy and tensor scalars count too).
 
 A bad value becomes argparse's one-line usage error and exit code 2, e.g.
 ``mmrwkv generate: error: argument --top-p: must be in (0, 1], got 2``."""
@@ -6,6 +7,34 @@ from __future__ import annotations
 
 import argparse
 import math
+import operator
+
+
+def _is_bool(value) -> bool:
+    """A bool, numpy bool or bool tensor: a yes/no, never a number here."""
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
+def integer_number(value) -> int | None:
+    """``value`` as a Python int if it is an integer (int, numpy or one-element integer tensor
+    scalar; not a bool, a float or a string), else None."""
+    if _is_bool(value):
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, RuntimeError):  # RuntimeError: a tensor of several elements
+        return None
+
+
+def real_number(value) -> float | None:
+    """``value`` as a Python float if it is a real number (int, float, numpy or one-element tensor
+    scalar; not a bool or a string), else None."""
+    if isinstance(value, (str, bytes)) or _is_bool(value):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        return None
 
 
 def _number(kind, text: str):

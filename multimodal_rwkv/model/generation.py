@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from multimodal_rwkv.argtypes import integer_number, real_number
+
 
 def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
     """The sampling settings this package's own samplers take (vision, music): ``temperature``
@@ -14,26 +16,11 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
     t, p = real_number(temperature), real_number(top_p)  # numpy and one-element tensor numbers too
     if t is None or not math.isfinite(t) or t < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    try:
-        k = None if isinstance(top_k, bool) or str(getattr(top_k, "dtype", "")) in ("bool", "torch.bool") \
-            else top_k.__index__()
-    except (AttributeError, TypeError, RuntimeError):  # a float, a float tensor, a string
-        k = None
+    k = integer_number(top_k)
     if k is None or k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if p is None or not 0 < p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def real_number(value) -> float | None:
-    """``value`` as a Python float if it is a real number (int, float, numpy or one-element tensor
-    scalar; not a bool or a string), else None."""
-    if isinstance(value, (bool, str, bytes)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
-        return None
 
 
 def check_penalties(presence, frequency, decay) -> tuple[float, float, float]:

@@ -149,12 +149,16 @@ def _logits_to_keep(keep, T: int):
     return keep
 
 
-def keep_logit_positions(hidden: torch.Tensor, keep) -> torch.Tensor:
-    """``hidden[:, positions]`` for a ``logits_to_keep`` (see :func:`_logits_to_keep`)."""
-    keep = _logits_to_keep(keep, hidden.shape[1])
+def _kept_positions(hidden: torch.Tensor, keep) -> torch.Tensor:
+    """``hidden[:, positions]`` for a ``logits_to_keep`` already checked by :func:`_logits_to_keep`."""
     if isinstance(keep, torch.Tensor):
         return hidden[:, keep.to(hidden.device)]
     return hidden[:, -keep:] if keep else hidden
+
+
+def keep_logit_positions(hidden: torch.Tensor, keep) -> torch.Tensor:
+    """``hidden[:, positions]`` for a ``logits_to_keep`` (see :func:`_logits_to_keep`)."""
+    return _kept_positions(hidden, _logits_to_keep(keep, hidden.shape[1]))
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -480,6 +484,11 @@ class RWKVModel(RWKVPreTrainedModel):
     def set_input_embeddings(self, value):
         self.emb = value
 
+    def drop_decode_copies(self) -> None:
+        """Forget the blocks' fp32 copies of small parameters (see :meth:`Block._fp32`)."""
+        for block in self.blocks:
+            block._fp32_copies.clear()
+
     def empty_state(self, batch_size: int, device=None, dtype=None) -> RWKVState:
         """The state before any token: zeros, or the trained initial state if the model has one."""
         p = self.emb.weight
@@ -544,8 +553,7 @@ class RWKVModel(RWKVPreTrainedModel):
                   and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
                   and self.config.wkv_backend in ("auto", "cpu"))  # a backend named otherwise runs as named
         if not decode:  # a prefill or a training step: the next decode reads the parameters afresh
-            for block in self.blocks:
-                block._fp32_copies.clear()
+            self.drop_decode_copies()
         if scan_order is not None:
             _check_scan_order(scan_order, B, T)
             perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
@@ -749,7 +757,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             output_hidden_states=bool(self.config.output_hidden_states if output_hidden_states is None
                                       else output_hidden_states),
         )
-        logits = self.head(keep_logit_positions(hidden, keep))
+        logits = self.head(_kept_positions(hidden, keep))
         loss = None
         if labels is not None:
             if isinstance(keep, torch.Tensor) or keep:
@@ -815,8 +823,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        from multimodal_rwkv.argtypes import integer_number, real_number
         from multimodal_rwkv.model.generation import (RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor,
-                                                      check_penalties, real_number, uncounted_ids)
+                                                      check_penalties, uncounted_ids)
 
         if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2):
             raise ValueError(f"input_ids must be a [B, T] tensor, got "
@@ -835,9 +844,10 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         presence_penalty, frequency_penalty, penalty_decay = check_penalties(presence_penalty, frequency_penalty,
                                                                              penalty_decay)
         if seed is not None:
-            if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+            n = integer_number(seed)
+            if n is None:
                 raise ValueError(f"seed must be an integer, got {seed!r}")
-            torch.manual_seed(seed.__index__())
+            torch.manual_seed(n)
         prompt_len = input_ids.shape[1] if input_ids is not None else 0  # with inputs_embeds: no prompt ids
         # copies: the caller's lists must not collect this call's processors (a later call would run them)
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
@@ -893,8 +903,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             kwargs["generation_config"] = user_gc
         else:
             kwargs.update(ours)
-        for block in self.rwkv.blocks:  # the parameters may have changed since the last decode
-            block._fp32_copies.clear()
+        self.rwkv.drop_decode_copies()  # the parameters may have changed since the last decode
         own_stops = cfg_stops if user_gc is None else None  # the model's own config's: cleared for the call
         if own_stops:
             self.generation_config.stop_strings = None

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from multimodal_rwkv.argtypes import integer_number
 from multimodal_rwkv.errors import CheckpointError, MidiError
 from multimodal_rwkv.fileio import check_outputs, write_outputs
 from multimodal_rwkv.music.abc import TOKENIZER_FILENAME as ABC_FILE
@@ -66,20 +66,9 @@ def load_music_model(model_dir: str | os.PathLike, device: str = "cpu"):
     return model, tok
 
 
-def _integer(v) -> int | None:
-    """``v`` as an int if it is an integer (numpy's and one-element integer tensors too; not a
-    bool, a float or a string), else None."""
-    if isinstance(v, bool):
-        return None
-    try:
-        return operator.index(v)
-    except (TypeError, RuntimeError):  # RuntimeError: a tensor of several elements
-        return None
-
-
 def _check_count(name: str, v) -> int:
     """``v`` as an int: an integer >= 1, else ValueError (the CLI's --max-tokens rule)."""
-    n = _integer(v)
+    n = integer_number(v)
     if n is None or n < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     return n
@@ -87,7 +76,7 @@ def _check_count(name: str, v) -> int:
 
 def _check_seed(seed) -> int | None:
     """``seed`` as an int or None: an integer in [0, 2**63), the CLI's --seed rule."""
-    n = None if seed is None else _integer(seed)
+    n = None if seed is None else integer_number(seed)
     if seed is not None and (n is None or not 0 <= n < 2**63):
         raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
     return n
@@ -100,7 +89,7 @@ def _prompt_ids(prompt, vocab_size: int | None) -> list[int]:
         raise TypeError(f"a prompt of token ids must be a sequence of integers, got {type(prompt).__name__}")
     out = []
     for i in prompt:
-        n = _integer(i)
+        n = integer_number(i)
         if n is None or n < 0 or (vocab_size is not None and n >= vocab_size):
             raise ValueError(f"prompt ids must be integers in [0, {vocab_size if vocab_size is not None else '...'}), "
                              f"got {i!r}")
