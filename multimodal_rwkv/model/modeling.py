@@ -382,7 +382,7 @@ class Block(nn.Module):
 
     def _fp32(self, p: torch.Tensor) -> torch.Tensor:
         """``p`` in fp32: itself, or a copy kept until ``p`` changes (its version or storage), or
-        until the next forward that is not a one-token decode, ``train()``/``eval()`` or
+        until the next forward that is not a one-token decode, a switch of ``train`` mode or
         ``generate()``: an in-place change that leaves the version alone (a fused optimiser
         step, an edit through ``.data``) is seen from then on."""
         if p.dtype == torch.float32:
