@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 
 import mido
@@ -231,6 +232,30 @@ def test_metrics_by_hand():
     assert polyphony(notes) == pytest.approx((6 * 2 + 4 * 1 + 2 * 3) / 12)
     assert math.isnan(polyphony([])) and math.isnan(pitch_class_entropy([]))
     assert piece_stats(notes, 12)["notes"] == 5
+
+
+def _roll_polyphony(notes, drum_group=None):
+    """muspy's definition, step by step: distinct pitches per step of a binary roll, drums out."""
+    roll = {}
+    for n in notes:
+        if n.group != drum_group:
+            for t in range(n.onset, n.offset):
+                roll.setdefault(t, set()).add(n.pitch)
+    return sum(map(len, roll.values())) / len(roll) if roll else float("nan")
+
+
+def test_polyphony_counts_distinct_pitches_without_drums_like_muspy():
+    unison = [Note(0, 12, 0, 67, 4), Note(0, 12, 1, 67, 4), Note(0, 12, 0, 48, 4)]  # two voices on one pitch
+    assert polyphony(unison) == 2.0
+    melody_over_drums = [Note(0, 12, 0, 60, 4)] + [Note(k * 3, 1, 16, 42, 4) for k in range(4)]
+    assert piece_stats(melody_over_drums, 12, drum_group=16)["polyphony"] == 1.0
+    rng = random.Random(5)
+    for _ in range(200):
+        notes = [Note(rng.randrange(40), rng.randrange(0, 9), rng.choice((0, 3, 16)), rng.randrange(58, 66), 3)
+                 for _ in range(rng.randrange(1, 25))]
+        want = _roll_polyphony(notes, 16)
+        got = polyphony(notes, drum_group=16)
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
 
 
 def test_windowed_nll_matches_direct_sum():

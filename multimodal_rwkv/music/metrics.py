@@ -3,8 +3,8 @@
 - ``bits_per_unit``: convert a loss in nats/token to bits per note (MIDI) or bits per byte (ABC),
   so tokenizers compare: ``nats/token * tokens / units / ln 2``.
 - ``pitch_class_entropy`` (bits, 0..log2 12 = 3.585), ``note_density`` (notes per beat),
-  ``polyphony`` (mean number of sounding notes over the grid steps where at least one sounds,
-  as in muspy) of a list of :class:`~multimodal_rwkv.music.midi_tokenizer.Note`.
+  ``polyphony`` (mean number of sounding pitches over the grid steps where at least one sounds,
+  drums excluded, as in muspy: a pitch held by two voices counts once) of a list of :class:`~multimodal_rwkv.music.midi_tokenizer.Note`.
 - ``windowed_nll``: total cross-entropy (nats) of a token stream under a causal LM, evaluated
   in independent windows of ``ctx_len`` (the same for every architecture, like training).
 """
@@ -44,17 +44,27 @@ def note_density(notes: Sequence[Note], steps_per_beat: int) -> float:
     return len(notes) / max(span / steps_per_beat, 1e-9)
 
 
-def polyphony(notes: Sequence[Note]) -> float:
-    """Mean number of sounding notes over grid steps where at least one note sounds; nan if none."""
-    if not notes:
-        return float("nan")
-    delta: dict[int, int] = {}
+def polyphony(notes: Sequence[Note], drum_group: int | None = None) -> float:
+    """Mean number of distinct pitches sounding per grid step, over the steps where at least one
+    sounds (muspy's ``polyphony``: a binary piano roll, so a unison of two voices counts once);
+    notes of ``drum_group`` are left out. nan if no pitched note has a length."""
+    spans: dict[int, list[tuple[int, int]]] = {}
     for n in notes:
-        delta[n.onset] = delta.get(n.onset, 0) + 1
-        delta[n.offset] = delta.get(n.offset, 0) - 1
-    active = 0
-    busy = 0
-    total = 0
+        if n.group != drum_group and n.offset > n.onset:
+            spans.setdefault(n.pitch, []).append((n.onset, n.offset))
+    delta: dict[int, int] = {}
+    for pitch_spans in spans.values():  # each pitch: the union of its notes' spans
+        pitch_spans.sort()
+        start, end = pitch_spans[0]
+        for a, b in pitch_spans[1:] + [(None, None)]:
+            if a is not None and a <= end:
+                end = max(end, b)
+                continue
+            delta[start] = delta.get(start, 0) + 1
+            delta[end] = delta.get(end, 0) - 1
+            if a is not None:
+                start, end = a, b
+    active = busy = total = 0
     steps = sorted(delta)
     for a, b in zip(steps, steps[1:]):
         active += delta[a]
@@ -70,7 +80,7 @@ def piece_stats(notes: Sequence[Note], steps_per_beat: int, drum_group: int | No
         "notes": len(notes),
         "pitch_class_entropy": pitch_class_entropy(notes, drum_group),
         "note_density": note_density(notes, steps_per_beat),
-        "polyphony": polyphony(notes),
+        "polyphony": polyphony(notes, drum_group),
     }
 
 
