@@ -12,6 +12,7 @@ import struct
 from collections import Counter
 
 import mido
+import numpy as np
 import pytest
 
 from multimodal_rwkv.errors import ConfigError, MidiError
@@ -225,6 +226,29 @@ def test_sustain_pedal_extends_note_offs(tok):
     tok2 = MidiTokenizer(MidiTokenizerConfig(sustain=False))
     notes2, _, _ = tok2.decode_notes(tok2.encode(reread(mid)))
     assert sorted(n.duration for n in notes2 if n.pitch == 60) == [6]
+
+
+def test_reset_all_controllers_lifts_the_pedal(tok):
+    # pedal down, the note released at beat 0.5, CC121 at beat 1: the held note ends there (GM RP-015)
+    mid = midi_file([[_cc(0, 127), on(0, 60), off(240, 60), _cc(480, 0, control=121), on(4320, 72), off(4800, 72),
+                      _cc(4800, 0)]])
+    notes, _, _ = tok.decode_notes(tok.encode(reread(mid)))
+    assert [(n.onset, n.duration) for n in notes if n.pitch == 60] == [(0, 12)]
+
+
+def test_in_memory_delta_times_must_be_whole_ticks(tok):
+    def file_with(delta):
+        mid = mido.MidiFile(ticks_per_beat=480)
+        mid.tracks.append(mido.MidiTrack([mido.Message("note_on", note=60, velocity=100, time=0),
+                                          mido.Message("note_off", note=60, time=delta)]))
+        return mid
+
+    for bad in (240.5, -960, True):
+        with pytest.raises(MidiError, match=r"track 0, message 1 \(note_off\) has delta time"):
+            tok.encode(file_with(bad))
+    want = tok.encode(file_with(480))
+    assert tok.encode(file_with(480.0)) == want and tok.encode(file_with(np.int64(480))) == want
+    assert all(type(i) is int for i in want)
 
 
 def test_all_notes_off_and_unterminated(tok):

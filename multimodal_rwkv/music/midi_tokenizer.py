@@ -46,8 +46,10 @@ its latest ``program_change`` (default 0); channel 10 is drums. Repeated note-on
 (channel, pitch) stack and note-offs close them first-in-first-out, like a synthesiser voice
 queue. Sustain pedal (CC64 >= 64, ``sustain=True``): a note released while the pedal is down
 keeps sounding until the pedal goes up, or until the same pitch is struck again on that channel;
-the pedal itself is not tokenised, only its effect on durations. CC120/CC123 (all sound/notes
-off) end every note of the channel. Notes still open at the end end at the last event (counted).
+the pedal itself is not tokenised, only its effect on durations; CC121 (reset all controllers)
+lifts the pedal, as General MIDI's RP-015 says. CC120/CC123 (all sound/notes off) end every note
+of the channel. A ``mido.MidiFile`` built in memory must hold whole, non-negative delta times
+(a file always does). Notes still open at the end end at the last event (counted).
 
 *Bars* (``use_bars``). A time signature starts a bar at its (quantised) step; its bar ``j``
 after that lies at ``round(j * bar_length)`` steps, computed exactly from the rational bar length
@@ -100,6 +102,20 @@ MAX_VOCAB = 65535  # the largest vocabulary prepare and tokenize store as uint16
 # the sizes that make up the vocabulary, bounded so that it stays within MAX_VOCAB: with these,
 # velocity_bins <= 127, at most 129 groups and 128 pitches it holds at most 61388 ids
 _SIZE_LIMITS = {"max_shift": 30000, "max_duration": 30000, "tempo_bins": 1000}
+
+
+def _whole_ticks(t) -> int | None:
+    """A delta time as an int (ints, numpy ints, whole floats), or None if it is not a whole,
+    non-negative number of ticks."""
+    if isinstance(t, bool):
+        return None
+    if isinstance(t, float) and t.is_integer():
+        t = int(t)
+    try:
+        t = operator.index(t)
+    except TypeError:
+        return None
+    return t if t >= 0 else None
 
 
 @dataclass
@@ -682,7 +698,11 @@ class MidiTokenizer:
         for ti, track in enumerate(mid.tracks):
             t = 0
             for k, msg in enumerate(track):
-                t += msg.time
+                d = _whole_ticks(msg.time)  # an int from a file; a MidiFile built in memory may hold anything
+                if d is None:
+                    raise MidiError(f"{name}: track {ti}, message {k} ({msg.type}) has delta time {msg.time!r}; "
+                                    "delta times are whole, non-negative numbers of ticks")
+                t += d
                 events.append((t, ti, k, msg))
         events.sort(key=lambda e: (e[0], e[1], e[2]))
         max_tick = events[-1][0] if events else 0
@@ -738,8 +758,8 @@ class MidiTokenizer:
             elif typ == "program_change":
                 program[msg.channel] = msg.program
             elif typ == "control_change":
-                if msg.control == 64 and c.sustain:
-                    down = msg.value >= 64
+                if msg.control in (64, 121) and c.sustain:  # 121, reset all controllers: pedal up (GM RP-015)
+                    down = msg.control == 64 and msg.value >= 64
                     if pedal[msg.channel] and not down:
                         for key, fifo in open_notes.items():
                             if key[0] == msg.channel:
