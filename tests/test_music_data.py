@@ -554,6 +554,16 @@ def test_prepare_keeps_the_same_music_once_whatever_else_differs(tmp_path):
             seen[tuple(doc)] = split
 
 
+def test_prepare_meta_names_files_by_their_path_under_the_folder(tmp_path):
+    src = tmp_path / "midi"
+    for sub, pitches in (("a", [60, 62, 64]), ("b/c", [67, 65, 64])):
+        (src / sub).mkdir(parents=True)
+        _song(src / sub / "x.mid", pitches)
+    prepare(tmp_path / "out", midi_dir=src, valid_permille=0, test_permille=0)
+    names = [f["name"] for f in json.loads((tmp_path / "out" / "meta.json").read_text())["files"]]
+    assert sorted(names) == ["a/x.mid", "b/c/x.mid"]
+
+
 def test_prepare_puts_transpositions_of_a_piece_in_one_split(tmp_path):
     """Train's transposed copies held the exact tokens of a valid/test piece that was a
     transposition of a training piece."""

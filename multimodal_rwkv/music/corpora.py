@@ -10,7 +10,8 @@ Output layout (``out``)::
     valid/shard_00000.npy       0 doc 0 doc 0 ... (0 = document separator)
     test/shard_00000.npy
     midi_tokenizer.json | abc_tokenizer.json
-    meta.json                   counts per split (pieces, tokens, notes or bytes), files, settings
+    meta.json                   counts per split (pieces, tokens, notes or bytes), settings, and each
+                                kept file (its path under midi_dir, its split, a content hash)
     failed.txt                  files that could not be read, with the reason
     midi/                       (bach-chorales only) the converted MIDI files, reused on reruns
 
@@ -428,7 +429,8 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
             # copies would otherwise hold a valid/test piece's exact tokens
             s = split_by_key.setdefault(_transposition_key(tok, ids), split_of(content, valid_permille, test_permille))
             kept.append((s, ids))
-            files.append({"name": p.name, "split": s, "sha256": h[:16], "out_of_range": tok.last_stats.out_of_range})
+            name = p.relative_to(root).as_posix() if midi_dir is not None else p.name  # a/x.mid and b/x.mid differ
+            files.append({"name": name, "split": s, "sha256": h[:16], "out_of_range": tok.last_stats.out_of_range})
         # each piece, then (train only) its transposed copies, once every file is read: a copy
         # equal to a piece or to an earlier copy (drums only: every shift is the piece itself;
         # another file's transposition) is not added again
