@@ -34,6 +34,7 @@ def folder(tmp_path):
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "a.png")
     Image.new("RGBA", (8, 8), (0, 0, 255, 128)).save(tmp_path / "b.png")
     (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()
     noise = (torch.rand(256, 256, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
     Image.fromarray(noise).save(tmp_path / "full.jpg", quality=90)
     data = (tmp_path / "full.jpg").read_bytes()
@@ -78,6 +79,7 @@ def test_items_labels_and_collate(folder, proc):
 
 BAD = [
     (rec("no-image-file", image="missing.png"), "image file not found"),
+    (rec("image-is-a-folder", image="folder.png"), "a directory, not an image file"),
     (rec("no-placeholder", q="What colour?"), "no <image>"),
     (rec("too-many", q="<image><image> colour?"), "only 1 image"),
     (rec("empty-conv", conversations=[]), "empty"),

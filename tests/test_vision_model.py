@@ -279,6 +279,15 @@ def test_bad_folders_and_api_inputs_are_clear_errors(tok, base, tmp_path):
     pre.write_text(json.dumps({**pcfg, "crop_size": {"height": 16, "width": 16}, "size": {"shortest_edge": 16}}))
     with pytest.raises(CheckpointError, match="makes 16x16 images, the vision tower takes 24x24"):
         VisualRWKV.from_pretrained(tmp_path / "m", tokenizer=tok)
+    # no centre crop after a shortest-edge resize, or no resize: the size follows the image
+    for change in ({"do_center_crop": False}, {"do_resize": False, "do_center_crop": False}):
+        pre.write_text(json.dumps({**pcfg, **change}))
+        with pytest.raises(CheckpointError, match="makes images whose size depends on the image"):
+            VisualRWKV.from_pretrained(tmp_path / "m", tokenizer=tok)
+    pre.write_text(json.dumps({**pcfg, "do_center_crop": False}))  # padded to a square first: fixed size
+    with_config(image_aspect_ratio="pad")
+    VisualRWKV.from_pretrained(tmp_path / "m", tokenizer=tok)
+    pre.write_text(json.dumps(pcfg))
     (tmp_path / "m" / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a JSON object"):
         VisualRWKV.from_pretrained(tmp_path / "m")

@@ -156,6 +156,15 @@ def test_bad_image_files_name_the_file(tmp_path):
         with pytest.raises(DataError) as e:
             load_image(path)
         assert str(path) in str(e.value) and why in str(e.value), str(e.value)
+    folder = tmp_path / "dir.png"
+    folder.mkdir()
+    with pytest.raises(DataError, match="dir.png: a directory, not an image file"):
+        load_image(folder)
+    tail_cut = tmp_path / "tail.jpg"  # the header reads, the pixels do not
+    tail_cut.write_bytes(buf.getvalue()[:-64])
+    with Image.open(tail_cut) as lazy:  # a PIL image opened lazily decodes inside as_pil
+        with pytest.raises(DataError, match="tail.jpg: corrupt or truncated image"):
+            as_pil(lazy)
 
 
 def test_decompression_bomb(tmp_path):
@@ -198,11 +207,21 @@ def test_check_conversations_errors_name_the_record():
         (conv(("robot", "<image>What?"), ("gpt", "x")), 1, "unknown speaker"),
         ([{"from": "human"}], 0, "'from' and 'value'"),
         (conv(("human", "<image>What?"), ("gpt", "<image> x")), 1, "assistant turn"),
+        (conv(("gpt", "Hello!"), ("human", "<image>What?")), 1, "no non-empty assistant"),  # only the dropped opener
     ]
     for c, n, why in cases:
         with pytest.raises(DataError) as e:
             check_conversations(c, n, "record 'r7'")
         assert "record 'r7'" in str(e.value) and why in str(e.value), str(e.value)
+
+
+def test_an_opening_assistant_turn_is_dropped_as_llava_does(tok):
+    turns = conv(("gpt", "Hi there"), ("human", "<image>\nWhat?"), ("gpt", "yes"))
+    assert check_conversations(turns, 1, "r") == [("human", "<image>\nWhat?"), ("gpt", "yes")]
+    p = VisualRWKVProcessor(tok, None, num_image_tokens=2, template="image_first")
+    ids, labels = p.encode_conversation(turns, 1)
+    assert (ids, labels) == p.encode_conversation(turns[1:], 1)
+    assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX]) == " yes\n\n"
 
 
 def test_templates_match_visualrwkv_layout():

@@ -204,6 +204,9 @@ def test_cli_vqa_and_eval_vqa(trained, tmp_path, capsys):
     rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(tmp_path / "missing.png"),
                          "--question", "Q?")
     assert rc == 2 and "missing.png" in err and "Traceback" not in err
+    (tmp_path / "dir.png").mkdir()
+    rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(tmp_path / "dir.png"), "--question", "Q?")
+    assert rc == 2 and "dir.png: a directory, not an image file" in err
     for blank in ("  ", "<image>\n"):
         rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", blank)
         assert rc == 2 and "--question is empty" in err

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
@@ -100,9 +99,10 @@ def _load(args):
 
 
 def _vqa(args) -> int:
-    if not os.path.isfile(args.image):
-        raise DataError(f"{args.image}: image file not found")
-    from multimodal_rwkv.vision.processor import is_blank_question
+    from multimodal_rwkv.vision.processor import is_blank_question, missing_image
+
+    if missing_image(args.image):
+        raise DataError(f"{args.image}: {missing_image(args.image)}")
 
     if is_blank_question(args.question):
         raise DataError("--question is empty")

@@ -40,6 +40,7 @@ from multimodal_rwkv.vision.processor import (
     check_conversations,
     is_unicode,
     load_image,
+    missing_image,
     read_text_file,
     utf8_error,
 )
@@ -210,8 +211,8 @@ class LlavaDataset(Dataset):
         for i in images:
             p = Path(i)
             p = p if p.is_absolute() else self.image_folder / p
-            if not p.is_file():
-                raise DataError(f"{name}: image file not found: {p}")
+            if missing_image(p):
+                raise DataError(f"{name}: {missing_image(p)}: {p}")
             paths.append(str(p))
         check_conversations(r.get("conversations"), len(paths), name)
         return Record(rid, where, paths, r["conversations"])

@@ -234,6 +234,13 @@ class VisualRWKV(nn.Module):
         if image_processor is None:
             image_processor = image_processor_for(vision_tower.config)
         self.image_processor = image_processor
+        side = getattr(vision_tower.config, "image_size", None)
+        made = VisualRWKVProcessor(None, image_processor, 1, image_aspect_ratio=config.image_aspect_ratio).fixed_size
+        if isinstance(side, int) and made != (side, side):
+            got = (f"makes {made[0]}x{made[1]} images" if made is not None else "makes images whose size depends on "
+                   "the image (no centre crop after a shortest-edge resize, or no resize)")
+            raise ConfigError(f"the image processor {got}, the vision tower takes {side}x{side} (its "
+                              f"preprocessor_config.json does not fit the vision config)")
         self._tokenizer = tokenizer
         V = language_model.config.vocab_size
         if config.vocab_subset is not None:
@@ -692,11 +699,6 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
         model = VisualRWKV(config, lm, tower, image_processor=image_processor, tokenizer=tokenizer)
     except (ConfigError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    side = getattr(tower.config, "image_size", None)
-    made = VisualRWKVProcessor(None, model.image_processor, 1).image_size
-    if isinstance(side, int) and tuple(made) != (side, side):
-        raise CheckpointError(f"{path}: the image processor makes {made[0]}x{made[1]} images, the vision tower "
-                              f"takes {side}x{side} (preprocessor_config.json does not fit vision_config)")
     pj_sd = {k[len("projector."):]: v.float() for k, v in sd.items() if k.startswith("projector.")}
     load_state_into(model.projector, pj_sd, f"{wfile} (projector)")
     extra = [k for k in sd if not k.startswith(("language_model.", "vision_tower.", "projector."))]

@@ -51,6 +51,14 @@ _BLANK_LINES = re.compile(r"\n(\s*\n)+")
 # ------------------------------------------------------------------------------------------------
 # images
 # ------------------------------------------------------------------------------------------------
+def missing_image(path) -> str | None:
+    """Why ``path`` is no image file to open ("image file not found", "a directory, not an image
+    file"), or None when it is a file."""
+    if os.path.isfile(path):
+        return None
+    return "a directory, not an image file" if os.path.isdir(path) else "image file not found"
+
+
 def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True) -> Image.Image | None:
     """Read an image file as an RGB PIL image with EXIF orientation applied.
 
@@ -59,6 +67,8 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: 
     the cheap checks (header, size; no pixel decoding) and returns None.
     """
     path = str(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: {missing_image(path)}")
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
@@ -169,6 +179,11 @@ def as_pil(image, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
+        try:
+            image.load()  # an image opened lazily decodes here: a truncated file is bad data
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            where = getattr(image, "filename", None) or "image"
+            raise DataError(f"{where}: corrupt or truncated image ({_short(e)})") from None
         return to_rgb(image)
     if isinstance(image, np.ndarray):
         import torch
@@ -255,7 +270,9 @@ def check_conversations(conversations, num_images: int, where: str) -> list[tupl
     malformed, a turn has an unknown speaker or a value that is not a string or not text (an
     unpaired surrogate, as a JSON ``"\\ud800"`` escape gives: it cannot be tokenised), there is no
     non-empty assistant reply, ``<image>`` appears in an assistant turn, or the number of
-    ``<image>`` placeholders differs from ``num_images``.
+    ``<image>`` placeholders differs from ``num_images``. A first turn from the assistant has no
+    prompt: it is dropped, as LLaVA's ``preprocess`` does ("skip the first one if it is not from
+    human"), and neither trained on nor counted.
     """
     if not isinstance(conversations, list) or not conversations:
         raise DataError(f"{where}: empty or missing conversations")
@@ -273,6 +290,8 @@ def check_conversations(conversations, num_images: int, where: str) -> list[tupl
         if role == "gpt" and IMAGE_TOKEN in t["value"]:
             raise DataError(f"{where}: turn {i}: {IMAGE_TOKEN} in an assistant turn")
         turns.append((role, t["value"]))
+    if turns[0][0] == "gpt":
+        turns = turns[1:]
     if not any(r == "gpt" and v.strip() for r, v in turns):
         raise DataError(f"{where}: no non-empty assistant (gpt) reply")
     n_tok = sum(v.count(IMAGE_TOKEN) for r, v in turns)
@@ -380,8 +399,23 @@ class VisualRWKVProcessor:
                             f"{work:.3g} pixels, over the limit of {4 * self.max_image_pixels} (aspect ratio too extreme)")
 
     @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """(H, W) of every image the preprocessing makes, or None when it depends on the image:
+        no resize and no centre crop, or a resize of the shortest edge with neither a centre crop
+        nor ``image_aspect_ratio="pad"`` squaring the image first."""
+        ip = self.image_processor
+        if getattr(ip, "do_center_crop", False) and getattr(ip, "crop_size", None):
+            return self.image_size
+        if not getattr(ip, "do_resize", True):
+            return None
+        size = getattr(ip, "size", None) or {}
+        if "height" in size or self.image_aspect_ratio == "pad":
+            return self.image_size
+        return None
+
+    @property
     def image_size(self) -> tuple[int, int]:
-        """(H, W) of the processor's output."""
+        """(H, W) of the processor's output (nominal: see :attr:`fixed_size`)."""
         ip = self.image_processor
         crop = getattr(ip, "crop_size", None) if getattr(ip, "do_center_crop", False) else None
         size = crop or getattr(ip, "size", None) or {}
