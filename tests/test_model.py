@@ -1438,3 +1438,93 @@ def test_a_named_wkv_backend_decodes_through_that_backend(monkeypatch):
     with torch.no_grad():
         m(torch.randint(1, 97, (1, 1)))
     assert used == []
+
+
+def test_save_pretrained_takes_transformers_keywords(tmp_path):
+    """state_dict= and is_main_process= (accelerate's FSDP/DeepSpeed idiom) used to be ignored, as
+    was every other keyword; max_shard_size writes transformers' sharded layout."""
+    m = _random_model()
+    sd = {k: torch.zeros_like(v) if k == "head.weight" else v for k, v in m.state_dict().items()}
+    m.save_pretrained(tmp_path / "sd", state_dict=sd, save_function=torch.save)
+    assert torch.equal(RWKVForCausalLM.from_pretrained(tmp_path / "sd").head.weight, torch.zeros_like(m.head.weight))
+    m.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(TypeError, match="bogus"):
+        m.save_pretrained(tmp_path / "x", bogus=1)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        m.save_pretrained(tmp_path / "x", push_to_hub=True)
+    with pytest.raises(ValueError, match="missing keys.*head.weight"):
+        m.save_pretrained(tmp_path / "x", state_dict={k: v for k, v in sd.items() if k != "head.weight"})
+    assert not (tmp_path / "x").exists()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    want = m(ids).logits
+    d = tmp_path / "sharded"
+    m.save_pretrained(d, max_shard_size=40_000)
+    shards = sorted(p.name for p in d.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (d / "model.safetensors.index.json").is_file() and not (d / "model.safetensors").exists()
+    assert torch.equal(RWKVForCausalLM.from_pretrained(d)(ids).logits, want)
+    m.save_pretrained(d)  # one file again: the shards and their index go
+    assert sorted(p.name for p in d.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    assert torch.equal(RWKVForCausalLM.from_pretrained(d)(ids).logits, want)
+    # a generation config transformers would not load back is refused before anything is written
+    m.generation_config.num_beams, m.generation_config.num_return_sequences = 2, 3
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        m.save_pretrained(tmp_path / "badgc")
+    assert not (tmp_path / "badgc").exists()
+
+
+def test_return_dict_false_gives_a_tuple_and_generation_still_works():
+    m = _random_model()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    out = m(ids, labels=ids)
+    loss, logits, state = m(ids, labels=ids, return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits) and isinstance(state, RWKVState)
+    m.config.return_dict = False
+    assert isinstance(m(ids), tuple)
+    assert torch.equal(m.generate(ids, max_new_tokens=4), m.generate(input_ids=ids, max_new_tokens=4))
+
+
+def test_generate_takes_transformers_positional_arguments():
+    from transformers import GenerationConfig
+
+    m = _random_model()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    want = m.generate(ids, max_new_tokens=3)
+    assert torch.equal(m.generate(inputs=ids, max_new_tokens=3), want)
+    assert torch.equal(m.generate(ids, GenerationConfig(max_new_tokens=3, do_sample=False)), want)
+    with pytest.raises(ValueError, match="pass the prompt once"):
+        m.generate(ids, input_ids=ids, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_fresh_model_builds_in_low_precision(dtype):
+    from transformers import AutoModelForCausalLM
+
+    cfg = RWKVConfig(vocab_size=97, n_layer=2, n_embd=64, head_size=16)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    assert m.head.weight.dtype == dtype and torch.isfinite(m.head.weight.float()).all()
+    w = m.head.weight.float()  # still orthogonal rows (up to rounding), as in fp32
+    gram = w.T @ w
+    assert torch.allclose(gram / gram.diagonal().mean(), torch.eye(gram.shape[0]), atol=0.05)
+
+
+def test_generate_text_cuts_at_whichever_end_of_text_id_ended_it():
+    from multimodal_rwkv.model.generation import generate_text
+
+    class Bytes:  # a byte-level tokenizer: id i < 256 is byte i
+        vocab_size = 97
+
+        def encode(self, s):
+            return list(s.encode())
+
+        def decode(self, ids, errors="replace"):
+            return bytes(ids).decode("latin-1")
+
+    m = _random_model()
+    free = m.generate(torch.tensor([[65, 66]]), max_new_tokens=8)[0, 2:].tolist()
+    eos = free[3]
+    want = Bytes().decode(free[: free.index(eos)])
+    assert generate_text(m, Bytes(), "AB", max_new_tokens=8, eos_token_id=eos) == want
+    assert generate_text(m, Bytes(), "AB", max_new_tokens=8, eos_token_id=[96, eos]) == want
+    m.generation_config.eos_token_id = [96, eos]
+    assert generate_text(m, Bytes(), "AB", max_new_tokens=8) == want

@@ -535,28 +535,64 @@ def _merge_state_file(cfg: RWKVConfig, sd: dict[str, torch.Tensor], state_file) 
     return cfg
 
 
-def save_model(model, out_dir) -> None:
-    """config.json + model.safetensors, each written to a temp file, fsynced and renamed."""
+def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: int | str | None = None) -> None:
+    """config.json + model.safetensors, each written to a temp file, fsynced and renamed.
+
+    ``state_dict``: the weights to write instead of the model's own (its keys and shapes).
+    ``max_shard_size`` (bytes, or transformers' "2GB" / "500MB" strings): weights bigger than that
+    are written as ``model-0000i-of-0000n.safetensors`` shards with ``model.safetensors.index.json``
+    (transformers' layout); a single file otherwise. Weights of an earlier save in the other
+    layout are removed, so the folder never holds two. The generation config is checked before
+    anything is written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        try:
+            gc.validate()  # what transformers could not load back (loose settings only warn)
+        except ValueError as e:
+            raise ValueError(f"the model's generation_config is invalid: {' '.join(str(e).split())}") from None
+    own = model.state_dict()
+    if state_dict is None:
+        state_dict = own
+    else:
+        _check_state_dict(state_dict, own)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    try:
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size or "50GB")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"max_shard_size: {e}") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
-    def write(tmp) -> None:
-        try:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        except OSError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors' own error type for a failed write
-            raise OSError(f"{out / 'model.safetensors'}: cannot write ({' '.join(str(e).split())[:160]})") from None
+    def writer(path: Path, part: dict):
+        def write(tmp) -> None:
+            try:
+                save_file(part, str(tmp), metadata={"format": "pt"})
+            except OSError:
+                raise
+            except Exception as e:  # noqa: BLE001 - safetensors' own error type for a failed write
+                raise OSError(f"{path}: cannot write ({' '.join(str(e).split())[:160]})") from None
+        return write
 
-    atomic_write(out / "model.safetensors", write)
+    index = out / "model.safetensors.index.json"
+    old_shards = _indexed_shards(index)
+    for name, keys in split.filename_to_tensors.items():
+        atomic_write(out / name, writer(out / name, {k: tensors[k] for k in keys}))
+    if split.is_sharded:
+        atomic_write_text(index, json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename},
+                                            indent=2, sort_keys=True) + "\n")
+        stale = [out / "model.safetensors"] + [out / f for f in old_shards - set(split.filename_to_tensors)]
+    else:
+        stale = [index] + [out / f for f in old_shards]
+    for f in stale:
+        if f.is_file():
+            f.unlink()
     cfg = model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     # generation defaults set on the model (transformers' generation_config.json); a stale one goes
-    gc = getattr(model, "generation_config", None)
     if gc is not None:
         from transformers import GenerationConfig
 
@@ -564,6 +600,30 @@ def save_model(model, out_dir) -> None:
             atomic_write_text(out / GENERATION_CONFIG, gc.to_json_string())
         elif (out / GENERATION_CONFIG).is_file():
             (out / GENERATION_CONFIG).unlink()
+
+
+def _check_state_dict(given, own) -> None:
+    """A ``state_dict`` given to save must have the model's keys and shapes (ValueError naming them)."""
+    if not isinstance(given, dict) or not all(isinstance(v, torch.Tensor) for v in given.values()):
+        raise ValueError("state_dict must be a dict of tensor name -> tensor")
+    missing = sorted(set(own) - set(given))
+    extra = sorted(set(given) - set(own))
+    shapes = sorted(k for k in set(own) & set(given) if tuple(given[k].shape) != tuple(own[k].shape))
+    problems = ([f"missing keys {missing[:5]}"] if missing else []) + ([f"unexpected keys {extra[:5]}"] if extra else [])
+    problems += [f"{k}: shape {tuple(given[k].shape)}, the model's is {tuple(own[k].shape)}" for k in shapes[:5]]
+    if problems:
+        raise ValueError("state_dict does not fit the model: " + "; ".join(problems))
+
+
+def _indexed_shards(index: Path) -> set[str]:
+    """The shard files an existing ``model.safetensors.index.json`` of this folder names (plain
+    names only; an unreadable index names none)."""
+    try:
+        wmap = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return {f for f in wmap.values() if isinstance(f, str) and f == Path(f).name and f.endswith(".safetensors")
+                and f != "model.safetensors"}
+    except (OSError, ValueError, AttributeError):
+        return set()
 
 
 def save_blink_pth(model, path) -> None:

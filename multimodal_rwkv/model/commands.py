@@ -196,18 +196,15 @@ def cmd_generate(args) -> int:
                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     if args.temperature > 0:
         gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+    from multimodal_rwkv.model.generation import StopAwareStreamer, cut_at_eos, eos_ids
+
     streamer = None
     if not args.no_stream:
-        from multimodal_rwkv.model.generation import StopAwareStreamer
-
-        streamer = StopAwareStreamer(tok, stops, prompt_len=len(ids))
+        streamer = StopAwareStreamer(tok, stops, prompt_len=len(ids), eos=eos_ids(model))
     with torch.no_grad():
         out = model.generate(torch.tensor([ids], device=model.device), streamer=streamer, **gen)
     if streamer is None:
-        new = out[0, len(ids):].tolist()
-        if 0 in new:
-            new = new[: new.index(0)]
-        print(trim_at_stop(tok.decode(new), stops))
+        print(trim_at_stop(tok.decode(cut_at_eos(out[0, len(ids):].tolist(), eos_ids(model))), stops))
     else:
         print()
     return 0

@@ -148,18 +148,39 @@ def trim_at_stop(text: str, stops) -> str:
 
 
 @torch.no_grad()
+def eos_ids(model, eos_token_id=None) -> set[int]:
+    """The end-of-text ids that end a generation: ``eos_token_id`` as passed to ``generate`` (an
+    int, a list, a tensor), else the model's ``generation_config``'s, else its config's."""
+    for src in (eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                model.config.eos_token_id):
+        if src is None:
+            continue
+        if isinstance(src, torch.Tensor):
+            src = src.reshape(-1).tolist()
+        return {int(i) for i in (src if isinstance(src, (list, tuple, set)) else [src])}
+    return set()
+
+
+def cut_at_eos(new: list[int], eos: set[int]) -> list[int]:
+    """``new`` up to (without) its first end-of-text id."""
+    for j, i in enumerate(new):
+        if i in eos:
+            return new[:j]
+    return new
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, stop=None, streamer=None,
                   **gen_kwargs) -> str:
-    """Prompt in, completion text out (stop string removed). ``gen_kwargs`` go to ``model.generate``."""
+    """Prompt in, completion text out: cut at the end-of-text id that ended it (any of
+    ``eos_token_id``'s, or the model's) and before the stop string. ``gen_kwargs`` go to
+    ``model.generate``."""
     ids = tokenizer.encode(prompt)
     if not ids:
         ids = [0]
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
     out = model.generate(x, max_new_tokens=max_new_tokens, stop=stop, tokenizer=tokenizer, streamer=streamer,
                          **gen_kwargs)
-    new = out[0, len(ids):].tolist()
-    if model.config.eos_token_id in new:
-        new = new[: new.index(model.config.eos_token_id)]
+    new = cut_at_eos(out[0, len(ids):].tolist(), eos_ids(model, gen_kwargs.get("eos_token_id")))
     return trim_at_stop(tokenizer.decode(new), stop)
 
 
@@ -167,10 +188,11 @@ class StopAwareStreamer:
     """A transformers-compatible streamer (``put``/``end``) that prints decoded text as it comes,
     holding back incomplete UTF-8 and anything that could be the start of a stop string."""
 
-    def __init__(self, tokenizer, stops=None, prompt_len: int = 0, file=None):
+    def __init__(self, tokenizer, stops=None, prompt_len: int = 0, file=None, eos=(0,)):
         import sys
 
         self.tokenizer, self.stops = tokenizer, [s for s in (stops or []) if s]
+        self.eos = set(eos)  # end-of-text ids: the text ends before them
         self.file = file or sys.stdout
         self.skip_prompt = True
         self.ids: list[int] = []
@@ -186,8 +208,9 @@ class StopAwareStreamer:
         if self.stopped:
             return
         ids = value.reshape(-1).tolist()
-        if 0 in ids:
-            ids = ids[: ids.index(0)]
+        kept = cut_at_eos(ids, self.eos)
+        if len(kept) < len(ids):
+            ids = kept
             self.stopped = True
         self.ids.extend(ids)
         self._flush(final=self.stopped)

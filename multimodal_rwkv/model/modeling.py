@@ -468,6 +468,17 @@ class RWKVPreTrainedModel(PreTrainedModel):
         pass
 
 
+def _orthogonal_(weight: torch.Tensor, gain: float) -> None:
+    """``nn.init.orthogonal_`` for any dtype: its QR has no bf16/fp16 kernel on a CPU, so a
+    low-precision weight is drawn in fp32 and rounded."""
+    if weight.dtype in (torch.float32, torch.float64):
+        nn.init.orthogonal_(weight, gain=gain)
+    else:
+        with torch.no_grad():
+            weight.copy_(nn.init.orthogonal_(torch.empty(weight.shape, dtype=torch.float32, device=weight.device),
+                                             gain=gain))
+
+
 class RWKVModel(RWKVPreTrainedModel):
     """Embedding + blocks + final LayerNorm; returns hidden states ``[B,T,C]`` and the state."""
 
@@ -628,8 +639,8 @@ class RWKVModel(RWKVPreTrainedModel):
                 nn.init.zeros_(att.time_state)
             for lin in (att.receptance, att.value):
                 nn.init.uniform_(lin.weight, -0.5 / math.sqrt(C), 0.5 / math.sqrt(C))
-            nn.init.orthogonal_(att.key.weight, gain=0.1)
-            nn.init.orthogonal_(att.gate.weight, gain=0.1)
+            _orthogonal_(att.key.weight, gain=0.1)
+            _orthogonal_(att.gate.weight, gain=0.1)
             nn.init.zeros_(att.output.weight)
             nn.init.ones_(att.ln_x.weight)
             att.ln_x.weight.mul_(((1 + lid) / L) ** 0.7)
@@ -640,7 +651,7 @@ class RWKVModel(RWKVPreTrainedModel):
             else:
                 ffn.time_mix_k.copy_(ddd.pow(r1).view(1, 1, C))
                 ffn.time_mix_r.copy_(ddd.pow(r1).view(1, 1, C))
-            nn.init.orthogonal_(ffn.key.weight, gain=1.0)
+            _orthogonal_(ffn.key.weight, gain=1.0)
             nn.init.zeros_(ffn.receptance.weight)
             nn.init.zeros_(ffn.value.weight)
         nn.init.ones_(self.ln_out.weight)
@@ -665,7 +676,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if self.head.weight.device.type != "meta":  # from_pretrained builds on meta, then loads
             self.rwkv.reset_parameters()
             V, C = config.vocab_size, config.n_embd
-            nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+            _orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
         self.post_init()
 
     # ---- transformers plumbing ----------------------------------------------------------
@@ -732,6 +743,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             scan_order: ``[B,T]`` permutation of ``0..T-1`` per row; odd-numbered blocks see ``x``
                 in this order (VisualRWKV's bidirectional image scan).
             output_hidden_states: also return ``hidden_states`` (see :class:`RWKVOutput`).
+            return_dict: False (or ``config.return_dict`` False) returns a plain tuple of the
+                fields that are set, in :class:`RWKVOutput`'s order, as transformers models do.
             past_key_values / cache: transformers' names for a cache; here they name the state.
                 With a state, an ``attention_mask`` longer than the input (transformers' mask over
                 the cached tokens too) is cut to its last T columns. ``use_cache=True`` also returns
@@ -769,8 +782,11 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
             loss = cpu.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                      ignore_index=-100)
-        return RWKVOutput(loss=loss, logits=logits, state=new_state, hidden_states=every[0] if every else None,
-                          cache=new_state if use_cache else None)
+        out = RWKVOutput(loss=loss, logits=logits, state=new_state, hidden_states=every[0] if every else None,
+                         cache=new_state if use_cache else None)
+        if return_dict is False or return_dict is None and not getattr(self.config, "return_dict", True):
+            return out.to_tuple()  # transformers' return_dict=False: the fields that are set, in order
+        return out
 
     # ---- generation ---------------------------------------------------------------------
     def prepare_inputs_for_generation(
@@ -797,7 +813,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             model_kwargs["attention_mask"] = torch.cat([am, am.new_ones((am.shape[0], num_new_tokens))], dim=-1)
         return model_kwargs
 
-    def generate(self, input_ids=None, *, stop=None, tokenizer=None, presence_penalty: float = 0.0,
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None, *,
+                 input_ids=None, stop=None, tokenizer=None, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, penalty_decay: float = 0.996, seed: int | None = None,
                  state: RWKVState | None = None, **kwargs):
         """Generate with transformers' GenerationMixin (stock logits processors, stopping criteria,
@@ -814,7 +831,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             seed: seeds torch's RNG first, for reproducible sampling.
             state: continue from this state (prefix reuse); ``input_ids`` are then the new tokens only.
                 ``past_key_values=`` / ``cache=`` (transformers' names) are taken as ``state=``.
-        The caller's ``logits_processor`` / ``stopping_criteria`` lists are not changed.
+        The first four parameters are transformers' (``inputs``: the prompt ids ``[B, T]``, also
+        taken as ``input_ids=``). The caller's ``logits_processor`` / ``stopping_criteria`` lists
+        are not changed.
         Sampling uses no top-k unless ``top_k`` is given (RWKV's samplers: top-p and temperature;
         transformers' own default would be top-k 50).
         With a ``tokenizer`` of fewer ids than the model's vocabulary, the ids it cannot decode are
@@ -827,6 +846,13 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         from multimodal_rwkv.model.generation import (RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor,
                                                       check_penalties, uncounted_ids)
 
+        if inputs is not None and input_ids is not None:
+            raise ValueError("generate: pass the prompt once, as inputs or as input_ids")
+        input_ids = inputs if inputs is not None else input_ids
+        for key, value in (("generation_config", generation_config), ("logits_processor", logits_processor),
+                           ("stopping_criteria", stopping_criteria)):
+            if value is not None:
+                kwargs[key] = value
         if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2):
             raise ValueError(f"input_ids must be a [B, T] tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
@@ -970,11 +996,29 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         return load_model(cls, src, dtype=dtype if dtype is not None else torch_dtype, device=device,
                           state_file=state_file, config=config, overrides=overrides)
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (atomically) into ``save_directory``."""
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
+                        max_shard_size: int | str | None = None, push_to_hub: bool = False, save_function=None,
+                        **kwargs) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (atomically) into ``save_directory``, and
+        ``generation_config.json`` when the generation defaults were changed.
+
+        transformers' keywords: ``is_main_process=False`` writes nothing (the other ranks of a
+        distributed run); ``state_dict`` writes those weights instead of the model's own (under
+        FSDP/DeepSpeed, ``accelerator.get_state_dict(model)``), and must have the model's keys
+        and shapes; ``max_shard_size`` splits the weights into shards with an index, as
+        transformers does. ``save_function`` (accelerate's idiom passes ``accelerator.save``) is
+        not needed: safetensors files are written directly. ``push_to_hub`` and any other keyword
+        are refused."""
         from multimodal_rwkv.model.checkpoint import save_model
 
-        save_model(self, save_directory)
+        if kwargs:
+            raise TypeError(f"save_pretrained() got an unexpected keyword argument {next(iter(kwargs))!r}")
+        if push_to_hub:
+            raise ValueError("save_pretrained: push_to_hub is not supported; upload the folder with huggingface_hub")
+        del save_function
+        if not is_main_process:
+            return
+        save_model(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
 
 
 _MIN_TEMPERATURE = 1e-30

@@ -158,7 +158,7 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
     stops = set(int(s) for s in stop_ids)
     with torch.no_grad():
         if rwkv:
-            out = model(input_ids=x, logits_to_keep=1)
+            out = model(input_ids=x, logits_to_keep=1, return_dict=True)
             cache = out.state
         else:
             out = model(input_ids=x, use_cache=True)
@@ -170,7 +170,7 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
                 break
             x = torch.tensor([[i]], dtype=torch.long, device=device)
             if rwkv:
-                out = model(input_ids=x, state=cache)
+                out = model(input_ids=x, state=cache, return_dict=True)
                 cache = out.state
             else:
                 out = model(input_ids=x, past_key_values=cache, use_cache=True)

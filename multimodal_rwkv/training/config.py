@@ -182,7 +182,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -198,7 +198,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
-        return value
+        return _plain(value)
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key)
     if origin in (list, tuple) or tp in (list, tuple):
@@ -211,7 +211,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return _plain(dict(value))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -221,7 +221,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -234,6 +234,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
+        if isinstance(value, (_YamlInt, _YamlFloat)):  # a file name like 007 or 2024_06_01: as written
+            return value.source
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
@@ -281,6 +283,28 @@ def _yaml():
 _LOADER = None
 
 
+class _YamlInt(int):
+    """An int read from YAML that remembers its text (``source``): a string field given ``007``,
+    ``0x1F`` or ``2024_06_01`` keeps that text instead of ``str`` of the number."""
+
+
+class _YamlFloat(float):
+    """A float read from YAML that remembers its text (``source``), like :class:`_YamlInt`."""
+
+
+def _plain(value):
+    """``value`` with the YAML number types above turned back into plain ints and floats."""
+    if isinstance(value, _YamlInt):
+        return int(value)
+    if isinstance(value, _YamlFloat):
+        return float(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _strict_loader():
     """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last
     one silently, so a second ``lr:`` in a section would quietly replace the first): ConfigError
@@ -317,6 +341,15 @@ def _strict_loader():
                     lines[key] = line
                     self._check_duplicates(value_node, name)
 
+        def number(loader, node):  # ints and floats that keep their text (see _YamlInt)
+            tag_int = node.tag == "tag:yaml.org,2002:int"
+            v = (yaml.SafeLoader.construct_yaml_int if tag_int else yaml.SafeLoader.construct_yaml_float)(loader, node)
+            out = _YamlInt(v) if tag_int else _YamlFloat(v)
+            out.source = node.value
+            return out
+
+        StrictSafeLoader.add_constructor("tag:yaml.org,2002:int", number)
+        StrictSafeLoader.add_constructor("tag:yaml.org,2002:float", number)
         _LOADER = StrictSafeLoader
     return _LOADER
 

@@ -171,7 +171,7 @@ class LMTask(Task):
     def _chunk_loss(self, model, ids, tgt, state):
         from multimodal_rwkv.kernels.cpu import cross_entropy
 
-        out = model(input_ids=ids, state=state)
+        out = model(input_ids=ids, state=state, return_dict=True)
         logits = out.logits
         loss = cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="sum")
