@@ -238,6 +238,12 @@ def test_validation_errors():
         wkv6(r[0], k[0], v[0], w[0], u)
     with pytest.raises(KernelError, match="backend 'cpu' cannot run here: it runs CPU tensors of float32"):
         wkv6(r.double(), k.double(), v.double(), w.double(), u.double(), backend="cpu")
+    grow = w.clone()
+    grow[0, 2, 1, 3] = 0.5  # a growing state: out of every chunked form's contract
+    for backend in ("auto", "reference", "torch"):
+        with pytest.raises(KernelError, match="must be <= 0; its largest value is 0.5"):
+            wkv6(r, k, v, grow, u, backend=backend)
+    wkv6(r, k, v, torch.zeros_like(w), u)  # no decay at all is fine
 
 
 def test_triton_backend_on_cpu_raises_outside_interpreter():

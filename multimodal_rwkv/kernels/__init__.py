@@ -61,9 +61,17 @@ def wkv6(r, k, v, w, u, initial_state=None, output_final_state=False, backend="a
         ``output_final_state``. The inputs (and ``initial_state``) are never modified.
 
     Raises:
-        KernelError: bad shapes/dtypes/devices, an unknown backend, or a backend named explicitly
-        that cannot run here (e.g. ``"triton"`` on CPU tensors outside the Triton interpreter).
+        KernelError: bad shapes/dtypes/devices, an unknown backend, a backend named explicitly
+        that cannot run here (e.g. ``"triton"`` on CPU tensors outside the Triton interpreter),
+        or, for CPU tensors, a positive ``w`` (a growing state: the chunked forms assume decay).
+        On CUDA the values of ``w`` are not checked (that would wait for the GPU).
     """
+    import torch
+
     from multimodal_rwkv.kernels.dispatch import dispatch
 
+    if isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_floating_point() and w.numel():
+        top = w.detach().max()
+        if top > 0:
+            raise KernelError(f"wkv6: w is the log-decay -exp(wraw) and must be <= 0; its largest value is {float(top):.4g}")
     return dispatch(r, k, v, w, u, initial_state, output_final_state, backend)
