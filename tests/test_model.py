@@ -1528,3 +1528,23 @@ def test_generate_text_cuts_at_whichever_end_of_text_id_ended_it():
     assert generate_text(m, Bytes(), "AB", max_new_tokens=8, eos_token_id=[96, eos]) == want
     m.generation_config.eos_token_id = [96, eos]
     assert generate_text(m, Bytes(), "AB", max_new_tokens=8) == want
+
+
+def test_the_base_model_initialises_loads_and_is_an_auto_model(tmp_path):
+    """RWKVModel (exported) skipped RWKV's init, could not load (no post_init) and AutoModel did not know it."""
+    from transformers import AutoModel
+
+    from multimodal_rwkv import RWKVModel
+
+    cfg = RWKVConfig(vocab_size=97, n_layer=2, n_embd=64, head_size=16)
+    base = RWKVModel(cfg)
+    decay = base.blocks[0].att.time_decay.flatten()
+    assert float(decay[0]) == pytest.approx(-6.0) and float(base.emb.weight.abs().max()) <= 1e-4
+    m = _random_model()
+    m.save_pretrained(tmp_path / "lm")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    want = m.rwkv(ids)[0]
+    for loaded in (RWKVModel.from_pretrained(tmp_path / "lm"), AutoModel.from_pretrained(tmp_path / "lm")):
+        assert isinstance(loaded, RWKVModel) and torch.equal(loaded.eval()(ids)[0], want)
+    m.rwkv.save_pretrained(tmp_path / "base")
+    assert torch.equal(RWKVModel.from_pretrained(tmp_path / "base").eval()(ids)[0], want)

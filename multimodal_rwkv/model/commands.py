@@ -9,7 +9,9 @@ from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, path_arg, seed, unescape
 from multimodal_rwkv.errors import CheckpointError, DataError
+from multimodal_rwkv.fileio import atomic_write_text
 
+TRAINING_INFO = "training_info.json"  # what `mmrwkv train` writes beside a model it exports
 logger = logging.getLogger(__name__)
 
 
@@ -40,10 +42,12 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "convert", help="convert a checkpoint to this package's folder format",
-        description="Convert a BlinkDL .pth or a Hugging Face-layout RWKV folder into config.json + model.safetensors. "
-                    "OUT_DIR must be new or empty, or hold only a model convert wrote (config.json + "
-                    "model.safetensors, which are replaced); a folder holding anything else (another model, a "
-                    "VisualRWKV, other files) is refused, and so is SRC's own folder.",
+        description="Convert a BlinkDL .pth, a Hugging Face-layout RWKV folder or one of our folders into "
+                    "config.json + model.safetensors (+ generation_config.json when the model has generation "
+                    "defaults, + the training_info.json `mmrwkv train` wrote beside SRC, which says the tokenizer). "
+                    "OUT_DIR must be new or empty, or hold only a model convert wrote (those files, which are "
+                    "replaced); a folder holding anything else (another model, a VisualRWKV, other files) is "
+                    "refused, and so is SRC's own folder.",
         epilog="Example: mmrwkv convert RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth ./finch-1b6",
     )
     p.add_argument("src", type=path_arg)
@@ -77,16 +81,24 @@ def _check_vocab(model, tokenizer, src) -> None:
         )
 
 
+def _training_info(src) -> Path | None:
+    """The training_info.json `mmrwkv train` wrote beside the model at ``src`` (the folder, or its
+    model.safetensors / model.pth), or None."""
+    path = Path(src)
+    info = (path if path.is_dir() else path.parent) / TRAINING_INFO
+    if info.is_file() and (path.is_dir() or path.name in ("model.safetensors", "model.pth")):
+        return info
+    return None
+
+
 def _tokenizer_for(src):
     """The tokenizer the model at ``src`` was trained with: the "tokenizer" of the training_info.json
     that `mmrwkv train` writes into its model folder ("world" or "bytes"; for the model.safetensors or
     model.pth of such a folder, the folder's), else the World tokenizer."""
     from multimodal_rwkv.model.tokenizer import WorldTokenizer
 
-    path = Path(src)
-    folder = path if path.is_dir() else path.parent
-    info = folder / "training_info.json"
-    if not info.is_file() or not (path.is_dir() or path.name in ("model.safetensors", "model.pth")):
+    info = _training_info(src)
+    if info is None:
         return WorldTokenizer()
     try:
         d = json.loads(info.read_text(encoding="utf-8"))
@@ -152,7 +164,11 @@ def _check_convert_target(src, out_dir) -> None:
             pass
     from multimodal_rwkv.model.config import RWKVConfig
 
-    if model_type == RWKVConfig.model_type and set(names) <= {"config.json", "model.safetensors"}:
+    ours = {"config.json", "model.safetensors", "generation_config.json"}
+    info = _training_info(src) if src.exists() else None
+    if info is not None and (out / TRAINING_INFO).is_file() and (out / TRAINING_INFO).read_bytes() == info.read_bytes():
+        ours.add(TRAINING_INFO)  # the copy convert wrote before; another (a run's final/ folder) is kept
+    if model_type == RWKVConfig.model_type and set(names) <= ours:
         return  # a model convert wrote: replaced
     if names == ["model.safetensors"] and _written_by_convert(out / "model.safetensors"):
         return  # a convert killed before its config.json: redone
@@ -220,6 +236,11 @@ def cmd_convert(args) -> int:
             if _convert_leftover(p.name) and p.is_file():
                 p.unlink()
     model.save_pretrained(args.out_dir)
+    info, copy = _training_info(args.src), Path(args.out_dir) / TRAINING_INFO
+    if info is not None:  # which tokenizer the model was trained with travels with it
+        atomic_write_text(copy, info.read_text(encoding="utf-8"))
+    elif copy.is_file():  # an earlier convert's, of another model
+        copy.unlink()
     print(f"wrote {args.out_dir} ({model.config.version}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0
 

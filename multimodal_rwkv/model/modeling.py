@@ -488,6 +488,9 @@ class RWKVModel(RWKVPreTrainedModel):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_out = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
+        if self.emb.weight.device.type != "meta":  # from_pretrained builds on meta, then loads
+            self.reset_parameters()
+        self.post_init()
 
     def get_input_embeddings(self):
         return self.emb
@@ -673,8 +676,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.rwkv = RWKVModel(config)
         self.head = Linear(config.n_embd, config.vocab_size, bias=False)
-        if self.head.weight.device.type != "meta":  # from_pretrained builds on meta, then loads
-            self.rwkv.reset_parameters()
+        if self.head.weight.device.type != "meta":  # the blocks are initialised by RWKVModel
             V, C = config.vocab_size, config.n_embd
             _orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
         self.post_init()
@@ -1047,10 +1049,11 @@ def _as_list(x) -> list:
 
 
 def _register_auto_model() -> None:
-    """``AutoModelForCausalLM`` knows model_type "mmrwkv" once this module is imported (``AutoConfig``
-    already does: config.py registers it)."""
-    from transformers import AutoModelForCausalLM
+    """``AutoModel`` and ``AutoModelForCausalLM`` know model_type "mmrwkv" once this module is
+    imported (``AutoConfig`` already does: config.py registers it)."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    AutoModel.register(RWKVConfig, RWKVModel, exist_ok=True)
     AutoModelForCausalLM.register(RWKVConfig, RWKVForCausalLM, exist_ok=True)
 
 
