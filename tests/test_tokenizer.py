@@ -376,6 +376,7 @@ def test_stream_decoder_holds_back_split_characters(tok):
     strict.push(ids[0])
     with pytest.raises(UnicodeDecodeError):
         strict.flush()
+    assert strict.pending_bytes == b"" and strict.push(ids[3]) == "a"  # reset even though it raised
 
 
 # ---------------------------------------------------------------- vocabulary file errors
@@ -403,6 +404,8 @@ def _write_lines(tmp_path, lines, name="vocab.txt"):
         ("0 'ab' 2", "id 0 is invalid"),
         ("257 '' 0", "empty token"),
         ("257 'ab 2", "not a Python str/bytes literal"),
+        ("257 '\\ud800' 3", "holds an unpaired surrogate"),
+        (f"257 {'=' * 1025!r} 1025", "a token of 1025 bytes, longer than the 1024"),
     ],
 )
 def test_bad_vocab_lines_raise_data_error_naming_file_and_line(tmp_path, extra, message):
@@ -490,17 +493,23 @@ def test_empty_batch_and_non_bytes_input():
 
 
 def test_decode_refuses_ids_that_are_not_integers():
-    from multimodal_rwkv import WorldTokenizer
-
+    import numpy as np
     import torch
+
+    from multimodal_rwkv import WorldTokenizer
 
     tok = WorldTokenizer()
     assert tok.decode(torch.tensor([33155])) == tok.decode([33155]) == "Hello"
-    for bad in ([True, 33155], [1.5], [[1, 2]], [torch.tensor(1.0)]):
+    for bad in ([True, 33155], [1.5], [[1, 2]], [torch.tensor(1.0)], [torch.tensor(True)], [np.bool_(True)]):
         with pytest.raises(TypeError, match="token ids must be integers"):
             tok.decode(bad)
-    import numpy as np
-
+    for bad in (b"ab", "ab", {5, 3}):  # bytes are not ids; a set has no order
+        with pytest.raises(TypeError, match="token ids must be a sequence of integers"):
+            tok.decode(bad)
+    with pytest.raises(TypeError, match="errors must be the name of a decode error handler"):
+        tok.decode([33155], True)  # transformers' skip_special_tokens is a keyword here
+    with pytest.raises(TypeError, match="encode_batch takes a list of texts"):
+        tok.encode_batch("hi!")
     # integers of other types are ids (a list of numpy or 0-d tensor ints, as iterating an array gives)
     assert tok.decode(list(np.array([33155]))) == tok.decode([torch.tensor(33155)]) == "Hello"
     # transformers' decode options are taken (TextStreamer(tok, skip_special_tokens=True) passes them)
@@ -580,6 +589,14 @@ def test_call_padding_takes_transformers_values(tok):
         tok(texts, padding="max_length")
     with pytest.raises(ValueError, match="max_length=1"):
         tok(texts, padding="max_length", max_length=1)
+    # max_length without padding is a limit too (transformers would cut silently): refused, or cut
+    with pytest.raises(ValueError, match="more than max_length=1 \\(pass truncation=True"):
+        tok(texts, max_length=1)
+    assert tok(texts, max_length=2, truncation=True)["input_ids"] == [a[:2], b[:2]]
+    assert tok(texts, padding=True, max_length=2, truncation=True)["input_ids"] == [[0] * (2 - len(a[:2])) + a[:2],
+                                                                                      b[:2]]
+    with pytest.raises(ValueError, match="truncation=True needs max_length"):
+        tok(texts, truncation=True)
     for bad in ("yes", "left", 1, None):
         with pytest.raises(ValueError, match="padding="):
             tok(texts, padding=bad)
@@ -599,3 +616,13 @@ def test_vocab_size_must_be_an_integer(tmp_path):
             WorldTokenizer(path, vocab_size=bad)
     tok = WorldTokenizer(path, vocab_size=np.int64(512))
     assert tok.vocab_size == 512 and type(tok.vocab_size) is int
+
+
+def test_a_long_custom_token_builds_the_text_pattern(tmp_path):
+    """A 1000-byte token made the text-pattern fallback recurse past Python's limit (RecursionError)."""
+    path = _write_lines(tmp_path, GOOD + [f"300 {'=' * 1000!r} 1000"])
+    tok = WorldTokenizer(path)
+    assert tok.encode("=" * 1003) == [300, 62, 62, 62]
+    rx = tkmod._Vocab._compile_text(tkmod._build_trie(tok.get_vocab()))
+    data = b"ab" + b"=" * 2001
+    assert [tok.get_vocab()[m] for m in rx.findall(data)] == tkmod.greedy_reference(data, tok.get_vocab(), 1000)

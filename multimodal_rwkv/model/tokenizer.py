@@ -57,6 +57,9 @@ __all__ = ["WorldTokenizer", "StreamDecoder", "greedy_reference", "default_vocab
 # --------------------------------------------------------------------------------------------
 
 
+MAX_TOKEN_BYTES = 1024  # the longest token a vocabulary file may hold (the World vocabulary's: 128)
+
+
 def default_vocab_file() -> str:
     """Path of ``rwkv_vocab_v20230424.txt`` inside the installed official ``rwkv`` package.
 
@@ -194,7 +197,14 @@ def parse_vocab_file(path: str) -> dict[int, bytes]:
     table: dict[int, bytes] = {}
     seen: dict[bytes, int] = {}
     for lineno, idx, value, nbytes in zip(linenos, ids, values, lengths):
-        tok = value.encode("utf-8") if isinstance(value, str) else value
+        try:
+            tok = value.encode("utf-8") if isinstance(value, str) else value
+        except UnicodeEncodeError:
+            raise DataError(f"{path}:{lineno}: token {value!r} holds an unpaired surrogate, which is not UTF-8 text "
+                            "(write a byte sequence as a bytes literal, b'...')") from None
+        if len(tok) > MAX_TOKEN_BYTES:
+            raise DataError(f"{path}:{lineno}: a token of {len(tok)} bytes, longer than the {MAX_TOKEN_BYTES} this "
+                            "tokenizer takes (the World vocabulary's longest is 128)")
         if len(tok) != nbytes:
             raise DataError(f"{path}:{lineno}: byte length column says {nbytes} but the token has {len(tok)} bytes")
         if not tok:
@@ -453,11 +463,11 @@ class _Vocab:
 
     @staticmethod
     def _compile_text(root: dict):
-        pattern = _pattern_text(root)
         old = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(old, 20000))  # the parser recurses per nesting level (up to 128 bytes deep)
+        # the pattern's builder and re's parser recurse per nesting level: a byte of the longest token
+        sys.setrecursionlimit(max(old, 20 * MAX_TOKEN_BYTES))
         try:
-            return re.compile(pattern)
+            return re.compile(_pattern_text(root))
         finally:
             sys.setrecursionlimit(old)
 
@@ -515,7 +525,10 @@ def _load_vocab(path: str) -> _Vocab:
 
 
 def _as_id(i) -> int:
-    """A token id given as another integer type (numpy, a 0-d tensor); bool, float or row: TypeError."""
+    """A token id given as another integer type (numpy, a 0-d tensor); bool (also a bool tensor or
+    numpy bool), float or row: TypeError."""
+    if str(getattr(i, "dtype", "")) in ("torch.bool", "bool"):
+        raise TypeError(f"token ids must be integers, got {i!r} (a bool)")
     if not isinstance(i, bool) and hasattr(i, "__index__"):
         try:
             return i.__index__()
@@ -729,37 +742,56 @@ class WorldTokenizer:
         return out
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """:meth:`encode` for each text."""
+        """:meth:`encode` for each text of a list (a single string is a TypeError, not a list of
+        its characters)."""
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("encode_batch takes a list of texts; for one text use encode (or [text])")
         return [self.encode(t) for t in texts]
 
     def __call__(self, text: str | Sequence[str], padding: bool | str = False, return_tensors: str | None = None,
-                 max_length: int | None = None) -> dict:
+                 max_length: int | None = None, truncation: bool = False) -> dict:
         """transformers-style: ``{"input_ids", "attention_mask"}`` for a text or a list of texts.
 
         ``padding`` takes transformers' values: ``False`` / ``"do_not_pad"`` (default) leaves the
         rows as they are; ``True`` / ``"longest"`` pads a list to its longest row; ``"max_length"``
-        pads every row to ``max_length`` (required; rows are never truncated, so a longer one is a
-        ``ValueError``). Padding is on the **left** with id 0 (mask 0), the side the model's batched
-        prompts use (``model.generate(**tok(texts, padding=True, return_tensors="pt"))``).
+        pads every row to ``max_length`` (required). Padding is on the **left** with id 0 (mask 0),
+        the side the model's batched prompts use
+        (``model.generate(**tok(texts, padding=True, return_tensors="pt"))``).
+        ``max_length``: no row may be longer; a longer one is a ``ValueError``, or with
+        ``truncation=True`` keeps its first ``max_length`` tokens (transformers' default side).
         Without ``return_tensors`` a list gives lists of lists; ``return_tensors="pt"`` gives
         ``[B, T]`` tensors (a single text: ``[1, T]``), and rows of different lengths are a ``ValueError``."""
+        if max_length is not None and (isinstance(max_length, bool) or not hasattr(max_length, "__index__")
+                                       or max_length.__index__() < 0):
+            raise ValueError(f"max_length must be an int >= 0, got {max_length!r}")
+        limit = None if max_length is None else max_length.__index__()
+        if not isinstance(truncation, bool):
+            raise ValueError(f"truncation must be True or False, got {truncation!r}")
+        if truncation and limit is None:
+            raise ValueError("truncation=True needs max_length")
         if padding is False or (isinstance(padding, str) and padding == "do_not_pad"):
             width = None
         elif padding is True or (isinstance(padding, str) and padding == "longest"):
             width = -1  # the longest row
         elif isinstance(padding, str) and padding == "max_length":
-            if isinstance(max_length, bool) or not hasattr(max_length, "__index__") or max_length.__index__() < 0:
+            if limit is None:
                 raise ValueError(f"padding='max_length' needs max_length=<int >= 0>, got {max_length!r}")
-            width = max_length.__index__()
+            width = limit
         else:
             raise ValueError(f"padding={padding!r}: use False/'do_not_pad', True/'longest' or 'max_length'")
         single = isinstance(text, str)
         ids = self.encode_batch([text] if single else list(text))
+        if limit is not None:
+            if truncation:
+                ids = [x[:limit] for x in ids]
+            else:
+                n = max(map(len, ids), default=0)
+                if n > limit:
+                    raise ValueError(f"a text has {n} tokens, more than max_length={limit} (pass truncation=True "
+                                     "to keep the first max_length)")
         if width is not None:
             n = max(map(len, ids), default=0)
             if width >= 0:
-                if n > width:
-                    raise ValueError(f"a text has {n} tokens, more than max_length={width} (no truncation)")
                 n = width
             mask = [[0] * (n - len(x)) + [1] * len(x) for x in ids]
             ids = [[0] * (n - len(x)) + x for x in ids]
@@ -780,6 +812,9 @@ class WorldTokenizer:
     # -- decoding -------------------------------------------------------------------------------
     def _check_ids(self, ids) -> list:
         if type(ids) is not list:
+            if isinstance(ids, (str, bytes, bytearray, memoryview, set, frozenset, dict)):
+                raise TypeError(f"token ids must be a sequence of integers, got a {type(ids).__name__}"
+                                + (" (unordered)" if isinstance(ids, (set, frozenset, dict)) else ""))
             if hasattr(ids, "tolist"):  # torch / numpy
                 ids = ids.tolist()
             if isinstance(ids, int):  # transformers' convention: decode(7) == decode([7])
@@ -852,6 +887,10 @@ class WorldTokenizer:
 
 
 def _check_errors(errors: str) -> None:
+    if not isinstance(errors, str):
+        raise TypeError(f"errors must be the name of a decode error handler ('replace', 'strict', ...), got "
+                        f"{errors!r} (transformers' second positional argument, skip_special_tokens, is a keyword "
+                        "argument here)")
     try:
         codecs.lookup_error(errors)
     except LookupError:
@@ -895,10 +934,12 @@ class StreamDecoder:
         return self._dec.getstate()[0]
 
     def flush(self) -> str:
-        """End of stream: returns the held-back tail (U+FFFD under ``errors="replace"``) and resets."""
-        out = self._dec.decode(b"", final=True)
-        self._dec.reset()
-        return out
+        """End of stream: returns the held-back tail (U+FFFD under ``errors="replace"``) and resets,
+        also when it raises (``errors="strict"`` and an incomplete tail)."""
+        try:
+            return self._dec.decode(b"", final=True)
+        finally:
+            self._dec.reset()
 
     def reset(self) -> None:
         """Drop held-back bytes and start over."""
