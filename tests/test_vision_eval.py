@@ -129,6 +129,38 @@ def test_synthetic_dataset_is_consistent(tmp_path):
     assert (tmp_path / "again" / "train.json").read_text() == (tmp_path / "train.json").read_text()
 
 
+def test_an_interrupted_vision_synth_leaves_the_earlier_dataset_as_it_was(tmp_path, monkeypatch):
+    """A re-run interrupted while drawing used to leave the old train.json naming the new run's
+    pictures: labels that did not match the pixels, and training took them."""
+    from multimodal_rwkv.vision import synthetic
+
+    out = tmp_path / "ds"
+    synthetic.generate_dataset(out, n_train=6, n_test=3, questions_per_image=2, size=32, seed=0)
+
+    def snapshot():
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    drawn = []
+    real_draw = synthetic.draw_scene
+
+    def draw_then_stop(*a, **kw):
+        drawn.append(1)
+        if len(drawn) == 8:  # in the test split of the new run
+            raise KeyboardInterrupt
+        return real_draw(*a, **kw)
+
+    monkeypatch.setattr(synthetic, "draw_scene", draw_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate_dataset(out, n_train=6, n_test=3, questions_per_image=2, size=32, seed=1)
+    assert snapshot() == before and sorted(p.name for p in out.iterdir()) == [
+        "images", "test.json", "test_questions.jsonl", "train.json"]
+    monkeypatch.undo()
+    synthetic.generate_dataset(out, n_train=6, n_test=3, questions_per_image=2, size=32, seed=1)  # replaced
+    assert snapshot() != before and sorted(p.name for p in out.iterdir()) == [
+        "images", "test.json", "test_questions.jsonl", "train.json"]
+
+
 def test_read_questions_bom_and_a_line_that_is_not_utf8(tmp_path):
     from PIL import Image
 

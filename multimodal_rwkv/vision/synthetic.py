@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,9 +145,41 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
                          f"{MIN_SIZE} <= size <= {MAX_SIZE}; got {n_train}, {n_test}, {questions_per_image}, {size}")
     out = Path(out_dir)
     _check_target(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for old in (out / "images").iterdir():  # a dataset this wrote before: its pictures go with it
-        old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    # everything is drawn into a staging folder inside ``out`` and moved into place at the end, so
+    # an interrupted run leaves the earlier dataset as it was (or, while the two swap, no labels)
+    stage = out / _STAGE
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "images").mkdir(parents=True)
+    try:
+        splits = _draw_splits(stage, n_train, n_test, questions_per_image, size, seed, multi_turn, object_scale)
+        _write_json(stage / "train.json", splits["train"])
+        _write_json(stage / "test.json", splits["test"])
+        with open(stage / "test_questions.jsonl", "w", encoding="utf-8") as f:
+            for r in splits["test"]:
+                q = r["conversations"][0]["value"].replace("<image>\n", "")
+                f.write(json.dumps({"question_id": r["id"], "image": r["image"], "question": q,
+                                    "answers": [r["conversations"][1]["value"]], "type": r["type"]}) + "\n")
+        labels = _OWN[:3]
+        for name in labels:  # labels first: from here on no label file can name the other set's images
+            (out / name).unlink(missing_ok=True)
+        old = out / (_STAGE + "-old")
+        shutil.rmtree(old, ignore_errors=True)
+        if (out / "images").exists():
+            (out / "images").rename(old)
+        (stage / "images").rename(out / "images")
+        for name in labels:
+            os.replace(stage / name, out / name)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {"train_records": len(splits["train"]), "test_questions": len(splits["test"]),
+            "train_file": str(out / "train.json"), "test_file": str(out / "test.json"),
+            "questions_file": str(out / "test_questions.jsonl"), "image_folder": str(out / "images")}
+
+
+def _draw_splits(out: Path, n_train, n_test, questions_per_image, size, seed, multi_turn, object_scale) -> dict:
+    """Draw both splits' images into ``out/images``; returns their records."""
     splits = {}
     train_scenes: set[bytes] = set()
     for split, n_img, split_seed in (("train", n_train, seed * 2 + 1), ("test", n_test, seed * 2 + 2)):
@@ -180,19 +213,11 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
                                 "conversations": [{"from": "human", "value": f"<image>\n{q}"},
                                                   {"from": "gpt", "value": a}]})
         splits[split] = records
-    _write_json(out / "train.json", splits["train"])
-    _write_json(out / "test.json", splits["test"])
-    with open(out / "test_questions.jsonl", "w", encoding="utf-8") as f:
-        for r in splits["test"]:
-            q = r["conversations"][0]["value"].replace("<image>\n", "")
-            f.write(json.dumps({"question_id": r["id"], "image": r["image"], "question": q,
-                                "answers": [r["conversations"][1]["value"]], "type": r["type"]}) + "\n")
-    return {"train_records": len(splits["train"]), "test_questions": len(splits["test"]),
-            "train_file": str(out / "train.json"), "test_file": str(out / "test.json"),
-            "questions_file": str(out / "test_questions.jsonl"), "image_folder": str(out / "images")}
+    return splits
 
 
-_OWN = ("train.json", "test.json", "test_questions.jsonl", "images")
+_STAGE = ".vision-synth-staging"  # inside the output folder while a dataset is drawn (see generate_dataset)
+_OWN = ("train.json", "test.json", "test_questions.jsonl", "images", _STAGE, _STAGE + "-old")
 _OWN_IMAGE = re.compile(r"(train|test)_\d{6}\.png")
 
 
