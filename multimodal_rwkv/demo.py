@@ -45,18 +45,28 @@ def register(sub) -> None:
 
 
 def _check_inputs(args) -> None:
-    from multimodal_rwkv.vision.processor import load_image
+    """Everything the demo can refuse, refused before it writes or computes anything."""
+    from multimodal_rwkv.fileio import check_outputs
+    from multimodal_rwkv.vision.processor import IMAGE_TOKEN, is_blank_question, is_unicode, load_image
 
     if args.skip_music and args.skip_vision:
         raise DataError("--skip-music and --skip-vision together leave the demo nothing to do")
-    if args.question is not None and not args.question.strip():
-        raise DataError("--question is empty")
+    if args.question is not None:
+        if is_blank_question(args.question):
+            raise DataError("--question is empty")
+        if not is_unicode(args.question):
+            raise DataError("--question holds bytes that are not UTF-8 text")
+        if args.question.count(IMAGE_TOKEN) > 1:
+            raise DataError(f"--question holds {args.question.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders; it is "
+                            f"asked about one --image at a time (at most one {IMAGE_TOKEN})")
     if args.question is not None and not args.image:
         raise DataError("--question is asked about an --image: give one (or more) with it")
     if args.image and args.skip_vision:
         raise DataError("--image is answered by the vision part of the demo, which --skip-vision turns off")
 
-    outputs = [Path(args.out) / n for n in ("song.mid", "song.png", "scene_0.png", "scene_1.png", "scene_2.png")]
+    names = (() if args.skip_music else ("song.mid", "song.png")) + (
+        () if args.skip_vision else ("scene_0.png", "scene_1.png", "scene_2.png"))
+    outputs = [Path(args.out) / n for n in names]
     for img in args.image:
         if not Path(img).is_file():
             raise DataError(f"{img}: --image file not found")
@@ -67,6 +77,9 @@ def _check_inputs(args) -> None:
         load_image(img)  # not an image, truncated, too big: said before the demo runs, not after
     if not 0 < args.seconds <= 600:
         raise DataError(f"--seconds must be in (0, 600], got {args.seconds}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DataError(f"{args.out}: --out exists and is not a folder")
+    check_outputs([(f"the demo's {p.name}", p) for p in outputs], [("--image", i) for i in args.image])
 
 
 def _demo_music(args, out: Path) -> list[str]:

@@ -63,3 +63,20 @@ def test_demo_with_both_parts_skipped_is_an_error(tmp_path):
     rc, out, err = run("demo", "--out", tmp_path / "out", "--skip-music", "--skip-vision")
     assert rc == 2 and "--skip-music and --skip-vision together leave the demo nothing to do" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_a_bad_question_or_output_before_making_music(tmp_path):
+    """A question of only <image>, two placeholders or not-UTF-8 bytes, and a folder where a scene
+    goes, were found only after the music was generated (and "question 0" named no option)."""
+    img = tmp_path / "mine.png"
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(img)
+    for question, needle in (("<image>", "--question is empty"),
+                             ("<image> <image> how many?", "--question holds 2 <image> placeholders"),
+                             ("bad \udcff", "--question holds bytes that are not UTF-8")):
+        rc, out, err = run("demo", "--out", tmp_path / "o", "--seconds", "3", "--image", img, "--question", question)
+        assert rc == 2 and needle in err and "[music]" not in out, (question, err)
+        assert not (tmp_path / "o").exists()
+    (tmp_path / "o2" / "scene_1.png").mkdir(parents=True)
+    rc, out, err = run("demo", "--out", tmp_path / "o2", "--seconds", "3")
+    assert rc == 2 and "scene_1.png is a folder, not a file name" in err and "[music]" not in out
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == ["scene_1.png"]

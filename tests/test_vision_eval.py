@@ -1,5 +1,6 @@
 """VQA scoring (normalisation, soft accuracy, multiple choice), question files, synthetic data."""
 import json
+import random
 
 import pytest
 
@@ -119,11 +120,26 @@ def test_synthetic_dataset_is_consistent(tmp_path):
     # object_scale sets each object's side as a fraction of its cell (square: the bounding box)
     from multimodal_rwkv.vision.synthetic import SceneObject
 
-    for lo, hi in ((0.5, 0.55), (0.9, 0.95)):
+    for lo, hi in ((0.5, 0.55), (0.85, 0.9)):
         img, _ = draw_scene(3, size=64, objects=[SceneObject("square", "blue", 0)], object_scale=(lo, hi))
         a = np.asarray(img).astype(int)
         side = int(((np.abs(a - COLORS["blue"]).sum(2) < 10).any(0)).sum())
         assert lo * 32 - 2 <= side <= hi * 32 + 2, (lo, hi, side)
+    # the largest objects, jittered, stay inside their cells: no pixel of a colour outside its cell
+    rng = random.Random(0)
+    for _ in range(300):
+        img, objs = draw_scene(rng, size=64, object_scale=(0.9, 0.9))
+        a = np.asarray(img).astype(int)
+        for color in {o.color for o in objs}:
+            inside = np.zeros((64, 64), bool)  # the cells of this colour's objects
+            for o in objs:
+                if o.color == color:
+                    x, y = (o.cell % 2) * 32, (o.cell // 2) * 32
+                    inside[y:y + 32, x:x + 32] = True
+            assert not ((np.abs(a - COLORS[color]).sum(2) < 60) & ~inside).any()
+    for bad in ((0.5, 0.95), (0.05, 0.5), (0.8, 0.7)):
+        with pytest.raises(ValueError, match="an object stays inside its cell"):
+            draw_scene(0, object_scale=bad)
     # same seed, same dataset
     generate_dataset(tmp_path / "again", n_train=30, n_test=10, questions_per_image=3, size=48, seed=5)
     assert (tmp_path / "again" / "train.json").read_text() == (tmp_path / "train.json").read_text()

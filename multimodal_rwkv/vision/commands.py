@@ -70,7 +70,7 @@ def register(sub) -> None:
     p.add_argument("--multi-turn", action="store_true",
                    help="training records hold all questions about an image as one conversation")
     p.add_argument("--object-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
-                   help="an object's side as a fraction of its cell (default 0.6 0.8)")
+                   help="an object's side as a fraction of its cell, 0.1 to 0.9 (default 0.6 0.8)")
     p.set_defaults(func=_synth)
 
 
@@ -169,13 +169,14 @@ def _eval_vqa(args) -> int:
 
 
 def _synth(args) -> int:
-    from multimodal_rwkv.vision.synthetic import generate_dataset
+    from multimodal_rwkv.vision.synthetic import OBJECT_SCALE_LIMITS, generate_dataset
 
     extra = {}
     if args.object_scale is not None:
         lo, hi = args.object_scale
-        if not 0.1 <= lo <= hi <= 1.0:
-            raise DataError(f"vision-synth: --object-scale needs 0.1 <= MIN <= MAX <= 1, got {lo} {hi}")
+        if not OBJECT_SCALE_LIMITS[0] <= lo <= hi <= OBJECT_SCALE_LIMITS[1]:
+            raise DataError(f"vision-synth: --object-scale needs {OBJECT_SCALE_LIMITS[0]} <= MIN <= MAX <= "
+                            f"{OBJECT_SCALE_LIMITS[1]} (an object stays inside its cell), got {lo} {hi}")
         extra["object_scale"] = (lo, hi)
     info = generate_dataset(args.out, n_train=args.n_train, n_test=args.n_test,
                             questions_per_image=args.questions_per_image, size=args.size, seed=args.seed,

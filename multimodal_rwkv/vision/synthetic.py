@@ -53,6 +53,9 @@ class SceneObject:
 
 
 OBJECT_SCALE = (0.6, 0.8)
+# an object's side as a fraction of its cell: at most 0.9, so that with the +-5% jitter of its
+# position it stays inside its cell (objects never touch or overlap, nor leave the picture)
+OBJECT_SCALE_LIMITS = (0.1, 0.9)
 MIN_SIZE, MAX_SIZE = 16, 4096  # image side in pixels (4096: 48 MiB an image while drawn)
 
 
@@ -63,9 +66,15 @@ def draw_scene(seed_or_rng=0, size: int = 64, n_objects: int | None = None,
 
     ``seed_or_rng``: an int seed or a ``random.Random``. ``n_objects`` (1-4) defaults to random;
     ``objects`` fixes the content (shapes, colours and cells), only sizes and jitter are random.
-    ``object_scale``: the range of an object's side as a fraction of its cell.
+    ``object_scale``: the range of an object's side as a fraction of its cell, within
+    ``OBJECT_SCALE_LIMITS`` (0.1 to 0.9: an object stays inside its cell).
     """
     from PIL import Image, ImageDraw
+
+    lo, hi = object_scale
+    if not OBJECT_SCALE_LIMITS[0] <= lo <= hi <= OBJECT_SCALE_LIMITS[1]:
+        raise ValueError(f"object_scale needs {OBJECT_SCALE_LIMITS[0]} <= MIN <= MAX <= {OBJECT_SCALE_LIMITS[1]} "
+                         f"(an object stays inside its cell), got {lo} {hi}")
 
     rng = seed_or_rng if isinstance(seed_or_rng, random.Random) else random.Random(seed_or_rng)
     if objects is None:
