@@ -285,10 +285,39 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, corpus, caplog)
         train(TrainConfig(), base_overrides(corpus, tmp_path / "run_rng", max_steps=6, checkpoint_every=2))
     assert "random states (random_states_*.pkl) are missing or damaged" in caplog.text
     assert len(losses(tmp_path / "run_rng")) == 6
+    # torch.distributed.checkpoint (FSDP) raises a CheckpointException, a BaseException: named too
+    import accelerate
+
+    class CheckpointException(BaseException):
+        pass
+
+    def fail(self, *a, **kw):
+        raise CheckpointException("CheckpointException ranks:dict_keys([1])")
+
+    real = accelerate.Accelerator.load_state
+    accelerate.Accelerator.load_state = fail
+    try:
+        with pytest.raises(CheckpointError, match="step_00000004: cannot resume .*another launch config"):
+            train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2))
+    finally:
+        accelerate.Accelerator.load_state = real
     weights = ck / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="step_00000004: cannot resume .*damaged; delete this checkpoint"):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2))
+
+
+def test_accelerate_launch_cpu_asked_for_several_processes_is_refused():
+    """accelerate launch --cpu --num_processes 2 starts one process (MASTER_ADDR set, no WORLD_SIZE):
+    the run trained alone with half the batch, exit 0."""
+    from multimodal_rwkv.training.loop import _single_process_cpu_launch
+
+    simple = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert _single_process_cpu_launch(simple)
+    assert not _single_process_cpu_launch({"ACCELERATE_USE_CPU": "True"})  # --num_processes 1
+    assert not _single_process_cpu_launch({**simple, "WORLD_SIZE": "2"})  # torchrun
+    assert not _single_process_cpu_launch({**simple, "OMPI_COMM_WORLD_SIZE": "2"})  # mpirun
+    assert not _single_process_cpu_launch({**simple, "ACCELERATE_USE_CPU": "False"})
 
 
 def test_one_run_per_output_dir_and_export_files_checked_first(tmp_path, corpus):

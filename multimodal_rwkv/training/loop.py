@@ -418,6 +418,20 @@ def _trainer_state(ckpt: Path) -> dict:
                               "before it") from None
 
 
+
+def _single_process_cpu_launch(env) -> bool:
+    """Whether this is ``accelerate launch --cpu --num_processes N`` (N > 1) without mpirun: accelerate's
+    simple launcher then starts this one process and sets only ``MASTER_ADDR``, so the run would
+    silently train alone with 1/N of the asked-for batch."""
+    from accelerate.utils import str_to_bool
+
+    try:
+        cpu = str_to_bool(env.get("ACCELERATE_USE_CPU", "false"))
+    except ValueError:
+        cpu = False
+    mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"))
+    return bool(cpu) and "MASTER_ADDR" in env and not mpi
+
 class Trainer:
     """Holds the pieces of one run; :meth:`run` does the work (see :func:`train`)."""
 
@@ -872,6 +886,10 @@ class Trainer:
             raise ConfigError(f"export.pth: the {task.name} task's model is not a language model alone, which a "
                               "BlinkDL-layout model.pth holds; its final/ folder is what its loaders read")
         acc = self._accelerator(task.find_unused_parameters)
+        if _single_process_cpu_launch(os.environ):
+            raise ConfigError("accelerate launch --cpu starts one process even when asked for more (it sets up "
+                              "no process group); for several CPU processes run ACCELERATE_USE_CPU=1 torchrun "
+                              "--nproc_per_node N -m multimodal_rwkv train ... (see recipes/accelerate/README.md)")
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and acc.num_processes == 1:  # each process would train alone, on the same output_dir
             raise ConfigError(f"launched as one of {launched} processes, but they formed no process group "
@@ -967,14 +985,22 @@ class Trainer:
                     logger.warning("%s: the random states (random_states_*.pkl) are missing or damaged; training "
                                    "goes on from this checkpoint, but not bit-exactly as an uninterrupted run",
                                    resume[1])
-            except Exception as e:  # noqa: BLE001 - torch, safetensors, accelerate: each its own types
+            except (KeyboardInterrupt, SystemExit, GeneratorExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - torch, safetensors, accelerate: each its own types;
+                # torch.distributed.checkpoint's CheckpointException (FSDP) is a BaseException
                 from multimodal_rwkv.errors import CheckpointError
 
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                sharded = type(e).__name__ == "CheckpointException"
                 damaged = type(e).__name__ in ("SafetensorError", "UnpicklingError", "EOFError") or any(
                     w in first.lower() for w in ("header", "truncat", "corrupt", "eof", "deserializ"))
                 why = ("a file in it is damaged; delete this checkpoint folder to resume from the one before"
-                       if damaged else "the recipe's model or PEFT settings probably changed: use a new output_dir")
+                       if damaged else
+                       "a file in it is damaged, or it was written under another launch config (DDP and FSDP "
+                       "checkpoints differ); delete this checkpoint folder, or resume with the launch config "
+                       "that wrote it" if sharded else
+                       "the recipe's model or PEFT settings probably changed: use a new output_dir")
                 raise CheckpointError(f"{resume[1]}: cannot resume from this checkpoint ({first}); {why}") from None
             if len(wanted) == len(opt.param_groups):
                 for g, w in zip(opt.param_groups, wanted):
