@@ -64,21 +64,86 @@ def _one_line(e: BaseException) -> str:
     return msg
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's final flush of the closed pipe does not
-    print a second error at exit."""
+# commands whose product is what they print: a reader that stops reading ends them (exit 0);
+# the others make files, and go on with their output discarded
+_PRINTING_COMMANDS = {"generate", "info", "env", "vqa"}
+
+
+class _Stream:
+    """sys.stdout / sys.stderr while a command runs. A reader that went away (``| head``) is not
+    an error: later writes go nowhere, so a command that makes files still makes them, while one
+    whose product is its printout (``stop_when_gone``) stops there. Any other failure to write (a
+    full disk) is an OSError naming the stream."""
+
+    def __init__(self, stream, label: str, stop_when_gone: bool):
+        self._stream, self._label, self._stop = stream, label, stop_when_gone
+        self.gone = False
+
+    def _call(self, method, *a):
+        if self.gone:
+            return len(a[0]) if a else None
+        try:
+            return getattr(self._stream, method)(*a)
+        except BrokenPipeError:
+            self.gone = True
+            _silence(self._stream)
+            if self._stop:
+                raise
+            return len(a[0]) if a else None
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), self._label) from None
+
+    def write(self, text):
+        return self._call("write", text)
+
+    def flush(self):
+        return self._call("flush")
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, buffer ...
+        return getattr(self._stream, name)
+
+
+def _silence(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null, so that the interpreter's final flush of a
+    closed pipe does not print a second error at exit."""
     import os
 
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError, AttributeError):
         pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # argparse runs the options' type checks (some import torch): Ctrl-C may come that early
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    printing = getattr(args, "command", None) in _PRINTING_COMMANDS
+    if sys.stdout is None or sys.stderr is None:  # started with >&- or 2>&-
+        if sys.stdout is None and printing:
+            if sys.stderr is not None:
+                print(f"mmrwkv {args.command}: error: standard output is closed (it prints its result there)",
+                      file=sys.stderr)
+            return 2
+        import os
+
+        for name in ("stdout", "stderr"):
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - for the whole process
+    saved = sys.stdout, sys.stderr
+    sys.stdout = _Stream(saved[0], "standard output", stop_when_gone=printing)
+    sys.stderr = _Stream(saved[1], "standard error", stop_when_gone=False)
+    try:
+        return _run(parser, args)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _run(parser, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # -v: debug lines of this package only; third-party libraries (filelock, ...) stay at INFO
     logging.getLogger("multimodal_rwkv").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
@@ -92,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmrwkv {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader stopped reading (mmrwkv info ... | head -1): not an error
-        _silence_stdout()
         return 0
     except OSError as e:  # a path the command could not read or write (permissions, a full disk, ...)
         where = f"{e.filename}: " if e.filename else ""
@@ -104,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        _silence_stdout()
+        pass
+    except OSError as e:
+        print(f"mmrwkv {name}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -373,3 +373,54 @@ def test_verbose_is_debug_logging_of_this_package_only():
         r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
         assert ("DEBUG multimodal_rwkv.kernels.cpu: OUR DEBUG" in r.stderr) == ours, r.stderr
         assert "THIRD-PARTY DEBUG" not in r.stderr and "INFO filelock: THIRD-PARTY INFO" in r.stderr
+
+
+class _BrokenStream:
+    """A stdout whose reader went away (errno EPIPE), or whose disk is full (ENOSPC)."""
+
+    def __init__(self, errno_):
+        self.errno_ = errno_
+
+    def write(self, text):
+        import errno
+        import os
+
+        cls = BrokenPipeError if self.errno_ == errno.EPIPE else OSError
+        raise cls(self.errno_, os.strerror(self.errno_))
+
+    def flush(self):
+        pass
+
+
+def test_a_closed_or_full_standard_stream_is_handled_by_what_the_command_makes(tmp_path, world_pth, monkeypatch):
+    """A reader that stopped (| head) made commands that write files exit 0 without writing them; a
+    full disk said "No space left on device" without naming standard output; closed streams and
+    Ctrl-C while the options were parsed gave tracebacks."""
+    import errno
+    import io
+
+    from multimodal_rwkv import cli
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", _BrokenStream(errno.EPIPE))
+    # a command that makes files goes on without its printout ...
+    assert cli.main(["vision-synth", "--out", str(tmp_path / "ds"), "--n-train", "2", "--n-test", "1"]) == 0
+    assert (tmp_path / "ds" / "train.json").is_file()
+    # ... one whose product is its printout stops, successfully
+    assert cli.main(["info", str(world_pth)]) == 0
+    monkeypatch.setattr(sys, "stdout", _BrokenStream(errno.ENOSPC))
+    assert cli.main(["info", str(world_pth)]) == 2
+    assert "mmrwkv info: error: standard output: No space left on device" in err.getvalue()
+    monkeypatch.setattr(sys, "stdout", None)  # started with >&-
+    assert cli.main(["info", str(world_pth)]) == 2 and "standard output is closed" in err.getvalue()
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stdin", None)  # started with <&-
+    assert cli.main(["generate", "--model", str(world_pth), "--prompt", "-"]) == 2
+    assert "--prompt -: standard input is closed" in err.getvalue()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["info", str(world_pth)]) == 130 and err.getvalue().endswith("interrupted\n")

@@ -200,6 +200,8 @@ def cmd_generate(args) -> int:
     from multimodal_rwkv.model.modeling import RWKVForCausalLM
 
     if args.prompt == "-":
+        if sys.stdin is None:  # started with <&-
+            raise DataError("--prompt -: standard input is closed")
         prompt = _utf8(sys.stdin.buffer.read(), "standard input")
     else:
         prompt = unescape(_utf8(args.prompt, "--prompt"))
