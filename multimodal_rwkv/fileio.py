@@ -183,6 +183,8 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike]],
         seen.append((what, p))
         if p.is_dir():
             raise DataError(f"{p}: {what} is a folder, not a file name")
+        if p.exists() and not p.is_file():  # written by replacing it: the device or FIFO would be lost
+            raise DataError(f"{p}: {what} is not a regular file (a device, a FIFO or a socket); give a file name")
         anc = _nearest_existing(p)
         if not anc.is_dir():
             raise DataError(f"{p}: cannot create {what} ({anc} is not a folder)")

@@ -424,3 +424,25 @@ def test_a_closed_or_full_standard_stream_is_handled_by_what_the_command_makes(t
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["info", str(world_pth)]) == 130 and err.getvalue().endswith("interrupted\n")
+
+
+def test_an_output_that_is_a_device_or_a_fifo_is_refused_not_replaced(tmp_path):
+    """music generate --out, eval-vqa --output (and every output check_outputs guards) replaced a
+    FIFO, or a device node, by a regular file; /dev/stdout failed naming a temp file."""
+    import os
+    import stat
+
+    from multimodal_rwkv.errors import DataError
+    from multimodal_rwkv.fileio import check_outputs
+
+    fifo = tmp_path / "song.mid"
+    os.mkfifo(fifo)
+    (tmp_path / "link.mid").symlink_to(fifo)
+    for p in (fifo, tmp_path / "link.mid", "/dev/null"):
+        with pytest.raises(DataError, match="--out is not a regular file"):
+            check_outputs([("--out", p)])
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    from multimodal_rwkv.music import BACH_MODEL_DIR
+
+    r = run("music", "generate", "--model", BACH_MODEL_DIR, "--out", fifo)
+    assert r.returncode == 2 and "is not a regular file" in r.stderr and stat.S_ISFIFO(os.stat(fifo).st_mode)
