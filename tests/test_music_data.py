@@ -564,6 +564,20 @@ def test_prepare_meta_names_files_by_their_path_under_the_folder(tmp_path):
     assert sorted(names) == ["a/x.mid", "b/c/x.mid"]
 
 
+def test_prepare_lists_every_unreadable_file_even_when_their_bytes_are_the_same(tmp_path):
+    """Five empty .mid files were one failure and four "duplicates": only the first was reported."""
+    src = tmp_path / "midi"
+    src.mkdir()
+    _song(src / "good.mid", [60, 62, 64])
+    for k in range(3):
+        (src / f"empty_{k}.mid").write_bytes(b"")
+    report = prepare(tmp_path / "out", midi_dir=src, valid_permille=0, test_permille=0)
+    failed = (tmp_path / "out" / "failed.txt").read_text().splitlines()
+    assert report.duplicates == 0 and len(failed) == 3
+    assert [ln.split("\t")[0].rsplit("/", 1)[-1] for ln in failed] == ["empty_0.mid", "empty_1.mid", "empty_2.mid"]
+    assert failed[1].endswith("empty file (the same bytes as empty_0.mid)")
+
+
 def test_prepare_puts_transpositions_of_a_piece_in_one_split(tmp_path):
     """Train's transposed copies held the exact tokens of a valid/test piece that was a
     transposition of a training piece."""

@@ -400,6 +400,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                 paths = paths[:limit]
             if not paths:
                 raise DataError(f"{root}: no .mid/.midi files")
+        bad_content: dict[str, tuple[str, str]] = {}  # content hash -> (file, reason) of files that failed
         for p in paths:
             try:
                 content = p.read_bytes()
@@ -409,6 +410,9 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                      else f"cannot read file ({e.strerror or e})")
                 continue
             h = hashlib.sha256(content).hexdigest()
+            if h in bad_content:  # the same bytes as a file that failed: failed too, each one listed
+                fail(str(p), f"{bad_content[h][1]} (the same bytes as {bad_content[h][0]})")
+                continue
             if h in seen:
                 report.duplicates += 1
                 continue
@@ -417,6 +421,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                 ids = tok.encode(p)
             except MidiError as e:
                 fail(str(p), str(e))
+                bad_content[h] = (p.name, str(e).split(": ", 1)[-1])
                 continue
             # the same music in files that differ elsewhere (a title, a text event) is one piece:
             # kept once, so it cannot sit in train and in a held-out split
