@@ -511,3 +511,21 @@ def test_kernels_refuse_shapes_they_would_read_past():
     y, gp = torch.randn(4, 64), torch.randn(4, 64)
     with pytest.raises(RuntimeError, match="weight"):
         cpu.gn_gate(y, gp, torch.randn(32), torch.randn(32), 2, 1e-5)
+
+
+def test_environment_switches_read_the_usual_off_values(monkeypatch, caplog):
+    """MMRWKV_CPU_KERNEL=false (or off, no, 0) left the kernels on: only "0" counted, silently."""
+    from multimodal_rwkv.kernels import cpu
+
+    monkeypatch.setitem(cpu._state, "warned_env", set())
+    for value, on in (("0", False), ("false", False), (" OFF ", False), ("no", False), ("1", True), ("", True),
+                      ("yes", True), ("True", True)):
+        monkeypatch.setenv("MMRWKV_ONEDNN_LINEAR", value)
+        assert cpu.env_switch("MMRWKV_ONEDNN_LINEAR") is on, value
+    monkeypatch.delenv("MMRWKV_ONEDNN_LINEAR")
+    assert cpu.env_switch("MMRWKV_ONEDNN_LINEAR") is True and not caplog.records
+    monkeypatch.setenv("MMRWKV_MALLOC", "abc")
+    with caplog.at_level("WARNING", logger="multimodal_rwkv.kernels.cpu"):
+        assert cpu.env_switch("MMRWKV_MALLOC") is True and cpu.env_switch("MMRWKV_MALLOC") is True
+    assert [r.getMessage() for r in caplog.records].count(
+        "MMRWKV_MALLOC='abc' is not a switch value (0/false/off/no or 1/true/on/yes); it stays on") == 1

@@ -66,6 +66,22 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
+_OFF, _ON = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes")
+
+
+def env_switch(name: str) -> bool:
+    """A documented on/off environment switch (``MMRWKV_CPU_KERNEL``, ``MMRWKV_ONEDNN_LINEAR``,
+    ``MMRWKV_MALLOC``), on unless set to 0/false/off/no (any case); another value is said once in
+    a warning and leaves it on."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _OFF:
+        return False
+    if value not in _ON and name not in _state.setdefault("warned_env", set()):
+        _state["warned_env"].add(name)
+        logger.warning("%s=%r is not a switch value (0/false/off/no or 1/true/on/yes); it stays on", name,
+                       os.environ[name])
+    return True
+
 MAX_ROWS = 16
 WKV_CHUNK = 32  # the backward recomputes the states of this many steps at a time (in L2 cache)
 WKV_SAVE_EVERY = 32  # steps between the states the forward saves (a multiple of WKV_CHUNK)
@@ -94,8 +110,8 @@ def extension():
         if "module" in _state or "error" in _state:
             return _state.get("module")
         why = None
-        if os.environ.get("MMRWKV_CPU_KERNEL", "1") == "0":
-            why = "MMRWKV_CPU_KERNEL=0"
+        if not env_switch("MMRWKV_CPU_KERNEL"):
+            why = f"MMRWKV_CPU_KERNEL={os.environ['MMRWKV_CPU_KERNEL']}"
         elif torch.backends.cpu.get_cpu_capability() != "AVX512":
             why = f"needs AVX-512 (this CPU: {torch.backends.cpu.get_cpu_capability()})"
         elif not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
@@ -180,7 +196,7 @@ def keep_freed_memory(bounded: bool = True) -> bool:
 
 def keep_freed_memory_for_forward() -> None:
     """The model's first CPU forward: :func:`keep_freed_memory` (bounded) unless ``MMRWKV_MALLOC=0``."""
-    if "malloc" not in _state and os.environ.get("MMRWKV_MALLOC", "1") != "0":
+    if "malloc" not in _state and env_switch("MMRWKV_MALLOC"):
         keep_freed_memory(bounded=True)
 
 
@@ -379,8 +395,8 @@ def _onednn_ok(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 def _onednn_off() -> str | None:
     """Why the oneDNN route is off (None if it is on); the settings that cannot change are read once."""
     if "onednn_off" not in _state:
-        if os.environ.get("MMRWKV_ONEDNN_LINEAR", "1") == "0":
-            _state["onednn_off"] = "MMRWKV_ONEDNN_LINEAR=0"
+        if not env_switch("MMRWKV_ONEDNN_LINEAR"):
+            _state["onednn_off"] = f"MMRWKV_ONEDNN_LINEAR={os.environ['MMRWKV_ONEDNN_LINEAR']}"
         elif not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
             _state["onednn_off"] = "this torch has no oneDNN linear op"
         else:

@@ -285,4 +285,7 @@ def cmd_env(args) -> int:
     cpu.extension()  # builds the C++ kernels on first use
     print(f"cpu kernels   C++ WKV-6 and few-rows decode products: {cpu.status()}")
     print(f"cpu linears   fp32, more than {cpu.MAX_ROWS} rows: {cpu.onednn_status()}")
+    keep = cpu.env_switch("MMRWKV_MALLOC")
+    print(f"cpu malloc    freed memory kept for reuse by the model's forward: {'on' if keep else 'off'}"
+          + ("" if keep else f" (MMRWKV_MALLOC={os.environ['MMRWKV_MALLOC']})"))
     return 0
