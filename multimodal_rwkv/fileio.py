@@ -62,7 +62,11 @@ def make_dirs(folder) -> list[Path]:
     resolves ``a/..`` through it), and ``a/..`` is no folder of its own."""
     folder = Path(folder).absolute()
     missing = [d for d in (folder, *folder.parents) if d.name not in ("..", ".") and not os.path.lexists(d)]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except BaseException:  # a name too long, a full disk: the outer folders it made go again
+        remove_dirs([d for d in reversed(missing) if os.path.isdir(d)])  # (isdir: False for a name too long)
+        raise
     return [d for d in reversed(missing) if d.is_dir()]
 
 

@@ -446,3 +446,22 @@ def test_an_output_that_is_a_device_or_a_fifo_is_refused_not_replaced(tmp_path):
 
     r = run("music", "generate", "--model", BACH_MODEL_DIR, "--out", fifo)
     assert r.returncode == 2 and "is not a regular file" in r.stderr and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_convert_that_cannot_write_leaves_no_folder_it_made(tmp_path, world_pth, monkeypatch):
+    """A name too long, or a full disk while writing, left the folders convert had created (and a later
+    convert into them was refused as holding other files)."""
+    r = run("convert", world_pth, tmp_path / "deep" / ("b" * 300) / "x")
+    assert r.returncode == 2 and "File name too long" in r.stderr and not (tmp_path / "deep").exists()
+    from multimodal_rwkv.model import checkpoint
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(checkpoint, "save_model", full_disk)
+    r = run("convert", world_pth, tmp_path / "new" / "x")
+    assert r.returncode == 2 and "No space left on device" in r.stderr and not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    r = run("convert", world_pth, tmp_path / "mine" / "x")
+    assert r.returncode == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any(
+        (tmp_path / "mine").iterdir())

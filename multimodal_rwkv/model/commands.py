@@ -9,7 +9,7 @@ from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, path_arg, seed, unescape
 from multimodal_rwkv.errors import CheckpointError, DataError
-from multimodal_rwkv.fileio import atomic_write_text
+from multimodal_rwkv.fileio import atomic_write_text, make_dirs
 
 TRAINING_INFO = "training_info.json"  # what `mmrwkv train` writes beside a model it exports
 logger = logging.getLogger(__name__)
@@ -237,12 +237,20 @@ def cmd_convert(args) -> int:
         for p in Path(args.out_dir).iterdir():
             if _convert_leftover(p.name) and p.is_file():
                 p.unlink()
-    model.save_pretrained(args.out_dir)
-    info, copy = _training_info(args.src), Path(args.out_dir) / TRAINING_INFO
-    if info is not None:  # which tokenizer the model was trained with travels with it
-        atomic_write_text(copy, info.read_text(encoding="utf-8"))
-    elif copy.is_file():  # an earlier convert's, of another model
-        copy.unlink()
+    made = make_dirs(args.out_dir)
+    try:
+        model.save_pretrained(args.out_dir)
+        info, copy = _training_info(args.src), Path(args.out_dir) / TRAINING_INFO
+        if info is not None:  # which tokenizer the model was trained with travels with it
+            atomic_write_text(copy, info.read_text(encoding="utf-8"))
+        elif copy.is_file():  # an earlier convert's, of another model
+            copy.unlink()
+    except BaseException:
+        if made:  # folders this convert created (a full disk, a name too long, Ctrl-C): they go again
+            import shutil
+
+            shutil.rmtree(made[0], ignore_errors=True)
+        raise
     print(f"wrote {args.out_dir} ({model.config.version}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0
 
