@@ -16,6 +16,7 @@ A command's outputs (answers, MIDI files, pictures) go through two steps:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -89,6 +90,21 @@ def temp_name(path) -> Path:
     if len(name.encode()) > 255:
         name = f".tmp-{hashlib.sha1(path.name.encode()).hexdigest()[:16]}-{os.getpid()}"
     return path.with_name(name)
+
+
+@contextlib.contextmanager
+def naming_write_errors(path):
+    """An OSError while writing ``path`` names it. numpy's ``tofile``/``save`` report a short write
+    as "N requested and M written" with neither errno nor file: that says the disk may be full."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        why = e.strerror or str(e)
+        if e.errno is None and "requested and" in why:
+            why = f"could not write all of it ({why} items; is the disk full?)"
+        raise OSError(e.errno, why, str(path)) from None
 
 
 def atomic_write(path, write) -> None:

@@ -465,3 +465,18 @@ def test_a_convert_that_cannot_write_leaves_no_folder_it_made(tmp_path, world_pt
     r = run("convert", world_pth, tmp_path / "mine" / "x")
     assert r.returncode == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any(
         (tmp_path / "mine").iterdir())
+
+
+def test_a_short_numpy_write_names_the_file_and_the_likely_reason(tmp_path):
+    """numpy's tofile/save on a full disk say "13409 requested and 12224 written" (no errno, no file):
+    music prepare and tokenize printed only that."""
+    import numpy as np
+
+    from multimodal_rwkv.fileio import naming_write_errors
+
+    with pytest.raises(OSError) as e, open("/dev/full", "wb") as fh, naming_write_errors(tmp_path / "shard.npy"):
+        np.arange(100000, dtype=np.uint16).tofile(fh)
+    assert e.value.filename == str(tmp_path / "shard.npy") and "is the disk full?" in e.value.strerror
+    with pytest.raises(OSError) as e, naming_write_errors(tmp_path / "x.npy"):
+        raise OSError(13, "Permission denied", "/elsewhere")  # an error that names its file already: as it is
+    assert e.value.filename == "/elsewhere"

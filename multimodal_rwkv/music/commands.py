@@ -10,7 +10,7 @@ from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import check_outputs, write_outputs
+from multimodal_rwkv.fileio import check_outputs, naming_write_errors, write_outputs
 from multimodal_rwkv.music.pianoroll import check_png
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def cmd_tokenize(args) -> int:
         arr = np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32)
 
         def save(tmp):
-            with open(tmp, "wb") as fh:
+            with naming_write_errors(out), open(tmp, "wb") as fh:
                 np.save(fh, arr)
 
         write_outputs([(out, save)])

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import same_file
+from multimodal_rwkv.fileio import naming_write_errors, same_file
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_siz
     def flush():
         nonlocal buf, k, total
         arr = np.asarray(buf, dtype=dtype)
-        np.save(d / f"shard_{k:05d}.npy", arr)
+        with naming_write_errors(d / f"shard_{k:05d}.npy"):
+            np.save(d / f"shard_{k:05d}.npy", arr)
         total += len(arr)
         k += 1
         buf = [0]

@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.fileio import fsync_path
+from multimodal_rwkv.fileio import fsync_path, naming_write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,8 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
     n_docs = 0
     any_masked = False
     try:
-        with open(tmp / "tokens.u32", "wb") as ft, open(tmp / "target.u8", "wb") as fm:
+        with naming_write_errors(tmp / "tokens.u32"), open(tmp / "tokens.u32", "wb") as ft, \
+                open(tmp / "target.u8", "wb") as fm:
             for f in files:
                 for doc in iter_text_documents(f, fmt, on_bad, bad):
                     # the separator after a document is a target when the document's last segment is
@@ -583,7 +584,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
     tmp = _cache_temp(Path(cache_dir), final.name)
     n = 0
     try:
-        with open(tmp / "tokens.u32", "wb") as ft:
+        with naming_write_errors(tmp / "tokens.u32"), open(tmp / "tokens.u32", "wb") as ft:
             for f in files:
                 try:
                     a = _load_npy(f)
