@@ -99,10 +99,12 @@ def test_grad_accum_and_bptt_equal_plain_big_batch(tmp_path, corpus):
         "train.micro_batch_size": 2, "train.grad_accum": 2})).parent)
     np.testing.assert_allclose(acc, ref, rtol=0, atol=1e-5)
     # truncated BPTT: the forward (loss) is the same as the full sequence; only gradients are cut
-    bp = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "c", max_steps=2, **{
+    bp = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "c", max_steps=3, **{
         "train.bptt_chunk": 5})).parent)
     assert abs(bp[0] - ref[0]) < 1e-5
-    assert abs(bp[1] - ref[1]) > 1e-7  # different (truncated) gradient -> different update
+    # step 1's gradients are the same either way: RWKV's init zeroes the output products, through
+    # which alone the cut paths reach the loss; from step 2 on the truncated gradient differs
+    assert abs(bp[2] - ref[2]) > 1e-6
 
 
 def _fork_cli(recipe, overrides):
