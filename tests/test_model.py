@@ -1526,6 +1526,10 @@ def test_generate_text_cuts_at_whichever_end_of_text_id_ended_it():
     want = Bytes().decode(free[: free.index(eos)])
     assert generate_text(m, Bytes(), "AB", max_new_tokens=8, eos_token_id=eos) == want
     assert generate_text(m, Bytes(), "AB", max_new_tokens=8, eos_token_id=[96, eos]) == want
+    from transformers import GenerationConfig
+
+    assert generate_text(m, Bytes(), "AB", generation_config=GenerationConfig(max_new_tokens=8, eos_token_id=eos,
+                                                                             do_sample=False)) == want
     m.generation_config.eos_token_id = [96, eos]
     assert generate_text(m, Bytes(), "AB", max_new_tokens=8) == want
 

@@ -595,8 +595,12 @@ def test_call_padding_takes_transformers_values(tok):
     assert tok(texts, max_length=2, truncation=True)["input_ids"] == [a[:2], b[:2]]
     assert tok(texts, padding=True, max_length=2, truncation=True)["input_ids"] == [[0] * (2 - len(a[:2])) + a[:2],
                                                                                       b[:2]]
-    with pytest.raises(ValueError, match="truncation=True needs max_length"):
-        tok(texts, truncation=True)
+    for cut in (True, "longest_first", "only_first"):
+        assert tok(texts, max_length=2, truncation=cut)["input_ids"] == [a[:2], b[:2]]
+        assert tok(texts, padding=True, truncation=cut) == padded  # no max_length: nothing to cut at
+    assert tok(texts, padding=True, truncation="do_not_truncate") == padded
+    with pytest.raises(ValueError, match="truncation='only_second'"):
+        tok(texts, truncation="only_second")
     for bad in ("yes", "left", 1, None):
         with pytest.raises(ValueError, match="padding="):
             tok(texts, padding=bad)

@@ -314,8 +314,11 @@ def test_accelerate_launch_cpu_asked_for_several_processes_is_refused():
     the run trained alone with half the batch, exit 0."""
     from multimodal_rwkv.training.loop import _single_process_cpu_launch
 
-    simple = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    simple = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+              "ACCELERATE_DYNAMO_BACKEND": "no", "ACCELERATE_MIXED_PRECISION": "no"}
     assert _single_process_cpu_launch(simple)
+    # a job script that exports MASTER_ADDR, without accelerate launch: a plain run
+    assert not _single_process_cpu_launch({"ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "10.0.0.5"})
     assert not _single_process_cpu_launch({"ACCELERATE_USE_CPU": "True"})  # --num_processes 1
     assert not _single_process_cpu_launch({**simple, "WORLD_SIZE": "2"})  # torchrun
     assert not _single_process_cpu_launch({**simple, "OMPI_COMM_WORLD_SIZE": "2"})  # mpirun

@@ -46,8 +46,9 @@ def register(sub) -> None:
                     "config.json + model.safetensors (+ generation_config.json when the model has generation "
                     "defaults, + the training_info.json `mmrwkv train` wrote beside SRC, which says the tokenizer). "
                     "OUT_DIR must be new or empty, or hold only a model convert wrote (those files, which are "
-                    "replaced); a folder holding anything else (another model, a VisualRWKV, other files) is "
-                    "refused, and so is SRC's own folder.",
+                    "replaced; a training_info.json counts as convert's only when it is SRC's, so a training "
+                    "run's final/ folder is kept); a folder holding anything else (another model, a VisualRWKV, "
+                    "other files) is refused, and so is SRC's own folder.",
         epilog="Example: mmrwkv convert RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth ./finch-1b6",
     )
     p.add_argument("src", type=path_arg)
@@ -240,11 +241,9 @@ def cmd_convert(args) -> int:
     made = make_dirs(args.out_dir)
     try:
         model.save_pretrained(args.out_dir)
-        info, copy = _training_info(args.src), Path(args.out_dir) / TRAINING_INFO
+        info = _training_info(args.src)
         if info is not None:  # which tokenizer the model was trained with travels with it
-            atomic_write_text(copy, info.read_text(encoding="utf-8"))
-        elif copy.is_file():  # an earlier convert's, of another model
-            copy.unlink()
+            atomic_write_text(Path(args.out_dir) / TRAINING_INFO, info.read_text(encoding="utf-8"))
     except BaseException:
         if made:  # folders this convert created (a full disk, a name too long, Ctrl-C): they go again
             import shutil

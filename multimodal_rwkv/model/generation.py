@@ -148,11 +148,12 @@ def trim_at_stop(text: str, stops) -> str:
 
 
 @torch.no_grad()
-def eos_ids(model, eos_token_id=None) -> set[int]:
+def eos_ids(model, eos_token_id=None, generation_config=None) -> set[int]:
     """The end-of-text ids that end a generation: ``eos_token_id`` as passed to ``generate`` (an
-    int, a list, a tensor), else the model's ``generation_config``'s, else its config's."""
-    for src in (eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                model.config.eos_token_id):
+    int, a list, a tensor), else that of the ``generation_config`` passed to it, else the model's
+    ``generation_config``'s, else its config's."""
+    for src in (eos_token_id, getattr(generation_config, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None), model.config.eos_token_id):
         if src is None:
             continue
         if isinstance(src, torch.Tensor):
@@ -180,7 +181,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, stop
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
     out = model.generate(x, max_new_tokens=max_new_tokens, stop=stop, tokenizer=tokenizer, streamer=streamer,
                          **gen_kwargs)
-    new = cut_at_eos(out[0, len(ids):].tolist(), eos_ids(model, gen_kwargs.get("eos_token_id")))
+    new = cut_at_eos(out[0, len(ids):].tolist(),
+                     eos_ids(model, gen_kwargs.get("eos_token_id"), gen_kwargs.get("generation_config")))
     return trim_at_stop(tokenizer.decode(new), stop)
 
 

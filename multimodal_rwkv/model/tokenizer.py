@@ -749,7 +749,7 @@ class WorldTokenizer:
         return [self.encode(t) for t in texts]
 
     def __call__(self, text: str | Sequence[str], padding: bool | str = False, return_tensors: str | None = None,
-                 max_length: int | None = None, truncation: bool = False) -> dict:
+                 max_length: int | None = None, truncation: bool | str = False) -> dict:
         """transformers-style: ``{"input_ids", "attention_mask"}`` for a text or a list of texts.
 
         ``padding`` takes transformers' values: ``False`` / ``"do_not_pad"`` (default) leaves the
@@ -758,17 +758,23 @@ class WorldTokenizer:
         the side the model's batched prompts use
         (``model.generate(**tok(texts, padding=True, return_tensors="pt"))``).
         ``max_length``: no row may be longer; a longer one is a ``ValueError``, or with
-        ``truncation=True`` keeps its first ``max_length`` tokens (transformers' default side).
+        ``truncation=True`` (or transformers' ``"longest_first"`` / ``"only_first"``) keeps its first
+        ``max_length`` tokens (transformers' default side). Without ``max_length`` there is no
+        limit to cut at (the model has no maximum length), so truncation changes nothing.
         Without ``return_tensors`` a list gives lists of lists; ``return_tensors="pt"`` gives
         ``[B, T]`` tensors (a single text: ``[1, T]``), and rows of different lengths are a ``ValueError``."""
         if max_length is not None and (isinstance(max_length, bool) or not hasattr(max_length, "__index__")
                                        or max_length.__index__() < 0):
             raise ValueError(f"max_length must be an int >= 0, got {max_length!r}")
         limit = None if max_length is None else max_length.__index__()
-        if not isinstance(truncation, bool):
-            raise ValueError(f"truncation must be True or False, got {truncation!r}")
-        if truncation and limit is None:
-            raise ValueError("truncation=True needs max_length")
+        strategy = getattr(truncation, "value", truncation)  # transformers' TruncationStrategy enum too
+        if strategy in (True, "longest_first", "only_first"):
+            truncation = True
+        elif strategy in (False, "do_not_truncate"):
+            truncation = False
+        else:
+            raise ValueError(f"truncation={truncation!r}: use False/'do_not_truncate', or True/'longest_first'/"
+                             "'only_first' (one sequence per row)")
         if padding is False or (isinstance(padding, str) and padding == "do_not_pad"):
             width = None
         elif padding is True or (isinstance(padding, str) and padding == "longest"):

@@ -422,7 +422,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                 ids = tok.encode(p)
             except MidiError as e:
                 fail(str(p), str(e))
-                bad_content[h] = (p.name, str(e).split(": ", 1)[-1])
+                bad_content[h] = (str(p), str(e).split(": ", 1)[-1])
                 continue
             # the same music in files that differ elsewhere (a title, a text event) is one piece:
             # kept once, so it cannot sit in train and in a held-out split

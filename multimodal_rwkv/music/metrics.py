@@ -122,7 +122,8 @@ def windowed_nll(model, ids, ctx_len: int, batch_size: int = 8, device=None) -> 
             for j, c in enumerate(chunk):
                 inp[j, : len(c) - 1] = c[:-1]
                 tgt[j, : len(c) - 1] = c[1:]
-            logits = model(input_ids=inp.to(device)).logits.float()
+            out = model(input_ids=inp.to(device))
+            logits = (out.logits if hasattr(out, "logits") else out[0]).float()  # config.return_dict False: a tuple
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.to(device).reshape(-1),
                                    ignore_index=-100, reduction="sum")
             total += float(loss)

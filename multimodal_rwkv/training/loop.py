@@ -421,8 +421,10 @@ def _trainer_state(ckpt: Path) -> dict:
 
 def _single_process_cpu_launch(env) -> bool:
     """Whether this is ``accelerate launch --cpu --num_processes N`` (N > 1) without mpirun: accelerate's
-    simple launcher then starts this one process and sets only ``MASTER_ADDR``, so the run would
-    silently train alone with 1/N of the asked-for batch."""
+    simple launcher then starts this one process and sets only ``MASTER_ADDR`` (with its own
+    ``ACCELERATE_DYNAMO_BACKEND`` and ``ACCELERATE_MIXED_PRECISION``, which a job script that exports
+    ``MASTER_ADDR`` for other reasons lacks), so the run would silently train alone with 1/N of the
+    asked-for batch."""
     from accelerate.utils import str_to_bool
 
     try:
@@ -430,7 +432,8 @@ def _single_process_cpu_launch(env) -> bool:
     except ValueError:
         cpu = False
     mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"))
-    return bool(cpu) and "MASTER_ADDR" in env and not mpi
+    launched = "ACCELERATE_DYNAMO_BACKEND" in env and "ACCELERATE_MIXED_PRECISION" in env
+    return bool(cpu) and launched and "MASTER_ADDR" in env and not mpi
 
 class Trainer:
     """Holds the pieces of one run; :meth:`run` does the work (see :func:`train`)."""
