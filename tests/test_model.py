@@ -1552,3 +1552,33 @@ def test_the_base_model_initialises_loads_and_is_an_auto_model(tmp_path):
         assert isinstance(loaded, RWKVModel) and torch.equal(loaded.eval()(ids)[0], want)
     m.rwkv.save_pretrained(tmp_path / "base")
     assert torch.equal(RWKVModel.from_pretrained(tmp_path / "base").eval()(ids)[0], want)
+
+
+def test_generate_keeps_id_0_prompt_tokens_whatever_the_eos():
+    """With eos_token_id other than the pad id 0 and no mask, transformers inferred a mask that
+    dropped every 0 of the prompt (World's end of text, a real token): other logits, other text."""
+    m = _random_model()
+    ids = torch.tensor([[5, 17, 42, 0, 0, 0, 9, 0]])
+    with torch.no_grad():
+        state, want, x = None, [], ids
+        for _ in range(6):  # a manual greedy loop on the state
+            out = m(x, state=state)
+            state = out.state
+            want.append(int(out.logits[0, -1].argmax()))
+            x = torch.tensor([[want[-1]]])
+    for eos in (96, None, [95, 96]):
+        got = m.generate(ids, max_new_tokens=6, eos_token_id=eos, min_new_tokens=6)[0, ids.shape[1]:].tolist()
+        assert got == want, eos
+
+
+def test_empty_state_is_a_copy_of_the_trained_initial_state():
+    """empty_state() of a state-tuned model returned views of time_state: a state changed in place
+    changed the model's trained initial state."""
+    m = _random_model(has_initial_state=True)
+    before = [b.att.time_state.detach().clone() for b in m.rwkv.blocks]
+    with torch.no_grad():
+        st = m.empty_state(2)
+        for w in st.wkv:
+            w.mul_(0.5)
+    assert all(torch.equal(b.att.time_state, t) for b, t in zip(m.rwkv.blocks, before))
+    assert torch.equal(m.empty_state(1).wkv[0][0], before[0].transpose(1, 2).float())  # stored value-major

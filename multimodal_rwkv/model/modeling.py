@@ -504,11 +504,12 @@ class RWKVModel(RWKVPreTrainedModel):
             block._fp32_copies.clear()
 
     def empty_state(self, batch_size: int, device=None, dtype=None) -> RWKVState:
-        """The state before any token: zeros, or the trained initial state if the model has one."""
+        """The state before any token: zeros, or the trained initial state if the model has one
+        (a copy: changing the state in place leaves the model's ``time_state`` alone)."""
         p = self.emb.weight
         st = RWKVState.zeros(self.config, batch_size, device or p.device, dtype or p.dtype)
         if self.config.has_initial_state:
-            st.wkv = [b.att.initial_wkv(batch_size).to(st.wkv[0].device) for b in self.blocks]
+            st.wkv = [b.att.initial_wkv(batch_size).to(st.wkv[0].device).clone() for b in self.blocks]
         return st
 
     def forward(self, input_ids=None, inputs_embeds=None, state=None, attention_mask=None, scan_order=None,
@@ -834,7 +835,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             state: continue from this state (prefix reuse); ``input_ids`` are then the new tokens only.
                 ``past_key_values=`` / ``cache=`` (transformers' names) are taken as ``state=``.
         The first four parameters are transformers' (``inputs``: the prompt ids ``[B, T]``, also
-        taken as ``input_ids=``). The caller's ``logits_processor`` / ``stopping_criteria`` lists
+        taken as ``input_ids=``). Without ``attention_mask`` every id is a token, id 0 (the end
+        of text) too; a padded batch needs the tokenizer's ``attention_mask``. The caller's ``logits_processor`` / ``stopping_criteria`` lists
         are not changed.
         Sampling uses no top-k unless ``top_k`` is given (RWKV's samplers: top-p and temperature;
         transformers' own default would be top-k 50).
@@ -860,6 +862,10 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
         state = _state_from_cache_names(state, past_key_values=kwargs.pop("past_key_values", None),
                                         cache=kwargs.pop("cache", None))
+        if kwargs.get("attention_mask") is None and input_ids is not None and input_ids.numel():
+            # every id is a token, 0 too (World's end of text): transformers would infer a mask that
+            # drops the ids equal to pad_token_id (0) whenever eos_token_id is another id
+            kwargs["attention_mask"] = torch.ones_like(input_ids)
         mask = kwargs.get("attention_mask")
         if mask is not None and input_ids is not None and mask.shape == input_ids.shape:
             empty = (mask == 0).all(dim=1).nonzero().flatten().tolist()
