@@ -463,9 +463,10 @@ def test_the_abc_version_line_goes_with_every_tune(tmp_path, capsys):
         (tmp_path / "v.abc").write_text(text)
         assert main(["music", "abc2midi", str(tmp_path / "v.abc"), "--out", str(tmp_path / "v.mid")]) == 0
         assert pitches(mido.MidiFile(tmp_path / "v.mid")) == [68, 68, 67, 67]
-    # no version line: nothing added (music21's 1.3 reading, as before)
+    # no version line: the text gains none, but abc_to_midi reads it as ABC 2.1, as abc2midi does
+    # (music21's own 1.3 reading did not carry the accidental: G# G)
     assert file_version(tune) is None and split_tunes(tune) == [tune]
-    assert pitches(abc_to_midi(tune)) == [68, 67, 67, 67]
+    assert pitches(abc_to_midi(tune)) == [68, 68, 67, 67]
 
 
 def test_abc_default_unit_length_follows_the_last_meter():
@@ -473,6 +474,41 @@ def test_abc_default_unit_length_follows_the_last_meter():
 
     # a header 2/4 (default 1/16) overridden by the tune's 3/4 (default 1/8)
     assert with_default_unit_length("X:1\nM:2/4\nM:3/4\nK:D\nAB|\n") == "X:1\nM:2/4\nM:3/4\nL:1/8\nK:D\nAB|\n"
+    # a comment after the meter, and a complex meter (5/8 < 3/4): 1/16, as ABC 2.1 section 3.1.7 says
+    assert "L:1/16" in with_default_unit_length("X:1\nM:2/4 % two-four\nK:C\nCD|\n")
+    assert "L:1/16" in with_default_unit_length("X:1\nM:(2+3)/8\nK:C\nCD|\n")
+    assert "L:1/8" in with_default_unit_length("X:1\nM:(3+3+2)/8\nK:C\nCD|\n")
+
+
+def test_abc_to_midi_fallback_keeps_the_tempo_and_exact_times_and_double_repeats():
+    """The direct MIDI writer (music21's rejects bars of the wrong length) wrote 120 BPM whatever Q:
+    said, on a 1/12-beat grid (1/32 notes and quintuplets wrong); a note right before :: dropped the
+    rest of the tune; plain text without X: was parsed as notes."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.errors import MidiError
+    from multimodal_rwkv.music import abc_to_midi
+
+    def timed(mid):
+        t, on, out = 0, {}, []
+        for m in mido.merge_tracks(mid.tracks):
+            t += m.time
+            if m.type == "note_on" and m.velocity:
+                on[m.note] = t
+            elif m.type in ("note_off", "note_on"):
+                out.append((on.pop(m.note) / mid.ticks_per_beat, (t - on.get(m.note, 0)) / mid.ticks_per_beat, m.note))
+        return sorted(out)
+
+    # a short first bar (music21's writer refuses it), 1/32 notes and a quintuplet, at 80 BPM
+    mid = abc_to_midi("X:1\nM:4/4\nL:1/8\nQ:1/4=80\nK:C\nA/4B/4c/4d/4|(5CDEFG z2 z4|\n")
+    tempos = [m.tempo for m in mido.merge_tracks(mid.tracks) if m.type == "set_tempo"]
+    assert [round(mido.tempo2bpm(t)) for t in tempos] == [80]
+    onsets = [round(o, 6) for o, _, _ in timed(mid)]
+    assert onsets[:4] == [0, 0.125, 0.25, 0.375] and onsets[4:9] == [0.5, 0.7, 0.9, 1.1, 1.3]
+    notes = abc_to_midi("X:1\nL:1/4\nK:C\nC D E F|C D E F::G A B c|G A B c|\n")
+    assert len([m for m in mido.merge_tracks(notes.tracks) if m.type == "note_on" and m.velocity]) == 16
+    with pytest.raises(MidiError, match="holds no tune"):
+        abc_to_midi("This is just some text.\nNo tunes here.\n")
+    assert len(timed(abc_to_midi("C D E F|G A B c|\n"))) == 8  # a tune body alone still converts
 
 
 def test_cli_abc2midi_applies_the_file_header(tmp_path, capsys):

@@ -135,9 +135,10 @@ def file_header(text: str, name: str = "<abc>") -> list[str]:
 
 
 def file_version(text: str) -> str | None:
-    """The ``%abc-2.1`` version line an ABC file starts with, or None. It changes what the tunes
-    mean (music21 reads a file without one as ABC 1.3, where an accidental does not carry on to the
-    next notes of the bar), so tunes taken out of the file keep it as their first line."""
+    """The ``%abc-2.1`` version line an ABC file starts with, or None. Tunes taken out of the file
+    keep it as their first line. (music21 reads a file without one as ABC 1.3, where an accidental
+    does not carry on to the next notes of the bar; :func:`abc_to_midi` reads such a tune as ABC 2.1,
+    as abc2midi does.)"""
     for ln in text.lstrip("\ufeff").split("\n"):
         if ln.strip():
             return ln.rstrip() if _VERSION.match(ln) else None
@@ -212,7 +213,8 @@ def with_default_unit_length(tune: str) -> str:
     """Insert the ABC standard's default ``L:`` before ``K:`` when the header has none (music21
     refuses notes without it): 1/16 if the meter ``M:`` is below 3/4, else 1/8 (also for no
     meter or ``M:none``); the last ``M:`` of the header counts (a tune's own overrides one
-    copied from the file header)."""
+    copied from the file header). A comment after the meter (``M:2/4 % two-four``) is ignored and
+    a complex meter adds up its numerator (``M:(2+3)/8`` is 5/8)."""
     lines = tune.split("\n")
     k_line = next((i for i, ln in enumerate(lines) if ln.startswith("K:")), None)
     if k_line is None or any(ln.startswith("L:") for ln in lines[:k_line]):
@@ -220,15 +222,15 @@ def with_default_unit_length(tune: str) -> str:
     unit = "1/8"
     meters = [ln for ln in lines[:k_line] if ln.startswith("M:")]
     if meters:
-        m = meters[-1][2:].strip()
+        m = meters[-1][2:].split("%", 1)[0].strip()
         m = {"C": "4/4", "C|": "2/2"}.get(m, m)
-        try:
-            a, b = m.split("/")
-            if int(a) / int(b) < 0.75:
-                unit = "1/16"
-        except (ValueError, ZeroDivisionError):
-            pass
+        frac = re.fullmatch(r"\(?\s*(\d+(?:\s*\+\s*\d+)*)\s*\)?\s*/\s*(\d+)", m)
+        if frac and int(frac[2]) and sum(map(int, frac[1].split("+"))) / int(frac[2]) < 0.75:
+            unit = "1/16"
     return "\n".join(lines[:k_line] + [f"L:{unit}"] + lines[k_line:])
+
+
+_HEADER_LINE = re.compile(r"[A-Za-z+]:|%")  # a field line (X:, T:, M:, ...) or a comment or directive
 
 
 def _require_music21():
@@ -243,7 +245,13 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     """Convert one ABC tune to MIDI with music21. Returns a ``mido.MidiFile`` (and writes it to
     ``out_path`` if given). A file header before the tune is applied to it; the tune ends at its
     first empty line, and only the first tune of the text is converted (see :func:`split_tunes`).
-    Unparsable ABC raises :class:`MidiError` naming ``name``."""
+    A tune without a ``%abc-`` version line is read as ABC 2.1 (an accidental carries to the end
+    of its bar, as abc2midi reads any tune); text without an ``X:`` line is taken as a tune body
+    when it holds a ``K:`` field or a bar line. Unparsable ABC raises :class:`MidiError` naming
+    ``name``. Known limits: music21's ABC reader does not apply inline ``[K:]``, ``[L:]``, ``[Q:]``
+    or ``[V:]`` fields, a clef in ``K:`` (``K:C clef=bass`` sounds two octaves low), the ``K:``
+    modifiers ``exp``, ``octave=`` and ``transpose=``, multi-bar rests (``Z``), or ties on chords,
+    and expands a single repeated section only sometimes."""
     import tempfile
 
     import mido
@@ -252,12 +260,21 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     from music21 import converter
 
     text = abc_text.lstrip("\ufeff")
-    if not _TUNE_START.search(text):
-        text = "X:1\n" + re.sub(r"\A(?:[ \t\r]*\n)+", "", text)  # a tune body alone
+    if not _TUNE_START.search(text):  # a tune body alone, if it looks like music (a K: field or a bar line)
+        lines = re.sub(r"\A(?:[ \t\r]*\n)+", "", text).split("\n")  # from its first line that is not blank
+        if not any(ln.startswith("K:") or ("|" in ln and not _HEADER_LINE.match(ln)) for ln in lines):
+            raise MidiError(f"{name}: the ABC holds no tune (no X: line, and no K: field or bar line of music)")
+        if not any(ln.startswith("K:") for ln in lines):  # K:C ends the header, before the first music line
+            first = next(i for i, ln in enumerate(lines) if not _HEADER_LINE.match(ln))
+            lines.insert(first, "K:C")
+        text = "X:1\n" + "\n".join(lines)
     tunes = split_tunes(text, name)  # the first tune (to its empty line), the file header applied
     if not tunes:
         raise MidiError(f"{name}: the ABC holds no tune")
     text = with_default_unit_length(tunes[0])
+    if not _VERSION.match(text):  # ABC 2.1, as abc2midi reads any tune: an accidental carries to the bar's end
+        text = "%abc-2.1\n" + text
+    text = _DOUBLE_REPEAT.sub(r"\1 ::", text)  # music21 reads a note letter before :: as a field (F: ...)
     try:
         score = converter.parse(text, format="abc")
     except Exception as e:  # noqa: BLE001 - music21 raises many types on bad ABC
@@ -277,6 +294,9 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     if out_path is not None:
         mid.save(str(out_path))
     return mid
+
+
+_DOUBLE_REPEAT = re.compile(r"(?m)^(?![A-Za-z+]:|%)(.*?[A-Ga-gz,'0-9/>])(?=::)")
 
 
 def _untie_other_pitches(score, name: str) -> None:
@@ -314,25 +334,48 @@ def _untie_other_pitches(score, name: str) -> None:
         log.info("%s: %d tie(s) between notes of different pitches ignored", name, dropped)
 
 
-def _notes_to_midi(score, name: str):
-    """The notes music21 parsed (offsets/durations in quarter notes) -> MIDI at 120 BPM on a
-    12-steps-per-beat grid, without music21's measure machinery."""
-    from multimodal_rwkv.music.midi_tokenizer import MidiTokenizer, Note
+_TICKS_PER_BEAT = 960  # divisible by 2, 3, 4, 5, 6, 7, 8, 16, 32: tuplets and short notes exact
 
-    tok = MidiTokenizer()
-    spb = tok.config.steps_per_beat
-    notes = []
+
+def _notes_to_midi(score, name: str):
+    """The notes music21 parsed (offsets/durations in quarter notes) -> a MIDI file written here,
+    without music21's measure machinery (which refuses bars of the wrong length): repeats
+    expanded where music21 can, the tempo of each ``Q:`` (120 BPM without one), times exact to
+    1/960 of a beat; a grace note sounds 1/16 of a beat."""
+    import mido
+
+    try:
+        score = score.expandRepeats()
+    except Exception:  # noqa: BLE001 - unmatched repeat signs: the notes as written
+        pass
     flat = score.flatten()
     try:
         flat = flat.stripTies()  # a note music21 split at a bar line is one note again
     except Exception:  # noqa: BLE001 - keep the split notes rather than fail
         pass
+    tpb = _TICKS_PER_BEAT
+    events = []  # (tick, order, message): at one tick, tempo first, then note-offs, then note-ons
+    for mm in flat.getElementsByClass("MetronomeMark"):
+        bpm = mm.getQuarterBPM()
+        if bpm and bpm > 0:
+            events.append((round(float(mm.offset) * tpb), 0, mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(bpm))))
+    n_notes = 0
     for n in flat.notes:
-        on = int(round(float(n.offset) * spb))
-        dur = max(1, int(round(float(n.duration.quarterLength) * spb)))
+        on = round(float(n.offset) * tpb)
+        off = on + max(tpb // 16, round(float(n.duration.quarterLength) * tpb))
         for p in getattr(n, "pitches", ()):
             if 0 <= p.midi <= 127:
-                notes.append(Note(on, dur, 0, int(p.midi), tok.velocity_bin(90)))
-    if not notes:
+                events.append((on, 2, mido.Message("note_on", note=int(p.midi), velocity=90)))
+                events.append((off, 1, mido.Message("note_off", note=int(p.midi), velocity=0)))
+                n_notes += 1
+    if not n_notes:
         raise MidiError(f"{name}: the ABC holds no notes")
-    return tok.notes_to_midi(notes)
+    mid = mido.MidiFile(ticks_per_beat=tpb)
+    track = mido.MidiTrack()
+    mid.tracks.append(track)
+    now = 0
+    for tick, _, msg in sorted(events, key=lambda e: (e[0], e[1])):
+        track.append(msg.copy(time=tick - now))
+        now = tick
+    track.append(mido.MetaMessage("end_of_track", time=0))
+    return mid
