@@ -110,6 +110,41 @@ def decode_case(T, with_state):
     return res
 
 
+def errors_case():
+    """Bad inputs the kernels must refuse: the in-place decode read past mis-shaped r/k/v/w/u (a
+    [B,1,H,K] decay, a shorter k, u of [K]) and float64 k/w/u went through as fp32 under TF32
+    products; a second derivative through the chunk kernel was silently 0."""
+    from multimodal_rwkv.errors import KernelError
+
+    x = [t.float() for t in make_inputs(1, 4, 2, 16, seed=9, with_state=True)]
+    r, k, v, w, u, s0 = x
+    refused = {}
+    for name, args in (("w_one_step", (r, k, v, w[:, :1], u)), ("k_shorter", (r, k[:, :2], v, w, u)),
+                       ("u_flat", (r, k, v, w, u[0]))):
+        st = s0.clone()
+        try:
+            triton_decode.wkv6_decode_(*args, st)
+            refused[name] = False
+        except KernelError:
+            refused[name] = bool(torch.equal(st, s0))  # and the state untouched
+    for i, name in enumerate(("k64", "w64", "u64")):
+        args = list(x[:5])
+        args[1 + i] = args[1 + i].double()
+        try:
+            wkv6(*args, backend="triton")
+            refused[name] = False
+        except KernelError:
+            refused[name] = True
+    xs = [t.float().requires_grad_() for t in make_inputs(1, 20, 1, 16, seed=3)[:5]]
+    o, _ = wkv6(*xs, backend="triton")
+    try:
+        torch.autograd.grad(o.sum(), xs[0], create_graph=True)
+        refused["double_backward"] = False
+    except RuntimeError as e:
+        refused["double_backward"] = "gives first derivatives only" in str(e)
+    return refused
+
+
 def main(which):
     out = {"interpreted": triton_chunk.kernels_interpreted()}
     cases = {
@@ -126,6 +161,7 @@ def main(which):
         "chunk_T40_mixed_dtypes": lambda: mixed_dtype_case(40),
         "decode_T1_state": lambda: decode_case(1, True),
         "decode_T5_nostate": lambda: decode_case(5, False),
+        "errors": errors_case,
     }
     for name in which or cases:
         out[name] = cases[name]()

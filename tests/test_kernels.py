@@ -441,3 +441,20 @@ def test_factorised_diagonal_blocks_equal_the_exact_pairs(monkeypatch):
     assert len(calls) == 4
     for name, a, b in zip("r k v w u s0".split(), got, ref):
         assert rel_rms(a, b) < 2e-6, (name, rel_rms(a, b))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
+def test_a_second_derivative_is_an_error_not_silently_zero(backend):
+    """Through the fast backends a gradient penalty (create_graph=True) silently lost their part of
+    the second derivative; the reference differentiates twice."""
+    require_backend(backend)
+    xs = [t.float().requires_grad_() for t in make_inputs(1, 40, 2, 8, seed=4)[:5]]
+    o, _ = wkv6(*xs, backend=backend)
+    if backend == "reference":
+        (dr,) = torch.autograd.grad(o.sum(), xs[0], create_graph=True)
+        assert dr.requires_grad
+        return
+    with pytest.raises(RuntimeError, match=f"the '{backend}' backend gives first derivatives only"):
+        torch.autograd.grad(o.sum(), xs[0], create_graph=True)
+    (dr,) = torch.autograd.grad(o.sum(), xs[0])  # a plain gradient as before
+    assert torch.isfinite(dr).all()

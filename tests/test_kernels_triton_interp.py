@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["chunk_T1_state_mixed", "chunk_T17_state_strong", "chunk_T130_state_mixed", "chunk_T40_final_only",
-        "chunk_T20_no_final", "chunk_T40_forget", "chunk_T40_mixed_dtypes", "decode_T1_state", "decode_T5_nostate"]
+        "chunk_T20_no_final", "chunk_T40_forget", "chunk_T40_mixed_dtypes", "decode_T1_state", "decode_T5_nostate",
+        "errors"]
 SLOW = ["chunk_T64_nostate_weak", "chunk_T130_state_strong", "chunk_T17_bf16", "chunk_T70_K32_V16"]
 GRADS = ["dr", "dk", "dv", "dw", "du", "ds0"]
 
@@ -99,3 +100,9 @@ def test_triton_interp_slow_cases():
     _check_chunk(res["chunk_T70_K32_V16"])
     # bf16 inputs (fp32 tiles inside the kernels): rounding of o and the grads to bf16 dominates
     _check_chunk(res["chunk_T17_bf16"], tol_fwd=1e-2, tol_grad=1e-2)
+
+
+def test_triton_refuses_bad_inputs_and_a_second_derivative(fast_results):
+    res = fast_results["errors"]
+    assert res == {"w_one_step": True, "k_shorter": True, "u_flat": True, "k64": True, "w64": True, "u64": True,
+                   "double_backward": True}, res

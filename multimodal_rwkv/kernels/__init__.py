@@ -65,6 +65,9 @@ def wkv6(r, k, v, w, u, initial_state=None, output_final_state=False, backend="a
         that cannot run here (e.g. ``"triton"`` on CPU tensors outside the Triton interpreter),
         or, for CPU tensors, a positive ``w`` (a growing state: the chunked forms assume decay).
         On CUDA the values of ``w`` are not checked (that would wait for the GPU).
+        Gradients: the ``cpu``, ``triton`` and chunked ``torch`` backends give first derivatives;
+        a backward with ``create_graph=True`` through them is a RuntimeError (their gradients
+        would carry no graph); ``reference`` differentiates twice.
     """
     import torch
 

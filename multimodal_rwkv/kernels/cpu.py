@@ -288,6 +288,9 @@ class _WKV6(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, ds):
+        from multimodal_rwkv.kernels.reference import first_derivatives_only
+
+        first_derivatives_only("cpu")
         r, k, v, e, u, saved = ctx.saved_tensors
         B, T, H, K = r.shape
         V = v.shape[-1]

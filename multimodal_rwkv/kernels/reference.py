@@ -61,3 +61,12 @@ def wkv6_reference(
     if output_final_state:
         final = S if cd == torch.float64 else S.to(torch.float32)
     return o, final
+
+
+def first_derivatives_only(backend: str) -> None:
+    """Called by the fast backends' backward passes: under ``create_graph=True`` (grad mode on in
+    backward) their gradients would carry no graph, so a second derivative would silently miss
+    their part. A RuntimeError says so instead; the reference backend differentiates twice."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"wkv6: the {backend!r} backend gives first derivatives only (create_graph=True / "
+                           "double backward); use backend='reference' for higher derivatives")

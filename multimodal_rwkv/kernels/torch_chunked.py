@@ -380,8 +380,10 @@ class _ChunkedWKVFunction(torch.autograd.Function):
         return o, S
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dO, dS_final):
+        from multimodal_rwkv.kernels.reference import first_derivatives_only
+
+        first_derivatives_only("torch")
         r_, k_, v_, w_, u_, starts = ctx.saved_tensors
         C, G = ctx.C, ctx.G
         N = r_.shape[0]
@@ -415,7 +417,7 @@ def _to_chunks(x, L, cd):
 
 def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, chunk_size=32, sub_chunk=8,
                  group_tokens=512):
-    """Chunked, stable WKV-6 in pure PyTorch (differentiable with autograd).
+    """Chunked, stable WKV-6 in pure PyTorch (first derivatives, by its own backward).
 
     Args: as :func:`multimodal_rwkv.kernels.wkv6`; ``chunk_size`` ``L`` must be a multiple of
     ``sub_chunk`` ``C``. Any T (padded internally with zero keys and zero log-decay, which leave the

@@ -357,6 +357,9 @@ class _WKV6Chunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dsT):
+        from multimodal_rwkv.kernels.reference import first_derivatives_only
+
+        first_derivatives_only("triton")
         rp, kp, vp, c, uc, s0c = ctx.saved_tensors
         T, Tp, NT, has_s0, prec, w_dtype, u_dtype, s0_dtype = ctx.meta
         has_s0 = has_s0 and ctx.needs_input_grad[5]  # skip d(initial_state) when nobody wants it
