@@ -407,3 +407,23 @@ def test_patch_merge_model_tokens_decode_and_round_trip(tok, tmp_path):
     assert m2.config.patch_merge == 2 and m2.num_image_tokens == 4
     img = images(1)[0]
     assert m.answer(img, "Q?", max_new_tokens=4) == m2.answer(img, "Q?", max_new_tokens=4)
+
+
+def test_from_config_leaves_the_config_alone_and_refuses_an_unsaved_random_tower(tmp_path):
+    """from_config wrote the tower folder's config into the caller's config, so a second model from it
+    got a random tower and the default image processor; a random tower with bundle_encoder false
+    was saved without its weights and came back as vision_tower's."""
+    from multimodal_rwkv.vision.modeling import VisualRWKVConfig
+    from multimodal_rwkv.vision.testing import random_lm, save_tiny_tower, tiny_vision_config
+
+    tower = save_tiny_tower(tmp_path / "clip", seed=3)
+    lm = random_lm(n_layer=1)
+    cfg = VisualRWKVConfig(vision_tower=tower)
+    a = VisualRWKV.from_config(cfg, language_model=lm)
+    assert cfg.vision_config is None  # untouched
+    b = VisualRWKV.from_config(cfg, language_model=lm)
+    for pa, pb in zip(a.vision_tower.parameters(), b.vision_tower.parameters()):
+        assert torch.equal(pa, pb)  # both from the folder
+    bad = VisualRWKVConfig(vision_tower=tower, vision_config=tiny_vision_config(), bundle_encoder=False)
+    with pytest.raises(ConfigError, match="bundle_encoder=False with vision_config"):
+        VisualRWKV.from_config(bad, language_model=lm)
