@@ -1530,6 +1530,14 @@ def test_generate_text_cuts_at_whichever_end_of_text_id_ended_it():
 
     assert generate_text(m, Bytes(), "AB", generation_config=GenerationConfig(max_new_tokens=8, eos_token_id=eos,
                                                                              do_sample=False)) == want
+    # the generation_config's max_new_tokens holds (generate_text's own default of 100 overrode it)
+    short = generate_text(m, Bytes(), "AB", generation_config=GenerationConfig(max_new_tokens=2, do_sample=False,
+                                                                              eos_token_id=None))
+    assert short == Bytes().decode(free[:2])
+    # an empty prompt is the same clear error for any batch size (batch 2 with a state: IndexError)
+    for rows in (1, 2):
+        with pytest.raises(ValueError, match="T >= 1"):
+            m.generate(torch.zeros(rows, 0, dtype=torch.long), state=m.empty_state(rows), max_new_tokens=2)
     m.generation_config.eos_token_id = [96, eos]
     assert generate_text(m, Bytes(), "AB", max_new_tokens=8) == want
 

@@ -506,6 +506,12 @@ def test_abc_to_midi_fallback_keeps_the_tempo_and_exact_times_and_double_repeats
     assert onsets[:4] == [0, 0.125, 0.25, 0.375] and onsets[4:9] == [0.5, 0.7, 0.9, 1.1, 1.3]
     notes = abc_to_midi("X:1\nL:1/4\nK:C\nC D E F|C D E F::G A B c|G A B c|\n")
     assert len([m for m in mido.merge_tracks(notes.tracks) if m.type == "note_on" and m.velocity]) == 16
+    twice = abc_to_midi("X:1\nL:1/8\nK:D\n|:ABcd efga|bagf edcB::fgaf gbag|fgaf edcB::ABcd efga|fedc d4:|\n")
+    spaced = abc_to_midi("X:1\nL:1/8\nK:D\n|:ABcd efga|bagf edcB ::fgaf gbag|fgaf edcB ::ABcd efga|fedc d4:|\n")
+    assert len(timed(twice)) == len(timed(spaced)) > 60  # a second :: in a line cut the tune there
+    # a grace note is left out: music21's writer left it sounding to the end (note-on after its note-off)
+    graced = MidiTokenizer().extract_notes(abc_to_midi("X:1\nL:1/8\nK:D\nA2 {c}B2 A2 F2|D8|]\n"))
+    assert [n.pitch for n in sorted(graced[0])] == [69, 71, 69, 66, 62] and graced[3].unterminated == 0
     with pytest.raises(MidiError, match="holds no tune"):
         abc_to_midi("This is just some text.\nNo tunes here.\n")
     assert len(timed(abc_to_midi("C D E F|G A B c|\n"))) == 8  # a tune body alone still converts

@@ -170,17 +170,22 @@ def cut_at_eos(new: list[int], eos: set[int]) -> list[int]:
     return new
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, stop=None, streamer=None,
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int | None = None, stop=None, streamer=None,
                   **gen_kwargs) -> str:
     """Prompt in, completion text out: cut at the end-of-text id that ended it (any of
     ``eos_token_id``'s, or the model's) and before the stop string. ``gen_kwargs`` go to
-    ``model.generate``."""
+    ``model.generate``. ``max_new_tokens``: 100 unless given, or set by a ``generation_config``
+    passed in."""
+    gc = gen_kwargs.get("generation_config")
+    if max_new_tokens is None and (gc is None or getattr(gc, "max_new_tokens", None) is None):
+        max_new_tokens = 100
+    if max_new_tokens is not None:
+        gen_kwargs["max_new_tokens"] = max_new_tokens
     ids = tokenizer.encode(prompt)
     if not ids:
         ids = [0]
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out = model.generate(x, max_new_tokens=max_new_tokens, stop=stop, tokenizer=tokenizer, streamer=streamer,
-                         **gen_kwargs)
+    out = model.generate(x, stop=stop, tokenizer=tokenizer, streamer=streamer, **gen_kwargs)
     new = cut_at_eos(out[0, len(ids):].tolist(),
                      eos_ids(model, gen_kwargs.get("eos_token_id"), gen_kwargs.get("generation_config")))
     return trim_at_stop(tokenizer.decode(new), stop)

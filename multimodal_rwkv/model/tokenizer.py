@@ -770,10 +770,10 @@ class WorldTokenizer:
         strategy = getattr(truncation, "value", truncation)  # transformers' TruncationStrategy enum too
         if strategy in (True, "longest_first", "only_first"):
             truncation = True
-        elif strategy in (False, "do_not_truncate"):
+        elif strategy in (False, None, "do_not_truncate"):
             truncation = False
         else:
-            raise ValueError(f"truncation={truncation!r}: use False/'do_not_truncate', or True/'longest_first'/"
+            raise ValueError(f"truncation={truncation!r}: use False/None/'do_not_truncate', or True/'longest_first'/"
                              "'only_first' (one sequence per row)")
         if padding is False or (isinstance(padding, str) and padding == "do_not_pad"):
             width = None

@@ -250,8 +250,10 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     when it holds a ``K:`` field or a bar line. Unparsable ABC raises :class:`MidiError` naming
     ``name``. Known limits: music21's ABC reader does not apply inline ``[K:]``, ``[L:]``, ``[Q:]``
     or ``[V:]`` fields, a clef in ``K:`` (``K:C clef=bass`` sounds two octaves low), the ``K:``
-    modifiers ``exp``, ``octave=`` and ``transpose=``, multi-bar rests (``Z``), or ties on chords,
-    and expands a single repeated section only sometimes."""
+    modifiers ``exp``, ``octave=`` and ``transpose=``, multi-bar rests (``Z``), ties on chords, a
+    tie next to a broken rhythm (``c>-d``), or ``Q:`` lines in the tune body (the header's tempo
+    holds throughout), and expands a single repeated section only sometimes. Grace notes are left
+    out."""
     import tempfile
 
     import mido
@@ -274,7 +276,8 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     text = with_default_unit_length(tunes[0])
     if not _VERSION.match(text):  # ABC 2.1, as abc2midi reads any tune: an accidental carries to the bar's end
         text = "%abc-2.1\n" + text
-    text = _DOUBLE_REPEAT.sub(r"\1 ::", text)  # music21 reads a note letter before :: as a field (F: ...)
+    text = "\n".join(ln if _HEADER_LINE.match(ln) else _DOUBLE_REPEAT.sub(r"\1 ::", ln)
+                     for ln in text.split("\n"))  # music21 reads a note letter before :: as a field (F: ...)
     try:
         score = converter.parse(text, format="abc")
     except Exception as e:  # noqa: BLE001 - music21 raises many types on bad ABC
@@ -282,6 +285,7 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     if not score.flatten().notes:
         raise MidiError(f"{name}: the ABC holds no notes")
     _untie_other_pitches(score, name)
+    _drop_grace_notes(score)
     try:
         with tempfile.TemporaryDirectory() as d:
             fp = Path(d) / "tune.mid"
@@ -296,7 +300,16 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     return mid
 
 
-_DOUBLE_REPEAT = re.compile(r"(?m)^(?![A-Za-z+]:|%)(.*?[A-Ga-gz,'0-9/>])(?=::)")
+_DOUBLE_REPEAT = re.compile(r"([A-Ga-gz,'0-9/>])::")  # in a line of music
+
+
+def _drop_grace_notes(score) -> None:
+    """Leave grace notes (``{g}``) out: music21's MIDI writer gives one no length (its note-on
+    comes after its note-off and never ends), and the direct writer would sound it with its main
+    note."""
+    for n in list(score.recurse().notes):
+        if n.duration.isGrace and n.activeSite is not None:
+            n.activeSite.remove(n)
 
 
 def _untie_other_pitches(score, name: str) -> None:
@@ -341,7 +354,7 @@ def _notes_to_midi(score, name: str):
     """The notes music21 parsed (offsets/durations in quarter notes) -> a MIDI file written here,
     without music21's measure machinery (which refuses bars of the wrong length): repeats
     expanded where music21 can, the tempo of each ``Q:`` (120 BPM without one), times exact to
-    1/960 of a beat; a grace note sounds 1/16 of a beat."""
+    1/960 of a beat."""
     import mido
 
     try:
@@ -362,7 +375,7 @@ def _notes_to_midi(score, name: str):
     n_notes = 0
     for n in flat.notes:
         on = round(float(n.offset) * tpb)
-        off = on + max(tpb // 16, round(float(n.duration.quarterLength) * tpb))
+        off = on + max(1, round(float(n.duration.quarterLength) * tpb))
         for p in getattr(n, "pitches", ()):
             if 0 <= p.midi <= 127:
                 events.append((on, 2, mido.Message("note_on", note=int(p.midi), velocity=90)))

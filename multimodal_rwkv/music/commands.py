@@ -426,8 +426,13 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("abc2midi", help="convert an ABC tune to MIDI (needs music21)",
                        description="Convert one tune of an ABC file to MIDI with music21. A tune without a "
-                                   "%abc- version line is read as ABC 2.1 (an accidental carries to the end of its "
-                                   "bar, as in abc2midi). Known limits: music21's ABC reader does not apply inline [K:], [L:], [Q:] or [V:] fields, a clef in K: (K:C clef=bass sounds two octaves low), the K: modifiers exp, octave= and transpose=, multi-bar rests (Z), or ties on chords, and expands a single repeated section only sometimes.",
+                                   "%abc- version line is read as ABC 2.1 (an accidental carries to the end of "
+                                   "its bar, as in abc2midi). Known limits: music21's ABC reader does not apply "
+                                   "inline [K:], [L:], [Q:] or [V:] fields, a clef in K: (K:C clef=bass sounds two "
+                                   "octaves low), the K: modifiers exp, octave= and transpose=, multi-bar rests (Z), "
+                                   "ties on chords, a tie next to a broken rhythm (c>-d) or Q: lines in the tune "
+                                   "body, and expands a single repeated section only sometimes; grace notes are "
+                                   "left out.",
                        epilog="Example: mmrwkv music abc2midi tune.abc --out tune.mid", formatter_class=fmt)
     p.add_argument("abc")
     p.add_argument("--out", required=True, help="the .mid file to write (not the ABC file)")
