@@ -609,3 +609,18 @@ def test_an_override_list_that_is_not_yaml_says_so():
         apply_overrides(TrainConfig(), ["peft.trainable=[*.ln_x.weight]"])
     assert apply_overrides(TrainConfig(), ["peft.trainable=['*.ln_x.weight']"]).peft.trainable == ["*.ln_x.weight"]
     assert apply_overrides(TrainConfig(), ["data.train_file=[a].txt"]).data.train_file == "[a].txt"
+
+
+def test_a_damaged_token_cache_of_npy_files_is_rebuilt(tmp_path):
+    """A truncated tokens.u32 of a .npy folder's cache entry crashed every later run (TypeError);
+    text sources already rebuilt theirs."""
+    from multimodal_rwkv.training.data import read_tokens
+
+    src = tmp_path / "tok"
+    src.mkdir()
+    np.save(src / "a.npy", np.arange(1, 50, dtype=np.uint16))
+    np.save(src / "b.npy", np.arange(5, 30, dtype=np.uint16))
+    want = np.array(read_tokens(src, tmp_path / "cache", "fail").ids)
+    (entry,) = [d for d in (tmp_path / "cache").iterdir() if not d.name.startswith(".")]
+    (entry / "tokens.u32").write_bytes((entry / "tokens.u32").read_bytes()[:40])
+    assert np.array_equal(np.array(read_tokens(src, tmp_path / "cache", "fail").ids), want)

@@ -1010,3 +1010,21 @@ def test_a_rerun_keeps_the_runs_tokenizer(tmp_path, corpus):
     train(TrainConfig(), base_overrides(corpus, tok_run, max_steps=2, **{"data.tokenizer": "bytes"}))
     train(TrainConfig(), base_overrides(corpus, tok_run, max_steps=3, **{"data.tokenizer": "world"}))
     assert len(losses(tok_run)) == 3
+
+
+def test_an_output_dir_inside_the_data_folder_is_not_read_as_data(tmp_path):
+    """output_dir = the folder of jsonl files: the rerun (extend) read the run's own
+    trainer_state.json, metrics.jsonl, configs and cache meta as training records."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in "ab":
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} the quick brown fox {i}"}) + "\n"
+                                                    for i in range(30)))
+    over = [f"output_dir={data}", f"data.train_file={data}", "data.tokenizer=bytes", "data.ctx_len=16",
+            "model.config={n_layer: 1, n_embd: 64, head_size: 32}", "progress_bar=false", "checkpoint_every=2",
+            "train.micro_batch_size=2"]
+    train(TrainConfig(), over + ["max_steps=2"])
+    out = train(TrainConfig(), over + ["max_steps=4"])  # extends the run
+    assert len(losses(data)) == 4
+    info = json.loads((out / "training_info.json").read_text())
+    assert info.get("skipped_records", 0) == 0, info

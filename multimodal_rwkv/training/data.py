@@ -30,7 +30,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -347,6 +347,28 @@ def _open_cache(d: Path) -> Optional[tuple[np.ndarray, Optional[np.ndarray], dic
         return None
 
 
+def _install_cache(tmp: Path, final: Path):
+    """Move a finished entry ``tmp`` into place as ``final`` (a broken entry there, ignored when it
+    was looked up, is replaced) and open it: ``(ids, targets, meta)``."""
+    fsync_path(tmp)
+    if final.exists() and _open_cache(final) is None:
+        broken = final.parent / f".broken-{final.name}-{os.getpid()}"
+        try:
+            os.rename(final, broken)
+        except OSError:
+            pass
+        shutil.rmtree(broken, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_path(final.parent)
+    hit = _open_cache(final)
+    if hit is None:
+        raise DataError(f"{final}: token cache could not be written")
+    return hit
+
+
 def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, on_bad: str) -> TokenStream:
     """Tokenize .txt/.jsonl ``files`` once into ``cache_dir/<key>/`` and return a memmapped stream.
 
@@ -412,23 +434,7 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
         json.dump(meta, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    fsync_path(tmp)
-    if final.exists() and _open_cache(final) is None:  # a broken entry (ignored above): replaced
-        broken = cache_dir / f".broken-{key}-{os.getpid()}"
-        try:
-            os.rename(final, broken)
-        except OSError:
-            pass
-        shutil.rmtree(broken, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same entry first
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_path(cache_dir)
-    hit = _open_cache(final)
-    if hit is None:
-        raise DataError(f"{final}: token cache could not be written")
-    ids, tgt, meta = hit
+    ids, tgt, meta = _install_cache(tmp, final)
     logger.info("tokenized %s: %d documents, %d tokens, %d bad records skipped", source, n_docs, n_tokens, bad.count)
     return TokenStream(ids, tgt, source, int(meta.get("skipped", 0)))
 
@@ -611,11 +617,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
         json.dump({"n_tokens": n, "skipped": bad.count, "has_mask": False, "version": CACHE_VERSION}, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    ids, _, meta = _open_cache(final)
+    ids, _, meta = _install_cache(tmp, final)
     return TokenStream(ids, None, str(p), int(meta.get("skipped", 0)))
 
 
@@ -625,16 +627,30 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
 TEXT_SUFFIXES = {"txt": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json")}  # matched in any case
 
 
-def detect_format(path: str | Path) -> str:
-    """Guess ``txt | jsonl | binidx | tokens`` from a path's suffix (a folder: from its files)."""
+def _outside(x: Path, skip: Sequence[Path]) -> bool:
+    """Whether ``x`` lies outside every folder of ``skip`` (resolved)."""
+    if not skip:
+        return True
+    rx = x.resolve()
+    return not any(rx == s or s in rx.parents for s in skip)
+
+
+def _skip_folders(skip) -> list[Path]:
+    return [Path(s).resolve() for s in skip if s]
+
+
+def detect_format(path: str | Path, skip: Sequence[str | Path] = ()) -> str:
+    """Guess ``txt | jsonl | binidx | tokens`` from a path's suffix (a folder: from its files, those
+    under the folders of ``skip`` -- the run's output_dir -- left out)."""
     p = Path(path)
+    skip = _skip_folders(skip)
     suffix = p.suffix.lower()
     if suffix in (".bin", ".idx") or all(f.is_file() for f in binidx_files(p)[1:]):
         return "binidx"
     if p.is_dir():  # the kinds of file the readers take from it (.npy at the top, text anywhere below)
         kinds = {"tokens"} if any(x.suffix.lower() == ".npy" for x in p.iterdir() if x.is_file()) else set()
         for x in p.rglob("*"):
-            if x.is_file() and x.suffix.lower() in TEXT_SUFFIXES["txt"] + TEXT_SUFFIXES["jsonl"]:
+            if x.is_file() and x.suffix.lower() in TEXT_SUFFIXES["txt"] + TEXT_SUFFIXES["jsonl"] and _outside(x, skip):
                 kinds.add("jsonl" if x.suffix.lower() in TEXT_SUFFIXES["jsonl"] else "txt")
         if len(kinds) > 1:  # reading one kind would drop the others silently
             raise DataError(f"{p}: folder mixes {' and '.join(sorted(kinds))} files; give one kind per folder "
@@ -652,11 +668,14 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path, on_bad: str,
-                tokenizer=None) -> TokenStream:
-    """Open any supported source as a :class:`TokenStream` (tokenizing text through the cache)."""
+                tokenizer=None, skip: Sequence[str | Path] = ()) -> TokenStream:
+    """Open any supported source as a :class:`TokenStream` (tokenizing text through the cache). A
+    folder's files under the folders of ``skip`` (the run's own output_dir, when it lies inside the
+    data folder) are not data."""
     p = Path(path)
+    skip = _skip_folders(skip)
     if fmt == "auto":
-        fmt = detect_format(p)
+        fmt = detect_format(p, skip)
     if fmt == "binidx":
         return read_binidx(p)
     if fmt == "tokens":
@@ -665,7 +684,7 @@ def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path
         if p.is_dir():
             # a broken link is an unreadable file (reported, or skipped and counted), not nothing
             files = sorted(x for x in p.rglob("*") if x.suffix.lower() in TEXT_SUFFIXES[fmt]
-                           and (x.is_file() or (x.is_symlink() and not x.exists())))
+                           and (x.is_file() or (x.is_symlink() and not x.exists())) and _outside(x, skip))
             if not files:
                 raise DataError(f"{p}: folder holds no {fmt} files")
         elif p.is_file():

@@ -82,7 +82,7 @@ class LMTask(Task):
             from multimodal_rwkv.training.data import detect_format
 
             try:
-                fmt = detect_format(self.cfg.data.train_file)
+                fmt = detect_format(self.cfg.data.train_file, skip=self._run_entries())
             except Exception:  # noqa: BLE001 - reported where the data is read
                 pass
         return fmt
@@ -120,13 +120,22 @@ class LMTask(Task):
         return RWKVForCausalLM(RWKVConfig(**kwargs))
 
     # ------------------------------------------------------------------ data
+    def _run_entries(self) -> list[Path]:
+        """What a run writes into its output_dir (and the token cache): never training data, also
+        when output_dir is (or lies inside) the data folder."""
+        out = Path(self.cfg.output_dir)
+        hidden = list(out.glob(".*")) if out.is_dir() else []  # the lock, temp folders of checkpoints
+        return [out / n for n in ("checkpoints", "final", "logs", "metrics.jsonl", "recipe.yaml", "loss.png")] + [
+            self._cache_dir()] + hidden
+
     def _cache_dir(self) -> Path:
         d = self.cfg.data.cache_dir
         return Path(d) if d else Path(self.cfg.output_dir) / "token_cache"
 
     def _dataset(self, path, vocab_size: int, key: str) -> PackedDataset:
         d = self.cfg.data
-        stream = load_stream(path, d.format, d.tokenizer, self._cache_dir(), d.on_bad_record)
+        stream = load_stream(path, d.format, d.tokenizer, self._cache_dir(), d.on_bad_record,
+                             skip=self._run_entries())
         # a full scan up front for all but huge streams; those are checked window by window when read
         n = len(stream)
         scanned_all = n <= FULL_VOCAB_SCAN
