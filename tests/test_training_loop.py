@@ -1028,3 +1028,52 @@ def test_an_output_dir_inside_the_data_folder_is_not_read_as_data(tmp_path):
     assert len(losses(data)) == 4
     info = json.loads((out / "training_info.json").read_text())
     assert info.get("skipped_records", 0) == 0, info
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_again_silently(tmp_path, corpus):
+    """checkpoints/ deleted to save disk: the same command retrained from step 0 and replaced final/."""
+    import shutil
+
+    from multimodal_rwkv.errors import ConfigError
+
+    out = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=2, checkpoint_every=1))
+    before = (out / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    for steps in (2, 4):
+        with pytest.raises(ConfigError, match="holds a finished run's final/ but no checkpoints"):
+            train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=steps))
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_a_missing_checkpoint_file_and_a_full_disk_say_so(tmp_path, corpus, monkeypatch):
+    """A checkpoint missing optimizer.bin was blamed on changed recipe settings ("use a new
+    output_dir"); a full disk while saving one was a 52-line traceback from torch.save."""
+    import accelerate
+
+    from multimodal_rwkv.errors import CheckpointError
+
+    train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=4, checkpoint_every=2))
+    (tmp_path / "run" / "checkpoints" / "step_00000004" / "optimizer.bin").unlink()
+    with pytest.raises(CheckpointError, match="a file of it is missing; delete this checkpoint folder"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2))
+
+    def full(self, *a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
+    with pytest.raises(OSError) as e:
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "new", max_steps=2, checkpoint_every=1))
+    assert "step_00000001" in e.value.filename and "is the disk full?" in e.value.strerror
+    assert not list((tmp_path / "new" / "checkpoints").glob(".tmp-*"))
+
+
+def test_the_recipe_file_inside_output_dir_is_not_overwritten(tmp_path, corpus):
+    from multimodal_rwkv.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = "# my notes about this experiment\nmax_steps: 2\n"
+    (run / "recipe.yaml").write_text(mine)
+    rc = main(["train", str(run / "recipe.yaml")] + [
+        x for o in base_overrides(corpus, run, max_steps=2) for x in ("--set", o)])
+    assert rc == 2 and (run / "recipe.yaml").read_text() == mine

@@ -30,6 +30,25 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _check_recipe_not_overwritten(recipe, output_dir) -> None:
+    """The run writes its resolved recipe to output_dir/recipe.yaml: refuse when that is the user's
+    own recipe file in a folder that holds no run yet (its comments and layout would be lost). A
+    run's saved recipe (checkpoints/ or final/ beside it) may be run again: it is what would be written."""
+    from pathlib import Path
+
+    out = Path(output_dir)
+    target = out / "recipe.yaml"
+    try:
+        same = Path(recipe).resolve() == target.resolve()
+    except OSError:
+        return
+    if same and not ((out / "checkpoints").is_dir() or (out / "final").is_dir()):
+        from multimodal_rwkv.errors import ConfigError
+
+        raise ConfigError(f"{recipe}: the run writes its resolved recipe to output_dir/recipe.yaml, which is this "
+                          "file; keep your recipe outside output_dir (or set another output_dir)")
+
+
 def cmd_train(args) -> int:
     from multimodal_rwkv.training.config import config_to_dict, load_config
     from multimodal_rwkv.training.loop import Trainer, TrainingInterrupted
@@ -41,6 +60,7 @@ def cmd_train(args) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    _check_recipe_not_overwritten(recipe, cfg.output_dir)
     trainer = Trainer(cfg)
     try:
         final = trainer.run()

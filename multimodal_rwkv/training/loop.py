@@ -523,7 +523,16 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        try:
+            acc.save_state(str(tmp), safe_serialization=True)
+        except (RuntimeError, OSError) as e:  # torch.save on a full disk: "basic_ios::clear: iostream error"
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.filename:
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise OSError(getattr(e, "errno", None), f"cannot write this checkpoint ({first}); is the disk full? "
+                          "The checkpoints before it are kept", str(final)) from None
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "samples_consumed": samples, "complete": True,
@@ -921,6 +930,10 @@ class Trainer:
         ckpts = list_checkpoints(self.ckpt_dir)
         resume = ckpts[-1] if ckpts else None
         final_dir = self.out / "final"
+        if resume is None and cfg.max_steps > 0 and (final_dir / "config.json").is_file():
+            raise ConfigError(f"{self.out}: holds a finished run's final/ but no checkpoints (deleted?): the run "
+                              "cannot be resumed or extended, and training again from step 0 would replace final/; "
+                              "move final/ away to train again here, or use a new output_dir")
         budget = cfg.max_minutes * 60.0 if cfg.max_minutes else None  # seconds of training steps
         if resume is None and cfg.max_steps == 0:
             logger.warning("max_steps=0: nothing is trained; final/ is the starting model")
@@ -996,10 +1009,13 @@ class Trainer:
 
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 sharded = type(e).__name__ == "CheckpointException"
+                missing = isinstance(e, FileNotFoundError) or "no such file" in first.lower()
                 damaged = type(e).__name__ in ("SafetensorError", "UnpicklingError", "EOFError") or any(
                     w in first.lower() for w in ("header", "truncat", "corrupt", "eof", "deserializ"))
                 why = ("a file in it is damaged; delete this checkpoint folder to resume from the one before"
                        if damaged else
+                       "a file of it is missing; delete this checkpoint folder to resume from the one before"
+                       if missing else
                        "a file in it is damaged, or it was written under another launch config (DDP and FSDP "
                        "checkpoints differ); delete this checkpoint folder, or resume with the launch config "
                        "that wrote it" if sharded else
