@@ -1538,6 +1538,14 @@ def test_generate_text_cuts_at_whichever_end_of_text_id_ended_it():
     for rows in (1, 2):
         with pytest.raises(ValueError, match="T >= 1"):
             m.generate(torch.zeros(rows, 0, dtype=torch.long), state=m.empty_state(rows), max_new_tokens=2)
+    # ... but not with the prompt given as embeddings (transformers' own empty ids beside them)
+    emb = m.get_input_embeddings()(torch.tensor([[65, 66]]))
+    assert torch.equal(m.generate(torch.zeros(1, 0, dtype=torch.long), inputs_embeds=emb, max_new_tokens=3),
+                       m.generate(inputs_embeds=emb, max_new_tokens=3))
+    # a length set elsewhere holds: max_length, or the model's own generation_config
+    assert len(generate_text(m, Bytes(), "AB", max_length=4, eos_token_id=None)) <= 2
+    m.generation_config.max_new_tokens = 3
+    assert len(generate_text(m, Bytes(), "AB", eos_token_id=None)) == 3
     m.generation_config.eos_token_id = [96, eos]
     assert generate_text(m, Bytes(), "AB", max_new_tokens=8) == want
 

@@ -512,6 +512,9 @@ def test_abc_to_midi_fallback_keeps_the_tempo_and_exact_times_and_double_repeats
     # a grace note is left out: music21's writer left it sounding to the end (note-on after its note-off)
     graced = MidiTokenizer().extract_notes(abc_to_midi("X:1\nL:1/8\nK:D\nA2 {c}B2 A2 F2|D8|]\n"))
     assert [n.pitch for n in sorted(graced[0])] == [69, 71, 69, 66, 62] and graced[3].unterminated == 0
+    # so are chord symbols ("G", and O'Neill's dynamics "f"): they too were left sounding to the end
+    chords = MidiTokenizer().extract_notes(abc_to_midi('X:1\nL:1/8\nK:G\n"G"B2 d2 "f"D2 G2|"Am"A8|]\n'))
+    assert [n.pitch for n in sorted(chords[0])] == [71, 74, 62, 67, 69] and chords[3].unterminated == 0
     with pytest.raises(MidiError, match="holds no tune"):
         abc_to_midi("This is just some text.\nNo tunes here.\n")
     assert len(timed(abc_to_midi("C D E F|G A B c|\n"))) == 8  # a tune body alone still converts

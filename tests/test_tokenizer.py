@@ -599,7 +599,8 @@ def test_call_padding_takes_transformers_values(tok):
         assert tok(texts, max_length=2, truncation=cut)["input_ids"] == [a[:2], b[:2]]
         assert tok(texts, padding=True, truncation=cut) == padded  # no max_length: nothing to cut at
     assert tok(texts, padding=True, truncation="do_not_truncate") == padded
-    assert tok(texts, padding=True, truncation=None) == padded  # transformers' default
+    assert tok(texts, padding=True, truncation=None) == padded  # transformers' default: no max_length, no cut
+    assert len(b) > 1 and tok(texts, max_length=1, truncation=None)["input_ids"] == [a[:1], b[:1]]  # ... with one, a cut
     with pytest.raises(ValueError, match="truncation='only_second'"):
         tok(texts, truncation="only_second")
     for bad in ("yes", "left", 1, None):

@@ -409,10 +409,10 @@ def test_patch_merge_model_tokens_decode_and_round_trip(tok, tmp_path):
     assert m.answer(img, "Q?", max_new_tokens=4) == m2.answer(img, "Q?", max_new_tokens=4)
 
 
-def test_from_config_leaves_the_config_alone_and_refuses_an_unsaved_random_tower(tmp_path):
+def test_from_config_leaves_the_config_alone_and_an_unbundled_tower_comes_from_its_folder(tmp_path):
     """from_config wrote the tower folder's config into the caller's config, so a second model from it
-    got a random tower and the default image processor; a random tower with bundle_encoder false
-    was saved without its weights and came back as vision_tower's."""
+    got a random tower and the default image processor; with bundle_encoder false and a
+    vision_config it built a random tower, saved without its weights, that came back as vision_tower's."""
     from multimodal_rwkv.vision.modeling import VisualRWKVConfig
     from multimodal_rwkv.vision.testing import random_lm, save_tiny_tower, tiny_vision_config
 
@@ -424,6 +424,12 @@ def test_from_config_leaves_the_config_alone_and_refuses_an_unsaved_random_tower
     b = VisualRWKV.from_config(cfg, language_model=lm)
     for pa, pb in zip(a.vision_tower.parameters(), b.vision_tower.parameters()):
         assert torch.equal(pa, pb)  # both from the folder
-    bad = VisualRWKVConfig(vision_tower=tower, vision_config=tiny_vision_config(), bundle_encoder=False)
-    with pytest.raises(ConfigError, match="bundle_encoder=False with vision_config"):
-        VisualRWKV.from_config(bad, language_model=lm)
+    unbundled = VisualRWKVConfig(vision_tower=tower, vision_config=tiny_vision_config(), bundle_encoder=False)
+    c = VisualRWKV.from_config(unbundled, language_model=lm)  # the tower from its folder, as loading does
+    for pa, pc in zip(a.vision_tower.parameters(), c.vision_tower.parameters()):
+        assert torch.equal(pa, pc)
+    again = VisualRWKV.from_config(c.config, language_model=lm)  # its own config builds it again
+    c.save_pretrained(tmp_path / "m")
+    back = VisualRWKV.from_pretrained(tmp_path / "m")
+    for pa, pb, pc in zip(again.vision_tower.parameters(), back.vision_tower.parameters(), c.vision_tower.parameters()):
+        assert torch.equal(pa, pc) and torch.equal(pb, pc)

@@ -70,7 +70,7 @@ def _run_triton(r, k, v, w, u, s0, out_final, allow_decode):
         raise KernelError(
             f"wkv6: backend 'triton' needs CUDA tensors (got {r.device.type}); on CPU it runs only under "
             "the Triton interpreter, with TRITON_INTERPRET=1 set before the kernels were first imported")
-    if any(t.dtype == torch.float64 for t in (r, k, v, w, u) + ((s0,) if s0 is not None else ())):
+    if any(t.dtype == torch.float64 for t in (r, k, v, w, u)):  # (a float64 state is taken as float32)
         raise KernelError("wkv6: backend 'triton' supports float32/bfloat16/float16 inputs, not float64")
     triton_chunk.check_head_sizes(r.shape[-1], v.shape[-1])
     if allow_decode and r.shape[1] <= CUDA_DECODE_MAX_T and not _needs_grad(r, k, v, w, u, s0):

@@ -174,10 +174,15 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int | None = No
                   **gen_kwargs) -> str:
     """Prompt in, completion text out: cut at the end-of-text id that ended it (any of
     ``eos_token_id``'s, or the model's) and before the stop string. ``gen_kwargs`` go to
-    ``model.generate``. ``max_new_tokens``: 100 unless given, or set by a ``generation_config``
-    passed in."""
+    ``model.generate``. ``max_new_tokens``: 100 unless a length is given (``max_new_tokens``,
+    ``max_length``, a ``generation_config`` passed in, or the model's own ``generation_config``)."""
+    from transformers import GenerationConfig
+
     gc = gen_kwargs.get("generation_config")
-    if max_new_tokens is None and (gc is None or getattr(gc, "max_new_tokens", None) is None):
+    default_length = GenerationConfig().max_length
+    limited = ("max_length" in gen_kwargs or getattr(model.generation_config, "max_new_tokens", None) is not None
+               or (gc is not None and (gc.max_new_tokens is not None or gc.max_length != default_length)))
+    if max_new_tokens is None and not limited:
         max_new_tokens = 100
     if max_new_tokens is not None:
         gen_kwargs["max_new_tokens"] = max_new_tokens

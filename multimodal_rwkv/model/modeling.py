@@ -853,7 +853,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if inputs is not None and input_ids is not None:
             raise ValueError("generate: pass the prompt once, as inputs or as input_ids")
         input_ids = inputs if inputs is not None else input_ids
-        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+        if (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0
+                and kwargs.get("inputs_embeds") is None):  # (with embeddings, transformers' own empty ids)
             _check_ids(input_ids, self.config.vocab_size)  # T >= 1: the same error for every batch size
         for key, value in (("generation_config", generation_config), ("logits_processor", logits_processor),
                            ("stopping_criteria", stopping_criteria)):

@@ -759,7 +759,8 @@ class WorldTokenizer:
         (``model.generate(**tok(texts, padding=True, return_tensors="pt"))``).
         ``max_length``: no row may be longer; a longer one is a ``ValueError``, or with
         ``truncation=True`` (or transformers' ``"longest_first"`` / ``"only_first"``) keeps its first
-        ``max_length`` tokens (transformers' default side). Without ``max_length`` there is no
+        ``max_length`` tokens (transformers' default side); ``truncation=None`` (transformers'
+        default) cuts when ``max_length`` is given. Without ``max_length`` there is no
         limit to cut at (the model has no maximum length), so truncation changes nothing.
         Without ``return_tensors`` a list gives lists of lists; ``return_tensors="pt"`` gives
         ``[B, T]`` tensors (a single text: ``[1, T]``), and rows of different lengths are a ``ValueError``."""
@@ -768,12 +769,14 @@ class WorldTokenizer:
             raise ValueError(f"max_length must be an int >= 0, got {max_length!r}")
         limit = None if max_length is None else max_length.__index__()
         strategy = getattr(truncation, "value", truncation)  # transformers' TruncationStrategy enum too
+        if strategy is None:  # transformers' default: cut at max_length when one is given
+            strategy = limit is not None
         if strategy in (True, "longest_first", "only_first"):
             truncation = True
-        elif strategy in (False, None, "do_not_truncate"):
+        elif strategy in (False, "do_not_truncate"):
             truncation = False
         else:
-            raise ValueError(f"truncation={truncation!r}: use False/None/'do_not_truncate', or True/'longest_first'/"
+            raise ValueError(f"truncation={truncation!r}: use False/'do_not_truncate', None, or True/'longest_first'/"
                              "'only_first' (one sequence per row)")
         if padding is False or (isinstance(padding, str) and padding == "do_not_pad"):
             width = None

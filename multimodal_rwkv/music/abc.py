@@ -252,8 +252,8 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     or ``[V:]`` fields, a clef in ``K:`` (``K:C clef=bass`` sounds two octaves low), the ``K:``
     modifiers ``exp``, ``octave=`` and ``transpose=``, multi-bar rests (``Z``), ties on chords, a
     tie next to a broken rhythm (``c>-d``), or ``Q:`` lines in the tune body (the header's tempo
-    holds throughout), and expands a single repeated section only sometimes. Grace notes are left
-    out."""
+    holds throughout), and expands a single repeated section only sometimes. Grace notes and chord
+    symbols (``"G"``) are left out."""
     import tempfile
 
     import mido
@@ -304,11 +304,13 @@ _DOUBLE_REPEAT = re.compile(r"([A-Ga-gz,'0-9/>])::")  # in a line of music
 
 
 def _drop_grace_notes(score) -> None:
-    """Leave grace notes (``{g}``) out: music21's MIDI writer gives one no length (its note-on
-    comes after its note-off and never ends), and the direct writer would sound it with its main
-    note."""
+    """Leave grace notes (``{g}``) and chord symbols (``"G"``, ``"Am"``; O'Neill's ``"f"``) out:
+    music21 gives them no length, so its MIDI writer's note-on comes after the note-off and never
+    ends, and the direct writer would sound a grace note with its main note."""
+    from music21 import harmony
+
     for n in list(score.recurse().notes):
-        if n.duration.isGrace and n.activeSite is not None:
+        if (n.duration.isGrace or isinstance(n, harmony.ChordSymbol)) and n.activeSite is not None:
             n.activeSite.remove(n)
 
 

@@ -432,7 +432,7 @@ def register(subparsers) -> None:
                                    "octaves low), the K: modifiers exp, octave= and transpose=, multi-bar rests (Z), "
                                    "ties on chords, a tie next to a broken rhythm (c>-d) or Q: lines in the tune "
                                    "body, and expands a single repeated section only sometimes; grace notes are "
-                                   "left out.",
+                                   "left out, and so are chord symbols (\"G\").",
                        epilog="Example: mmrwkv music abc2midi tune.abc --out tune.mid", formatter_class=fmt)
     p.add_argument("abc")
     p.add_argument("--out", required=True, help="the .mid file to write (not the ABC file)")

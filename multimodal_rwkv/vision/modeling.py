@@ -267,18 +267,14 @@ class VisualRWKV(nn.Module):
     def from_config(cls, config: VisualRWKVConfig, tokenizer=None, language_model=None) -> "VisualRWKV":
         """A fresh model: RWKV's published init for the LM (or the given ``language_model``); the
         tower random from vision_config, or loaded from ``vision_tower`` when no vision_config is
-        given; a fresh projector. ``config`` itself is left as it was (the model holds a copy).
-        A random tower (vision_config) with ``bundle_encoder=False`` is refused: its weights would
-        not be saved, and loading would put ``vision_tower``'s in their place."""
+        given, or whenever ``bundle_encoder`` is False (the tower's weights are then not saved, and
+        loading takes them from ``vision_tower`` too); a fresh projector. ``config`` itself is left
+        as it was (the model holds a copy)."""
         import copy
 
         from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
 
         config = copy.deepcopy(config)
-        if config.vision_config is not None and not config.bundle_encoder:
-            raise ConfigError("bundle_encoder=False with vision_config: the random tower built from vision_config "
-                              "would not be saved, and the saved model would load vision_tower's weights instead; "
-                              "set bundle_encoder true, or drop vision_config to load the tower from vision_tower")
         if language_model is not None:
             config.text_config = _text_config_dict(language_model.config)
             config.__post_init__()
@@ -286,7 +282,7 @@ class VisualRWKV(nn.Module):
         else:
             lm = RWKVForCausalLM(RWKVConfig(**config.text_config))
         image_processor = None
-        if config.vision_config is not None:
+        if config.vision_config is not None and config.bundle_encoder:
             tower = VisionEncoder.from_config(config.vision_config, config.encoder_options)
         else:
             tower = VisionEncoder.from_pretrained(config.vision_tower, config.encoder_options)
