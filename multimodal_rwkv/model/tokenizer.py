@@ -42,6 +42,7 @@ import threading
 import time
 from typing import Iterable, Sequence
 
+from multimodal_rwkv.argtypes import integer_number
 from multimodal_rwkv.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -527,14 +528,10 @@ def _load_vocab(path: str) -> _Vocab:
 def _as_id(i) -> int:
     """A token id given as another integer type (numpy, a 0-d tensor); bool (also a bool tensor or
     numpy bool), float or row: TypeError."""
-    if str(getattr(i, "dtype", "")) in ("torch.bool", "bool"):
-        raise TypeError(f"token ids must be integers, got {i!r} (a bool)")
-    if not isinstance(i, bool) and hasattr(i, "__index__"):
-        try:
-            return i.__index__()
-        except TypeError:
-            pass
-    raise TypeError(f"token ids must be integers, got {i!r} ({type(i).__name__})")
+    n = integer_number(i)
+    if n is None:
+        raise TypeError(f"token ids must be integers, got {i!r} ({type(i).__name__})")
+    return n
 
 
 class WorldTokenizer:
@@ -764,10 +761,9 @@ class WorldTokenizer:
         limit to cut at (the model has no maximum length), so truncation changes nothing.
         Without ``return_tensors`` a list gives lists of lists; ``return_tensors="pt"`` gives
         ``[B, T]`` tensors (a single text: ``[1, T]``), and rows of different lengths are a ``ValueError``."""
-        if max_length is not None and (isinstance(max_length, bool) or not hasattr(max_length, "__index__")
-                                       or max_length.__index__() < 0):
+        limit = None if max_length is None else integer_number(max_length)
+        if max_length is not None and (limit is None or limit < 0):
             raise ValueError(f"max_length must be an int >= 0, got {max_length!r}")
-        limit = None if max_length is None else max_length.__index__()
         strategy = getattr(truncation, "value", truncation)  # transformers' TruncationStrategy enum too
         if strategy is None:  # transformers' default: cut at max_length when one is given
             strategy = limit is not None

@@ -86,6 +86,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+from multimodal_rwkv.argtypes import integer_number
 from multimodal_rwkv.errors import ConfigError, MidiError
 
 log = logging.getLogger(__name__)
@@ -107,15 +108,10 @@ _SIZE_LIMITS = {"max_shift": 30000, "max_duration": 30000, "tempo_bins": 1000}
 def _whole_ticks(t) -> int | None:
     """A delta time as an int (ints, numpy ints, whole floats), or None if it is not a whole,
     non-negative number of ticks."""
-    if isinstance(t, bool):
-        return None
     if isinstance(t, float) and t.is_integer():
         t = int(t)
-    try:
-        t = operator.index(t)
-    except TypeError:
-        return None
-    return t if t >= 0 else None
+    n = integer_number(t)
+    return n if n is not None and n >= 0 else None
 
 
 @dataclass
