@@ -78,13 +78,9 @@ def wkv6_decode_(r, k, v, w, u, state):
     returns ``o`` [B,T,H,V] in r.dtype. No autograd."""
     from multimodal_rwkv.kernels.dispatch import _validate
 
-    _validate(r, k, v, w, u, None)  # the shapes wkv6 checks: the kernel would read past mis-shaped inputs
+    # the shapes and devices wkv6 checks, the state's too: the kernel would read past mis-shaped inputs
+    _validate(r, k, v, w, u, state)
     if not isinstance(state, torch.Tensor) or state.dtype != torch.float32 or not state.is_contiguous():
         raise KernelError("wkv6_decode_: state must be a contiguous float32 tensor [B,H,K,V]")
-    B, T, H, K = r.shape
-    if state.shape != (B, H, K, v.shape[-1]):
-        raise KernelError(f"wkv6_decode_: state must be {(B, H, K, v.shape[-1])}, got {tuple(state.shape)}")
-    if state.device != r.device:
-        raise KernelError(f"wkv6_decode_: state is on {state.device}, the inputs on {r.device}")
     with torch.no_grad():
         return _launch(r, k, v, w, u, state, state)

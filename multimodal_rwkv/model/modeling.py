@@ -836,8 +836,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                 ``past_key_values=`` / ``cache=`` (transformers' names) are taken as ``state=``.
         The first four parameters are transformers' (``inputs``: the prompt ids ``[B, T]``, also
         taken as ``input_ids=``). Without ``attention_mask`` every id is a token, id 0 (the end
-        of text) too; a padded batch needs the tokenizer's ``attention_mask``. The caller's ``logits_processor`` / ``stopping_criteria`` lists
-        are not changed.
+        of text) too; a padded batch needs the tokenizer's ``attention_mask``. The caller's
+        ``logits_processor`` / ``stopping_criteria`` lists are not changed.
         Sampling uses no top-k unless ``top_k`` is given (RWKV's samplers: top-p and temperature;
         transformers' own default would be top-k 50).
         With a ``tokenizer`` of fewer ids than the model's vocabulary, the ids it cannot decode are

@@ -418,7 +418,6 @@ def _trainer_state(ckpt: Path) -> dict:
                               "before it") from None
 
 
-
 def _single_process_cpu_launch(env) -> bool:
     """Whether this is ``accelerate launch --cpu --num_processes N`` (N > 1) without mpirun: accelerate's
     simple launcher then starts this one process and sets only ``MASTER_ADDR`` (with its own
@@ -434,6 +433,7 @@ def _single_process_cpu_launch(env) -> bool:
     mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"))
     launched = "ACCELERATE_DYNAMO_BACKEND" in env and "ACCELERATE_MIXED_PRECISION" in env
     return bool(cpu) and launched and "MASTER_ADDR" in env and not mpi
+
 
 class Trainer:
     """Holds the pieces of one run; :meth:`run` does the work (see :func:`train`)."""

@@ -101,8 +101,9 @@ def _load(args):
 def _vqa(args) -> int:
     from multimodal_rwkv.vision.processor import is_blank_question, missing_image
 
-    if missing_image(args.image):
-        raise DataError(f"{args.image}: {missing_image(args.image)}")
+    why = missing_image(args.image)
+    if why:
+        raise DataError(f"{args.image}: {why}")
 
     if is_blank_question(args.question):
         raise DataError("--question is empty")

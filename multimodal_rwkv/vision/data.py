@@ -211,8 +211,9 @@ class LlavaDataset(Dataset):
         for i in images:
             p = Path(i)
             p = p if p.is_absolute() else self.image_folder / p
-            if missing_image(p):
-                raise DataError(f"{name}: {missing_image(p)}: {p}")
+            why = missing_image(p)
+            if why:
+                raise DataError(f"{name}: {why}: {p}")
             paths.append(str(p))
         check_conversations(r.get("conversations"), len(paths), name)
         return Record(rid, where, paths, r["conversations"])
