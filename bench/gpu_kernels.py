@@ -48,12 +48,14 @@ def rel_rms(a, b):
 
 def make(torch, B, T, H, K, dtype, decay="mixed", seed=0, state=True):
     g = torch.Generator(device=DEV).manual_seed(seed)
-    lo, hi = {"mixed": (-8.0, 1.5), "strong": (2.5, 3.0), "weak": (-8.0, -1.0)}[decay]
+    lo, hi = {"mixed": (-8.0, 1.5), "strong": (2.5, 3.0), "weak": (-8.0, -1.0), "cliff": (-8.0, -1.0)}[decay]
     r = torch.randn(B, T, H, K, device=DEV, generator=g)
     k = torch.randn(B, T, H, K, device=DEV, generator=g) * 0.5
     v = torch.randn(B, T, H, K, device=DEV, generator=g)
     wraw = torch.rand(B, T, H, K, device=DEV, generator=g) * (hi - lo) + lo
     w = -torch.exp(wraw)
+    if decay == "cliff":  # -30 for 40 steps, then weak: exponents are small gaps of large chunk sums
+        w[:, :40] = -30.0
     u = torch.randn(H, K, device=DEV, generator=g) * 0.5
     s0 = torch.randn(B, H, K, K, device=DEV, generator=g) if state else None
     return [x.to(dtype) for x in (r, k, v, w, u)] + [s0]
@@ -87,11 +89,11 @@ def correctness(torch, fns, lines):
     from multimodal_rwkv.kernels import wkv6_reference
 
     if DEV == "cpu":
-        cases = [(1, 1, 2, torch.float32, "mixed"), (1, 20, 2, torch.float32, "strong")]
+        cases = [(1, 1, 2, torch.float32, "mixed"), (1, 20, 2, torch.float32, "strong"), (1, 70, 1, torch.float32, "cliff")]
     else:
         cases = [(2, 1, 4, torch.float32, "mixed"), (2, 17, 4, torch.bfloat16, "strong"), (2, 130, 4, torch.float32, "mixed"),
                  (2, 130, 4, torch.bfloat16, "mixed"), (1, 1000, 8, torch.bfloat16, "weak"),
-                 (2, 300, 4, torch.float16, "mixed")]
+                 (2, 300, 4, torch.float16, "mixed"), (2, 130, 4, torch.float32, "cliff")]
     lines += ["### Correctness vs float64 reference (rel. RMS; grads from loss = <o,go> + <S_T,gs>; fla rows bf16 only)", "",
               "| backend | B,T,H | dtype | decay | o | S_T | dr | dk | dv | dw | du | ds0 |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -8,6 +8,7 @@ DECAYS = {
     "weak": (-8.0, -1.0),     # w in [-0.37, -0.0003]
     "mixed": (-8.0, 1.5),     # w in [-4.5, -0.0003]
     "strong": (2.5, 3.0),     # w in [-20.1, -12.2]
+    "cliff": (-8.0, -1.0),    # weak, but -30 for the first 40 steps and -45 at steps 70-74 (channel 0)
 }
 
 
@@ -20,6 +21,9 @@ def make_inputs(B, T, H, K, V=None, decay="mixed", dtype=torch.float64, seed=0, 
     k = torch.randn(B, T, H, K, generator=g, dtype=torch.float64) * 0.5
     v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
     w = -torch.exp(torch.rand(B, T, H, K, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+    if decay == "cliff":  # exponents are then small gaps of large chunk-local sums
+        w[:, :40] = -30.0
+        w[:, 70:75, :, 0] = -45.0
     u = torch.randn(H, K, generator=g, dtype=torch.float64) * 0.5
     s0 = torch.randn(B, H, K, V, generator=g, dtype=torch.float64) if with_state else None
     out = [x.to(device=device, dtype=dtype) for x in (r, k, v, w, u)]

@@ -158,6 +158,7 @@ def main(which):
         "chunk_T70_K32_V16": lambda: chunk_case(70, True, "mixed", B=1, H=2, K=32, V=16),
         "chunk_T20_no_final": lambda: no_final_case(20),
         "chunk_T40_forget": lambda: chunk_case(40, True, "mixed", forget=True),
+        "chunk_T130_cliff": lambda: chunk_case(130, True, "cliff", B=1),
         "chunk_T40_mixed_dtypes": lambda: mixed_dtype_case(40),
         "decode_T1_state": lambda: decode_case(1, True),
         "decode_T5_nostate": lambda: decode_case(5, False),

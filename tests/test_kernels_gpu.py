@@ -21,7 +21,7 @@ def _run(fn, xs, go, gs):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("T,with_state,decay", [(1, True, "mixed"), (17, True, "strong"), (64, False, "weak"),
-                                                (130, True, "mixed"), (1000, True, "mixed")])
+                                                (130, True, "mixed"), (130, True, "cliff"), (1000, True, "mixed")])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_cuda_backend_vs_reference(backend, dtype, tol, T, with_state, decay):
     from multimodal_rwkv.kernels import wkv6, wkv6_reference

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["chunk_T1_state_mixed", "chunk_T17_state_strong", "chunk_T130_state_mixed", "chunk_T40_final_only",
-        "chunk_T20_no_final", "chunk_T40_forget", "chunk_T40_mixed_dtypes", "decode_T1_state", "decode_T5_nostate",
+        "chunk_T20_no_final", "chunk_T40_forget", "chunk_T130_cliff", "chunk_T40_mixed_dtypes", "decode_T1_state", "decode_T5_nostate",
         "errors"]
 SLOW = ["chunk_T64_nostate_weak", "chunk_T130_state_strong", "chunk_T17_bf16", "chunk_T70_K32_V16"]
 GRADS = ["dr", "dk", "dv", "dw", "du", "ds0"]
@@ -58,6 +58,14 @@ def test_triton_chunk_vs_reference(fast_results, case):
     res = fast_results[case]
     _check_chunk(res)
     assert "dw" in res and "dk" in res  # the gradients were really compared
+
+
+def test_triton_keeps_fp32_precision_when_the_decay_changes_within_a_chunk(fast_results):
+    """-30 per step for 40 tokens, then -0.001: the chunk-local cumulative sums reach -1200 and the
+    exponents are their small differences. With plain fp32 sums these came out with an error of
+    ~1e-4, and o, the state and every gradient were off by ~4e-5 (the torch backend: ~1.4e-7)."""
+    res = fast_results["chunk_T130_cliff"]
+    _check_chunk(res, tol_fwd=1e-6, tol_grad=1e-6)
 
 
 def test_triton_gradient_through_final_state_only(fast_results):
