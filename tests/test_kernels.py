@@ -289,6 +289,44 @@ def test_empty_batch_long_sequence(backend):
     assert o.shape == (0, 40, 2, 8) and s.shape == (0, 2, 8, 8) and s.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "reference"])
+def test_empty_sequence_stays_in_the_graph_and_returns_a_new_state(backend):
+    """T = 0: the reference and torch backends returned an o outside autograd (a backward through
+    it failed) and initial_state itself as the final state (changing one changed the other)."""
+    require_backend(backend)
+    xs = [t.float().requires_grad_() for t in make_inputs(2, 3, 2, 8, seed=1)]
+    o, s = wkv6(*(x[:, :0] for x in xs[:4]), xs[4], xs[5], True, backend=backend)
+    assert o.requires_grad and s.data_ptr() != xs[5].data_ptr() and torch.equal(s, xs[5])
+    (o.sum() + s.sum()).backward()
+    assert torch.equal(xs[5].grad, torch.ones_like(xs[5]))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "reference"])
+def test_empty_key_head_with_many_tokens(backend):
+    """K = 0 past the step-loop threshold: zeros, as the reference (the torch backend raised)."""
+    require_backend(backend)
+    r, k, v, w, u, s0 = [t.float() for t in make_inputs(1, 40, 2, 8, seed=1)]
+    o, s = wkv6(r[..., :0], k[..., :0], v, w[..., :0], u[:, :0], s0[:, :, :0], True, backend=backend)
+    assert o.shape == (1, 40, 2, 8) and not o.any() and s.shape == (1, 2, 0, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+def test_backends_compute_in_fp32_under_autocast(backend):
+    """Under CPU bf16 autocast the reference and torch backends ran their products in bf16 (errors
+    of ~3e-3 in o, the state and the gradients, against ~1e-7); they compute in fp32 as documented."""
+    xs = [t.float() for t in make_inputs(1, 40, 2, 32, seed=4)]
+
+    def run(autocast):
+        x = [t.clone().requires_grad_() for t in xs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, s = wkv6(*x, output_final_state=True, backend=backend)
+        (o.square().sum() + s.sum()).backward()  # outside autocast, as PyTorch recommends
+        return [o, s] + [t.grad for t in x]
+
+    for a, b in zip(run(True), run(False)):
+        assert a.dtype == b.dtype == torch.float32 and rel_rms(a, b) < 1e-6
+
+
 @pytest.mark.parametrize("which", [1, 2, 3])  # k, v or w alone in float64
 def test_auto_on_cpu_with_one_float64_input_computes_in_float64(which):
     xs = make_inputs(1, 20, 1, 16, seed=6)

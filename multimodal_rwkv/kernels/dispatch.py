@@ -1,6 +1,7 @@
 """Backend selection and input validation for :func:`multimodal_rwkv.kernels.wkv6`."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -78,11 +79,47 @@ def _run_triton(r, k, v, w, u, s0, out_final, allow_decode):
     return triton_chunk.wkv6_triton(r, k, v, w, u, s0, out_final)
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast off for ``device``'s type: every backend computes in fp32 itself,
+    and autocast would run the reference's and the torch backend's products in bf16/fp16."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        on = False
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
+
+
 def dispatch(r, k, v, w, u, initial_state, output_final_state, backend):
     if backend not in BACKENDS:
         raise KernelError(f"wkv6: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     _validate(r, k, v, w, u, initial_state)
-    out_final = bool(output_final_state)
+    with autocast_off(r.device):
+        if 0 in r.shape or 0 in v.shape:
+            return _empty(r, k, v, w, u, initial_state, bool(output_final_state))
+        return _dispatch(r, k, v, w, u, initial_state, bool(output_final_state), backend)
+
+
+def _empty(r, k, v, w, u, initial_state, out_final):
+    """Any backend, when a size is 0: no tokens (T = 0), rows, heads or head channels. ``o`` is
+    still part of the autograd graph (a backward through it works and gives zero gradients) and
+    the final state is a new tensor, never ``initial_state`` itself."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    if T:  # tokens but an empty head (K or V = 0) or no rows/heads: the plain loop is exact
+        from multimodal_rwkv.kernels.reference import wkv6_reference
+
+        o, s = wkv6_reference(r, k, v, w, u, initial_state, out_final)
+        return o, (None if s is None else s.clone())
+    wide = torch.float64 if torch.float64 in (r.dtype, k.dtype, v.dtype, w.dtype) else torch.float32
+    o = sum(x.sum() for x in (r, k, v, w)).to(r.dtype).expand(B, 0, H, V)  # no values: anchored in the graph
+    if not out_final:
+        return o, None
+    if initial_state is None:
+        return o, torch.zeros(B, H, K, V, dtype=wide, device=r.device)
+    return o, initial_state.to(wide).clone()
+
+
+def _dispatch(r, k, v, w, u, initial_state, out_final, backend):
     if backend == "reference":
         from multimodal_rwkv.kernels.reference import wkv6_reference
 

@@ -381,6 +381,13 @@ class _ChunkedWKVFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dO, dS_final):
+        from multimodal_rwkv.kernels.dispatch import autocast_off
+
+        with autocast_off(dO.device if dO is not None else ctx.saved_tensors[0].device):
+            return _ChunkedWKVFunction._backward(ctx, dO, dS_final)
+
+    @staticmethod
+    def _backward(ctx, dO, dS_final):
         from multimodal_rwkv.kernels.reference import first_derivatives_only
 
         first_derivatives_only("torch")
