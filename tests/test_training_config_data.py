@@ -495,20 +495,27 @@ def test_loss_png(tmp_path):
     assert len(im.getcolors(maxcolors=100000)) > 2  # axes and a curve were drawn
 
 
-def test_long_txt_is_tokenized_in_pieces_cut_after_blank_lines(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tokenizer", ["world", "bytes"])
+def test_long_texts_are_tokenized_in_pieces_with_the_whole_texts_ids(tmp_path, monkeypatch, tokenizer):
+    """Pieces of a long document (bounded memory) give exactly the ids of the whole text. They used
+    to be cut after a blank line, or at the piece limit without one: a file of single newlines
+    (logs, many novels) then had a token split at every cut ('hello' -> 'hell', 'o'), and a blank
+    line before indented text split tokens such as '\\n\\n  '."""
     from multimodal_rwkv.training import data as D
 
-    monkeypatch.setattr(D, "TXT_PIECE_CHARS", 50)
-    text = "".join(f"paragraph {i} " * (i % 4 + 1) + "\n\n" for i in range(30)) + "tail without break " * 9
-    pieces = D._txt_pieces(text)
-    assert "".join(pieces) == text and len(pieces) > 5
-    for piece in pieces[:-1]:  # cut after a blank line, or (no blank line in reach) at the limit
-        assert piece.endswith("\n\n") or (len(piece) == 50 and "\n\n" not in piece[1:])
-    assert sum(piece.endswith("\n\n") for piece in pieces) > 5
+    tok = D.get_tokenizer(tokenizer)
+    monkeypatch.setattr(D, "TXT_PIECE_CHARS", 300)
+    rng = np.random.default_rng(0)
+    words = ["hello", "world", "\n", "\n\n", "  ", "\n\n    ", "你好", "世界。", "é", "🙂", "\t", "x" * 40, "\r\n"]
+    text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(3000))
+    pieces = list(D.encode_in_pieces(tok, text))
+    assert len(pieces) > 10 and sum(pieces, []) == tok.encode(text)
+    lines = "hello world!\n" * 100  # no blank line at all
+    assert sum(D.encode_in_pieces(tok, lines), []) == tok.encode(lines)
     p = tmp_path / "long.txt"
-    p.write_text(text, encoding="utf-8")
-    s = _stream(p, tmp_path)
-    assert np.asarray(s.ids).tolist() == [b + 1 for b in text.encode()] + [0]
+    p.write_text(lines, encoding="utf-8")
+    stream = D.tokenize_to_cache([p], "txt", tok, tmp_path / "cache", "fail")
+    assert np.asarray(stream.ids).tolist() == tok.encode(lines) + [0]
 
 
 def test_windows_check_the_vocabulary():

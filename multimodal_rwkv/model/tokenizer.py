@@ -591,6 +591,12 @@ class WorldTokenizer:
         """End of text / document separator (0)."""
         return EOS_TOKEN_ID
 
+    @property
+    def max_token_bytes(self) -> int:
+        """Bytes in the longest token: greedy matching decides the token that starts at a byte from
+        the next ``max_token_bytes`` bytes alone."""
+        return self._vocab.max_len
+
     def __len__(self) -> int:
         return self._vocab_size
 

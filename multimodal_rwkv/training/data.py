@@ -22,6 +22,7 @@ the file's content hash and the tokenizer, so restarting a run does not re-token
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -51,9 +52,13 @@ class ByteTokenizer:
 
     name = "bytes"
     vocab_size = 257
+    max_token_bytes = 1
 
     def encode(self, text: str) -> list[int]:
         return [b + 1 for b in text.encode("utf-8")]
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id - 1]) if 1 <= token_id <= 256 else b""
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i - 1 for i in ids if 1 <= i <= 256).decode("utf-8", errors="replace")
@@ -166,23 +171,34 @@ def chat_segments(turns, where: str) -> list[tuple[str, bool]]:
     return segs
 
 
-TXT_PIECE_CHARS = 1 << 20  # long .txt documents are tokenized in ~1M-character pieces cut after "\n\n"
+TXT_PIECE_CHARS = 1 << 20  # long texts are tokenized in pieces of about 1M characters
 
 
-def _txt_pieces(text: str) -> list[str]:
-    """Cut a long text after paragraph breaks into pieces of about TXT_PIECE_CHARS (bounded memory
-    while tokenizing; a token can then not span a cut, which only happens after a blank line)."""
-    if len(text) <= TXT_PIECE_CHARS:
-        return [text]
-    out, start = [], 0
-    while start < len(text):
-        end = start + TXT_PIECE_CHARS
-        if end < len(text):
-            cut = text.rfind("\n\n", start, end)
-            end = cut + 2 if cut > start else end
-        out.append(text[start:end])
-        start = end
-    return out
+def encode_in_pieces(tokenizer, text: str) -> Iterator[list[int]]:
+    """``tokenizer.encode(text)`` as consecutive lists, one per piece of about TXT_PIECE_CHARS
+    characters (bounded memory for long documents); the lists joined equal the whole text's ids.
+
+    Greedy longest match decides the token starting at a byte from the next ``max_token_bytes``
+    bytes alone, so a piece's tokens that start at least that far before its end are final; the
+    next piece starts where the first of the others starts (a token boundary of the whole text)."""
+    start, n = 0, len(text)
+    while n - start > TXT_PIECE_CHARS:
+        piece = text[start:start + TXT_PIECE_CHARS]
+        ids = tokenizer.encode(piece)
+        data = piece.encode("utf-8")
+        last_start = len(data) - tokenizer.max_token_bytes
+        keep = end = pos = 0
+        for i, t in enumerate(ids):
+            if pos > last_start:
+                break
+            pos += len(tokenizer.id_to_bytes(t))
+            if pos == len(data) or data[pos] & 0xC0 != 0x80:  # the next piece starts on a character
+                keep, end = i + 1, pos
+        if keep == 0:  # (pieces are far longer than a token: only for a tiny TXT_PIECE_CHARS)
+            break
+        yield ids[:keep]
+        start += len(data[:end].decode("utf-8"))
+    yield tokenizer.encode(text[start:])
 
 
 def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> Iterator[list[tuple[str, bool]]]:
@@ -207,7 +223,7 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
         if not text.strip():
             _handle_bad(f"{path}: empty file", on_bad, bad)
             return
-        yield [(piece, True) for piece in _txt_pieces(text)]
+        yield [(text, True)]
         return
     try:
         fh = open(path, "rb")
@@ -407,8 +423,8 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
             for f in files:
                 for doc in iter_text_documents(f, fmt, on_bad, bad):
                     # the separator after a document is a target when the document's last segment is
-                    segs = [(list(tokenizer.encode(text)), t) for text, t in doc] + [([SEPARATOR], doc[-1][1])]
-                    for ids, is_target in segs:
+                    segs = ((ids, t) for text, t in doc for ids in encode_in_pieces(tokenizer, text))
+                    for ids, is_target in itertools.chain(segs, [([SEPARATOR], doc[-1][1])]):
                         arr = np.asarray(ids, dtype=np.int64)
                         if len(arr) and (arr.min() < 0 or arr.max() >= 2**32):
                             raise DataError(f"{f}: tokenizer produced ids outside uint32")
