@@ -377,6 +377,40 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
     assert bytes(int(i) - 1 for i in np.asarray(s.ids) if i).decode() == "okfine"
 
 
+def test_byte_order_marks_and_error_positions(tmp_path):
+    """A BOM shifted a bad byte's line back (UTF-8 errors count from after the BOM), made a BOM-only
+    first line of a JSONL a bad record, and a JSONL error's column was that of the line after it."""
+    bom = b"\xef\xbb\xbf"
+    p = tmp_path / "bom.txt"
+    p.write_bytes(bom + b"a\nb\n\xe9t\xe9\n")
+    with pytest.raises(DataError, match=r"bom\.txt:3: not valid UTF-8"):
+        _stream(p, tmp_path)
+    p = tmp_path / "bom.json"
+    p.write_bytes(bom + b'[\n{"text": "a"},\n{"text": "\xe9"}]\n')
+    with pytest.raises(DataError, match=r"bom\.json:3: not valid UTF-8"):
+        _stream(p, tmp_path)
+    p = tmp_path / "bomblank.jsonl"
+    p.write_bytes(bom + b'\r\n{"text": "a"}\r\n')
+    assert bytes(int(i) - 1 for i in np.asarray(_stream(p, tmp_path).ids) if i) == b"a"
+    p = tmp_path / "col.jsonl"
+    p.write_text('{"text": "ok"}\n{"text":"ok2"\n')
+    with pytest.raises(DataError, match=r"col\.jsonl:2: invalid JSON \(Expecting ',' delimiter at column 14\)"):
+        _stream(p, tmp_path)
+
+
+def test_empty_assistant_turn_is_the_stop_token_alone():
+    """An empty (or blank) assistant turn trained ' \\n\\n' (id 3336), not World's stop token '\\n\\n' (261)."""
+    from multimodal_rwkv import WorldTokenizer
+    from multimodal_rwkv.training.data import chat_segments
+
+    for empty in ("", "  \n "):
+        segs = chat_segments([{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": empty}],
+                             "r")
+        assert segs[-1] == ("\n\n", True) and WorldTokenizer().encode(segs[-1][0]) == [261]
+    segs = chat_segments([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "r")
+    assert segs[-1] == (" yo\n\n", True)
+
+
 def test_empty_and_unreadable_files(tmp_path):
     e1 = tmp_path / "empty.txt"
     e1.write_text("  \n")

@@ -575,6 +575,18 @@ def test_tensorboard_tracker_logs_the_metrics(corpus, tmp_path):
     assert "lr" in ea.Tags()["scalars"]
 
 
+def test_a_valid_file_that_is_the_train_file_counts_its_bad_records_once(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * 3}) + "\n" for i in range(30)) + "{broken\n[1\n")
+    train(TrainConfig(), [f"output_dir={tmp_path / 'run'}", f"data.train_file={data}", f"data.valid_file={data}",
+                          "data.tokenizer=bytes", "data.ctx_len=24", "max_steps=1", "progress_bar=false",
+                          "data.on_bad_record=skip", "model.config={n_layer: 1, n_embd: 32, head_size: 16}"])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_records"] == 2  # it said 4
+    info = json.loads((tmp_path / "run" / "final" / "training_info.json").read_text())
+    assert info["skipped_records"] == 2
+
+
 def test_text_and_binidx_sources_train(tmp_path):
     from multimodal_rwkv.training.data import write_binidx
 

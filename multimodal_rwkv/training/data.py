@@ -165,7 +165,8 @@ def chat_segments(turns, where: str) -> list[tuple[str, bool]]:
         while "\n\n" in content:  # "\n\n" ends a turn in the World chat format
             content = content.replace("\n\n", "\n")
         segs.append((f"{name}:", False))
-        segs.append((f" {content}\n\n", name == "Assistant"))
+        # an empty turn is the end of turn alone ("\n\n", World's stop token; not " \n\n")
+        segs.append(((f" {content}" if content else "") + "\n\n", name == "Assistant"))
     if not any(t for _, t in segs):
         raise DataError(f"{where}: chat record has no assistant turn")
     return segs
@@ -216,8 +217,7 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
         try:
             text = raw.decode("utf-8-sig")  # a leading byte-order mark is not text
         except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            _handle_bad(f"{path}:{line}: not valid UTF-8 ({e.reason})", on_bad, bad)
+            _handle_bad(f"{path}:{_error_line(raw, e)}: not valid UTF-8 ({e.reason})", on_bad, bad)
             return
         del raw
         if not text.strip():
@@ -243,12 +243,14 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
         fh.seek(0)
         any_line = False
         for lineno, line in enumerate(fh, 1):  # JSONL, streamed line by line
+            if lineno == 1 and line.startswith(_BOM):  # a byte-order mark is not JSON
+                line = line[len(_BOM):]
             if not line.strip():
                 continue
             any_line = True
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # BOM: not JSON
+                rec = json.loads(line.decode("utf-8").rstrip("\r\n"))  # (an error's column is on this line)
             except UnicodeDecodeError as e:
                 _handle_bad(f"{where}: not valid UTF-8 ({e.reason})", on_bad, bad)
                 continue
@@ -265,13 +267,21 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
         _handle_bad(f"{path}: empty file", on_bad, bad)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _error_line(raw: bytes, e: UnicodeDecodeError) -> int:
+    """The line of ``raw`` holding the bad byte of ``raw.decode("utf-8-sig")`` (``e.start`` counts
+    from after a byte-order mark)."""
+    return raw[: e.start + (len(_BOM) if raw.startswith(_BOM) else 0)].count(b"\n") + 1
+
+
 def _json_array_documents(path: Path, raw: bytes, on_bad: str, bad: BadRecords):
     """The records of a ``.json`` file holding one JSON array; a file that does not parse is one bad file."""
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        _handle_bad(f"{path}:{line}: not valid UTF-8 ({e.reason})", on_bad, bad)
+        _handle_bad(f"{path}:{_error_line(raw, e)}: not valid UTF-8 ({e.reason})", on_bad, bad)
         return
     except json.JSONDecodeError as e:
         _handle_bad(f"{path}:{e.lineno}: invalid JSON array ({e.msg} at column {e.colno}); a .json file holds "

@@ -141,7 +141,10 @@ class LMTask(Task):
         scanned_all = n <= FULL_VOCAB_SCAN
         head = stream.ids if scanned_all else stream.ids[: FULL_VOCAB_SCAN]
         check_id_range(head, vocab_size, stream.source)
-        self.skipped += stream.skipped
+        # a valid_file that is the train_file (or the same folder) is one source: its bad records count once
+        self._skipped_by_source = getattr(self, "_skipped_by_source", {})
+        self._skipped_by_source[str(Path(path).resolve())] = stream.skipped
+        self.skipped = sum(self._skipped_by_source.values())
         L = d.ctx_len
         if 2 <= n <= L:
             # the data fits in one window shorter than ctx_len: a window of ctx_len would be the same
