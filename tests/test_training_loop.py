@@ -534,6 +534,27 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     assert f'File "{REPO / "multimodal_rwkv"}' not in r.stderr, r.stderr[-3000:]
 
 
+def test_two_processes_train_a_state_and_other_weights_in_bptt_chunks(tmp_path, corpus):
+    """DDP stopped after step 1 ("parameters that were not used in producing loss") when time_state
+    trained beside other weights with train.bptt_chunk: the last chunk starts from a detached state,
+    so the initial state was not in the graph of the backward that synchronises."""
+    fresh_base(tmp_path / "base")
+    common = {"model.config": "{}", "model.from_pretrained": tmp_path / "base", "peft.train_state": "true",
+              "peft.trainable": "['*.ln_x.*']", "train.bptt_chunk": 4, "max_steps": 3, "checkpoint_every": 0,
+              "optim.warmup_steps": 0}
+    ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "one", **common)).parent)
+    recipe = tmp_path / "r.yaml"
+    save_config(TrainConfig(), recipe)
+    ov = base_overrides(corpus, tmp_path / "two", **common, **{"train.micro_batch_size": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + (os.getpid() + 7) % 1000), "-m", "multimodal_rwkv", "train", str(recipe)]
+    cmd += sum((["--set", o] for o in ov), [])
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    np.testing.assert_allclose(losses(tmp_path / "two"), ref, rtol=0, atol=1e-5)
+
+
 def test_precision_checkpointing_l2wrap_and_eval_every(tmp_path, corpus, monkeypatch):
     valid = make_corpus(tmp_path / "valid.npy", n_docs=10, seed=2)
     ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "a", max_steps=3)).parent)

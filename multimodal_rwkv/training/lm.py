@@ -206,12 +206,13 @@ class LMTask(Task):
                 state = new_state.detach() if not last else None  # truncated BPTT
                 if self.cfg.train.l2wrap:
                     loss = L2Wrap.apply(loss, logits, reduction="sum")
-                if not loss.requires_grad:
-                    # state tuning alone: past the first chunk nothing trainable feeds the loss (the
-                    # state carried in is detached). The last chunk still runs a backward, through a
-                    # zero, so that DDP all-reduces what the earlier chunks accumulated.
-                    if not last:
-                        continue
+                if not loss.requires_grad and not last:
+                    continue  # state tuning alone: past the first chunk nothing trainable feeds the loss
+                if last and len(chunks) > 1:
+                    # the state carried in is detached, so the initial state (a trainable time_state)
+                    # and anything else only the first chunks use are not in this graph: a zero links
+                    # every trainable parameter, so that DDP all-reduces what the earlier chunks
+                    # accumulated instead of stopping on parameters that took no part
                     loss = loss + _zero_link(model)
                 ctx.backward(loss * ctx.scale)
         return total, self.count_targets(batch)
