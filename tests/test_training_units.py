@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
+from multimodal_rwkv.errors import ConfigError
 from multimodal_rwkv.training.config import TrainConfig
 from multimodal_rwkv.training.loop import build_optimizer, param_groups
 from multimodal_rwkv.training.lm import L2Wrap
@@ -85,6 +86,16 @@ def test_lora_starts_as_identity_and_merge_is_exact_on_random_adapters():
     assert not any(isinstance(x, LoRALinear) for x in m.modules())
     with torch.no_grad():
         torch.testing.assert_close(m(input_ids=ids).logits, lora_out, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_target_that_matches_nothing_is_an_error():
+    """A misspelt target beside a good one was dropped silently (LoRA on att.key only)."""
+    m = tiny()
+    with pytest.raises(ConfigError, match=r"peft\.lora_targets \['ffn\.values'\] match no linear layer"):
+        apply_lora(m, r=2, alpha=4.0, targets=["att.key", "ffn.values"])
+    assert not any(isinstance(x, LoRALinear) for x in m.modules())  # nothing half-applied
+    with pytest.raises(ConfigError, match="match no linear layer"):
+        apply_lora(m, r=2, alpha=4.0, targets=[])
 
 
 def test_freeze_and_trainable_patterns():

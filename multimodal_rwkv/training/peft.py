@@ -83,13 +83,18 @@ def _set_module(root: nn.Module, name: str, new: nn.Module):
 def apply_lora(model: nn.Module, r: int, alpha: float, targets, dropout: float = 0.0) -> list[str]:
     """Replace every ``nn.Linear`` whose module name matches ``targets`` with :class:`LoRALinear`.
 
-    Returns the wrapped module names; ConfigError if none matched.
+    Returns the wrapped module names; ConfigError if a target matches no linear layer (a misspelt
+    target is a mistake, not a no-op, as for ``peft.freeze``/``peft.trainable`` patterns).
     """
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and _matches(n, targets)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unmatched = [t for t in targets if not any(_matches(n, [t]) for n in linears)]
+    if unmatched or not linears:
+        raise ConfigError(f"peft.lora_targets {unmatched or list(targets)} match no linear layer; linear layers "
+                          f"look like {linears[:8]}")
+    names = [n for n in linears if not isinstance(model.get_submodule(n), LoRALinear) and _matches(n, targets)]
     if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ConfigError(f"peft.lora_targets {list(targets)} match no linear layer; linear layers look like {linears}")
+        raise ConfigError(f"peft.lora_targets {list(targets)} match no linear layer without LoRA; linear layers "
+                          f"look like {linears[:8]}")
     for n in names:
         _set_module(model, n, LoRALinear(model.get_submodule(n), r, alpha, dropout))
     logger.info("LoRA r=%d alpha=%g on %d linear layers", r, alpha, len(names))
