@@ -80,6 +80,20 @@ def test_stage1_changes_only_the_projector(trained, tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize("peft", [{"lora_r": 4}, {"trainable": ["*.ln_out.*"]}, {"freeze": ["projector.*"]}])
+def test_stage1_refuses_peft_settings_it_would_override(tmp_path, peft):
+    """Stage 1 trains the projector alone: LoRA (logged as applied, exported as zeros) and
+    trainable/freeze patterns were silently overridden."""
+    from multimodal_rwkv.vision.training import VisualRWKVTask
+
+    cfg = recipe(tmp_path, tmp_path / "none.json", tmp_path / "run")
+    cfg.model.options = {"stage": 1}
+    for k, v in peft.items():
+        setattr(cfg.peft, k, v)
+    with pytest.raises(ConfigError, match=f"peft.{next(iter(peft))}: stage 1 trains the projector alone"):
+        VisualRWKVTask(cfg)
+
+
 def test_a_resume_may_change_runtime_options_but_not_what_trains(trained, tmp_path):
     """model.options that leave the weights' meaning alone (prompt_template, export_dtype) may change
     on resume; those that change what trains (stage, train_encoder) are still refused."""

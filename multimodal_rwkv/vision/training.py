@@ -77,6 +77,12 @@ class VisualRWKVTask(Task):
         self.train_projector = bool(o.get("train_projector", True))
         if self.stage == 1 and not self.train_projector:
             raise ConfigError("model.options: stage 1 trains only the projector; train_projector cannot be false")
+        if self.stage == 1:  # the stage decides what trains: PEFT settings would be silently overridden
+            asked = [k for k, on in (("peft.lora_r", cfg.peft.lora_r), ("peft.trainable", cfg.peft.trainable),
+                                     ("peft.freeze", cfg.peft.freeze)) if on]
+            if asked:
+                raise ConfigError(f"{', '.join(asked)}: stage 1 trains the projector alone (model.options.stage: 1); "
+                                  "LoRA and freeze/trainable patterns are for stage 2")
 
     # ------------------------------------------------------------------ model
     def build_model(self):
