@@ -72,6 +72,33 @@ def test_generate_streams_and_seed_is_reproducible(world_pth):
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 
+def test_generate_decodes_as_its_options_say_whatever_the_folders_generation_config(world_pth, tmp_path):
+    """A folder's generation_config.json with do_sample made --temperature 0 sample, one with
+    num_beams 2 crashed the streamer (a traceback), and its stop strings stopped the text without
+    cutting it (--stop cut it)."""
+    from multimodal_rwkv import RWKVForCausalLM
+
+    args = ("--prompt", "Hello world, this is", "--max-new-tokens", "12", "--temperature", "0")
+    greedy = run("generate", "--model", world_pth, *args, "--no-stream")
+    assert greedy.returncode == 0 and greedy.stdout.strip()
+    m = RWKVForCausalLM.from_pretrained(world_pth)
+    m.generation_config.do_sample, m.generation_config.temperature, m.generation_config.num_beams = True, 1.5, 2
+    m.save_pretrained(tmp_path / "gc")
+    for stream in ((), ("--no-stream",)):
+        r = run("generate", "--model", tmp_path / "gc", *args, *stream)
+        assert r.returncode == 0 and r.stdout == greedy.stdout, r.stderr
+    text = greedy.stdout.rstrip("\n")
+    stop = text[3:6]
+    m.generation_config.do_sample, m.generation_config.num_beams = False, 1
+    m.generation_config.stop_strings = [stop]
+    m.save_pretrained(tmp_path / "stop")
+    for stream in ((), ("--no-stream",)):
+        r = run("generate", "--model", tmp_path / "stop", *args, *stream)
+        assert r.returncode == 0 and r.stdout.rstrip("\n") == text[:text.index(stop)], r.stderr
+    r = run("generate", "--model", world_pth, *args, "--stop", "")
+    assert r.returncode == 2 and "--stop: an empty stop string" in r.stderr
+
+
 @pytest.mark.parametrize("argv,needle", [
     (("generate", "--model", "/nonexistent/x.pth", "--prompt", "hi"), "/nonexistent/x.pth"),
     (("info", "/nonexistent/y.pth"), "/nonexistent/y.pth"),

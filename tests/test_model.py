@@ -542,6 +542,59 @@ def test_generate_transformers_names_for_stops_and_the_cache():
     assert out.shape == (1, 4)
 
 
+def test_generate_text_cuts_at_transformers_stop_strings_too():
+    """stop_strings (argument or generation config) stopped the generation but stayed in the text
+    with the rest of their token; stop= was cut."""
+    from transformers import GenerationConfig
+
+    from multimodal_rwkv import WorldTokenizer
+    from multimodal_rwkv.model.generation import generate_text
+
+    m = _random_model(vocab_size=65536)
+    tok = WorldTokenizer()
+    free = generate_text(m, tok, "Hello there", max_new_tokens=10, eos_token_id=None)
+    stop = free[len(free) // 2:][:2] or free
+    want = free[:free.index(stop)]
+    assert generate_text(m, tok, "Hello there", max_new_tokens=10, eos_token_id=None, stop=stop) == want
+    assert generate_text(m, tok, "Hello there", max_new_tokens=10, eos_token_id=None, stop_strings=[stop]) == want
+    gc = GenerationConfig(max_new_tokens=10, do_sample=False, stop_strings=stop)
+    assert generate_text(m, tok, "Hello there", eos_token_id=None, generation_config=gc) == want
+    m.generation_config.stop_strings = [stop]
+    assert generate_text(m, tok, "Hello there", max_new_tokens=10, eos_token_id=None) == want
+
+
+def test_a_tokenizers_added_tokens_can_be_generated():
+    """transformers' vocab_size leaves out added tokens: an added end-of-text token just past it was
+    banned, even when a processor made it the only choice."""
+    from transformers import LogitsProcessor
+
+    class HFLike:  # as a PreTrainedTokenizer with 250 base ids and one added token (id 250)
+        vocab_size = 250
+
+        def __len__(self):
+            return 251
+
+        def encode(self, s):
+            return [1, 2]
+
+        def decode(self, ids, **kw):
+            return " ".join(map(str, ids))
+
+    class Boost(LogitsProcessor):
+        def __call__(self, ids, scores):
+            scores = scores.clone()
+            scores[:, 250] += 100
+            return scores
+
+    m = _random_model(vocab_size=256)
+    out = m.generate(torch.tensor([[1, 2]]), max_new_tokens=2, tokenizer=HFLike(), eos_token_id=250,
+                     logits_processor=[Boost()])
+    assert out[0, 2:].tolist() == [250]
+    out = m.generate(torch.tensor([[1, 2]]), max_new_tokens=3, tokenizer=HFLike(), eos_token_id=None,
+                     logits_processor=[Boost()], bad_words_ids=[[250]])
+    assert all(i < 250 for i in out[0, 2:].tolist())  # ids 251-255 still never generated
+
+
 def test_forward_refuses_unknown_keywords_and_returns_hidden_states():
     m = _random_model()
     ids = torch.randint(0, 97, (2, 9))

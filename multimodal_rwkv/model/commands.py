@@ -20,7 +20,10 @@ def register(sub) -> None:
         "generate", help="generate text from an RWKV model",
         description="Generate text with an RWKV-6/RWKV-5 model (BlinkDL .pth, Hugging Face folder, or a folder saved by this package). "
                     "Text is encoded with the World tokenizer, or with the tokenizer a model of `mmrwkv train` was "
-                    "trained with (\"tokenizer\" in the training_info.json next to it: world or bytes).",
+                    "trained with (\"tokenizer\" in the training_info.json next to it: world or bytes). "
+                    "It decodes greedily (--temperature 0) or samples by its options, whatever a model folder's "
+                    "generation_config.json says about sampling or beams; that file's stop strings and end-of-text "
+                    "ids are used.",
         epilog="Example: mmrwkv generate --model RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth --prompt 'The Eiffel tower is in' --max-new-tokens 40",
     )
     p.add_argument("--model", type=path_arg, required=True, help="checkpoint file or folder")
@@ -206,16 +209,23 @@ def cmd_generate(args) -> int:
         prompt = _utf8(sys.stdin.buffer.read(), "standard input")
     else:
         prompt = unescape(_utf8(args.prompt, "--prompt"))
-    stops = [unescape(_utf8(s, "--stop")) for s in args.stop] if args.stop else None
+    stops = [unescape(_utf8(s, "--stop")) for s in args.stop] if args.stop else []
+    if "" in stops:
+        raise DataError("--stop: an empty stop string (it would match everywhere)")
     model = RWKVForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, state_file=args.state)
     tok = _tokenizer_for(args.model)
     _check_vocab(model, tok, args.model)
     ids = tok.encode(prompt) or [0]
-    gen = dict(max_new_tokens=args.max_new_tokens, stop=stops, tokenizer=tok, seed=args.seed,
-               presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+    from multimodal_rwkv.model.generation import StopAwareStreamer, cut_at_eos, eos_ids, joined_stops
+
+    # the decoding is this command's (greedy, or sampling by its options), whatever a model folder's
+    # generation_config.json says (do_sample, beams, top_k); its stop strings and end-of-text ids count
+    gen = dict(max_new_tokens=args.max_new_tokens, stop=stops, tokenizer=tok, seed=args.seed, num_beams=1,
+               num_return_sequences=1, presence_penalty=args.presence_penalty,
+               frequency_penalty=args.frequency_penalty, do_sample=args.temperature > 0)
     if args.temperature > 0:
-        gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
-    from multimodal_rwkv.model.generation import StopAwareStreamer, cut_at_eos, eos_ids
+        gen.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    stops = joined_stops(model, stops)  # for the streamer and the final cut
 
     streamer = None
     if not args.no_stream:

@@ -138,6 +138,34 @@ class StopStringsCriteria(StoppingCriteria):
         return done
 
 
+def stop_list(x) -> list:
+    """A stop string or a list of them (None: none) as a list; anything else is a ValueError."""
+    if x is None:
+        return []
+    items = [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else None
+    if items is None or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"stop strings must be a string or a list of strings, got {x!r}")
+    return items
+
+
+def joined_stops(model, stop=None, stop_strings=None, generation_config=None) -> list[str]:
+    """Every stop string a ``model.generate`` call stops at: ``stop``, transformers' ``stop_strings``
+    and those of the generation config in use (``generation_config``, else the model's)."""
+    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    return [x for x in stop_list(stop) + stop_list(stop_strings) + stop_list(getattr(base, "stop_strings", None))
+            if x]
+
+
+def decodable_ids(tokenizer, default: int) -> int:
+    """How many ids ``tokenizer`` decodes: ``len()`` where it has one (a transformers tokenizer's
+    ``vocab_size`` leaves out its added tokens, an end-of-text token among them), else ``vocab_size``."""
+    n = getattr(tokenizer, "vocab_size", default)
+    try:
+        return max(n, len(tokenizer))
+    except TypeError:
+        return n
+
+
 def trim_at_stop(text: str, stops) -> str:
     """Cut ``text`` at the first stop string (the stop itself removed)."""
     if not stops:
@@ -173,7 +201,8 @@ def cut_at_eos(new: list[int], eos: set[int]) -> list[int]:
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int | None = None, stop=None, streamer=None,
                   **gen_kwargs) -> str:
     """Prompt in, completion text out: cut at the end-of-text id that ended it (any of
-    ``eos_token_id``'s, or the model's) and before the stop string. ``gen_kwargs`` go to
+    ``eos_token_id``'s, or the model's) and before the stop string (``stop``, ``stop_strings``, or
+    the generation config's). ``gen_kwargs`` go to
     ``model.generate``. ``max_new_tokens``: 100 unless a length is given (``max_new_tokens``,
     ``max_length``, a ``generation_config`` passed in, or the model's own ``generation_config``)."""
     from transformers import GenerationConfig
@@ -193,7 +222,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int | None = No
     out = model.generate(x, stop=stop, tokenizer=tokenizer, streamer=streamer, **gen_kwargs)
     new = cut_at_eos(out[0, len(ids):].tolist(),
                      eos_ids(model, gen_kwargs.get("eos_token_id"), gen_kwargs.get("generation_config")))
-    return trim_at_stop(tokenizer.decode(new), stop)
+    return trim_at_stop(tokenizer.decode(new), joined_stops(model, stop, gen_kwargs.get("stop_strings"),
+                                                            gen_kwargs.get("generation_config")))
 
 
 class StopAwareStreamer:

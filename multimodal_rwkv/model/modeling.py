@@ -848,7 +848,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
 
         from multimodal_rwkv.argtypes import integer_number, real_number
         from multimodal_rwkv.model.generation import (RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor,
-                                                      check_penalties, uncounted_ids)
+                                                      check_penalties, decodable_ids, joined_stops, uncounted_ids)
 
         if inputs is not None and input_ids is not None:
             raise ValueError("generate: pass the prompt once, as inputs or as input_ids")
@@ -898,14 +898,14 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             uncounted = uncounted_ids(counts_by, self.config.vocab_size) if frequency_penalty and counts_by else ()
             processors.append(RWKVPenaltyProcessor(presence_penalty, frequency_penalty, penalty_decay,
                                                    prompt_len=prompt_len, uncounted=uncounted))
-        if tokenizer is not None and getattr(tokenizer, "vocab_size", self.config.vocab_size) < self.config.vocab_size:
-            processors.append(VocabLimitProcessor(tokenizer.vocab_size))
+        if tokenizer is not None and decodable_ids(tokenizer, self.config.vocab_size) < self.config.vocab_size:
+            processors.append(VocabLimitProcessor(decodable_ids(tokenizer, self.config.vocab_size)))
         # transformers' stop_strings (the argument, or the generation config in use) need its own
         # tokenizer type: they join our stop strings, and the config in use is given none below
         user_gc = kwargs.pop("generation_config", None)
         base = user_gc if user_gc is not None else self.generation_config
         cfg_stops = getattr(base, "stop_strings", None)
-        stops = [x for x in _as_list(stop) + _as_list(kwargs.pop("stop_strings", None)) + _as_list(cfg_stops) if x]
+        stops = joined_stops(self, stop, kwargs.pop("stop_strings", None), user_gc)
         if stops:
             if tokenizer is None:
                 raise ValueError("stop strings (stop= or stop_strings=) need tokenizer=")
@@ -1045,16 +1045,6 @@ def _state_from_cache_names(state, **names):
                 raise ValueError(f"{name}: pass the RNN state as state= (an RWKVState), not both")
             state = past
     return state
-
-
-def _as_list(x) -> list:
-    """A stop string or a list of them (None: none); anything else is a ValueError."""
-    if x is None:
-        return []
-    items = [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else None
-    if items is None or not all(isinstance(i, str) for i in items):
-        raise ValueError(f"stop strings must be a string or a list of strings, got {x!r}")
-    return items
 
 
 def _register_auto_model() -> None:
