@@ -727,3 +727,64 @@ def test_abc_corpus_files_are_read_as_utf8(tmp_path, monkeypatch):
     monkeypatch.setattr(corpora, "_music21", lambda: SimpleNamespace(__file__=str(root / "__init__.py")))
     tunes = [t for _, t in corpora.abc_corpus_tunes("oneill-abc")]
     assert [t.split("\n")[1] for t in tunes] == ["T:Bhéasach", "T:Señor"]
+
+
+def test_abc_older_tempo_form_counts_in_unit_note_lengths():
+    """Q:C=120 / Q:C2=120 (the unit note length L: times a number): music21 read C as a quarter of
+    a whole note whatever L: was, a tempo 4-8x too fast (480 BPM for Q:C=120 at L:1/8)."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music import abc_to_midi
+
+    def bpm(q, unit):
+        mid = abc_to_midi(f"X:1\nL:{unit}\n{q}\nK:C\nCDEF|\n")
+        return [round(mido.tempo2bpm(m.tempo), 3) for t in mid.tracks for m in t if m.type == "set_tempo"]
+
+    assert bpm("Q:C=120", "1/8") == [60] and bpm("Q:C2=120", "1/8") == [120]
+    assert bpm("Q:C=120", "1/4") == [120] and bpm("Q:C/2=120", "1/4") == [60]
+    assert bpm("Q:1/4=100", "1/8") == [100]  # the usual form as before
+
+
+def _constant_abc_model(path, byte):
+    """A tiny ABC model whose logits favour one byte above all others (by 1.0)."""
+    import torch
+
+    from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
+
+    m = RWKVForCausalLM(RWKVConfig(vocab_size=257, n_embd=32, n_layer=1, head_size=16))
+    with torch.no_grad():
+        m.rwkv.ln_out.weight.zero_()
+        m.rwkv.ln_out.bias.fill_(1.0)
+        m.head.weight.zero_()
+        m.head.weight[byte + 1].fill_(1.0 / 32)
+    m.save_pretrained(path)
+    AbcTokenizer().save_pretrained(path)
+    return m
+
+
+def test_generate_abc_continues_the_prompts_last_tune(tmp_path, monkeypatch):
+    """A prompt ending in a blank line (or a finished tune then another) had the continuation
+    written after the tune's end: the MIDI held the prompt's notes alone. The last tune is
+    continued, earlier ones are context (separated by 0, as in training), and the model never
+    writes control bytes (the tool's own readers refuse such a file)."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music import abc_to_midi
+    from multimodal_rwkv.music import generate as gen
+
+    _constant_abc_model(tmp_path / "c", ord("C"))
+    text = gen.generate_abc(tmp_path / "c", "X:1\nL:1/4\nK:C\nD|\n\n", max_bytes=4, temperature=0.01)
+    assert text == "X:1\nL:1/4\nK:C\nD|\nCCCC"
+    notes = [m.note for t in abc_to_midi(text).tracks for m in t if m.type == "note_on" and m.velocity]
+    assert notes == [62, 60, 60, 60, 60]
+    seen = []
+    real = gen.sample_tokens
+    monkeypatch.setattr(gen, "sample_tokens", lambda model, ids, *a, **k: seen.append(ids) or real(model, ids, *a, **k))
+    text = gen.generate_abc(tmp_path / "c", "X:1\nL:1/4\nK:C\nD|\n\nX:2\nL:1/4\nK:C\nE|", max_bytes=2,
+                            temperature=0.01)
+    assert text == "X:2\nL:1/4\nK:C\nE|CC"
+    tok = AbcTokenizer()
+    assert seen[-1] == [0] + tok.encode("X:1\nL:1/4\nK:C\nD|\n") + [0] + tok.encode("X:2\nL:1/4\nK:C\nE|")
+    _constant_abc_model(tmp_path / "esc", 0x1B)  # ESC favoured: it must never come out
+    text = gen.generate_abc(tmp_path / "esc", "X:1\n", max_bytes=200, temperature=1.0, seed=1)
+    from multimodal_rwkv.music.abc import CONTROL_BYTES
+
+    assert len(text) > 50 and not any(b in CONTROL_BYTES for b in text.encode())

@@ -21,6 +21,10 @@ TOKENIZER_FILENAME = "abc_tokenizer.json"
 log = logging.getLogger(__name__)
 
 
+# control bytes that do not occur in text (tab, newlines, form feeds do): a file holding one is not ABC
+CONTROL_BYTES = frozenset(range(0, 9)) | frozenset(range(14, 32)) | {127}
+
+
 @dataclass
 class AbcTokenizer:
     """ABC text <-> ids (``id = byte + 1``, ``0`` = separator). ``vocab_size`` = 257."""
@@ -273,7 +277,7 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     tunes = split_tunes(text, name)  # the first tune (to its empty line), the file header applied
     if not tunes:
         raise MidiError(f"{name}: the ABC holds no tune")
-    text = with_default_unit_length(tunes[0])
+    text = _unit_tempo(with_default_unit_length(tunes[0]))
     if not _VERSION.match(text):  # ABC 2.1, as abc2midi reads any tune: an accidental carries to the bar's end
         text = "%abc-2.1\n" + text
     text = "\n".join(ln if _HEADER_LINE.match(ln) else _DOUBLE_REPEAT.sub(r"\1 ::", ln)
@@ -301,6 +305,26 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
 
 
 _DOUBLE_REPEAT = re.compile(r"([A-Ga-gz,'0-9/>])::")  # in a line of music
+_UNIT_TEMPO = re.compile(r"^Q:[ \t]*C(\d*)(?:/(\d+))?[ \t]*=[ \t]*(\d+(?:\.\d+)?)[ \t]*$", re.MULTILINE)
+_UNIT_LENGTH = re.compile(r"^L:[ \t]*(\d+)[ \t]*/[ \t]*(\d+)", re.MULTILINE)
+
+
+def _unit_tempo(tune: str) -> str:
+    """The older tempo form ``Q:C=120`` / ``Q:C2=120`` / ``Q:C/2=120`` (beats of the unit note
+    length ``L:`` times the number) written as ``Q:1/8=120``: music21 reads the ``C`` as a quarter
+    of a whole note whatever ``L:`` is, a tempo 2-8x too fast."""
+    unit = _UNIT_LENGTH.search(tune)
+    if unit is None or int(unit.group(2)) == 0:
+        return tune
+    from fractions import Fraction
+
+    length = Fraction(int(unit.group(1)), int(unit.group(2)))
+
+    def beat(m):
+        f = length * int(m.group(1) or 1) / int(m.group(2) or 1)
+        return f"Q:{f.numerator}/{f.denominator}={m.group(3)}" if f > 0 else m.group(0)
+
+    return _UNIT_TEMPO.sub(beat, tune)
 
 
 def _drop_grace_notes(score) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min, int_range, seed
 from multimodal_rwkv.errors import DataError, MidiError
 from multimodal_rwkv.fileio import check_outputs, naming_write_errors, write_outputs
+from multimodal_rwkv.music.abc import CONTROL_BYTES
 from multimodal_rwkv.music.pianoroll import check_png
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,6 @@ def _tokenizer(args):
     return MidiTokenizer()
 
 
-# control bytes that do not occur in text (tab, newlines, form feeds do): a binary file
-_BINARY = frozenset(range(0, 9)) | frozenset(range(14, 32)) | {127}
 
 
 def _read_abc(path) -> str:
@@ -39,7 +38,7 @@ def _read_abc(path) -> str:
         raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
     if not data.strip():
         raise DataError(f"{p}: {'empty file' if not data else 'holds only white space'} (not ABC text)")
-    bad = next((k for k, b in enumerate(data) if b in _BINARY), None)
+    bad = next((k for k, b in enumerate(data) if b in CONTROL_BYTES), None)
     if bad is not None:
         raise DataError(f"{p}: not a text file (control byte 0x{data[bad]:02x} at offset {bad}); ABC is text")
     return data.decode("utf-8-sig", errors="replace")
@@ -390,8 +389,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True,
                    help="output .mid (ABC models: .abc, or .mid via music21, the tune text kept beside it as "
                         "NAME.abc, which must not exist yet: it is never replaced)")
-    p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start); "
-                                    "not empty, and never an output")
+    p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start; its last "
+                                    "tune is continued, earlier ones are context); not empty, and never an output")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=30.0,
                    help="seconds of new music (MIDI; default 30)")
     p.add_argument("--max-tokens", type=int_min(1), default=4096, help="cap on new tokens (default 4096)")

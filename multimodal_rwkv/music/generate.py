@@ -17,6 +17,7 @@ import logging
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +26,7 @@ from multimodal_rwkv.argtypes import integer_number
 from multimodal_rwkv.errors import CheckpointError, MidiError
 from multimodal_rwkv.fileio import check_outputs, write_outputs
 from multimodal_rwkv.music.abc import TOKENIZER_FILENAME as ABC_FILE
-from multimodal_rwkv.music.abc import AbcTokenizer, with_file_header
+from multimodal_rwkv.music.abc import CONTROL_BYTES, AbcTokenizer, with_file_header
 from multimodal_rwkv.music.midi_tokenizer import TOKENIZER_FILENAME as MIDI_FILE
 from multimodal_rwkv.music.midi_tokenizer import DecodeStats, MidiTokenizer, Note
 
@@ -136,10 +137,11 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
 
 def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (0,), vocab_size: int | None = None,
-                  on_token=None) -> list[int]:
-    """Sample up to ``max_new_tokens`` ids after ``prompt`` (non-empty). Stops after a token in
-    ``stop_ids`` (kept in the output) or when ``on_token(id)`` returns True. Works with RWKV
-    (recurrent state) and with ``transformers`` causal LMs (KV cache). Returns the new ids."""
+                  on_token=None, banned_ids: Sequence[int] = ()) -> list[int]:
+    """Sample up to ``max_new_tokens`` ids after ``prompt`` (non-empty), never one of ``banned_ids``.
+    Stops after a token in ``stop_ids`` (kept in the output) or when ``on_token(id)`` returns True.
+    Works with RWKV (recurrent state) and with ``transformers`` causal LMs (KV cache). Returns the
+    new ids."""
     import torch
 
     from multimodal_rwkv.model.generation import check_sampling
@@ -156,6 +158,7 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
     rwkv = hasattr(model, "empty_state")
     new: list[int] = []
     stops = set(int(s) for s in stop_ids)
+    banned = torch.tensor(sorted(set(int(b) for b in banned_ids)), dtype=torch.long)
     with torch.no_grad():
         if rwkv:
             out = model(input_ids=x, logits_to_keep=1, return_dict=True)
@@ -164,7 +167,10 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
             out = model(input_ids=x, use_cache=True)
             cache = out.past_key_values
         for _ in range(max_new_tokens):
-            i = sample_next(out.logits[0, -1].cpu(), temperature, top_k, top_p, gen, vocab_size)
+            logits = out.logits[0, -1].cpu()
+            if len(banned):
+                logits = logits.index_fill(0, banned, -float("inf"))
+            i = sample_next(logits, temperature, top_k, top_p, gen, vocab_size)
             new.append(i)
             if i in stops or (on_token is not None and on_token(i)):
                 break
@@ -317,9 +323,12 @@ def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\
                  model=None, device: str = "cpu") -> str:
     """Generate one ABC tune (text, prompt included) with an ABC model (folder or ``model=``).
 
-    A prompt that starts with an ABC file header has it moved into the tune's header first
-    (:func:`~multimodal_rwkv.music.abc.with_file_header`), the form the model was trained on; the
-    returned text starts with that normalised prompt."""
+    The prompt is normalised to the form the model was trained on: a file header is moved into
+    the tunes' headers (:func:`~multimodal_rwkv.music.abc.with_file_header`) and blank lines after
+    the last tune are dropped (they would end it). The model continues the prompt's last tune;
+    earlier tunes in the prompt are its context (as in training, separated by id 0) and are not
+    repeated in the result, which is the last tune and its continuation. Bytes that are not text
+    (control bytes other than tab, newlines and form feeds) are never generated."""
     from multimodal_rwkv.model.generation import check_sampling
 
     tok = AbcTokenizer()
@@ -331,11 +340,26 @@ def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\
     if model is None and not isinstance(model_dir, (str, os.PathLike)):
         raise TypeError("generate_abc: give model_dir (an ABC model folder) or model=, got model_dir "
                         f"{type(model_dir).__name__}")
-    prompt = with_file_header(prompt, "<prompt>")
+    context, prompt = _last_tune(with_file_header(prompt, "<prompt>"))
     if model is None:
         model, tok2 = load_music_model(model_dir, device)
         if not isinstance(tok2, AbcTokenizer):
             raise MidiError(f"{model_dir}: a MIDI model; use generate_midi")
-    new = sample_tokens(model, [0] + tok.encode(prompt), max_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_ids=(0,), vocab_size=tok.vocab_size)
+    ids = [0] + [i for tune in context for i in tok.encode(tune) + [0]] + tok.encode(prompt)
+    new = sample_tokens(model, ids, max_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_ids=(0,), vocab_size=tok.vocab_size, banned_ids=[b + 1 for b in CONTROL_BYTES])
     return prompt + tok.decode([i for i in new if i != 0])
+
+
+def _last_tune(text: str) -> tuple[list[str], str]:
+    """``(earlier tunes, the last tune)`` of a prompt: the last tune runs from the last ``X:`` line
+    (the whole text without one), trailing blank lines dropped; a last line without its newline
+    stays open."""
+    from multimodal_rwkv.music.abc import split_tunes
+
+    starts = [m.start() for m in re.finditer(r"^X:", text, re.MULTILINE)]
+    head, last = (text[:starts[-1]], text[starts[-1]:]) if starts else ("", text)
+    stripped = last.rstrip(" \t\r\n")
+    if stripped and last[len(stripped):].count("\n") >= 1:
+        last = stripped + "\n"  # one newline kept: the next line starts fresh
+    return (split_tunes(head, "<prompt>") if head.strip() else []), last
