@@ -583,3 +583,26 @@ def test_prepare_refuses_a_dataset_without_a_train_piece(tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "ds")]) == 2
     assert "no piece for the train split" in _one_error_line(capsys, "prepare")
     assert _snapshot(tmp_path / "ds") == before
+
+
+def test_eval_metrics_converts_with_the_scored_part_and_refuses_bad_lines(tmp_path, capsys):
+    """--metrics converted a valid_loss measured on the first eval_batches windows with the whole
+    split's bytes per token; a line that is not an object was a traceback, a negative loss passed."""
+    from multimodal_rwkv.music.metrics import bits_per_unit
+
+    valid = _dataset(tmp_path / "d", AbcTokenizer())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "valid_loss": 2.0}) + "\n")
+    argv = ["music", "eval", "--metrics", str(run / "metrics.jsonl"), "--data", str(valid)]
+    assert main(argv) == 0
+    n = len("X:1\nK:C\nCDE|\n")  # bytes of the piece; the split's targets are they and the closing 0
+    assert f"{bits_per_unit(2.0, n + 1, n):.4f} bits/byte" in capsys.readouterr().out
+    (run / "recipe.yaml").write_text("eval_batches: 1\ntrain: {micro_batch_size: 1}\ndata: {ctx_len: 4}\n")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{bits_per_unit(2.0, 4, 4):.4f} bits/byte" in out and "covers the first 4 of the split's" in out
+    for bad, why in (("[1, 2]", "m.jsonl:2: not a metrics record"), ('{"valid_loss": -1}', "not a cross-entropy")):
+        (tmp_path / "m.jsonl").write_text(json.dumps({"step": 1, "valid_loss": 1.0}) + "\n" + bad + "\n")
+        assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(valid)]) == 2
+        assert why in _one_error_line(capsys, "eval")

@@ -96,6 +96,21 @@ def test_prepare_abc_corpus(tmp_path):
     assert total + rep.duplicates == 60 and rep.counts["valid"]["pieces"] > 0
 
 
+def test_prepare_abc_keeps_a_tune_once_whatever_its_number_or_title(tmp_path, monkeypatch):
+    """Essen holds tunes that differ only in X: (and some in T:): each copy was a new piece, so the
+    same tune sat in train and in valid/test."""
+    from multimodal_rwkv.music import corpora
+
+    body = "M:2/4\nL:1/8\nK:G\nGABc|d2B2|\n"
+    tunes = [(f"t#{k}", f"X:{k}\nT:{title}\n{body}") for k, title in enumerate(["Moli hua", "Moli hua", "Jasmine"])]
+    tunes.append(("t#3", "X:3\nT:Other\nM:2/4\nL:1/8\nK:G\nGABc|d4|\n"))
+    tunes += [(f"f#{k}", f"X:{k}\nT:Filler\nM:2/4\nL:1/8\nK:D\n{'DEFG' * (k + 1)}|\n") for k in range(20)]
+    monkeypatch.setattr(corpora, "abc_corpus_tunes", lambda corpus, limit: tunes)
+    rep = prepare(tmp_path / "o", corpus="oneill-abc", valid_permille=200, test_permille=200)
+    assert rep.duplicates == 2
+    assert sum(c["pieces"] for c in rep.counts.values()) == 22
+
+
 def test_prepare_midi_dir_split_augmentation_and_failures(tmp_path):
     d = tmp_path / "midis"
     d.mkdir()
@@ -113,11 +128,14 @@ def test_prepare_midi_dir_split_augmentation_and_failures(tmp_path):
         mid.save(str(d / f"p{k:02d}.mid"))
     (d / "dup.mid").write_bytes((d / "p00.mid").read_bytes())
     (d / "broken.mid").write_bytes(b"MThd\x00\x00")
+    (d / "odd\tname\n.mid").write_bytes(b"MThd\x00\x01")  # failed.txt: one line, "name<TAB>reason"
     (d / "readme.txt").write_text("not midi")
     out = tmp_path / "ds"
     rep = prepare(out, midi_dir=d, transpose=2, valid_permille=250, test_permille=250)
-    assert rep.duplicates == 1 and len(rep.failed) == 1 and "broken.mid" in rep.failed[0][0]
-    assert "broken.mid" in (out / "failed.txt").read_text()
+    assert rep.duplicates == 1 and len(rep.failed) == 2 and "broken.mid" in rep.failed[0][0]
+    lines = (out / "failed.txt").read_text().splitlines()
+    assert len(lines) == 2 and all(len(ln.split("\t")) == 2 for ln in lines)
+    assert "broken.mid" in lines[0] and lines[1].startswith(str(d / "odd\\tname\\n.mid") + "\t")
     tok = MidiTokenizer.from_pretrained(out)
     n_pieces = {s: rep.counts[s]["pieces"] for s in rep.counts}
     meta = json.loads((out / "meta.json").read_text())

@@ -105,7 +105,7 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from multimodal_rwkv.music.corpora import ABC_CORPORA, prepare
+    from multimodal_rwkv.music.corpora import ABC_CORPORA, one_line, prepare
     from multimodal_rwkv.music.midi_tokenizer import MidiTokenizerConfig
 
     if args.corpus in ABC_CORPORA and args.tokenizer_config:
@@ -118,7 +118,8 @@ def cmd_prepare(args) -> int:
     cfg = MidiTokenizerConfig.load(args.tokenizer_config) if args.tokenizer_config else None
     rep = prepare(args.out, corpus=args.corpus, midi_dir=args.midi_dir, limit=args.limit, transpose=args.transpose,
                   valid_permille=args.valid_permille, test_permille=args.test_permille, tokenizer_config=cfg,
-                  workers=args.workers, on_failure=lambda name, why: print(f"skipped: {name}: {why}", file=sys.stderr))
+                  workers=args.workers,
+                  on_failure=lambda name, why: print(f"skipped: {one_line(name)}: {one_line(why)}", file=sys.stderr))
     print(rep.summary())
     return 0
 
@@ -284,25 +285,49 @@ def _eval_from_metrics(args, ids) -> int:
         raise DataError(f"{args.data}: no midi_tokenizer.json or abc_tokenizer.json {where} (--metrics needs the "
                         "tokenizer of the prepared dataset: give its split, e.g. DATASET/valid)")
     tok = load_tokenizer(f.parent)
-    targets = ids[1:]
+    p = Path(args.metrics)
+    # the engine scores the split's first eval_batches x micro_batch_size windows of ctx_len tokens
+    # when the run's recipe (beside metrics.jsonl) limits eval_batches: the ratio is theirs
+    n_scored = _scored_targets(p.parent / "recipe.yaml", len(ids) - 1)
+    targets = ids[1:1 + n_scored]
     is_abc = isinstance(tok, AbcTokenizer)
     units = tok.count_bytes(targets) if is_abc else tok.count_notes(targets)
     name = "bits/byte" if is_abc else "bits/note"
     _check_units(args.data, units, name)
-    p = Path(args.metrics)
     try:
-        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        rows = [(k, json.loads(x)) for k, x in enumerate(p.read_text().splitlines(), 1) if x.strip()]
     except (OSError, ValueError) as e:
         raise DataError(f"{p}: cannot read metrics ({e})") from None
-    rows = [r for r in rows if r.get("valid_loss") is not None]  # null: no target token was evaluated
+    for k, r in rows:
+        if not isinstance(r, dict):
+            raise DataError(f"{p}:{k}: not a metrics record (a JSON object), got {type(r).__name__}")
+    rows = [r for _, r in rows if r.get("valid_loss") is not None]  # null: no target token was evaluated
     if not rows:
         raise DataError(f"{p}: no valid_loss entries")
+    if n_scored < len(ids) - 1:
+        print(f"(valid_loss covers the first {n_scored} of the split's {len(ids) - 1} tokens: eval_batches in "
+              f"{p.parent / 'recipe.yaml'}; converted with their {name.split('/')[1]}s)")
     for r in rows:
         v = r["valid_loss"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise DataError(f"{p}: step {r.get('step')}: valid_loss is not a number ({v!r})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise DataError(f"{p}: step {r.get('step')}: valid_loss is not a cross-entropy (a number >= 0), "
+                            f"got {v!r}")
         print(f"step {r.get('step')}: {v:.4f} nats/token, {bits_per_unit(v, len(targets), units):.4f} {name}")
     return 0
+
+
+def _scored_targets(recipe: Path, n_targets: int) -> int:
+    """How many of a split's ``n_targets`` the engine scored for valid_loss under ``recipe``: all,
+    unless its ``eval_batches`` limits the windows (a missing or unreadable recipe: all)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        batches = int(cfg.get("eval_batches") or 0)
+        window = int(cfg["train"]["micro_batch_size"]) * int(cfg["data"]["ctx_len"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError):
+        return n_targets
+    return min(n_targets, batches * window) if batches > 0 and window > 0 else n_targets
 
 
 def cmd_roll(args) -> int:

@@ -12,7 +12,9 @@ Output layout (``out``)::
     midi_tokenizer.json | abc_tokenizer.json
     meta.json                   counts per split (pieces, tokens, notes or bytes), settings, and each
                                 kept file (its path under midi_dir, its split, a content hash)
-    failed.txt                  files that could not be read, with the reason
+    failed.txt                  files that could not be read: one line each, "name<TAB>reason"
+                                (a backslash, tab, newline or other control character in either
+                                written as a Python escape: \\, \t, \n, \x1b)
     midi/                       (bach-chorales only) the converted MIDI files, reused on reruns
 
 ``out`` is a new or empty folder or an earlier dataset (replaced); the dataset is built in a
@@ -159,6 +161,12 @@ def abc_corpus_tunes(corpus_name: str, limit: int | None = None) -> list[tuple[s
     return tunes
 
 
+def _tune_key(tune: str) -> str:
+    """An ABC tune without its reference number and title lines (``X:``, ``T:``): what makes it
+    the same piece as another."""
+    return "\n".join(ln.rstrip() for ln in tune.split("\n") if not ln.startswith(("X:", "T:")))
+
+
 @dataclass
 class PrepareReport:
     """What :func:`prepare` wrote."""
@@ -173,6 +181,14 @@ class PrepareReport:
         parts = [f"{s}: {c['pieces']} pieces, {c['tokens']} tokens" for s, c in self.counts.items()]
         failed = f"{len(self.failed)} failed" + (f" (reasons in {self.out / FAILED_FILE})" if self.failed else "")
         return f"{self.out}: " + "; ".join(parts) + f"; {failed}, {self.duplicates} duplicates"
+
+
+def one_line(text: str) -> str:
+    """``text`` with backslashes and control characters as Python escapes (``\\``, ``\t``, ``\n``,
+    ``\x1b``): a file name on one line of a list, and unambiguous there."""
+    return "".join(c if c != "\\" and (" " <= c != "\x7f") else
+                   {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}.get(c, f"\\x{ord(c):02x}")
+                   for c in text)
 
 
 def _ids_hash(ids: Sequence[int]) -> str:
@@ -377,10 +393,13 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
         for name, text in abc_corpus_tunes(corpus, limit):
             content = text.encode("utf-8")
             h = hashlib.sha256(content).hexdigest()
-            if h in seen:
+            # the same tune under another reference number (X:) or title (T:) is one piece: kept
+            # once, so it cannot sit in train and in a held-out split (as for MIDI files)
+            key = hashlib.sha256(_tune_key(text).encode("utf-8")).hexdigest()
+            if key in seen:
                 report.duplicates += 1
                 continue
-            seen.add(h)
+            seen.add(key)
             s = split_of(content, valid_permille, test_permille)
             ids = tok.encode(text)
             docs[s].append(ids)
@@ -464,7 +483,7 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
         held = ", ".join(f"{s} {len(docs[s])}" for s in ("valid", "test"))
         raise DataError(f"{corpus or midi_dir}: no piece for the train split (pieces: {held}; "
                         "lower the valid and test permille, or add pieces); nothing written")
-    (out / FAILED_FILE).write_text("".join(f"{n}\t{r}\n" for n, r in report.failed))
+    (out / FAILED_FILE).write_text("".join(f"{one_line(n)}\t{one_line(r)}\n" for n, r in report.failed))
     random.Random(seed).shuffle(docs["train"])  # transposed copies of one piece apart
     unit_name = "bytes" if kind == "abc" else "notes"
     for s in ("train", "valid", "test"):
