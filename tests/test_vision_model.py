@@ -338,6 +338,27 @@ def test_referenced_encoder_round_trip(tok, tmp_path):
         assert torch.equal(m.encode_images(pv), m2.encode_images(pv))
 
 
+def test_a_referenced_encoder_given_as_a_relative_folder_is_recorded_absolute(tok, tmp_path, monkeypatch):
+    """vision_tower='tower' (relative) was saved as typed: loaded from another directory the model
+    went to the hub for it, or silently took another folder of that name."""
+    import json
+
+    save_tiny_tower(tmp_path / "train" / "tower", "siglip", image_size=24, patch_size=8)
+    save_tiny_tower(tmp_path / "elsewhere" / "tower", "siglip", image_size=24, patch_size=8, seed=7)
+    monkeypatch.chdir(tmp_path / "train")
+    cfg = VisualRWKVConfig(text_config={"vocab_size": 65536, "n_layer": 2, "n_embd": 64, "head_size": 32},
+                           vision_tower="tower", bundle_encoder=False)
+    m = VisualRWKV.from_config(cfg, tokenizer=tok, language_model=random_lm(n_layer=2))
+    m.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["vision_tower"]
+    assert saved == str(tmp_path / "train" / "tower")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    m2 = VisualRWKV.from_pretrained(tmp_path / "m", tokenizer=tok)
+    with torch.no_grad():
+        pv = m.processor.preprocess_images(images(1))
+        assert torch.equal(m.encode_images(pv), m2.encode_images(pv))
+
+
 def test_load_released_v060_layout(tok, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

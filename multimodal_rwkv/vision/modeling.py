@@ -285,6 +285,7 @@ class VisualRWKV(nn.Module):
         if config.vision_config is not None and config.bundle_encoder:
             tower = VisionEncoder.from_config(config.vision_config, config.encoder_options)
         else:
+            config.vision_tower = _absolute_if_local(config.vision_tower)
             tower = VisionEncoder.from_pretrained(config.vision_tower, config.encoder_options)
             config.vision_config = _vision_config_dict(tower.config)
             image_processor = _load_image_processor(config.vision_tower)
@@ -698,6 +699,7 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
         vt_sd = {k[len("vision_tower."):]: v.float() for k, v in sd.items() if k.startswith("vision_tower.")}
         load_state_into(tower, vt_sd, f"{wfile} (vision_tower)")
     else:
+        config.vision_tower = _absolute_if_local(config.vision_tower)  # (saved again, it stays this folder)
         tower = VisionEncoder.from_pretrained(config.vision_tower, config.encoder_options)
     image_processor = _load_image_processor(path) if (path / "preprocessor_config.json").is_file() else None
     try:
@@ -747,6 +749,15 @@ def infer_clip_vision_config(vit_sd: dict[str, torch.Tensor], src) -> dict:
     return {"model_type": "clip_vision_model", "hidden_size": hidden, "intermediate_size": inter,
             "num_hidden_layers": max(layers) + 1, "num_attention_heads": max(1, hidden // 64),
             "image_size": side * patch, "patch_size": patch, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+
+
+def _absolute_if_local(tower: str | None) -> str | None:
+    """A ``vision_tower`` that names a local folder relative to the working directory, as an
+    absolute path: a model that does not bundle its encoder records where it came from, and a
+    relative name would mean another folder (or a hub id) when loaded from elsewhere."""
+    if tower and not os.path.isabs(tower) and os.path.isdir(tower):
+        return os.path.abspath(tower)
+    return tower
 
 
 def load_v060_checkpoint(path, vision_tower: str | None = None, tokenizer=None) -> VisualRWKV:
