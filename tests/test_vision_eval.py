@@ -213,6 +213,31 @@ def test_cli_eval_vqa_skips_a_line_that_is_not_utf8(tmp_path, capsys):
     assert [json.loads(x)["question_id"] for x in out.read_text().splitlines()] == [1]
 
 
+def test_cli_eval_vqa_that_answers_nothing_keeps_the_earlier_output(tmp_path, capsys):
+    """Every image corrupt (found only when answering): it said 'answered 0 questions', exited 0 and
+    replaced the earlier answers with an empty file."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    import multimodal_rwkv
+    from multimodal_rwkv.cli import main
+
+    model = Path(multimodal_rwkv.__file__).parent / "assets" / "visualrwkv_synthetic"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "x.png")
+    (tmp_path / "bad.png").write_bytes((tmp_path / "x.png").read_bytes()[:60])  # a header, then cut off
+    f = tmp_path / "q.jsonl"
+    f.write_text("".join(json.dumps({"question_id": i, "image": "bad.png", "question": "Colour?"}) + "\n"
+                         for i in range(2)))
+    out = tmp_path / "a.jsonl"
+    out.write_text('{"question_id": 9, "answer": "red"}\n')
+    rc = main(["eval-vqa", "--model", str(model), "--questions", str(f), "--output", str(out), "--device", "cpu",
+               "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no question answered" in err.strip().splitlines()[-1]
+    assert out.read_text() == '{"question_id": 9, "answer": "red"}\n'
+
+
 def test_cli_eval_vqa_never_writes_over_an_input(tmp_path, capsys):
     """--output naming the questions file (by any name), an image a question asks about or a file of the
     model folder is refused before the model is loaded, and the file is left as it was; the answers are

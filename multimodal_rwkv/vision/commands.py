@@ -156,6 +156,9 @@ def _eval_vqa(args) -> int:
                         scores.append(sc)
                         if q.qtype:
                             by_type.setdefault(q.qtype, []).append(sc)
+        if n_bad_images == len(questions):  # nothing to write: an earlier output stays as it was
+            raise DataError(f"{args.questions}: no question answered (every image failed to load); "
+                            f"{args.output} not written")
 
     write_outputs([(args.output, answer_all)])
     dt = time.perf_counter() - t0
