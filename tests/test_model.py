@@ -542,6 +542,22 @@ def test_generate_transformers_names_for_stops_and_the_cache():
     assert out.shape == (1, 4)
 
 
+def test_a_weight_beyond_fp16s_range_is_refused_when_loading_as_fp16(tmp_path):
+    """A finite 1e5 became inf in fp16: the model's logits were NaN, and mmrwkv convert --dtype fp16
+    wrote a folder its own loader then called corrupt."""
+    from multimodal_rwkv.errors import CheckpointError
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    f = make_blink_checkpoint(tmp_path / "w.pth", n_layer=2, n_embd=64, head_size=32, vocab_size=256)
+    sd = torch.load(f, weights_only=True)
+    sd["blocks.1.ffn.value.weight"][0, 0] = 1e5
+    torch.save(sd, f)
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.ffn\.value\.weight holds 1e\+05, beyond fp16's range"):
+        RWKVForCausalLM.from_pretrained(f, dtype="fp16")
+    m = RWKVForCausalLM.from_pretrained(f, dtype="bf16")  # bf16 has fp32's range
+    assert torch.isfinite(m(torch.tensor([[1, 2]])).logits.float()).all()
+
+
 def test_generate_text_cuts_at_transformers_stop_strings_too():
     """stop_strings (argument or generation config) stopped the generation but stayed in the text
     with the rest of their token; stop= was cut."""

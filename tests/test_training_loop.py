@@ -608,6 +608,17 @@ def test_a_valid_file_that_is_the_train_file_counts_its_bad_records_once(tmp_pat
     assert info["skipped_records"] == 2
 
 
+def test_text_training_refuses_a_model_smaller_than_its_tokenizer(tmp_path):
+    """data.tokenizer bytes with vocab_size 256 trained (the corpus happened to hold no id 256) and
+    mmrwkv generate then refused the model; text data needs a row for every id of its tokenizer."""
+    data = tmp_path / "d.txt"
+    data.write_text("hello world " * 50)
+    with pytest.raises(ConfigError, match="vocab_size 256 is smaller than the bytes tokenizer's 257"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'run'}", f"data.train_file={data}", "data.tokenizer=bytes",
+                              "max_steps=1", "progress_bar=false",
+                              "model.config={n_layer: 1, n_embd: 32, head_size: 16, vocab_size: 256}"])
+
+
 def test_text_and_binidx_sources_train(tmp_path):
     from multimodal_rwkv.training.data import write_binidx
 

@@ -434,6 +434,7 @@ def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, 
     cfg, sd, name = _load_raw(src, state_file)
     cfg = _apply_config(cfg, src, config, overrides, state_file)
     dtype = resolve_dtype(dtype) or weights_dtype(sd)
+    _check_range(sd, dtype, src, name)
     with torch.device("meta"):
         model = cls(cfg)
     model = model.to_empty(device=device if device is not None else "cpu").to(dtype)
@@ -479,6 +480,21 @@ def _load_generation_config(model, src) -> None:
     f = Path(src) / GENERATION_CONFIG
     if f.is_file():
         model.generation_config = read_generation_config(f)
+
+
+def _check_range(sd: dict[str, torch.Tensor], dtype: torch.dtype, src, name=None) -> None:
+    """CheckpointError if a weight does not fit ``dtype`` (fp16 tops out at 65504: a cast would
+    make it infinite, and every output NaN); the trained initial state stays fp32."""
+    if dtype != torch.float16:
+        return
+    top = torch.finfo(dtype).max
+    for k, v in sd.items():
+        if k.endswith("time_state") or not v.is_floating_point() or not v.numel():
+            continue
+        big = float(v.detach().abs().max())
+        if big > top:
+            raise CheckpointError(f"{src}: {(name or (lambda x: x))(k)} holds {big:.4g}, beyond fp16's range "
+                                  f"({top:.0f}): load it as bf16 or fp32")
 
 
 def _all_finite(v: torch.Tensor) -> bool:

@@ -163,6 +163,14 @@ class LMTask(Task):
         if not d.train_file:
             raise ConfigError("data.train_file is not set (e.g. --set data.train_file=corpus.txt)")
         V = int(model.config.vocab_size)
+        if self._data_format() not in ("tokens", "binidx"):  # text: a row for every id of its tokenizer
+            from multimodal_rwkv.training.data import get_tokenizer
+
+            n = get_tokenizer(d.tokenizer).vocab_size
+            if V < n:
+                raise ConfigError(f"model vocab_size {V} is smaller than the {d.tokenizer} tokenizer's {n} "
+                                  f"(data.tokenizer: {d.tokenizer}): text could hold ids the model has no row "
+                                  "for, and mmrwkv generate refuses such a model")
         train = self._dataset(d.train_file, V, "data.train_file")
         valid = self._dataset(d.valid_file, V, "data.valid_file") if d.valid_file else None
         logger.info("train: %d window%s of %d tokens from %s", len(train), "" if len(train) == 1 else "s",
