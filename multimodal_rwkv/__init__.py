@@ -14,6 +14,7 @@ from multimodal_rwkv.errors import (  # noqa: F401
     KernelError,
     MidiError,
     MMRWKVError,
+    NumericsError,
 )
 
 __version__ = "0.1.0"
@@ -36,5 +37,5 @@ def __getattr__(name):
 
 
 __all__ = sorted(_LAZY) + [
-    "CheckpointError", "ConfigError", "DataError", "KernelError", "MidiError", "MMRWKVError",
+    "CheckpointError", "ConfigError", "DataError", "KernelError", "MidiError", "MMRWKVError", "NumericsError",
 ]

@@ -26,3 +26,8 @@ class MidiError(DataError):
 
 class KernelError(MMRWKVError):
     """A kernel backend was asked for explicitly but cannot run on these inputs."""
+
+
+class NumericsError(MMRWKVError, ValueError):
+    """A computation gave non-finite values where it needs finite ones (a model whose activations
+    overflow its dtype, e.g. fp16): says where and what to do instead."""

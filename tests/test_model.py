@@ -20,13 +20,13 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def official_forward(pth, toks):
+def official_forward(pth, toks, strategy="cpu fp32"):
     """Run the official package in a subprocess (it reads env vars at import)."""
     code = f"""
 import os, torch
 os.environ['RWKV_JIT_ON'] = '0'; os.environ['RWKV_CUDA_ON'] = '0'
 from rwkv.model import RWKV
-m = RWKV(model={str(pth)[:-4]!r}, strategy='cpu fp32', verbose=False)
+m = RWKV(model={str(pth)[:-4]!r}, strategy={strategy!r}, verbose=False)
 logits, state = m.forward({toks!r}, None, full_output=True)
 torch.save({{'logits': logits, 'state': state}}, {str(pth) + '.out'!r})
 """
@@ -556,6 +556,41 @@ def test_a_weight_beyond_fp16s_range_is_refused_when_loading_as_fp16(tmp_path):
         RWKVForCausalLM.from_pretrained(f, dtype="fp16")
     m = RWKVForCausalLM.from_pretrained(f, dtype="bf16")  # bf16 has fp32's range
     assert torch.isfinite(m(torch.tensor([[1, 2]])).logits.float()).all()
+
+
+@pytest.mark.parametrize("version", ["x060", "x052"])
+def test_fp16_rescales_the_residual_stream_as_the_official_package(tmp_path, version):
+    """A deep model's residual stream outgrew fp16 (65504): the logits were NaN. As the official
+    package's fp16 strategies (RESCALE_LAYER 6), it is halved every 6 blocks: finite, close to
+    fp32 and to the official fp16; the recurrent form agrees and hidden states keep their scale."""
+    L = 12
+    sd = blink_state_dict(version=version, n_layer=L, n_embd=64, head_size=32, vocab_size=128, seed=1)
+    for i in range(L):  # one large channel mix in every layer: the stream grows past 1e5 with depth
+        for k in ("value", "key", "receptance"):
+            sd[f"blocks.{i}.ffn.{k}.weight"] = sd[f"blocks.0.ffn.{k}.weight"] * (70.0 if k == "value" else 1.0)
+    pth = tmp_path / "big.pth"
+    torch.save(sd, pth)
+    toks = list(range(1, 17))
+    ids = torch.tensor([toks])
+    ref = RWKVForCausalLM.from_pretrained(pth, dtype="fp32")
+    half = RWKVForCausalLM.from_pretrained(pth, dtype="fp16")
+    with torch.no_grad():
+        r = ref(ids, output_hidden_states=True)
+        h = half(ids, output_hidden_states=True)
+        assert max(float(x.abs().max()) for x in r.hidden_states) > 65504  # the case needs the rescaling
+        assert torch.isfinite(h.logits).all()
+        assert (h.logits.float() - r.logits).abs().max() < 0.1
+        for a, b in zip(h.hidden_states[:-1], r.hidden_states[:-1]):  # (inf where fp16 cannot hold them)
+            ok = torch.isfinite(a)
+            assert ok.float().mean() > 0.9 and rel(a.float()[ok], b[ok]) < 0.01
+        st, steps = None, []
+        for t in toks:  # token by token (the decode path)
+            o = half(torch.tensor([[t]]), state=st)
+            st = o.state
+            steps.append(o.logits[0, -1].float())
+        assert (torch.stack(steps) - h.logits[0].float()).abs().max() < 0.05
+    off = official_forward(pth, toks, "cpu fp16")["logits"].float()
+    assert (h.logits[0].float() - off).abs().max() < 0.05
 
 
 def test_generate_text_cuts_at_transformers_stop_strings_too():

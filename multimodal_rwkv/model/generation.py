@@ -110,6 +110,26 @@ class RWKVPenaltyProcessor(LogitsProcessor):
         return out
 
 
+class FiniteLogitsGuard(LogitsProcessor):
+    """Raise :class:`~multimodal_rwkv.errors.NumericsError` when the model's logits hold NaN or
+    +inf (its activations overflowed, as fp16 does on some models): sampling would fail deep in
+    torch, greedy decoding would pick id 0 and end the text silently. Runs before the other
+    processors (-inf is left to them: bans and length limits set it)."""
+
+    def __init__(self, dtype):
+        self.dtype, self.step = dtype, 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.step += 1
+        if bool((torch.isnan(scores) | (scores == float("inf"))).any()):
+            from multimodal_rwkv.errors import NumericsError
+
+            hint = (" (its activations overflowed fp16: load it as bf16 or fp32)" if self.dtype == torch.float16
+                    else "")
+            raise NumericsError(f"the model's logits are NaN or infinite at new token {self.step}{hint}")
+        return scores
+
+
 class VocabLimitProcessor(LogitsProcessor):
     """Never pick an id at or above ``n``: the ids a tokenizer of ``n`` entries cannot decode (a
     model whose vocabulary was padded beyond its tokenizer's)."""

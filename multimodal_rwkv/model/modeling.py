@@ -243,13 +243,14 @@ class TimeMix(nn.Module):
             return None
         return self.time_state.transpose(1, 2).float().unsqueeze(0).expand(batch_size, -1, -1, -1)
 
-    def forward(self, x, shift, wkv_state, mask=None, tail=None):
+    def forward(self, x, shift, wkv_state, mask=None, tail=None, out_scale: float = 1.0):
         """x: ``[B,T,C]`` ln1 output; shift ``[B,C]``; wkv_state ``[B,H,K,V]`` fp32 or None.
 
         Returns ``(out [B,T,C], new_shift [B,C], new_wkv [B,H,K,V])``. ``tail``: only the last
         ``tail`` positions of ``out`` are wanted (``out`` is ``[B,tail,C]``): the receptance, gate
         and output products run on those alone (the state needs k, v and the decay of every
-        position, never r). Inference only (the caller checks).
+        position, never r). Inference only (the caller checks). ``out_scale``: ``out`` times this,
+        applied to the output product's input (fp16 rescaling, see :data:`FP16_RESCALE_LAYER`).
         """
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
@@ -309,13 +310,15 @@ class TimeMix(nn.Module):
         Tout = gate_pre.shape[1]
         y = y[:, T - Tout:].reshape(B * Tout, H * N)
         div = 1 if self.v6 else self.config.head_size_divisor
-        if _lean(y, self.output):
+        if out_scale == 1.0 and _lean(y, self.output):
             out = NormGatedOutput.apply(y, gate_pre, self.ln_x.weight, self.ln_x.bias, self.output.weight, H,
                                         self.gn_eps, div)
         else:
             # GroupNorm(y / div, eps) == GroupNorm(y, eps * div^2)
             z = cpu.gn_gate(y.to(gate_pre.dtype), gate_pre.reshape(B * Tout, -1), self.ln_x.weight, self.ln_x.bias, H,
                             self.gn_eps * div * div)
+            if out_scale != 1.0:
+                z = z * out_scale
             out = self.output(z.view(B, Tout, -1))
         return out, x[:, -1], new_wkv
 
@@ -337,9 +340,11 @@ class ChannelMix(nn.Module):
         self.receptance = Linear(C, C, bias=False)
         self.value = Linear(F_, C, bias=False)
 
-    def forward(self, x, shift, mask=None):
+    def forward(self, x, shift, mask=None, out_scale: float = 1.0):
+        """``out_scale``: the output times this, applied to the value product's input (fp16
+        rescaling, see :data:`FP16_RESCALE_LAYER`)."""
         x = _apply_pad_mask(x, shift, mask)
-        if _lean(x, self.key, self.receptance, self.value):
+        if out_scale == 1.0 and _lean(x, self.key, self.receptance, self.value):
             mu_k, mu_r = ((self.time_maa_k, self.time_maa_r) if self.v6
                           else (1 - self.time_mix_k, 1 - self.time_mix_r))
             out = ChannelMixLean.apply(x, shift, mu_k, mu_r, self.key.weight, self.receptance.weight,
@@ -351,8 +356,12 @@ class ChannelMix(nn.Module):
         xk, xr = (xi.view(B, T, C) for xi in cpu.mix(x, shift, mus))
         if torch.is_grad_enabled():
             k = torch.relu(self.key(xk)).square()
+            if out_scale != 1.0:
+                k = k * out_scale
             return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
         k = self.key(xk).relu_().square_()  # in place: no fresh buffers to page-fault in
+        if out_scale != 1.0:
+            k.mul_(out_scale)
         return self.receptance(xr).sigmoid_().mul_(self.value(k)), x[:, -1]
 
 
@@ -360,6 +369,10 @@ class ChannelMix(nn.Module):
 # (Block.decode_step), not through the block's forward (so forward hooks on blocks do not run for
 # those tokens); set this to False for the blocks' own forward (the tests compare the two).
 FAST_DECODE = True
+# In fp16 the residual stream of a deep model outgrows fp16's range (65504): as the official package
+# (its RESCALE_LAYER for fp16 strategies), it is halved after every this many blocks, and each
+# block's additions scaled to match (the norms are scale-invariant, so the outputs do not change).
+FP16_RESCALE_LAYER = 6
 _NO_TENSOR = torch.empty(0)
 
 
@@ -435,24 +448,26 @@ class Block(nn.Module):
         dt = x.dtype
         return out.view(B, 1, -1).to(dt), att_shift.to(dt), wkv_state, ffn_shift.to(dt)
 
-    def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None, tail=None):
+    def forward(self, x, att_shift, wkv_state, ffn_shift, mask=None, tail=None, scale: float = 1.0):
         """``tail``: only the output's last ``tail`` positions are wanted (no pad mask; inference):
         the channel mix then runs on those alone, and the time mix's output on one more (whose
-        norm is the channel mix's token shift). The states are exact either way."""
+        norm is the channel mix's token shift). The states are exact either way. ``scale``: the
+        residual stream ``x`` is the true one times this (fp16 rescaling): the block's two
+        additions are scaled alike (the norms do not see the scale)."""
         # ln0 runs here, inside the block's own forward (as in RWKV-LM), not from the caller: FSDP
         # gathers a wrapped block's parameters only around its forward.
         if hasattr(self, "ln0"):
             x = self.ln0(x)
         T = x.shape[1]
         if tail is None or tail >= T:
-            a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
+            a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask, out_scale=scale)
             x = x + a
-            f, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
+            f, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, out_scale=scale)
             return x + f, att_shift, wkv_state, ffn_shift
-        a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, None, tail=tail + 1)
+        a, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, None, tail=tail + 1, out_scale=scale)
         x = x[:, T - tail - 1:] + a
         xn = self.ln2(x)
-        f, ffn_shift = self.ffn(xn[:, 1:], xn[:, 0], None)
+        f, ffn_shift = self.ffn(xn[:, 1:], xn[:, 0], None, out_scale=scale)
         return x[:, 1:] + f, att_shift, wkv_state, ffn_shift
 
 
@@ -573,27 +588,35 @@ class RWKVModel(RWKVPreTrainedModel):
             _check_scan_order(scan_order, B, T)
             perm = scan_order.to(x.device).long().unsqueeze(-1).expand(B, T, C)
             perm_mask = None if mask is None else mask.gather(1, scan_order.long())
+        # fp16: the residual stream is halved after every FP16_RESCALE_LAYER blocks (and each block's
+        # additions scaled alike), as the official package does, so that it stays within fp16's range
+        rescale = FP16_RESCALE_LAYER if x.dtype == torch.float16 else 0
         for i, block in enumerate(self.blocks):
             a_s = att_s[i] if att_s[i] is not None else zero
             f_s = ffn_s[i] if ffn_s[i] is not None else zero
             reorder = scan_order is not None and i % 2 == 1
             xin, m = (x.gather(1, perm), perm_mask) if reorder else (x, mask)
+            scale = 0.5 ** (i // rescale) if rescale else 1.0
             if self.gradient_checkpointing and self.training:
-                out = torch.utils.checkpoint.checkpoint(block, xin, a_s, wkv_s[i], f_s, m, use_reentrant=False)
+                out = torch.utils.checkpoint.checkpoint(block, xin, a_s, wkv_s[i], f_s, m, None, scale,
+                                                        use_reentrant=False)
             else:
                 out = block.decode_step(xin, a_s, wkv_s[i], f_s) if decode else None
                 if out is None:
-                    out = block(xin, a_s, wkv_s[i], f_s, m, tail=tail if tail and i == len(self.blocks) - 1 else None)
+                    out = block(xin, a_s, wkv_s[i], f_s, m, tail=tail if tail and i == len(self.blocks) - 1 else None,
+                                scale=scale)
             xo, a_s, w_s, f_s = out
             if reorder:
                 x = torch.empty_like(xo).scatter_(1, perm, xo)
             else:
                 x = xo
+            if rescale and (i + 1) % rescale == 0:
+                x = x / 2
             new_att.append(a_s)
             new_wkv.append(w_s)
             new_ffn.append(f_s)
-            if every is not None:
-                every.append(x)
+            if every is not None:  # the true residual stream (its scale undone)
+                every.append(x * 2.0 ** ((i + 1) // rescale) if rescale and i + 1 >= rescale else x)
         x = self.ln_out(x)
         if every is not None:
             every[-1] = x
@@ -847,8 +870,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from multimodal_rwkv.argtypes import integer_number, real_number
-        from multimodal_rwkv.model.generation import (RWKVPenaltyProcessor, StopStringsCriteria, VocabLimitProcessor,
-                                                      check_penalties, decodable_ids, joined_stops, uncounted_ids)
+        from multimodal_rwkv.model.generation import (FiniteLogitsGuard, RWKVPenaltyProcessor, StopStringsCriteria,
+                                                      VocabLimitProcessor, check_penalties, decodable_ids, joined_stops,
+                                                      uncounted_ids)
 
         if inputs is not None and input_ids is not None:
             raise ValueError("generate: pass the prompt once, as inputs or as input_ids")
@@ -887,7 +911,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             torch.manual_seed(n)
         prompt_len = input_ids.shape[1] if input_ids is not None else 0  # with inputs_embeds: no prompt ids
         # copies: the caller's lists must not collect this call's processors (a later call would run them)
-        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors = LogitsProcessorList([FiniteLogitsGuard(self.dtype)] + list(kwargs.pop("logits_processor", None) or []))
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         if presence_penalty or frequency_penalty:
             counts_by = tokenizer
