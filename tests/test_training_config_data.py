@@ -396,6 +396,9 @@ def test_byte_order_marks_and_error_positions(tmp_path):
     p.write_text('{"text": "ok"}\n{"text":"ok2"\n')
     with pytest.raises(DataError, match=r"col\.jsonl:2: invalid JSON \(Expecting ',' delimiter at column 14\)"):
         _stream(p, tmp_path)
+    p.write_text('{"text": "ok"}\n{"text": "cut\n')
+    with pytest.raises(DataError, match=r"col\.jsonl:2: invalid JSON \(Unterminated string starting at column 10\)"):
+        _stream(p, tmp_path)
 
 
 def test_empty_assistant_turn_is_the_stop_token_alone():

@@ -608,6 +608,25 @@ def test_a_valid_file_that_is_the_train_file_counts_its_bad_records_once(tmp_pat
     assert info["skipped_records"] == 2
 
 
+def test_bf16_training_runs_the_backward_outside_autocast(tmp_path, corpus, monkeypatch):
+    """The backward ran inside autocast: the WKV reference backend's (and any fp32 operation's)
+    backward products were taken in bf16 (gradients off by ~3e-3)."""
+    from multimodal_rwkv.training import lm
+
+    seen = []
+    real = lm.LMTask._chunk_loss
+
+    def spy(self, *a, **k):
+        loss, logits, state = real(self, *a, **k)
+        seen.append(("forward", torch.is_autocast_enabled("cpu")))
+        loss.register_hook(lambda g: seen.append(("backward", torch.is_autocast_enabled("cpu"))))
+        return loss, logits, state
+
+    monkeypatch.setattr(lm.LMTask, "_chunk_loss", spy)
+    train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=1, **{"train.precision": "bf16"}))
+    assert ("forward", True) in seen and ("backward", False) in seen and ("backward", True) not in seen
+
+
 def test_text_training_refuses_a_model_smaller_than_its_tokenizer(tmp_path):
     """data.tokenizer bytes with vocab_size 256 trained (the corpus happened to hold no id 256) and
     mmrwkv generate then refused the model; text data needs a row for every id of its tokenizer."""

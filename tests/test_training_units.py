@@ -98,6 +98,30 @@ def test_a_lora_target_that_matches_nothing_is_an_error():
         apply_lora(m, r=2, alpha=4.0, targets=[])
 
 
+def test_a_task_that_overrides_an_explicit_peft_setting_is_an_error():
+    """VisualRWKV stage 2 froze what peft.trainable named (train_encoder false), trained what
+    peft.freeze named (train_projector) and froze LoRA adapters it then exported as zeros."""
+    class Task:
+        trainable_options = "model.options train_encoder"
+
+        def trainable_filter(self, name, param):
+            return False if ".att." in name else None
+
+    m = tiny()
+    cfg = TrainConfig().peft
+    cfg.trainable = ["*.att.key.*"]
+    with pytest.raises(ConfigError, match=r"peft\.trainable asks for rwkv\.blocks\.0\.att\.key\.weight to be "
+                                          r"trained, but the task freezes it \(model\.options train_encoder decide"):
+        select_trainable(m, cfg, Task().trainable_filter)
+    cfg.trainable = ["*.ffn.*"]  # what the task leaves alone follows the patterns
+    select_trainable(m, cfg, Task().trainable_filter)
+    assert not any(p.requires_grad for n, p in m.named_parameters() if ".att." in n)
+    cfg.trainable, cfg.lora_r = [], 2
+    apply_lora(m, r=2, alpha=4.0, targets=["att.key"])
+    with pytest.raises(ConfigError, match=r"peft\.lora_r \(a LoRA adapter\) asks for .*att\.key\.lora_A"):
+        select_trainable(m, cfg, Task().trainable_filter)
+
+
 def test_freeze_and_trainable_patterns():
     m = tiny()
     cfg = TrainConfig().peft

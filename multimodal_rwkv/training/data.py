@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SEPARATOR = 0
-CACHE_VERSION = 3  # 2: a byte-order mark at the start of a file is dropped; 3: a .json file may be an array
+# 2: a byte-order mark at the start of a file is dropped; 3: a .json file may be an array; 4: long
+# documents tokenized in exact pieces, an empty assistant turn is "\n\n", a BOM-only first JSONL line blank
+CACHE_VERSION = 4
 
 # --------------------------------------------------------------------------------------- tokenizers
 
@@ -255,7 +257,7 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
                 _handle_bad(f"{where}: not valid UTF-8 ({e.reason})", on_bad, bad)
                 continue
             except json.JSONDecodeError as e:
-                _handle_bad(f"{where}: invalid JSON ({e.msg} at column {e.colno})", on_bad, bad)
+                _handle_bad(f"{where}: invalid JSON ({_json_error(e)})", on_bad, bad)
                 continue
             try:
                 doc = _record_document(rec, where)
@@ -268,6 +270,11 @@ def iter_text_documents(path: Path, fmt: str, on_bad: str, bad: BadRecords) -> I
 
 
 _BOM = b"\xef\xbb\xbf"
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    """"Expecting value at column 3" (json's own messages may end in "at": "... starting at")."""
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
 
 
 def _error_line(raw: bytes, e: UnicodeDecodeError) -> int:
@@ -284,7 +291,7 @@ def _json_array_documents(path: Path, raw: bytes, on_bad: str, bad: BadRecords):
         _handle_bad(f"{path}:{_error_line(raw, e)}: not valid UTF-8 ({e.reason})", on_bad, bad)
         return
     except json.JSONDecodeError as e:
-        _handle_bad(f"{path}:{e.lineno}: invalid JSON array ({e.msg} at column {e.colno}); a .json file holds "
+        _handle_bad(f"{path}:{e.lineno}: invalid JSON array ({_json_error(e)}); a .json file holds "
                     "one JSON array of records, a .jsonl file one record per line", on_bad, bad)
         return
     if not data:

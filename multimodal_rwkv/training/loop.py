@@ -1053,7 +1053,14 @@ class Trainer:
                             generator=torch.Generator().manual_seed(cfg.seed))
         it = iter(loader)
 
+        from multimodal_rwkv.kernels.dispatch import autocast_off
         from multimodal_rwkv.training.task import StepContext
+
+        def backward(loss):
+            # the forward runs under autocast; its backward does not (PyTorch advises against it):
+            # under autocast, operations the forward ran in fp32 would be run in bf16 when going back
+            with autocast_off(acc.device):
+                acc.backward(loss)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         last_ckpt = resume[1] if resume else None
@@ -1109,7 +1116,7 @@ class Trainer:
                         batches = []
                     for a, batch in enumerate(batches):
                         with acc.accumulate(model):
-                            ctx = StepContext(acc.backward, lambda: acc.no_sync(model), scale)
+                            ctx = StepContext(backward, lambda: acc.no_sync(model), scale)
                             with acc.autocast():
                                 ls, _ = task.training_step(model, batch, ctx)
                             loss_sum += ls.double()

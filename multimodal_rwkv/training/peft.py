@@ -152,14 +152,22 @@ def select_trainable(model: nn.Module, peft, task_filter=None) -> tuple[int, int
     restrict = peft.lora_r > 0 or peft.train_state
     for n, p in model.named_parameters():
         on = True
+        asked = None  # what a PEFT setting asked of this parameter in so many words, and which one
         if restrict:
             on = (peft.lora_r > 0 and is_lora_param(n)) or (peft.train_state and is_state_param(n))
+            if peft.lora_r > 0 and is_lora_param(n):
+                asked = "peft.lora_r (a LoRA adapter)"
         if peft.freeze and _matches(n, peft.freeze):
-            on = False
+            on, asked = False, "peft.freeze"
         if peft.trainable and _matches(n, peft.trainable):
-            on = True
+            on, asked = True, "peft.trainable"
         if task_filter is not None:
             forced = task_filter(n, p)
+            if forced is not None and asked is not None and bool(forced) != on:
+                # overriding it silently would train (or export as zeros) what the recipe did not ask
+                who = getattr(getattr(task_filter, "__self__", None), "trainable_options", "the task's settings")
+                raise ConfigError(f"{asked} asks for {n} to be {'trained' if on else 'frozen'}, but the task "
+                                  f"{'freezes' if not forced else 'trains'} it ({who} decide that)")
             if forced is not None:
                 on = bool(forced)
         p.requires_grad_(on)

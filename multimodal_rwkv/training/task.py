@@ -79,8 +79,12 @@ class Task:
         model.save_pretrained(out_dir)
 
     # --- optional -------------------------------------------------------------------------
+    trainable_options = "the task's settings"  # what decides trainable_filter, for error messages
+
     def trainable_filter(self, name: str, param) -> bool | None:
-        """True/False forces a parameter trainable/frozen; None leaves it to the PEFT settings."""
+        """True/False forces a parameter trainable/frozen; None leaves it to the PEFT settings. A
+        PEFT setting that names the parameter (a freeze/trainable pattern, a LoRA adapter) and
+        asks otherwise is a ConfigError, not overridden silently."""
         return None
 
     def count_targets(self, batch: dict) -> int:

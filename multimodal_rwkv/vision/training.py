@@ -188,6 +188,8 @@ class VisualRWKVTask(Task):
         logger.info("vocab_subset auto: %d World ids from %s", len(subset), d.train_file)
         return subset
 
+    trainable_options = "model.options stage, train_encoder, train_projector and freeze_embeddings"
+
     def trainable_filter(self, name: str, param):
         if self.stage == 1:
             return name.startswith("projector.")
