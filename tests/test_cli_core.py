@@ -74,8 +74,9 @@ def test_generate_streams_and_seed_is_reproducible(world_pth):
 
 def test_generate_decodes_as_its_options_say_whatever_the_folders_generation_config(world_pth, tmp_path):
     """A folder's generation_config.json with do_sample made --temperature 0 sample, one with
-    num_beams 2 crashed the streamer (a traceback), and its stop strings stopped the text without
-    cutting it (--stop cut it)."""
+    num_beams 2 crashed the streamer (a traceback), other decoding modes (penalty_alpha: contrastive
+    search) were tracebacks too and filters (min_p) changed the samples; its stop strings stopped
+    the text without cutting it (--stop cut it)."""
     from multimodal_rwkv import RWKVForCausalLM
 
     args = ("--prompt", "Hello world, this is", "--max-new-tokens", "12", "--temperature", "0")
@@ -83,14 +84,14 @@ def test_generate_decodes_as_its_options_say_whatever_the_folders_generation_con
     assert greedy.returncode == 0 and greedy.stdout.strip()
     m = RWKVForCausalLM.from_pretrained(world_pth)
     m.generation_config.do_sample, m.generation_config.temperature, m.generation_config.num_beams = True, 1.5, 2
+    m.generation_config.min_p, m.generation_config.penalty_alpha, m.generation_config.top_k = 0.5, 0.6, 4
     m.save_pretrained(tmp_path / "gc")
     for stream in ((), ("--no-stream",)):
         r = run("generate", "--model", tmp_path / "gc", *args, *stream)
         assert r.returncode == 0 and r.stdout == greedy.stdout, r.stderr
     text = greedy.stdout.rstrip("\n")
     stop = text[3:6]
-    m.generation_config.do_sample, m.generation_config.num_beams = False, 1
-    m.generation_config.stop_strings = [stop]
+    m.generation_config = type(m.generation_config)(stop_strings=[stop])
     m.save_pretrained(tmp_path / "stop")
     for stream in ((), ("--no-stream",)):
         r = run("generate", "--model", tmp_path / "stop", *args, *stream)

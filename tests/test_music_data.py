@@ -103,11 +103,12 @@ def test_prepare_abc_keeps_a_tune_once_whatever_its_number_or_title(tmp_path, mo
 
     body = "M:2/4\nL:1/8\nK:G\nGABc|d2B2|\n"
     tunes = [(f"t#{k}", f"X:{k}\nT:{title}\n{body}") for k, title in enumerate(["Moli hua", "Moli hua", "Jasmine"])]
+    tunes.append(("t#9", f"X:9\nT:Moli hua\nN:Z0007\nO:China\nR:song\n% collected 1903\n{body}"))
     tunes.append(("t#3", "X:3\nT:Other\nM:2/4\nL:1/8\nK:G\nGABc|d4|\n"))
     tunes += [(f"f#{k}", f"X:{k}\nT:Filler\nM:2/4\nL:1/8\nK:D\n{'DEFG' * (k + 1)}|\n") for k in range(20)]
     monkeypatch.setattr(corpora, "abc_corpus_tunes", lambda corpus, limit: tunes)
     rep = prepare(tmp_path / "o", corpus="oneill-abc", valid_permille=200, test_permille=200)
-    assert rep.duplicates == 2
+    assert rep.duplicates == 3
     assert sum(c["pieces"] for c in rep.counts.values()) == 22
 
 
@@ -760,6 +761,10 @@ def test_abc_older_tempo_form_counts_in_unit_note_lengths():
     assert bpm("Q:C=120", "1/8") == [60] and bpm("Q:C2=120", "1/8") == [120]
     assert bpm("Q:C=120", "1/4") == [120] and bpm("Q:C/2=120", "1/4") == [60]
     assert bpm("Q:1/4=100", "1/8") == [100]  # the usual form as before
+    assert bpm("Q:120", "1/8") == [60]  # ABC 1.6: a bare number counts unit notes too
+    assert bpm("Q:L2=120", "1/8") == [120] and bpm('Q:"Allegro" C=120', "1/8") == [60]
+    assert bpm("Q:C3=40 % a comment", "1/8") == [60] and bpm('Q:"Lively" 1/4=90', "1/8") == [90]
+    assert bpm("Q:Allegro", "1/8")  # a tempo word without quotes: music21 could not read it at all
 
 
 def _constant_abc_model(path, byte):
@@ -801,6 +806,12 @@ def test_generate_abc_continues_the_prompts_last_tune(tmp_path, monkeypatch):
     assert text == "X:2\nL:1/4\nK:C\nE|CC"
     tok = AbcTokenizer()
     assert seen[-1] == [0] + tok.encode("X:1\nL:1/4\nK:C\nD|\n") + [0] + tok.encode("X:2\nL:1/4\nK:C\nE|")
+    # free text after the tune's empty line (ABC 2.1, 2.2) is not part of it; CRLF lines as LF
+    text = gen.generate_abc(tmp_path / "c", "X:1\r\nL:1/4\r\nK:C\r\nD|\r\n\r\nCollected in 1903.\r\n", max_bytes=2,
+                            temperature=0.01)
+    assert text == "X:1\nL:1/4\nK:C\nD|\nCC"
+    text = gen.generate_abc(tmp_path / "c", "%abc-2.1\nX:1\nL:1/4\nK:C\nD|", max_bytes=2, temperature=0.01)
+    assert text == "%abc-2.1\nX:1\nL:1/4\nK:C\nD|CC"  # the version line stays with its tune
     _constant_abc_model(tmp_path / "esc", 0x1B)  # ESC favoured: it must never come out
     text = gen.generate_abc(tmp_path / "esc", "X:1\n", max_bytes=200, temperature=1.0, seed=1)
     from multimodal_rwkv.music.abc import CONTROL_BYTES

@@ -359,6 +359,20 @@ def test_a_referenced_encoder_given_as_a_relative_folder_is_recorded_absolute(to
         assert torch.equal(m.encode_images(pv), m2.encode_images(pv))
 
 
+def test_fp16_refuses_a_weight_beyond_its_range(tok, tmp_path):
+    """A VisualRWKV loaded (or saved) as fp16 turned a finite 1e5 into inf: vqa answered nothing."""
+    m = make_model(tok, n_layer=2)
+    with torch.no_grad():
+        m.language_model.rwkv.blocks[1].ffn.value.weight[0, 0] = 1e5
+    m.save_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.ffn\.value\.weight holds 1e\+05, beyond fp16's range"):
+        VisualRWKV.from_pretrained(tmp_path / "m", dtype="fp16", tokenizer=tok)
+    with pytest.raises(CheckpointError, match="beyond fp16's range"):
+        m.save_pretrained(tmp_path / "m16", dtype="fp16")
+    assert not (tmp_path / "m16").exists()
+    VisualRWKV.from_pretrained(tmp_path / "m", dtype="bf16", tokenizer=tok)  # bf16 has the range
+
+
 def test_load_released_v060_layout(tok, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

@@ -434,7 +434,7 @@ def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, 
     cfg, sd, name = _load_raw(src, state_file)
     cfg = _apply_config(cfg, src, config, overrides, state_file)
     dtype = resolve_dtype(dtype) or weights_dtype(sd)
-    _check_range(sd, dtype, src, name)
+    check_range(sd, dtype, src, name)
     with torch.device("meta"):
         model = cls(cfg)
     model = model.to_empty(device=device if device is not None else "cpu").to(dtype)
@@ -482,7 +482,7 @@ def _load_generation_config(model, src) -> None:
         model.generation_config = read_generation_config(f)
 
 
-def _check_range(sd: dict[str, torch.Tensor], dtype: torch.dtype, src, name=None) -> None:
+def check_range(sd: dict[str, torch.Tensor], dtype: torch.dtype, src, name=None) -> None:
     """CheckpointError if a weight does not fit ``dtype`` (fp16 tops out at 65504: a cast would
     make it infinite, and every output NaN); the trained initial state stays fp32."""
     if dtype != torch.float16:

@@ -21,9 +21,8 @@ def register(sub) -> None:
         description="Generate text with an RWKV-6/RWKV-5 model (BlinkDL .pth, Hugging Face folder, or a folder saved by this package). "
                     "Text is encoded with the World tokenizer, or with the tokenizer a model of `mmrwkv train` was "
                     "trained with (\"tokenizer\" in the training_info.json next to it: world or bytes). "
-                    "It decodes greedily (--temperature 0) or samples by its options, whatever a model folder's "
-                    "generation_config.json says about sampling or beams; that file's stop strings and end-of-text "
-                    "ids are used.",
+                    "It decodes greedily (--temperature 0) or samples by its options alone: of a model folder's "
+                    "generation_config.json it uses the stop strings and end-of-text ids, nothing else.",
         epilog="Example: mmrwkv generate --model RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth --prompt 'The Eiffel tower is in' --max-new-tokens 40",
     )
     p.add_argument("--model", type=path_arg, required=True, help="checkpoint file or folder")
@@ -219,10 +218,16 @@ def cmd_generate(args) -> int:
     from multimodal_rwkv.model.generation import StopAwareStreamer, cut_at_eos, eos_ids, joined_stops
 
     # the decoding is this command's (greedy, or sampling by its options), whatever a model folder's
-    # generation_config.json says (do_sample, beams, top_k); its stop strings and end-of-text ids count
-    gen = dict(max_new_tokens=args.max_new_tokens, stop=stops, tokenizer=tok, seed=args.seed, num_beams=1,
-               num_return_sequences=1, presence_penalty=args.presence_penalty,
-               frequency_penalty=args.frequency_penalty, do_sample=args.temperature > 0)
+    # generation_config.json says (sampling, beams, filters, other decoding modes): a config of its
+    # own, which takes only that file's end-of-text, padding and stop settings
+    from transformers import GenerationConfig
+
+    own = model.generation_config  # (replaced, not passed: transformers would fill a passed one from it)
+    model.generation_config = GenerationConfig(**{k: getattr(own, k, None) for k in (
+        "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings")})
+    gen = dict(max_new_tokens=args.max_new_tokens, stop=stops, tokenizer=tok,
+               seed=args.seed, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+               do_sample=args.temperature > 0)
     if args.temperature > 0:
         gen.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     stops = joined_stops(model, stops)  # for the streamer and the final cut

@@ -305,14 +305,21 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
 
 
 _DOUBLE_REPEAT = re.compile(r"([A-Ga-gz,'0-9/>])::")  # in a line of music
-_UNIT_TEMPO = re.compile(r"^Q:[ \t]*C(\d*)(?:/(\d+))?[ \t]*=[ \t]*(\d+(?:\.\d+)?)[ \t]*$", re.MULTILINE)
+_UNIT_TEMPO = re.compile(
+    r'^Q:(?P<pre>[ \t]*(?:"[^"\n]*"[ \t]*)?)'
+    r"(?:(?P<c>[CL])(?P<n>\d*)(?:/(?P<d>\d+))?[ \t]*=[ \t]*(?P<bpm>\d+(?:\.\d+)?)|(?P<bare>\d+(?:\.\d+)?))"
+    r'(?P<post>[ \t]*(?:"[^"\n]*")?[ \t]*(?:%.*)?)$', re.MULTILINE)
+_WORD_TEMPO = re.compile(r'^Q:[ \t]*([A-Za-z][^"%=\n]*?)[ \t]*(%.*)?$', re.MULTILINE)  # Q:Allegro (quotes lost)
 _UNIT_LENGTH = re.compile(r"^L:[ \t]*(\d+)[ \t]*/[ \t]*(\d+)", re.MULTILINE)
 
 
 def _unit_tempo(tune: str) -> str:
-    """The older tempo form ``Q:C=120`` / ``Q:C2=120`` / ``Q:C/2=120`` (beats of the unit note
-    length ``L:`` times the number) written as ``Q:1/8=120``: music21 reads the ``C`` as a quarter
-    of a whole note whatever ``L:`` is, a tempo 2-8x too fast."""
+    """The older tempo forms, in beats of the unit note length ``L:`` (ABC 1.6: "if the default
+    note length is an eighth note then Q:120 or Q:C=120 is 120 eighth notes per minute", and
+    ``Q:C3=40`` 40 dotted quarters; ``L`` for ``C`` in ABC 1.7.6), written as ``Q:1/8=120``:
+    music21 reads ``C`` as a quarter of a whole note and a bare number as quarters, whatever
+    ``L:`` is (``Q:C=120`` at L:1/8 was 480 BPM). Text in quotes and a comment stay; a tempo word
+    without quotes (``Q:Allegro``, which music21 cannot read) gets them."""
     unit = _UNIT_LENGTH.search(tune)
     if unit is None or int(unit.group(2)) == 0:
         return tune
@@ -321,10 +328,13 @@ def _unit_tempo(tune: str) -> str:
     length = Fraction(int(unit.group(1)), int(unit.group(2)))
 
     def beat(m):
-        f = length * int(m.group(1) or 1) / int(m.group(2) or 1)
-        return f"Q:{f.numerator}/{f.denominator}={m.group(3)}" if f > 0 else m.group(0)
+        bpm = m.group("bpm") or m.group("bare")
+        f = length * int(m.group("n") or 1) / int(m.group("d") or 1)
+        if f <= 0:
+            return m.group(0)
+        return f"Q:{m.group('pre')}{f.numerator}/{f.denominator}={bpm}{m.group('post')}"
 
-    return _UNIT_TEMPO.sub(beat, tune)
+    return _WORD_TEMPO.sub(r'Q:"\1"\2', _UNIT_TEMPO.sub(beat, tune))
 
 
 def _drop_grace_notes(score) -> None:

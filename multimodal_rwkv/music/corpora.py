@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,10 +162,14 @@ def abc_corpus_tunes(corpus_name: str, limit: int | None = None) -> list[tuple[s
     return tunes
 
 
+_NOT_MUSIC = re.compile(r"^(?:[XTCOABDFGHNRSZW]:|%(?!abc-))")  # information fields (ABC 2.1, 3.1), comments
+
+
 def _tune_key(tune: str) -> str:
-    """An ABC tune without its reference number and title lines (``X:``, ``T:``): what makes it
-    the same piece as another."""
-    return "\n".join(ln.rstrip() for ln in tune.split("\n") if not ln.startswith(("X:", "T:")))
+    """An ABC tune without the lines that do not change its music: the reference number, title,
+    composer, origin, notes, rhythm, source, history and the other information fields (``X:``,
+    ``T:``, ``C:``, ``O:``, ``N:``, ``R:``, ...) and comments; what makes it the same piece as another."""
+    return "\n".join(ln.rstrip() for ln in tune.split("\n") if not _NOT_MUSIC.match(ln))
 
 
 @dataclass
@@ -393,8 +398,8 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
         for name, text in abc_corpus_tunes(corpus, limit):
             content = text.encode("utf-8")
             h = hashlib.sha256(content).hexdigest()
-            # the same tune under another reference number (X:) or title (T:) is one piece: kept
-            # once, so it cannot sit in train and in a held-out split (as for MIDI files)
+            # the same tune under another reference number, title, origin, notes... is one piece:
+            # kept once, so it cannot sit in train and in a held-out split (as for MIDI files)
             key = hashlib.sha256(_tune_key(text).encode("utf-8")).hexdigest()
             if key in seen:
                 report.duplicates += 1

@@ -352,14 +352,23 @@ def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\
 
 
 def _last_tune(text: str) -> tuple[list[str], str]:
-    """``(earlier tunes, the last tune)`` of a prompt: the last tune runs from the last ``X:`` line
-    (the whole text without one), trailing blank lines dropped; a last line without its newline
-    stays open."""
+    """``(earlier tunes, the last tune)`` of a prompt, as training has tunes (see
+    :func:`~multimodal_rwkv.music.abc.split_tunes`): CRLF line ends as LF; the last tune runs from
+    the last ``X:`` line (the ``%abc-`` version line before it included; the whole text when there
+    is no ``X:``) to its first empty line, which ends it (ABC 2.1, 2.2: free text may follow);
+    without one its last line stays open, to be continued."""
     from multimodal_rwkv.music.abc import split_tunes
 
+    text = text.replace("\r\n", "\n")
     starts = [m.start() for m in re.finditer(r"^X:", text, re.MULTILINE)]
-    head, last = (text[:starts[-1]], text[starts[-1]:]) if starts else ("", text)
-    stripped = last.rstrip(" \t\r\n")
-    if stripped and last[len(stripped):].count("\n") >= 1:
-        last = stripped + "\n"  # one newline kept: the next line starts fresh
+    a = starts[-1] if starts else 0
+    version = re.search(r"(?:^|\n)(%abc-[^\n]*\n)\Z", text[:a])
+    if version:
+        a -= len(version.group(1))
+    head, last = text[:a], text[a:]
+    lines = last.split("\n")
+    first = next((i for i, ln in enumerate(lines) if ln.strip()), 0)  # (a body may start with blank lines)
+    ends = [i for i, ln in enumerate(lines[:-1]) if i > first and not ln.strip()]  # (the last item: the open line)
+    if ends:
+        last = "\n".join(lines[:ends[0]]).rstrip() + "\n"
     return (split_tunes(head, "<prompt>") if head.strip() else []), last

@@ -589,9 +589,11 @@ class VisualRWKV(nn.Module):
         or folder) is recorded. ``dtype`` (e.g. torch.bfloat16) casts floating weights on disk."""
         from safetensors.torch import save_file
 
-        from multimodal_rwkv.model.checkpoint import resolve_dtype
+        from multimodal_rwkv.model.checkpoint import check_range, resolve_dtype
 
         dtype = resolve_dtype(dtype)
+        if dtype is not None:
+            check_range(self.state_dict(), dtype, out_dir)  # fp16: nothing written as inf
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         sd = {}
@@ -615,7 +617,7 @@ class VisualRWKV(nn.Module):
         """Load a folder written by :meth:`save_pretrained`, or a released VisualRWKV-v060
         single-file ``.pth`` (keys ``rwkv.*``, ``vit.*``, ``proj.*``; ``vision_tower`` then optionally
         names the CLIP folder/hub id for its config and image processor). Raises CheckpointError."""
-        from multimodal_rwkv.model.checkpoint import refuse_training_checkpoint, resolve_dtype
+        from multimodal_rwkv.model.checkpoint import check_range, refuse_training_checkpoint, resolve_dtype
 
         path = Path(src)
         if path.is_file():
@@ -630,6 +632,7 @@ class VisualRWKV(nn.Module):
             raise CheckpointError(f"{path}: no such file or folder")
         dtype = resolve_dtype(dtype)
         if dtype is not None:
+            check_range(model.state_dict(), dtype, src)
             model = model.to(dtype)
         if device is not None:
             model = model.to(device)
