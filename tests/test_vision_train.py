@@ -270,30 +270,39 @@ def test_stage2_lora_trains_lm_adapters_and_projector_only(trained, tmp_path):
 
 def test_two_processes_with_unused_tower_layers(trained, tmp_path):
     """DDP (2 gloo ranks) with parameters a step does not use -- the tower's layer above
-    feature_layer 0 -- trains, and gives one process's losses with the doubled batch."""
+    feature_layer 0 -- trains, and gives one process's losses with the doubled batch. A validation
+    set of one batch (fewer than the ranks) hung the final evaluation: the rank with no batch
+    skipped the forward whose buffer broadcast the other waited in."""
     import os
 
     from multimodal_rwkv.training import train
     from multimodal_rwkv.training.config import save_config
 
     data, _, _ = trained
-    over = {"max_steps": 3, "train__micro_batch_size": 4}
+    valid = tmp_path / "valid.json"
+    valid.write_text(json.dumps(json.loads((data / "train.json").read_text())[:1]))
+    over = {"max_steps": 3, "train__micro_batch_size": 4, "data__valid_file": str(valid)}
     one = recipe(tmp_path, data, tmp_path / "one", **over)
     one.model.options["feature_layer"] = 0
     one.model.options["loss_reduction"] = "token"
-    ref = [json.loads(x)["loss"] for x in (train(one).parent / "metrics.jsonl").read_text().splitlines()]
-    two = recipe(tmp_path, data, tmp_path / "two", max_steps=3, train__micro_batch_size=2)
+    rows = [json.loads(x) for x in (train(one).parent / "metrics.jsonl").read_text().splitlines()]
+    ref = [r["loss"] for r in rows]
+    two = recipe(tmp_path, data, tmp_path / "two", max_steps=3, train__micro_batch_size=2,
+                 data__valid_file=str(valid))
     two.model.options["feature_layer"] = 0
     two.model.options["loss_reduction"] = "token"
     save_config(two, tmp_path / "r.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + os.getpid() % 1000), "-m", "multimodal_rwkv", "train", str(tmp_path / "r.yaml")]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    got = [r["loss"] for r in rows2]
     assert len(got) == 3
     assert got == pytest.approx(ref, abs=1e-5)
+    assert rows2[-1]["valid_loss"] == pytest.approx(rows[-1]["valid_loss"], abs=1e-5)
+    assert (tmp_path / "two" / "final" / "config.json").is_file()
 
 
 def test_stage1_on_a_fresh_language_model_warns_that_nothing_learns(trained, tmp_path, caplog):

@@ -121,7 +121,8 @@ class FiniteLogitsGuard(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.step += 1
-        if bool((torch.isnan(scores) | (scores == float("inf"))).any()):
+        top = scores.amax()  # NaN if any is NaN (amax propagates it), +inf if any is +inf: one reduction
+        if bool(torch.isnan(top) | (top == float("inf"))):
             from multimodal_rwkv.errors import NumericsError
 
             hint = (" (its activations overflowed fp16: load it as bf16 or fp32)" if self.dtype == torch.float16

@@ -309,9 +309,10 @@ def _eval_from_metrics(args, ids) -> int:
               f"{p.parent / 'recipe.yaml'}; converted with their {name.split('/')[1]}s)")
     for r in rows:
         v = r["valid_loss"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise DataError(f"{p}: step {r.get('step')}: valid_loss is not a cross-entropy (a number >= 0), "
-                            f"got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"{p}: step {r.get('step')}: valid_loss is not a number ({v!r})")
+        if v < 0:
+            raise DataError(f"{p}: step {r.get('step')}: valid_loss {v!r} is not a cross-entropy (a number >= 0)")
         if not math.isfinite(v):  # a diverged evaluation: said, and the other steps still converted
             print(f"step {r.get('step')}: valid_loss {v} (not finite: nothing to convert)")
             continue

@@ -670,12 +670,21 @@ class Trainer:
         tot = torch.zeros(3, dtype=torch.float64, device=acc.device)
         model.eval()
         ds, coll, msgs = _ReportsDrops(valid_ds), _CollateDrops(collate), []
-        for b in range(acc.process_index, n_batches, acc.num_processes):
+        # every process runs as many forwards (a wrapped model's forward is collective: DDP
+        # broadcasts buffers, FSDP gathers parameters); one past the batches repeats an earlier
+        # batch, uncounted, or a process with no batch would leave the others waiting forever
+        W = acc.num_processes
+        for b in range(acc.process_index, -(-n_batches // W) * W, W):
+            extra = b >= n_batches
+            if extra:
+                b %= n_batches
             batch, m = coll([ds[i] for i in range(b * B, min((b + 1) * B, n))])
-            msgs += m
             batch = _to_device(batch, acc.device)
             with acc.autocast():
                 ls, k = task.eval_step(model, batch)
+            if extra:
+                continue
+            msgs += m
             tot[0] += float(ls)
             tot[1] += k
         model.train()
