@@ -253,6 +253,37 @@ def test_state_save_load(tmp_path):
         RWKVState.load(tmp_path / "weights.safetensors")
 
 
+def test_state_api_takes_what_tensors_take_and_refuses_the_rest(tmp_path):
+    """load took mixed batch sizes, int tensors and NaN (failing later, the file unnamed); to(dtype)
+    positional, ==, expand(-1) / expand(2.5) and empty_state(2.5) / empty_state(-1) misbehaved."""
+    from safetensors.torch import save_file
+
+    m = _random_model()
+    st = m(torch.randint(0, 97, (2, 5))).state
+    assert st == st.clone() and not (st == st[:1]) and st != m.empty_state(2)
+    half = st.to(torch.bfloat16)
+    assert half.att_shift[0].dtype == torch.bfloat16 and half.wkv[0].dtype == torch.float32
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="n must be an integer >= 0"):
+            st[:1].expand(bad)
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 0"):
+            m.empty_state(bad)
+    assert st[:1].expand(3).batch_size == 3 and m.empty_state(0).batch_size == 0
+    for key, value, why in (("1.att_shift", torch.zeros(3, 64), r"1\.att_shift has shape \(3, 64\)"),
+                            ("0.wkv", None, "0.wkv holds int32 values"),
+                            ("0.ffn_shift", None, "0.ffn_shift holds NaN")):
+        d = {k: v.clone() for k, v in st.state_dict().items()}
+        if key == "0.wkv":
+            d[key] = d[key].int()
+        elif value is None:
+            d[key][0, 0] = float("nan")
+        else:
+            d[key] = value
+        save_file(d, str(tmp_path / "s.st"))
+        with pytest.raises(CheckpointError, match=f"s\\.st: {why}"):
+            RWKVState.load(tmp_path / "s.st")
+
+
 @pytest.mark.parametrize("T", [1, 3])
 def test_a_state_of_other_sizes_is_refused(T):
     """A state whose tensors do not have this model's sizes (another model's, a hand-made one) is

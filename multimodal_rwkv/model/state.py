@@ -33,6 +33,7 @@ class RWKVState:
     @classmethod
     def zeros(cls, config, batch_size: int, device=None, dtype=torch.float32) -> "RWKVState":
         """All-zero state for ``batch_size`` streams; shift states in ``dtype``, wkv in fp32."""
+        batch_size = _count("batch_size", batch_size)
         C, H, N = config.n_embd, config.n_head, config.head_size
         L = config.n_layer
         return cls(
@@ -73,7 +74,12 @@ class RWKVState:
         return self._map(lambda t: t.detach())
 
     def to(self, device=None, dtype=None) -> "RWKVState":
-        """Move to ``device``; ``dtype`` applies to the shift states only (wkv stays fp32)."""
+        """Move to ``device``; ``dtype`` applies to the shift states only (wkv stays fp32). As for
+        tensors, a dtype alone may come first: ``state.to(torch.bfloat16)``."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("to(): a dtype given twice")
+            device, dtype = None, device
         return RWKVState(
             [t.to(device=device, dtype=dtype) for t in self.att_shift],
             [t.to(device=device) for t in self.wkv],
@@ -90,6 +96,7 @@ class RWKVState:
         """Repeat a batch-1 state ``n`` times (prefix reuse: one prefill, many continuations)."""
         if self.batch_size != 1:
             raise ValueError(f"expand needs a batch-1 state, got batch {self.batch_size}")
+        n = _count("n", n)
         return self._map(lambda t: t.expand(n, *t.shape[1:]).clone())
 
     @staticmethod
@@ -113,7 +120,14 @@ class RWKVState:
         )
 
     def equal(self, other: "RWKVState") -> bool:
-        return all(torch.equal(a, b) for a, b in zip(self._tensors(), other._tensors()))
+        """The same layers, shapes and values (dtypes may differ, as ``torch.equal``)."""
+        a, b = self._tensors(), other._tensors()
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    def __eq__(self, other) -> bool:  # (the dataclass's would compare lists of tensors: an error)
+        return self.equal(other) if isinstance(other, RWKVState) else NotImplemented
+
+    __hash__ = None  # mutable, like a list
 
     # ---- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -142,13 +156,24 @@ class RWKVState:
             raise CheckpointError(f"{path}: not a saved RWKV state (keys must be <layer>.att_shift/.wkv/.ffn_shift)")
         n = 1 + max(int(k.split(".")[0]) for k in d)
         try:
-            return cls(
+            st = cls(
                 [d[f"{i}.att_shift"] for i in range(n)],
                 [d[f"{i}.wkv"] for i in range(n)],
                 [d[f"{i}.ffn_shift"] for i in range(n)],
             )
         except KeyError as e:
             raise CheckpointError(f"{path}: state file is missing {e.args[0]}") from None
+        for k, v in d.items():  # what a forward would only trip over later, without naming the file
+            if not v.is_floating_point():
+                raise CheckpointError(f"{path}: {k} holds {str(v.dtype).replace('torch.', '')} values; a state is "
+                                      "floating point")
+            want = 4 if k.endswith(".wkv") else 2
+            if v.dim() != want or v.shape[0] != st.batch_size:
+                raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}; every tensor of a state is "
+                                      f"[B, ...] with one batch size (0.wkv: {st.batch_size}), wkv 4-D, shifts 2-D")
+            if not bool(torch.isfinite(v).all()):
+                raise CheckpointError(f"{path}: {k} holds NaN or infinite values")
+        return st
 
 
 def _batch_index(idx, batch_size: int):
@@ -202,6 +227,17 @@ def _is_bool(x) -> bool:
     """A Python, numpy (``bool_``, named ``bool`` in numpy 2) or 0-d tensor boolean."""
     return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool_", "bool")) or (
         isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.bool)
+
+
+def _count(name: str, n) -> int:
+    """``n`` as an int >= 0 (a bool, a float or a negative number is a ValueError naming ``name``)."""
+    try:
+        n = _as_int(n)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= 0, got {n!r}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {n}")
+    return n
 
 
 def _as_int(x) -> int:
