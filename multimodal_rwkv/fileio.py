@@ -115,8 +115,9 @@ def atomic_write(path, write) -> None:
     path = Path(path)
     tmp = temp_name(path)
     try:
-        write(tmp)
-        fsync_path(tmp)
+        with naming_write_errors(path):  # a full disk names the file (the writers' own errors may not)
+            write(tmp)
+            fsync_path(tmp)
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:

@@ -224,6 +224,65 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeyp
     assert not (out / "final").exists()
 
 
+def test_an_update_that_ruins_the_weights_is_neither_checkpointed_nor_exported(tmp_path, corpus):
+    """lr 1e39: step 1's loss is finite, its update makes the weights inf. That checkpoint was saved
+    (a resume started from it and failed again, whatever the new lr), and with max_steps 1 an
+    all-NaN final/ was exported with exit 0 and a NaN (not JSON) valid_loss."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"the update of step 1 made the weights non-finite \(.*\): stopped "
+                                            r"without saving them; no checkpoint yet: rerunning starts again"):
+        train(TrainConfig(), base_overrides(corpus, out, max_steps=3, checkpoint_every=1,
+                                            **{"optim.lr": 1e39, "optim.warmup_steps": 0}))
+    assert not list(out.glob("checkpoints/step_*"))
+    with pytest.raises(TrainingError, match="made the weights non-finite"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "one", max_steps=1, checkpoint_every=0,
+                                            **{"optim.lr": 1e39, "optim.warmup_steps": 0, "data.valid_file": corpus,
+                                               "eval_every": 1}))
+    assert not (tmp_path / "one" / "final").exists()
+    from multimodal_rwkv.training.loop import _json_row
+
+    assert json.loads(_json_row({"step": 1, "valid_loss": float("nan"), "loss": float("inf"), "lr": 0.5})) == {
+        "step": 1, "valid_loss": None, "loss": None, "lr": 0.5}  # metrics.jsonl stays JSON
+
+
+def test_the_latest_checkpoint_is_exported_after_an_interrupted_extension(tmp_path, corpus, caplog):
+    """A finished run extended, killed after a checkpoint past the old max_steps, then rerun with the
+    old command: it said 'already finished' and kept the old final/ (the documented behaviour is a
+    warning and the checkpoint's model exported)."""
+    import shutil
+
+    out = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=4, checkpoint_every=2))
+    shutil.copytree(out / "final", tmp_path / "final4")
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=6, checkpoint_every=2))
+    shutil.rmtree(out / "final")  # as if the extension was killed after its step-6 checkpoint
+    shutil.copytree(tmp_path / "final4", out / "final")
+    caplog.set_level("WARNING", logger="multimodal_rwkv.training.loop")
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=4, checkpoint_every=2))
+    assert "past max_steps=4" in caplog.text
+    assert json.loads((out / "final" / "training_info.json").read_text())["step"] == 6
+
+
+def test_a_failed_reexport_is_tried_again(tmp_path, corpus, monkeypatch):
+    """A finished run re-exported with a changed recipe (export.pth) failed (a full disk), and the
+    next run said 'already finished': recipe.yaml had been saved before the export."""
+    from multimodal_rwkv.training import loop
+
+    out = tmp_path / "run"
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=2))
+    real = loop.Trainer._export
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device", str(out / ".tmp-final" / "model.pth"))
+
+    monkeypatch.setattr(loop.Trainer, "_export", full_disk)
+    with pytest.raises(OSError):
+        train(TrainConfig(), base_overrides(corpus, out, max_steps=2, **{"export.pth": "true"}))
+    monkeypatch.setattr(loop.Trainer, "_export", real)
+    train(TrainConfig(), base_overrides(corpus, out, max_steps=2, **{"export.pth": "true"}))
+    assert (out / "final" / "model.pth").is_file()
+
+
 def test_lora_trains_only_lora_and_merge_reproduces_outputs(tmp_path, corpus):
     from safetensors.torch import load_file
 

@@ -294,6 +294,25 @@ def test_atomic_write_gives_saved_files_the_usual_mode(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
 
 
+def test_atomic_write_names_the_file_on_a_full_disk(tmp_path):
+    """A resume on a full disk said "No space left on device" and no file (metrics.jsonl's rewrite)."""
+    from multimodal_rwkv.fileio import atomic_write_text
+
+    (tmp_path / "metrics.jsonl").write_text("old\n")
+
+    def full(p):
+        raise OSError(28, "No space left on device")  # as Path.write_text raises it: no file name
+
+    from multimodal_rwkv import fileio
+
+    with pytest.raises(OSError) as e:
+        fileio.atomic_write(tmp_path / "metrics.jsonl", full)
+    assert e.value.filename == str(tmp_path / "metrics.jsonl") and e.value.errno == 28
+    assert (tmp_path / "metrics.jsonl").read_text() == "old\n" and len(list(tmp_path.iterdir())) == 1
+    atomic_write_text(tmp_path / "metrics.jsonl", "new\n")
+    assert (tmp_path / "metrics.jsonl").read_text() == "new\n"
+
+
 def test_fused_adamw_by_default_and_equal_to_the_per_tensor_loop():
     from accelerate.utils import DistributedType
 

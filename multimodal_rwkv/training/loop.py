@@ -197,6 +197,25 @@ def read_metrics(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------- loss plot
 
 
+def _json_row(row: dict) -> str:
+    """A metrics row as JSON, a non-finite number as null (NaN is not JSON; null marks a missing loss)."""
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+
+
+def _resume_hint(last_ckpt) -> str:
+    return (f"last good checkpoint: {last_ckpt}; rerunning resumes from it" if last_ckpt else
+            "no checkpoint yet: rerunning starts again from step 0")
+
+
+def _exported_step(final: Path):
+    """The step final/ was exported at (its training_info.json), None if it does not say."""
+    try:
+        step = json.loads((final / "training_info.json").read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def plot_losses(metrics_path: Path, png_path: Path, width: int = 800, height: int = 480) -> bool:
     """Draw train (and valid) loss vs step into a PNG with Pillow. Returns False if no data."""
     from PIL import Image, ImageDraw
@@ -513,6 +532,21 @@ class Trainer:
         return model
 
     # ----------------------------------------------------------------- checkpoints
+    def _check_weights(self, acc, model, step: int, last_ckpt) -> None:
+        """TrainingError if a trainable weight is NaN or infinite (an update that overflowed): such
+        weights are neither checkpointed (a resume would start from them) nor exported."""
+        import torch
+
+        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())),
+                   None)
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=acc.device)
+        if acc.num_processes > 1:  # (FSDP: each rank holds a shard)
+            flag = acc.reduce(flag, reduction="sum")
+        if float(flag[0]) > 0:
+            raise TrainingError(f"the update of step {step} made the weights non-finite ({bad or 'on another rank'}): "
+                                f"stopped without saving them; {_resume_hint(last_ckpt)} (try a lower optim.lr, "
+                                "precision fp32, or check the data)")
+
     def _save_checkpoint(self, acc, step: int, samples: int, extra: dict):
         """Write ``checkpoints/step_N`` atomically: temp folder, fsync, rename; keep the last K."""
         final = self.ckpt_dir / f"step_{step:08d}"
@@ -720,7 +754,7 @@ class Trainer:
         return {"skipped_records": skipped + len(self.dropped), "dropped_records": list(self.dropped)}
 
     # ----------------------------------------------------------------- export
-    def _export(self, acc, task, model) -> Path:
+    def _export(self, acc, task, model, step: int) -> Path:
         import copy
 
         from multimodal_rwkv.training import peft as P
@@ -745,6 +779,10 @@ class Trainer:
                 logger.info("merged %d LoRA layers into plain weights for export", n)
             export_model.eval()
             task.save_pretrained(export_model, tmp)
+            info = tmp / "training_info.json"
+            if info.is_file():  # the step exported: a rerun knows whether final/ is the latest checkpoint's
+                atomic_write_text(info, json.dumps({**json.loads(info.read_text(encoding="utf-8")), "step": step},
+                                                   indent=1))
             if cfg.peft.lora_r > 0 and not cfg.peft.merge_lora:
                 P.export_lora_adapter(unwrapped, cfg.peft, tmp)
             if cfg.peft.train_state:
@@ -946,11 +984,15 @@ class Trainer:
         budget = cfg.max_minutes * 60.0 if cfg.max_minutes else None  # seconds of training steps
         if resume is None and cfg.max_steps == 0:
             logger.warning("max_steps=0: nothing is trained; final/ is the starting model")
+        reexport = False
         if resume is not None:
             self._check_model_settings_kept(resume[1], task.free_options, task.kept_data_keys)
             st = _trainer_state(resume[1])
             timed_out = budget is not None and float(st.get("elapsed_s", 0.0)) >= budget
-            finished = (st["step"] >= cfg.max_steps or timed_out) and (final_dir / "config.json").is_file()
+            # final/ of another step: an extension interrupted after its first checkpoint (exported below)
+            exported = _exported_step(final_dir)
+            finished = ((st["step"] >= cfg.max_steps or timed_out) and (final_dir / "config.json").is_file()
+                        and exported in (None, st["step"]))
             if finished and self._recipe_unchanged():
                 logger.info("run in %s already finished at step %d (max_steps=%d, max_minutes=%s); raise them to "
                             "extend it", self.out, st["step"], cfg.max_steps, cfg.max_minutes)
@@ -960,6 +1002,7 @@ class Trainer:
                 raise ConfigError(f"{resume[1]}: checkpointed by {saved_w} process(es), resumed with "
                                   f"{acc.num_processes}: resume with {saved_w} (each rank's random state and "
                                   "share of the global batch are its own), or train in a new output_dir")
+            reexport = finished
             if finished:  # the recipe changed: checked as on any resume, then final/ is exported again
                 logger.info("run in %s already finished at step %d, but the recipe changed: checking it against "
                             "the checkpoint and exporting final/ again", self.out, st["step"])
@@ -1042,7 +1085,7 @@ class Trainer:
                 atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         elif main and self.metrics_path.exists():
             self.metrics_path.unlink()
-        if main:
+        if main and not reexport:
             save_config(cfg, self.out / "recipe.yaml")
         acc.wait_for_everyone()
 
@@ -1084,7 +1127,7 @@ class Trainer:
         def log_row(row, to_trackers: bool = True):
             """metrics.jsonl gets every step's row; the trackers (TensorBoard, ...) every log_every-th."""
             if main:
-                metrics_f.write(json.dumps(row) + "\n")
+                metrics_f.write(_json_row(row) + "\n")
                 metrics_f.flush()
             if cfg.log_with and to_trackers:
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
@@ -1133,10 +1176,14 @@ class Trainer:
                                 tot = acc.reduce(loss_sum.clone(), reduction="sum") if W > 1 else loss_sum
                                 loss = float(tot) / n_targets
                                 if not math.isfinite(loss):
+                                    latest = last_ckpt is not None and Path(last_ckpt).name == f"step_{step:08d}"
+                                    where = (f"the latest checkpoint, {last_ckpt}, holds the weights that gave it, and "
+                                             "rerunning resumes from it: unless the data is at fault, move it out of "
+                                             "checkpoints/ to resume from the one before" if latest else
+                                             _resume_hint(last_ckpt))
                                     raise TrainingError(
                                         f"non-finite loss ({loss}) at step {step + 1}: stopped before the update; "
-                                        f"last good checkpoint: {last_ckpt or 'none'}; rerunning resumes from it "
-                                        f"(try a lower optim.lr, precision fp32, or check the data)")
+                                        f"{where} (try a lower optim.lr, precision fp32, or check the data)")
                                 gn = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
                                 grad_norm = float(gn) if gn is not None else None
                                 if grad_norm == 0.0 and not warned_zero_grad:
@@ -1152,7 +1199,7 @@ class Trainer:
                                         and cfg.train.precision != "fp16"):
                                     raise TrainingError(
                                         f"non-finite gradient norm at step {step + 1}: stopped before the update; "
-                                        f"last good checkpoint: {last_ckpt or 'none'}")
+                                        f"{_resume_hint(last_ckpt)}")
                                 opt.step()
                                 opt.zero_grad(set_to_none=True)
                     step += 1
@@ -1193,6 +1240,7 @@ class Trainer:
                         if metrics_f is not None:
                             metrics_f.flush()
                             os.fsync(metrics_f.fileno())
+                        self._check_weights(acc, model, step, last_ckpt)
                         last_ckpt = self._save_checkpoint(acc, step, samples, extra)
                         last_saved_step = step
                     if stop:
@@ -1202,6 +1250,7 @@ class Trainer:
                             f"rerun the same command to resume", sig.signum or signal.SIGTERM)
                 if last_saved_step != step:
                     extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, **self._skip_state(skipped)}
+                    self._check_weights(acc, model, step, last_ckpt)
                     last_ckpt = self._save_checkpoint(acc, step, samples, extra)
         finally:
             if bar is not None:
@@ -1222,7 +1271,7 @@ class Trainer:
                     logger.info("validation loss at step %d: %.4f nats/token", step, vl)
                 if len(self.dropped) > n_dropped:
                     rows[-1]["skipped_records"] = skipped + len(self.dropped)
-                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+                atomic_write_text(self.metrics_path, "".join(_json_row(r) + "\n" for r in rows))
             if main and len(self.dropped) > n_dropped and last_ckpt is not None:  # the checkpoint of this step too
                 st = {**_trainer_state(last_ckpt), **self._skip_state(skipped)}
                 atomic_write_text(last_ckpt / "trainer_state.json", json.dumps(st, indent=1))
@@ -1233,7 +1282,10 @@ class Trainer:
                            len(self.dropped), skipped + len(self.dropped))
         task.skipped = skipped + len(self.dropped)  # what save_pretrained reports
         self._phase = "exporting the model"
-        final = self._export(acc, task, model)
+        self._check_weights(acc, model, step, last_ckpt)
+        final = self._export(acc, task, model, step)
+        if main and reexport:  # (saved only now: a failed export is tried again by the next run)
+            save_config(cfg, self.out / "recipe.yaml")
         if main:
             try:
                 plot_losses(self.metrics_path, self.out / "loss.png")
