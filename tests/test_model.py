@@ -1,6 +1,7 @@
 """The core model against the official `rwkv` package, and its own invariants."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from multimodal_rwkv import CheckpointError, RWKVConfig, RWKVForCausalLM, RWKVState
+from multimodal_rwkv import CheckpointError, ConfigError, RWKVConfig, RWKVForCausalLM, RWKVState
 from multimodal_rwkv.model.checkpoint import load_raw, ours_to_blink
 from multimodal_rwkv.model.random_checkpoint import blink_state_dict
 
@@ -758,6 +759,40 @@ def test_hf_layout_folder_loads(tmp_path):
     b = RWKVForCausalLM.from_pretrained(d)
     ids = torch.tensor([TOKS])
     assert torch.equal(a(ids).logits, b(ids).logits)
+    # its config.json is read: sizes that disagree with the tensors are refused, eps is taken
+    for cfg, why in (('{"model_type": "rwkv6", "num_hidden_layers": 24}', "num_hidden_layers is 24, but the "
+                      "weights have n_layer 2"), ('{"model_type": "rwkv5"}', "model_type 'rwkv5', but the weights "
+                      "are RWKV-6"), ('{"model_type": "rwkv6", "vocab_size": 65536}', "vocab_size is 65536")):
+        (d / "config.json").write_text(cfg)
+        with pytest.raises(CheckpointError, match=re.escape(f"{d / 'config.json'}: {why}")):
+            RWKVForCausalLM.from_pretrained(d)
+    (d / "config.json").write_text('{"model_type": "rwkv6", "layer_norm_epsilon": 0.001}')
+    assert RWKVForCausalLM.from_pretrained(d).config.layer_norm_eps == 0.001
+    # one weight under its HF name and ours: which is meant?
+    save_file({**hf, "rwkv.blocks.1.att.key.weight": torch.zeros_like(hf["rwkv.blocks.1.attention.key.weight"])},
+              str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="are the same weight under two names"):
+        RWKVForCausalLM.from_pretrained(d)
+    # float8 storage loads as bf16 (a model cannot compute in float8)
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in hf.items()}, str(d / "model.safetensors"))
+    m8 = RWKVForCausalLM.from_pretrained(d)
+    assert m8.dtype == torch.bfloat16 and torch.isfinite(m8(ids).logits.float()).all()
+
+
+def test_transformers_size_names_as_overrides_are_config_errors(tmp_path):
+    """AutoConfig / from_pretrained(dir, num_hidden_layers=2) was an AttributeError (no setter)."""
+    from transformers import AutoConfig
+
+    m = _random_model()
+    m.save_pretrained(tmp_path / "m")
+    for key, ours in (("num_hidden_layers", "n_layer"), ("hidden_size", "n_embd")):
+        with pytest.raises(ConfigError, match=f"no key '{key}': use {ours}"):
+            AutoConfig.from_pretrained(tmp_path / "m", **{key: 2})
+        with pytest.raises(ConfigError, match=f"no key '{key}': use {ours}"):
+            RWKVConfig.from_pretrained(tmp_path / "m", **{key: 2})
+    for bad in (-5, True):
+        with pytest.raises(ValueError, match="max_shard_size must be a size in bytes"):
+            m.save_pretrained(tmp_path / "s", max_shard_size=bad)
 
 
 def test_shapes_inferred_not_hardcoded(tiny_pth):

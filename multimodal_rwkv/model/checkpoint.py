@@ -80,6 +80,8 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(e, EOFError) or "failed finding central directory" in msg or "PytorchStreamReader" in msg \
                 or "unexpected eof" in msg.lower() or "Ran out of input" in msg or "truncated" in msg.lower():
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first})") from None
+        if head[:4] == b"PK\x03\x04":  # a zip that torch cannot read: cut off or damaged
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first})") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -146,7 +148,8 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:  # noqa: BLE001
         msg = str(e).strip() or type(e).__name__
-        raise CheckpointError(f"{folder}: unreadable safetensors weights ({msg.splitlines()[0][:120]})") from None
+        where = single if single.is_file() else folder
+        raise CheckpointError(f"{where}: unreadable safetensors weights ({msg.splitlines()[0][:120]})") from None
     for name in ("pytorch_model.bin", "model.pth"):
         if (folder / name).is_file():
             return read_pth(folder / name)
@@ -307,6 +310,39 @@ def _load_raw(src, state_file=None):
     return cfg, sd, name
 
 
+# a Hugging Face-layout folder's config.json (the RWKV org's rwkv5/rwkv6 repos): its names for the sizes
+_HF_SIZES = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "vocab_size": "vocab_size",
+             "head_size": "head_size", "attention_hidden_size": "dim_att", "intermediate_size": "dim_ffn"}
+
+
+def _with_hf_config(cfg: RWKVConfig, hf: dict, cfg_file: Path) -> RWKVConfig:
+    """``cfg`` (inferred from the tensors) checked against a Hugging Face-layout ``config.json``:
+    a size or version that disagrees is a CheckpointError naming the key (a mixed-up folder); its
+    ``layer_norm_epsilon`` and ``head_size_divisor`` are taken, as the hub's modeling code does."""
+    kind = str(hf.get("model_type", "")).lower()
+    if kind in ("rwkv5", "rwkv6") and kind != {"x060": "rwkv6", "x052": "rwkv5"}[cfg.version]:
+        raise CheckpointError(f"{cfg_file}: model_type {hf['model_type']!r}, but the weights are "
+                              f"{'RWKV-6 (x060)' if cfg.version == 'x060' else 'RWKV-5 (x052)'}")
+    if kind not in ("rwkv5", "rwkv6"):
+        return cfg
+    for key, ours in _HF_SIZES.items():
+        value = hf.get(key)
+        if value is not None and value != getattr(cfg, ours):
+            raise CheckpointError(f"{cfg_file}: {key} is {value!r}, but the weights have {ours} {getattr(cfg, ours)}")
+    kw = {}
+    eps = hf.get("layer_norm_epsilon")
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 and eps != cfg.layer_norm_eps:
+        kw["layer_norm_eps"] = float(eps)
+    div = hf.get("head_size_divisor")
+    if cfg.version == "x052" and isinstance(div, (int, float)) and not isinstance(div, bool) and div > 0 \
+            and div != cfg.head_size_divisor:
+        kw["head_size_divisor"] = div
+    if not kw:
+        return cfg
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
+    return RWKVConfig(**{**d, **kw})
+
+
 def _load_raw_model(src):
     path = Path(src)
     if path.is_dir():
@@ -338,7 +374,8 @@ def _load_raw_model(src):
                 original = {_our_name(_hf_name_to_blink(k)): k for k in sd}
                 return cfg, {o: sd[k] for o, k in original.items()}, lambda k: original.get(k, _blink_name(k))
             return cfg, sd, None
-        return _from_named_weights(sd, path)  # a Hugging Face-layout RWKV-6, or BlinkDL keys in a folder
+        cfg, ours, name = _from_named_weights(sd, path)  # a Hugging Face-layout RWKV-6/5, or BlinkDL keys
+        return _with_hf_config(cfg, cfg_dict, cfg_file), ours, name
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     return _from_named_weights(read_pth(path), path)
@@ -349,6 +386,12 @@ def _from_named_weights(sd: dict[str, torch.Tensor], path: Path):
     BlinkDL way (``blocks.N.att...``), the Hugging Face way (``rwkv.blocks.N.attention...``) or
     ours (``rwkv.blocks.N.att...``, e.g. a model.safetensors given alone)."""
     renamed = {k: _hf_name_to_blink(k) for k in sd}  # each key renamed once
+    seen: dict[str, str] = {}
+    for k, b in renamed.items():  # one weight under two names (HF and BlinkDL/ours): which one is meant?
+        if b in seen:
+            raise CheckpointError(f"{path}: {seen[b]} and {k} are the same weight under two names; a checkpoint "
+                                  "holds each weight once")
+        seen[b] = k
     cfg = infer_config({renamed[k]: v for k, v in sd.items()}, path)
     ours = {_our_name(renamed[k]): v for k, v in sd.items()}
     original = {_our_name(b): k for k, b in renamed.items()}  # our name -> the file's
@@ -372,12 +415,15 @@ def load_raw(src, check: bool = False, state_file=None) -> tuple[RWKVConfig, dic
 
 def weights_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
     """The dtype a model loaded without ``dtype=`` gets: the floating dtype holding most of the
-    weights (not the first tensor's: a bf16 model may carry an fp32 state), float64 as fp32."""
+    weights (not the first tensor's: a bf16 model may carry an fp32 state); float64 as fp32, and
+    a dtype a model cannot compute in (float8 kinds) as bf16, which holds every such value."""
     counts: dict[torch.dtype, int] = {}
     for v in sd.values():
         counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
     dtype = max(counts, key=counts.get) if counts else torch.float32
-    return torch.float32 if dtype == torch.float64 else dtype
+    if dtype == torch.float64:
+        return torch.float32
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 # the config keys that describe the weights (a checkpoint fixes them) and those a loader may set
@@ -575,8 +621,12 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
     else:
         _check_state_dict(state_dict, own)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if isinstance(max_shard_size, bool) or (isinstance(max_shard_size, (int, float)) and max_shard_size < 0):
+        raise ValueError(f"max_shard_size must be a size in bytes (>= 0) or a string such as '2GB', got "
+                         f"{max_shard_size!r}")
     try:
-        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size or "50GB")
+        split = split_torch_state_dict_into_shards(
+            tensors, max_shard_size="50GB" if max_shard_size is None else max_shard_size)
     except (ValueError, TypeError) as e:
         raise ValueError(f"max_shard_size: {e}") from None
     out = Path(out_dir)

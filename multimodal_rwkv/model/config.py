@@ -151,9 +151,17 @@ class RWKVConfig(PretrainedConfig):
     def hidden_size(self) -> int:  # transformers' name, used by generic tooling
         return self.n_embd
 
+    @hidden_size.setter
+    def hidden_size(self, value) -> None:  # transformers' from_pretrained(..., hidden_size=...) sets it
+        raise ConfigError(f"RWKVConfig has no key 'hidden_size': use n_embd (got {value!r})")
+
     @property
     def num_hidden_layers(self) -> int:
         return self.n_layer
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value) -> None:
+        raise ConfigError(f"RWKVConfig has no key 'num_hidden_layers': use n_layer (got {value!r})")
 
     def num_parameters_estimate(self) -> int:
         """Parameter count from the sizes alone (paper eq. 27 for x060 with dim_att == n_embd)."""
