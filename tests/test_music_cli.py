@@ -602,7 +602,8 @@ def test_eval_metrics_converts_with_the_scored_part_and_refuses_bad_lines(tmp_pa
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"{bits_per_unit(2.0, 4, 4):.4f} bits/byte" in out and "covers the first 4 of the split's" in out
-    (tmp_path / "m.jsonl").write_text('{"step": 1, "valid_loss": NaN}\n{"step": 2, "valid_loss": 2.0}\n')
+    (tmp_path / "m.jsonl").write_text('{"step": 1, "valid_loss": null, "nonfinite": ["valid_loss"]}\n'
+                                      '{"step": 2, "valid_loss": 2.0}\n')  # as the engine writes a NaN
     assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(valid)]) == 0
     out = capsys.readouterr().out  # a diverged evaluation is said, and the other steps converted
     assert "step 1: valid_loss nan (not finite" in out and "step 2: 2.0000 nats/token" in out

@@ -242,7 +242,8 @@ def test_an_update_that_ruins_the_weights_is_neither_checkpointed_nor_exported(t
     from multimodal_rwkv.training.loop import _json_row
 
     assert json.loads(_json_row({"step": 1, "valid_loss": float("nan"), "loss": float("inf"), "lr": 0.5})) == {
-        "step": 1, "valid_loss": None, "loss": None, "lr": 0.5}  # metrics.jsonl stays JSON
+        "step": 1, "valid_loss": None, "loss": None, "lr": 0.5,  # metrics.jsonl stays JSON, and a diverged
+        "nonfinite": ["loss", "valid_loss"]}                     # number is not taken for a missing one
 
 
 def test_the_latest_checkpoint_is_exported_after_an_interrupted_extension(tmp_path, corpus, caplog):

@@ -301,7 +301,8 @@ def _eval_from_metrics(args, ids) -> int:
     for k, r in rows:
         if not isinstance(r, dict):
             raise DataError(f"{p}:{k}: not a metrics record (a JSON object), got {type(r).__name__}")
-    rows = [r for _, r in rows if r.get("valid_loss") is not None]  # null: no target token was evaluated
+    # null: no target token was evaluated, or (named in "nonfinite") the evaluation diverged
+    rows = [r for _, r in rows if r.get("valid_loss") is not None or "valid_loss" in (r.get("nonfinite") or [])]
     if not rows:
         raise DataError(f"{p}: no valid_loss entries")
     if n_scored < len(ids) - 1:
@@ -309,6 +310,8 @@ def _eval_from_metrics(args, ids) -> int:
               f"{p.parent / 'recipe.yaml'}; converted with their {name.split('/')[1]}s)")
     for r in rows:
         v = r["valid_loss"]
+        if v is None:  # the engine writes a diverged (NaN/inf) loss as null, named in "nonfinite"
+            v = float("nan")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise DataError(f"{p}: step {r.get('step')}: valid_loss is not a number ({v!r})")
         if v < 0:

@@ -198,8 +198,14 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _json_row(row: dict) -> str:
-    """A metrics row as JSON, a non-finite number as null (NaN is not JSON; null marks a missing loss)."""
-    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+    """A metrics row as JSON: a non-finite number is written as null (NaN is not JSON) and named in
+    ``"nonfinite"`` (a null loss alone means nothing was evaluated)."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return json.dumps(row)
+    out = {k: (None if k in bad else v) for k, v in row.items()}
+    out["nonfinite"] = sorted(set(out.get("nonfinite") or []) | set(bad))
+    return json.dumps(out)
 
 
 def _resume_hint(last_ckpt) -> str:
@@ -537,8 +543,8 @@ class Trainer:
         weights are neither checkpointed (a resume would start from them) nor exported."""
         import torch
 
-        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())),
-                   None)
+        bad = next((n for n, p in _unwrap(acc, model).named_parameters()
+                    if p.requires_grad and not bool(torch.isfinite(p).all())), None)
         flag = torch.tensor([0.0 if bad is None else 1.0], device=acc.device)
         if acc.num_processes > 1:  # (FSDP: each rank holds a shard)
             flag = acc.reduce(flag, reduction="sum")
@@ -1082,7 +1088,7 @@ class Trainer:
             logger.info("resumed from %s (step %d)", resume[1], step)
             if main:  # drop metrics logged after the checkpoint (they will be recomputed identically)
                 rows = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
-                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+                atomic_write_text(self.metrics_path, "".join(_json_row(r) + "\n" for r in rows))
         elif main and self.metrics_path.exists():
             self.metrics_path.unlink()
         if main and not reexport:
