@@ -625,6 +625,24 @@ def test_fp16_rescales_the_residual_stream_as_the_official_package(tmp_path, ver
     assert (h.logits[0].float() - off).abs().max() < 0.05
 
 
+def test_fp16_keeps_the_wkv_output_and_its_norm_in_fp32(tmp_path):
+    """The WKV output was cast to fp16 before its GroupNorm: past 65504 it became inf, the logits
+    NaN, where the official fp16 (which norms in fp32) stays within 0.01 of fp32."""
+    sd = blink_state_dict(version="x060", n_layer=2, n_embd=64, head_size=32, vocab_size=128, seed=2)
+    for i in range(2):
+        for k in ("key", "value"):
+            sd[f"blocks.{i}.att.{k}.weight"] = sd[f"blocks.{i}.att.{k}.weight"] * 20
+    pth = tmp_path / "bigwkv.pth"
+    torch.save(sd, pth)
+    toks = list(range(1, 17))
+    with torch.no_grad():
+        ref = RWKVForCausalLM.from_pretrained(pth, dtype="fp32")(torch.tensor([toks])).logits[0]
+        half = RWKVForCausalLM.from_pretrained(pth, dtype="fp16")(torch.tensor([toks])).logits[0].float()
+    assert torch.isfinite(half).all() and (half - ref).abs().max() < 0.05
+    off = official_forward(pth, toks, "cpu fp16")["logits"].float()
+    assert (half - off).abs().max() < 0.05
+
+
 def test_generate_text_cuts_at_transformers_stop_strings_too():
     """stop_strings (argument or generation config) stopped the generation but stayed in the text
     with the rest of their token; stop= was cut."""
@@ -790,7 +808,7 @@ def test_transformers_size_names_as_overrides_are_config_errors(tmp_path):
             AutoConfig.from_pretrained(tmp_path / "m", **{key: 2})
         with pytest.raises(ConfigError, match=f"no key '{key}': use {ours}"):
             RWKVConfig.from_pretrained(tmp_path / "m", **{key: 2})
-    for bad in (-5, True):
+    for bad in (-5, True, "-1GB", float("nan")):
         with pytest.raises(ValueError, match="max_shard_size must be a size in bytes"):
             m.save_pretrained(tmp_path / "s", max_shard_size=bad)
 

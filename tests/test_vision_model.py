@@ -373,6 +373,20 @@ def test_fp16_refuses_a_weight_beyond_its_range(tok, tmp_path):
     VisualRWKV.from_pretrained(tmp_path / "m", dtype="bf16", tokenizer=tok)  # bf16 has the range
 
 
+def test_nan_logits_are_an_error_not_an_empty_answer(tok):
+    """NaN logits (fp16 overflow) picked id 0 by argmax: vqa answered nothing, with exit 0."""
+    from multimodal_rwkv.errors import NumericsError
+
+    m = make_model(tok, n_layer=2)
+    logits = torch.zeros(2, 50)
+    logits[1, 3] = float("nan")
+    for sample in (False, True):
+        with pytest.raises(NumericsError, match="logits are NaN or infinite"):
+            m._pick(logits, sample, 1.0, 0, 1.0, None)
+    logits[1, 3] = -float("inf")  # a ban is fine
+    assert m._pick(logits, False, 1.0, 0, 1.0, None).shape == (2,)
+
+
 def test_load_released_v060_layout(tok, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

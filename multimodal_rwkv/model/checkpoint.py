@@ -621,7 +621,9 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
     else:
         _check_state_dict(state_dict, own)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    if isinstance(max_shard_size, bool) or (isinstance(max_shard_size, (int, float)) and max_shard_size < 0):
+    negative = isinstance(max_shard_size, str) and max_shard_size.strip().startswith("-")  # "-1GB"
+    if negative or isinstance(max_shard_size, bool) or (isinstance(max_shard_size, (int, float))
+                                                        and not max_shard_size >= 0):  # (NaN too)
         raise ValueError(f"max_shard_size must be a size in bytes (>= 0) or a string such as '2GB', got "
                          f"{max_shard_size!r}")
     try:

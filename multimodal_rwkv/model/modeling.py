@@ -297,6 +297,9 @@ class TimeMix(nn.Module):
             logw = logw * m4.to(logw.dtype)
         if wkv_state is None:
             wkv_state = self.initial_wkv(B)
+        half = r.dtype == torch.float16
+        if half:  # the WKV output and its GroupNorm in fp32, as the official fp16 strategies: y can pass 65504
+            r = r.float()
         done = decay is not None and cpu.wkv6_cpu_decayed(r, k, v, decay.view(B, T, H, N), self.time_faaaa, wkv_state)
         if done:
             y, new_wkv = done
@@ -315,11 +318,15 @@ class TimeMix(nn.Module):
                                         self.gn_eps, div)
         else:
             # GroupNorm(y / div, eps) == GroupNorm(y, eps * div^2)
-            z = cpu.gn_gate(y.to(gate_pre.dtype), gate_pre.reshape(B * Tout, -1), self.ln_x.weight, self.ln_x.bias, H,
-                            self.gn_eps * div * div)
+            if half:
+                z = cpu.gn_gate(y.float(), gate_pre.reshape(B * Tout, -1).float(), self.ln_x.weight.float(),
+                                self.ln_x.bias.float(), H, self.gn_eps * div * div)
+            else:
+                z = cpu.gn_gate(y.to(gate_pre.dtype), gate_pre.reshape(B * Tout, -1), self.ln_x.weight,
+                                self.ln_x.bias, H, self.gn_eps * div * div)
             if out_scale != 1.0:
                 z = z * out_scale
-            out = self.output(z.view(B, Tout, -1))
+            out = self.output(z.to(gate_pre.dtype).view(B, Tout, -1))
         return out, x[:, -1], new_wkv
 
 
