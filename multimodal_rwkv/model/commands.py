@@ -56,7 +56,7 @@ def register(sub) -> None:
     p.add_argument("src", type=path_arg)
     p.add_argument("out_dir", type=path_arg)
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16; default: the dtype of most of the file's "
-                   "weights (float64 as fp32); a trained initial state stays fp32")
+                   "weights (float64 as fp32, float8 as bf16); a trained initial state stays fp32")
     p.add_argument("--state", type=path_arg, default=None,
                    help="a state-tuning file (blocks.N.att.time_state) built into the model as its initial state")
     p.set_defaults(func=cmd_convert)
