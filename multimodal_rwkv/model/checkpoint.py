@@ -310,6 +310,11 @@ def _load_raw(src, state_file=None):
     return cfg, sd, name
 
 
+def _settings(config_dict: dict) -> dict:
+    """A config dict without transformers' bookkeeping keys: what RWKVConfig(**...) takes."""
+    return {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version", "architectures")}
+
+
 # a Hugging Face-layout folder's config.json (the RWKV org's rwkv5/rwkv6 repos): its names for the sizes
 _HF_SIZES = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "vocab_size": "vocab_size",
              "head_size": "head_size", "attention_hidden_size": "dim_att", "intermediate_size": "dim_ffn"}
@@ -339,8 +344,7 @@ def _with_hf_config(cfg: RWKVConfig, hf: dict, cfg_file: Path) -> RWKVConfig:
         kw["head_size_divisor"] = div
     if not kw:
         return cfg
-    d = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
-    return RWKVConfig(**{**d, **kw})
+    return RWKVConfig(**{**_settings(cfg.to_dict()), **kw})
 
 
 def _load_raw_model(src):
@@ -365,7 +369,7 @@ def _load_raw_model(src):
                                   f"{cfg_dict['model_type']!r}); only RWKV-6 (x060) and RWKV-5.2 (x052) are supported")
         sd = read_folder_weights(path)
         if cfg_dict.get("model_type") == RWKVConfig.model_type:
-            cfg_dict = {k: v for k, v in cfg_dict.items() if k not in ("model_type", "transformers_version", "architectures")}
+            cfg_dict = _settings(cfg_dict)
             try:
                 cfg = RWKVConfig(**cfg_dict)
             except (TypeError, ValueError, ConfigError) as e:
@@ -456,7 +460,7 @@ def _apply_config(cfg: RWKVConfig, src, config=None, overrides=None, state_file=
     given.update(overrides or {})
     if not given:
         return cfg
-    base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
+    base = _settings(cfg.to_dict())
     want = RWKVConfig.from_dict({**base, **given})  # near-misses, bad values: ConfigError
     skip = {"has_initial_state"} if state_file is not None else set()
     clash = [f"{k} {getattr(want, k)!r} (the checkpoint has {getattr(cfg, k)!r})" for k in MODEL_SIZE_KEYS

@@ -110,24 +110,28 @@ class RWKVPenaltyProcessor(LogitsProcessor):
         return out
 
 
+def check_finite_logits(logits: torch.Tensor, dtype: torch.dtype, where: str = "") -> None:
+    """Raise :class:`~multimodal_rwkv.errors.NumericsError` when ``logits`` hold NaN or +inf (the
+    activations of a model of ``dtype`` overflowed, as fp16 does on some models): sampling would
+    fail deep in torch, greedy decoding would pick id 0 and end the text silently. -inf is fine
+    (bans and length limits set it)."""
+    top = logits.amax()  # NaN if any is NaN (amax propagates it), +inf if any is +inf: one reduction
+    if bool(torch.isnan(top) | (top == float("inf"))):
+        from multimodal_rwkv.errors import NumericsError
+
+        hint = " (its activations overflowed fp16: load it as bf16 or fp32)" if dtype == torch.float16 else ""
+        raise NumericsError(f"the model's logits are NaN or infinite{where}{hint}")
+
+
 class FiniteLogitsGuard(LogitsProcessor):
-    """Raise :class:`~multimodal_rwkv.errors.NumericsError` when the model's logits hold NaN or
-    +inf (its activations overflowed, as fp16 does on some models): sampling would fail deep in
-    torch, greedy decoding would pick id 0 and end the text silently. Runs before the other
-    processors (-inf is left to them: bans and length limits set it)."""
+    """:func:`check_finite_logits` on each step's scores, before the other processors."""
 
     def __init__(self, dtype):
         self.dtype, self.step = dtype, 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.step += 1
-        top = scores.amax()  # NaN if any is NaN (amax propagates it), +inf if any is +inf: one reduction
-        if bool(torch.isnan(top) | (top == float("inf"))):
-            from multimodal_rwkv.errors import NumericsError
-
-            hint = (" (its activations overflowed fp16: load it as bf16 or fp32)" if self.dtype == torch.float16
-                    else "")
-            raise NumericsError(f"the model's logits are NaN or infinite at new token {self.step}{hint}")
+        check_finite_logits(scores, self.dtype, f" at new token {self.step}")
         return scores
 
 

@@ -317,13 +317,10 @@ class TimeMix(nn.Module):
             out = NormGatedOutput.apply(y, gate_pre, self.ln_x.weight, self.ln_x.bias, self.output.weight, H,
                                         self.gn_eps, div)
         else:
-            # GroupNorm(y / div, eps) == GroupNorm(y, eps * div^2)
-            if half:
-                z = cpu.gn_gate(y.float(), gate_pre.reshape(B * Tout, -1).float(), self.ln_x.weight.float(),
-                                self.ln_x.bias.float(), H, self.gn_eps * div * div)
-            else:
-                z = cpu.gn_gate(y.to(gate_pre.dtype), gate_pre.reshape(B * Tout, -1), self.ln_x.weight,
-                                self.ln_x.bias, H, self.gn_eps * div * div)
+            # GroupNorm(y / div, eps) == GroupNorm(y, eps * div^2); an fp16 model's in fp32 (see above)
+            cd = torch.float32 if half else gate_pre.dtype
+            z = cpu.gn_gate(y.to(cd), gate_pre.reshape(B * Tout, -1).to(cd), self.ln_x.weight.to(cd),
+                            self.ln_x.bias.to(cd), H, self.gn_eps * div * div)
             if out_scale != 1.0:
                 z = z * out_scale
             out = self.output(z.to(gate_pre.dtype).view(B, Tout, -1))
@@ -929,8 +926,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             uncounted = uncounted_ids(counts_by, self.config.vocab_size) if frequency_penalty and counts_by else ()
             processors.append(RWKVPenaltyProcessor(presence_penalty, frequency_penalty, penalty_decay,
                                                    prompt_len=prompt_len, uncounted=uncounted))
-        if tokenizer is not None and decodable_ids(tokenizer, self.config.vocab_size) < self.config.vocab_size:
-            processors.append(VocabLimitProcessor(decodable_ids(tokenizer, self.config.vocab_size)))
+        n_ids = decodable_ids(tokenizer, self.config.vocab_size) if tokenizer is not None else self.config.vocab_size
+        if n_ids < self.config.vocab_size:
+            processors.append(VocabLimitProcessor(n_ids))
         # transformers' stop_strings (the argument, or the generation config in use) need its own
         # tokenizer type: they join our stop strings, and the config in use is given none below
         user_gc = kwargs.pop("generation_config", None)

@@ -231,13 +231,12 @@ def _is_bool(x) -> bool:
 
 def _count(name: str, n) -> int:
     """``n`` as an int >= 0 (a bool, a float or a negative number is a ValueError naming ``name``)."""
-    try:
-        n = _as_int(n)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= 0, got {n!r}") from None
-    if n < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {n}")
-    return n
+    from multimodal_rwkv.argtypes import integer_number
+
+    k = integer_number(n)
+    if k is None or k < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
+    return k
 
 
 def _as_int(x) -> int:

@@ -95,6 +95,7 @@ class LMTask(Task):
             raise ConfigError(f"data.options: the lm task takes no options, got {sorted(cfg.data.options)}")
         if cfg.data.format == "llava":
             raise ConfigError("data.format: 'llava' data needs task: visualrwkv")
+        self._skipped_by_source: dict[str, int] = {}  # bad records per data source (resolved path)
 
     # ------------------------------------------------------------------ model
     def build_model(self):
@@ -142,7 +143,6 @@ class LMTask(Task):
         head = stream.ids if scanned_all else stream.ids[: FULL_VOCAB_SCAN]
         check_id_range(head, vocab_size, stream.source)
         # a valid_file that is the train_file (or the same folder) is one source: its bad records count once
-        self._skipped_by_source = getattr(self, "_skipped_by_source", {})
         self._skipped_by_source[str(Path(path).resolve())] = stream.skipped
         self.skipped = sum(self._skipped_by_source.values())
         L = d.ctx_len

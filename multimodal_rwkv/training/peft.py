@@ -152,11 +152,11 @@ def select_trainable(model: nn.Module, peft, task_filter=None) -> tuple[int, int
     restrict = peft.lora_r > 0 or peft.train_state
     for n, p in model.named_parameters():
         on = True
-        asked = None  # what a PEFT setting asked of this parameter in so many words, and which one
+        lora = peft.lora_r > 0 and is_lora_param(n)
+        # what a PEFT setting asked of this parameter in so many words, and which one
+        asked = "peft.lora_r (a LoRA adapter)" if lora else None
         if restrict:
-            on = (peft.lora_r > 0 and is_lora_param(n)) or (peft.train_state and is_state_param(n))
-            if peft.lora_r > 0 and is_lora_param(n):
-                asked = "peft.lora_r (a LoRA adapter)"
+            on = lora or (peft.train_state and is_state_param(n))
         if peft.freeze and _matches(n, peft.freeze):
             on, asked = False, "peft.freeze"
         if peft.trainable and _matches(n, peft.trainable):

@@ -475,12 +475,9 @@ class VisualRWKV(nn.Module):
         return outs
 
     def _pick(self, logits, do_sample, temperature, top_k, top_p, gen) -> torch.Tensor:
-        top = logits.amax()  # NaN if any is NaN, +inf if any is: the argmax would be id 0, an empty answer
-        if bool(torch.isnan(top) | (top == float("inf"))):
-            from multimodal_rwkv.errors import NumericsError
+        from multimodal_rwkv.model.generation import check_finite_logits
 
-            hint = " (its activations overflowed fp16: load it as bf16 or fp32)" if logits.dtype == torch.float16 else ""
-            raise NumericsError(f"the model's logits are NaN or infinite{hint}")
+        check_finite_logits(logits, logits.dtype)  # (the argmax of NaN would be id 0: an empty answer)
         logits = logits.clone()
         if self.local_to_world is not None:
             logits[:, -1] = -float("inf")  # never produce the UNK row
