@@ -539,6 +539,60 @@ def test_abc_to_midi_fallback_keeps_the_tempo_and_exact_times_and_double_repeats
     assert len(timed(abc_to_midi("C D E F|G A B c|\n"))) == 8  # a tune body alone still converts
 
 
+
+def test_abc_to_midi_rewrites_what_music21_drops_or_misreads():
+    """music21 read K:Bloc as B major, ignored the K: line's extra accidentals (K:G =f, K:D Phr ^f)
+    and exp, dropped the invisible rest x with its time, a note under the fermata H, and multi-bar
+    rests Z: wrong pitches or every later note early, with exit code 0 (ABC 2.1 sections 4.5, 4.6,
+    4.14)."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music import abc_to_midi
+    from multimodal_rwkv.music.abc import _readable_by_music21
+
+    def notes(text):
+        t, on, out = 0, {}, []
+        mid = abc_to_midi(text)
+        for m in mido.merge_tracks(mid.tracks):
+            t += m.time
+            if m.type == "note_on" and m.velocity:
+                on[m.note] = t
+            elif m.type in ("note_off", "note_on") and m.note in on:
+                out.append((on.pop(m.note) / mid.ticks_per_beat, m.note))
+        return sorted(out)
+
+    def pitches(text):
+        return [p for _, p in notes(text)]
+
+    head = "X:1\nM:4/4\nL:1/4\n"
+    assert pitches(head + "K:Bloc\nBcde|\n") == pitches(head + "K:B Locrian\nBcde|\n") == [71, 72, 74, 76]
+    assert pitches(head + "K:Eloc\nBcde|\n") == [70, 72, 74, 76]  # one flat, as F major
+    assert pitches(head + "K:G =f\nGFED|\n") == [67, 65, 64, 62]
+    # D Phrygian (two flats) with ^f: every F sharp in every octave, B and E flat
+    assert pitches(head + "K:D Phr ^f\nFBef|\n") == [66, 70, 75, 78]
+    # an accidental written in the bar carries over the key's modifier, to the bar line only
+    assert pitches(head + "K:C ^f\n=F F f F|F4|\n") == [65, 65, 77, 65, 66]
+    # exp: only the listed accidentals (not D's sharps); a comment after them stays a comment
+    assert pitches(head + "K:D exp _b % explicit\nBcfB|\n") == [70, 72, 77, 70]
+    # a K: line in the body changes them from there on
+    assert pitches(head + "K:C ^f\nF4|\nK:C\nF4|\n") == [66, 65]
+    # x keeps its time; H keeps its note; Z4 is four bars of rest (of the M: in force)
+    assert notes("X:1\nM:2/4\nL:1/4\nK:C\nx c|d e|\n") == [(1.0, 72), (2.0, 74), (3.0, 76)]
+    assert notes("X:1\nM:2/4\nL:1/4\nK:C\nc Hd|e f|\n") == [(0.0, 72), (1.0, 74), (2.0, 76), (3.0, 77)]
+    assert notes("X:1\nM:3/4\nL:1/8\nK:C\nc6|Z2|d6|\n") == [(0.0, 72), (9.0, 74)]
+    # what is not music stays as written: fields, strings, decorations, comments
+    text = 'X:1\nT:Hex Fx\nM:4/4\nL:1/8\nK:G =f\nw:fix\n"F"!fermata!+trill+F2 [V:1] % xH f\n'
+    assert _readable_by_music21(text) == 'X:1\nT:Hex Fx\nM:4/4\nL:1/8\nK:G\nw:fix\n"F"!fermata!+trill+=F2 [V:1] % xH f\n'
+    # the old tempo forms count in the tune's own L:, not the file header's before it
+    from multimodal_rwkv.music.abc import _unit_tempo
+
+    assert "Q:1/8=120" in _unit_tempo("X:1\nL:1/4\nL:1/8\nQ:C=120\nM:4/4\nK:C\nCDEF|\n")
+    tempos = [m.tempo for m in abc_to_midi("L:1/4\n\nX:1\nL:1/8\nQ:C=120\nM:4/4\nK:C\nCDEF GABc|\n")
+              if m.type == "set_tempo"]
+    assert [round(mido.tempo2bpm(t)) for t in tempos] == [60]
+    tune = head + "K:D\nD2 FA|d4|\n"  # nothing to rewrite: the text unchanged
+    assert _readable_by_music21(tune) == tune
+
+
 def test_cli_abc2midi_applies_the_file_header(tmp_path, capsys):
     pytest.importorskip("music21")
     from multimodal_rwkv.cli import main

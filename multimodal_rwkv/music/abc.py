@@ -254,10 +254,11 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     when it holds a ``K:`` field or a bar line. Unparsable ABC raises :class:`MidiError` naming
     ``name``. Known limits: music21's ABC reader does not apply inline ``[K:]``, ``[L:]``, ``[Q:]``
     or ``[V:]`` fields, a clef in ``K:`` (``K:C clef=bass`` sounds two octaves low), the ``K:``
-    modifiers ``exp``, ``octave=`` and ``transpose=``, multi-bar rests (``Z``), ties on chords, a
-    tie next to a broken rhythm (``c>-d``), or ``Q:`` lines in the tune body (the header's tempo
-    holds throughout), and expands a single repeated section only sometimes. Grace notes and chord
-    symbols (``"G"``) are left out."""
+    modifiers ``octave=`` and ``transpose=``, ties on chords, a tie next to a broken rhythm
+    (``c>-d``), or ``Q:`` lines in the tune body (the header's tempo holds throughout), and expands
+    a single repeated section only sometimes. Grace notes and chord symbols (``"G"``) are left out.
+    What music21 would drop or misread otherwise is rewritten first (see :func:`_readable_by_music21`):
+    ``K:`` modifiers (``K:D Phr ^f``, ``exp``), the Locrian mode, ``x`` and ``Z`` rests, ``H``."""
     import tempfile
 
     import mido
@@ -277,7 +278,7 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     tunes = split_tunes(text, name)  # the first tune (to its empty line), the file header applied
     if not tunes:
         raise MidiError(f"{name}: the ABC holds no tune")
-    text = _unit_tempo(with_default_unit_length(tunes[0]))
+    text = _readable_by_music21(_unit_tempo(with_default_unit_length(tunes[0])))
     if not _VERSION.match(text):  # ABC 2.1, as abc2midi reads any tune: an accidental carries to the bar's end
         text = "%abc-2.1\n" + text
     text = "\n".join(ln if _HEADER_LINE.match(ln) else _DOUBLE_REPEAT.sub(r"\1 ::", ln)
@@ -320,7 +321,9 @@ def _unit_tempo(tune: str) -> str:
     music21 reads ``C`` as a quarter of a whole note and a bare number as quarters, whatever
     ``L:`` is (``Q:C=120`` at L:1/8 was 480 BPM). Text in quotes and a comment stay; a tempo word
     without quotes (``Q:Allegro``, which music21 cannot read) gets them."""
-    unit = _UNIT_LENGTH.search(tune)
+    k_line = re.search(r"^K:", tune, re.MULTILINE)
+    units = list(_UNIT_LENGTH.finditer(tune, 0, k_line.start() if k_line else len(tune)))
+    unit = units[-1] if units else None  # the header's last L: (a tune's own overrides the file header's)
     if unit is None or int(unit.group(2)) == 0:
         return tune
     from fractions import Fraction
@@ -335,6 +338,106 @@ def _unit_tempo(tune: str) -> str:
         return f"Q:{m.group('pre')}{f.numerator}/{f.denominator}={bpm}{m.group('post')}"
 
     return _WORD_TEMPO.sub(r'Q:"\1"\2', _UNIT_TEMPO.sub(beat, tune))
+
+
+# ---- what music21's ABC reader would drop or misread, written in forms it reads ---------------
+_KEY_MODIFIER = re.compile(r"(\^\^|\^|__|_|=)([A-Ga-g])")
+_KEY_TONIC = re.compile(r"(?P<tonic>[A-Ga-g][#b]?)[ \t]*(?P<mode>[A-Za-z]*)")
+_MAJOR_KEYS = ["Cb", "Gb", "Db", "Ab", "Eb", "Bb", "F", "C", "G", "D", "A", "E", "B", "F#", "C#"]  # -7..7 sharps
+_MUSIC_TOKEN = re.compile(
+    r'(?P<keep>"[^"\n]*"?|![^!\n]*!|\+(?:[A-Za-z]{4,}[()]?|[0-5]|[<>][()]?|[pmfrsz]{1,4}|D\.[SC]\.)\+'
+    r"|\[[A-Za-z]:[^\]\n]*\]|%.*)"
+    r"|(?P<note>(?P<acc>\^\^|\^|__|_|=)?(?P<letter>[A-Ga-g]))"
+    r"|(?P<bar>\||::)"
+    r"|(?P<multirest>Z(?P<bars>\d*))"
+    r"|(?P<invisible>x)"
+    r"|(?P<fermata>H)")
+
+
+def _rewrite_key_line(line: str) -> tuple[str, dict[str, str]]:
+    """A ``K:`` line as music21 reads it, and the accidentals its modifiers add (``K:D Phr ^f`` ->
+    ``K:D Phr`` and ``{"F": "^"}``): Locrian as the major key of the same signature (music21 took
+    ``K:Bloc`` as B major), ``exp`` as C plus the listed accidentals."""
+    body, _, comment = line[2:].partition("%")
+    words = body.split()
+    mods = {m[2].upper(): m[1] for w in words if (m := _KEY_MODIFIER.fullmatch(w))}
+    words = [w for w in words if not _KEY_MODIFIER.fullmatch(w)]
+    explicit = any(w.lower() == "exp" for w in words)
+    words = [w for w in words if w.lower() != "exp"]
+    rest = " ".join(words)
+    m = _KEY_TONIC.match(rest)
+    if explicit:  # only the listed accidentals: C's signature (a tonic or mode given stays unused)
+        n = m.end() if m and not re.match(r"(?i)clef|octave|transpose|middle|stafflines|m=", m["mode"]) else 0
+        rest = "C " + rest[n:].strip() if n else "C " + rest
+    elif m and m["mode"][:3].lower() == "loc":
+        from music21 import key
+
+        tonic = m["tonic"][0].upper() + m["tonic"][1:].replace("b", "-")
+        sharps = key.pitchToSharps(tonic, "major") - 5
+        if -7 <= sharps <= 7:
+            rest = _MAJOR_KEYS[sharps + 7] + rest[m.end():]
+    if not mods and not explicit and rest == " ".join(body.split()):
+        return line, {}
+    return "K:" + rest.strip() + (" %" + comment if comment else ""), mods
+
+
+def _bar_units(meter: str, unit: str):
+    """Units of length ``L:`` in one bar of meter ``M:`` (``None`` for ``M:none`` or one unread)."""
+    from fractions import Fraction
+
+    meter = {"C": "4/4", "C|": "2/2"}.get(meter.split("%", 1)[0].strip(), meter.split("%", 1)[0].strip())
+    fm = re.fullmatch(r"\(?\s*(\d+(?:\s*\+\s*\d+)*)\s*\)?\s*/\s*(\d+)", meter)
+    fu = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*(?:%.*)?", unit)
+    if not fm or not fu or not int(fm[2]) or not int(fu[1]) or not int(fu[2]):
+        return None
+    units = Fraction(sum(map(int, fm[1].split("+"))), int(fm[2])) / Fraction(int(fu[1]), int(fu[2]))
+    return f"{units.numerator}/{units.denominator}" if units.denominator > 1 else str(units.numerator)
+
+
+def _readable_by_music21(tune: str) -> str:
+    """Rewrite what music21's ABC reader drops or misreads into forms it reads, the music unchanged
+    (ABC 2.1): the ``K:`` modifiers (``K:D Phr ^f``, ``K:D exp _b``) as the notes' own
+    accidentals, bar by bar (an accidental written in the bar still carries over them); ``K:``
+    in the Locrian mode; the invisible rest ``x`` as ``z`` (music21 dropped it and its time); the
+    fermata ``H`` as ``!fermata!`` (music21 dropped the note); a multi-bar rest ``Z``/``Z4`` as
+    that many bars of ``z`` (one bar of the ``M:`` in force; left as is for ``M:none``)."""
+    lines = tune.split("\n")
+    in_body, mods, seen = False, {}, set()
+    meter, unit = "none", "1/8"
+    out = []
+    for ln in lines:
+        if ln.startswith("K:"):
+            ln, mods = _rewrite_key_line(ln)
+            in_body = True
+        elif ln.startswith("M:"):
+            meter = ln[2:]
+        elif ln.startswith("L:"):
+            unit = ln[2:]
+        if not in_body or _HEADER_LINE.match(ln):
+            out.append(ln)
+            continue
+
+        def sub(m):
+            if m["note"]:
+                letter = m["letter"].upper()
+                if m["acc"]:
+                    seen.add(letter)
+                elif letter in mods and letter not in seen:
+                    return mods[letter] + m["letter"]
+            elif m["bar"]:
+                seen.clear()
+            elif m["multirest"]:
+                bar = _bar_units(meter, unit)
+                if bar is not None:
+                    return " | ".join([f"z{bar}"] * max(1, int(m["bars"] or 1)))
+            elif m["invisible"]:
+                return "z"
+            elif m["fermata"]:
+                return "!fermata!"
+            return m[0]
+
+        out.append(_MUSIC_TOKEN.sub(sub, ln))
+    return "\n".join(out)
 
 
 def _drop_grace_notes(score) -> None:

@@ -460,7 +460,7 @@ def register(subparsers) -> None:
                                    "%abc- version line is read as ABC 2.1 (an accidental carries to the end of "
                                    "its bar, as in abc2midi). Known limits: music21's ABC reader does not apply "
                                    "inline [K:], [L:], [Q:] or [V:] fields, a clef in K: (K:C clef=bass sounds two "
-                                   "octaves low), the K: modifiers exp, octave= and transpose=, multi-bar rests (Z), "
+                                   "octaves low), the K: modifiers octave= and transpose=, "
                                    "ties on chords, a tie next to a broken rhythm (c>-d) or Q: lines in the tune "
                                    "body, and expands a single repeated section only sometimes; grace notes are "
                                    "left out, and so are chord symbols (\"G\").",
