@@ -871,3 +871,38 @@ def test_generate_abc_continues_the_prompts_last_tune(tmp_path, monkeypatch):
     from multimodal_rwkv.music.abc import CONTROL_BYTES
 
     assert len(text) > 50 and not any(b in CONTROL_BYTES for b in text.encode())
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_music_generation_refuses_non_finite_logits(tmp_path, sign, capsys):
+    """music generate had no check of the logits: an fp16 model that overflowed wrote a piece of
+    repaired garbage with exit 0 (greedy picked id 0; sampling was a torch traceback). A row that is
+    -inf throughout is no ban either: it is an overflow too."""
+    import torch
+
+    from multimodal_rwkv import RWKVForCausalLM
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.errors import NumericsError
+    from multimodal_rwkv.music import generate as gen
+
+    m = _constant_abc_model(tmp_path / "c", ord("C"))
+    with torch.no_grad():  # ln_out gives 1 in each of 32 channels: the logits are +-32 * 1e4, beyond fp16
+        m.head.weight.fill_(sign * 1e4)
+    m.half().save_pretrained(tmp_path / "c")
+    loaded = RWKVForCausalLM.from_pretrained(tmp_path / "c")
+    assert loaded.dtype == torch.float16
+    for temperature in (0.0, 1.0):
+        with pytest.raises(NumericsError, match="logits are NaN or infinite at new token 1 .*load it as bf16"):
+            gen.sample_tokens(loaded, [0], 4, temperature=temperature, seed=0)
+        with pytest.raises(NumericsError, match="logits are NaN or infinite"):
+            loaded.generate(torch.tensor([[1, 2]]), max_new_tokens=2, do_sample=temperature > 0)
+    with torch.no_grad():  # music generate loads as fp32: logits beyond fp32's range
+        m.float().head.weight.fill_(sign * 1e37)
+        m.rwkv.ln_out.bias.fill_(100.0)
+    m.save_pretrained(tmp_path / "c")
+    for temperature in (0.0, 1.0):
+        out = tmp_path / "g.abc"
+        assert main(["music", "generate", "--model", str(tmp_path / "c"), "--out", str(out), "--max-tokens", "4",
+                     "--temperature", str(temperature)]) == 2
+        err = capsys.readouterr().err
+        assert "logits are NaN or infinite" in err and len(err.strip().splitlines()) == 1 and not out.exists()

@@ -111,12 +111,12 @@ class RWKVPenaltyProcessor(LogitsProcessor):
 
 
 def check_finite_logits(logits: torch.Tensor, dtype: torch.dtype, where: str = "") -> None:
-    """Raise :class:`~multimodal_rwkv.errors.NumericsError` when ``logits`` hold NaN or +inf (the
-    activations of a model of ``dtype`` overflowed, as fp16 does on some models): sampling would
-    fail deep in torch, greedy decoding would pick id 0 and end the text silently. -inf is fine
-    (bans and length limits set it)."""
-    top = logits.amax()  # NaN if any is NaN (amax propagates it), +inf if any is +inf: one reduction
-    if bool(torch.isnan(top) | (top == float("inf"))):
+    """Raise :class:`~multimodal_rwkv.errors.NumericsError` when ``logits`` (``[..., V]``) hold NaN
+    or +inf, or a row is -inf throughout (the activations of a model of ``dtype`` overflowed, as
+    fp16 does on some models): sampling would fail deep in torch, greedy decoding would pick id 0
+    and end the text silently. A -inf among finite logits is fine (bans and length limits set it)."""
+    top = logits.amax(-1)  # per row: NaN if any is NaN (amax propagates it), +inf if any is +inf
+    if bool((torch.isnan(top) | top.isinf()).any()):
         from multimodal_rwkv.errors import NumericsError
 
         hint = " (its activations overflowed fp16: load it as bf16 or fp32)" if dtype == torch.float16 else ""

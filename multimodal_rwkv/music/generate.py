@@ -112,7 +112,7 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
     <= 0 is greedy. Ids >= ``allowed`` (padding beyond the tokenizer's vocabulary) are never drawn."""
     import torch
 
-    from multimodal_rwkv.model.generation import check_sampling
+    from multimodal_rwkv.model.generation import check_finite_logits, check_sampling
 
     check_sampling(temperature, top_k, top_p)
     x = logits.float().clone()
@@ -141,10 +141,11 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
     """Sample up to ``max_new_tokens`` ids after ``prompt`` (non-empty), never one of ``banned_ids``.
     Stops after a token in ``stop_ids`` (kept in the output) or when ``on_token(id)`` returns True.
     Works with RWKV (recurrent state) and with ``transformers`` causal LMs (KV cache). Returns the
-    new ids."""
+    new ids. Logits that are NaN or infinite (a model overflowing fp16) raise
+    :class:`~multimodal_rwkv.errors.NumericsError`."""
     import torch
 
-    from multimodal_rwkv.model.generation import check_sampling
+    from multimodal_rwkv.model.generation import check_finite_logits, check_sampling
 
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens)
     seed = _check_seed(seed)
@@ -153,7 +154,7 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
     if not prompt:
         raise ValueError("prompt must hold at least one id (e.g. the separator 0)")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     x = torch.tensor([prompt], dtype=torch.long, device=device)
     rwkv = hasattr(model, "empty_state")
     new: list[int] = []
@@ -166,8 +167,9 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
         else:
             out = model(input_ids=x, use_cache=True)
             cache = out.past_key_values
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = out.logits[0, -1].cpu()
+            check_finite_logits(logits, dtype, f" at new token {step + 1}")
             if len(banned):
                 logits = logits.index_fill(0, banned, -float("inf"))
             i = sample_next(logits, temperature, top_k, top_p, gen, vocab_size)
@@ -276,7 +278,7 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
     ``prompt``: a MIDI path / ``mido.MidiFile`` to continue, or None. ``seconds``: length of the
     new part. ``out``: also save the ``.mid``; ``png``: also draw a piano roll (prompt shaded).
     """
-    from multimodal_rwkv.model.generation import check_sampling
+    from multimodal_rwkv.model.generation import check_finite_logits, check_sampling
 
     _check_seconds(seconds)  # before the model is loaded
     _check_count("max_new_tokens", max_new_tokens)
@@ -329,7 +331,7 @@ def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\
     earlier tunes in the prompt are its context (as in training, separated by id 0) and are not
     repeated in the result, which is the last tune and its continuation. Bytes that are not text
     (control bytes other than tab, newlines and form feeds) are never generated."""
-    from multimodal_rwkv.model.generation import check_sampling
+    from multimodal_rwkv.model.generation import check_finite_logits, check_sampling
 
     tok = AbcTokenizer()
     if not isinstance(prompt, str):
