@@ -63,6 +63,45 @@ def test_l2wrap_gradient_matches_formula(reduction):
     torch.testing.assert_close(y.grad, expect, rtol=1e-6, atol=1e-8)
 
 
+
+def test_lm_l2wrap_pushes_every_position_by_rwkv_lm_factor_on_masked_data():
+    """With chat masking (fewer targets than positions), each position's push was 1e-4 / n_targets:
+    B*T / n_targets times RWKV-LM's 1e-4 / (B*T) (its masked training keeps that factor)."""
+    from multimodal_rwkv.training.lm import LMTask
+    from multimodal_rwkv.training.task import StepContext
+
+    def logits_grad(l2wrap):
+        cfg = TrainConfig()
+        cfg.train.l2wrap = l2wrap
+        m = tiny()
+        cap = []
+        real = RWKVForCausalLM.forward
+
+        def keep(self, *a, **k):
+            out = real(self, *a, **k)
+            out.logits.retain_grad()
+            cap.append(out.logits)
+            return out
+
+        ids = torch.randint(1, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+        tgt = torch.full_like(ids, -100)
+        tgt[0, 8:] = ids[0, 8:]  # 4 + 2 of 24 positions are targets
+        tgt[1, 10:] = ids[1, 10:]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(RWKVForCausalLM, "forward", keep)
+            task = LMTask.__new__(LMTask)
+            task.cfg = cfg
+            task.training_step(m, {"input_ids": ids, "targets": tgt},
+                               StepContext(lambda loss: loss.backward(), None, scale=1 / 6, token_scale=1 / 24))
+        return cap[0].grad, cap[0].detach()
+
+    with_wrap, logits = logits_grad(True)
+    without, _ = logits_grad(False)
+    mx, idx = logits.max(-1)
+    push = (with_wrap - without).gather(-1, idx[..., None])[..., 0] / mx
+    torch.testing.assert_close(push, torch.full_like(push, 1e-4 / 24), rtol=1e-3, atol=0)
+
+
 def test_lora_starts_as_identity_and_merge_is_exact_on_random_adapters():
     m = tiny()
     ids = torch.randint(0, 50, (2, 13))

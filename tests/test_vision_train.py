@@ -377,3 +377,24 @@ def test_a_trained_encoder_is_never_left_out_of_final(trained, tmp_path):
     assert tuned and any(not torch.equal(v, untrained[k]) for k, v in tuned.items())
     again = VisualRWKV.from_pretrained(final).state_dict()
     assert all(torch.equal(again[k], v) for k, v in tuned.items())
+
+
+def test_stage1_with_a_batch_of_text_only_records(trained, tmp_path):
+    """LLaVA data may hold text-only records (no "image"); in stage 1 (the projector alone trains) a
+    micro-batch of only those gave a loss with no graph: a backward traceback, exit 1, no step."""
+    from multimodal_rwkv.training import train
+
+    data, _, final = trained
+    rows = json.loads((data / "train.json").read_text())[:2]
+    answer = rows[0]["conversations"][1]["value"]  # (the model answers from its vocab_subset)
+    text_only = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Hello {i}"},
+                                                   {"from": "gpt", "value": answer}]} for i in range(2)]
+    (tmp_path / "mixed.json").write_text(json.dumps(text_only + rows))
+    cfg = recipe(tmp_path, data, tmp_path / "s1t", max_steps=4, train={"micro_batch_size": 1})
+    cfg.data.train_file = str(tmp_path / "mixed.json")
+    cfg.model.config = {}
+    cfg.model.from_pretrained = str(final)
+    cfg.model.options = {"stage": 1}
+    train(cfg)
+    got = [json.loads(x) for x in (tmp_path / "s1t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in got)

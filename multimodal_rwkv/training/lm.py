@@ -15,7 +15,7 @@ from pathlib import Path
 
 from multimodal_rwkv.errors import ConfigError
 from multimodal_rwkv.training.data import IGNORE_INDEX, PackedDataset, check_id_range, collate_lm, load_stream
-from multimodal_rwkv.training.task import StepContext, Task
+from multimodal_rwkv.training.task import StepContext, Task, zero_link
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,10 @@ class L2Wrap:
 
     ``reduction="mean"`` (RWKV-LM): ``loss`` is a mean over the positions of ``logits``
     (``[..., V]``, N = ``logits.numel() / V`` positions) and ``c = factor / N * upstream``, i.e.
-    ``1e-4 / (B*T)`` for an upstream gradient of 1. ``reduction="sum"``: ``loss`` is a sum over
-    positions and ``c = factor * upstream`` (the same per-position push once the sum is normalised).
+    ``1e-4 / (B*T)`` for an upstream gradient of 1. ``reduction="sum"``: ``c = factor * upstream``;
+    the LM task passes ``factor = 1e-4 * token_scale / scale`` with its loss sum over targets, so
+    that every position gets RWKV-LM's ``1e-4 / (B*T)`` also when chat masking leaves fewer
+    targets than positions (RWKV-LM's masked training keeps that factor and pushes every position).
     """
 
     @staticmethod
@@ -212,8 +214,9 @@ class LMTask(Task):
                 loss, logits, new_state = self._chunk_loss(model, ids[:, s:e], tgt[:, s:e], state)
                 total += loss.detach().double()
                 state = new_state.detach() if not last else None  # truncated BPTT
-                if self.cfg.train.l2wrap:
-                    loss = L2Wrap.apply(loss, logits, reduction="sum")
+                if self.cfg.train.l2wrap and ctx.scale > 0:
+                    # the push per position is 1e-4 / (all positions of the step), as RWKV-LM's
+                    loss = L2Wrap.apply(loss, logits, factor=1e-4 * ctx.token_scale / ctx.scale, reduction="sum")
                 if not loss.requires_grad and not last:
                     continue  # state tuning alone: past the first chunk nothing trainable feeds the loss
                 if last and len(chunks) > 1:
@@ -221,7 +224,7 @@ class LMTask(Task):
                     # and anything else only the first chunks use are not in this graph: a zero links
                     # every trainable parameter, so that DDP all-reduces what the earlier chunks
                     # accumulated instead of stopping on parameters that took no part
-                    loss = loss + _zero_link(model)
+                    loss = loss + zero_link(model)
                 ctx.backward(loss * ctx.scale)
         return total, self.count_targets(batch)
 
@@ -246,11 +249,6 @@ class LMTask(Task):
         info = {"task": "lm", "tokenizer": None if tokens else self.cfg.data.tokenizer,
                 "ctx_len": self.cfg.data.ctx_len, "skipped_records": self.skipped}
         (out_dir / "training_info.json").write_text(json.dumps(info, indent=1))
-
-
-def _zero_link(model):
-    """0, as a function of every trainable parameter (a backward through it gives zero gradients)."""
-    return sum(p.view(-1)[0] * 0 for p in model.parameters() if p.requires_grad)
 
 
 def _null():

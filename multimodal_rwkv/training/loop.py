@@ -1157,6 +1157,7 @@ class Trainer:
                     n_targets, n_tokens = float(counts[0]), int(counts[1])
                     self._note_drops(acc, new_drops, int(counts[2]))
                     scale = (W * A / n_targets) if n_targets > 0 else 0.0
+                    token_scale = W * A / max(n_tokens, 1)
                     lr = lr_at(step, cfg.optim, cfg.max_steps, t_sched / budget if budget else 0.0)
                     for g in opt.param_groups:
                         g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -1174,7 +1175,7 @@ class Trainer:
                         batches = []
                     for a, batch in enumerate(batches):
                         with acc.accumulate(model):
-                            ctx = StepContext(backward, lambda: acc.no_sync(model), scale)
+                            ctx = StepContext(backward, lambda: acc.no_sync(model), scale, token_scale)
                             with acc.autocast():
                                 ls, _ = task.training_step(model, batch, ctx)
                             loss_sum += ls.double()

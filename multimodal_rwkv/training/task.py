@@ -34,12 +34,16 @@ class StepContext:
     (e.g. all but the last truncated-BPTT chunk); harmless on one process.
     ``scale``: multiply a loss *sum* over target positions by this before ``backward`` so that the
     optimiser step sees the mean over all target positions of all micro-batches and processes.
+    ``token_scale``: the same for a sum over all positions (masked or not), as RWKV-LM's L2Wrap
+    takes its mean over ``B*T``.
     """
 
-    def __init__(self, backward: Callable, no_sync: Callable | None = None, scale: float = 1.0):
+    def __init__(self, backward: Callable, no_sync: Callable | None = None, scale: float = 1.0,
+                 token_scale: float | None = None):
         self.backward = backward
         self._no_sync = no_sync
         self.scale = scale
+        self.token_scale = scale if token_scale is None else token_scale
 
     def no_sync(self):
         return self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
@@ -109,7 +113,12 @@ class Task:
         out = model(**batch)
         n = self.count_targets(batch)
         loss_sum = out.loss * n
-        ctx.backward(loss_sum * ctx.scale)
+        loss = loss_sum * ctx.scale
+        if not loss.requires_grad:
+            # nothing trainable took part (VisualRWKV stage 1 trains the projector alone, and a batch
+            # of text-only records never uses it): zero gradients, and DDP still all-reduces
+            loss = loss + zero_link(model)
+        ctx.backward(loss)
         return loss_sum.detach(), n
 
     @staticmethod
@@ -124,6 +133,13 @@ class Task:
             out = model(**batch)
             n = self.count_targets(batch)
             return (out.loss * n).detach(), n
+
+
+def zero_link(model):
+    """0, as a function of every trainable parameter (a backward through it gives zero gradients):
+    added to a loss that does not reach all of them, so that DDP all-reduces every gradient instead
+    of stopping on parameters that took no part, and a backward has a graph at all."""
+    return sum(p.view(-1)[0] * 0 for p in model.parameters() if p.requires_grad)
 
 
 def get_task(cfg) -> Task:
