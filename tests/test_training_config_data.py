@@ -30,7 +30,7 @@ def test_recipe_yaml_round_trip(tmp_path):
 def test_string_settings_keep_numbers_as_written(tmp_path):
     """Paths that YAML reads as numbers (007, 0x1F, 2024_06_01, 12:30, 1.10) used to become str of
     the number: 7, 31, 20240601, 750, 1.1 -- another folder than the one named."""
-    for text in ("2024_06_01", "007", "0755", "12:30", "0x1F", "1.10"):
+    for text in ("2024_06_01", "007", "0755", "12:30", "0x1F", "1.10", "2024-06-01", "2024-06-01 12:30:00"):
         cfg = apply_overrides(TrainConfig(), [f"output_dir={text}", f"data.train_file={text}"])
         assert cfg.output_dir == text and cfg.data.train_file == text
     p = tmp_path / "r.yaml"
@@ -39,6 +39,12 @@ def test_string_settings_keep_numbers_as_written(tmp_path):
     assert cfg.output_dir == "2024_06_01" and cfg.max_steps == 16 and cfg.optim.lr == 1.5e-3
     assert type(cfg.max_steps) is int and type(cfg.optim.lr) is float and type(cfg.model.config["n_layer"]) is int
     save_config(cfg, tmp_path / "again.yaml")  # plain numbers: safe_dump writes them
+    assert load_config(tmp_path / "again.yaml") == cfg
+    # a date too (it was a datetime.date, refused: "expected str or NoneType")
+    p.write_text("output_dir: 2024-06-01\ndata: {train_file: 2024-06-01T10:00:00Z}\n")
+    cfg = load_config(p)
+    assert cfg.output_dir == "2024-06-01" and cfg.data.train_file == "2024-06-01T10:00:00Z"
+    save_config(cfg, tmp_path / "again.yaml")
     assert load_config(tmp_path / "again.yaml") == cfg
 
 

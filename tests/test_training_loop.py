@@ -666,6 +666,17 @@ def test_a_valid_file_that_is_the_train_file_counts_its_bad_records_once(tmp_pat
     assert rows[-1]["skipped_records"] == 2  # it said 4
     info = json.loads((tmp_path / "run" / "final" / "training_info.json").read_text())
     assert info["skipped_records"] == 2
+    # a valid file inside the train folder: its records are train records too (13 was said for 11)
+    folder = tmp_path / "js"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(data.read_text() + "{x\n")
+    (folder / "b.jsonl").write_text(data.read_text())
+    train(TrainConfig(), [f"output_dir={tmp_path / 'run2'}", f"data.train_file={folder}",
+                          f"data.valid_file={folder / 'b.jsonl'}", "data.tokenizer=bytes", "data.ctx_len=24",
+                          "max_steps=1", "progress_bar=false", "data.on_bad_record=skip",
+                          "model.config={n_layer: 1, n_embd: 32, head_size: 16}"])
+    info = json.loads((tmp_path / "run2" / "final" / "training_info.json").read_text())
+    assert info["skipped_records"] == 5
 
 
 def test_bf16_training_runs_the_backward_outside_autocast(tmp_path, corpus, monkeypatch):

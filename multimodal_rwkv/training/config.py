@@ -348,6 +348,9 @@ def _strict_loader():
             out.source = node.value
             return out
 
+        # a date (2024-06-01, a common name for a data dump or a run folder) stays the text written:
+        # no setting is a date, and a string setting got a datetime.date refused
+        StrictSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: node.value)
         StrictSafeLoader.add_constructor("tag:yaml.org,2002:int", number)
         StrictSafeLoader.add_constructor("tag:yaml.org,2002:float", number)
         _LOADER = StrictSafeLoader

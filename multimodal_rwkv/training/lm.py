@@ -97,7 +97,7 @@ class LMTask(Task):
             raise ConfigError(f"data.options: the lm task takes no options, got {sorted(cfg.data.options)}")
         if cfg.data.format == "llava":
             raise ConfigError("data.format: 'llava' data needs task: visualrwkv")
-        self._skipped_by_source: dict[str, int] = {}  # bad records per data source (resolved path)
+        self._skipped_by_source: dict[Path, int] = {}  # bad records per data source (resolved path)
 
     # ------------------------------------------------------------------ model
     def build_model(self):
@@ -144,9 +144,11 @@ class LMTask(Task):
         scanned_all = n <= FULL_VOCAB_SCAN
         head = stream.ids if scanned_all else stream.ids[: FULL_VOCAB_SCAN]
         check_id_range(head, vocab_size, stream.source)
-        # a valid_file that is the train_file (or the same folder) is one source: its bad records count once
-        self._skipped_by_source[str(Path(path).resolve())] = stream.skipped
-        self.skipped = sum(self._skipped_by_source.values())
+        # a valid_file that is the train_file, the same folder or a file inside the train folder holds
+        # records the train data holds too: its bad records count once
+        self._skipped_by_source[Path(path).resolve()] = stream.skipped
+        srcs = self._skipped_by_source
+        self.skipped = sum(n for p, n in srcs.items() if not any(q != p and p.is_relative_to(q) for q in srcs))
         L = d.ctx_len
         if 2 <= n <= L:
             # the data fits in one window shorter than ctx_len: a window of ctx_len would be the same
