@@ -1786,3 +1786,22 @@ def test_empty_state_is_a_copy_of_the_trained_initial_state():
             w.mul_(0.5)
     assert all(torch.equal(b.att.time_state, t) for b, t in zip(m.rwkv.blocks, before))
     assert torch.equal(m.empty_state(1).wkv[0][0], before[0].transpose(1, 2).float())  # stored value-major
+
+
+def test_save_pretrained_refuses_a_config_it_could_not_load_back(tmp_path):
+    """config.update({"n_layers": 3}) (a typo of n_layer) or config.version = "x070" was saved
+    silently; from_pretrained then refused the folder. Refused before anything is written."""
+    from multimodal_rwkv.errors import ConfigError
+
+    for i, (edit, match) in enumerate([(lambda c: c.update({"n_layers": 3}), "no key 'n_layers': use n_layer"),
+                                       (lambda c: setattr(c, "version", "x070"), "x070"),
+                                       (lambda c: setattr(c, "n_layer", 5), "n_layer 5, but the model has 3")]):
+        m = _random_model()
+        edit(m.config)
+        with pytest.raises(ConfigError, match=match):
+            m.save_pretrained(tmp_path / f"m{i}")
+        assert not (tmp_path / f"m{i}").exists()
+    m = _random_model()
+    m.config.update({"my_tool_note": "kept"})  # another tool's own key: transformers keeps it, and so do we
+    m.save_pretrained(tmp_path / "ok")
+    assert RWKVForCausalLM.from_pretrained(tmp_path / "ok").config.my_tool_note == "kept"

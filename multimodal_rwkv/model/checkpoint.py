@@ -619,6 +619,7 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
             gc.validate()  # what transformers could not load back (loose settings only warn)
         except ValueError as e:
             raise ValueError(f"the model's generation_config is invalid: {' '.join(str(e).split())}") from None
+    _check_config_saves(model)
     own = model.state_dict()
     if state_dict is None:
         state_dict = own
@@ -672,6 +673,23 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
             atomic_write_text(out / GENERATION_CONFIG, gc.to_json_string())
         elif (out / GENERATION_CONFIG).is_file():
             (out / GENERATION_CONFIG).unlink()
+
+
+def _check_config_saves(model) -> None:
+    """The config as :func:`load_model` will read it back, before anything is written: a config
+    edited after the model was built (``config.update({"n_layers": 3})``, ``config.version =
+    "x070"``, ``config.n_layer = 3``) would be saved beside weights it cannot load."""
+    cfg = model.config
+    try:
+        again = RWKVConfig(**_settings(cfg.to_dict()))
+    except (TypeError, ValueError, ConfigError) as e:
+        raise ConfigError(f"the model's config is invalid, nothing written ({e})") from None
+    emb = model.get_input_embeddings().weight
+    blocks = model.rwkv.blocks if hasattr(model, "rwkv") else model.blocks
+    for key, actual in (("vocab_size", emb.shape[0]), ("n_embd", emb.shape[1]), ("n_layer", len(blocks))):
+        if getattr(again, key) != actual:
+            raise ConfigError(f"the model's config says {key} {getattr(again, key)!r}, but the model has {actual}: "
+                              "nothing written (a config changed after the model was built?)")
 
 
 def _check_state_dict(given, own) -> None:
