@@ -6,6 +6,7 @@ A bad value becomes argparse's one-line usage error and exit code 2, e.g.
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import operator
 
@@ -125,6 +126,15 @@ def path_arg(text: str) -> str:
     """A file or folder path: not empty (an empty one would silently mean the current folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
+def file_arg(text: str) -> str:
+    """A path to a file (to write): not empty, and not ending in a path separator (``sub/`` names a
+    folder: a writer adding its suffix made a hidden ``sub/.npy``)."""
+    text = path_arg(text)
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} names a folder; give a file name")
     return text
 
 

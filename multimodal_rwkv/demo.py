@@ -12,7 +12,7 @@ import random
 import time
 from pathlib import Path
 
-from multimodal_rwkv.argtypes import float_min, seed
+from multimodal_rwkv.argtypes import float_min, path_arg, seed
 from multimodal_rwkv.errors import DataError
 
 MUSIC_ASSET = "music_bach"
@@ -33,8 +33,8 @@ def register(sub) -> None:
             "questions about images with the bundled VisualRWKV. Runs on a CPU in about a minute."),
         epilog="Example: mmrwkv demo --out demo_out --image my_photo.jpg --question 'What colour is the circle?'",
     )
-    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--image", action="append", default=[], help="also ask about this image (repeatable)")
+    p.add_argument("--out", type=path_arg, default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--image", type=path_arg, action="append", default=[], help="also ask about this image (repeatable)")
     p.add_argument("--question", default=None,
                    help=f"question for --image (default: {DEFAULT_QUESTION!r})")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=20.0, help="length of the generated music")

@@ -159,6 +159,33 @@ def test_numeric_options_are_checked_before_any_work(args, message):
     assert len(r.stderr.strip().splitlines()[-1]) < 200
 
 
+
+@pytest.mark.parametrize("args, message", [
+    (["music", "tokenize", ""], "argument paths: an empty path"),
+    (["music", "tokenize", "x.mid", "--out", ""], "argument --out: an empty path"),
+    (["music", "tokenize", "x.mid", "--out", " "], "argument --out: an empty path"),
+    (["music", "tokenize", "x.mid", "--out", "sub/"], "argument --out: 'sub/' names a folder; give a file name"),
+    (["music", "tokenize", "x.mid", "--tokenizer-config", ""], "argument --tokenizer-config: an empty path"),
+    (["music", "prepare", "--midi-dir", "", "--out", "o"], "argument --midi-dir: an empty path"),
+    (["music", "generate", "--model", "m", "--out", "o.mid", "--png", ""], "argument --png: an empty path"),
+    (["music", "roll", "x.mid", "--out", ""], "argument --out: an empty path"),
+    (["music", "abc2midi", "", "--out", "o.mid"], "argument abc: an empty path"),
+    (["demo", "--out", ""], "argument --out: an empty path"),
+    (["demo", "--image", " "], "argument --image: an empty path"),
+    (["vision-synth", "--out", " "], "argument --out: an empty path"),
+    (["eval-vqa", "--model", "m", "--questions", "q", "--output", "o", "--image-folder", ""],
+     "argument --image-folder: an empty path"),
+    (["vqa", "--model", "m", "--image", "", "--question", "q"], "argument --image: an empty path"),
+])
+def test_empty_paths_are_refused_by_every_command(args, message, tmp_path, monkeypatch):
+    """Only generate/convert/info refused an empty path: music tokenize '' read the whole current
+    folder tree, --out '' wrote nothing with exit 0, demo --out '' drew into the current folder,
+    eval-vqa --image-folder '' meant the questions' folder, vision-synth --out ' ' made a folder ' '."""
+    monkeypatch.chdir(tmp_path)  # (where a regression would write)
+    r = run(*args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
 def test_sampling_api_rejects_bad_values():
     from multimodal_rwkv.music.generate import generate_music, sample_next
     from multimodal_rwkv.vision.synthetic import generate_dataset

@@ -611,3 +611,17 @@ def test_eval_metrics_converts_with_the_scored_part_and_refuses_bad_lines(tmp_pa
         (tmp_path / "m.jsonl").write_text(json.dumps({"step": 1, "valid_loss": 1.0}) + "\n" + bad + "\n")
         assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(valid)]) == 2
         assert why in _one_error_line(capsys, "eval")
+
+
+def test_tokenize_says_a_lone_bad_file_once_and_what_a_fifo_is(tmp_path, capsys):
+    """One bad file was said twice ("skipped: ..." then the error); a FIFO was "no such file"."""
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"not midi")
+    assert main(["music", "tokenize", str(bad)]) == 2
+    assert "no MThd header" in _one_error_line(capsys, "tokenize")
+    os.mkfifo(tmp_path / "pipe.mid")
+    assert main(["music", "tokenize", str(tmp_path / "pipe.mid")]) == 2
+    assert _one_error_line(capsys, "tokenize").endswith("pipe.mid: not a regular file or a folder")
+    _midi(tmp_path / "good.mid")
+    assert main(["music", "tokenize", str(bad), str(tmp_path / "good.mid")]) == 0  # several: bad ones skipped
+    assert capsys.readouterr().err.count("no MThd header") == 1

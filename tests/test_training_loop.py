@@ -1211,3 +1211,14 @@ def test_the_recipe_file_inside_output_dir_is_not_overwritten(tmp_path, corpus):
     rc = main(["train", str(run / "recipe.yaml")] + [
         x for o in base_overrides(corpus, run, max_steps=2) for x in ("--set", o)])
     assert rc == 2 and (run / "recipe.yaml").read_text() == mine
+
+
+def test_an_output_dir_that_is_a_file_is_refused_saying_so(tmp_path):
+    """It said only '.../f.pth: File exists'."""
+    (tmp_path / "f.pth").write_bytes(b"x")
+    (tmp_path / "c.txt").write_text("hello world " * 20)
+    with pytest.raises(ConfigError, match="f.pth: output_dir is a file; it must be a folder"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'f.pth'}", f"data.train_file={tmp_path / 'c.txt'}",
+                              "data.tokenizer=bytes", "data.ctx_len=8", "max_steps=1", "progress_bar=false",
+                              "model.config={n_layer: 1, n_embd: 32, head_size: 16}"])
+    assert (tmp_path / "f.pth").read_bytes() == b"x"

@@ -75,6 +75,11 @@ def test_read_questions_reports_bad_lines(tmp_path):
                    (6, "not a JSON object")):
         assert any(b.startswith(f"{f}:{n}: ") and why in b for b in qf.bad_lines), (n, qf.bad_lines)
     assert qf.questions[1].score("A") == 1.0 and qf.questions[0].score("b") == 0.0
+    # an "image" that names a folder says so (it was "image file not found"), as vqa does
+    (tmp_path / "d.png").mkdir()
+    (tmp_path / "qd.jsonl").write_text(json.dumps({"question_id": 1, "image": "d.png", "question": "Q?"}) + "\n")
+    assert read_questions(tmp_path / "qd.jsonl").bad_lines == [f"{tmp_path / 'qd.jsonl'}:1: a directory, not an "
+                                                              f"image file: {tmp_path / 'd.png'}"]
     with pytest.raises(DataError, match="not found"):
         read_questions(tmp_path / "none.jsonl")
     # a question that is not text (an unpaired surrogate), an answers entry without "answer",

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from multimodal_rwkv.argtypes import add_sampling_args, float_min, int_min, int_range, seed
+from multimodal_rwkv.argtypes import add_sampling_args, file_arg, float_min, int_min, int_range, path_arg, seed
 from multimodal_rwkv.errors import DataError, MidiError
 from multimodal_rwkv.fileio import check_outputs, naming_write_errors, write_outputs
 from multimodal_rwkv.music.abc import CONTROL_BYTES
@@ -57,6 +57,8 @@ def cmd_tokenize(args) -> int:
             files.extend(midi_files(p))
         elif p.is_file() or p.is_symlink():  # a broken link is a file that cannot be read
             files.append(p)
+        elif p.exists():  # a FIFO, a device
+            raise DataError(f"{p}: not a regular file or a folder")
         else:
             raise DataError(f"{p}: no such file or directory")
     if not files:
@@ -72,7 +74,8 @@ def cmd_tokenize(args) -> int:
         except MidiError as e:
             bad += 1
             first_error = first_error or str(e)
-            print(f"skipped: {e}", file=sys.stderr)
+            if len(files) > 1:  # (one file alone: its error is the command's, said once)
+                print(f"skipped: {e}", file=sys.stderr)
             continue
         ok += 1
         s = tok.last_stats
@@ -380,10 +383,10 @@ def register(subparsers) -> None:
                                    "files (broken links too) are reported on stderr and skipped; prints tokens per "
                                    "note. Exit code 2 when no file could be tokenized (then nothing is written).",
                        epilog="Example: mmrwkv music tokenize my_midis/ --out tokens.npy", formatter_class=fmt)
-    p.add_argument("paths", nargs="+", help="MIDI files or folders")
-    p.add_argument("--out", help="write the 0-separated token stream to this .npy")
+    p.add_argument("paths", nargs="+", type=path_arg, help="MIDI files or folders")
+    p.add_argument("--out", type=file_arg, help="write the 0-separated token stream to this .npy")
     p.add_argument("--text", action="store_true", help="print each file's tokens as text")
-    p.add_argument("--tokenizer-config", help="midi_tokenizer.json (default settings otherwise)")
+    p.add_argument("--tokenizer-config", type=path_arg, help="midi_tokenizer.json (default settings otherwise)")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("prepare", help="build a tokenised dataset (train/valid/test .npy shards)",
@@ -397,8 +400,8 @@ def register(subparsers) -> None:
                        formatter_class=fmt)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", choices=["bach-chorales", "oneill-abc", "essen-abc"])
-    src.add_argument("--midi-dir", help="a folder of .mid/.midi files")
-    p.add_argument("--out", required=True, help="output folder")
+    src.add_argument("--midi-dir", type=path_arg, help="a folder of .mid/.midi files")
+    p.add_argument("--out", type=path_arg, required=True, help="output folder")
     p.add_argument("--limit", type=int_min(1), help="use only the first N pieces (quick tests)")
     p.add_argument("--transpose", type=int_range(0, 24), default=0,
                    help="train-split augmentation: add copies at -N..+N semitones (MIDI)")
@@ -406,7 +409,7 @@ def register(subparsers) -> None:
                    help="share of pieces in valid, per mille (default 100; valid + test below 1000)")
     p.add_argument("--test-permille", type=int_range(0, 999), default=100,
                    help="share of pieces in test, per mille (default 100; valid + test below 1000)")
-    p.add_argument("--tokenizer-config", help="midi_tokenizer.json to use instead of the defaults (MIDI only)")
+    p.add_argument("--tokenizer-config", type=path_arg, help="midi_tokenizer.json to use instead of the defaults (MIDI only)")
     p.add_argument("--workers", type=int_min(1), default=2, help="processes for the chorale conversion (default 2)")
     p.set_defaults(func=cmd_prepare)
 
@@ -417,18 +420,18 @@ def register(subparsers) -> None:
                                    "are ready: a failed command writes nothing.",
                        epilog="Example: mmrwkv music generate --model multimodal_rwkv/assets/music_bach --out song.mid "
                               "--seconds 20 --png roll.png --seed 1", formatter_class=fmt)
-    p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("--out", required=True,
+    p.add_argument("--model", type=path_arg, required=True, help="model folder")
+    p.add_argument("--out", type=file_arg, required=True,
                    help="output .mid (ABC models: .abc, or .mid via music21, the tune text kept beside it as "
                         "NAME.abc, which must not exist yet: it is never replaced)")
-    p.add_argument("--prompt", help="MIDI file to continue (ABC models: a text file with the tune start; its last "
+    p.add_argument("--prompt", type=path_arg, help="MIDI file to continue (ABC models: a text file with the tune start; its last "
                                     "tune is continued, earlier ones are context); not empty, and never an output")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=30.0,
                    help="seconds of new music (MIDI; default 30)")
     p.add_argument("--max-tokens", type=int_min(1), default=4096, help="cap on new tokens (default 4096)")
     add_sampling_args(p, top_p=0.95)
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--png", help="also draw a piano roll here (a .png file)")
+    p.add_argument("--png", type=file_arg, help="also draw a piano roll here (a .png file)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="held-out loss in nats/token and bits per note (MIDI) or per byte (ABC)",
@@ -439,10 +442,10 @@ def register(subparsers) -> None:
                               "         mmrwkv music eval --metrics runs/music_bach/metrics.jsonl --data data/music/bach/valid",
                        formatter_class=fmt)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="model folder to evaluate")
-    which.add_argument("--metrics", help="instead of --model: convert valid_loss in a training run's metrics.jsonl "
+    which.add_argument("--model", type=path_arg, help="model folder to evaluate")
+    which.add_argument("--metrics", type=path_arg, help="instead of --model: convert valid_loss in a training run's metrics.jsonl "
                                          "(data = the valid split it was measured on)")
-    p.add_argument("--data", required=True, help=".npy file or folder of shards")
+    p.add_argument("--data", type=path_arg, required=True, help=".npy file or folder of shards")
     p.add_argument("--ctx-len", type=int_min(2), default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-tokens", type=int_min(0), default=0, help="evaluate only the first N tokens (0 = all)")
     p.set_defaults(func=cmd_eval)
@@ -450,9 +453,9 @@ def register(subparsers) -> None:
     p = sub.add_parser("roll", help="draw a piano roll of a MIDI file",
                        description="Draw a MIDI file as a piano roll PNG (time x pitch, a colour per instrument group).",
                        epilog="Example: mmrwkv music roll song.mid --out roll.png", formatter_class=fmt)
-    p.add_argument("midi")
-    p.add_argument("--out", required=True, help="the picture, a .png file (not the MIDI file)")
-    p.add_argument("--tokenizer-config")
+    p.add_argument("midi", type=path_arg)
+    p.add_argument("--out", type=file_arg, required=True, help="the picture, a .png file (not the MIDI file)")
+    p.add_argument("--tokenizer-config", type=path_arg)
     p.set_defaults(func=cmd_roll)
 
     p = sub.add_parser("abc2midi", help="convert an ABC tune to MIDI (needs music21)",
@@ -465,8 +468,8 @@ def register(subparsers) -> None:
                                    "body, and expands a single repeated section only sometimes; grace notes are "
                                    "left out, and so are chord symbols (\"G\").",
                        epilog="Example: mmrwkv music abc2midi tune.abc --out tune.mid", formatter_class=fmt)
-    p.add_argument("abc")
-    p.add_argument("--out", required=True, help="the .mid file to write (not the ABC file)")
+    p.add_argument("abc", type=path_arg)
+    p.add_argument("--out", type=file_arg, required=True, help="the .mid file to write (not the ABC file)")
     p.add_argument("--index", type=int_min(0), default=0, help="which tune of a multi-tune file (default 0)")
     p.set_defaults(func=cmd_abc2midi)
 

@@ -298,7 +298,7 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         shutil.rmtree(stage, ignore_errors=True)
         remove_dirs(made)
         raise
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # (the CLI prints it; callers have the report)
     return report
 
 

@@ -974,6 +974,8 @@ class Trainer:
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
+            if self.out.exists() and not self.out.is_dir():
+                raise ConfigError(f"{self.out}: output_dir is a file; it must be a folder (new, or a run's own)")
             self._found = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
             self._new_dirs = make_dirs(self.out)
             self._lock_output_dir()

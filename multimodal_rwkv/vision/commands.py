@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from multimodal_rwkv.argtypes import add_sampling_args, device, int_min, int_range, seed
+from multimodal_rwkv.argtypes import add_sampling_args, device, file_arg, int_min, int_range, path_arg, seed
 from multimodal_rwkv.errors import DataError
 from multimodal_rwkv.fileio import check_outputs, write_outputs
 from multimodal_rwkv.vision.synthetic import MAX_SIZE, MIN_SIZE
@@ -24,10 +24,10 @@ def register(sub) -> None:
                     "Example:\n  mmrwkv vqa --model runs/visualrwkv_synthetic/final --image scene.png "
                     "--question 'How many shapes are there?'",
         formatter_class=_RAW)
-    p.add_argument("--model", required=True, help="VisualRWKV folder (save_pretrained) or VisualRWKV-v060 .pth")
-    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--model", type=path_arg, required=True, help="VisualRWKV folder (save_pretrained) or VisualRWKV-v060 .pth")
+    p.add_argument("--image", type=path_arg, required=True, help="image file")
     p.add_argument("--question", required=True, help="the question (an <image> placeholder is added if absent)")
-    p.add_argument("--vision-tower", default=None, help="CLIP hub id/folder for a v060 .pth (config + processor)")
+    p.add_argument("--vision-tower", type=path_arg, default=None, help="CLIP hub id/folder for a v060 .pth (config + processor)")
     _gen_args(p)
     p.set_defaults(func=_vqa)
 
@@ -42,13 +42,13 @@ def register(sub) -> None:
                     "--questions data/synth/test_questions.jsonl \\\n"
                     "      --image-folder data/synth/images --output answers.jsonl",
         formatter_class=_RAW)
-    p.add_argument("--model", required=True, help="VisualRWKV folder or VisualRWKV-v060 .pth")
-    p.add_argument("--questions", required=True, help="questions .jsonl")
-    p.add_argument("--image-folder", default=None, help="root of relative image paths (default: the file's folder)")
-    p.add_argument("--output", required=True, help="answers .jsonl to write (not one of the input files)")
+    p.add_argument("--model", type=path_arg, required=True, help="VisualRWKV folder or VisualRWKV-v060 .pth")
+    p.add_argument("--questions", type=path_arg, required=True, help="questions .jsonl")
+    p.add_argument("--image-folder", type=path_arg, default=None, help="root of relative image paths (default: the file's folder)")
+    p.add_argument("--output", type=file_arg, required=True, help="answers .jsonl to write (not one of the input files)")
     p.add_argument("--batch-size", type=int_min(1), default=16, help="questions decoded together (default 16)")
     p.add_argument("--limit", type=int_min(0), default=0, help="answer only the first N questions (0: all)")
-    p.add_argument("--vision-tower", default=None, help="CLIP hub id/folder for a v060 .pth")
+    p.add_argument("--vision-tower", type=path_arg, default=None, help="CLIP hub id/folder for a v060 .pth")
     _gen_args(p)
     p.set_defaults(func=_eval_vqa)
 
@@ -60,7 +60,7 @@ def register(sub) -> None:
                     "  mmrwkv train recipes/visualrwkv_synthetic.yaml --set data.train_file=data/synth/train.json "
                     "data.image_folder=data/synth/images output_dir=runs/visualrwkv_synthetic",
         formatter_class=_RAW)
-    p.add_argument("--out", required=True, help="output folder: new or empty, or one holding a dataset vision-synth wrote (replaced)")
+    p.add_argument("--out", type=path_arg, required=True, help="output folder: new or empty, or one holding a dataset vision-synth wrote (replaced)")
     p.add_argument("--n-train", type=int_min(1), default=4000, help="training images (default 4000)")
     p.add_argument("--n-test", type=int_min(0), default=300, help="held-out test images (default 300)")
     p.add_argument("--questions-per-image", type=int_min(1), default=3, help="questions per image (default 3)")
@@ -179,7 +179,7 @@ def _synth(args) -> int:
     if args.object_scale is not None:
         lo, hi = args.object_scale
         if not OBJECT_SCALE_LIMITS[0] <= lo <= hi <= OBJECT_SCALE_LIMITS[1]:
-            raise DataError(f"vision-synth: --object-scale needs {OBJECT_SCALE_LIMITS[0]} <= MIN <= MAX <= "
+            raise DataError(f"--object-scale needs {OBJECT_SCALE_LIMITS[0]} <= MIN <= MAX <= "
                             f"{OBJECT_SCALE_LIMITS[1]} (an object stays inside its cell), got {lo} {hi}")
         extra["object_scale"] = (lo, hi)
     info = generate_dataset(args.out, n_train=args.n_train, n_test=args.n_test,

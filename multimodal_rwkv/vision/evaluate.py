@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.vision.processor import is_blank_question, is_unicode, read_text_file, utf8_error
+from multimodal_rwkv.vision.processor import is_blank_question, is_unicode, missing_image, read_text_file, utf8_error
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def read_questions(path, image_folder=None) -> QuestionFile:
         except DataError as e:
             out.bad_lines.append(f"{where}: {e}")
     for b in out.bad_lines:  # returned in bad_lines (the CLI prints them): logged once, quietly
-        logger.info("skipping %s", b)
+        logger.debug("skipping %s", b)
     return out
 
 
@@ -230,8 +230,9 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
         raise DataError(f"'choices' must be a non-empty list of at most {len(LETTERS)} strings or numbers")
     img = Path(d["image"])
     img = img if img.is_absolute() else root / img
-    if not img.is_file():
-        raise DataError(f"image file not found: {img}")
+    why = missing_image(img)
+    if why is not None:  # (a folder named like an image was "not found")
+        raise DataError(f"{why}: {img}")
     qtype = d.get("type")
     return VQAQuestion(qid, str(img), d["question"], answers, [str(c) for c in choices] if choices else None, where,
                        str(qtype) if qtype is not None else None)

@@ -53,10 +53,13 @@ _BLANK_LINES = re.compile(r"\n(\s*\n)+")
 # ------------------------------------------------------------------------------------------------
 def missing_image(path) -> str | None:
     """Why ``path`` is no image file to open ("image file not found", "a directory, not an image
-    file"), or None when it is a file."""
+    file", "not a regular file" for a pipe or device), or None when it is a file."""
     if os.path.isfile(path):
         return None
-    return "a directory, not an image file" if os.path.isdir(path) else "image file not found"
+    if os.path.isdir(path):
+        return "a directory, not an image file"
+    return "not a regular file (a pipe or a device), not an image file" if os.path.exists(path) else \
+        "image file not found"
 
 
 def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True) -> Image.Image | None:
@@ -67,8 +70,9 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: 
     the cheap checks (header, size; no pixel decoding) and returns None.
     """
     path = str(path)
-    if os.path.isdir(path):
-        raise DataError(f"{path}: {missing_image(path)}")
+    why = missing_image(path)
+    if why is not None and os.path.exists(path):  # a folder, a pipe (a missing file: below, once)
+        raise DataError(f"{path}: {why}")
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
