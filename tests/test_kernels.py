@@ -496,3 +496,20 @@ def test_a_second_derivative_is_an_error_not_silently_zero(backend):
         torch.autograd.grad(o.sum(), xs[0], create_graph=True)
     (dr,) = torch.autograd.grad(o.sum(), xs[0])  # a plain gradient as before
     assert torch.isfinite(dr).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "auto"])
+def test_meta_tensors_give_shapes(backend):
+    """A model built on the meta device (accelerate's init_empty_weights) traces shapes: from T = 17
+    the chunked torch backend asked the data (a .item() on meta tensors: a RuntimeError)."""
+    from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
+
+    for T in (8, 17, 100):
+        r, k, w = (torch.empty(2, T, 3, 16, device="meta") for _ in range(3))
+        v = torch.empty(2, T, 3, 8, device="meta")
+        o, s = wkv6(r, k, v, w, torch.empty(3, 16, device="meta"), output_final_state=True, backend=backend)
+        assert o.shape == (2, T, 3, 8) and s.shape == (2, 3, 16, 8) and o.is_meta and s.is_meta
+    with torch.device("meta"):
+        m = RWKVForCausalLM(RWKVConfig(vocab_size=97, n_layer=2, n_embd=64, head_size=16, wkv_backend=backend))
+    out = m(torch.zeros(1, 40, dtype=torch.long, device="meta"))
+    assert out.logits.shape == (1, 40, 97) and out.logits.is_meta

@@ -186,6 +186,8 @@ _DIAG_FACTOR_LIMIT = 3.0
 
 def _diag_factorisable(w_, C) -> bool:
     """Whether the diagonal sub-blocks of ``w_`` [n, M, L, K] (sub-chunks of ``C``) may use the factorised form."""
+    if w_.device.type == "meta":  # shapes only (a model built on the meta device): either form
+        return False
     n, M, L, K = w_.shape
     tot = w_.view(n, M, L // C, C, K).sum(dim=3)
     return bool(tot.min() >= -_DIAG_FACTOR_LIMIT) and bool(w_.max() <= 0)

@@ -108,8 +108,10 @@ LEAN_TRAINING = True
 
 def _lean(x: torch.Tensor, *linears: nn.Module) -> bool:
     """Whether a block part may take its lean form: gradients are being recorded, no autocast, and
-    every projection is a plain bias-free :class:`Linear` of ``x``'s dtype (not LoRA-wrapped)."""
-    return (LEAN_TRAINING and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+    every projection is a plain bias-free :class:`Linear` of ``x``'s dtype (not LoRA-wrapped), on
+    a real device (meta tensors, shapes only, take the plain form)."""
+    return (LEAN_TRAINING and torch.is_grad_enabled() and x.device.type != "meta"
+            and not torch.is_autocast_enabled(x.device.type)
             and all(type(m) is Linear and m.bias is None and m.weight.dtype == x.dtype for m in linears)
             and (x.requires_grad or any(m.weight.requires_grad for m in linears)))
 
