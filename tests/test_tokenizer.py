@@ -479,6 +479,10 @@ def test_call_is_transformers_style_with_left_padding(tok):
         tok(["Hello world, a longer one", "Hi"], return_tensors="pt")
     with pytest.raises(ValueError, match="only 'pt'"):
         tok("x", return_tensors="np")
+    # transformers' callers pass add_special_tokens (a TypeError before); there are none to add
+    assert tok("Hello world", add_special_tokens=False) == tok("Hello world", add_special_tokens=True) == tok("Hello world")
+    with pytest.raises(TypeError, match="add_special_tokens must be True or False"):
+        tok("x", add_special_tokens="no")
 
 
 def test_empty_batch_and_non_bytes_input():

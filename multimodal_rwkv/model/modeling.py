@@ -850,7 +850,10 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
                  frequency_penalty: float = 0.0, penalty_decay: float = 0.996, seed: int | None = None,
                  state: RWKVState | None = None, **kwargs):
         """Generate with transformers' GenerationMixin (stock logits processors, stopping criteria,
-        streamers), the RNN state serving as the cache. Returns ids ``[B, T + new]``.
+        streamers), the RNN state serving as the cache. Returns ids ``[B, T + new]``. Stop strings
+        are ``stop=`` / ``stop_strings=`` with ``tokenizer=``: transformers' ``StopStringCriteria``
+        reads a ``PreTrainedTokenizer``'s string vocabulary, which the World tokenizer's byte tokens
+        are not (build it with a transformers tokenizer only).
 
         Extra arguments on top of transformers':
             stop: a string or list of strings (e.g. ``"\\n\\n"``) that ends a row; needs ``tokenizer``.

@@ -752,8 +752,12 @@ class WorldTokenizer:
         return [self.encode(t) for t in texts]
 
     def __call__(self, text: str | Sequence[str], padding: bool | str = False, return_tensors: str | None = None,
-                 max_length: int | None = None, truncation: bool | str = False) -> dict:
+                 max_length: int | None = None, truncation: bool | str = False,
+                 add_special_tokens: bool = True) -> dict:
         """transformers-style: ``{"input_ids", "attention_mask"}`` for a text or a list of texts.
+
+        ``add_special_tokens`` is accepted for transformers' callers and changes nothing: the World
+        tokenizer adds no special tokens (no BOS/EOS around a text).
 
         ``padding`` takes transformers' values: ``False`` / ``"do_not_pad"`` (default) leaves the
         rows as they are; ``True`` / ``"longest"`` pads a list to its longest row; ``"max_length"``
@@ -767,6 +771,8 @@ class WorldTokenizer:
         limit to cut at (the model has no maximum length), so truncation changes nothing.
         Without ``return_tensors`` a list gives lists of lists; ``return_tensors="pt"`` gives
         ``[B, T]`` tensors (a single text: ``[1, T]``), and rows of different lengths are a ``ValueError``."""
+        if not isinstance(add_special_tokens, bool):
+            raise TypeError(f"add_special_tokens must be True or False, got {add_special_tokens!r}")
         limit = None if max_length is None else integer_number(max_length)
         if max_length is not None and (limit is None or limit < 0):
             raise ValueError(f"max_length must be an int >= 0, got {max_length!r}")
