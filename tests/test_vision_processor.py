@@ -291,6 +291,20 @@ def test_preprocess_pad_vs_crop():
     assert np.allclose(pad[0, :, 8, 8].numpy(), red, atol=0.05)
 
 
+
+def test_a_long_strip_is_refused_by_clip_resizes_but_not_by_siglips():
+    """SigLIP resizes straight to its (height, width): a 50000x20 strip makes no big intermediate
+    image, but the check estimated CLIP's shortest-edge resize for it and refused it."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    strip = Image.new("RGB", (50000, 20), (200, 10, 10))  # 1 Mpx
+    sig = VisualRWKVProcessor(None, image_processor_for(SiglipVisionConfig(image_size=384, patch_size=64)), 5)
+    assert sig.preprocess_images([strip]).shape == (1, 3, 384, 384)
+    clip = VisualRWKVProcessor(None, image_processor_for(CLIPVisionConfig(image_size=384, patch_size=64)), 5)
+    with pytest.raises(DataError, match="image is 50000x20; preprocessing it .*aspect ratio too extreme"):
+        clip.preprocess_images([strip])  # (384 x 960000 pixels on the way)
+
+
 def test_float_arrays_out_of_range_are_errors_not_clipped():
     import torch
 

@@ -388,16 +388,25 @@ class VisualRWKVProcessor:
     def _check_work_size(self, im: Image.Image, source) -> None:
         """The image the preprocessing makes on the way must stay within 4x ``max_image_pixels``
         (a big photo padded to a square may grow that much): a 1,000,000 x 1 strip is a small file,
-        but scaling its short side up to the tower's size (or padding it to a square) would take
-        terabytes."""
+        but scaling its short side up to the tower's size (CLIP's shortest-edge resize) or padding it
+        to a square would take terabytes. A resize straight to the tower's (height, width), as
+        SigLIP's, makes nothing bigger than the two."""
         w, h = im.size
         where = source if isinstance(source, (str, os.PathLike)) else "image"
         if w == 0 or h == 0:
             raise DataError(f"{where}: image is {w}x{h}, empty")
         if self.max_image_pixels is None:
             return
+        ip = self.image_processor
         side = min(self.image_size)
-        work = max(w, h) ** 2 if self.image_aspect_ratio == "pad" else side * side * max(w, h) / min(w, h)
+        if self.image_aspect_ratio == "pad":
+            work = max(w, h) ** 2
+        elif not getattr(ip, "do_resize", True):
+            work = w * h
+        elif "height" in (getattr(ip, "size", None) or {}):  # SigLIP: straight to (height, width)
+            work = max(self.image_size[0] * self.image_size[1], w * h)
+        else:  # CLIP: the shortest edge scaled to the tower's size first
+            work = side * side * max(w, h) / min(w, h)
         if work > 4 * self.max_image_pixels:
             raise DataError(f"{where}: image is {w}x{h}; preprocessing it ({self.image_aspect_ratio}) would make "
                             f"{work:.3g} pixels, over the limit of {4 * self.max_image_pixels} (aspect ratio too extreme)")
