@@ -1756,6 +1756,12 @@ def test_the_base_model_initialises_loads_and_is_an_auto_model(tmp_path):
         assert isinstance(loaded, RWKVModel) and torch.equal(loaded.eval()(ids)[0], want)
     m.rwkv.save_pretrained(tmp_path / "base")
     assert torch.equal(RWKVModel.from_pretrained(tmp_path / "base").eval()(ids)[0], want)
+    # transformers' base-model output: last_hidden_state and return_dict (a bare tuple before)
+    out = m.rwkv(ids, output_hidden_states=True)
+    assert torch.equal(out.last_hidden_state, want) and out.state.equal(m(ids).state)
+    assert len(out.hidden_states) == m.config.n_layer + 1 and torch.equal(out.hidden_states[-1], want)
+    hidden, state = m.rwkv(ids, return_dict=False)
+    assert torch.equal(hidden, want) and state.equal(out.state)
 
 
 def test_generate_keeps_id_0_prompt_tokens_whatever_the_eos():

@@ -40,6 +40,17 @@ class RWKVOutput(ModelOutput):
     cache: RWKVState | None = None  # ``state`` again with ``use_cache=True`` (read by transformers' guidance)
 
 
+@dataclass
+class RWKVModelOutput(ModelOutput):
+    """:class:`RWKVModel`'s output (transformers' base-model convention): ``last_hidden_state``
+    ``[B, T', C]`` (after ``ln_out``), ``state`` after the last token and, with
+    ``output_hidden_states=True``, ``hidden_states`` (the embeddings and each block's output)."""
+
+    last_hidden_state: torch.Tensor | None = None
+    state: RWKVState | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
 _FEW_ROWS = 16  # up to this many rows, a CPU fp32 matrix product is memory-bound (decode)
 
 
@@ -534,14 +545,16 @@ class RWKVModel(RWKVPreTrainedModel):
         return st
 
     def forward(self, input_ids=None, inputs_embeds=None, state=None, attention_mask=None, scan_order=None,
-                logits_to_keep: int = 0, output_hidden_states: bool = False):
-        """Hidden states ``[B,T,C]`` after ``ln_out`` and the new state. ``logits_to_keep=k > 0``
+                logits_to_keep: int = 0, output_hidden_states: bool = False, return_dict: bool | None = None):
+        """Hidden states ``[B,T,C]`` after ``ln_out`` and the new state, as a
+        :class:`RWKVModelOutput` (``last_hidden_state``, ``state``), or with ``return_dict=False``
+        (or ``config.return_dict`` False) the tuple ``(hidden, state)``. ``logits_to_keep=k > 0``
         (inference without a pad mask or scan order): only the last k positions are wanted, and the
         last block computes only those (its r/gate/output products and its channel mix on k+1 and
         k rows instead of T; a 12-layer prefill of 512 tokens skips ~7% of its products); the
         hidden states returned are then those k positions, the state is exact.
-        ``output_hidden_states=True``: a third item, the embeddings and every block's output
-        (all T positions; the last one after ``ln_out``)."""
+        ``output_hidden_states=True``: ``hidden_states`` (a third item of the tuple), the
+        embeddings and every block's output (all T positions; the last one after ``ln_out``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -626,8 +639,11 @@ class RWKVModel(RWKVPreTrainedModel):
         x = self.ln_out(x)
         if every is not None:
             every[-1] = x
-            return x, RWKVState(new_att, new_wkv, new_ffn), tuple(every)
-        return x, RWKVState(new_att, new_wkv, new_ffn)
+        state = RWKVState(new_att, new_wkv, new_ffn)
+        every = tuple(every) if every is not None else None
+        if return_dict is False or return_dict is None and not getattr(self.config, "return_dict", True):
+            return (x, state) + ((every,) if every is not None else ())
+        return RWKVModelOutput(last_hidden_state=x, state=state, hidden_states=every)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -800,7 +816,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             input_ids=input_ids, inputs_embeds=inputs_embeds, state=state, attention_mask=attention_mask,
             scan_order=scan_order, logits_to_keep=keep if isinstance(keep, int) else 0,
             output_hidden_states=bool(self.config.output_hidden_states if output_hidden_states is None
-                                      else output_hidden_states),
+                                      else output_hidden_states), return_dict=False,
         )
         logits = self.head(_kept_positions(hidden, keep))
         loss = None

@@ -375,7 +375,7 @@ class VisualRWKV(nn.Module):
         if self.config.bidirectional_scan:
             scan = build_scan_order(input_ids, self.num_image_tokens, self.vision_tower.cls_position)
         hidden, new_state = self.language_model.rwkv(inputs_embeds=x, state=state, scan_order=scan,
-                                                     attention_mask=attention_mask)
+                                                     attention_mask=attention_mask, return_dict=False)
         head = self.language_model.head
         loss = None
         logits = None
