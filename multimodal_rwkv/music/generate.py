@@ -112,7 +112,7 @@ def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
     <= 0 is greedy. Ids >= ``allowed`` (padding beyond the tokenizer's vocabulary) are never drawn."""
     import torch
 
-    from multimodal_rwkv.model.generation import check_finite_logits, check_sampling
+    from multimodal_rwkv.model.generation import check_sampling
 
     check_sampling(temperature, top_k, top_p)
     x = logits.float().clone()
@@ -278,7 +278,7 @@ def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30
     ``prompt``: a MIDI path / ``mido.MidiFile`` to continue, or None. ``seconds``: length of the
     new part. ``out``: also save the ``.mid``; ``png``: also draw a piano roll (prompt shaded).
     """
-    from multimodal_rwkv.model.generation import check_finite_logits, check_sampling
+    from multimodal_rwkv.model.generation import check_sampling
 
     _check_seconds(seconds)  # before the model is loaded
     _check_count("max_new_tokens", max_new_tokens)
@@ -331,7 +331,7 @@ def generate_abc(model_dir: str | os.PathLike | None = None, prompt: str = "X:1\
     earlier tunes in the prompt are its context (as in training, separated by id 0) and are not
     repeated in the result, which is the last tune and its continuation. Bytes that are not text
     (control bytes other than tab, newlines and form feeds) are never generated."""
-    from multimodal_rwkv.model.generation import check_finite_logits, check_sampling
+    from multimodal_rwkv.model.generation import check_sampling
 
     tok = AbcTokenizer()
     if not isinstance(prompt, str):
