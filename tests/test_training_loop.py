@@ -1217,8 +1217,16 @@ def test_an_output_dir_that_is_a_file_is_refused_saying_so(tmp_path):
     """It said only '.../f.pth: File exists'."""
     (tmp_path / "f.pth").write_bytes(b"x")
     (tmp_path / "c.txt").write_text("hello world " * 20)
-    with pytest.raises(ConfigError, match="f.pth: output_dir is a file; it must be a folder"):
-        train(TrainConfig(), [f"output_dir={tmp_path / 'f.pth'}", f"data.train_file={tmp_path / 'c.txt'}",
-                              "data.tokenizer=bytes", "data.ctx_len=8", "max_steps=1", "progress_bar=false",
-                              "model.config={n_layer: 1, n_embd: 32, head_size: 16}"])
-    assert (tmp_path / "f.pth").read_bytes() == b"x"
+    common = [f"data.train_file={tmp_path / 'c.txt'}", "data.tokenizer=bytes", "data.ctx_len=8", "max_steps=1",
+              "progress_bar=false", "model.config={n_layer: 1, n_embd: 32, head_size: 16}"]
+    with pytest.raises(ConfigError, match="output_dir: .*f.pth is a file, not a folder"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'f.pth'}"] + common)
+    # below a file, and a data.cache_dir that is a file: a bare FileExistsError / NotADirectoryError
+    with pytest.raises(ConfigError, match="output_dir: .*f.pth/run cannot be a folder: .*f.pth is a file"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'f.pth' / 'run'}"] + common)
+    with pytest.raises(ConfigError, match="data.cache_dir: .*f.pth is a file, not a folder"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'f.pth'}"] + common)
+    assert (tmp_path / "f.pth").read_bytes() == b"x" and not (tmp_path / "run").exists()
+    # overrides as one string were read character by character ("override 'm': expected KEY=VALUE")
+    with pytest.raises(ConfigError, match="overrides must be a list of KEY=VALUE strings"):
+        train(TrainConfig(), "max_steps=2")

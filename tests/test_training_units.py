@@ -103,6 +103,9 @@ def test_lm_l2wrap_pushes_every_position_by_rwkv_lm_factor_on_masked_data():
 
 
 def test_lora_starts_as_identity_and_merge_is_exact_on_random_adapters():
+    for bad in (0, -1, 2.5, True):  # a ZeroDivisionError / torch RuntimeError before
+        with pytest.raises(ConfigError, match="peft.lora_r: LoRA needs a rank >= 1"):
+            apply_lora(tiny(), r=bad, alpha=8.0, targets=["att.key"])
     m = tiny()
     ids = torch.randint(0, 50, (2, 13))
     with torch.no_grad():

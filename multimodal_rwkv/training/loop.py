@@ -364,6 +364,9 @@ class _SignalFlag:
 
 
 def _resolve_config(recipe, overrides) -> TrainConfig:
+    if isinstance(overrides, (str, bytes)):  # one string would be read character by character
+        raise ConfigError(f"overrides must be a list of KEY=VALUE strings, got the string {overrides!r}: "
+                          f"use [{overrides!r}]")
     if isinstance(recipe, TrainConfig):
         cfg = apply_overrides(recipe, list(overrides or []))
     else:
@@ -380,6 +383,17 @@ def train(recipe, overrides: Optional[list[str]] = None) -> Path:
     """
     cfg = _resolve_config(recipe, overrides)
     return Trainer(cfg).run()
+
+
+def _check_folder_setting(key: str, path: Path) -> None:
+    """ConfigError naming ``key`` when ``path`` or a folder above it is a file (mkdir's bare
+    FileExistsError / NotADirectoryError named neither the setting nor the reason)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{key}: {path} is a file, not a folder" if p == path else
+                                  f"{key}: {path} cannot be a folder: {p} is a file")
+            return
 
 
 @contextlib.contextmanager
@@ -974,8 +988,9 @@ class Trainer:
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
-            if self.out.exists() and not self.out.is_dir():
-                raise ConfigError(f"{self.out}: output_dir is a file; it must be a folder (new, or a run's own)")
+            _check_folder_setting("output_dir", self.out)
+            if getattr(cfg.data, "cache_dir", None):
+                _check_folder_setting("data.cache_dir", Path(cfg.data.cache_dir))
             self._found = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
             self._new_dirs = make_dirs(self.out)
             self._lock_output_dir()

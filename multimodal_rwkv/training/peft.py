@@ -86,6 +86,10 @@ def apply_lora(model: nn.Module, r: int, alpha: float, targets, dropout: float =
     Returns the wrapped module names; ConfigError if a target matches no linear layer (a misspelt
     target is a mistake, not a no-op, as for ``peft.freeze``/``peft.trainable`` patterns).
     """
+    from multimodal_rwkv.argtypes import integer_number
+
+    if (integer_number(r) or 0) < 1:
+        raise ConfigError(f"peft.lora_r: LoRA needs a rank >= 1, got {r!r}")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     unmatched = [t for t in targets if not any(_matches(n, [t]) for n in linears)]
     if unmatched or not linears:
