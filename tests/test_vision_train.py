@@ -398,3 +398,20 @@ def test_stage1_with_a_batch_of_text_only_records(trained, tmp_path):
     train(cfg)
     got = [json.loads(x) for x in (tmp_path / "s1t" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in got)
+    # two DDP ranks, one record each: a text-only micro-batch crashed the backward there too
+    # ("Expected to mark a variable ready only once"), and the losses equal one process's
+    import os
+
+    from multimodal_rwkv.training.config import save_config
+
+    cfg.train.micro_batch_size, cfg.max_steps, cfg.output_dir = 2, 2, str(tmp_path / "one")
+    ref = [json.loads(x)["loss"] for x in (train(cfg).parent / "metrics.jsonl").read_text().splitlines()]
+    cfg.train.micro_batch_size, cfg.output_dir = 1, str(tmp_path / "two")
+    save_config(cfg, tmp_path / "r.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(28600 + os.getpid() % 1000), "-m", "multimodal_rwkv", "train", str(tmp_path / "r.yaml")]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"), capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert got == pytest.approx(ref, abs=1e-5)

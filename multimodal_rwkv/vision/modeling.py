@@ -358,6 +358,12 @@ class VisualRWKV(nn.Module):
         if n_imgs:
             feats = self.encode_images(pixel_values).to(x.dtype)
             x = x.masked_scatter(is_img.unsqueeze(-1), feats.reshape(-1, x.shape[-1]))
+        elif self.training and torch.is_grad_enabled():
+            # a batch of text-only records: the projector still joins the graph, with weight 0, so a
+            # run that trains it alone (stage 1) has a loss to backpropagate (zero gradients), and DDP
+            # sees it used in the forward (a zero added after it was marked unused twice: a crash)
+            first = next(m for m in self.projector.modules() if isinstance(m, nn.Linear))
+            x = x + 0 * self.projector(first.weight.new_zeros(1, first.in_features)).sum().to(x.dtype)
         return x
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
