@@ -130,10 +130,11 @@ def path_arg(text: str) -> str:
 
 
 def file_arg(text: str) -> str:
-    """A path to a file (to write): not empty, and not ending in a path separator (``sub/`` names a
-    folder: a writer adding its suffix made a hidden ``sub/.npy``)."""
+    """A path to a file (to write): not empty, and not a folder's name (``sub/``, ``.``, ``sub/..``,
+    a blank name: a writer adding its suffix made a hidden ``sub/.npy`` or ``..npy``)."""
     text = path_arg(text)
-    if text.endswith(("/", os.sep)):
+    name = os.path.basename(text)
+    if text.endswith(("/", os.sep)) or name in (".", "..") or not name.strip():
         raise argparse.ArgumentTypeError(f"{text!r} names a folder; give a file name")
     return text
 

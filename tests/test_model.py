@@ -1801,7 +1801,11 @@ def test_save_pretrained_refuses_a_config_it_could_not_load_back(tmp_path):
 
     for i, (edit, match) in enumerate([(lambda c: c.update({"n_layers": 3}), "no key 'n_layers': use n_layer"),
                                        (lambda c: setattr(c, "version", "x070"), "x070"),
-                                       (lambda c: setattr(c, "n_layer", 5), "n_layer 5, but the model has 3")]):
+                                       (lambda c: setattr(c, "n_layer", 5), "config does not describe its weights"),
+                                       (lambda c: setattr(c, "head_size", 32), "time_faaaa: the config gives"),
+                                       (lambda c: setattr(c, "version", "x052"), "config does not describe"),
+                                       (lambda c: setattr(c, "dim_ffn", 96), "ffn.key.weight: the config gives"),
+                                       (lambda c: setattr(c, "has_initial_state", True), "time_state")]):
         m = _random_model()
         edit(m.config)
         with pytest.raises(ConfigError, match=match):
@@ -1811,3 +1815,31 @@ def test_save_pretrained_refuses_a_config_it_could_not_load_back(tmp_path):
     m.config.update({"my_tool_note": "kept"})  # another tool's own key: transformers keeps it, and so do we
     m.save_pretrained(tmp_path / "ok")
     assert RWKVForCausalLM.from_pretrained(tmp_path / "ok").config.my_tool_note == "kept"
+
+
+def test_transformers_own_bans_are_not_taken_for_an_overflow():
+    """transformers runs its own processors before the caller's list, which held the finite-logits
+    guard: once no_repeat_ngram_size / bad_words_ids banned every id, the guard raised NumericsError
+    ("activations overflowed") for a model whose logits were finite. The guard now runs first."""
+    m = _random_model(vocab_size=8)
+    ids = torch.tensor([[1, 2]])
+    out = m.generate(ids, max_new_tokens=8, do_sample=False, no_repeat_ngram_size=1, eos_token_id=None)
+    assert out.shape == (1, 10)  # what transformers does once every id is banned: its own business
+    out = m.generate(ids, max_new_tokens=3, do_sample=False, bad_words_ids=[[i] for i in range(1, 8)],
+                     min_new_tokens=3, eos_token_id=0)
+    assert out.shape == (1, 3)  # every id banned: argmax picks 0, the end of text (as for any model)
+
+
+def test_base_model_reads_output_hidden_states_from_its_config_and_meta_masks():
+    from multimodal_rwkv import RWKVModel
+
+    m = _random_model()
+    m.config.output_hidden_states = True
+    base = m.rwkv
+    assert len(base(torch.tensor([[1, 2, 3]])).hidden_states) == m.config.n_layer + 1
+    assert base(torch.tensor([[1, 2, 3]]), output_hidden_states=False).hidden_states is None
+    with torch.device("meta"):  # a tokenizer's attention_mask on the meta device (it asked for its values)
+        meta = RWKVForCausalLM(RWKVConfig(vocab_size=97, n_layer=2, n_embd=64, head_size=16))
+    ids = torch.zeros(2, 20, dtype=torch.long, device="meta")
+    assert meta(ids, attention_mask=torch.ones(2, 20, device="meta")).logits.shape == (2, 20, 97)
+    assert isinstance(base, RWKVModel)

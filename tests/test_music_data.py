@@ -589,6 +589,20 @@ def test_abc_to_midi_rewrites_what_music21_drops_or_misreads():
     tempos = [m.tempo for m in abc_to_midi("L:1/4\n\nX:1\nL:1/8\nQ:C=120\nM:4/4\nK:C\nCDEF GABc|\n")
               if m.type == "set_tempo"]
     assert [round(mido.tempo2bpm(t)) for t in tempos] == [60]
+    # an accidental carries into and out of chords (music21 carried it between single notes only)
+    assert pitches(head + "K:C\n[^FA] F G A|\n") == [66, 69, 66, 67, 69]
+    assert pitches(head + "K:C\n^F [FA] G A|\n") == [66, 66, 69, 67, 69]
+    assert pitches(head + "K:G\n[=FA] F G A|\n") == [65, 69, 65, 67, 69]
+    # a note continuing a tie keeps the tied note's pitch: the modifier does not break the tie
+    assert notes("X:1\nM:4/4\nL:1/4\nK:C exp ^f\n=F2 F2-|F2 F2|\n") == [(0.0, 65), (2.0, 65), (6.0, 66)]
+    # ABC 1.x: accidentals do not carry, so the modifier applies to every bare note; octave mode
+    assert pitches("%abc-1.6\n" + head + "K:C exp _b\n=B b B2|\n") == [71, 82, 70]
+    assert pitches(head + "%%propagate-accidentals octave\nK:C exp _b\n=B b B2|\n") == [71, 82, 71]
+    # an inline [M:] sets Z's bar; a tie after a rest is left out (music21 dropped the next note)
+    assert notes("X:1\nM:4/4\nL:1/8\nK:C\nC8|[M:3/4]Z|C6|\n") == [(0.0, 60), (7.0, 60)]
+    assert pitches("X:1\nM:4/4\nL:1/8\nK:C\nC4 z4-|D8|E8|\n") == [60, 62, 64]
+    # middle= in K: is display only (music21 read "K:D middle=d" as D minor)
+    assert pitches(head + "K:D middle=d\nDFcd|\n") == [62, 66, 73, 74]
     tune = head + "K:D\nD2 FA|d4|\n"  # nothing to rewrite: the text unchanged
     assert _readable_by_music21(tune) == tune
 

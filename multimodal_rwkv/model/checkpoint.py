@@ -678,19 +678,25 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
 def _check_config_saves(model) -> None:
     """The config as :func:`load_model` will read it back, before anything is written: a config
     edited after the model was built (``config.update({"n_layers": 3})``, ``config.version =
-    "x070"``, ``config.n_layer = 3``) would be saved beside weights it cannot load."""
+    "x070"``, ``config.head_size = 32``) or a model whose layers were changed (LoRA not merged)
+    would be saved beside weights it cannot load: the weights a model of the config has (built on
+    the meta device, no memory) must be the model's, name for name and shape for shape."""
     cfg = model.config
     try:
         again = RWKVConfig(**_settings(cfg.to_dict()))
     except (TypeError, ValueError, ConfigError) as e:
         raise ConfigError(f"the model's config is invalid, nothing written ({e})") from None
-    emb = model.get_input_embeddings().weight
-    blocks = model.rwkv.blocks if hasattr(model, "rwkv") else model.blocks
-    for key, actual in (("vocab_size", emb.shape[0]), ("n_embd", emb.shape[1]), ("n_layer", len(blocks))):
-        if getattr(again, key) != actual:
-            raise ConfigError(f"the model's config says {key} {getattr(again, key)!r}, but the model has {actual}: "
-                              "nothing written (a config changed after the model was built?)")
-
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in type(model)(again).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if bad:
+        k = bad[0]
+        said = "none" if k not in want else want[k]
+        has = "none" if k not in have else have[k]
+        raise ConfigError(f"the model's config does not describe its weights ({len(bad)} differ; {k}: the config "
+                          f"gives {said}, the model has {has}): nothing written (a config changed after the model "
+                          "was built, or LoRA layers not merged?)")
 
 def _check_state_dict(given, own) -> None:
     """A ``state_dict`` given to save must have the model's keys and shapes (ValueError naming them)."""

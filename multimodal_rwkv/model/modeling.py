@@ -545,7 +545,7 @@ class RWKVModel(RWKVPreTrainedModel):
         return st
 
     def forward(self, input_ids=None, inputs_embeds=None, state=None, attention_mask=None, scan_order=None,
-                logits_to_keep: int = 0, output_hidden_states: bool = False, return_dict: bool | None = None):
+                logits_to_keep: int = 0, output_hidden_states: bool | None = None, return_dict: bool | None = None):
         """Hidden states ``[B,T,C]`` after ``ln_out`` and the new state, as a
         :class:`RWKVModelOutput` (``last_hidden_state``, ``state``), or with ``return_dict=False``
         (or ``config.return_dict`` False) the tuple ``(hidden, state)``. ``logits_to_keep=k > 0``
@@ -553,8 +553,11 @@ class RWKVModel(RWKVPreTrainedModel):
         last block computes only those (its r/gate/output products and its channel mix on k+1 and
         k rows instead of T; a 12-layer prefill of 512 tokens skips ~7% of its products); the
         hidden states returned are then those k positions, the state is exact.
-        ``output_hidden_states=True``: ``hidden_states`` (a third item of the tuple), the
-        embeddings and every block's output (all T positions; the last one after ``ln_out``)."""
+        ``output_hidden_states=True`` (None: ``config.output_hidden_states``): ``hidden_states``
+        (a third item of the tuple), the embeddings and every block's output (all T positions; the
+        last one after ``ln_out``)."""
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -578,7 +581,7 @@ class RWKVModel(RWKVPreTrainedModel):
         mask = None
         if attention_mask is not None:
             mask = attention_mask.to(device=x.device, dtype=torch.bool)
-            if bool(mask.all()):
+            if mask.is_meta or bool(mask.all()):  # (meta tensors: shapes only, either form)
                 mask = None
         in_state = state
         if in_state is None:
@@ -848,6 +851,16 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             return {"input_ids": input_ids, "state": state, "attention_mask": attention_mask, "logits_to_keep": 1,
                     **extra}
         return {"input_ids": input_ids[:, -1:], "state": state, "logits_to_keep": 1, **extra}
+
+    def _get_logits_processor(self, *args, **kwargs):
+        """transformers' processors with :class:`FiniteLogitsGuard` moved first: transformers puts
+        the caller's list (which holds it) after its own, whose bans (no_repeat_ngram_size,
+        bad_words_ids, min_new_tokens) could leave a row -inf throughout before the guard saw it."""
+        from multimodal_rwkv.model.generation import FiniteLogitsGuard
+
+        processors = super()._get_logits_processor(*args, **kwargs)
+        guards = [p for p in processors if isinstance(p, FiniteLogitsGuard)]
+        return type(processors)(guards + [p for p in processors if not isinstance(p, FiniteLogitsGuard)])
 
     def _reorder_cache(self, state, beam_idx):
         """Beam search: the rows of the state that the surviving beams continue from."""

@@ -256,9 +256,11 @@ def abc_to_midi(abc_text: str, out_path: str | os.PathLike | None = None, name: 
     or ``[V:]`` fields, a clef in ``K:`` (``K:C clef=bass`` sounds two octaves low), the ``K:``
     modifiers ``octave=`` and ``transpose=``, ties on chords, a tie next to a broken rhythm
     (``c>-d``), or ``Q:`` lines in the tune body (the header's tempo holds throughout), and expands
-    a single repeated section only sometimes. Grace notes and chord symbols (``"G"``) are left out.
+    a single repeated section only sometimes, or the deprecated ``!`` line breaks (``I:linebreak !``).
+    Grace notes and chord symbols (``"G"``) are left out.
     What music21 would drop or misread otherwise is rewritten first (see :func:`_readable_by_music21`):
-    ``K:`` modifiers (``K:D Phr ^f``, ``exp``), the Locrian mode, ``x`` and ``Z`` rests, ``H``."""
+    ``K:`` modifiers (``K:D Phr ^f``, ``exp``), accidentals carried into chords, the Locrian mode,
+    ``middle=``, ``x`` and ``Z`` rests, a tie after a rest, ``H``."""
     import tempfile
 
     import mido
@@ -345,29 +347,32 @@ _KEY_MODIFIER = re.compile(r"(\^\^|\^|__|_|=)([A-Ga-g])")
 _KEY_TONIC = re.compile(r"(?P<tonic>[A-Ga-g][#b]?)[ \t]*(?P<mode>[A-Za-z]*)")
 _MAJOR_KEYS = ["Cb", "Gb", "Db", "Ab", "Eb", "Bb", "F", "C", "G", "D", "A", "E", "B", "F#", "C#"]  # -7..7 sharps
 _MUSIC_TOKEN = re.compile(
-    r'(?P<keep>"[^"\n]*"?|![^!\n]*!|\+(?:[A-Za-z]{4,}[()]?|[0-5]|[<>][()]?|[pmfrsz]{1,4}|D\.[SC]\.)\+'
-    r"|\[[A-Za-z]:[^\]\n]*\]|%.*)"
-    r"|(?P<note>(?P<acc>\^\^|\^|__|_|=)?(?P<letter>[A-Ga-g]))"
+    r'(?P<keep>"[^"\n]*"?|![^!\n]*!|\+(?:[A-Za-z]{4,}[()]?|[0-5]|[<>][()]?|[pmfrsz]{1,4}|D\.[SC]\.)\+|%.*)'
+    r"|(?P<field>\[(?P<fkey>[A-Za-z]):(?P<fval>[^\]\n]*)\])"
+    r"|(?P<note>(?P<acc>\^\^|\^|__|_|=)?(?P<letter>[A-Ga-g])(?P<octave>[,']*))"
+    r"|(?P<chord>\[(?![|\d]))|(?P<chord_end>\])"
+    r"|(?P<tie>-)"
     r"|(?P<bar>\||::)"
     r"|(?P<multirest>Z(?P<bars>\d*))"
-    r"|(?P<invisible>x)"
+    r"|(?P<rest>[zx])(?P<rest_length>[\d/]*)(?P<rest_tie>-?)"
     r"|(?P<fermata>H)")
-
+_PROPAGATION = re.compile(r"^%%propagate-accidentals[ \t]+(not|octave|pitch)\b", re.MULTILINE)
 
 def _rewrite_key_line(line: str) -> tuple[str, dict[str, str]]:
     """A ``K:`` line as music21 reads it, and the accidentals its modifiers add (``K:D Phr ^f`` ->
     ``K:D Phr`` and ``{"F": "^"}``): Locrian as the major key of the same signature (music21 took
-    ``K:Bloc`` as B major), ``exp`` as C plus the listed accidentals."""
+    ``K:Bloc`` as B major), ``exp`` as C plus the listed accidentals, and the display-only
+    ``middle=`` left out (music21 read ``K:D middle=d`` as D minor: "m..." is its minor)."""
     body, _, comment = line[2:].partition("%")
     words = body.split()
     mods = {m[2].upper(): m[1] for w in words if (m := _KEY_MODIFIER.fullmatch(w))}
-    words = [w for w in words if not _KEY_MODIFIER.fullmatch(w)]
+    words = [w for w in words if not _KEY_MODIFIER.fullmatch(w) and not re.match(r"(?i)(middle|m)=", w)]
     explicit = any(w.lower() == "exp" for w in words)
     words = [w for w in words if w.lower() != "exp"]
     rest = " ".join(words)
     m = _KEY_TONIC.match(rest)
     if explicit:  # only the listed accidentals: C's signature (a tonic or mode given stays unused)
-        n = m.end() if m and not re.match(r"(?i)clef|octave|transpose|middle|stafflines|m=", m["mode"]) else 0
+        n = m.end() if m and not re.match(r"(?i)clef|octave|transpose|stafflines", m["mode"]) else 0
         rest = "C " + rest[n:].strip() if n else "C " + rest
     elif m and m["mode"][:3].lower() == "loc":
         from music21 import key
@@ -379,7 +384,6 @@ def _rewrite_key_line(line: str) -> tuple[str, dict[str, str]]:
     if not mods and not explicit and rest == " ".join(body.split()):
         return line, {}
     return "K:" + rest.strip() + (" %" + comment if comment else ""), mods
-
 
 def _bar_units(meter: str, unit: str):
     """Units of length ``L:`` in one bar of meter ``M:`` (``None`` for ``M:none`` or one unread)."""
@@ -394,18 +398,82 @@ def _bar_units(meter: str, unit: str):
     return f"{units.numerator}/{units.denominator}" if units.denominator > 1 else str(units.numerator)
 
 
+def _accidental_propagation(tune: str) -> str:
+    """How far an accidental carries in ``tune``, as music21 reads it: ``"pitch"`` (ABC 2.x: to the
+    end of the bar, in every octave), ``"octave"`` (that octave only) or ``"not"`` (ABC 1.x: the
+    note alone); a ``%%propagate-accidentals`` directive decides over the version line."""
+    directive = _PROPAGATION.search(tune)
+    if directive:
+        return directive[1]
+    v = _VERSION.match(tune)
+    return "not" if v and tuple(int(x) for x in v[1].split(".")[:2]) < (2, 0) else "pitch"
+
+
 def _readable_by_music21(tune: str) -> str:
-    """Rewrite what music21's ABC reader drops or misreads into forms it reads, the music unchanged
-    (ABC 2.1): the ``K:`` modifiers (``K:D Phr ^f``, ``K:D exp _b``) as the notes' own
-    accidentals, bar by bar (an accidental written in the bar still carries over them); ``K:``
-    in the Locrian mode; the invisible rest ``x`` as ``z`` (music21 dropped it and its time); the
-    fermata ``H`` as ``!fermata!`` (music21 dropped the note); a multi-bar rest ``Z``/``Z4`` as
-    that many bars of ``z`` (one bar of the ``M:`` in force; left as is for ``M:none``)."""
-    lines = tune.split("\n")
-    in_body, mods, seen = False, {}, set()
+    """Rewrite what music21's ABC reader drops or misreads into forms it reads, the music unchanged:
+
+    - the ``K:`` modifiers (``K:D Phr ^f``, ``K:D exp _b``) as the notes' own accidentals, where no
+      accidental written earlier carries over them (bar by bar in ABC 2.x, per octave with
+      ``%%propagate-accidentals octave``, never in ABC 1.x); a note continuing a tie is left as
+      it is (it sounds as the note tied to it);
+    - an accidental that carries into or out of a chord (``[^FA] F``, ``^F [FA]``), written out:
+      music21 carries accidentals between single notes only;
+    - ``K:`` in the Locrian mode, and ``middle=`` in ``K:`` (see :func:`_rewrite_key_line`);
+    - the invisible rest ``x`` as ``z`` (music21 dropped it and its time), and a tie after a rest
+      left out (music21 then dropped the next note; abc2midi ignores such a tie);
+    - the fermata ``H`` as ``!fermata!`` (music21 dropped the note);
+    - a multi-bar rest ``Z``/``Z4`` as that many bars of ``z`` (of the ``M:`` in force, inline
+      ``[M:]`` too; left as is for ``M:none``)."""
+    mode = _accidental_propagation(tune)
+    in_body, mods = False, {}
+    carried: dict = {}  # the bar's accidentals: key -> (accidental, written in a chord)
     meter, unit = "none", "1/8"
+    st = {"chord": False, "tied": False}
     out = []
-    for ln in lines:
+
+    def carry_key(m):
+        return m["letter"].upper() if mode == "pitch" else m["letter"] + m["octave"]
+
+    def sub(m):
+        if m["note"]:
+            tied, st["tied"] = st["tied"], False
+            k = carry_key(m)
+            if m["acc"]:
+                if mode != "not":
+                    carried[k] = (m["acc"], st["chord"])
+                return m[0]
+            if tied:  # a tie's second note: as written (it sounds as the note tied to it)
+                return m[0]
+            if k in carried and mode != "not":
+                acc, in_chord = carried[k]
+                return acc + m[0] if in_chord or st["chord"] else m[0]  # music21 carries the rest itself
+            if m["letter"].upper() in mods:
+                return mods[m["letter"].upper()] + m[0]
+        elif m["chord"]:
+            st["chord"] = True
+        elif m["chord_end"]:
+            st["chord"] = False
+        elif m["tie"]:
+            st["tied"] = True
+        elif m["bar"]:
+            carried.clear()
+        elif m["field"]:
+            nonlocal meter, unit
+            if m["fkey"] == "M":
+                meter = m["fval"]
+            elif m["fkey"] == "L":
+                unit = m["fval"]
+        elif m["multirest"]:
+            bar = _bar_units(meter, unit)
+            if bar is not None:
+                return " | ".join([f"z{bar}"] * max(1, int(m["bars"] or 1)))
+        elif m["rest"]:
+            return "z" + m["rest_length"]
+        elif m["fermata"]:
+            return "!fermata!"
+        return m[0]
+
+    for ln in tune.split("\n"):
         if ln.startswith("K:"):
             ln, mods = _rewrite_key_line(ln)
             in_body = True
@@ -416,29 +484,8 @@ def _readable_by_music21(tune: str) -> str:
         if not in_body or _HEADER_LINE.match(ln):
             out.append(ln)
             continue
-
-        def sub(m):
-            if m["note"]:
-                letter = m["letter"].upper()
-                if m["acc"]:
-                    seen.add(letter)
-                elif letter in mods and letter not in seen:
-                    return mods[letter] + m["letter"]
-            elif m["bar"]:
-                seen.clear()
-            elif m["multirest"]:
-                bar = _bar_units(meter, unit)
-                if bar is not None:
-                    return " | ".join([f"z{bar}"] * max(1, int(m["bars"] or 1)))
-            elif m["invisible"]:
-                return "z"
-            elif m["fermata"]:
-                return "!fermata!"
-            return m[0]
-
         out.append(_MUSIC_TOKEN.sub(sub, ln))
     return "\n".join(out)
-
 
 def _drop_grace_notes(score) -> None:
     """Leave grace notes (``{g}``) and chord symbols (``"G"``, ``"Am"``; O'Neill's ``"f"``) out:

@@ -465,7 +465,8 @@ def register(subparsers) -> None:
                                    "inline [K:], [L:], [Q:] or [V:] fields, a clef in K: (K:C clef=bass sounds two "
                                    "octaves low), the K: modifiers octave= and transpose=, "
                                    "ties on chords, a tie next to a broken rhythm (c>-d) or Q: lines in the tune "
-                                   "body, and expands a single repeated section only sometimes; grace notes are "
+                                   "body, nor the deprecated ! line breaks (I:linebreak !), and expands a single repeated section "
+                                   "only sometimes; grace notes are "
                                    "left out, and so are chord symbols (\"G\").",
                        epilog="Example: mmrwkv music abc2midi tune.abc --out tune.mid", formatter_class=fmt)
     p.add_argument("abc", type=path_arg)

@@ -483,7 +483,7 @@ class VisualRWKV(nn.Module):
     def _pick(self, logits, do_sample, temperature, top_k, top_p, gen) -> torch.Tensor:
         from multimodal_rwkv.model.generation import check_finite_logits
 
-        check_finite_logits(logits, logits.dtype)  # (the argmax of NaN would be id 0: an empty answer)
+        check_finite_logits(logits, self.dtype)  # (the argmax of NaN would be id 0: an empty answer)
         logits = logits.clone()
         if self.local_to_world is not None:
             logits[:, -1] = -float("inf")  # never produce the UNK row
