@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.errors import ConfigError, DataError
 from multimodal_rwkv.vision.data import LlavaDataset, collate
 from multimodal_rwkv.vision.processor import IGNORE_INDEX, IMAGE_TOKEN_ID, VisualRWKVProcessor, image_processor_for
 
@@ -87,6 +87,7 @@ BAD = [
     (rec("bad-speaker", conversations=[{"from": "bot", "value": "<image>"}, {"from": "gpt", "value": "x"}]),
      "unknown speaker"),
     ({"id": "not-a-list", "image": 5, "conversations": []}, "'image' must be"),
+    ({"id": "empty-name", "image": "", "conversations": []}, "'image' must be"),  # was the folder itself
 ]
 
 
@@ -155,6 +156,9 @@ def test_ctx_len_truncation_never_cuts_an_image(folder, proc):
     ds = LlavaDataset(path, proc, ctx_len=first_img + 2)
     with pytest.raises(DataError, match="no answer tokens"):
         ds[0]
+    for bad in (-3, 0, "100", 2.5):  # -3 cut the end off every sample (its answer and stop label)
+        with pytest.raises(ConfigError, match="ctx_len must be an integer >= 1"):
+            LlavaDataset(path, proc, ctx_len=bad)
 
 
 SURROGATE = '"bad \\ud800 x"'  # the 6-character JSON escape of an unpaired surrogate: valid JSON, not text

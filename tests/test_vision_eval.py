@@ -1,6 +1,7 @@
 """VQA scoring (normalisation, soft accuracy, multiple choice), question files, synthetic data."""
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -339,3 +340,25 @@ def test_vision_synth_test_scenes_are_never_training_scenes(tmp_path):
     train = {d for n, d in digest.items() if n.startswith("train")}
     assert len([n for n in digest if n.startswith("test")]) == 200
     assert not [n for n, d in digest.items() if n.startswith("test") and d in train]
+
+
+def test_scoring_of_letters_and_llava_answer_forms():
+    """An empty or article-only prediction scored 1.0 against the answer "A" (both normalise to "");
+    "B. dog" and "The answer is B." (LLaVA's ScienceQA forms) scored 0; a reference letter beyond
+    the choices was scored instead of reported."""
+    from multimodal_rwkv.vision.evaluate import _parse_question, mc_accuracy, vqa_soft_accuracy
+
+    for pred in ("", "the", ".", "an"):
+        assert vqa_soft_accuracy(pred, ["A"]) == 0.0
+    assert vqa_soft_accuracy("A", ["A"]) == vqa_soft_accuracy("a.", ["A"]) == 1.0
+    assert vqa_soft_accuracy("two dogs", ["2 dogs"]) == 1.0  # the usual normalisation stays
+    choices = ["cat", "dog", "cow"]
+    for pred in ("B", "B. dog", "The answer is B.", "(B)", "dog"):
+        assert mc_accuracy(pred, ["B"], choices) == 1.0, pred
+    for pred in ("D. cow", "The answer is A. The answer is B.", "b. dog"):
+        assert mc_accuracy(pred, ["B"], choices) == 0.0, pred
+    with pytest.raises(DataError, match="answer 'Z' is neither an option letter A-C nor one of the choices"):
+        _parse_question({"question_id": 1, "image": "x.png", "question": "Q?", "choices": choices,
+                         "answers": ["Z"]}, Path("."), "q:1")
+    with pytest.raises(DataError, match="'image' must be a file name"):
+        _parse_question({"question_id": 1, "image": " ", "question": "Q?"}, Path("."), "q:1")

@@ -178,6 +178,12 @@ def test_answer_batch_matches_single_answers_and_prefix_reuse(tok, base):
     s1 = m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
     s2 = m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
     assert s1 == s2
+    # without a seed: torch's global generator, as transformers' generate (it was re-seeded at random)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        draws.append((m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1.5), torch.rand(2)))
+    assert draws[0][0] == draws[1][0] and torch.equal(draws[0][1], draws[1][1])
     # a temperature whose logits / temperature overflow (NaN probabilities before): the top token
     tiny = m.answer(imgs[0], "Q?", max_new_tokens=8, do_sample=True, temperature=1e-45, seed=3)
     assert tiny == m.answer(imgs[0], "Q?", max_new_tokens=8)

@@ -172,12 +172,14 @@ def test_decompression_bomb(tmp_path):
     with pytest.raises(DataError, match="decompression bomb"):
         load_image(path, max_pixels=300 * 299)
     assert load_image(path, max_pixels=300 * 300).size == (300, 300)
-    # PIL's own bomb check (size > 2 x MAX_IMAGE_PIXELS) is turned into DataError too
+    # max_pixels is the limit, whatever Pillow's own MAX_IMAGE_PIXELS says (None: no limit)
     old = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = 1000
-        with pytest.raises(DataError, match="bomb"):
-            load_image(path, max_pixels=None)
+        assert load_image(path, max_pixels=None).size == (300, 300)
+        with pytest.raises(DataError, match="decompression bomb"):
+            load_image(path, max_pixels=300 * 299)
+        assert Image.MAX_IMAGE_PIXELS == 1000
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
@@ -323,3 +325,17 @@ def test_float_arrays_out_of_range_are_errors_not_clipped():
     rgba[0, 0] = (1, 0, 0, 1)
     out = np.asarray(as_pil(rgba))
     assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[1, 1]) == (255, 255, 255)
+
+
+def test_max_image_pixels_is_the_limit_not_pillows(tmp_path):
+    """Pillow's own ~89-megapixel bomb check applied whatever max_pixels said: None did not turn it
+    off, and a higher limit could not raise it."""
+    from multimodal_rwkv.vision.processor import load_image
+
+    big = tmp_path / "big.png"
+    Image.new("1", (10000, 9500)).save(big)  # 95 Mpx, a small file (1 bit per pixel)
+    assert load_image(big, None, decode=False) is None
+    assert load_image(big, 200_000_000, decode=False) is None
+    with pytest.raises(DataError, match="image is 10000x9500 = 95000000 pixels, over the limit of 1000000"):
+        load_image(big, 1_000_000, decode=False)
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own setting is left as it was

@@ -142,6 +142,10 @@ class LlavaDataset(Dataset):
         self.path = Path(path)
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder else self.path.parent
+        from multimodal_rwkv.argtypes import integer_number
+
+        if (integer_number(ctx_len) or 0) < 1:  # a negative one cut the end off every sample
+            raise ConfigError(f"ctx_len must be an integer >= 1, got {ctx_len!r}")
         self.ctx_len = int(ctx_len)
         self.on_bad_record = on_bad_record
         self.max_image_pixels = max_image_pixels
@@ -199,7 +203,7 @@ class LlavaDataset(Dataset):
         img = r.get("image")
         if img is None or img == []:
             images = []
-        elif isinstance(img, str):
+        elif isinstance(img, str) and img.strip():
             images = [img]
         elif isinstance(img, list) and all(isinstance(i, str) and i for i in img):
             images = list(img)

@@ -90,12 +90,23 @@ def normalize_answer(text: str) -> str:
     return _process_digit_article(_process_punctuation(text))
 
 
+def _answer_key(text: str) -> str:
+    """:func:`normalize_answer`, or where that leaves nothing (an answer that is only an article,
+    such as the option letter "A"), the text lower-cased without punctuation: "A" is not ""."""
+    norm = normalize_answer(text)
+    if norm:
+        return norm
+    return " ".join(_process_punctuation(text.replace("\n", " ").replace("\t", " ").strip()).lower().split())
+
+
 def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
-    """VQAv2 soft accuracy in [0, 1] of one prediction against the human answers (see module doc)."""
+    """VQAv2 soft accuracy in [0, 1] of one prediction against the human answers (see module doc).
+    An answer that normalises to nothing (the letter "A", "the") is compared lower-cased instead,
+    so an empty prediction never matches it."""
     if not answers:
         raise ValueError("vqa_soft_accuracy needs at least one reference answer")
-    pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in answers]
+    pred = _answer_key(prediction)
+    gts = [_answer_key(a) for a in answers]
     if len(gts) == 1:
         return float(pred == gts[0])
     accs = []
@@ -112,11 +123,18 @@ def format_multiple_choice(question: str, choices: list[str]) -> str:
 
 
 def mc_letter(prediction: str, choices: list[str]) -> str:
-    """The option letter a prediction names: "B", "B.", "(B)", or the exact text of a choice."""
+    """The option letter a prediction names: "B", "B.", "(B)", the exact text of a choice, or as
+    LLaVA's ScienceQA scorer reads it, "B. dog" (a letter, ". ", anything) and "The answer is B."."""
     p = prediction.strip()
     m = re.fullmatch(r"\(?([A-Za-z])\)?[.:)]?", p)
     if m and LETTERS.index(m.group(1).upper()) < len(choices):
         return m.group(1).upper()
+    m = re.match(r"([A-Z])\. ", p)
+    if m and LETTERS.index(m.group(1)) < len(choices):
+        return m.group(1)
+    said = re.findall(r"The answer is ([A-Z])\.", p)
+    if len(said) == 1 and LETTERS.index(said[0]) < len(choices):
+        return said[0]
     for i, c in enumerate(choices):
         if p.lower() == str(c).strip().lower():
             return LETTERS[i]
@@ -208,7 +226,7 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
         raise DataError("'question' must be a non-empty string")
     if not is_unicode(d["question"]):
         raise DataError("'question' holds an unpaired surrogate (\\ud800-\\udfff), not text")
-    if not isinstance(d["image"], str) or not d["image"]:
+    if not isinstance(d["image"], str) or not d["image"].strip():
         raise DataError("'image' must be a file name")
     qid = d["question_id"]
     if not isinstance(qid, (str, int)) or isinstance(qid, bool):
@@ -228,6 +246,11 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
     if choices is not None and (not isinstance(choices, list) or not choices or len(choices) > len(LETTERS)
                                 or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices)):
         raise DataError(f"'choices' must be a non-empty list of at most {len(LETTERS)} strings or numbers")
+    if choices and answers:  # a reference no prediction can match: a mistake in the file, not a 0 score
+        for a in answers:
+            if mc_letter(a, [str(c) for c in choices]) not in LETTERS[:len(choices)]:
+                raise DataError(f"answer {a!r} is neither an option letter A-{LETTERS[len(choices) - 1]} nor "
+                                "one of the choices")
     img = Path(d["image"])
     img = img if img.is_absolute() else root / img
     why = missing_image(img)

@@ -458,9 +458,9 @@ class VisualRWKV(nn.Module):
         stop_ids = self.tokenizer.encode(stop) if stop else []
         stop_id = stop_ids[0] if len(stop_ids) == 1 else None
         gen = None
-        if do_sample:
-            gen = torch.Generator(device=logits.device)
-            gen.manual_seed(int(seed) if seed is not None else torch.seed() % (2 ** 63))
+        if do_sample and seed is not None:  # without a seed: torch's global generator (torch.manual_seed
+            gen = torch.Generator(device=logits.device)  # makes it reproducible; it was re-seeded at random)
+            gen.manual_seed(int(seed))
         B = logits.shape[0]
         outs: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B

@@ -66,8 +66,9 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: 
     """Read an image file as an RGB PIL image with EXIF orientation applied.
 
     Raises DataError naming the file when it is missing, empty, not an image, truncated or
-    corrupt, or larger than ``max_pixels`` (a decompression bomb). ``decode=False`` runs only
-    the cheap checks (header, size; no pixel decoding) and returns None.
+    corrupt, or larger than ``max_pixels`` (a decompression bomb; None: no limit, and Pillow's own
+    ~89-megapixel limit does not apply either). ``decode=False`` runs only the cheap checks
+    (header, size; no pixel decoding) and returns None.
     """
     path = str(path)
     why = missing_image(path)
@@ -81,7 +82,9 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: 
         raise DataError(f"{path}: cannot read image file ({e.strerror})") from None
     if size == 0:
         raise DataError(f"{path}: empty image file (0 bytes)")
+    pil_limit = Image.MAX_IMAGE_PIXELS  # max_pixels is the limit (checked below), not Pillow's ~89 Mpx
     try:
+        Image.MAX_IMAGE_PIXELS = None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
@@ -101,6 +104,8 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: 
         raise DataError(f"{path}: not a recognised image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({_short(e)})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
