@@ -100,9 +100,12 @@ def update_benchmarks_md(section: str, path: str = "BENCHMARKS.md") -> None:
 
 
 def main(argv=None) -> int:
+    from multimodal_rwkv.argtypes import float_min, int_min
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=4.0, help="size of the mixed text in MB (default 4)")
-    ap.add_argument("--repeats", type=int, default=3, help="best of N (default 3)")
+    ap.add_argument("--mb", type=float_min(0, strict=True), default=4.0,
+                    help="size of the mixed text in MB (default 4)")
+    ap.add_argument("--repeats", type=int_min(1), default=3, help="best of N (default 3)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
     args = ap.parse_args(argv)
 

@@ -636,3 +636,41 @@ def test_a_long_custom_token_builds_the_text_pattern(tmp_path):
     rx = tkmod._Vocab._compile_text(tkmod._build_trie(tok.get_vocab()))
     data = b"ab" + b"=" * 2001
     assert [tok.get_vocab()[m] for m in rx.findall(data)] == tkmod.greedy_reference(data, tok.get_vocab(), 1000)
+
+
+def test_stop_strings_holding_the_replacement_character_wait_for_whole_characters(tok):
+    """A character arriving as several byte tokens decodes as U+FFFD until it is complete: a stop
+    string holding U+FFFD fired on it (generate stopped at 'a' + half of '中'; the streamer printed
+    less than the --no-stream text)."""
+    import io
+
+    torch = pytest.importorskip("torch")
+    from multimodal_rwkv.model.generation import StopAwareStreamer, StopStringsCriteria, trim_at_stop
+
+    byte = [tok.token_to_id(bytes([b])) for b in range(256)]
+    zhong = [byte[b] for b in "中".encode()]
+    crit = StopStringsCriteria(tok, ["\ufffd"], prompt_len=0)
+    a = tok.encode("a")
+    for n in range(1, 3):  # half a character: no stop
+        assert not crit(torch.tensor([a + zhong[:n]]), None)[0]
+    assert not crit(torch.tensor([a + zhong + tok.encode("bcd")]), None)[0]
+    assert crit(torch.tensor([a + [byte[0xFF]] + tok.encode("b")]), None)[0]  # a real U+FFFD in the text
+    for ids in (a + zhong + tok.encode("bcd"), a + [byte[0xC3], byte[0xA9]], a + [byte[0xFF]] + tok.encode("xy")):
+        out = io.StringIO()
+        s = StopAwareStreamer(tok, ["\ufffd"], file=out)
+        s.put(torch.tensor([[1]]))  # the prompt
+        for i in ids:
+            s.put(torch.tensor([i]))
+        s.end()
+        assert out.getvalue() == trim_at_stop(tok.decode(ids), ["\ufffd"])
+
+
+def test_token_to_id_refuses_an_integer_and_encode_errors_point_into_the_text(tok):
+    with pytest.raises(TypeError, match="token_to_id takes a token"):
+        tok.token_to_id(3)  # bytes(3) is three NULs: a confusing KeyError, and 1 gave id 1
+    with pytest.raises(TypeError):
+        tok.token_to_id(True)
+    for text, at in (("abc中文\ud800xyz", 5), ("中" * 5 + "\ud83d" + "文", 5)):
+        with pytest.raises(UnicodeEncodeError) as e:
+            tok.encode(text)
+        assert e.value.start == at and e.value.object == text

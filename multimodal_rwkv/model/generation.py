@@ -158,7 +158,12 @@ class StopStringsCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i, row in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            # a character cut by the window's start, or not finished yet at its end, decodes as U+FFFD:
+            # no stop string is matched there (a stop holding U+FFFD fired on half a character)
             text = self.tokenizer.decode(row[-self.window:])
+            text = text.rstrip("\ufffd") if "\ufffd" in "".join(self.stops) else text
+            if len(row) > self.window:
+                text = text.lstrip("\ufffd")
             done[i] = any(s in text for s in self.stops)
         return done
 
@@ -284,12 +289,12 @@ class StopAwareStreamer:
 
     def _flush(self, final: bool) -> None:
         text = self.tokenizer.decode(self.ids)
+        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far (before the
+            text = text.rstrip("\ufffd")  # stop check: a stop holding U+FFFD fired on half a character)
         cut = trim_at_stop(text, self.stops)
         if len(cut) < len(text):
             self.stopped, final, text = True, True, cut
         if not final:
-            if text.endswith("\ufffd"):  # incomplete UTF-8 sequence so far
-                text = text.rstrip("\ufffd")
             hold = max((len(s) - 1 for s in self.stops), default=0)
             text = text[: max(self.printed, len(text) - hold)]
         if len(text) > self.printed:

@@ -619,6 +619,15 @@ class WorldTokenizer:
         vocab = self._vocab
         if vocab.run_regex is None or text.isascii():
             return self.encode_bytes(text.encode("utf-8"))
+        try:
+            return self._encode_runs(text)
+        except UnicodeEncodeError:  # a lone surrogate, found in a piece: the error at its place in text
+            text.encode("utf-8")
+            raise
+
+    def _encode_runs(self, text: str) -> list[int]:
+        """:meth:`encode` of a non-ASCII text, with the fast path for runs of single-character tokens."""
+        vocab = self._vocab
         # Runs of characters with boundary lead bytes (CJK; see _Vocab._single_char_runs) are
         # tokenized character by character; the pieces between them by the byte matcher.
         out: list[int] = []
@@ -892,6 +901,8 @@ class WorldTokenizer:
 
     def token_to_id(self, token: str | bytes) -> int:
         """Id of one vocabulary entry (``str`` is taken as its UTF-8 bytes); ``KeyError`` if absent."""
+        if not isinstance(token, (str, bytes, bytearray, memoryview)):  # bytes(3) would be three NULs
+            raise TypeError(f"token_to_id takes a token (str or bytes), got {type(token).__name__} {token!r}")
         key = token.encode("utf-8") if isinstance(token, str) else bytes(token)
         try:
             return self._vocab.token_to_id[key]
