@@ -358,6 +358,7 @@ _MUSIC_TOKEN = re.compile(
     r"|(?P<fermata>H)")
 _PROPAGATION = re.compile(r"^%%propagate-accidentals[ \t]+(not|octave|pitch)\b", re.MULTILINE)
 
+
 def _rewrite_key_line(line: str) -> tuple[str, dict[str, str]]:
     """A ``K:`` line as music21 reads it, and the accidentals its modifiers add (``K:D Phr ^f`` ->
     ``K:D Phr`` and ``{"F": "^"}``): Locrian as the major key of the same signature (music21 took
@@ -385,6 +386,7 @@ def _rewrite_key_line(line: str) -> tuple[str, dict[str, str]]:
         return line, {}
     return "K:" + rest.strip() + (" %" + comment if comment else ""), mods
 
+
 def _bar_units(meter: str, unit: str):
     """Units of length ``L:`` in one bar of meter ``M:`` (``None`` for ``M:none`` or one unread)."""
     from fractions import Fraction
@@ -406,7 +408,7 @@ def _accidental_propagation(tune: str) -> str:
     if directive:
         return directive[1]
     v = _VERSION.match(tune)
-    return "not" if v and tuple(int(x) for x in v[1].split(".")[:2]) < (2, 0) else "pitch"
+    return "not" if v and int(v[1].split(".")[0]) < 2 else "pitch"
 
 
 def _readable_by_music21(tune: str) -> str:
