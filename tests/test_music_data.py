@@ -600,6 +600,10 @@ def test_abc_to_midi_rewrites_what_music21_drops_or_misreads():
     assert pitches(head + "%%propagate-accidentals octave\nK:C exp _b\n=B b B2|\n") == [71, 82, 71]
     # an inline [M:] sets Z's bar; a tie after a rest is left out (music21 dropped the next note)
     assert notes("X:1\nM:4/4\nL:1/8\nK:C\nC8|[M:3/4]Z|C6|\n") == [(0.0, 60), (7.0, 60)]
+    # ... but not an inline [L:] (music21 does not apply it): Z stays one 4/4 bar
+    assert notes("X:1\nM:4/4\nL:1/4\nK:C\nC D E F|[L:1/8] Z|G|\n")[-1] == (8.0, 67)
+    # octave propagation compares sounding octaves: c, is C
+    assert pitches(head + "%%propagate-accidentals octave\nK:C ^C\n=C c, D E|\n") == [60, 60, 62, 64]
     assert pitches("X:1\nM:4/4\nL:1/8\nK:C\nC4 z4-|D8|E8|\n") == [60, 62, 64]
     # middle= in K: is display only (music21 read "K:D middle=d" as D minor)
     assert pitches(head + "K:D middle=d\nDFcd|\n") == [62, 66, 73, 74]

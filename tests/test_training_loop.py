@@ -1227,6 +1227,12 @@ def test_an_output_dir_that_is_a_file_is_refused_saying_so(tmp_path):
     with pytest.raises(ConfigError, match="data.cache_dir: .*f.pth is a file, not a folder"):
         train(TrainConfig(), [f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'f.pth'}"] + common)
     assert (tmp_path / "f.pth").read_bytes() == b"x" and not (tmp_path / "run").exists()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ConfigError, match="output_dir: .*dangling is a broken link"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'dangling'}"] + common)
+    with pytest.raises(ConfigError, match="data.cache_dir: .*loop"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'loop' / 'c'}"] + common)
     # overrides as one string were read character by character ("override 'm': expected KEY=VALUE")
     with pytest.raises(ConfigError, match="overrides must be a list of KEY=VALUE strings"):
         train(TrainConfig(), "max_steps=2")

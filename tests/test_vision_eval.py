@@ -357,6 +357,10 @@ def test_scoring_of_letters_and_llava_answer_forms():
         assert mc_accuracy(pred, ["B"], choices) == 1.0, pred
     for pred in ("D. cow", "The answer is A. The answer is B.", "b. dog"):
         assert mc_accuracy(pred, ["B"], choices) == 0.0, pred
+    # a choice's own text that reads like "X. ...": that choice, not option X
+    bacteria = ["B. subtilis", "E. coli", "S. aureus"]
+    assert mc_accuracy("A", ["B. subtilis"], bacteria) == 1.0 and mc_accuracy("B", ["B. subtilis"], bacteria) == 0.0
+    assert mc_accuracy("E. coli", ["B"], bacteria) == 1.0
     with pytest.raises(DataError, match="answer 'Z' is neither an option letter A-C nor one of the choices"):
         _parse_question({"question_id": 1, "image": "x.png", "question": "Q?", "choices": choices,
                          "answers": ["Z"]}, Path("."), "q:1")

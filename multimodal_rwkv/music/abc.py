@@ -425,7 +425,8 @@ def _readable_by_music21(tune: str) -> str:
       left out (music21 then dropped the next note; abc2midi ignores such a tie);
     - the fermata ``H`` as ``!fermata!`` (music21 dropped the note);
     - a multi-bar rest ``Z``/``Z4`` as that many bars of ``z`` (of the ``M:`` in force, inline
-      ``[M:]`` too; left as is for ``M:none``)."""
+      ``[M:]`` too, in the unit length music21 applies: ``L:`` lines, not inline ``[L:]``; left as
+      is for ``M:none``)."""
     mode = _accidental_propagation(tune)
     in_body, mods = False, {}
     carried: dict = {}  # the bar's accidentals: key -> (accidental, written in a chord)
@@ -433,8 +434,10 @@ def _readable_by_music21(tune: str) -> str:
     st = {"chord": False, "tied": False}
     out = []
 
-    def carry_key(m):
-        return m["letter"].upper() if mode == "pitch" else m["letter"] + m["octave"]
+    def carry_key(m):  # the letter (pitch mode), or the letter and its sounding octave (c, is C)
+        if mode == "pitch":
+            return m["letter"].upper()
+        return m["letter"].upper(), m["letter"].islower() + m["octave"].count("'") - m["octave"].count(",")
 
     def sub(m):
         if m["note"]:
@@ -459,12 +462,9 @@ def _readable_by_music21(tune: str) -> str:
             st["tied"] = True
         elif m["bar"]:
             carried.clear()
-        elif m["field"]:
-            nonlocal meter, unit
-            if m["fkey"] == "M":
-                meter = m["fval"]
-            elif m["fkey"] == "L":
-                unit = m["fval"]
+        elif m["field"] and m["fkey"] == "M":  # (music21 applies an inline [M:], not an inline [L:])
+            nonlocal meter
+            meter = m["fval"]
         elif m["multirest"]:
             bar = _bar_units(meter, unit)
             if bar is not None:

@@ -389,11 +389,18 @@ def _check_folder_setting(key: str, path: Path) -> None:
     """ConfigError naming ``key`` when ``path`` or a folder above it is a file (mkdir's bare
     FileExistsError / NotADirectoryError named neither the setting nor the reason)."""
     for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"{key}: {path} is a file, not a folder" if p == path else
-                                  f"{key}: {path} cannot be a folder: {p} is a file")
-            return
+        try:
+            p.stat()
+        except (FileNotFoundError, NotADirectoryError):  # (below a file: that file is found next)
+            if os.path.lexists(p):  # a link to nothing
+                raise ConfigError(f"{key}: {path}: {p} is a broken link") from None
+            continue
+        except OSError as e:  # a link loop, a permission
+            raise ConfigError(f"{key}: {path}: {p}: {e.strerror or e}") from None
+        if not p.is_dir():
+            raise ConfigError(f"{key}: {path} is a file, not a folder" if p == path else
+                              f"{key}: {path} cannot be a folder: {p} is a file")
+        return
 
 
 @contextlib.contextmanager

@@ -129,15 +129,15 @@ def mc_letter(prediction: str, choices: list[str]) -> str:
     m = re.fullmatch(r"\(?([A-Za-z])\)?[.:)]?", p)
     if m and LETTERS.index(m.group(1).upper()) < len(choices):
         return m.group(1).upper()
+    for i, c in enumerate(choices):  # before "X. ...": a choice may itself read "E. coli"
+        if p.lower() == str(c).strip().lower():
+            return LETTERS[i]
     m = re.match(r"([A-Z])\. ", p)
     if m and LETTERS.index(m.group(1)) < len(choices):
         return m.group(1)
     said = re.findall(r"The answer is ([A-Z])\.", p)
     if len(said) == 1 and LETTERS.index(said[0]) < len(choices):
         return said[0]
-    for i, c in enumerate(choices):
-        if p.lower() == str(c).strip().lower():
-            return LETTERS[i]
     return p
 
 
