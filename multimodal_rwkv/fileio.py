@@ -87,8 +87,8 @@ def temp_name(path) -> Path:
 
     path = Path(path)
     name = f".tmp-{path.name}-{os.getpid()}"
-    if len(name.encode()) > 255:
-        name = f".tmp-{hashlib.sha1(path.name.encode()).hexdigest()[:16]}-{os.getpid()}"
+    if len(os.fsencode(name)) > 255:  # (fsencode: a name with undecodable bytes is surrogate-escaped)
+        name = f".tmp-{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:16]}-{os.getpid()}"
     return path.with_name(name)
 
 

@@ -538,3 +538,16 @@ def test_a_short_numpy_write_names_the_file_and_the_likely_reason(tmp_path):
     with pytest.raises(OSError) as e, naming_write_errors(tmp_path / "x.npy"):
         raise OSError(13, "Permission denied", "/elsewhere")  # an error that names its file already: as it is
     assert e.value.filename == "/elsewhere"
+
+
+def test_outputs_with_undecodable_bytes_in_their_names(tmp_path):
+    """A file name holding a byte that is not UTF-8 (a surrogate escape in Python) crashed the
+    temporary-name helper every writer uses (UnicodeEncodeError, a traceback with exit 1)."""
+    import os
+
+    from multimodal_rwkv.fileio import atomic_write_text, temp_name
+
+    name = os.fsdecode(b"caf\xe9.jsonl")
+    assert temp_name(tmp_path / name).parent == tmp_path
+    atomic_write_text(tmp_path / name, "x")
+    assert (tmp_path / name).read_text() == "x" and os.fsencode(name) in os.listdir(os.fsencode(tmp_path))

@@ -342,7 +342,7 @@ def test_vision_synth_test_scenes_are_never_training_scenes(tmp_path):
     assert not [n for n, d in digest.items() if n.startswith("test") and d in train]
 
 
-def test_scoring_of_letters_and_llava_answer_forms():
+def test_scoring_of_letters_and_llava_answer_forms(tmp_path):
     """An empty or article-only prediction scored 1.0 against the answer "A" (both normalise to "");
     "B. dog" and "The answer is B." (LLaVA's ScienceQA forms) scored 0; a reference letter beyond
     the choices was scored instead of reported."""
@@ -366,3 +366,11 @@ def test_scoring_of_letters_and_llava_answer_forms():
                          "answers": ["Z"]}, Path("."), "q:1")
     with pytest.raises(DataError, match="'image' must be a file name"):
         _parse_question({"question_id": 1, "image": " ", "question": "Q?"}, Path("."), "q:1")
+    # a "type" that is no single name, or a surrogate in "type" or "choices": bad lines, at read time
+    # (they crashed the per-type report after answering, or were reported as a failed image)
+    for bad, match in (({"type": ["a", "b"]}, "'type' must be a string or an integer"),
+                       ({"type": "\udc00"}, "'type' must be"),
+                       ({"choices": ["a", "b\udc00"], "answers": ["A"]}, "'choices' holds an unpaired surrogate")):
+        (tmp_path / "x.png").write_bytes(b"png")
+        with pytest.raises(DataError, match=match):
+            _parse_question({"question_id": 1, "image": "x.png", "question": "Q?", **bad}, tmp_path, "q:1")

@@ -215,6 +215,21 @@ def test_cli_vqa_and_eval_vqa(trained, tmp_path, capsys):
 
     want = [vqa_soft_accuracy(a["answer"], json.loads(x)["answers"]) for a, x in zip(answers, lines[:3])]
     assert f"accuracy: {100 * sum(want) / 3:.2f}%" in out_
+    # sampling with --seed: the same answers at any --batch-size (the seed restarted every batch, so
+    # at --batch-size 1 every question got the same draw)
+    qfile8 = tmp_path / "q8.jsonl"
+    q0 = json.loads(lines[0])
+    qfile8.write_text("".join(json.dumps({**q0, "question_id": i}) + "\n" for i in range(8)))
+    got = []
+    for bs in ("1", "3", "8"):
+        o = tmp_path / f"s{bs}.jsonl"
+        rc, out_, err = _cli(capsys, "eval-vqa", "--model", str(final), "--questions", str(qfile8), "--image-folder",
+                             str(data / "images"), "--output", str(o), "--max-new-tokens", "6", "--do-sample",
+                             "--temperature", "5", "--seed", "5", "--batch-size", bs)
+        assert rc == 0, err
+        got.append(o.read_text())
+    assert got[0] == got[1] == got[2]
+    assert len({json.loads(x)["answer"] for x in got[0].splitlines()}) > 1  # one stream per question
     rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(tmp_path / "missing.png"),
                          "--question", "Q?")
     assert rc == 2 and "missing.png" in err and "Traceback" not in err

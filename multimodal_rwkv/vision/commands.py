@@ -136,13 +136,18 @@ def _eval_vqa(args) -> int:
         with open(tmp, "w", encoding="utf-8") as f:
             for s in range(0, len(questions), max(args.batch_size, 1)):
                 chunk = questions[s:s + args.batch_size]
+                # sampling with --seed: one stream per question (seed + its place in the run), so an
+                # answer does not depend on --batch-size or on the other questions of its batch
+                seeds = None if gen.get("seed") is None else [(gen["seed"] + s + i) % 2**63 for i in range(len(chunk))]
                 try:
-                    answers = model.answer_batch([q.image for q in chunk], [q.prompt for q in chunk], **gen)
+                    answers = model.answer_batch([q.image for q in chunk], [q.prompt for q in chunk],
+                                                 **{**gen, "seed": seeds})
                 except DataError:  # a bad image: answer the chunk one by one to isolate it
                     answers = []
-                    for q in chunk:
+                    for i, q in enumerate(chunk):
                         try:
-                            answers.append(model.answer(q.image, q.prompt, **gen))
+                            answers.append(model.answer(q.image, q.prompt,
+                                                        **{**gen, "seed": None if seeds is None else [seeds[i]]}))
                         except DataError as e:
                             print(f"mmrwkv eval-vqa: skipped {q.where}: {e}", file=sys.stderr)
                             n_bad_images += 1

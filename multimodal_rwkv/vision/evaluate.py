@@ -257,5 +257,10 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
     if why is not None:  # (a folder named like an image was "not found")
         raise DataError(f"{why}: {img}")
     qtype = d.get("type")
+    if qtype is not None and (isinstance(qtype, bool) or not isinstance(qtype, (str, int))
+                              or not is_unicode(str(qtype))):
+        raise DataError("'type' must be a string or an integer (it names a group in the per-type accuracy)")
+    if choices and not all(is_unicode(str(c)) for c in choices):
+        raise DataError("'choices' holds an unpaired surrogate (\\ud800-\\udfff), not text")
     return VQAQuestion(qid, str(img), d["question"], answers, [str(c) for c in choices] if choices else None, where,
                        str(qtype) if qtype is not None else None)

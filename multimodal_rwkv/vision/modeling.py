@@ -444,23 +444,30 @@ class VisualRWKV(nn.Module):
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: str | None = None) -> list[list[int]]:
         """Recurrent decoding from (logits [B,V_local], state) -> generated World ids per row
-        (stop token included when produced)."""
+        (stop token included when produced). ``seed``: an int seeds one generator for the batch; a
+        list of B ints seeds one per row, so that a row's samples do not depend on the rows decoded
+        with it (eval-vqa: the same answers at any --batch-size)."""
         from multimodal_rwkv.model.generation import check_sampling
 
         check_sampling(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        per_row = isinstance(seed, (list, tuple))
+        for s in (seed if per_row else [seed]):
+            if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63):
+                raise ValueError(f"seed must be an integer in [0, 2**63) or a list of them, got {seed!r}")
+        if per_row and len(seed) != logits.shape[0]:
+            raise ValueError(f"seed: a list of {len(seed)} seeds for {logits.shape[0]} rows")
         stop = self.config.stop if stop is None else stop
         if stop is not None and not isinstance(stop, str):
             raise ValueError(f"stop must be a string, got {stop!r}")
         stop_ids = self.tokenizer.encode(stop) if stop else []
         stop_id = stop_ids[0] if len(stop_ids) == 1 else None
-        gen = None
-        if do_sample and seed is not None:  # without a seed: torch's global generator (torch.manual_seed
-            gen = torch.Generator(device=logits.device)  # makes it reproducible; it was re-seeded at random)
-            gen.manual_seed(int(seed))
+        gen = None  # without a seed: torch's global generator (torch.manual_seed makes it reproducible)
+        if do_sample and per_row:
+            gen = [torch.Generator(device=logits.device).manual_seed(int(s)) for s in seed]
+        elif do_sample and seed is not None:
+            gen = torch.Generator(device=logits.device).manual_seed(int(seed))
         B = logits.shape[0]
         outs: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
@@ -501,7 +508,10 @@ class VisualRWKV(nn.Module):
             cut = (cum - sp) > top_p
             sp = sp.masked_fill(cut, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+        probs = probs / probs.sum(-1, keepdim=True)
+        if isinstance(gen, list):  # one generator per row
+            return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(gen)]).squeeze(-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
     def _text(self, ids: list[int], stop: str | None) -> str:
         stop = self.config.stop if stop is None else stop
