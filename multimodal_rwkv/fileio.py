@@ -80,16 +80,40 @@ def remove_dirs(made) -> None:
             pass
 
 
-def temp_name(path) -> Path:
+def temp_name(path, pid: int | None = None) -> Path:
     """A temporary name beside ``path`` for this process (``.tmp-NAME-PID``), shortened with a hash
     of the name where that would pass the 255-byte limit of a file name."""
     import hashlib
 
     path = Path(path)
-    name = f".tmp-{path.name}-{os.getpid()}"
+    pid = os.getpid() if pid is None else pid
+    name = f".tmp-{path.name}-{pid}"
     if len(os.fsencode(name)) > 255:  # (fsencode: a name with undecodable bytes is surrogate-escaped)
-        name = f".tmp-{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:16]}-{os.getpid()}"
+        name = f".tmp-{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:16]}-{pid}"
     return path.with_name(name)
+
+
+def remove_dead_temps(path) -> None:
+    """Remove the temporary files of ``path`` (:func:`temp_name`) that processes no longer running
+    left behind (a writer killed with SIGKILL): they would stay beside the output for good."""
+    import glob
+
+    path = Path(path)
+    head = temp_name(path, 0).name[:-1]  # ".tmp-NAME-" (or its hashed form)
+    try:
+        found = list(path.parent.glob(glob.escape(head) + "*"))
+    except OSError:
+        return
+    for p in found:
+        pid = p.name[len(head):]
+        if not pid.isdigit() or int(pid) == os.getpid() or not p.is_file():
+            continue
+        try:
+            os.kill(int(pid), 0)  # running (or not ours to signal): kept
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
@@ -226,6 +250,7 @@ def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) ->
             if path.is_symlink():
                 path = _resolved(path)
             made += make_dirs(path.parent)
+            remove_dead_temps(path)
             tmp = temp_name(path)  # not OUT.tmp, which may be someone's file
             temps.append((tmp, path))
             write(tmp)

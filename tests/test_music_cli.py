@@ -193,6 +193,33 @@ def test_a_failed_write_leaves_no_output(tmp_path):
     assert os.listdir(tmp_path) == []  # no a.txt, no temporary file, not even the folder made for them
 
 
+def test_temporary_files_of_killed_writers_are_removed_and_half_prepares_not_read(tmp_path):
+    """A writer killed with SIGKILL left .tmp-NAME-PID beside its output for good; a prepare killed
+    while moving new shards in left .new-shard files that both token readers took as shards (the
+    old and the new dataset mixed), and its stage folder stayed."""
+    import subprocess
+    import sys
+
+    from multimodal_rwkv.fileio import temp_name, write_outputs
+    from multimodal_rwkv.training.data import read_tokens
+
+    out = tmp_path / "answers.jsonl"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = temp_name(out, dead.pid), temp_name(out, os.getppid())
+    stale.write_text("half")
+    live.write_text("another writer's, still running")
+    write_outputs([(out, lambda tmp: tmp.write_text("new"))])
+    assert out.read_text() == "new" and not stale.exists() and live.exists()
+    # a split folder with a .new- copy beside the shard: the shard alone is read
+    split = tmp_path / "ds" / "train"
+    split.mkdir(parents=True)
+    np.save(split / "shard_00000.npy", np.array([0, 5, 6, 0], dtype=np.uint16))
+    np.save(split / ".new-shard_00000.npy", np.array([0, 7, 7, 7, 0], dtype=np.uint16))
+    assert load_tokens(split).tolist() == [0, 5, 6, 0]
+    assert read_tokens(split, tmp_path / "cache", "fail").ids.tolist() == [0, 5, 6, 0]
+
+
 # ----------------------------------------------------------------------------- 5: ABC side output
 def test_abc_generate_never_replaces_an_abc_file_it_was_not_told_to_write(tmp_path, capsys, fake_abc_model):
     """--out tune.mid with an ABC model wrote the tune text over the user's tune.abc (and failed)."""
@@ -625,3 +652,13 @@ def test_tokenize_says_a_lone_bad_file_once_and_what_a_fifo_is(tmp_path, capsys)
     _midi(tmp_path / "good.mid")
     assert main(["music", "tokenize", str(bad), str(tmp_path / "good.mid")]) == 0  # several: bad ones skipped
     assert capsys.readouterr().err.count("no MThd header") == 1
+
+
+def test_a_chorale_that_cannot_be_written_is_an_error_not_a_bad_piece(tmp_path):
+    """A full disk while caching a chorale's MIDI counted it as a bad piece: exit 0, a smaller
+    dataset and a partial .tmp file."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music.corpora import _convert_chorale
+
+    with pytest.raises(OSError, match="x.mid: cannot write"):
+        _convert_chorale(("bach/bwv66.6", str(tmp_path / "missing-folder" / "x.mid")))

@@ -1236,3 +1236,17 @@ def test_an_output_dir_that_is_a_file_is_refused_saying_so(tmp_path):
     # overrides as one string were read character by character ("override 'm': expected KEY=VALUE")
     with pytest.raises(ConfigError, match="overrides must be a list of KEY=VALUE strings"):
         train(TrainConfig(), "max_steps=2")
+
+
+def test_a_rerun_removes_the_old_final_an_interrupted_export_kept(tmp_path):
+    """An interrupt between final/ -> .old-final and the new final/ left the whole old model in
+    .old-final for good (reruns removed .tmp-* only)."""
+    (tmp_path / "c.txt").write_text("hello world " * 20)
+    args = [f"output_dir={tmp_path / 'run'}", f"data.train_file={tmp_path / 'c.txt'}", "data.tokenizer=bytes",
+            "data.ctx_len=8", "max_steps=1", "progress_bar=false", "model.config={n_layer: 1, n_embd: 32, head_size: 16}"]
+    train(TrainConfig(), args)
+    old = tmp_path / "run" / ".old-final"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"x" * 100)
+    train(TrainConfig(), args)
+    assert not old.exists() and (tmp_path / "run" / "final" / "config.json").is_file()

@@ -88,6 +88,10 @@ def _convert_chorale(args) -> tuple[str, str | None, str | None]:
             corpus.parse(name).write("midi", fp=tmp)
             os.replace(tmp, out_path)
         return name, out_path, None
+    except OSError as e:  # writing the MIDI file failed (a full disk, a quota): no bad piece, an error
+        if os.path.exists(out_path + ".tmp"):
+            os.remove(out_path + ".tmp")
+        raise OSError(e.errno, f"{out_path}: cannot write ({e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 - music21 raises many types (e.g. badly formed repeats)
         return name, None, f"{type(e).__name__}: {e}"
 
@@ -285,6 +289,11 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
     from multimodal_rwkv.fileio import make_dirs, remove_dirs
 
     existed = out.is_dir()
+    if existed:  # what an interrupted prepare left here: its stage, copies of shards not yet renamed
+        for left in out.glob(".tmp-prepare-*"):
+            shutil.rmtree(left, ignore_errors=True)
+        for left in out.glob("*/.new-shard_*.npy"):
+            left.unlink()
     made = [] if existed else make_dirs(out)
     stage = out / f".tmp-prepare-{os.getpid()}" if existed else out  # a new folder is its own stage
     if existed:
@@ -509,7 +518,8 @@ def load_tokens(path: str | os.PathLike):
     import numpy as np
 
     p = Path(path)
-    files = sorted(p.glob("*.npy")) if p.is_dir() else [p]
+    # (hidden files are no shards: ".new-" copies of an interrupted prepare, temporary files)
+    files = sorted(f for f in p.glob("*.npy") if not f.name.startswith(".")) if p.is_dir() else [p]
     if not files:
         splits = [s for s in ("train", "valid", "test") if (p / s).is_dir()]
         hint = f" (a prepared dataset: give one split, e.g. {p / splits[0]})" if splits else ""

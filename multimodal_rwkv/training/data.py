@@ -606,7 +606,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
         return TokenStream(a, None, str(p))
     if not p.is_dir():
         raise DataError(f"{p}: no such file or folder")
-    files = sorted(x for x in p.iterdir() if x.suffix.lower() == ".npy")
+    files = sorted(x for x in p.iterdir() if x.suffix.lower() == ".npy" and not x.name.startswith("."))
     if not files:
         raise DataError(f"{p}: folder holds no .npy token files")
     bad = BadRecords()

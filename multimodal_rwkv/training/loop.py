@@ -717,6 +717,8 @@ class Trainer:
                     shutil.rmtree(p, ignore_errors=True)
         for p in self.out.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if (self.out / "final").is_dir():  # the model final/ replaced, kept by an export that was interrupted
+            shutil.rmtree(self.out / ".old-final", ignore_errors=True)
 
     # ----------------------------------------------------------------- eval
     def _evaluate(self, acc, task, model, valid_ds, collate) -> Optional[float]:
