@@ -253,7 +253,8 @@ def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) ->
             remove_dead_temps(path)
             tmp = temp_name(path)  # not OUT.tmp, which may be someone's file
             temps.append((tmp, path))
-            write(tmp)
+            with naming_write_errors(path):  # a full disk names the output (PIL's, numpy's errors do not)
+                write(tmp)
             keep_mode(path, tmp)
             fsync_path(tmp)
         for tmp, path in temps:

@@ -1843,3 +1843,23 @@ def test_base_model_reads_output_hidden_states_from_its_config_and_meta_masks():
     ids = torch.zeros(2, 20, dtype=torch.long, device="meta")
     assert meta(ids, attention_mask=torch.ones(2, 20, device="meta")).logits.shape == (2, 20, 97)
     assert isinstance(base, RWKVModel)
+
+
+def test_a_sharded_save_interrupted_over_an_earlier_one_is_refused_not_mixed(tmp_path):
+    """Each shard was written atomically but not the set: a save killed halfway over an earlier
+    sharded save loaded silently as a mix of old and new weights."""
+    import shutil
+
+    from multimodal_rwkv.errors import CheckpointError
+
+    a, b = _random_model(seed=1), _random_model(seed=2)
+    a.save_pretrained(tmp_path / "a", max_shard_size="100KB")
+    b.save_pretrained(tmp_path / "b", max_shard_size="100KB")
+    shards = sorted(p.name for p in (tmp_path / "a").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for p in (tmp_path / "a", tmp_path / "b"):  # each save whole: loads as itself
+        RWKVForCausalLM.from_pretrained(p)
+    shutil.copy(tmp_path / "b" / shards[0], tmp_path / "a" / shards[0])  # as a kill after the first new shard
+    with pytest.raises(CheckpointError, match=f"{shards[0]}: a shard of another save than "
+                                              "model.safetensors.index.json"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "a")

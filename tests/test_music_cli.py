@@ -188,9 +188,10 @@ def test_a_failed_write_leaves_no_output(tmp_path):
     def boom(tmp):
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as e:
         write_outputs([(tmp_path / "n" / "a.txt", lambda tmp: tmp.write_text("a")), (tmp_path / "n" / "b.txt", boom)])
     assert os.listdir(tmp_path) == []  # no a.txt, no temporary file, not even the folder made for them
+    assert e.value.filename == str(tmp_path / "n" / "b.txt")  # the error names the output (it said only why)
 
 
 def test_temporary_files_of_killed_writers_are_removed_and_half_prepares_not_read(tmp_path):

@@ -98,7 +98,9 @@ def _read_shards(folder: Path, index: Path, load) -> dict[str, torch.Tensor]:
     (a key in two shards, in a shard the index does not say, or missing from the index is a
     CheckpointError naming the file)."""
     try:
-        wmap = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        meta = json.loads(index.read_text(encoding="utf-8"))
+        wmap = meta.get("weight_map")
+        save_id = (meta.get("metadata") or {}).get("save_id")
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{index}: not a readable JSON index ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
@@ -119,6 +121,9 @@ def _read_shards(folder: Path, index: Path, load) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             msg = " ".join(str(e).split())[:120] or type(e).__name__
             raise CheckpointError(f"{path}: unreadable shard ({msg})") from None
+        if save_id is not None and path.suffix == ".safetensors" and _safetensors_meta(path).get("save_id") != save_id:
+            raise CheckpointError(f"{path}: a shard of another save than {index.name} (a save interrupted "
+                                  "halfway over an earlier one): save the model again")
         want = {k for k, v in wmap.items() if v == shard}
         if set(part) != want:
             extra, missing = sorted(set(part) - want), sorted(want - set(part))
@@ -127,6 +132,14 @@ def _read_shards(folder: Path, index: Path, load) -> dict[str, torch.Tensor]:
                                   + (f"; lacks {missing[:5]}" if missing else ""))
         sd.update(part)
     return sd
+
+
+def _safetensors_meta(path: Path) -> dict:
+    """The metadata of a safetensors file's header ({} without any)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -639,23 +652,28 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    def writer(path: Path, part: dict):
+    # one id for this save in every shard and in the index: a save killed halfway over an earlier one
+    # leaves shards of two saves under the same names, which the loader then refuses (not a mix)
+    save_id = os.urandom(8).hex() if split.is_sharded else None
+    metadata = {"format": "pt", **({"save_id": save_id} if save_id else {})}
+
+    def writer(part: dict):
         def write(tmp) -> None:
             try:
-                save_file(part, str(tmp), metadata={"format": "pt"})
+                save_file(part, str(tmp), metadata=metadata)
             except OSError:
                 raise
             except Exception as e:  # noqa: BLE001 - safetensors' own error type for a failed write
-                raise OSError(f"{path}: cannot write ({' '.join(str(e).split())[:160]})") from None
+                raise OSError(f"cannot write ({' '.join(str(e).split())[:160]})") from None  # (named by atomic_write)
         return write
 
     index = out / "model.safetensors.index.json"
     old_shards = _indexed_shards(index)
     for name, keys in split.filename_to_tensors.items():
-        atomic_write(out / name, writer(out / name, {k: tensors[k] for k in keys}))
+        atomic_write(out / name, writer({k: tensors[k] for k in keys}))
     if split.is_sharded:
-        atomic_write_text(index, json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename},
-                                            indent=2, sort_keys=True) + "\n")
+        atomic_write_text(index, json.dumps({"metadata": {**split.metadata, "save_id": save_id},
+                                             "weight_map": split.tensor_to_filename}, indent=2, sort_keys=True) + "\n")
         stale = [out / "model.safetensors"] + [out / f for f in old_shards - set(split.filename_to_tensors)]
     else:
         stale = [index] + [out / f for f in old_shards]
@@ -697,6 +715,7 @@ def _check_config_saves(model) -> None:
         raise ConfigError(f"the model's config does not describe its weights ({len(bad)} differ; {k}: the config "
                           f"gives {said}, the model has {has}): nothing written (a config changed after the model "
                           "was built, or LoRA layers not merged?)")
+
 
 def _check_state_dict(given, own) -> None:
     """A ``state_dict`` given to save must have the model's keys and shapes (ValueError naming them)."""
