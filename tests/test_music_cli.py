@@ -663,3 +663,18 @@ def test_a_chorale_that_cannot_be_written_is_an_error_not_a_bad_piece(tmp_path):
 
     with pytest.raises(OSError, match="x.mid: cannot write"):
         _convert_chorale(("bach/bwv66.6", str(tmp_path / "missing-folder" / "x.mid")))
+
+
+def test_a_prepare_killed_halfway_leaves_only_a_stage_the_next_removes(tmp_path):
+    """A prepare into a new folder used the folder itself as its stage: killed halfway, it left half
+    a dataset there, and the rerun refused the folder as 'not a dataset written by prepare'."""
+    d = tmp_path / "mids"
+    d.mkdir()
+    for i in range(4):
+        _midi(d / f"p{i}.mid", note=60 + i)
+    out = tmp_path / "ds"
+    (out / ".tmp-prepare-99999" / "train").mkdir(parents=True)  # what a kill leaves now: the stage alone
+    (out / ".tmp-prepare-99999" / "train" / "shard_00000.npy").write_bytes(b"half")
+    prepare(out, midi_dir=d, valid_permille=0, test_permille=0)
+    assert sorted(p.name for p in out.iterdir()) == sorted(n for n in os.listdir(out) if not n.startswith("."))
+    assert load_tokens(out / "train").size > 4

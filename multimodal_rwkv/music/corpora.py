@@ -295,14 +295,14 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         for left in out.glob("*/.new-shard_*.npy"):
             left.unlink()
     made = [] if existed else make_dirs(out)
-    stage = out / f".tmp-prepare-{os.getpid()}" if existed else out  # a new folder is its own stage
-    if existed:
-        stage.mkdir()
+    # staged in a hidden folder, a new output folder too: a prepare killed halfway leaves only that,
+    # which the next prepare removes (a new folder holding half a dataset was refused as not its own)
+    stage = out / f".tmp-prepare-{os.getpid()}"
+    stage.mkdir()
     try:
         report = _prepare_into(stage, out, kind, corpus, midi_dir, limit, transpose, valid_permille, test_permille,
                                tokenizer_config, shard_tokens, workers, seed, on_failure)
-        if existed:
-            _move_dataset(stage, out)
+        _move_dataset(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         remove_dirs(made)
@@ -320,7 +320,7 @@ def _check_out_folder(out: Path, midi_dir) -> None:
         return
     if not out.is_dir():
         raise DataError(f"{out}: not a folder (the output of prepare is a folder)")
-    entries = {e.name for e in out.iterdir()}
+    entries = {e.name for e in out.iterdir() if not e.name.startswith(".tmp-prepare-")}  # (a killed prepare's)
     if entries and not _is_prepared(out):
         raise DataError(f"{out}: a folder that holds other files, not a dataset written by prepare "
                         "(give a new or empty folder)")
