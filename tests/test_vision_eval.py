@@ -374,3 +374,16 @@ def test_scoring_of_letters_and_llava_answer_forms(tmp_path):
         (tmp_path / "x.png").write_bytes(b"png")
         with pytest.raises(DataError, match=match):
             _parse_question({"question_id": 1, "image": "x.png", "question": "Q?", **bad}, tmp_path, "q:1")
+
+
+def test_a_failed_vision_synth_removes_the_folders_it_made(tmp_path, monkeypatch):
+    """A write failure (a full disk) left the new output folder, and its new parents, behind."""
+    from multimodal_rwkv.vision import synthetic
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "_draw_splits", full)
+    with pytest.raises(OSError):
+        synthetic.generate_dataset(tmp_path / "new" / "deeper", n_train=2, n_test=1, size=32)
+    assert list(tmp_path.iterdir()) == []

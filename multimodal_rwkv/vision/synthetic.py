@@ -152,9 +152,11 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
     if n_train < 1 or n_test < 0 or questions_per_image < 1 or not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"generate_dataset: need n_train >= 1, n_test >= 0, questions_per_image >= 1 and "
                          f"{MIN_SIZE} <= size <= {MAX_SIZE}; got {n_train}, {n_test}, {questions_per_image}, {size}")
+    from multimodal_rwkv.fileio import make_dirs, remove_dirs
+
     out = Path(out_dir)
     _check_target(out)
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_dirs(out)  # the folders this run makes: removed again if it fails
     # everything is drawn into a staging folder inside ``out`` and moved into place at the end, so
     # an interrupted run leaves the earlier dataset as it was (or, while the two swap, no labels)
     stage = out / _STAGE
@@ -180,6 +182,10 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
         for name in labels:
             os.replace(stage / name, out / name)
         shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        remove_dirs(made)
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return {"train_records": len(splits["train"]), "test_questions": len(splits["test"]),
