@@ -94,26 +94,43 @@ def temp_name(path, pid: int | None = None) -> Path:
 
 
 def remove_dead_temps(path) -> None:
-    """Remove the temporary files of ``path`` (:func:`temp_name`) that processes no longer running
-    left behind (a writer killed with SIGKILL): they would stay beside the output for good."""
+    """Remove the temporary files of ``path`` (:func:`temp_name`) that writers killed with SIGKILL
+    left behind (they would stay beside the output for good): those whose process is gone and
+    that no writer holds locked (:func:`write_outputs` locks its own while it writes; a pid alone
+    says nothing about a writer in another PID namespace or on another host)."""
+    import fcntl
     import glob
+    import hashlib
 
     path = Path(path)
-    head = temp_name(path, 0).name[:-1]  # ".tmp-NAME-" (or its hashed form)
-    try:
-        found = list(path.parent.glob(glob.escape(head) + "*"))
-    except OSError:
-        return
-    for p in found:
-        pid = p.name[len(head):]
-        if not pid.isdigit() or int(pid) == os.getpid() or not p.is_file():
-            continue
+    heads = {f".tmp-{path.name}-", f".tmp-{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:16]}-"}
+    for head in heads:
         try:
-            os.kill(int(pid), 0)  # running (or not ours to signal): kept
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
+            found = list(path.parent.glob(glob.escape(head) + "*"))
         except OSError:
-            pass
+            return
+        for p in found:
+            pid = p.name[len(head):]
+            if not pid.isdigit() or int(pid) == os.getpid() or not p.is_file():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # running (or not ours to signal): kept
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live writer elsewhere: kept
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 @contextlib.contextmanager
@@ -242,8 +259,11 @@ def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) ->
     its target, then move them all into place. If any write fails (or is interrupted), no output is
     left (neither a temporary file nor a folder this made). An output that is a link is written
     through the link. A file replaced keeps its permissions (:func:`keep_mode`)."""
+    import fcntl
+
     made: list[Path] = []
     temps: list[tuple[Path, Path]] = []
+    locks: list[int] = []
     try:
         for path, write in items:
             path = Path(path)
@@ -253,6 +273,8 @@ def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) ->
             remove_dead_temps(path)
             tmp = temp_name(path)  # not OUT.tmp, which may be someone's file
             temps.append((tmp, path))
+            locks.append(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644))  # held while written: see
+            fcntl.flock(locks[-1], fcntl.LOCK_EX)  # remove_dead_temps (the writer reopens the same file)
             with naming_write_errors(path):  # a full disk names the output (PIL's, numpy's errors do not)
                 write(tmp)
             keep_mode(path, tmp)
@@ -266,3 +288,6 @@ def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) ->
                 tmp.unlink()
         remove_dirs(made)
         raise
+    finally:
+        for fd in locks:
+            os.close(fd)

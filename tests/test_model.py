@@ -1863,3 +1863,29 @@ def test_a_sharded_save_interrupted_over_an_earlier_one_is_refused_not_mixed(tmp
     with pytest.raises(CheckpointError, match=f"{shards[0]}: a shard of another save than "
                                               "model.safetensors.index.json"):
         RWKVForCausalLM.from_pretrained(tmp_path / "a")
+    # over a folder an older version (or transformers) wrote, whose index has no save id: refused too
+    import json
+
+    index = tmp_path / "a" / "model.safetensors.index.json"
+    meta = json.loads(index.read_text())
+    del meta["metadata"]["save_id"]
+    index.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="a shard of another save"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "a")
+
+
+def test_a_generation_config_argument_with_a_folder_that_has_stop_strings(tmp_path):
+    """A folder whose generation_config.json held stop_strings could not take generation_config=:
+    transformers copied the model's stop strings into it and asked for a tokenizer of its own type."""
+    from transformers import GenerationConfig
+
+    from multimodal_rwkv import WorldTokenizer
+
+    m = _random_model(vocab_size=65536)
+    m.generation_config.stop_strings = ["STOP"]
+    m.save_pretrained(tmp_path / "m")
+    m = RWKVForCausalLM.from_pretrained(tmp_path / "m")
+    tok = WorldTokenizer()
+    out = m.generate(torch.tensor([tok.encode("Hi")]), generation_config=GenerationConfig(max_new_tokens=4),
+                     tokenizer=tok)
+    assert out.shape[0] == 1 and m.generation_config.stop_strings == ["STOP"]

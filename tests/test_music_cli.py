@@ -212,6 +212,22 @@ def test_temporary_files_of_killed_writers_are_removed_and_half_prepares_not_rea
     live.write_text("another writer's, still running")
     write_outputs([(out, lambda tmp: tmp.write_text("new"))])
     assert out.read_text() == "new" and not stale.exists() and live.exists()
+    # a long name's temp is hashed: found too; a dead pid's temp that a writer holds locked (a writer
+    # in another PID namespace, where its pid means nothing here) is kept
+    import fcntl
+
+    long_out = tmp_path / ("n" * 240 + ".txt")
+    stale = temp_name(long_out, dead.pid)
+    stale.write_text("half")
+    held = temp_name(out, dead.pid)
+    held.write_text("being written")
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        write_outputs([(long_out, lambda tmp: tmp.write_text("new")), (out, lambda tmp: tmp.write_text("again"))])
+    finally:
+        os.close(fd)
+    assert not stale.exists() and held.exists() and out.read_text() == "again"
     # a split folder with a .new- copy beside the shard: the shard alone is read
     split = tmp_path / "ds" / "train"
     split.mkdir(parents=True)
@@ -678,3 +694,20 @@ def test_a_prepare_killed_halfway_leaves_only_a_stage_the_next_removes(tmp_path)
     prepare(out, midi_dir=d, valid_permille=0, test_permille=0)
     assert sorted(p.name for p in out.iterdir()) == sorted(n for n in os.listdir(out) if not n.startswith("."))
     assert load_tokens(out / "train").size > 4
+    # interrupted while moving the finished dataset into a new folder: nothing is left (it was half a
+    # dataset, which the rerun refused)
+    from multimodal_rwkv.music import corpora
+
+    real = corpora._move_dataset
+
+    def interrupted(stage, dst):
+        os.replace(stage / "train", dst / "train")
+        raise KeyboardInterrupt
+
+    corpora._move_dataset = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare(tmp_path / "new", midi_dir=d, valid_permille=0, test_permille=0)
+    finally:
+        corpora._move_dataset = real
+    assert not (tmp_path / "new").exists()

@@ -604,6 +604,7 @@ def test_abc_to_midi_rewrites_what_music21_drops_or_misreads():
     assert notes("X:1\nM:4/4\nL:1/4\nK:C\nC D E F|[L:1/8] Z|G|\n")[-1] == (8.0, 67)
     # octave propagation compares sounding octaves: c, is C
     assert pitches(head + "%%propagate-accidentals octave\nK:C ^C\n=C c, D E|\n") == [60, 60, 62, 64]
+    assert pitches(head + "%%propagate-accidentals octave\nK:C\n^C c, z z|\n") == [61, 61]  # between notes too
     assert pitches("X:1\nM:4/4\nL:1/8\nK:C\nC4 z4-|D8|E8|\n") == [60, 62, 64]
     # middle= in K: is display only (music21 read "K:D middle=d" as D minor)
     assert pitches(head + "K:D middle=d\nDFcd|\n") == [62, 66, 73, 74]

@@ -655,6 +655,9 @@ def test_stop_strings_holding_the_replacement_character_wait_for_whole_character
         assert not crit(torch.tensor([a + zhong[:n]]), None)[0]
     assert not crit(torch.tensor([a + zhong + tok.encode("bcd")]), None)[0]
     assert crit(torch.tensor([a + [byte[0xFF]] + tok.encode("b")]), None)[0]  # a real U+FFFD in the text
+    # tokens that decode to nothing (the reserved ids) inside a stop: it was missed (a window of tokens)
+    ab = StopStringsCriteria(tok, ["ab"], prompt_len=0)
+    assert ab(torch.tensor([a + [65531] * 12 + tok.encode("b")]), None)[0]
     for ids in (a + zhong + tok.encode("bcd"), a + [byte[0xC3], byte[0xA9]], a + [byte[0xFF]] + tok.encode("xy")):
         out = io.StringIO()
         s = StopAwareStreamer(tok, ["\ufffd"], file=out)

@@ -121,7 +121,8 @@ def _read_shards(folder: Path, index: Path, load) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             msg = " ".join(str(e).split())[:120] or type(e).__name__
             raise CheckpointError(f"{path}: unreadable shard ({msg})") from None
-        if save_id is not None and path.suffix == ".safetensors" and _safetensors_meta(path).get("save_id") != save_id:
+        # (an index without an id and a shard with one: a save of this version over an older folder)
+        if path.suffix == ".safetensors" and _safetensors_meta(path).get("save_id") != save_id:
             raise CheckpointError(f"{path}: a shard of another save than {index.name} (a save interrupted "
                                   "halfway over an earlier one): save the model again")
         want = {k for k, v in wmap.items() if v == shard}

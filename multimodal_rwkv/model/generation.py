@@ -157,12 +157,18 @@ class StopStringsCriteria(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        need = self.window - 8  # bytes of the longest stop
         for i, row in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            # the last tokens holding at least the longest stop's bytes (tokens that decode to nothing,
+            # the reserved ids, would push a stop's start out of a window of a fixed token count)
+            k = self.window
+            while k < len(row) and len(self.tokenizer.decode(row[-k:]).encode("utf-8", "replace")) < need + 8:
+                k *= 2
             # a character cut by the window's start, or not finished yet at its end, decodes as U+FFFD:
             # no stop string is matched there (a stop holding U+FFFD fired on half a character)
-            text = self.tokenizer.decode(row[-self.window:])
+            text = self.tokenizer.decode(row[-k:])
             text = text.rstrip("\ufffd") if "\ufffd" in "".join(self.stops) else text
-            if len(row) > self.window:
+            if len(row) > k:
                 text = text.lstrip("\ufffd")
             done[i] = any(s in text for s in self.stops)
         return done

@@ -1004,7 +1004,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         else:
             kwargs.update(ours)
         self.rwkv.drop_decode_copies()  # the parameters may have changed since the last decode
-        own_stops = cfg_stops if user_gc is None else None  # the model's own config's: cleared for the call
+        # the model's own config's: cleared for the call, also when a generation_config is given
+        # (transformers copies the model's stop strings into it, and asks for its own tokenizer type)
+        own_stops = getattr(self.generation_config, "stop_strings", None)
         if own_stops:
             self.generation_config.stop_strings = None
         try:

@@ -451,7 +451,8 @@ def _readable_by_music21(tune: str) -> str:
                 return m[0]
             if k in carried and mode != "not":
                 acc, in_chord = carried[k]
-                return acc + m[0] if in_chord or st["chord"] else m[0]  # music21 carries the rest itself
+                # music21 carries the rest itself (octave mode: by spelling, so c, after ^C is written out)
+                return acc + m[0] if in_chord or st["chord"] or mode == "octave" else m[0]
             if m["letter"].upper() in mods:
                 return mods[m["letter"].upper()] + m[0]
         elif m["chord"]:

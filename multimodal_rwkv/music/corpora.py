@@ -305,6 +305,8 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
         _move_dataset(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if not existed:  # all of it this prepare's, also what it had moved in before it failed
+            shutil.rmtree(out, ignore_errors=True)
         remove_dirs(made)
         raise
     log.debug("%s", report.summary())  # (the CLI prints it; callers have the report)
