@@ -967,7 +967,6 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         # tokenizer type: they join our stop strings, and the config in use is given none below
         user_gc = kwargs.pop("generation_config", None)
         base = user_gc if user_gc is not None else self.generation_config
-        cfg_stops = getattr(base, "stop_strings", None)
         stops = joined_stops(self, stop, kwargs.pop("stop_strings", None), user_gc)
         if stops:
             if tokenizer is None:
