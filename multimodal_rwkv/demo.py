@@ -128,13 +128,19 @@ def _demo_vision(args, out: Path) -> list[str]:
 
 def run_demo(args) -> int:
     _check_inputs(args)
+    from multimodal_rwkv.fileio import make_dirs, remove_dirs
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_dirs(out)  # removed again (where empty) if the demo fails
     written = []
-    if not args.skip_music:
-        written += _demo_music(args, out)
-    if not args.skip_vision:
-        written += _demo_vision(args, out)
+    try:
+        if not args.skip_music:
+            written += _demo_music(args, out)
+        if not args.skip_vision:
+            written += _demo_vision(args, out)
+    except BaseException:
+        remove_dirs(made)
+        raise
     print("\nWritten:")
     for w in written:
         print(f"  {w}")

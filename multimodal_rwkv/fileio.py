@@ -71,6 +71,19 @@ def make_dirs(folder) -> list[Path]:
     return [d for d in reversed(missing) if d.is_dir()]
 
 
+def remove_tree(path) -> None:
+    """Remove ``path``: a link itself (never what it points to), or a folder with its contents, or
+    a file; nothing if absent. (``shutil.rmtree(ignore_errors=True)`` did nothing on a link and
+    said nothing, so a renamed-away link stayed and blocked the next run.)"""
+    import shutil
+
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_dirs(made) -> None:
     """Remove the folders :func:`make_dirs` created (innermost first), where still empty."""
     for d in reversed(made):
@@ -151,15 +164,19 @@ def naming_write_errors(path):
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)`` to produce the file, then move it into place atomically.
 
-    The file gets the usual mode for a new file (umask applied): some writers, safetensors'
-    ``save_file`` among them, create their files 0600, and a saved model is meant to be shared."""
+    A new file gets the usual mode for a new file (umask applied): some writers, safetensors'
+    ``save_file`` among them, create their files 0600, and a saved model is meant to be shared. A
+    file replaced keeps its mode (a model made private stays private when converted again)."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         with naming_write_errors(path):  # a full disk names the file (the writers' own errors may not)
             write(tmp)
             fsync_path(tmp)
-        os.chmod(tmp, _FILE_MODE)
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -80,3 +80,15 @@ def test_demo_refuses_a_bad_question_or_output_before_making_music(tmp_path):
     rc, out, err = run("demo", "--out", tmp_path / "o2", "--seconds", "3")
     assert rc == 2 and "scene_1.png is a folder, not a file name" in err and "[music]" not in out
     assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == ["scene_1.png"]
+
+
+def test_a_failed_demo_removes_the_folders_it_made(tmp_path, monkeypatch):
+    """A write failure left the new output folders (and their new parents) behind, empty."""
+    from multimodal_rwkv import demo
+
+    def full(args, out):
+        raise OSError(27, "File too large", str(out / "song.png"))
+
+    monkeypatch.setattr(demo, "_demo_music", full)
+    assert main(["demo", "--out", str(tmp_path / "new" / "a" / "b"), "--skip-vision"]) == 2
+    assert list(tmp_path.iterdir()) == []

@@ -711,3 +711,14 @@ def test_a_prepare_killed_halfway_leaves_only_a_stage_the_next_removes(tmp_path)
     finally:
         corpora._move_dataset = real
     assert not (tmp_path / "new").exists()
+
+
+def test_atomic_write_keeps_a_replaced_files_mode(tmp_path):
+    """convert made a private earlier conversion world-readable again (0600 -> 0644)."""
+    from multimodal_rwkv.fileio import atomic_write_text
+
+    f = tmp_path / "config.json"
+    atomic_write_text(f, "a")
+    os.chmod(f, 0o600)
+    atomic_write_text(f, "b")
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o600 and f.read_text() == "b"

@@ -1250,3 +1250,19 @@ def test_a_rerun_removes_the_old_final_an_interrupted_export_kept(tmp_path):
     (old / "model.safetensors").write_bytes(b"x" * 100)
     train(TrainConfig(), args)
     assert not old.exists() and (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_a_re_export_over_a_final_that_is_a_link(tmp_path):
+    """final/ linked to a folder elsewhere: the re-export left a stray .old-final link, and the next
+    re-export failed ('final: Not a directory')."""
+    (tmp_path / "c.txt").write_text("hello world " * 20)
+    args = [f"output_dir={tmp_path / 'run'}", f"data.train_file={tmp_path / 'c.txt'}", "data.tokenizer=bytes",
+            "data.ctx_len=8", "max_steps=1", "progress_bar=false", "model.config={n_layer: 1, n_embd: 32, head_size: 16}"]
+    train(TrainConfig(), args)
+    final = tmp_path / "run" / "final"
+    final.rename(tmp_path / "big_disk_final")
+    final.symlink_to(tmp_path / "big_disk_final")
+    for pth in ("true", "false"):
+        train(TrainConfig(), args + [f"export.pth={pth}"])
+    assert final.is_dir() and not (tmp_path / "run" / ".old-final").exists()
+    assert (final / "config.json").is_file() and not (final / "model.pth").exists()

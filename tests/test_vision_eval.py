@@ -387,3 +387,20 @@ def test_a_failed_vision_synth_removes_the_folders_it_made(tmp_path, monkeypatch
     with pytest.raises(OSError):
         synthetic.generate_dataset(tmp_path / "new" / "deeper", n_train=2, n_test=1, size=32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vision_synth_over_a_dataset_whose_images_folder_is_a_link(tmp_path):
+    """The linked images folder was renamed away and left (rmtree does nothing on a link); the next
+    run deleted the labels, then failed: the earlier dataset lost, every later run failing."""
+    import os
+
+    from multimodal_rwkv.vision.synthetic import generate_dataset
+
+    out = tmp_path / "ds"
+    generate_dataset(out, n_train=2, n_test=1, size=32)
+    (out / "images").rename(tmp_path / "elsewhere")
+    (out / "images").symlink_to(tmp_path / "elsewhere")
+    for seed in (1, 2):
+        generate_dataset(out, n_train=2, n_test=1, size=32, seed=seed)
+    assert sorted(os.listdir(out)) == ["images", "test.json", "test_questions.jsonl", "train.json"]
+    assert len(list((out / "images").glob("*.png"))) == 3 and len(list((tmp_path / "elsewhere").glob("*.png"))) == 3

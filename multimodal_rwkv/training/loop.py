@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
-from multimodal_rwkv.fileio import atomic_write, atomic_write_text, fsync_path, fsync_tree, make_dirs, remove_dirs
+from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, fsync_path, fsync_tree, make_dirs, remove_dirs,
+                                    remove_tree)
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -718,7 +719,7 @@ class Trainer:
         for p in self.out.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         if (self.out / "final").is_dir():  # the model final/ replaced, kept by an export that was interrupted
-            shutil.rmtree(self.out / ".old-final", ignore_errors=True)
+            remove_tree(self.out / ".old-final")
 
     # ----------------------------------------------------------------- eval
     def _evaluate(self, acc, task, model, valid_ds, collate) -> Optional[float]:
@@ -826,11 +827,11 @@ class Trainer:
                                       "export wrote; rename it (the checkpoints are kept: rerun to export)")
                 shutil.copy2(f, tmp / Path(f).name)
             fsync_tree(tmp)
-            if final.exists():
+            if final.exists() or final.is_symlink():
                 old = self.out / ".old-final"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old)
+                os.rename(final, old)  # (a link final/ is replaced by the folder; what it points to stays)
+                remove_tree(old)
             os.rename(tmp, final)
             fsync_path(self.out)
             logger.info("exported model to %s", final)

@@ -152,7 +152,7 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
     if n_train < 1 or n_test < 0 or questions_per_image < 1 or not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"generate_dataset: need n_train >= 1, n_test >= 0, questions_per_image >= 1 and "
                          f"{MIN_SIZE} <= size <= {MAX_SIZE}; got {n_train}, {n_test}, {questions_per_image}, {size}")
-    from multimodal_rwkv.fileio import make_dirs, remove_dirs
+    from multimodal_rwkv.fileio import make_dirs, naming_write_errors, remove_dirs, remove_tree
 
     out = Path(out_dir)
     _check_target(out)
@@ -163,7 +163,8 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "images").mkdir(parents=True)
     try:
-        splits = _draw_splits(stage, n_train, n_test, questions_per_image, size, seed, multi_turn, object_scale)
+        with naming_write_errors(out):  # a full disk names the dataset folder (PIL's errors name no file)
+            splits = _draw_splits(stage, n_train, n_test, questions_per_image, size, seed, multi_turn, object_scale)
         _write_json(stage / "train.json", splits["train"])
         _write_json(stage / "test.json", splits["test"])
         with open(stage / "test_questions.jsonl", "w", encoding="utf-8") as f:
@@ -175,13 +176,13 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
         for name in labels:  # labels first: from here on no label file can name the other set's images
             (out / name).unlink(missing_ok=True)
         old = out / (_STAGE + "-old")
-        shutil.rmtree(old, ignore_errors=True)
-        if (out / "images").exists():
+        remove_tree(old)  # (a link: the link itself; a folder it points to keeps the earlier images)
+        if (out / "images").exists() or (out / "images").is_symlink():
             (out / "images").rename(old)
         (stage / "images").rename(out / "images")
         for name in labels:
             os.replace(stage / name, out / name)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         remove_dirs(made)
