@@ -147,6 +147,20 @@ def remove_dead_temps(path) -> None:
 
 
 @contextlib.contextmanager
+def naming_target(path):
+    """A copy or move into ``path`` that fills the disk names ``path``: Python's copy reports the
+    source file (intact) as the one that failed."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
+@contextlib.contextmanager
 def naming_write_errors(path):
     """An OSError while writing ``path`` names it. numpy's ``tofile``/``save`` report a short write
     as "N requested and M written" with neither errno nor file: that says the disk may be full."""

@@ -1889,3 +1889,26 @@ def test_a_generation_config_argument_with_a_folder_that_has_stop_strings(tmp_pa
     out = m.generate(torch.tensor([tok.encode("Hi")]), generation_config=GenerationConfig(max_new_tokens=4),
                      tokenizer=tok)
     assert out.shape[0] == 1 and m.generation_config.stop_strings == ["STOP"]
+
+
+def test_a_failed_sharded_save_removes_the_new_shards_nothing_names(tmp_path, monkeypatch):
+    """A save failing at its second shard left the first one (of another layout, -of-0000N) beside
+    the earlier save's, and later saves never removed it."""
+    import safetensors.torch as st
+
+    m = _random_model()
+    m.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+    real, calls = st.save_file, []
+
+    def full(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(st, "save_file", full)
+    with pytest.raises(OSError):
+        m.save_pretrained(tmp_path / "m", max_shard_size="300KB")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
+    RWKVForCausalLM.from_pretrained(tmp_path / "m")  # the earlier save, whole

@@ -722,3 +722,13 @@ def test_atomic_write_keeps_a_replaced_files_mode(tmp_path):
     os.chmod(f, 0o600)
     atomic_write_text(f, "b")
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o600 and f.read_text() == "b"
+
+
+def test_a_full_disk_during_a_copy_names_the_target(tmp_path):
+    """Python's copy reports the (intact) source as the file that failed."""
+    from multimodal_rwkv.fileio import naming_target
+
+    with pytest.raises(OSError) as e:
+        with naming_target(tmp_path / "final" / "big.bin"):
+            raise OSError(27, "File too large", str(tmp_path / "big.bin"))
+    assert e.value.filename == str(tmp_path / "final" / "big.bin")

@@ -670,8 +670,15 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
 
     index = out / "model.safetensors.index.json"
     old_shards = _indexed_shards(index)
-    for name, keys in split.filename_to_tensors.items():
-        atomic_write(out / name, writer({k: tensors[k] for k in keys}))
+    existed = {n for n in split.filename_to_tensors if (out / n).exists()}
+    try:
+        for name, keys in split.filename_to_tensors.items():
+            atomic_write(out / name, writer({k: tensors[k] for k in keys}))
+    except BaseException:  # the new layout's files that nothing names yet go again (the old index stays)
+        for name in split.filename_to_tensors:
+            if name not in existed and name not in old_shards:
+                (out / name).unlink(missing_ok=True)
+        raise
     if split.is_sharded:
         atomic_write_text(index, json.dumps({"metadata": {**split.metadata, "save_id": save_id},
                                              "weight_map": split.tensor_to_filename}, indent=2, sort_keys=True) + "\n")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import naming_write_errors, same_file
+from multimodal_rwkv.fileio import naming_target, naming_write_errors, same_file
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,8 @@ def _move_dataset(stage: Path, out: Path) -> None:
             if (out / name).is_dir():
                 for f in sorted((stage / name).iterdir()):
                     placed.append(out / name / f".new-{f.name}")
-                    shutil.move(str(f), str(placed[-1]))
+                    with naming_target(out / name / f.name):  # (not the staged source)
+                        shutil.move(str(f), str(placed[-1]))
     except BaseException:
         for p in placed:
             p.unlink(missing_ok=True)

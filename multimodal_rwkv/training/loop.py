@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
-from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, fsync_path, fsync_tree, make_dirs, remove_dirs,
-                                    remove_tree)
+from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, fsync_path, fsync_tree, make_dirs, naming_target,
+                                    remove_dirs, remove_tree)
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -825,7 +825,8 @@ class Trainer:
                 if (tmp / Path(f).name).exists() and Path(f).name != "generation_config.json":
                     raise ConfigError(f"export.include_files: {f} would replace final/{Path(f).name}, which the "
                                       "export wrote; rename it (the checkpoints are kept: rerun to export)")
-                shutil.copy2(f, tmp / Path(f).name)
+                with naming_target(final / Path(f).name):  # (not the source, which a full disk leaves whole)
+                    shutil.copy2(f, tmp / Path(f).name)
             fsync_tree(tmp)
             if final.exists() or final.is_symlink():
                 old = self.out / ".old-final"
