@@ -304,7 +304,7 @@ def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) ->
             remove_dead_temps(path)
             tmp = temp_name(path)  # not OUT.tmp, which may be someone's file
             temps.append((tmp, path))
-            locks.append(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644))  # held while written: see
+            locks.append(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666))  # (umask applied) held while written: see
             fcntl.flock(locks[-1], fcntl.LOCK_EX)  # remove_dead_temps (the writer reopens the same file)
             with naming_write_errors(path):  # a full disk names the output (PIL's, numpy's errors do not)
                 write(tmp)

@@ -1889,6 +1889,11 @@ def test_a_generation_config_argument_with_a_folder_that_has_stop_strings(tmp_pa
     out = m.generate(torch.tensor([tok.encode("Hi")]), generation_config=GenerationConfig(max_new_tokens=4),
                      tokenizer=tok)
     assert out.shape[0] == 1 and m.generation_config.stop_strings == ["STOP"]
+    # a given config that sets no stop strings takes the model's (transformers fills its unset values)
+    from multimodal_rwkv.model.generation import joined_stops
+
+    assert joined_stops(m, generation_config=GenerationConfig(max_new_tokens=4)) == ["STOP"]
+    assert joined_stops(m, generation_config=GenerationConfig(stop_strings=["X"])) == ["X"]
 
 
 def test_a_failed_sharded_save_removes_the_new_shards_nothing_names(tmp_path, monkeypatch):

@@ -700,7 +700,9 @@ def test_a_prepare_killed_halfway_leaves_only_a_stage_the_next_removes(tmp_path)
 
     real = corpora._move_dataset
 
-    def interrupted(stage, dst):
+    def interrupted(stage, dst, moved):
+        (dst / "other.txt").write_text("another run's file, put here meanwhile")
+        moved.append(dst / "train")
         os.replace(stage / "train", dst / "train")
         raise KeyboardInterrupt
 
@@ -710,7 +712,19 @@ def test_a_prepare_killed_halfway_leaves_only_a_stage_the_next_removes(tmp_path)
             prepare(tmp_path / "new", midi_dir=d, valid_permille=0, test_permille=0)
     finally:
         corpora._move_dataset = real
-    assert not (tmp_path / "new").exists()
+    # what it moved in is gone, what others put there stays (a whole folder removal took theirs)
+    assert os.listdir(tmp_path / "new") == ["other.txt"]
+
+
+def test_new_outputs_get_the_umask_mode(tmp_path):
+    from multimodal_rwkv.fileio import write_outputs
+
+    old = os.umask(0o002)
+    try:
+        write_outputs([(tmp_path / "a.txt", lambda tmp: tmp.write_text("a"))])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o664  # (0644 whatever the umask said)
 
 
 def test_atomic_write_keeps_a_replaced_files_mode(tmp_path):

@@ -658,6 +658,8 @@ def test_stop_strings_holding_the_replacement_character_wait_for_whole_character
     # tokens that decode to nothing (the reserved ids) inside a stop: it was missed (a window of tokens)
     ab = StopStringsCriteria(tok, ["ab"], prompt_len=0)
     assert ab(torch.tensor([a + [65531] * 12 + tok.encode("b")]), None)[0]
+    end = StopStringsCriteria(tok, ["END\n"], prompt_len=0)  # ... also when the last token is long
+    assert end(torch.tensor([tok.encode("xEND") + [65530] * 11 + [tok.token_to_id("\n" + " " * 51)]]), None)[0]
     for ids in (a + zhong + tok.encode("bcd"), a + [byte[0xC3], byte[0xA9]], a + [byte[0xFF]] + tok.encode("xy")):
         out = io.StringIO()
         s = StopAwareStreamer(tok, ["\ufffd"], file=out)

@@ -162,7 +162,7 @@ class StopStringsCriteria(StoppingCriteria):
             # the last tokens holding at least the longest stop's bytes (tokens that decode to nothing,
             # the reserved ids, would push a stop's start out of a window of a fixed token count)
             k = self.window
-            while k < len(row) and len(self.tokenizer.decode(row[-k:]).encode("utf-8", "replace")) < need + 8:
+            while k < len(row) and len(self.tokenizer.decode(row[-k:-1]).encode("utf-8", "replace")) < need + 8:
                 k *= 2
             # a character cut by the window's start, or not finished yet at its end, decodes as U+FFFD:
             # no stop string is matched there (a stop holding U+FFFD fired on half a character)
@@ -186,10 +186,11 @@ def stop_list(x) -> list:
 
 def joined_stops(model, stop=None, stop_strings=None, generation_config=None) -> list[str]:
     """Every stop string a ``model.generate`` call stops at: ``stop``, transformers' ``stop_strings``
-    and those of the generation config in use (``generation_config``, else the model's)."""
-    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
-    return [x for x in stop_list(stop) + stop_list(stop_strings) + stop_list(getattr(base, "stop_strings", None))
-            if x]
+    and those of the generation config in use (``generation_config``'s, or where it sets none the
+    model's, as transformers fills a given config's unset values from the model's)."""
+    given = getattr(generation_config, "stop_strings", None)  # a config's unset ones: the model's (transformers)
+    base = given if given is not None else getattr(getattr(model, "generation_config", None), "stop_strings", None)
+    return [x for x in stop_list(stop) + stop_list(stop_strings) + stop_list(base) if x]
 
 
 def decodable_ids(tokenizer, default: int) -> int:

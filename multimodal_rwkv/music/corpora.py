@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import naming_target, naming_write_errors, same_file
+from multimodal_rwkv.fileio import naming_target, naming_write_errors, remove_tree, same_file
 
 log = logging.getLogger(__name__)
 
@@ -299,14 +299,18 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
     # which the next prepare removes (a new folder holding half a dataset was refused as not its own)
     stage = out / f".tmp-prepare-{os.getpid()}"
     stage.mkdir()
+    moved: list[Path] = []  # what _move_dataset put into out
     try:
         report = _prepare_into(stage, out, kind, corpus, midi_dir, limit, transpose, valid_permille, test_permille,
                                tokenizer_config, shard_tokens, workers, seed, on_failure)
-        _move_dataset(stage, out)
+        _move_dataset(stage, out, moved)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        if not existed:  # all of it this prepare's, also what it had moved in before it failed
-            shutil.rmtree(out, ignore_errors=True)
+        if not existed:  # what it had moved in before it failed (only that: another run may share the folder)
+            for p in reversed(moved):
+                remove_tree(p)
+            if (out / "midi").is_dir() and not any((out / "midi").iterdir()):
+                (out / "midi").rmdir()
         remove_dirs(made)
         raise
     log.debug("%s", report.summary())  # (the CLI prints it; callers have the report)
@@ -343,7 +347,7 @@ def _is_prepared(out: Path) -> bool:
     return isinstance(meta, dict) and meta.get("kind") in ("midi", "abc") and isinstance(meta.get("counts"), dict)
 
 
-def _move_dataset(stage: Path, out: Path) -> None:
+def _move_dataset(stage: Path, out: Path, moved: list | None = None) -> None:
     """Move a complete dataset from ``stage`` into the existing ``out``: its old shards and files
     replaced, new chorale MIDI files added to the cache; then ``stage`` removed. The new files are
     first copied in beside the old ones (``.new-`` names; a split folder may be a link to another
@@ -352,6 +356,8 @@ def _move_dataset(stage: Path, out: Path) -> None:
     if (stage / "midi").is_dir():  # the cache only grows: files added first do no harm
         (out / "midi").mkdir(exist_ok=True)
         for f in sorted((stage / "midi").iterdir()):
+            if moved is not None and not (out / "midi" / f.name).exists():
+                moved.append(out / "midi" / f.name)
             shutil.move(str(f), str(out / "midi" / f.name))
         (stage / "midi").rmdir()
     placed: list[Path] = []
@@ -375,12 +381,16 @@ def _move_dataset(stage: Path, out: Path) -> None:
                 os.replace(f, dst / f.name[len(".new-"):])
             (stage / name).rmdir()
         else:
+            if moved is not None:
+                moved.append(dst)
             os.replace(stage / name, dst)
     for name in _TOKENIZER_FILES:  # the other kind's tokenizer would be found first or confuse
         if (out / name).is_file() and not (stage / name).exists():
             (out / name).unlink()
     for name in _DATASET_FILES:
         if (stage / name).exists():
+            if moved is not None and not (out / name).exists():
+                moved.append(out / name)
             os.replace(stage / name, out / name)
     stage.rmdir()
 
