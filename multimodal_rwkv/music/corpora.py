@@ -527,7 +527,8 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
 
 
 def load_tokens(path: str | os.PathLike):
-    """Concatenated ids of a ``.npy`` file or a folder of shards (sorted), as an int64 numpy array."""
+    """Concatenated ids of a ``.npy`` file or a folder of shards (sorted; hidden files, such as an
+    interrupted prepare's ``.new-`` copies, are not shards), as an int64 numpy array."""
     import numpy as np
 
     p = Path(path)
