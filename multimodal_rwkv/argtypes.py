@@ -6,9 +6,9 @@ A bad value becomes argparse's one-line usage error and exit code 2, e.g.
 from __future__ import annotations
 
 import argparse
-import os
 import math
 import operator
+import os
 
 
 def _is_bool(value) -> bool:

@@ -153,21 +153,22 @@ class StopStringsCriteria(StoppingCriteria):
 
     def __init__(self, tokenizer, stops: list[str], prompt_len: int):
         self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
-        self.window = max((len(s.encode("utf-8")) for s in self.stops), default=1) + 8
+        self.window = max((len(s.encode("utf-8")) for s in self.stops), default=1) + 8  # tokens, then bytes
+        self.replacement = "\ufffd" in "".join(self.stops)  # a stop holding U+FFFD
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        need = self.window - 8  # bytes of the longest stop
         for i, row in enumerate(input_ids[:, self.prompt_len:].tolist()):
-            # the last tokens holding at least the longest stop's bytes (tokens that decode to nothing,
-            # the reserved ids, would push a stop's start out of a window of a fixed token count)
+            # the last tokens whose bytes before the last one hold the longest stop and 8 more (tokens
+            # that decode to nothing, the reserved ids, would push a stop's start out of a window of a
+            # fixed token count)
             k = self.window
-            while k < len(row) and len(self.tokenizer.decode(row[-k:-1]).encode("utf-8", "replace")) < need + 8:
+            while k < len(row) and len(self.tokenizer.decode(row[-k:-1]).encode("utf-8", "replace")) < self.window:
                 k *= 2
             # a character cut by the window's start, or not finished yet at its end, decodes as U+FFFD:
             # no stop string is matched there (a stop holding U+FFFD fired on half a character)
             text = self.tokenizer.decode(row[-k:])
-            text = text.rstrip("\ufffd") if "\ufffd" in "".join(self.stops) else text
+            text = text.rstrip("\ufffd") if self.replacement else text
             if len(row) > k:
                 text = text.lstrip("\ufffd")
             done[i] = any(s in text for s in self.stops)

@@ -347,16 +347,17 @@ def _is_prepared(out: Path) -> bool:
     return isinstance(meta, dict) and meta.get("kind") in ("midi", "abc") and isinstance(meta.get("counts"), dict)
 
 
-def _move_dataset(stage: Path, out: Path, moved: list | None = None) -> None:
-    """Move a complete dataset from ``stage`` into the existing ``out``: its old shards and files
-    replaced, new chorale MIDI files added to the cache; then ``stage`` removed. The new files are
+def _move_dataset(stage: Path, out: Path, moved: list) -> None:
+    """Move a complete dataset from ``stage`` into ``out``: its old shards and files replaced, new
+    chorale MIDI files added to the cache; then ``stage`` removed. ``moved`` gets each path it puts
+    where nothing was (what a failed prepare into a new folder takes out again). The new files are
     first copied in beside the old ones (``.new-`` names; a split folder may be a link to another
     file system, where a rename fails), and the old ones go only once all are in place: a failure
     leaves the old dataset whole."""
     if (stage / "midi").is_dir():  # the cache only grows: files added first do no harm
         (out / "midi").mkdir(exist_ok=True)
         for f in sorted((stage / "midi").iterdir()):
-            if moved is not None and not (out / "midi" / f.name).exists():
+            if not (out / "midi" / f.name).exists():
                 moved.append(out / "midi" / f.name)
             shutil.move(str(f), str(out / "midi" / f.name))
         (stage / "midi").rmdir()
@@ -381,15 +382,14 @@ def _move_dataset(stage: Path, out: Path, moved: list | None = None) -> None:
                 os.replace(f, dst / f.name[len(".new-"):])
             (stage / name).rmdir()
         else:
-            if moved is not None:
-                moved.append(dst)
+            moved.append(dst)
             os.replace(stage / name, dst)
     for name in _TOKENIZER_FILES:  # the other kind's tokenizer would be found first or confuse
         if (out / name).is_file() and not (stage / name).exists():
             (out / name).unlink()
     for name in _DATASET_FILES:
         if (stage / name).exists():
-            if moved is not None and not (out / name).exists():
+            if not (out / name).exists():
                 moved.append(out / name)
             os.replace(stage / name, out / name)
     stage.rmdir()

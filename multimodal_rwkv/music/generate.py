@@ -154,7 +154,8 @@ def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperat
     if not prompt:
         raise ValueError("prompt must hold at least one id (e.g. the separator 0)")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype
     x = torch.tensor([prompt], dtype=torch.long, device=device)
     rwkv = hasattr(model, "empty_state")
     new: list[int] = []

@@ -115,8 +115,9 @@ class Task:
         loss_sum = out.loss * n
         loss = loss_sum * ctx.scale
         if not loss.requires_grad:
-            # nothing trainable took part (VisualRWKV stage 1 trains the projector alone, and a batch
-            # of text-only records never uses it): zero gradients, and DDP still all-reduces
+            # nothing trainable took part: zero gradients instead of a backward without a graph (in one
+            # process; under DDP with find_unused_parameters a task must keep its trainable weights in
+            # the forward instead, as VisualRWKV keeps its projector for text-only batches)
             loss = loss + zero_link(model)
         ctx.backward(loss)
         return loss_sum.detach(), n

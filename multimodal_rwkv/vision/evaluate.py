@@ -84,19 +84,19 @@ def _process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def _one_line(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(text: str) -> str:
     """VQAv2 answer normalisation (see module doc)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(text))
+    return _process_digit_article(_process_punctuation(_one_line(text)))
 
 
 def _answer_key(text: str) -> str:
     """:func:`normalize_answer`, or where that leaves nothing (an answer that is only an article,
     such as the option letter "A"), the text lower-cased without punctuation: "A" is not ""."""
-    norm = normalize_answer(text)
-    if norm:
-        return norm
-    return " ".join(_process_punctuation(text.replace("\n", " ").replace("\t", " ").strip()).lower().split())
+    return normalize_answer(text) or " ".join(_process_punctuation(_one_line(text)).lower().split())
 
 
 def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:

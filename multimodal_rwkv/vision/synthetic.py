@@ -185,10 +185,9 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
         remove_tree(old)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        remove_dirs(made)
+        remove_dirs(made)  # (after the stage inside them)
         raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
     return {"train_records": len(splits["train"]), "test_questions": len(splits["test"]),
             "train_file": str(out / "train.json"), "test_file": str(out / "test.json"),
             "questions_file": str(out / "test_questions.jsonl"), "image_folder": str(out / "images")}
