@@ -138,14 +138,23 @@ def main():
     if args.memory_worker:
         return memory_worker(args.memory_worker, args)
     torch.set_num_threads(args.threads)
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
 
+    with tempfile.TemporaryDirectory(prefix="mmrwkv-bench-") as tmp:  # the checkpoint is ~0.8 GB: never leave it
+        pth = make_blink_checkpoint(Path(tmp) / "bench.pth", n_layer=args.layers, n_embd=args.embd,
+                                    vocab_size=args.vocab)
+        lines = speed_table(pth, args)
+    if not args.skip_memory:
+        lines += ["", *memory_table(args)]
+    publish("Core model speed and memory (CPU)", lines)
+
+
+def speed_table(pth, args):
+    """The speed rows of the published table: both packages load ``pth`` and take turns."""
     from rwkv.model import RWKV
 
     from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
-    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
 
-    tmp = Path(tempfile.mkdtemp())
-    pth = make_blink_checkpoint(tmp / "bench.pth", n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, args.vocab, (args.prefill,), generator=g).tolist()
     lines = [
@@ -174,9 +183,7 @@ def main():
         del official, ours
     n_params = RWKVConfig(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd).num_parameters_estimate()
     lines.insert(1, f"({n_params / 1e6:.0f}M parameters.)")
-    if not args.skip_memory:
-        lines += ["", *memory_table(args)]
-    publish("Core model speed and memory (CPU)", lines)
+    return lines
 
 
 def memory_worker(kind, args):
