@@ -1360,14 +1360,14 @@ def test_unwritable_and_unreadable_files_are_one_line_errors(tmp_path, tiny_pth)
 
 
 # ----------------------------------------------------------------------------- re-check fixes
-def test_transformers_trainer_runs_a_step():
+def test_transformers_trainer_runs_a_step(tmp_path):
     """forward refusing unknown keywords broke transformers' Trainer, which passes
     num_items_in_batch to models whose forward takes **kwargs (accepts_loss_kwargs)."""
     from transformers import Trainer, TrainingArguments
 
     m = _random_model()
     data = [{"input_ids": torch.randint(1, 97, (12,)), "labels": torch.randint(1, 97, (12,))} for _ in range(4)]
-    args = TrainingArguments(output_dir="/tmp/mmrwkv-trainer-test", per_device_train_batch_size=2, max_steps=1,
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
     out = Trainer(model=m, args=args, train_dataset=data).train()
     assert np.isfinite(out.training_loss)
