@@ -17,10 +17,13 @@ A command's outputs (answers, MIDI files, pictures) go through two steps:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
 
 from multimodal_rwkv.errors import DataError
 
@@ -173,6 +176,23 @@ def naming_write_errors(path):
         if e.errno is None and "requested and" in why:
             why = f"could not write all of it ({why} items; is the disk full?)"
         raise OSError(e.errno, why, str(path)) from None
+
+
+def write_array(fh, arr) -> None:
+    """Write ``arr``'s bytes (C order) through the Python file object ``fh``.
+
+    Not ``arr.tofile(fh)`` nor ``np.save``: on a real file numpy writes through a stdio handle of its
+    own and ignores the error when that handle is closed, so a disk that fills during the last
+    partial block loses the tail silently. Python's file object raises (at the write or the close)."""
+    fh.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+
+def save_npy(path, arr) -> None:
+    """``np.save(path, arr)`` (no pickles) that raises when the disk fills: see :func:`write_array`."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    with open(path, "wb") as fh:
+        fh.write(buf.getbuffer())
 
 
 def atomic_write(path, write) -> None:

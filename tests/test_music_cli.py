@@ -588,6 +588,22 @@ def test_eval_metrics_finds_the_tokenizer_of_a_shard(tmp_path, capsys):
     assert "no midi_tokenizer.json or abc_tokenizer.json" in err and "model folder" not in err
 
 
+def test_eval_of_a_file_that_is_not_npy_and_options_metrics_ignores(tmp_path, capsys):
+    """A MIDI file as --data got numpy's advice to unpickle it; --metrics with --ctx-len or
+    --max-tokens ignored them and printed the same numbers."""
+    from multimodal_rwkv.music import BACH_MODEL_DIR
+
+    (tmp_path / "song.mid").write_bytes(b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x00\x60" + b"MTrk" + bytes(40))
+    assert main(["music", "eval", "--model", str(BACH_MODEL_DIR), "--data", str(tmp_path / "song.mid")]) == 2
+    err = _one_error_line(capsys, "eval")
+    assert f"{tmp_path / 'song.mid'}: no NumPy header (not a .npy token shard)" in err and "pickle" not in err
+    valid = _dataset(tmp_path / "d", MidiTokenizer())
+    (tmp_path / "m.jsonl").write_text(json.dumps({"step": 3, "valid_loss": 2.0}) + "\n")
+    for extra, name in ((["--ctx-len", "8"], "--ctx-len"), (["--max-tokens", "100"], "--max-tokens")):
+        assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(valid), *extra]) == 2
+        assert f"{name}: only with --model" in _one_error_line(capsys, "eval")
+
+
 # ----------------------------------------------------------------------------- 12: abc2midi writes .mid only
 def test_abc2midi_refuses_an_output_that_is_not_a_midi_name(tmp_path, capsys):
     """abc2midi --out picture.png wrote a MIDI file under a picture's name."""

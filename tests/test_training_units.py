@@ -355,6 +355,37 @@ def test_atomic_write_names_the_file_on_a_full_disk(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "new\n"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_array_writers_raise_when_the_disk_fills():
+    """numpy's tofile/np.save on a real file ignore the error at the close of their own stdio
+    handle: a short last block was lost silently (music tokenize replaced a good .npy with a
+    truncated one, exit 0). /dev/full fails every write as a full disk does."""
+    import numpy as np
+
+    from multimodal_rwkv.fileio import save_npy, write_array
+
+    a = np.arange(100, dtype=np.uint32)
+    with pytest.raises(OSError, match="No space"):
+        save_npy("/dev/full", a)
+    with pytest.raises(OSError, match="No space"):
+        with open("/dev/full", "wb") as fh:
+            write_array(fh, a)
+
+
+def test_package_writes_arrays_only_through_the_checked_writers():
+    """Every array the package writes goes through fileio.write_array/save_npy (see above)."""
+    import re
+    from pathlib import Path
+
+    import multimodal_rwkv
+
+    root = Path(multimodal_rwkv.__file__).parent
+    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if p.name != "fileio.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"\.tofile\(|np\.save\(|np\.savez", line.split("#")[0])]
+    assert offenders == []
+
+
 def test_fused_adamw_by_default_and_equal_to_the_per_tensor_loop():
     from accelerate.utils import DistributedType
 

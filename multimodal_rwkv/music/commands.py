@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, file_arg, float_min, int_min, int_range, path_arg, seed
-from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import check_outputs, naming_write_errors, write_outputs
+from multimodal_rwkv.errors import ConfigError, DataError, MidiError
+from multimodal_rwkv.fileio import check_outputs, save_npy, write_outputs
 from multimodal_rwkv.music.abc import CONTROL_BYTES
 from multimodal_rwkv.music.pianoroll import check_png
 
@@ -95,11 +95,7 @@ def cmd_tokenize(args) -> int:
     if out:
         arr = np.asarray(stream, dtype=np.uint16 if tok.vocab_size <= 65535 else np.int32)
 
-        def save(tmp):
-            with naming_write_errors(out), open(tmp, "wb") as fh:
-                np.save(fh, arr)
-
-        write_outputs([(out, save)])
+        write_outputs([(out, lambda tmp: save_npy(tmp, arr))])
     tpn = f"{tokens / notes:.3f}" if notes else "-"
     print(f"tokenized {ok} files, skipped {bad} unreadable; {notes} notes, {tokens} tokens "
           f"({tpn} tokens/note), {oor} notes out of range; vocab {tok.vocab_size}"
@@ -205,9 +201,13 @@ def cmd_eval(args) -> int:
     from multimodal_rwkv.music.generate import load_music_model
     from multimodal_rwkv.music.metrics import bits_per_unit, windowed_nll
 
-    ids = load_tokens(args.data)
     if args.metrics:
-        return _eval_from_metrics(args, ids)
+        given = [o for o, v in (("--ctx-len", args.ctx_len), ("--max-tokens", args.max_tokens)) if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)}: only with --model (--metrics converts the losses the "
+                              "training run measured, with its own windows)")
+        return _eval_from_metrics(args, load_tokens(args.data))
+    ids = load_tokens(args.data)
     model, tok = load_music_model(args.model)
     _check_data_tokenizer(args.data, tok, args.model)
     if args.max_tokens:
@@ -217,7 +217,7 @@ def cmd_eval(args) -> int:
         bad = lo if lo < 0 else hi
         raise DataError(f"{args.data}: token id {bad} is outside the model's vocabulary [0, {model.config.vocab_size}) "
                         "(data prepared with another tokenizer?)")
-    total, n = windowed_nll(model, ids, args.ctx_len)
+    total, n = windowed_nll(model, ids, args.ctx_len or 512)
     if n == 0:
         raise DataError(f"{args.data}: fewer than 2 tokens")
     nats = total / n
@@ -446,8 +446,8 @@ def register(subparsers) -> None:
     which.add_argument("--metrics", type=path_arg, help="instead of --model: convert valid_loss in a training run's metrics.jsonl "
                                          "(data = the valid split it was measured on)")
     p.add_argument("--data", type=path_arg, required=True, help=".npy file or folder of shards")
-    p.add_argument("--ctx-len", type=int_min(2), default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-tokens", type=int_min(0), default=0, help="evaluate only the first N tokens (0 = all)")
+    p.add_argument("--ctx-len", type=int_min(2), help="with --model: window length in tokens (default 512)")
+    p.add_argument("--max-tokens", type=int_min(0), help="with --model: evaluate only the first N tokens (0 = all)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("roll", help="draw a piano roll of a MIDI file",

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import naming_target, naming_write_errors, remove_tree, same_file
+from multimodal_rwkv.fileio import naming_target, naming_write_errors, remove_tree, same_file, save_npy
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_siz
         nonlocal buf, k, total
         arr = np.asarray(buf, dtype=dtype)
         with naming_write_errors(d / f"shard_{k:05d}.npy"):
-            np.save(d / f"shard_{k:05d}.npy", arr)
+            save_npy(d / f"shard_{k:05d}.npy", arr)
         total += len(arr)
         k += 1
         buf = [0]
@@ -541,10 +541,12 @@ def load_tokens(path: str | os.PathLike):
     arrs = []
     for f in files:
         try:
+            with open(f, "rb") as fh:
+                magic = fh.read(6)
+            if magic != b"\x93NUMPY":  # numpy's own message for these talks of unpickling the file
+                raise DataError(f"{f}: {'empty file' if not magic else 'no NumPy header'} (not a .npy token shard)")
             a = np.load(f, allow_pickle=False)
-        except EOFError:  # numpy's answer to a file without a single byte
-            raise DataError(f"{f}: empty file (not a .npy token shard)") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             raise DataError(f"{f}: cannot read token shard ({e})") from None
         if a.ndim != 1 or a.dtype.kind not in "iu":
             raise DataError(f"{f}: expected a 1-D integer array, got {a.dtype} {a.shape}")

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.fileio import fsync_path, naming_write_errors
+from multimodal_rwkv.fileio import fsync_path, naming_write_errors, write_array
 
 logger = logging.getLogger(__name__)
 
@@ -445,8 +445,8 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
                         arr = np.asarray(ids, dtype=np.int64)
                         if len(arr) and (arr.min() < 0 or arr.max() >= 2**32):
                             raise DataError(f"{f}: tokenizer produced ids outside uint32")
-                        arr.astype(np.uint32).tofile(ft)
-                        np.full(len(arr), int(is_target), np.uint8).tofile(fm)
+                        write_array(ft, arr.astype(np.uint32))
+                        write_array(fm, np.full(len(arr), int(is_target), np.uint8))
                         any_masked |= not is_target
                         n_tokens += len(arr)
                     n_docs += 1
@@ -634,10 +634,10 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
                     _handle_bad(str(e), on_bad, bad)
                     continue
                 a = np.asarray(a, dtype=np.uint32)
-                a.tofile(ft)
+                write_array(ft, a)
                 n += len(a)
                 if a[-1] != SEPARATOR:
-                    np.asarray([SEPARATOR], np.uint32).tofile(ft)
+                    write_array(ft, np.asarray([SEPARATOR], np.uint32))
                     n += 1
             ft.flush()
             os.fsync(ft.fileno())
