@@ -90,6 +90,21 @@ def test_chunked_chunk_sizes(L, C):
     assert rel_rms(o, o_ref) < 1e-12 and rel_rms(s, s_ref) < 1e-12
 
 
+@pytest.mark.parametrize("L,C", [(32, 1), (1, 1), (8, 2)])
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+def test_chunked_sub_chunks_of_one_and_two_tokens(L, C, decay):
+    """sub_chunk=1 (no pairs inside a sub-chunk) crashed in a reshape when the decay was strong
+    (the unfactorised diagonal form), forward and backward."""
+    x = make_inputs(2, 19, 2, 8, decay=decay, seed=5)
+    o_ref, s_ref = wkv6_reference(*x, output_final_state=True)
+    o, s = wkv6_chunked(*x, output_final_state=True, chunk_size=L, sub_chunk=C)
+    assert rel_rms(o, o_ref) < 1e-12 and rel_rms(s, s_ref) < 1e-12
+    fn = lambda *a: wkv6_chunked(*a, output_final_state=True, chunk_size=L, sub_chunk=C)  # noqa: E731
+    ref = lambda *a: wkv6_reference(*a, output_final_state=True)  # noqa: E731
+    for g, g_ref in zip(_grads(fn, x), _grads(ref, x)):
+        assert rel_rms(g, g_ref) < 1e-10
+
+
 def _grads(fn, xs, seed=0):
     xs = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
     o, s = fn(*xs)

@@ -158,7 +158,8 @@ def _pair_terms(rs, ks, ws):
     C, K = rs.shape[-2:]
     ti, si, _, _, seg, _ = _diag_pairs(C, rs.dtype, rs.device)
     front = lambda x: x.reshape(-1, C, K).transpose(0, 1)  # noqa: E731 - [C, M, K] view
-    eD = torch.exp(torch.matmul(seg, front(ws).reshape(C, -1))).view(len(ti), -1, K)
+    M = rs.numel() // (C * K)  # (given, not -1: sub-chunks of 1 have no pairs)
+    eD = torch.exp(torch.matmul(seg, front(ws).reshape(C, -1))).view(len(ti), M, K)
     return front(rs)[ti], front(ks)[si], eD
 
 
@@ -334,7 +335,7 @@ def _chunked_core_backward(r_, k_, v_, w_, u_, S, C, dO, dS_end):
     dr += dq * eel
     # q = r exp(el @ w): w_z for the rows whose segment covers z; KX = k exp(col @ w) likewise
     dw += torch.matmul(el.t(), q * dq) + torch.matmul(col.t(), (dKX * KX).reshape(N, M, P * L, K))
-    if not fact:
+    if not fact and C > 1:  # (sub-chunks of one token have no pairs)
         dAd = _block_diagonal(dA, C)  # [N,M,P,C,C]
         Mp = torch.matmul(scatter, dAd.reshape(-1, C * C).t()).unsqueeze(-1) * eD  # [n_pairs, N*M*P, K]
         Mk, Mr = Mp * kt, Mp * rt
