@@ -1499,6 +1499,34 @@ def test_logits_to_keep_takes_transformers_forms():
             m(ids, labels=ids, logits_to_keep=torch.tensor([1]))
 
 
+def test_penalties_of_opposite_sign_beyond_fp32_sum_as_the_official_floats():
+    """presence -1e39 with frequency +1e39 became -inf + inf = NaN in fp32: sampling crashed in
+    torch.multinomial, greedy decoding picked by NaN. The official sampler sums Python floats."""
+    from multimodal_rwkv.model.generation import RWKVPenaltyProcessor
+
+    ids, scores = torch.tensor([[9, 3, 3, 4]]), torch.randn(1, 10)
+    for pres, freq in ((-1e39, 1e39), (1e300, -1e300), (-1e39, 1.5e39), (2.0, -0.5)):
+        out = RWKVPenaltyProcessor(presence=pres, frequency=freq, decay=0.9, prompt_len=1)(ids, scores.clone())
+        want = scores.double().clone()
+        counts = {3: 0.9 + 0.9 ** 2, 4: 1.0}  # the latest token weighs 1, older ones decay
+        for t, c in counts.items():
+            want[0, t] -= pres + c * freq  # Python floats, as rwkv.utils.PIPELINE.generate
+        assert not out.isnan().any()
+        if want.float().max() == float("inf"):  # a reward beyond float range: the row shifted, same choice
+            assert out.argmax() == want.argmax() and out.max() == 0, (pres, freq)
+        else:
+            torch.testing.assert_close(out, want.float(), rtol=1e-6, atol=1e-6)  # (fp32 decay weights)
+    banned = torch.zeros(1, 10)
+    banned[0, 3] = -float("inf")  # another processor's ban stays under a reward beyond float range
+    out = RWKVPenaltyProcessor(presence=-1e39, frequency=-1e39, decay=1.0, prompt_len=1)(ids, banned)
+    assert out[0, 3] == -float("inf") and out.argmax() == 4 and not out.isnan().any()
+    m = _random_model()
+    for sample in ({}, {"do_sample": True, "seed": 0}):
+        out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, presence_penalty=-1e39,
+                         frequency_penalty=1e39, eos_token_id=None, **sample)
+        assert out.shape == (1, 9)
+
+
 def test_huge_penalties_ban_seen_tokens_and_bad_generate_settings_are_named():
     """A penalty of 1e39 (beyond fp32) made every unseen token's score 0 x inf = NaN, so token 0
     won; NaN / negative decays, a float seed and non-string stops went through (or crashed deep)."""

@@ -95,10 +95,12 @@ class RWKVPenaltyProcessor(LogitsProcessor):
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, gen, True)
         # only the tokens seen (and counted) are touched, as the official sampler does: a huge
         # penalty then bans them (-inf) instead of turning the others' 0 x inf into NaN
-        presence = torch.tensor(float(self.presence), dtype=torch.float64).to(scores.dtype)  # 1e39 -> inf
-        pen = torch.where(seen, presence.to(scores.device), 0.0)
-        pen = pen + torch.where(counts > 0, counts.to(scores.dtype) * self.frequency, 0.0)
+        # the sum in float64, as the official sampler's Python floats: presence 1e39 and frequency
+        # -1e39 cancel there, where fp32 made inf - inf = NaN; the total then rounds to the scores' dtype
+        pen = (seen.double() * float(self.presence) + counts.double() * float(self.frequency)).to(scores.dtype)
         out = scores - pen
+        # a token another processor banned (-inf) stays banned under a reward beyond float range
+        out = torch.where(torch.isneginf(scores), scores, out)
         if bool((pen < 0).any()):
             # a reward (negative penalty) beyond float range is +inf, and one a small temperature
             # scales past it too: the sampler's probabilities would be NaN. The largest float stands
