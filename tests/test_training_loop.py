@@ -901,6 +901,24 @@ def test_a_broken_link_in_a_data_folder_is_an_unreadable_file(tmp_path):
     assert st.skipped == 1 and len(st) == len("hello world\n") + 1
 
 
+def test_a_shard_outside_the_vocabulary_is_a_bad_record(tmp_path):
+    """A .npy shard of a folder holding an id >= vocab_size stopped the run under on_bad_record=skip,
+    and the error named the folder and a position in the joined stream, not the shard."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(d / f"s{i}.npy", rng.integers(1, 48, size=300).astype(np.uint16))
+    bad = rng.integers(1, 48, size=300)
+    bad[123] = 64  # the tiny model's vocab_size
+    np.save(d / "s3_bad.npy", bad.astype(np.uint16))
+    with pytest.raises(DataError, match=r"s3_bad.npy: token 123 has id 64, outside the model's vocabulary \[0, 64\)"):
+        train(TrainConfig(), base_overrides(d, tmp_path / "fail", max_steps=1))
+    out = tmp_path / "skip"
+    train(TrainConfig(), base_overrides(d, out, max_steps=2, **{"data.on_bad_record": "skip"}))
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["skipped_records"] == 1
+
+
 def test_processes_that_formed_no_group_are_refused(tmp_path, corpus, monkeypatch):
     """Two processes of a multi-GPU launch on a machine without GPUs each train alone: refused with
     the reason (it used to surface as 'output_dir is in use by another training run')."""

@@ -595,7 +595,7 @@ def _load_npy(path: Path) -> np.ndarray:
     return a
 
 
-def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
+def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Optional[int] = None) -> TokenStream:
     """A ``.npy`` token file (memmapped as is) or a folder of them (concatenated once into the cache,
     with a separator 0 added after any file that does not end with one; hidden files, such as an
     interrupted prepare's ``.new-`` copies, are left out)."""
@@ -611,7 +611,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
     if not files:
         raise DataError(f"{p}: folder holds no .npy token files")
     bad = BadRecords()
-    h = hashlib.sha256(f"tokens-v{CACHE_VERSION}|{on_bad}".encode())
+    h = hashlib.sha256(f"tokens-v{CACHE_VERSION}|{on_bad}|{vocab_size}".encode())
     for f in files:
         h.update(f.name.encode())
         h.update(_file_sha(f).encode())
@@ -628,7 +628,9 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str) -> TokenStream:
             for f in files:
                 try:
                     a = _load_npy(f)
-                    if int(a.min()) < 0 or int(a.max()) >= 2**32:
+                    if vocab_size is not None:  # a shard of another tokenizer is a bad record (skip: counted)
+                        check_id_range(a, vocab_size, str(f))
+                    elif int(a.min()) < 0 or int(a.max()) >= 2**32:
                         raise DataError(f"{f}: token ids outside [0, 2**32)")
                 except DataError as e:
                     _handle_bad(str(e), on_bad, bad)
@@ -702,10 +704,12 @@ def detect_format(path: str | Path, skip: Sequence[str | Path] = ()) -> str:
 
 
 def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path, on_bad: str,
-                tokenizer=None, skip: Sequence[str | Path] = ()) -> TokenStream:
+                tokenizer=None, skip: Sequence[str | Path] = (), vocab_size: Optional[int] = None) -> TokenStream:
     """Open any supported source as a :class:`TokenStream` (tokenizing text through the cache). A
     folder's files under the folders of ``skip`` (the run's own output_dir, when it lies inside the
-    data folder) are not data."""
+    data folder) are not data. With ``vocab_size``, each ``.npy`` shard of a folder is checked
+    against it as it is read: a shard with an id outside is a bad record (named, or skipped and
+    counted), not an error about the joined stream."""
     p = Path(path)
     skip = _skip_folders(skip)
     if fmt == "auto":
@@ -713,7 +717,7 @@ def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path
     if fmt == "binidx":
         return read_binidx(p)
     if fmt == "tokens":
-        return read_tokens(p, cache_dir, on_bad)
+        return read_tokens(p, cache_dir, on_bad, vocab_size)
     if fmt in ("txt", "jsonl"):
         if p.is_dir():
             # a broken link is an unreadable file (reported, or skipped and counted), not nothing

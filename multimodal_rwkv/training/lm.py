@@ -138,7 +138,7 @@ class LMTask(Task):
     def _dataset(self, path, vocab_size: int, key: str) -> PackedDataset:
         d = self.cfg.data
         stream = load_stream(path, d.format, d.tokenizer, self._cache_dir(), d.on_bad_record,
-                             skip=self._run_entries())
+                             skip=self._run_entries(), vocab_size=vocab_size)
         # a full scan up front for all but huge streams; those are checked window by window when read
         n = len(stream)
         scanned_all = n <= FULL_VOCAB_SCAN
