@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import stat
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Callable, Iterable, Sequence, Union
 import numpy as np
 
 from multimodal_rwkv.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_path(p) -> None:
@@ -85,6 +88,24 @@ def remove_tree(path) -> None:
         path.unlink(missing_ok=True)
     elif path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def discard_tree(path) -> None:
+    """Take ``path`` (a folder, file or link) away for good: rename it to a hidden ``.old-NAME`` beside
+    it (one step: a kill leaves it whole under one name or the other), then remove that. An earlier
+    ``.old-NAME`` that cannot be removed (no permission) does not block this: the next free
+    ``.old-NAME-K`` is taken; one this call cannot remove is left with a warning naming it."""
+    path = Path(path)
+    old = path.with_name(f".old-{path.name}")
+    remove_tree(old)
+    k = 1
+    while old.exists() or old.is_symlink():
+        old = path.with_name(f".old-{path.name}-{k}")
+        k += 1
+    os.rename(path, old)
+    remove_tree(old)
+    if old.exists() or old.is_symlink():
+        logger.warning("could not remove %s (the old %s, replaced); remove it by hand", old, path.name)
 
 
 def remove_dirs(made) -> None:

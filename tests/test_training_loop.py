@@ -1270,6 +1270,30 @@ def test_a_rerun_removes_the_old_final_an_interrupted_export_kept(tmp_path):
     assert not old.exists() and (tmp_path / "run" / "final" / "config.json").is_file()
 
 
+def test_an_old_final_that_cannot_be_removed_does_not_block_the_next_export(tmp_path, monkeypatch, caplog):
+    """A read-only old final/ stayed as .old-final (silently), and every later export failed with
+    'final: Directory not empty' (the rename onto it). Root ignores permissions, so the failure to
+    remove is simulated."""
+    import logging
+
+    from multimodal_rwkv import fileio
+    from multimodal_rwkv.training import loop
+
+    real = fileio.remove_tree
+    stuck = lambda p: None if Path(p).name.startswith(".old-final") else real(p)  # noqa: E731
+    monkeypatch.setattr(fileio, "remove_tree", stuck)
+    monkeypatch.setattr(loop, "remove_tree", stuck)
+    (tmp_path / "c.txt").write_text("hello world " * 20)
+    args = [f"output_dir={tmp_path / 'run'}", f"data.train_file={tmp_path / 'c.txt'}", "data.tokenizer=bytes",
+            "data.ctx_len=8", "progress_bar=false", "model.config={n_layer: 1, n_embd: 32, head_size: 16}"]
+    for steps in (1, 2, 3):
+        with caplog.at_level(logging.WARNING, logger="multimodal_rwkv.fileio"):
+            train(TrainConfig(), args + [f"max_steps={steps}"])
+        info = json.loads((tmp_path / "run" / "final" / "training_info.json").read_text())
+        assert info["step"] == steps
+    assert "could not remove" in caplog.text and ".old-final" in caplog.text
+
+
 def test_a_re_export_over_a_final_that_is_a_link(tmp_path):
     """final/ linked to a folder elsewhere: the re-export left a stray .old-final link, and the next
     re-export failed ('final: Not a directory')."""

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
-from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, fsync_path, fsync_tree, make_dirs, naming_target,
-                                    remove_dirs, remove_tree)
+from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, discard_tree, fsync_path, fsync_tree, make_dirs,
+                                    naming_target, remove_dirs, remove_tree)
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -603,18 +603,13 @@ class Trainer:
                 json.dump(state, f, indent=1)
             fsync_tree(tmp)
             if final.exists():  # a checkpoint of the same step (e.g. a re-run): replace it
-                old = self.ckpt_dir / f".old-step_{step:08d}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
+                discard_tree(final)
             os.rename(tmp, final)
             fsync_path(self.ckpt_dir)
             if self.metrics_path.exists():
                 fsync_path(self.metrics_path)
             for s, p in list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_last]:
-                old = self.ckpt_dir / f".old-{p.name}"  # rename first: a kill mid-delete leaves no half checkpoint
-                os.rename(p, old)
-                shutil.rmtree(old, ignore_errors=True)
+                discard_tree(p)  # renamed away first: a kill mid-delete leaves no half checkpoint
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
@@ -719,7 +714,8 @@ class Trainer:
         for p in self.out.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         if (self.out / "final").is_dir():  # the model final/ replaced, kept by an export that was interrupted
-            remove_tree(self.out / ".old-final")
+            for p in self.out.glob(".old-final*"):
+                remove_tree(p)
 
     # ----------------------------------------------------------------- eval
     def _evaluate(self, acc, task, model, valid_ds, collate) -> Optional[float]:
@@ -829,10 +825,7 @@ class Trainer:
                     shutil.copy2(f, tmp / Path(f).name)
             fsync_tree(tmp)
             if final.exists() or final.is_symlink():
-                old = self.out / ".old-final"
-                remove_tree(old)
-                os.rename(final, old)  # (a link final/ is replaced by the folder; what it points to stays)
-                remove_tree(old)
+                discard_tree(final)  # (a link final/ is replaced by the folder; what it points to stays)
             os.rename(tmp, final)
             fsync_path(self.out)
             logger.info("exported model to %s", final)
