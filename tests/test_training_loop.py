@@ -364,6 +364,16 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, corpus, caplog)
     finally:
         accelerate.Accelerator.load_state = real
     weights = ck / "model.safetensors"
+    # weights of another shape: torch's message is "Error(s) in loading state_dict for X:" and the
+    # reason on the next line, which the one-line error left out
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(weights)
+    sd["rwkv.emb.weight"] = sd["rwkv.emb.weight"][:-1].clone()
+    save_file(sd, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"cannot resume .*Error\(s\) in loading state_dict for .*: "
+                                              r"size mismatch for rwkv\.emb\.weight"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2))
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="step_00000004: cannot resume .*damaged; delete this checkpoint"):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2))

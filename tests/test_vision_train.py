@@ -117,6 +117,28 @@ def test_a_resume_may_change_runtime_options_but_not_what_trains(trained, tmp_pa
         train(cfg(3, stage=2))
 
 
+def test_a_resume_of_a_vocab_subset_auto_run_keeps_the_runs_ids(trained, tmp_path):
+    """vocab_subset: auto was computed again on a resume: another prompt_template (allowed) or data
+    with a new word gave other ids, so the checkpoint did not load ('Error(s) in loading state_dict
+    for VisualRWKV:', the reason cut off)."""
+    from multimodal_rwkv.training import train
+
+    data, _, _ = trained
+    run = tmp_path / "auto"
+    train(recipe(tmp_path, data, run, max_steps=2, checkpoint_every=1))
+    ids = json.loads((run / "vocab_subset.json").read_text())
+    rows = json.loads((data / "train.json").read_text())
+    rows[0]["conversations"][0]["value"] += " elephant"  # a word the first run's data did not hold (read as UNK)
+    (tmp_path / "more.json").write_text(json.dumps(rows))
+    c = recipe(tmp_path, data, run, max_steps=3, checkpoint_every=1)
+    c.model.options = {**c.model.options, "prompt_template": "image_first"}
+    c.data.train_file = str(tmp_path / "more.json")
+    out = train(c)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_subset"] == ids and cfg["prompt_template"] == "image_first"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
 def test_micro_batches_are_weighted_by_the_models_loss_reduction(trained, tmp_path):
     """loss_reduction 'sample' taken from the checkpoint (not repeated in the recipe): the loop
     weighted micro-batches by answer tokens (the recipe's default), so an accumulated step was

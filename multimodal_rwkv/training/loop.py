@@ -906,7 +906,7 @@ class Trainer:
         """Whether ``p`` (in output_dir) is only what a run sets up before its first checkpoint: the
         lock, the recipe, metrics, logs, temp folders, a checkpoints or token_cache folder without a
         finished checkpoint or cache."""
-        if p.name in (".lock", "recipe.yaml", "metrics.jsonl", "logs") or p.name.startswith(".tmp-"):
+        if p.name in (".lock", "recipe.yaml", "metrics.jsonl", "logs", "vocab_subset.json") or p.name.startswith(".tmp-"):
             return True
         return p.is_dir() and p.name in ("checkpoints", "token_cache") and all(
             q.name.startswith((".tmp-", ".old-", ".broken-")) for q in p.iterdir())
@@ -1086,7 +1086,9 @@ class Trainer:
                 # torch.distributed.checkpoint's CheckpointException (FSDP) is a BaseException
                 from multimodal_rwkv.errors import CheckpointError
 
-                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+                first = lines[0] if not lines[0].endswith(":") else " ".join(lines[:2])  # torch: "...for X:\n\tsize..."
+                first = first[:300]
                 sharded = type(e).__name__ == "CheckpointException"
                 missing = isinstance(e, FileNotFoundError) or "no such file" in first.lower()
                 damaged = type(e).__name__ in ("SafetensorError", "UnpicklingError", "EOFError") or any(

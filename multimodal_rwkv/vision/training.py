@@ -31,6 +31,8 @@ from multimodal_rwkv.errors import ConfigError
 from multimodal_rwkv.model.checkpoint import refuse_training_checkpoint
 from multimodal_rwkv.training.task import Task
 
+VOCAB_SUBSET_FILE = "vocab_subset.json"  # in output_dir: the ids 'auto' chose for the run
+
 logger = logging.getLogger(__name__)
 
 _ARCH_KEYS = ("vision_tower", "vision_config", "bundle_encoder", "feature_layer", "cls_token", "patch_merge",
@@ -111,7 +113,7 @@ class VisualRWKVTask(Task):
             kw = {k: o[k] for k in _ARCH_KEYS + _RUNTIME_KEYS if k in o and k != "vocab_subset"}
             subset = o.get("vocab_subset")
             if subset == "auto":
-                subset = self._auto_vocab_subset()
+                subset = self._run_vocab_subset()
             elif subset is not None and not isinstance(subset, list):
                 raise ConfigError("model.options.vocab_subset must be null, 'auto' or a list of World ids")
             if src:
@@ -151,6 +153,28 @@ class VisualRWKVTask(Task):
         model.l2wrap = bool(self.cfg.train.l2wrap)
         self.loss_reduction = model.config.loss_reduction  # the recipe's, or the checkpoint's
         return model
+
+    def _run_vocab_subset(self) -> list[int]:
+        """``vocab_subset: auto`` is resolved once per run and kept in ``output_dir/vocab_subset.json``:
+        a resume or a re-export reads it back, since the checkpoint's embedding and head rows are
+        those ids (the data or the prompt template may have changed since; new words read as UNK)."""
+        from multimodal_rwkv.fileio import atomic_write_text
+        from multimodal_rwkv.training.loop import list_checkpoints
+
+        out = Path(self.cfg.output_dir)
+        saved = out / VOCAB_SUBSET_FILE
+        if list_checkpoints(out / "checkpoints") and saved.is_file():
+            try:
+                subset = json.loads(saved.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{saved}: cannot read the run's vocab_subset ({e})") from None
+            if not (isinstance(subset, list) and subset and all(type(i) is int for i in subset)):
+                raise ConfigError(f"{saved}: not a list of World ids")
+            logger.info("vocab_subset auto: the run's %d World ids (%s)", len(subset), saved)
+            return subset
+        subset = self._auto_vocab_subset()
+        atomic_write_text(saved, json.dumps(subset))
+        return subset
 
     def _auto_vocab_subset(self) -> list[int]:
         """World ids used by the train/valid conversations (as templated) plus the template's own."""
