@@ -1,5 +1,6 @@
 """VisualRWKV model: image scatter, bidirectional scan, prefill + recurrent decode, loss, I/O."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,6 +436,17 @@ def test_load_released_v060_layout(tok, tmp_path):
     torch.save(sd, tmp_path / "bad2.pth")
     with pytest.raises(CheckpointError, match="proj.weight"):
         VisualRWKV.from_pretrained(tmp_path / "bad2.pth")
+    # the language-model loaders (info, generate, convert) name it a VisualRWKV model: they said its
+    # int64 position_ids are no RWKV weights, or listed vit.* as unexpected keys
+    from multimodal_rwkv.cli import main
+
+    sd = v060_state_dict()
+    sd.pop("vit.vision_model.embeddings.position_ids", None)
+    torch.save(sd, tmp_path / "no_ids.pth")
+    for f in (Path(path), tmp_path / "no_ids.pth"):
+        with pytest.raises(CheckpointError, match=f"{f.name}: a VisualRWKV model .*use it with mmrwkv vqa"):
+            RWKVForCausalLM.from_pretrained(f)
+        assert main(["info", str(f)]) == 2
 
 
 def test_patch_merge_model_tokens_decode_and_round_trip(tok, tmp_path):

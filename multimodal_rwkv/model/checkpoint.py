@@ -361,6 +361,10 @@ def _with_hf_config(cfg: RWKVConfig, hf: dict, cfg_file: Path) -> RWKVConfig:
     return RWKVConfig(**{**_settings(cfg.to_dict()), **kw})
 
 
+_VISUALRWKV = ("a VisualRWKV model (vision + language); use it with mmrwkv vqa / eval-vqa or "
+               "multimodal_rwkv.vision.VisualRWKV.from_pretrained")
+
+
 def _load_raw_model(src):
     path = Path(src)
     if path.is_dir():
@@ -375,8 +379,7 @@ def _load_raw_model(src):
         if not isinstance(cfg_dict, dict):
             raise CheckpointError(f"{cfg_file}: not a JSON object (a model config maps names to values)")
         if cfg_dict.get("model_type") == "visualrwkv":
-            raise CheckpointError(f"{path}: a VisualRWKV model (vision + language); use it with mmrwkv vqa / "
-                                  "eval-vqa or multimodal_rwkv.vision.VisualRWKV.from_pretrained")
+            raise CheckpointError(f"{path}: {_VISUALRWKV}")
         other = {"rwkv7": "RWKV-7", "rwkv": "RWKV-4"}.get(str(cfg_dict.get("model_type", "")).lower())
         if other:
             raise CheckpointError(f"{path}: {other} model folder detected (config.json model_type "
@@ -403,6 +406,8 @@ def _from_named_weights(sd: dict[str, torch.Tensor], path: Path):
     """Config (inferred from shapes), our-layout state dict and the name map for weights named the
     BlinkDL way (``blocks.N.att...``), the Hugging Face way (``rwkv.blocks.N.attention...``) or
     ours (``rwkv.blocks.N.att...``, e.g. a model.safetensors given alone)."""
+    if any(k.startswith(("vit.", "proj.")) for k in sd) and any(k.startswith("rwkv.") for k in sd):
+        raise CheckpointError(f"{path}: {_VISUALRWKV} (a VisualRWKV-v060 file: rwkv.*, vit.*, proj.* weights)")
     renamed = {k: _hf_name_to_blink(k) for k in sd}  # each key renamed once
     seen: dict[str, str] = {}
     for k, b in renamed.items():  # one weight under two names (HF and BlinkDL/ours): which one is meant?
