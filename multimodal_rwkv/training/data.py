@@ -598,7 +598,8 @@ def _load_npy(path: Path) -> np.ndarray:
 def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Optional[int] = None) -> TokenStream:
     """A ``.npy`` token file (memmapped as is) or a folder of them (concatenated once into the cache,
     with a separator 0 added after any file that does not end with one; hidden files, such as an
-    interrupted prepare's ``.new-`` copies, are left out)."""
+    interrupted prepare's ``.new-`` copies, are left out). ``vocab_size``: a folder's shard holding
+    an id outside ``[0, vocab_size)`` is a bad record (``on_bad``)."""
     p = Path(path)
     if p.is_file():
         a = _load_npy(p)
