@@ -1527,6 +1527,30 @@ def test_penalties_of_opposite_sign_beyond_fp32_sum_as_the_official_floats():
         assert out.shape == (1, 9)
 
 
+def test_sampling_takes_the_nucleus_before_the_temperature_as_the_official_sampler():
+    """transformers divides by the temperature before top-p: with T=2, generate drew tokens outside
+    rwkv.utils.PIPELINE.sample_logits' nucleus (taken from the untempered probabilities)."""
+    m = _random_model()
+    ids = torch.tensor([[5, 17, 33]])
+    with torch.no_grad():
+        logits = m(ids).logits[0, -1].double()
+    for T, top_p, top_k in ((2.0, 0.5, 0), (0.5, 0.5, 0), (1.5, 0.3, 0), (2.0, 0.9, 4), (1.0, 0.7, 0)):
+        # the official sampler, written out (numpy, as rwkv.utils does)
+        probs = torch.softmax(logits, -1).numpy()
+        desc = np.sort(probs)[::-1]
+        cutoff = desc[np.argmax(np.cumsum(desc) >= top_p)]
+        want = np.where(probs >= cutoff, probs, 0.0)
+        if top_k:
+            want[np.argsort(probs)[:-top_k]] = 0
+        want = want ** (1.0 / T)
+        want /= want.sum()
+        out = m.generate(ids, max_new_tokens=1, do_sample=True, temperature=T, top_p=top_p, top_k=top_k, seed=0,
+                         eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+        got = torch.softmax(out.scores[0][0].double(), -1).numpy()
+        assert np.array_equal(got > 0, want > 0), (T, top_p, top_k)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_huge_penalties_ban_seen_tokens_and_bad_generate_settings_are_named():
     """A penalty of 1e39 (beyond fp32) made every unseen token's score 0 x inf = NaN, so token 0
     won; NaN / negative decays, a float seed and non-string stops went through (or crashed deep)."""

@@ -853,14 +853,29 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         return {"input_ids": input_ids[:, -1:], "state": state, "logits_to_keep": 1, **extra}
 
     def _get_logits_processor(self, *args, **kwargs):
-        """transformers' processors with :class:`FiniteLogitsGuard` moved first: transformers puts
-        the caller's list (which holds it) after its own, whose bans (no_repeat_ngram_size,
-        bad_words_ids, min_new_tokens) could leave a row -inf throughout before the guard saw it."""
+        """transformers' processors in RWKV's order:
+
+        - :class:`FiniteLogitsGuard` first: transformers puts the caller's list (which holds it)
+          after its own, whose bans (no_repeat_ngram_size, bad_words_ids, min_new_tokens) could
+          leave a row -inf throughout before the guard saw it;
+        - top-p, then top-k, then the temperature, as ``rwkv.utils.PIPELINE.sample_logits``: the
+          nucleus is taken from the untempered probabilities (transformers divides by the
+          temperature first, so T > 1 drew tokens outside the official sampler's nucleus)."""
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
         from multimodal_rwkv.model.generation import FiniteLogitsGuard
 
-        processors = super()._get_logits_processor(*args, **kwargs)
+        processors = list(super()._get_logits_processor(*args, **kwargs))
         guards = [p for p in processors if isinstance(p, FiniteLogitsGuard)]
-        return type(processors)(guards + [p for p in processors if not isinstance(p, FiniteLogitsGuard)])
+        rest = [p for p in processors if not isinstance(p, FiniteLogitsGuard)]
+        cuts = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        at = next((i for i, p in enumerate(rest) if isinstance(p, cuts)), None)
+        if at is not None:
+            by_kind = [[p for p in rest if isinstance(p, kind)] for kind in (TopPLogitsWarper, TopKLogitsWarper,
+                                                                             TemperatureLogitsWarper)]
+            others = [p for p in rest if not isinstance(p, cuts)]
+            rest = others[:at] + [p for group in by_kind for p in group] + others[at:]
+        return LogitsProcessorList(guards + rest)
 
     def _reorder_cache(self, state, beam_idx):
         """Beam search: the rows of the state that the surviving beams continue from."""
@@ -900,7 +915,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         of text) too; a padded batch needs the tokenizer's ``attention_mask``. The caller's
         ``logits_processor`` / ``stopping_criteria`` lists are not changed.
         Sampling uses no top-k unless ``top_k`` is given (RWKV's samplers: top-p and temperature;
-        transformers' own default would be top-k 50).
+        transformers' own default would be top-k 50). The temperature applies after top-p and
+        top-k, as in ``rwkv.utils.PIPELINE.sample_logits`` (transformers applies it first).
         With a ``tokenizer`` of fewer ids than the model's vocabulary, the ids it cannot decode are
         never generated. A sampling temperature below 1e-30 counts as 1e-30 (the logits divided by
         it would overflow): as good as greedy.
