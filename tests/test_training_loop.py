@@ -929,6 +929,45 @@ def test_a_shard_outside_the_vocabulary_is_a_bad_record(tmp_path):
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["skipped_records"] == 1
 
 
+def test_text_folders_skip_hidden_entries_follow_linked_folders_and_survive_link_loops(tmp_path, caplog):
+    """A link loop named *.txt crashed the run with a traceback (Path.resolve in the output_dir
+    check); hidden files (.ipynb_checkpoints copies) became training data; a linked subfolder was
+    dropped silently; .npy shards in subfolders were dropped silently."""
+    import logging
+
+    from multimodal_rwkv.training.data import load_stream
+
+    d = tmp_path / "data"
+    (d / ".ipynb_checkpoints").mkdir(parents=True)
+    (d / "a.txt").write_text("alpha\n")
+    (d / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("alpha\n")
+    (d / ".draft.txt").write_text("hidden\n")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "b.txt").write_text("beta\n")
+    (d / "linked").symlink_to(tmp_path / "shared")
+    (d / "up").symlink_to(d)  # a folder link loop: each real folder is read once
+    st = load_stream(d, "auto", "bytes", tmp_path / "c0", "fail", skip=[tmp_path / "run"])
+    assert bytes(int(i) - 1 for i in st.ids if i).decode() == "alpha\nbeta\n"
+    (d / "loop1.txt").symlink_to(d / "loop2.txt")
+    (d / "loop2.txt").symlink_to(d / "loop1.txt")
+    with pytest.raises(DataError, match="loop1.txt: cannot read"):
+        load_stream(d, "auto", "bytes", tmp_path / "c1", "fail", skip=[tmp_path / "run"])
+    assert load_stream(d, "auto", "bytes", tmp_path / "c2", "skip", skip=[tmp_path / "run"]).skipped == 2
+    t = tmp_path / "tokens"
+    (t / "more").mkdir(parents=True)
+    np.save(t / "s0.npy", np.arange(1, 9, dtype=np.uint16))
+    np.save(t / "more" / "s1.npy", np.arange(1, 9, dtype=np.uint16))
+    with caplog.at_level(logging.WARNING):
+        load_stream(t, "auto", "bytes", tmp_path / "c3", "fail")
+    assert "1 .npy file(s) in its subfolders are not read" in caplog.text and "s1.npy" in caplog.text
+    (t / "s0.npy").unlink()
+    with pytest.raises(DataError, match=r"holds no .npy token files \(1 lie in subfolders, e.g. .*s1.npy"):
+        load_stream(t, "auto", "bytes", tmp_path / "c4", "fail")
+    (tmp_path / "t.txt").write_text("not numpy")
+    with pytest.raises(DataError, match=r"t.txt: not a .npy file \(no NumPy header\)"):
+        load_stream(tmp_path / "t.txt", "tokens", "bytes", tmp_path / "c5", "fail")
+
+
 def test_processes_that_formed_no_group_are_refused(tmp_path, corpus, monkeypatch):
     """Two processes of a multi-GPU launch on a machine without GPUs each train alone: refused with
     the reason (it used to surface as 'output_dir is in use by another training run')."""

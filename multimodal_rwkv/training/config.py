@@ -38,7 +38,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Training data. ``format: auto`` picks by file suffix (.txt, .jsonl, .bin/.idx, .npy, dir of .npy)."""
+    """Training data. ``format: auto`` picks by file suffix (.txt, .jsonl, .bin/.idx, .npy, dir of .npy).
+    A folder of text is read with its subfolders (linked ones too); a folder of .npy shards is read
+    flat (a prepared music dataset's root holds its splits below); hidden files and folders are
+    never data."""
 
     train_file: Optional[str] = None
     valid_file: Optional[str] = None

@@ -583,6 +583,10 @@ def write_binidx(prefix: str | Path, docs: Iterable[Iterable[int]], dtype=np.uin
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic and magic != b"\x93NUMPY":  # numpy's own message talks of unpickling the file
+            raise DataError(f"{path}: not a .npy file (no NumPy header)")
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except EOFError as e:  # an empty (0-byte) file: numpy finds no header
         raise DataError(f"{path}: cannot read token array (empty or truncated .npy file: {e})") from None
@@ -609,8 +613,14 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
     if not p.is_dir():
         raise DataError(f"{p}: no such file or folder")
     files = sorted(x for x in p.iterdir() if x.suffix.lower() == ".npy" and not x.name.startswith("."))
+    # shards are read from the folder itself: a prepared dataset's root holds train/, valid/, test/
+    nested = [x for x in folder_files(p, (".npy",)) if x.parent != p]
     if not files:
-        raise DataError(f"{p}: folder holds no .npy token files")
+        hint = f" ({len(nested)} lie in subfolders, e.g. {nested[0]}: give the folder of the shards)" if nested else ""
+        raise DataError(f"{p}: folder holds no .npy token files{hint}")
+    if nested:
+        logger.warning("%s: %d .npy file(s) in its subfolders are not read (shards are read from the folder "
+                       "itself), e.g. %s", p, len(nested), nested[0])
     bad = BadRecords()
     h = hashlib.sha256(f"tokens-v{CACHE_VERSION}|{on_bad}|{vocab_size}".encode())
     for f in files:
@@ -665,11 +675,34 @@ TEXT_SUFFIXES = {"txt": (".txt", ".md", ".text"), "jsonl": (".jsonl", ".json")} 
 
 
 def _outside(x: Path, skip: Sequence[Path]) -> bool:
-    """Whether ``x`` lies outside every folder of ``skip`` (resolved)."""
+    """Whether ``x`` lies outside every folder of ``skip`` (resolved; a link loop resolves to itself)."""
     if not skip:
         return True
-    rx = x.resolve()
+    rx = Path(os.path.realpath(x))  # (Path.resolve raises on a link loop)
     return not any(rx == s or s in rx.parents for s in skip)
+
+
+def folder_files(folder: Path, suffixes: Sequence[str], skip: Sequence[Path] = ()) -> list[Path]:
+    """The data files of ``folder`` and its subfolders (suffix in ``suffixes``, any case), sorted.
+
+    Linked subfolders are followed (each real folder once: a link loop ends); hidden files and
+    folders (``.git``, ``.ipynb_checkpoints``, editors' copies) are left out, and so is what lies
+    under a folder of ``skip``. A broken link or a link loop named like a data file is listed
+    (reading it says why it cannot be read); a FIFO or a socket is not."""
+    out, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            x = Path(root) / name
+            if (not name.startswith(".") and x.suffix.lower() in suffixes
+                    and (x.is_file() or (x.is_symlink() and not x.exists())) and _outside(x, skip)):
+                out.append(x)
+    return sorted(out)
 
 
 def _skip_folders(skip) -> list[Path]:
@@ -685,10 +718,10 @@ def detect_format(path: str | Path, skip: Sequence[str | Path] = ()) -> str:
     if suffix in (".bin", ".idx") or all(f.is_file() for f in binidx_files(p)[1:]):
         return "binidx"
     if p.is_dir():  # the kinds of file the readers take from it (.npy at the top, text anywhere below)
-        kinds = {"tokens"} if any(x.suffix.lower() == ".npy" for x in p.iterdir() if x.is_file()) else set()
-        for x in p.rglob("*"):
-            if x.is_file() and x.suffix.lower() in TEXT_SUFFIXES["txt"] + TEXT_SUFFIXES["jsonl"] and _outside(x, skip):
-                kinds.add("jsonl" if x.suffix.lower() in TEXT_SUFFIXES["jsonl"] else "txt")
+        kinds = set()
+        for x in folder_files(p, TEXT_SUFFIXES["txt"] + TEXT_SUFFIXES["jsonl"] + (".npy",), skip):
+            suffix = x.suffix.lower()
+            kinds.add("tokens" if suffix == ".npy" else "jsonl" if suffix in TEXT_SUFFIXES["jsonl"] else "txt")
         if len(kinds) > 1:  # reading one kind would drop the others silently
             raise DataError(f"{p}: folder mixes {' and '.join(sorted(kinds))} files; give one kind per folder "
                             "or set data.format")
@@ -722,8 +755,7 @@ def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path
     if fmt in ("txt", "jsonl"):
         if p.is_dir():
             # a broken link is an unreadable file (reported, or skipped and counted), not nothing
-            files = sorted(x for x in p.rglob("*") if x.suffix.lower() in TEXT_SUFFIXES[fmt]
-                           and (x.is_file() or (x.is_symlink() and not x.exists())) and _outside(x, skip))
+            files = folder_files(p, TEXT_SUFFIXES[fmt], skip)
             if not files:
                 raise DataError(f"{p}: folder holds no {fmt} files")
         elif p.is_file():
