@@ -244,6 +244,9 @@ def test_state_save_load(tmp_path):
     st = m(torch.randint(0, 97, (2, 5))).state
     st.save(tmp_path / "s.safetensors")
     assert RWKVState.load(tmp_path / "s.safetensors").equal(st)
+    mask = os.umask(0)
+    os.umask(mask)  # the usual mode of a new file (safetensors alone wrote 0600)
+    assert (tmp_path / "s.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     (tmp_path / "bad").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="bad"):
         RWKVState.load(tmp_path / "bad")
@@ -1691,6 +1694,19 @@ def test_save_pretrained_takes_transformers_keywords(tmp_path):
     assert not (tmp_path / "rank1").exists()
     with pytest.raises(TypeError, match="bogus"):
         m.save_pretrained(tmp_path / "x", bogus=1)
+    # transformers 4's safe_serialization= is taken (a TypeError before): safetensors either way
+    for safe in (True, False):
+        m.save_pretrained(tmp_path / f"safe{safe}", safe_serialization=safe)
+        assert sorted(p.name for p in (tmp_path / f"safe{safe}").iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(ValueError, match="variant .* not supported"):
+        m.save_pretrained(tmp_path / "x", variant="fp16")
+    import copy
+
+    copy.deepcopy(m).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # config.json's dtype was null
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "safeTrue" / "config.json").read_text())["dtype"] == "float32"
+    with pytest.raises(ValueError, match="variant: weights variants .* not supported"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "safeTrue", variant="fp16")
     with pytest.raises(ValueError, match="push_to_hub"):
         m.save_pretrained(tmp_path / "x", push_to_hub=True)
     with pytest.raises(ValueError, match="missing keys.*head.weight"):

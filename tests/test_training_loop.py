@@ -321,6 +321,10 @@ def test_lora_trains_only_lora_and_merge_reproduces_outputs(tmp_path, corpus):
         "peft.lora_targets": "[att.key, att.value, att.output, ffn.key, ffn.value]", "peft.merge_lora": "false"}))
     merged2 = RWKVForCausalLM.from_pretrained(out2)
     adapter = load_file(out2 / "lora_adapter.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)  # every file of final/ has the usual mode (safetensors made the adapter 0600)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out2.iterdir()} == {
+        f.name: 0o666 & ~mask for f in out2.iterdir()}
     info = json.loads((out2 / "lora_adapter.json").read_text())
     assert sorted(adapter) == sorted(lora_keys) and info["r"] == 4 and info["scaling"] == 16.0 / 4
     w = base_sd["rwkv.blocks.0.att.key.weight"] + info["scaling"] * (
@@ -1177,7 +1181,10 @@ def test_include_files_never_replace_what_the_export_writes(tmp_path, corpus):
     bad = tmp_path / "badgc"
     bad.mkdir()
     for text, why in (("{not json", "not a readable generation config"),
-                      ('{"stop_strings": 5}', "stop_strings must be a string or a list of strings")):
+                      ('{"stop_strings": 5}', "stop_strings must be a string or a list of strings"),
+                      ('{"temperature": "hot"}', "temperature must be a finite number"),  # (failed at generate)
+                      ('{"do_sample": true, "top_p": 2}', r"top_p must be in \(0, 1\]"),
+                      ('{"do_sample": "yes"}', "do_sample must be true or false")):
         (bad / "generation_config.json").write_text(text)
         with pytest.raises(ConfigError, match=why):
             train(TrainConfig(), base_overrides(corpus, tmp_path / "gcbad", max_steps=1, **{

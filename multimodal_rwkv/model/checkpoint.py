@@ -541,6 +541,16 @@ def read_generation_config(f):
     if stops is not None and not (isinstance(stops, str) or isinstance(stops, list)
                                   and all(isinstance(x, str) for x in stops)):
         raise CheckpointError(f"{f}: stop_strings must be a string or a list of strings, got {stops!r}")
+    # the sampling values (transformers' own check warns, or fails only when generate samples)
+    from multimodal_rwkv.model.generation import check_sampling
+
+    get = lambda key, default: default if getattr(gc, key, None) is None else getattr(gc, key)  # noqa: E731
+    try:
+        check_sampling(get("temperature", 1.0), get("top_k", 0), get("top_p", 1.0))
+        if not isinstance(get("do_sample", False), bool):
+            raise ValueError(f"do_sample must be true or false, got {gc.do_sample!r}")
+    except ValueError as e:
+        raise CheckpointError(f"{f}: {e}") from None
     return gc
 
 
@@ -695,6 +705,7 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
             f.unlink()
     cfg = model.config.to_dict()
     cfg["architectures"] = [type(model).__name__]
+    cfg["dtype"] = str(weights_dtype(tensors)).replace("torch.", "")  # as transformers: what the weights are
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     # generation defaults set on the model (transformers' generation_config.json); a stale one goes
     if gc is not None:

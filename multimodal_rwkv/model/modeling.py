@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from multimodal_rwkv.kernels import cpu, wkv6
 from multimodal_rwkv.model.config import RWKVConfig
 from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, stack_mix
 from multimodal_rwkv.model.state import RWKVState
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -1077,6 +1080,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             value = kwargs.pop(key, None)
             if value not in (None, default):
                 raise ValueError(f"{key}={value!r}: a local checkpoint has no {key}s (download it first)")
+        if kwargs.pop("variant", None) is not None:
+            raise ValueError("variant: weights variants (model.<variant>.safetensors) are not supported; this "
+                             "package reads and writes model.safetensors (load a dtype with dtype=)")
         from multimodal_rwkv.model.checkpoint import CONFIG_OVERRIDES, MODEL_SIZE_KEYS
 
         config = kwargs.pop("config", None)
@@ -1089,7 +1095,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
                         max_shard_size: int | str | None = None, push_to_hub: bool = False, save_function=None,
-                        **kwargs) -> None:
+                        safe_serialization: bool = True, variant: str | None = None, **kwargs) -> None:
         """Write ``config.json`` + ``model.safetensors`` (atomically) into ``save_directory``, and
         ``generation_config.json`` when the generation defaults were changed.
 
@@ -1098,10 +1104,17 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         FSDP/DeepSpeed, ``accelerator.get_state_dict(model)``), and must have the model's keys
         and shapes; ``max_shard_size`` splits the weights into shards with an index, as
         transformers does. ``save_function`` (accelerate's idiom passes ``accelerator.save``) is
-        not needed: safetensors files are written directly. ``push_to_hub`` and any other keyword
-        are refused."""
+        not needed: safetensors files are written directly. ``safe_serialization`` (transformers
+        4's keyword) is taken: the weights are always safetensors, as in transformers 5.
+        ``variant``, ``push_to_hub`` and any other keyword are refused."""
         from multimodal_rwkv.model.checkpoint import save_model
 
+        if variant is not None:
+            raise ValueError("save_pretrained: variant (model.<variant>.safetensors) is not supported; the "
+                             "weights are written as model.safetensors")
+        if not safe_serialization:
+            logger.warning("save_pretrained: safe_serialization=False: the weights are written as safetensors "
+                           "all the same (pickled weights are not written)")
         if kwargs:
             raise TypeError(f"save_pretrained() got an unexpected keyword argument {next(iter(kwargs))!r}")
         if push_to_hub:

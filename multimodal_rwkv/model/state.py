@@ -139,10 +139,14 @@ class RWKVState:
         return out
 
     def save(self, path: str | Path) -> None:
-        """Write the state as safetensors (``{l}.att_shift``, ``{l}.wkv``, ``{l}.ffn_shift``)."""
+        """Write the state as safetensors (``{l}.att_shift``, ``{l}.wkv``, ``{l}.ffn_shift``), atomically
+        and with the usual mode of a new file (safetensors alone makes it 0600)."""
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path))
+        from multimodal_rwkv.fileio import atomic_write
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> "RWKVState":

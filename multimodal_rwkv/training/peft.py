@@ -122,9 +122,12 @@ def export_lora_adapter(model: nn.Module, peft, out_dir) -> None:
 
     from safetensors.torch import save_file
 
+    from multimodal_rwkv.fileio import atomic_write
+
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.state_dict().items() if is_lora_param(n)}
     out = Path(out_dir)
-    save_file(tensors, str(out / "lora_adapter.safetensors"), metadata={"format": "pt"})
+    # (atomic_write: the usual mode for a new file; save_file alone makes it 0600, unlike the rest of final/)
+    atomic_write(out / "lora_adapter.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     info = {"r": peft.lora_r, "alpha": peft.lora_alpha, "scaling": peft.lora_alpha / peft.lora_r,
             "targets": list(peft.lora_targets), "formula": "W + scaling * lora_B @ lora_A"}
     (out / "lora_adapter.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -231,19 +234,12 @@ def time_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_torch_save(obj, path):
-    import os
-
-    tmp = str(path) + ".tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def export_time_state(model: nn.Module, path) -> None:
     """Write only the tuned states as a ``.pth`` (``blocks.L.att.time_state``, value-major)."""
-    _atomic_torch_save(time_state_dict(model), path)
+    from multimodal_rwkv.fileio import atomic_write
+
+    sd = time_state_dict(model)
+    atomic_write(path, lambda tmp: torch.save(sd, str(tmp)))
 
 
 def export_blinkdl_pth(model: nn.Module, path) -> None:
