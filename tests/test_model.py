@@ -1554,6 +1554,35 @@ def test_sampling_takes_the_nucleus_before_the_temperature_as_the_official_sampl
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_sample_logits_draws_from_the_official_samplers_distribution(monkeypatch):
+    """The package's own sampler (vision answers, music) is RWKV's: nucleus and top-k from the
+    untempered probabilities, then the temperature (they applied the temperature first)."""
+    from multimodal_rwkv.model import generation
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 3
+    logits[1, 7] = -float("inf")  # a ban stays a ban
+    seen = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: seen.append(probs) or real(
+        probs, n, generator=generator))
+    for T, top_p, top_k in ((2.0, 0.5, 0), (0.5, 0.7, 0), (1.5, 0.9, 5), (1.0, 1.0, 3)):
+        seen.clear()
+        ids = generation.sample_logits(logits, T, top_k, top_p, torch.Generator().manual_seed(0))
+        for row in range(3):
+            probs = torch.softmax(logits[row].double(), -1).numpy()
+            desc = np.sort(probs)[::-1]
+            want = np.where(probs >= desc[np.argmax(np.cumsum(desc) >= top_p)], probs, 0.0)
+            if top_k:
+                want[np.argsort(probs)[:-top_k]] = 0
+            want = want ** (1.0 / T)
+            want /= want.sum()
+            np.testing.assert_allclose(seen[0][row].double().numpy(), want, atol=1e-6)
+            assert want[int(ids[row])] > 0
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]  # one generator per row
+    assert generation.sample_logits(logits, 1.0, 0, 0.9, gens).shape == (3,)
+    assert generation.sample_logits(logits, 0.0).tolist() == logits.argmax(-1).tolist()
+
+
 def test_huge_penalties_ban_seen_tokens_and_bad_generate_settings_are_named():
     """A penalty of 1e39 (beyond fp32) made every unseen token's score 0 x inf = NaN, so token 0
     won; NaN / negative decays, a float seed and non-string stops went through (or crashed deep)."""

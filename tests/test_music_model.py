@@ -134,11 +134,10 @@ def test_cli_eval_bits_per_note(tiny_run, capsys):
 
 # ----------------------------------------------------------------------------- sampling
 def _allowed_reference(logits, temperature, top_k, top_p):
-    """Obviously-correct twin of the filter: explicit ranking and prefix mass."""
-    x = [v / temperature for v in logits.tolist()]
+    """Obviously-correct twin of RWKV's filter (rwkv.utils.PIPELINE.sample_logits): the nucleus and
+    the top-k from the untempered probabilities (the temperature changes no membership)."""
+    x = logits.tolist()
     order = sorted(range(len(x)), key=lambda i: -x[i])
-    if top_k:
-        order = order[:top_k]
     m = max(x)
     w = [math.exp(x[i] - m) for i in order]
     z = sum(w)
@@ -148,10 +147,11 @@ def _allowed_reference(logits, temperature, top_k, top_p):
             break
         keep.append(i)
         mass += wi / z
-    return set(keep)
+    return set(keep) & set(order[:top_k] if top_k else order)
 
 
-@pytest.mark.parametrize("V,temperature,top_k,top_p", [(7, 1.0, 0, 0.5), (13, 0.7, 5, 1.0), (31, 1.3, 9, 0.8), (5, 1.0, 0, 1.0)])
+@pytest.mark.parametrize("V,temperature,top_k,top_p", [(7, 1.0, 0, 0.5), (13, 0.7, 5, 1.0), (31, 1.3, 9, 0.8), (5, 1.0, 0, 1.0),
+                                                     (31, 3.0, 0, 0.5), (31, 0.8, 3, 0.9)])
 def test_sample_next_respects_filters(V, temperature, top_k, top_p):
     from multimodal_rwkv.music.generate import sample_next
 

@@ -23,6 +23,32 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator=None) -> torch.Tensor:
+    """One id per row of ``logits`` ``[B, V]``, as ``rwkv.utils.PIPELINE.sample_logits`` draws it:
+    the nucleus (``top_p``) and the ``top_k`` are taken from the untempered probabilities (ties at
+    the nucleus' edge kept), then the temperature applies to what is left. ``temperature`` <= 0 is
+    greedy; a -inf logit is never drawn. ``generator``: a ``torch.Generator``, or a list of one per
+    row. (``generate`` orders transformers' warpers the same way.)"""
+    check_sampling(temperature, top_k, top_p)
+    x = logits.float()
+    if temperature <= 0:
+        return x.argmax(-1)
+    V = x.shape[-1]
+    if 0 < top_p < 1:
+        probs = torch.softmax(x, dim=-1)
+        desc = probs.sort(dim=-1, descending=True).values
+        first = (desc.cumsum(-1) < top_p).sum(-1, keepdim=True).clamp(max=V - 1)  # where the mass reaches top_p
+        x = x.masked_fill(probs < desc.gather(-1, first), float("-inf"))
+    if top_k and top_k < V:
+        x = x.masked_fill(x < x.topk(int(top_k), dim=-1).values[:, -1:], float("-inf"))
+    # from the top: a tiny temperature gives -inf, never inf - inf (NaN probabilities)
+    probs = torch.softmax((x - x.amax(-1, keepdim=True)) / float(temperature), dim=-1)
+    if isinstance(generator, list):  # one generator per row
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
 def check_penalties(presence, frequency, decay) -> tuple[float, float, float]:
     """RWKV-style penalties as floats: finite numbers; ``decay`` in [0, 1] (the share of a count
     kept per step)."""

@@ -108,31 +108,15 @@ def _check_seconds(seconds) -> float:
 
 def sample_next(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
                 allowed: int | None = None) -> int:
-    """One id from ``logits [V]``: temperature, then top-k, then nucleus (top-p). ``temperature``
+    """One id from ``logits [V]`` by RWKV's sampler (:func:`~multimodal_rwkv.model.generation.sample_logits`:
+    nucleus (top-p) and top-k from the untempered probabilities, then the temperature). ``temperature``
     <= 0 is greedy. Ids >= ``allowed`` (padding beyond the tokenizer's vocabulary) are never drawn."""
-    import torch
+    from multimodal_rwkv.model.generation import sample_logits
 
-    from multimodal_rwkv.model.generation import check_sampling
-
-    check_sampling(temperature, top_k, top_p)
     x = logits.float().clone()
     if allowed is not None and allowed < x.numel():
         x[allowed:] = float("-inf")
-    if temperature <= 0:
-        return int(torch.argmax(x))
-    x = (x - x.max()) / float(temperature)  # from the top: a tiny temperature gives -inf, never inf - inf
-    if top_k and top_k < x.numel():
-        kth = torch.topk(x, top_k).values[-1]
-        x[x < kth] = float("-inf")
-    probs = torch.softmax(x, dim=-1)
-    if 0 < top_p < 1:
-        sp, si = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sp, dim=-1)
-        drop = cum - sp > top_p  # keep the smallest prefix whose mass reaches top_p
-        sp[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, si, sp)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(sample_logits(x[None], temperature, top_k, top_p, generator)[0])
 
 
 def sample_tokens(model, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,

@@ -488,7 +488,7 @@ class VisualRWKV(nn.Module):
         return outs
 
     def _pick(self, logits, do_sample, temperature, top_k, top_p, gen) -> torch.Tensor:
-        from multimodal_rwkv.model.generation import check_finite_logits
+        from multimodal_rwkv.model.generation import check_finite_logits, sample_logits
 
         check_finite_logits(logits, self.dtype)  # (the argmax of NaN would be id 0: an empty answer)
         logits = logits.clone()
@@ -496,22 +496,7 @@ class VisualRWKV(nn.Module):
             logits[:, -1] = -float("inf")  # never produce the UNK row
         if not do_sample or temperature <= 0:
             return logits.argmax(-1)
-        # from the top: a tiny temperature gives -inf, never inf - inf (NaN probabilities)
-        logits = (logits - logits.amax(-1, keepdim=True)) / float(temperature)
-        if top_k and top_k > 0:
-            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        probs = logits.softmax(-1)
-        if top_p < 1.0:
-            sp, si = probs.sort(-1, descending=True)
-            cum = sp.cumsum(-1)
-            cut = (cum - sp) > top_p
-            sp = sp.masked_fill(cut, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-        probs = probs / probs.sum(-1, keepdim=True)
-        if isinstance(gen, list):  # one generator per row
-            return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(gen)]).squeeze(-1)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return sample_logits(logits, temperature, top_k, top_p, gen)  # RWKV's sampler, as generate's
 
     def _text(self, ids: list[int], stop: str | None) -> str:
         stop = self.config.stop if stop is None else stop
