@@ -604,6 +604,53 @@ def test_eval_of_a_file_that_is_not_npy_and_options_metrics_ignores(tmp_path, ca
         assert f"{name}: only with --model" in _one_error_line(capsys, "eval")
 
 
+def test_eval_metrics_refuses_a_split_of_another_tokenizer_than_the_runs(tmp_path, capsys):
+    """An ABC run's byte losses over a MIDI split's notes printed a number (exit 0): the run's own
+    tokenizer (in its final/) was never compared with the data's, as --model mode does."""
+    valid = _dataset(tmp_path / "d", MidiTokenizer())
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    AbcTokenizer().save_pretrained(run / "final")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "valid_loss": 2.0}) + "\n")
+    assert main(["music", "eval", "--metrics", str(run / "metrics.jsonl"), "--data", str(valid)]) == 2
+    assert "prepared with another tokenizer" in _one_error_line(capsys, "eval")
+    abc_valid = _dataset(tmp_path / "a", AbcTokenizer())
+    assert main(["music", "eval", "--metrics", str(run / "metrics.jsonl"), "--data", str(abc_valid)]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+
+
+def test_seconds_with_an_abc_model_is_refused(tmp_path, capsys, fake_abc_model):
+    """--seconds with an ABC model was taken and did nothing."""
+    assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t.abc"), "--seconds", "1"]) == 2
+    assert "--seconds: only with a MIDI model" in _one_error_line(capsys, "generate")
+    assert not (tmp_path / "t.abc").exists()
+
+
+def test_generated_midi_lasts_at_least_the_seconds_reported():
+    """The time shifts after the last note counted towards --seconds and the report, but the file
+    ended at the last note: '14.2 s generated' for an 8.9 s file, shorter than asked."""
+    import mido
+
+    from multimodal_rwkv.music import BACH_MODEL_DIR
+    from multimodal_rwkv.music.generate import generate_music, load_music_model
+
+    model, tok = load_music_model(BACH_MODEL_DIR)
+    for seed in range(6):  # (seed 4 ended 5.75 s into the file, 6.25 s into the tokens)
+        res = generate_music(model, tok, seconds=6.0, seed=seed, max_new_tokens=400)
+        length = mido.MidiFile(file=_as_file(res.midi)).length  # (a last note may ring on past the time)
+        assert length >= res.seconds - 1e-3, seed
+        assert res.seconds >= 6.0 or res.ids[-1] == tok.eos_id
+
+
+def _as_file(mid):
+    import io
+
+    buf = io.BytesIO()
+    mid.save(file=buf)
+    buf.seek(0)
+    return buf
+
+
 # ----------------------------------------------------------------------------- 12: abc2midi writes .mid only
 def test_abc2midi_refuses_an_output_that_is_not_a_midi_name(tmp_path, capsys):
     """abc2midi --out picture.png wrote a MIDI file under a picture's name."""

@@ -153,6 +153,9 @@ def cmd_generate(args) -> int:
     model, tok = load_music_model(args.model)
     out = Path(args.out)
     inputs = [("--model", args.model), ("--prompt file", args.prompt)]
+    if isinstance(tok, AbcTokenizer) and args.seconds is not None:
+        raise ConfigError("--seconds: only with a MIDI model (an ABC model writes one tune; its length is "
+                          "--max-tokens bytes at most)")
     if isinstance(tok, AbcTokenizer):
         midi_out = out.suffix.lower() in (".mid", ".midi")
         text_file = out.with_suffix(".abc") if midi_out else out
@@ -186,7 +189,7 @@ def cmd_generate(args) -> int:
         raise DataError(f"{args.out}: {args.model} is a MIDI model; its output is a MIDI file: give a name ending "
                         "in .mid")
     check_midi_outputs(out, args.png, inputs, names=("--out", "--png"))
-    res = generate_music(model, tok, args.prompt, seconds=args.seconds, max_new_tokens=args.max_tokens,
+    res = generate_music(model, tok, args.prompt, seconds=args.seconds or 30.0, max_new_tokens=args.max_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     write_midi_outputs(res, tok, out, args.png)
     st = res.decode_stats
@@ -279,7 +282,7 @@ def _eval_from_metrics(args, ids) -> int:
 
     from multimodal_rwkv.music.abc import AbcTokenizer
     from multimodal_rwkv.music.corpora import data_tokenizer_file
-    from multimodal_rwkv.music.generate import load_tokenizer
+    from multimodal_rwkv.music.generate import load_tokenizer, tokenizer_file
     from multimodal_rwkv.music.metrics import bits_per_unit
 
     f = data_tokenizer_file(args.data)
@@ -289,6 +292,11 @@ def _eval_from_metrics(args, ids) -> int:
                         "tokenizer of the prepared dataset: give its split, e.g. DATASET/valid)")
     tok = load_tokenizer(f.parent)
     p = Path(args.metrics)
+    # the run's own tokenizer (its final/ holds it): losses of ABC bytes over a MIDI split's notes,
+    # or of another MIDI vocabulary, would convert into a meaningless number
+    run_model = p.parent / "final"
+    if tokenizer_file(run_model) is not None:
+        _check_data_tokenizer(args.data, load_tokenizer(run_model), run_model)
     # the engine scores the split's first eval_batches x micro_batch_size windows of ctx_len tokens
     # when the run's recipe (beside metrics.jsonl) limits eval_batches: the ratio is theirs
     n_scored = _scored_targets(p.parent / "recipe.yaml", len(ids) - 1)
@@ -426,8 +434,8 @@ def register(subparsers) -> None:
                         "NAME.abc, which must not exist yet: it is never replaced)")
     p.add_argument("--prompt", type=path_arg, help="MIDI file to continue (ABC models: a text file with the tune start; its last "
                                     "tune is continued, earlier ones are context); not empty, and never an output")
-    p.add_argument("--seconds", type=float_min(0, strict=True), default=30.0,
-                   help="seconds of new music (MIDI; default 30)")
+    p.add_argument("--seconds", type=float_min(0, strict=True),
+                   help="seconds of new music (MIDI models only; default 30)")
     p.add_argument("--max-tokens", type=int_min(1), default=4096, help="cap on new tokens (default 4096)")
     add_sampling_args(p, top_p=0.95)
     p.add_argument("--seed", type=seed, default=0)

@@ -246,8 +246,11 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
         ids = [i for i in ids if i != tok.pad_id] + [tok.eos_id]  # ended by length: close the piece
     notes, tempos, st = tok.decode_notes(ids)
     end = max((n.onset for n in notes), default=0)
-    midi = tok.notes_to_midi(notes, tempos, tok.time_signatures_from_bars(st.bars, end))
-    prompt_end = sum(i - tok.shift_start + 1 for i in p if tok.shift_start <= i < tok.shift_start + tok.config.max_shift)
+    steps = lambda part: sum(i - tok.shift_start + 1 for i in part  # noqa: E731 - the time shifts' grid steps
+                             if tok.shift_start <= i < tok.shift_start + tok.config.max_shift)
+    # the file lasts as long as the time generated (the seconds reported), a closing rest too
+    midi = tok.notes_to_midi(notes, tempos, tok.time_signatures_from_bars(st.bars, end), end_step=steps(ids))
+    prompt_end = steps(p)
     return MusicGeneration(ids=ids, prompt_len=len(p), midi=midi, notes=notes,
                            prompt_end=prompt_end if prompt is not None else 0,
                            prompt_notes=len(tok.decode_notes(p)[0]) if prompt is not None else 0, decode_stats=st,

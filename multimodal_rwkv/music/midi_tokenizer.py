@@ -1091,9 +1091,10 @@ class MidiTokenizer:
         return spb * max(1, 480 // spb)
 
     def notes_to_midi(self, notes: Sequence[Note], tempos: Sequence[tuple[int, float]] = ((0, 120.0),),
-                      time_signatures: Sequence[tuple[int, int, int]] = ()) -> "mido.MidiFile":  # noqa: F821
+                      time_signatures: Sequence[tuple[int, int, int]] = (), end_step: int = 0) -> "mido.MidiFile":  # noqa: F821
         """Grid notes -> ``mido.MidiFile`` (see :meth:`decode`); ``time_signatures`` as
-        ``(step, numerator, denominator)``."""
+        ``(step, numerator, denominator)``. ``end_step``: the file lasts at least until this step
+        (a rest at the end of the music is kept, as an end-of-track that late)."""
         import mido
 
         tpb = self.ticks_per_beat_out()
@@ -1109,6 +1110,8 @@ class MidiTokenizer:
         for tick, _, msg in sorted(metas, key=lambda e: (e[0], e[1])):
             meta.append(msg.copy(time=tick - last))
             last = tick
+        if end_step * k > last:
+            meta.append(mido.MetaMessage("end_of_track", time=end_step * k - last))
         mid.tracks.append(meta)
         groups = sorted({n.group for n in notes})
         melodic_channels = [ch for ch in range(16) if ch != 9]
