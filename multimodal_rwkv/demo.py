@@ -47,7 +47,7 @@ def register(sub) -> None:
 def _check_inputs(args) -> None:
     """Everything the demo can refuse, refused before it writes or computes anything."""
     from multimodal_rwkv.fileio import check_outputs
-    from multimodal_rwkv.vision.processor import IMAGE_TOKEN, is_blank_question, is_unicode, load_image
+    from multimodal_rwkv.vision.processor import IMAGE_TOKEN, is_blank_question, is_unicode, load_image, missing_image
 
     if args.skip_music and args.skip_vision:
         raise DataError("--skip-music and --skip-vision together leave the demo nothing to do")
@@ -68,8 +68,9 @@ def _check_inputs(args) -> None:
         () if args.skip_vision else ("scene_0.png", "scene_1.png", "scene_2.png"))
     outputs = [Path(args.out) / n for n in names]
     for img in args.image:
-        if not Path(img).is_file():
-            raise DataError(f"{img}: --image file not found")
+        why = missing_image(img)
+        if why is not None:
+            raise DataError(f"{img}: --image: {why}")
         hit = next((o for o in outputs if o.exists() and os.path.samefile(o, img)), None)
         if hit is not None:
             raise DataError(f"{img}: the demo writes {hit.name} into --out {args.out} and would draw over this "

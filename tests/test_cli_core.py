@@ -551,3 +551,51 @@ def test_outputs_with_undecodable_bytes_in_their_names(tmp_path):
     assert temp_name(tmp_path / name).parent == tmp_path
     atomic_write_text(tmp_path / name, "x")
     assert (tmp_path / name).read_text() == "x" and os.fsencode(name) in os.listdir(os.fsencode(tmp_path))
+
+
+def test_models_load_from_paths_that_are_not_utf8(tmp_path, tiny_pth):
+    """torch.load and safetensors take UTF-8 names: a valid .pth, a converted folder and a saved
+    state under a name with a byte that is not UTF-8 were 'truncated or corrupt'; a training run
+    into such an output_dir trained, then its resume called the checkpoints damaged."""
+    import os
+
+    from multimodal_rwkv import RWKVForCausalLM, RWKVState
+    from multimodal_rwkv.errors import ConfigError
+    from multimodal_rwkv.training import TrainConfig, train
+
+    from pathlib import Path
+
+    src = Path(tiny_pth())
+    bad = tmp_path / os.fsdecode(b"bad\xff.pth")
+    bad.write_bytes(src.read_bytes())
+    want = RWKVForCausalLM.from_pretrained(src)(torch.tensor([[1, 2, 3]])).logits
+    assert torch.equal(RWKVForCausalLM.from_pretrained(bad)(torch.tensor([[1, 2, 3]])).logits, want)
+    out = tmp_path / os.fsdecode(b"out\xffdir")
+    r = subprocess.run([sys.executable, "-m", "multimodal_rwkv", "convert", bad, out], capture_output=True)
+    assert r.returncode == 0, r.stderr[-500:]
+    m = RWKVForCausalLM.from_pretrained(out)
+    assert torch.equal(m(torch.tensor([[1, 2, 3]])).logits, want)
+    r = subprocess.run([sys.executable, "-m", "multimodal_rwkv", "info", out], capture_output=True)
+    assert r.returncode == 0 and b"parameters" in r.stdout, r.stderr[-500:]
+    st = m(torch.tensor([[1, 2]])).state
+    st.save(tmp_path / os.fsdecode(b"s\xff.safetensors"))
+    assert RWKVState.load(tmp_path / os.fsdecode(b"s\xff.safetensors")).equal(st)
+    (tmp_path / "c.txt").write_text("hello world " * 50)
+    run_dir = tmp_path / os.fsdecode(b"run\xff")
+    with pytest.raises(ConfigError, match="output_dir: .*not valid UTF-8"):
+        train(TrainConfig(), [f"output_dir={run_dir}", f"data.train_file={tmp_path / 'c.txt'}",
+                              "data.tokenizer=bytes", "max_steps=1", "model.config={n_layer: 1, n_embd: 32, head_size: 16}"])
+
+
+def test_errors_stay_on_one_line_and_name_the_reason(tmp_path):
+    """A line break in a path split the one-line error; demo --image DIR said 'file not found';
+    vqa's --top-k/--top-p did nothing without --do-sample and did not say so."""
+    for args in (["info", "no\nsuch.pth"], ["music", "roll", "a\nb.mid", "--out", str(tmp_path / "r.png")]):
+        r = run(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "\\n" in r.stderr, r.stderr
+    (tmp_path / "pics").mkdir()
+    r = run("demo", "--image", tmp_path / "pics", "--out", tmp_path / "demo")
+    assert r.returncode == 2 and "pics: --image: a directory, not an image file" in r.stderr
+    help_text = run("vqa", "--help").stdout
+    assert "with --do-sample; 0 = off" in " ".join(help_text.split())
+    assert "with --do-sample; nucleus mass" in " ".join(help_text.split())

@@ -131,9 +131,16 @@ def test_tokenize_refuses_to_write_over_its_input(tmp_path, capsys):
     before = src.read_bytes()
     assert main(["music", "tokenize", str(src), "--out", str(src)]) == 2
     assert "is the command's input" in _one_error_line(capsys, "tokenize") and src.read_bytes() == before
-    assert main(["music", "tokenize", str(tmp_path / "a.mid"), "--out", str(tmp_path / "o" / "t")]) == 0
+    assert main(["music", "tokenize", str(tmp_path / "a.mid"), "--out", str(tmp_path / "o" / "t.npy")]) == 0
     assert load_tokens(tmp_path / "o" / "t.npy")[0] == 0
     assert sorted(os.listdir(tmp_path / "o")) == ["t.npy"]  # no temporary file left
+    # another name is refused (np.save's rule made a folder's name into NAME.npy beside it, a.mid
+    # into a.mid.npy, - into -.npy)
+    (tmp_path / "tokdir").mkdir()
+    for out in ("tokdir", "a.mid", "-", "o/t"):
+        assert main(["music", "tokenize", str(tmp_path / "a.mid"), "--out", str(tmp_path / out)]) == 2
+        assert "give a name ending in .npy" in _one_error_line(capsys, "tokenize")
+    assert sorted(os.listdir(tmp_path / "o")) == ["t.npy"] and not (tmp_path / "tokdir.npy").exists()
 
 
 def test_generate_refuses_outputs_that_are_its_inputs(tmp_path, capsys, fake_midi_model):

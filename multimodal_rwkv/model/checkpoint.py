@@ -45,6 +45,40 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 # ---- reading raw state dicts ------------------------------------------------------------------
+def _utf8(path) -> bool:
+    """Whether ``path`` can be given to torch's and safetensors' file readers, which encode it as
+    UTF-8 (a name with bytes that are not UTF-8 reaches Python as surrogates, which they refuse)."""
+    try:
+        os.fspath(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def load_safetensors(path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, also for a path that is not valid UTF-8 (read from its bytes)."""
+    from safetensors.torch import load, load_file
+
+    if _utf8(path):
+        return load_file(os.fspath(path), device=device)
+    with open(path, "rb") as f:
+        return {k: v.to(device) for k, v in load(f.read()).items()}
+
+
+def safetensors_header(path) -> dict:
+    """The JSON header of a safetensors file (tensor names -> dtype/shape/offsets, and
+    ``__metadata__``), read directly: any path, no tensor data. ValueError if it is not one."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(100_000_000, os.fstat(f.fileno()).st_size - 8):
+            raise ValueError("not a safetensors file (bad header length)")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (header is not a JSON object)")
+    return header
+
+
 def read_pth(path: Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth`` state dict safely; every failure becomes a CheckpointError naming the file."""
     if not path.is_file():
@@ -54,12 +88,16 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": ahead of the one-line error
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):  # legacy (non-zip) format cannot be memory-mapped
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+            if not _utf8(path):  # torch encodes a path as UTF-8: read through a file object (no mmap)
+                with open(path, "rb") as f:
+                    sd = torch.load(f, map_location="cpu", weights_only=True)
+            else:
+                try:
+                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):  # legacy (non-zip) format cannot be memory-mapped
+                        raise
+                    sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; classify the message
         msg = str(e).strip() or type(e).__name__
         first = msg.splitlines()[0][:120]
@@ -137,17 +175,12 @@ def _read_shards(folder: Path, index: Path, load) -> dict[str, torch.Tensor]:
 
 def _safetensors_meta(path: Path) -> dict:
     """The metadata of a safetensors file's header ({} without any)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    return safetensors_header(path).get("__metadata__") or {}
 
 
 def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Weights of a folder: model.safetensors, sharded safetensors, pytorch_model.bin, or sharded
     pytorch_model-*.bin (each with its ``*.index.json``)."""
-    from safetensors.torch import load_file
-
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     for f in (single, index):
@@ -155,9 +188,9 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{f}: cannot read it (permission denied)")
     try:
         if single.is_file():
-            return load_file(str(single))
+            return load_safetensors(single)
         if index.is_file():
-            return _read_shards(folder, index, lambda p: load_file(str(p)))
+            return _read_shards(folder, index, load_safetensors)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001

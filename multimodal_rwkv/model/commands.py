@@ -125,12 +125,11 @@ def _tokenizer_for(src):
 def _written_by_convert(path: Path) -> bool:
     """Whether a safetensors file holds our layout (``rwkv.emb.weight``, ``head.weight``): the
     weights convert writes first."""
-    try:
-        from safetensors import safe_open
+    from multimodal_rwkv.model.checkpoint import safetensors_header
 
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())
-    except Exception:  # noqa: BLE001 - unreadable or not safetensors: not ours
+    try:
+        keys = set(safetensors_header(path))
+    except (OSError, ValueError):  # unreadable or not safetensors: not ours
         return False
     return {"rwkv.emb.weight", "head.weight"} <= keys
 

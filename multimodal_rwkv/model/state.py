@@ -150,10 +150,10 @@ class RWKVState:
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> "RWKVState":
-        from safetensors.torch import load_file
+        from multimodal_rwkv.model.checkpoint import load_safetensors
 
         try:
-            d = load_file(str(path), device=str(device or "cpu"))
+            d = load_safetensors(path, device=str(device or "cpu"))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             raise CheckpointError(f"{path}: not a saved RWKV state ({e})") from None
         if not d or not all(re.fullmatch(r"\d+\.(att_shift|wkv|ffn_shift)", k) for k in d):

@@ -49,7 +49,9 @@ def cmd_tokenize(args) -> int:
 
     from multimodal_rwkv.music.corpora import midi_files
 
-    out = args.out if not args.out or args.out.endswith(".npy") else args.out + ".npy"  # np.save's own rule
+    out = args.out
+    if out and not out.lower().endswith(".npy"):  # (np.save would add .npy: a folder's name, x.mid.npy, -.npy)
+        raise DataError(f"{out}: --out is the token stream, a .npy file: give a name ending in .npy")
     tok = _tokenizer(args)
     files: list[Path] = []
     for p in map(Path, args.paths):

@@ -993,6 +993,12 @@ class Trainer:
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
             _check_folder_setting("output_dir", self.out)
+            try:  # torch and accelerate open checkpoint files by a UTF-8 name: resuming would fail
+                os.fspath(self.out.absolute()).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"output_dir: {self.out}: the path is not valid UTF-8, and the run could not "
+                                  "read its checkpoints back (torch and accelerate take UTF-8 names); choose "
+                                  "another folder") from None
             if getattr(cfg.data, "cache_dir", None):
                 _check_folder_setting("data.cache_dir", Path(cfg.data.cache_dir))
             self._found = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()

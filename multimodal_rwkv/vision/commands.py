@@ -77,13 +77,16 @@ def register(sub) -> None:
 def _gen_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int_min(1), default=128)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    add_sampling_args(p, top_p=1.0, temperature_help="with --do-sample")
+    add_sampling_args(p, top_p=1.0, only="with --do-sample")
     p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--device", type=device, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
 
 
 def _gen_kwargs(args) -> dict:
+    if not args.do_sample and (args.temperature != 1.0 or args.top_k or args.top_p != 1.0):
+        print("note: --temperature, --top-k and --top-p apply with --do-sample only; answering greedily",
+              file=sys.stderr)
     return {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
             "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
 

@@ -662,7 +662,7 @@ def _load_image_processor(folder):
 
 def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from multimodal_rwkv.model.checkpoint import load_safetensors
 
     from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
     from multimodal_rwkv.model.checkpoint import load_state_into
@@ -687,7 +687,7 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
     if not wfile.is_file():
         raise CheckpointError(f"{path}: no {WEIGHTS_NAME}")
     try:
-        sd = load_file(str(wfile))
+        sd = load_safetensors(wfile)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{wfile}: unreadable safetensors ({e})") from None
     with torch.device("meta"):
