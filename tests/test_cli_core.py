@@ -570,6 +570,12 @@ def test_models_load_from_paths_that_are_not_utf8(tmp_path, tiny_pth):
     bad.write_bytes(src.read_bytes())
     want = RWKVForCausalLM.from_pretrained(src)(torch.tensor([[1, 2, 3]])).logits
     assert torch.equal(RWKVForCausalLM.from_pretrained(bad)(torch.tensor([[1, 2, 3]])).logits, want)
+    from safetensors.torch import save_file
+
+    one = tmp_path / os.fsdecode(b"one\xff.safetensors")  # a single safetensors file (torch.load reads it by name only)
+    save_file(RWKVForCausalLM.from_pretrained(src).state_dict(), str(tmp_path / "one.safetensors"))
+    (tmp_path / "one.safetensors").rename(one)
+    assert torch.equal(RWKVForCausalLM.from_pretrained(one)(torch.tensor([[1, 2, 3]])).logits, want)
     out = tmp_path / os.fsdecode(b"out\xffdir")
     r = subprocess.run([sys.executable, "-m", "multimodal_rwkv", "convert", bad, out], capture_output=True)
     assert r.returncode == 0, r.stderr[-500:]

@@ -103,6 +103,8 @@ def test_chunked_sub_chunks_of_one_and_two_tokens(L, C, decay):
     ref = lambda *a: wkv6_reference(*a, output_final_state=True)  # noqa: E731
     for g, g_ref in zip(_grads(fn, x), _grads(ref, x)):
         assert rel_rms(g, g_ref) < 1e-10
+    with pytest.raises(ValueError, match="1 <= sub_chunk <= chunk_size"):
+        wkv6_chunked(*x, chunk_size=L, sub_chunk=0)
 
 
 def _grads(fn, xs, seed=0):

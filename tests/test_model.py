@@ -1583,6 +1583,39 @@ def test_sample_logits_draws_from_the_official_samplers_distribution(monkeypatch
     assert generation.sample_logits(logits, 0.0).tolist() == logits.argmax(-1).tolist()
 
 
+def test_sampling_edges_warpers_of_the_callers_list_ties_and_extreme_temperatures(tmp_path):
+    """A warper in the caller's logits_processor pulled top-p and the temperature ahead of the RWKV
+    penalties; transformers' top-p cut a tie at the nucleus' edge (the official sampler keeps it);
+    temperatures of 1e-300 or 1e39 (fp32 0 and inf) made NaN probabilities; a bad dtype in
+    config.json was an AttributeError traceback, and a model loaded as another dtype kept the
+    saved one in config.dtype."""
+    from transformers import LogitsProcessorList, TopKLogitsWarper
+
+    from multimodal_rwkv.errors import CheckpointError
+    from multimodal_rwkv.model.generation import RWKVTopP, sample_logits
+
+    m = _random_model()
+    ids = torch.tensor([[5, 17, 33]])
+    for extra in ({"top_k": 50}, {"logits_processor": LogitsProcessorList([TopKLogitsWarper(50)])}):
+        out = m.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.01, presence_penalty=100.0, seed=0,
+                         eos_token_id=None, **extra)[0, 3:].tolist()
+        assert len(set(out)) == len(out), (extra, out)  # the penalty bans every token seen
+    tied = torch.log(torch.tensor([[0.4, 0.3, 0.3, 1e-9]]))
+    assert torch.isfinite(RWKVTopP(0.5)(None, tied.clone())).tolist() == [[True, True, True, False]]
+    logits = torch.randn(2, 40)
+    for t in (1e-300, 1e-45, 1e39, 1e300):
+        assert sample_logits(logits, t, 0, 0.5, torch.Generator().manual_seed(0)).shape == (2,)
+        m.generate(ids, max_new_tokens=2, do_sample=True, temperature=t, top_p=0.5, seed=0)
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        sample_logits(torch.randn(3, 9), 1.0, 0, 1.0, [torch.Generator(), torch.Generator()])
+    m.save_pretrained(tmp_path / "m")
+    assert RWKVForCausalLM.from_pretrained(tmp_path / "m", dtype="bf16").config.dtype == torch.bfloat16
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat61"}))
+    with pytest.raises(CheckpointError, match="config.json: invalid config .*bfloat61"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "m")
+
+
 def test_huge_penalties_ban_seen_tokens_and_bad_generate_settings_are_named():
     """A penalty of 1e39 (beyond fp32) made every unseen token's score 0 x inf = NaN, so token 0
     won; NaN / negative decays, a float seed and non-string stops went through (or crashed deep)."""

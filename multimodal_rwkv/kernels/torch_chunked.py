@@ -438,6 +438,9 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
 
     Returns ``(o [B,T,H,V] in r.dtype, final_state [B,H,K,V] float32 (float64 for float64) or None)``.
     """
+    if not (isinstance(sub_chunk, int) and isinstance(chunk_size, int) and 1 <= sub_chunk <= chunk_size):
+        raise ValueError(f"chunk_size and sub_chunk must be integers with 1 <= sub_chunk <= chunk_size, got "
+                         f"{chunk_size!r} and {sub_chunk!r}")
     if chunk_size % sub_chunk:
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of sub_chunk {sub_chunk}")
     cd = _compute_dtype(r, k, v, w, initial_state)

@@ -89,8 +89,16 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": ahead of the one-line error
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
             if not _utf8(path):  # torch encodes a path as UTF-8: read through a file object (no mmap)
-                with open(path, "rb") as f:
-                    sd = torch.load(f, map_location="cpu", weights_only=True)
+                try:
+                    safetensors_header(path)
+                    is_safetensors = True
+                except (ValueError, UnicodeDecodeError):
+                    is_safetensors = False
+                if is_safetensors:  # (torch.load reads these by name only)
+                    sd = load_safetensors(path)
+                else:
+                    with open(path, "rb") as f:
+                        sd = torch.load(f, map_location="cpu", weights_only=True)
             else:
                 try:
                     sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -422,7 +430,7 @@ def _load_raw_model(src):
             cfg_dict = _settings(cfg_dict)
             try:
                 cfg = RWKVConfig(**cfg_dict)
-            except (TypeError, ValueError, ConfigError) as e:
+            except (TypeError, ValueError, ConfigError, AttributeError) as e:  # (AttributeError: a dtype torch lacks)
                 raise CheckpointError(f"{cfg_file}: invalid config ({e})") from None
             if "rwkv.emb.weight" not in sd and "emb.weight" in sd:  # a BlinkDL-layout model.pth (export.pth)
                 original = {_our_name(_hf_name_to_blink(k)): k for k in sd}
@@ -545,6 +553,7 @@ def load_model(cls, src, dtype=None, device=None, state_file=None, config=None, 
             m.time_state.data = m.time_state.data.float()
     load_state_into(model, sd, src, name)
     _load_generation_config(model, src)
+    model.config.dtype = dtype  # what it was loaded as (transformers' from_pretrained does the same)
     model.eval()
     return model
 

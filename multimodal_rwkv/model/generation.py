@@ -23,6 +23,31 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def rwkv_top_p_mask(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Where ``x`` ``[B, V]`` (logits) lies outside the official sampler's nucleus: the smallest set
+    of the most likely ids whose probability reaches ``top_p``, every id as likely as its last one
+    kept (``rwkv.utils.PIPELINE.sample_logits``: ``probs < cutoff`` are dropped)."""
+    probs = torch.softmax(x.float(), dim=-1)
+    desc = probs.sort(dim=-1, descending=True).values
+    first = (desc.cumsum(-1) < top_p).sum(-1, keepdim=True).clamp(max=x.shape[-1] - 1)
+    return probs < desc.gather(-1, first)
+
+
+class RWKVTopP(LogitsProcessor):
+    """transformers' top-p warper with the official sampler's edge: ties at the nucleus' edge are
+    kept (``TopPLogitsWarper`` cuts through them); at least ``min_tokens_to_keep`` ids stay."""
+
+    def __init__(self, top_p: float, min_tokens_to_keep: int = 1):
+        self.top_p, self.min_tokens_to_keep = float(top_p), int(min_tokens_to_keep)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        drop = rwkv_top_p_mask(scores, self.top_p)
+        if self.min_tokens_to_keep > 1:
+            keep = scores.topk(min(self.min_tokens_to_keep, scores.shape[-1]), dim=-1).indices
+            drop = drop.scatter(-1, keep, False)
+        return scores.masked_fill(drop, float("-inf"))
+
+
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   generator=None) -> torch.Tensor:
     """One id per row of ``logits`` ``[B, V]``, as ``rwkv.utils.PIPELINE.sample_logits`` draws it:
@@ -34,17 +59,18 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     x = logits.float()
     if temperature <= 0:
         return x.argmax(-1)
+    if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
+        raise ValueError(f"generator: {len(generator)} generators for {x.shape[0]} rows (one per row)")
     V = x.shape[-1]
     if 0 < top_p < 1:
-        probs = torch.softmax(x, dim=-1)
-        desc = probs.sort(dim=-1, descending=True).values
-        first = (desc.cumsum(-1) < top_p).sum(-1, keepdim=True).clamp(max=V - 1)  # where the mass reaches top_p
-        x = x.masked_fill(probs < desc.gather(-1, first), float("-inf"))
+        x = x.masked_fill(rwkv_top_p_mask(x, top_p), float("-inf"))
     if top_k and top_k < V:
         x = x.masked_fill(x < x.topk(int(top_k), dim=-1).values[:, -1:], float("-inf"))
-    # from the top: a tiny temperature gives -inf, never inf - inf (NaN probabilities)
-    probs = torch.softmax((x - x.amax(-1, keepdim=True)) / float(temperature), dim=-1)
-    if isinstance(generator, list):  # one generator per row
+    # from the top: a tiny temperature gives -inf, never inf - inf (NaN probabilities); fp32 makes a
+    # temperature below 1e-45 zero and one above 3.4e38 infinite: both kept inside [1e-30, 1e30]
+    t = min(max(float(temperature), 1e-30), 1e30)
+    probs = torch.softmax((x - x.amax(-1, keepdim=True)) / t, dim=-1)
+    if isinstance(generator, (list, tuple)):  # one generator per row
         return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])[:, 0]
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 

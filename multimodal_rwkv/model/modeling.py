@@ -861,24 +861,33 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         - :class:`FiniteLogitsGuard` first: transformers puts the caller's list (which holds it)
           after its own, whose bans (no_repeat_ngram_size, bad_words_ids, min_new_tokens) could
           leave a row -inf throughout before the guard saw it;
-        - top-p, then top-k, then the temperature, as ``rwkv.utils.PIPELINE.sample_logits``: the
-          nucleus is taken from the untempered probabilities (transformers divides by the
-          temperature first, so T > 1 drew tokens outside the official sampler's nucleus)."""
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        - every processor that is no warper (bans, penalties, the vocabulary limit) before the
+          warpers, a warper of the caller's list too;
+        - then top-p, top-k and the temperature, as ``rwkv.utils.PIPELINE.sample_logits``: the
+          nucleus is taken from the untempered probabilities, ties at its edge kept
+          (:class:`~multimodal_rwkv.model.generation.RWKVTopP` stands for transformers' top-p,
+          which cuts a tie; and transformers divides by the temperature first, so T > 1 drew
+          tokens outside the official sampler's nucleus);
+        - then the other warpers (min-p, typical, epsilon, eta, top-h: defined on the tempered
+          distribution), and last the watermark and the logit normalisation."""
+        import transformers.generation.logits_process as lp
 
-        from multimodal_rwkv.model.generation import FiniteLogitsGuard
+        from multimodal_rwkv.model.generation import FiniteLogitsGuard, RWKVTopP
 
         processors = list(super()._get_logits_processor(*args, **kwargs))
-        guards = [p for p in processors if isinstance(p, FiniteLogitsGuard)]
-        rest = [p for p in processors if not isinstance(p, FiniteLogitsGuard)]
-        cuts = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-        at = next((i for i, p in enumerate(rest) if isinstance(p, cuts)), None)
-        if at is not None:
-            by_kind = [[p for p in rest if isinstance(p, kind)] for kind in (TopPLogitsWarper, TopKLogitsWarper,
-                                                                             TemperatureLogitsWarper)]
-            others = [p for p in rest if not isinstance(p, cuts)]
-            rest = others[:at] + [p for group in by_kind for p in group] + others[at:]
-        return LogitsProcessorList(guards + rest)
+        kinds = [(lp.TopPLogitsWarper, RWKVTopP), (lp.TopKLogitsWarper,), (lp.TemperatureLogitsWarper,)]
+        late = (lp.MinPLogitsWarper, lp.TypicalLogitsWarper, lp.EpsilonLogitsWarper, lp.EtaLogitsWarper,
+                getattr(lp, "TopHLogitsWarper", lp.EtaLogitsWarper))
+        last = (lp.LogitNormalization, lp.WatermarkLogitsProcessor, lp.SynthIDTextWatermarkLogitsProcessor)
+        cuts = tuple(k for group in kinds for k in group)
+        rwkv = [[RWKVTopP(p.top_p, p.min_tokens_to_keep) if isinstance(p, lp.TopPLogitsWarper) else p
+                 for p in processors if isinstance(p, group)] for group in kinds]
+        order = ([p for p in processors if isinstance(p, FiniteLogitsGuard)]
+                 + [p for p in processors if not isinstance(p, (FiniteLogitsGuard,) + cuts + late + last)]
+                 + [p for group in rwkv for p in group]
+                 + [p for p in processors if isinstance(p, late)]
+                 + [p for p in processors if isinstance(p, last)])
+        return lp.LogitsProcessorList(order)
 
     def _reorder_cache(self, state, beam_idx):
         """Beam search: the rows of the state that the surviving beams continue from."""
@@ -922,7 +931,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         top-k, as in ``rwkv.utils.PIPELINE.sample_logits`` (transformers applies it first).
         With a ``tokenizer`` of fewer ids than the model's vocabulary, the ids it cannot decode are
         never generated. A sampling temperature below 1e-30 counts as 1e-30 (the logits divided by
-        it would overflow): as good as greedy.
+        it would overflow): as good as greedy; one above 1e30 counts as 1e30.
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -1012,6 +1021,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         temperature = real_number(kwargs.get("temperature", getattr(base, "temperature", None)))
         if sampling and temperature is not None and 0 < temperature < _MIN_TEMPERATURE:
             ours["temperature"] = _MIN_TEMPERATURE  # logits / 1e-38 overflow to inf, and inf - inf is NaN
+            kwargs.pop("temperature", None)
+        elif sampling and temperature is not None and temperature > _MAX_TEMPERATURE:
+            ours["temperature"] = _MAX_TEMPERATURE  # (fp32 makes 1e39 inf: -inf / inf is NaN)
             kwargs.pop("temperature", None)
         if user_gc is not None:
             user_gc = copy.deepcopy(user_gc)
@@ -1126,6 +1138,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
 
 
 _MIN_TEMPERATURE = 1e-30
+_MAX_TEMPERATURE = 1e30  # (as good as uniform over what top-p/top-k kept)
 
 
 def _state_from_cache_names(state, **names):

@@ -133,15 +133,22 @@ class VisionEncoder(nn.Module):
         if local_files_only is None:
             local_files_only = os.path.isdir(str(name_or_path))
         try:
+            os.fspath(name_or_path).encode("utf-8")
+        except UnicodeEncodeError:  # transformers reads the weights with safetensors, by a UTF-8 name
+            raise CheckpointError(f"{name_or_path}: the vision tower's path is not valid UTF-8, which transformers "
+                                  "cannot read its weights from; rename the folder") from None
+        try:
             cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{name_or_path}: cannot load a vision encoder config ({_one_line(e)})") from e
         vcfg = _vision_sub_config(cfg)
         klass = vision_model_class(vcfg.model_type)
         kw = {"dtype": dtype} if dtype is not None else {}
+        from safetensors import SafetensorError
+
         try:
             model = klass.from_pretrained(name_or_path, local_files_only=local_files_only, **kw)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{name_or_path}: cannot load vision encoder weights ({_one_line(e)})") from e
         return cls(model, options)
 
