@@ -90,11 +90,11 @@ def remove_tree(path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def discard_tree(path) -> None:
-    """Take ``path`` (a folder, file or link) away for good: rename it to a hidden ``.old-NAME`` beside
-    it (one step: a kill leaves it whole under one name or the other), then remove that. An earlier
+def move_aside(path) -> Path:
+    """Rename ``path`` (a folder, file or link) to a hidden ``.old-NAME`` beside it, in one step (a
+    kill leaves it whole under one name or the other), and return that name. An earlier
     ``.old-NAME`` that cannot be removed (no permission) does not block this: the next free
-    ``.old-NAME-K`` is taken; one this call cannot remove is left with a warning naming it."""
+    ``.old-NAME-K`` is taken."""
     path = Path(path)
     old = path.with_name(f".old-{path.name}")
     remove_tree(old)
@@ -103,9 +103,19 @@ def discard_tree(path) -> None:
         old = path.with_name(f".old-{path.name}-{k}")
         k += 1
     os.rename(path, old)
+    return old
+
+
+def remove_aside(old) -> None:
+    """Remove what :func:`move_aside` set aside; one that cannot be removed is left with a warning."""
     remove_tree(old)
-    if old.exists() or old.is_symlink():
-        logger.warning("could not remove %s (the old %s, replaced); remove it by hand", old, path.name)
+    if os.path.lexists(old):
+        logger.warning("could not remove %s (replaced); remove it by hand", old)
+
+
+def discard_tree(path) -> None:
+    """Take ``path`` away for good: :func:`move_aside`, then :func:`remove_aside`."""
+    remove_aside(move_aside(path))
 
 
 def remove_dirs(made) -> None:

@@ -1184,7 +1184,9 @@ def test_include_files_never_replace_what_the_export_writes(tmp_path, corpus):
                       ('{"stop_strings": 5}', "stop_strings must be a string or a list of strings"),
                       ('{"temperature": "hot"}', "temperature must be a finite number"),  # (failed at generate)
                       ('{"do_sample": true, "top_p": 2}', r"top_p must be in \(0, 1\]"),
-                      ('{"do_sample": "yes"}', "do_sample must be true or false")):
+                      ('{"do_sample": "yes"}', "do_sample must be true or false"),
+                      ('{"do_sample": true, "temperature": 0}', "temperature 0 with do_sample true"),
+                      ('{"repetition_penalty": -1}', "repetition_penalty must be a number > 0")):
         (bad / "generation_config.json").write_text(text)
         with pytest.raises(ConfigError, match=why):
             train(TrainConfig(), base_overrides(corpus, tmp_path / "gcbad", max_steps=1, **{
@@ -1348,6 +1350,51 @@ def test_an_old_final_that_cannot_be_removed_does_not_block_the_next_export(tmp_
         info = json.loads((tmp_path / "run" / "final" / "training_info.json").read_text())
         assert info["step"] == steps
     assert "could not remove" in caplog.text and ".old-final" in caplog.text
+
+
+def test_exports_and_pruning_survive_what_they_cannot_remove_and_token_folders_skip_odd_entries(
+        tmp_path, monkeypatch, caplog, corpus):
+    """An old checkpoint that could not be renamed (immutable) failed every later save at its
+    keep_last pruning; an export killed after final/ went aside left the old model until a later
+    run; a FIFO named *.npy in a token folder hung the run; a broken link named *.npy stopped it
+    under on_bad_record=skip."""
+    import logging
+    import threading
+
+    from multimodal_rwkv.training import loop
+
+    real = loop.discard_tree
+
+    def stuck(p):
+        if Path(p).name == "step_00000002":
+            raise PermissionError(1, "Operation not permitted", str(p))
+        real(p)
+
+    monkeypatch.setattr(loop, "discard_tree", stuck)
+    with caplog.at_level(logging.WARNING):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=6, checkpoint_every=2,
+                                            keep_last=1))
+    assert "could not remove the old checkpoint" in caplog.text
+    assert (tmp_path / "run" / "checkpoints" / "step_00000006").is_dir()
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    (run / "final").rename(run / ".old-final")  # an export killed with final/ set aside
+    train(TrainConfig(), base_overrides(corpus, run, max_steps=6, checkpoint_every=2, keep_last=1))
+    assert (run / "final" / "config.json").is_file() and not list(run.glob(".old-final*"))
+    d = tmp_path / "shards"
+    d.mkdir()
+    np.save(d / "a.npy", np.arange(1, 40, dtype=np.uint16))
+    os.mkfifo(d / "pipe.npy")
+    (d / "gone.npy").symlink_to(tmp_path / "nothing.npy")
+    (d / "dir.npy").mkdir()
+    from multimodal_rwkv.training.data import load_stream
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(load_stream(d, "tokens", "bytes", tmp_path / "c", "skip")),
+                         daemon=True)
+    t.start()
+    t.join(60)
+    assert got and got[0].skipped == 1 and len(got[0]) == 40  # the FIFO and the folder are no shards
 
 
 def test_a_re_export_over_a_final_that_is_a_link(tmp_path):

@@ -137,6 +137,10 @@ def test_a_resume_of_a_vocab_subset_auto_run_keeps_the_runs_ids(trained, tmp_pat
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vocab_subset"] == ids and cfg["prompt_template"] == "image_first"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    (run / "vocab_subset.json").unlink()  # lost: the run's final/ config holds the same ids
+    c.max_steps = 4
+    out = train(c)
+    assert json.loads((out / "config.json").read_text())["vocab_subset"] == ids
 
 
 def test_micro_batches_are_weighted_by_the_models_loss_reduction(trained, tmp_path):

@@ -591,6 +591,11 @@ def read_generation_config(f):
         check_sampling(get("temperature", 1.0), get("top_k", 0), get("top_p", 1.0))
         if not isinstance(get("do_sample", False), bool):
             raise ValueError(f"do_sample must be true or false, got {gc.do_sample!r}")
+        if get("do_sample", False) and get("temperature", 1.0) == 0:  # (transformers refuses it when sampling)
+            raise ValueError("temperature 0 with do_sample true: sampling needs a temperature > 0")
+        rp = get("repetition_penalty", 1.0)
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0 < rp < float("inf"):
+            raise ValueError(f"repetition_penalty must be a number > 0, got {rp!r}")
     except ValueError as e:
         raise CheckpointError(f"{f}: {e}") from None
     return gc

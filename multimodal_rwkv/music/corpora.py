@@ -40,6 +40,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -432,7 +433,8 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
             docs[s].append(ids)
             units[s] += len(ids)
             files.append({"name": name, "split": s, "sha256": h[:16]})
-        tok.save_pretrained(out)
+        with naming_write_errors(out / sys.modules[type(tok).__module__].TOKENIZER_FILENAME):
+            tok.save_pretrained(out)
         vocab_size = tok.vocab_size
     else:
         tok = MidiTokenizer(tokenizer_config)
@@ -496,7 +498,8 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                     emitted.add(key)
                     docs[s].append(t)
                     units[s] += tok.count_notes(t)
-        tok.save_pretrained(out)
+        with naming_write_errors(out / sys.modules[type(tok).__module__].TOKENIZER_FILENAME):
+            tok.save_pretrained(out)
         vocab_size = tok.vocab_size
 
     if not any(docs.values()):
@@ -510,7 +513,8 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
         held = ", ".join(f"{s} {len(docs[s])}" for s in ("valid", "test"))
         raise DataError(f"{corpus or midi_dir}: no piece for the train split (pieces: {held}; "
                         "lower the valid and test permille, or add pieces); nothing written")
-    (out / FAILED_FILE).write_text("".join(f"{one_line(n)}\t{one_line(r)}\n" for n, r in report.failed))
+    with naming_write_errors(out / FAILED_FILE):
+        (out / FAILED_FILE).write_text("".join(f"{one_line(n)}\t{one_line(r)}\n" for n, r in report.failed))
     random.Random(seed).shuffle(docs["train"])  # transposed copies of one piece apart
     unit_name = "bytes" if kind == "abc" else "notes"
     for s in ("train", "valid", "test"):
@@ -522,7 +526,8 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
         "vocab_size": vocab_size, "counts": report.counts, "failed": len(report.failed),
         "duplicates": report.duplicates, "files": files,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    with naming_write_errors(out / "meta.json"):
+        (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return report
 
 

@@ -463,7 +463,7 @@ def tokenize_to_cache(files: list[Path], fmt: str, tokenizer, cache_dir: Path, o
         os.remove(tmp / "target.u8")
     meta = {"n_tokens": n_tokens, "n_docs": n_docs, "skipped": bad.count, "has_mask": any_masked,
             "files": [str(f) for f in files], "format": fmt, "version": CACHE_VERSION}
-    with open(tmp / "meta.json", "w") as fh:
+    with naming_write_errors(tmp / "meta.json"), open(tmp / "meta.json", "w") as fh:
         json.dump(meta, fh)
         fh.flush()
         os.fsync(fh.fileno())
@@ -612,7 +612,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
         return TokenStream(a, None, str(p))
     if not p.is_dir():
         raise DataError(f"{p}: no such file or folder")
-    files = sorted(x for x in p.iterdir() if x.suffix.lower() == ".npy" and not x.name.startswith("."))
+    files = [x for x in folder_files(p, (".npy",)) if x.parent == p]  # (no FIFO, no folder named x.npy)
     # shards are read from the folder itself: a prepared dataset's root holds train/, valid/, test/
     nested = [x for x in folder_files(p, (".npy",)) if x.parent != p]
     if not files:
@@ -625,7 +625,10 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
     h = hashlib.sha256(f"tokens-v{CACHE_VERSION}|{on_bad}|{vocab_size}".encode())
     for f in files:
         h.update(f.name.encode())
-        h.update(_file_sha(f).encode())
+        try:
+            h.update(_file_sha(f).encode())
+        except OSError:  # a broken link, a link loop: reported or skipped below, as a bad record
+            h.update(b"unreadable")
     final = Path(cache_dir) / h.hexdigest()[:24]
     hit = _open_cache(final)
     if hit is not None:
@@ -660,7 +663,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
     if n == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{p}: no usable token files ({bad.count} skipped)")
-    with open(tmp / "meta.json", "w") as fh:
+    with naming_write_errors(tmp / "meta.json"), open(tmp / "meta.json", "w") as fh:
         json.dump({"n_tokens": n, "skipped": bad.count, "has_mask": False, "version": CACHE_VERSION}, fh)
         fh.flush()
         os.fsync(fh.fileno())
@@ -690,7 +693,11 @@ def folder_files(folder: Path, suffixes: Sequence[str], skip: Sequence[Path] = (
     under a folder of ``skip``. A broken link or a link loop named like a data file is listed
     (reading it says why it cannot be read); a FIFO or a socket is not."""
     out, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
+
+    def unlistable(e: OSError) -> None:  # (os.walk drops these silently)
+        logger.warning("%s: cannot list it (%s): its files are not read", e.filename, e.strerror or e)
+
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unlistable):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []

@@ -33,7 +33,7 @@ from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
 from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, discard_tree, fsync_path, fsync_tree, make_dirs,
-                                    naming_target, remove_dirs, remove_tree)
+                                    move_aside, naming_target, remove_aside, remove_dirs, remove_tree)
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -602,14 +602,19 @@ class Trainer:
             with open(tmp / "trainer_state.json", "w") as f:
                 json.dump(state, f, indent=1)
             fsync_tree(tmp)
-            if final.exists():  # a checkpoint of the same step (e.g. a re-run): replace it
-                discard_tree(final)
+            aside = move_aside(final) if final.exists() else None  # a checkpoint of the same step (a re-run)
             os.rename(tmp, final)
+            if aside is not None:  # removed once the new one is in place
+                remove_aside(aside)
             fsync_path(self.ckpt_dir)
             if self.metrics_path.exists():
                 fsync_path(self.metrics_path)
             for s, p in list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_last]:
-                discard_tree(p)  # renamed away first: a kill mid-delete leaves no half checkpoint
+                try:
+                    discard_tree(p)  # renamed away first: a kill mid-delete leaves no half checkpoint
+                except OSError as e:  # (an immutable folder): the run goes on, the old checkpoint stays
+                    logger.warning("could not remove the old checkpoint %s (%s); remove it by hand", p,
+                                   e.strerror or e)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
@@ -824,9 +829,13 @@ class Trainer:
                 with naming_target(final / Path(f).name):  # (not the source, which a full disk leaves whole)
                     shutil.copy2(f, tmp / Path(f).name)
             fsync_tree(tmp)
-            if final.exists() or final.is_symlink():
-                discard_tree(final)  # (a link final/ is replaced by the folder; what it points to stays)
+            # (a link final/ is replaced by the folder; what it points to stays)
+            aside = move_aside(final) if final.exists() or final.is_symlink() else None
             os.rename(tmp, final)
+            if aside is not None:  # removed once the new model is in place
+                remove_aside(aside)
+            for p in self.out.glob(".old-final*"):  # what an export killed before its end left aside
+                remove_tree(p)
             fsync_path(self.out)
             logger.info("exported model to %s", final)
         acc.wait_for_everyone()

@@ -163,15 +163,23 @@ class VisualRWKVTask(Task):
 
         out = Path(self.cfg.output_dir)
         saved = out / VOCAB_SUBSET_FILE
-        if list_checkpoints(out / "checkpoints") and saved.is_file():
-            try:
-                subset = json.loads(saved.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{saved}: cannot read the run's vocab_subset ({e})") from None
-            if not (isinstance(subset, list) and subset and all(type(i) is int for i in subset)):
-                raise ConfigError(f"{saved}: not a list of World ids")
-            logger.info("vocab_subset auto: the run's %d World ids (%s)", len(subset), saved)
-            return subset
+        if list_checkpoints(out / "checkpoints"):
+            # the file, or else the run's exported config (the same ids: a run never changes them)
+            for f, key in ((saved, None), (out / "final" / "config.json", "vocab_subset")):
+                if not f.is_file():
+                    continue
+                try:
+                    subset = json.loads(f.read_text(encoding="utf-8"))
+                    subset = subset.get(key) if key else subset
+                except (OSError, ValueError, AttributeError) as e:
+                    raise ConfigError(f"{f}: cannot read the run's vocab_subset ({e})") from None
+                if not (isinstance(subset, list) and subset and all(type(i) is int for i in subset)
+                        and all(a < b for a, b in zip(subset, subset[1:]))):
+                    raise ConfigError(f"{f}: the run's vocab_subset is not an increasing list of World ids")
+                logger.info("vocab_subset auto: the run's %d World ids (%s)", len(subset), f)
+                return subset
+            logger.warning("%s is missing: vocab_subset auto is computed again from the data; the checkpoint's "
+                           "rows match it only if the data and the prompt template are those of the run", saved)
         subset = self._auto_vocab_subset()
         atomic_write_text(saved, json.dumps(subset))
         return subset
