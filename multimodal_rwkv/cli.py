@@ -14,7 +14,7 @@ import importlib
 import logging
 import sys
 
-from multimodal_rwkv.errors import MMRWKVError
+from multimodal_rwkv.errors import MMRWKVError, on_one_line
 
 # Modules that register subcommands, in help order.
 _COMMAND_MODULES = (
@@ -26,14 +26,9 @@ _COMMAND_MODULES = (
 )
 
 
-def _line(text: str) -> str:
-    """``text`` on one line: a line break (in a path, say) is shown as ``\\n``, as Python writes it."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own convention too)
-        self.exit(2, f"{self.prog}: error: {_line(message)}\n")
+        self.exit(2, f"{self.prog}: error: {on_one_line(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,13 +154,13 @@ def _run(parser, args) -> int:
     try:
         rc = args.func(args)
     except MMRWKVError as e:
-        print(f"mmrwkv {name}: error: {_line(_one_line(e))}", file=sys.stderr)
+        print(f"mmrwkv {name}: error: {on_one_line(_one_line(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader stopped reading (mmrwkv info ... | head -1): not an error
         return 0
     except OSError as e:  # a path the command could not read or write (permissions, a full disk, ...)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"mmrwkv {name}: error: {_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
+        print(f"mmrwkv {name}: error: {on_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -175,7 +170,7 @@ def _run(parser, args) -> int:
     except BrokenPipeError:
         pass
     except OSError as e:
-        print(f"mmrwkv {name}: error: {_line(f'{e.filename}: {e.strerror or e}')}", file=sys.stderr)
+        print(f"mmrwkv {name}: error: {on_one_line(f'{e.filename}: {e.strerror or e}')}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

@@ -31,3 +31,9 @@ class KernelError(MMRWKVError):
 class NumericsError(MMRWKVError, ValueError):
     """A computation gave non-finite values where it needs finite ones (a model whose activations
     overflow its dtype, e.g. fp16): says where and what to do instead."""
+
+
+def on_one_line(text: str) -> str:
+    """``text`` on one line: a line break (in a path, say) is shown as ``\\n``, as Python writes it
+    (errors and skip reports are one line each)."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")

@@ -626,6 +626,46 @@ def test_eval_metrics_refuses_a_split_of_another_tokenizer_than_the_runs(tmp_pat
     assert "bits/byte" in capsys.readouterr().out
 
 
+def test_eval_metrics_finds_the_runs_tokenizer_without_final_and_says_when_it_cannot(tmp_path, capsys):
+    """A run still training (no final/) skipped the tokenizer check silently: a MIDI run's loss
+    became bits per ABC byte."""
+    midi_valid = _dataset(tmp_path / "m", MidiTokenizer())
+    abc_valid = _dataset(tmp_path / "a", AbcTokenizer())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "valid_loss": 2.0}) + "\n")
+    (run / "recipe.yaml").write_text(f"data:\n  valid_file: {midi_valid}\n")
+    assert main(["music", "eval", "--metrics", str(run / "metrics.jsonl"), "--data", str(abc_valid)]) == 2
+    assert "prepared with another tokenizer" in _one_error_line(capsys, "eval")
+    (run / "recipe.yaml").unlink()
+    assert main(["music", "eval", "--metrics", str(run / "metrics.jsonl"), "--data", str(abc_valid)]) == 0
+    assert "could not be compared with the run's" in capsys.readouterr().err
+
+
+def test_piano_rolls_last_as_long_as_the_file_and_skip_reports_stay_on_one_line(tmp_path, capsys):
+    """The roll stopped at the last note while the file kept its closing rest; a skipped file whose
+    name holds a line break was reported over two lines."""
+    import mido
+
+    from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
+
+    mid = mido.MidiFile(ticks_per_beat=96)
+    tr = mido.MidiTrack()
+    tr += [mido.Message("note_on", note=60, velocity=80, time=0), mido.Message("note_off", note=60, time=96),
+           mido.MetaMessage("end_of_track", time=96 * 7)]  # one beat of note, seven of rest
+    mid.tracks.append(tr)
+    mid.save(tmp_path / "rest.mid")
+    short, full = pianoroll_from_midi(tmp_path / "rest.mid", end_step=0), pianoroll_from_midi(tmp_path / "rest.mid")
+    assert full.width > 2 * short.width
+    d = tmp_path / "md"
+    d.mkdir()
+    (d / "bad\nname.mid").write_bytes(b"not midi")
+    _midi(d / "good.mid")
+    assert main(["music", "tokenize", str(d), "--out", str(tmp_path / "t.npy")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert any("bad\\nname.mid" in line for line in err) and not any(line.startswith("name.mid") for line in err)
+
+
 def test_seconds_with_an_abc_model_is_refused(tmp_path, capsys, fake_abc_model):
     """--seconds with an ABC model was taken and did nothing."""
     assert main(["music", "generate", "--model", "m", "--out", str(tmp_path / "t.abc"), "--seconds", "1"]) == 2

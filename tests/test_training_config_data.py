@@ -674,3 +674,16 @@ def test_a_damaged_token_cache_of_npy_files_is_rebuilt(tmp_path):
     (entry,) = [d for d in (tmp_path / "cache").iterdir() if not d.name.startswith(".")]
     (entry / "tokens.u32").write_bytes((entry / "tokens.u32").read_bytes()[:40])
     assert np.array_equal(np.array(read_tokens(src, tmp_path / "cache", "fail").ids), want)
+
+
+def test_override_values_that_yaml_reads_as_text_are_kept_as_given():
+    """--set output_dir=$'x\\ny' became 'x y' (YAML folds a line break) and 'runs/a #1' became
+    'runs/a' (a YAML comment): a path is kept exactly; numbers, booleans, lists stay YAML."""
+    from multimodal_rwkv.training.config import TrainConfig, apply_overrides
+
+    cfg = apply_overrides(TrainConfig(), ["output_dir=x\ny", "data.train_file=runs/a #1", "optim.lr=3e-4",
+                                          "progress_bar=false", "peft.lora_targets=[att.key, ffn.key]",
+                                          "data.valid_file='quoted'"])
+    assert cfg.output_dir == "x\ny" and cfg.data.train_file == "runs/a #1" and cfg.optim.lr == 3e-4
+    assert cfg.progress_bar is False and cfg.peft.lora_targets == ["att.key", "ffn.key"]
+    assert cfg.data.valid_file == "quoted"

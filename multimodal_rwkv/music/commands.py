@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, file_arg, float_min, int_min, int_range, path_arg, seed
-from multimodal_rwkv.errors import ConfigError, DataError, MidiError
+from multimodal_rwkv.errors import ConfigError, DataError, MidiError, on_one_line
 from multimodal_rwkv.fileio import check_outputs, save_npy, write_outputs
 from multimodal_rwkv.music.abc import CONTROL_BYTES
 from multimodal_rwkv.music.pianoroll import check_png
@@ -77,7 +77,7 @@ def cmd_tokenize(args) -> int:
             bad += 1
             first_error = first_error or str(e)
             if len(files) > 1:  # (one file alone: its error is the command's, said once)
-                print(f"skipped: {e}", file=sys.stderr)
+                print(f"skipped: {on_one_line(e)}", file=sys.stderr)
             continue
         ok += 1
         s = tok.last_stats
@@ -284,7 +284,7 @@ def _eval_from_metrics(args, ids) -> int:
 
     from multimodal_rwkv.music.abc import AbcTokenizer
     from multimodal_rwkv.music.corpora import data_tokenizer_file
-    from multimodal_rwkv.music.generate import load_tokenizer, tokenizer_file
+    from multimodal_rwkv.music.generate import load_tokenizer
     from multimodal_rwkv.music.metrics import bits_per_unit
 
     f = data_tokenizer_file(args.data)
@@ -296,9 +296,12 @@ def _eval_from_metrics(args, ids) -> int:
     p = Path(args.metrics)
     # the run's own tokenizer (its final/ holds it): losses of ABC bytes over a MIDI split's notes,
     # or of another MIDI vocabulary, would convert into a meaningless number
-    run_model = p.parent / "final"
-    if tokenizer_file(run_model) is not None:
-        _check_data_tokenizer(args.data, load_tokenizer(run_model), run_model)
+    run_tok = _run_tokenizer_folder(p.parent)
+    if run_tok is not None:
+        _check_data_tokenizer(args.data, load_tokenizer(run_tok), run_tok)
+    else:
+        print(f"note: {p.parent} has no final/ model and its recipe.yaml names no data with a tokenizer file: "
+              "the split's tokenizer could not be compared with the run's", file=sys.stderr)
     # the engine scores the split's first eval_batches x micro_batch_size windows of ctx_len tokens
     # when the run's recipe (beside metrics.jsonl) limits eval_batches: the ratio is theirs
     n_scored = _scored_targets(p.parent / "recipe.yaml", len(ids) - 1)
@@ -334,6 +337,28 @@ def _eval_from_metrics(args, ids) -> int:
             continue
         print(f"step {r.get('step')}: {v:.4f} nats/token, {bits_per_unit(v, len(targets), units):.4f} {name}")
     return 0
+
+
+def _run_tokenizer_folder(run: Path) -> Path | None:
+    """The folder holding a training run's tokenizer: its ``final/`` model, or else the folder of
+    the tokenizer beside the data its ``recipe.yaml`` names (a run still training has no final/)."""
+    from multimodal_rwkv.music.corpora import data_tokenizer_file
+    from multimodal_rwkv.music.generate import tokenizer_file
+
+    if tokenizer_file(run / "final") is not None:
+        return run / "final"
+    try:
+        import yaml
+
+        data = (yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("data") or {}
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    for key in ("valid_file", "train_file"):
+        if isinstance(data.get(key), str) and os.path.exists(data[key]):
+            f = data_tokenizer_file(data[key])
+            if f is not None:
+                return f.parent
+    return None
 
 
 def _scored_targets(recipe: Path, n_targets: int) -> int:

@@ -189,6 +189,7 @@ class MusicGeneration:
     decode_stats: DecodeStats | None = None
     seconds: float = 0.0
     new_tokens: int = 0
+    end_step: int = 0  # grid step where the file ends (its time shifts added up: a closing rest too)
 
 
 def midi_prompt_ids(tok: MidiTokenizer, prompt) -> list[int]:
@@ -254,7 +255,7 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
     return MusicGeneration(ids=ids, prompt_len=len(p), midi=midi, notes=notes,
                            prompt_end=prompt_end if prompt is not None else 0,
                            prompt_notes=len(tok.decode_notes(p)[0]) if prompt is not None else 0, decode_stats=st,
-                           seconds=tracker.seconds - start, new_tokens=len(new))
+                           seconds=tracker.seconds - start, new_tokens=len(new), end_step=steps(ids))
 
 
 def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30.0, *, temperature: float = 1.0,
@@ -303,7 +304,7 @@ def write_midi_outputs(res: MusicGeneration, tok: MidiTokenizer, out, png) -> No
 
         img = render_pianoroll(res.notes, None, steps_per_beat=tok.config.steps_per_beat,
                                prompt_end=res.prompt_end if res.prompt_notes else None,
-                               prompt_notes=res.prompt_notes, tokenizer=tok)
+                               prompt_notes=res.prompt_notes, tokenizer=tok, end_step=res.end_step)
         writes.append((png, lambda tmp: img.save(tmp, format="PNG")))
     write_outputs(writes)
 

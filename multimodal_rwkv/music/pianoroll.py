@@ -33,7 +33,7 @@ def check_png(what: str, path) -> None:
 def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None = None, *,
                      steps_per_beat: int = 12, prompt_end: int | None = None, prompt_notes: int = 0,
                      tokenizer: MidiTokenizer | None = None, px_per_step: float | None = None,
-                     px_per_pitch: int = 5, max_width: int = 2400, beats_per_bar: int = 4):
+                     px_per_pitch: int = 5, max_width: int = 2400, beats_per_bar: int = 4, end_step: int = 0):
     """Draw ``notes`` (grid steps) and return the ``PIL.Image``; saved as PNG when ``out_path``.
 
     ``prompt_end``: step where the prompt ends and generation starts, the time its shifts add up to
@@ -42,12 +42,13 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     (the first ones) are the prompt's: drawn paler, so a prompt note that starts at ``prompt_end``
     or lasts past it still reads as the prompt's. ``tokenizer`` gives group names for the legend. Width is
     ``total_steps * px_per_step`` pixels (auto so it fits ``max_width``), height
-    ``pitch_span * px_per_pitch`` plus a legend strip.
+    ``pitch_span * px_per_pitch`` plus a legend strip. ``end_step``: where the music ends when that
+    is after the last note (a closing rest): the picture lasts as long as the file.
     """
     from PIL import Image, ImageDraw
 
     drum_group = tokenizer.drum_group if tokenizer is not None else None
-    end = max([n.offset for n in notes] + [prompt_end or 0, steps_per_beat])
+    end = max([n.offset for n in notes] + [prompt_end or 0, end_step, steps_per_beat])
     lo = min((n.pitch for n in notes), default=60) - 2
     hi = max((n.pitch for n in notes), default=72) + 2
     if px_per_step is None:
@@ -102,6 +103,15 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
 
 def pianoroll_from_midi(src, out_path: str | os.PathLike | None = None, tokenizer: MidiTokenizer | None = None, **kw):
     """Piano roll of a MIDI file (path or ``mido.MidiFile``), via the tokenizer's note reader."""
+    import mido
+
     tok = tokenizer or MidiTokenizer()
     notes, _, _, _ = tok.extract_notes(src)
+    if "end_step" not in kw:  # the file's own end (its longest track), a closing rest too
+        try:
+            mid = src if isinstance(src, mido.MidiFile) else mido.MidiFile(src)
+            ticks = max((sum(m.time for m in tr) for tr in mid.tracks), default=0)
+            kw["end_step"] = round(ticks / mid.ticks_per_beat * tok.config.steps_per_beat)
+        except Exception:  # noqa: BLE001 - extract_notes read it; a file mido cannot reopen keeps the notes' end
+            pass
     return render_pianoroll(notes, out_path, steps_per_beat=tok.config.steps_per_beat, tokenizer=tok, **kw)

@@ -395,9 +395,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
 
 def _parse_value(text: str, key: str = ""):
+    """An override's value as YAML (numbers, booleans, null, lists, mappings). A value that YAML
+    reads as text is kept exactly as given unless it is quoted: YAML would fold a line break into a
+    space and drop a ``#...`` comment (``output_dir=runs/a #1`` named ``runs/a``)."""
     yaml = _yaml()
     try:
-        return _load_yaml(text) if text.strip() != "" else ""
+        value = _load_yaml(text) if text.strip() != "" else ""
+        if isinstance(value, str) and text.strip()[:1] not in ("'", '"'):
+            return text.strip(" \t")
+        return value
     except yaml.YAMLError as e:
         t = text.strip()
         if t[:1] + t[-1:] in ("[]", "{}"):  # meant as a list or a mapping: say why it is not one

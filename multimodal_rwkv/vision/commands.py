@@ -8,7 +8,7 @@ import sys
 import time
 
 from multimodal_rwkv.argtypes import add_sampling_args, device, file_arg, int_min, int_range, path_arg, seed
-from multimodal_rwkv.errors import DataError
+from multimodal_rwkv.errors import DataError, on_one_line
 from multimodal_rwkv.fileio import check_outputs, write_outputs
 from multimodal_rwkv.vision.synthetic import MAX_SIZE, MIN_SIZE
 
@@ -124,7 +124,7 @@ def _eval_vqa(args) -> int:
     # an image as output: found now, not after answering every question
     check_outputs([("--output", args.output)], [(f"image of {q.where}", q.image) for q in qf.questions])
     for b in qf.bad_lines:
-        print(f"mmrwkv eval-vqa: skipped {b}", file=sys.stderr)
+        print(f"mmrwkv eval-vqa: skipped {on_one_line(b)}", file=sys.stderr)
     questions = qf.questions[: args.limit] if args.limit else qf.questions
     if not questions:
         raise DataError(f"{args.questions}: no usable question lines")
@@ -152,7 +152,7 @@ def _eval_vqa(args) -> int:
                             answers.append(model.answer(q.image, q.prompt,
                                                         **{**gen, "seed": None if seeds is None else [seeds[i]]}))
                         except DataError as e:
-                            print(f"mmrwkv eval-vqa: skipped {q.where}: {e}", file=sys.stderr)
+                            print(f"mmrwkv eval-vqa: skipped {on_one_line(f'{q.where}: {e}')}", file=sys.stderr)
                             n_bad_images += 1
                             answers.append(None)
                 for q, a in zip(chunk, answers):
