@@ -481,7 +481,7 @@ def test_a_zero_tempo_is_a_bad_file_that_batch_jobs_skip(tmp_path, tok, capsys):
     empty.mkdir()
     assert main(["music", "tokenize", str(empty)]) == 2
     assert "no .mid/.midi files" in capsys.readouterr().err
-    assert main(["music", "tokenize", str(d), "--out", str(tmp_path / "tok")]) == 0
+    assert main(["music", "tokenize", str(d), "--out", str(tmp_path / "tok.npy")]) == 0
     assert (tmp_path / "tok.npy").is_file() and f"wrote {tmp_path / 'tok.npy'}" in capsys.readouterr().out
 
 
