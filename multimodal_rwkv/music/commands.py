@@ -299,9 +299,6 @@ def _eval_from_metrics(args, ids) -> int:
     run_tok = _run_tokenizer_folder(p.parent)
     if run_tok is not None:
         _check_data_tokenizer(args.data, load_tokenizer(run_tok), run_tok)
-    else:
-        print(f"note: {p.parent} has no final/ model and its recipe.yaml names no data with a tokenizer file: "
-              "the split's tokenizer could not be compared with the run's", file=sys.stderr)
     # the engine scores the split's first eval_batches x micro_batch_size windows of ctx_len tokens
     # when the run's recipe (beside metrics.jsonl) limits eval_batches: the ratio is theirs
     n_scored = _scored_targets(p.parent / "recipe.yaml", len(ids) - 1)
@@ -336,6 +333,9 @@ def _eval_from_metrics(args, ids) -> int:
             print(f"step {r.get('step')}: valid_loss {v} (not finite: nothing to convert)")
             continue
         print(f"step {r.get('step')}: {v:.4f} nats/token, {bits_per_unit(v, len(targets), units):.4f} {name}")
+    if run_tok is None:  # (said after the numbers: an error above stays the one line printed)
+        print(f"note: {p.parent} has no final/ model and its recipe.yaml names no data with a tokenizer file: "
+              "the split's tokenizer could not be compared with the run's", file=sys.stderr)
     return 0
 
 
