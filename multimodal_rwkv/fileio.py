@@ -31,6 +31,16 @@ from multimodal_rwkv.errors import DataError
 logger = logging.getLogger(__name__)
 
 
+def is_utf8_path(path) -> bool:
+    """Whether ``path`` can be given to torch's, safetensors' and transformers' file readers, which
+    encode it as UTF-8 (a name with bytes that are not UTF-8 reaches Python as surrogates)."""
+    try:
+        os.fspath(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def fsync_path(p) -> None:
     """fsync a file or a folder (best effort: some filesystems refuse folders)."""
     try:

@@ -18,7 +18,7 @@ import torch
 from transformers import PretrainedConfig
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError
-from multimodal_rwkv.fileio import atomic_write, atomic_write_text
+from multimodal_rwkv.fileio import atomic_write, atomic_write_text, is_utf8_path
 from multimodal_rwkv.model.config import RWKVConfig
 
 log = logging.getLogger(__name__)
@@ -45,21 +45,11 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 # ---- reading raw state dicts ------------------------------------------------------------------
-def _utf8(path) -> bool:
-    """Whether ``path`` can be given to torch's and safetensors' file readers, which encode it as
-    UTF-8 (a name with bytes that are not UTF-8 reaches Python as surrogates, which they refuse)."""
-    try:
-        os.fspath(path).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def load_safetensors(path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """``safetensors.torch.load_file``, also for a path that is not valid UTF-8 (read from its bytes)."""
     from safetensors.torch import load, load_file
 
-    if _utf8(path):
+    if is_utf8_path(path):
         return load_file(os.fspath(path), device=device)
     with open(path, "rb") as f:
         return {k: v.to(device) for k, v in load(f.read()).items()}
@@ -79,6 +69,14 @@ def safetensors_header(path) -> dict:
     return header
 
 
+def _is_safetensors(path) -> bool:
+    try:
+        safetensors_header(path)
+        return True
+    except ValueError:  # (a header that is not UTF-8 JSON too)
+        return False
+
+
 def read_pth(path: Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth`` state dict safely; every failure becomes a CheckpointError naming the file."""
     if not path.is_file():
@@ -88,13 +86,8 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": ahead of the one-line error
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            if not _utf8(path):  # torch encodes a path as UTF-8: read through a file object (no mmap)
-                try:
-                    safetensors_header(path)
-                    is_safetensors = True
-                except (ValueError, UnicodeDecodeError):
-                    is_safetensors = False
-                if is_safetensors:  # (torch.load reads these by name only)
+            if not is_utf8_path(path):  # torch encodes a path as UTF-8: read through a file object (no mmap)
+                if _is_safetensors(path):  # (torch.load reads these by name only)
                     sd = load_safetensors(path)
                 else:
                     with open(path, "rb") as f:

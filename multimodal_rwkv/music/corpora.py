@@ -40,7 +40,6 @@ import os
 import random
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -433,9 +432,6 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
             docs[s].append(ids)
             units[s] += len(ids)
             files.append({"name": name, "split": s, "sha256": h[:16]})
-        with naming_write_errors(out / sys.modules[type(tok).__module__].TOKENIZER_FILENAME):
-            tok.save_pretrained(out)
-        vocab_size = tok.vocab_size
     else:
         tok = MidiTokenizer(tokenizer_config)
         if corpus == "bach-chorales":
@@ -498,9 +494,9 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                     emitted.add(key)
                     docs[s].append(t)
                     units[s] += tok.count_notes(t)
-        with naming_write_errors(out / sys.modules[type(tok).__module__].TOKENIZER_FILENAME):
-            tok.save_pretrained(out)
-        vocab_size = tok.vocab_size
+    with naming_write_errors(out / ("abc_tokenizer.json" if kind == "abc" else "midi_tokenizer.json")):
+        tok.save_pretrained(out)
+    vocab_size = tok.vocab_size
 
     if not any(docs.values()):
         why = ""

@@ -250,12 +250,13 @@ def generate_music(model, tok: MidiTokenizer, prompt=None, seconds: float = 30.0
     steps = lambda part: sum(i - tok.shift_start + 1 for i in part  # noqa: E731 - the time shifts' grid steps
                              if tok.shift_start <= i < tok.shift_start + tok.config.max_shift)
     # the file lasts as long as the time generated (the seconds reported), a closing rest too
-    midi = tok.notes_to_midi(notes, tempos, tok.time_signatures_from_bars(st.bars, end), end_step=steps(ids))
+    end_step = steps(ids)
+    midi = tok.notes_to_midi(notes, tempos, tok.time_signatures_from_bars(st.bars, end), end_step=end_step)
     prompt_end = steps(p)
     return MusicGeneration(ids=ids, prompt_len=len(p), midi=midi, notes=notes,
                            prompt_end=prompt_end if prompt is not None else 0,
                            prompt_notes=len(tok.decode_notes(p)[0]) if prompt is not None else 0, decode_stats=st,
-                           seconds=tracker.seconds - start, new_tokens=len(new), end_step=steps(ids))
+                           seconds=tracker.seconds - start, new_tokens=len(new), end_step=end_step)
 
 
 def generate_midi(model_dir: str | os.PathLike, prompt=None, seconds: float = 30.0, *, temperature: float = 1.0,

@@ -612,9 +612,11 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
         return TokenStream(a, None, str(p))
     if not p.is_dir():
         raise DataError(f"{p}: no such file or folder")
-    files = [x for x in folder_files(p, (".npy",)) if x.parent == p]  # (no FIFO, no folder named x.npy)
-    # shards are read from the folder itself: a prepared dataset's root holds train/, valid/, test/
-    nested = [x for x in folder_files(p, (".npy",)) if x.parent != p]
+    # shards are read from the folder itself (a prepared dataset's root holds train/, valid/, test/);
+    # folder_files leaves out FIFOs and folders named x.npy
+    found = folder_files(p, (".npy",))
+    files = [x for x in found if x.parent == p]
+    nested = [x for x in found if x.parent != p]
     if not files:
         hint = f" ({len(nested)} lie in subfolders, e.g. {nested[0]}: give the folder of the shards)" if nested else ""
         raise DataError(f"{p}: folder holds no .npy token files{hint}")

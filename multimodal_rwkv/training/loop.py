@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
-from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, discard_tree, fsync_path, fsync_tree, make_dirs,
-                                    move_aside, naming_target, remove_aside, remove_dirs, remove_tree)
+from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, discard_tree, fsync_path, fsync_tree, is_utf8_path,
+                                    make_dirs, move_aside, naming_target, remove_aside, remove_dirs, remove_tree)
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -1002,12 +1002,10 @@ class Trainer:
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
             _check_folder_setting("output_dir", self.out)
-            try:  # torch and accelerate open checkpoint files by a UTF-8 name: resuming would fail
-                os.fspath(self.out.absolute()).encode("utf-8")
-            except UnicodeEncodeError:
+            if not is_utf8_path(self.out.absolute()):  # torch and accelerate open checkpoints by a UTF-8 name
                 raise ConfigError(f"output_dir: {self.out}: the path is not valid UTF-8, and the run could not "
                                   "read its checkpoints back (torch and accelerate take UTF-8 names); choose "
-                                  "another folder") from None
+                                  "another folder")
             if getattr(cfg.data, "cache_dir", None):
                 _check_folder_setting("data.cache_dir", Path(cfg.data.cache_dir))
             self._found = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError
+from multimodal_rwkv.fileio import is_utf8_path
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +133,9 @@ class VisionEncoder(nn.Module):
 
         if local_files_only is None:
             local_files_only = os.path.isdir(str(name_or_path))
-        try:
-            os.fspath(name_or_path).encode("utf-8")
-        except UnicodeEncodeError:  # transformers reads the weights with safetensors, by a UTF-8 name
+        if not is_utf8_path(name_or_path):  # transformers reads the weights with safetensors, by a UTF-8 name
             raise CheckpointError(f"{name_or_path}: the vision tower's path is not valid UTF-8, which transformers "
-                                  "cannot read its weights from; rename the folder") from None
+                                  "cannot read its weights from; rename the folder")
         try:
             cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
         except (OSError, ValueError) as e:
