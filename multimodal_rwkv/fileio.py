@@ -236,6 +236,31 @@ def save_npy(path, arr) -> None:
         fh.write(buf.getbuffer())
 
 
+def load_token_npy(path, mmap: bool = True, allow_empty: bool = False) -> np.ndarray:
+    """A ``.npy`` file holding a 1-D integer token array (memmapped with ``mmap``; never pickles).
+    Anything else -- no NumPy header (numpy's own message then talks of unpickling), an empty or
+    truncated file, another dtype or shape, no tokens (unless ``allow_empty``) -- is a
+    :class:`DataError` naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if not magic:
+            raise DataError(f"{path}: empty file (not a .npy token array)")
+        if magic != b"\x93NUMPY":
+            raise DataError(f"{path}: not a .npy file (no NumPy header)")
+        a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except EOFError as e:  # a header cut short
+        raise DataError(f"{path}: cannot read token array (truncated .npy file: {e})") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read token array ({e})") from None
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{path}: expected a 1-D integer token array, got {a.dtype} with shape {a.shape}")
+    if a.shape[0] == 0 and not allow_empty:
+        raise DataError(f"{path}: empty token array")
+    return a
+
+
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)`` to produce the file, then move it into place atomically.
 

@@ -603,7 +603,7 @@ def test_eval_of_a_file_that_is_not_npy_and_options_metrics_ignores(tmp_path, ca
     (tmp_path / "song.mid").write_bytes(b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x00\x60" + b"MTrk" + bytes(40))
     assert main(["music", "eval", "--model", str(BACH_MODEL_DIR), "--data", str(tmp_path / "song.mid")]) == 2
     err = _one_error_line(capsys, "eval")
-    assert f"{tmp_path / 'song.mid'}: no NumPy header (not a .npy token shard)" in err and "pickle" not in err
+    assert f"{tmp_path / 'song.mid'}: not a .npy file (no NumPy header)" in err and "pickle" not in err
     valid = _dataset(tmp_path / "d", MidiTokenizer())
     (tmp_path / "m.jsonl").write_text(json.dumps({"step": 3, "valid_loss": 2.0}) + "\n")
     for extra, name in ((["--ctx-len", "8"], "--ctx-len"), (["--max-tokens", "100"], "--max-tokens")):

@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import naming_target, naming_write_errors, remove_tree, same_file, save_npy
+from multimodal_rwkv.fileio import (load_token_npy, naming_target, naming_write_errors, remove_tree, same_file,
+                                    save_npy)
 
 log = logging.getLogger(__name__)
 
@@ -539,20 +540,7 @@ def load_tokens(path: str | os.PathLike):
         splits = [s for s in ("train", "valid", "test") if (p / s).is_dir()]
         hint = f" (a prepared dataset: give one split, e.g. {p / splits[0]})" if splits else ""
         raise DataError(f"{p}: no .npy shards{hint}")
-    arrs = []
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                magic = fh.read(6)
-            if magic != b"\x93NUMPY":  # numpy's own message for these talks of unpickling the file
-                raise DataError(f"{f}: {'empty file' if not magic else 'no NumPy header'} (not a .npy token shard)")
-            a = np.load(f, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"{f}: cannot read token shard ({e})") from None
-        if a.ndim != 1 or a.dtype.kind not in "iu":
-            raise DataError(f"{f}: expected a 1-D integer array, got {a.dtype} {a.shape}")
-        arrs.append(a.astype(np.int64))
-    return np.concatenate(arrs)
+    return np.concatenate([load_token_npy(f, mmap=False, allow_empty=True).astype(np.int64) for f in files])
 
 
 def data_tokenizer_file(path: str | os.PathLike) -> Path | None:

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.fileio import fsync_path, naming_write_errors, write_array
+from multimodal_rwkv.fileio import fsync_path, load_token_npy, naming_write_errors, write_array
 
 logger = logging.getLogger(__name__)
 
@@ -581,24 +581,6 @@ def write_binidx(prefix: str | Path, docs: Iterable[Iterable[int]], dtype=np.uin
 # --------------------------------------------------------------------------------------- .npy tokens
 
 
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(6)
-        if magic and magic != b"\x93NUMPY":  # numpy's own message talks of unpickling the file
-            raise DataError(f"{path}: not a .npy file (no NumPy header)")
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except EOFError as e:  # an empty (0-byte) file: numpy finds no header
-        raise DataError(f"{path}: cannot read token array (empty or truncated .npy file: {e})") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read token array ({e})") from None
-    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-        raise DataError(f"{path}: expected a 1-D integer token array, got {a.dtype} with shape {a.shape}")
-    if a.shape[0] == 0:
-        raise DataError(f"{path}: empty token array")
-    return a
-
-
 def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Optional[int] = None) -> TokenStream:
     """A ``.npy`` token file (memmapped as is) or a folder of them (concatenated once into the cache,
     with a separator 0 added after any file that does not end with one; hidden files, such as an
@@ -606,7 +588,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
     an id outside ``[0, vocab_size)`` is a bad record (``on_bad``)."""
     p = Path(path)
     if p.is_file():
-        a = _load_npy(p)
+        a = load_token_npy(p)
         if int(a.min()) < 0:
             raise DataError(f"{p}: negative token id {int(a.min())}")
         return TokenStream(a, None, str(p))
@@ -643,7 +625,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
         with naming_write_errors(tmp / "tokens.u32"), open(tmp / "tokens.u32", "wb") as ft:
             for f in files:
                 try:
-                    a = _load_npy(f)
+                    a = load_token_npy(f)
                     if vocab_size is not None:  # a shard of another tokenizer is a bad record (skip: counted)
                         check_id_range(a, vocab_size, str(f))
                     elif int(a.min()) < 0 or int(a.max()) >= 2**32:
