@@ -925,3 +925,40 @@ def test_music_generation_refuses_non_finite_logits(tmp_path, sign, capsys):
                      "--temperature", str(temperature)]) == 2
         err = capsys.readouterr().err
         assert "logits are NaN or infinite" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_abc_to_midi_joins_tied_notes_and_chords_split_at_a_bar(monkeypatch):
+    """A chord running past the end of an overfull bar was cut at the bar's nominal end and struck
+    again where the next bar begins (a gap, and a second note-on of a pitch still sounding); a
+    single note there was joined. Ties written in the ABC join notes as before."""
+    pytest.importorskip("music21")
+    from multimodal_rwkv.music import abc_to_midi
+
+    def timed(text):  # (onset, length, pitch) in quarter notes; a note-on of a sounding pitch fails
+        mid, t, on, out = abc_to_midi(text), 0, {}, []
+        for m in mido.merge_tracks(mid.tracks):
+            t += m.time
+            if m.type == "note_on" and m.velocity:
+                assert m.note not in on, f"pitch {m.note} struck again at {t} while sounding"
+                on[m.note] = t
+            elif m.type in ("note_off", "note_on"):
+                out.append((on[m.note] / mid.ticks_per_beat, (t - on.pop(m.note)) / mid.ticks_per_beat, m.note))
+        return sorted(out)
+
+    for direct in (False, True):  # music21's MIDI writer, and the direct one (used where music21's fails)
+        if direct:
+            from music21 import stream
+
+            monkeypatch.setattr(stream.Score, "write", lambda *a, **k: 1 / 0)
+        _check_ties(timed)
+
+
+def _check_ties(timed):
+    head = "X:1\nT:t\nM:4/4\nL:1/8\nK:A\n"
+    chord = timed(head + "c3 e3 a/2 [BF]3 | F4 |\n")  # the first bar holds 9 1/2 eighths
+    assert chord == [(0, 1.5, 73), (1.5, 1.5, 76), (3.0, 0.25, 81), (3.25, 1.5, 66), (3.25, 1.5, 71),
+                     (4.75, 2.0, 66)]
+    single = timed(head + "c3 e3 a/2 B3 | F4 |\n")
+    assert single == [(0, 1.5, 73), (1.5, 1.5, 76), (3.0, 0.25, 81), (3.25, 1.5, 71), (4.75, 2.0, 66)]
+    tied = timed(head + "A2-A2 B4- | B2 c2 c4 |\n")  # ties written, one across the bar line
+    assert tied == [(0, 2.0, 69), (2.0, 3.0, 71), (5.0, 1.0, 73), (6.0, 2.0, 73)]

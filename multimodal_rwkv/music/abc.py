@@ -523,9 +523,20 @@ def _untie_other_pitches(score, name: str) -> None:
     dropped = 0
     for part in parts:
         notes = [n for n in part.recurse().notes if not n.duration.isGrace]
-        for a, b in zip(notes, notes[1:]):
+        for i, a in enumerate(notes[:-1]):
             if a.tie is None or a.tie.type not in ("start", "continue"):
                 continue
+            # the tie's other end: the next note, or, among the notes at the next note's time, the
+            # continuation of a note music21 split (a part past the end of an overfull bar starts
+            # with the next bar, where the next bar's own notes may come first)
+            b = notes[i + 1]
+            at = b.getOffsetInHierarchy(part)
+            for c in notes[i + 1:]:
+                if c.getOffsetInHierarchy(part) != at:
+                    break
+                if c.tie is not None and c.tie.type in ("stop", "continue") and same(a, c):
+                    b = c
+                    break
             if same(a, b):
                 continue
             a.tie = None if a.tie.type == "start" else tie.Tie("stop")
@@ -537,6 +548,40 @@ def _untie_other_pitches(score, name: str) -> None:
 
 
 _TICKS_PER_BEAT = 960  # divisible by 2, 3, 4, 5, 6, 7, 8, 16, 32: tuplets and short notes exact
+
+
+def _tied_notes(flat) -> list[tuple[int, float, float]]:
+    """``(midi pitch, start, length)`` in quarter notes of every note of ``flat``, chords' notes
+    each on its own, a note tied to the next of its pitch counted once, its length the sum of the
+    tied parts. music21 splits a note or chord that runs past a bar line into tied parts; in a bar
+    longer than its metre the second part starts later than the first ends, so the parts are
+    joined by their ties, not by where they lie (the sum is the length written in the ABC)."""
+    parts = []  # (start, 0 for a tie's continuation else 1, pitch, length, tie kind)
+    for n in flat.notes:
+        start, length = float(n.offset), float(n.duration.quarterLength)
+        members = list(getattr(n, "notes", ())) or [n]  # a chord's notes carry its ties
+        for k, p in enumerate(getattr(n, "pitches", ())):
+            if 0 <= p.midi <= 127:
+                tie = getattr(members[k] if k < len(members) else n, "tie", None) or n.tie
+                kind = tie.type if tie is not None else None
+                parts.append((start, 0 if kind in ("stop", "continue") else 1, int(p.midi), length, kind))
+    # at one time, continuations first: a note struck where its tied predecessor ends is a new one
+    parts.sort(key=lambda e: (e[0], e[1]))
+    done, open_ = [], {}  # open_: pitch -> [start, length] of a note whose tie goes on
+    for start, _, pitch, length, kind in parts:
+        held = open_.pop(pitch, None)
+        if held is not None and kind in ("stop", "continue"):
+            held[1] += length
+        else:
+            if held is not None:  # a tie that led nowhere: the note as it was
+                done.append((pitch, *held))
+            held = [start, length]
+        if kind in ("start", "continue"):
+            open_[pitch] = held
+        else:
+            done.append((pitch, *held))
+    done.extend((pitch, *held) for pitch, held in open_.items())
+    return done
 
 
 def _notes_to_midi(score, name: str):
@@ -551,25 +596,19 @@ def _notes_to_midi(score, name: str):
     except Exception:  # noqa: BLE001 - unmatched repeat signs: the notes as written
         pass
     flat = score.flatten()
-    try:
-        flat = flat.stripTies()  # a note music21 split at a bar line is one note again
-    except Exception:  # noqa: BLE001 - keep the split notes rather than fail
-        pass
     tpb = _TICKS_PER_BEAT
     events = []  # (tick, order, message): at one tick, tempo first, then note-offs, then note-ons
     for mm in flat.getElementsByClass("MetronomeMark"):
         bpm = mm.getQuarterBPM()
         if bpm and bpm > 0:
             events.append((round(float(mm.offset) * tpb), 0, mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(bpm))))
-    n_notes = 0
-    for n in flat.notes:
-        on = round(float(n.offset) * tpb)
-        off = on + max(1, round(float(n.duration.quarterLength) * tpb))
-        for p in getattr(n, "pitches", ()):
-            if 0 <= p.midi <= 127:
-                events.append((on, 2, mido.Message("note_on", note=int(p.midi), velocity=90)))
-                events.append((off, 1, mido.Message("note_off", note=int(p.midi), velocity=0)))
-                n_notes += 1
+    notes = _tied_notes(flat)
+    for pitch, start, length in notes:
+        on = round(start * tpb)
+        off = on + max(1, round(length * tpb))
+        events.append((on, 2, mido.Message("note_on", note=pitch, velocity=90)))
+        events.append((off, 1, mido.Message("note_off", note=pitch, velocity=0)))
+    n_notes = len(notes)
     if not n_notes:
         raise MidiError(f"{name}: the ABC holds no notes")
     mid = mido.MidiFile(ticks_per_beat=tpb)
