@@ -203,6 +203,27 @@ def test_pianoroll_colours_and_prompt(tmp_path):
     assert long.size[0] <= 2400
 
 
+def test_pianoroll_legend_names_every_group_of_a_short_piece():
+    """The legend was one row as wide as the picture, which a short piece's width sets: in a
+    one-beat piece of four groups, the last two groups' swatches and names were cut off."""
+    from multimodal_rwkv.music.pianoroll import group_colour, render_pianoroll
+
+    tok = MidiTokenizer()
+    groups = [0, 5, 7, tok.drum_group]  # piano, strings, brass, drums
+    notes = [Note(0, 12, g, 60 + i, 5) for i, g in enumerate(groups)]
+    img = render_pianoroll(notes, None, steps_per_beat=12, tokenizer=tok)
+    w, h = img.size
+    assert w < 200  # a narrow picture: the width follows the piece
+    px = img.load()
+
+    def swatch(c):  # an 11 x 11 square of colour c (a note's bar is 4 pixels high)
+        return any(all(px[x + i, y + j] == c for i in range(11) for j in range(11))
+                   for x in range(w - 10) for y in range(h - 10))
+
+    for g in groups:
+        assert swatch(group_colour(g, tok.drum_group)), tok.group_name(g)
+
+
 def test_cli_roll_and_abc2midi(tmp_path, capsys):
     from multimodal_rwkv.cli import main
 

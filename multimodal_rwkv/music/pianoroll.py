@@ -42,7 +42,8 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     (the first ones) are the prompt's: drawn paler, so a prompt note that starts at ``prompt_end``
     or lasts past it still reads as the prompt's. ``tokenizer`` gives group names for the legend. Width is
     ``total_steps * px_per_step`` pixels (auto so it fits ``max_width``), height
-    ``pitch_span * px_per_pitch`` plus a legend strip. ``end_step``: where the music ends when that
+    ``pitch_span * px_per_pitch`` plus a legend strip (in more rows where one is too narrow for every
+    group's name). ``end_step``: where the music ends when that
     is after the last note (a closing rest): the picture lasts as long as the file.
     """
     from PIL import Image, ImageDraw
@@ -53,9 +54,19 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     hi = max((n.pitch for n in notes), default=72) + 2
     if px_per_step is None:
         px_per_step = min(8.0, (max_width - 40) / end)  # a long piece gets thinner steps, never a wider picture
-    legend_h = 18
     left = 30
     w = int(left + end * px_per_step + 10)
+    # the legend: a swatch and a name per group, in as many rows as a narrow picture needs
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend, x, row = [], left, 0
+    for g in sorted({n.group for n in notes}):
+        name = tokenizer.group_name(g) if tokenizer is not None else f"group {g}"
+        width = 20 + int(measure.textlength(name)) + 6
+        if x > left and x + width > w:
+            x, row = left, row + 1
+        legend.append((g, name, x, 4 + 14 * row))
+        x += width
+    legend_h = 18 + 14 * row
     h = int((hi - lo + 1) * px_per_pitch + legend_h + 4)
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)
@@ -90,12 +101,9 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
         d.text((x_of(prompt_end) + 3, legend_h + 1), "generated", fill=(220, 0, 0))
         if prompt_end:
             d.text((left + 2, legend_h + 1), "prompt", fill=(120, 120, 120))
-    x = left
-    for g in sorted({n.group for n in notes}):
-        name = tokenizer.group_name(g) if tokenizer is not None else f"group {g}"
-        d.rectangle([x, 4, x + 10, 14], fill=group_colour(g, drum_group))
-        d.text((x + 14, 3), name, fill=(0, 0, 0))
-        x += 20 + 7 * len(name)
+    for g, name, x, y in legend:
+        d.rectangle([x, y, x + 10, y + 10], fill=group_colour(g, drum_group))
+        d.text((x + 14, y - 1), name, fill=(0, 0, 0))
     if out_path is not None:
         img.save(Path(out_path), format="PNG")
     return img
