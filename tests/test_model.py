@@ -903,6 +903,39 @@ def test_missing_unexpected_misshaped_keys_listed(tmp_path):
     assert "unexpected keys: rwkv.blocks.0.attention.time_mix_gate" in msg
 
 
+def test_the_odd_layer_out_is_named_and_odd_sizes_and_configs_are_checkpoint_errors(tmp_path):
+    """Sizes were read from layer 0 alone: a file whose layer 0 differed was refused naming the
+    other layers' keys, never the bad one. An embedding of 0 rows was a ConfigError without the
+    file's name; a config.json that is not UTF-8 a UnicodeDecodeError traceback."""
+    from multimodal_rwkv.model.random_checkpoint import blink_state_dict
+
+    sd = blink_state_dict(n_layer=3, n_embd=64, head_size=32, vocab_size=100)
+    cases = {"blocks.0.ffn.key.weight": (200, 64), "blocks.0.att.time_maa_w2": (5, 8, 64),
+             "blocks.0.att.time_decay_w1": (64, 8), "blocks.0.att.key.weight": (96, 64)}
+    for key, shape in cases.items():
+        bad = dict(sd)
+        bad[key] = torch.zeros(shape)
+        torch.save(bad, tmp_path / "odd.pth")
+        with pytest.raises(CheckpointError) as e:
+            RWKVForCausalLM.from_pretrained(tmp_path / "odd.pth")
+        assert f"mis-shaped keys: {key} {shape}!=" in str(e.value) and "blocks.1." not in str(e.value), str(e.value)
+    two = blink_state_dict(n_layer=2, n_embd=64, head_size=32, vocab_size=100)
+    two["blocks.0.ffn.key.weight"] = torch.zeros(200, 64)  # one layer of two: its value product breaks the tie
+    torch.save(two, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"two.pth: mis-shaped keys: blocks\.0\.ffn\.key\.weight \(200, 64\)!=\(224, 64\)$"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "two.pth")
+    empty = dict(sd)
+    empty["emb.weight"], empty["head.weight"] = torch.zeros(0, 64), torch.zeros(0, 64)
+    torch.save(empty, tmp_path / "v0.pth")
+    with pytest.raises(CheckpointError, match="v0.pth: .*vocab_size must be positive"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "v0.pth")
+    torch.save(sd, tmp_path / "ok.pth")
+    RWKVForCausalLM.from_pretrained(tmp_path / "ok.pth").save_pretrained(tmp_path / "ours")
+    (tmp_path / "ours" / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(CheckpointError, match="config.json: unreadable config .*utf-8"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "ours")
+
+
 def test_bad_folder_configs_and_truncated_legacy_files(tmp_path):
     from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
 

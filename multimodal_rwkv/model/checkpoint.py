@@ -7,6 +7,7 @@ file format allows), so a file with pickled code is refused, never executed.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -253,20 +254,37 @@ def _hf_name_to_blink(k: str) -> str:
     return k
 
 
+def _layers_size(sd: dict[str, torch.Tensor], n_layer: int, *where: tuple[str, int]) -> int:
+    """A size as most of the tensors that carry it say, over every layer: ``where`` names them as
+    ``(key in blocks.N, dimension)``. A file whose one layer differs is then refused naming that
+    layer's keys, not every other layer's; a tie goes to layer 0's first key. KeyError (that key)
+    when no layer has any of them, ValueError when none has the dimension."""
+    found = [(sd[k], dim) for name, dim in where for i in range(n_layer) if (k := f"blocks.{i}.{name}") in sd]
+    if not found:
+        raise KeyError(f"blocks.0.{where[0][0]}")
+    votes = [t.shape[dim] for t, dim in found if t.dim() > dim]
+    if not votes:
+        raise ValueError(f"blocks.*.{where[0][0]} has {found[0][0].dim()} dimension(s)")
+    return max(dict.fromkeys(votes), key=votes.count)  # (a dict keeps first-seen order for ties)
+
+
 def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
-    """Build the config from BlinkDL-layout tensor shapes alone."""
+    """Build the config from BlinkDL-layout tensor shapes alone (each size as most layers have it;
+    :func:`check_state_keys` then names any layer that differs)."""
     try:
         version = detect_version(sd, src)
         V, C = sd["emb.weight"].shape
         layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
         n_layer = max(layers) + 1
-        dim_att = sd["blocks.0.att.key.weight"].shape[0]
-        dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
-        H, N = sd["blocks.0.att.time_faaaa"].shape
+        size = functools.partial(_layers_size, sd, n_layer)
+        dim_att = size(("att.key.weight", 0), ("att.value.weight", 0), ("att.receptance.weight", 0),
+                       ("att.gate.weight", 0), ("att.output.weight", 1))
+        dim_ffn = size(("ffn.key.weight", 0), ("ffn.value.weight", 1))
+        H, N = size(("att.time_faaaa", 0)), size(("att.time_faaaa", 1))
         kw = {}
         if version == "x060":
-            kw["d_mix_lora"] = sd["blocks.0.att.time_maa_w2"].shape[1]
-            kw["d_decay_lora"] = sd["blocks.0.att.time_decay_w1"].shape[1]
+            kw["d_mix_lora"] = size(("att.time_maa_w2", 1))
+            kw["d_decay_lora"] = size(("att.time_decay_w1", 1), ("att.time_decay_w2", 0))
     except KeyError as e:
         raise CheckpointError(f"{src}: missing key {e.args[0]} needed to infer the model size") from None
     except (ValueError, IndexError) as e:
@@ -274,8 +292,11 @@ def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
     if H * N != dim_att:
         raise CheckpointError(f"{src}: time_faaaa {H}x{N} does not match dim_att {dim_att}")
     has_state = "blocks.0.att.time_state" in sd
-    return RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C, head_size=N, dim_att=dim_att, dim_ffn=dim_ffn,
-                      version=version, has_initial_state=has_state, **kw)
+    try:
+        return RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C, head_size=N, dim_att=dim_att, dim_ffn=dim_ffn,
+                          version=version, has_initial_state=has_state, **kw)
+    except ConfigError as e:  # e.g. an embedding of 0 rows
+        raise CheckpointError(f"{src}: the sizes its tensors give are not a model ({e})") from None
 
 
 def _blink_name_to_hf(k: str) -> str:
@@ -407,8 +428,8 @@ def _load_raw_model(src):
             refuse_training_checkpoint(path)
             raise CheckpointError(f"{path}: folder has no config.json")
         try:
-            cfg_dict = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            cfg_dict = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # (a UnicodeDecodeError is a ValueError)
             raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
         if not isinstance(cfg_dict, dict):
             raise CheckpointError(f"{cfg_file}: not a JSON object (a model config maps names to values)")

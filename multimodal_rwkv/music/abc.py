@@ -70,7 +70,7 @@ class AbcTokenizer:
         if p.is_dir():
             p = p / TOKENIZER_FILENAME
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{p}: cannot read ABC tokenizer config: {e}") from None
         if not isinstance(d, dict) or d.get("tokenizer") != "abc":

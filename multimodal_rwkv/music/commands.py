@@ -308,7 +308,7 @@ def _eval_from_metrics(args, ids) -> int:
     name = "bits/byte" if is_abc else "bits/note"
     _check_units(args.data, units, name)
     try:
-        rows = [(k, json.loads(x)) for k, x in enumerate(p.read_text().splitlines(), 1) if x.strip()]
+        rows = [(k, json.loads(x)) for k, x in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if x.strip()]
     except (OSError, ValueError) as e:
         raise DataError(f"{p}: cannot read metrics ({e})") from None
     for k, r in rows:

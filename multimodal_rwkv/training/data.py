@@ -368,7 +368,7 @@ def _open_cache(d: Path) -> Optional[tuple[np.ndarray, Optional[np.ndarray], dic
     if not meta_p.is_file():
         return None
     try:
-        meta = json.loads(meta_p.read_text())
+        meta = json.loads(meta_p.read_text(encoding="utf-8"))
         n = int(meta["n_tokens"])
         ids = np.memmap(d / "tokens.u32", dtype=np.uint32, mode="r", shape=(n,)) if n else np.zeros(0, np.uint32)
         tgt = None

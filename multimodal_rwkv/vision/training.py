@@ -287,9 +287,10 @@ def _is_visualrwkv_source(src) -> bool:
     p = Path(src)
     if p.is_dir():
         try:
-            return json.loads((p / "config.json").read_text()).get("model_type") == "visualrwkv"
-        except (OSError, json.JSONDecodeError):
+            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # (the model loader names what is wrong with it)
             return False
+        return isinstance(cfg, dict) and cfg.get("model_type") == "visualrwkv"
     if p.is_file():
         from multimodal_rwkv.model.checkpoint import read_pth
 
