@@ -65,15 +65,18 @@ def test_read_questions_reports_bad_lines(tmp_path):
         json.dumps({"question_id": "q4", "image": "x.png", "question": "Pick", "choices": ["a", "b"], "answers": "A"}),
         # LLaVA's eval question files: the question is "text"; a single "answer" is accepted too
         json.dumps({"question_id": "llava", "image": "x.png", "text": "What is it?\nAnswer briefly.", "answer": "a"}),
+        # one image, two places for it: refused here, not after the model was loaded (as a bad image)
+        json.dumps({"question_id": 9, "image": "x.png", "question": "<image> <image> hi"}),
+        json.dumps({"question_id": 10, "image": "x.png", "question": "<image>\nWhat is it?"}),
     ]
     f = tmp_path / "q.jsonl"
     f.write_text("\n".join(lines) + "\n")
     qf = read_questions(f)
-    assert [q.question_id for q in qf.questions] == [1, "q4", "llava"]
+    assert [q.question_id for q in qf.questions] == [1, "q4", "llava", 10]
     assert qf.questions[2].question == "What is it?\nAnswer briefly." and qf.questions[2].answers == ["a"]
-    assert len(qf.bad_lines) == 5
+    assert len(qf.bad_lines) == 6
     for n, why in ((2, "invalid JSON"), (3, "image file not found"), (4, "'question'"), (5, "duplicate"),
-                   (6, "not a JSON object")):
+                   (6, "not a JSON object"), (10, "'question' has 2 <image> placeholders for its one image")):
         assert any(b.startswith(f"{f}:{n}: ") and why in b for b in qf.bad_lines), (n, qf.bad_lines)
     assert qf.questions[1].score("A") == 1.0 and qf.questions[0].score("b") == 0.0
     # an "image" that names a folder says so (it was "image file not found"), as vqa does

@@ -1,5 +1,7 @@
 """VisualRWKV model: image scatter, bidirectional scan, prefill + recurrent decode, loss, I/O."""
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -277,7 +279,8 @@ def test_bad_folders_and_api_inputs_are_clear_errors(tok, base, tmp_path):
     for change, why in (({"text_config": None}, "invalid VisualRWKV config"),
                         ({"vision_config": "clip"}, "vision_config must be an object"),
                         ({"stop": 5}, "stop must be a string"),
-                        ({"vision_config": {**good["vision_config"], "hidden_size": 63}}, "invalid vision_config")):
+                        ({"vision_config": {**good["vision_config"], "hidden_size": 63}}, "cannot build the vision tower"),
+                        ({"feature_layer": 7}, "cannot build the vision tower it describes .*feature_layer 7")):
         with pytest.raises(CheckpointError, match=why):
             VisualRWKV.from_pretrained(with_config(**change), tokenizer=tok)
     with_config()
@@ -500,3 +503,6 @@ def test_from_config_leaves_the_config_alone_and_an_unbundled_tower_comes_from_i
     back = VisualRWKV.from_pretrained(tmp_path / "m")
     for pa, pb, pc in zip(again.vision_tower.parameters(), back.vision_tower.parameters(), c.vision_tower.parameters()):
         assert torch.equal(pa, pc) and torch.equal(pb, pc)
+    os.rename(tower, tmp_path / "moved")  # the folder it records is gone: said so (it was a hub-id error)
+    with pytest.raises(CheckpointError, match=f"config.json: its vision tower .*{re.escape(str(tower))}, which no longer"):
+        VisualRWKV.from_pretrained(tmp_path / "m")

@@ -104,6 +104,15 @@ def test_exif_orientation_applied(tmp_path):
     assert tuple(out[0, 1]) == (255, 0, 0)  # top-left went to top-right
 
 
+def test_damaged_exif_is_ignored_not_a_corrupt_image(tmp_path, capsys):
+    """A PNG whose EXIF block Pillow cannot parse was refused as 'corrupt or truncated' (its pixels
+    decode fine), and Pillow's warnings about it went to stderr."""
+    path = _save(Image.new("RGB", (5, 3), (255, 0, 0)), tmp_path / "e.png", exif=b"XX*\x00garbage")
+    out = np.asarray(load_image(path))
+    assert out.shape == (3, 5, 3) and (out == (255, 0, 0)).all()
+    assert capsys.readouterr().err == ""
+
+
 def test_tensor_inputs():
     import torch
 

@@ -131,11 +131,11 @@ def _eval_vqa(args) -> int:
     model = _load(args)
     gen = _gen_kwargs(args)
     scores, by_type = [], {}
-    n_bad_images = 0
+    n_failed = 0
     t0 = time.perf_counter()
 
     def answer_all(tmp) -> None:  # into a temporary file: an error or ^C leaves no half-written answers
-        nonlocal n_bad_images
+        nonlocal n_failed
         with open(tmp, "w", encoding="utf-8") as f:
             for s in range(0, len(questions), max(args.batch_size, 1)):
                 chunk = questions[s:s + args.batch_size]
@@ -153,7 +153,7 @@ def _eval_vqa(args) -> int:
                                                         **{**gen, "seed": None if seeds is None else [seeds[i]]}))
                         except DataError as e:
                             print(f"mmrwkv eval-vqa: skipped {on_one_line(f'{q.where}: {e}')}", file=sys.stderr)
-                            n_bad_images += 1
+                            n_failed += 1
                             answers.append(None)
                 for q, a in zip(chunk, answers):
                     if a is None:
@@ -164,15 +164,15 @@ def _eval_vqa(args) -> int:
                         scores.append(sc)
                         if q.qtype:
                             by_type.setdefault(q.qtype, []).append(sc)
-        if n_bad_images == len(questions):  # nothing to write: an earlier output stays as it was
-            raise DataError(f"{args.questions}: no question answered (every image failed to load); "
+        if n_failed == len(questions):  # nothing to write: an earlier output stays as it was
+            raise DataError(f"{args.questions}: no question answered (each one failed, as said above); "
                             f"{args.output} not written")
 
     write_outputs([(args.output, answer_all)])
     dt = time.perf_counter() - t0
-    n_done = len(questions) - n_bad_images
+    n_done = len(questions) - n_failed
     print(f"answered {n_done} questions in {dt:.1f} s -> {args.output}"
-          + (f" ({len(qf.bad_lines) + n_bad_images} bad lines skipped)" if qf.bad_lines or n_bad_images else ""))
+          + (f" ({len(qf.bad_lines) + n_failed} bad lines skipped)" if qf.bad_lines or n_failed else ""))
     if scores:
         print(f"accuracy: {100.0 * sum(scores) / len(scores):.2f}% over {len(scores)} questions with answers")
         for t, v in sorted(by_type.items()):

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.vision.processor import is_blank_question, is_unicode, missing_image, read_text_file, utf8_error
+from multimodal_rwkv.vision.processor import (IMAGE_TOKEN, is_blank_question, is_unicode, missing_image, read_text_file,
+                                             utf8_error)
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +227,9 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
         raise DataError("'question' must be a non-empty string")
     if not is_unicode(d["question"]):
         raise DataError("'question' holds an unpaired surrogate (\\ud800-\\udfff), not text")
+    if d["question"].count(IMAGE_TOKEN) > 1:  # where the one image goes (none: before the question)
+        raise DataError(f"'question' has {d['question'].count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders for "
+                        "its one image")
     if not isinstance(d["image"], str) or not d["image"].strip():
         raise DataError("'image' must be a file name")
     qid = d["question_id"]

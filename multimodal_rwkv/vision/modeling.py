@@ -702,11 +702,16 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
         try:
             tower = VisionEncoder.from_config(config.vision_config, config.encoder_options)
         except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{cfg_file}: invalid vision_config ({' '.join(str(e).split())[:200]})") from None
+            raise CheckpointError(f"{cfg_file}: cannot build the vision tower it describes "
+                                  f"({' '.join(str(e).split())[:200]})") from None
         vt_sd = {k[len("vision_tower."):]: v.float() for k, v in sd.items() if k.startswith("vision_tower.")}
         load_state_into(tower, vt_sd, f"{wfile} (vision_tower)")
     else:
         config.vision_tower = _absolute_if_local(config.vision_tower)  # (saved again, it stays this folder)
+        vt = config.vision_tower
+        if vt and os.path.isabs(vt) and not os.path.isdir(vt):  # (a hub id is never absolute)
+            raise CheckpointError(f"{cfg_file}: its vision tower (not bundled) is the folder {vt}, which no longer "
+                                  "exists; set vision_tower there to the tower's new place")
         tower = VisionEncoder.from_pretrained(config.vision_tower, config.encoder_options)
     image_processor = _load_image_processor(path) if (path / "preprocessor_config.json").is_file() else None
     try:

@@ -109,14 +109,20 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: 
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, with EXIF orientation applied.
+    """Any PIL mode -> RGB, with EXIF orientation applied (where the EXIF data can be read: an
+    image whose EXIF is damaged is taken as stored, as other readers take it).
 
     Transparency (RGBA, LA, PA, P/L/RGB with a transparency key) is composited over white, as
     ``transformers``' ``convert_to_rgb`` does. 16-bit and 32-bit greyscale (I;16*, I) are scaled
     to 8 bits (value >> 8) instead of being clipped at 255 as ``Image.convert`` does; float
     greyscale (F) is taken as [0,1] when its maximum is <= 1, else scaled by its maximum.
     """
-    im = ImageOps.exif_transpose(im)
+    try:
+        with warnings.catch_warnings():  # Pillow warns, at length, about the EXIF it cannot parse
+            warnings.simplefilter("ignore")
+            im = ImageOps.exif_transpose(im)
+    except Exception as e:  # noqa: BLE001 - unreadable EXIF: the pixels are fine, shown as stored
+        logger.debug("EXIF orientation not applied (%s: %s)", type(e).__name__, e)
     mode = im.mode
     if mode == "RGB" and "transparency" not in im.info:
         return im
