@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from multimodal_rwkv.errors import MMRWKVError, on_one_line
@@ -27,6 +28,13 @@ _COMMAND_MODULES = (
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a value such as -1e3 or -inf is a negative number, not an option (argparse's own pattern
+        # knows only -1 and -1.5, and refused "--presence-penalty -1e3" as a missing argument)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
+
     def error(self, message):  # one line, exit 2 (argparse's own convention too)
         self.exit(2, f"{self.prog}: error: {on_one_line(message)}\n")
 

@@ -376,6 +376,21 @@ def test_left_padding_mask_matches_unpadded():
             assert rel(x[1], y[0]) < 1e-5
 
 
+def test_generate_refuses_a_mask_of_the_wrong_shape_whatever_its_values():
+    """transformers drops an attention_mask of all ones before the forward's shape check: one
+    built for another batch passed unnoticed (one holding a zero was refused)."""
+    m = _random_model()
+    ids = torch.tensor([[5, 17, 20, 3, 9]])
+    for bad in (torch.ones(3, 9), torch.ones(1, 3), torch.ones(5)):
+        with pytest.raises(ValueError, match=r"attention_mask has shape .*the input is \(1, 5\)"):
+            m.generate(ids, attention_mask=bad, max_new_tokens=2)
+    want = m.generate(ids, max_new_tokens=2)
+    assert torch.equal(m.generate(ids, attention_mask=torch.ones(1, 5), max_new_tokens=2), want)
+    st = m(ids[:, :3]).state  # with a state, a mask over the cached tokens too
+    got = m.generate(ids[:, 3:], state=st, attention_mask=torch.ones(1, 5), max_new_tokens=2)
+    assert torch.equal(got[:, -2:], want[:, -2:])
+
+
 @pytest.mark.parametrize("version", ["x060", "x052"])
 @pytest.mark.parametrize("where", ["left", "right", "middle", "everywhere"])
 def test_padding_anywhere_equals_the_tokens_alone(version, where):

@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--state", type=path_arg, default=None,
                    help="a state-tuning file (blocks.N.att.time_state tensors) to start from")
     p.add_argument("--prompt", required=True,
-                   help="prompt text; \\n, \\t, \\r and \\\\ are unescaped ('-' reads standard input as it is)")
+                   help="prompt text; \\n, \\t, \\r and \\\\ are unescaped ('-' reads standard input as it is; "
+                        "a prompt that starts with '-': --prompt=-TEXT)")
     p.add_argument("--max-new-tokens", type=int_min(1), default=100)
     add_sampling_args(p, top_p=0.85)
     p.add_argument("--presence-penalty", type=finite, default=0.0)

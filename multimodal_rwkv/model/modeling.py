@@ -960,6 +960,13 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             # drops the ids equal to pad_token_id (0) whenever eos_token_id is another id
             kwargs["attention_mask"] = torch.ones_like(input_ids)
         mask = kwargs.get("attention_mask")
+        if mask is not None and input_ids is not None:  # (transformers drops a mask of all ones unchecked)
+            B, T = input_ids.shape
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != B or not (
+                    mask.shape[1] == T or state is not None and mask.shape[1] > T):
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"attention_mask has shape {got}, the input is {(B, T)} ([B, T]; with a state, "
+                                 "[B, cached + T] too)")
         if mask is not None and input_ids is not None and mask.shape == input_ids.shape:
             empty = (mask == 0).all(dim=1).nonzero().flatten().tolist()
             if empty:

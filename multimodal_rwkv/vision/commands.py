@@ -26,7 +26,8 @@ def register(sub) -> None:
         formatter_class=_RAW)
     p.add_argument("--model", type=path_arg, required=True, help="VisualRWKV folder (save_pretrained) or VisualRWKV-v060 .pth")
     p.add_argument("--image", type=path_arg, required=True, help="image file")
-    p.add_argument("--question", required=True, help="the question (an <image> placeholder is added if absent)")
+    p.add_argument("--question", required=True, help="the question (an <image> placeholder is added if absent; one that "
+                   "starts with '-': --question=-TEXT)")
     p.add_argument("--vision-tower", type=path_arg, default=None, help="CLIP hub id/folder for a v060 .pth (config + processor)")
     _gen_args(p)
     p.set_defaults(func=_vqa)
