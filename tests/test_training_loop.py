@@ -1240,6 +1240,27 @@ def test_an_output_dir_inside_the_data_folder_is_not_read_as_data(tmp_path):
     assert info.get("skipped_records", 0) == 0, info
 
 
+def test_another_runs_output_inside_the_data_folder_is_not_read_as_data(tmp_path):
+    """A run kept inside a folder of jsonl files: a second run on that folder (its own output_dir
+    elsewhere in it) read the first run's metrics, configs and trainer states as bad records."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text("".join(json.dumps({"text": f"the quick brown fox {i}"}) + "\n" for i in range(40)))
+    over = [f"data.train_file={data}", "data.tokenizer=bytes", "data.ctx_len=16", "max_steps=2",
+            "model.config={n_layer: 1, n_embd: 64, head_size: 32}", "progress_bar=false", "checkpoint_every=1",
+            "train.micro_batch_size=2"]
+    train(TrainConfig(), over + [f"output_dir={data / 'run'}"])
+    out = train(TrainConfig(), over + [f"output_dir={data / 'run2'}"])  # on_bad_record=fail: nothing bad
+    info = json.loads((out / "training_info.json").read_text())
+    assert info.get("skipped_records", 0) == 0, info
+    (data / "notes").mkdir()  # a folder with a recipe.yaml alone is not a run: still read
+    (data / "notes" / "recipe.yaml").write_text("task: lm\n")
+    (data / "notes" / "b.jsonl").write_text(json.dumps({"text": "more text"}) + "\n")
+    from multimodal_rwkv.training.data import folder_files
+
+    assert folder_files(data, (".jsonl", ".json")) == [data / "a.jsonl", data / "notes" / "b.jsonl"]
+
+
 def test_a_finished_run_without_checkpoints_is_not_trained_again_silently(tmp_path, corpus):
     """checkpoints/ deleted to save disk: the same command retrained from step 0 and replaced final/."""
     import shutil

@@ -669,12 +669,20 @@ def _outside(x: Path, skip: Sequence[Path]) -> bool:
     return not any(rx == s or s in rx.parents for s in skip)
 
 
+def _is_training_run(folder: Path) -> bool:
+    """Whether ``folder`` is a training run's output_dir: its ``recipe.yaml`` beside what a run
+    writes (checkpoints, final/, metrics.jsonl)."""
+    return (folder / "recipe.yaml").is_file() and any(
+        (folder / n).exists() for n in ("checkpoints", "final", "metrics.jsonl"))
+
+
 def folder_files(folder: Path, suffixes: Sequence[str], skip: Sequence[Path] = ()) -> list[Path]:
     """The data files of ``folder`` and its subfolders (suffix in ``suffixes``, any case), sorted.
 
     Linked subfolders are followed (each real folder once: a link loop ends); hidden files and
     folders (``.git``, ``.ipynb_checkpoints``, editors' copies) are left out, and so is what lies
-    under a folder of ``skip``. A broken link or a link loop named like a data file is listed
+    under a folder of ``skip`` or in a training run's output folder (this run's, or another's
+    kept beside the data: its metrics, configs and checkpoints are not data). A broken link or a link loop named like a data file is listed
     (reading it says why it cannot be read); a FIFO or a socket is not."""
     out, seen = [], set()
 
@@ -687,7 +695,11 @@ def folder_files(folder: Path, suffixes: Sequence[str], skip: Sequence[Path] = (
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        runs = [d for d in dirs if _is_training_run(Path(root) / d)]
+        for d in runs:
+            logger.info("%s: the output of a training run (recipe.yaml and its checkpoints): its files are not data",
+                        Path(root) / d)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in runs)
         for name in names:
             x = Path(root) / name
             if (not name.startswith(".") and x.suffix.lower() in suffixes
