@@ -117,6 +117,10 @@ def test_unknown_key_in_recipe_file(tmp_path):
     p.write_text("max_steps: [1\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(p)
+    # the reason and its line, not PyYAML's context ("while parsing a block mapping")
+    p.write_text("task: lm\nmax_steps: 5\noptim:\n  lr: 1e-3\n lr_final: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: invalid YAML \(expected <block end>.* at line 5, column 2\)$"):
+        load_config(p)
 
 
 def test_a_recipe_that_is_not_utf8_is_named_in_one_line(tmp_path, capsys):
