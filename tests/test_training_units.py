@@ -268,6 +268,38 @@ def test_out_of_memory_is_one_line_naming_the_settings_to_lower(monkeypatch, cap
         fail("steps", RuntimeError("something else"))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/meminfo: Linux")
+def test_a_step_too_large_for_the_free_memory_fails_as_an_allocation_not_by_the_oom_killer(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Linux overcommits: a batch too large for the machine was granted its memory, and the kernel
+    killed the process (exit 137, no message) once it touched more than there was. The guard caps
+    the address space at what is free, so the allocation fails and the run says what to lower."""
+    import resource
+
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.training import loop
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    monkeypatch.setattr(loop, "_available_memory", lambda: 32 * 2**20)  # a machine with 32 MiB free
+    with loop._memory_guard(True):
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            torch.empty(2**30, dtype=torch.uint8)  # 1 GiB: granted without the guard (never touched)
+    assert resource.getrlimit(resource.RLIMIT_AS) == before  # put back
+    torch.empty(2**30, dtype=torch.uint8)
+    with loop._memory_guard(False):
+        torch.empty(2**30, dtype=torch.uint8)
+    (tmp_path / "c.txt").write_text("some text to train on. " * 400)
+    args = ["train", "recipes/lm_tiny.yaml", "--set", f"output_dir={tmp_path / 'run'}",
+            f"data.train_file={tmp_path / 'c.txt'}", "data.tokenizer=bytes", "data.ctx_len=64", "max_steps=1",
+            "train.micro_batch_size=128", "model.config.vocab_size=257", "model.config.n_layer=1",
+            "model.config.n_embd=64", "model.config.head_size=32", "progress_bar=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory for a training step" in err[0] and "micro_batch_size=128" in err[0], err
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    assert main(args + ["train.cpu_memory_guard=false"]) == 0  # the same run, unguarded, fits the real machine
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_keep_freed_memory_stops_page_faulting_big_buffers_in_again():
     """A step-like loop that allocates and frees 16-48 MB buffers: by default glibc returns them to

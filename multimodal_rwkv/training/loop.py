@@ -334,6 +334,63 @@ class _CollateDrops:
         return self.collate([it for it, _ in pairs]), [m for _, ms in pairs for m in ms]
 
 
+def _available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable + SwapFree), or None where /proc/meminfo
+    does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            kb = {k: v.split()[0] for k, v in (ln.split(":", 1) for ln in f if ":" in ln)}
+        return (int(kb["MemAvailable"]) + int(kb.get("SwapFree", 0))) * 1024
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _address_space() -> int | None:
+    """This process's virtual memory size in bytes (VmSize), or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def _memory_guard(enabled: bool):
+    """While training on a CPU, the process may map no more new memory than the machine has
+    free (RLIMIT_AS = its size now + MemAvailable + SwapFree, shared among the processes of this
+    machine). Linux lets a process allocate more than there is and kills it when it touches the
+    memory (no error to catch, no line saying which settings to lower); with the limit, the
+    allocation that would not fit fails instead, and the run stops with the out-of-memory line.
+    The limit is put back afterwards."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        enabled = False
+    vm, avail = (_address_space(), _available_memory()) if enabled else (None, None)
+    if vm is None or avail is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # processes sharing this machine
+    limit = vm + avail // local
+    for cap in (soft, hard):
+        if cap != resource.RLIM_INFINITY:
+            limit = min(limit, cap)
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ValueError, OSError):  # not allowed here: train without it
+        yield
+        return
+    try:
+        yield
+    except RuntimeError as e:  # oneDNN says no more than this when its buffers do not fit
+        if "could not create a primitive" in str(e):
+            raise MemoryError("a oneDNN product found no memory for its buffers") from None
+        raise
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 class _SignalFlag:
     """SIGINT/SIGTERM set a flag the loop checks after each optimiser step; a second SIGINT aborts."""
 
@@ -1179,7 +1236,7 @@ class Trainer:
         time_up = budget is not None and t_sched >= budget
         self._phase = "steps"
         try:
-            with _SignalFlag() as sig:
+            with _SignalFlag() as sig, _memory_guard(acc.device.type == "cpu" and cfg.train.cpu_memory_guard):
                 while step < cfg.max_steps and not time_up:
                     t0 = time.perf_counter()
                     fetched = [next(it) for _ in range(A)]
