@@ -647,6 +647,11 @@ def test_precision_checkpointing_l2wrap_and_eval_every(tmp_path, corpus, monkeyp
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     with pytest.raises(ConfigError, match="log_with: tensorboard needs"):
         train(TrainConfig(), base_overrides(corpus, tmp_path / "e", max_steps=1, log_with="[tensorboard]"))
+    import accelerate.utils
+
+    if not accelerate.utils.is_wandb_available():  # accelerate only warned, and trained without it
+        with pytest.raises(ConfigError, match=r"log_with: wandb needs the 'wandb' package.*pip install wandb"):
+            train(TrainConfig(), base_overrides(corpus, tmp_path / "f", max_steps=1, log_with="[wandb]"))
 
 
 def test_tensorboard_tracker_logs_the_metrics(corpus, tmp_path):

@@ -564,15 +564,14 @@ class Trainer:
         cfg = self.cfg
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
         log_with = list(cfg.log_with) or None
-        for t in cfg.log_with:
-            if t == "tensorboard":
-                try:
-                    import tensorboard  # noqa: F401
-                except ImportError:
-                    try:
-                        import tensorboardX  # noqa: F401
-                    except ImportError:
-                        raise ConfigError("log_with: tensorboard needs the 'tensorboard' package (pip install tensorboard)") from None
+        import accelerate.utils
+
+        for t in cfg.log_with:  # accelerate itself only warns, and trains without the tracker
+            available = getattr(accelerate.utils, f"is_{t}_available", None)
+            if available is not None and not available():
+                package = "tensorboard" if t == "tensorboard" else t.replace("_", "-")
+                raise ConfigError(f"log_with: {t} needs the '{package}' package, which is not installed "
+                                  f"(pip install {package})")
         from accelerate.state import AcceleratorState, GradientState
 
         # accelerate keeps process-wide singletons; a second train() in the same process (Python API,
