@@ -280,6 +280,19 @@ def test_onednn_switched_off_uses_f_linear():
     _run_python(code, MMRWKV_ONEDNN_LINEAR="0")
 
 
+def test_onednn_linear_of_mismatched_shapes_says_what_f_linear_says():
+    """oneDNN's error was 'could not create a primitive descriptor ... ONEDNN_VERBOSE'."""
+    from multimodal_rwkv.kernels import cpu
+
+    x = torch.randn(40, 64)
+    for w, b in ((torch.randn(32, 48), None), (torch.randn(32, 64), torch.randn(7))):
+        with pytest.raises(RuntimeError) as want:
+            torch.nn.functional.linear(x, w, b)
+        with pytest.raises(RuntimeError) as got:
+            cpu.linear(x, w, b)
+        assert str(got.value) == str(want.value) and "primitive" not in str(got.value)
+
+
 # ------------------------------------------------------------------ fused elementwise parts
 def _f64(ts):
     return [t.double().requires_grad_() for t in ts]

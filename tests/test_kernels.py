@@ -260,6 +260,9 @@ def test_validation_errors():
     for backend in ("auto", "reference", "torch"):
         with pytest.raises(KernelError, match="must be <= 0; its largest value is 0.5"):
             wkv6(r, k, v, grow, u, backend=backend)
+    grow[0, 0, 0, 0] = float("nan")  # a NaN beside it hid it: max() is NaN, and NaN > 0 is False
+    with pytest.raises(KernelError, match="must be <= 0; its largest value is 0.5"):
+        wkv6(r, k, v, grow, u)
     wkv6(r, k, v, torch.zeros_like(w), u)  # no decay at all is fine
 
 

@@ -74,7 +74,10 @@ def wkv6(r, k, v, w, u, initial_state=None, output_final_state=False, backend="a
     from multimodal_rwkv.kernels.dispatch import dispatch
 
     if isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_floating_point() and w.numel():
-        top = w.detach().max()
+        wd = w.detach()
+        top = wd.max()
+        if torch.isnan(top):  # a w holding NaN: its max is NaN, which no comparison fails; the rest is checked
+            top = torch.where(torch.isnan(wd), -torch.inf, wd).max()
         if top > 0:
             raise KernelError(f"wkv6: w is the log-decay -exp(wraw) and must be <= 0; its largest value is {float(top):.4g}")
     return dispatch(r, k, v, w, u, initial_state, output_final_state, backend)

@@ -391,7 +391,8 @@ def _onednn_ok(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     """Whether ``x @ w.T (+ bias)`` may go through oneDNN: plain fp32 CPU tensors, at least 17
     rows, no autocast, oneDNN enabled and the op present."""
     return (_plain_fp32_cpu(x) and _plain_fp32_cpu(w) and (bias is None or _plain_fp32_cpu(bias))
-            and w.dim() == 2 and x.dim() >= 2 and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
+            and w.dim() == 2 and x.dim() >= 2 and x.shape[-1] == w.shape[1]  # (else torch's own shape error)
+            and (bias is None or tuple(bias.shape) == (w.shape[0],)) and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
             and _onednn_available() and not torch.is_autocast_enabled("cpu"))
 
 
