@@ -35,8 +35,9 @@ def register(sub) -> None:
     )
     p.add_argument("--out", type=path_arg, default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--image", type=path_arg, action="append", default=[], help="also ask about this image (repeatable)")
-    p.add_argument("--question", default=None,
-                   help=f"question for --image (default: {DEFAULT_QUESTION!r})")
+    p.add_argument("--question", action="append", default=[],
+                   help=f"question for --image (default: {DEFAULT_QUESTION!r}); repeatable: one for every --image, "
+                        "or one per --image, in order")
     p.add_argument("--seconds", type=float_min(0, strict=True), default=20.0, help="length of the generated music")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--skip-music", action="store_true", help="no music part (not with --skip-vision)")
@@ -51,16 +52,19 @@ def _check_inputs(args) -> None:
 
     if args.skip_music and args.skip_vision:
         raise DataError("--skip-music and --skip-vision together leave the demo nothing to do")
-    if args.question is not None:
-        if is_blank_question(args.question):
+    for q in args.question:
+        if is_blank_question(q):
             raise DataError("--question is empty")
-        if not is_unicode(args.question):
+        if not is_unicode(q):
             raise DataError("--question holds bytes that are not UTF-8 text")
-        if args.question.count(IMAGE_TOKEN) > 1:
-            raise DataError(f"--question holds {args.question.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders; it is "
+        if q.count(IMAGE_TOKEN) > 1:
+            raise DataError(f"--question holds {q.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders; it is "
                             f"asked about one --image at a time (at most one {IMAGE_TOKEN})")
-    if args.question is not None and not args.image:
+    if args.question and not args.image:
         raise DataError("--question is asked about an --image: give one (or more) with it")
+    if len(args.question) > 1 and len(args.question) != len(args.image):
+        raise DataError(f"{len(args.question)} --question for {len(args.image)} --image: give one question for "
+                        "every image, or one per image (in the same order)")
     if args.image and args.skip_vision:
         raise DataError("--image is answered by the vision part of the demo, which --skip-vision turns off")
 
@@ -119,8 +123,8 @@ def _demo_vision(args, out: Path) -> list[str]:
             right += ok
             total += 1
             print(f"  {path.name}: {q!r} -> {got!r} (expected {expected!r}) {'ok' if ok else 'wrong'}", flush=True)
-    for img_path in args.image:
-        question = args.question or DEFAULT_QUESTION
+    questions = args.question if len(args.question) > 1 else (args.question or [DEFAULT_QUESTION]) * len(args.image)
+    for img_path, question in zip(args.image, questions):
         got = model.answer(img_path, question, max_new_tokens=16)
         print(f"  {img_path}: {question!r} -> {got!r}", flush=True)
     print(f"[vision] {right}/{total} correct on drawn scenes, in {time.perf_counter() - t:.1f} s", flush=True)

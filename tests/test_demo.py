@@ -45,6 +45,23 @@ def test_demo_bad_arguments_exit_2(argv, needle):
     assert rc == 2 and needle in err and "Traceback" not in err
 
 
+def test_demo_asks_each_image_its_own_question(tmp_path):
+    """--question was one value: a second one replaced the first for every --image, silently."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(a)
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(b)
+    rc, out, err = run("demo", "--out", tmp_path / "o", "--skip-music", "--image", a, "--question", "What colour?",
+                       "--image", b, "--question", "How many shapes?")
+    assert rc == 0, err
+    assert f"{a}: 'What colour?' ->" in out and f"{b}: 'How many shapes?' ->" in out
+    rc, out, err = run("demo", "--out", tmp_path / "o2", "--skip-music", "--image", a, "--image", b,
+                       "--question", "What colour?")  # one question: asked about every image
+    assert rc == 0 and f"{a}: 'What colour?'" in out and f"{b}: 'What colour?'" in out, err
+    rc, out, err = run("demo", "--out", tmp_path / "o3", "--skip-music", "--image", a, "--question", "x?",
+                       "--question", "y?")
+    assert rc == 2 and "2 --question for 1 --image" in err
+
+
 def test_demo_never_draws_over_its_image_input(tmp_path):
     """--image out/scene_0.png was overwritten by the scene the demo draws there (exit 0)."""
     from PIL import Image
