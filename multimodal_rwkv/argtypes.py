@@ -87,7 +87,7 @@ def add_sampling_args(p, *, top_p: float, temperature_help: str = "0 = greedy", 
     """--temperature (>= 0), --top-k (>= 0, 0 = off), --top-p (in (0, 1]); ``only``: when they
     apply (e.g. "with --do-sample"), said in each one's help."""
     when = f"{only}; " if only else ""
-    p.add_argument("--temperature", type=float_min(0), default=1.0, help=only or temperature_help)
+    p.add_argument("--temperature", type=float_min(0), default=1.0, help=f"{only or temperature_help} (default 1)")
     p.add_argument("--top-k", type=int_min(0), default=0, help=f"{when}0 = off")
     p.add_argument("--top-p", type=probability, default=top_p, help=f"{when}nucleus mass in (0, 1] (default {top_p:g})")
 

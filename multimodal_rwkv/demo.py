@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--question", action="append", default=[],
                    help=f"question for --image (default: {DEFAULT_QUESTION!r}); repeatable: one for every --image, "
                         "or one per --image, in order")
-    p.add_argument("--seconds", type=float_min(0, strict=True), default=20.0, help="length of the generated music")
+    p.add_argument("--seconds", type=float_min(0, strict=True), default=20.0, help="length of the generated music (default 20)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--skip-music", action="store_true", help="no music part (not with --skip-vision)")
     p.add_argument("--skip-vision", action="store_true", help="no vision part (not with --skip-music)")

@@ -122,13 +122,21 @@ def extension():
             why = f"{_SOURCE} is missing"
         if why is None:
             try:
-                logger.info("loading the C++ CPU kernels (built once per machine and version, about a minute; "
-                            "then loaded from torch's extension cache)")
                 # one build folder per source file and content: two checkouts (or versions) sharing
                 # torch's extension cache would otherwise rebuild each other's build in turn
                 tag = hashlib.sha1(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
+                name = f"mmrwkv_cpu_kernels_{tag}"
+                try:  # (a private helper of torch's: where load() keeps the build)
+                    built = (Path(_cpp_extension()._get_build_directory(name, False)) / f"{name}.so").is_file()
+                except Exception:  # noqa: BLE001 - not there in this torch: say it may take a while
+                    built = False
+                if built:
+                    logger.debug("loading the C++ CPU kernels from torch's extension cache")
+                else:
+                    logger.info("building the C++ CPU kernels (once per machine and version, about a minute; "
+                                "then loaded from torch's extension cache)")
                 _state["module"] = _cpp_extension().load(
-                    f"mmrwkv_cpu_kernels_{tag}", sources=[str(_SOURCE)],
+                    name, sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
                 return _state["module"]
             except Exception as e:  # noqa: BLE001 - any build failure: fall back, once

@@ -31,13 +31,13 @@ def register(sub) -> None:
     p.add_argument("--prompt", required=True,
                    help="prompt text; \\n, \\t, \\r and \\\\ are unescaped ('-' reads standard input as it is; "
                         "a prompt that starts with '-': --prompt=-TEXT)")
-    p.add_argument("--max-new-tokens", type=int_min(1), default=100)
+    p.add_argument("--max-new-tokens", type=int_min(1), default=100, help="(default 100)")
     add_sampling_args(p, top_p=0.85)
     p.add_argument("--presence-penalty", type=finite, default=0.0)
     p.add_argument("--frequency-penalty", type=finite, default=0.0)
     p.add_argument("--stop", action="append", default=None,
                    help="stop string (repeatable, unescaped as --prompt), e.g. '\\n\\n'")
-    p.add_argument("--seed", type=seed, default=None)
+    p.add_argument("--seed", type=seed, default=None, help="for reproducible sampling (default: none, a fresh draw)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end instead of streaming")

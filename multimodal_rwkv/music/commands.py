@@ -407,7 +407,7 @@ def register(subparsers) -> None:
     music = subparsers.add_parser(
         "music", help="MIDI/ABC tokenizers, corpora, generation and evaluation",
         description="Music on the RWKV core: tokenize MIDI, prepare corpora, generate MIDI/ABC, evaluate.",
-        epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/music/bach && "
+        epilog="Example: mmrwkv music prepare --corpus bach-chorales --out data/music/bach --transpose 3 && "
                "mmrwkv train recipes/music_bach_midi.yaml && "
                "mmrwkv music generate --model runs/music_bach/final --out song.mid --png roll.png",
         formatter_class=fmt)

@@ -57,7 +57,7 @@ def register(sub) -> None:
         "vision-synth", help="generate the synthetic shapes/colours/counts VQA dataset",
         description="Write a synthetic visual QA dataset in LLaVA format: images/, train.json, test.json and\n"
                     "test_questions.jsonl (held-out scenes) for eval-vqa.\n\n"
-                    "Example:\n  mmrwkv vision-synth --out data/synth --n-train 4000 --n-test 300\n"
+                    "Example:\n  mmrwkv vision-synth --out data/synth --n-train 4000 --n-test 300 --multi-turn\n"
                     "  mmrwkv train recipes/visualrwkv_synthetic.yaml --set data.train_file=data/synth/train.json "
                     "data.image_folder=data/synth/images output_dir=runs/visualrwkv_synthetic",
         formatter_class=_RAW)
@@ -76,7 +76,7 @@ def register(sub) -> None:
 
 
 def _gen_args(p) -> None:
-    p.add_argument("--max-new-tokens", type=int_min(1), default=128)
+    p.add_argument("--max-new-tokens", type=int_min(1), default=128, help="(default 128)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     add_sampling_args(p, top_p=1.0, only="with --do-sample")
     p.add_argument("--seed", type=seed, default=None)
