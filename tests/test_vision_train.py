@@ -167,6 +167,27 @@ def test_micro_batches_are_weighted_by_the_models_loss_reduction(trained, tmp_pa
     assert task.count_targets({"labels": labels}) == 4
 
 
+@pytest.mark.parametrize("reduction", ["sample", "token"])
+def test_l2wrap_does_not_depend_on_how_the_batch_is_split(trained, tmp_path, reduction):
+    """L2Wrap pushed each supervised position by 1e-4 over its micro-batch's supervised positions:
+    under loss_reduction 'sample', one batch of 4 and two micro-batches of 2 (or two processes)
+    trained differently (losses 2e-5 apart after 20 steps)."""
+    from multimodal_rwkv.training import train
+
+    data, _, _ = trained
+
+    def losses(out, **over):
+        cfg = recipe(tmp_path, data, tmp_path / out, max_steps=6, **over)
+        cfg.model.options["loss_reduction"] = reduction
+        cfg.train.l2wrap = True
+        train(cfg)
+        return [json.loads(x)["loss"] for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    whole = losses("whole", train__micro_batch_size=4)
+    split = losses("split", train__micro_batch_size=2, train__grad_accum=2)
+    assert max(abs(a - b) for a, b in zip(whole, split)) < 5e-6, (whole, split)  # (the split: 2.5e-5)
+
+
 def test_config_values_of_the_wrong_type_are_refused():
     """bidirectional_scan: "false" (a hand-edited config.json) read as true and scanned the image
     backwards; a vocab_subset id 11.5 was cut to 11."""

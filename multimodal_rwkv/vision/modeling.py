@@ -368,13 +368,17 @@ class VisualRWKV(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, state=None, logits_to_keep=0,
-                return_logits: bool | None = None, attention_mask=None, **unused) -> VisualRWKVOutput:
+                return_logits: bool | None = None, attention_mask=None, l2wrap_factor: float | None = None,
+                **unused) -> VisualRWKVOutput:
         """input_ids [B,T] World ids with IMAGE_TOKEN_ID placeholders; pixel_values [N,3,H,W];
         labels [B,T] (IGNORE_INDEX = -100 where unsupervised; shifted inside, HF convention).
 
         With labels, the head runs only on supervised positions (answers are a few tokens of a
         long image+prompt sequence, and the head is the costliest matrix of a small model);
-        logits are then None unless ``return_logits``.
+        logits are then None unless ``return_logits``. ``l2wrap_factor`` (training with
+        ``l2wrap``): L2Wrap's push per supervised position per unit of the loss's gradient (the
+        training engine's, so that the push does not depend on how a batch is split); None: RWKV-LM's
+        ``1e-4`` over the supervised positions of this batch.
         """
         x = self.embed(input_ids, pixel_values)
         scan = None
@@ -386,7 +390,7 @@ class VisualRWKV(nn.Module):
         loss = None
         logits = None
         if labels is not None:
-            loss = self._loss(hidden, labels.to(hidden.device))
+            loss = self._loss(hidden, labels.to(hidden.device), l2wrap_factor)
             if return_logits:
                 logits = head(hidden)
         else:
@@ -395,7 +399,7 @@ class VisualRWKV(nn.Module):
             logits = head(keep_logit_positions(hidden, logits_to_keep))
         return VisualRWKVOutput(loss=loss, logits=logits, state=new_state)
 
-    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, l2wrap_factor: float | None = None) -> torch.Tensor:
         tgt = labels[:, 1:]
         sel = tgt != IGNORE_INDEX
         if not bool(sel.any()):
@@ -415,7 +419,8 @@ class VisualRWKV(nn.Module):
         if getattr(self, "l2wrap", False) and self.training:
             from multimodal_rwkv.training.lm import L2Wrap
 
-            loss = L2Wrap.apply(loss, logits)  # on the supervised positions' logits only
+            loss = (L2Wrap.apply(loss, logits) if l2wrap_factor is None  # on the supervised positions' logits only
+                    else L2Wrap.apply(loss, logits, factor=l2wrap_factor, reduction="sum"))
         return loss
 
     def reference_loss(self, input_ids, pixel_values, labels) -> torch.Tensor:

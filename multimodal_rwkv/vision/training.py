@@ -273,6 +273,18 @@ class VisualRWKVTask(Task):
     def count_tokens(self, batch) -> int:
         return int(batch["input_ids"].numel())
 
+    def training_step(self, model, batch, ctx):
+        """The base step; with ``train.l2wrap``, L2Wrap's push is RWKV-LM's ``1e-4`` over all
+        positions of the optimiser step (as the LM task's), whatever the split into micro-batches
+        and processes: the model's own (``1e-4`` over one micro-batch's supervised positions) made
+        two processes differ from one with the doubled batch under ``loss_reduction: sample``."""
+        n = self.count_targets(batch)
+        if self.cfg.train.l2wrap and n and ctx.scale > 0:
+            # the loss's gradient is n * scale (the base step's loss_sum * scale): per position
+            # the push is then factor * n * scale = 1e-4 * token_scale
+            batch = {**batch, "l2wrap_factor": 1e-4 * ctx.token_scale / (n * ctx.scale)}
+        return super().training_step(model, batch, ctx)
+
     # ------------------------------------------------------------------ export
     def save_pretrained(self, model, out_dir):
         out_dir = Path(out_dir)
