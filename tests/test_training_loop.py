@@ -576,12 +576,14 @@ def test_max_minutes_ends_the_run_on_time_and_finishes_the_schedule(tmp_path, co
 
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     """gloo on CPU: torchrun starts 2 ranks, accelerate sees MULTI_CPU (ACCELERATE_USE_CPU=1)."""
+    scored = {"data.valid_file": str(corpus), "eval_every": 5, "eval_batches": 1}  # the same windows either way
     ref = losses(train(TrainConfig(), base_overrides(corpus, tmp_path / "one", max_steps=5, **{
-        "train.micro_batch_size": 4})).parent)
+        "train.micro_batch_size": 4, **scored})).parent)
     recipe = tmp_path / "r.yaml"
     save_config(TrainConfig(), recipe)
     # 2 ranks x micro-batch 1 x grad_accum 2 (DDP no_sync on the first micro-batch) == 1 rank x batch 4
-    ov = base_overrides(corpus, tmp_path / "two", max_steps=5, **{"train.micro_batch_size": 1, "train.grad_accum": 2})
+    ov = base_overrides(corpus, tmp_path / "two", max_steps=5, **{"train.micro_batch_size": 1, "train.grad_accum": 2,
+                                                                  **scored})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29500 + os.getpid() % 1000), "-m", "multimodal_rwkv", "train", str(recipe)]
     cmd += sum((["--set", o] for o in ov), [])
@@ -591,6 +593,9 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     got = losses(tmp_path / "two")
     assert len(got) == 5
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    valid = [[json.loads(x).get("valid_loss") for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()][-1]
+             for d in ("one", "two")]
+    assert valid[0] is not None and valid[1] == pytest.approx(valid[0], abs=1e-5), valid
     # a wall-clock budget: the ranks agree on the time (mean over ranks) and stop at the same step
     ov = base_overrides(corpus, tmp_path / "timed", max_steps=100000, max_minutes=0.01, checkpoint_every=0,
                         **{"train.micro_batch_size": 1})

@@ -133,7 +133,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_last: int = 2
     eval_every: int = 0  # 0: evaluate only at the end (when data.valid_file is set)
-    eval_batches: int = 0  # 0: the whole validation set
+    # validation batches scored, each of an optimiser step's size (processes x micro_batch_size x
+    # grad_accum windows); 0: the whole validation set
+    eval_batches: int = 0
     log_every: int = 1  # rows sent to the trackers (log_with); metrics.jsonl has every step
     log_with: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
     progress_bar: bool = True

@@ -786,8 +786,10 @@ class Trainer:
         n = len(valid_ds)
         B = cfg.train.micro_batch_size
         n_batches = -(-n // B)
-        if cfg.eval_batches > 0:
-            n_batches = min(n_batches, cfg.eval_batches)
+        if cfg.eval_batches > 0:  # batches of an optimiser step's size, whatever its split into
+            # micro-batches and processes: a run on 2 processes with half the micro-batch scores
+            # the same windows as on one
+            n_batches = min(n_batches, cfg.eval_batches * acc.num_processes * cfg.train.grad_accum)
         tot = torch.zeros(3, dtype=torch.float64, device=acc.device)
         model.eval()
         ds, coll, msgs = _ReportsDrops(valid_ds), _CollateDrops(collate), []
