@@ -17,6 +17,7 @@ A command's outputs (answers, MIDI files, pictures) go through two steps:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -266,8 +267,14 @@ def atomic_write(path, write) -> None:
 
     A new file gets the usual mode for a new file (umask applied): some writers, safetensors'
     ``save_file`` among them, create their files 0600, and a saved model is meant to be shared. A
-    file replaced keeps its mode (a model made private stays private when converted again)."""
+    file replaced keeps its mode (a model made private stays private when converted again). A
+    ``path`` that is a folder, or in a folder that does not exist, is an OSError naming it (not
+    the temporary file's name, nor the writer's own error type)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder to write into", str(path.parent))
     tmp = temp_name(path)
     try:
         with naming_write_errors(path):  # a full disk names the file (the writers' own errors may not)
@@ -282,6 +289,53 @@ def atomic_write(path, write) -> None:
         if tmp.exists():
             tmp.unlink()
     fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, name: str, what: str):
+    """Hold an exclusive lock on the file ``folder/name`` for the block (removed at its end): a
+    second ``what`` on the same folder is a DataError saying it is in use, not a run that deletes
+    the first one's work. The OS drops the lock when the process dies, however it dies (the file
+    then stays, and the next run takes it over)."""
+    import fcntl
+
+    path = Path(folder) / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # a lock file removed by the run that held it, after this opened it: not the lock any more
+            held = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            held = False
+        if not held:
+            raise OSError
+    except OSError:
+        os.close(fd)
+        raise DataError(f"{folder}: in use by another {what}; wait for it to finish or use another folder") from None
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file`` through :func:`atomic_write`; its own error for a failed write (a
+    full disk) is an OSError naming ``path``."""
+    from safetensors.torch import save_file
+
+    def write(tmp) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type for a failed write
+            raise OSError(f"cannot write ({' '.join(str(e).split())[:160]})") from None  # (named by atomic_write)
+
+    atomic_write(path, write)
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -376,6 +376,29 @@ def test_left_padding_mask_matches_unpadded():
             assert rel(x[1], y[0]) < 1e-5
 
 
+@pytest.mark.parametrize("kw", [{}, {"version": "x052"}, {"has_initial_state": True}, {"dim_att": 64},
+                                {"has_initial_state": True, "version": "x052"}])
+def test_the_parameter_estimate_counts_every_parameter(kw):
+    """The estimate left out a trained initial state (time_state, H x N x N per layer)."""
+    cfg = RWKVConfig(vocab_size=97, n_layer=2, n_embd=128, head_size=32, **kw)
+    assert cfg.num_parameters_estimate() == sum(p.numel() for p in RWKVForCausalLM(cfg).parameters())
+
+
+def test_a_state_saved_to_a_folder_or_into_a_missing_one_is_an_oserror_naming_it(tmp_path):
+    """safetensors' own error named a hidden temporary file; a folder as the target said
+    'Is a directory: <temp> -> <path>'."""
+    st = _random_model()(torch.tensor([[1, 2, 3]])).state
+    with pytest.raises(FileNotFoundError) as e:
+        st.save(tmp_path / "nodir" / "s.st")
+    assert e.value.filename == str(tmp_path / "nodir") and ".tmp" not in str(e.value)
+    with pytest.raises(IsADirectoryError) as e:
+        st.save(tmp_path)
+    assert e.value.filename == str(tmp_path) and ".tmp" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind
+    st.save(tmp_path / "s.st")
+    assert RWKVState.load(tmp_path / "s.st").wkv[0].shape == st.wkv[0].shape
+
+
 def test_generate_refuses_a_mask_of_the_wrong_shape_whatever_its_values():
     """transformers drops an attention_mask of all ones before the forward's shape check: one
     built for another batch passed unnoticed (one holding a zero was refused)."""

@@ -392,6 +392,31 @@ def test_a_failed_vision_synth_removes_the_folders_it_made(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_vision_synth_on_the_same_folder_is_refused_while_the_first_draws(tmp_path, monkeypatch):
+    """Both runs staged in the same folder: the second deleted the first one's images while it
+    drew, and the first then wrote a train.json naming thousands of missing pictures (exit 0)."""
+    from multimodal_rwkv.errors import DataError
+    from multimodal_rwkv.vision import synthetic
+
+    out = tmp_path / "ds"
+    real_draw, seen = synthetic.draw_scene, []
+
+    def draw_and_meanwhile_run_another(*a, **kw):
+        if not seen:
+            seen.append(1)
+            with pytest.raises(DataError, match=f"{out}: in use by another vision-synth run"):
+                synthetic.generate_dataset(out, n_train=2, n_test=1, size=32, seed=5)
+        return real_draw(*a, **kw)
+
+    monkeypatch.setattr(synthetic, "draw_scene", draw_and_meanwhile_run_another)
+    synthetic.generate_dataset(out, n_train=4, n_test=2, questions_per_image=1, size=32, seed=1)
+    assert seen and sorted(p.name for p in out.iterdir()) == ["images", "test.json", "test_questions.jsonl",
+                                                              "train.json"]  # the lock file is gone
+    names = {r["image"] for r in json.loads((out / "train.json").read_text())}
+    assert names and all((out / "images" / n).is_file() for n in names)
+    synthetic.generate_dataset(out, n_train=2, n_test=1, size=32, seed=2)  # free again afterwards
+
+
 def test_vision_synth_over_a_dataset_whose_images_folder_is_a_link(tmp_path):
     """The linked images folder was renamed away and left (rmtree does nothing on a link); the next
     run deleted the labels, then failed: the earlier dataset lost, every later run failing."""

@@ -19,7 +19,7 @@ import torch
 from transformers import PretrainedConfig
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError
-from multimodal_rwkv.fileio import atomic_write, atomic_write_text, is_utf8_path
+from multimodal_rwkv.fileio import atomic_write, atomic_write_text, is_utf8_path, save_safetensors
 from multimodal_rwkv.model.config import RWKVConfig
 
 log = logging.getLogger(__name__)
@@ -701,7 +701,6 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
     layout are removed, so the folder never holds two. The generation config is checked before
     anything is written."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     gc = getattr(model, "generation_config", None)
     if gc is not None:
@@ -734,22 +733,12 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
     save_id = os.urandom(8).hex() if split.is_sharded else None
     metadata = {"format": "pt", **({"save_id": save_id} if save_id else {})}
 
-    def writer(part: dict):
-        def write(tmp) -> None:
-            try:
-                save_file(part, str(tmp), metadata=metadata)
-            except OSError:
-                raise
-            except Exception as e:  # noqa: BLE001 - safetensors' own error type for a failed write
-                raise OSError(f"cannot write ({' '.join(str(e).split())[:160]})") from None  # (named by atomic_write)
-        return write
-
     index = out / "model.safetensors.index.json"
     old_shards = _indexed_shards(index)
     existed = {n for n in split.filename_to_tensors if (out / n).exists()}
     try:
         for name, keys in split.filename_to_tensors.items():
-            atomic_write(out / name, writer({k: tensors[k] for k in keys}))
+            save_safetensors(out / name, {k: tensors[k] for k in keys}, metadata)
     except BaseException:  # the new layout's files that nothing names yet go again (the old index stays)
         for name in split.filename_to_tensors:
             if name not in existed and name not in old_shards:

@@ -164,7 +164,8 @@ class RWKVConfig(PretrainedConfig):
         raise ConfigError(f"RWKVConfig has no key 'num_hidden_layers': use n_layer (got {value!r})")
 
     def num_parameters_estimate(self) -> int:
-        """Parameter count from the sizes alone (paper eq. 27 for x060 with dim_att == n_embd)."""
+        """Parameter count from the sizes alone (paper eq. 27 for x060 with dim_att == n_embd; a
+        trained initial state adds its ``H x N x N`` per layer)."""
         C, A, F, L, V = self.n_embd, self.dim_att, self.dim_ffn, self.n_layer, self.vocab_size
         if self.version == "x060":
             att = 4 * C * A + A * C + 6 * C + C * 5 * self.d_mix_lora + 5 * self.d_mix_lora * C
@@ -172,6 +173,8 @@ class RWKVConfig(PretrainedConfig):
         else:
             att = 4 * C * A + A * C + 4 * C + 2 * A + 2 * A
         ffn = 2 * C + F * C + C * C + C * F
+        if self.has_initial_state:  # time_state [H, N, N] per layer
+            att += A * self.head_size
         return L * (att + ffn + 4 * C) + 2 * C + 2 * C + 2 * C * V
 
 

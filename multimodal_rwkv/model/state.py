@@ -141,12 +141,9 @@ class RWKVState:
     def save(self, path: str | Path) -> None:
         """Write the state as safetensors (``{l}.att_shift``, ``{l}.wkv``, ``{l}.ffn_shift``), atomically
         and with the usual mode of a new file (safetensors alone makes it 0600)."""
-        from safetensors.torch import save_file
+        from multimodal_rwkv.fileio import save_safetensors
 
-        from multimodal_rwkv.fileio import atomic_write
-
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        save_safetensors(path, {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()})
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> "RWKVState":

@@ -120,14 +120,12 @@ def export_lora_adapter(model: nn.Module, peft, out_dir) -> None:
     import json
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
-    from multimodal_rwkv.fileio import atomic_write
+    from multimodal_rwkv.fileio import save_safetensors
 
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.state_dict().items() if is_lora_param(n)}
     out = Path(out_dir)
-    # (atomic_write: the usual mode for a new file; save_file alone makes it 0600, unlike the rest of final/)
-    atomic_write(out / "lora_adapter.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    # (atomic: the usual mode for a new file; save_file alone makes it 0600, unlike the rest of final/)
+    save_safetensors(out / "lora_adapter.safetensors", tensors, {"format": "pt"})
     info = {"r": peft.lora_r, "alpha": peft.lora_alpha, "scaling": peft.lora_alpha / peft.lora_r,
             "targets": list(peft.lora_targets), "formula": "W + scaling * lora_B @ lora_A"}
     (out / "lora_adapter.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError, DataError
-from multimodal_rwkv.fileio import atomic_write, atomic_write_text
+from multimodal_rwkv.fileio import atomic_write_text
 from multimodal_rwkv.vision.encoder import EncoderOptions, VisionEncoder
 from multimodal_rwkv.vision.processor import (
     ASPECT_MODES,
@@ -596,8 +596,7 @@ class VisualRWKV(nn.Module):
         """Write config.json + model.safetensors (+ preprocessor_config.json). The encoder's
         weights are included when ``config.bundle_encoder``; otherwise only ``vision_tower`` (hub id
         or folder) is recorded. ``dtype`` (e.g. torch.bfloat16) casts floating weights on disk."""
-        from safetensors.torch import save_file
-
+        from multimodal_rwkv.fileio import save_safetensors
         from multimodal_rwkv.model.checkpoint import check_range, resolve_dtype
 
         dtype = resolve_dtype(dtype)
@@ -616,7 +615,7 @@ class VisualRWKV(nn.Module):
         cfg = self.config.to_dict()
         cfg["text_config"] = _text_config_dict(self.language_model.config)
         cfg["vision_config"] = _vision_config_dict(self.vision_tower.config)
-        atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+        save_safetensors(out / WEIGHTS_NAME, sd, {"format": "pt"})
         atomic_write_text(out / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
         self.image_processor.save_pretrained(str(out))
 
@@ -636,7 +635,9 @@ class VisualRWKV(nn.Module):
             if vision_tower is not None:  # a folder holds its own tower: one given too would be ignored
                 raise CheckpointError(f"{path}: a model folder brings its own vision tower; vision_tower "
                                       f"({vision_tower}) is for a single-file VisualRWKV-v060 .pth")
-            model = _load_folder(path, tokenizer)
+            model, saved = _load_folder(path, tokenizer)
+            if dtype is None:  # as RWKVForCausalLM: the dtype the folder's weights are stored in
+                dtype = saved
         else:
             raise CheckpointError(f"{path}: no such file or folder")
         dtype = resolve_dtype(dtype)
@@ -665,12 +666,12 @@ def _load_image_processor(folder):
         raise CheckpointError(f"{folder}: cannot load the image processor ({' '.join(str(e).split())[:200]})") from None
 
 
-def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
+def _load_folder(path: Path, tokenizer=None) -> tuple[VisualRWKV, torch.dtype]:
+    """The model (fp32) and the dtype most of the folder's weights are stored in."""
     from safetensors import SafetensorError
-    from multimodal_rwkv.model.checkpoint import load_safetensors
 
     from multimodal_rwkv import RWKVConfig, RWKVForCausalLM
-    from multimodal_rwkv.model.checkpoint import load_state_into
+    from multimodal_rwkv.model.checkpoint import load_safetensors, load_state_into, weights_dtype
 
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
@@ -728,7 +729,7 @@ def _load_folder(path: Path, tokenizer=None) -> VisualRWKV:
     extra = [k for k in sd if not k.startswith(("language_model.", "vision_tower.", "projector."))]
     if extra:
         raise CheckpointError(f"{wfile}: unexpected keys {extra[:5]}")
-    return model
+    return model, weights_dtype({k: v for k, v in sd.items() if v.is_floating_point()})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -152,11 +152,22 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
     if n_train < 1 or n_test < 0 or questions_per_image < 1 or not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"generate_dataset: need n_train >= 1, n_test >= 0, questions_per_image >= 1 and "
                          f"{MIN_SIZE} <= size <= {MAX_SIZE}; got {n_train}, {n_test}, {questions_per_image}, {size}")
-    from multimodal_rwkv.fileio import make_dirs, naming_write_errors, remove_dirs, remove_tree
+    from multimodal_rwkv.fileio import folder_lock, make_dirs, remove_dirs
 
     out = Path(out_dir)
     _check_target(out)
     made = make_dirs(out)  # the folders this run makes: removed again if it fails
+    try:
+        with folder_lock(out, _LOCK, "vision-synth run"):  # two runs would delete each other's images
+            return _generate(out, n_train, n_test, questions_per_image, size, seed, multi_turn, object_scale)
+    except BaseException:
+        remove_dirs(made)  # a folder this run made goes again
+        raise
+
+
+def _generate(out: Path, n_train, n_test, questions_per_image, size, seed, multi_turn, object_scale) -> dict:
+    from multimodal_rwkv.fileio import naming_write_errors, remove_tree
+
     # everything is drawn into a staging folder inside ``out`` and moved into place at the end, so
     # an interrupted run leaves the earlier dataset as it was (or, while the two swap, no labels)
     stage = out / _STAGE
@@ -185,7 +196,6 @@ def generate_dataset(out_dir, n_train: int = 4000, n_test: int = 300, questions_
         remove_tree(old)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        remove_dirs(made)  # (after the stage inside them)
         raise
     shutil.rmtree(stage, ignore_errors=True)
     return {"train_records": len(splits["train"]), "test_questions": len(splits["test"]),
@@ -232,7 +242,8 @@ def _draw_splits(out: Path, n_train, n_test, questions_per_image, size, seed, mu
 
 
 _STAGE = ".vision-synth-staging"  # inside the output folder while a dataset is drawn (see generate_dataset)
-_OWN = ("train.json", "test.json", "test_questions.jsonl", "images", _STAGE, _STAGE + "-old")
+_LOCK = ".vision-synth.lock"  # held by the run drawing into the folder
+_OWN = ("train.json", "test.json", "test_questions.jsonl", "images", _STAGE, _STAGE + "-old", _LOCK)
 _OWN_IMAGE = re.compile(r"(train|test)_\d{6}\.png")
 
 

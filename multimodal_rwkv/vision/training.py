@@ -101,7 +101,7 @@ class VisualRWKVTask(Task):
             if given:
                 raise ConfigError(f"model.options {given}: fixed by the checkpoint {src}; only "
                                   f"{list(_RUNTIME_KEYS)} can change")
-            model = VisualRWKV.from_pretrained(src)
+            model = VisualRWKV.from_pretrained(src, dtype="fp32")  # trained in fp32 whatever it was saved in
             for k in _RUNTIME_KEYS:
                 if k in o:
                     setattr(model.config, k, o[k])
