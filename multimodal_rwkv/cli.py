@@ -123,13 +123,43 @@ def _silence(stream) -> None:
         pass
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it cleans up as after Ctrl-C (temporary
+    files removed, an earlier output left as it was) and exits 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    term = isinstance(e, _Terminated)
+    print("terminated" if term else "interrupted", file=sys.stderr)
+    return 143 if term else 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _on_sigterm)  # (training installs its own while it steps)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # (one that came between the handlers below)
+        return _interrupted(e)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main(argv) -> int:
     try:  # argparse runs the options' type checks (some import torch): Ctrl-C may come that early
         parser = build_parser()
         args = parser.parse_args(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     printing = getattr(args, "command", None) in _PRINTING_COMMANDS
     if sys.stdout is None or sys.stderr is None:  # started with >&- or 2>&-
         if sys.stdout is None and printing:
@@ -170,9 +200,8 @@ def _run(parser, args) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"mmrwkv {name}: error: {on_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     try:
         sys.stdout.flush()
     except BrokenPipeError:

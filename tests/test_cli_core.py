@@ -499,6 +499,38 @@ def test_a_closed_or_full_standard_stream_is_handled_by_what_the_command_makes(t
     assert cli.main(["info", str(world_pth)]) == 130 and err.getvalue().endswith("interrupted\n")
 
 
+def test_sigterm_cleans_up_as_ctrl_c_does_and_exits_143(tmp_path, monkeypatch, capsys):
+    """SIGTERM during convert's weight write killed the process where it stood: a full-size hidden
+    temporary file stayed in the output folder, and the same command run again was refused."""
+    import os
+    import signal
+
+    from multimodal_rwkv import cli
+    from multimodal_rwkv.model import checkpoint
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    src = make_blink_checkpoint(tmp_path / "a.pth", n_layer=1, n_embd=64, vocab_size=64)
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(src), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = checkpoint.save_safetensors
+
+    def write_then_terminated(path, tensors, metadata=None):
+        def write(tmp):
+            tmp.write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives here, in the middle of the write
+        checkpoint.atomic_write(path, write)
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", write_then_terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["convert", str(src), str(out), "--dtype", "bf16"]) == 143
+    assert capsys.readouterr().err.strip().endswith("terminated")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing replaced
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+    monkeypatch.setattr(checkpoint, "save_safetensors", real)
+    assert cli.main(["convert", str(src), str(out), "--dtype", "bf16"]) == 0
+
+
 def test_an_output_that_is_a_device_or_a_fifo_is_refused_not_replaced(tmp_path):
     """music generate --out, eval-vqa --output (and every output check_outputs guards) replaced a
     FIFO, or a device node, by a regular file; /dev/stdout failed naming a temp file."""
