@@ -100,6 +100,7 @@ def _demo_music(args, out: Path) -> list[str]:
 
 
 def _demo_vision(args, out: Path) -> list[str]:
+    from multimodal_rwkv.fileio import atomic_write
     from multimodal_rwkv.vision import VisualRWKV
     from multimodal_rwkv.vision.synthetic import draw_scene, questions_for
 
@@ -114,7 +115,7 @@ def _demo_vision(args, out: Path) -> list[str]:
     for i in range(3):
         img, objects = draw_scene(rng, size=model.config.image_size or 64)
         path = out / f"scene_{i}.png"
-        img.save(path)
+        atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG"))  # a full disk leaves no 0-byte scene
         written.append(str(path))
         qa = questions_for(objects, rng)
         for _, q, expected in rng.sample(qa, min(3, len(qa))):

@@ -62,6 +62,19 @@ def test_demo_asks_each_image_its_own_question(tmp_path):
     assert rc == 2 and "2 --question for 1 --image" in err
 
 
+def test_demo_on_a_full_disk_names_the_file_and_leaves_no_empty_scene(tmp_path, monkeypatch):
+    """A scene was saved in place: a full disk left a 0-byte scene_0.png, and the error named no file."""
+    def full(self, fp, *a, **k):
+        open(fp, "wb").close()  # the file made, nothing in it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    (tmp_path / "out").mkdir()
+    rc, out, err = run("demo", "--out", tmp_path / "out", "--skip-music")
+    assert rc == 2 and f"{tmp_path / 'out' / 'scene_0.png'}: No space left on device" in err, err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_demo_never_draws_over_its_image_input(tmp_path):
     """--image out/scene_0.png was overwritten by the scene the demo draws there (exit 0)."""
     from PIL import Image

@@ -1271,6 +1271,34 @@ def test_another_runs_output_inside_the_data_folder_is_not_read_as_data(tmp_path
     assert folder_files(data, (".jsonl", ".json")) == [data / "a.jsonl", data / "notes" / "b.jsonl"]
 
 
+def test_a_full_disk_while_logging_names_metrics_jsonl(tmp_path, corpus, monkeypatch, capsys):
+    """A failed append to metrics.jsonl said only 'No space left on device'."""
+    import builtins
+
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.training import loop
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fake_open(path, *a, **k):
+        f = builtins.open(path, *a, **k)
+        return Full(f) if str(path).endswith("metrics.jsonl") and "a" in (a[0] if a else k.get("mode", "")) else f
+
+    monkeypatch.setattr(loop, "open", fake_open, raising=False)
+    out = tmp_path / "run"
+    args = ["train", "recipes/lm_tiny.yaml", "--set"] + base_overrides(corpus, out, max_steps=2)
+    assert main(args) == 2
+    assert f"{out / 'metrics.jsonl'}: No space left on device" in capsys.readouterr().err
+
+
 def test_a_finished_run_without_checkpoints_is_not_trained_again_silently(tmp_path, corpus):
     """checkpoints/ deleted to save disk: the same command retrained from step 0 and replaced final/."""
     import shutil

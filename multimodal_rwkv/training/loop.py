@@ -33,7 +33,8 @@ from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
 from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, discard_tree, fsync_path, fsync_tree, is_utf8_path,
-                                    make_dirs, move_aside, naming_target, remove_aside, remove_dirs, remove_tree)
+                                    make_dirs, move_aside, naming_target, naming_write_errors, remove_aside, remove_dirs,
+                                    remove_tree)
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -1227,8 +1228,9 @@ class Trainer:
         def log_row(row, to_trackers: bool = True):
             """metrics.jsonl gets every step's row; the trackers (TensorBoard, ...) every log_every-th."""
             if main:
-                metrics_f.write(_json_row(row) + "\n")
-                metrics_f.flush()
+                with naming_write_errors(self.metrics_path):  # a full disk names the file
+                    metrics_f.write(_json_row(row) + "\n")
+                    metrics_f.flush()
             if cfg.log_with and to_trackers:
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
@@ -1339,8 +1341,9 @@ class Trainer:
                     extra = {"tokens_seen": tokens_seen, "elapsed_s": t_elapsed, **self._skip_state(skipped)}
                     if stop or done or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                         if metrics_f is not None:
-                            metrics_f.flush()
-                            os.fsync(metrics_f.fileno())
+                            with naming_write_errors(self.metrics_path):
+                                metrics_f.flush()
+                                os.fsync(metrics_f.fileno())
                         self._check_weights(acc, model, step, last_ckpt)
                         last_ckpt = self._save_checkpoint(acc, step, samples, extra)
                         last_saved_step = step
