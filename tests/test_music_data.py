@@ -224,6 +224,23 @@ def test_pianoroll_legend_names_every_group_of_a_short_piece():
         assert swatch(group_colour(g, tok.drum_group)), tok.group_name(g)
 
 
+def test_pianoroll_from_midi_never_draws_over_its_midi_file(tmp_path):
+    """The Python API replaced the MIDI file with the PNG (the CLI refused it)."""
+    from multimodal_rwkv.errors import DataError
+    from multimodal_rwkv.music.pianoroll import pianoroll_from_midi
+
+    mid = mido.MidiFile()
+    mid.tracks.append(mido.MidiTrack([mido.Message("note_on", note=60, velocity=80),
+                                      mido.Message("note_off", note=60, time=480)]))
+    mid.save(tmp_path / "a.mid")
+    before = (tmp_path / "a.mid").read_bytes()
+    with pytest.raises(DataError, match="a.mid: is the MIDI file the piano roll is drawn from"):
+        pianoroll_from_midi(tmp_path / "a.mid", tmp_path / "." / "a.mid")
+    assert (tmp_path / "a.mid").read_bytes() == before
+    pianoroll_from_midi(tmp_path / "a.mid", tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_roll_and_abc2midi(tmp_path, capsys):
     from multimodal_rwkv.cli import main
 

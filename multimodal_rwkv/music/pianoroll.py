@@ -110,9 +110,14 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
 
 
 def pianoroll_from_midi(src, out_path: str | os.PathLike | None = None, tokenizer: MidiTokenizer | None = None, **kw):
-    """Piano roll of a MIDI file (path or ``mido.MidiFile``), via the tokenizer's note reader."""
+    """Piano roll of a MIDI file (path or ``mido.MidiFile``), via the tokenizer's note reader. An
+    ``out_path`` that is the MIDI file itself is refused (the picture would replace the music)."""
     import mido
 
+    from multimodal_rwkv.fileio import same_file
+
+    if out_path is not None and isinstance(src, (str, os.PathLike)) and same_file(src, out_path):
+        raise DataError(f"{out_path}: is the MIDI file the piano roll is drawn from; give another output")
     tok = tokenizer or MidiTokenizer()
     notes, _, _, _ = tok.extract_notes(src)
     if "end_step" not in kw:  # the file's own end (its longest track), a closing rest too
