@@ -957,6 +957,19 @@ def test_the_odd_layer_out_is_named_and_odd_sizes_and_configs_are_checkpoint_err
         with pytest.raises(CheckpointError) as e:
             RWKVForCausalLM.from_pretrained(tmp_path / "odd.pth")
         assert f"mis-shaped keys: {key} {shape}!=" in str(e.value) and "blocks.1." not in str(e.value), str(e.value)
+    torch.save({**sd, "emb.weight": torch.zeros(100, 128)}, tmp_path / "odd.pth")  # the odd one: the embedding
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: emb\.weight \(100, 128\)!=\(100, 64\)$"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "odd.pth")
+    tuned = blink_state_dict(n_layer=3, n_embd=64, head_size=32, vocab_size=100, time_state=True)
+    del tuned["blocks.0.att.time_state"]  # layer 0's state missing: that one named
+    torch.save(tuned, tmp_path / "tuned.pth")
+    with pytest.raises(CheckpointError, match="missing keys: blocks.0.att.time_state$"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "tuned.pth")
+    v5 = blink_state_dict(n_layer=3, n_embd=64, head_size=32, vocab_size=100, version="x052")
+    v5["blocks.0.att.time_decay"] = torch.zeros(64)  # not "an RWKV-5.0/5.1 checkpoint"
+    torch.save(v5, tmp_path / "v5.pth")
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: blocks\.0\.att\.time_decay \(64,\)!=\(2, 32\)$"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "v5.pth")
     two = blink_state_dict(n_layer=2, n_embd=64, head_size=32, vocab_size=100)
     two["blocks.0.ffn.key.weight"] = torch.zeros(200, 64)  # one layer of two: its value product breaks the tie
     torch.save(two, tmp_path / "two.pth")

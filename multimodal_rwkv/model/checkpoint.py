@@ -220,8 +220,9 @@ def detect_version(sd: dict[str, torch.Tensor], src) -> str:
     if has("att.time_first") and not has("att.ln_x.weight"):  # time_mix_k (BlinkDL) or time_mix_key (HF)
         raise CheckpointError(f"{src}: RWKV-4 checkpoint detected (time_first, no ln_x); only RWKV-6 (x060) and RWKV-5.2 (x052) are supported")
     if has("att.ln_x.weight"):
-        decay = next((v for k, v in sd.items() if k.endswith("att.time_decay")), None)
-        if has("att.gate.weight") and decay is not None and decay.dim() == 2 and decay.shape[1] > 1:
+        decays = [v for k, v in sd.items() if k.endswith("att.time_decay")]
+        per_head = sum(1 for v in decays if v.dim() == 2 and v.shape[1] > 1)  # x052's [H, N] (most layers':
+        if has("att.gate.weight") and decays and 2 * per_head >= len(decays):  # one odd layer is mis-shaped)
             if not has("att.time_faaaa"):
                 raise CheckpointError(f"{src}: RWKV-5.2 checkpoint with time_first instead of time_faaaa is not supported")
             return "x052"
@@ -273,10 +274,15 @@ def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
     :func:`check_state_keys` then names any layer that differs)."""
     try:
         version = detect_version(sd, src)
-        V, C = sd["emb.weight"].shape
+        V = sd["emb.weight"].shape[0]
         layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
         n_layer = max(layers) + 1
         size = functools.partial(_layers_size, sd, n_layer)
+        try:  # the width as most layers give it (the embedding's alone named every block's tensors
+            # mis-shaped when the embedding was the odd one)
+            C = size(("ln1.weight", 0), ("att.key.weight", 1), ("ffn.key.weight", 1))
+        except KeyError:
+            C = sd["emb.weight"].shape[1]
         dim_att = size(("att.key.weight", 0), ("att.value.weight", 0), ("att.receptance.weight", 0),
                        ("att.gate.weight", 0), ("att.output.weight", 1))
         dim_ffn = size(("ffn.key.weight", 0), ("ffn.value.weight", 1))
@@ -291,7 +297,7 @@ def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
         raise CheckpointError(f"{src}: unexpected tensor shape while inferring the model size ({e})") from None
     if H * N != dim_att:
         raise CheckpointError(f"{src}: time_faaaa {H}x{N} does not match dim_att {dim_att}")
-    has_state = "blocks.0.att.time_state" in sd
+    has_state = any(f"blocks.{i}.att.time_state" in sd for i in range(n_layer))  # (one missing: named)
     try:
         return RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C, head_size=N, dim_att=dim_att, dim_ffn=dim_ffn,
                           version=version, has_initial_state=has_state, **kw)
