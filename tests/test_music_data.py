@@ -1000,3 +1000,11 @@ def _check_ties(timed):
     assert single == [(0, 1.5, 73), (1.5, 1.5, 76), (3.0, 0.25, 81), (3.25, 1.5, 71), (4.75, 2.0, 66)]
     tied = timed(head + "A2-A2 B4- | B2 c2 c4 |\n")  # ties written, one across the bar line
     assert tied == [(0, 2.0, 69), (2.0, 3.0, 71), (5.0, 1.0, 73), (6.0, 2.0, 73)]
+    # a chord past an overfull bar whose next bar has several notes (music21 lists its second part
+    # after them); a natural tied across the bar line stays natural (music21 spells its second part
+    # from the key, F sharp)
+    assert timed("X:1\nM:4/4\nL:1/4\nK:C\nC D E [CEG]2|c2 d2|\n") == [
+        (0, 1.0, 60), (1.0, 1.0, 62), (2.0, 1.0, 64), (3.0, 2.0, 60), (3.0, 2.0, 64), (3.0, 2.0, 67),
+        (5.0, 2.0, 72), (7.0, 2.0, 74)]
+    assert timed("X:1\nM:3/4\nL:1/8\nK:G\nG6 G2| =F6- | F2z2 |\n") == [(0, 3.0, 67), (3.0, 1.0, 67), (4.0, 4.0, 65)]
+    assert timed("X:1\nM:3/4\nL:1/8\nK:G\nG6| =F6- | F2z4 |\n") == [(0, 3.0, 67), (3.0, 4.0, 65)]

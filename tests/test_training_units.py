@@ -260,6 +260,8 @@ def test_out_of_memory_is_one_line_naming_the_settings_to_lower(monkeypatch, cap
     err = fail("steps", RuntimeError(torch_cpu))
     assert "out of memory for a training step (tried to allocate 61.0 GiB)" in err
     assert "train.micro_batch_size=1000000" in err and "data.ctx_len=128" in err
+    small = torch_cpu.replace("65536000000", "3145728")  # below 1 GiB: not "0.0 GiB"
+    assert "(tried to allocate 3.0 MiB)" in fail("steps", RuntimeError(small))
     err = fail("eval", MemoryError("Unable to allocate 7.45 GiB for an array"))
     assert "out of memory evaluating" in err and "train.micro_batch_size" in err
     err = fail("model", RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has ..."))

@@ -7,6 +7,8 @@ Text is encoded as UTF-8; decoding replaces invalid UTF-8 (never raises).
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import os
@@ -526,18 +528,15 @@ def _untie_other_pitches(score, name: str) -> None:
         for i, a in enumerate(notes[:-1]):
             if a.tie is None or a.tie.type not in ("start", "continue"):
                 continue
-            # the tie's other end: the next note, or, among the notes at the next note's time, the
-            # continuation of a note music21 split (a part past the end of an overfull bar starts
-            # with the next bar, where the next bar's own notes may come first)
-            b = notes[i + 1]
-            at = b.getOffsetInHierarchy(part)
-            for c in notes[i + 1:]:
-                if c.getOffsetInHierarchy(part) != at:
-                    break
-                if c.tie is not None and c.tie.type in ("stop", "continue") and same(a, c):
-                    b = c
-                    break
+            # the tie's other end: the next note, or the continuation of a note or chord music21
+            # split past the end of an overfull bar, which it lists after the next bar's own notes
+            b = next((c for c in notes[i + 1:i + 65]
+                      if c.tie is not None and c.tie.type in ("stop", "continue") and same(a, c)), notes[i + 1])
             if same(a, b):
+                for p in b.pitches:  # the tied note's own pitch (=F2-|F2 stays F natural), as abc2midi
+                    q = next((q for q in a.pitches if (q.step, q.octave) == (p.step, p.octave)), None)
+                    if q is not None and q.midi != p.midi and not explicit(p):
+                        p.accidental = copy.deepcopy(q.accidental)
                 continue
             a.tie = None if a.tie.type == "start" else tie.Tie("stop")
             if b.tie is not None:

@@ -954,7 +954,8 @@ class Trainer:
         cfg = self.cfg
         m = re.search(r"[Tt]ried to allocate ([\d.]+) ?(\w+)", str(e))
         if m and m.group(2) == "bytes":
-            size = f" (tried to allocate {int(float(m.group(1))) / 2**30:.1f} GiB)"
+            n = int(float(m.group(1)))  # (under train.cpu_memory_guard, often a small one that did not fit)
+            size = f" (tried to allocate {n / 2**30:.1f} GiB)" if n >= 2**30 else f" (tried to allocate {n / 2**20:.1f} MiB)"
         elif m:
             size = f" (tried to allocate {m.group(1)} {m.group(2)})"
         else:
