@@ -297,7 +297,8 @@ def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
         raise CheckpointError(f"{src}: unexpected tensor shape while inferring the model size ({e})") from None
     if H * N != dim_att:
         raise CheckpointError(f"{src}: time_faaaa {H}x{N} does not match dim_att {dim_att}")
-    has_state = any(f"blocks.{i}.att.time_state" in sd for i in range(n_layer))  # (one missing: named)
+    tuned = sum(f"blocks.{i}.att.time_state" in sd for i in range(n_layer))  # as most layers say (the odd one named)
+    has_state = 2 * tuned > n_layer or (2 * tuned == n_layer and "blocks.0.att.time_state" in sd)
     try:
         return RWKVConfig(vocab_size=V, n_layer=n_layer, n_embd=C, head_size=N, dim_att=dim_att, dim_ffn=dim_ffn,
                           version=version, has_initial_state=has_state, **kw)

@@ -682,8 +682,9 @@ def folder_files(folder: Path, suffixes: Sequence[str], skip: Sequence[Path] = (
     Linked subfolders are followed (each real folder once: a link loop ends); hidden files and
     folders (``.git``, ``.ipynb_checkpoints``, editors' copies) are left out, and so is what lies
     under a folder of ``skip`` or in a training run's output folder (this run's, or another's
-    kept beside the data: its metrics, configs and checkpoints are not data). A broken link or a link loop named like a data file is listed
-    (reading it says why it cannot be read); a FIFO or a socket is not."""
+    kept beside the data: its metrics, configs and checkpoints are not data). A broken link or a
+    link loop named like a data file is listed (reading it says why it cannot be read); a FIFO or
+    a socket is not."""
     out, seen = [], set()
 
     def unlistable(e: OSError) -> None:  # (os.walk drops these silently)
