@@ -3,6 +3,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,35 +272,46 @@ def test_out_of_memory_is_one_line_naming_the_settings_to_lower(monkeypatch, cap
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/meminfo: Linux")
-def test_a_step_too_large_for_the_free_memory_fails_as_an_allocation_not_by_the_oom_killer(tmp_path, monkeypatch,
-                                                                                          capsys):
+def test_a_step_too_large_for_the_free_memory_fails_as_an_allocation_not_by_the_oom_killer(tmp_path):
     """Linux overcommits: a batch too large for the machine was granted its memory, and the kernel
     killed the process (exit 137, no message) once it touched more than there was. The guard caps
     the address space at what is free, so the allocation fails and the run says what to lower."""
-    import resource
-
-    from multimodal_rwkv.cli import main
-    from multimodal_rwkv.training import loop
-
-    before = resource.getrlimit(resource.RLIMIT_AS)
-    monkeypatch.setattr(loop, "_available_memory", lambda: 32 * 2**20)  # a machine with 32 MiB free
-    with loop._memory_guard(True):
-        with pytest.raises(RuntimeError, match="can't allocate memory"):
-            torch.empty(2**30, dtype=torch.uint8)  # 1 GiB: granted without the guard (never touched)
-    assert resource.getrlimit(resource.RLIMIT_AS) == before  # put back
-    torch.empty(2**30, dtype=torch.uint8)
-    with loop._memory_guard(False):
-        torch.empty(2**30, dtype=torch.uint8)
+    # in a fresh process: memory an earlier test freed, kept by glibc for reuse, needs no new mapping
     (tmp_path / "c.txt").write_text("some text to train on. " * 400)
-    args = ["train", "recipes/lm_tiny.yaml", "--set", f"output_dir={tmp_path / 'run'}",
-            f"data.train_file={tmp_path / 'c.txt'}", "data.tokenizer=bytes", "data.ctx_len=64", "max_steps=1",
-            "train.micro_batch_size=128", "model.config.vocab_size=257", "model.config.n_layer=1",
-            "model.config.n_embd=64", "model.config.head_size=32", "progress_bar=false"]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    script = r'''
+import resource, sys, torch
+from multimodal_rwkv.cli import main
+from multimodal_rwkv.training import loop
+
+out, corpus = sys.argv[1], sys.argv[2]
+before = resource.getrlimit(resource.RLIMIT_AS)
+real = loop._available_memory
+loop._available_memory = lambda: 32 * 2**20  # a machine with 32 MiB free
+with loop._memory_guard(True):
+    try:
+        torch.empty(2**30, dtype=torch.uint8)  # 1 GiB: granted without the guard (never touched)
+        raise SystemExit("allocated under the guard")
+    except RuntimeError as e:
+        assert "can't allocate memory" in str(e), e
+assert resource.getrlimit(resource.RLIMIT_AS) == before  # put back
+torch.empty(2**30, dtype=torch.uint8)
+with loop._memory_guard(False):
+    torch.empty(2**30, dtype=torch.uint8)
+args = ["train", "recipes/lm_tiny.yaml", "--set", f"output_dir={out}", f"data.train_file={corpus}",
+        "data.tokenizer=bytes", "data.ctx_len=64", "max_steps=1", "train.micro_batch_size=128",
+        "model.config.vocab_size=257", "model.config.n_layer=1", "model.config.n_embd=64",
+        "model.config.head_size=32", "progress_bar=false"]
+assert main(args) == 2
+assert resource.getrlimit(resource.RLIMIT_AS) == before
+loop._available_memory = real
+assert main(args + ["train.cpu_memory_guard=false"]) == 0  # the same run, unguarded, fits the real machine
+'''
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), str(tmp_path / "c.txt")],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert len(err) == 1 and "out of memory for a training step" in err[0] and "micro_batch_size=128" in err[0], err
-    assert resource.getrlimit(resource.RLIMIT_AS) == before
-    assert main(args + ["train.cpu_memory_guard=false"]) == 0  # the same run, unguarded, fits the real machine
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
