@@ -422,7 +422,17 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike]],
         if not anc.is_dir():
             raise DataError(f"{p}: cannot create {what} ({anc} is not a folder)")
         if not os.access(anc, os.W_OK | os.X_OK):
+            if _read_only(anc):
+                raise DataError(f"{p}: cannot create {what} ({anc} is on a read-only file system)")
             raise DataError(f"{p}: cannot create {what} (no permission to write in {anc})")
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether ``folder`` lies on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def write_outputs(items: Sequence[tuple[PathLike, Callable[[Path], object]]]) -> None:

@@ -531,6 +531,22 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_exits_143(tmp_path, monkeypatch, c
     assert cli.main(["convert", str(src), str(out), "--dtype", "bf16"]) == 0
 
 
+def test_an_output_on_a_read_only_file_system_says_so(tmp_path, monkeypatch):
+    """A read-only mount was reported as 'no permission to write in ...'."""
+    import os
+    import types
+
+    from multimodal_rwkv import fileio
+    from multimodal_rwkv.errors import DataError
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(DataError, match="no permission to write in"):
+        fileio.check_outputs([("--out", tmp_path / "x.mid")], [])
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(DataError, match=f"x.mid: cannot create --out \\({tmp_path} is on a read-only file system\\)"):
+        fileio.check_outputs([("--out", tmp_path / "x.mid")], [])
+
+
 def test_an_output_that_is_a_device_or_a_fifo_is_refused_not_replaced(tmp_path):
     """music generate --out, eval-vqa --output (and every output check_outputs guards) replaced a
     FIFO, or a device node, by a regular file; /dev/stdout failed naming a temp file."""
