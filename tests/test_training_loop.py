@@ -1299,6 +1299,26 @@ def test_a_full_disk_while_logging_names_metrics_jsonl(tmp_path, corpus, monkeyp
     assert f"{out / 'metrics.jsonl'}: No space left on device" in capsys.readouterr().err
 
 
+def test_a_failed_export_leaves_no_tmp_final_and_a_rerun_exports(tmp_path, corpus, monkeypatch):
+    """A full disk during the export of final/ left an empty .tmp-final/ in output_dir."""
+    from multimodal_rwkv.training.lm import LMTask
+
+    real = LMTask.save_pretrained
+
+    def full(self, model, out_dir):
+        (Path(out_dir) / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.json").write_text("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LMTask, "save_pretrained", full)
+    with pytest.raises(OSError, match="No space left"):
+        train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=2, checkpoint_every=1))
+    assert not (tmp_path / "run" / ".tmp-final").exists() and not (tmp_path / "run" / "final").exists()
+    monkeypatch.setattr(LMTask, "save_pretrained", real)
+    out = train(TrainConfig(), base_overrides(corpus, tmp_path / "run", max_steps=2, checkpoint_every=1))
+    assert (out / "model.safetensors").is_file()
+
+
 def test_a_finished_run_without_checkpoints_is_not_trained_again_silently(tmp_path, corpus):
     """checkpoints/ deleted to save disk: the same command retrained from step 0 and replaced final/."""
     import shutil

@@ -868,26 +868,30 @@ class Trainer:
                 n = P.merge_lora(export_model)
                 logger.info("merged %d LoRA layers into plain weights for export", n)
             export_model.eval()
-            task.save_pretrained(export_model, tmp)
-            info = tmp / "training_info.json"
-            if info.is_file():  # the step exported: a rerun knows whether final/ is the latest checkpoint's
-                atomic_write_text(info, json.dumps({**json.loads(info.read_text(encoding="utf-8")), "step": step},
-                                                   indent=1))
-            if cfg.peft.lora_r > 0 and not cfg.peft.merge_lora:
-                P.export_lora_adapter(unwrapped, cfg.peft, tmp)
-            if cfg.peft.train_state:
-                P.export_time_state(export_model, tmp / "time_state.pth")
-            if cfg.export.pth:
-                P.export_blinkdl_pth(export_model, tmp / "model.pth")
-            for f in cfg.export.include_files:
-                # a file the export wrote (those it always writes are refused up front); generation
-                # defaults given as a file take the place of the starting model's
-                if (tmp / Path(f).name).exists() and Path(f).name != "generation_config.json":
-                    raise ConfigError(f"export.include_files: {f} would replace final/{Path(f).name}, which the "
-                                      "export wrote; rename it (the checkpoints are kept: rerun to export)")
-                with naming_target(final / Path(f).name):  # (not the source, which a full disk leaves whole)
-                    shutil.copy2(f, tmp / Path(f).name)
-            fsync_tree(tmp)
+            try:  # a failed export (a full disk) leaves no half-written .tmp-final behind
+                task.save_pretrained(export_model, tmp)
+                info = tmp / "training_info.json"
+                if info.is_file():  # the step exported: a rerun knows whether final/ is the latest checkpoint's
+                    atomic_write_text(info, json.dumps({**json.loads(info.read_text(encoding="utf-8")), "step": step},
+                                                       indent=1))
+                if cfg.peft.lora_r > 0 and not cfg.peft.merge_lora:
+                    P.export_lora_adapter(unwrapped, cfg.peft, tmp)
+                if cfg.peft.train_state:
+                    P.export_time_state(export_model, tmp / "time_state.pth")
+                if cfg.export.pth:
+                    P.export_blinkdl_pth(export_model, tmp / "model.pth")
+                for f in cfg.export.include_files:
+                    # a file the export wrote (those it always writes are refused up front); generation
+                    # defaults given as a file take the place of the starting model's
+                    if (tmp / Path(f).name).exists() and Path(f).name != "generation_config.json":
+                        raise ConfigError(f"export.include_files: {f} would replace final/{Path(f).name}, which the "
+                                          "export wrote; rename it (the checkpoints are kept: rerun to export)")
+                    with naming_target(final / Path(f).name):  # (not the source, which a full disk leaves whole)
+                        shutil.copy2(f, tmp / Path(f).name)
+                fsync_tree(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             # (a link final/ is replaced by the folder; what it points to stays)
             aside = move_aside(final) if final.exists() or final.is_symlink() else None
             os.rename(tmp, final)
