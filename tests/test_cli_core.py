@@ -547,6 +547,37 @@ def test_an_output_on_a_read_only_file_system_says_so(tmp_path, monkeypatch):
         fileio.check_outputs([("--out", tmp_path / "x.mid")], [])
 
 
+def test_convert_over_an_earlier_output_replaces_it_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Files were replaced one by one: an interrupt after the weights left the new weights with the
+    old config.json (a folder no loader took), and a generation_config.json the new model does not
+    have stayed behind."""
+    from multimodal_rwkv import cli
+    from multimodal_rwkv.model.modeling import RWKVForCausalLM
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    a = make_blink_checkpoint(tmp_path / "a.pth", n_layer=1, n_embd=64, vocab_size=64)
+    b = make_blink_checkpoint(tmp_path / "b.pth", n_layer=2, n_embd=64, vocab_size=64, seed=1)
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(a), str(out)]) == 0
+    (out / "generation_config.json").write_text('{"temperature": 0.5, "do_sample": true}')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = RWKVForCausalLM.save_pretrained
+
+    def weights_then_interrupted(self, d, **kw):
+        real(self, d, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RWKVForCausalLM, "save_pretrained", weights_then_interrupted)
+    assert cli.main(["convert", str(b), str(out)]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier model, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth", "out"]  # no staging left
+    monkeypatch.setattr(RWKVForCausalLM, "save_pretrained", real)
+    assert cli.main(["convert", str(b), str(out)]) == 0
+    assert "generation_config.json" not in {p.name for p in out.iterdir()}  # the new model's files only
+    assert RWKVForCausalLM.from_pretrained(out).config.n_layer == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth", "out"]
+
+
 def test_an_output_that_is_a_device_or_a_fifo_is_refused_not_replaced(tmp_path):
     """music generate --out, eval-vqa --output (and every output check_outputs guards) replaced a
     FIFO, or a device node, by a regular file; /dev/stdout failed naming a temp file."""
