@@ -124,6 +124,17 @@ def remove_aside(old) -> None:
         logger.warning("could not remove %s (replaced); remove it by hand", old)
 
 
+def swap_in(new, path) -> None:
+    """Put ``new`` (a complete folder or file) in the place of ``path`` (a folder, file or link, or
+    nothing there): the old one is set aside first (:func:`move_aside`) and removed only once the
+    new one is in place, so a kill at any moment leaves one of the two whole."""
+    path = Path(path)
+    aside = move_aside(path) if os.path.lexists(path) else None
+    os.rename(new, path)
+    if aside is not None:
+        remove_aside(aside)
+
+
 def discard_tree(path) -> None:
     """Take ``path`` away for good: :func:`move_aside`, then :func:`remove_aside`."""
     remove_aside(move_aside(path))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from multimodal_rwkv.argtypes import add_sampling_args, device, finite, int_min, path_arg, seed, unescape
 from multimodal_rwkv.errors import CheckpointError, DataError
-from multimodal_rwkv.fileio import atomic_write_text, fsync_tree, make_dirs, move_aside, remove_aside, remove_tree
+from multimodal_rwkv.fileio import atomic_write_text, fsync_tree, make_dirs, remove_tree, swap_in, temp_name
 
 TRAINING_INFO = "training_info.json"  # what `mmrwkv train` writes beside a model it exports
 logger = logging.getLogger(__name__)
@@ -254,34 +254,30 @@ def cmd_convert(args) -> int:
         for p in Path(args.out_dir).iterdir():
             if _convert_leftover(p.name) and p.is_file():
                 p.unlink()
-    import shutil
-
     out = Path(args.out_dir)
     # an earlier convert's model (the only non-empty folder _check_convert_target lets through) is
     # replaced whole, once the new one is complete beside it: an interrupt never leaves new weights
     # with the old config.json, nor a file of the old model the new one does not have
     replace = out.is_dir() and any(out.iterdir())
-    made = make_dirs(out.parent if replace else out)
-    target = out.with_name(f".tmp-convert-{out.name}-{os.getpid()}") if replace else out
+    made = [] if replace else make_dirs(out)
+    target = temp_name(out) if replace else out
     try:
         if replace:
-            shutil.rmtree(target, ignore_errors=True)
+            remove_tree(target)
         model.save_pretrained(target)
         info = _training_info(args.src)
         if info is not None:  # which tokenizer the model was trained with travels with it
             atomic_write_text(target / TRAINING_INFO, info.read_text(encoding="utf-8"))
         if replace:
             fsync_tree(target)
-            aside = move_aside(out)
-            os.rename(target, out)
-            remove_aside(aside)
+            swap_in(target, out)
         for p in out.parent.glob(f".old-{glob.escape(out.name)}*"):  # what a convert killed mid-swap left aside
             remove_tree(p)
     except BaseException:
         if replace:
-            shutil.rmtree(target, ignore_errors=True)
+            remove_tree(target)
         if made:  # folders this convert created (a full disk, a name too long, Ctrl-C): they go again
-            shutil.rmtree(made[0], ignore_errors=True)
+            remove_tree(made[0])
         raise
     print(f"wrote {args.out_dir} ({model.config.version}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0

@@ -33,8 +33,7 @@ from typing import Optional
 
 from multimodal_rwkv.errors import ConfigError, MMRWKVError
 from multimodal_rwkv.fileio import (atomic_write, atomic_write_text, discard_tree, fsync_path, fsync_tree, is_utf8_path,
-                                    make_dirs, move_aside, naming_target, naming_write_errors, remove_aside, remove_dirs,
-                                    remove_tree)
+                                    make_dirs, naming_target, naming_write_errors, remove_dirs, remove_tree, swap_in)
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -659,10 +658,7 @@ class Trainer:
             with open(tmp / "trainer_state.json", "w") as f:
                 json.dump(state, f, indent=1)
             fsync_tree(tmp)
-            aside = move_aside(final) if final.exists() else None  # a checkpoint of the same step (a re-run)
-            os.rename(tmp, final)
-            if aside is not None:  # removed once the new one is in place
-                remove_aside(aside)
+            swap_in(tmp, final)  # (a checkpoint of the same step, a re-run's, is replaced)
             fsync_path(self.ckpt_dir)
             if self.metrics_path.exists():
                 fsync_path(self.metrics_path)
@@ -892,11 +888,7 @@ class Trainer:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            # (a link final/ is replaced by the folder; what it points to stays)
-            aside = move_aside(final) if final.exists() or final.is_symlink() else None
-            os.rename(tmp, final)
-            if aside is not None:  # removed once the new model is in place
-                remove_aside(aside)
+            swap_in(tmp, final)  # (a link final/ is replaced by the folder; what it points to stays)
             for p in self.out.glob(".old-final*"):  # what an export killed before its end left aside
                 remove_tree(p)
             fsync_path(self.out)
