@@ -8,6 +8,13 @@ from transformers import LogitsProcessor, StoppingCriteria
 from multimodal_rwkv.argtypes import integer_number, real_number
 
 
+# the sampling temperatures used: fp32 makes logits / 1e-38 overflow to inf (inf - inf is NaN) and 1e39
+# itself inf (-inf / inf is NaN); a temperature outside is taken as the nearer bound (as good as greedy,
+# or as uniform over what top-p/top-k kept)
+MIN_TEMPERATURE = 1e-30
+MAX_TEMPERATURE = 1e30
+
+
 def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
     """The sampling settings this package's own samplers take (vision, music): ``temperature``
     finite and >= 0 (0: greedy), ``top_k`` an integer >= 0 (0: off), ``top_p`` in (0, 1]."""
@@ -66,9 +73,8 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
         x = x.masked_fill(rwkv_top_p_mask(x, top_p), float("-inf"))
     if top_k and top_k < V:
         x = x.masked_fill(x < x.topk(int(top_k), dim=-1).values[:, -1:], float("-inf"))
-    # from the top: a tiny temperature gives -inf, never inf - inf (NaN probabilities); fp32 makes a
-    # temperature below 1e-45 zero and one above 3.4e38 infinite: both kept inside [1e-30, 1e30]
-    t = min(max(float(temperature), 1e-30), 1e30)
+    # from the top: a tiny temperature gives -inf, never inf - inf (NaN probabilities)
+    t = min(max(float(temperature), MIN_TEMPERATURE), MAX_TEMPERATURE)
     probs = torch.softmax((x - x.amax(-1, keepdim=True)) / t, dim=-1)
     if isinstance(generator, (list, tuple)):  # one generator per row
         return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])[:, 0]

@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 
 from multimodal_rwkv.kernels import cpu, wkv6
 from multimodal_rwkv.model.config import RWKVConfig
+from multimodal_rwkv.model.generation import MAX_TEMPERATURE, MIN_TEMPERATURE
 from multimodal_rwkv.model.lean import ChannelMixLean, DDLerpProject, NormGatedOutput, stack_mix
 from multimodal_rwkv.model.state import RWKVState
 
@@ -1026,11 +1027,8 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if sampling and "top_k" not in kwargs and getattr(base, "top_k", None) is None:
             ours["top_k"] = 0
         temperature = real_number(kwargs.get("temperature", getattr(base, "temperature", None)))
-        if sampling and temperature is not None and 0 < temperature < _MIN_TEMPERATURE:
-            ours["temperature"] = _MIN_TEMPERATURE  # logits / 1e-38 overflow to inf, and inf - inf is NaN
-            kwargs.pop("temperature", None)
-        elif sampling and temperature is not None and temperature > _MAX_TEMPERATURE:
-            ours["temperature"] = _MAX_TEMPERATURE  # (fp32 makes 1e39 inf: -inf / inf is NaN)
+        if sampling and temperature is not None and (0 < temperature < MIN_TEMPERATURE or temperature > MAX_TEMPERATURE):
+            ours["temperature"] = min(max(temperature, MIN_TEMPERATURE), MAX_TEMPERATURE)  # (see MIN_TEMPERATURE)
             kwargs.pop("temperature", None)
         if user_gc is not None:
             user_gc = copy.deepcopy(user_gc)
@@ -1144,8 +1142,6 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         save_model(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
 
 
-_MIN_TEMPERATURE = 1e-30
-_MAX_TEMPERATURE = 1e30  # (as good as uniform over what top-p/top-k kept)
 
 
 def _state_from_cache_names(state, **names):
