@@ -8,7 +8,6 @@ Text is encoded as UTF-8; decoding replaces invalid UTF-8 (never raises).
 from __future__ import annotations
 
 import copy
-
 import json
 import logging
 import os
