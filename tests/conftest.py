@@ -7,6 +7,19 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _child_tmpdir(tmp_path_factory):
+    """Processes the tests start (accelerate launch, torchrun) keep their temporary folders
+    (torchelastic_*) under pytest's own temporary folder, not in /tmp, where they stayed."""
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("child_tmp"))
+    yield
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models are op-overhead bound: one thread is faster, and the same in subprocesses.
