@@ -666,6 +666,9 @@ def test_encode_refuses_ints_and_reads_binary_file_objects(tmp_path, tok):
         tok.encode(io.BytesIO(b"text"))
     with pytest.raises(TypeError, match="text-mode file object"):
         tok.encode(io.StringIO("MThd"))
+    with open(p) as f:  # a MIDI file opened in text mode: its read() failed decoding the bytes as text
+        with pytest.raises(TypeError, match=f"{p}: a text-mode file object"):
+            tok.encode(f)
 
 
 # ----------------------------------------------------------------------------- CLI: nothing tokenized, broken links

@@ -32,7 +32,8 @@ chorales (99,793 notes, every one returned; MIDI-LLM-tokenizer 2.36, miditok REM
 *Time.* The grid is musical: ``steps_per_beat`` steps per quarter note, taken from the file's
 ticks per beat, so tempo changes never move notes off the grid; real time is kept by the
 optional tempo tokens. Every onset and offset is quantised from its ABSOLUTE tick
-(``round(tick * steps_per_beat / ticks_per_beat)``), never from accumulated deltas, so rounding
+(``tick * steps_per_beat / ticks_per_beat`` to the nearest step, a half step up: not Python's
+``round``, which takes halves to the even step), never from accumulated deltas, so rounding
 errors cannot accumulate. A note shorter than one step is lengthened to one step (counted).
 
 *Parsing rules.* All tracks of a type 0/1 file are merged on absolute ticks: every MTrk chunk,
@@ -52,7 +53,7 @@ of the channel. A ``mido.MidiFile`` built in memory must hold whole, non-negativ
 (a file always does). Notes still open at the end end at the last event (counted).
 
 *Bars* (``use_bars``). A time signature starts a bar at its (quantised) step; its bar ``j``
-after that lies at ``round(j * bar_length)`` steps, computed exactly from the rational bar length
+after that lies at ``j * bar_length`` steps (nearest, half up), computed exactly from the rational bar length
 ``numerator * 4 * steps_per_beat / denominator`` rather than by adding rounded bars, so a bar
 that is not a whole number of steps (3/32 at 12 steps per beat: 4.5) keeps its place: its
 ``<bar>`` tokens fall 5, 4, 5, 4 ... steps apart. Bars shorter than one step give one ``<bar>``
@@ -648,6 +649,8 @@ class MidiTokenizer:
         if callable(getattr(src, "read", None)) and not isinstance(src, type):
             fname = getattr(src, "name", None)
             name = fname if isinstance(fname, str) else "<file object>"
+            if isinstance(src, io.TextIOBase):  # its read() would decode the MIDI bytes as text first
+                raise TypeError(f"{name}: a text-mode file object; MIDI is binary (open the file with 'rb')")
             try:
                 data = src.read(limit + 1)
             except OSError as e:
