@@ -224,6 +224,24 @@ def test_pianoroll_legend_names_every_group_of_a_short_piece():
         assert swatch(group_colour(g, tok.drum_group)), tok.group_name(g)
 
 
+def test_pianoroll_is_as_wide_as_its_widest_group_name():
+    """A one-beat piece of 16 groups: the picture (136 px) was narrower than the longest names,
+    which were cut off at its right edge."""
+    from PIL import ImageDraw
+
+    from multimodal_rwkv.music.pianoroll import render_pianoroll
+
+    tok = MidiTokenizer()
+    groups = sorted(range(tok.drum_group + 1))
+    notes = [Note(0, 12, g, 40 + i, 5) for i, g in enumerate(groups)]
+    img = render_pianoroll(notes, None, steps_per_beat=12, tokenizer=tok)
+    longest = max(ImageDraw.Draw(img).textlength(tok.group_name(g)) for g in groups)
+    assert img.size[0] >= 30 + 14 + longest  # left margin, swatch, the name
+    dark = [x for x in range(img.size[0]) for y in range(18 + 14 * (len(groups) - 1))
+            if sum(img.getpixel((x, y))) < 300]  # the names' (anti-aliased) black
+    assert dark and max(dark) < img.size[0] - 1  # no name runs into the right edge
+
+
 def test_pianoroll_from_midi_never_draws_over_its_midi_file(tmp_path):
     """The Python API replaced the MIDI file with the PNG (the CLI refused it)."""
     from multimodal_rwkv.errors import DataError

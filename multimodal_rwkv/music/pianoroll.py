@@ -55,13 +55,15 @@ def render_pianoroll(notes: Sequence[Note], out_path: str | os.PathLike | None =
     if px_per_step is None:
         px_per_step = min(8.0, (max_width - 40) / end)  # a long piece gets thinner steps, never a wider picture
     left = 30
-    w = int(left + end * px_per_step + 10)
-    # the legend: a swatch and a name per group, in as many rows as a narrow picture needs
+    # the legend: a swatch and a name per group, in as many rows as a narrow picture needs; the
+    # picture is at least as wide as the widest name (a short piece with long group names)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    groups = sorted({n.group for n in notes})
+    names = [tokenizer.group_name(g) if tokenizer is not None else f"group {g}" for g in groups]
+    widths = [20 + int(measure.textlength(name)) + 6 for name in names]
+    w = int(max([left + end * px_per_step + 10] + [left + wd for wd in widths]))
     legend, x, row = [], left, 0
-    for g in sorted({n.group for n in notes}):
-        name = tokenizer.group_name(g) if tokenizer is not None else f"group {g}"
-        width = 20 + int(measure.textlength(name)) + 6
+    for g, name, width in zip(groups, names, widths):
         if x > left and x + width > w:
             x, row = left, row + 1
         legend.append((g, name, x, 4 + 14 * row))
