@@ -376,6 +376,13 @@ def test_a_failed_prepare_leaves_an_existing_dataset_as_it_was(tmp_path, capsys)
     assert main(["music", "prepare", "--midi-dir", str(good), "--out", str(out), "--valid-permille", "0",
                  "--test-permille", "0", "--limit", "2"]) == 0
     assert (out / "failed.txt").read_text() == "" and json.loads((out / "meta.json").read_text())["limit"] == 2
+    # --limit counts the pieces kept: files that fail before them do not use it up
+    (good / "0bad.mid").write_text("x")
+    assert main(["music", "prepare", "--midi-dir", str(good), "--out", str(tmp_path / "lim"), "--valid-permille",
+                 "0", "--test-permille", "0", "--limit", "2"]) == 0
+    assert json.loads((tmp_path / "lim" / "meta.json").read_text())["counts"]["train"]["pieces"] == 2
+    assert "0bad.mid" in (tmp_path / "lim" / "failed.txt").read_text()
+    (good / "0bad.mid").unlink()
     assert sorted(os.listdir(out)) == ["failed.txt", "meta.json", "midi_tokenizer.json", "notes.txt", "test",
                                        "train", "valid"]
     assert sorted(os.listdir(out / "train")) == ["mine.txt", "shard_00000.npy"]

@@ -256,7 +256,9 @@ def prepare(out: str | os.PathLike, corpus: str | None = None, midi_dir: str | o
             tokenizer_config=None, shard_tokens: int = 50_000_000, workers: int = 1, seed: int = 0,
             on_failure=None) -> PrepareReport:
     """Build a tokenised dataset (see the module docstring). Exactly one of ``corpus`` /
-    ``midi_dir``. ``limit`` caps the number of source pieces (for tests). Returns a report.
+    ``midi_dir``. ``limit`` caps the number of source pieces (for tests): with ``midi_dir``, the first
+    ``limit`` files (in path order) that give a piece, unreadable files and duplicates not counted;
+    with a corpus, its first ``limit`` pieces. Returns a report.
 
     A piece that cannot be read is skipped, counted and reported: ``on_failure(name, reason)`` is
     called for it (default: a logged warning) and it is listed in ``OUT/failed.txt``. When no
@@ -441,13 +443,13 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                 fail(name, reason)
         else:
             root = Path(midi_dir)
-            paths = midi_files(root)
-            if limit is not None:
-                paths = paths[:limit]
+            paths = midi_files(root)  # all of them: ``limit`` counts the pieces kept, not the files tried
             if not paths:
                 raise DataError(f"{root}: no .mid/.midi files")
         bad_content: dict[str, tuple[str, str]] = {}  # content hash -> (file, reason) of files that failed
         for p in paths:
+            if limit is not None and len(kept) >= limit:
+                break
             try:
                 content = p.read_bytes()
             except OSError as e:
