@@ -615,6 +615,29 @@ def test_generate_transformers_names_for_stops_and_the_cache():
     assert out.shape == (1, 4)
 
 
+def test_a_row_of_a_batch_that_meets_its_stop_string_is_finished_and_padded():
+    """Without an EOS id, a row that met its stop string kept generating until every row had met
+    one: its output held the text past the stop (alone, it stopped there)."""
+    from multimodal_rwkv import WorldTokenizer
+
+    m = _random_model(vocab_size=65536)
+    tok = WorldTokenizer()
+    a, b = tok.encode("The quick brown fox"), tok.encode("Hello world again!")
+    ids = torch.tensor([a, b[:len(a)]])
+    T = ids.shape[1]
+    free = m.generate(ids, max_new_tokens=10, eos_token_id=None)
+    text0 = tok.decode(free[0, T:T + 2].tolist())
+    text1 = tok.decode(free[1, T:].tolist())
+    # text row 0 writes by its second token, and row 1 never
+    stop = next(text0[i:j] for j in range(len(text0), 0, -1) for i in range(j) if text0[i:j] not in text1)
+    alone = m.generate(ids[:1], max_new_tokens=10, eos_token_id=None, stop=stop, tokenizer=tok)
+    batch = m.generate(ids, max_new_tokens=10, eos_token_id=None, stop=stop, tokenizer=tok)
+    n = alone.shape[1] - T
+    assert n <= 2 and torch.equal(batch[0, :T + n], alone[0])
+    assert (batch[0, T + n:] == m.config.pad_token_id).all() and batch.shape[1] == T + 10
+    assert torch.equal(batch[1], free[1])  # the other row as without a stop
+
+
 def test_a_weight_beyond_fp16s_range_is_refused_when_loading_as_fp16(tmp_path):
     """A finite 1e5 became inf in fp16: the model's logits were NaN, and mmrwkv convert --dtype fp16
     wrote a folder its own loader then called corrupt."""

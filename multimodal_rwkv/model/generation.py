@@ -209,7 +209,15 @@ class VocabLimitProcessor(LogitsProcessor):
 
 
 class StopStringsCriteria(StoppingCriteria):
-    """Stop a row once its generated text contains one of ``stops`` (e.g. ``"\\n\\n"``)."""
+    """Stop a row once its generated text contains one of ``stops`` (e.g. ``"\\n\\n"``).
+
+    In a batch, a row that met its stop string is finished: the later steps give it
+    ``pad_token_id``, as a row that met EOS. transformers pads finished rows only where a stopping
+    criterion has an ``eos_token_id`` attribute (its EOS criterion's), whatever criterion finished
+    them; this one has one (None), so rows are padded also when no EOS id is set.
+    """
+
+    eos_token_id = None  # transformers' marker for "pad the finished rows" (see above)
 
     def __init__(self, tokenizer, stops: list[str], prompt_len: int):
         self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
