@@ -1983,8 +1983,8 @@ def test_the_base_model_initialises_loads_and_is_an_auto_model(tmp_path):
 
     cfg = RWKVConfig(vocab_size=97, n_layer=2, n_embd=64, head_size=16)
     base = RWKVModel(cfg)
-    decay = base.blocks[0].att.time_decay.flatten()
-    assert float(decay[0]) == pytest.approx(-6.0) and float(base.emb.weight.abs().max()) <= 1e-4
+    decay = base.blocks[0].att.time_decay.detach().flatten()
+    assert float(decay[0]) == pytest.approx(-6.0) and float(base.emb.weight.detach().abs().max()) <= 1e-4
     m = _random_model()
     m.save_pretrained(tmp_path / "lm")
     ids = torch.tensor([[1, 5, 9, 2]])
@@ -1993,6 +1993,18 @@ def test_the_base_model_initialises_loads_and_is_an_auto_model(tmp_path):
         assert isinstance(loaded, RWKVModel) and torch.equal(loaded.eval()(ids)[0], want)
     m.rwkv.save_pretrained(tmp_path / "base")
     assert torch.equal(RWKVModel.from_pretrained(tmp_path / "base").eval()(ids)[0], want)
+    # a BlinkDL .pth (transformers' loader said its config was not valid JSON), with the same errors
+    from multimodal_rwkv.errors import CheckpointError
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    pth = make_blink_checkpoint(tmp_path / "w.pth", n_layer=2, n_embd=64, head_size=32, vocab_size=97)
+    full = RWKVForCausalLM.from_pretrained(pth)
+    base_pth = RWKVModel.from_pretrained(pth, dtype="fp32")
+    assert isinstance(base_pth, RWKVModel) and not base_pth.training
+    assert torch.equal(base_pth(ids)[0], full.rwkv(ids)[0])
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        RWKVModel.from_pretrained(tmp_path / "bad.pth")
     # transformers' base-model output: last_hidden_state and return_dict (a bare tuple before)
     out = m.rwkv(ids, output_hidden_states=True)
     assert torch.equal(out.last_hidden_state, want) and out.state.equal(m(ids).state)

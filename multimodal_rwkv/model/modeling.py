@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 
 import functools
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -517,6 +519,17 @@ def _orthogonal_(weight: torch.Tensor, gain: float) -> None:
 
 class RWKVModel(RWKVPreTrainedModel):
     """Embedding + blocks + final LayerNorm; returns hidden states ``[B,T,C]`` and the state."""
+
+    @classmethod
+    def from_pretrained(cls, src, *args, **kwargs) -> "RWKVModel":
+        """The model without its head, from any source :meth:`RWKVForCausalLM.from_pretrained`
+        reads (a BlinkDL ``.pth``, a Hugging Face-layout folder, a saved ``RWKVForCausalLM``), with
+        its keywords, checks and CheckpointErrors; the head is dropped. A folder that
+        ``RWKVModel.save_pretrained`` wrote (no head; ``"architectures": ["RWKVModel"]`` in its
+        config.json) goes through transformers' loader."""
+        if _saved_base_model(src):
+            return super().from_pretrained(src, *args, **kwargs)
+        return RWKVForCausalLM.from_pretrained(src, *args, **kwargs).rwkv
 
     def __init__(self, config: RWKVConfig):
         super().__init__(config)
@@ -1142,6 +1155,16 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         save_model(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
 
 
+
+
+def _saved_base_model(src) -> bool:
+    """Whether ``src`` is a folder ``RWKVModel.save_pretrained`` wrote (its config.json names
+    RWKVModel as the architecture)."""
+    try:
+        with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("architectures") == ["RWKVModel"]
+    except (OSError, TypeError, ValueError, AttributeError):  # not a folder, no or a bad config.json
+        return False
 
 
 def _state_from_cache_names(state, **names):
