@@ -1172,6 +1172,8 @@ def test_bad_inputs_are_clear_value_errors():
             m(ids)
     with pytest.raises(ValueError, match="inputs_embeds must be"):
         m(inputs_embeds=torch.zeros(1, 0, 32))
+    with pytest.raises(ValueError, match=rf"inputs_embeds must be \[B, T, C={m.config.n_embd}\].*got shape \(1, 3, 10\)"):
+        m(inputs_embeds=torch.zeros(1, 3, 10))  # (it was LayerNorm's 'Given normalized_shape')
     with pytest.raises(ValueError, match=r"labels must have the input's shape \(1, 3\), got \(1, 2\)"):
         m(ok, labels=ok[:, :2])
     with pytest.raises(ValueError, match="T >= 1"):
@@ -1859,6 +1861,9 @@ def test_save_pretrained_takes_transformers_keywords(tmp_path):
     sd = {k: torch.zeros_like(v) if k == "head.weight" else v for k, v in m.state_dict().items()}
     m.save_pretrained(tmp_path / "sd", state_dict=sd, save_function=torch.save)
     assert torch.equal(RWKVForCausalLM.from_pretrained(tmp_path / "sd").head.weight, torch.zeros_like(m.head.weight))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="a file, not a folder"):  # (it said only 'File exists')
+        m.save_pretrained(tmp_path / "afile")
     m.save_pretrained(tmp_path / "rank1", is_main_process=False)
     assert not (tmp_path / "rank1").exists()
     with pytest.raises(TypeError, match="bogus"):

@@ -572,6 +572,9 @@ def test_sparse_vocab_ids_within_bounds_still_load(tmp_path):
 @needs_rwkv
 def test_call_padding_takes_transformers_values(tok):
     torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="text_pair: the World tokenizer takes one text per row"):
+        tok("a", "b")  # transformers' text_pair place (it was read as padding='b')
+    assert tok("a", padding=True) == tok("a")
     texts = ["a", "bb cc"]
     a, b = tok.encode("a"), tok.encode("bb cc")
     assert len(a) < len(b)

@@ -7,6 +7,7 @@ file format allows), so a file with pickled code is refused, never executed.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import json
 import logging
@@ -733,6 +734,8 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
     except (ValueError, TypeError) as e:
         raise ValueError(f"max_shard_size: {e}") from None
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # (mkdir said only "File exists")
+        raise FileExistsError(errno.EEXIST, "a file, not a folder (save_pretrained writes a folder)", str(out))
     out.mkdir(parents=True, exist_ok=True)
 
     # one id for this save in every shard and in the index: a save killed halfway over an earlier one

@@ -581,8 +581,9 @@ class RWKVModel(RWKVPreTrainedModel):
             _check_ids(input_ids, self.config.vocab_size)
             if input_ids.dtype not in (torch.int64, torch.int32):
                 input_ids = input_ids.long()  # uint8, int16, ...: the embedding takes int32/int64
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
-            raise ValueError(f"inputs_embeds must be [B, T, C] with T >= 1, got shape {tuple(inputs_embeds.shape)}")
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != self.config.n_embd:
+            raise ValueError(f"inputs_embeds must be [B, T, C={self.config.n_embd}] with T >= 1, got shape "
+                             f"{tuple(inputs_embeds.shape)}")
         bt = tuple((input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
         logits_to_keep = _logits_to_keep(logits_to_keep, bt[1])
         if not isinstance(logits_to_keep, int):

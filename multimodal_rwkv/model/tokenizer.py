@@ -760,10 +760,11 @@ class WorldTokenizer:
             raise TypeError("encode_batch takes a list of texts; for one text use encode (or [text])")
         return [self.encode(t) for t in texts]
 
-    def __call__(self, text: str | Sequence[str], padding: bool | str = False, return_tensors: str | None = None,
-                 max_length: int | None = None, truncation: bool | str = False,
+    def __call__(self, text: str | Sequence[str], text_pair=None, padding: bool | str = False,
+                 return_tensors: str | None = None, max_length: int | None = None, truncation: bool | str = False,
                  add_special_tokens: bool = True) -> dict:
-        """transformers-style: ``{"input_ids", "attention_mask"}`` for a text or a list of texts.
+        """transformers-style: ``{"input_ids", "attention_mask"}`` for a text or a list of texts
+        (``text_pair``, transformers' second argument, is refused: there are no pair encodings).
 
         ``add_special_tokens`` is accepted for transformers' callers and changes nothing: the World
         tokenizer adds no special tokens (no BOS/EOS around a text).
@@ -780,6 +781,9 @@ class WorldTokenizer:
         limit to cut at (the model has no maximum length), so truncation changes nothing.
         Without ``return_tensors`` a list gives lists of lists; ``return_tensors="pt"`` gives
         ``[B, T]`` tensors (a single text: ``[1, T]``), and rows of different lengths are a ``ValueError``."""
+        if text_pair is not None:  # transformers' second argument (padding is a keyword, as there)
+            raise ValueError("text_pair: the World tokenizer takes one text per row (or a list of texts); "
+                             "join a pair into one text")
         if not isinstance(add_special_tokens, bool):
             raise TypeError(f"add_special_tokens must be True or False, got {add_special_tokens!r}")
         limit = None if max_length is None else integer_number(max_length)
