@@ -1,5 +1,6 @@
 """LLaVA JSON/JSONL dataset: labels, collate, truncation, every bad-record path, skip counting."""
 import json
+import re
 
 import pytest
 import torch
@@ -99,16 +100,25 @@ def test_bad_records_fail_naming_the_record(folder, proc, bad, why):
     assert bad["id"] in str(e.value) and why in str(e.value) and str(path) in str(e.value), str(e.value)
 
 
-def test_skip_mode_counts_every_bad_record(folder, proc):
+def test_skip_mode_counts_every_bad_record(folder, proc, caplog):
     lines = [json.dumps(rec("good1")), "{not json", json.dumps(rec("good2"))] + [json.dumps(b) for b, _ in BAD]
     path = folder / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    ds = LlavaDataset(path, proc, on_bad_record="skip")
+    with caplog.at_level("WARNING"):
+        ds = LlavaDataset(path, proc, on_bad_record="skip")
     assert len(ds) == 2
     assert ds.skipped == len(BAD) + 1
     assert any(f"{path}:2: invalid JSON" in m for m in ds.bad_records)
+    # each skipped record is logged with its reason (only the first one was, in a summary line)
+    logged = caplog.text
+    assert all(m in logged for m in ds.bad_records) and all(why in logged for _, why in BAD)
     with pytest.raises(DataError, match=f"{path}:2"):
         LlavaDataset(path, proc)
+    # none usable: the error says why, naming a record and its reason (it gave only the count)
+    path.write_text("\n".join(lines[3:]) + "\n")
+    with pytest.raises(DataError, match=rf"no usable records \({len(BAD)} skipped; {re.escape(str(path))}:1: .*"
+                                        rf"and {len(BAD) - 1} more, each logged\)"):
+        LlavaDataset(path, proc, on_bad_record="skip")
 
 
 def test_a_json_object_and_a_byte_order_mark(folder, proc):

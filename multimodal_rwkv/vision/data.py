@@ -181,9 +181,11 @@ class LlavaDataset(Dataset):
                     continue
             self.records.append(rec)
         if not self.records:
-            raise DataError(f"{self.path}: no usable records ({self.skipped} skipped)")
+            why = f"; {self.bad_records[0]}" if self.bad_records else ""
+            more = f", and {self.skipped - 1} more, each logged" if self.skipped > 1 else ""
+            raise DataError(f"{self.path}: no usable records ({self.skipped} skipped{why}{more})")
         if self.skipped:
-            logger.warning("%s: skipped %d bad record(s); first: %s", self.path, self.skipped, self.bad_records[0])
+            logger.warning("%s: skipped %d bad record(s), each logged above", self.path, self.skipped)
 
     @property
     def skipped(self) -> int:
@@ -194,6 +196,7 @@ class LlavaDataset(Dataset):
         if self.on_bad_record == "fail":
             raise DataError(msg)
         self.bad_records.append(msg)
+        logger.warning("skipping bad record: %s", msg)  # each one, as the language-model data does
 
     def _parse(self, where: str, r) -> Record:
         if not isinstance(r, dict):
