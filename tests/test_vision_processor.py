@@ -1,5 +1,6 @@
 """Images (modes, EXIF, bad files) and prompts (templates, <image> expansion, label masks)."""
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -111,6 +112,18 @@ def test_damaged_exif_is_ignored_not_a_corrupt_image(tmp_path, capsys):
     out = np.asarray(load_image(path))
     assert out.shape == (3, 5, 3) and (out == (255, 0, 0)).all()
     assert capsys.readouterr().err == ""
+    # a JPEG's damaged EXIF warned while the file was opened, before the orientation step
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 3), (255, 0, 0)).save(buf, "JPEG", exif=exif)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"Exif")
+    data[at + 10:at + 30] = b"\xff" * 20
+    (tmp_path / "e.jpg").write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert load_image(tmp_path / "e.jpg").size == (5, 3)
 
 
 def test_tensor_inputs():

@@ -87,6 +87,8 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: 
         Image.MAX_IMAGE_PIXELS = None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # a damaged EXIF block: Pillow's two-line warning while reading it (see to_rgb)
+            warnings.filterwarnings("ignore", message="(Possibly )?corrupt EXIF", category=UserWarning)
             with Image.open(path) as im:
                 w, h = im.size
                 if max_pixels is not None and w * h > max_pixels:
