@@ -228,6 +228,18 @@ def test_unknown_option_is_a_config_error(trained, tmp_path):
     with pytest.raises(ConfigError, match="export.pth"):
         train(cfg)
     assert not (tmp_path / "y" / "checkpoints").exists()
+    # an export dtype that cannot be: refused before training, naming the setting (it failed at the
+    # export, after training, without the setting's name); --print-config checks it too
+    cfg = recipe(tmp_path, data, tmp_path / "z")
+    cfg.model.options = {**cfg.model.options, "export_dtype": "fp64"}
+    with pytest.raises(ConfigError, match="model.options.export_dtype: unknown dtype 'fp64'"):
+        train(cfg)
+    assert not (tmp_path / "z").exists()
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.training.config import save_config
+
+    save_config(cfg, tmp_path / "z.yaml")
+    assert main(["train", str(tmp_path / "z.yaml"), "--print-config"]) == 2
 
 
 def _cli(capsys, *args):

@@ -58,6 +58,10 @@ def cmd_train(args) -> int:
     if args.print_config:
         import yaml
 
+        from multimodal_rwkv.training.task import get_task
+
+        get_task(cfg)  # the task's own checks of its options (cheap: no model, no data)
+
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     _check_recipe_not_overwritten(recipe, cfg.output_dir)

@@ -27,7 +27,7 @@ import json
 import logging
 from pathlib import Path
 
-from multimodal_rwkv.errors import ConfigError
+from multimodal_rwkv.errors import CheckpointError, ConfigError
 from multimodal_rwkv.model.checkpoint import refuse_training_checkpoint
 from multimodal_rwkv.training.task import Task
 
@@ -70,6 +70,13 @@ class VisualRWKVTask(Task):
                               f"got {cfg.data.format!r}")
         if cfg.data.tokenizer != "world":
             raise ConfigError("data.tokenizer: VisualRWKV uses the World tokenizer")
+        if o.get("export_dtype") is not None:  # checked now: it was refused by the export, after training
+            from multimodal_rwkv.model.checkpoint import resolve_dtype
+
+            try:
+                resolve_dtype(o["export_dtype"])
+            except CheckpointError as e:
+                raise ConfigError(f"model.options.export_dtype: {e}") from None
         self.opts = o
         self.stage = int(o.get("stage", 2))
         if self.stage not in (1, 2):
