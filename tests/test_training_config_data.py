@@ -93,6 +93,22 @@ def test_model_config_values_are_type_checked():
     for kw, name in ((dict(layer_norm_eps=-1), "layer_norm_eps"), (dict(head_size_divisor=0), "head_size_divisor")):
         with pytest.raises(ConfigError, match=name):
             RWKVConfig(**kw)
+    # in a recipe, as strictly as its other settings, named with model.config (a string "2" was
+    # taken as 2, and a bad size's message had no model.config.), before any data or model is read
+    from multimodal_rwkv.cli import main
+    from multimodal_rwkv.training.task import get_task
+
+    for over, msg in (('model.config.n_layer="2"', r"model.config.n_layer: expected an integer, got '2'"),
+                      ("model.config.has_initial_state=1", "model.config.has_initial_state: expected true/false"),
+                      ("model.config.n_layer=0", "model.config: n_layer must be positive, got 0"),
+                      ("model.config.layer_norm_eps=-1", "model.config: layer_norm_eps must be a positive number"),
+                      ("model.config.n_embd=-64", "model.config: n_embd must be positive"),
+                      ("model.config.bogus=1", "unknown config key 'model.config.bogus'")):
+        cfg = load_config("recipes/lm_tiny.yaml", [over])
+        with pytest.raises(ConfigError, match=msg):
+            get_task(cfg)
+        assert main(["train", "recipes/lm_tiny.yaml", "--set", over, "--print-config"]) == 2
+    assert get_task(load_config("recipes/lm_tiny.yaml", ["model.config.n_layer=2.0"]))
 
 
 def test_freeze_patterns_match_at_module_boundaries_and_never_silently_nothing():

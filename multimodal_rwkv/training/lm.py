@@ -8,14 +8,13 @@ so memory is bounded by ``c`` rather than ``T``.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
 
 from multimodal_rwkv.errors import ConfigError
 from multimodal_rwkv.training.data import IGNORE_INDEX, PackedDataset, check_id_range, collate_lm, load_stream
-from multimodal_rwkv.training.task import StepContext, Task, zero_link
+from multimodal_rwkv.training.task import StepContext, Task, rwkv_config_settings, zero_link
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +59,6 @@ class L2Wrap:
         return _F.apply(loss, logits)
 
 
-def _rwkv_config_keys() -> set[str]:
-    from multimodal_rwkv.model.config import RWKVConfig
-
-    return {n for n in inspect.signature(RWKVConfig.__init__).parameters if n not in ("self", "kwargs")}
-
-
 class LMTask(Task):
     """Causal LM training of :class:`~multimodal_rwkv.RWKVForCausalLM`."""
 
@@ -97,6 +90,7 @@ class LMTask(Task):
             raise ConfigError(f"data.options: the lm task takes no options, got {sorted(cfg.data.options)}")
         if cfg.data.format == "llava":
             raise ConfigError("data.format: 'llava' data needs task: visualrwkv")
+        rwkv_config_settings(cfg.model.config)  # before any data or model is read
         self._skipped_by_source: dict[Path, int] = {}  # bad records per data source (resolved path)
 
     # ------------------------------------------------------------------ model
@@ -113,11 +107,7 @@ class LMTask(Task):
                                   "fine-tune a checkpoint with a recipe that sets model.config, add "
                                   "--set model.config=null)")
             return RWKVForCausalLM.from_pretrained(m.from_pretrained, dtype=torch.float32)
-        kwargs = dict(m.config)
-        allowed = _rwkv_config_keys()
-        for k in kwargs:
-            if k not in allowed:
-                raise ConfigError(f"unknown config key 'model.config.{k}'; RWKVConfig takes {sorted(allowed)}")
+        kwargs = dict(rwkv_config_settings(m.config))
         if "vocab_size" not in kwargs and self.cfg.data.tokenizer == "bytes":
             kwargs["vocab_size"] = 257
         return RWKVForCausalLM(RWKVConfig(**kwargs))

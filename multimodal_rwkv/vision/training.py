@@ -29,7 +29,7 @@ from pathlib import Path
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError
 from multimodal_rwkv.model.checkpoint import refuse_training_checkpoint
-from multimodal_rwkv.training.task import Task
+from multimodal_rwkv.training.task import Task, rwkv_config_settings
 
 VOCAB_SUBSET_FILE = "vocab_subset.json"  # in output_dir: the ids 'auto' chose for the run
 
@@ -70,6 +70,7 @@ class VisualRWKVTask(Task):
                               f"got {cfg.data.format!r}")
         if cfg.data.tokenizer != "world":
             raise ConfigError("data.tokenizer: VisualRWKV uses the World tokenizer")
+        rwkv_config_settings(cfg.model.config)  # the language model's sizes, before anything is built
         if o.get("export_dtype") is not None:  # checked now: it was refused by the export, after training
             from multimodal_rwkv.model.checkpoint import resolve_dtype
 
