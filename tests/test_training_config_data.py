@@ -8,7 +8,7 @@ import pytest
 from multimodal_rwkv.errors import ConfigError, DataError
 from multimodal_rwkv.training.config import TrainConfig, apply_overrides, load_config, save_config
 from multimodal_rwkv.training.data import (
-    IGNORE_INDEX, ByteTokenizer, PackedDataset, TokenStream, load_stream, read_binidx, write_binidx,
+    IGNORE_INDEX, ByteTokenizer, PackedDataset, TokenStream, check_id_range, load_stream, read_binidx, write_binidx,
 )
 from multimodal_rwkv.training.loop import GlobalOrderSampler, lr_at, plot_losses
 
@@ -268,6 +268,32 @@ def test_binidx_reader_matches_hand_written_file(tmp_path):
     write_binidx(tmp_path / "e", docs)
     for suf in (".bin", ".idx"):
         assert (tmp_path / f"e{suf}").read_bytes() == (tmp_path / f"d{suf}").read_bytes()
+
+
+def test_skip_drops_the_bad_documents_of_a_binidx_pair_or_one_npy_file(tmp_path, caplog):
+    """data.on_bad_record: skip stopped the run at a binidx pair's (or a single .npy file's) one
+    document with an id outside the vocabulary, where a folder's bad shard was skipped."""
+    docs = [[5, 6, 7, 0], [8, 400, 9, 0], [10, 11, 0], [-3, 12, 0], [13, 14, 15, 0], [16, 17]]
+    good = np.concatenate([docs[0], docs[2], docs[4], docs[5]])
+    write_binidx(tmp_path / "d", [d for d in docs if min(d) >= 0], dtype=np.uint16)  # (uint16: no -3)
+    np.save(tmp_path / "one.npy", np.concatenate(docs).astype(np.int32))
+    _write_mmidx_by_hand(tmp_path / "s", docs, np_dtype=np.int32, code=4)
+    for src, fmt, want, n_bad in ((tmp_path / "d", "binidx", np.concatenate([docs[0], docs[2], docs[4], docs[5]]), 1),
+                                  (tmp_path / "s", "binidx", good, 2),
+                                  (tmp_path / "one.npy", "tokens", good, 2)):
+        with pytest.raises(DataError, match="has id (400|-3), outside the model's vocabulary|negative token id -3"):
+            st = load_stream(src, fmt, "bytes", tmp_path / "c", "fail", vocab_size=256)
+            check_id_range(np.asarray(st.ids), 256, st.source)  # (what the lm task does before training)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            st = load_stream(src, fmt, "bytes", tmp_path / "c", "skip", vocab_size=256)
+        assert np.array_equal(np.asarray(st.ids), want) and st.skipped == n_bad, src
+        assert "document 1 (tokens 4..7): token 5 has id 400" in caplog.text
+        again = load_stream(src, fmt, "bytes", tmp_path / "c", "skip", vocab_size=256)  # from the cache
+        assert np.array_equal(np.asarray(again.ids), want) and again.skipped == n_bad
+        assert load_stream(src, fmt, "bytes", tmp_path / "c", "skip", vocab_size=1000).skipped == (n_bad - 1)
+    with pytest.raises(DataError, match="no usable documents"):
+        load_stream(tmp_path / "d", "binidx", "bytes", tmp_path / "c", "skip", vocab_size=3)
 
 
 def test_binidx_suffixes_match_in_any_case(tmp_path):

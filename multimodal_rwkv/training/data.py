@@ -8,7 +8,8 @@ Sources (``data.format``; ``auto`` picks by suffix):
   ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` where only the assistant's
   tokens are targets (every other position gets label -100). A ``.json`` file may instead hold one
   JSON array of such objects (records named ``file[index]``).
-- ``binidx``: RWKV-LM / Megatron ``MMIDIDX`` token files (``X.bin`` + ``X.idx``), read as one stream.
+- ``binidx``: RWKV-LM / Megatron ``MMIDIDX`` token files (``X.bin`` + ``X.idx``), read as one stream
+  (under ``on_bad_record: skip``, a sequence holding an id outside the vocabulary is skipped).
 - ``tokens``: a ``.npy`` 1-D integer array (documents separated by id 0) or a folder of them.
 
 Suffixes match in any case (``B.TXT``, ``x.JSONL``). Text must be UTF-8: a file in another
@@ -326,10 +327,12 @@ class TokenStream:
     """A flat token stream ``ids`` (1-D ints) with an optional ``target`` mask (1 = train on
     predicting this token; None = all). ``source`` names the files (for messages)."""
 
-    def __init__(self, ids: np.ndarray, target: Optional[np.ndarray], source: str, skipped: int = 0):
+    def __init__(self, ids: np.ndarray, target: Optional[np.ndarray], source: str, skipped: int = 0,
+                 doc_ends: Optional[np.ndarray] = None):
         if ids.ndim != 1:
             raise DataError(f"{source}: token array must be 1-D, got shape {ids.shape}")
         self.ids, self.target, self.source, self.skipped = ids, target, source, skipped
+        self.doc_ends = doc_ends  # where each document ends (binidx sequences); None: at separators
 
     def __len__(self):
         return int(self.ids.shape[0])
@@ -551,7 +554,74 @@ def read_binidx(path: str | Path) -> TokenStream:
     if total * dtype.itemsize != bin_size:
         raise DataError(f"{bin_p}: holds {bin_size // dtype.itemsize} tokens but the index describes {total}")
     ids = np.memmap(bin_p, dtype=dtype, mode="r", shape=(total,))
-    return TokenStream(ids, None, str(bin_p))
+    return TokenStream(ids, None, str(bin_p), doc_ends=np.cumsum(sizes.astype(np.int64)))
+
+
+def drop_bad_documents(stream: TokenStream, vocab_size: int, cache_dir: Path, files: Sequence[Path]) -> TokenStream:
+    """``data.on_bad_record: skip`` for a source read as one stream (a binidx pair, one ``.npy``
+    file): the documents that hold an id outside ``[0, vocab_size)`` are skipped, each counted
+    and (the first ten) logged, and the others written once to the cache (keyed by the content of
+    ``files``); the files are left as they are. A stream whose ids all fit comes back as it is.
+    Documents are binidx's sequences, or in a ``.npy`` file the runs that end with separator 0."""
+    ids = stream.ids
+    if not len(ids) or (int(np.min(ids)) >= 0 and int(np.max(ids)) < vocab_size):
+        return stream
+    h = hashlib.sha256(f"dropbad-v{CACHE_VERSION}|{vocab_size}".encode())
+    for f in files:
+        h.update(_file_sha(f).encode())
+    final = Path(cache_dir) / h.hexdigest()[:24]
+    hit = _open_cache(final)
+    if hit is None:
+        n = len(ids)
+        ends = stream.doc_ends
+        if ends is None:
+            ends = np.flatnonzero(np.asarray(ids) == SEPARATOR) + 1
+            if not len(ends) or ends[-1] != n:
+                ends = np.append(ends, n)
+        starts = np.concatenate([[0], ends[:-1]])
+        out_of_range = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        docs = np.unique(np.searchsorted(ends, out_of_range, side="right"))
+        first_bad = out_of_range[np.searchsorted(out_of_range, starts[docs])]
+        for k, (d, i) in enumerate(zip(docs.tolist(), first_bad.tolist())):
+            if k < 10:
+                logger.warning("skipping bad record: %s: document %d (tokens %d..%d): token %d has id %d, outside "
+                               "the model's vocabulary [0, %d)", stream.source, d, starts[d], ends[d] - 1, i,
+                               int(ids[i]), vocab_size)
+        if len(docs) > 10:
+            logger.warning("skipping bad record: %s: %d more documents with ids outside [0, %d)", stream.source,
+                           len(docs) - 10, vocab_size)
+        if len(docs) == len(ends):
+            raise DataError(f"{stream.source}: no usable documents (all {len(docs)} hold ids outside the model's "
+                            f"vocabulary [0, {vocab_size}); e.g. token {int(first_bad[0])} has id "
+                            f"{int(ids[first_bad[0]])})")
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        tmp = _cache_temp(Path(cache_dir), final.name)
+        kept = 0
+        try:
+            with naming_write_errors(tmp / "tokens.u32"), open(tmp / "tokens.u32", "wb") as ft:
+                at = 0  # the kept runs between bad documents, a piece at a time
+                for d in docs.tolist() + [len(ends)]:
+                    stop = starts[d] if d < len(ends) else n
+                    for a in range(at, stop, 1 << 24):
+                        write_array(ft, np.asarray(ids[a:min(stop, a + (1 << 24))], dtype=np.uint32))
+                    kept += stop - at
+                    at = ends[d] if d < len(ends) else n
+                ft.flush()
+                os.fsync(ft.fileno())
+            with naming_write_errors(tmp / "meta.json"), open(tmp / "meta.json", "w") as fh:
+                json.dump({"n_tokens": int(kept), "skipped": len(docs), "has_mask": False,
+                           "version": CACHE_VERSION}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:  # ^C, a full disk: no partial entry left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        hit = _install_cache(tmp, final)
+    kept_ids, _, meta = hit
+    skipped = int(meta.get("skipped", 0))
+    logger.warning("%s: skipped %d document(s) holding ids outside the model's vocabulary [0, %d)",
+                   stream.source, skipped, vocab_size)
+    return TokenStream(kept_ids, None, stream.source, skipped)
 
 
 def write_binidx(prefix: str | Path, docs: Iterable[Iterable[int]], dtype=np.uint16) -> None:
@@ -589,7 +659,7 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
     p = Path(path)
     if p.is_file():
         a = load_token_npy(p)
-        if int(a.min()) < 0:
+        if int(a.min()) < 0 and not (on_bad == "skip" and vocab_size is not None):  # (skip: see load_stream)
             raise DataError(f"{p}: negative token id {int(a.min())}")
         return TokenStream(a, None, str(p))
     if not p.is_dir():
@@ -747,13 +817,19 @@ def load_stream(path: str | Path, fmt: str, tokenizer_name: str, cache_dir: Path
     folder's files under the folders of ``skip`` (the run's own output_dir, when it lies inside the
     data folder) are not data. With ``vocab_size``, each ``.npy`` shard of a folder is checked
     against it as it is read: a shard with an id outside is a bad record (named, or skipped and
-    counted), not an error about the joined stream."""
+    counted), not an error about the joined stream; in a source read as one stream (a binidx pair,
+    one ``.npy`` file) under ``on_bad`` skip, each document holding such an id is skipped and
+    counted (:func:`drop_bad_documents`)."""
     p = Path(path)
     skip = _skip_folders(skip)
     if fmt == "auto":
         fmt = detect_format(p, skip)
-    if fmt == "binidx":
-        return read_binidx(p)
+    if fmt == "binidx" or (fmt == "tokens" and p.is_file()):  # one stream: bad documents dropped from a copy
+        stream = read_binidx(p) if fmt == "binidx" else read_tokens(p, cache_dir, on_bad, vocab_size)
+        if on_bad == "skip" and vocab_size is not None:
+            stream = drop_bad_documents(stream, vocab_size, cache_dir,
+                                        binidx_files(p)[1:] if fmt == "binidx" else [p])
+        return stream
     if fmt == "tokens":
         return read_tokens(p, cache_dir, on_bad, vocab_size)
     if fmt in ("txt", "jsonl"):
