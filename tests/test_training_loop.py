@@ -866,9 +866,15 @@ def test_negative_ids_in_a_signed_binidx_are_named(tmp_path):
     from multimodal_rwkv.training.data import write_binidx
 
     write_binidx(tmp_path / "d", [list(range(1, 40)), [5, -5, 7, 0]], dtype=np.int16)
-    with pytest.raises(DataError, match=r"d.bin: token 40 has id -5, outside the model's vocabulary \[0, 64\)"):
+    with pytest.raises(DataError, match=r"d.bin: token 40 has id -5, outside the model's vocabulary \[0, 64\) "
+                                        r"\(set data.on_bad_record=skip to skip the documents"):
         train(TrainConfig(), [f"output_dir={tmp_path / 'o'}", f"data.train_file={tmp_path / 'd.bin'}",
                               "data.ctx_len=16", "progress_bar=false", TINY])
+    # skip: the document is skipped and counted, the run trains on the other one
+    final = train(TrainConfig(), [f"output_dir={tmp_path / 'o2'}", f"data.train_file={tmp_path / 'd.bin'}",
+                                  "data.ctx_len=16", "progress_bar=false", "max_steps=1", "data.on_bad_record=skip",
+                                  TINY])
+    assert json.loads((final / "training_info.json").read_text())["skipped_records"] == 1
     (tmp_path / "e.idx").write_bytes(b"MMIDIDX\x00\x00" + b"\x01" * 5)
     (tmp_path / "e.bin").write_bytes(b"\x00\x01")
     with pytest.raises(DataError, match="truncated index header"):

@@ -12,8 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-from multimodal_rwkv.errors import ConfigError
-from multimodal_rwkv.training.data import IGNORE_INDEX, PackedDataset, check_id_range, collate_lm, load_stream
+from multimodal_rwkv.errors import ConfigError, DataError
+from multimodal_rwkv.training.data import (IGNORE_INDEX, PackedDataset, check_id_range, collate_lm, detect_format,
+                                           load_stream)
 from multimodal_rwkv.training.task import StepContext, Task, rwkv_config_settings, zero_link
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,13 @@ class LMTask(Task):
         n = len(stream)
         scanned_all = n <= FULL_VOCAB_SCAN
         head = stream.ids if scanned_all else stream.ids[: FULL_VOCAB_SCAN]
-        check_id_range(head, vocab_size, stream.source)
+        try:
+            check_id_range(head, vocab_size, stream.source)
+        except DataError as e:
+            fmt = d.format if d.format != "auto" else detect_format(Path(path), self._run_entries())
+            if fmt not in ("binidx", "tokens"):  # text: its tokenizer's ids do not fit the model, no bad data
+                raise
+            raise DataError(f"{e} (set data.on_bad_record=skip to skip the documents that hold such ids)") from None
         # a valid_file that is the train_file, the same folder or a file inside the train folder holds
         # records the train data holds too: its bad records count once
         self._skipped_by_source[Path(path).resolve()] = stream.skipped
