@@ -389,10 +389,16 @@ def test_a_folder_mixing_text_and_jsonl_is_refused_not_half_read(tmp_path):
     (d / "sub").mkdir(parents=True)
     (d / "a.jsonl").write_text('{"text": "x"}\n')
     (d / "sub" / "b.txt").write_text("y")
-    with pytest.raises(DataError, match="folder mixes jsonl and txt files"):
+    with pytest.raises(DataError, match=r"folder mixes jsonl \(.jsonl, .json: e.g. a.jsonl\) and txt "
+                                        r"\(.txt, .md, .text: e.g. sub/b.txt\) files"):
         detect_format(d)
     (d / "a.jsonl").unlink()
     assert detect_format(d) == "txt"  # text files below the top level count too
+    # a .json file among text files counts as JSON lines: named, so the mix is plain (it said only
+    # 'mixes jsonl and txt' of a folder without a .jsonl file)
+    (d / "sub" / "config.json").write_text("{}")
+    with pytest.raises(DataError, match=r"e.g. sub/config.json\)"):
+        detect_format(d)
 
 
 def test_chat_jsonl_masks_everything_but_the_assistant(tmp_path):

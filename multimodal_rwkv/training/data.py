@@ -792,16 +792,18 @@ def detect_format(path: str | Path, skip: Sequence[str | Path] = ()) -> str:
     if suffix in (".bin", ".idx") or all(f.is_file() for f in binidx_files(p)[1:]):
         return "binidx"
     if p.is_dir():  # the kinds of file the readers take from it (.npy at the top, text anywhere below)
-        kinds = set()
+        kinds: dict[str, Path] = {}  # kind -> its first file
         for x in folder_files(p, TEXT_SUFFIXES["txt"] + TEXT_SUFFIXES["jsonl"] + (".npy",), skip):
             suffix = x.suffix.lower()
-            kinds.add("tokens" if suffix == ".npy" else "jsonl" if suffix in TEXT_SUFFIXES["jsonl"] else "txt")
+            kinds.setdefault("tokens" if suffix == ".npy" else "jsonl" if suffix in TEXT_SUFFIXES["jsonl"]
+                             else "txt", x)
         if len(kinds) > 1:  # reading one kind would drop the others silently
-            raise DataError(f"{p}: folder mixes {' and '.join(sorted(kinds))} files; give one kind per folder "
-                            "or set data.format")
+            mix = " and ".join(f"{k} ({', '.join(TEXT_SUFFIXES.get(k, ('.npy',)))}: e.g. {kinds[k].relative_to(p)})"
+                               for k in sorted(kinds))
+            raise DataError(f"{p}: folder mixes {mix} files; give one kind per folder or set data.format")
         if not kinds:
             raise DataError(f"{p}: cannot tell the data format from the files in this folder; set data.format")
-        return kinds.pop()
+        return next(iter(kinds))
     if suffix == ".npy":
         return "tokens"
     if suffix in TEXT_SUFFIXES["jsonl"]:
