@@ -788,6 +788,35 @@ def test_tokenize_says_a_lone_bad_file_once_and_what_a_fifo_is(tmp_path, capsys)
     assert capsys.readouterr().err.count("no MThd header") == 1
 
 
+def test_a_folder_that_cannot_be_listed_is_reported_and_counted(tmp_path, capsys, monkeypatch):
+    """tokenize and prepare --midi-dir passed over a sub-folder without read permission in
+    silence (rglob): its files were neither read nor counted."""
+    d = tmp_path / "midis"
+    (d / "locked").mkdir(parents=True)
+    for k in range(3):
+        _midi(d / f"{k}.mid", 60 + k)
+    _midi(d / "locked" / "x.mid", 70)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder of mode 000 gives a user who is not root
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert main(["music", "tokenize", str(d)]) == 0
+    cap = capsys.readouterr()
+    assert "locked: cannot list folder (Permission denied): its files are not read" in cap.err
+    assert "tokenized 3 files, skipped 1 unreadable" in cap.out
+    assert main(["music", "tokenize", str(d / "locked")]) == 2  # the folder given: the reason, not 'no files'
+    assert "no .mid/.midi files" in (line := _one_error_line(capsys, "tokenize")) and "Permission denied" in line
+    out = tmp_path / "ds"
+    assert main(["music", "prepare", "--midi-dir", str(d), "--out", str(out), "--valid-permille", "0",
+                 "--test-permille", "0"]) == 0
+    assert "locked\tcannot list folder (Permission denied)" in (out / "failed.txt").read_text()
+    assert json.loads((out / "meta.json").read_text())["counts"]["train"]["pieces"] == 3
+
+
 def test_a_chorale_that_cannot_be_written_is_an_error_not_a_bad_piece(tmp_path):
     """A full disk while caching a chorale's MIDI counted it as a bad piece: exit 0, a smaller
     dataset and a partial .tmp file."""

@@ -1,5 +1,6 @@
 """Training engine without a model: recipes, overrides, data readers, token cache, packing, data order."""
 import json
+import os
 import struct
 
 import numpy as np
@@ -380,6 +381,35 @@ def test_a_broken_cache_entry_is_replaced_and_a_byte_order_mark_is_not_text(tmp_
     q = tmp_path / "b.jsonl"
     q.write_bytes(b'\xef\xbb\xbf{"text": "hi"}\n')
     assert np.asarray(_stream(q, tmp_path).ids).tolist() == [b + 1 for b in b"hi"] + [0]
+
+
+def test_a_data_folder_with_a_folder_that_cannot_be_read(tmp_path, monkeypatch, caplog):
+    """A sub-folder of mode 000 (for a user who is not root) stopped the run with
+    '.../locked/recipe.yaml: Permission denied', a file that does not exist."""
+    from pathlib import Path
+
+    from multimodal_rwkv.training.data import folder_files
+
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "b.txt").write_text("b")
+    (tmp_path / "a.txt").write_text("a")
+    real_is_file, real_scandir = Path.is_file, os.scandir
+
+    def is_file(self):
+        if self.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level("WARNING"):
+        assert folder_files(tmp_path, (".txt",)) == [tmp_path / "a.txt"]
+    assert "locked: cannot list it (Permission denied): its files are not read" in caplog.text
 
 
 def test_a_folder_mixing_text_and_jsonl_is_refused_not_half_read(tmp_path):

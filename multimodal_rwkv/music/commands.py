@@ -54,9 +54,10 @@ def cmd_tokenize(args) -> int:
         raise DataError(f"{out}: --out is the token stream, a .npy file: give a name ending in .npy")
     tok = _tokenizer(args)
     files: list[Path] = []
+    unlistable: list[tuple[str, str]] = []  # folders that cannot be listed: skipped and counted
     for p in map(Path, args.paths):
         if p.is_dir():
-            files.extend(midi_files(p))
+            files.extend(midi_files(p, unlistable))
         elif p.is_file() or p.is_symlink():  # a broken link is a file that cannot be read
             files.append(p)
         elif p.exists():  # a FIFO, a device
@@ -64,11 +65,16 @@ def cmd_tokenize(args) -> int:
         else:
             raise DataError(f"{p}: no such file or directory")
     if not files:
-        raise DataError(f"{', '.join(args.paths)}: no .mid/.midi files")
+        raise DataError(f"{', '.join(args.paths)}: no .mid/.midi files"
+                        + (f" ({unlistable[0][0]}: {unlistable[0][1]})" if unlistable else ""))
     if out:
         check_outputs([("--out", out)], files + ([args.tokenizer_config] if args.tokenizer_config else []))
     ok = bad = tokens = notes = oor = 0
     first_error = None
+    for name, reason in unlistable:
+        bad += 1
+        first_error = first_error or f"{name}: {reason}"
+        print(f"skipped: {name}: {reason}", file=sys.stderr)
     stream = [0]
     for f in files:
         try:
@@ -90,7 +96,7 @@ def cmd_tokenize(args) -> int:
             stream.extend(ids)
             stream.append(0)
     if not ok:  # nothing to write: an error, like prepare's "no usable pieces"
-        if len(files) == 1:
+        if len(files) == 1 and not unlistable:
             raise DataError(first_error)  # names the file and the reason
         raise DataError(f"{', '.join(args.paths)}: none of the {len(files)} files could be tokenized "
                         f"(first: {first_error})")

@@ -213,11 +213,28 @@ def _transposition_key(tok, ids) -> str:
     return _ids_hash(ids if low is None else tok.transpose(ids, tok.config.pitch_range[0] - low))
 
 
-def midi_files(folder: str | os.PathLike) -> list[Path]:
-    """The .mid/.midi files under ``folder`` (recursive, sorted), broken links included: they are
-    unreadable files, reported and counted, not nothing."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".mid", ".midi")
-                  and (p.is_file() or (p.is_symlink() and not p.exists())))
+def midi_files(folder: str | os.PathLike, unlistable: list | None = None) -> list[Path]:
+    """The .mid/.midi files under ``folder`` (recursive, sorted; linked folders followed, each real
+    folder once), broken links included: they are unreadable files, reported and counted, not
+    nothing. A folder that cannot be listed (no permission) is appended to ``unlistable`` as
+    ``(path, reason)``, for the caller to report and count (rglob passed over it silently)."""
+    out, seen = [], set()
+
+    def cannot_list(e: OSError) -> None:
+        if unlistable is not None:
+            unlistable.append((e.filename, f"cannot list folder ({e.strerror or e}): its files are not read"))
+
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=cannot_list):
+        real = os.path.realpath(root)
+        if real in seen:  # a link loop, or a folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in names:
+            p = Path(root) / name
+            if p.suffix.lower() in (".mid", ".midi") and (p.is_file() or (p.is_symlink() and not p.exists())):
+                out.append(p)
+    return sorted(out)
 
 
 def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_size: int, shard_tokens: int) -> int:
@@ -443,9 +460,13 @@ def _prepare_into(out: Path, final: Path, kind, corpus, midi_dir, limit, transpo
                 fail(name, reason)
         else:
             root = Path(midi_dir)
-            paths = midi_files(root)  # all of them: ``limit`` counts the pieces kept, not the files tried
+            unlistable: list[tuple[str, str]] = []
+            paths = midi_files(root, unlistable)  # all of them: ``limit`` counts the pieces kept, not the files tried
+            for name, reason in unlistable:
+                fail(str(name), reason)
             if not paths:
-                raise DataError(f"{root}: no .mid/.midi files")
+                raise DataError(f"{root}: no .mid/.midi files" + (f" ({unlistable[0][0]}: {unlistable[0][1]})"
+                                                                   if unlistable else ""))
         bad_content: dict[str, tuple[str, str]] = {}  # content hash -> (file, reason) of files that failed
         for p in paths:
             if limit is not None and len(kept) >= limit:

@@ -741,9 +741,13 @@ def _outside(x: Path, skip: Sequence[Path]) -> bool:
 
 def _is_training_run(folder: Path) -> bool:
     """Whether ``folder`` is a training run's output_dir: its ``recipe.yaml`` beside what a run
-    writes (checkpoints, final/, metrics.jsonl)."""
-    return (folder / "recipe.yaml").is_file() and any(
-        (folder / n).exists() for n in ("checkpoints", "final", "metrics.jsonl"))
+    writes (checkpoints, final/, metrics.jsonl). A folder that cannot be searched is not one (the
+    walk then says it cannot list it): its recipe.yaml was named as the unreadable file."""
+    try:
+        return (folder / "recipe.yaml").is_file() and any(
+            (folder / n).exists() for n in ("checkpoints", "final", "metrics.jsonl"))
+    except OSError:
+        return False
 
 
 def folder_files(folder: Path, suffixes: Sequence[str], skip: Sequence[Path] = ()) -> list[Path]:
