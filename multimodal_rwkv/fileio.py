@@ -124,15 +124,45 @@ def remove_aside(old) -> None:
         logger.warning("could not remove %s (replaced); remove it by hand", old)
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends (their handlers run
+    then, in order): a step that must finish once begun. Outside the main thread (where handlers
+    cannot be set) the block runs as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda n, _frame: caught.append(n)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for n in caught:
+            h = old[n]
+            if callable(h):
+                h(n, None)
+            elif h == signal.SIG_DFL:  # the default action (ends the process), now that the step is done
+                os.kill(os.getpid(), n)
+
+
 def swap_in(new, path) -> None:
     """Put ``new`` (a complete folder or file) in the place of ``path`` (a folder, file or link, or
     nothing there): the old one is set aside first (:func:`move_aside`) and removed only once the
-    new one is in place, so a kill at any moment leaves one of the two whole."""
+    new one is in place, so a kill at any moment leaves one of the two whole. Ctrl-C or SIGTERM
+    from the moment the old one is set aside take effect once it is removed (they stopped the
+    removal of a large old folder halfway, leaving its rest hidden beside the new one)."""
     path = Path(path)
-    aside = move_aside(path) if os.path.lexists(path) else None
-    os.rename(new, path)
-    if aside is not None:
-        remove_aside(aside)
+    with signals_deferred():
+        aside = move_aside(path) if os.path.lexists(path) else None
+        os.rename(new, path)
+        if aside is not None:
+            remove_aside(aside)
 
 
 def discard_tree(path) -> None:

@@ -578,6 +578,35 @@ def test_convert_over_an_earlier_output_replaces_it_whole_or_not_at_all(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth", "out"]
 
 
+def test_a_signal_while_the_old_output_is_removed_waits_for_the_removal(tmp_path, monkeypatch):
+    """Ctrl-C while swap_in removed the old folder (after the new one was in place) stopped the
+    removal halfway: convert said 'interrupted' and left a hidden .old-OUT beside the new model."""
+    import os
+    import signal
+
+    from multimodal_rwkv import fileio
+
+    out, new = tmp_path / "out", tmp_path / "new"
+    for d, n in ((out, 5), (new, 1)):
+        d.mkdir()
+        for k in range(n):
+            (d / f"f{k}").write_text(d.name)
+    real_remove = fileio.remove_tree
+    calls = []
+
+    def remove_then_signal(path):
+        calls.append(path)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives halfway through the cleanup
+        real_remove(path)
+
+    monkeypatch.setattr(fileio, "remove_tree", remove_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.swap_in(new, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the new one in place, the old one gone
+    assert [p.name for p in out.iterdir()] == ["f0"] and (out / "f0").read_text() == "new"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
 def test_an_output_that_is_a_device_or_a_fifo_is_refused_not_replaced(tmp_path):
     """music generate --out, eval-vqa --output (and every output check_outputs guards) replaced a
     FIFO, or a device node, by a regular file; /dev/stdout failed naming a temp file."""
