@@ -772,6 +772,15 @@ def test_eval_metrics_converts_with_the_scored_part_and_refuses_bad_lines(tmp_pa
         (tmp_path / "m.jsonl").write_text(json.dumps({"step": 1, "valid_loss": 1.0}) + "\n" + bad + "\n")
         assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(valid)]) == 2
         assert why in _one_error_line(capsys, "eval")
+    # a bad line names its line (it said 'line 1 column 1' of the line alone); a last line cut off
+    # by a killed run is left out, as the engine does
+    good = json.dumps({"step": 1, "valid_loss": 1.0})
+    (tmp_path / "m.jsonl").write_text(f"{good}\n{good}\nnot json\n{good}\n")
+    assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(valid)]) == 2
+    assert "m.jsonl:3: invalid JSON (Expecting value at column 1)" in _one_error_line(capsys, "eval")
+    (tmp_path / "m.jsonl").write_text(f"{good}\n{good[:12]}")
+    assert main(["music", "eval", "--metrics", str(tmp_path / "m.jsonl"), "--data", str(valid)]) == 0
+    assert "step 1: 1.0000 nats/token" in capsys.readouterr().out
 
 
 def test_tokenize_says_a_lone_bad_file_once_and_what_a_fifo_is(tmp_path, capsys):

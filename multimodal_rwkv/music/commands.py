@@ -314,9 +314,18 @@ def _eval_from_metrics(args, ids) -> int:
     name = "bits/byte" if is_abc else "bits/note"
     _check_units(args.data, units, name)
     try:
-        rows = [(k, json.loads(x)) for k, x in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if x.strip()]
+        lines = [(k, x) for k, x in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if x.strip()]
     except (OSError, ValueError) as e:
         raise DataError(f"{p}: cannot read metrics ({e})") from None
+    rows = []
+    for k, x in lines:
+        try:
+            rows.append((k, json.loads(x)))
+        except ValueError as e:
+            if (k, x) == lines[-1]:  # a last line cut off (the run killed mid-write): ignored, as the engine does
+                continue
+            raise DataError(f"{p}:{k}: invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})") \
+                from None
     for k, r in rows:
         if not isinstance(r, dict):
             raise DataError(f"{p}:{k}: not a metrics record (a JSON object), got {type(r).__name__}")
