@@ -68,15 +68,18 @@ def test_read_questions_reports_bad_lines(tmp_path):
         # one image, two places for it: refused here, not after the model was loaded (as a bad image)
         json.dumps({"question_id": 9, "image": "x.png", "question": "<image> <image> hi"}),
         json.dumps({"question_id": 10, "image": "x.png", "question": "<image>\nWhat is it?"}),
+        # the placeholders alone: the same reason (it was called an empty question)
+        json.dumps({"question_id": 11, "image": "x.png", "question": "<image> <image>"}),
     ]
     f = tmp_path / "q.jsonl"
     f.write_text("\n".join(lines) + "\n")
     qf = read_questions(f)
     assert [q.question_id for q in qf.questions] == [1, "q4", "llava", 10]
     assert qf.questions[2].question == "What is it?\nAnswer briefly." and qf.questions[2].answers == ["a"]
-    assert len(qf.bad_lines) == 6
+    assert len(qf.bad_lines) == 7
     for n, why in ((2, "invalid JSON"), (3, "image file not found"), (4, "'question'"), (5, "duplicate"),
-                   (6, "not a JSON object"), (10, "'question' has 2 <image> placeholders for its one image")):
+                   (6, "not a JSON object"), (10, "'question' has 2 <image> placeholders for its one image"),
+                   (12, "'question' has 2 <image> placeholders for its one image")):
         assert any(b.startswith(f"{f}:{n}: ") and why in b for b in qf.bad_lines), (n, qf.bad_lines)
     assert qf.questions[1].score("A") == 1.0 and qf.questions[0].score("b") == 0.0
     # an "image" that names a folder says so (it was "image file not found"), as vqa does

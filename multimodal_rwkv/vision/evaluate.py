@@ -223,13 +223,15 @@ def _parse_question(d, root: Path, where: str) -> VQAQuestion:
     for k in ("question_id", "image", "question"):
         if k not in d:
             raise DataError(f"missing {k!r}" + (" (or LLaVA's 'text')" if k == "question" else ""))
-    if not isinstance(d["question"], str) or is_blank_question(d["question"]):
+    if not isinstance(d["question"], str):
         raise DataError("'question' must be a non-empty string")
-    if not is_unicode(d["question"]):
-        raise DataError("'question' holds an unpaired surrogate (\\ud800-\\udfff), not text")
     if d["question"].count(IMAGE_TOKEN) > 1:  # where the one image goes (none: before the question)
         raise DataError(f"'question' has {d['question'].count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders for "
                         "its one image")
+    if is_blank_question(d["question"]):
+        raise DataError("'question' must be a non-empty string")
+    if not is_unicode(d["question"]):
+        raise DataError("'question' holds an unpaired surrogate (\\ud800-\\udfff), not text")
     if not isinstance(d["image"], str) or not d["image"].strip():
         raise DataError("'image' must be a file name")
     qid = d["question_id"]
