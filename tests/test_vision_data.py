@@ -114,6 +114,9 @@ def test_skip_mode_counts_every_bad_record(folder, proc, caplog):
     assert all(m in logged for m in ds.bad_records) and all(why in logged for _, why in BAD)
     with pytest.raises(DataError, match=f"{path}:2"):
         LlavaDataset(path, proc)
+    # a missing image folder is one error (every record was skipped as a missing image)
+    with pytest.raises(DataError, match="nowhere: image folder not found"):
+        LlavaDataset(path, proc, image_folder=folder / "nowhere", on_bad_record="skip")
     # none usable: the error says why, naming a record and its reason (it gave only the count)
     path.write_text("\n".join(lines[3:]) + "\n")
     with pytest.raises(DataError, match=rf"no usable records \({len(BAD)} skipped; {re.escape(str(path))}:1: .*"

@@ -82,6 +82,16 @@ def test_read_questions_reports_bad_lines(tmp_path):
                    (12, "'question' has 2 <image> placeholders for its one image")):
         assert any(b.startswith(f"{f}:{n}: ") and why in b for b in qf.bad_lines), (n, qf.bad_lines)
     assert qf.questions[1].score("A") == 1.0 and qf.questions[0].score("b") == 0.0
+    # whole-file mistakes are one error, not a bad line per line: a missing image folder, a binary
+    # file or UTF-16 text given as the questions
+    with pytest.raises(DataError, match=r"nowhere: image folder not found"):
+        read_questions(f, image_folder=tmp_path / "nowhere")
+    (tmp_path / "b.jsonl").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(DataError, match=r"b.jsonl: not a text file \(it holds NUL bytes"):
+        read_questions(tmp_path / "b.jsonl")
+    (tmp_path / "u.jsonl").write_text(lines[0], encoding="utf-16")
+    with pytest.raises(DataError, match=r"u.jsonl: UTF-16 text; a questions file must be UTF-8"):
+        read_questions(tmp_path / "u.jsonl")
     # an "image" that names a folder says so (it was "image file not found"), as vqa does
     (tmp_path / "d.png").mkdir()
     (tmp_path / "qd.jsonl").write_text(json.dumps({"question_id": 1, "image": "d.png", "question": "Q?"}) + "\n")

@@ -142,6 +142,9 @@ class LlavaDataset(Dataset):
         self.path = Path(path)
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder else self.path.parent
+        if image_folder and not self.image_folder.is_dir():  # one error, not every record's missing image
+            raise DataError(f"{self.image_folder}: image folder "
+                            + ("is not a folder" if self.image_folder.exists() else "not found"))
         from multimodal_rwkv.argtypes import integer_number
 
         if (integer_number(ctx_len) or 0) < 1:  # a negative one cut the end off every sample

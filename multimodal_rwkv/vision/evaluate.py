@@ -187,6 +187,8 @@ def read_questions(path, image_folder=None) -> QuestionFile:
     path = Path(path)
     text, clean = read_text_file(path, "questions file")
     root = Path(image_folder) if image_folder else path.parent
+    if image_folder and not root.is_dir():  # said once, not as a missing image on every line
+        raise DataError(f"{root}: image folder " + ("is not a folder" if root.exists() else "not found"))
     out = QuestionFile()
     seen = set()
     # "\n" only: str.splitlines() would also cut at U+2028, U+0085, ... that JSON strings may hold

@@ -244,7 +244,7 @@ def read_text_file(path, what: str = "data file") -> tuple[str, bool]:
     UTF-8 do not reject the whole file: they become lone surrogates ``\\udc80``-``\\udcff`` (Python's
     "surrogateescape"), ``clean`` is False, and :func:`utf8_error` tells, line by line, where they
     are. Raises DataError naming the file (``what``: "data file", "questions file") when it is
-    missing or unreadable."""
+    missing or unreadable, UTF-16, or binary (it holds NUL bytes)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -254,6 +254,11 @@ def read_text_file(path, what: str = "data file") -> tuple[str, bool]:
         raise DataError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     if raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not JSON
         raw = raw[3:]
+    # a whole file that is no UTF-8 text is one error, not a bad line for every line it seems to have
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: UTF-16 text; a {what} must be UTF-8")
+    if b"\x00" in raw:  # (JSON writes a NUL as \u0000)
+        raise DataError(f"{path}: not a text file (it holds NUL bytes: a binary file?)")
     try:
         return raw.decode("utf-8"), True
     except UnicodeDecodeError:
