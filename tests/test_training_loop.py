@@ -441,9 +441,10 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_new_folder(tmp_p
     text = tmp_path / "t.txt"
     text.write_text("hello world, " * 50)
     cached = tmp_path / "cached"
-    with pytest.raises(DataError, match="no such file"):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty file"):
         train(TrainConfig(), base_overrides(text, cached, max_steps=1, **{
-            "data.tokenizer": "bytes", "data.valid_file": tmp_path / "nope.txt"}) + [
+            "data.tokenizer": "bytes", "data.valid_file": tmp_path / "empty.txt"}) + [
             "model.config={n_layer: 1, n_embd: 64, head_size: 32}"])
     assert [p.name for p in (cached / "token_cache").iterdir() if not p.name.startswith(".")]
     # another run's folder (locked) is never removed by a run refused because of it
@@ -1496,3 +1497,26 @@ def test_a_re_export_over_a_final_that_is_a_link(tmp_path):
         train(TrainConfig(), args + [f"export.pth={pth}"])
     assert final.is_dir() and not (tmp_path / "run" / ".old-final").exists()
     assert (final / "config.json").is_file() and not (final / "model.pth").exists()
+
+
+def test_missing_data_is_refused_before_the_model_is_built(tmp_path, corpus, monkeypatch):
+    """A data path with a typo, or none at all (an empty recipe), was found only after the model was
+    built (a from_pretrained model loaded, the 0.2B default built: 12 s and 2 GB for a typo)."""
+    from multimodal_rwkv.training.lm import LMTask
+
+    def no_model(self):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(LMTask, "build_model", no_model)
+    for over, msg in (({"data.train_file": str(tmp_path / "typo.npy")}, r"typo.npy: no such file or folder \(data.train_file\)"),
+                      ({"data.valid_file": str(tmp_path / "v.txt")}, r"v.txt: no such file or folder \(data.valid_file\)")):
+        with pytest.raises(DataError, match=msg):
+            train(TrainConfig(), base_overrides(corpus, tmp_path / "o", **over))
+    with pytest.raises(ConfigError, match=r"data.train_file is not set \(e.g. --set data.train_file=corpus.txt\)"):
+        train(TrainConfig(), [f"output_dir={tmp_path / 'o'}"])
+    from multimodal_rwkv.training.data import write_binidx
+
+    write_binidx(tmp_path / "d", [[1, 2, 0]])  # a binidx prefix names files that exist
+    with pytest.raises(AssertionError, match="the model was built"):
+        train(TrainConfig(), base_overrides(tmp_path / "d", tmp_path / "o"))
+    assert not (tmp_path / "o" / "checkpoints").exists()

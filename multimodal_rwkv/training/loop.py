@@ -1030,6 +1030,7 @@ class Trainer:
         from multimodal_rwkv.training.task import get_task
 
         task = get_task(cfg)
+        task.check_data_settings()
         if cfg.export.pth and not task.exports_pth:
             raise ConfigError(f"export.pth: the {task.name} task's model is not a language model alone, which a "
                               "BlinkDL-layout model.pth holds; its final/ folder is what its loaders read")

@@ -83,6 +83,25 @@ class Task:
         model.save_pretrained(out_dir)
 
     # --- optional -------------------------------------------------------------------------
+    train_file_example = "corpus.txt"  # for the message when data.train_file is not set
+
+    def check_data_settings(self) -> None:
+        """Cheap checks of the data settings, run before any model is built or loaded (a typo in a
+        path would cost a whole model load first): ``data.train_file`` is set, and it and
+        ``data.valid_file`` exist (a binidx prefix ``X`` of ``X.bin`` + ``X.idx`` counts).
+        The datasets' readers check the rest."""
+        import os
+
+        from multimodal_rwkv.errors import DataError
+        from multimodal_rwkv.training.data import binidx_files
+
+        d = self.cfg.data
+        if not d.train_file:
+            raise ConfigError(f"data.train_file is not set (e.g. --set data.train_file={self.train_file_example})")
+        for key, f in (("data.train_file", d.train_file), ("data.valid_file", d.valid_file)):
+            if f and not os.path.lexists(f) and not all(p.is_file() for p in binidx_files(f)[1:]):
+                raise DataError(f"{f}: no such file or folder ({key})")
+
     trainable_options = "the task's settings"  # what decides trainable_filter, for error messages
 
     def trainable_filter(self, name: str, param) -> bool | None:

@@ -48,6 +48,7 @@ class VisualRWKVTask(Task):
     find_unused_parameters = True  # tower layers above feature_layer; text-only batches skip the tower
 
     name = "visualrwkv"
+    train_file_example = "train.json"
     exports_pth = False  # a BlinkDL .pth holds a language model alone; final/ is the VisualRWKV folder
     free_options = _RUNTIME_KEYS + ("export_dtype",)
 
