@@ -88,6 +88,32 @@ def make_dirs(folder) -> list[Path]:
     return [d for d in reversed(missing) if d.is_dir()]
 
 
+def listed_files(folder, suffixes: Sequence[str], prune: Callable[[Path], bool] | None = None,
+                 on_unlistable: Callable[[OSError], None] | None = None) -> list[Path]:
+    """The files of ``folder`` and its subfolders named with one of ``suffixes`` (any case), sorted.
+
+    Linked subfolders are followed, each real folder once (a link loop ends); hidden files and
+    folders (``.git``, editors' copies, ``._x.mid``) are left out, and so are the subfolders
+    ``prune(path)`` is true of. A broken link or a link loop named like such a file is listed
+    (reading it says why it cannot be read); a FIFO or a socket is not. A folder that cannot be
+    listed (no permission) goes to ``on_unlistable(error)``, for the caller to report (os.walk
+    passes over it in silence)."""
+    out, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=on_unlistable):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (prune and prune(Path(root) / d)))
+        for name in names:
+            x = Path(root) / name
+            if (not name.startswith(".") and x.suffix.lower() in suffixes
+                    and (x.is_file() or (x.is_symlink() and not x.exists()))):
+                out.append(x)
+    return sorted(out)
+
+
 def remove_tree(path) -> None:
     """Remove ``path``: a link itself (never what it points to), or a folder with its contents, or
     a file; nothing if absent. (``shutil.rmtree(ignore_errors=True)`` did nothing on a link and

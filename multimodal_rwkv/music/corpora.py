@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from multimodal_rwkv.errors import DataError, MidiError
-from multimodal_rwkv.fileio import (load_token_npy, naming_target, naming_write_errors, remove_tree, same_file,
-                                    save_npy)
+from multimodal_rwkv.fileio import (listed_files, load_token_npy, naming_target, naming_write_errors, remove_tree,
+                                    same_file, save_npy)
 
 log = logging.getLogger(__name__)
 
@@ -214,27 +214,15 @@ def _transposition_key(tok, ids) -> str:
 
 
 def midi_files(folder: str | os.PathLike, unlistable: list | None = None) -> list[Path]:
-    """The .mid/.midi files under ``folder`` (recursive, sorted; linked folders followed, each real
-    folder once), broken links included: they are unreadable files, reported and counted, not
-    nothing. A folder that cannot be listed (no permission) is appended to ``unlistable`` as
-    ``(path, reason)``, for the caller to report and count (rglob passed over it silently)."""
-    out, seen = [], set()
-
+    """The .mid/.midi files under ``folder`` (recursive, sorted; see
+    :func:`~multimodal_rwkv.fileio.listed_files`), broken links included: they are unreadable
+    files, reported and counted, not nothing. A folder that cannot be listed (no permission) is
+    appended to ``unlistable`` as ``(path, reason)``, for the caller to report and count."""
     def cannot_list(e: OSError) -> None:
         if unlistable is not None:
             unlistable.append((e.filename, f"cannot list folder ({e.strerror or e}): its files are not read"))
 
-    for root, dirs, names in os.walk(folder, followlinks=True, onerror=cannot_list):
-        real = os.path.realpath(root)
-        if real in seen:  # a link loop, or a folder linked twice
-            dirs[:] = []
-            continue
-        seen.add(real)
-        for name in names:
-            p = Path(root) / name
-            if p.suffix.lower() in (".mid", ".midi") and (p.is_file() or (p.is_symlink() and not p.exists())):
-                out.append(p)
-    return sorted(out)
+    return listed_files(folder, (".mid", ".midi"), on_unlistable=cannot_list)
 
 
 def _write_split(out: Path, split: str, docs: Sequence[Sequence[int]], vocab_size: int, shard_tokens: int) -> int:

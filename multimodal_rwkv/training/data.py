@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.fileio import fsync_path, load_token_npy, naming_write_errors, write_array
+from multimodal_rwkv.fileio import fsync_path, listed_files, load_token_npy, naming_write_errors, write_array
 
 logger = logging.getLogger(__name__)
 
@@ -751,36 +751,21 @@ def _is_training_run(folder: Path) -> bool:
 
 
 def folder_files(folder: Path, suffixes: Sequence[str], skip: Sequence[Path] = ()) -> list[Path]:
-    """The data files of ``folder`` and its subfolders (suffix in ``suffixes``, any case), sorted.
+    """The data files of ``folder`` and its subfolders (see :func:`~multimodal_rwkv.fileio.listed_files`:
+    suffix in ``suffixes``, hidden ones left out, broken links listed), without what lies under a
+    folder of ``skip`` or in a training run's output folder (this run's, or another's kept beside
+    the data: its metrics, configs and checkpoints are not data). A folder that cannot be listed is
+    a warning."""
+    def run(d: Path) -> bool:
+        if _is_training_run(d):
+            logger.info("%s: the output of a training run (recipe.yaml and its checkpoints): its files are not data", d)
+            return True
+        return False
 
-    Linked subfolders are followed (each real folder once: a link loop ends); hidden files and
-    folders (``.git``, ``.ipynb_checkpoints``, editors' copies) are left out, and so is what lies
-    under a folder of ``skip`` or in a training run's output folder (this run's, or another's
-    kept beside the data: its metrics, configs and checkpoints are not data). A broken link or a
-    link loop named like a data file is listed (reading it says why it cannot be read); a FIFO or
-    a socket is not."""
-    out, seen = [], set()
-
-    def unlistable(e: OSError) -> None:  # (os.walk drops these silently)
+    def unlistable(e: OSError) -> None:
         logger.warning("%s: cannot list it (%s): its files are not read", e.filename, e.strerror or e)
 
-    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unlistable):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        runs = [d for d in dirs if _is_training_run(Path(root) / d)]
-        for d in runs:
-            logger.info("%s: the output of a training run (recipe.yaml and its checkpoints): its files are not data",
-                        Path(root) / d)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in runs)
-        for name in names:
-            x = Path(root) / name
-            if (not name.startswith(".") and x.suffix.lower() in suffixes
-                    and (x.is_file() or (x.is_symlink() and not x.exists())) and _outside(x, skip)):
-                out.append(x)
-    return sorted(out)
+    return [x for x in listed_files(folder, suffixes, prune=run, on_unlistable=unlistable) if _outside(x, skip)]
 
 
 def _skip_folders(skip) -> list[Path]:
