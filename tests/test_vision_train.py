@@ -181,11 +181,14 @@ def test_l2wrap_does_not_depend_on_how_the_batch_is_split(trained, tmp_path, red
         cfg.model.options["loss_reduction"] = reduction
         cfg.train.l2wrap = True
         train(cfg)
-        return [json.loads(x)["loss"] for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows], [r["tokens"] for r in rows]
 
-    whole = losses("whole", train__micro_batch_size=4)
-    split = losses("split", train__micro_batch_size=2, train__grad_accum=2)
+    whole, whole_tokens = losses("whole", train__micro_batch_size=4)
+    split, split_tokens = losses("split", train__micro_batch_size=2, train__grad_accum=2)
     assert max(abs(a - b) for a, b in zip(whole, split)) < 5e-6, (whole, split)  # (the split: 2.5e-5)
+    # the samples' tokens, not their padding to each micro-batch's longest (which the split changes)
+    assert whole_tokens == split_tokens
 
 
 def test_config_values_of_the_wrong_type_are_refused():

@@ -280,7 +280,17 @@ class VisualRWKVTask(Task):
         return int(sel.sum())
 
     def count_tokens(self, batch) -> int:
-        return int(batch["input_ids"].numel())
+        """The positions of the micro-batch's samples, without the right padding :func:`collate`
+        adds (pad id 0 beyond a sample's end, label -100): what the step's tokens/s and L2Wrap's
+        per-position push count. The padded width depends on how the samples are split into
+        micro-batches and processes, so counting it made the metrics' ``tokens`` (and L2Wrap's
+        scale) differ between one process and two with the same global batch."""
+        import torch
+
+        ids, labels = batch["input_ids"], batch["labels"]
+        real = (ids != 0) | (labels != -100)  # a sample's own positions (its last one always is one)
+        pos = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+        return int((real * pos).amax(dim=1).sum())  # each row up to its last own position
 
     def training_step(self, model, batch, ctx):
         """The base step; with ``train.l2wrap``, L2Wrap's push is RWKV-LM's ``1e-4`` over all
