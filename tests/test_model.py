@@ -636,6 +636,13 @@ def test_a_row_of_a_batch_that_meets_its_stop_string_is_finished_and_padded():
     assert n <= 2 and torch.equal(batch[0, :T + n], alone[0])
     assert (batch[0, T + n:] == m.config.pad_token_id).all() and batch.shape[1] == T + 10
     assert torch.equal(batch[1], free[1])  # the other row as without a stop
+    # a model without pad and EOS ids: the stop works, the batch's rows go on (no id to pad with;
+    # it was transformers' TypeError on None * tensor)
+    m.config.pad_token_id = m.config.eos_token_id = None
+    m.generation_config.pad_token_id = m.generation_config.eos_token_id = None
+    one = m.generate(ids[:1], max_new_tokens=10, stop=stop, tokenizer=tok)
+    assert torch.equal(one, alone)
+    assert torch.equal(m.generate(ids, max_new_tokens=10, stop=stop, tokenizer=tok), free)
 
 
 def test_a_weight_beyond_fp16s_range_is_refused_when_loading_as_fp16(tmp_path):

@@ -214,13 +214,14 @@ class StopStringsCriteria(StoppingCriteria):
     In a batch, a row that met its stop string is finished: the later steps give it
     ``pad_token_id``, as a row that met EOS. transformers pads finished rows only where a stopping
     criterion has an ``eos_token_id`` attribute (its EOS criterion's), whatever criterion finished
-    them; this one has one (None), so rows are padded also when no EOS id is set.
+    them; with ``pad_finished`` (there is a pad id) this one has one (None), so rows are padded
+    also when no EOS id is set. Without a pad id, rows go on to the end as transformers' own.
     """
 
-    eos_token_id = None  # transformers' marker for "pad the finished rows" (see above)
-
-    def __init__(self, tokenizer, stops: list[str], prompt_len: int):
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int, pad_finished: bool = True):
         self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
+        if pad_finished:
+            self.eos_token_id = None  # transformers' marker for "pad the finished rows" (see above)
         self.window = max((len(s.encode("utf-8")) for s in self.stops), default=1) + 8  # tokens, then bytes
         self.replacement = "\ufffd" in "".join(self.stops)  # a stop holding U+FFFD
 

@@ -1021,7 +1021,9 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if stops:
             if tokenizer is None:
                 raise ValueError("stop strings (stop= or stop_strings=) need tokenizer=")
-            criteria.append(StopStringsCriteria(tokenizer, stops, prompt_len=prompt_len))
+            pad = next((x for x in (kwargs.get("pad_token_id"), getattr(base, "pad_token_id", None),
+                                    self.config.pad_token_id) if x is not None), None)
+            criteria.append(StopStringsCriteria(tokenizer, stops, prompt_len=prompt_len, pad_finished=pad is not None))
         if state is not None:  # transformers repeats each row for beams / returned sequences; the state too
             beams = kwargs.get("num_beams") or getattr(base, "num_beams", 1) or 1
             seqs = kwargs.get("num_return_sequences") or getattr(base, "num_return_sequences", 1) or 1
