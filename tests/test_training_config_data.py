@@ -109,7 +109,12 @@ def test_model_config_values_are_type_checked():
         with pytest.raises(ConfigError, match=msg):
             get_task(cfg)
         assert main(["train", "recipes/lm_tiny.yaml", "--set", over, "--print-config"]) == 2
-    assert get_task(load_config("recipes/lm_tiny.yaml", ["model.config.n_layer=2.0"]))
+    # values read as the rest of a recipe reads them: YAML's string 1e-5 a number (it was refused),
+    # 2.0 the integer 2 (it stayed 2.0 in recipe.yaml)
+    cfg = load_config("recipes/lm_tiny.yaml", ["model.config.n_layer=2.0", "model.config.layer_norm_eps=1e-5"])
+    get_task(cfg)
+    assert cfg.model.config["n_layer"] == 2 and type(cfg.model.config["n_layer"]) is int
+    assert cfg.model.config["layer_norm_eps"] == 1e-5
 
 
 def test_freeze_patterns_match_at_module_boundaries_and_never_silently_nothing():

@@ -91,7 +91,7 @@ class LMTask(Task):
             raise ConfigError(f"data.options: the lm task takes no options, got {sorted(cfg.data.options)}")
         if cfg.data.format == "llava":
             raise ConfigError("data.format: 'llava' data needs task: visualrwkv")
-        rwkv_config_settings(cfg.model.config)  # before any data or model is read
+        cfg.model.config = rwkv_config_settings(cfg.model.config)  # read as the recipe reads; before data or model
         self._skipped_by_source: dict[Path, int] = {}  # bad records per data source (resolved path)
 
     # ------------------------------------------------------------------ model

@@ -163,33 +163,32 @@ def zero_link(model):
 
 
 def rwkv_config_settings(settings: dict, key: str = "model.config") -> dict:
-    """A recipe's language-model sizes (``model.config``), checked as strictly as the rest of a
-    recipe: known keys only, each of its RWKVConfig type (a number written as a string is
-    refused; an integral float is an integer, as elsewhere in a recipe), and sizes that make a model; a ConfigError names ``key`` and the setting. Returns
-    the settings as they are (checking builds nothing but a config)."""
+    """A recipe's language-model sizes (``model.config``), checked and read as strictly as the rest
+    of a recipe: known keys only, each of its RWKVConfig type, as the recipe's own settings take
+    it (``1e-5`` a number, ``2.0`` the integer 2; a number written as a string such as ``'2'`` is
+    refused), and sizes that make a model. A ConfigError names ``key`` and the setting. Returns
+    the settings with their values so read (checking builds nothing but a config)."""
     import inspect
+    from typing import Optional
 
     from multimodal_rwkv.model.config import RWKVConfig
+    from multimodal_rwkv.training.config import _coerce
 
     params = {n: p for n, p in inspect.signature(RWKVConfig.__init__).parameters.items()
               if n not in ("self", "kwargs")}
+    types = {"int": int, "float": float, "bool": bool, "str": str}
+    out = {}
     for k, v in settings.items():
         if k not in params:
             raise ConfigError(f"unknown config key '{key}.{k}'; RWKVConfig takes {sorted(params)}")
         kind = str(params[k].annotation)  # "int", "int | None", "float", "bool", "str"
-        if v is None and "None" in kind:
-            continue
-        ok = {"int": not isinstance(v, bool) and (isinstance(v, int) or isinstance(v, float) and v.is_integer()),
-              "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-              "bool": isinstance(v, bool), "str": isinstance(v, str)}[kind.split(" ")[0]]
-        if not ok:
-            want = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string"}
-            raise ConfigError(f"{key}.{k}: expected {want[kind.split(' ')[0]]}, got {v!r}")
+        tp = types[kind.split(" ")[0]]
+        out[k] = _coerce(v, Optional[tp] if "None" in kind else tp, f"{key}.{k}")
     try:
-        RWKVConfig(**settings)
+        RWKVConfig(**out)
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from None
-    return settings
+    return out
 
 
 def get_task(cfg) -> Task:

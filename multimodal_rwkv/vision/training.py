@@ -71,7 +71,7 @@ class VisualRWKVTask(Task):
                               f"got {cfg.data.format!r}")
         if cfg.data.tokenizer != "world":
             raise ConfigError("data.tokenizer: VisualRWKV uses the World tokenizer")
-        rwkv_config_settings(cfg.model.config)  # the language model's sizes, before anything is built
+        cfg.model.config = rwkv_config_settings(cfg.model.config)  # the language model's sizes, before anything
         if o.get("export_dtype") is not None:  # checked now: it was refused by the export, after training
             from multimodal_rwkv.model.checkpoint import resolve_dtype
 
