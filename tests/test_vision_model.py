@@ -312,9 +312,13 @@ def test_bad_folders_and_api_inputs_are_clear_errors(tok, base, tmp_path):
         base.answer(img, None)
     with pytest.raises(DataError, match="unpaired surrogate"):
         base.answer(img, "bad \udcff")
-    for blank in ("  ", "<image>", " <image>\n<image> "):  # a placeholder alone is no question either
+    for blank in ("  ", "<image>", " <image>\n"):  # a placeholder alone is no question either
         with pytest.raises(DataError, match="question 0 is empty"):
             base.answer(img, blank)
+    # two places for the one image say so, with or without text (it was 'empty' without)
+    for two in (" <image>\n<image> ", "<image><image> hi"):
+        with pytest.raises(DataError, match=r"question 0 has 2 <image> placeholders for 1 image\(s\)"):
+            base.answer(img, two)
     with pytest.raises(ValueError, match="max_new_tokens"):
         base.answer(img, "Q?", max_new_tokens=-1)
     with pytest.raises(ValueError, match="seed"):

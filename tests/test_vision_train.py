@@ -301,6 +301,8 @@ def test_cli_vqa_and_eval_vqa(trained, tmp_path, capsys):
     for blank in ("  ", "<image>\n"):
         rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", blank)
         assert rc == 2 and "--question is empty" in err
+    rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", "<image><image>")
+    assert rc == 2 and "--question has 2 <image> placeholders for its one image" in err
     rc, out_, err = _cli(capsys, "vqa", "--model", str(final), "--image", str(img), "--question", "Q?",
                          "--vision-tower", "openai/clip-vit-large-patch14")  # a folder has its own tower
     assert rc == 2 and "brings its own vision tower" in err

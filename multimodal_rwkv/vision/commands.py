@@ -103,12 +103,15 @@ def _load(args):
 
 
 def _vqa(args) -> int:
-    from multimodal_rwkv.vision.processor import is_blank_question, missing_image
+    from multimodal_rwkv.vision.processor import IMAGE_TOKEN, is_blank_question, missing_image
 
     why = missing_image(args.image)
     if why:
         raise DataError(f"{args.image}: {why}")
 
+    n = args.question.count(IMAGE_TOKEN)
+    if n > 1:  # (before "empty": '<image><image>' has two places for the one image)
+        raise DataError(f"--question has {n} {IMAGE_TOKEN} placeholders for its one image")
     if is_blank_question(args.question):
         raise DataError("--question is empty")
     model = _load(args)

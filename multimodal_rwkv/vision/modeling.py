@@ -37,6 +37,7 @@ from multimodal_rwkv.vision.encoder import EncoderOptions, VisionEncoder
 from multimodal_rwkv.vision.processor import (
     ASPECT_MODES,
     IGNORE_INDEX,
+    IMAGE_TOKEN,
     IMAGE_TOKEN_ID,
     STOP,
     TEMPLATES,
@@ -557,16 +558,21 @@ class VisualRWKV(nn.Module):
         for i, q in enumerate(questions):
             if not isinstance(q, str):
                 raise DataError(f"question {i}: expected a string, got {type(q).__name__}")
-            if is_blank_question(q):
-                raise DataError(f"question {i} is empty")
-            if not is_unicode(q):
-                raise DataError(f"question {i}: holds an unpaired surrogate (bytes that were not UTF-8?), not text")
         if not questions:
             return []
         if not isinstance(images, (list, tuple)):
             images = [images] * len(questions)
         if len(images) != len(questions):
             raise DataError(f"{len(images)} images for {len(questions)} questions")
+        for i, (img, q) in enumerate(zip(images, questions)):
+            n_img = len(img) if isinstance(img, (list, tuple)) else 1
+            if q.count(IMAGE_TOKEN) > n_img:  # before "empty": '<image><image>' has places for two images
+                raise DataError(f"question {i} has {q.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders for "
+                                f"{n_img} image(s)")
+            if is_blank_question(q):
+                raise DataError(f"question {i} is empty")
+            if not is_unicode(q):
+                raise DataError(f"question {i}: holds an unpaired surrogate (bytes that were not UTF-8?), not text")
         self.eval()
         template = self.config.prompt_template
         reuse = (template == "image_first") if reuse_image_prefix is None else reuse_image_prefix
