@@ -114,6 +114,16 @@ def listed_files(folder, suffixes: Sequence[str], prune: Callable[[Path], bool] 
     return sorted(out)
 
 
+def save_folder(path) -> Path:
+    """``path`` as a folder to save a model into, made where missing; FileExistsError when it is a
+    file (mkdir said only "File exists"; transformers' own save_pretrained logged and returned)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(errno.EEXIST, "a file, not a folder (save_pretrained writes a folder)", str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def remove_tree(path) -> None:
     """Remove ``path``: a link itself (never what it points to), or a folder with its contents, or
     a file; nothing if absent. (``shutil.rmtree(ignore_errors=True)`` did nothing on a link and

@@ -1871,6 +1871,9 @@ def test_save_pretrained_takes_transformers_keywords(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="a file, not a folder"):  # (it said only 'File exists')
         m.save_pretrained(tmp_path / "afile")
+    with pytest.raises(FileExistsError, match="a file, not a folder"):  # (transformers logged, saved nothing)
+        m.rwkv.save_pretrained(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "x"
     m.save_pretrained(tmp_path / "rank1", is_main_process=False)
     assert not (tmp_path / "rank1").exists()
     with pytest.raises(TypeError, match="bogus"):

@@ -252,6 +252,9 @@ def test_save_load_round_trip(tok, base, tmp_path):
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     img = images(1)[0]
     assert m.answer(img, "Q?", max_new_tokens=5) == m2.answer(img, "Q?", max_new_tokens=5)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="a file, not a folder"):  # (it said only 'File exists')
+        m.save_pretrained(tmp_path / "afile")
     # bf16 on disk: about half the bytes, loads back close
     m.save_pretrained(tmp_path / "b", dtype="bf16")
     size32 = (tmp_path / "m" / "model.safetensors").stat().st_size

@@ -7,7 +7,6 @@ file format allows), so a file with pickled code is refused, never executed.
 from __future__ import annotations
 
 import copy
-import errno
 import functools
 import json
 import logging
@@ -20,7 +19,7 @@ import torch
 from transformers import PretrainedConfig
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError
-from multimodal_rwkv.fileio import atomic_write, atomic_write_text, is_utf8_path, save_safetensors
+from multimodal_rwkv.fileio import atomic_write, atomic_write_text, is_utf8_path, save_folder, save_safetensors
 from multimodal_rwkv.model.config import RWKVConfig
 
 log = logging.getLogger(__name__)
@@ -733,10 +732,7 @@ def save_model(model, out_dir, state_dict: dict | None = None, max_shard_size: i
             tensors, max_shard_size="50GB" if max_shard_size is None else max_shard_size)
     except (ValueError, TypeError) as e:
         raise ValueError(f"max_shard_size: {e}") from None
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():  # (mkdir said only "File exists")
-        raise FileExistsError(errno.EEXIST, "a file, not a folder (save_pretrained writes a folder)", str(out))
-    out.mkdir(parents=True, exist_ok=True)
+    out = save_folder(out_dir)
 
     # one id for this save in every shard and in the index: a save killed halfway over an earlier one
     # leaves shards of two saves under the same names, which the loader then refuses (not a mix)

@@ -531,6 +531,14 @@ class RWKVModel(RWKVPreTrainedModel):
             return super().from_pretrained(src, *args, **kwargs)
         return RWKVForCausalLM.from_pretrained(src, *args, **kwargs).rwkv
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; a path that is a file is a FileExistsError (transformers
+        logged it and returned, having saved nothing)."""
+        from multimodal_rwkv.fileio import save_folder
+
+        save_folder(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def __init__(self, config: RWKVConfig):
         super().__init__(config)
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)

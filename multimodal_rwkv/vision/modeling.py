@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multimodal_rwkv.errors import CheckpointError, ConfigError, DataError
-from multimodal_rwkv.fileio import atomic_write_text
+from multimodal_rwkv.fileio import atomic_write_text, save_folder, save_safetensors
 from multimodal_rwkv.vision.encoder import EncoderOptions, VisionEncoder
 from multimodal_rwkv.vision.processor import (
     ASPECT_MODES,
@@ -602,14 +602,12 @@ class VisualRWKV(nn.Module):
         """Write config.json + model.safetensors (+ preprocessor_config.json). The encoder's
         weights are included when ``config.bundle_encoder``; otherwise only ``vision_tower`` (hub id
         or folder) is recorded. ``dtype`` (e.g. torch.bfloat16) casts floating weights on disk."""
-        from multimodal_rwkv.fileio import save_safetensors
         from multimodal_rwkv.model.checkpoint import check_range, resolve_dtype
 
         dtype = resolve_dtype(dtype)
         if dtype is not None:
             check_range(self.state_dict(), dtype, out_dir)  # fp16: nothing written as inf
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = save_folder(out_dir)
         sd = {}
         for k, v in self.state_dict().items():
             if not self.config.bundle_encoder and k.startswith("vision_tower."):
