@@ -414,7 +414,11 @@ def test_a_data_folder_with_a_folder_that_cannot_be_read(tmp_path, monkeypatch, 
     monkeypatch.setattr(os, "scandir", scandir)
     with caplog.at_level("WARNING"):
         assert folder_files(tmp_path, (".txt",)) == [tmp_path / "a.txt"]
-    assert "locked: cannot list it (Permission denied): its files are not read" in caplog.text
+        assert folder_files(tmp_path, (".txt",)) == [tmp_path / "a.txt"]
+    assert caplog.text.count("locked: cannot list it (Permission denied): its files are not read") == 1
+    # the data folder itself: an error that says so (it was 'cannot tell the data format')
+    with pytest.raises(DataError, match="locked: cannot list the folder \\(Permission denied\\)"):
+        folder_files(tmp_path / "locked", (".txt",))
 
 
 def test_a_folder_mixing_text_and_jsonl_is_refused_not_half_read(tmp_path):

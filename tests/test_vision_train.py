@@ -245,6 +245,23 @@ def test_unknown_option_is_a_config_error(trained, tmp_path):
     assert main(["train", str(tmp_path / "z.yaml"), "--print-config"]) == 2
 
 
+def test_a_missing_image_folder_is_refused_before_the_model_is_built(trained, tmp_path, monkeypatch):
+    from multimodal_rwkv.errors import DataError
+    from multimodal_rwkv.training import train
+    from multimodal_rwkv.vision.training import VisualRWKVTask
+
+    def no_model(self):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(VisualRWKVTask, "build_model", no_model)
+    data, _, _ = trained
+    cfg = recipe(tmp_path, data, tmp_path / "o")
+    cfg.data.image_folder = str(tmp_path / "nodir")
+    with pytest.raises(DataError, match=r"nodir: image folder not found \(data.image_folder\)"):
+        train(cfg)
+    assert not (tmp_path / "o").exists()
+
+
 def _cli(capsys, *args):
     from multimodal_rwkv.cli import main
 

@@ -763,9 +763,16 @@ def folder_files(folder: Path, suffixes: Sequence[str], skip: Sequence[Path] = (
         return False
 
     def unlistable(e: OSError) -> None:
-        logger.warning("%s: cannot list it (%s): its files are not read", e.filename, e.strerror or e)
+        if os.path.realpath(e.filename) == os.path.realpath(folder):  # the data folder itself: nothing to read
+            raise DataError(f"{folder}: cannot list the folder ({e.strerror or e})")
+        if e.filename not in _UNLISTABLE_SAID:  # (a run lists its folder several times)
+            _UNLISTABLE_SAID.add(e.filename)
+            logger.warning("%s: cannot list it (%s): its files are not read", e.filename, e.strerror or e)
 
     return [x for x in listed_files(folder, suffixes, prune=run, on_unlistable=unlistable) if _outside(x, skip)]
+
+
+_UNLISTABLE_SAID: set = set()
 
 
 def _skip_folders(skip) -> list[Path]:

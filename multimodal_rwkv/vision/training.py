@@ -27,7 +27,7 @@ import json
 import logging
 from pathlib import Path
 
-from multimodal_rwkv.errors import CheckpointError, ConfigError
+from multimodal_rwkv.errors import CheckpointError, ConfigError, DataError
 from multimodal_rwkv.model.checkpoint import refuse_training_checkpoint
 from multimodal_rwkv.training.task import Task, rwkv_config_settings
 
@@ -49,6 +49,14 @@ class VisualRWKVTask(Task):
 
     name = "visualrwkv"
     train_file_example = "train.json"
+
+    def check_data_settings(self) -> None:
+        """The base checks, and ``data.image_folder`` a folder (found after the model was built)."""
+        super().check_data_settings()
+        folder = self.cfg.data.image_folder
+        if folder and not Path(folder).is_dir():
+            raise DataError(f"{folder}: image folder " + ("is not a folder" if Path(folder).exists() else "not found")
+                            + " (data.image_folder)")
     exports_pth = False  # a BlinkDL .pth holds a language model alone; final/ is the VisualRWKV folder
     free_options = _RUNTIME_KEYS + ("export_dtype",)
 
