@@ -646,7 +646,11 @@ def test_eval_metrics_finds_the_runs_tokenizer_without_final_and_says_when_it_ca
     assert "prepared with another tokenizer" in _one_error_line(capsys, "eval")
     (run / "recipe.yaml").unlink()
     assert main(["music", "eval", "--metrics", str(run / "metrics.jsonl"), "--data", str(abc_valid)]) == 0
-    assert "could not be compared with the run's" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (it spoke of the recipe.yaml the run does not have)
+    assert "has no final/ model and no recipe.yaml: the split's tokenizer could not be compared with the run's" in err
+    (run / "recipe.yaml").write_text("data: {}\n")
+    assert main(["music", "eval", "--metrics", str(run / "metrics.jsonl"), "--data", str(abc_valid)]) == 0
+    assert "its recipe.yaml names no data with a tokenizer file" in capsys.readouterr().err
 
 
 def test_piano_rolls_last_as_long_as_the_file_and_skip_reports_stay_on_one_line(tmp_path, capsys):

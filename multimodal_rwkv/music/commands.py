@@ -349,8 +349,10 @@ def _eval_from_metrics(args, ids) -> int:
             continue
         print(f"step {r.get('step')}: {v:.4f} nats/token, {bits_per_unit(v, len(targets), units):.4f} {name}")
     if run_tok is None:  # (said after the numbers: an error above stays the one line printed)
-        print(f"note: {p.parent} has no final/ model and its recipe.yaml names no data with a tokenizer file: "
-              "the split's tokenizer could not be compared with the run's", file=sys.stderr)
+        recipe = ("no recipe.yaml" if not (p.parent / "recipe.yaml").is_file()
+                  else "its recipe.yaml names no data with a tokenizer file")
+        print(f"note: {p.parent} has no final/ model and {recipe}: the split's tokenizer could not be compared "
+              "with the run's", file=sys.stderr)
     return 0
 
 
