@@ -255,7 +255,9 @@ def read_text_file(path, what: str = "data file") -> tuple[str, bool]:
     if raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not JSON
         raw = raw[3:]
     # a whole file that is no UTF-8 text is one error, not a bad line for every line it seems to have
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+    # (ASCII text in UTF-16 without a byte-order mark: every other byte NUL)
+    utf16 = len(raw) >= 2 and max(raw[0::2].count(0), raw[1::2].count(0)) >= 0.9 * (len(raw) // 2)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or utf16:
         raise DataError(f"{path}: UTF-16 text; a {what} must be UTF-8")
     if b"\x00" in raw:  # (JSON writes a NUL as \u0000)
         raise DataError(f"{path}: not a text file (it holds NUL bytes: a binary file?)")
