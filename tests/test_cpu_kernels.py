@@ -542,3 +542,16 @@ def test_environment_switches_read_the_usual_off_values(monkeypatch, caplog):
         assert cpu.env_switch("MMRWKV_MALLOC") is True and cpu.env_switch("MMRWKV_MALLOC") is True
     assert [r.getMessage() for r in caplog.records].count(
         "MMRWKV_MALLOC='abc' is not a switch value (0/false/off/no or 1/true/on/yes); it stays on") == 1
+
+
+def test_a_built_extension_is_loaded_without_running_ninja():
+    """torch's load() ran ninja in every process, and two ninja versions on one machine (a venv's
+    and the system's) each took the other's build for out of date: a 35 s rebuild, in turn."""
+    if cpu.extension() is None:
+        pytest.skip(f"C++ kernels not available: {cpu.status()}")
+    code = ("import torch.utils.cpp_extension as c\n"
+            "def no_ninja(*a, **k): raise AssertionError('ninja ran')\n"
+            "c._run_ninja_build = no_ninja\n"
+            "from multimodal_rwkv.kernels import cpu\n"
+            "assert cpu.extension() is not None, cpu.status()\n")
+    _run_python(code)

@@ -104,6 +104,25 @@ def _cpp_extension():
     return cpp_extension
 
 
+def _load_built(name: str):
+    """The extension ``name`` from torch's extension cache when it was built there, imported
+    directly, or None. torch's ``load()`` runs ninja in every process, and two ninja versions on
+    one machine (a venv's and the system's) each take the other's build for out of date: the
+    kernels were rebuilt, about 35 s, in turn (the build's name already holds what makes it
+    current: source, flags, torch version)."""
+    try:  # (private helpers of torch's: where load() keeps the build, and how it imports it)
+        cpp = _cpp_extension()
+        folder = cpp._get_build_directory(name, False)
+        if not (Path(folder) / f"{name}.so").is_file():
+            return None
+        module = cpp._import_module_from_library(name, folder, True)
+        logger.debug("loaded the C++ CPU kernels from torch's extension cache (%s)", folder)
+        return module
+    except Exception as e:  # noqa: BLE001 - not there in this torch, a partial .so: build with load()
+        logger.debug("C++ CPU kernels: cached build not loaded directly (%s); building with torch's load()", e)
+        return None
+
+
 def extension():
     """The compiled extension, or None (with the reason in :func:`status`); built once per process."""
     with _lock:
@@ -122,22 +141,20 @@ def extension():
             why = f"{_SOURCE} is missing"
         if why is None:
             try:
-                # one build folder per source file and content: two checkouts (or versions) sharing
-                # torch's extension cache would otherwise rebuild each other's build in turn
-                tag = hashlib.sha1(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:12]
+                # one build folder per source file and content, build flags and torch version: two
+                # checkouts (or versions) sharing torch's extension cache would otherwise rebuild
+                # each other's build in turn, and a build is never loaded into another torch
+                cflags = ["-O3", "-mavx512f", "-mfma", "-fopenmp"]
+                key = [str(_SOURCE.resolve()).encode(), _SOURCE.read_bytes(), repr(cflags).encode(),
+                       torch.__version__.encode()]
+                tag = hashlib.sha1(b"\0".join(key)).hexdigest()[:12]
                 name = f"mmrwkv_cpu_kernels_{tag}"
-                try:  # (a private helper of torch's: where load() keeps the build)
-                    built = (Path(_cpp_extension()._get_build_directory(name, False)) / f"{name}.so").is_file()
-                except Exception:  # noqa: BLE001 - not there in this torch: say it may take a while
-                    built = False
-                if built:
-                    logger.debug("loading the C++ CPU kernels from torch's extension cache")
-                else:
+                _state["module"] = _load_built(name)
+                if _state["module"] is None:
                     logger.info("building the C++ CPU kernels (once per machine and version, about a minute; "
                                 "then loaded from torch's extension cache)")
-                _state["module"] = _cpp_extension().load(
-                    name, sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                    _state["module"] = _cpp_extension().load(name, sources=[str(_SOURCE)], extra_cflags=cflags,
+                                                             extra_ldflags=["-fopenmp"])
                 return _state["module"]
             except Exception as e:  # noqa: BLE001 - any build failure: fall back, once
                 msg = str(e).strip()
