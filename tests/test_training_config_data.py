@@ -300,6 +300,16 @@ def test_skip_drops_the_bad_documents_of_a_binidx_pair_or_one_npy_file(tmp_path,
         assert load_stream(src, fmt, "bytes", tmp_path / "c", "skip", vocab_size=1000).skipped == (n_bad - 1)
     with pytest.raises(DataError, match="no usable documents"):
         load_stream(tmp_path / "d", "binidx", "bytes", tmp_path / "c", "skip", vocab_size=3)
+    # the same file as a shard of a folder: its bad documents skipped, not the whole shard (which
+    # left 'no usable token files'); a shard whose every document is bad is one bad record
+    (tmp_path / "f").mkdir()
+    np.save(tmp_path / "f" / "a.npy", np.concatenate(docs).astype(np.int32))
+    np.save(tmp_path / "f" / "b.npy", np.asarray([300, 301, 0, 302], np.int32))
+    np.save(tmp_path / "f" / "c.npy", np.asarray([20, 21, 0, 22, 400], np.int32))  # its last document bad
+    np.save(tmp_path / "f" / "d.npy", np.asarray([23], np.int32))
+    st = load_stream(tmp_path / "f", "tokens", "bytes", tmp_path / "c", "skip", vocab_size=256)
+    assert np.array_equal(np.asarray(st.ids), np.concatenate([good, [0], [20, 21, 0], [23, 0]]))
+    assert st.skipped == 2 + 1 + 1
 
 
 def test_binidx_suffixes_match_in_any_case(tmp_path):

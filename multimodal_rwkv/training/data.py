@@ -557,12 +557,56 @@ def read_binidx(path: str | Path) -> TokenStream:
     return TokenStream(ids, None, str(bin_p), doc_ends=np.cumsum(sizes.astype(np.int64)))
 
 
+class BadDocuments:
+    """The documents of a token array that hold an id outside ``[0, vocab_size)``: ``docs``
+    (indices), with each one's span ``starts[d]..ends[d]`` and first bad token ``first_bad``.
+    Documents are ``ends`` (binidx's sequences), or the runs that end with separator 0."""
+
+    def __init__(self, ids: np.ndarray, vocab_size: int, ends: Optional[np.ndarray] = None):
+        n = len(ids)
+        if ends is None:
+            ends = np.flatnonzero(np.asarray(ids) == SEPARATOR) + 1
+            if not len(ends) or ends[-1] != n:
+                ends = np.append(ends, n)
+        self.ids, self.vocab_size, self.ends = ids, vocab_size, ends
+        self.starts = np.concatenate([[0], ends[:-1]])
+        out_of_range = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        self.docs = np.unique(np.searchsorted(ends, out_of_range, side="right"))
+        self.first_bad = out_of_range[np.searchsorted(out_of_range, self.starts[self.docs])]
+
+    @property
+    def all_bad(self) -> bool:
+        return len(self.docs) == len(self.ends)
+
+    def log(self, source: str, limit: int = 10) -> None:
+        """One "skipping bad record" line per document (the first ``limit``), then a count."""
+        for k, (d, i) in enumerate(zip(self.docs.tolist()[:limit], self.first_bad.tolist())):
+            logger.warning("skipping bad record: %s: document %d (tokens %d..%d): token %d has id %d, outside the "
+                           "model's vocabulary [0, %d)", source, d, self.starts[d], self.ends[d] - 1, i,
+                           int(self.ids[i]), self.vocab_size)
+        if len(self.docs) > limit:
+            logger.warning("skipping bad record: %s: %d more documents with ids outside [0, %d)", source,
+                           len(self.docs) - limit, self.vocab_size)
+
+    def write_kept(self, ft) -> int:
+        """Write the other documents' tokens (uint32) to ``ft``, a piece at a time; their count."""
+        n, at, kept = len(self.ids), 0, 0
+        for d in self.docs.tolist() + [len(self.ends)]:
+            stop = self.starts[d] if d < len(self.ends) else n
+            for a in range(at, stop, 1 << 24):
+                write_array(ft, np.asarray(self.ids[a:min(stop, a + (1 << 24))], dtype=np.uint32))
+            kept += stop - at
+            at = self.ends[d] if d < len(self.ends) else n
+        return int(kept)
+
+
 def drop_bad_documents(stream: TokenStream, vocab_size: int, cache_dir: Path, files: Sequence[Path]) -> TokenStream:
     """``data.on_bad_record: skip`` for a source read as one stream (a binidx pair, one ``.npy``
     file): the documents that hold an id outside ``[0, vocab_size)`` are skipped, each counted
     and (the first ten) logged, and the others written once to the cache (keyed by the content of
     ``files``); the files are left as they are. A stream whose ids all fit comes back as it is.
-    Documents are binidx's sequences, or in a ``.npy`` file the runs that end with separator 0."""
+    Documents are binidx's sequences, or in a ``.npy`` file the runs that end with separator 0
+    (:class:`BadDocuments`)."""
     ids = stream.ids
     if not len(ids) or (int(np.min(ids)) >= 0 and int(np.max(ids)) < vocab_size):
         return stream
@@ -572,44 +616,21 @@ def drop_bad_documents(stream: TokenStream, vocab_size: int, cache_dir: Path, fi
     final = Path(cache_dir) / h.hexdigest()[:24]
     hit = _open_cache(final)
     if hit is None:
-        n = len(ids)
-        ends = stream.doc_ends
-        if ends is None:
-            ends = np.flatnonzero(np.asarray(ids) == SEPARATOR) + 1
-            if not len(ends) or ends[-1] != n:
-                ends = np.append(ends, n)
-        starts = np.concatenate([[0], ends[:-1]])
-        out_of_range = np.flatnonzero((ids < 0) | (ids >= vocab_size))
-        docs = np.unique(np.searchsorted(ends, out_of_range, side="right"))
-        first_bad = out_of_range[np.searchsorted(out_of_range, starts[docs])]
-        for k, (d, i) in enumerate(zip(docs.tolist(), first_bad.tolist())):
-            if k < 10:
-                logger.warning("skipping bad record: %s: document %d (tokens %d..%d): token %d has id %d, outside "
-                               "the model's vocabulary [0, %d)", stream.source, d, starts[d], ends[d] - 1, i,
-                               int(ids[i]), vocab_size)
-        if len(docs) > 10:
-            logger.warning("skipping bad record: %s: %d more documents with ids outside [0, %d)", stream.source,
-                           len(docs) - 10, vocab_size)
-        if len(docs) == len(ends):
-            raise DataError(f"{stream.source}: no usable documents (all {len(docs)} hold ids outside the model's "
-                            f"vocabulary [0, {vocab_size}); e.g. token {int(first_bad[0])} has id "
-                            f"{int(ids[first_bad[0]])})")
+        bad = BadDocuments(ids, vocab_size, stream.doc_ends)
+        bad.log(stream.source)
+        if bad.all_bad:
+            i = int(bad.first_bad[0])
+            raise DataError(f"{stream.source}: no usable documents (all {len(bad.docs)} hold ids outside the "
+                            f"model's vocabulary [0, {vocab_size}); e.g. token {i} has id {int(ids[i])})")
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         tmp = _cache_temp(Path(cache_dir), final.name)
-        kept = 0
         try:
             with naming_write_errors(tmp / "tokens.u32"), open(tmp / "tokens.u32", "wb") as ft:
-                at = 0  # the kept runs between bad documents, a piece at a time
-                for d in docs.tolist() + [len(ends)]:
-                    stop = starts[d] if d < len(ends) else n
-                    for a in range(at, stop, 1 << 24):
-                        write_array(ft, np.asarray(ids[a:min(stop, a + (1 << 24))], dtype=np.uint32))
-                    kept += stop - at
-                    at = ends[d] if d < len(ends) else n
+                kept = bad.write_kept(ft)
                 ft.flush()
                 os.fsync(ft.fileno())
             with naming_write_errors(tmp / "meta.json"), open(tmp / "meta.json", "w") as fh:
-                json.dump({"n_tokens": int(kept), "skipped": len(docs), "has_mask": False,
+                json.dump({"n_tokens": kept, "skipped": len(bad.docs), "has_mask": False,
                            "version": CACHE_VERSION}, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -696,17 +717,31 @@ def read_tokens(path: str | Path, cache_dir: Path, on_bad: str, vocab_size: Opti
             for f in files:
                 try:
                     a = load_token_npy(f)
-                    if vocab_size is not None:  # a shard of another tokenizer is a bad record (skip: counted)
+                    docs = None
+                    if vocab_size is not None and on_bad == "skip" and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
+                        docs = BadDocuments(a, vocab_size)  # its documents with such ids skipped, as a file's
+                        if docs.all_bad:  # (another tokenizer's shard, most likely): one bad record
+                            i = int(docs.first_bad[0])
+                            raise DataError(f"{f}: every document holds ids outside the model's vocabulary "
+                                            f"[0, {vocab_size}) (e.g. token {i} has id {int(a[i])})")
+                    elif vocab_size is not None:
                         check_id_range(a, vocab_size, str(f))
                     elif int(a.min()) < 0 or int(a.max()) >= 2**32:
                         raise DataError(f"{f}: token ids outside [0, 2**32)")
                 except DataError as e:
                     _handle_bad(str(e), on_bad, bad)
                     continue
-                a = np.asarray(a, dtype=np.uint32)
-                write_array(ft, a)
-                n += len(a)
-                if a[-1] != SEPARATOR:
+                if docs is not None:
+                    docs.log(str(f))
+                    bad.count += len(docs.docs)
+                    k = docs.write_kept(ft)
+                    last = a[docs.starts[docs.docs[-1]] - 1] if docs.docs[-1] == len(docs.ends) - 1 else a[-1]
+                else:
+                    a = np.asarray(a, dtype=np.uint32)
+                    write_array(ft, a)
+                    k, last = len(a), a[-1]
+                n += k
+                if k and last != SEPARATOR:
                     write_array(ft, np.asarray([SEPARATOR], np.uint32))
                     n += 1
             ft.flush()
