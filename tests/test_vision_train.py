@@ -243,6 +243,14 @@ def test_unknown_option_is_a_config_error(trained, tmp_path):
 
     save_config(cfg, tmp_path / "z.yaml")
     assert main(["train", str(tmp_path / "z.yaml"), "--print-config"]) == 2
+    # the model's options as its config checks them, when the task is made (they were found only
+    # when the model was built, without model.options in the message)
+    cfg = recipe(tmp_path, data, tmp_path / "p")
+    cfg.model.options = {**cfg.model.options, "projector": "bogus"}
+    with pytest.raises(ConfigError, match=r"model.options: projector must be one of \('linear'"):
+        train(cfg)
+    save_config(cfg, tmp_path / "p.yaml")
+    assert main(["train", str(tmp_path / "p.yaml"), "--print-config"]) == 2
 
 
 def test_a_missing_image_folder_is_refused_before_the_model_is_built(trained, tmp_path, monkeypatch):

@@ -87,6 +87,7 @@ class VisualRWKVTask(Task):
                 resolve_dtype(o["export_dtype"])
             except CheckpointError as e:
                 raise ConfigError(f"model.options.export_dtype: {e}") from None
+        self._check_model_options(o)
         self.opts = o
         self.stage = int(o.get("stage", 2))
         if self.stage not in (1, 2):
@@ -102,6 +103,23 @@ class VisualRWKVTask(Task):
             if asked:
                 raise ConfigError(f"{', '.join(asked)}: stage 1 trains the projector alone (model.options.stage: 1); "
                                   "LoRA and freeze/trainable patterns are for stage 2")
+
+    @staticmethod
+    def _check_model_options(o: dict) -> None:
+        """The values of the model's options, checked as its config checks them, when the task is
+        made (``--print-config`` too): a bad projector or template was found only when the model
+        was built, and said without ``model.options``. Settings that depend on each other (a
+        vision tower or config at all) are left to :meth:`build_model`."""
+        from multimodal_rwkv.vision.modeling import VisualRWKVConfig
+
+        kw = {k: o[k] for k in _ARCH_KEYS + _RUNTIME_KEYS if k in o and k != "vocab_subset"}
+        if not kw.get("vision_config") and not kw.get("vision_tower"):
+            kw["vision_tower"] = "(checked when the model is built)"
+        subset = o.get("vocab_subset")
+        try:
+            VisualRWKVConfig(text_config={}, vocab_subset=None if subset == "auto" else subset, **kw)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"model.options: {e}") from None
 
     # ------------------------------------------------------------------ model
     def build_model(self):
