@@ -605,6 +605,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, corpus):
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "max_minutes=0.01 reached" in r.stderr and (tmp_path / "timed" / "final" / "config.json").is_file()
+    assert r.stderr.count("max_minutes=0.01 reached") == 1  # warned by rank 0 alone (each rank said it)
     # data missing: rank 0 says so in one line; the other rank, whose peer left, in one line too
     # (it printed a gloo "Connection closed by peer" traceback); torchrun's own report aside
     ov = base_overrides(tmp_path / "missing.npy", tmp_path / "gone", max_steps=2)

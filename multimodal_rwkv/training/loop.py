@@ -1055,6 +1055,8 @@ class Trainer:
                                   f"{kind} only on accelerators; on CPUs it would silently train without sharding): "
                                   "use a GPU, or a DDP launch (recipes/accelerate/README.md)")
         main = self.is_main_process = acc.is_main_process
+        if not main:  # the other ranks' warnings repeat the main one's (the same data, the same run): errors only
+            logging.getLogger("multimodal_rwkv").setLevel(logging.ERROR)
         if cfg.train.cpu_retain_memory and acc.device.type == "cpu" and keep_freed_memory(bounded=False):
             logger.debug("glibc malloc: freed memory kept for reuse (train.cpu_retain_memory)")
         if main:
