@@ -81,7 +81,8 @@ class _Stream:
     """sys.stdout / sys.stderr while a command runs. A reader that went away (``| head``) is not
     an error: later writes go nowhere, so a command that makes files still makes them, while one
     whose product is its printout (``stop_when_gone``) stops there. Any other failure to write (a
-    full disk) is an OSError naming the stream."""
+    full disk) is an OSError naming the stream. Characters the stream's encoding lacks (a latin-1
+    or ASCII terminal) are written as "?" (they ended the command with a UnicodeEncodeError)."""
 
     def __init__(self, stream, label: str, stop_when_gone: bool):
         self._stream, self._label, self._stop = stream, label, stop_when_gone
@@ -102,7 +103,11 @@ class _Stream:
             raise OSError(e.errno, e.strerror or str(e), self._label) from None
 
     def write(self, text):
-        return self._call("write", text)
+        try:
+            return self._call("write", text)
+        except UnicodeEncodeError:  # a stream in an encoding without the text's characters (latin-1, ascii)
+            enc = getattr(self._stream, "encoding", None) or "utf-8"
+            return self._call("write", text.encode(enc, "replace").decode(enc, "replace"))
 
     def flush(self):
         return self._call("flush")

@@ -728,3 +728,17 @@ def test_errors_stay_on_one_line_and_name_the_reason(tmp_path):
     help_text = run("vqa", "--help").stdout
     assert "with --do-sample; 0 = off" in " ".join(help_text.split())
     assert "with --do-sample; nucleus mass" in " ".join(help_text.split())
+
+
+def test_text_the_terminal_cannot_encode_is_written_with_replacements():
+    """A latin-1 or ASCII standard output ended `mmrwkv generate` with a UnicodeEncodeError
+    traceback (exit 1) when the model wrote a character it lacks."""
+    import io
+
+    from multimodal_rwkv import cli
+
+    raw = io.BytesIO()
+    out = cli._Stream(io.TextIOWrapper(raw, encoding="ascii"), "standard output", stop_when_gone=True)
+    out.write("caf\u00e9 \u4e2d\u6587 ok\n")
+    out.flush()
+    assert raw.getvalue() == b"caf? ?? ok\n"
