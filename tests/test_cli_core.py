@@ -279,9 +279,9 @@ def test_prompt_and_stop_escapes_keep_unicode(world_pth, monkeypatch):
         seen.setdefault("prompt", text)
         return encode(self, text, *a, **k)
 
-    def spy_criteria(self, tok, stops, prompt_len):
+    def spy_criteria(self, tok, stops, prompt_len, **kw):
         seen["stops"] = stops
-        criteria(self, tok, stops, prompt_len)
+        criteria(self, tok, stops, prompt_len, **kw)
 
     monkeypatch.setattr(tokenizer.WorldTokenizer, "encode", spy_encode)
     monkeypatch.setattr(generation.StopStringsCriteria, "__init__", spy_criteria)
