@@ -858,6 +858,10 @@ def test_a_tie_between_different_pitches_keeps_both_notes():
     assert [n[2] for n in notes("X:1\nL:1/4\nK:C\n^F2-=F2|]\n")] == [66, 65]
     assert [n[2] for n in notes("X:1\nL:1/4\nK:G\nF-|=F A|]\n")] == [66, 65, 69]
     assert notes("X:1\nL:1/4\nK:C\n^E2-F2|]\n") == [(0, 48, 65)]  # enharmonic: one pitch, one note
+    # several such ties: a later tie's end of the first note's pitch is not taken for its own (the
+    # first B was held over the A, which was lost)
+    assert notes("X:1\nM:3/4\nL:1/4\nK:D\nB2-A|c2-B|]\n") == [(0, 24, 71), (24, 12, 69), (36, 24, 73),
+                                                               (60, 12, 71)]
 
 
 def test_abc_corpus_files_are_read_as_utf8(tmp_path, monkeypatch):

@@ -527,10 +527,14 @@ def _untie_other_pitches(score, name: str) -> None:
         for i, a in enumerate(notes[:-1]):
             if a.tie is None or a.tie.type not in ("start", "continue"):
                 continue
-            # the tie's other end: the next note, or the continuation of a note or chord music21
-            # split past the end of an overfull bar, which it lists after the next bar's own notes
-            b = next((c for c in notes[i + 1:i + 65]
-                      if c.tie is not None and c.tie.type in ("stop", "continue") and same(a, c)), notes[i + 1])
+            # the tie's other end: the next note when a tie ends there (of another pitch too: B2-A),
+            # else the continuation of a note or chord music21 split past the end of an overfull
+            # bar, which it lists after the next bar's own notes (a later tie's end of the same pitch
+            # taken for it held B2-A|c2-B's first B over the A, which was lost)
+            nxt = notes[i + 1]
+            b = nxt if nxt.tie is not None and nxt.tie.type in ("stop", "continue") else next(
+                (c for c in notes[i + 2:i + 65] if c.tie is not None and c.tie.type in ("stop", "continue")
+                 and same(a, c)), nxt)
             if same(a, b):
                 for p in b.pitches:  # the tied note's own pitch (=F2-|F2 stays F natural), as abc2midi
                     q = next((q for q in a.pitches if (q.step, q.octave) == (p.step, p.octave)), None)
