@@ -555,3 +555,18 @@ def test_a_built_extension_is_loaded_without_running_ninja():
             "from multimodal_rwkv.kernels import cpu\n"
             "assert cpu.extension() is not None, cpu.status()\n")
     _run_python(code)
+
+
+def test_a_failed_build_is_not_reported_ready():
+    """A cached build that would not import, then a load() that failed too, left cpu.status()
+    'ready' (the failed import had stored None as the module)."""
+    code = ("import torch.utils.cpp_extension as c\n"
+            "from multimodal_rwkv.kernels import cpu\n"
+            "cpu._load_built = lambda name: None\n"
+            "def failed(*a, **k): raise RuntimeError('Error building extension')\n"
+            "c.load = failed\n"
+            "assert cpu.extension() is None\n"
+            "assert cpu.status() != 'ready' and 'build failed' in cpu.status(), cpu.status()\n")
+    if cpu.extension() is None and "build failed" not in cpu.status():
+        pytest.skip(f"C++ kernels not available here: {cpu.status()}")
+    _run_python(code)

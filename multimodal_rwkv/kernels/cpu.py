@@ -149,12 +149,13 @@ def extension():
                        torch.__version__.encode()]
                 tag = hashlib.sha1(b"\0".join(key)).hexdigest()[:12]
                 name = f"mmrwkv_cpu_kernels_{tag}"
-                _state["module"] = _load_built(name)
-                if _state["module"] is None:
+                module = _load_built(name)
+                if module is None:
                     logger.info("building the C++ CPU kernels (once per machine and version, about a minute; "
                                 "then loaded from torch's extension cache)")
-                    _state["module"] = _cpp_extension().load(name, sources=[str(_SOURCE)], extra_cflags=cflags,
-                                                             extra_ldflags=["-fopenmp"])
+                    module = _cpp_extension().load(name, sources=[str(_SOURCE)], extra_cflags=cflags,
+                                                   extra_ldflags=["-fopenmp"])
+                _state["module"] = module  # (only once it is there: status() reads the key as "ready")
                 return _state["module"]
             except Exception as e:  # noqa: BLE001 - any build failure: fall back, once
                 msg = str(e).strip()
