@@ -1521,3 +1521,21 @@ def test_missing_data_is_refused_before_the_model_is_built(tmp_path, corpus, mon
     with pytest.raises(AssertionError, match="the model was built"):
         train(TrainConfig(), base_overrides(tmp_path / "d", tmp_path / "o"))
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_a_data_folder_that_cannot_be_listed_says_so_whatever_the_vocabulary(tmp_path, corpus, monkeypatch):
+    """With a vocabulary smaller than the World tokenizer's, the unlistable folder was taken for
+    text and refused for the tokenizer's size."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    np.save(locked / "a.npy", np.load(corpus))
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder of mode 000 gives a user who is not root
+        if not isinstance(path, int) and os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"locked: cannot list the folder \(Permission denied\)"):
+        train(TrainConfig(), base_overrides(locked, tmp_path / "o", max_steps=1))

@@ -164,7 +164,8 @@ class LMTask(Task):
         if not d.train_file:
             raise ConfigError("data.train_file is not set (e.g. --set data.train_file=corpus.txt)")
         V = int(model.config.vocab_size)
-        if self._data_format() not in ("tokens", "binidx"):  # text: a row for every id of its tokenizer
+        fmt = d.format if d.format != "auto" else detect_format(d.train_file, skip=self._run_entries())  # (raises)
+        if fmt not in ("tokens", "binidx"):  # text: a row for every id of its tokenizer
             from multimodal_rwkv.training.data import get_tokenizer
 
             n = get_tokenizer(d.tokenizer).vocab_size
