@@ -89,10 +89,12 @@ def test_read_questions_reports_bad_lines(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(bytes(range(256)) * 40)
     with pytest.raises(DataError, match=r"b.jsonl: not a text file \(it holds NUL bytes"):
         read_questions(tmp_path / "b.jsonl")
-    for enc in ("utf-16", "utf-16-le", "utf-16-be"):  # with and without a byte-order mark
-        (tmp_path / "u.jsonl").write_text(lines[0], encoding=enc)
-        with pytest.raises(DataError, match=r"u.jsonl: UTF-16 text; a questions file must be UTF-8"):
-            read_questions(tmp_path / "u.jsonl")
+    cjk = json.dumps({"question_id": 1, "image": "x.png", "text": "日本語の質問ですか"}, ensure_ascii=False)
+    for text in (lines[0], cjk):
+        for enc in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):  # with, without a BOM
+            (tmp_path / "u.jsonl").write_text(text, encoding=enc)
+            with pytest.raises(DataError, match=rf"u.jsonl: {enc[:6].upper()} text; a questions file must be UTF-8"):
+                read_questions(tmp_path / "u.jsonl")
     # an "image" that names a folder says so (it was "image file not found"), as vqa does
     (tmp_path / "d.png").mkdir()
     (tmp_path / "qd.jsonl").write_text(json.dumps({"question_id": 1, "image": "d.png", "question": "Q?"}) + "\n")

@@ -239,6 +239,27 @@ def is_blank_question(text: str) -> bool:
     return not text.replace(IMAGE_TOKEN, "").strip()
 
 
+def _wide_text(raw: bytes) -> str | None:
+    """"UTF-32" or "UTF-16" when ``raw`` looks like text in that encoding (a byte-order mark, or
+    without one the NUL bytes where its characters' high bytes are: in every character's two top
+    bytes for UTF-32, in one byte of most characters and almost never the other for UTF-16),
+    else None (a binary file has NULs in every position)."""
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    n = len(raw)
+    if n >= 4 and n % 4 == 0:
+        z = [raw[i::4].count(0) / (n // 4) for i in range(4)]
+        if (z[3] == 1 and z[2] >= 0.9) or (z[0] == 1 and z[1] >= 0.9):  # little or big endian
+            return "UTF-32"
+    if n >= 2 and n % 2 == 0:
+        z = sorted((raw[0::2].count(0) / (n // 2), raw[1::2].count(0) / (n // 2)))
+        if z[1] >= 0.3 and z[0] <= 0.02:
+            return "UTF-16"
+    return None
+
+
 def read_text_file(path, what: str = "data file") -> tuple[str, bool]:
     """A UTF-8 text file -> (text, clean). A leading byte-order mark is dropped. Bytes that are not
     UTF-8 do not reject the whole file: they become lone surrogates ``\\udc80``-``\\udcff`` (Python's
@@ -255,10 +276,9 @@ def read_text_file(path, what: str = "data file") -> tuple[str, bool]:
     if raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not JSON
         raw = raw[3:]
     # a whole file that is no UTF-8 text is one error, not a bad line for every line it seems to have
-    # (ASCII text in UTF-16 without a byte-order mark: every other byte NUL)
-    utf16 = len(raw) >= 2 and max(raw[0::2].count(0), raw[1::2].count(0)) >= 0.9 * (len(raw) // 2)
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or utf16:
-        raise DataError(f"{path}: UTF-16 text; a {what} must be UTF-8")
+    wide = _wide_text(raw)
+    if wide:
+        raise DataError(f"{path}: {wide} text; a {what} must be UTF-8")
     if b"\x00" in raw:  # (JSON writes a NUL as \u0000)
         raise DataError(f"{path}: not a text file (it holds NUL bytes: a binary file?)")
     try:
