@@ -86,6 +86,22 @@ def test_read_questions_reports_bad_lines(tmp_path):
     # file or UTF-16 text given as the questions
     with pytest.raises(DataError, match=r"nowhere: image folder not found"):
         read_questions(f, image_folder=tmp_path / "nowhere")
+    import os
+
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # a folder of mode 000, for a user who is not root
+        if not isinstance(path, int) and os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    (tmp_path / "locked").mkdir()
+    os.scandir = scandir
+    try:
+        with pytest.raises(DataError, match=r"locked: cannot list the image folder \(Permission denied\)"):
+            read_questions(f, image_folder=tmp_path / "locked")
+    finally:
+        os.scandir = real_scandir
     (tmp_path / "b.jsonl").write_bytes(bytes(range(256)) * 40)
     with pytest.raises(DataError, match=r"b.jsonl: not a text file \(it holds NUL bytes"):
         read_questions(tmp_path / "b.jsonl")

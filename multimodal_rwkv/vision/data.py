@@ -38,6 +38,7 @@ from multimodal_rwkv.vision.processor import (
     IMAGE_TOKEN_ID,
     VisualRWKVProcessor,
     check_conversations,
+    check_image_folder,
     is_unicode,
     load_image,
     missing_image,
@@ -142,9 +143,8 @@ class LlavaDataset(Dataset):
         self.path = Path(path)
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder else self.path.parent
-        if image_folder and not self.image_folder.is_dir():  # one error, not every record's missing image
-            raise DataError(f"{self.image_folder}: image folder "
-                            + ("is not a folder" if self.image_folder.exists() else "not found"))
+        if image_folder:  # one error, not every record's missing image
+            check_image_folder(self.image_folder)
         from multimodal_rwkv.argtypes import integer_number
 
         if (integer_number(ctx_len) or 0) < 1:  # a negative one cut the end off every sample

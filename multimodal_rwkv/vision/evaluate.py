@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multimodal_rwkv.errors import DataError
-from multimodal_rwkv.vision.processor import (IMAGE_TOKEN, is_blank_question, is_unicode, missing_image, read_text_file,
-                                             utf8_error)
+from multimodal_rwkv.vision.processor import (IMAGE_TOKEN, check_image_folder, is_blank_question, is_unicode,
+                                             missing_image, read_text_file, utf8_error)
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +187,8 @@ def read_questions(path, image_folder=None) -> QuestionFile:
     path = Path(path)
     text, clean = read_text_file(path, "questions file")
     root = Path(image_folder) if image_folder else path.parent
-    if image_folder and not root.is_dir():  # said once, not as a missing image on every line
-        raise DataError(f"{root}: image folder " + ("is not a folder" if root.exists() else "not found"))
+    if image_folder:  # said once, not as a missing image on every line
+        check_image_folder(root)
     out = QuestionFile()
     seen = set()
     # "\n" only: str.splitlines() would also cut at U+2028, U+0085, ... that JSON strings may hold

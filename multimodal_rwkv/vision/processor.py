@@ -104,6 +104,8 @@ def load_image(path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: 
         raise DataError(f"{path}: decompression bomb ({_short(e)})") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a recognised image file") from None
+    except PermissionError as e:  # (it was called corrupt)
+        raise DataError(f"{path}: cannot read image file ({e.strerror})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({_short(e)})") from None
     finally:
@@ -237,6 +239,20 @@ def is_unicode(text: str) -> bool:
 def is_blank_question(text: str) -> bool:
     """Whether a question holds no text besides white space and ``<image>`` placeholders."""
     return not text.replace(IMAGE_TOKEN, "").strip()
+
+
+def check_image_folder(folder, setting: str | None = None) -> None:
+    """DataError naming ``folder`` (and ``setting``) when it is missing, not a folder, or cannot be
+    listed (no permission): one error, not a missing or unreadable image for every record."""
+    folder = Path(folder)
+    where = f" ({setting})" if setting else ""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder {'is not a folder' if folder.exists() else 'not found'}{where}")
+    try:
+        with os.scandir(folder) as it:
+            next(it, None)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list the image folder ({e.strerror or e}){where}") from None
 
 
 def _wide_text(raw: bytes) -> str | None:

@@ -27,7 +27,7 @@ import json
 import logging
 from pathlib import Path
 
-from multimodal_rwkv.errors import CheckpointError, ConfigError, DataError
+from multimodal_rwkv.errors import CheckpointError, ConfigError
 from multimodal_rwkv.model.checkpoint import refuse_training_checkpoint
 from multimodal_rwkv.training.task import Task, rwkv_config_settings
 
@@ -53,10 +53,11 @@ class VisualRWKVTask(Task):
     def check_data_settings(self) -> None:
         """The base checks, and ``data.image_folder`` a folder (found after the model was built)."""
         super().check_data_settings()
-        folder = self.cfg.data.image_folder
-        if folder and not Path(folder).is_dir():
-            raise DataError(f"{folder}: image folder " + ("is not a folder" if Path(folder).exists() else "not found")
-                            + " (data.image_folder)")
+        if self.cfg.data.image_folder:
+            from multimodal_rwkv.vision.processor import check_image_folder
+
+            check_image_folder(self.cfg.data.image_folder, "data.image_folder")
+
     exports_pth = False  # a BlinkDL .pth holds a language model alone; final/ is the VisualRWKV folder
     free_options = _RUNTIME_KEYS + ("export_dtype",)
 
