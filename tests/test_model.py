@@ -2181,3 +2181,29 @@ def test_a_failed_sharded_save_removes_the_new_shards_nothing_names(tmp_path, mo
         m.save_pretrained(tmp_path / "m", max_shard_size="300KB")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
     RWKVForCausalLM.from_pretrained(tmp_path / "m")  # the earlier save, whole
+
+
+def test_training_checkpoint_dicts_and_wrapper_prefixes_load(tmp_path):
+    """Only {"state_dict": ...} was unwrapped: {"model": sd, "optimizer": ...} and DeepSpeed's
+    {"module": sd} were 'not a state dict of tensors', DDP's 'module.' keys 'missing key emb.weight'."""
+    from multimodal_rwkv.errors import CheckpointError
+    from multimodal_rwkv.model.random_checkpoint import make_blink_checkpoint
+
+    f = make_blink_checkpoint(tmp_path / "w.pth", n_layer=1, n_embd=64, head_size=32, vocab_size=64)
+    sd = torch.load(f, weights_only=True)
+    ids = torch.tensor([[1, 5, 9]])
+    want = RWKVForCausalLM.from_pretrained(f)(ids).logits
+    for name, obj in (("model", {"model": sd, "optimizer": {"x": torch.zeros(2)}, "step": 3}),
+                      ("module", {"module": sd}), ("ddp", {f"module.{k}": v for k, v in sd.items()}),
+                      ("lightning", {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 1}),
+                      ("compiled", {f"_orig_mod.{k}": v for k, v in sd.items()})):
+        torch.save(obj, tmp_path / f"{name}.pth")
+        assert torch.equal(RWKVForCausalLM.from_pretrained(tmp_path / f"{name}.pth")(ids).logits, want), name
+    torch.save({"weights": sd, "step": 3}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other.pth: not a state dict of tensors \(a dict of weights, step; "
+                                              r"no dict of tensors under 'state_dict', 'model' or 'module' either\)"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "other.pth")
+    torch.save({f"net.{k}": v for k, v in sd.items()}, tmp_path / "net.pth")
+    with pytest.raises(CheckpointError, match=r"missing key emb.weight needed to infer the model size \(every key "
+                                              r"starts with 'net.': a wrapper's prefix\?"):
+        RWKVForCausalLM.from_pretrained(tmp_path / "net.pth")

@@ -102,7 +102,9 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
                     sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; classify the message
         msg = str(e).strip() or type(e).__name__
-        first = msg.splitlines()[0][:120]
+        first = msg.splitlines()[0]
+        if len(first) > 120:  # cut at a word, not in one
+            first = first[:117].rsplit(" ", 1)[0] + " ..."
         if path.suffix.lower() == ".json":
             raise CheckpointError(f"{path}: a JSON file, not a checkpoint (for a model folder, give the folder)") from None
         with open(path, "rb") as f:
@@ -123,10 +125,24 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
         if head[:4] == b"PK\x03\x04":  # a zip that torch cannot read: cut off or damaged
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first})") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    # a training checkpoint's dict: the weights under "state_dict" (Lightning), "model" (a plain
+    # {"model": ..., "optimizer": ...} save) or "module" (DeepSpeed); keys all prefixed by a
+    # wrapper's name (DDP's "module.", Lightning's "model.", torch.compile's "_orig_mod.") lose it
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict) and not isinstance(sd.get(key), torch.Tensor):
+            inner = sd[key]
+            if inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                sd = inner
+                break
+    if isinstance(sd, dict) and sd and all(isinstance(k, str) for k in sd):
+        for prefix in ("module.", "_orig_mod.", "model."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
+        what = (f"a dict of {', '.join(map(str, list(sd)[:6]))}{', ...' if len(sd) > 6 else ''}"
+                if isinstance(sd, dict) and sd else type(sd).__name__)
+        raise CheckpointError(f"{path}: not a state dict of tensors ({what}; no dict of tensors under "
+                              "'state_dict', 'model' or 'module' either)")
     if not sd:
         raise CheckpointError(f"{path}: empty state dict")
     return sd
@@ -292,7 +308,10 @@ def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
             kw["d_mix_lora"] = size(("att.time_maa_w2", 1))
             kw["d_decay_lora"] = size(("att.time_decay_w1", 1), ("att.time_decay_w2", 0))
     except KeyError as e:
-        raise CheckpointError(f"{src}: missing key {e.args[0]} needed to infer the model size") from None
+        heads = {k.split(".", 1)[0] for k in sd}
+        hint = (f" (every key starts with '{heads.pop()}.': a wrapper's prefix? the weights' own names start "
+                "with emb., blocks., ln_out. and head.)" if len(heads) == 1 and all("." in k for k in sd) else "")
+        raise CheckpointError(f"{src}: missing key {e.args[0]} needed to infer the model size{hint}") from None
     except (ValueError, IndexError) as e:
         raise CheckpointError(f"{src}: unexpected tensor shape while inferring the model size ({e})") from None
     if H * N != dim_att:
