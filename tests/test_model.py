@@ -2207,3 +2207,17 @@ def test_training_checkpoint_dicts_and_wrapper_prefixes_load(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing key emb.weight needed to infer the model size \(every key "
                                               r"starts with 'net.': a wrapper's prefix\?"):
         RWKVForCausalLM.from_pretrained(tmp_path / "net.pth")
+
+
+def test_a_config_json_that_disagrees_with_its_weights_is_named(tmp_path):
+    """n_layer 3 in a saved folder's config.json (2 layers of weights) was reported as the weights'
+    missing keys; the Hugging Face layout already named config.json and the setting."""
+    from multimodal_rwkv.errors import CheckpointError
+
+    m = _random_model()
+    m.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key, value in (("n_layer", cfg["n_layer"] + 1), ("version", "x052"), ("dim_ffn", cfg["dim_ffn"] + 32)):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(CheckpointError, match=rf"m/config.json: {key} is {value!r}, but the weights have"):
+            RWKVForCausalLM.from_pretrained(tmp_path / "m")

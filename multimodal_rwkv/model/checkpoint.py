@@ -442,6 +442,26 @@ def _with_hf_config(cfg: RWKVConfig, hf: dict, cfg_file: Path) -> RWKVConfig:
     return RWKVConfig(**{**_settings(cfg.to_dict()), **kw})
 
 
+_SIZES = ("version", "n_layer", "n_embd", "vocab_size", "head_size", "dim_att", "dim_ffn", "d_mix_lora",
+          "d_decay_lora", "has_initial_state")
+
+
+def _check_config_against_weights(cfg: RWKVConfig, sd: dict, path: Path, cfg_file: Path) -> None:
+    """A size in our folder's config.json that the weights disagree with is a CheckpointError
+    naming config.json and the setting (it was a list of the weights' missing and mis-shaped keys,
+    as if the weights were wrong). Weights whose sizes cannot be inferred are left to the key check."""
+    try:
+        inferred = _from_named_weights(sd, path)[0]
+    except CheckpointError:
+        return
+    for key in _SIZES:
+        if key in ("d_mix_lora", "d_decay_lora") and cfg.version != "x060":
+            continue
+        if getattr(cfg, key) != getattr(inferred, key):
+            raise CheckpointError(f"{cfg_file}: {key} is {getattr(cfg, key)!r}, but the weights have "
+                                  f"{getattr(inferred, key)!r}")
+
+
 _VISUALRWKV = ("a VisualRWKV model (vision + language); use it with mmrwkv vqa / eval-vqa or "
                "multimodal_rwkv.vision.VisualRWKV.from_pretrained")
 
@@ -472,6 +492,7 @@ def _load_raw_model(src):
                 cfg = RWKVConfig(**cfg_dict)
             except (TypeError, ValueError, ConfigError, AttributeError) as e:  # (AttributeError: a dtype torch lacks)
                 raise CheckpointError(f"{cfg_file}: invalid config ({e})") from None
+            _check_config_against_weights(cfg, sd, path, cfg_file)
             if "rwkv.emb.weight" not in sd and "emb.weight" in sd:  # a BlinkDL-layout model.pth (export.pth)
                 original = {_our_name(_hf_name_to_blink(k)): k for k in sd}
                 return cfg, {o: sd[k] for o, k in original.items()}, lambda k: original.get(k, _blink_name(k))
