@@ -454,8 +454,9 @@ def register(subparsers) -> None:
     src.add_argument("--corpus", choices=["bach-chorales", "oneill-abc", "essen-abc"])
     src.add_argument("--midi-dir", type=path_arg, help="a folder of .mid/.midi files")
     p.add_argument("--out", type=path_arg, required=True, help="output folder")
-    p.add_argument("--limit", type=int_min(1), help="use only the first N pieces (quick tests); from --midi-dir, the first N files in "
-                   "name order that give a piece (unreadable files and duplicates do not count)")
+    p.add_argument("--limit", type=int_min(1),
+                   help="use only the first N pieces (quick tests); from --midi-dir, the first N files in name "
+                        "order that give a piece (unreadable files and duplicates do not count)")
     p.add_argument("--transpose", type=int_range(0, 24), default=0,
                    help="train-split augmentation: add copies at -N..+N semitones (MIDI)")
     p.add_argument("--valid-permille", type=int_range(0, 999), default=100,
