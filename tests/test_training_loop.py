@@ -1539,3 +1539,15 @@ def test_a_data_folder_that_cannot_be_listed_says_so_whatever_the_vocabulary(tmp
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(DataError, match=r"locked: cannot list the folder \(Permission denied\)"):
         train(TrainConfig(), base_overrides(locked, tmp_path / "o", max_steps=1))
+
+
+def test_a_finished_run_reruns_without_its_data(tmp_path, corpus):
+    """Rerunning a finished run does nothing, also once its data is gone (the check that the data
+    exists, made before the model is built, comes after the finished run is recognised)."""
+    import shutil
+
+    data = tmp_path / "data.npy"
+    shutil.copy(corpus, data)
+    final = train(TrainConfig(), base_overrides(data, tmp_path / "o", max_steps=1, checkpoint_every=0))
+    data.unlink()
+    assert train(TrainConfig(), base_overrides(data, tmp_path / "o", max_steps=1, checkpoint_every=0)) == final

@@ -1030,7 +1030,6 @@ class Trainer:
         from multimodal_rwkv.training.task import get_task
 
         task = get_task(cfg)
-        task.check_data_settings()
         if cfg.export.pth and not task.exports_pth:
             raise ConfigError(f"export.pth: the {task.name} task's model is not a language model alone, which a "
                               "BlinkDL-layout model.pth holds; its final/ folder is what its loaders read")
@@ -1109,6 +1108,7 @@ class Trainer:
                 logger.warning("%s is at step %d, past max_steps=%d: training does not go back; exporting the "
                                "model of step %d", resume[1], st["step"], cfg.max_steps, st["step"])
 
+        task.check_data_settings()  # before the model is built or loaded (a finished run needs no data)
         set_seed(cfg.seed)
         self._phase = "model"
         model = self._build_model(task)
