@@ -102,9 +102,13 @@ def test_read_questions_reports_bad_lines(tmp_path):
             read_questions(f, image_folder=tmp_path / "locked")
     finally:
         os.scandir = real_scandir
-    (tmp_path / "b.jsonl").write_bytes(bytes(range(256)) * 40)
-    with pytest.raises(DataError, match=r"b.jsonl: not a text file \(it holds NUL bytes"):
-        read_questions(tmp_path / "b.jsonl")
+    import numpy as np
+
+    for raw in (bytes(range(256)) * 40, bytes(1024), np.arange(1000, dtype=np.int32).tobytes(),
+                np.arange(1000, dtype=np.uint16).tobytes()):  # (zeros and int arrays were called UTF-32/16 text)
+        (tmp_path / "b.jsonl").write_bytes(raw)
+        with pytest.raises(DataError, match=r"b.jsonl: not a text file \(it holds NUL bytes"):
+            read_questions(tmp_path / "b.jsonl")
     cjk = json.dumps({"question_id": 1, "image": "x.png", "text": "日本語の質問ですか"}, ensure_ascii=False)
     for text in (lines[0], cjk):
         for enc in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):  # with, without a BOM

@@ -256,23 +256,34 @@ def check_image_folder(folder, setting: str | None = None) -> None:
 
 
 def _wide_text(raw: bytes) -> str | None:
-    """"UTF-32" or "UTF-16" when ``raw`` looks like text in that encoding (a byte-order mark, or
-    without one the NUL bytes where its characters' high bytes are: in every character's two top
-    bytes for UTF-32, in one byte of most characters and almost never the other for UTF-16),
-    else None (a binary file has NULs in every position)."""
-    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
-        return "UTF-32"
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "UTF-16"
+    """"UTF-32" or "UTF-16" when ``raw`` is text in that encoding: a byte-order mark, or without
+    one NUL bytes where its characters' high bytes are (in every character's two top bytes for
+    UTF-32; in one byte of many characters and almost never the other for UTF-16), and it decodes
+    to text (no NUL character, nearly all printable), else None: a binary file (zeros, an int32
+    array, a token .npy) is no text."""
+    def text(enc: str, skip: int) -> bool:
+        try:
+            t = raw[skip:].decode(enc)
+        except UnicodeDecodeError:
+            return False
+        return "\x00" not in t and sum(c.isprintable() or c in "\t\r\n" for c in t) >= 0.95 * len(t)
+
+    boms = ((b"\xff\xfe\x00\x00", "utf-32-le", "UTF-32"), (b"\x00\x00\xfe\xff", "utf-32-be", "UTF-32"),
+            (b"\xff\xfe", "utf-16-le", "UTF-16"), (b"\xfe\xff", "utf-16-be", "UTF-16"))
+    for bom, enc, name in boms:
+        if raw.startswith(bom):
+            return name if text(enc, len(bom)) else None
     n = len(raw)
     if n >= 4 and n % 4 == 0:
         z = [raw[i::4].count(0) / (n // 4) for i in range(4)]
-        if (z[3] == 1 and z[2] >= 0.9) or (z[0] == 1 and z[1] >= 0.9):  # little or big endian
-            return "UTF-32"
+        for enc, hit in (("utf-32-le", z[3] == 1 and z[2] >= 0.9), ("utf-32-be", z[0] == 1 and z[1] >= 0.9)):
+            if hit and text(enc, 0):
+                return "UTF-32"
     if n >= 2 and n % 2 == 0:
-        z = sorted((raw[0::2].count(0) / (n // 2), raw[1::2].count(0) / (n // 2)))
-        if z[1] >= 0.3 and z[0] <= 0.02:
-            return "UTF-16"
+        even, odd = raw[0::2].count(0) / (n // 2), raw[1::2].count(0) / (n // 2)
+        for enc, hit in (("utf-16-le", odd >= 0.3 and even <= 0.02), ("utf-16-be", even >= 0.3 and odd <= 0.02)):
+            if hit and text(enc, 0):
+                return "UTF-16"
     return None
 
 
