@@ -2196,16 +2196,17 @@ def test_training_checkpoint_dicts_and_wrapper_prefixes_load(tmp_path):
     for name, obj in (("model", {"model": sd, "optimizer": {"x": torch.zeros(2)}, "step": 3}),
                       ("module", {"module": sd}), ("ddp", {f"module.{k}": v for k, v in sd.items()}),
                       ("lightning", {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 1}),
-                      ("compiled", {f"_orig_mod.{k}": v for k, v in sd.items()})):
+                      ("compiled", {f"_orig_mod.{k}": v for k, v in sd.items()}),
+                      ("stacked", {"model": {f"_orig_mod.module.{k}": v for k, v in sd.items()}})):
         torch.save(obj, tmp_path / f"{name}.pth")
         assert torch.equal(RWKVForCausalLM.from_pretrained(tmp_path / f"{name}.pth")(ids).logits, want), name
     torch.save({"weights": sd, "step": 3}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"other.pth: not a state dict of tensors \(a dict of weights, step; "
                                               r"no dict of tensors under 'state_dict', 'model' or 'module' either\)"):
         RWKVForCausalLM.from_pretrained(tmp_path / "other.pth")
-    torch.save({f"net.{k}": v for k, v in sd.items()}, tmp_path / "net.pth")
+    torch.save({f"net.inner.{k}": v for k, v in sd.items()}, tmp_path / "net.pth")
     with pytest.raises(CheckpointError, match=r"missing key emb.weight needed to infer the model size \(every key "
-                                              r"starts with 'net.': a wrapper's prefix\?"):
+                                              r"starts with 'net.inner.': a wrapper's prefix\?"):
         RWKVForCausalLM.from_pretrained(tmp_path / "net.pth")
 
 

@@ -134,10 +134,11 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
             if inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
                 sd = inner
                 break
-    if isinstance(sd, dict) and sd and all(isinstance(k, str) for k in sd):
-        for prefix in ("module.", "_orig_mod.", "model."):
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+    while isinstance(sd, dict) and sd and all(isinstance(k, str) for k in sd):  # stacked too (compile(DDP(m)))
+        prefix = next((p for p in ("module.", "_orig_mod.", "model.") if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         what = (f"a dict of {', '.join(map(str, list(sd)[:6]))}{', ...' if len(sd) > 6 else ''}"
                 if isinstance(sd, dict) and sd else type(sd).__name__)
@@ -308,9 +309,10 @@ def infer_config(sd: dict[str, torch.Tensor], src) -> RWKVConfig:
             kw["d_mix_lora"] = size(("att.time_maa_w2", 1))
             kw["d_decay_lora"] = size(("att.time_decay_w1", 1), ("att.time_decay_w2", 0))
     except KeyError as e:
-        heads = {k.split(".", 1)[0] for k in sd}
-        hint = (f" (every key starts with '{heads.pop()}.': a wrapper's prefix? the weights' own names start "
-                "with emb., blocks., ln_out. and head.)" if len(heads) == 1 and all("." in k for k in sd) else "")
+        common = os.path.commonprefix(list(sd))
+        common = common[:common.rfind(".") + 1]  # whole dotted names
+        hint = (f" (every key starts with '{common}': a wrapper's prefix? the weights' own names start with emb., "
+                "blocks., ln_out. and head.)" if common and not common.startswith("blocks.") else "")
         raise CheckpointError(f"{src}: missing key {e.args[0]} needed to infer the model size{hint}") from None
     except (ValueError, IndexError) as e:
         raise CheckpointError(f"{src}: unexpected tensor shape while inferring the model size ({e})") from None
