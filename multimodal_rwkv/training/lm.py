@@ -71,17 +71,21 @@ class LMTask(Task):
         tokenized elsewhere, and ``data.tokenizer`` means nothing for them)."""
         return () if self._data_format() == "tokens" else ("tokenizer",)
 
-    def _data_format(self) -> str:
-        """``data.format``, resolved from the train file when it is ``auto`` (as read at the start)."""
+    def _format_of(self, path) -> str:
+        """``data.format`` of ``path``: as set, or when ``auto`` as its files say (DataError when they
+        cannot say, a folder that cannot be listed among them)."""
         fmt = self.cfg.data.format
-        if fmt == "auto" and self.cfg.data.train_file:
-            from multimodal_rwkv.training.data import detect_format
+        return fmt if fmt != "auto" else detect_format(path, skip=self._run_entries())
 
-            try:
-                fmt = detect_format(self.cfg.data.train_file, skip=self._run_entries())
-            except Exception:  # noqa: BLE001 - reported where the data is read
-                pass
-        return fmt
+    def _data_format(self) -> str:
+        """``data.format``, resolved from the train file when it is ``auto`` (as read at the start);
+        ``auto`` where the files cannot say (reported where the data is read)."""
+        if not self.cfg.data.train_file:
+            return self.cfg.data.format
+        try:
+            return self._format_of(self.cfg.data.train_file)
+        except Exception:  # noqa: BLE001 - reported where the data is read
+            return self.cfg.data.format
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -108,7 +112,7 @@ class LMTask(Task):
                                   "fine-tune a checkpoint with a recipe that sets model.config, add "
                                   "--set model.config=null)")
             return RWKVForCausalLM.from_pretrained(m.from_pretrained, dtype=torch.float32)
-        kwargs = dict(rwkv_config_settings(m.config))
+        kwargs = dict(m.config)  # (checked and read when the task was made)
         if "vocab_size" not in kwargs and self.cfg.data.tokenizer == "bytes":
             kwargs["vocab_size"] = 257
         return RWKVForCausalLM(RWKVConfig(**kwargs))
@@ -137,8 +141,7 @@ class LMTask(Task):
         try:
             check_id_range(head, vocab_size, stream.source)
         except DataError as e:
-            fmt = d.format if d.format != "auto" else detect_format(Path(path), self._run_entries())
-            if fmt not in ("binidx", "tokens"):  # text: its tokenizer's ids do not fit the model, no bad data
+            if self._format_of(path) not in ("binidx", "tokens"):  # text: its tokenizer's ids do not fit, no bad data
                 raise
             raise DataError(f"{e} (set data.on_bad_record=skip to skip the documents that hold such ids)") from None
         # a valid_file that is the train_file, the same folder or a file inside the train folder holds
@@ -164,8 +167,7 @@ class LMTask(Task):
         if not d.train_file:
             raise ConfigError("data.train_file is not set (e.g. --set data.train_file=corpus.txt)")
         V = int(model.config.vocab_size)
-        fmt = d.format if d.format != "auto" else detect_format(d.train_file, skip=self._run_entries())  # (raises)
-        if fmt not in ("tokens", "binidx"):  # text: a row for every id of its tokenizer
+        if self._format_of(d.train_file) not in ("tokens", "binidx"):  # text: a row for every id of its tokenizer
             from multimodal_rwkv.training.data import get_tokenizer
 
             n = get_tokenizer(d.tokenizer).vocab_size
