@@ -129,11 +129,10 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     # {"model": ..., "optimizer": ...} save) or "module" (DeepSpeed); keys all prefixed by a
     # wrapper's name (DDP's "module.", Lightning's "model.", torch.compile's "_orig_mod.") lose it
     for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict) and not isinstance(sd.get(key), torch.Tensor):
-            inner = sd[key]
-            if inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                sd = inner
-                break
+        inner = sd.get(key) if isinstance(sd, dict) else None
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            sd = inner
+            break
     while isinstance(sd, dict) and sd and all(isinstance(k, str) for k in sd):  # stacked too (compile(DDP(m)))
         prefix = next((p for p in ("module.", "_orig_mod.", "model.") if all(k.startswith(p) for k in sd)), None)
         if prefix is None:
@@ -444,10 +443,6 @@ def _with_hf_config(cfg: RWKVConfig, hf: dict, cfg_file: Path) -> RWKVConfig:
     return RWKVConfig(**{**_settings(cfg.to_dict()), **kw})
 
 
-_SIZES = ("version", "n_layer", "n_embd", "vocab_size", "head_size", "dim_att", "dim_ffn", "d_mix_lora",
-          "d_decay_lora", "has_initial_state")
-
-
 def _check_config_against_weights(cfg: RWKVConfig, sd: dict, path: Path, cfg_file: Path) -> None:
     """A size in our folder's config.json that the weights disagree with is a CheckpointError
     naming config.json and the setting (it was a list of the weights' missing and mis-shaped keys,
@@ -456,8 +451,9 @@ def _check_config_against_weights(cfg: RWKVConfig, sd: dict, path: Path, cfg_fil
         inferred = _from_named_weights(sd, path)[0]
     except CheckpointError:
         return
-    for key in _SIZES:
-        if key in ("d_mix_lora", "d_decay_lora") and cfg.version != "x060":
+    for key in MODEL_SIZE_KEYS:
+        if key in ("head_size_divisor", "layer_norm_eps") or (  # (not in the shapes)
+                key in ("d_mix_lora", "d_decay_lora") and cfg.version != "x060"):
             continue
         if getattr(cfg, key) != getattr(inferred, key):
             raise CheckpointError(f"{cfg_file}: {key} is {getattr(cfg, key)!r}, but the weights have "

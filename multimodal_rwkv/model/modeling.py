@@ -1166,8 +1166,6 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         save_model(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
 
 
-
-
 def _saved_base_model(src) -> bool:
     """Whether ``src`` is a folder ``RWKVModel.save_pretrained`` wrote (its config.json names
     RWKVModel as the architecture)."""

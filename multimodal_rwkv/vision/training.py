@@ -49,6 +49,8 @@ class VisualRWKVTask(Task):
 
     name = "visualrwkv"
     train_file_example = "train.json"
+    exports_pth = False  # a BlinkDL .pth holds a language model alone; final/ is the VisualRWKV folder
+    free_options = _RUNTIME_KEYS + ("export_dtype",)
 
     def check_data_settings(self) -> None:
         """The base checks, and ``data.image_folder`` a folder (found after the model was built)."""
@@ -57,9 +59,6 @@ class VisualRWKVTask(Task):
             from multimodal_rwkv.vision.processor import check_image_folder
 
             check_image_folder(self.cfg.data.image_folder, "data.image_folder")
-
-    exports_pth = False  # a BlinkDL .pth holds a language model alone; final/ is the VisualRWKV folder
-    free_options = _RUNTIME_KEYS + ("export_dtype",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
